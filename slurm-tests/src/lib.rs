@@ -1,0 +1,1 @@
+//! Harness helpers for tests on a real Slurm cluster.
