@@ -1,1 +1,15 @@
-//! Wire protocol and shared models.
+//! Wire protocol and shared models of slurm-rebalancer.
+//!
+//! Every process boundary (SPANK plugin → agent, CLI/controller → agent, agent ↔ agent,
+//! CLI → controller) speaks the same framing ([`frame`]) and the same messages ([`messages`]).
+//! See `PROTOCOL.md` next to this file for the byte layout and the receiver state machine.
+
+pub mod error;
+pub mod frame;
+pub mod messages;
+pub mod models;
+
+pub use error::{ErrorCode, ProtoError};
+pub use frame::{FrameHeader, FrameKind, HEADER_LEN, MAGIC, MAX_FRAME_LEN, PROTOCOL_VERSION};
+pub use messages::*;
+pub use models::*;
