@@ -4,6 +4,7 @@
 //! CLI → controller) speaks the same framing ([`frame`]) and the same messages ([`messages`]).
 //! See `PROTOCOL.md` next to this file for the byte layout and the receiver state machine.
 
+pub mod control;
 pub mod error;
 pub mod frame;
 pub mod messages;

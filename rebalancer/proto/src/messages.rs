@@ -1,7 +1,7 @@
 //! Messages of the local control API (Unix socket of the agent) and the handshake.
 //!
 //! Agent ↔ agent messages live in the agent's peer module; controller API messages in
-//! [`crate::messages::control`].
+//! [`crate::control`].
 
 use serde::{Deserialize, Serialize};
 
