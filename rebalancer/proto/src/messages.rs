@@ -61,6 +61,48 @@ pub struct TaskRegistration {
     pub mode: Option<MigrationMode>,
     pub cpus: Option<f64>,
     pub memory_limit: Option<u64>,
+    /// Container id the plugin uses (`TaskRef::container_id` unless restoring).
+    #[serde(default)]
+    pub container: Option<ContainerId>,
+    /// Container address given by `PrepareTask`.
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub rss_bytes: Option<u64>,
+    /// Pid of the Slurm task process (the waiter, a child of slurmstepd) that connects.
+    #[serde(default)]
+    pub waiter_pid: Option<i32>,
+}
+
+/// Answer to `PrepareTask`: the network namespace the container's pid 1 joins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedTask {
+    pub container: ContainerId,
+    /// Path of a bind-mounted network namespace (kept by the agent), e.g. `/run/netns/j42.s0.t0`.
+    pub netns: String,
+    /// The container's /32 address.
+    pub address: String,
+    /// Host name set in the container's UTS namespace; the node's when absent.
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+/// Answer to `PrepareRestore`: how the restore step's task runs CRIU so that the restored tree
+/// becomes its child (and so part of the destination step).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestorePlan {
+    pub migration: MigrationId,
+    pub container: ContainerId,
+    /// CRIU binary.
+    pub criu: String,
+    /// Arguments after the binary, starting with `restore` (images or page server, `--join-ns`
+    /// or external net, lazy pages...). The plugin appends `--restore-detached --restore-sibling
+    /// --pidfile FILE` and one `--inherit-fd fd[N]:KEY` per entry of `stdio_keys`.
+    pub args: Vec<String>,
+    /// CRIU keys of the dumped pid 1's fds 0, 1, 2 (e.g. `pipe:[1234]`); the restore task's own
+    /// stdio takes their place. `None` leaves that fd to the images.
+    #[serde(default)]
+    pub stdio_keys: Vec<Option<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,7 +136,26 @@ pub enum Request {
     CreateContainer {
         spec: ContainerSpec,
     },
+    /// SPANK plugin, in the task process before the container's pid 1 exists: create the
+    /// container's network namespace. `registration.pid` is the task process (the waiter).
+    PrepareTask {
+        registration: TaskRegistration,
+    },
+    /// `registration.pid` is the container's pid 1; answered with `Reply::Container`.
     RegisterTask {
+        registration: TaskRegistration,
+    },
+    /// The waiter reaped the container's pid 1 (`wait_status` as from waitpid). Answered with
+    /// `Reply::TaskFinished` once the task's final status is known: at once, or, when the
+    /// container was dumped by a migration, after its restored copy ended on the destination.
+    TaskExited {
+        container: ContainerId,
+        wait_status: i32,
+    },
+    /// Restore step (`--rebalancer-restore=ID`): the plan for restoring migration `migration`
+    /// under this task; `registration` describes the restore step's task.
+    PrepareRestore {
+        migration: MigrationId,
         registration: TaskRegistration,
     },
     KillContainer {
@@ -116,13 +177,39 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Reply {
-    Pong { software: String },
-    Capabilities { capabilities: NodeCapabilities },
-    Metrics { metrics: NodeMetrics },
-    Containers { containers: Vec<ContainerInfo> },
-    Container { container: ContainerInfo },
-    Migration { migration: MigrationRecord },
-    Migrations { migrations: Vec<MigrationRecord> },
+    Pong {
+        software: String,
+    },
+    Capabilities {
+        capabilities: NodeCapabilities,
+    },
+    Metrics {
+        metrics: NodeMetrics,
+    },
+    Containers {
+        containers: Vec<ContainerInfo>,
+    },
+    Container {
+        container: ContainerInfo,
+    },
+    Migration {
+        migration: MigrationRecord,
+    },
+    Migrations {
+        migrations: Vec<MigrationRecord>,
+    },
+    TaskPrepared {
+        prepared: PreparedTask,
+    },
+    /// Final status of a task (`wait_status` as from waitpid) and where it ended.
+    TaskFinished {
+        wait_status: i32,
+        #[serde(default)]
+        migrated_to: Option<String>,
+    },
+    RestorePlan {
+        plan: RestorePlan,
+    },
     Done,
 }
 
@@ -201,6 +288,52 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&f.payload).expect("json");
         assert_eq!(v["op"], "migrate");
         assert_eq!(v["request"]["mode"], "post-copy");
+    }
+
+    #[test]
+    fn spank_task_messages_round_trip() {
+        let reg = TaskRegistration {
+            task: TaskRef {
+                job_id: 7,
+                step_id: 0,
+                task_id: 1,
+            },
+            pid: 4242,
+            uid: 1000,
+            gid: 1000,
+            node: "node1".into(),
+            class: Some("batch".into()),
+            mode: Some(MigrationMode::PostCopy),
+            cpus: Some(2.0),
+            memory_limit: None,
+            container: Some("j7.s0.t1".into()),
+            address: None,
+            rss_bytes: None,
+            waiter_pid: Some(4241),
+        };
+        let req = Request::PrepareTask {
+            registration: reg.clone(),
+        };
+        let v = serde_json::to_value(&req).expect("ser");
+        assert_eq!(v["op"], "prepare-task");
+        assert_eq!(v["registration"]["waiter_pid"], 4241);
+        let back: Request = serde_json::from_value(v).expect("de");
+        assert_eq!(back, req);
+        // Older senders omit the optional registration fields.
+        let old = serde_json::json!({"op": "register-task", "registration": {
+            "task": {"job_id": 7, "step_id": 0, "task_id": 1}, "pid": 5, "uid": 0, "gid": 0,
+            "node": "n", "class": null, "cpus": null, "memory_limit": null}});
+        assert!(matches!(
+            serde_json::from_value::<Request>(old).expect("old registration"),
+            Request::RegisterTask { registration } if registration.container.is_none()
+        ));
+        let fin = Response::Ok(Reply::TaskFinished {
+            wait_status: 256,
+            migrated_to: Some("node2".into()),
+        });
+        let s = serde_json::to_string(&fin).expect("ser");
+        assert!(s.contains("task-finished"), "{s}");
+        assert_eq!(serde_json::from_str::<Response>(&s).expect("de"), fin);
     }
 
     #[test]
