@@ -34,6 +34,12 @@ const VERSION_CFGS: &[(&str, u32, u32, &str)] = &[
         "slurm_get_job_steps takes a slurm_step_id_t *",
     ),
     (
+        "slurm_job_id_in_step_id",
+        version_num(25, 11, 0),
+        u32::MAX,
+        "job_desc_msg_t and the allocation response carry the job id in step_id.job_id",
+    ),
+    (
         "slurm_db_inx_errno",
         0,
         version_num(24, 11, 0),
@@ -48,7 +54,6 @@ const fn version_num(major: u32, minor: u32, micro: u32) -> u32 {
 const FUNCTIONS: &[&str] = &[
     "slurm_init",
     "slurm_strerror",
-    "slurm_get_errno",
     "slurm_load_node",
     "slurm_free_node_info_msg",
     "slurm_load_partitions",
@@ -72,7 +77,7 @@ const FUNCTIONS: &[&str] = &[
     "slurm_hostlist_push",
     "slurm_hostlist_shift",
     "slurm_hostlist_uniq",
-    "slurm_hostlist_ranged_string_malloc",
+    "slurm_hostlist_ranged_string",
 ];
 
 const TYPES: &[&str] = &[
@@ -109,17 +114,18 @@ const VARS: &[&str] = &[
     "NODE_STATE_FLAGS",
     "JOB_STATE_BASE",
     "JOB_STATE_FLAGS",
-    "SHOW_ALL",
-    "SHOW_DETAIL",
     "SLURM_BATCH_SCRIPT",
     "SLURM_EXTERN_CONT",
     "SLURM_INTERACTIVE_STEP",
     "SLURM_PENDING_STEP",
 ];
 
-/// Flags defined through the function-like macro `SLURM_BIT(n)`, which bindgen cannot evaluate:
-/// the wrapper header re-exports them as enumerators so clang computes the values.
+/// Flags defined (in some releases) through the function-like macro `SLURM_BIT(n)`, which bindgen
+/// cannot evaluate: the wrapper header re-exports them as enumerators `RS_<name>` so clang computes
+/// the values.
 const BIT_FLAGS: &[&str] = &[
+    "SHOW_ALL",
+    "SHOW_DETAIL",
     "NODE_STATE_NET",
     "NODE_STATE_RES",
     "NODE_STATE_UNDRAIN",

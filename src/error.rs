@@ -36,10 +36,10 @@ impl SlurmErrno {
         SlurmErrno { code, message }
     }
 
-    /// The error left by the last failing libslurm call on this thread.
+    /// The error left by the last failing libslurm call on this thread (libslurm reports through
+    /// `errno`; `slurm_get_errno()` only returned it and is gone from 24.11).
     pub fn last() -> Self {
-        // SAFETY: slurm_get_errno only reads the thread's errno.
-        let code = unsafe { sys::slurm_get_errno() };
+        let code = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         Self::from_code(code)
     }
 

@@ -204,7 +204,12 @@ struct AllocResponse(*mut sys::resource_allocation_response_msg_t);
 impl AllocResponse {
     fn job_id(&self) -> Option<u32> {
         // SAFETY: NULL or a live response we own.
-        unsafe { self.0.as_ref() }.map(|r| r.job_id)
+        let resp = unsafe { self.0.as_ref() }?;
+        #[cfg(not(slurm_job_id_in_step_id))]
+        let id = resp.job_id;
+        #[cfg(slurm_job_id_in_step_id)]
+        let id = resp.step_id.job_id;
+        Some(id)
     }
 }
 

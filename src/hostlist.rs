@@ -8,6 +8,9 @@ use crate::error::{Error, Result};
 use crate::ffi::{cstring, opt_string};
 use crate::sys;
 
+/// Longest compressed hostlist we are prepared to build.
+const MAX_RANGED_LEN: usize = 16 << 20;
+
 /// An owned `hostlist_t`.
 #[derive(Debug)]
 pub struct Hostlist {
@@ -63,14 +66,33 @@ impl Hostlist {
     }
 
     /// The compressed form (`node[1-3]`).
-    pub fn ranged(&self) -> String {
-        // SAFETY: live hostlist; the result is malloc()ed (or NULL on allocation failure).
-        let raw = unsafe { sys::slurm_hostlist_ranged_string_malloc(self.ptr.as_ptr()) };
-        // SAFETY: NULL or a NUL-terminated string we now own.
-        let s = unsafe { opt_string(raw) }.unwrap_or_default();
-        // SAFETY: `raw` came from malloc in libslurm (documented "released using free()").
-        unsafe { libc::free(raw.cast()) };
-        s
+    pub fn ranged(&self) -> Result<String> {
+        // The buffer variant exists in every release (the malloc variant went in 23.11).
+        let mut buf: Vec<u8> = vec![0; 256];
+        loop {
+            // SAFETY: live hostlist; libslurm writes at most buf.len() bytes, NUL-terminated,
+            // and returns -1 on truncation.
+            let n = unsafe {
+                sys::slurm_hostlist_ranged_string(
+                    self.ptr.as_ptr(),
+                    buf.len(),
+                    buf.as_mut_ptr().cast::<c_char>(),
+                )
+            };
+            if let Ok(n) = usize::try_from(n) {
+                if n < buf.len() {
+                    buf.truncate(n);
+                    return Ok(String::from_utf8_lossy(&buf).into_owned());
+                }
+            }
+            if buf.len() >= MAX_RANGED_LEN {
+                return Err(Error::InvalidRequest(format!(
+                    "hostlist of {} hosts is longer than {MAX_RANGED_LEN} bytes",
+                    self.len()
+                )));
+            }
+            buf.resize(buf.len() * 4, 0);
+        }
     }
 
     /// Consumes the list and returns every host name in order.
@@ -116,7 +138,7 @@ where
         list.push(h.as_ref())?;
     }
     list.uniq();
-    Ok(list.ranged())
+    list.ranged()
 }
 
 #[cfg(test)]

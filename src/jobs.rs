@@ -201,6 +201,9 @@ impl Job {
             None => Vec::new(),
         };
         let user_name = s(rec.user_name).or_else(|| user_name(rec.user_id));
+        // u16 up to 25.11, u32 later.
+        #[allow(clippy::useless_conversion)]
+        let state_reason = u32::from(rec.state_reason);
         Ok(Job {
             id: rec.job_id,
             name: s(rec.name),
@@ -211,7 +214,7 @@ impl Job {
             partition: s(rec.partition),
             qos: s(rec.qos),
             state: JobState::from_raw(rec.job_state),
-            state_reason: u32::from(rec.state_reason),
+            state_reason,
             nodes,
             node_names,
             batch_host: s(rec.batch_host),
@@ -257,7 +260,7 @@ impl JobInfoMsg {
     fn load() -> Result<Self> {
         let mut raw: *mut sys::job_info_msg_t = std::ptr::null_mut();
         // SAFETY: valid out-pointer; on success we own the allocated message.
-        let rc = unsafe { sys::slurm_load_jobs(0, &mut raw, sys::SHOW_ALL as u16) };
+        let rc = unsafe { sys::slurm_load_jobs(0, &mut raw, sys::RS_SHOW_ALL as u16) };
         if rc != 0 {
             return Err(Error::last("slurm_load_jobs"));
         }
@@ -386,7 +389,7 @@ impl StepInfoMsg {
 #[cfg(not(slurm_steps_by_step_id))]
 fn get_job_steps(job_id: u32, out: &mut *mut sys::job_step_info_response_msg_t) -> i32 {
     // SAFETY: valid out-pointer; on success we own the allocated message.
-    unsafe { sys::slurm_get_job_steps(0, job_id, sys::NO_VAL, out, sys::SHOW_ALL as u16) }
+    unsafe { sys::slurm_get_job_steps(0, job_id, sys::NO_VAL, out, sys::RS_SHOW_ALL as u16) }
 }
 
 #[cfg(slurm_steps_by_step_id)]
@@ -397,7 +400,7 @@ fn get_job_steps(job_id: u32, out: &mut *mut sys::job_step_info_response_msg_t) 
     id.step_id = sys::NO_VAL;
     id.step_het_comp = sys::NO_VAL;
     // SAFETY: `id` lives across the call; valid out-pointer; we own the result on success.
-    unsafe { sys::slurm_get_job_steps(&mut id, out, sys::SHOW_ALL as u16) }
+    unsafe { sys::slurm_get_job_steps(&mut id, out, sys::RS_SHOW_ALL as u16) }
 }
 
 impl Drop for StepInfoMsg {

@@ -413,7 +413,7 @@ impl NodeInfoMsg {
         let mut raw: *mut sys::node_info_msg_t = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer; on success libslurm stores an allocated message we
         // then own. update_time 0 asks for everything.
-        let rc = unsafe { sys::slurm_load_node(0, &mut raw, sys::SHOW_ALL as u16) };
+        let rc = unsafe { sys::slurm_load_node(0, &mut raw, sys::RS_SHOW_ALL as u16) };
         if rc != 0 {
             return Err(Error::last("slurm_load_node"));
         }
@@ -453,7 +453,7 @@ impl PartitionInfoMsg {
     fn load() -> Result<Self> {
         let mut raw: *mut sys::partition_info_msg_t = std::ptr::null_mut();
         // SAFETY: valid out-pointer; on success we own the allocated message.
-        let rc = unsafe { sys::slurm_load_partitions(0, &mut raw, sys::SHOW_ALL as u16) };
+        let rc = unsafe { sys::slurm_load_partitions(0, &mut raw, sys::RS_SHOW_ALL as u16) };
         if rc != 0 {
             return Err(Error::last("slurm_load_partitions"));
         }

@@ -105,6 +105,31 @@ impl JobDesc {
         }
     }
 
+    /// Sets the job the descriptor refers to.
+    pub(crate) fn set_job_id(&mut self, job_id: u32) {
+        #[cfg(not(slurm_job_id_in_step_id))]
+        {
+            self.desc.job_id = job_id;
+        }
+        #[cfg(slurm_job_id_in_step_id)]
+        {
+            self.desc.step_id.job_id = job_id;
+        }
+    }
+
+    /// The job the descriptor refers to (NO_VAL: none).
+    #[cfg(test)]
+    pub(crate) fn job_id(&self) -> u32 {
+        #[cfg(not(slurm_job_id_in_step_id))]
+        {
+            self.desc.job_id
+        }
+        #[cfg(slurm_job_id_in_step_id)]
+        {
+            self.desc.step_id.job_id
+        }
+    }
+
     /// Keeps `s` alive as long as the descriptor and returns the pointer to store in it.
     pub(crate) fn string(&mut self, s: &str, what: &'static str) -> Result<*mut libc::c_char> {
         let c = cstring(s, what)?;
@@ -167,7 +192,7 @@ impl Slurm {
             return Err(Error::InvalidRequest("job update changes nothing".into()));
         }
         let mut d = JobDesc::new();
-        d.desc.job_id = job_id;
+        d.set_job_id(job_id);
         if let Some(nodes) = &update.node_list {
             if nodes.trim().is_empty() {
                 return Err(Error::InvalidRequest("empty NodeList".into()));
@@ -232,7 +257,7 @@ mod tests {
         let d = JobDesc::new();
         assert_eq!(d.desc.min_nodes, sys::NO_VAL);
         assert_eq!(d.desc.max_nodes, sys::NO_VAL);
-        assert_eq!(d.desc.job_id, sys::NO_VAL);
+        assert_eq!(d.job_id(), sys::NO_VAL);
         assert!(d.desc.req_nodes.is_null());
         assert!(d.desc.dependency.is_null());
     }
