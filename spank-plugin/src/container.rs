@@ -1,0 +1,342 @@
+//! The task side of a migratable step (remote context, `slurm_spank_task_init_privileged`).
+//!
+//! ```text
+//! slurmstepd ── task process (the waiter: root, never returns to Slurm)
+//!                 └── pid 1 of a new pid namespace, own mount/uts/ipc namespaces, joined to the
+//!                     agent's netns; returns from the callback and becomes the user's program
+//! ```
+//! The tree under pid 1 is what CRIU dumps; it stays a child of slurmstepd's task process, so it
+//! is tracked, signalled and accounted as the step's task. The waiter forwards signals, reaps
+//! pid 1, asks the agent for the task's final status (it may have moved to another node) and
+//! exits with it.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use libc::{c_int, pid_t};
+use rebalancer_proto::{
+    ContainerId, MigrationMode, PreparedTask, Reply, Request, TaskRef, TaskRegistration,
+};
+
+use crate::agent::{reply_name, Agent, AgentError};
+use crate::ffi;
+use crate::sys;
+
+/// What the plugin knows about the task it runs in.
+#[derive(Debug, Clone)]
+pub struct TaskInfo {
+    pub task: TaskRef,
+    pub uid: u32,
+    pub gid: u32,
+    pub node: String,
+    pub class: Option<String>,
+    pub mode: Option<MigrationMode>,
+    pub cpus: Option<f64>,
+    pub memory_limit: Option<u64>,
+}
+
+impl TaskInfo {
+    pub fn registration(&self, pid: pid_t) -> TaskRegistration {
+        TaskRegistration {
+            task: self.task.clone(),
+            pid,
+            uid: self.uid,
+            gid: self.gid,
+            node: self.node.clone(),
+            class: self.class.clone(),
+            mode: self.mode,
+            cpus: self.cpus,
+            memory_limit: self.memory_limit,
+            container: Some(self.task.container_id()),
+            address: None,
+            rss_bytes: None,
+            // SAFETY: getpid has no preconditions.
+            waiter_pid: Some(unsafe { libc::getpid() }),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("the agent answered {0} where task-prepared was expected")]
+    NotPrepared(String),
+    #[error("cannot open the container network namespace {path}")]
+    Netns {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot {what}")]
+    Sys {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn sys_err(what: &'static str) -> impl FnOnce(io::Error) -> TaskError {
+    move |source| TaskError::Sys { what, source }
+}
+
+/// Asks the agent for the container's network namespace.
+pub fn prepare(agent: &mut Agent, info: &TaskInfo) -> Result<PreparedTask, TaskError> {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    match agent.call(&Request::PrepareTask {
+        registration: info.registration(me),
+    })? {
+        Reply::TaskPrepared { prepared } => Ok(prepared),
+        other => Err(TaskError::NotPrepared(reply_name(&other))),
+    }
+}
+
+/// Creates the container and turns this process into its waiter. Returns `Ok(())` only in the
+/// container's pid 1, which then continues into Slurm's exec of the user's program. Errors are
+/// returned only while nothing has been forked, so the caller can still fail the task cleanly.
+pub fn launch(mut agent: Agent, info: &TaskInfo, prepared: &PreparedTask) -> Result<(), TaskError> {
+    let netns = sys::open_ro(&prepared.netns).map_err(|source| TaskError::Netns {
+        path: prepared.netns.clone(),
+        source,
+    })?;
+    let hostname = match &prepared.hostname {
+        Some(h) => Some(CString::new(h.as_str()).map_err(|_| TaskError::Sys {
+            what: "use the host name the agent gave",
+            source: io::ErrorKind::InvalidInput.into(),
+        })?),
+        None => None,
+    };
+    // Children of this process are born in the new pid namespace; the waiter itself stays.
+    // SAFETY: unshare with a namespace flag only changes this process's namespace for children.
+    sys::cvt(unsafe { libc::unshare(libc::CLONE_NEWPID) })
+        .map_err(sys_err("create a pid namespace (unshare CLONE_NEWPID)"))?;
+    let (setup_r, setup_w) = sys::pipe().map_err(sys_err("create a pipe"))?;
+    let (go_r, go_w) = sys::pipe().map_err(sys_err("create a pipe"))?;
+    let mask = sys::block_waiter_signals().map_err(sys_err("block signals"))?;
+
+    // SAFETY: the task process is single-threaded (a fresh fork of slurmstepd), so fork is sound.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        sys::restore_mask(&mask);
+        return Err(TaskError::Sys {
+            what: "fork the container's first process",
+            source: e,
+        });
+    }
+    if pid == 0 {
+        drop(setup_r);
+        drop(go_w);
+        sys::restore_mask(&mask);
+        drop(agent);
+        let res = enter_container(&netns, hostname.as_ref());
+        drop(netns);
+        let msg = match &res {
+            Ok(()) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let _ = sys::write_all(setup_w.as_raw_fd(), msg.as_bytes());
+        drop(setup_w);
+        if res.is_err() {
+            sys::exit_now(1);
+        }
+        // Wait for the waiter to register us: the user's program never runs unannounced.
+        match sys::read_to_end(&go_r, 1) {
+            Ok(b) if b == b"g" => return Ok(()),
+            _ => sys::exit_now(1),
+        }
+    }
+
+    // The waiter. From here on this process never returns to Slurm.
+    drop(setup_w);
+    drop(go_r);
+    drop(netns);
+    let container = prepared.container.clone();
+    let setup = sys::read_to_end(&setup_r, 4096).unwrap_or_default();
+    drop(setup_r);
+    if !setup.is_empty() {
+        ffi::log_error(&format!(
+            "rebalancer: container {container} for task {}: {}",
+            task_name(&info.task),
+            String::from_utf8_lossy(&setup)
+        ));
+        let status = sys::blocking_wait(pid).unwrap_or(1 << 8);
+        report_and_exit(agent, &container, status, &mask);
+    }
+    let mut reg = info.registration(pid);
+    reg.container = Some(container.clone());
+    reg.address = Some(prepared.address.clone());
+    reg.rss_bytes = sys::rss_bytes(pid);
+    match agent.call(&Request::RegisterTask { registration: reg }) {
+        Ok(Reply::Container { .. }) | Ok(Reply::Done) => {}
+        Ok(other) => fail_child(
+            agent,
+            pid,
+            &container,
+            &mask,
+            &format!("the agent answered {} to register-task", reply_name(&other)),
+        ),
+        Err(e) => fail_child(agent, pid, &container, &mask, &crate::chain(&e)),
+    }
+    ffi::log_verbose(&format!(
+        "rebalancer: task {} runs in container {container} (pid {pid}, address {})",
+        task_name(&info.task),
+        prepared.address
+    ));
+    let _ = sys::write_all(go_w.as_raw_fd(), b"g");
+    drop(go_w);
+    supervise_and_exit(agent, pid, &container, &mask)
+}
+
+/// Runs in the new pid 1 before it returns to Slurm.
+fn enter_container(netns: &OwnedFd, hostname: Option<&CString>) -> Result<(), TaskError> {
+    // If the waiter is killed, the container must not outlive it unnoticed.
+    // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number has no memory effects.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // SAFETY: netns is an open nsfs descriptor; setns only changes this process's namespace.
+    sys::cvt(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) })
+        .map_err(sys_err("join the container network namespace"))?;
+    // SAFETY: unshare only detaches this process from the listed namespaces.
+    sys::cvt(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) })
+        .map_err(sys_err("create mount, uts and ipc namespaces"))?;
+    // Mounts made here must not propagate back to the node.
+    // SAFETY: all pointers are valid C strings or null, as mount(2) allows.
+    sys::cvt(unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    })
+    .map_err(sys_err("make the container's mounts private"))?;
+    // A /proc of the new pid namespace: `ps` and $$ inside show container pids.
+    // SAFETY: as above.
+    sys::cvt(unsafe {
+        libc::mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    })
+    .map_err(sys_err("mount /proc for the container"))?;
+    if let Some(h) = hostname {
+        // SAFETY: h is a valid C string of the given length.
+        sys::cvt(unsafe { libc::sethostname(h.as_ptr(), h.as_bytes().len()) })
+            .map_err(sys_err("set the container's host name"))?;
+    }
+    Ok(())
+}
+
+fn fail_child(
+    agent: Agent,
+    pid: pid_t,
+    container: &ContainerId,
+    mask: &sys::SigMask,
+    why: &str,
+) -> ! {
+    ffi::log_error(&format!(
+        "rebalancer: the agent did not register container {container}: {why}; stopping the task"
+    ));
+    // SAFETY: pid is our own child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = sys::blocking_wait(pid);
+    let _ = mask;
+    drop(agent);
+    sys::exit_now(1)
+}
+
+pub fn task_name(t: &TaskRef) -> String {
+    format!("{}.{}.{}", t.job_id, step_name(t.step_id), t.task_id)
+}
+
+pub fn step_name(step: u32) -> String {
+    match step {
+        ffi::SLURM_BATCH_SCRIPT => "batch".into(),
+        ffi::SLURM_EXTERN_CONT => "extern".into(),
+        ffi::SLURM_INTERACTIVE_STEP => "interactive".into(),
+        s => s.to_string(),
+    }
+}
+
+/// Forwards signals to `pid` until it ends, then reports to the agent and exits.
+pub fn supervise_and_exit(
+    agent: Agent,
+    pid: pid_t,
+    container: &ContainerId,
+    mask: &sys::SigMask,
+) -> ! {
+    let status = loop {
+        match sys::wait_signal(&mask.set, Duration::from_secs(1)) {
+            Some(s) if s != libc::SIGCHLD => {
+                // SAFETY: pid is our child (possibly a zombie); kill has no memory effects.
+                unsafe { libc::kill(pid, s) };
+                continue;
+            }
+            _ => {}
+        }
+        match sys::try_wait(pid) {
+            Ok(Some(st)) => break st,
+            Ok(None) => {}
+            Err(e) => {
+                ffi::log_error(&format!(
+                    "rebalancer: lost track of container {container} (pid {pid}): {e}"
+                ));
+                break 1 << 8;
+            }
+        }
+    };
+    report_and_exit(agent, container, status, mask)
+}
+
+/// Tells the agent pid 1 ended and exits with the task's final status. When a migration dumped
+/// the container, the agent answers only once its restored copy ended on the destination.
+fn report_and_exit(
+    mut agent: Agent,
+    container: &ContainerId,
+    status: c_int,
+    mask: &sys::SigMask,
+) -> ! {
+    let _ = mask;
+    let _ = agent.set_read_timeout(None);
+    let final_status = match agent.call(&Request::TaskExited {
+        container: container.clone(),
+        wait_status: status,
+    }) {
+        Ok(Reply::TaskFinished {
+            wait_status,
+            migrated_to,
+        }) => {
+            if let Some(node) = migrated_to {
+                ffi::log_info(&format!(
+                    "rebalancer: container {container} ended on {node} with {}",
+                    sys::describe_status(wait_status)
+                ));
+            }
+            wait_status
+        }
+        Ok(Reply::Done) => status,
+        Ok(other) => {
+            ffi::log_error(&format!(
+                "rebalancer: the agent answered {} to task-exited for {container}",
+                reply_name(&other)
+            ));
+            status
+        }
+        Err(e) => {
+            ffi::log_error(&format!(
+                "rebalancer: could not report the end of container {container} to the agent: {}",
+                crate::chain(&e)
+            ));
+            status
+        }
+    };
+    drop(agent);
+    sys::exit_like(final_status)
+}

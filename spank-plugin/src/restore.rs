@@ -1,0 +1,334 @@
+//! The destination side of a migration: a restore step's task (`--rebalancer-restore=ID`).
+//!
+//! The agent (or controller) starts `srun --jobid=J --overlap -w NODE -n1 --rebalancer-restore=ID
+//! true`. In `task_init_privileged` the task process becomes a waiter again:
+//! 1. `prepare-restore` gives the CRIU command line.
+//! 2. The task's stdio exists only after Slurm's `prepare_stdio`, which runs after this callback.
+//!    So a helper child returns to Slurm, gets its stdio set up, and in `slurm_spank_task_init`
+//!    (as the user) passes fds 0-2 back over a socketpair (SCM_RIGHTS) and exits.
+//! 3. The waiter puts them on its own fds 0-2 and runs `criu restore --restore-detached
+//!    --restore-sibling`, so the restored pid 1 becomes the waiter's child, with the restore
+//!    step's stdio in place of the dumped task's (`--inherit-fd`).
+//! 4. `register-task`, then forward signals, reap, `task-exited`, exit with the status.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use libc::{c_int, pid_t};
+use rebalancer_proto::{Reply, Request, RestorePlan};
+
+use crate::agent::{reply_name, Agent};
+use crate::container::{supervise_and_exit, task_name, TaskError, TaskInfo};
+use crate::ffi;
+use crate::sys;
+
+/// The helper child's end of the stdio socketpair, used in `slurm_spank_task_init`.
+static STDIO_FD: AtomicI32 = AtomicI32::new(-1);
+const PIDFILE_DIR: &str = "/run/slurm-rebalancer-spank";
+
+fn sys_err(what: &'static str) -> impl FnOnce(io::Error) -> TaskError {
+    move |source| TaskError::Sys { what, source }
+}
+
+/// Criu's argv for `plan`; stdio sits on fds 0-2 of the criu process.
+pub fn criu_argv(plan: &RestorePlan, pidfile: &str) -> Vec<String> {
+    let mut argv = vec![plan.criu.clone()];
+    argv.extend(plan.args.iter().cloned());
+    for a in [
+        "--restore-detached",
+        "--restore-sibling",
+        "--pidfile",
+        pidfile,
+    ] {
+        argv.push(a.into());
+    }
+    for (fd, key) in plan.stdio_keys.iter().enumerate().take(3) {
+        if let Some(k) = key {
+            argv.push("--inherit-fd".into());
+            argv.push(format!("fd[{fd}]:{k}"));
+        }
+    }
+    argv
+}
+
+/// Runs the restore. Returns `Ok(())` only in the helper child (which goes back to Slurm).
+pub fn run(mut agent: Agent, info: &TaskInfo, migration: &str) -> Result<(), TaskError> {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let plan = match agent.call(&Request::PrepareRestore {
+        migration: migration.into(),
+        registration: info.registration(me),
+    })? {
+        Reply::RestorePlan { plan } => plan,
+        other => return Err(TaskError::NotPrepared(reply_name(&other))),
+    };
+    let (mine, theirs) = socketpair().map_err(sys_err("create a socketpair"))?;
+    let mask = sys::block_waiter_signals().map_err(sys_err("block signals"))?;
+    // SAFETY: the task process is single-threaded, so fork is sound.
+    let helper = unsafe { libc::fork() };
+    if helper < 0 {
+        let e = io::Error::last_os_error();
+        sys::restore_mask(&mask);
+        return Err(TaskError::Sys {
+            what: "fork the stdio helper",
+            source: e,
+        });
+    }
+    if helper == 0 {
+        drop(mine);
+        drop(agent);
+        sys::restore_mask(&mask);
+        // Kept open (and out of the way of stdio) until slurm_spank_task_init.
+        STDIO_FD.store(
+            std::os::fd::IntoRawFd::into_raw_fd(theirs),
+            Ordering::SeqCst,
+        );
+        return Ok(());
+    }
+    drop(theirs);
+    let name = task_name(&info.task);
+    let fail = |agent: Agent, msg: String| -> ! {
+        ffi::log_error(&format!(
+            "rebalancer: restore of migration {migration} as task {name} failed: {msg}"
+        ));
+        drop(agent);
+        sys::exit_now(1)
+    };
+    let stdio = match recv_fds(&mine, Duration::from_secs(120)) {
+        Ok(f) => f,
+        Err(e) => fail(agent, format!("no stdio from the helper: {e}")),
+    };
+    let _ = sys::blocking_wait(helper);
+    for (i, fd) in stdio.iter().enumerate() {
+        // SAFETY: fd is a received open descriptor; dup2 onto 0-2 replaces our own stdio.
+        unsafe { libc::dup2(fd.as_raw_fd(), i as c_int) };
+    }
+    drop(stdio);
+
+    if let Err(e) = std::fs::create_dir_all(PIDFILE_DIR) {
+        fail(agent, format!("cannot create {PIDFILE_DIR}: {e}"));
+    }
+    let pidfile = format!("{PIDFILE_DIR}/{migration}.{me}.pid");
+    let _ = std::fs::remove_file(&pidfile);
+    let argv = criu_argv(&plan, &pidfile);
+    let status = match std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .status()
+    {
+        Ok(s) => s,
+        Err(e) => fail(agent, format!("cannot run {}: {e}", plan.criu)),
+    };
+    if !status.success() {
+        fail(agent, format!("{} restore exited with {status}", plan.criu));
+    }
+    let root: pid_t = match std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+    {
+        Some(p) => p,
+        None => fail(agent, format!("criu wrote no pid to {pidfile}")),
+    };
+    let _ = std::fs::remove_file(&pidfile);
+    if parent_of(root) != Some(me) {
+        fail(
+            agent,
+            format!(
+                "restored pid {root} is not a child of the task (is --restore-sibling honoured?)"
+            ),
+        );
+    }
+    let mut reg = info.registration(root);
+    reg.container = Some(plan.container.clone());
+    reg.rss_bytes = sys::rss_bytes(root);
+    match agent.call(&Request::RegisterTask { registration: reg }) {
+        Ok(_) => {}
+        Err(e) => ffi::log_error(&format!(
+            "rebalancer: restored container {} is not registered: {}",
+            plan.container,
+            crate::chain(&e)
+        )),
+    }
+    ffi::log_verbose(&format!(
+        "rebalancer: migration {migration}: container {} restored as task {name} (pid {root})",
+        plan.container
+    ));
+    supervise_and_exit(agent, root, &plan.container, &mask)
+}
+
+/// In the helper child, in `slurm_spank_task_init` (stdio is now the step's): hand fds 0-2 to
+/// the waiter and end. Returns if this process is not a restore helper.
+pub fn hand_over_stdio() {
+    let fd = STDIO_FD.swap(-1, Ordering::SeqCst);
+    if fd < 0 {
+        return;
+    }
+    let rc = send_fds(fd, &[0, 1, 2]);
+    sys::exit_now(if rc.is_ok() { 0 } else { 1 })
+}
+
+fn parent_of(pid: pid_t) -> Option<pid_t> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: fds has room for two descriptors.
+    sys::cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: fresh descriptors from socketpair.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+const CMSG_SPACE_3: usize = 64;
+
+fn send_fds(sock: RawFd, fds: &[RawFd; 3]) -> io::Result<()> {
+    let mut byte = [b's'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut cbuf = [0u8; CMSG_SPACE_3];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call, and
+    // the control buffer is large enough for one SCM_RIGHTS header with three descriptors.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), 3);
+        sys::cvt(libc::sendmsg(sock, &msg, 0) as c_int)?;
+    }
+    Ok(())
+}
+
+fn recv_fds(sock: &OwnedFd, timeout: Duration) -> io::Result<Vec<OwnedFd>> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    // SAFETY: tv is a valid timeval for SO_RCVTIMEO.
+    sys::cvt(unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    })?;
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut cbuf = [0u8; CMSG_SPACE_3];
+    let mut out = Vec::new();
+    // SAFETY: as in send_fds; CMSG_* walk only the control buffer the kernel filled in.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = cbuf.len() as _;
+        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "helper closed",
+            ));
+        }
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    out.push(OwnedFd::from_raw_fd(*data.add(i)));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if out.len() != 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("expected 3 descriptors, got {}", out.len()),
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criu_argv_appends_sibling_pidfile_and_stdio() {
+        let plan = RestorePlan {
+            migration: "m1".into(),
+            container: "j1.s0.t0".into(),
+            criu: "/usr/local/sbin/criu".into(),
+            args: vec!["restore".into(), "-D".into(), "/run/img".into()],
+            stdio_keys: vec![None, Some("pipe:[11]".into()), Some("pipe:[12]".into())],
+        };
+        let argv = criu_argv(&plan, "/run/x.pid");
+        assert_eq!(
+            argv,
+            [
+                "/usr/local/sbin/criu",
+                "restore",
+                "-D",
+                "/run/img",
+                "--restore-detached",
+                "--restore-sibling",
+                "--pidfile",
+                "/run/x.pid",
+                "--inherit-fd",
+                "fd[1]:pipe:[11]",
+                "--inherit-fd",
+                "fd[2]:pipe:[12]",
+            ]
+        );
+    }
+
+    #[test]
+    fn stdio_descriptors_cross_a_socketpair() {
+        let (a, b) = socketpair().expect("socketpair");
+        let (r, w) = sys::pipe().expect("pipe");
+        let fds = [r.as_raw_fd(), w.as_raw_fd(), w.as_raw_fd()];
+        send_fds(a.as_raw_fd(), &fds).expect("send");
+        let got = recv_fds(&b, Duration::from_secs(5)).expect("recv");
+        sys::write_all(got[1].as_raw_fd(), b"hi").expect("write through the received fd");
+        drop(got);
+        drop(w);
+        assert_eq!(sys::read_to_end(&r, 16).expect("read"), b"hi");
+    }
+
+    #[test]
+    fn parent_of_self_is_our_parent() {
+        // SAFETY: getpid/getppid have no preconditions.
+        let (me, pp) = unsafe { (libc::getpid(), libc::getppid()) };
+        assert_eq!(parent_of(me), Some(pp));
+        assert_eq!(parent_of(-5), None);
+    }
+}
