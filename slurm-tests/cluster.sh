@@ -1,0 +1,446 @@
+#!/usr/bin/env bash
+# A real Slurm 22.05 test cluster on this one machine: munged, MariaDB, slurmdbd and slurmctld in the
+# root network namespace, one slurmd per node in its own network namespace on the bridge rbc0.
+#
+#   cluster.sh up [--nodes N] [--state-dir DIR] [--plugstack FILE]
+#   cluster.sh down [--state-dir DIR]
+#   cluster.sh status [--state-dir DIR]
+#   cluster.sh env [--state-dir DIR]        # eval "$(slurm-tests/cluster.sh env)"
+#
+# Only one cluster can be up at a time (the bridge, the node namespaces and the ports are global);
+# /run/slurm-rbc.current names the state dir of the cluster that is up. Every daemon runs as root
+# (SlurmUser=root), which keeps a throw-away test cluster free of users, keys and permissions work.
+# Environment: RBC_STATE_DIR (default state dir), RBC_NODES (default node count),
+# RBC_PLUGSTACK (a plugstack.conf fragment to include, same as --plugstack).
+set -euo pipefail
+
+readonly CURRENT=/run/slurm-rbc.current
+readonly BRIDGE=rbc0
+readonly NET=198.18.0
+readonly CONTAINERS=198.19.0.0/20
+readonly CLUSTER_NAME=rbc
+readonly CTLD_PORT=6817 SLURMD_PORT=6818 DBD_PORT=6819 DB_PORT=16819
+readonly MAX_NODES=200
+
+log() { printf 'cluster: %s\n' "$*" >&2; }
+die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+  exit "${1:-2}"
+}
+
+cmd=${1:-}
+[ -n "$cmd" ] || usage
+shift
+state_dir=${RBC_STATE_DIR:-}
+state_dir_given=0
+[ -n "$state_dir" ] && state_dir_given=1
+nodes=${RBC_NODES:-3}
+plugstack=${RBC_PLUGSTACK:-}
+while [ $# -gt 0 ]; do
+  case $1 in
+    --nodes) nodes=${2:?--nodes needs a number}; shift 2 ;;
+    --nodes=*) nodes=${1#*=}; shift ;;
+    --state-dir) state_dir=${2:?--state-dir needs a directory}; state_dir_given=1; shift 2 ;;
+    --state-dir=*) state_dir=${1#*=}; state_dir_given=1; shift ;;
+    --plugstack) plugstack=${2:?--plugstack needs a file}; shift 2 ;;
+    --plugstack=*) plugstack=${1#*=}; shift ;;
+    -h|--help) usage 0 ;;
+    *) die "unknown argument '$1'" ;;
+  esac
+done
+[ "$(id -u)" = 0 ] || die "must run as root (network namespaces, daemons)"
+
+# Without --state-dir, commands other than up act on the cluster that is up.
+if [ "$state_dir_given" = 0 ]; then
+  if [ "$cmd" != up ] && [ -s "$CURRENT" ]; then
+    state_dir=$(cat "$CURRENT")
+  else
+    state_dir=/tmp/slurm-rbc
+  fi
+fi
+case $state_dir in /*) ;; *) state_dir=$PWD/$state_dir ;; esac
+state_dir=${state_dir%/}
+[ -n "$state_dir" ] && [ "$state_dir" != / ] || die "refusing state dir '/'"
+S=$state_dir
+
+node_names() {
+  local n=$1 k
+  for ((k = 1; k <= n; k++)); do printf 'node%d\n' "$k"; done
+}
+
+# Node count of the cluster in $S (recorded at up), else 0.
+recorded_nodes() {
+  if [ -s "$S/nodes" ]; then cat "$S/nodes"; else echo 0; fi
+}
+
+pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+pidfile_alive() { [ -s "$1" ] && pid_alive "$(cat "$1")"; }
+
+tail_log() {
+  local f=$1
+  [ -f "$f" ] || { log "(no log at $f)"; return 0; }
+  printf -- '----- last lines of %s -----\n' "$f" >&2
+  tail -n 25 "$f" >&2
+  printf -- '-----\n' >&2
+}
+
+# Waits up to $1 seconds (in 0.1 s steps) for the command "$2..." to succeed.
+wait_for() {
+  local limit=$1 i
+  shift
+  for ((i = 0; i < limit * 10; i++)); do
+    if declare -F "$1" >/dev/null; then
+      "$@" >/dev/null 2>&1 && return 0
+    else
+      timeout 5 "$@" >/dev/null 2>&1 && return 0
+    fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# ----- down ---------------------------------------------------------------------------------------
+
+# A node namespace is ours if its eth0 holds an address of our block.
+netns_is_ours() {
+  [ -e "/run/netns/$1" ] || return 1
+  nsenter --net="/run/netns/$1" ip -4 -o addr show dev eth0 2>/dev/null | grep -q " $NET\."
+}
+
+kill_netns_pids() {
+  local ns=$1 ino root_ino p
+  ino=$(stat -L -c %i "/run/netns/$ns" 2>/dev/null) || return 0
+  root_ino=$(stat -L -c %i /proc/self/ns/net)
+  [ "$ino" != "$root_ino" ] || return 0
+  for p in /proc/[0-9]*; do
+    [ "$(stat -L -c %i "$p/ns/net" 2>/dev/null)" = "$ino" ] && kill -9 "${p#/proc/}" 2>/dev/null
+  done
+  return 0
+}
+
+# Processes whose command line names the state dir: daemons whose pid file is lost after a crash.
+kill_state_dir_pids() {
+  local p cmdl
+  for p in /proc/[0-9]*; do
+    [ "${p#/proc/}" = "$$" ] && continue
+    cmdl=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null) || continue
+    case $cmdl in
+      *cluster.sh*) ;;
+      *"$S/"*) kill -9 "${p#/proc/}" 2>/dev/null ;;
+    esac
+  done
+  return 0
+}
+
+do_down() {
+  set +e
+  local f ns n k
+  # Daemons first (pid files), politely for a moment, then everything that is left.
+  for f in "$S"/run/*.pid "$S"/munge/munged.pid "$S"/db/mariadbd.pid; do
+    [ -s "$f" ] && kill -TERM "$(cat "$f")" 2>/dev/null
+  done
+  for f in "$S"/run/*.pid "$S"/munge/munged.pid "$S"/db/mariadbd.pid; do
+    [ -s "$f" ] || continue
+    wait_for 2 sh -c "! kill -0 $(cat "$f") 2>/dev/null" || kill -9 "$(cat "$f")" 2>/dev/null
+  done
+  n=$(recorded_nodes)
+  [ "$n" -ge 3 ] 2>/dev/null || n=3
+  # Namespaces named nodeK that carry our addresses, recorded or not (a crash may lose the record).
+  for ns in $( (node_names "$n"; ls /run/netns 2>/dev/null) | grep -E '^node[0-9]+$' | sort -u); do
+    if netns_is_ours "$ns" || { [ -e "/run/netns/$ns" ] && grep -qx "$ns" "$S/netns" 2>/dev/null; }; then
+      kill_netns_pids "$ns"
+      ip netns delete "$ns" 2>/dev/null
+    fi
+  done
+  for f in /sys/class/net/rbc-node*; do
+    [ -e "$f" ] && ip link delete "$(basename "$f")" 2>/dev/null
+  done
+  ip link delete "$BRIDGE" 2>/dev/null
+  kill_state_dir_pids
+  sleep 0.2
+  kill_state_dir_pids
+  # The state dir is removed only if it looks like ours: never an arbitrary directory.
+  if [ -d "$S" ]; then
+    if [ -e "$S/.rbc-cluster" ] || [ -z "$(ls -A "$S" 2>/dev/null)" ]; then
+      rm -rf "$S"
+    else
+      log "not removing $S: it was not created by cluster.sh"
+    fi
+  fi
+  if [ -s "$CURRENT" ] && [ "$(cat "$CURRENT")" = "$S" ]; then rm -f "$CURRENT"; fi
+  set -e
+}
+
+# ----- status -------------------------------------------------------------------------------------
+
+# Prints one line per daemon; returns 0 if all run, 1 if none, 2 if some.
+daemon_states() {
+  local up=0 total=0 name f node
+  local -a list=("munged:$S/munge/munged.pid" "mariadbd:$S/db/mariadbd.pid"
+    "slurmdbd:$S/run/slurmdbd.pid" "slurmctld:$S/run/slurmctld.pid")
+  for node in $(node_names "$(recorded_nodes)"); do list+=("slurmd-$node:$S/run/slurmd-$node.pid"); done
+  for entry in "${list[@]}"; do
+    name=${entry%%:*}; f=${entry#*:}
+    total=$((total + 1))
+    if pidfile_alive "$f"; then
+      up=$((up + 1)); printf '  %-14s running (pid %s)\n' "$name" "$(cat "$f")"
+    else
+      printf '  %-14s not running\n' "$name"
+    fi
+  done
+  [ "$up" = "$total" ] && return 0
+  [ "$up" = 0 ] && return 1
+  return 2
+}
+
+do_status() {
+  if [ ! -e "$S/.rbc-cluster" ]; then
+    echo "no cluster at $S"
+    return 1
+  fi
+  echo "cluster at $S ($(recorded_nodes) nodes)"
+  local rc=0
+  daemon_states || rc=$?
+  if [ "$rc" = 0 ]; then
+    SLURM_CONF=$S/slurm.conf sinfo -N -o '  %N %t %C' 2>&1 || true
+  fi
+  return "$rc"
+}
+
+do_env() {
+  [ -e "$S/.rbc-cluster" ] || die "no cluster at $S (run: $0 up)"
+  local n
+  n=$(recorded_nodes)
+  printf 'export SLURM_CONF=%q\n' "$S/slurm.conf"
+  printf 'export RBC_STATE_DIR=%q\n' "$S"
+  printf 'export RBC_NODES=%q\n' "$n"
+  printf 'export RBC_NODE_NAMES=%q\n' "$(node_names "$n" | tr '\n' ' ' | sed 's/ $//')"
+}
+
+# ----- up -----------------------------------------------------------------------------------------
+
+setup_network() {
+  local k node
+  ip link add "$BRIDGE" type bridge forward_delay 0
+  ip addr add "$NET.1/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  ip route add "$CONTAINERS" dev "$BRIDGE"
+  sysctl -qw "net.ipv4.conf.$BRIDGE.proxy_arp=1" "net.ipv4.neigh.$BRIDGE.proxy_delay=0"
+  for ((k = 1; k <= nodes; k++)); do
+    node=node$k
+    ip netns add "$node"
+    echo "$node" >>"$S/netns"
+    ip link add "rbc-$node" type veth peer name eth0 netns "$node"
+    ip link set "rbc-$node" master "$BRIDGE" up
+    nsenter --net="/run/netns/$node" sh -ec "
+      ip link set lo up
+      ip addr add $NET.$((10 + k))/24 dev eth0
+      ip link set eth0 up
+      ip route add $CONTAINERS dev eth0
+      sysctl -qw net.ipv4.conf.eth0.proxy_arp=1 net.ipv4.neigh.eth0.proxy_delay=0"
+  done
+}
+
+start_munge() {
+  mkdir -p "$S/munge"
+  chmod 0711 "$S/munge"
+  head -c 1024 /dev/urandom >"$S/munge/munge.key"
+  chmod 0400 "$S/munge/munge.key"
+  munged --force --socket="$S/munge/munge.socket" --key-file="$S/munge/munge.key" \
+    --log-file="$S/log/munged.log" --pid-file="$S/munge/munged.pid" \
+    --seed-file="$S/munge/munged.seed" ||
+    { tail_log "$S/log/munged.log"; die "munged did not start"; }
+  wait_for 5 test -S "$S/munge/munge.socket" || { tail_log "$S/log/munged.log"; die "munged has no socket"; }
+}
+
+start_mariadb() {
+  mkdir -p "$S/db"
+  cat >"$S/db/my.cnf" <<EOF
+[mysqld]
+datadir=$S/db/data
+socket=$S/db/mariadbd.sock
+pid-file=$S/db/mariadbd.pid
+log-error=$S/log/mariadbd.log
+bind-address=127.0.0.1
+port=$DB_PORT
+user=root
+skip-name-resolve
+innodb_buffer_pool_size=64M
+innodb_log_file_size=16M
+innodb_lock_wait_timeout=900
+innodb_flush_log_at_trx_commit=0
+EOF
+  mariadb-install-db --defaults-file="$S/db/my.cnf" --auth-root-authentication-method=normal \
+    --skip-test-db >"$S/log/mariadb-install.log" 2>&1 ||
+    { tail_log "$S/log/mariadb-install.log"; die "mariadb-install-db failed"; }
+  setsid mariadbd --defaults-file="$S/db/my.cnf" </dev/null >>"$S/log/mariadbd.log" 2>&1 &
+  wait_for 20 mariadb --no-defaults -S "$S/db/mariadbd.sock" -uroot -e 'select 1' ||
+    { tail_log "$S/log/mariadbd.log"; die "mariadbd did not start"; }
+  mariadb --no-defaults -S "$S/db/mariadbd.sock" -uroot -e "
+    CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
+    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" ||
+    { tail_log "$S/log/mariadbd.log"; die "could not create the slurm database user"; }
+}
+
+write_configs() {
+  local host k mem
+  host=$(hostname)
+  # Every node sees the whole machine; splitting the memory keeps the cluster's total honest.
+  mem=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 / nodes * 9 / 10))
+  : >"$S/plugstack.conf"
+  if [ -n "$plugstack" ]; then
+    [ -r "$plugstack" ] || die "plugstack file '$plugstack' is not readable"
+    case $plugstack in /*) ;; *) plugstack=$PWD/$plugstack ;; esac
+    echo "include $plugstack" >>"$S/plugstack.conf"
+  fi
+  cat >"$S/slurm.conf" <<EOF
+# Written by slurm-tests/cluster.sh; removed by 'cluster.sh down'.
+ClusterName=$CLUSTER_NAME
+# The host name must be this machine's; the address is the bridge, reachable from every node netns.
+SlurmctldHost=$host($NET.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket=$S/munge/munge.socket
+CredType=cred/munge
+StateSaveLocation=$S/slurmctld
+SlurmdSpoolDir=$S/slurmd/%n
+SlurmctldPidFile=$S/run/slurmctld.pid
+SlurmdPidFile=$S/run/slurmd-%n.pid
+SlurmctldLogFile=$S/log/slurmctld.log
+SlurmdLogFile=$S/log/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+PlugStackConfig=$S/plugstack.conf
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$DBD_PORT
+# For accounting_storage/slurmdbd this is the munge socket (AuthInfo is not used for slurmdbd).
+AccountingStoragePass=$S/munge/munge.socket
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SchedulerParameters=permit_job_expansion
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+SlurmctldTimeout=30
+SlurmdTimeout=60
+InactiveLimit=0
+KillWait=2
+MinJobAge=60
+MessageTimeout=10
+EOF
+  for ((k = 1; k <= nodes; k++)); do
+    echo "NodeName=node$k NodeAddr=$NET.$((10 + k)) CPUs=2 Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN" >>"$S/slurm.conf"
+  done
+  # All nodes share the machine's two cores; each node still hands out its own 2 CPUs exclusively,
+  # so placement (which the rebalancer changes) stays visible in Slurm.
+  echo "PartitionName=debug Nodes=node[1-$nodes] Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO" >>"$S/slurm.conf"
+
+  cat >"$S/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+AuthInfo=socket=$S/munge/munge.socket
+DbdHost=$host
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+DebugLevel=info
+LogFile=$S/log/slurmdbd.log
+PidFile=$S/run/slurmdbd.pid
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=slurm
+StorageLoc=slurm_acct_db
+EOF
+  chmod 0600 "$S/slurmdbd.conf"
+}
+
+start_slurm() {
+  local node k
+  export SLURM_CONF=$S/slurm.conf
+  slurmdbd || { tail_log "$S/log/slurmdbd.log"; die "slurmdbd did not start"; }
+  wait_for 30 sacctmgr -n list cluster ||
+    { tail_log "$S/log/slurmdbd.log"; die "slurmdbd does not answer"; }
+  sacctmgr -i -Q add cluster "$CLUSTER_NAME" >/dev/null ||
+    { tail_log "$S/log/slurmdbd.log"; die "could not register cluster $CLUSTER_NAME"; }
+  slurmctld -i || { tail_log "$S/log/slurmctld.log"; die "slurmctld did not start"; }
+  wait_for 20 scontrol ping || { tail_log "$S/log/slurmctld.log"; die "slurmctld does not answer"; }
+  for ((k = 1; k <= nodes; k++)); do
+    node=node$k
+    mkdir -p "$S/slurmd/$node"
+    nsenter --net="/run/netns/$node" slurmd -N "$node" -f "$S/slurm.conf" ||
+      { tail_log "$S/log/slurmd-$node.log"; die "slurmd on $node did not start"; }
+  done
+  all_idle() { [ "$(sinfo -h -N -o '%t' | grep -c '^idle$')" = "$nodes" ]; }
+  if ! wait_for 30 all_idle; then
+    sinfo -N >&2 || true
+    for node in $(node_names "$nodes"); do tail_log "$S/log/slurmd-$node.log"; done
+    tail_log "$S/log/slurmctld.log"
+    die "nodes did not become idle"
+  fi
+}
+
+do_up() {
+  [[ $nodes =~ ^[0-9]+$ ]] && [ "$nodes" -ge 1 ] && [ "$nodes" -le "$MAX_NODES" ] ||
+    die "--nodes must be 1..$MAX_NODES, got '$nodes'"
+  local cur=""
+  [ -s "$CURRENT" ] && cur=$(cat "$CURRENT")
+  if [ -n "$cur" ] && [ "$cur" != "$S" ]; then
+    local other_rc=0
+    (S=$cur; daemon_states >/dev/null) || other_rc=$?
+    if [ "$other_rc" != 1 ]; then
+      die "a cluster is already up at $cur; take it down first: $0 down --state-dir $cur"
+    fi
+    log "cleaning up after a crashed cluster at $cur"
+    (S=$cur; do_down)
+  fi
+  if [ -e "$S/.rbc-cluster" ]; then
+    local rc=0
+    daemon_states >/dev/null || rc=$?
+    if [ "$rc" = 0 ] && SLURM_CONF=$S/slurm.conf scontrol ping >/dev/null 2>&1; then
+      log "already up at $S ($(recorded_nodes) nodes)"
+      return 0
+    fi
+    log "cluster at $S is partly up: taking it down first"
+  fi
+  do_down
+  # Leftovers of another state dir (or of a crash without a record) would make the next steps fail.
+  if [ -e "/sys/class/net/$BRIDGE" ]; then
+    die "bridge $BRIDGE exists but belongs to no known cluster: run '$0 down --state-dir DIR' for the old state dir, or 'ip link delete $BRIDGE'"
+  fi
+  if [ -e "$S" ] && [ -n "$(ls -A "$S")" ]; then
+    die "state dir $S exists and is not a cluster's: choose another --state-dir"
+  fi
+  mkdir -p "$S"/{log,run,slurmctld,slurmd}
+  touch "$S/.rbc-cluster"
+  echo "$nodes" >"$S/nodes"
+  echo "$S" >"$CURRENT"
+  trap 'rc=$?; if [ $rc != 0 ]; then log "up failed; state left in $S for inspection: run '"'"'$0 down --state-dir $S'"'"' to clean"; fi' EXIT
+  local t0=$SECONDS
+  setup_network
+  write_configs
+  start_munge
+  start_mariadb
+  start_slurm
+  trap - EXIT
+  log "up at $S: $nodes nodes in $((SECONDS - t0)) s; run: eval \"\$($0 env)\""
+}
+
+case $cmd in
+  up) do_up ;;
+  down) do_down; log "down ($S)" ;;
+  status) do_status ;;
+  env) do_env ;;
+  -h|--help|help) usage 0 ;;
+  *) die "unknown command '$cmd'" ;;
+esac
