@@ -4,7 +4,7 @@
 //! on their id, so the output depends only on the inputs (rayon only splits the destination scan,
 //! whose reduction is order-independent).
 
-use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use rayon::prelude::*;
 
@@ -16,12 +16,47 @@ use crate::plan::{
 use crate::policy::{Action, Basis, ContainerOrder, Policy, PolicyKind, PolicySet, Prefer};
 use crate::state::{NodeTrack, PolicyState};
 
+/// Multiply-rotate hasher for the planner's lookup tables: SipHash's DoS resistance buys nothing
+/// for names the controller supplies, and hashing 100k names per evaluation shows in profiles.
+/// Iteration order of these maps never reaches the output.
+#[derive(Default, Clone, Copy)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type HashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FastHasher>>;
+type HashSet<K> = std::collections::HashSet<K, BuildHasherDefault<FastHasher>>;
+
 /// Fitting destinations listed in a decision's reasons.
 pub const RUNNERS_UP: usize = 3;
 /// Rejected destinations listed by name in a decision's or skip's reasons (all are counted).
 pub const REJECT_EXAMPLES: usize = 8;
 /// Destination searches one policy may run per evaluation; bounds the cost when nothing fits.
 pub const SEARCH_BUDGET: usize = 128;
+/// Nodes per parallel work item of the destination scan.
+const SCAN_CHUNK: usize = 1024;
 
 /// Evaluates `set` against `view`, updating `state` (hysteresis, and cooldowns of automatic moves).
 pub fn plan(set: &PolicySet, view: &ClusterView, state: &mut PolicyState) -> Plan {
@@ -63,6 +98,7 @@ pub fn plan(set: &PolicySet, view: &ClusterView, state: &mut PolicyState) -> Pla
             skips: Vec::new(),
             searches: 0,
             cycle: 0,
+            dest: DestStatic::default(),
         };
         let (report, tracks) = run.evaluate(tracks);
         let PolicyRun {
@@ -94,19 +130,69 @@ struct Index<'v> {
     by_name: Vec<usize>,
     rank: Vec<usize>,
     node_of: HashMap<&'v str, usize>,
-    /// Container indices per node, sorted by container id.
+    /// Container indices per node, in view order (sorted by id only for source nodes).
     containers_on: Vec<Vec<usize>>,
     in_flight: HashSet<&'v str>,
     /// Last move per job and node from the view (container.last_moved, in-flight starts).
     job_moved: HashMap<u64, Timestamp>,
     node_moved: Vec<Option<Timestamp>>,
+    /// Compact per-node facts for the destination scan (cache-friendly).
+    facts: Vec<Fact>,
+    part_ids: HashMap<&'v str, u32>,
+    feat_ids: HashMap<&'v str, u32>,
+}
+
+/// Names interned to bit positions; names past 64 fall back to string comparison.
+const MASK_BITS: u32 = 64;
+
+/// What the destination scan needs of a node, without pointer chasing.
+#[derive(Clone, Copy)]
+struct Fact {
+    /// Index into UNAVAILABLE, 0 when the node can receive work.
+    unavailable: u8,
+    modes: u8,
+    part_mask: u64,
+    feat_mask: u64,
+    cpus_total: u32,
+    free_cpus: i64,
+    free_mem: i64,
+    load: f64,
+    /// NaN when the node reports no temperature.
+    temp: f64,
+}
+
+const UNAVAILABLE: [&str; 6] = ["", "down", "drained", "draining", "drain", "reboot-asap"];
+
+fn mode_bit(m: MigrationMode) -> u8 {
+    match m {
+        MigrationMode::StopAndCopy => 1,
+        MigrationMode::PostCopy => 2,
+        MigrationMode::PreCopy => 4,
+    }
+}
+
+fn intern<'v>(ids: &mut HashMap<&'v str, u32>, name: &'v str) -> u32 {
+    let next = ids.len() as u32;
+    *ids.entry(name).or_insert(next)
+}
+
+fn mask_of(ids: &HashMap<&str, u32>, names: &[String]) -> (u64, bool) {
+    let mut mask = 0u64;
+    let mut slow = false;
+    for n in names {
+        match ids.get(n.as_str()) {
+            Some(&b) if b < MASK_BITS => mask |= 1 << b,
+            _ => slow = true,
+        }
+    }
+    (mask, slow)
 }
 
 impl<'v> Index<'v> {
     fn new(view: &'v ClusterView) -> Self {
         let n = view.nodes.len();
         let mut by_name: Vec<usize> = (0..n).collect();
-        by_name.sort_by(|&a, &b| view.nodes[a].name.cmp(&view.nodes[b].name));
+        by_name.par_sort_unstable_by(|&a, &b| view.nodes[a].name.cmp(&view.nodes[b].name));
         let mut rank = vec![0; n];
         for (r, &i) in by_name.iter().enumerate() {
             rank[i] = r;
@@ -118,21 +204,25 @@ impl<'v> Index<'v> {
             .map(|(i, nv)| (nv.name.as_str(), i))
             .collect();
         let mut containers_on = vec![Vec::new(); n];
-        let mut job_moved: HashMap<u64, Timestamp> = HashMap::new();
+        let mut job_moved: HashMap<u64, Timestamp> = HashMap::default();
+        // Views usually list a node's containers together: reuse the previous lookup.
+        let mut last: Option<(&str, usize)> = None;
         for (ci, c) in view.containers.iter().enumerate() {
-            if let Some(&ni) = node_of.get(c.node.as_str()) {
+            let ni = match last {
+                Some((name, ni)) if name == c.node => Some(ni),
+                _ => node_of.get(c.node.as_str()).copied(),
+            };
+            if let Some(ni) = ni {
                 containers_on[ni].push(ci);
+                last = Some((c.node.as_str(), ni));
             }
             if let Some(t) = c.last_moved {
                 let e = job_moved.entry(c.job_id).or_insert(t);
                 *e = (*e).max(t);
             }
         }
-        containers_on
-            .par_iter_mut()
-            .for_each(|v| v.sort_by(|&a, &b| view.containers[a].id.cmp(&view.containers[b].id)));
         let mut node_moved = vec![None; n];
-        let mut in_flight = HashSet::new();
+        let mut in_flight = HashSet::default();
         for f in &view.in_flight {
             in_flight.insert(f.container.as_str());
             let e = job_moved.entry(f.job_id).or_insert(f.started);
@@ -144,6 +234,40 @@ impl<'v> Index<'v> {
                 }
             }
         }
+        let mut part_ids = HashMap::default();
+        let mut feat_ids = HashMap::default();
+        for nv in &view.nodes {
+            for p in &nv.partitions {
+                intern(&mut part_ids, p);
+            }
+            for f in &nv.features {
+                intern(&mut feat_ids, f);
+            }
+        }
+        let facts = view
+            .nodes
+            .par_iter()
+            .map(|nv| {
+                // Names past MASK_BITS are left out of the masks; checks for such names compare
+                // strings instead.
+                let (part_mask, _) = mask_of(&part_ids, &nv.partitions);
+                let (feat_mask, _) = mask_of(&feat_ids, &nv.features);
+                let unavailable = nv.flags.unavailable().map_or(0, |s| {
+                    UNAVAILABLE.iter().position(|u| *u == s).unwrap_or(1) as u8
+                });
+                Fact {
+                    unavailable,
+                    modes: nv.modes.iter().fold(0, |m, x| m | mode_bit(*x)),
+                    part_mask,
+                    feat_mask,
+                    cpus_total: nv.cpus_total,
+                    free_cpus: i64::from(nv.cpus_total) - i64::from(nv.cpus_alloc),
+                    free_mem: nv.mem_total_mb as i64 - nv.mem_alloc_mb as i64,
+                    load: nv.load,
+                    temp: nv.temperature_c.unwrap_or(f64::NAN),
+                }
+            })
+            .collect();
         Index {
             by_name,
             rank,
@@ -152,6 +276,9 @@ impl<'v> Index<'v> {
             in_flight,
             job_moved,
             node_moved,
+            facts,
+            part_ids,
+            feat_ids,
         }
     }
 }
@@ -182,7 +309,7 @@ impl Layer {
             per_dest: vec![0; n],
             cpus: vec![0; n],
             mem_mb: vec![0; n],
-            claimed: HashSet::new(),
+            claimed: HashSet::default(),
         }
     }
 }
@@ -270,6 +397,19 @@ struct PolicyRun<'a, 'v> {
     skips: Vec<Skip>,
     searches: usize,
     cycle: u32,
+    dest: DestStatic,
+}
+
+/// Per-policy destination facts that do not depend on the container.
+#[derive(Default)]
+struct DestStatic {
+    /// Empty when the policy has no destination node filter.
+    scope_ok: Vec<bool>,
+    /// Empty when the policy has no node cooldown.
+    cooldown_until: Vec<Timestamp>,
+    feat_mask: u64,
+    /// A required feature is interned past MASK_BITS (or unknown): compare strings.
+    feat_slow: bool,
 }
 
 enum Stop {
@@ -494,6 +634,9 @@ impl<'v> PolicyRun<'_, 'v> {
         sources.sort_by(|a, b| b.urgency.total_cmp(&a.urgency));
         let active = sources.len();
 
+        if !sources.is_empty() {
+            self.dest = self.dest_static();
+        }
         let before = self.decisions.len();
         'sources: for s in &sources {
             match self.act_on(s) {
@@ -521,6 +664,32 @@ impl<'v> PolicyRun<'_, 'v> {
             skips: self.skips.len(),
         };
         (report, new_tracks)
+    }
+
+    fn dest_static(&self) -> DestStatic {
+        let p = self.policy;
+        let nodes = &self.view.nodes;
+        let d = &p.destination;
+        let scope_ok = if d.nodes.include.is_empty() && d.nodes.exclude.is_empty() {
+            Vec::new()
+        } else {
+            nodes.par_iter().map(|n| d.nodes.admits(&n.name)).collect()
+        };
+        let cd = p.limits.node_cooldown_s;
+        let cooldown_until = if cd == 0 {
+            Vec::new()
+        } else {
+            (0..nodes.len())
+                .map(|i| self.last_node_move(i).map_or(0, |t| t + cd))
+                .collect()
+        };
+        let (feat_mask, feat_slow) = mask_of(&self.idx.feat_ids, &d.require_features);
+        DestStatic {
+            scope_ok,
+            cooldown_until,
+            feat_mask,
+            feat_slow,
+        }
     }
 
     fn last_node_move(&self, ni: usize) -> Option<Timestamp> {
@@ -559,8 +728,10 @@ impl<'v> PolicyRun<'_, 'v> {
                 }
             }
         }
+        let mut on = self.idx.containers_on[src].clone();
+        on.sort_by(|&a, &b| view.containers[a].id.cmp(&view.containers[b].id));
         let mut cands: Vec<usize> = Vec::new();
-        for &c in &self.idx.containers_on[src] {
+        for c in on {
             let cv = &view.containers[c];
             let skip = if !cv.migratable {
                 Some((
@@ -798,8 +969,14 @@ impl<'v> PolicyRun<'_, 'v> {
             cv,
             counts,
             modes: source_modes,
-            state: self.state,
             idx: self.idx,
+            nodes: &view.nodes,
+            dest: &self.dest,
+            part: match self.idx.part_ids.get(cv.partition.as_str()) {
+                Some(&b) if b < MASK_BITS => PartCheck::Bit(1 << b),
+                Some(_) => PartCheck::Slow,
+                None => PartCheck::Nowhere,
+            },
             now: view.now,
             thermal_limit: match &s.trigger {
                 TriggerReason::Threshold {
@@ -818,16 +995,22 @@ impl<'v> PolicyRun<'_, 'v> {
                 _ => None,
             },
         };
-        let acc = view
-            .nodes
-            .par_iter()
-            .enumerate()
-            .filter(|(i, _)| *i != src)
-            .fold(Acc::default, |mut acc, (i, n)| {
-                acc.candidates += 1;
-                match ctx.fit(i, n) {
-                    Ok((score, mode)) => acc.add_fit(score, self.idx.rank[i], i, mode),
-                    Err(r) => acc.add_reject(r, self.idx.rank[i], i),
+        // Fixed-size chunks with a plain loop each: a per-node rayon fold moves the accumulator
+        // through every call, which costs more than the fit check itself.
+        let n = view.nodes.len();
+        let acc = (0..n.div_ceil(SCAN_CHUNK))
+            .into_par_iter()
+            .map(|chunk| {
+                let mut acc = Acc::default();
+                for i in chunk * SCAN_CHUNK..n.min((chunk + 1) * SCAN_CHUNK) {
+                    if i == src {
+                        continue;
+                    }
+                    acc.candidates += 1;
+                    match ctx.fit(i) {
+                        Ok((score, mode)) => acc.add_fit(score, self.idx.rank[i], i, mode),
+                        Err(r) => acc.add_reject(r, self.idx.rank[i], i),
+                    }
                 }
                 acc
             })
@@ -964,13 +1147,25 @@ fn code_text(c: RejectCode) -> &'static str {
     }
 }
 
+/// How to test the container's partition on a node.
+#[derive(Clone, Copy)]
+enum PartCheck {
+    Bit(u64),
+    /// Interned past MASK_BITS: compare strings.
+    Slow,
+    /// No node has the partition.
+    Nowhere,
+}
+
 struct FitCtx<'a> {
     p: &'a Policy,
     cv: &'a ContainerView,
     counts: View2<'a>,
     modes: &'a [MigrationMode],
-    state: &'a PolicyState,
     idx: &'a Index<'a>,
+    nodes: &'a [NodeView],
+    dest: &'a DestStatic,
+    part: PartCheck,
     now: Timestamp,
     /// Thermal policies: the destination must be at or below this temperature.
     thermal_limit: Option<f64>,
@@ -979,45 +1174,54 @@ struct FitCtx<'a> {
 }
 
 impl FitCtx<'_> {
-    fn fit(&self, i: usize, n: &NodeView) -> Result<([f64; 2], MigrationMode), Reject> {
+    fn fit(&self, i: usize) -> Result<([f64; 2], MigrationMode), Reject> {
         let d = &self.p.destination;
-        if !d.nodes.admits(&n.name) {
+        let f = &self.idx.facts[i];
+        if self.dest.scope_ok.get(i) == Some(&false) {
             return Err(Reject::Scope);
         }
-        if let Some(s) = n.flags.unavailable() {
-            return Err(Reject::Unavailable(s));
+        if f.unavailable != 0 {
+            return Err(Reject::Unavailable(UNAVAILABLE[usize::from(f.unavailable)]));
         }
-        if d.same_partition && !n.partitions.contains(&self.cv.partition) {
-            return Err(Reject::Partition);
-        }
-        if let Some(f) = d
-            .require_features
-            .iter()
-            .position(|f| !n.features.contains(f))
-        {
-            return Err(Reject::Feature(f));
-        }
-        if self.p.limits.node_cooldown_s > 0 {
-            let by_view = self.idx.node_moved[i];
-            let by_state = if self.state.node_moved.is_empty() {
-                None
-            } else {
-                self.state.node_moved.get(&n.name).copied()
+        if d.same_partition {
+            let ok = match self.part {
+                PartCheck::Bit(b) => f.part_mask & b != 0,
+                PartCheck::Slow => self.nodes[i].partitions.contains(&self.cv.partition),
+                PartCheck::Nowhere => false,
             };
-            if let Some(t) = by_view.max(by_state) {
-                let left = (t + self.p.limits.node_cooldown_s).saturating_sub(self.now);
-                if left > 0 {
-                    return Err(Reject::Cooldown(left));
-                }
+            if !ok {
+                return Err(Reject::Partition);
+            }
+        }
+        if !d.require_features.is_empty() {
+            let missing = if self.dest.feat_slow {
+                let have = &self.nodes[i].features;
+                d.require_features.iter().position(|x| !have.contains(x))
+            } else if f.feat_mask & self.dest.feat_mask != self.dest.feat_mask {
+                d.require_features.iter().position(|x| {
+                    self.idx
+                        .feat_ids
+                        .get(x.as_str())
+                        .is_none_or(|&b| f.feat_mask & (1 << b) == 0)
+                })
+            } else {
+                None
+            };
+            if let Some(pos) = missing {
+                return Err(Reject::Feature(pos));
+            }
+        }
+        if let Some(&until) = self.dest.cooldown_until.get(i) {
+            if until > self.now {
+                return Err(Reject::Cooldown(until - self.now));
             }
         }
         let incoming = self.counts.sum(|l| l.per_dest[i]);
         if incoming >= self.p.limits.max_per_destination {
             return Err(Reject::DestLimit(incoming));
         }
-        let free_cpus = i64::from(n.cpus_total)
-            - i64::from(n.cpus_alloc)
-            - i64::from(self.counts.sum(|l| l.cpus[i]));
+        let reserved = self.counts.sum(|l| l.cpus[i]);
+        let free_cpus = f.free_cpus - i64::from(reserved);
         let need_cpus = self.cv.cpus + d.min_free_cpus;
         if free_cpus < i64::from(need_cpus) {
             return Err(Reject::Cpus {
@@ -1025,8 +1229,7 @@ impl FitCtx<'_> {
                 need: need_cpus,
             });
         }
-        let free_mem =
-            n.mem_total_mb as i64 - n.mem_alloc_mb as i64 - self.counts.sum(|l| l.mem_mb[i]) as i64;
+        let free_mem = f.free_mem - self.counts.sum(|l| l.mem_mb[i]) as i64;
         let need_mem = self.cv.rss_mb + d.min_free_mem_mb;
         if free_mem < need_mem as i64 {
             return Err(Reject::Memory {
@@ -1034,42 +1237,53 @@ impl FitCtx<'_> {
                 need: need_mem,
             });
         }
+        // NaN (no reading) compares false: unknown temperatures pass an absolute cap.
         if let Some(max) = d.max_temperature_c {
-            match n.temperature_c {
-                Some(t) if t > max => {
-                    return Err(Reject::Hot {
-                        temp: t,
-                        limit: max,
-                    })
-                }
-                _ => {}
+            if f.temp > max {
+                return Err(Reject::Hot {
+                    temp: f.temp,
+                    limit: max,
+                });
             }
         }
         if let Some(limit) = self.thermal_limit {
-            match n.temperature_c {
-                None => return Err(Reject::UnknownTemp),
-                Some(t) if t > limit => return Err(Reject::Hot { temp: t, limit }),
-                _ => {}
+            if f.temp.is_nan() {
+                return Err(Reject::UnknownTemp);
+            }
+            if f.temp > limit {
+                return Err(Reject::Hot {
+                    temp: f.temp,
+                    limit,
+                });
             }
         }
         // Assume a moved container keeps all its CPUs busy.
-        let reserved = self.counts.sum(|l| l.cpus[i]);
-        let projected = if n.cpus_total == 0 {
+        let projected = if f.cpus_total == 0 {
             f64::INFINITY
         } else {
-            (n.load + f64::from(reserved) + f64::from(self.cv.cpus)) / f64::from(n.cpus_total)
+            (f.load + f64::from(reserved) + f64::from(self.cv.cpus)) / f64::from(f.cpus_total)
         };
         for limit in [d.max_load_per_cpu, self.load_limit].into_iter().flatten() {
             if projected > limit {
                 return Err(Reject::Loaded { projected, limit });
             }
         }
-        let Some(mode) = self.modes.iter().copied().find(|m| n.supports(*m)) else {
+        let Some(mode) = self
+            .modes
+            .iter()
+            .copied()
+            .find(|m| f.modes & mode_bit(*m) != 0)
+        else {
             return Err(Reject::NoMode);
         };
         let free_after = (free_cpus - i64::from(self.cv.cpus)) as f64;
+        let temp = if f.temp.is_nan() {
+            f64::INFINITY
+        } else {
+            f.temp
+        };
         let score = match d.prefer {
-            Prefer::Coolest => [n.temperature_c.unwrap_or(f64::INFINITY), -free_after],
+            Prefer::Coolest => [temp, -free_after],
             Prefer::LeastLoaded => [projected, -free_after],
             Prefer::MostFree => [-free_after, projected],
         };
