@@ -1,0 +1,269 @@
+//! Durable journal of decisions, migrations and policy state overrides in one redb file.
+//!
+//! Every decision is written before it is acted on, and every migration record each time its
+//! state changes, so a restarted controller knows what was in flight (see `recovery`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rebalancer_proto::control::{DecisionRecord, MigrationEntry, PolicyState};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+const DECISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("decisions");
+const MIGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("migrations");
+const POLICY_STATES: TableDefinition<&str, &str> = TableDefinition::new("policy_states");
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal store error")]
+    Store(#[from] redb::Error),
+    #[error("cannot create the journal directory {0}")]
+    Dir(String, #[source] std::io::Error),
+    #[error("corrupt journal entry {key}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot encode a journal entry")]
+    Encode(#[source] serde_json::Error),
+}
+
+macro_rules! store {
+    ($e:expr) => {
+        $e.map_err(|e| JournalError::Store(e.into()))
+    };
+}
+
+pub struct Journal {
+    db: Database,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal file and its tables.
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| JournalError::Dir(dir.display().to_string(), e))?;
+        }
+        let db = store!(Database::create(path))?;
+        let tx = store!(db.begin_write())?;
+        {
+            store!(tx.open_table(DECISIONS))?;
+            store!(tx.open_table(MIGRATIONS))?;
+            store!(tx.open_table(POLICY_STATES))?;
+        }
+        store!(tx.commit())?;
+        Ok(Journal { db })
+    }
+
+    /// Appends a decision, assigning its sequence number, and returns it.
+    pub fn record_decision(&self, mut d: DecisionRecord) -> Result<DecisionRecord, JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(DECISIONS))?;
+            let last = store!(t.last())?.map(|(k, _)| k.value()).unwrap_or(0);
+            d.seq = last + 1;
+            let bytes = serde_json::to_vec(&d).map_err(JournalError::Encode)?;
+            store!(t.insert(d.seq, bytes.as_slice()))?;
+        }
+        store!(tx.commit())?;
+        Ok(d)
+    }
+
+    /// Rewrites a decision already recorded (outcome or migration id changed).
+    pub fn update_decision(&self, d: &DecisionRecord) -> Result<(), JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(DECISIONS))?;
+            let bytes = serde_json::to_vec(d).map_err(JournalError::Encode)?;
+            store!(t.insert(d.seq, bytes.as_slice()))?;
+        }
+        store!(tx.commit())?;
+        Ok(())
+    }
+
+    /// The newest `limit` decisions, oldest first.
+    pub fn decisions(&self, limit: usize) -> Result<Vec<DecisionRecord>, JournalError> {
+        let tx = store!(self.db.begin_read())?;
+        let t = store!(tx.open_table(DECISIONS))?;
+        let mut out = Vec::new();
+        for item in store!(t.iter())?.rev().take(limit) {
+            let (k, v) = store!(item)?;
+            out.push(decode(&k.value().to_string(), v.value())?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    pub fn put_migration(&self, m: &MigrationEntry) -> Result<(), JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(MIGRATIONS))?;
+            let bytes = serde_json::to_vec(m).map_err(JournalError::Encode)?;
+            store!(t.insert(m.record.id.as_str(), bytes.as_slice()))?;
+        }
+        store!(tx.commit())?;
+        Ok(())
+    }
+
+    pub fn migration(&self, id: &str) -> Result<Option<MigrationEntry>, JournalError> {
+        let tx = store!(self.db.begin_read())?;
+        let t = store!(tx.open_table(MIGRATIONS))?;
+        match store!(t.get(id))? {
+            Some(v) => Ok(Some(decode(id, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every journaled migration, oldest first.
+    pub fn migrations(&self) -> Result<Vec<MigrationEntry>, JournalError> {
+        let tx = store!(self.db.begin_read())?;
+        let t = store!(tx.open_table(MIGRATIONS))?;
+        let mut out: Vec<MigrationEntry> = Vec::new();
+        for item in store!(t.iter())? {
+            let (k, v) = store!(item)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        out.sort_by(|a, b| {
+            a.record
+                .started_at
+                .cmp(&b.record.started_at)
+                .then(a.record.id.cmp(&b.record.id))
+        });
+        Ok(out)
+    }
+
+    /// Migrations whose record has not reached a terminal state, or whose Slurm allocation
+    /// update is still owed.
+    pub fn unfinished(&self) -> Result<Vec<MigrationEntry>, JournalError> {
+        Ok(self
+            .migrations()?
+            .into_iter()
+            .filter(|m| !m.record.state.is_terminal())
+            .collect())
+    }
+
+    pub fn set_policy_state(&self, name: &str, state: PolicyState) -> Result<(), JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(POLICY_STATES))?;
+            store!(t.insert(name, state.as_str()))?;
+        }
+        store!(tx.commit())?;
+        Ok(())
+    }
+
+    pub fn policy_states(&self) -> Result<BTreeMap<String, PolicyState>, JournalError> {
+        let tx = store!(self.db.begin_read())?;
+        let t = store!(tx.open_table(POLICY_STATES))?;
+        let mut out = BTreeMap::new();
+        for item in store!(t.iter())? {
+            let (k, v) = store!(item)?;
+            if let Ok(s) = v.value().parse::<PolicyState>() {
+                out.insert(k.value().to_string(), s);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, JournalError> {
+    serde_json::from_slice(bytes).map_err(|source| JournalError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rebalancer_proto::control::DecisionOutcome;
+    use rebalancer_proto::{MigrationMode, MigrationRecord, MigrationState, MigrationStats};
+
+    pub(crate) fn record(id: &str, state: MigrationState) -> MigrationRecord {
+        MigrationRecord {
+            id: id.into(),
+            container: "j5.s0.t0".into(),
+            task: None,
+            source: "node1".into(),
+            destination: "node2".into(),
+            requested_mode: MigrationMode::Auto,
+            mode: None,
+            mode_reason: None,
+            state,
+            phases: vec![],
+            stats: MigrationStats::default(),
+            error: None,
+            started_at: 10,
+            ended_at: None,
+        }
+    }
+
+    pub(crate) fn decision(policy: &str) -> DecisionRecord {
+        DecisionRecord {
+            seq: 0,
+            at: 1,
+            policy: policy.into(),
+            container: "j5.s0.t0".into(),
+            task: None,
+            uid: Some(1000),
+            source: "node1".into(),
+            destination: "node2".into(),
+            mode: MigrationMode::Auto,
+            why: "node1 is DRAINING".into(),
+            outcome: DecisionOutcome::Started,
+            detail: None,
+            migration: Some("m1".into()),
+        }
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub/journal.redb");
+        {
+            let j = Journal::open(&path).expect("open");
+            let d1 = j.record_decision(decision("drain")).expect("d1");
+            let d2 = j.record_decision(decision("thermal")).expect("d2");
+            assert_eq!((d1.seq, d2.seq), (1, 2));
+            j.put_migration(&MigrationEntry {
+                record: record("m1", MigrationState::Running),
+                decision: 1,
+                policy: "drain".into(),
+                uid: Some(1000),
+                slurm_synced: false,
+                slurm_error: None,
+            })
+            .expect("put");
+            j.put_migration(&MigrationEntry {
+                record: record("m0", MigrationState::Succeeded),
+                decision: 1,
+                policy: "drain".into(),
+                uid: Some(1000),
+                slurm_synced: true,
+                slurm_error: None,
+            })
+            .expect("put");
+            j.set_policy_state("thermal", PolicyState::DryRun)
+                .expect("state");
+        }
+        let j = Journal::open(&path).expect("reopen");
+        let ds = j.decisions(10).expect("decisions");
+        assert_eq!(
+            ds.iter().map(|d| d.policy.as_str()).collect::<Vec<_>>(),
+            ["drain", "thermal"]
+        );
+        assert_eq!(j.decisions(1).expect("last")[0].seq, 2);
+        let unfinished = j.unfinished().expect("unfinished");
+        assert_eq!(unfinished.len(), 1);
+        assert_eq!(unfinished[0].record.id, "m1");
+        assert_eq!(j.migrations().expect("all").len(), 2);
+        assert_eq!(
+            j.policy_states().expect("states").get("thermal"),
+            Some(&PolicyState::DryRun)
+        );
+        // Sequence numbers continue after a restart.
+        assert_eq!(j.record_decision(decision("load")).expect("d3").seq, 3);
+    }
+}

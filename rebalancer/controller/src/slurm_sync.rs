@@ -1,0 +1,481 @@
+//! Slurm's side: reading nodes and jobs, and moving a job's allocation after a migration.
+//!
+//! Everything goes through [`SlurmBackend`], so the daemon logic and its tests do not depend on
+//! how Slurm is reached. [`ScontrolBackend`] shells out to `scontrol`/`salloc` and stands in until
+//! the libslurm bindings (root crate `rebalancer-slurm`) offer the same calls; [`NoSlurm`] is used
+//! when `[slurm] enabled = false`.
+
+use std::process::Command;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SlurmError {
+    #[error("cannot run {cmd}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{cmd} failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("unexpected output from {cmd}: {detail}")]
+    Output { cmd: String, detail: String },
+    #[error("Slurm is not watched (slurm.enabled = false)")]
+    Disabled,
+}
+
+/// Node state flags the controller reacts to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeFlags {
+    pub drain: bool,
+    /// DRAIN with jobs still running.
+    pub draining: bool,
+    /// DRAIN and nothing left.
+    pub drained: bool,
+    pub down: bool,
+    pub reboot_asap: bool,
+}
+
+impl NodeFlags {
+    /// Parses a Slurm state string such as `MIXED+DRAIN` or `DOWN*+DRAIN`.
+    pub fn from_state(state: &str) -> NodeFlags {
+        let upper = state.to_ascii_uppercase();
+        let parts: Vec<&str> = upper
+            .split('+')
+            .map(|p| p.trim_end_matches(['*', '~', '#', '!', '%', '$', '@', '^', '-']))
+            .collect();
+        let has = |w: &str| parts.contains(&w);
+        let drain = has("DRAIN") || has("DRAINING") || has("DRAINED");
+        let busy = has("ALLOCATED") || has("MIXED") || has("COMPLETING") || has("DRAINING");
+        NodeFlags {
+            drain,
+            draining: drain && busy,
+            drained: drain && !busy,
+            down: has("DOWN"),
+            reboot_asap: parts.iter().any(|p| p.starts_with("REBOOT")),
+        }
+    }
+
+    /// The reason a node should be evacuated, if any.
+    pub fn evacuate_reason(&self) -> Option<&'static str> {
+        if self.down {
+            Some("DOWN")
+        } else if self.draining {
+            Some("DRAINING")
+        } else if self.drain {
+            Some("DRAIN")
+        } else if self.reboot_asap {
+            Some("REBOOT ASAP")
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlurmNode {
+    pub name: String,
+    pub state: String,
+    pub flags: NodeFlags,
+    pub cpus_total: u32,
+    pub cpus_alloc: u32,
+    pub mem_total_mb: u64,
+    pub mem_alloc_mb: u64,
+    pub partitions: Vec<String>,
+    pub features: Vec<String>,
+    pub addr: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlurmJob {
+    pub job_id: u32,
+    pub user: String,
+    pub uid: u32,
+    pub account: String,
+    pub partition: String,
+    pub state: String,
+    pub nodes: Vec<String>,
+    pub batch_host: Option<String>,
+}
+
+pub trait SlurmBackend: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Current nodes, or `None` when nothing changed since the last answer (cheap to call often).
+    /// `force` always answers.
+    fn poll_nodes(&self, force: bool) -> Result<Option<Vec<SlurmNode>>, SlurmError>;
+    fn jobs(&self) -> Result<Vec<SlurmJob>, SlurmError>;
+    /// Adds `node` to a running job's allocation.
+    fn expand_job(&self, job_id: u32, node: &str) -> Result<(), SlurmError>;
+    /// Sets a running job's node list to `nodes` (which no longer holds the node left behind).
+    fn set_job_nodes(&self, job_id: u32, nodes: &[String]) -> Result<(), SlurmError>;
+}
+
+/// What the allocation needs after a container of `job` moved from `source` to `destination`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationChange {
+    pub expand_to: Option<String>,
+    /// New node list when the source can be released.
+    pub shrink_to: Option<Vec<String>>,
+    /// Why the source stays in the allocation.
+    pub keep_reason: Option<String>,
+}
+
+/// Decides the allocation change: expand to the destination unless it is already in the job,
+/// shrink from the source once nothing of the job remains there (never the batch host, which
+/// Slurm cannot remove from a job).
+pub fn allocation_change(
+    job: &SlurmJob,
+    source: &str,
+    destination: &str,
+    remaining_on_source: usize,
+) -> AllocationChange {
+    let expand_to = (!job.nodes.iter().any(|n| n == destination)).then(|| destination.to_string());
+    let (shrink_to, keep_reason) = if remaining_on_source > 0 {
+        (
+            None,
+            Some(format!(
+                "{remaining_on_source} container(s) of the job remain on {source}"
+            )),
+        )
+    } else if job.batch_host.as_deref() == Some(source) {
+        (None, Some(format!("{source} is the job's batch host")))
+    } else if !job.nodes.iter().any(|n| n == source) {
+        (None, None)
+    } else {
+        let mut nodes: Vec<String> = job.nodes.iter().filter(|n| *n != source).cloned().collect();
+        if !nodes.iter().any(|n| n == destination) {
+            nodes.push(destination.to_string());
+        }
+        (Some(nodes), None)
+    };
+    AllocationChange {
+        expand_to,
+        shrink_to,
+        keep_reason,
+    }
+}
+
+/// Used when `[slurm] enabled = false`.
+pub struct NoSlurm;
+
+impl SlurmBackend for NoSlurm {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn poll_nodes(&self, _force: bool) -> Result<Option<Vec<SlurmNode>>, SlurmError> {
+        Ok(None)
+    }
+    fn jobs(&self) -> Result<Vec<SlurmJob>, SlurmError> {
+        Ok(vec![])
+    }
+    fn expand_job(&self, _job_id: u32, _node: &str) -> Result<(), SlurmError> {
+        Err(SlurmError::Disabled)
+    }
+    fn set_job_nodes(&self, _job_id: u32, _nodes: &[String]) -> Result<(), SlurmError> {
+        Err(SlurmError::Disabled)
+    }
+}
+
+/// Reaches Slurm through its command-line tools.
+pub struct ScontrolBackend {
+    last: Mutex<Option<String>>,
+}
+
+impl Default for ScontrolBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ScontrolBackend {
+    pub fn new() -> Self {
+        ScontrolBackend {
+            last: Mutex::new(None),
+        }
+    }
+}
+
+fn run(prog: &str, args: &[&str]) -> Result<String, SlurmError> {
+    let cmd = format!("{prog} {}", args.join(" "));
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .map_err(|source| SlurmError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(SlurmError::Command {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    // salloc reports the granted job on stderr.
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    Ok(s)
+}
+
+/// `key=value` tokens of one line of `scontrol show ... -o`.
+fn fields(line: &str) -> std::collections::HashMap<&str, &str> {
+    line.split_whitespace()
+        .filter_map(|t| t.split_once('='))
+        .collect()
+}
+
+fn list(v: Option<&&str>) -> Vec<String> {
+    match v {
+        None | Some(&"(null)") | Some(&"") => vec![],
+        Some(s) => s.split(',').map(str::to_string).collect(),
+    }
+}
+
+pub fn parse_nodes(text: &str) -> Vec<SlurmNode> {
+    text.lines()
+        .filter(|l| l.starts_with("NodeName="))
+        .map(|l| {
+            let f = fields(l);
+            let num = |k: &str| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let state = f.get("State").copied().unwrap_or("UNKNOWN").to_string();
+            SlurmNode {
+                name: f.get("NodeName").copied().unwrap_or_default().to_string(),
+                flags: NodeFlags::from_state(&state),
+                state,
+                cpus_total: num("CPUTot") as u32,
+                cpus_alloc: num("CPUAlloc") as u32,
+                mem_total_mb: num("RealMemory"),
+                mem_alloc_mb: num("AllocMem"),
+                partitions: list(f.get("Partitions")),
+                features: list(f.get("ActiveFeatures")),
+                addr: f.get("NodeAddr").map(|s| s.to_string()),
+            }
+        })
+        .collect()
+}
+
+/// Expands a Slurm host list such as `node[1-3,5],gpu7`.
+pub fn expand_hostlist(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut depth = 0;
+    let mut start = 0;
+    let bytes: Vec<char> = s.chars().collect();
+    let mut parts = Vec::new();
+    for (i, c) in bytes.iter().enumerate() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(bytes[start..i].iter().collect::<String>());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(bytes[start..].iter().collect::<String>());
+    for p in parts.into_iter().filter(|p| !p.is_empty() && p != "(null)") {
+        match (p.find('['), p.rfind(']')) {
+            (Some(a), Some(b)) if b > a => {
+                let (prefix, suffix) = (&p[..a], &p[b + 1..]);
+                for r in p[a + 1..b].split(',') {
+                    match r.split_once('-') {
+                        Some((lo, hi)) => {
+                            let width = lo.len();
+                            if let (Ok(l), Ok(h)) = (lo.parse::<u64>(), hi.parse::<u64>()) {
+                                for n in l..=h {
+                                    out.push(format!("{prefix}{n:0width$}{suffix}"));
+                                }
+                            }
+                        }
+                        None => out.push(format!("{prefix}{r}{suffix}")),
+                    }
+                }
+            }
+            _ => out.push(p),
+        }
+    }
+    out
+}
+
+pub fn parse_jobs(text: &str) -> Vec<SlurmJob> {
+    text.lines()
+        .filter(|l| l.starts_with("JobId="))
+        .filter_map(|l| {
+            let f = fields(l);
+            let job_id = f.get("JobId")?.parse().ok()?;
+            // UserId=alice(1000)
+            let (user, uid) = f
+                .get("UserId")
+                .and_then(|u| {
+                    let (n, rest) = u.split_once('(')?;
+                    Some((n.to_string(), rest.trim_end_matches(')').parse().ok()?))
+                })
+                .unwrap_or_default();
+            Some(SlurmJob {
+                job_id,
+                user,
+                uid,
+                account: f.get("Account").copied().unwrap_or_default().to_string(),
+                partition: f.get("Partition").copied().unwrap_or_default().to_string(),
+                state: f.get("JobState").copied().unwrap_or_default().to_string(),
+                nodes: expand_hostlist(f.get("NodeList").copied().unwrap_or_default()),
+                batch_host: f
+                    .get("BatchHost")
+                    .filter(|b| **b != "(null)")
+                    .map(|s| s.to_string()),
+            })
+        })
+        .collect()
+}
+
+impl SlurmBackend for ScontrolBackend {
+    fn name(&self) -> &'static str {
+        "scontrol"
+    }
+
+    fn poll_nodes(&self, force: bool) -> Result<Option<Vec<SlurmNode>>, SlurmError> {
+        let text = run("scontrol", &["show", "node", "-o"])?;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        // The output carries no update time; an unchanged text is "no change". Drop volatile
+        // fields (load, free memory) first so that they do not count as changes.
+        let stable: String = text
+            .split_whitespace()
+            .filter(|t| !t.starts_with("CPULoad=") && !t.starts_with("FreeMem="))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !force && last.as_deref() == Some(stable.as_str()) {
+            return Ok(None);
+        }
+        *last = Some(stable);
+        Ok(Some(parse_nodes(&text)))
+    }
+
+    fn jobs(&self) -> Result<Vec<SlurmJob>, SlurmError> {
+        Ok(parse_jobs(&run("scontrol", &["show", "job", "-o"])?))
+    }
+
+    fn expand_job(&self, job_id: u32, node: &str) -> Result<(), SlurmError> {
+        // Needs SchedulerParameters=permit_job_expansion (see FIELD-NOTES): a helper allocation
+        // on the node with an expand dependency, emptied into the job.
+        let dep = format!("--dependency=expand:{job_id}");
+        let out = run(
+            "salloc",
+            &[
+                "--no-shell",
+                "-N1",
+                "-w",
+                node,
+                &dep,
+                "--immediate=10",
+                "-J",
+                "rebalancer-expand",
+            ],
+        )?;
+        let helper = out
+            .split_whitespace()
+            .skip_while(|w| *w != "allocation")
+            .nth(1)
+            .and_then(|w| w.parse::<u32>().ok())
+            .ok_or_else(|| SlurmError::Output {
+                cmd: "salloc".into(),
+                detail: format!("no job id in {out:?}"),
+            })?;
+        run(
+            "scontrol",
+            &["update", &format!("jobid={helper}"), "NumNodes=0"],
+        )?;
+        run(
+            "scontrol",
+            &["update", &format!("jobid={job_id}"), "NumNodes=ALL"],
+        )?;
+        Ok(())
+    }
+
+    fn set_job_nodes(&self, job_id: u32, nodes: &[String]) -> Result<(), SlurmError> {
+        run(
+            "scontrol",
+            &[
+                "update",
+                &format!("jobid={job_id}"),
+                &format!("NodeList={}", nodes.join(",")),
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_flags() {
+        let f = NodeFlags::from_state("MIXED+DRAIN");
+        assert!(f.drain && f.draining && !f.drained && !f.down);
+        assert_eq!(f.evacuate_reason(), Some("DRAINING"));
+        let f = NodeFlags::from_state("IDLE+DRAIN");
+        assert!(f.drained && !f.draining);
+        assert!(NodeFlags::from_state("DOWN*").down);
+        assert!(NodeFlags::from_state("MIXED+REBOOT_REQUESTED").reboot_asap);
+        assert_eq!(NodeFlags::from_state("IDLE").evacuate_reason(), None);
+    }
+
+    #[test]
+    fn parses_scontrol_lines() {
+        let nodes = parse_nodes(
+            "NodeName=node1 Arch=x86_64 CPUAlloc=1 CPUTot=2 CPULoad=0.1 AvailableFeatures=(null) ActiveFeatures=ssd,fast NodeAddr=198.18.0.11 RealMemory=1000 AllocMem=100 State=MIXED+DRAIN Partitions=debug Reason=maint [root@2026-11-24]\n",
+        );
+        assert_eq!(nodes.len(), 1);
+        let n = &nodes[0];
+        assert_eq!(
+            (n.name.as_str(), n.cpus_total, n.cpus_alloc, n.mem_total_mb),
+            ("node1", 2, 1, 1000)
+        );
+        assert_eq!(n.features, ["ssd", "fast"]);
+        assert!(n.flags.draining);
+        let jobs = parse_jobs("JobId=12 JobName=x UserId=alice(1000) GroupId=alice(1000) Account=phys JobState=RUNNING Partition=debug NodeList=node[1-2,4] BatchHost=node1\n");
+        assert_eq!(jobs[0].uid, 1000);
+        assert_eq!(jobs[0].nodes, ["node1", "node2", "node4"]);
+        assert_eq!(jobs[0].batch_host.as_deref(), Some("node1"));
+    }
+
+    #[test]
+    fn hostlists() {
+        assert_eq!(
+            expand_hostlist("n[08-10],gpu1"),
+            ["n08", "n09", "n10", "gpu1"]
+        );
+        assert!(expand_hostlist("(null)").is_empty());
+    }
+
+    #[test]
+    fn allocation_changes() {
+        let job = SlurmJob {
+            job_id: 3,
+            nodes: vec!["node1".into(), "node2".into()],
+            batch_host: Some("node1".into()),
+            ..Default::default()
+        };
+        let c = allocation_change(&job, "node2", "node3", 0);
+        assert_eq!(c.expand_to.as_deref(), Some("node3"));
+        assert_eq!(
+            c.shrink_to,
+            Some(vec!["node1".to_string(), "node3".to_string()])
+        );
+        let c = allocation_change(&job, "node2", "node3", 1);
+        assert!(c.shrink_to.is_none());
+        assert!(c
+            .keep_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("remain on node2"));
+        let c = allocation_change(&job, "node1", "node2", 0);
+        assert!(c.expand_to.is_none());
+        assert!(c
+            .keep_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("batch host"));
+    }
+}
