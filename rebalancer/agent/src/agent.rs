@@ -1,0 +1,375 @@
+//! Shared daemon state: containers, migrations, configuration and capabilities.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rebalancer_proto::{
+    now_millis, ContainerId, ContainerInfo, ContainerSpec, ContainerState, MigrationId,
+    MigrationRecord, NodeCapabilities, RootfsSpec,
+};
+use tokio::sync::broadcast;
+
+use crate::config::AgentConfig;
+use crate::container::{self, Container, ContainerMeta, InitSpec};
+use crate::error::AgentError;
+use crate::netns::{self, ContainerNet};
+
+pub struct Agent {
+    pub cfg: AgentConfig,
+    pub caps: NodeCapabilities,
+    pub containers: Mutex<BTreeMap<ContainerId, Container>>,
+    pub migrations: Mutex<BTreeMap<MigrationId, MigrationRecord>>,
+    /// Ids and addresses held by incoming migrations until they commit or abort.
+    pub incoming: Mutex<HashSet<(ContainerId, Ipv4Addr)>>,
+    /// Every change of a migration record is published here (watchers filter by id).
+    pub events: broadcast::Sender<MigrationRecord>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn random_u32() -> u32 {
+    let b = uuid::Uuid::new_v4();
+    let b = b.as_bytes();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig, caps: NodeCapabilities) -> Arc<Agent> {
+        let (events, _) = broadcast::channel(256);
+        Arc::new(Agent {
+            cfg,
+            caps,
+            containers: Mutex::new(BTreeMap::new()),
+            migrations: Mutex::new(BTreeMap::new()),
+            incoming: Mutex::new(HashSet::new()),
+            events,
+        })
+    }
+
+    pub fn containers(&self) -> MutexGuard<'_, BTreeMap<ContainerId, Container>> {
+        lock(&self.containers)
+    }
+    pub fn migrations(&self) -> MutexGuard<'_, BTreeMap<MigrationId, MigrationRecord>> {
+        lock(&self.migrations)
+    }
+    pub fn incoming(&self) -> MutexGuard<'_, HashSet<(ContainerId, Ipv4Addr)>> {
+        lock(&self.incoming)
+    }
+
+    pub fn publish(&self, rec: &MigrationRecord) {
+        self.migrations().insert(rec.id.clone(), rec.clone());
+        let _ = self.events.send(rec.clone());
+    }
+
+    pub fn container_dir(&self, id: &str) -> PathBuf {
+        self.cfg.run_dir.join("containers").join(id)
+    }
+
+    pub fn info(&self, c: &Container) -> ContainerInfo {
+        let live = matches!(c.state, ContainerState::Running | ContainerState::Migrating);
+        ContainerInfo {
+            id: c.meta.spec.id.clone(),
+            task: c.meta.spec.task.clone(),
+            uid: c.meta.spec.uid,
+            gid: c.meta.spec.gid,
+            node: self.cfg.node.clone(),
+            address: c.net.address.to_string(),
+            pid: live.then_some(c.pid),
+            state: c.state,
+            rss_bytes: if live { container::tree_rss(c.pid) } else { 0 },
+            cpus: c.meta.spec.cpus,
+            class: c.meta.spec.class.clone(),
+            exit_status: c.exit_status,
+            started_at: c.meta.started_at,
+        }
+    }
+
+    pub fn address_in_use(&self, ip: Ipv4Addr) -> bool {
+        self.containers().values().any(|c| {
+            c.net.address == ip
+                && c.state != ContainerState::MigratedAway
+                && c.state != ContainerState::Exited
+        }) || self.incoming().iter().any(|(_, a)| *a == ip)
+    }
+
+    fn allocate_address(&self) -> Result<Ipv4Addr, AgentError> {
+        // Addresses are cluster-wide: pick at random so that nodes rarely collide; the
+        // controller may also pass one explicitly.
+        let hosts: Vec<Ipv4Addr> = self.cfg.container_subnet.hosts().collect();
+        let start = random_u32() as usize % hosts.len().max(1);
+        (0..hosts.len())
+            .map(|i| hosts[(start + i) % hosts.len()])
+            .find(|ip| !self.address_in_use(*ip))
+            .ok_or_else(|| {
+                AgentError::NoRoom(format!("no free address in {}", self.cfg.container_subnet))
+            })
+    }
+
+    pub fn new_net(&self, id: &str, address: Ipv4Addr) -> ContainerNet {
+        ContainerNet {
+            name: format!("rb-{}-{}-{:08x}", self.cfg.node, id, random_u32()),
+            veth: format!("rbv{:08x}", random_u32()),
+            address,
+        }
+    }
+
+    /// Builds mounts, links and root for a spec on this node.
+    pub fn layout(&self, spec: &ContainerSpec) -> Result<container::Layout, AgentError> {
+        container::plan_mounts(
+            spec,
+            &self.cfg.host_dirs,
+            &|p: &Path| {
+                std::fs::read_link(p)
+                    .ok()
+                    .map(|l| l.to_string_lossy().into_owned())
+            },
+            &|p: &Path| p.exists(),
+        )
+    }
+
+    pub fn root_for(&self, spec: &ContainerSpec) -> PathBuf {
+        match &spec.rootfs {
+            RootfsSpec::Dir { path } => PathBuf::from(path),
+            RootfsSpec::Host => self.container_dir(&spec.id).join("root"),
+        }
+    }
+
+    pub fn stdio_paths(&self, spec: &ContainerSpec) -> (PathBuf, PathBuf) {
+        let logs = self.cfg.state_dir.join("logs");
+        (
+            spec.stdout
+                .as_ref()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| logs.join(format!("{}.stdout", spec.id))),
+            spec.stderr
+                .as_ref()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| logs.join(format!("{}.stderr", spec.id))),
+        )
+    }
+
+    pub fn validate_spec(&self, spec: &ContainerSpec) -> Result<(), AgentError> {
+        let id_ok = !spec.id.is_empty()
+            && spec.id.len() <= 64
+            && spec
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            && !spec.id.starts_with('.');
+        if !id_ok {
+            return Err(AgentError::BadRequest(format!(
+                "container id {:?} must be 1-64 letters, digits, '.', '-' or '_'",
+                spec.id
+            )));
+        }
+        if spec.argv.is_empty() {
+            return Err(AgentError::BadRequest("argv is empty".into()));
+        }
+        if !spec.cwd.starts_with('/') {
+            return Err(AgentError::BadRequest(format!(
+                "cwd {:?} must be absolute",
+                spec.cwd
+            )));
+        }
+        if let RootfsSpec::Dir { path } = &spec.rootfs {
+            if !Path::new(path).is_dir() {
+                return Err(AgentError::BadRequest(format!(
+                    "rootfs {path} is not a directory on this node"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates and starts a container.
+    pub async fn create_container(
+        self: &Arc<Self>,
+        mut spec: ContainerSpec,
+    ) -> Result<ContainerInfo, AgentError> {
+        self.validate_spec(&spec)?;
+        let address = match &spec.address {
+            Some(a) => {
+                let ip: Ipv4Addr = a.parse().map_err(|_| {
+                    AgentError::BadRequest(format!("address {a:?} is not an IPv4 address"))
+                })?;
+                if !self.cfg.container_subnet.contains(ip) {
+                    return Err(AgentError::BadRequest(format!(
+                        "address {ip} is outside the container subnet {}",
+                        self.cfg.container_subnet
+                    )));
+                }
+                if self.address_in_use(ip) {
+                    return Err(AgentError::Busy(format!(
+                        "address {ip} is already used on {}",
+                        self.cfg.node
+                    )));
+                }
+                ip
+            }
+            None => self.allocate_address()?,
+        };
+        spec.address = Some(address.to_string());
+        // Reserve id + address while we build.
+        {
+            let cs = self.containers();
+            if let Some(c) = cs.get(&spec.id) {
+                if c.state != ContainerState::Exited && c.state != ContainerState::MigratedAway {
+                    return Err(AgentError::Busy(format!(
+                        "container {} already exists on {}",
+                        spec.id, self.cfg.node
+                    )));
+                }
+            }
+            let mut inc = self.incoming();
+            if inc.iter().any(|(i, _)| *i == spec.id) {
+                return Err(AgentError::Busy(format!(
+                    "container {} is arriving on {}",
+                    spec.id, self.cfg.node
+                )));
+            }
+            inc.insert((spec.id.clone(), address));
+        }
+        let r = self.start(spec.clone(), address).await;
+        self.incoming().remove(&(spec.id.clone(), address));
+        let c = r?;
+        let info = self.info(&c);
+        self.containers().insert(spec.id.clone(), c);
+        Ok(info)
+    }
+
+    async fn start(&self, spec: ContainerSpec, address: Ipv4Addr) -> Result<Container, AgentError> {
+        let (mounts, links) = self.layout(&spec)?;
+        let root = self.root_for(&spec);
+        let dir = self.container_dir(&spec.id);
+        if let RootfsSpec::Host = spec.rootfs {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        container::prepare_root(&root, &mounts, &links)?;
+        let net = self.new_net(&spec.id, address);
+        netns::create(&net, true).await?;
+        let (out, err) = self.stdio_paths(&spec);
+        let result = async {
+            let stdio = container::stdio_pipes(&out, &err)?;
+            let keys = stdio.keys.clone();
+            let mut env = spec.env.clone();
+            if !env.iter().any(|(k, _)| k == "PATH") {
+                env.push((
+                    "PATH".into(),
+                    "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into(),
+                ));
+            }
+            let init = InitSpec {
+                root: root.clone(),
+                mounts: mounts.clone(),
+                hostname: spec.id.clone(),
+                argv: spec.argv.clone(),
+                env,
+                cwd: spec.cwd.clone(),
+                uid: spec.uid,
+                gid: spec.gid,
+            };
+            let path = net.path();
+            let pid =
+                tokio::task::spawn_blocking(move || container::spawn(&init, &path, stdio.child))
+                    .await
+                    .map_err(|e| AgentError::Internal(format!("spawn task: {e}")))??;
+            Ok::<_, AgentError>((pid, keys))
+        }
+        .await;
+        let (pid, keys) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                netns::destroy(&net).await;
+                return Err(e);
+            }
+        };
+        if spec.memory_limit.is_some() || spec.cpus.is_some() {
+            tracing::warn!(container = %spec.id, "cgroup v2 is not mounted on this node (v1 hierarchy): memory/cpu limits are not enforced");
+        }
+        tracing::info!(container = %spec.id, pid, address = %address, "container started");
+        Ok(Container {
+            meta: ContainerMeta {
+                spec,
+                address,
+                mounts,
+                symlinks: links,
+                stdio_keys: keys,
+                started_at: now_millis(),
+            },
+            net,
+            root,
+            dir,
+            pid,
+            state: ContainerState::Running,
+            exit_status: None,
+        })
+    }
+
+    /// Reaps exited containers and releases their resources. Runs periodically.
+    pub async fn reap(self: &Arc<Self>) {
+        let mut gone = Vec::new();
+        {
+            let mut cs = self.containers();
+            for c in cs.values_mut() {
+                if c.exit_status.is_some() {
+                    continue;
+                }
+                if let Some(st) = container::reap(c.pid) {
+                    c.exit_status = Some(st);
+                    if c.state != ContainerState::MigratedAway {
+                        tracing::info!(container = %c.meta.spec.id, status = st, "container exited");
+                        c.state = ContainerState::Exited;
+                        gone.push((
+                            c.net.clone(),
+                            c.dir.clone(),
+                            matches!(c.meta.spec.rootfs, RootfsSpec::Host),
+                        ));
+                    }
+                }
+            }
+        }
+        for (net, dir, own_dir) in gone {
+            netns::destroy(&net).await;
+            if own_dir {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+
+    pub fn kill(&self, id: &str, signal: i32) -> Result<(), AgentError> {
+        let cs = self.containers();
+        let c = cs.get(id).ok_or_else(|| {
+            AgentError::NotFound(format!("no container {id} on {}", self.cfg.node))
+        })?;
+        if c.state != ContainerState::Running {
+            return Err(AgentError::Busy(format!("container {id} is {:?}", c.state)));
+        }
+        let sig = nix::sys::signal::Signal::try_from(signal)
+            .map_err(|_| AgentError::BadRequest(format!("bad signal {signal}")))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.pid), sig)
+            .map_err(|e| AgentError::Internal(format!("kill {}: {e}", c.pid)))
+    }
+
+    /// Stops every container (daemon shutdown).
+    pub async fn shutdown(&self) {
+        let nets: Vec<(i32, ContainerNet)> = self
+            .containers()
+            .values()
+            .filter(|c| c.exit_status.is_none())
+            .map(|c| (c.pid, c.net.clone()))
+            .collect();
+        for (pid, net) in nets {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            netns::destroy(&net).await;
+        }
+        let _ = now_millis();
+    }
+}

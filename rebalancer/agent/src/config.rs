@@ -1,0 +1,374 @@
+//! Agent configuration: raw TOML (`deny_unknown_fields`), then [`AgentConfig::validate`].
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors found while loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid `{field}` = {value:?}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// The file as written. Every field has a default except `node`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub node: String,
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Address peers use to reach this node's CRIU page servers (defaults to the listen IP).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    #[serde(default = "default_control")]
+    pub control_socket: PathBuf,
+    #[serde(default = "default_subnet")]
+    pub container_subnet: String,
+    #[serde(default = "default_state")]
+    pub state_dir: PathBuf,
+    /// Where per-migration image directories go; must be a tmpfs for diskless migration.
+    #[serde(default)]
+    pub run_dir: Option<PathBuf>,
+    #[serde(default = "default_criu")]
+    pub criu: PathBuf,
+    /// Node-side interface that faces the other nodes (gratuitous ARP goes out of it).
+    #[serde(default = "default_uplink")]
+    pub uplink: String,
+    /// Uids besides root allowed to migrate and to manage every container.
+    #[serde(default)]
+    pub admin_uids: Vec<u32>,
+    #[serde(default)]
+    pub auth: RawAuth,
+    /// Read-only node directories bind-mounted into `host`-mode containers.
+    #[serde(default = "default_host_dirs")]
+    pub host_dirs: Vec<PathBuf>,
+    /// Peer agents by node name (`name = "ip:port"`), used when a request gives no address.
+    #[serde(default)]
+    pub peers: std::collections::BTreeMap<String, String>,
+    /// Whole-migration timeout in milliseconds.
+    #[serde(default = "default_timeout")]
+    pub migration_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// `munge` (default) or `none` (tests on one machine only; logged loudly).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// munged socket, when not the default one.
+    #[serde(default)]
+    pub munge_socket: Option<PathBuf>,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:7878".into()
+}
+fn default_control() -> PathBuf {
+    "/run/rebalancer/agent.sock".into()
+}
+fn default_subnet() -> String {
+    "198.19.0.0/20".into()
+}
+fn default_state() -> PathBuf {
+    "/var/lib/rebalancer".into()
+}
+fn default_criu() -> PathBuf {
+    "/usr/local/sbin/criu".into()
+}
+fn default_uplink() -> String {
+    "eth0".into()
+}
+fn default_host_dirs() -> Vec<PathBuf> {
+    ["/usr", "/etc", "/bin", "/lib", "/lib64", "/sbin", "/opt"]
+        .iter()
+        .map(PathBuf::from)
+        .collect()
+}
+fn default_timeout() -> u64 {
+    60_000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    Munge,
+    None,
+}
+
+/// An IPv4 subnet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    pub base: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Subnet {
+    pub fn parse(s: &str) -> Result<Subnet, String> {
+        let (a, p) = s.split_once('/').ok_or("expected ADDRESS/PREFIX")?;
+        let base: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("'{a}' is not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .map_err(|_| format!("'{p}' is not a prefix length"))?;
+        if !(8..=30).contains(&prefix) {
+            return Err(format!("prefix /{prefix} is outside /8../30"));
+        }
+        let mask = u32::MAX << (32 - prefix);
+        if u32::from(base) & !mask != 0 {
+            return Err(format!("{base} has host bits set for /{prefix}"));
+        }
+        Ok(Subnet { base, prefix })
+    }
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX << (32 - self.prefix);
+        u32::from(ip) & mask == u32::from(self.base)
+    }
+    /// Usable host addresses (network and broadcast excluded).
+    pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let base = u32::from(self.base);
+        let size = 1u32 << (32 - self.prefix);
+        (1..size - 1).map(move |i| Ipv4Addr::from(base + i))
+    }
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    pub listen: SocketAddr,
+    pub advertise: Ipv4Addr,
+    pub control_socket: PathBuf,
+    pub container_subnet: Subnet,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub criu: PathBuf,
+    pub uplink: String,
+    pub admin_uids: Vec<u32>,
+    pub auth: AuthMethod,
+    pub munge_socket: Option<PathBuf>,
+    pub host_dirs: Vec<PathBuf>,
+    pub peers: std::collections::BTreeMap<String, SocketAddr>,
+    pub migration_timeout_ms: u64,
+}
+
+fn invalid(
+    field: &'static str,
+    value: impl std::fmt::Debug,
+    reason: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: format!("{value:?}"),
+        reason: reason.into(),
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    pub fn from_toml(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        raw.validate()
+    }
+}
+
+impl RawConfig {
+    pub fn validate(self) -> Result<AgentConfig, ConfigError> {
+        let node_ok = !self.node.is_empty()
+            && self.node.len() <= 64
+            && self
+                .node
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !node_ok {
+            return Err(invalid(
+                "node",
+                &self.node,
+                "must be 1-64 characters of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        let listen: SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|_| invalid("listen", &self.listen, "expected IP:PORT"))?;
+        let advertise = match &self.advertise {
+            Some(a) => a
+                .parse()
+                .map_err(|_| invalid("advertise", a, "expected an IPv4 address"))?,
+            None => match listen.ip() {
+                std::net::IpAddr::V4(v4) if !v4.is_unspecified() => v4,
+                _ => {
+                    return Err(invalid(
+                        "advertise",
+                        "",
+                        "required when `listen` is not a specific IPv4 address",
+                    ))
+                }
+            },
+        };
+        let container_subnet = Subnet::parse(&self.container_subnet)
+            .map_err(|r| invalid("container_subnet", &self.container_subnet, r))?;
+        if !self.control_socket.is_absolute() {
+            return Err(invalid(
+                "control_socket",
+                &self.control_socket,
+                "must be an absolute path",
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid(
+                "state_dir",
+                &self.state_dir,
+                "must be an absolute path",
+            ));
+        }
+        let run_dir = self
+            .run_dir
+            .unwrap_or_else(|| PathBuf::from(format!("/run/rebalancer/{}", self.node)));
+        if !run_dir.is_absolute() {
+            return Err(invalid("run_dir", &run_dir, "must be an absolute path"));
+        }
+        for d in &self.host_dirs {
+            if !d.is_absolute() || d == Path::new("/") {
+                return Err(invalid(
+                    "host_dirs",
+                    d,
+                    "each entry must be an absolute path other than /",
+                ));
+            }
+        }
+        if self.uplink.is_empty() || self.uplink.len() > 15 {
+            return Err(invalid(
+                "uplink",
+                &self.uplink,
+                "must be an interface name (1-15 characters)",
+            ));
+        }
+        let auth = match self.auth.method.as_deref() {
+            None | Some("munge") => AuthMethod::Munge,
+            Some("none") => AuthMethod::None,
+            Some(other) => {
+                return Err(invalid(
+                    "auth.method",
+                    other,
+                    "expected \"munge\" or \"none\"",
+                ))
+            }
+        };
+        let mut peers = std::collections::BTreeMap::new();
+        for (name, addr) in &self.peers {
+            let a: SocketAddr = addr
+                .parse()
+                .map_err(|_| invalid("peers", format!("{name} = {addr}"), "expected IP:PORT"))?;
+            peers.insert(name.clone(), a);
+        }
+        if self.migration_timeout_ms < 1000 {
+            return Err(invalid(
+                "migration_timeout_ms",
+                self.migration_timeout_ms,
+                "must be at least 1000",
+            ));
+        }
+        Ok(AgentConfig {
+            node: self.node,
+            listen,
+            advertise,
+            control_socket: self.control_socket,
+            container_subnet,
+            state_dir: self.state_dir,
+            run_dir,
+            criu: self.criu,
+            uplink: self.uplink,
+            admin_uids: self.admin_uids,
+            auth,
+            munge_socket: self.auth.munge_socket,
+            host_dirs: self.host_dirs,
+            peers,
+            migration_timeout_ms: self.migration_timeout_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_toml(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse("node = \"n1\"\nlisten = \"198.18.16.2:7878\"\n").expect("valid");
+        assert_eq!(c.node, "n1");
+        assert_eq!(c.advertise, Ipv4Addr::new(198, 18, 16, 2));
+        assert_eq!(c.container_subnet.to_string(), "198.19.0.0/20");
+        assert_eq!(c.run_dir, PathBuf::from("/run/rebalancer/n1"));
+        assert_eq!(c.auth, AuthMethod::Munge);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let e =
+            parse("node = \"n1\"\nlisten = \"1.2.3.4:1\"\nsubnet = \"x\"\n").expect_err("unknown");
+        assert!(e.to_string().contains("subnet"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let e = parse("node = \"n 1\"\nlisten = \"198.18.16.2:1\"\n").expect_err("bad node");
+        assert!(e.to_string().contains("`node`"), "{e}");
+        let e = parse("node = \"n1\"\nlisten = \"0.0.0.0:1\"\n").expect_err("needs advertise");
+        assert!(e.to_string().contains("`advertise`"), "{e}");
+        let e = parse(
+            "node = \"n1\"\nlisten = \"198.18.16.2:1\"\ncontainer_subnet = \"198.19.16.1/20\"\n",
+        )
+        .expect_err("host bits");
+        assert!(e.to_string().contains("host bits"), "{e}");
+        let e = parse("node = \"n1\"\nlisten = \"198.18.16.2:1\"\n[auth]\nmethod = \"kerberos\"\n")
+            .expect_err("auth");
+        assert!(e.to_string().contains("auth.method"), "{e}");
+    }
+
+    #[test]
+    fn subnet_hosts_and_contains() {
+        let s = Subnet::parse("198.19.16.0/30").expect("valid");
+        let hosts: Vec<_> = s.hosts().collect();
+        assert_eq!(
+            hosts,
+            vec![Ipv4Addr::new(198, 19, 16, 1), Ipv4Addr::new(198, 19, 16, 2)]
+        );
+        assert!(s.contains(Ipv4Addr::new(198, 19, 16, 3)));
+        assert!(!s.contains(Ipv4Addr::new(198, 19, 16, 4)));
+    }
+}

@@ -1,0 +1,472 @@
+//! Container runtime: namespaces, root file system, stdio, process tree.
+//!
+//! Lifecycle: `Starting` → `Running` → (`Migrating` → `Running` | `MigratedAway`) → `Exited`.
+//! Pid 1 of each container is a child of the agent (child subreaper), also after a CRIU restore
+//! with `--restore-detached`, so the agent reaps it (`reap`).
+
+pub mod init;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use rebalancer_proto::{ContainerSpec, ContainerState, Millis, RootfsSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::error::AgentError;
+use crate::netns::ContainerNet;
+pub use init::{InitSpec, MountPlan};
+
+/// What the destination needs to rebuild a container's surroundings before `criu restore`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerMeta {
+    pub spec: ContainerSpec,
+    pub address: Ipv4Addr,
+    pub mounts: Vec<MountPlan>,
+    pub symlinks: Vec<(String, String)>,
+    /// CRIU identities of the stdio descriptors of pid 1 (`pipe:[INO]`), for `--inherit-fd`.
+    pub stdio_keys: Vec<String>,
+    pub started_at: Millis,
+}
+
+#[derive(Debug)]
+pub struct Container {
+    pub meta: ContainerMeta,
+    pub net: ContainerNet,
+    pub root: PathBuf,
+    /// Host directory holding the root skeleton and logs (removed when the container goes).
+    pub dir: PathBuf,
+    pub pid: i32,
+    pub state: ContainerState,
+    pub exit_status: Option<i32>,
+}
+
+/// Mount table and root symlinks (link path, target) of a container.
+pub type Layout = (Vec<MountPlan>, Vec<(String, String)>);
+
+/// CRIU key of a bind mount (`--external mnt[TARGET]:KEY`).
+pub fn mount_key(target: &str) -> String {
+    let k: String = target
+        .trim_matches('/')
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("rb-{k}")
+}
+
+/// The mount table and root symlinks for a spec. Pure: unit-tested.
+///
+/// `host_dirs` that are symlinks on the node (merged /usr: /bin -> usr/bin) become the same
+/// symlinks in the root; `is_symlink` reports that for a path.
+pub fn plan_mounts(
+    spec: &ContainerSpec,
+    host_dirs: &[PathBuf],
+    is_symlink: &dyn Fn(&Path) -> Option<String>,
+    exists: &dyn Fn(&Path) -> bool,
+) -> Result<Layout, AgentError> {
+    let mut mounts = Vec::new();
+    let mut links = Vec::new();
+    if let RootfsSpec::Host = spec.rootfs {
+        for d in host_dirs {
+            let target = d.to_string_lossy().to_string();
+            if let Some(to) = is_symlink(d) {
+                links.push((target, to));
+            } else if exists(d) {
+                mounts.push(MountPlan::Bind {
+                    source: d.clone(),
+                    target,
+                    readonly: true,
+                });
+            }
+        }
+    }
+    for b in &spec.binds {
+        let p = Path::new(b);
+        if !p.is_absolute() || b.contains("..") {
+            return Err(AgentError::BadRequest(format!(
+                "bind mount {b:?} must be an absolute path without '..'"
+            )));
+        }
+        if !exists(p) {
+            return Err(AgentError::BadRequest(format!(
+                "bind mount source {b} does not exist on this node"
+            )));
+        }
+        mounts.push(MountPlan::Bind {
+            source: p.to_path_buf(),
+            target: b.clone(),
+            readonly: false,
+        });
+    }
+    mounts.push(MountPlan::Proc);
+    mounts.push(MountPlan::Dev);
+    mounts.push(MountPlan::Tmpfs {
+        target: "/tmp".into(),
+        options: "mode=1777,size=1g".into(),
+    });
+    Ok((mounts, links))
+}
+
+/// The bind mounts CRIU must treat as external: (target inside, key, host source).
+pub fn external_mounts(mounts: &[MountPlan]) -> Vec<(String, String, PathBuf)> {
+    mounts
+        .iter()
+        .filter_map(|m| match m {
+            MountPlan::Bind { source, target, .. } => {
+                Some((target.clone(), mount_key(target), source.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Creates the root skeleton (mountpoints, symlinks) so both `start` and `criu restore --root`
+/// find every mountpoint.
+pub fn prepare_root(
+    root: &Path,
+    mounts: &[MountPlan],
+    links: &[(String, String)],
+) -> Result<(), AgentError> {
+    let io = |what: String| move |source| AgentError::Io { what, source };
+    std::fs::create_dir_all(root).map_err(io(format!("mkdir {}", root.display())))?;
+    for (link, to) in links {
+        let p = root.join(link.trim_start_matches('/'));
+        if std::fs::symlink_metadata(&p).is_err() {
+            std::os::unix::fs::symlink(to, &p).map_err(io(format!("symlink {}", p.display())))?;
+        }
+    }
+    for m in mounts {
+        let (target, is_dir) = match m {
+            MountPlan::Bind { source, target, .. } => (target.as_str(), source.is_dir()),
+            MountPlan::Tmpfs { target, .. } => (target.as_str(), true),
+            MountPlan::Dev => ("/dev", true),
+            MountPlan::Proc => ("/proc", true),
+        };
+        let p = root.join(target.trim_start_matches('/'));
+        if is_dir {
+            std::fs::create_dir_all(&p).map_err(io(format!("mkdir {}", p.display())))?;
+        } else if !p.exists() {
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(io(format!("mkdir {}", parent.display())))?;
+            }
+            std::fs::File::create(&p).map_err(io(format!("create {}", p.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// The CRIU identity of a descriptor as seen by this process (`pipe:[INO]`, a path, ...).
+pub fn fd_key(fd: RawFd) -> Result<String, AgentError> {
+    let p = format!("/proc/self/fd/{fd}");
+    std::fs::read_link(&p)
+        .map(|l| l.to_string_lossy().into_owned())
+        .map_err(|source| AgentError::Io {
+            what: format!("readlink {p}"),
+            source,
+        })
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), AgentError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Io {
+        what: "pipe".into(),
+        source: e.into(),
+    })
+}
+
+/// The container's stdio: the ends handed to the container and the keys CRIU will see.
+pub struct StdioSet {
+    pub child: [OwnedFd; 3],
+    pub keys: Vec<String>,
+}
+
+/// Pipes for stdin (writer closed: EOF), stdout and stderr; stdout/stderr are copied to the
+/// given files by background threads for as long as any writer (also a restored one) lives.
+pub fn stdio_pipes(stdout: &Path, stderr: &Path) -> Result<StdioSet, AgentError> {
+    let (in_r, in_w) = pipe()?;
+    drop(in_w);
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    relay(out_r, stdout)?;
+    relay(err_r, stderr)?;
+    let keys = vec![
+        fd_key(in_r.as_raw_fd())?,
+        fd_key(out_w.as_raw_fd())?,
+        fd_key(err_w.as_raw_fd())?,
+    ];
+    Ok(StdioSet {
+        child: [in_r, out_w, err_w],
+        keys,
+    })
+}
+
+fn relay(from: OwnedFd, to: &Path) -> Result<(), AgentError> {
+    if let Some(p) = to.parent() {
+        std::fs::create_dir_all(p).map_err(|source| AgentError::Io {
+            what: format!("mkdir {}", p.display()),
+            source,
+        })?;
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(to)
+        .map_err(|source| AgentError::Io {
+            what: format!("open {}", to.display()),
+            source,
+        })?;
+    let mut input = std::fs::File::from(from);
+    std::thread::Builder::new()
+        .name("stdio-relay".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut input, &mut out);
+        })
+        .map_err(|source| AgentError::Io {
+            what: "spawn relay thread".into(),
+            source,
+        })?;
+    Ok(())
+}
+
+fn dup_high(fd: &OwnedFd) -> Result<OwnedFd, AgentError> {
+    let n = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100)).map_err(
+        |e| AgentError::Io {
+            what: "dup".into(),
+            source: e.into(),
+        },
+    )?;
+    // SAFETY: n is a fresh descriptor returned by F_DUPFD_CLOEXEC that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// Starts pid 1 of a container in new pid/mount/uts/ipc namespaces joined to `netns`.
+/// Blocking (fork/exec and pipe reads): call from `spawn_blocking`. Returns pid 1's host pid.
+pub fn spawn(spec: &InitSpec, netns: &Path, stdio: [OwnedFd; 3]) -> Result<i32, AgentError> {
+    let json = serde_json::to_string(spec).map_err(|e| AgentError::Internal(e.to_string()))?;
+    let net = std::fs::File::open(netns).map_err(|source| AgentError::Io {
+        what: format!("open {}", netns.display()),
+        source,
+    })?;
+    let (status_r, status_w) = pipe()?;
+    let (go_r, go_w) = pipe()?;
+    let status_w_hi = dup_high(&status_w)?;
+    let go_r_hi = dup_high(&go_r)?;
+    drop((status_w, go_r));
+    let (net_fd, sw, gr) = (
+        net.as_raw_fd(),
+        status_w_hi.as_raw_fd(),
+        go_r_hi.as_raw_fd(),
+    );
+    let [i, o, e] = stdio;
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg("__container-init")
+        .arg(json)
+        .stdin(std::process::Stdio::from(i))
+        .stdout(std::process::Stdio::from(o))
+        .stderr(std::process::Stdio::from(e));
+    // SAFETY: the closure only calls async-signal-safe syscalls (setns, unshare, dup2).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(net_fd, libc::CLONE_NEWNET) != 0
+                || libc::unshare(
+                    libc::CLONE_NEWNS
+                        | libc::CLONE_NEWPID
+                        | libc::CLONE_NEWUTS
+                        | libc::CLONE_NEWIPC,
+                ) != 0
+                || libc::dup2(sw, init::STATUS_FD) < 0
+                || libc::dup2(gr, init::GO_FD) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| AgentError::Io {
+        what: "spawn container init".into(),
+        source,
+    })?;
+    drop((status_w_hi, go_r_hi, net));
+    let mut reader = BufReader::new(std::fs::File::from(status_r));
+    let mut line = String::new();
+    let _ = reader.read_line(&mut line);
+    let _ = child.wait();
+    let pid: i32 = match line
+        .trim()
+        .strip_prefix("pid ")
+        .and_then(|p| p.parse().ok())
+    {
+        Some(p) => p,
+        None => {
+            return Err(AgentError::Internal(format!(
+                "container init failed: {}",
+                line.trim().trim_start_matches("err ")
+            )))
+        }
+    };
+    let mut go = std::fs::File::from(go_w);
+    let _ = go.write_all(b"g");
+    drop(go);
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
+    if let Some(err) = rest.lines().find_map(|l| l.strip_prefix("err ")) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        return Err(AgentError::Internal(format!(
+            "container set-up failed: {err}"
+        )));
+    }
+    Ok(pid)
+}
+
+/// All pids of the tree rooted at `pid` (host pid namespace), parents first.
+pub fn tree_pids(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                    out.extend(s.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Sends a signal to every process of the tree.
+pub fn signal_tree(pid: i32, sig: nix::sys::signal::Signal) {
+    for p in tree_pids(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
+    }
+}
+
+/// Resident set size of the tree in bytes.
+pub fn tree_rss(pid: i32) -> u64 {
+    tree_pids(pid)
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/statm")).ok())
+        .filter_map(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum::<u64>()
+        * 4096
+}
+
+/// Non-blocking reap of pid 1: `Some(status)` once it exited (exit code, or 128+signal).
+pub fn reap(pid: i32) -> Option<i32> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(_, c)) => Some(c),
+        Ok(WaitStatus::Signaled(_, s, _)) => Some(128 + s as i32),
+        Err(nix::errno::Errno::ECHILD) => {
+            // Not our child (should not happen): fall back to existence.
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                None
+            } else {
+                Some(-1)
+            }
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rootfs: RootfsSpec, binds: Vec<String>) -> ContainerSpec {
+        ContainerSpec {
+            id: "j1.s0.t0".into(),
+            task: None,
+            uid: 0,
+            gid: 0,
+            argv: vec!["/bin/true".into()],
+            env: vec![],
+            cwd: "/".into(),
+            rootfs,
+            binds,
+            memory_limit: None,
+            cpus: None,
+            class: None,
+            address: None,
+            stdout: None,
+            stderr: None,
+        }
+    }
+
+    #[test]
+    fn host_mode_binds_dirs_and_copies_symlinks() {
+        let dirs = vec![
+            PathBuf::from("/usr"),
+            PathBuf::from("/bin"),
+            PathBuf::from("/nonexistent"),
+        ];
+        let is_link = |p: &Path| (p == Path::new("/bin")).then(|| "usr/bin".to_string());
+        let exists = |p: &Path| p != Path::new("/nonexistent");
+        let (mounts, links) = plan_mounts(
+            &spec(RootfsSpec::Host, vec!["/work/j1".into()]),
+            &dirs,
+            &is_link,
+            &exists,
+        )
+        .expect("plan");
+        assert_eq!(links, vec![("/bin".to_string(), "usr/bin".to_string())]);
+        assert_eq!(
+            mounts[0],
+            MountPlan::Bind {
+                source: "/usr".into(),
+                target: "/usr".into(),
+                readonly: true
+            }
+        );
+        assert_eq!(
+            mounts[1],
+            MountPlan::Bind {
+                source: "/work/j1".into(),
+                target: "/work/j1".into(),
+                readonly: false
+            }
+        );
+        assert!(mounts.contains(&MountPlan::Proc));
+        let ext = external_mounts(&mounts);
+        assert_eq!(ext.len(), 2);
+        assert_eq!(ext[1].1, "rb-work_j1");
+    }
+
+    #[test]
+    fn dir_mode_has_no_host_binds_and_rejects_relative_binds() {
+        let (mounts, links) = plan_mounts(
+            &spec(
+                RootfsSpec::Dir {
+                    path: "/srv/root".into(),
+                },
+                vec![],
+            ),
+            &[PathBuf::from("/usr")],
+            &|_| None,
+            &|_| true,
+        )
+        .expect("plan");
+        assert!(links.is_empty());
+        assert!(external_mounts(&mounts).is_empty());
+        let e = plan_mounts(
+            &spec(RootfsSpec::Host, vec!["work".into()]),
+            &[],
+            &|_| None,
+            &|_| true,
+        )
+        .expect_err("relative");
+        assert!(e.to_string().contains("absolute"), "{e}");
+    }
+}

@@ -1,0 +1,344 @@
+//! Local control socket (Unix, rebalancer-proto framing). Callers are identified by SO_PEERCRED:
+//! root and `admin_uids` may do everything; other users see and manage only their own containers
+//! and may not migrate.
+
+use std::sync::Arc;
+
+use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
+use rebalancer_proto::{
+    ErrorCode, Event, Hello, MigrationState, NodeMetrics, Reply, Request, Response, Role,
+    MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
+use tokio::net::UnixStream;
+
+use crate::agent::Agent;
+use crate::error::AgentError;
+
+struct Caller {
+    uid: u32,
+    admin: bool,
+}
+
+pub async fn serve(agent: Arc<Agent>, mut s: UnixStream) {
+    let uid = match s.peer_cred() {
+        Ok(c) => c.uid(),
+        Err(e) => {
+            tracing::warn!(error = %e, "no peer credentials on control socket");
+            return;
+        }
+    };
+    let caller = Caller {
+        uid,
+        admin: uid == 0 || agent.cfg.admin_uids.contains(&uid),
+    };
+    if let Err(e) = serve_inner(&agent, &mut s, &caller).await {
+        if !matches!(e, AgentError::Proto(rebalancer_proto::ProtoError::Closed)) {
+            tracing::debug!(uid, error = %e.chain(), "control connection ended");
+        }
+    }
+}
+
+async fn send<T: serde::Serialize>(
+    s: &mut UnixStream,
+    kind: FrameKind,
+    id: u32,
+    v: &T,
+) -> Result<(), AgentError> {
+    write_frame_async(s, &Frame::json(kind, id, v)?).await?;
+    Ok(())
+}
+
+async fn serve_inner(
+    agent: &Arc<Agent>,
+    s: &mut UnixStream,
+    caller: &Caller,
+) -> Result<(), AgentError> {
+    let f = read_frame_async(s, MAX_FRAME_LEN).await?;
+    let hello: Hello = match f.decode(FrameKind::Hello, "hello") {
+        Ok(h) => h,
+        Err(e) => {
+            send(
+                s,
+                FrameKind::Response,
+                f.header.id,
+                &Response::error(
+                    ErrorCode::BadRequest,
+                    format!("expected a hello first: {e}"),
+                ),
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        send(
+            s,
+            FrameKind::Response,
+            0,
+            &Response::error(
+                ErrorCode::Version,
+                format!(
+                    "client speaks protocol {}, agent {PROTOCOL_VERSION}",
+                    hello.protocol
+                ),
+            ),
+        )
+        .await?;
+        return Ok(());
+    }
+    let mut me = Hello::new(Role::Agent, crate::SOFTWARE);
+    me.node = Some(agent.cfg.node.clone());
+    send(s, FrameKind::Hello, 0, &me).await?;
+    loop {
+        let f = read_frame_async(s, MAX_FRAME_LEN).await?;
+        let id = f.header.id;
+        let req: Request = match f.decode(FrameKind::Request, "request") {
+            Ok(r) => r,
+            Err(e) => {
+                send(
+                    s,
+                    FrameKind::Response,
+                    id,
+                    &Response::error(ErrorCode::BadRequest, e.to_string()),
+                )
+                .await?;
+                continue;
+            }
+        };
+        if let Request::Migrate { request, watch } = req {
+            handle_migrate(agent, s, caller, id, request, watch).await?;
+            continue;
+        }
+        let resp = match handle(agent, caller, req).await {
+            Ok(r) => Response::Ok(r),
+            Err(e) => Response::error(e.code(), e.chain()),
+        };
+        send(s, FrameKind::Response, id, &resp).await?;
+    }
+}
+
+async fn handle_migrate(
+    agent: &Arc<Agent>,
+    s: &mut UnixStream,
+    caller: &Caller,
+    id: u32,
+    request: rebalancer_proto::MigrateRequest,
+    watch: bool,
+) -> Result<(), AgentError> {
+    if !caller.admin {
+        let e =
+            AgentError::PermissionDenied(format!("uid {} may not migrate containers", caller.uid));
+        return send(
+            s,
+            FrameKind::Response,
+            id,
+            &Response::error(e.code(), e.chain()),
+        )
+        .await;
+    }
+    let prepared = match crate::migrate::preflight(agent, &request).await {
+        Ok(p) => p,
+        Err(e) => {
+            return send(
+                s,
+                FrameKind::Response,
+                id,
+                &Response::error(e.code(), e.chain()),
+            )
+            .await
+        }
+    };
+    let mig_id = prepared.rec.id.clone();
+    let mut events = agent.events.subscribe();
+    agent.publish(&prepared.rec);
+    tracing::info!(migration = %mig_id, container = %request.container, destination = %request.destination, mode = ?prepared.rec.mode, "migration started");
+    let task = tokio::spawn(crate::migrate::run(agent.clone(), prepared));
+    if !watch {
+        let rec = agent.migrations().get(&mig_id).cloned();
+        if let Some(rec) = rec {
+            send(
+                s,
+                FrameKind::Response,
+                id,
+                &Response::Ok(Reply::Migration { migration: rec }),
+            )
+            .await?;
+        }
+        return Ok(());
+    }
+    // Watched: progress events, then the final record as the response.
+    loop {
+        match events.recv().await {
+            Ok(rec) if rec.id == mig_id => {
+                if rec.state.is_terminal() {
+                    break;
+                }
+                send(
+                    s,
+                    FrameKind::Event,
+                    id,
+                    &Event::MigrationProgress {
+                        migration: rec,
+                        progress_bytes: None,
+                    },
+                )
+                .await?;
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(_) => break,
+        }
+    }
+    let rec = match task.await {
+        Ok(r) => r,
+        Err(e) => return Err(AgentError::Internal(format!("migration task: {e}"))),
+    };
+    let resp = match rec.state {
+        MigrationState::Succeeded => Response::Ok(Reply::Migration { migration: rec }),
+        MigrationState::RolledBack => Response::error(
+            ErrorCode::RolledBack,
+            format!(
+                "migration {} rolled back, container {} still runs on {}: {}",
+                rec.id,
+                rec.container,
+                rec.source,
+                rec.error.clone().unwrap_or_default()
+            ),
+        ),
+        _ => Response::error(
+            ErrorCode::Internal,
+            rec.error
+                .clone()
+                .unwrap_or_else(|| "migration failed".into()),
+        ),
+    };
+    send(s, FrameKind::Response, id, &resp).await
+}
+
+fn metrics(agent: &Agent) -> NodeMetrics {
+    let load1 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let containers = agent
+        .containers()
+        .values()
+        .filter(|c| c.state == rebalancer_proto::ContainerState::Running)
+        .count() as u32;
+    NodeMetrics {
+        node: agent.cfg.node.clone(),
+        at: rebalancer_proto::now_millis(),
+        load1,
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        mem_total_bytes: field("MemTotal:"),
+        mem_available_bytes: field("MemAvailable:"),
+        temperature_c: None,
+        containers,
+    }
+}
+
+async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Reply, AgentError> {
+    let visible = |uid: u32| caller.admin || uid == caller.uid;
+    match req {
+        Request::Ping => Ok(Reply::Pong {
+            software: crate::SOFTWARE.into(),
+        }),
+        Request::Capabilities => Ok(Reply::Capabilities {
+            capabilities: agent.caps.clone(),
+        }),
+        Request::Metrics => Ok(Reply::Metrics {
+            metrics: metrics(agent),
+        }),
+        Request::ListContainers => {
+            let cs = agent.containers();
+            Ok(Reply::Containers {
+                containers: cs
+                    .values()
+                    .filter(|c| visible(c.meta.spec.uid))
+                    .map(|c| agent.info(c))
+                    .collect(),
+            })
+        }
+        Request::GetContainer { id } => {
+            let cs = agent.containers();
+            cs.get(&id)
+                .filter(|c| visible(c.meta.spec.uid))
+                .map(|c| Reply::Container {
+                    container: agent.info(c),
+                })
+                .ok_or_else(|| {
+                    AgentError::NotFound(format!("no container {id} on {}", agent.cfg.node))
+                })
+        }
+        Request::CreateContainer { spec } => {
+            if !caller.admin && (spec.uid != caller.uid || spec.gid == 0) {
+                return Err(AgentError::PermissionDenied(format!(
+                    "uid {} may only create containers running as itself",
+                    caller.uid
+                )));
+            }
+            let info = agent.create_container(spec).await?;
+            Ok(Reply::Container { container: info })
+        }
+        Request::KillContainer { id, signal } => {
+            let owner = agent.containers().get(&id).map(|c| c.meta.spec.uid);
+            match owner {
+                Some(u) if visible(u) => {}
+                _ => {
+                    return Err(AgentError::NotFound(format!(
+                        "no container {id} on {}",
+                        agent.cfg.node
+                    )))
+                }
+            }
+            agent.kill(&id, signal)?;
+            Ok(Reply::Done)
+        }
+        Request::GetMigration { id } => {
+            if !caller.admin {
+                return Err(AgentError::PermissionDenied(
+                    "only administrators see migrations".into(),
+                ));
+            }
+            agent
+                .migrations()
+                .get(&id)
+                .cloned()
+                .map(|m| Reply::Migration { migration: m })
+                .ok_or_else(|| {
+                    AgentError::NotFound(format!("no migration {id} on {}", agent.cfg.node))
+                })
+        }
+        Request::ListMigrations => {
+            if !caller.admin {
+                return Err(AgentError::PermissionDenied(
+                    "only administrators see migrations".into(),
+                ));
+            }
+            Ok(Reply::Migrations {
+                migrations: agent.migrations().values().cloned().collect(),
+            })
+        }
+        Request::Migrate { .. } => {
+            Err(AgentError::Internal("migrate is handled separately".into()))
+        }
+        other => Err(AgentError::Unsupported(format!(
+            "request {:?} is not implemented by this agent yet",
+            serde_json::to_value(&other)
+                .ok()
+                .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(String::from))
+                .unwrap_or_default()
+        ))),
+    }
+}

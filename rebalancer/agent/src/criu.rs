@@ -1,0 +1,412 @@
+//! CRIU command lines (pure builders, unit-tested), the runner, and the stats image decoder.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use crate::error::AgentError;
+
+/// Key under which the container netns is external in dump images.
+pub const NET_KEY: &str = "rb-net";
+
+#[derive(Debug, Clone, Default)]
+pub struct DumpArgs {
+    pub pid: i32,
+    pub images_dir: PathBuf,
+    pub net_inode: u64,
+    /// (mountpoint inside the container, key)
+    pub ext_mounts: Vec<(String, String)>,
+    /// Stream pages to this page server (stop-and-copy).
+    pub page_server: Option<(Ipv4Addr, u16)>,
+    /// Serve pages lazily from this address (post-copy).
+    pub lazy_serve: Option<(Ipv4Addr, u16)>,
+    pub status_fd: Option<i32>,
+}
+
+impl DumpArgs {
+    pub fn build(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "dump".into(),
+            "--tree".into(),
+            self.pid.to_string(),
+            "--images-dir".into(),
+            self.images_dir.display().to_string(),
+            "--log-file".into(),
+            "dump.log".into(),
+            "-v4".into(),
+            "--tcp-established".into(),
+            "--network-lock".into(),
+            "nftables".into(),
+            "--leave-stopped".into(),
+            "--external".into(),
+            format!("net[{}]:{}", self.net_inode, NET_KEY),
+        ];
+        for (target, key) in &self.ext_mounts {
+            a.push("--external".into());
+            a.push(format!("mnt[{target}]:{key}"));
+        }
+        if let Some((addr, port)) = self.page_server {
+            a.extend([
+                "--page-server".into(),
+                "--address".into(),
+                addr.to_string(),
+                "--port".into(),
+                port.to_string(),
+            ]);
+        }
+        if let Some((addr, port)) = self.lazy_serve {
+            a.extend([
+                "--lazy-pages".into(),
+                "--address".into(),
+                addr.to_string(),
+                "--port".into(),
+                port.to_string(),
+            ]);
+        }
+        if let Some(fd) = self.status_fd {
+            a.extend(["--status-fd".into(), fd.to_string()]);
+        }
+        a
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreArgs {
+    pub images_dir: PathBuf,
+    pub root: PathBuf,
+    /// (key, host source)
+    pub ext_mounts: Vec<(String, PathBuf)>,
+    /// (fd in the criu process, key): netns and stdio.
+    pub inherit: Vec<(i32, String)>,
+    pub pidfile: PathBuf,
+    pub lazy: bool,
+    pub leave_stopped: bool,
+}
+
+impl RestoreArgs {
+    pub fn build(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "restore".into(),
+            "--images-dir".into(),
+            self.images_dir.display().to_string(),
+            "--log-file".into(),
+            "restore.log".into(),
+            "-v4".into(),
+            "--root".into(),
+            self.root.display().to_string(),
+            "--tcp-established".into(),
+            "--network-lock".into(),
+            "nftables".into(),
+            "--restore-detached".into(),
+            "--pidfile".into(),
+            self.pidfile.display().to_string(),
+        ];
+        for (key, src) in &self.ext_mounts {
+            a.push("--external".into());
+            a.push(format!("mnt[{key}]:{}", src.display()));
+        }
+        for (fd, key) in &self.inherit {
+            a.push("--inherit-fd".into());
+            a.push(format!("fd[{fd}]:{key}"));
+        }
+        if self.lazy {
+            a.push("--lazy-pages".into());
+        }
+        if self.leave_stopped {
+            a.push("--leave-stopped".into());
+        }
+        a
+    }
+}
+
+/// `criu page-server` on the destination (stop-and-copy: receives every page).
+pub fn page_server_args(
+    images_dir: &Path,
+    addr: Ipv4Addr,
+    port: u16,
+    status_fd: i32,
+) -> Vec<String> {
+    vec![
+        "page-server".into(),
+        "--images-dir".into(),
+        images_dir.display().to_string(),
+        "--log-file".into(),
+        "page-server.log".into(),
+        "-v4".into(),
+        "--address".into(),
+        addr.to_string(),
+        "--port".into(),
+        port.to_string(),
+        "--status-fd".into(),
+        status_fd.to_string(),
+    ]
+}
+
+/// `criu lazy-pages` on the destination (post-copy: fetches pages from the source's dump).
+pub fn lazy_pages_args(images_dir: &Path, src: Ipv4Addr, port: u16, status_fd: i32) -> Vec<String> {
+    vec![
+        "lazy-pages".into(),
+        "--images-dir".into(),
+        images_dir.display().to_string(),
+        "--log-file".into(),
+        "lazy-pages.log".into(),
+        "-v4".into(),
+        "--page-server".into(),
+        "--address".into(),
+        src.to_string(),
+        "--port".into(),
+        port.to_string(),
+        "--status-fd".into(),
+        status_fd.to_string(),
+    ]
+}
+
+/// Builds a criu command whose listed descriptors survive exec (their CLOEXEC flag is cleared
+/// in the child only).
+pub fn command(criu: &Path, args: &[String], keep_fds: &[i32]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(criu);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let fds = keep_fds.to_vec();
+    // SAFETY: only fcntl(2), which is async-signal-safe, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &fds {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// The last error lines of a CRIU log, for error messages.
+pub fn log_tail(dir: &Path, name: &str) -> String {
+    let p = dir.join(name);
+    let text = std::fs::read_to_string(&p).unwrap_or_default();
+    let errs: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("error"))
+        .collect();
+    let pick: Vec<&str> = if errs.is_empty() {
+        text.lines()
+            .rev()
+            .take(3)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect()
+    } else {
+        errs.iter().rev().take(3).rev().copied().collect()
+    };
+    format!("{} (log: {})", pick.join(" | "), p.display())
+}
+
+/// Runs criu to completion and maps failure to an error naming the log.
+pub async fn run(
+    criu: &Path,
+    action: &'static str,
+    args: &[String],
+    keep_fds: &[i32],
+    log_dir: &Path,
+    log_name: &str,
+) -> Result<(), AgentError> {
+    let out = command(criu, args, keep_fds)
+        .output()
+        .await
+        .map_err(|source| AgentError::Io {
+            what: format!("cannot run {}", criu.display()),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(AgentError::Criu {
+            action,
+            message: format!("{}: {}", out.status, log_tail(log_dir, log_name)),
+        });
+    }
+    Ok(())
+}
+
+/// Figures from CRIU's `stats-dump` / `stats-restore` images.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CriuStats {
+    pub freezing_time_us: u64,
+    pub frozen_time_us: u64,
+    pub memdump_time_us: u64,
+    pub memwrite_time_us: u64,
+    pub pages_scanned: u64,
+    pub pages_skipped_parent: u64,
+    pub pages_written: u64,
+    pub pages_lazy: u64,
+    pub pages_restored: u64,
+    pub restore_time_us: u64,
+    pub forking_time_us: u64,
+}
+
+fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*i)?;
+        *i += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Decodes the varint fields of one protobuf message into (field number, value) pairs; nested
+/// messages (wire type 2) are returned as byte ranges.
+type Field<'a> = (u64, Result<u64, &'a [u8]>);
+
+fn fields(b: &[u8]) -> Option<Vec<Field<'_>>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let key = varint(b, &mut i)?;
+        let (field, wt) = (key >> 3, key & 7);
+        match wt {
+            0 => out.push((field, Ok(varint(b, &mut i)?))),
+            2 => {
+                let len = usize::try_from(varint(b, &mut i)?).ok()?;
+                let end = i.checked_add(len).filter(|e| *e <= b.len())?;
+                out.push((field, Err(&b[i..end])));
+                i = end;
+            }
+            1 => i += 8,
+            5 => i += 4,
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Decodes a CRIU stats image (`stats-dump` or `stats-restore`): magic words, then one
+/// length-prefixed `StatsEntry { dump = 1; restore = 2 }`.
+pub fn decode_stats(img: &[u8]) -> Option<CriuStats> {
+    const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+    const IMG_SERVICE_MAGIC: u32 = 0x5554_5555;
+    let word = |o: usize| {
+        img.get(o..o + 4)
+            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    let mut off = 4;
+    if matches!(word(0)?, IMG_COMMON_MAGIC | IMG_SERVICE_MAGIC) {
+        off = 8;
+    }
+    let len = word(off)? as usize;
+    let body = img.get(off + 4..off + 4 + len)?;
+    let mut s = CriuStats::default();
+    for (f, v) in fields(body)? {
+        let Err(inner) = v else { continue };
+        for (g, w) in fields(inner)? {
+            let Ok(w) = w else { continue };
+            match (f, g) {
+                (1, 1) => s.freezing_time_us = w,
+                (1, 2) => s.frozen_time_us = w,
+                (1, 3) => s.memdump_time_us = w,
+                (1, 4) => s.memwrite_time_us = w,
+                (1, 5) => s.pages_scanned = w,
+                (1, 6) => s.pages_skipped_parent = w,
+                (1, 7) => s.pages_written = w,
+                (1, 9) => s.pages_lazy = w,
+                (2, 3) => s.forking_time_us = w,
+                (2, 4) => s.restore_time_us = w,
+                (2, 5) => s.pages_restored = w,
+                _ => {}
+            }
+        }
+    }
+    Some(s)
+}
+
+pub fn read_stats(dir: &Path, name: &str) -> Option<CriuStats> {
+    decode_stats(&std::fs::read(dir.join(name)).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dump_args_mark_net_and_mounts_external() {
+        let a = DumpArgs {
+            pid: 42,
+            images_dir: "/run/x/img".into(),
+            net_inode: 4026532000,
+            ext_mounts: vec![("/usr".into(), "rb-usr".into())],
+            page_server: Some((Ipv4Addr::new(198, 18, 16, 3), 2000)),
+            lazy_serve: None,
+            status_fd: None,
+        }
+        .build();
+        let s = a.join(" ");
+        assert!(
+            s.starts_with("dump --tree 42 --images-dir /run/x/img"),
+            "{s}"
+        );
+        assert!(s.contains("--external net[4026532000]:rb-net"), "{s}");
+        assert!(s.contains("--external mnt[/usr]:rb-usr"), "{s}");
+        assert!(
+            s.contains("--page-server --address 198.18.16.3 --port 2000"),
+            "{s}"
+        );
+        assert!(
+            s.contains("--leave-stopped") && s.contains("--network-lock nftables"),
+            "{s}"
+        );
+        assert!(!s.contains("--lazy-pages"), "{s}");
+    }
+
+    #[test]
+    fn restore_args_map_mounts_and_inherit_fds() {
+        let a = RestoreArgs {
+            images_dir: "/run/y/img".into(),
+            root: "/run/y/root".into(),
+            ext_mounts: vec![("rb-usr".into(), "/usr".into())],
+            inherit: vec![(7, NET_KEY.into()), (8, "pipe:[123]".into())],
+            pidfile: "/run/y/pid".into(),
+            lazy: true,
+            leave_stopped: false,
+        }
+        .build();
+        let s = a.join(" ");
+        assert!(s.contains("--root /run/y/root"), "{s}");
+        assert!(s.contains("--external mnt[rb-usr]:/usr"), "{s}");
+        assert!(
+            s.contains("--inherit-fd fd[7]:rb-net --inherit-fd fd[8]:pipe:[123]"),
+            "{s}"
+        );
+        assert!(
+            s.contains("--lazy-pages") && s.contains("--restore-detached"),
+            "{s}"
+        );
+        assert!(!s.contains("--leave-stopped"), "{s}");
+    }
+
+    #[test]
+    fn stats_image_decodes() {
+        // StatsEntry{ dump { freezing_time=5 frozen_time=300 pages_scanned=1000 pages_written=900 pages_lazy=7 } }
+        let dump: Vec<u8> = vec![
+            0x08, 5, 0x10, 0xac, 0x02, 0x28, 0xe8, 0x07, 0x38, 0x84, 0x07, 0x48, 7,
+        ];
+        let mut entry = vec![0x0a, dump.len() as u8];
+        entry.extend(&dump);
+        let mut img = 0x5554_5555u32.to_le_bytes().to_vec();
+        img.extend(0x5755_7555u32.to_le_bytes());
+        img.extend((entry.len() as u32).to_le_bytes());
+        img.extend(&entry);
+        let s = decode_stats(&img).expect("decodes");
+        assert_eq!(s.freezing_time_us, 5);
+        assert_eq!(s.frozen_time_us, 300);
+        assert_eq!(s.pages_scanned, 1000);
+        assert_eq!(s.pages_written, 900);
+        assert_eq!(s.pages_lazy, 7);
+        assert!(decode_stats(&img[..10]).is_none());
+    }
+}

@@ -1,0 +1,123 @@
+//! `rebalancer-agent run`: start-up checks, listeners, the reaper, shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::agent::Agent;
+use crate::config::AgentConfig;
+use crate::error::AgentError;
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> AgentError {
+    move |source| AgentError::Io { what, source }
+}
+
+/// Makes `dir` a tmpfs so that migration images never touch a disk.
+fn ensure_tmpfs(dir: &std::path::Path) -> Result<(), AgentError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("mkdir {}", dir.display())))?;
+    let st = nix::sys::statfs::statfs(dir).map_err(|e| AgentError::Io {
+        what: format!("statfs {}", dir.display()),
+        source: e.into(),
+    })?;
+    if st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some("mode=700"),
+    )
+    .map_err(|e| AgentError::Io {
+        what: format!("mount tmpfs on {}", dir.display()),
+        source: e.into(),
+    })
+}
+
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    // Restored trees (criu --restore-detached) and container pid 1s are re-parented to us.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(AgentError::Io {
+            what: "PR_SET_CHILD_SUBREAPER".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let caps = crate::caps::probe(&cfg.node, &cfg.criu).await;
+    tracing::info!(node = %cfg.node, modes = ?caps.modes, criu = ?caps.criu_version, "capabilities");
+    for n in &caps.notes {
+        tracing::warn!(node = %cfg.node, "{n}");
+    }
+    if cfg.auth == crate::config::AuthMethod::None {
+        tracing::warn!(
+            "peer authentication is OFF (auth.method = \"none\"): any host can send migrations"
+        );
+    }
+    crate::netns::prepare_node(&cfg.uplink, cfg.container_subnet).await?;
+    ensure_tmpfs(&cfg.run_dir.join("images"))?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(io(format!("mkdir {}", cfg.state_dir.display())))?;
+    let tcp = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(io(format!("listen on {}", cfg.listen)))?;
+    if let Some(p) = cfg.control_socket.parent() {
+        std::fs::create_dir_all(p).map_err(io(format!("mkdir {}", p.display())))?;
+    }
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    let unix = tokio::net::UnixListener::bind(&cfg.control_socket)
+        .map_err(io(format!("bind {}", cfg.control_socket.display())))?;
+    // Everyone may connect; SO_PEERCRED decides what they may do.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ =
+            std::fs::set_permissions(&cfg.control_socket, std::fs::Permissions::from_mode(0o666));
+    }
+    let agent = Agent::new(cfg, caps);
+    tracing::info!(node = %agent.cfg.node, listen = %agent.cfg.listen, control = %agent.cfg.control_socket.display(), "agent ready");
+
+    let a = agent.clone();
+    tokio::spawn(async move {
+        loop {
+            match tcp.accept().await {
+                Ok((s, _)) => {
+                    tokio::spawn(crate::peer::serve(a.clone(), s));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on peer listener");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    let a = agent.clone();
+    tokio::spawn(async move {
+        loop {
+            match unix.accept().await {
+                Ok((s, _)) => {
+                    tokio::spawn(crate::control::serve(a.clone(), s));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on control socket");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    let a: Arc<Agent> = agent.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            a.reap().await;
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io("SIGTERM handler".into()))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down: stopping containers");
+    agent.shutdown().await;
+    let _ = std::fs::remove_file(&agent.cfg.control_socket);
+    Ok(())
+}

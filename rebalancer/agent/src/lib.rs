@@ -1,0 +1,18 @@
+//! rebalancer-agent: per-node daemon that runs job containers and live-migrates them with CRIU.
+//! See `LIFECYCLE.md` next to this file's crate for the daemon's and a migration's life cycle.
+
+pub mod agent;
+pub mod auth;
+pub mod caps;
+pub mod config;
+pub mod container;
+pub mod control;
+pub mod criu;
+pub mod daemon;
+pub mod error;
+pub mod garp;
+pub mod migrate;
+pub mod netns;
+pub mod peer;
+
+pub const SOFTWARE: &str = concat!("rebalancer-agent ", env!("CARGO_PKG_VERSION"));

@@ -1,0 +1,576 @@
+//! Source side of a migration: pre-flight checks, dump, transfer, restore, commit or rollback.
+//!
+//! Transaction rule: the source tree stays frozen (CRIU `--leave-stopped`, network locked) until
+//! the destination reports the restored tree (itself still stopped). The source then sends
+//! Commit — its point of no return — withdraws its route and kills its copy; the destination
+//! resumes and announces the address. Any failure before Commit (destination error, timeout,
+//! lost connection, destination agent killed) rolls back: the destination undoes its side on
+//! EOF/Abort and the source deletes CRIU's nftables lock table and SIGCONTs its tree, so there
+//! are never two live copies. Post-copy: after Commit the destination runs while pages still
+//! come from the source's `criu dump` page server; losing the source or the link then kills the
+//! container (the pages exist nowhere else) and the migration is recorded as `failed`.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rebalancer_proto::{
+    now_millis, ContainerState, MigrateRequest, MigrationMode, MigrationRecord, MigrationState,
+    MigrationStats, Phase, PhaseRecord,
+};
+
+use crate::agent::Agent;
+use crate::container::{self, ContainerMeta};
+use crate::criu;
+use crate::error::AgentError;
+use crate::netns::{self, ContainerNet};
+use crate::peer::{PeerConn, PeerReply, PeerRequest};
+
+/// Resident size from which `auto` prefers post-copy (stop-and-copy downtime grows with it).
+pub const AUTO_POSTCOPY_MIN_RSS: u64 = 256 << 20;
+/// Stop-and-copy throughput assumed by `auto` when estimating downtime (bytes/s).
+pub const ASSUMED_COPY_BPS: u64 = 500 << 20;
+
+/// Phase bookkeeping on a record.
+pub fn enter(rec: &mut MigrationRecord, phase: Phase) {
+    let now = now_millis();
+    if let Some(last) = rec.phases.last_mut() {
+        if last.ended_at.is_none() {
+            last.ended_at = Some(now);
+        }
+    }
+    rec.phases.push(PhaseRecord {
+        phase,
+        started_at: now,
+        ended_at: None,
+    });
+}
+
+pub fn finish(rec: &mut MigrationRecord, state: MigrationState, error: Option<String>) {
+    let now = now_millis();
+    if let Some(last) = rec.phases.last_mut() {
+        if last.ended_at.is_none() {
+            last.ended_at = Some(now);
+        }
+    }
+    rec.state = state;
+    rec.error = error;
+    rec.ended_at = Some(now);
+    rec.stats.total_ms = Some(now.saturating_sub(rec.started_at));
+}
+
+/// Picks the concrete mode and says why. Pure.
+pub fn choose_mode(
+    requested: MigrationMode,
+    rss: u64,
+    max_downtime_ms: Option<u64>,
+    local: &[MigrationMode],
+    remote: &[MigrationMode],
+) -> Result<(MigrationMode, String), AgentError> {
+    let both = |m: MigrationMode| local.contains(&m) && remote.contains(&m);
+    match requested {
+        MigrationMode::Auto => {
+            let est_ms = rss * 1000 / ASSUMED_COPY_BPS;
+            let over_budget = max_downtime_ms.is_some_and(|b| est_ms > b);
+            if both(MigrationMode::PostCopy) && (rss >= AUTO_POSTCOPY_MIN_RSS || over_budget) {
+                Ok((
+                    MigrationMode::PostCopy,
+                    format!(
+                        "auto: post-copy because RSS {} MiB {} and both nodes have userfaultfd",
+                        rss >> 20,
+                        if over_budget {
+                            format!("gives an estimated stop-and-copy downtime of {est_ms} ms over the {} ms budget", max_downtime_ms.unwrap_or(0))
+                        } else {
+                            format!(">= {} MiB", AUTO_POSTCOPY_MIN_RSS >> 20)
+                        }
+                    ),
+                ))
+            } else if both(MigrationMode::StopAndCopy) {
+                let why = if !both(MigrationMode::PostCopy) {
+                    "post-copy unavailable (userfaultfd missing on a node)".to_string()
+                } else {
+                    format!(
+                        "RSS {} MiB is small: estimated downtime {est_ms} ms",
+                        rss >> 20
+                    )
+                };
+                Ok((
+                    MigrationMode::StopAndCopy,
+                    format!("auto: stop-and-copy because {why}"),
+                ))
+            } else {
+                Err(AgentError::Unsupported(
+                    "no migration mode is supported by both nodes".into(),
+                ))
+            }
+        }
+        m => {
+            if !local.contains(&m) {
+                let why = if m == MigrationMode::PreCopy {
+                    "the kernel lacks soft-dirty page tracking (CONFIG_MEM_SOFT_DIRTY; `criu check --feature mem_dirty_track` says OFF)".to_string()
+                } else if m == MigrationMode::PostCopy {
+                    "userfaultfd is unavailable or fs.pipe-max-size < 4 MiB".to_string()
+                } else {
+                    "CRIU is missing or too old".to_string()
+                };
+                return Err(AgentError::Unsupported(format!(
+                    "{m} is not supported on the source: {why}"
+                )));
+            }
+            if !remote.contains(&m) {
+                return Err(AgentError::Unsupported(format!(
+                    "{m} is not supported on the destination"
+                )));
+            }
+            Ok((m, "requested".into()))
+        }
+    }
+}
+
+/// Everything a running migration needs, produced by [`preflight`].
+pub struct Prepared {
+    pub rec: MigrationRecord,
+    pub conn: PeerConn,
+    pub page_server: Option<(std::net::Ipv4Addr, u16)>,
+    pub pid: i32,
+    pub net: ContainerNet,
+    pub meta: ContainerMeta,
+    pub deadline: Instant,
+    /// Post-copy: port of the source's lazy page server.
+    pub lazy_port: Option<u16>,
+}
+
+/// Checks the request and prepares the destination. On error nothing has changed.
+pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepared, AgentError> {
+    let id = &req.container;
+    if req.destination == agent.cfg.node {
+        return Err(AgentError::BadRequest(format!(
+            "container {id} already runs on {}",
+            req.destination
+        )));
+    }
+    let addr: SocketAddr = match &req.destination_addr {
+        Some(a) => a.parse().map_err(|_| {
+            AgentError::BadRequest(format!("destination address {a:?} is not IP:PORT"))
+        })?,
+        None => *agent.cfg.peers.get(&req.destination).ok_or_else(|| {
+            AgentError::BadRequest(format!(
+                "unknown destination node {} (no address given, none in [peers])",
+                req.destination
+            ))
+        })?,
+    };
+    // Mark migrating atomically; undone below on any failure.
+    let (pid, net, meta) = {
+        let mut cs = agent.containers();
+        let c = cs
+            .get_mut(id)
+            .filter(|c| {
+                c.state != ContainerState::MigratedAway && c.state != ContainerState::Exited
+            })
+            .ok_or_else(|| {
+                AgentError::NotFound(format!("no container {id} on {}", agent.cfg.node))
+            })?;
+        match c.state {
+            ContainerState::Running => {}
+            ContainerState::Migrating => {
+                return Err(AgentError::Busy(format!(
+                    "container {id} is already migrating"
+                )))
+            }
+            s => return Err(AgentError::Busy(format!("container {id} is {s:?}"))),
+        }
+        c.state = ContainerState::Migrating;
+        (c.pid, c.net.clone(), c.meta.clone())
+    };
+    let unmark = || {
+        if let Some(c) = agent.containers().get_mut(id) {
+            if c.state == ContainerState::Migrating {
+                c.state = ContainerState::Running;
+            }
+        }
+    };
+    let r = async {
+        let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(agent.cfg.migration_timeout_ms).max(1000));
+        let mut conn = PeerConn::connect(agent, addr, timeout).await?;
+        let remote = match conn.call(&PeerRequest::Capabilities).await? {
+            PeerReply::Capabilities { capabilities } => capabilities,
+            other => return Err(AgentError::Peer(format!("unexpected answer to capabilities: {other:?}"))),
+        };
+        if remote.node != req.destination {
+            return Err(AgentError::BadRequest(format!(
+                "agent at {addr} is node {}, not {}",
+                remote.node, req.destination
+            )));
+        }
+        let rss = container::tree_rss(pid);
+        let (mode, reason) = choose_mode(req.mode, rss, req.max_downtime_ms, &agent.caps.modes, &remote.modes)?;
+        if mode == MigrationMode::PreCopy {
+            return Err(AgentError::Unsupported(
+                "pre-copy rounds are not implemented by this agent yet; use stop-and-copy or post-copy".into(),
+            ));
+        }
+        let mut rec = MigrationRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            container: id.clone(),
+            task: meta.spec.task.clone(),
+            source: agent.cfg.node.clone(),
+            destination: req.destination.clone(),
+            requested_mode: req.mode,
+            mode: Some(mode),
+            mode_reason: Some(reason),
+            state: MigrationState::Running,
+            phases: Vec::new(),
+            stats: MigrationStats {
+                rss_bytes: rss,
+                ..Default::default()
+            },
+            error: None,
+            started_at: now_millis(),
+            ended_at: None,
+        };
+        enter(&mut rec, Phase::Prepare);
+        let page_server = match conn
+            .call(&PeerRequest::Prepare {
+                migration: rec.id.clone(),
+                mode,
+                source_node: agent.cfg.node.clone(),
+                meta: Box::new(meta.clone()),
+            })
+            .await?
+        {
+            PeerReply::Prepared { page_server } => page_server,
+            other => return Err(AgentError::Peer(format!("unexpected answer to prepare: {other:?}"))),
+        };
+        Ok(Prepared {
+            rec,
+            conn,
+            page_server,
+            pid,
+            net: net.clone(),
+            meta: meta.clone(),
+            deadline: Instant::now() + timeout,
+            lazy_port: None,
+        })
+    }
+    .await;
+    if r.is_err() {
+        unmark();
+    }
+    r
+}
+
+/// Resumes the frozen source tree after a failure before Commit.
+async fn resume_source(agent: &Agent, p: &Prepared) {
+    match netns::unlock_criu_tables(&p.net).await {
+        Ok(n) => tracing::info!(migration = %p.rec.id, tables = n, "network lock removed"),
+        Err(e) => {
+            tracing::error!(migration = %p.rec.id, error = %e.chain(), "cannot remove CRIU's network lock")
+        }
+    }
+    container::signal_tree(p.pid, nix::sys::signal::Signal::SIGCONT);
+    if let Some(c) = agent.containers().get_mut(&p.rec.container) {
+        c.state = ContainerState::Running;
+    }
+}
+
+fn images_dir(agent: &Agent, rec: &MigrationRecord) -> std::path::PathBuf {
+    agent
+        .cfg
+        .run_dir
+        .join("images")
+        .join(format!("{}-src", rec.id))
+}
+
+/// Runs a prepared migration to its end. Never leaves the container frozen.
+pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
+    let dir = images_dir(&agent, &p.rec);
+    let mode = p.rec.mode.unwrap_or(MigrationMode::StopAndCopy);
+    let mut dump_child: Option<tokio::process::Child> = None;
+    let mut frozen_at: Option<Instant> = None;
+    let res = tokio::time::timeout_at(
+        p.deadline.into(),
+        attempt(&agent, &mut p, &dir, mode, &mut dump_child, &mut frozen_at),
+    )
+    .await
+    .unwrap_or_else(|_| Err(AgentError::Timeout("migration timed out".into())));
+    match res {
+        Ok(committed_at) => {
+            if let (Some(f), Some(c)) = (frozen_at, committed_at) {
+                p.rec.stats.downtime_ms = Some(c.duration_since(f).as_millis() as u64);
+            }
+            if mode == MigrationMode::PostCopy {
+                enter(&mut p.rec, Phase::LazyPages);
+                agent.publish(&p.rec);
+                if let Some(mut d) = dump_child.take() {
+                    let st = d.wait().await;
+                    if !matches!(&st, Ok(s) if s.success()) {
+                        tracing::error!(migration = %p.rec.id, status = ?st, "lazy page server failed after resume");
+                    }
+                }
+                if let Some(s) = criu::read_stats(&dir, "stats-dump") {
+                    p.rec.stats.pages_lazy = s.pages_lazy;
+                    p.rec.stats.pages_written = s.pages_written;
+                    p.rec.stats.pages_scanned = s.pages_scanned;
+                }
+                // Lazy pages crossed the wire once each.
+                p.rec.stats.bytes_sent += p.rec.stats.pages_lazy * 4096;
+            }
+            enter(&mut p.rec, Phase::Cleanup);
+            container::signal_tree(p.pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            if let Some(f) = frozen_at {
+                p.rec.stats.frozen_ms = Some(f.elapsed().as_millis() as u64);
+            }
+            netns::destroy(&p.net).await;
+            if let Some(c) = agent.containers().get_mut(&p.rec.container) {
+                c.state = ContainerState::MigratedAway;
+            }
+            if let rebalancer_proto::RootfsSpec::Host = p.meta.spec.rootfs {
+                let _ = std::fs::remove_dir_all(agent.container_dir(&p.rec.container));
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            finish(&mut p.rec, MigrationState::Succeeded, None);
+            tracing::info!(migration = %p.rec.id, container = %p.rec.container, downtime_ms = ?p.rec.stats.downtime_ms, "migration succeeded");
+        }
+        Err(e) => {
+            tracing::warn!(migration = %p.rec.id, container = %p.rec.container, error = %e.chain(), "migration failed, rolling back");
+            enter(&mut p.rec, Phase::Rollback);
+            agent.publish(&p.rec);
+            let _ = tokio::time::timeout(
+                Duration::from_secs(3),
+                p.conn.call(&PeerRequest::Abort { reason: e.chain() }),
+            )
+            .await;
+            if let Some(mut d) = dump_child.take() {
+                // A lazy dump still serving: nudge it out of accept() so it finishes.
+                if let Some((ip, port)) = lazy_addr(&agent, &p) {
+                    let _ = tokio::net::TcpStream::connect((ip, port)).await;
+                }
+                if tokio::time::timeout(Duration::from_secs(5), d.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = d.start_kill();
+                    let _ = d.wait().await;
+                }
+            }
+            if frozen_at.is_some() {
+                resume_source(&agent, &p).await;
+                p.rec.stats.frozen_ms = frozen_at.map(|f| f.elapsed().as_millis() as u64);
+            } else if let Some(c) = agent.containers().get_mut(&p.rec.container) {
+                c.state = ContainerState::Running;
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            finish(&mut p.rec, MigrationState::RolledBack, Some(e.chain()));
+        }
+    }
+    agent.publish(&p.rec);
+    p.rec
+}
+
+fn lazy_addr(agent: &Agent, p: &Prepared) -> Option<(std::net::Ipv4Addr, u16)> {
+    p.lazy_port.map(|port| (agent.cfg.advertise, port))
+}
+
+/// Dump, transfer, restore, commit. Returns when the destination committed.
+async fn attempt(
+    agent: &Arc<Agent>,
+    p: &mut Prepared,
+    dir: &std::path::Path,
+    mode: MigrationMode,
+    dump_child: &mut Option<tokio::process::Child>,
+    frozen_at: &mut Option<Instant>,
+) -> Result<Option<Instant>, AgentError> {
+    std::fs::create_dir_all(dir).map_err(|source| AgentError::Io {
+        what: format!("mkdir {}", dir.display()),
+        source,
+    })?;
+    let net_inode = p.net.inode()?;
+    let mut args = criu::DumpArgs {
+        pid: p.pid,
+        images_dir: dir.to_path_buf(),
+        net_inode,
+        ext_mounts: container::external_mounts(&p.meta.mounts)
+            .into_iter()
+            .map(|(t, k, _)| (t, k))
+            .collect(),
+        ..Default::default()
+    };
+    enter(&mut p.rec, Phase::Freeze);
+    agent.publish(&p.rec);
+    *frozen_at = Some(Instant::now());
+    let mut lazy_serve = None;
+    match mode {
+        MigrationMode::PostCopy => {
+            let ip = agent.cfg.advertise;
+            let l = std::net::TcpListener::bind((ip, 0)).map_err(|source| AgentError::Io {
+                what: format!("bind {ip}:0"),
+                source,
+            })?;
+            let port = l
+                .local_addr()
+                .map_err(|source| AgentError::Io {
+                    what: "local_addr".into(),
+                    source,
+                })?
+                .port();
+            drop(l);
+            args.lazy_serve = Some((ip, port));
+            lazy_serve = Some((ip, port));
+            p.lazy_port = Some(port);
+            enter(&mut p.rec, Phase::Dump);
+            let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| AgentError::Io {
+                    what: "pipe".into(),
+                    source: e.into(),
+                })?;
+            args.status_fd = Some(w.as_raw_fd());
+            let child = criu::command(&agent.cfg.criu, &args.build(), &[w.as_raw_fd()])
+                .current_dir(dir)
+                .spawn()
+                .map_err(|source| AgentError::Io {
+                    what: "cannot start criu dump".into(),
+                    source,
+                })?;
+            drop(w);
+            *dump_child = Some(child);
+            let mut rf = tokio::fs::File::from_std(std::fs::File::from(r));
+            let mut b = [0u8; 1];
+            let n = tokio::io::AsyncReadExt::read(&mut rf, &mut b)
+                .await
+                .unwrap_or(0);
+            if n == 0 {
+                // criu exited without serving: its own failure path resumed the tree.
+                if let Some(mut c) = dump_child.take() {
+                    let _ = c.wait().await;
+                }
+                *frozen_at = None;
+                return Err(AgentError::Criu {
+                    action: "dump",
+                    message: criu::log_tail(dir, "dump.log"),
+                });
+            }
+        }
+        _ => {
+            args.page_server = p.page_server;
+            enter(&mut p.rec, Phase::Dump);
+            if let Err(e) =
+                criu::run(&agent.cfg.criu, "dump", &args.build(), &[], dir, "dump.log").await
+            {
+                // A failed dump resumes the tree itself (CRIU's failure path).
+                *frozen_at = None;
+                return Err(e);
+            }
+        }
+    }
+    if let Some(s) = criu::read_stats(dir, "stats-dump") {
+        p.rec.stats.pages_scanned = s.pages_scanned;
+        p.rec.stats.pages_written = s.pages_written;
+        p.rec.stats.pages_lazy = s.pages_lazy;
+        if mode == MigrationMode::StopAndCopy {
+            p.rec.stats.bytes_sent += s.pages_written * 4096;
+        }
+    }
+    enter(&mut p.rec, Phase::Transfer);
+    agent.publish(&p.rec);
+    let before = p.conn.bytes_sent;
+    p.conn.send_images(dir).await?;
+    enter(&mut p.rec, Phase::Restore);
+    agent.publish(&p.rec);
+    match p
+        .conn
+        .call(&PeerRequest::Restore {
+            lazy_pages: lazy_serve,
+        })
+        .await?
+    {
+        PeerReply::Restored { .. } => {}
+        other => {
+            return Err(AgentError::Peer(format!(
+                "unexpected answer to restore: {other:?}"
+            )))
+        }
+    }
+    enter(&mut p.rec, Phase::NetworkSwitch);
+    // Point of no return: from here the source never resumes its copy.
+    netns::withdraw_route(&p.net).await;
+    let r = p.conn.call(&PeerRequest::Commit).await;
+    p.rec.stats.bytes_sent += p.conn.bytes_sent - before;
+    match r {
+        Ok(PeerReply::Committed { .. }) => Ok(Some(Instant::now())),
+        Ok(other) => {
+            tracing::error!(migration = %p.rec.id, answer = ?other, "unexpected answer to commit; destination owns the container");
+            Ok(Some(Instant::now()))
+        }
+        Err(e) => {
+            // Unknown outcome after Commit: never resume (could make two copies).
+            tracing::error!(migration = %p.rec.id, error = %e.chain(), "commit unanswered; source copy is not resumed");
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MigrationMode::*;
+
+    #[test]
+    fn auto_prefers_postcopy_for_large_rss() {
+        let all = [StopAndCopy, PostCopy, Auto];
+        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &all).expect("ok");
+        assert_eq!(m, PostCopy);
+        assert!(why.contains("1024 MiB"), "{why}");
+        let (m, why) = choose_mode(Auto, 16 << 20, None, &all, &all).expect("ok");
+        assert_eq!(m, StopAndCopy);
+        assert!(why.contains("small"), "{why}");
+        // A tight budget tips even a small container to post-copy.
+        let (m, _) = choose_mode(Auto, 128 << 20, Some(50), &all, &all).expect("ok");
+        assert_eq!(m, PostCopy);
+        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &[StopAndCopy, Auto]).expect("ok");
+        assert_eq!(m, StopAndCopy);
+        assert!(why.contains("userfaultfd"), "{why}");
+    }
+
+    #[test]
+    fn precopy_without_soft_dirty_names_the_kernel_feature() {
+        let e = choose_mode(PreCopy, 0, None, &[StopAndCopy], &[StopAndCopy, PreCopy])
+            .expect_err("unsupported");
+        assert!(e.to_string().contains("CONFIG_MEM_SOFT_DIRTY"), "{e}");
+        let e = choose_mode(PostCopy, 0, None, &[PostCopy], &[StopAndCopy]).expect_err("remote");
+        assert!(e.to_string().contains("destination"), "{e}");
+    }
+
+    #[test]
+    fn phases_are_closed_in_order() {
+        let mut rec = MigrationRecord {
+            id: "m".into(),
+            container: "c".into(),
+            task: None,
+            source: "a".into(),
+            destination: "b".into(),
+            requested_mode: StopAndCopy,
+            mode: Some(StopAndCopy),
+            mode_reason: None,
+            state: MigrationState::Running,
+            phases: vec![],
+            stats: Default::default(),
+            error: None,
+            started_at: now_millis(),
+            ended_at: None,
+        };
+        enter(&mut rec, Phase::Prepare);
+        enter(&mut rec, Phase::Dump);
+        assert!(rec.phases[0].ended_at.is_some());
+        assert!(rec.phases[1].ended_at.is_none());
+        finish(&mut rec, MigrationState::Succeeded, None);
+        assert!(rec.phases.iter().all(|p| p.ended_at.is_some()));
+        assert!(rec.stats.total_ms.is_some());
+        assert!(rec.state.is_terminal());
+    }
+}

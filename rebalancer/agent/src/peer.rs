@@ -1,0 +1,842 @@
+//! Agent ↔ agent protocol (TCP, rebalancer-proto framing), destination side.
+//!
+//! One connection per migration, opened by the source:
+//! ```text
+//! source                                   destination
+//! Hello{role=agent, node, munge cred} ──→  verify credential (before anything else)
+//!                                     ←──  Hello
+//! Capabilities                        ──→  ← capabilities
+//! Prepare{migration, mode, meta}      ──→  check room/features; netns (no route yet), root
+//!                                          skeleton; stop-and-copy: criu page-server
+//!                                     ←──  Prepared{page_server_port}
+//!   (criu dump streams pages to the page server)
+//! Images{files}  + Data frames        ──→  write non-memory images into the tmpfs dir
+//!                                     ←──  ImagesReceived
+//! Restore{lazy}                       ──→  post-copy: criu lazy-pages; criu restore
+//!                                          --leave-stopped (tree stays stopped)
+//!                                     ←──  Restored{pid, stats}
+//! Commit  (source's point of no return)──→ route + SIGCONT + gratuitous ARP
+//!                                     ←──  Committed
+//! ```
+//! Abort, EOF, an error or the timeout before Commit make the destination kill whatever it
+//! restored and remove the netns, images and reservation: the source resumes its copy.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
+use rebalancer_proto::{
+    now_millis, ContainerState, ErrorReply, Hello, MigrationId, MigrationMode, NodeCapabilities,
+    Role, PROTOCOL_VERSION,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::agent::Agent;
+use crate::container::{self, Container, ContainerMeta};
+use crate::criu;
+use crate::error::AgentError;
+use crate::netns::{self, ContainerNet};
+
+/// Upper bound of one peer frame (image chunks are 1 MiB).
+pub const PEER_MAX_FRAME: u32 = 4 << 20;
+pub const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFile {
+    pub name: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum PeerRequest {
+    Capabilities,
+    Prepare {
+        migration: MigrationId,
+        mode: MigrationMode,
+        source_node: String,
+        meta: Box<ContainerMeta>,
+    },
+    Images {
+        files: Vec<ImageFile>,
+    },
+    Restore {
+        /// Post-copy: the source's lazy page server.
+        lazy_pages: Option<(Ipv4Addr, u16)>,
+    },
+    Commit,
+    Abort {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum PeerReply {
+    Capabilities {
+        capabilities: NodeCapabilities,
+    },
+    Prepared {
+        page_server: Option<(Ipv4Addr, u16)>,
+    },
+    ImagesReceived {
+        bytes: u64,
+    },
+    Restored {
+        pid: i32,
+        restore_ms: u64,
+        pages_restored: u64,
+    },
+    Committed {
+        resumed_at: u64,
+    },
+    Aborted,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerResponse {
+    Ok(PeerReply),
+    Error(ErrorReply),
+}
+
+pub fn reply_error(e: &AgentError) -> PeerResponse {
+    PeerResponse::Error(ErrorReply {
+        code: e.code(),
+        message: e.chain(),
+    })
+}
+
+pub fn error_from_reply(e: ErrorReply) -> AgentError {
+    use rebalancer_proto::ErrorCode as C;
+    let m = e.message;
+    match e.code {
+        C::NotFound => AgentError::NotFound(m),
+        C::Busy => AgentError::Busy(m),
+        C::BadRequest => AgentError::BadRequest(m),
+        C::PermissionDenied => AgentError::PermissionDenied(m),
+        C::Unsupported => AgentError::Unsupported(m),
+        C::NoRoom => AgentError::NoRoom(m),
+        C::Timeout => AgentError::Timeout(m),
+        C::Unreachable => AgentError::Unreachable(m),
+        _ => AgentError::Peer(m),
+    }
+}
+
+/// Client end of a peer connection (source side).
+pub struct PeerConn {
+    pub stream: TcpStream,
+    next_id: u32,
+    pub bytes_sent: u64,
+    pub timeout: Duration,
+}
+
+impl PeerConn {
+    pub async fn connect(
+        agent: &Agent,
+        addr: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> Result<PeerConn, AgentError> {
+        let stream = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                AgentError::Unreachable(format!(
+                    "destination agent {addr} did not answer within 3 s"
+                ))
+            })?
+            .map_err(|e| {
+                AgentError::Unreachable(format!("cannot connect to destination agent {addr}: {e}"))
+            })?;
+        let _ = stream.set_nodelay(true);
+        let mut c = PeerConn {
+            stream,
+            next_id: 1,
+            bytes_sent: 0,
+            timeout,
+        };
+        let mut hello = Hello::new(Role::Agent, crate::SOFTWARE);
+        hello.node = Some(agent.cfg.node.clone());
+        hello.credential = crate::auth::credential(
+            agent.cfg.auth,
+            agent.cfg.munge_socket.as_deref(),
+            &agent.cfg.node,
+        )
+        .await?;
+        c.send(&Frame::json(FrameKind::Hello, 0, &hello)?).await?;
+        let f = c.recv().await?;
+        match f.header.kind {
+            FrameKind::Hello => {
+                let h: Hello = f.decode(FrameKind::Hello, "hello")?;
+                if h.protocol != PROTOCOL_VERSION {
+                    return Err(AgentError::Peer(format!(
+                        "destination speaks protocol {}",
+                        h.protocol
+                    )));
+                }
+            }
+            FrameKind::Response => {
+                let r: PeerResponse = f.decode(FrameKind::Response, "response")?;
+                if let PeerResponse::Error(e) = r {
+                    return Err(error_from_reply(e));
+                }
+                return Err(AgentError::Peer(
+                    "destination answered the hello with a response".into(),
+                ));
+            }
+            k => {
+                return Err(AgentError::Peer(format!(
+                    "destination answered the hello with {k:?}"
+                )))
+            }
+        }
+        Ok(c)
+    }
+
+    async fn send(&mut self, f: &Frame) -> Result<(), AgentError> {
+        self.bytes_sent += (rebalancer_proto::HEADER_LEN + f.payload.len()) as u64;
+        tokio::time::timeout(self.timeout, write_frame_async(&mut self.stream, f))
+            .await
+            .map_err(|_| AgentError::Timeout("sending to the destination timed out".into()))??;
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<Frame, AgentError> {
+        Ok(tokio::time::timeout(
+            self.timeout,
+            read_frame_async(&mut self.stream, PEER_MAX_FRAME),
+        )
+        .await
+        .map_err(|_| AgentError::Timeout("the destination did not answer in time".into()))??)
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn call(&mut self, req: &PeerRequest) -> Result<PeerReply, AgentError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&Frame::json(FrameKind::Request, id, req)?)
+            .await?;
+        self.reply(id).await
+    }
+
+    async fn reply(&mut self, id: u32) -> Result<PeerReply, AgentError> {
+        let f = self.recv().await?;
+        if f.header.id != id {
+            return Err(AgentError::Peer(format!(
+                "reply to request {} while waiting for {id}",
+                f.header.id
+            )));
+        }
+        match f.decode::<PeerResponse>(FrameKind::Response, "response")? {
+            PeerResponse::Ok(r) => Ok(r),
+            PeerResponse::Error(e) => Err(error_from_reply(e)),
+        }
+    }
+
+    /// Sends every file of `dir` (CRIU's non-memory images) and waits for the receipt.
+    pub async fn send_images(&mut self, dir: &std::path::Path) -> Result<u64, AgentError> {
+        let mut files = Vec::new();
+        let rd = std::fs::read_dir(dir).map_err(|source| AgentError::Io {
+            what: format!("read {}", dir.display()),
+            source,
+        })?;
+        for e in rd.flatten() {
+            let md = e.metadata().map_err(|source| AgentError::Io {
+                what: format!("stat {}", e.path().display()),
+                source,
+            })?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            // Logs and stats stay with the source.
+            if md.is_file() && !name.ends_with(".log") && !name.starts_with("stats-") {
+                files.push(ImageFile {
+                    name,
+                    size: md.len(),
+                });
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&Frame::json(
+            FrameKind::Request,
+            id,
+            &PeerRequest::Images {
+                files: files.clone(),
+            },
+        )?)
+        .await?;
+        let mut total = 0;
+        for f in &files {
+            let data =
+                tokio::fs::read(dir.join(&f.name))
+                    .await
+                    .map_err(|source| AgentError::Io {
+                        what: format!("read image {}", f.name),
+                        source,
+                    })?;
+            if data.len() as u64 != f.size {
+                return Err(AgentError::Internal(format!(
+                    "image {} changed while sending",
+                    f.name
+                )));
+            }
+            for chunk in data.chunks(CHUNK) {
+                self.send(&Frame::data(id, chunk.to_vec())?).await?;
+            }
+            total += f.size;
+        }
+        match self.reply(id).await? {
+            PeerReply::ImagesReceived { bytes } if bytes == total => Ok(total),
+            other => Err(AgentError::Peer(format!(
+                "unexpected answer to images: {other:?}"
+            ))),
+        }
+    }
+}
+
+/// An incoming migration on the destination, and what to undo if it does not commit.
+struct Incoming {
+    migration: MigrationId,
+    mode: MigrationMode,
+    meta: ContainerMeta,
+    net: ContainerNet,
+    root: PathBuf,
+    dir: PathBuf,
+    images: PathBuf,
+    page_server: Option<tokio::process::Child>,
+    lazy_daemon: Option<tokio::process::Child>,
+    restored_pid: Option<i32>,
+    committed: bool,
+}
+
+impl Incoming {
+    async fn undo(&mut self, agent: &Agent, why: &str) {
+        tracing::warn!(migration = %self.migration, container = %self.meta.spec.id, reason = why, "incoming migration aborted");
+        if let Some(pid) = self.restored_pid.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            // Pid 1 of a restored tree is our child (subreaper): reap it.
+            let _ = tokio::task::spawn_blocking(move || {
+                nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)
+            })
+            .await;
+        }
+        for c in [self.page_server.take(), self.lazy_daemon.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = c;
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+        netns::destroy(&self.net).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        agent
+            .incoming()
+            .remove(&(self.meta.spec.id.clone(), self.meta.address));
+    }
+}
+
+/// Serves one peer connection (destination side).
+pub async fn serve(agent: Arc<Agent>, mut stream: TcpStream) {
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    let mut incoming: Option<Incoming> = None;
+    let r = serve_inner(&agent, &mut stream, &mut incoming).await;
+    if let Some(mut inc) = incoming {
+        if !inc.committed {
+            let why = match &r {
+                Ok(()) => "source closed the connection before commit".to_string(),
+                Err(e) => e.chain(),
+            };
+            inc.undo(&agent, &why).await;
+        }
+    }
+    if let Err(e) = r {
+        tracing::info!(peer = ?peer, error = %e.chain(), "peer connection ended");
+    }
+}
+
+async fn write_resp<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    id: u32,
+    r: &PeerResponse,
+) -> Result<(), AgentError> {
+    write_frame_async(s, &Frame::json(FrameKind::Response, id, r)?).await?;
+    Ok(())
+}
+
+async fn read_timeout<S: AsyncRead + Unpin>(s: &mut S, t: Duration) -> Result<Frame, AgentError> {
+    Ok(tokio::time::timeout(t, read_frame_async(s, PEER_MAX_FRAME))
+        .await
+        .map_err(|_| AgentError::Timeout("source went silent".into()))??)
+}
+
+async fn serve_inner(
+    agent: &Arc<Agent>,
+    s: &mut TcpStream,
+    incoming: &mut Option<Incoming>,
+) -> Result<(), AgentError> {
+    let timeout = Duration::from_millis(agent.cfg.migration_timeout_ms);
+    // AWAIT_HELLO: nothing but a hello with a valid credential gets further.
+    let f = read_timeout(s, Duration::from_secs(10)).await?;
+    let hello: Hello = match f.decode(FrameKind::Hello, "hello") {
+        Ok(h) => h,
+        Err(e) => {
+            let err = AgentError::PermissionDenied(format!("expected a hello first: {e}"));
+            write_resp(s, f.header.id, &reply_error(&err)).await?;
+            return Err(err);
+        }
+    };
+    if hello.protocol != PROTOCOL_VERSION || hello.role != Role::Agent {
+        let err = AgentError::BadRequest(format!(
+            "peer speaks protocol {} as {:?}; this agent speaks {PROTOCOL_VERSION} with agents",
+            hello.protocol, hello.role
+        ));
+        write_resp(s, 0, &reply_error(&err)).await?;
+        return Err(err);
+    }
+    if let Err(e) = crate::auth::verify(
+        agent.cfg.auth,
+        agent.cfg.munge_socket.as_deref(),
+        hello.node.as_deref(),
+        hello.credential.as_deref(),
+    )
+    .await
+    {
+        tracing::warn!(peer = ?s.peer_addr().ok(), node = ?hello.node, error = %e, "rejected unauthenticated peer");
+        write_resp(s, 0, &reply_error(&e)).await?;
+        return Err(e);
+    }
+    let mut me = Hello::new(Role::Agent, crate::SOFTWARE);
+    me.node = Some(agent.cfg.node.clone());
+    write_frame_async(s, &Frame::json(FrameKind::Hello, 0, &me)?).await?;
+    let source_node = hello.node.unwrap_or_default();
+
+    loop {
+        let f = match read_timeout(s, timeout).await {
+            Ok(f) => f,
+            Err(AgentError::Proto(rebalancer_proto::ProtoError::Closed)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let id = f.header.id;
+        let req: PeerRequest = match f.decode(FrameKind::Request, "request") {
+            Ok(r) => r,
+            Err(e) => {
+                write_resp(s, id, &reply_error(&AgentError::BadRequest(e.to_string()))).await?;
+                continue;
+            }
+        };
+        let result = handle(agent, s, incoming, req, &source_node, timeout).await;
+        let done = matches!(
+            result,
+            Ok(PeerReply::Committed { .. }) | Ok(PeerReply::Aborted)
+        );
+        match result {
+            Ok(r) => write_resp(s, id, &PeerResponse::Ok(r)).await?,
+            Err(e) => {
+                tracing::warn!(error = %e.chain(), "peer request failed");
+                write_resp(s, id, &reply_error(&e)).await?;
+                // A failed step leaves nothing half-done behind.
+                if let Some(mut inc) = incoming.take() {
+                    if !inc.committed {
+                        inc.undo(agent, &e.chain()).await;
+                    }
+                }
+            }
+        }
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+fn pick_port(ip: Ipv4Addr) -> Result<u16, AgentError> {
+    let l = std::net::TcpListener::bind((ip, 0)).map_err(|source| AgentError::Io {
+        what: format!("bind {ip}:0"),
+        source,
+    })?;
+    Ok(l.local_addr()
+        .map_err(|source| AgentError::Io {
+            what: "local_addr".into(),
+            source,
+        })?
+        .port())
+}
+
+/// Starts a criu helper that reports readiness on `--status-fd` and waits for it.
+pub async fn spawn_ready(
+    agent: &Agent,
+    args_for_fd: impl FnOnce(i32) -> Vec<String>,
+    what: &'static str,
+    log_dir: &std::path::Path,
+    log: &str,
+) -> Result<tokio::process::Child, AgentError> {
+    let (r, w): (OwnedFd, OwnedFd) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Io {
+            what: "pipe".into(),
+            source: e.into(),
+        })?;
+    let wfd = w.as_raw_fd();
+    let args = args_for_fd(wfd);
+    let mut child = criu::command(&agent.cfg.criu, &args, &[wfd])
+        .current_dir(log_dir)
+        .spawn()
+        .map_err(|source| AgentError::Io {
+            what: format!("cannot start criu {what}"),
+            source,
+        })?;
+    drop(w);
+    let mut rf = tokio::fs::File::from_std(std::fs::File::from(r));
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut rf, &mut b),
+    )
+    .await
+    .map_err(|_| AgentError::Criu {
+        action: what,
+        message: "not ready after 10 s".into(),
+    })?
+    .unwrap_or(0);
+    if n == 0 {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(AgentError::Criu {
+            action: what,
+            message: criu::log_tail(log_dir, log),
+        });
+    }
+    Ok(child)
+}
+
+async fn handle(
+    agent: &Arc<Agent>,
+    s: &mut TcpStream,
+    incoming: &mut Option<Incoming>,
+    req: PeerRequest,
+    source_node: &str,
+    timeout: Duration,
+) -> Result<PeerReply, AgentError> {
+    match req {
+        PeerRequest::Capabilities => Ok(PeerReply::Capabilities {
+            capabilities: agent.caps.clone(),
+        }),
+        PeerRequest::Prepare {
+            migration,
+            mode,
+            meta,
+            source_node: claimed,
+        } => {
+            if incoming.is_some() {
+                return Err(AgentError::BadRequest("prepare sent twice".into()));
+            }
+            if claimed != source_node {
+                return Err(AgentError::BadRequest(format!(
+                    "prepare names source {claimed}, hello said {source_node}"
+                )));
+            }
+            if !agent.caps.modes.contains(&mode) {
+                return Err(AgentError::Unsupported(format!(
+                    "destination {} does not support {mode}: {}",
+                    agent.cfg.node,
+                    agent.caps.notes.join("; ")
+                )));
+            }
+            let meta = *meta;
+            let id = meta.spec.id.clone();
+            {
+                let cs = agent.containers();
+                if cs.get(&id).is_some_and(|c| {
+                    matches!(
+                        c.state,
+                        ContainerState::Running
+                            | ContainerState::Migrating
+                            | ContainerState::Starting
+                    )
+                }) {
+                    return Err(AgentError::Busy(format!(
+                        "container {id} already runs on {}",
+                        agent.cfg.node
+                    )));
+                }
+            }
+            if agent.address_in_use(meta.address) {
+                return Err(AgentError::NoRoom(format!(
+                    "address {} is in use on {}",
+                    meta.address, agent.cfg.node
+                )));
+            }
+            agent.validate_spec(&meta.spec)?;
+            agent.incoming().insert((id.clone(), meta.address));
+            let dir = agent.container_dir(&id);
+            let mig_dir = agent.cfg.run_dir.join("images").join(&migration);
+            let images = mig_dir.clone();
+            let root = agent.root_for(&meta.spec);
+            let net = agent.new_net(&id, meta.address);
+            let mut inc = Incoming {
+                migration: migration.clone(),
+                mode,
+                meta: meta.clone(),
+                net: net.clone(),
+                root: root.clone(),
+                dir: dir.clone(),
+                images: images.clone(),
+                page_server: None,
+                lazy_daemon: None,
+                restored_pid: None,
+                committed: false,
+            };
+            let r = async {
+                if let rebalancer_proto::RootfsSpec::Host = meta.spec.rootfs {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                std::fs::create_dir_all(&images).map_err(|source| AgentError::Io {
+                    what: format!("mkdir {}", images.display()),
+                    source,
+                })?;
+                container::prepare_root(&root, &meta.mounts, &meta.symlinks)?;
+                for b in &meta.spec.binds {
+                    if !std::path::Path::new(b).exists() {
+                        return Err(AgentError::NoRoom(format!(
+                            "bind source {b} does not exist on {}",
+                            agent.cfg.node
+                        )));
+                    }
+                }
+                netns::create(&net, false).await?;
+                let mut page_server = None;
+                if mode == MigrationMode::StopAndCopy {
+                    let ip = agent.cfg.advertise;
+                    let port = pick_port(ip)?;
+                    let imgs = images.clone();
+                    let child = spawn_ready(
+                        agent,
+                        |fd| criu::page_server_args(&imgs, ip, port, fd),
+                        "page-server",
+                        &images,
+                        "page-server.log",
+                    )
+                    .await?;
+                    page_server = Some((child, (ip, port)));
+                }
+                Ok::<_, AgentError>(page_server)
+            }
+            .await;
+            match r {
+                Ok(ps) => {
+                    let addr = ps.as_ref().map(|(_, a)| *a);
+                    inc.page_server = ps.map(|(c, _)| c);
+                    tracing::info!(migration = %migration, container = %id, mode = %mode, "incoming migration prepared");
+                    *incoming = Some(inc);
+                    Ok(PeerReply::Prepared { page_server: addr })
+                }
+                Err(e) => {
+                    inc.undo(agent, &e.chain()).await;
+                    Err(e)
+                }
+            }
+        }
+        PeerRequest::Images { files } => {
+            let inc = incoming
+                .as_mut()
+                .ok_or_else(|| AgentError::BadRequest("images before prepare".into()))?;
+            let mut total = 0u64;
+            for f in &files {
+                if f.name.contains('/') || f.name.starts_with('.') || f.name.is_empty() {
+                    return Err(AgentError::BadRequest(format!(
+                        "bad image name {:?}",
+                        f.name
+                    )));
+                }
+                let mut data =
+                    Vec::with_capacity(usize::try_from(f.size.min(64 << 20)).unwrap_or(0));
+                while (data.len() as u64) < f.size {
+                    let fr = read_timeout(s, timeout).await?;
+                    if fr.header.kind != FrameKind::Data {
+                        return Err(AgentError::BadRequest("expected image data".into()));
+                    }
+                    data.extend_from_slice(&fr.payload);
+                }
+                if data.len() as u64 != f.size {
+                    return Err(AgentError::BadRequest(format!(
+                        "image {} longer than announced",
+                        f.name
+                    )));
+                }
+                tokio::fs::write(inc.images.join(&f.name), &data)
+                    .await
+                    .map_err(|source| AgentError::Io {
+                        what: format!("write image {}", f.name),
+                        source,
+                    })?;
+                total += f.size;
+            }
+            Ok(PeerReply::ImagesReceived { bytes: total })
+        }
+        PeerRequest::Restore { lazy_pages } => {
+            let inc = incoming
+                .as_mut()
+                .ok_or_else(|| AgentError::BadRequest("restore before prepare".into()))?;
+            restore(agent, inc, lazy_pages).await
+        }
+        PeerRequest::Commit => {
+            let inc = incoming
+                .as_mut()
+                .ok_or_else(|| AgentError::BadRequest("commit before prepare".into()))?;
+            let pid = inc
+                .restored_pid
+                .ok_or_else(|| AgentError::BadRequest("commit before restore".into()))?;
+            inc.committed = true;
+            // Resume first, then take the address over.
+            container::signal_tree(pid, nix::sys::signal::Signal::SIGCONT);
+            let resumed_at = now_millis();
+            if let Err(e) = netns::add_route(&inc.net).await {
+                tracing::error!(migration = %inc.migration, error = %e.chain(), "cannot add the container route");
+            }
+            let uplink = agent.cfg.uplink.clone();
+            let ip = inc.meta.address;
+            // Several announcements: a neighbour entry refreshed within its locktime ignores one.
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = crate::garp::announce(&uplink, ip, 3, Duration::from_millis(300)) {
+                    tracing::warn!(error = %e.chain(), "gratuitous ARP failed");
+                }
+            });
+            let mut meta = inc.meta.clone();
+            meta.started_at = inc.meta.started_at;
+            let c = Container {
+                meta,
+                net: inc.net.clone(),
+                root: inc.root.clone(),
+                dir: inc.dir.clone(),
+                pid,
+                state: ContainerState::Running,
+                exit_status: None,
+            };
+            agent.containers().insert(inc.meta.spec.id.clone(), c);
+            agent
+                .incoming()
+                .remove(&(inc.meta.spec.id.clone(), inc.meta.address));
+            if let Some(mut d) = inc.lazy_daemon.take() {
+                let mig = inc.migration.clone();
+                tokio::spawn(async move {
+                    let st = d.wait().await;
+                    tracing::info!(migration = %mig, status = ?st, "lazy-pages daemon finished");
+                });
+            }
+            let images = inc.images.clone();
+            // Keep the images until the lazy daemon is surely done; they are small (no pages).
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                let _ = std::fs::remove_dir_all(images);
+            });
+            tracing::info!(migration = %inc.migration, container = %inc.meta.spec.id, pid, "migration committed: container runs here");
+            Ok(PeerReply::Committed { resumed_at })
+        }
+        PeerRequest::Abort { reason } => {
+            if let Some(mut inc) = incoming.take() {
+                if !inc.committed {
+                    inc.undo(agent, &reason).await;
+                }
+            }
+            Ok(PeerReply::Aborted)
+        }
+    }
+}
+
+async fn restore(
+    agent: &Arc<Agent>,
+    inc: &mut Incoming,
+    lazy_pages: Option<(Ipv4Addr, u16)>,
+) -> Result<PeerReply, AgentError> {
+    let started = Instant::now();
+    if let Some(mut ps) = inc.page_server.take() {
+        // The page server exits once the dump closed its connection.
+        let st = tokio::time::timeout(Duration::from_secs(30), ps.wait())
+            .await
+            .map_err(|_| AgentError::Timeout("page server still running after the dump".into()))?
+            .map_err(|source| AgentError::Io {
+                what: "wait page server".into(),
+                source,
+            })?;
+        if !st.success() {
+            return Err(AgentError::Criu {
+                action: "page-server",
+                message: criu::log_tail(&inc.images, "page-server.log"),
+            });
+        }
+    }
+    let lazy = inc.mode == MigrationMode::PostCopy;
+    if lazy {
+        let (src, port) = lazy_pages.ok_or_else(|| {
+            AgentError::BadRequest("post-copy restore without page server".into())
+        })?;
+        let imgs = inc.images.clone();
+        let d = spawn_ready(
+            agent,
+            |fd| criu::lazy_pages_args(&imgs, src, port, fd),
+            "lazy-pages",
+            &inc.images,
+            "lazy-pages.log",
+        )
+        .await?;
+        inc.lazy_daemon = Some(d);
+    }
+    let (out, err) = agent.stdio_paths(&inc.meta.spec);
+    let stdio = container::stdio_pipes(&out, &err)?;
+    let net = std::fs::File::open(inc.net.path()).map_err(|source| AgentError::Io {
+        what: format!("open {}", inc.net.path().display()),
+        source,
+    })?;
+    let mut inherit = vec![(net.as_raw_fd(), criu::NET_KEY.to_string())];
+    for (fd, key) in stdio.child.iter().zip(inc.meta.stdio_keys.iter()) {
+        inherit.push((fd.as_raw_fd(), key.clone()));
+    }
+    let keep: Vec<i32> = inherit.iter().map(|(fd, _)| *fd).collect();
+    let pidfile = inc.images.join("restored.pid");
+    let args = criu::RestoreArgs {
+        images_dir: inc.images.clone(),
+        root: inc.root.clone(),
+        ext_mounts: container::external_mounts(&inc.meta.mounts)
+            .into_iter()
+            .map(|(_, key, src)| (key, src))
+            .collect(),
+        inherit,
+        pidfile: pidfile.clone(),
+        lazy,
+        leave_stopped: true,
+    }
+    .build();
+    let r = criu::run(
+        &agent.cfg.criu,
+        "restore",
+        &args,
+        &keep,
+        &inc.images,
+        "restore.log",
+    )
+    .await;
+    drop(stdio);
+    drop(net);
+    r?;
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| AgentError::Criu {
+            action: "restore",
+            message: format!("no pid in {}", pidfile.display()),
+        })?;
+    inc.restored_pid = Some(pid);
+    let stats = criu::read_stats(&inc.images, "stats-restore").unwrap_or_default();
+    tracing::info!(migration = %inc.migration, pid, "restored (stopped), waiting for commit");
+    Ok(PeerReply::Restored {
+        pid,
+        restore_ms: started.elapsed().as_millis() as u64,
+        pages_restored: stats.pages_restored,
+    })
+}
