@@ -274,6 +274,24 @@ impl PolicySet {
         self.policies.is_empty()
     }
 
+    /// Run-time switch (`rebalctl update policy=NAME state=...`); false when no such policy.
+    pub fn set_enabled(&mut self, name: &str, enabled: bool) -> bool {
+        self.policies
+            .iter_mut()
+            .find(|p| p.name == name)
+            .map(|p| p.enabled = enabled)
+            .is_some()
+    }
+
+    /// Run-time override of a policy's action (e.g. force dry-run); false when no such policy.
+    pub fn set_action(&mut self, name: &str, action: Action) -> bool {
+        self.policies
+            .iter_mut()
+            .find(|p| p.name == name)
+            .map(|p| p.action = action)
+            .is_some()
+    }
+
     pub fn len(&self) -> usize {
         self.policies.len()
     }

@@ -59,9 +59,30 @@ fn unknown_key_reports_exact_position() {
     let p = problems(&[("pol/t.toml", text)]);
     assert_eq!(p.len(), 1);
     assert!(
-        p[0].starts_with("pol/t.toml:5:3: unknown field `hgih`"),
+        p[0].starts_with(
+            "pol/t.toml:5:3: unknown key `hgih` in [trigger]; expected one of `states`"
+        ),
         "{}",
         p[0]
+    );
+}
+
+#[test]
+fn every_unknown_key_is_listed_not_just_the_first() {
+    let text = "kind = \"load\"\nprioriy = 3\ntrigger = { high = 1, hgih = 2 }\n[limits]\nmax_concurent = 2\njob_cooldown_s = 1\n[scope.extra]\nx = 1\n";
+    let p = problems(&[("t.toml", text)]);
+    let heads: Vec<&str> = p
+        .iter()
+        .map(|l| l.split(';').next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        heads,
+        [
+            "t.toml:2:1: unknown key `prioriy`",
+            "t.toml:3:23: unknown key `hgih` in [trigger]",
+            "t.toml:5:1: unknown key `max_concurent` in [limits]",
+            "t.toml:7:8: unknown key `extra` in [scope]",
+        ]
     );
 }
 
@@ -154,7 +175,7 @@ fn load_dir_reads_only_toml_files_and_reports_each_bad_file() {
     let err = load_dir(&d).expect_err("two bad files");
     let lines: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
-    assert!(lines[0].ends_with("b.toml:2:1: unknown field `bogus`, expected one of `name`, `kind`, `enabled`, `action`, `priority`, `description`, `trigger`, `scope`, `selection`, `destination`, `migration`, `limits`"), "{}", lines[0]);
+    assert!(lines[0].ends_with("b.toml:2:1: unknown key `bogus`; expected one of `name`, `kind`, `enabled`, `action`, `priority`, `description`, `trigger`, `scope`, `selection`, `destination`, `migration`, `limits`"), "{}", lines[0]);
     assert!(
         lines[1].ends_with("c.toml:1:1: a load policy needs a [trigger] table with `high`"),
         "{}",

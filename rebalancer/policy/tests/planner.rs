@@ -630,3 +630,17 @@ fn state_round_trips_through_json_and_drops_removed_policies() {
     let _ = plan(&empty, &thermal_view(90.0, 20), &mut back);
     assert!(back.hysteresis.is_empty());
 }
+
+#[test]
+fn run_time_overrides_switch_policies_without_reloading() {
+    let mut set = policies(&[("drain.toml", DRAIN)]);
+    assert!(set.set_action("drain", rebalancer_policy::Action::DryRun));
+    let p = plan(&set, &mixed_view(0), &mut PolicyState::default());
+    assert_eq!(p.decisions.len(), 1);
+    assert_eq!(p.decisions[0].action, DecisionAction::DryRun);
+    assert!(set.set_enabled("drain", false));
+    assert!(plan(&set, &mixed_view(0), &mut PolicyState::default())
+        .decisions
+        .is_empty());
+    assert!(!set.set_enabled("nope", true));
+}
