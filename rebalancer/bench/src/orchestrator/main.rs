@@ -1,0 +1,485 @@
+//! `rebalancer-bench`: migrates a TCP counter workload between two node namespaces with each
+//! toolchain and mode, per memory size, and reports downtime, the client's largest gap, total
+//! time, bytes between the nodes and per-phase times. Needs root. See docs/benchmarks.md.
+
+mod agent;
+mod cr;
+mod net;
+mod sys;
+mod xfer;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rebalancer_bench::report::{markdown_table, size_label, Outcome, Row, RunReport};
+use rebalancer_bench::wire::ClientReport;
+
+use crate::net::{ContainerNet, CLIENT, CONTAINER_IP, SRC};
+use crate::sys::{Proc, SysError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    StopAndCopy,
+    PostCopy,
+    PreCopy,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::StopAndCopy => "stop-and-copy",
+            Mode::PostCopy => "post-copy",
+            Mode::PreCopy => "pre-copy",
+        }
+    }
+}
+
+/// What one migration measured from the orchestrator's side.
+#[derive(Debug, Default)]
+pub struct Migration {
+    pub phases: Vec<(String, f64)>,
+    pub total_ms: f64,
+    /// Freeze started → the restore command returned and the address was announced.
+    pub resumed_ms: Option<f64>,
+}
+
+/// Settings shared by every run.
+pub struct Ctx {
+    /// Directory holding this crate's binaries.
+    pub bins: PathBuf,
+    pub criu: PathBuf,
+    /// tmpfs directory for images, bundles and runc state.
+    pub workdir: PathBuf,
+    pub log_dir: PathBuf,
+    pub dirty_percent_per_sec: f64,
+    pub agent_bin: Option<PathBuf>,
+    pub settle_ms: u64,
+    pub after_ms: u64,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Live-migration benchmark: rebalancer-agent vs plain CRIU vs runc (needs root)")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Memory sizes (RSS of the workload): e.g. 64M,256M,1G,2G.
+    #[arg(long, value_delimiter = ',', default_value = "64M,256M,1G,2G")]
+    sizes: Vec<String>,
+    /// Toolchains to compare.
+    #[arg(long, value_delimiter = ',', default_value = "agent,criu,runc")]
+    toolchains: Vec<String>,
+    /// Migration modes.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "stop-and-copy,post-copy,pre-copy"
+    )]
+    modes: Vec<String>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also write the Markdown table here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// tmpfs directory for images and bundles (removed at exit).
+    #[arg(long, default_value = "/dev/shm/rbb-bench")]
+    workdir: PathBuf,
+    /// CRIU and agent logs of every run are kept here.
+    #[arg(long, default_value = "/tmp/rbb-bench-logs")]
+    log_dir: PathBuf,
+    #[arg(long, default_value = "/usr/local/sbin/criu")]
+    criu: PathBuf,
+    /// The agent binary (default: rebalancer-agent next to this binary).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Share of the workload's pages written per second, in percent.
+    #[arg(long, default_value_t = 2.0)]
+    dirty_percent_per_sec: f64,
+    /// Client traffic before the migration starts, in ms.
+    #[arg(long, default_value_t = 500)]
+    settle_ms: u64,
+    /// Client traffic after the migration ends, in ms.
+    #[arg(long, default_value_t = 1000)]
+    after_ms: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// (internal) receive an image directory over TCP.
+    RecvDir {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// (internal) send an image directory over TCP.
+    SendDir {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim().to_ascii_uppercase();
+    let s = s.trim_end_matches("IB").trim_end_matches('B');
+    let (num, mult) = match s.chars().last() {
+        Some('G') => (&s[..s.len() - 1], 1024),
+        Some('M') => (&s[..s.len() - 1], 1),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("bad memory size `{s}`"))?;
+    anyhow::ensure!(n > 0, "memory size must be positive");
+    Ok(n * mult)
+}
+
+fn first_line(mut c: std::process::Command) -> String {
+    sys::run(&mut c)
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Starts the client in its own node namespace and waits until the workload is ready.
+fn start_client(
+    ctx: &Ctx,
+    mib: u64,
+) -> Result<(Proc, std::sync::mpsc::Receiver<String>), SysError> {
+    let mut cmd = sys::in_netns(
+        CLIENT.name,
+        &ctx.bins.join("bench-client").to_string_lossy(),
+    );
+    cmd.args([
+        "--server",
+        &format!("{CONTAINER_IP}:7000"),
+        "--read-timeout-s",
+        "30",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped());
+    let mut p = Proc::spawn("bench-client", &mut cmd)?;
+    let out = p
+        .child()
+        .stdout
+        .take()
+        .ok_or_else(|| SysError::Other("client has no stdout".into()))?;
+    let rx = sys::line_reader(out);
+    let wait = Duration::from_secs(30 + mib / 64);
+    let line = sys::recv_line(&rx, "bench-client", wait).map_err(|e| {
+        let err = p.stderr_text();
+        SysError::Other(format!("{e} {err}"))
+    })?;
+    if line != "ready" {
+        return Err(SysError::Other(format!("client said `{line}`")));
+    }
+    Ok((p, rx))
+}
+
+fn stop_client(
+    p: &mut Proc,
+    rx: &std::sync::mpsc::Receiver<String>,
+) -> Result<ClientReport, SysError> {
+    if let Some(stdin) = p.child().stdin.as_mut() {
+        let _ = stdin.write_all(b"stop\n");
+        let _ = stdin.flush();
+    }
+    let line = sys::recv_line(rx, "bench-client report", Duration::from_secs(45))?;
+    serde_json::from_str(&line).map_err(|e| SysError::Other(format!("client report: {e}: {line}")))
+}
+
+fn fill_from_client(row: &mut Row, rep: &ClientReport) {
+    row.client_gap_ms = Some(rep.max_gap_us as f64 / 1000.0);
+    row.client_errors = rep.errors.clone();
+    row.downtime_ms = rep
+        .server
+        .as_ref()
+        .map(|s| s.max_heartbeat_gap_us as f64 / 1000.0);
+    row.counter_ok =
+        Some(!rep.counter_went_backwards && rep.errors.is_empty() && rep.server.is_some());
+}
+
+fn run_cr(
+    ctx: &Ctx,
+    tool: cr::Tool,
+    mode: Mode,
+    mib: u64,
+    idx: usize,
+    row: &mut Row,
+) -> Result<(), SysError> {
+    let run_name = format!("{idx:02}-{}-{}-{mib}M", row.toolchain, mode.name());
+    let dirs = cr::Dirs::new(ctx, &run_name)?;
+    let src = ContainerNet::create("rbb-cs", SRC, "rbbv-s")?;
+    src.route_add()?;
+    let w = cr::start_workload(ctx, tool, &src, mib)?;
+    let (mut client, rx) = start_client(ctx, mib)?;
+    sys::sleep(Duration::from_millis(ctx.settle_ms))?;
+    let b0 = net::node_bytes()?;
+    let port = 20000 + (idx as u16 % 1000) * 4;
+    let res = cr::migrate(ctx, tool, mode, &w, &src, &dirs, port);
+    let outcome = match res {
+        Ok(m) => {
+            row.total_ms = Some(m.total_ms);
+            row.phases = m.phases;
+            if let Some(r) = m.resumed_ms {
+                row.phases.push(("frozen→announced".into(), r));
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    if outcome.is_ok() {
+        sys::sleep(Duration::from_millis(ctx.after_ms))?;
+    }
+    row.bytes_between_nodes = net::node_bytes().ok().map(|b1| b1.saturating_sub(b0));
+    match stop_client(&mut client, &rx) {
+        Ok(rep) => fill_from_client(row, &rep),
+        Err(e) if outcome.is_ok() => return Err(e),
+        Err(_) => {}
+    }
+    outcome
+}
+
+struct Settings {
+    ctx: Ctx,
+    sizes: Vec<u64>,
+    toolchains: Vec<String>,
+    modes: Vec<Mode>,
+}
+
+impl std::ops::Deref for Settings {
+    type Target = Ctx;
+    fn deref(&self) -> &Ctx {
+        &self.ctx
+    }
+}
+
+fn cleanup_run(ctx: &Ctx, tool: &str) {
+    match tool {
+        "criu" => cr::cleanup(ctx, cr::Tool::Criu),
+        "runc" => cr::cleanup(ctx, cr::Tool::Runc),
+        "agent" => agent::cleanup(ctx),
+        _ => {}
+    }
+    net::delete_netns("rbb-cs");
+    net::delete_netns("rbb-cd");
+}
+
+fn benchmark(
+    s: &Settings,
+    precopy_ok: Result<(), String>,
+    report: &mut RunReport,
+) -> Result<(), SysError> {
+    let mut idx = 0;
+    for &mib in &s.sizes {
+        for tool in &s.toolchains {
+            for &mode in &s.modes {
+                sys::check_interrupt()?;
+                idx += 1;
+                let mut row = Row::new(mib, tool, mode.name(), Outcome::Ok);
+                eprintln!("[{}] {} {} {} ...", idx, size_label(mib), tool, mode.name());
+                let started = Instant::now();
+                if mode == Mode::PreCopy {
+                    if let Err(why) = &precopy_ok {
+                        row.outcome = Outcome::Unsupported(why.clone());
+                        report.rows.push(row);
+                        continue;
+                    }
+                }
+                let res = match tool.as_str() {
+                    "criu" if mode != Mode::PreCopy => {
+                        run_cr(&s.ctx, cr::Tool::Criu, mode, mib, idx, &mut row)
+                    }
+                    "runc" if mode != Mode::PreCopy => {
+                        run_cr(&s.ctx, cr::Tool::Runc, mode, mib, idx, &mut row)
+                    }
+                    "agent" => agent::run(&s.ctx, mode, mib, idx, &mut row),
+                    _ => Err(SysError::Other(format!(
+                        "{tool} does not drive {}",
+                        mode.name()
+                    ))),
+                };
+                cleanup_run(&s.ctx, tool);
+                match res {
+                    Ok(()) => {}
+                    Err(SysError::Interrupted) => return Err(SysError::Interrupted),
+                    Err(SysError::Other(m)) if m.starts_with("unsupported: ") => {
+                        row.outcome = Outcome::Unsupported(m["unsupported: ".len()..].to_string())
+                    }
+                    Err(e) => row.outcome = Outcome::Failed(error_chain(&e)),
+                }
+                eprintln!(
+                    "    downtime {:?} ms, client gap {:?} ms, total {:?} ms, {:?} ({:.1} s)",
+                    row.downtime_ms.map(|v| v.round()),
+                    row.client_gap_ms.map(|v| v.round()),
+                    row.total_ms.map(|v| v.round()),
+                    row.outcome,
+                    started.elapsed().as_secs_f64()
+                );
+                report.rows.push(row);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rebalancer-bench: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let args = Args::parse();
+    match &args.cmd {
+        Some(Cmd::RecvDir { listen, dir }) => {
+            xfer::receive(listen, dir)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Cmd::SendDir { to, dir }) => {
+            xfer::send(dir, to)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
+    }
+    // SAFETY: geteuid has no preconditions.
+    anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark needs root");
+    let sizes = args
+        .sizes
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let modes = args
+        .modes
+        .iter()
+        .map(|m| match m.as_str() {
+            "stop-and-copy" => Ok(Mode::StopAndCopy),
+            "post-copy" => Ok(Mode::PostCopy),
+            "pre-copy" => Ok(Mode::PreCopy),
+            o => anyhow::bail!("unknown mode `{o}` (stop-and-copy, post-copy, pre-copy)"),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for t in &args.toolchains {
+        anyhow::ensure!(
+            matches!(t.as_str(), "agent" | "criu" | "runc"),
+            "unknown toolchain `{t}`"
+        );
+    }
+    let bins = std::env::current_exe()
+        .context("locate this binary")?
+        .parent()
+        .map(PathBuf::from)
+        .context("binary has no directory")?;
+    let ctx = Ctx {
+        agent_bin: Some(
+            args.agent
+                .clone()
+                .unwrap_or_else(|| bins.join("rebalancer-agent")),
+        ),
+        bins,
+        criu: args.criu.clone(),
+        workdir: args.workdir.clone(),
+        log_dir: args.log_dir.clone(),
+        dirty_percent_per_sec: args.dirty_percent_per_sec,
+        settle_ms: args.settle_ms,
+        after_ms: args.after_ms,
+    };
+    std::fs::create_dir_all(&ctx.workdir).context("create work directory")?;
+    std::fs::create_dir_all(&ctx.log_dir).context("create log directory")?;
+    // CRIU's page pipes need 4 MiB pipes; without CAP_SYS_RESOURCE the limit must allow it.
+    if std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .is_some_and(|v| v < 8 << 20)
+    {
+        let _ = std::fs::write("/proc/sys/fs/pipe-max-size", "8388608");
+    }
+    sys::install_signal_handlers();
+
+    let precopy_ok = match sys::run(std::process::Command::new(&ctx.criu).args([
+        "check",
+        "--feature",
+        "mem_dirty_track",
+    ])) {
+        Ok(_) => Ok(()),
+        Err(_) => Err("kernel lacks soft-dirty (criu check --feature mem_dirty_track)".to_string()),
+    };
+    let mut report = RunReport {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        started_unix_s: rebalancer_bench::wire::unix_us() / 1_000_000,
+        kernel: first_line({
+            let mut c = std::process::Command::new("uname");
+            c.arg("-r");
+            c
+        }),
+        criu_version: first_line({
+            let mut c = std::process::Command::new(&ctx.criu);
+            c.arg("--version");
+            c
+        })
+        .trim_start_matches("Version: ")
+        .to_string(),
+        runc_version: first_line({
+            let mut c = std::process::Command::new("runc");
+            c.arg("--version");
+            c
+        })
+        .trim_start_matches("runc version ")
+        .to_string(),
+        ..Default::default()
+    };
+    let settings = Settings {
+        ctx,
+        sizes,
+        toolchains: args.toolchains.clone(),
+        modes,
+    };
+    let started = Instant::now();
+    let res = net::setup().and_then(|_| benchmark(&settings, precopy_ok, &mut report));
+    for t in &settings.toolchains {
+        cleanup_run(&settings.ctx, t);
+    }
+    net::teardown();
+    let _ = std::fs::remove_dir_all(&settings.workdir);
+    report.wall_clock_s = started.elapsed().as_secs_f64();
+
+    let table = markdown_table(&report.rows);
+    println!("{table}");
+    println!("wall clock: {:.0} s", report.wall_clock_s);
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("write {}", p.display()))?;
+    }
+    if let Some(p) = &args.markdown {
+        std::fs::write(p, &table).with_context(|| format!("write {}", p.display()))?;
+    }
+    match res {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(SysError::Interrupted) => {
+            eprintln!("rebalancer-bench: interrupted; everything torn down");
+            Ok(ExitCode::from(130))
+        }
+        Err(e) => Err(anyhow::anyhow!(error_chain(&e))).context("benchmark aborted"),
+    }
+}
