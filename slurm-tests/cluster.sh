@@ -23,6 +23,8 @@ readonly CTLD_PORT=6817 SLURMD_PORT=6818 DBD_PORT=6819 DB_PORT=16819
 readonly MAX_NODES=200
 
 log() { printf 'cluster: %s\n' "$*" >&2; }
+# RBC_VERBOSE=1 times each phase of up.
+phase() { [ "${RBC_VERBOSE:-0}" = 1 ] && log "$(date +%T.%3N) $*"; return 0; }
 die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
@@ -110,26 +112,20 @@ netns_is_ours() {
 }
 
 kill_netns_pids() {
-  local ns=$1 ino root_ino p
-  ino=$(stat -L -c %i "/run/netns/$ns" 2>/dev/null) || return 0
-  root_ino=$(stat -L -c %i /proc/self/ns/net)
-  [ "$ino" != "$root_ino" ] || return 0
-  for p in /proc/[0-9]*; do
-    [ "$(stat -L -c %i "$p/ns/net" 2>/dev/null)" = "$ino" ] && kill -9 "${p#/proc/}" 2>/dev/null
-  done
+  local pids
+  pids=$(ip netns pids "$1" 2>/dev/null) || return 0
+  [ -n "$pids" ] && kill -9 $pids 2>/dev/null
   return 0
 }
 
 # Processes whose command line names the state dir: daemons whose pid file is lost after a crash.
 kill_state_dir_pids() {
-  local p cmdl
-  for p in /proc/[0-9]*; do
-    [ "${p#/proc/}" = "$$" ] && continue
-    cmdl=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null) || continue
-    case $cmdl in
-      *cluster.sh*) ;;
-      *"$S/"*) kill -9 "${p#/proc/}" 2>/dev/null ;;
-    esac
+  local f p
+  for f in $(grep -lsF -- "$S/" /proc/[0-9]*/cmdline); do
+    p=${f#/proc/}; p=${p%/cmdline}
+    [ "$p" = "$$" ] && continue
+    grep -qsF cluster.sh "$f" && continue
+    kill -9 "$p" 2>/dev/null
   done
   return 0
 }
@@ -137,14 +133,17 @@ kill_state_dir_pids() {
 do_down() {
   set +e
   local f ns n k
-  # Daemons first (pid files), politely for a moment, then everything that is left.
+  # Daemons first (pid files): a moment to exit, then SIGKILL; the state goes away anyway.
+  local -a pids=()
   for f in "$S"/run/*.pid "$S"/munge/munged.pid "$S"/db/mariadbd.pid; do
-    [ -s "$f" ] && kill -TERM "$(cat "$f")" 2>/dev/null
+    [ -s "$f" ] && pids+=("$(cat "$f" 2>/dev/null)")
   done
-  for f in "$S"/run/*.pid "$S"/munge/munged.pid "$S"/db/mariadbd.pid; do
-    [ -s "$f" ] || continue
-    wait_for 2 sh -c "! kill -0 $(cat "$f") 2>/dev/null" || kill -9 "$(cat "$f")" 2>/dev/null
-  done
+  if [ ${#pids[@]} -gt 0 ]; then
+    kill -TERM "${pids[@]}" 2>/dev/null
+    any_alive() { local p; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+    for ((k = 0; k < 10; k++)); do any_alive || break; sleep 0.1; done
+    kill -KILL "${pids[@]}" 2>/dev/null
+  fi
   n=$(recorded_nodes)
   [ "$n" -ge 3 ] 2>/dev/null || n=3
   # Namespaces named nodeK that carry our addresses, recorded or not (a crash may lose the record).
@@ -326,6 +325,7 @@ AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$S/munge/munge.socket
 JobCompType=jobcomp/none
 MpiDefault=none
+MailProg=/bin/true
 SchedulerType=sched/backfill
 SchedulerParameters=permit_job_expansion
 SelectType=select/cons_tres
@@ -371,8 +371,7 @@ start_slurm() {
   slurmdbd || { tail_log "$S/log/slurmdbd.log"; die "slurmdbd did not start"; }
   wait_for 30 sacctmgr -n list cluster ||
     { tail_log "$S/log/slurmdbd.log"; die "slurmdbd does not answer"; }
-  sacctmgr -i -Q add cluster "$CLUSTER_NAME" >/dev/null ||
-    { tail_log "$S/log/slurmdbd.log"; die "could not register cluster $CLUSTER_NAME"; }
+  phase slurmctld
   slurmctld -i || { tail_log "$S/log/slurmctld.log"; die "slurmctld did not start"; }
   wait_for 20 scontrol ping || { tail_log "$S/log/slurmctld.log"; die "slurmctld does not answer"; }
   for ((k = 1; k <= nodes; k++)); do
@@ -381,6 +380,7 @@ start_slurm() {
     nsenter --net="/run/netns/$node" slurmd -N "$node" -f "$S/slurm.conf" ||
       { tail_log "$S/log/slurmd-$node.log"; die "slurmd on $node did not start"; }
   done
+  phase "wait for idle nodes"
   all_idle() { [ "$(sinfo -h -N -o '%t' | grep -c '^idle$')" = "$nodes" ]; }
   if ! wait_for 30 all_idle; then
     sinfo -N >&2 || true
@@ -427,10 +427,15 @@ do_up() {
   echo "$S" >"$CURRENT"
   trap 'rc=$?; if [ $rc != 0 ]; then log "up failed; state left in $S for inspection: run '"'"'$0 down --state-dir $S'"'"' to clean"; fi' EXIT
   local t0=$SECONDS
+  phase setup_network
   setup_network
+  phase write_configs
   write_configs
+  phase start_munge
   start_munge
+  phase start_mariadb
   start_mariadb
+  phase start_slurm
   start_slurm
   trap - EXIT
   log "up at $S: $nodes nodes in $((SECONDS - t0)) s; run: eval \"\$($0 env)\""
