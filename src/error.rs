@@ -57,6 +57,11 @@ impl SlurmErrno {
         }
     }
 
+    /// `SLURM_NO_CHANGE_IN_DATA`: a load with an update time found nothing newer.
+    pub fn is_no_change(&self) -> bool {
+        self.code == sys::SLURM_NO_CHANGE_IN_DATA as i32
+    }
+
     /// Slurm's `ESLURM_INVALID_JOB_ID`.
     pub fn is_invalid_job_id(&self) -> bool {
         self.code == sys::ESLURM_INVALID_JOB_ID as i32

@@ -253,21 +253,52 @@ fn user_name(uid: u32) -> Option<String> {
     unsafe { crate::ffi::opt_string(pwd.pw_name) }
 }
 
+/// Jobs with the controller's timestamp of that view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSnapshot {
+    /// slurmctld's `last_update` (Unix seconds), for [`Slurm::load_jobs_since`].
+    pub last_update: i64,
+    /// The jobs.
+    pub jobs: Vec<Job>,
+}
+
 /// Owned `job_info_msg_t`.
 struct JobInfoMsg(NonNull<sys::job_info_msg_t>);
 
 impl JobInfoMsg {
-    fn load() -> Result<Self> {
+    /// None: nothing changed since `since` (0 loads unconditionally).
+    fn load(since: libc::time_t) -> Result<Option<Self>> {
         let mut raw: *mut sys::job_info_msg_t = std::ptr::null_mut();
         // SAFETY: valid out-pointer; on success we own the allocated message.
-        let rc = unsafe { sys::slurm_load_jobs(0, &mut raw, sys::RS_SHOW_ALL as u16) };
+        let rc = unsafe { sys::slurm_load_jobs(since, &mut raw, sys::RS_SHOW_ALL as u16) };
         if rc != 0 {
-            return Err(Error::last("slurm_load_jobs"));
+            let err = SlurmErrno::last();
+            if since != 0 && err.is_no_change() {
+                return Ok(None);
+            }
+            return Err(Error::Api {
+                call: "slurm_load_jobs",
+                source: err,
+            });
         }
-        NonNull::new(raw).map(JobInfoMsg).ok_or_else(|| Error::Api {
+        NonNull::new(raw)
+            .map(|p| Some(JobInfoMsg(p)))
+            .ok_or_else(|| Error::Api {
+                call: "slurm_load_jobs",
+                source: SlurmErrno::from_code(sys::SLURM_UNEXPECTED_MSG_ERROR as i32),
+            })
+    }
+
+    fn all() -> Result<Self> {
+        Self::load(0)?.ok_or_else(|| Error::Api {
             call: "slurm_load_jobs",
             source: SlurmErrno::from_code(sys::SLURM_UNEXPECTED_MSG_ERROR as i32),
         })
+    }
+
+    fn last_update(&self) -> i64 {
+        // SAFETY: live message we own.
+        unsafe { self.0.as_ref() }.last_update
     }
 
     fn records(&self) -> &[sys::slurm_job_info_t] {
@@ -413,7 +444,7 @@ impl Drop for StepInfoMsg {
 impl Slurm {
     /// Every job slurmctld still holds (pending, running and recently finished).
     pub fn load_jobs(&self) -> Result<Vec<Job>> {
-        let msg = JobInfoMsg::load()?;
+        let msg = JobInfoMsg::all()?;
         msg.records()
             .iter()
             // SAFETY: records of the live message `msg`.
@@ -421,9 +452,28 @@ impl Slurm {
             .collect()
     }
 
+    /// Like [`Slurm::load_jobs`], but None if slurmctld reports no change since `last_update`
+    /// (from an earlier [`JobSnapshot`]; 0 always loads).
+    pub fn load_jobs_since(&self, last_update: i64) -> Result<Option<JobSnapshot>> {
+        let since = libc::time_t::try_from(last_update).unwrap_or(0);
+        let Some(msg) = JobInfoMsg::load(since)? else {
+            return Ok(None);
+        };
+        let jobs = msg
+            .records()
+            .iter()
+            // SAFETY: records of the live message `msg`.
+            .map(|rec| unsafe { Job::from_record(rec) })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(JobSnapshot {
+            last_update: msg.last_update(),
+            jobs,
+        }))
+    }
+
     /// One job by id.
     pub fn load_job(&self, job_id: u32) -> Result<Job> {
-        let msg = JobInfoMsg::load()?;
+        let msg = JobInfoMsg::all()?;
         let rec = msg
             .records()
             .iter()

@@ -26,6 +26,6 @@ pub use client::{Slurm, SlurmVersion, DEFAULT_CONF};
 pub use error::{Error, Result, SlurmErrno};
 pub use expand::{ExpandOptions, Expansion};
 pub use hostlist::Hostlist;
-pub use jobs::{Job, JobState, JobStateBase, Step, StepId};
-pub use nodes::{BaseState, DrainPhase, Node, NodeFlag, NodeState};
+pub use jobs::{Job, JobSnapshot, JobState, JobStateBase, Step, StepId};
+pub use nodes::{BaseState, DrainPhase, Node, NodeFlag, NodeSnapshot, NodeState};
 pub use update::{JobUpdate, NodeCount, NodeStateChange};

@@ -4,7 +4,7 @@ use std::fmt;
 use std::ptr::NonNull;
 
 use crate::client::Slurm;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SlurmErrno};
 use crate::ffi::{nonempty_string, split_list};
 use crate::sys;
 
@@ -405,24 +405,46 @@ pub struct Node {
     pub hostname: Option<String>,
 }
 
+/// Nodes with the controller's timestamp of that view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSnapshot {
+    /// slurmctld's `last_update` (Unix seconds), for [`Slurm::load_nodes_since`].
+    pub last_update: i64,
+    /// The nodes.
+    pub nodes: Vec<Node>,
+}
+
 /// Owned `node_info_msg_t`.
 struct NodeInfoMsg(NonNull<sys::node_info_msg_t>);
 
 impl NodeInfoMsg {
-    fn load() -> Result<Self> {
+    /// None: nothing changed since `since` (a previous `last_update`; 0 loads unconditionally).
+    fn load(since: libc::time_t) -> Result<Option<Self>> {
         let mut raw: *mut sys::node_info_msg_t = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer; on success libslurm stores an allocated message we
-        // then own. update_time 0 asks for everything.
-        let rc = unsafe { sys::slurm_load_node(0, &mut raw, sys::RS_SHOW_ALL as u16) };
+        // then own.
+        let rc = unsafe { sys::slurm_load_node(since, &mut raw, sys::RS_SHOW_ALL as u16) };
         if rc != 0 {
-            return Err(Error::last("slurm_load_node"));
+            let err = SlurmErrno::last();
+            if since != 0 && err.is_no_change() {
+                return Ok(None);
+            }
+            return Err(Error::Api {
+                call: "slurm_load_node",
+                source: err,
+            });
         }
         NonNull::new(raw)
-            .map(NodeInfoMsg)
+            .map(|p| Some(NodeInfoMsg(p)))
             .ok_or_else(|| Error::Api {
                 call: "slurm_load_node",
-                source: crate::error::SlurmErrno::from_code(sys::SLURM_UNEXPECTED_MSG_ERROR as i32),
+                source: SlurmErrno::from_code(sys::SLURM_UNEXPECTED_MSG_ERROR as i32),
             })
+    }
+
+    fn last_update(&self) -> i64 {
+        // SAFETY: live message we own.
+        unsafe { self.0.as_ref() }.last_update
     }
 
     fn records(&self) -> &[sys::node_info_t] {
@@ -461,7 +483,7 @@ impl PartitionInfoMsg {
             .map(PartitionInfoMsg)
             .ok_or_else(|| Error::Api {
                 call: "slurm_load_partitions",
-                source: crate::error::SlurmErrno::from_code(sys::SLURM_UNEXPECTED_MSG_ERROR as i32),
+                source: SlurmErrno::from_code(sys::SLURM_UNEXPECTED_MSG_ERROR as i32),
             })
     }
 }
@@ -543,17 +565,32 @@ impl Node {
 impl Slurm {
     /// Every node slurmctld knows, with partitions filled in as scontrol does.
     pub fn load_nodes(&self) -> Result<Vec<Node>> {
-        let nodes = NodeInfoMsg::load()?;
+        Ok(self
+            .load_nodes_since(0)?
+            .map(|s| s.nodes)
+            .unwrap_or_default())
+    }
+
+    /// Like [`Slurm::load_nodes`], but None if slurmctld reports no change since `last_update`
+    /// (from an earlier [`NodeSnapshot`]; 0 always loads).
+    pub fn load_nodes_since(&self, last_update: i64) -> Result<Option<NodeSnapshot>> {
+        let since = libc::time_t::try_from(last_update).unwrap_or(0);
+        let Some(nodes) = NodeInfoMsg::load(since)? else {
+            return Ok(None);
+        };
         let parts = PartitionInfoMsg::load()?;
         // SAFETY: both messages are live and owned here; the call only xstrdup()s partition
         // names into node records, which slurm_free_node_info_msg frees.
         unsafe { sys::slurm_populate_node_partitions(nodes.0.as_ptr(), parts.0.as_ptr()) };
-        Ok(nodes
-            .records()
-            .iter()
-            // SAFETY: records of the live message `nodes`.
-            .filter_map(|rec| unsafe { Node::from_record(rec) })
-            .collect())
+        Ok(Some(NodeSnapshot {
+            last_update: nodes.last_update(),
+            nodes: nodes
+                .records()
+                .iter()
+                // SAFETY: records of the live message `nodes`.
+                .filter_map(|rec| unsafe { Node::from_record(rec) })
+                .collect(),
+        }))
     }
 
     /// One node by name (None if slurmctld does not know it).

@@ -134,7 +134,17 @@ fn nodes_are_listed(slurm: &Slurm) {
 }
 
 fn drain_and_resume(slurm: &Slurm, cluster: &TestCluster) {
+    let before = slurm.load_nodes_since(0).unwrap().unwrap();
+    assert!(before.last_update > 0);
+    assert_eq!(slurm.load_nodes_since(before.last_update).unwrap(), None);
+
     slurm.drain_nodes("node3", "libslurm test drain").unwrap();
+    let after = slurm.load_nodes_since(before.last_update).unwrap().unwrap();
+    assert!(after.last_update >= before.last_update);
+    assert!(after
+        .nodes
+        .iter()
+        .any(|n| n.name == "node3" && n.state.is_drain()));
     assert_eq!(cluster.field("node", "node3", "State"), "IDLE+DRAIN");
     let reason = cluster.show("node", "node3").join(" ");
     assert!(reason.contains("Reason=libslurm test drain"), "{reason}");
