@@ -1,1 +1,527 @@
-fn main() {}
+//! `rebalctl`: scontrol-style admin command for slurm-rebalancer. See rebalctl(1).
+
+mod args;
+mod client;
+mod render;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use rebalancer_proto::control::{ControlReply, ControlRequest, PolicySource};
+use rebalancer_proto::{ErrorCode, ErrorReply, Event};
+
+const DEFAULT_SOCKET: &str = "/run/rebalancer/controller.sock";
+
+const EXIT_HELP: &str = "\
+Exit status (scripts can rely on it; ErrorCode::exit_code in rebalancer-proto):
+   0  success
+   1  internal error (also: a migration failed after the point of no return)
+   2  bad request: unknown command, bad KEY=VALUE, invalid policy file
+   3  not found: no such job, step, container, node, migration or policy
+   4  permission denied: only root, the SlurmUser and operators may change things
+   5  busy: the container is already migrating, or no slot freed up in time
+   6  unreachable: rebalancerd or the agent cannot be reached
+   7  unsupported: a node lacks a kernel or CRIU feature the migration needs
+   8  no room: no destination has the CPUs or memory
+   9  timeout
+  10  rolled back: the migration failed and the container still runs on its source
+  11  protocol version mismatch between rebalctl and rebalancerd
+
+See rebalctl(1) and docs/admin-cli.md.";
+
+/// Show and steer slurm-rebalancer: nodes, containers, migrations, policies.
+///
+/// Arguments follow scontrol: `KEY=VALUE` words, keys case-insensitive.
+#[derive(Parser, Debug)]
+#[command(name = "rebalctl", version, after_help = EXIT_HELP, propagate_version = true)]
+struct Cli {
+    /// Control socket of rebalancerd.
+    #[arg(long, global = true, env = "REBALANCER_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    socket: PathBuf,
+    /// Print JSON instead of tables (one document on stdout).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum What {
+    #[value(alias = "node")]
+    Nodes,
+    #[value(alias = "container")]
+    Containers,
+    #[value(alias = "migration")]
+    Migrations,
+    #[value(alias = "policy")]
+    Policies,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Show nodes, containers, migrations or policies; with NAME, one of them in detail.
+    ///
+    /// Users other than root, the SlurmUser and operators see their own containers,
+    /// migrations and decisions only.
+    #[command(
+        after_help = "Examples:\n  rebalctl show nodes\n  rebalctl show node node3\n  rebalctl show containers job=42\n  rebalctl show migrations --active\n  rebalctl show migration 3f2a9c1e --json\n  rebalctl show policies"
+    )]
+    Show {
+        what: What,
+        /// Node, container id, migration id (a prefix is enough) or policy name; for
+        /// containers also `job=J`.
+        name: Option<String>,
+        /// Migrations only: those not ended yet.
+        #[arg(long)]
+        active: bool,
+    },
+    /// Live-migrate a job, a step or one container.
+    ///
+    /// Keys: job=J | step=J.S | container=ID (exactly one), node=NODE (destination; chosen by
+    /// the controller when absent), mode=stop-and-copy|post-copy|pre-copy|auto.
+    /// Without --wait, returns once the migrations have started (or are queued behind the
+    /// in-flight limits) and prints their ids.
+    #[command(
+        after_help = "Examples:\n  rebalctl migrate job=42 node=node3\n  rebalctl migrate step=42.0 mode=post-copy --wait\n  rebalctl migrate container=j42.s0.t1 node=node2 --wait"
+    )]
+    Migrate {
+        #[arg(value_name = "KEY=VALUE", required = true)]
+        args: Vec<String>,
+        /// Follow the migrations (phases, bytes) until they end; the exit status reflects
+        /// the worst outcome.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Migrate every container off a node (Slurm's state is not changed; use
+    /// `scontrol update nodename=N state=drain` to also stop new work).
+    ///
+    /// Keys: node=NODE, mode=MODE.
+    #[command(after_help = "Example:\n  rebalctl evacuate node=node2 --wait")]
+    Evacuate {
+        #[arg(value_name = "KEY=VALUE", required = true)]
+        args: Vec<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Check or reload the policy files.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Change a policy's run-time state: policy=NAME state=enabled|disabled|dry-run.
+    ///
+    /// The state is journaled and survives controller restarts and policy reloads.
+    #[command(after_help = "Example:\n  rebalctl update policy=thermal state=dry-run")]
+    Update {
+        #[arg(value_name = "KEY=VALUE", required = true)]
+        args: Vec<String>,
+    },
+    /// Decisions taken by policies and operators, newest last: limit=N (default 50).
+    #[command(after_help = "Example:\n  rebalctl history limit=20")]
+    History {
+        #[arg(value_name = "KEY=VALUE")]
+        args: Vec<String>,
+    },
+    /// Check that rebalancerd answers.
+    Ping,
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Validate policy files: PATH is a file or a directory of *.toml files; without PATH,
+    /// the controller's configured policy path. Errors are printed as file:line:column.
+    Check { path: Option<PathBuf> },
+    /// Reload the controller's policy files; on any error the old set stays.
+    Reload,
+}
+
+fn bad(m: impl Into<String>) -> ErrorReply {
+    ErrorReply {
+        code: ErrorCode::BadRequest,
+        message: m.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rebalctl: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rebalctl: {}", e.message);
+            ExitCode::from(e.code.exit_code() as u8)
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), ErrorReply> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| ErrorReply {
+        code: ErrorCode::Internal,
+        message: e.to_string(),
+    })?;
+    println!("{s}");
+    Ok(())
+}
+
+/// Reads policy texts the way the controller does (file, or sorted *.toml of a directory).
+fn read_sources(path: &Path) -> Result<Vec<PolicySource>, ErrorReply> {
+    let files = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| bad(format!("{}: {e}", path.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    if files.is_empty() {
+        return Err(bad(format!("{}: no *.toml policy files", path.display())));
+    }
+    files
+        .into_iter()
+        .map(|p| {
+            std::fs::read_to_string(&p)
+                .map(|text| PolicySource {
+                    path: p.display().to_string(),
+                    text,
+                })
+                .map_err(|e| ErrorReply {
+                    code: ErrorCode::NotFound,
+                    message: format!("{}: {e}", p.display()),
+                })
+        })
+        .collect()
+}
+
+async fn run(cli: Cli) -> Result<(), ErrorReply> {
+    let (req, wait) = build(&cli.cmd)?;
+    let mut client = client::Client::connect(&cli.socket).await?;
+    let mut watch = Watch::new(wait && !cli.json);
+    let reply = client.call(&req, |ev| watch.event(ev)).await;
+    watch.finish();
+    let reply = reply?;
+    output(&cli, reply)
+}
+
+fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
+    Ok(match cmd {
+        Cmd::Ping => (ControlRequest::Ping, false),
+        Cmd::Show { what, name, active } => (
+            match what {
+                What::Nodes => ControlRequest::ShowNodes { name: name.clone() },
+                What::Containers => match name.as_deref().and_then(|n| n.split_once('=')) {
+                    Some((k, v))
+                        if k.eq_ignore_ascii_case("job") || k.eq_ignore_ascii_case("jobid") =>
+                    {
+                        ControlRequest::ShowContainers {
+                            id: None,
+                            job_id: Some(args::parse_job(v).map_err(bad)?),
+                        }
+                    }
+                    Some((k, _)) => {
+                        return Err(bad(format!(
+                            "unknown key '{k}' (expected job=J or a container id)"
+                        )))
+                    }
+                    None => ControlRequest::ShowContainers {
+                        id: name.clone(),
+                        job_id: None,
+                    },
+                },
+                What::Migrations => ControlRequest::ShowMigrations {
+                    id: name.clone(),
+                    active: *active,
+                },
+                What::Policies => ControlRequest::ShowPolicies { name: name.clone() },
+            },
+            false,
+        ),
+        Cmd::Migrate { args, wait } => {
+            let a = args::parse_migrate(args).map_err(bad)?;
+            (
+                ControlRequest::Migrate {
+                    target: a.target,
+                    destination: a.node,
+                    mode: a.mode,
+                    watch: *wait,
+                },
+                *wait,
+            )
+        }
+        Cmd::Evacuate { args, wait } => {
+            let (node, mode) = args::parse_evacuate(args).map_err(bad)?;
+            (
+                ControlRequest::Evacuate {
+                    node,
+                    mode,
+                    watch: *wait,
+                },
+                *wait,
+            )
+        }
+        Cmd::Policy {
+            cmd: PolicyCmd::Check { path },
+        } => {
+            let sources = match path {
+                Some(p) => read_sources(p)?,
+                None => vec![],
+            };
+            (ControlRequest::PolicyCheck { sources }, false)
+        }
+        Cmd::Policy {
+            cmd: PolicyCmd::Reload,
+        } => (ControlRequest::PolicyReload, false),
+        Cmd::Update { args } => {
+            let (name, state) = args::parse_update(args).map_err(bad)?;
+            (ControlRequest::UpdatePolicy { name, state }, false)
+        }
+        Cmd::History { args } => (
+            ControlRequest::History {
+                limit: args::parse_history(args).map_err(bad)?,
+            },
+            false,
+        ),
+    })
+}
+
+fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
+    if cli.json {
+        // A policy check with errors still prints its report, then fails.
+        let failed = matches!(&reply, ControlReply::PolicyCheck { report } if !report.ok);
+        print_json(&reply)?;
+        return if failed {
+            Err(bad("policy check found errors"))
+        } else {
+            Ok(())
+        };
+    }
+    let single = matches!(&cli.cmd, Cmd::Show { name: Some(n), .. } if !n.contains('='));
+    match reply {
+        ControlReply::Pong { software } => println!("{software} is up"),
+        ControlReply::Nodes { nodes } if single => nodes
+            .iter()
+            .for_each(|n| print_detail("NodeName", &n.name, n)),
+        ControlReply::Nodes { nodes } => print!("{}", render::nodes(&nodes)),
+        ControlReply::Containers { containers } if single => containers
+            .iter()
+            .for_each(|c| print_detail("Container", &c.id, c)),
+        ControlReply::Containers { containers } => print!("{}", render::containers(&containers)),
+        ControlReply::Migrations { migrations } if single => migrations
+            .iter()
+            .for_each(|m| print_detail("Migration", &m.record.id, m)),
+        ControlReply::Migrations { migrations } => print!("{}", render::migrations(&migrations)),
+        ControlReply::Policies { policies } if single || matches!(cli.cmd, Cmd::Update { .. }) => {
+            policies
+                .iter()
+                .for_each(|p| print_detail("PolicyName", &p.name, p))
+        }
+        ControlReply::Policies { policies } => print!("{}", render::policies(&policies)),
+        ControlReply::PolicyCheck { report } => {
+            for e in &report.errors {
+                eprintln!("{e}");
+            }
+            if !report.ok {
+                return Err(bad(format!(
+                    "policy check found {} error(s)",
+                    report.errors.len()
+                )));
+            }
+            if report.policies.is_empty() {
+                println!("policies valid");
+            } else {
+                println!("policies valid: {}", report.policies.join(", "));
+            }
+        }
+        ControlReply::Migrated {
+            decisions,
+            migrations,
+        } => {
+            if migrations.is_empty() && decisions.is_empty() {
+                println!("nothing to migrate");
+            }
+            if !migrations.is_empty() {
+                print!("{}", render::migrations(&migrations));
+            }
+            for d in decisions.iter().filter(|d| d.migration.is_none()) {
+                println!(
+                    "{}: {} ({})",
+                    d.container,
+                    d.outcome.as_str(),
+                    d.detail.as_deref().unwrap_or(&d.why)
+                );
+            }
+        }
+        ControlReply::History { decisions } => print!("{}", render::history(&decisions)),
+        ControlReply::Done => println!("done"),
+    }
+    Ok(())
+}
+
+fn print_detail<T: serde::Serialize>(label: &str, name: &str, v: &T) {
+    println!("{label}={name}");
+    if let Ok(j) = serde_json::to_value(v) {
+        print!("{}", render::detail(&j));
+    }
+}
+
+/// Live progress of watched migrations: one spinner per migration on a terminal, one line per
+/// phase change otherwise.
+struct Watch {
+    on: bool,
+    tty: bool,
+    mp: MultiProgress,
+    bars: HashMap<String, ProgressBar>,
+    last: HashMap<String, String>,
+}
+
+impl Watch {
+    fn new(on: bool) -> Self {
+        use std::io::IsTerminal;
+        Watch {
+            on,
+            tty: std::io::stderr().is_terminal(),
+            mp: MultiProgress::new(),
+            bars: HashMap::new(),
+            last: HashMap::new(),
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        if !self.on {
+            return;
+        }
+        let Event::MigrationProgress {
+            migration: r,
+            progress_bytes,
+        } = ev;
+        let phase = if r.state.is_terminal() {
+            render::state_str(r.state).to_string()
+        } else {
+            r.phases
+                .last()
+                .map(|p| p.phase.to_string())
+                .unwrap_or_else(|| "pending".into())
+        };
+        let sent = render::bytes(
+            progress_bytes
+                .unwrap_or(r.stats.bytes_sent)
+                .max(r.stats.bytes_sent),
+        );
+        let mode = r.mode.unwrap_or(r.requested_mode);
+        let msg = format!(
+            "{} {} {}->{} [{mode}] {phase}, {sent} sent{}",
+            render::short_id(&r.id),
+            r.container,
+            r.source,
+            r.destination,
+            r.stats
+                .downtime_ms
+                .map(|d| format!(", downtime {d} ms"))
+                .unwrap_or_default()
+        );
+        if self.tty {
+            let bar = self.bars.entry(r.id.clone()).or_insert_with(|| {
+                let b = self.mp.add(ProgressBar::new_spinner());
+                if let Ok(s) = ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}") {
+                    b.set_style(s);
+                }
+                b.enable_steady_tick(std::time::Duration::from_millis(120));
+                b
+            });
+            bar.set_message(msg.clone());
+            if r.state.is_terminal() {
+                bar.finish_with_message(msg);
+            }
+        } else if self.last.get(&r.id) != Some(&phase) {
+            eprintln!("{msg}");
+            self.last.insert(r.id.clone(), phase);
+        }
+    }
+
+    fn finish(&mut self) {
+        for b in self.bars.values() {
+            if !b.is_finished() {
+                b.finish();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_stable() {
+        // Documented in --help and rebalctl(1); scripts depend on them.
+        let codes: Vec<(ErrorCode, i32)> = vec![
+            (ErrorCode::Internal, 1),
+            (ErrorCode::BadRequest, 2),
+            (ErrorCode::NotFound, 3),
+            (ErrorCode::PermissionDenied, 4),
+            (ErrorCode::Busy, 5),
+            (ErrorCode::Unreachable, 6),
+            (ErrorCode::Unsupported, 7),
+            (ErrorCode::NoRoom, 8),
+            (ErrorCode::Timeout, 9),
+            (ErrorCode::RolledBack, 10),
+            (ErrorCode::Version, 11),
+        ];
+        for (c, n) in codes {
+            assert_eq!(c.exit_code(), n, "{c:?}");
+            assert!(
+                EXIT_HELP.contains(&format!("\n  {n:>2}  ")),
+                "{n} undocumented"
+            );
+        }
+    }
+
+    #[test]
+    fn commands_build_requests() {
+        let cli = Cli::try_parse_from(["rebalctl", "migrate", "JobId=7", "node=n2", "--wait"])
+            .expect("parse");
+        let (req, wait) = build(&cli.cmd).expect("build");
+        assert!(wait);
+        assert!(
+            matches!(req, ControlRequest::Migrate { watch: true, destination: Some(ref d), .. } if d == "n2")
+        );
+        let cli = Cli::try_parse_from(["rebalctl", "show", "container", "job=9"]).expect("parse");
+        assert!(matches!(
+            build(&cli.cmd).expect("b").0,
+            ControlRequest::ShowContainers {
+                job_id: Some(9),
+                id: None
+            }
+        ));
+        let cli = Cli::try_parse_from(["rebalctl", "evacuate", "nodes=x"]).expect("parse");
+        assert_eq!(build(&cli.cmd).expect_err("bad key").code.exit_code(), 2);
+        assert!(Cli::try_parse_from(["rebalctl", "show", "jobs"]).is_err());
+    }
+
+    #[test]
+    fn policy_check_reads_a_directory_in_order() {
+        let dir = std::env::temp_dir().join(format!("rebalctl-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("b.toml"), "x = 1").expect("w");
+        std::fs::write(dir.join("a.toml"), "y = 2").expect("w");
+        std::fs::write(dir.join("notes.txt"), "z").expect("w");
+        let s = read_sources(&dir).expect("read");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(s.len(), 2);
+        assert!(s[0].path.ends_with("a.toml") && s[1].path.ends_with("b.toml"));
+    }
+}

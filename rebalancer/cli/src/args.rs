@@ -1,0 +1,188 @@
+//! scontrol-style `key=value` arguments.
+
+use rebalancer_proto::control::{MigrateTarget, PolicyState};
+use rebalancer_proto::MigrationMode;
+
+/// Splits `key=value` words; keys are case-insensitive (`JobId=5` is `jobid=5`). Each key may
+/// appear once and must be one of `allowed` (aliases map to their first spelling).
+pub fn parse_kv(
+    words: &[String],
+    allowed: &[&[&'static str]],
+) -> Result<Vec<(&'static str, String)>, String> {
+    let mut out: Vec<(&'static str, String)> = Vec::new();
+    for w in words {
+        let (k, v) = w
+            .split_once('=')
+            .ok_or_else(|| format!("'{w}' is not KEY=VALUE"))?;
+        let key = k.to_ascii_lowercase();
+        let canon = allowed
+            .iter()
+            .find(|names| names.iter().any(|n| *n == key))
+            .map(|names| names[0])
+            .ok_or_else(|| {
+                let names: Vec<&str> = allowed.iter().map(|n| n[0]).collect();
+                format!("unknown key '{k}' (expected {})", names.join(", "))
+            })?;
+        if v.is_empty() {
+            return Err(format!("{canon}= needs a value"));
+        }
+        if out.iter().any(|(c, _)| *c == canon) {
+            return Err(format!("{canon}= given twice"));
+        }
+        out.push((canon, v.to_string()));
+    }
+    Ok(out)
+}
+
+fn get<'a>(kv: &'a [(&'static str, String)], key: &str) -> Option<&'a str> {
+    kv.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str())
+}
+
+/// Arguments of `rebalctl migrate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateArgs {
+    pub target: MigrateTarget,
+    pub node: Option<String>,
+    pub mode: Option<MigrationMode>,
+}
+
+pub const MIGRATE_KEYS: &[&[&str]] = &[
+    &["job", "jobid"],
+    &["step", "stepid"],
+    &["container", "id"],
+    &["node", "nodename", "destination"],
+    &["mode"],
+];
+
+pub fn parse_job(v: &str) -> Result<u32, String> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|j| *j > 0)
+        .ok_or_else(|| format!("job '{v}' is not a job id"))
+}
+
+pub fn parse_migrate(words: &[String]) -> Result<MigrateArgs, String> {
+    let kv = parse_kv(words, MIGRATE_KEYS)?;
+    let targets: Vec<&str> = ["job", "step", "container"]
+        .into_iter()
+        .filter(|k| get(&kv, k).is_some())
+        .collect();
+    let target = match targets.as_slice() {
+        ["job"] => MigrateTarget::Job {
+            job_id: parse_job(get(&kv, "job").unwrap_or_default())?,
+        },
+        ["step"] => {
+            let v = get(&kv, "step").unwrap_or_default();
+            let (j, s) = v
+                .split_once('.')
+                .ok_or_else(|| format!("step '{v}' is not JOB.STEP"))?;
+            MigrateTarget::Step {
+                job_id: parse_job(j)?,
+                step_id: s
+                    .parse()
+                    .map_err(|_| format!("step '{v}' is not JOB.STEP"))?,
+            }
+        }
+        ["container"] => MigrateTarget::Container {
+            id: get(&kv, "container").unwrap_or_default().to_string(),
+        },
+        [] => return Err("name what to migrate: job=J, step=J.S or container=ID".into()),
+        _ => return Err("give only one of job=, step= and container=".into()),
+    };
+    Ok(MigrateArgs {
+        target,
+        node: get(&kv, "node").map(str::to_string),
+        mode: get(&kv, "mode").map(str::parse).transpose()?,
+    })
+}
+
+pub fn parse_evacuate(words: &[String]) -> Result<(String, Option<MigrationMode>), String> {
+    let kv = parse_kv(words, &[&["node", "nodename"], &["mode"]])?;
+    let node = get(&kv, "node")
+        .ok_or("name the node: node=NODE")?
+        .to_string();
+    Ok((node, get(&kv, "mode").map(str::parse).transpose()?))
+}
+
+pub fn parse_update(words: &[String]) -> Result<(String, PolicyState), String> {
+    let kv = parse_kv(words, &[&["policy", "policyname", "name"], &["state"]])?;
+    let name = get(&kv, "policy").ok_or("name the policy: policy=NAME")?;
+    let state = get(&kv, "state").ok_or("give the new state: state=enabled|disabled|dry-run")?;
+    Ok((name.to_string(), state.parse()?))
+}
+
+pub fn parse_history(words: &[String]) -> Result<Option<u32>, String> {
+    let kv = parse_kv(words, &[&["limit", "count"]])?;
+    get(&kv, "limit")
+        .map(|v| {
+            v.parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("limit '{v}' is not a positive number"))
+        })
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn migrate_targets() {
+        let a = parse_migrate(&w("job=42 node=node2 mode=post-copy")).expect("job");
+        assert_eq!(a.target, MigrateTarget::Job { job_id: 42 });
+        assert_eq!(a.node.as_deref(), Some("node2"));
+        assert_eq!(a.mode, Some(MigrationMode::PostCopy));
+        let a = parse_migrate(&w("StepId=42.1")).expect("step, scontrol spelling");
+        assert_eq!(
+            a.target,
+            MigrateTarget::Step {
+                job_id: 42,
+                step_id: 1
+            }
+        );
+        let a = parse_migrate(&w("container=j1.s0.t0")).expect("container");
+        assert_eq!(
+            a.target,
+            MigrateTarget::Container {
+                id: "j1.s0.t0".into()
+            }
+        );
+        assert!(a.node.is_none());
+    }
+
+    #[test]
+    fn migrate_errors_say_what_is_wrong() {
+        let e = |s: &str| parse_migrate(&w(s)).expect_err(s);
+        assert!(e("node=n1").contains("name what to migrate"));
+        assert!(e("job=1 step=1.0").contains("only one of"));
+        assert!(e("job=x").contains("not a job id"));
+        assert!(e("step=5").contains("not JOB.STEP"));
+        assert!(e("job=1 mode=live").contains("unknown migration mode 'live'"));
+        assert!(e("job=1 colour=red").contains("unknown key 'colour'"));
+        assert!(e("job=1 job=2").contains("given twice"));
+        assert!(e("job").contains("not KEY=VALUE"));
+        assert!(e("job=").contains("needs a value"));
+    }
+
+    #[test]
+    fn other_commands() {
+        assert_eq!(
+            parse_evacuate(&w("Node=n3")).expect("evac"),
+            ("n3".into(), None)
+        );
+        assert!(parse_evacuate(&w("")).is_err());
+        assert_eq!(
+            parse_update(&w("policy=thermal state=dry-run")).expect("update"),
+            ("thermal".into(), PolicyState::DryRun)
+        );
+        assert!(parse_update(&w("policy=thermal state=off")).is_err());
+        assert_eq!(parse_history(&w("limit=5")).expect("limit"), Some(5));
+        assert_eq!(parse_history(&[]).expect("none"), None);
+        assert!(parse_history(&w("limit=0")).is_err());
+    }
+}

@@ -1,0 +1,415 @@
+//! Tables (default), `key=value` detail blocks (one named object) and JSON (`--json`).
+
+use rebalancer_proto::control::{DecisionRecord, MigrationEntry, NodeStatus, PolicyStatus};
+use rebalancer_proto::{ContainerInfo, MigrationState, Millis};
+use serde_json::Value;
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let n = cells.len();
+        let mut s = String::new();
+        for (i, c) in cells.into_iter().enumerate() {
+            s.push_str(c);
+            if i + 1 < n {
+                s.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(headers.to_vec());
+    out.push('\n');
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+        out.push('\n');
+    }
+    out
+}
+
+/// scontrol-style `Key=Value` lines of one object (nested keys dotted, lists comma-joined).
+pub fn detail(v: &Value) -> String {
+    fn flat(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flat(&key, x, out);
+                }
+            }
+            Value::Array(a) if a.iter().all(|x| !x.is_object()) => {
+                let items: Vec<String> = a.iter().map(scalar).collect();
+                out.push((
+                    prefix.to_string(),
+                    if items.is_empty() {
+                        "-".into()
+                    } else {
+                        items.join(",")
+                    },
+                ));
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    flat(&format!("{prefix}[{i}]"), x, out);
+                }
+            }
+            other => out.push((prefix.to_string(), scalar(other))),
+        }
+    }
+    fn scalar(v: &Value) -> String {
+        match v {
+            Value::Null => "-".into(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+    let mut pairs = Vec::new();
+    flat("", v, &mut pairs);
+    let mut out = String::new();
+    let mut width = 0;
+    for (k, val) in pairs {
+        let item = format!("{k}={val}");
+        if width > 0 && width + item.len() + 1 > 100 {
+            out.push('\n');
+            width = 0;
+        }
+        if width == 0 {
+            out.push_str("   ");
+            width = 3;
+        } else {
+            out.push(' ');
+            width += 1;
+        }
+        width += item.len();
+        out.push_str(&item);
+    }
+    out.push('\n');
+    out
+}
+
+/// `2026-11-24T20:01:02Z` from Unix milliseconds.
+pub fn time(ms: Millis) -> String {
+    let secs = (ms / 1000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+pub fn bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b}B")
+    } else {
+        format!("{v:.1}{}", U[i])
+    }
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+}
+
+pub fn state_str(s: MigrationState) -> &'static str {
+    match s {
+        MigrationState::Pending => "pending",
+        MigrationState::Running => "running",
+        MigrationState::Succeeded => "succeeded",
+        MigrationState::RolledBack => "rolled-back",
+        MigrationState::Failed => "failed",
+    }
+}
+
+fn json_str<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+pub fn nodes(ns: &[NodeStatus]) -> String {
+    let rows = ns
+        .iter()
+        .map(|n| {
+            let m = n.metrics.as_ref();
+            vec![
+                n.name.clone(),
+                n.slurm_state.clone(),
+                json_str(&n.agent),
+                format!("{}/{}", n.cpus_alloc, n.cpus_total),
+                opt(m.map(|m| format!("{:.2}", m.load1))),
+                opt(m.and_then(|m| m.temperature_c).map(|t| format!("{t:.0}C"))),
+                opt(m.map(|m| bytes(m.mem_available_bytes))),
+                n.containers.to_string(),
+                n.in_flight.to_string(),
+                n.capabilities
+                    .as_ref()
+                    .map(|c| {
+                        c.modes
+                            .iter()
+                            .map(|m| m.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "NODE",
+            "STATE",
+            "AGENT",
+            "CPUS(A/T)",
+            "LOAD",
+            "TEMP",
+            "MEM_AVAIL",
+            "CONTAINERS",
+            "MIGRATING",
+            "MODES",
+        ],
+        &rows,
+    )
+}
+
+pub fn containers(cs: &[ContainerInfo]) -> String {
+    let rows = cs
+        .iter()
+        .map(|c| {
+            vec![
+                c.id.clone(),
+                opt(c.task.as_ref().map(|t| t.job_id)),
+                opt(c.task.as_ref().map(|t| t.step_id)),
+                c.uid.to_string(),
+                c.node.clone(),
+                json_str(&c.state),
+                bytes(c.rss_bytes),
+                c.address.clone(),
+                opt(c.class.clone()),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "CONTAINER",
+            "JOB",
+            "STEP",
+            "UID",
+            "NODE",
+            "STATE",
+            "RSS",
+            "ADDRESS",
+            "CLASS",
+        ],
+        &rows,
+    )
+}
+
+pub fn migrations(ms: &[MigrationEntry]) -> String {
+    let rows = ms
+        .iter()
+        .map(|e| {
+            let r = &e.record;
+            vec![
+                short_id(&r.id),
+                r.container.clone(),
+                r.source.clone(),
+                r.destination.clone(),
+                r.mode.unwrap_or(r.requested_mode).to_string(),
+                state_str(r.state).into(),
+                r.phases
+                    .last()
+                    .map(|p| p.phase.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                opt(r.stats.downtime_ms.map(|d| format!("{d}ms"))),
+                bytes(r.stats.bytes_sent),
+                e.policy.clone(),
+                time(r.started_at),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "MIGRATION",
+            "CONTAINER",
+            "SOURCE",
+            "DEST",
+            "MODE",
+            "STATE",
+            "PHASE",
+            "DOWNTIME",
+            "BYTES",
+            "POLICY",
+            "STARTED",
+        ],
+        &rows,
+    )
+}
+
+pub fn short_id(id: &str) -> String {
+    id.chars().take(8).collect()
+}
+
+pub fn policies(ps: &[PolicyStatus]) -> String {
+    let rows = ps
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.kind.clone(),
+                p.action.clone(),
+                p.state.as_str().into(),
+                p.priority.to_string(),
+                p.decisions.to_string(),
+                p.source.clone(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "POLICY",
+            "KIND",
+            "ACTION",
+            "STATE",
+            "PRIORITY",
+            "DECISIONS",
+            "SOURCE",
+        ],
+        &rows,
+    )
+}
+
+pub fn history(ds: &[DecisionRecord]) -> String {
+    let rows = ds
+        .iter()
+        .map(|d| {
+            vec![
+                d.seq.to_string(),
+                time(d.at),
+                d.policy.clone(),
+                d.container.clone(),
+                format!("{}->{}", d.source, d.destination),
+                d.mode.to_string(),
+                d.outcome.as_str().into(),
+                opt(d.migration.as_deref().map(short_id)),
+                match &d.detail {
+                    Some(x) => format!("{} ({x})", d.why),
+                    None => d.why.clone(),
+                },
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "SEQ",
+            "TIME",
+            "POLICY",
+            "CONTAINER",
+            "MOVE",
+            "MODE",
+            "OUTCOME",
+            "MIGRATION",
+            "WHY",
+        ],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rebalancer_proto::control::{AgentHealth, PolicyState};
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["A", "LONGER"],
+            &[
+                vec!["xyz".into(), "1".into()],
+                vec!["q".into(), "22".into()],
+            ],
+        );
+        assert_eq!(t, "A    LONGER\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn times_and_sizes() {
+        assert_eq!(time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(time(1_795_550_462_000), "2026-11-24T20:01:02Z");
+        assert_eq!(bytes(512), "512B");
+        assert_eq!(bytes(3 * 1024 * 1024 / 2), "1.5MiB");
+    }
+
+    #[test]
+    fn node_table_and_detail() {
+        let n = NodeStatus {
+            name: "node1".into(),
+            slurm_state: "MIXED+DRAIN".into(),
+            cpus_total: 4,
+            cpus_alloc: 2,
+            mem_total_mb: 1000,
+            mem_alloc_mb: 0,
+            partitions: vec!["debug".into(), "long".into()],
+            agent: AgentHealth::Unreachable,
+            agent_address: Some("/run/rb/node1.sock".into()),
+            agent_error: None,
+            metrics: None,
+            capabilities: None,
+            containers: 3,
+            in_flight: 1,
+        };
+        let t = nodes(std::slice::from_ref(&n));
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("NODE   STATE        AGENT"), "{t}");
+        assert!(
+            lines[1].starts_with("node1  MIXED+DRAIN  unreachable  2/4"),
+            "{t}"
+        );
+        let d = detail(&serde_json::to_value(&n).expect("json"));
+        assert!(d.contains(" name=node1"), "{d}");
+        assert!(d.contains("partitions=debug,long"), "{d}");
+        assert!(d.contains("metrics=-"), "{d}");
+        let p = PolicyStatus {
+            name: "drain".into(),
+            kind: "drain".into(),
+            action: "automatic".into(),
+            state: PolicyState::DryRun,
+            priority: 10,
+            description: String::new(),
+            source: "/etc/p.toml".into(),
+            decisions: 7,
+        };
+        assert!(policies(&[p])
+            .contains("drain   drain  automatic  dry-run  10        7          /etc/p.toml"));
+    }
+}
