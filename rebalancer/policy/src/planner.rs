@@ -205,6 +205,7 @@ impl<'v> Index<'v> {
             .collect();
         let mut containers_on = vec![Vec::new(); n];
         let mut job_moved: HashMap<u64, Timestamp> = HashMap::default();
+        let mut moved_in = Vec::new();
         // Views usually list a node's containers together: reuse the previous lookup.
         let mut last: Option<(&str, usize)> = None;
         for (ci, c) in view.containers.iter().enumerate() {
@@ -219,9 +220,16 @@ impl<'v> Index<'v> {
             if let Some(t) = c.last_moved {
                 let e = job_moved.entry(c.job_id).or_insert(t);
                 *e = (*e).max(t);
+                // The node it runs on received it then.
+                if let Some(ni) = ni {
+                    moved_in.push((ni, t));
+                }
             }
         }
-        let mut node_moved = vec![None; n];
+        let mut node_moved: Vec<Option<Timestamp>> = vec![None; n];
+        for (ni, t) in moved_in {
+            node_moved[ni] = Some(node_moved[ni].map_or(t, |x| x.max(t)));
+        }
         let mut in_flight = HashSet::default();
         for f in &view.in_flight {
             in_flight.insert(f.container.as_str());

@@ -644,3 +644,27 @@ fn run_time_overrides_switch_policies_without_reloading() {
         .is_empty());
     assert!(!set.set_enabled("nope", true));
 }
+
+#[test]
+fn a_recent_arrival_puts_its_node_in_cooldown() {
+    let text = LOAD.replace("node_cooldown_s = 0", "node_cooldown_s = 300");
+    let set = policies(&[("load.toml", &text)]);
+    let mut busy = node("busy");
+    busy.load = 64.0;
+    let mut arrived = container("arrived", 5, "fresh");
+    arrived.last_moved = Some(900);
+    let v = view(
+        vec![busy, node("fresh"), node("older")],
+        vec![container("c1", 1, "busy"), arrived],
+        1000,
+    );
+    let p = plan(&set, &v, &mut PolicyState::default());
+    assert_eq!(moves(&p), [("c1".into(), "busy".into(), "older".into())]);
+    let search = &p.decisions[0].why.destination;
+    assert_eq!(search.rejected.get(&RejectCode::NodeCooldown), Some(&1));
+    assert_eq!(search.rejected_examples[0].node, "fresh");
+    assert_eq!(
+        search.rejected_examples[0].reason,
+        "node cooldown, 200 s left"
+    );
+}
