@@ -29,7 +29,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Mode::StopAndCopy => "stop-and-copy",
             Mode::PostCopy => "post-copy",
@@ -148,7 +148,7 @@ fn first_line(mut c: std::process::Command) -> String {
 }
 
 /// Starts the client in its own node namespace and waits until the workload is ready.
-fn start_client(
+pub fn start_client(
     ctx: &Ctx,
     mib: u64,
 ) -> Result<(Proc, std::sync::mpsc::Receiver<String>), SysError> {
@@ -182,7 +182,7 @@ fn start_client(
     Ok((p, rx))
 }
 
-fn stop_client(
+pub fn stop_client(
     p: &mut Proc,
     rx: &std::sync::mpsc::Receiver<String>,
 ) -> Result<ClientReport, SysError> {
@@ -194,7 +194,7 @@ fn stop_client(
     serde_json::from_str(&line).map_err(|e| SysError::Other(format!("client report: {e}: {line}")))
 }
 
-fn fill_from_client(row: &mut Row, rep: &ClientReport) {
+pub fn fill_from_client(row: &mut Row, rep: &ClientReport) {
     row.client_gap_ms = Some(rep.max_gap_us as f64 / 1000.0);
     row.client_errors = rep.errors.clone();
     row.downtime_ms = rep

@@ -64,7 +64,8 @@ pub fn teardown() {
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with("rbb-c") {
+            // Ours, and the agents' (rb-<node>-<container>-<hex>).
+            if n.starts_with("rbb-c") || n.starts_with("rb-rbb-n") {
                 delete_netns(&n);
             }
         }

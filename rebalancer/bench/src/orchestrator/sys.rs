@@ -223,8 +223,25 @@ pub struct Proc {
 impl Proc {
     /// Spawns with stdin/stdout null unless the caller set them; stderr is collected.
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
+        cmd.stderr(Stdio::piped());
+        Self::spawn_raw(name, cmd)
+    }
+
+    /// Like `spawn`, with stdout and stderr appended to `log`.
+    pub fn spawn_logged(name: &str, cmd: &mut Command, log: &std::path::Path) -> Result<Proc> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io(format!("open {}", log.display())))?;
+        let f2 = f.try_clone().map_err(io("dup log"))?;
+        cmd.stdout(f).stderr(f2);
+        Self::spawn_raw(name, cmd)
+    }
+
+    fn spawn_raw(name: &str, cmd: &mut Command) -> Result<Proc> {
         let d = describe(cmd);
-        cmd.process_group(0).stderr(Stdio::piped());
+        cmd.process_group(0);
         let mut child = cmd
             .spawn()
             .map_err(|source| SysError::Spawn { cmd: d, source })?;
