@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod daemon;
 pub mod journal;
+pub mod libslurm;
 pub mod metrics;
 pub mod planner;
 pub mod server;

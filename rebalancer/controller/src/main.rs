@@ -9,6 +9,7 @@ use clap::Parser;
 use rebalancer_controller::config::{Config, LogFormat, SlurmBackendKind, DEFAULT_CONFIG};
 use rebalancer_controller::daemon::{run_loops, Controller};
 use rebalancer_controller::journal::Journal;
+use rebalancer_controller::libslurm::LibslurmBackend;
 use rebalancer_controller::planner::{BuiltinPlanner, Planner};
 use rebalancer_controller::slurm_sync::{NoSlurm, ScontrolBackend, SlurmBackend};
 use rebalancer_controller::{metrics, server};
@@ -143,14 +144,12 @@ fn init_logging(format: LogFormat) {
 async fn daemon(cfg: Config) -> anyhow::Result<()> {
     let journal = Journal::open(&cfg.journal)
         .with_context(|| format!("cannot open the journal {}", cfg.journal.display()))?;
-    let slurm: Arc<dyn SlurmBackend> = if !cfg.slurm.enabled {
-        Arc::new(NoSlurm)
-    } else {
-        if cfg.slurm.backend == SlurmBackendKind::Libslurm {
-            // The libslurm bindings do not offer node/job updates yet; scontrol stands in.
-            warn!("slurm.backend = libslurm is not available in this build; using scontrol");
-        }
-        Arc::new(ScontrolBackend::new())
+    let slurm: Arc<dyn SlurmBackend> = match (cfg.slurm.enabled, cfg.slurm.backend) {
+        (false, _) => Arc::new(NoSlurm),
+        (true, SlurmBackendKind::Scontrol) => Arc::new(ScontrolBackend::new()),
+        (true, SlurmBackendKind::Libslurm) => Arc::new(
+            LibslurmBackend::new(cfg.slurm.conf.as_deref()).context("cannot initialise libslurm")?,
+        ),
     };
     let mut planner: Box<dyn Planner> = Box::new(BuiltinPlanner {
         mode: Some(cfg.migration.default_mode),

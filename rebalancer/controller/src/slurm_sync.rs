@@ -1,9 +1,9 @@
 //! Slurm's side: reading nodes and jobs, and moving a job's allocation after a migration.
 //!
 //! Everything goes through [`SlurmBackend`], so the daemon logic and its tests do not depend on
-//! how Slurm is reached. [`ScontrolBackend`] shells out to `scontrol`/`salloc` and stands in until
-//! the libslurm bindings (root crate `rebalancer-slurm`) offer the same calls; [`NoSlurm`] is used
-//! when `[slurm] enabled = false`.
+//! how Slurm is reached. `crate::libslurm::LibslurmBackend` is the default; [`ScontrolBackend`]
+//! shells out to `scontrol`/`salloc` (`[slurm] backend = "scontrol"`, and the end-to-end tests use
+//! it with a fake `scontrol`); [`NoSlurm`] is used when `[slurm] enabled = false`.
 
 use std::process::Command;
 use std::sync::Mutex;
@@ -22,6 +22,8 @@ pub enum SlurmError {
     Command { cmd: String, stderr: String },
     #[error("unexpected output from {cmd}: {detail}")]
     Output { cmd: String, detail: String },
+    #[error("libslurm: {0}")]
+    Libslurm(String),
     #[error("Slurm is not watched (slurm.enabled = false)")]
     Disabled,
 }
