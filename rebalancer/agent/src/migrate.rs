@@ -269,6 +269,8 @@ async fn resume_source(agent: &Agent, p: &Prepared) {
             tracing::error!(migration = %p.rec.id, error = %e.chain(), "cannot remove CRIU's network lock")
         }
     }
+    let n = container::release_tcp_repair(p.pid);
+    tracing::info!(migration = %p.rec.id, sockets = n, "TCP repair mode turned off");
     container::signal_tree(p.pid, nix::sys::signal::Signal::SIGCONT);
     if let Some(c) = agent.containers().get_mut(&p.rec.container) {
         c.state = ContainerState::Running;
@@ -309,11 +311,11 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
                         tracing::error!(migration = %p.rec.id, status = ?st, "lazy page server failed after resume");
                     }
                 }
-                if let Some(s) = criu::read_stats(&dir, "stats-dump") {
-                    p.rec.stats.pages_lazy = s.pages_lazy;
-                    p.rec.stats.pages_written = s.pages_written;
-                    p.rec.stats.pages_scanned = s.pages_scanned;
-                }
+                let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
+                let (pages, lazy) = criu::pagemap_totals(&log);
+                p.rec.stats.pages_scanned = pages;
+                p.rec.stats.pages_lazy = lazy;
+                p.rec.stats.pages_written = pages.saturating_sub(lazy);
                 // Lazy pages crossed the wire once each.
                 p.rec.stats.bytes_sent += p.rec.stats.pages_lazy * 4096;
             }
@@ -333,7 +335,7 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
             if let rebalancer_proto::RootfsSpec::Host = p.meta.spec.rootfs {
                 let _ = std::fs::remove_dir_all(agent.container_dir(&p.rec.container));
             }
-            let _ = std::fs::remove_dir_all(&dir);
+            remove_images(&dir);
             finish(&mut p.rec, MigrationState::Succeeded, None);
             tracing::info!(migration = %p.rec.id, container = %p.rec.container, downtime_ms = ?p.rec.stats.downtime_ms, "migration succeeded");
         }
@@ -365,12 +367,19 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
             } else if let Some(c) = agent.containers().get_mut(&p.rec.container) {
                 c.state = ContainerState::Running;
             }
-            let _ = std::fs::remove_dir_all(&dir);
+            remove_images(&dir);
             finish(&mut p.rec, MigrationState::RolledBack, Some(e.chain()));
         }
     }
     agent.publish(&p.rec);
     p.rec
+}
+
+/// Removes a migration's source images unless `REBALANCER_KEEP_IMAGES` is set (debugging).
+fn remove_images(dir: &std::path::Path) {
+    if std::env::var_os("REBALANCER_KEEP_IMAGES").is_none() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 fn lazy_addr(agent: &Agent, p: &Prepared) -> Option<(std::net::Ipv4Addr, u16)> {
@@ -424,6 +433,7 @@ async fn attempt(
             lazy_serve = Some((ip, port));
             p.lazy_port = Some(port);
             enter(&mut p.rec, Phase::Dump);
+            agent.publish(&p.rec);
             let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| AgentError::Io {
                     what: "pipe".into(),
@@ -459,6 +469,7 @@ async fn attempt(
         _ => {
             args.page_server = p.page_server;
             enter(&mut p.rec, Phase::Dump);
+            agent.publish(&p.rec);
             if let Err(e) =
                 criu::run(&agent.cfg.criu, "dump", &args.build(), &[], dir, "dump.log").await
             {
@@ -497,6 +508,7 @@ async fn attempt(
         }
     }
     enter(&mut p.rec, Phase::NetworkSwitch);
+    agent.publish(&p.rec);
     // Point of no return: from here the source never resumes its copy.
     netns::withdraw_route(&p.net).await;
     let r = p.conn.call(&PeerRequest::Commit).await;

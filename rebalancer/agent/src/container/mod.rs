@@ -349,6 +349,77 @@ pub fn signal_tree(pid: i32, sig: nix::sys::signal::Signal) {
     }
 }
 
+/// Turns TCP repair mode off on every TCP socket of the tree.
+///
+/// `criu dump --leave-stopped` leaves established sockets in repair mode (recv/send fail with
+/// EPERM); a rollback must undo that before resuming. The sockets are borrowed with
+/// pidfd_getfd(2) (the same socket object, so the option applies to the process's socket).
+/// Returns how many sockets were switched.
+pub fn release_tcp_repair(pid: i32) -> usize {
+    let mut n = 0;
+    for p in tree_pids(pid) {
+        // SAFETY: pidfd_open with a pid and no flags; the result is checked.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, p, 0) } as i32;
+        if pidfd < 0 {
+            continue;
+        }
+        // SAFETY: pidfd is a fresh descriptor we own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{p}/fd")) else {
+            continue;
+        };
+        for e in fds.flatten() {
+            let is_socket = std::fs::read_link(e.path())
+                .map(|l| l.to_string_lossy().starts_with("socket:"))
+                .unwrap_or(false);
+            let Some(target) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if !is_socket {
+                continue;
+            }
+            // SAFETY: pidfd_getfd duplicates the target's descriptor into ours; checked below.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) }
+                as i32;
+            if fd < 0 {
+                continue;
+            }
+            // SAFETY: fd is a fresh descriptor we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let mut proto: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: proto/len are valid for writing an int.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_PROTOCOL,
+                    (&mut proto as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            if r != 0 || proto != libc::IPPROTO_TCP {
+                continue;
+            }
+            let off: libc::c_int = 0; // TCP_REPAIR_OFF
+                                      // SAFETY: off is a valid int option value.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_REPAIR,
+                    (&off as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r == 0 {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 /// Resident set size of the tree in bytes.
 pub fn tree_rss(pid: i32) -> u64 {
     tree_pids(pid)

@@ -168,6 +168,7 @@ impl Lab {
             .arg("--config")
             .arg(&cfg)
             .env("REBALANCER_LOG", "info,rebalancer_agent=debug")
+            .env("REBALANCER_KEEP_IMAGES", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
