@@ -53,6 +53,8 @@ pub enum TriggerReason {
 pub enum RejectCode {
     OutOfDestinationScope,
     Unavailable,
+    /// A thermal or load policy is moving work off this node.
+    BeingRelieved,
     WrongPartition,
     MissingFeature,
     NodeCooldown,

@@ -67,12 +67,47 @@ pub fn plan(set: &PolicySet, view: &ClusterView, state: &mut PolicyState) -> Pla
         ..Plan::default()
     };
     let mut hysteresis = std::collections::BTreeMap::new();
-    let mut horizon = 0;
+    let horizon = set
+        .policies()
+        .iter()
+        .map(|p| p.limits.job_cooldown_s.max(p.limits.node_cooldown_s))
+        .max()
+        .unwrap_or(0);
+
+    // Phase 1: every policy's triggers, so that phase 2 knows which nodes are being relieved.
+    let mut triggered: Vec<Option<Triggered>> = Vec::with_capacity(set.len());
     for policy in set.policies() {
-        horizon = horizon
-            .max(policy.limits.job_cooldown_s)
-            .max(policy.limits.node_cooldown_s);
         if !policy.enabled {
+            triggered.push(None);
+            continue;
+        }
+        let tracks = state.hysteresis.remove(&policy.name).unwrap_or_default();
+        let t = triggers(policy, view, &idx, tracks);
+        if !t.tracks.is_empty() {
+            hysteresis.insert(policy.name.clone(), t.tracks.clone());
+        }
+        triggered.push(Some(t));
+    }
+    // Removed or disabled policies lose their hysteresis progress.
+    state.hysteresis = hysteresis;
+    // Nodes some policy is relieving do not receive work: by automatic policies (binding on
+    // everyone), and by any policy (binding on trial policies only).
+    let mut relieved_auto: Vec<Option<u32>> = vec![None; view.nodes.len()];
+    let mut relieved_any: Vec<Option<u32>> = vec![None; view.nodes.len()];
+    for (pi, t) in triggered.iter().enumerate() {
+        let Some(t) = t else { continue };
+        let auto = set.policies()[pi].action == Action::Automatic;
+        for s in &t.sources {
+            relieved_any[s.node].get_or_insert(pi as u32);
+            if auto {
+                relieved_auto[s.node].get_or_insert(pi as u32);
+            }
+        }
+    }
+
+    // Phase 2: act, policy by policy in priority order.
+    for (policy, t) in set.policies().iter().zip(triggered) {
+        let Some(mut t) = t else {
             out.reports.push(PolicyReport {
                 policy: policy.name.clone(),
                 kind: policy.kind,
@@ -86,40 +121,43 @@ pub fn plan(set: &PolicySet, view: &ClusterView, state: &mut PolicyState) -> Pla
                 skips: 0,
             });
             continue;
-        }
-        let tracks = state.hysteresis.remove(&policy.name).unwrap_or_default();
+        };
+        let automatic = policy.action == Action::Automatic;
         let mut run = PolicyRun {
+            set,
             policy,
             view,
             idx: &idx,
             state,
             ledger: &mut ledger,
+            relieved: if automatic {
+                &relieved_auto
+            } else {
+                &relieved_any
+            },
             decisions: Vec::new(),
-            skips: Vec::new(),
+            skips: std::mem::take(&mut t.skips),
             searches: 0,
             cycle: 0,
             dest: DestStatic::default(),
         };
-        let (report, tracks) = run.evaluate(tracks);
+        run.act(&t.sources);
         let PolicyRun {
             decisions, skips, ..
         } = run;
+        t.report.decisions = decisions.len();
+        t.report.skips = skips.len();
         tracing::debug!(
             policy = %policy.name,
             decisions = decisions.len(),
             skips = skips.len(),
-            active = report.nodes_active,
+            active = t.report.nodes_active,
             "policy evaluated"
         );
         out.decisions.extend(decisions);
         out.skips.extend(skips);
-        out.reports.push(report);
-        if !tracks.is_empty() {
-            hysteresis.insert(policy.name.clone(), tracks);
-        }
+        out.reports.push(t.report);
     }
-    // Policies that were removed or disabled lose their hysteresis progress.
-    state.hysteresis = hysteresis;
     state.prune_moves(view.now, horizon);
     out
 }
@@ -380,6 +418,239 @@ impl Ledger {
     }
 }
 
+/// What phase 1 found for one policy.
+struct Triggered {
+    report: PolicyReport,
+    tracks: std::collections::BTreeMap<String, NodeTrack>,
+    /// Active source nodes, most urgent first.
+    sources: Vec<Source>,
+    skips: Vec<Skip>,
+}
+
+fn metric_value(metric: Metric, n: &NodeView) -> Option<f64> {
+    match metric {
+        Metric::TemperatureC => n.temperature_c.filter(|t| t.is_finite()),
+        Metric::LoadPerCpu => Some(n.load_per_cpu()).filter(|l| l.is_finite()),
+    }
+}
+
+fn node_in_scope(p: &Policy, n: &NodeView) -> bool {
+    let s = &p.scope;
+    s.nodes.admits(&n.name)
+        && (s.partitions.include.is_empty()
+            || n.partitions
+                .iter()
+                .any(|x| s.partitions.include.contains(x)))
+}
+
+/// Phase 1 for one policy: hysteresis update and the list of active source nodes.
+fn triggers(
+    p: &Policy,
+    view: &ClusterView,
+    idx: &Index<'_>,
+    mut tracks: std::collections::BTreeMap<String, NodeTrack>,
+) -> Triggered {
+    let now = view.now;
+    let mut skips = Vec::new();
+    let mut skip = |ni: usize, code: SkipCode, reason: String| {
+        skips.push(Skip {
+            policy: p.name.clone(),
+            node: view.nodes[ni].name.clone(),
+            container: None,
+            code,
+            reason,
+            search: None,
+        })
+    };
+    let in_scope: Vec<usize> = idx
+        .by_name
+        .iter()
+        .copied()
+        .filter(|&i| node_in_scope(p, &view.nodes[i]))
+        .collect();
+    let metric = match p.kind {
+        PolicyKind::Drain => None,
+        PolicyKind::Thermal => Some(Metric::TemperatureC),
+        PolicyKind::Load => Some(Metric::LoadPerCpu),
+    };
+    let mean = metric.and_then(|m| {
+        let vals: Vec<f64> = in_scope
+            .iter()
+            .filter(|&&i| !view.nodes[i].flags.down)
+            .filter_map(|&i| metric_value(m, &view.nodes[i]))
+            .collect();
+        (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64)
+    });
+    let thresholds = match (p.trigger.basis, mean) {
+        (Basis::Deviation, Some(m)) => Some(Thresholds {
+            high: m + p.trigger.high,
+            low: m + p.trigger.low,
+        }),
+        (Basis::Deviation, None) => None,
+        (Basis::Absolute, _) => Some(Thresholds {
+            high: p.trigger.high,
+            low: p.trigger.low,
+        }),
+    };
+
+    let mut new_tracks = std::collections::BTreeMap::new();
+    let mut sources = Vec::new();
+    let (mut pending, mut quiet) = (0, 0);
+    for &ni in &in_scope {
+        let node = &view.nodes[ni];
+        let prev = tracks.remove(&node.name);
+        // (condition holds, still active if already active, value for reasons)
+        let (hot, keep, value) = match metric {
+            None => {
+                let on: Vec<_> = p
+                    .trigger
+                    .states
+                    .iter()
+                    .copied()
+                    .filter(|s| s.is_set(&node.flags))
+                    .collect();
+                let hot = !on.is_empty();
+                (hot, hot, TriggerReason::NodeState { states: on })
+            }
+            Some(m) => {
+                let Some(v) = metric_value(m, node) else {
+                    quiet += 1;
+                    if prev.is_some() {
+                        skip(
+                            ni,
+                            SkipCode::NoReading,
+                            "no temperature reading; hysteresis reset".into(),
+                        );
+                    }
+                    continue;
+                };
+                let Some(t) = thresholds else {
+                    quiet += 1;
+                    continue;
+                };
+                let reason = TriggerReason::Threshold {
+                    metric: m,
+                    value: v,
+                    basis: p.trigger.basis,
+                    mean: if p.trigger.basis == Basis::Deviation {
+                        mean
+                    } else {
+                        None
+                    },
+                    high: t.high,
+                    low: t.low,
+                    samples: 0,
+                    since: now,
+                };
+                (v >= t.high, v >= t.low, reason)
+            }
+        };
+        let track = match prev {
+            Some(tr) if tr.active && keep => Some(tr),
+            _ if hot => {
+                let mut tr = match prev {
+                    Some(tr) if !tr.active => tr,
+                    _ => NodeTrack {
+                        since: now,
+                        samples: 0,
+                        active: false,
+                        last_sample: now,
+                    },
+                };
+                if tr.samples == 0 || now > tr.last_sample {
+                    tr.samples += 1;
+                    tr.last_sample = now;
+                }
+                if tr.samples >= p.trigger.samples
+                    && now.saturating_sub(tr.since) >= p.trigger.min_duration_s
+                {
+                    tr.active = true;
+                }
+                Some(tr)
+            }
+            _ => None,
+        };
+        let Some(track) = track else {
+            if keep && metric.is_some() {
+                // Between low and high without having triggered: the band keeps it quiet.
+                skip(ni, SkipCode::InBand, format!(
+                        "{} is inside the hysteresis band (low {:.2}, high {:.2}) and the node was not active",
+                        fmt_value(&value), thresholds.map_or(0.0, |t| t.low), thresholds.map_or(0.0, |t| t.high)));
+            }
+            quiet += 1;
+            continue;
+        };
+        new_tracks.insert(node.name.clone(), track);
+        let value = match value {
+            TriggerReason::Threshold {
+                metric,
+                value,
+                basis,
+                mean,
+                high,
+                low,
+                ..
+            } => TriggerReason::Threshold {
+                metric,
+                value,
+                basis,
+                mean,
+                high,
+                low,
+                samples: track.samples,
+                since: track.since,
+            },
+            other => other,
+        };
+        if !track.active {
+            pending += 1;
+            skip(
+                ni,
+                SkipCode::HysteresisPending,
+                format!(
+                    "{} triggers, but only for {} of {} samples and {} of {} s",
+                    fmt_value(&value),
+                    track.samples,
+                    p.trigger.samples,
+                    now.saturating_sub(track.since),
+                    p.trigger.min_duration_s
+                ),
+            );
+            continue;
+        }
+        let urgency = match &value {
+            TriggerReason::Threshold { value, .. } => *value,
+            TriggerReason::NodeState { .. } => 0.0,
+        };
+        sources.push(Source {
+            node: ni,
+            trigger: value,
+            urgency,
+        });
+    }
+    // Most urgent first; name rank breaks ties (sources are already in name order and the
+    // sort is stable).
+    sources.sort_by(|a, b| b.urgency.total_cmp(&a.urgency));
+    let report = PolicyReport {
+        policy: p.name.clone(),
+        kind: p.kind,
+        enabled: true,
+        nodes_in_scope: in_scope.len(),
+        mean,
+        nodes_active: sources.len(),
+        nodes_pending: pending,
+        nodes_quiet: quiet,
+        decisions: 0,
+        skips: 0,
+    };
+    Triggered {
+        report,
+        tracks: new_tracks,
+        sources,
+        skips,
+    }
+}
+
 /// A source node the policy acts on this evaluation.
 struct Source {
     node: usize,
@@ -396,11 +667,14 @@ struct Thresholds {
 }
 
 struct PolicyRun<'a, 'v> {
+    set: &'a PolicySet,
     policy: &'a Policy,
     view: &'v ClusterView,
     idx: &'a Index<'v>,
     state: &'a mut PolicyState,
     ledger: &'a mut Ledger,
+    /// Per node: the policy (index in `set`) relieving it, if any.
+    relieved: &'a [Option<u32>],
     decisions: Vec<Decision>,
     skips: Vec<Skip>,
     searches: usize,
@@ -441,237 +715,19 @@ impl<'v> PolicyRun<'_, 'v> {
         });
     }
 
-    fn metric(&self) -> Option<Metric> {
-        match self.policy.kind {
-            PolicyKind::Drain => None,
-            PolicyKind::Thermal => Some(Metric::TemperatureC),
-            PolicyKind::Load => Some(Metric::LoadPerCpu),
-        }
-    }
-
-    fn value(metric: Metric, n: &NodeView) -> Option<f64> {
-        match metric {
-            Metric::TemperatureC => n.temperature_c.filter(|t| t.is_finite()),
-            Metric::LoadPerCpu => Some(n.load_per_cpu()).filter(|l| l.is_finite()),
-        }
-    }
-
-    fn node_in_scope(&self, n: &NodeView) -> bool {
-        let s = &self.policy.scope;
-        s.nodes.admits(&n.name)
-            && (s.partitions.include.is_empty()
-                || n.partitions
-                    .iter()
-                    .any(|p| s.partitions.include.contains(p)))
-    }
-
-    fn evaluate(
-        &mut self,
-        mut tracks: std::collections::BTreeMap<String, NodeTrack>,
-    ) -> (PolicyReport, std::collections::BTreeMap<String, NodeTrack>) {
-        let p = self.policy;
-        let view = self.view;
-        let now = view.now;
-        let in_scope: Vec<usize> = self
-            .idx
-            .by_name
-            .iter()
-            .copied()
-            .filter(|&i| self.node_in_scope(&view.nodes[i]))
-            .collect();
-        let metric = self.metric();
-        let mean = metric.and_then(|m| {
-            let vals: Vec<f64> = in_scope
-                .iter()
-                .filter(|&&i| !view.nodes[i].flags.down)
-                .filter_map(|&i| Self::value(m, &view.nodes[i]))
-                .collect();
-            (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64)
-        });
-        let thresholds = match (p.trigger.basis, mean) {
-            (Basis::Deviation, Some(m)) => Some(Thresholds {
-                high: m + p.trigger.high,
-                low: m + p.trigger.low,
-            }),
-            (Basis::Deviation, None) => None,
-            (Basis::Absolute, _) => Some(Thresholds {
-                high: p.trigger.high,
-                low: p.trigger.low,
-            }),
-        };
-
-        let mut new_tracks = std::collections::BTreeMap::new();
-        let mut sources = Vec::new();
-        let (mut pending, mut quiet) = (0, 0);
-        for &ni in &in_scope {
-            let node = &view.nodes[ni];
-            let prev = tracks.remove(&node.name);
-            // (condition holds, still active if already active, value for reasons)
-            let (hot, keep, value) = match metric {
-                None => {
-                    let on: Vec<_> = p
-                        .trigger
-                        .states
-                        .iter()
-                        .copied()
-                        .filter(|s| s.is_set(&node.flags))
-                        .collect();
-                    let hot = !on.is_empty();
-                    (hot, hot, TriggerReason::NodeState { states: on })
-                }
-                Some(m) => {
-                    let Some(v) = Self::value(m, node) else {
-                        quiet += 1;
-                        if prev.is_some() {
-                            self.skip(
-                                ni,
-                                None,
-                                SkipCode::NoReading,
-                                "no temperature reading; hysteresis reset".into(),
-                            );
-                        }
-                        continue;
-                    };
-                    let Some(t) = thresholds else {
-                        quiet += 1;
-                        continue;
-                    };
-                    let reason = TriggerReason::Threshold {
-                        metric: m,
-                        value: v,
-                        basis: p.trigger.basis,
-                        mean: if p.trigger.basis == Basis::Deviation {
-                            mean
-                        } else {
-                            None
-                        },
-                        high: t.high,
-                        low: t.low,
-                        samples: 0,
-                        since: now,
-                    };
-                    (v >= t.high, v >= t.low, reason)
-                }
-            };
-            let track = match prev {
-                Some(tr) if tr.active && keep => Some(tr),
-                _ if hot => {
-                    let mut tr = match prev {
-                        Some(tr) if !tr.active => tr,
-                        _ => NodeTrack {
-                            since: now,
-                            samples: 0,
-                            active: false,
-                            last_sample: now,
-                        },
-                    };
-                    if tr.samples == 0 || now > tr.last_sample {
-                        tr.samples += 1;
-                        tr.last_sample = now;
-                    }
-                    if tr.samples >= p.trigger.samples
-                        && now.saturating_sub(tr.since) >= p.trigger.min_duration_s
-                    {
-                        tr.active = true;
-                    }
-                    Some(tr)
-                }
-                _ => None,
-            };
-            let Some(track) = track else {
-                if keep && metric.is_some() {
-                    // Between low and high without having triggered: the band keeps it quiet.
-                    self.skip(ni, None, SkipCode::InBand, format!(
-                        "{} is inside the hysteresis band (low {:.2}, high {:.2}) and the node was not active",
-                        fmt_value(&value), thresholds.map_or(0.0, |t| t.low), thresholds.map_or(0.0, |t| t.high)));
-                }
-                quiet += 1;
-                continue;
-            };
-            new_tracks.insert(node.name.clone(), track);
-            let value = match value {
-                TriggerReason::Threshold {
-                    metric,
-                    value,
-                    basis,
-                    mean,
-                    high,
-                    low,
-                    ..
-                } => TriggerReason::Threshold {
-                    metric,
-                    value,
-                    basis,
-                    mean,
-                    high,
-                    low,
-                    samples: track.samples,
-                    since: track.since,
-                },
-                other => other,
-            };
-            if !track.active {
-                pending += 1;
-                self.skip(
-                    ni,
-                    None,
-                    SkipCode::HysteresisPending,
-                    format!(
-                        "{} triggers, but only for {} of {} samples and {} of {} s",
-                        fmt_value(&value),
-                        track.samples,
-                        p.trigger.samples,
-                        now.saturating_sub(track.since),
-                        p.trigger.min_duration_s
-                    ),
-                );
-                continue;
-            }
-            let urgency = match &value {
-                TriggerReason::Threshold { value, .. } => *value,
-                TriggerReason::NodeState { .. } => 0.0,
-            };
-            sources.push(Source {
-                node: ni,
-                trigger: value,
-                urgency,
-            });
-        }
-        // Most urgent first; name rank breaks ties (sources are already in name order and the
-        // sort is stable).
-        sources.sort_by(|a, b| b.urgency.total_cmp(&a.urgency));
-        let active = sources.len();
-
+    fn act(&mut self, sources: &[Source]) {
         if !sources.is_empty() {
             self.dest = self.dest_static();
         }
-        let before = self.decisions.len();
-        'sources: for s in &sources {
-            match self.act_on(s) {
-                Ok(()) => {}
-                Err(Stop::Policy(code, reason)) => {
-                    // Name the nodes left untouched so the report stays complete.
-                    let from = sources.iter().position(|x| x.node == s.node).unwrap_or(0);
-                    for rest in &sources[from..] {
-                        self.skip(rest.node, None, code, reason.clone());
-                    }
-                    break 'sources;
+        for (k, s) in sources.iter().enumerate() {
+            if let Err(Stop::Policy(code, reason)) = self.act_on(s) {
+                // Name the nodes left untouched so the report stays complete.
+                for rest in &sources[k..] {
+                    self.skip(rest.node, None, code, reason.clone());
                 }
+                break;
             }
         }
-        let report = PolicyReport {
-            policy: p.name.clone(),
-            kind: p.kind,
-            enabled: true,
-            nodes_in_scope: in_scope.len(),
-            mean,
-            nodes_active: active,
-            nodes_pending: pending,
-            nodes_quiet: quiet,
-            decisions: self.decisions.len() - before,
-            skips: self.skips.len(),
-        };
-        (report, new_tracks)
     }
 
     fn dest_static(&self) -> DestStatic {
@@ -980,6 +1036,7 @@ impl<'v> PolicyRun<'_, 'v> {
             idx: self.idx,
             nodes: &view.nodes,
             dest: &self.dest,
+            relieved: self.relieved,
             part: match self.idx.part_ids.get(cv.partition.as_str()) {
                 Some(&b) if b < MASK_BITS => PartCheck::Bit(1 << b),
                 Some(_) => PartCheck::Slow,
@@ -1048,7 +1105,7 @@ impl<'v> PolicyRun<'_, 'v> {
                 .map(|&(_, i, r)| RejectedCandidate {
                     node: view.nodes[i].name.clone(),
                     code: r.code(),
-                    reason: r.text(self.policy),
+                    reason: r.text(self.policy, self.set),
                 })
                 .collect(),
         }
@@ -1060,21 +1117,36 @@ impl<'v> PolicyRun<'_, 'v> {
 enum Reject {
     Scope,
     Unavailable(&'static str),
+    /// Index in the set of the policy relieving the node.
+    Relieved(u32),
     Partition,
     Feature(usize),
     Cooldown(u64),
     DestLimit(u32),
-    Cpus { free: i64, need: u32 },
-    Memory { free: i64, need: u64 },
-    Hot { temp: f64, limit: f64 },
+    Cpus {
+        free: i64,
+        need: u32,
+    },
+    Memory {
+        free: i64,
+        need: u64,
+    },
+    Hot {
+        temp: f64,
+        limit: f64,
+    },
     UnknownTemp,
-    Loaded { projected: f64, limit: f64 },
+    Loaded {
+        projected: f64,
+        limit: f64,
+    },
     NoMode,
 }
 
-const ALL_CODES: [RejectCode; 12] = [
+const ALL_CODES: [RejectCode; 13] = [
     RejectCode::OutOfDestinationScope,
     RejectCode::Unavailable,
+    RejectCode::BeingRelieved,
     RejectCode::WrongPartition,
     RejectCode::MissingFeature,
     RejectCode::NodeCooldown,
@@ -1096,23 +1168,30 @@ impl Reject {
         match self {
             Reject::Scope => 0,
             Reject::Unavailable(_) => 1,
-            Reject::Partition => 2,
-            Reject::Feature(_) => 3,
-            Reject::Cooldown(_) => 4,
-            Reject::DestLimit(_) => 5,
-            Reject::Cpus { .. } => 6,
-            Reject::Memory { .. } => 7,
-            Reject::Hot { .. } => 8,
-            Reject::UnknownTemp => 9,
-            Reject::Loaded { .. } => 10,
-            Reject::NoMode => 11,
+            Reject::Relieved(_) => 2,
+            Reject::Partition => 3,
+            Reject::Feature(_) => 4,
+            Reject::Cooldown(_) => 5,
+            Reject::DestLimit(_) => 6,
+            Reject::Cpus { .. } => 7,
+            Reject::Memory { .. } => 8,
+            Reject::Hot { .. } => 9,
+            Reject::UnknownTemp => 10,
+            Reject::Loaded { .. } => 11,
+            Reject::NoMode => 12,
         }
     }
 
-    fn text(self, p: &Policy) -> String {
+    fn text(self, p: &Policy, set: &PolicySet) -> String {
         match self {
             Reject::Scope => "outside [destination] nodes".into(),
-            Reject::Unavailable(s) => format!("node is {s}"),
+            Reject::Unavailable(s) => format!("node state {s}"),
+            Reject::Relieved(i) => format!(
+                "being relieved by policy {}",
+                set.policies()
+                    .get(i as usize)
+                    .map_or("?", |x| x.name.as_str())
+            ),
             Reject::Partition => "not in the container's partition".into(),
             Reject::Feature(i) => format!(
                 "lacks feature {}",
@@ -1142,6 +1221,7 @@ fn code_text(c: RejectCode) -> &'static str {
     match c {
         RejectCode::OutOfDestinationScope => "outside destination scope",
         RejectCode::Unavailable => "draining/down/drained/reboot",
+        RejectCode::BeingRelieved => "being relieved by a policy",
         RejectCode::WrongPartition => "in another partition",
         RejectCode::MissingFeature => "missing a required feature",
         RejectCode::NodeCooldown => "in node cooldown",
@@ -1173,6 +1253,7 @@ struct FitCtx<'a> {
     idx: &'a Index<'a>,
     nodes: &'a [NodeView],
     dest: &'a DestStatic,
+    relieved: &'a [Option<u32>],
     part: PartCheck,
     now: Timestamp,
     /// Thermal policies: the destination must be at or below this temperature.
@@ -1190,6 +1271,9 @@ impl FitCtx<'_> {
         }
         if f.unavailable != 0 {
             return Err(Reject::Unavailable(UNAVAILABLE[usize::from(f.unavailable)]));
+        }
+        if let Some(pi) = self.relieved[i] {
+            return Err(Reject::Relieved(pi));
         }
         if d.same_partition {
             let ok = match self.part {
@@ -1306,7 +1390,7 @@ struct Acc {
     fitting: usize,
     /// (score, name rank, node, mode), best first, at most RUNNERS_UP.
     best: Vec<([f64; 2], usize, usize, MigrationMode)>,
-    counts: [u32; 12],
+    counts: [u32; ALL_CODES.len()],
     /// (name rank, node, reason), lowest rank first, at most REJECT_EXAMPLES.
     examples: Vec<(usize, usize, Reject)>,
 }

@@ -668,3 +668,44 @@ fn a_recent_arrival_puts_its_node_in_cooldown() {
         "node cooldown, 200 s left"
     );
 }
+
+#[test]
+fn nodes_being_relieved_receive_no_work() {
+    let thermal = THERMAL.replace("samples = 2", "samples = 1");
+    let mut hot = node("a-hot");
+    hot.temperature_c = Some(92.0);
+    let mut draining = node("b-drain");
+    draining.flags.drain = true;
+    let v = view(
+        vec![hot, draining, node("c-cool")],
+        vec![container("h1", 1, "a-hot"), container("d1", 2, "b-drain")],
+        0,
+    );
+    let set = policies(&[("drain.toml", DRAIN), ("thermal.toml", &thermal)]);
+    let p = plan(&set, &v, &mut PolicyState::default());
+    let d = &p.decisions[0];
+    assert_eq!(
+        (d.container.as_str(), d.destination.as_str()),
+        ("d1", "c-cool")
+    );
+    assert_eq!(
+        d.why.destination.rejected.get(&RejectCode::BeingRelieved),
+        Some(&1)
+    );
+    let ex = &d.why.destination.rejected_examples[0];
+    assert_eq!(
+        (ex.node.as_str(), ex.reason.as_str()),
+        ("a-hot", "being relieved by policy thermal")
+    );
+
+    // A trial thermal policy does not steer the automatic drain.
+    let trial = thermal.replace("automatic", "dry-run");
+    let set = policies(&[("drain.toml", DRAIN), ("thermal.toml", &trial)]);
+    let p = plan(&set, &v, &mut PolicyState::default());
+    let d = &p.decisions[0];
+    assert_eq!(d.action, DecisionAction::Migrate);
+    assert_eq!(
+        d.why.destination.fitting, 2,
+        "a-hot is a candidate for the automatic drain"
+    );
+}
