@@ -507,6 +507,15 @@ impl RawPolicy {
             .max_temperature_c
             .as_ref()
             .and_then(|s| v.finite(s, "max_temperature_c"));
+        if let (Some(h), false) = (&d.temperature_headroom_c, kind == PolicyKind::Thermal) {
+            v.err(
+                h.span(),
+                format!(
+                    "`temperature_headroom_c` applies only to thermal policies, not {} (use `max_temperature_c`)",
+                    kind.as_str()
+                ),
+            );
+        }
         let temperature_headroom_c = match &d.temperature_headroom_c {
             None => 5.0,
             Some(s) => match v.finite(s, "temperature_headroom_c") {

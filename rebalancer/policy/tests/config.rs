@@ -138,6 +138,10 @@ fn kind_specific_keys_are_checked() {
             "kind = \"load\"\n[trigger]\nstates = [\"down\"]\nhigh = 1\n",
         ),
         ("m.toml", "kind = \"load\"\n[trigger]\nlow = 1\n"),
+        (
+            "n.toml",
+            "kind = \"drain\"\n[destination]\ntemperature_headroom_c = 3\n",
+        ),
     ]);
     assert_eq!(
         p,
@@ -145,6 +149,7 @@ fn kind_specific_keys_are_checked() {
             "d.toml:3:8: `high` does not apply to a drain policy (use `states`)",
             "l.toml:3:10: `states` applies only to drain policies, not load",
             "m.toml:2:1: a load policy needs `high` in [trigger]",
+            "n.toml:3:26: `temperature_headroom_c` applies only to thermal policies, not drain (use `max_temperature_c`)",
         ]
     );
 }
