@@ -200,6 +200,10 @@ pub struct Plan {
     pub decisions: Vec<Decision>,
     pub skips: Vec<Skip>,
     pub reports: Vec<PolicyReport>,
+    /// Inconsistencies in the cluster view that the planner worked around (containers on
+    /// unknown nodes, duplicate names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Plan {

@@ -64,8 +64,12 @@ pub fn plan(set: &PolicySet, view: &ClusterView, state: &mut PolicyState) -> Pla
     let mut ledger = Ledger::new(view, &idx);
     let mut out = Plan {
         evaluated_at: view.now,
+        warnings: idx.warnings.clone(),
         ..Plan::default()
     };
+    for w in &out.warnings {
+        tracing::warn!(warning = %w, "inconsistent cluster view");
+    }
     let mut hysteresis = std::collections::BTreeMap::new();
     let horizon = set
         .policies()
@@ -176,6 +180,7 @@ struct Index<'v> {
     node_moved: Vec<Option<Timestamp>>,
     /// Compact per-node facts for the destination scan (cache-friendly).
     facts: Vec<Fact>,
+    warnings: Vec<String>,
     part_ids: HashMap<&'v str, u32>,
     feat_ids: HashMap<&'v str, u32>,
 }
@@ -244,6 +249,7 @@ impl<'v> Index<'v> {
         let mut containers_on = vec![Vec::new(); n];
         let mut job_moved: HashMap<u64, Timestamp> = HashMap::default();
         let mut moved_in = Vec::new();
+        let (mut orphans, mut first_orphan) = (0usize, None);
         // Views usually list a node's containers together: reuse the previous lookup.
         let mut last: Option<(&str, usize)> = None;
         for (ci, c) in view.containers.iter().enumerate() {
@@ -254,6 +260,9 @@ impl<'v> Index<'v> {
             if let Some(ni) = ni {
                 containers_on[ni].push(ci);
                 last = Some((c.node.as_str(), ni));
+            } else {
+                orphans += 1;
+                first_orphan.get_or_insert(c.id.as_str());
             }
             if let Some(t) = c.last_moved {
                 let e = job_moved.entry(c.job_id).or_insert(t);
@@ -314,7 +323,21 @@ impl<'v> Index<'v> {
                 }
             })
             .collect();
+        let mut warnings = Vec::new();
+        if node_of.len() != n {
+            warnings.push(format!(
+                "{} duplicate node name(s) in the view; the last entry of each is used",
+                n - node_of.len()
+            ));
+        }
+        if orphans > 0 {
+            warnings.push(format!(
+                "{orphans} container(s) on nodes missing from the view (first: {}); they are not considered",
+                first_orphan.unwrap_or("?")
+            ));
+        }
         Index {
+            warnings,
             by_name,
             rank,
             node_of,

@@ -709,3 +709,19 @@ fn nodes_being_relieved_receive_no_work() {
         "a-hot is a candidate for the automatic drain"
     );
 }
+
+#[test]
+fn inconsistent_views_are_reported_not_fatal() {
+    let set = policies(&[("drain.toml", DRAIN)]);
+    let mut src = node("src");
+    src.flags.drain = true;
+    let v = view(
+        vec![src, node("dst"), node("dst")],
+        vec![container("c1", 1, "src"), container("ghost", 2, "gone")],
+        0,
+    );
+    let p = plan(&set, &v, &mut PolicyState::default());
+    assert_eq!(moves(&p), [("c1".into(), "src".into(), "dst".into())]);
+    assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+    assert!(p.warnings[1].contains("(first: ghost)"));
+}
