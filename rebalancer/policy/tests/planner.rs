@@ -725,3 +725,70 @@ fn inconsistent_views_are_reported_not_fatal() {
     assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
     assert!(p.warnings[1].contains("(first: ghost)"));
 }
+
+#[test]
+fn parallel_scan_matches_a_sequential_ranking_on_a_large_cluster() {
+    // Enough nodes for several parallel chunks, listed out of name order.
+    let thermal = THERMAL.replace("samples = 2", "samples = 1");
+    let set = policies(&[("thermal.toml", &thermal)]);
+    let mut nodes = Vec::new();
+    for i in 0..3000u32 {
+        let mut n = node(&format!("n{:04}", (i * 7919) % 3000));
+        // Deterministic spread of temperatures; every third node is full.
+        n.temperature_c = Some(40.0 + f64::from((i * 37) % 300) / 10.0);
+        if i % 3 == 0 {
+            n.cpus_alloc = 32;
+        }
+        nodes.push(n);
+    }
+    nodes[0].temperature_c = Some(95.0);
+    let src = nodes[0].name.clone();
+    let v = view(nodes.clone(), vec![container("c1", 1, &src)], 0);
+    let a = plan(&set, &v, &mut PolicyState::default());
+    let d = &a.decisions[0];
+
+    // Sequential reference: fitting = not full and at most 73 °C; coolest, then name.
+    let mut fit: Vec<(f64, String)> = nodes
+        .iter()
+        .filter(|n| {
+            n.name != src && n.cpus_alloc == 0 && n.temperature_c.is_some_and(|t| t <= 73.0)
+        })
+        .map(|n| (n.temperature_c.unwrap_or(f64::MAX), n.name.clone()))
+        .collect();
+    fit.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+    let ranked: Vec<&str> = d
+        .why
+        .destination
+        .ranked
+        .iter()
+        .map(|r| r.node.as_str())
+        .collect();
+    let expected: Vec<&str> = fit.iter().take(3).map(|f| f.1.as_str()).collect();
+    assert_eq!(ranked, expected);
+    assert_eq!(d.why.destination.fitting, fit.len());
+    assert_eq!(d.why.destination.candidates, 2999);
+    let mut rejected: Vec<&str> = nodes
+        .iter()
+        .filter(|n| n.name != src && !fit.iter().any(|f| f.1 == n.name))
+        .map(|n| n.name.as_str())
+        .collect();
+    rejected.sort();
+    let examples: Vec<&str> = d
+        .why
+        .destination
+        .rejected_examples
+        .iter()
+        .map(|r| r.node.as_str())
+        .collect();
+    assert_eq!(examples, rejected[..8]);
+    let total: u32 = d.why.destination.rejected.values().sum();
+    assert_eq!(total as usize, rejected.len());
+
+    // Same answer whatever the input order.
+    let mut reversed = v.clone();
+    reversed.nodes.reverse();
+    assert_eq!(
+        plan(&set, &reversed, &mut PolicyState::default()).decisions,
+        a.decisions
+    );
+}
