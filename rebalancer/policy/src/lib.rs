@@ -1,6 +1,6 @@
 //! Policies and the migration planner of slurm-rebalancer.
 //!
-//! The controller builds a [`ClusterView`] each evaluation, calls [`plan`] with the current
+//! The controller builds a [`ClusterView`] each evaluation, calls [`plan()`] with the current
 //! [`PolicySet`] and the [`PolicyState`] kept from the previous evaluation, and executes the
 //! [`Decision`]s whose action is [`DecisionAction::Migrate`] (in plan order). Policies come from a
 //! directory of TOML files: [`load_dir`], or [`PolicyStore`] to reload while keeping the last

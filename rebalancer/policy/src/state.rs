@@ -18,7 +18,7 @@ pub struct NodeTrack {
     pub last_sample: Timestamp,
 }
 
-/// Opaque-ish state passed to every [`crate::plan`] call. Serializable so the controller can
+/// Opaque-ish state passed to every [`crate::plan()`] call. Serializable so the controller can
 /// persist it across restarts; starting from `PolicyState::default()` is always safe.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyState {
