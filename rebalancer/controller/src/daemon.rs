@@ -676,6 +676,12 @@ impl Controller {
                     let code = e.code();
                     this.fail_start(&mut decision, err(code, e.to_string()), progress)
                 }
+                (Err(AgentError::Remote(e)), Some(entry)) => {
+                    // The agent answers a watched migration that did not succeed with an error;
+                    // the final record is one GetMigration away.
+                    info!(migration = %entry.record.id, container = %container, "agent reports: {e}");
+                    this.follow(entry, decision, progress).await;
+                }
                 (Err(e), Some(entry)) => {
                     // The agent may still be migrating: follow it by polling.
                     warn!(migration = %entry.record.id, container = %container, "lost the agent's progress stream: {e}; polling");
@@ -837,9 +843,22 @@ impl Controller {
         );
         self.metrics.record_migration(rec);
         if rec.state == MigrationState::Succeeded {
-            write(&self.state)
-                .last_moved
-                .insert(rec.container.clone(), now_millis());
+            {
+                // Until the next poll the cached lists still show the container on its source,
+                // and an evaluation would plan the same move again.
+                let mut st = write(&self.state);
+                st.last_moved.insert(rec.container.clone(), now_millis());
+                let moved = st.agents.get_mut(&rec.source).and_then(|a| {
+                    let i = a.containers.iter().position(|c| c.id == rec.container)?;
+                    Some(a.containers.remove(i))
+                });
+                if let Some(mut c) = moved {
+                    c.node = rec.destination.clone();
+                    let dest = st.agents.entry(rec.destination.clone()).or_default();
+                    dest.containers.retain(|x| x.id != c.id);
+                    dest.containers.push(c);
+                }
+            }
             self.sync_slurm(&mut entry).await;
         }
         if let Err(e) = self.journal.put_migration(&entry) {

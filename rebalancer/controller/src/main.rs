@@ -132,8 +132,10 @@ fn run(args: Args) -> Result<(), Failure> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),
@@ -148,7 +150,8 @@ async fn daemon(cfg: Config) -> anyhow::Result<()> {
         (false, _) => Arc::new(NoSlurm),
         (true, SlurmBackendKind::Scontrol) => Arc::new(ScontrolBackend::new()),
         (true, SlurmBackendKind::Libslurm) => Arc::new(
-            LibslurmBackend::new(cfg.slurm.conf.as_deref()).context("cannot initialise libslurm")?,
+            LibslurmBackend::new(cfg.slurm.conf.as_deref())
+                .context("cannot initialise libslurm")?,
         ),
     };
     let mut planner: Box<dyn Planner> = Box::new(BuiltinPlanner {
