@@ -3,6 +3,8 @@
 //! cluster can be up on the machine at a time.
 #![allow(clippy::unwrap_used)]
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
@@ -12,25 +14,61 @@ use rebalancer_slurm::{DrainPhase, ExpandOptions, Slurm, StepId};
 
 const STATE_DIR: &str = "/tmp/slurm-rbc-libslurm-test";
 const WAIT: Duration = Duration::from_secs(30);
+/// The machine-wide lock slurm-tests' cluster guards take: clusters share bridge, netns and ports.
+const LOCK_PATH: &str = "/run/slurm-rbc.lock";
+const LOCK_WAIT: Duration = Duration::from_secs(900);
 
 /// Brings the harness cluster up in its own state dir; takes it down on drop (also on panic).
 struct TestCluster {
     script: PathBuf,
     conf: PathBuf,
+    // Dropped after `drop()` has taken the cluster down.
+    _lock: File,
+}
+
+fn lock_machine() -> File {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LOCK_PATH)
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return file;
+        }
+        let err = std::io::Error::last_os_error();
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock,
+            "flock {LOCK_PATH}: {err}"
+        );
+        assert!(
+            start.elapsed() < LOCK_WAIT,
+            "{LOCK_PATH} held for {LOCK_WAIT:?}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
 }
 
 impl TestCluster {
     fn up() -> Self {
+        let lock = lock_machine();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("slurm-tests/cluster.sh");
-        let status = Command::new(&script)
+        // The guard exists before `up` so that a failed start is cleaned up too.
+        let cluster = TestCluster {
+            script,
+            conf: Path::new(STATE_DIR).join("slurm.conf"),
+            _lock: lock,
+        };
+        let status = Command::new(&cluster.script)
             .args(["up", "--nodes", "3", "--state-dir", STATE_DIR])
             .status()
             .unwrap();
         assert!(status.success(), "cluster.sh up failed: {status}");
-        TestCluster {
-            script,
-            conf: Path::new(STATE_DIR).join("slurm.conf"),
-        }
+        cluster
     }
 
     /// Runs a Slurm command-line tool against this cluster and returns its stdout.
@@ -81,8 +119,21 @@ impl TestCluster {
     }
 }
 
+/// cluster.sh records the state dir of the cluster that is up here.
+const CURRENT: &str = "/run/slurm-rbc.current";
+
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        // `down` removes the node namespaces and the bridge whoever owns them: only call it for a
+        // cluster this guard started (cluster.sh up refuses, and records nothing, when another is up).
+        let current = std::fs::read_to_string(CURRENT).unwrap_or_default();
+        if current.trim() != STATE_DIR {
+            eprintln!(
+                "not taking down {:?}: it is not this test's cluster",
+                current.trim()
+            );
+            return;
+        }
         let _ = Command::new(&self.script)
             .args(["down", "--state-dir", STATE_DIR])
             .status();
