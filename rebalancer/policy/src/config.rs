@@ -1,5 +1,6 @@
 //! Policy files: stage 1 parses raw serde structs (`deny_unknown_fields`, spans kept), stage 2
-//! `validate()` checks values and builds [`Policy`]. Every problem is reported as
+//! `validate()` checks values and builds [`Policy`]. Because serde stops at the first unknown key,
+//! a key-only pass runs first and reports all of them. Every problem is reported as
 //! `path:line:column: message`.
 
 use std::collections::BTreeMap;
@@ -742,8 +743,17 @@ pub fn parse_policy(path: &Path, text: &str) -> Result<Policy, Vec<Problem>> {
         Ok(r) => r,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
-            // toml's message is multi-line (it quotes the line); keep only the sentence.
-            v.err(span, e.message().trim().to_owned());
+            // Serde names Rust types; say what goes in the file.
+            let msg = e
+                .message()
+                .trim()
+                .lines()
+                .collect::<Vec<_>>()
+                .join("; ")
+                .replace("expected i64", "expected an integer")
+                .replace("expected f64", "expected a number")
+                .replace("expected a boolean", "expected true or false");
+            v.err(span, msg);
             return Err(v.problems);
         }
     };

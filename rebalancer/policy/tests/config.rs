@@ -95,8 +95,28 @@ fn wrong_type_and_unknown_kind_report_the_value_position() {
     assert_eq!(
         p,
         [
-            "a.toml:3:8: invalid type: string \"hot\", expected f64",
+            "a.toml:3:8: invalid type: string \"hot\", expected a number",
             "b.toml:2:8: unknown variant `hot`, expected one of `drain`, `thermal`, `load`",
+        ]
+    );
+}
+
+#[test]
+fn syntax_errors_and_integer_types_are_positioned() {
+    let p = problems(&[
+        ("a.toml", "kind = \"drain\"\n[limits\nmax_concurrent = 1\n"),
+        ("b.toml", "kind = \"drain\"\nkind = \"load\"\n"),
+        (
+            "c.toml",
+            "kind = \"load\"\n[trigger]\nhigh = 1\nsamples = 2.5\n",
+        ),
+    ]);
+    assert_eq!(
+        p,
+        [
+            "a.toml:2:8: invalid table header; expected `.`, `]`",
+            "b.toml:2:1: duplicate key `kind` in document root",
+            "c.toml:4:11: invalid type: floating point `2.5`, expected an integer",
         ]
     );
 }
