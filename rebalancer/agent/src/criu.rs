@@ -20,6 +20,8 @@ pub struct DumpArgs {
     /// Serve pages lazily from this address (post-copy).
     pub lazy_serve: Option<(Ipv4Addr, u16)>,
     pub status_fd: Option<i32>,
+    /// Pre-copy: the last round's directory relative to `images_dir` (`--prev-images-dir`).
+    pub prev: Option<String>,
 }
 
 impl DumpArgs {
@@ -64,6 +66,9 @@ impl DumpArgs {
         }
         if let Some(fd) = self.status_fd {
             a.extend(["--status-fd".into(), fd.to_string()]);
+        }
+        if let Some(p) = &self.prev {
+            a.extend(["--track-mem".into(), "--prev-images-dir".into(), p.clone()]);
         }
         a
     }
@@ -118,14 +123,16 @@ impl RestoreArgs {
     }
 }
 
-/// `criu page-server` on the destination (stop-and-copy: receives every page).
+/// `criu page-server` on the destination (stop-and-copy: receives every page; pre-copy: one
+/// round, `prev` naming the previous round's directory relative to `images_dir`).
 pub fn page_server_args(
     images_dir: &Path,
     addr: Ipv4Addr,
     port: u16,
     status_fd: i32,
+    prev: Option<&str>,
 ) -> Vec<String> {
-    vec![
+    let mut a = vec![
         "page-server".into(),
         "--images-dir".into(),
         images_dir.display().to_string(),
@@ -138,7 +145,41 @@ pub fn page_server_args(
         port.to_string(),
         "--status-fd".into(),
         status_fd.to_string(),
-    ]
+    ];
+    if let Some(p) = prev {
+        a.extend(["--prev-images-dir".into(), p.to_string()]);
+    }
+    a
+}
+
+/// `criu pre-dump` of one pre-copy round: memory only, to the destination's page server; the
+/// task keeps running. `prev` is the previous round's directory relative to `images_dir`.
+pub fn pre_dump_args(
+    pid: i32,
+    images_dir: &Path,
+    page_server: (Ipv4Addr, u16),
+    prev: Option<&str>,
+) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "pre-dump".into(),
+        "--tree".into(),
+        pid.to_string(),
+        "--images-dir".into(),
+        images_dir.display().to_string(),
+        "--log-file".into(),
+        "pre-dump.log".into(),
+        "-v4".into(),
+        "--track-mem".into(),
+        "--page-server".into(),
+        "--address".into(),
+        page_server.0.to_string(),
+        "--port".into(),
+        page_server.1.to_string(),
+    ];
+    if let Some(p) = prev {
+        a.extend(["--prev-images-dir".into(), p.to_string()]);
+    }
+    a
 }
 
 /// `criu lazy-pages` on the destination (post-copy: fetches pages from the source's dump).
@@ -364,6 +405,7 @@ mod tests {
             page_server: Some((Ipv4Addr::new(198, 18, 16, 3), 2000)),
             lazy_serve: None,
             status_fd: None,
+            prev: None,
         }
         .build();
         let s = a.join(" ");
@@ -382,6 +424,46 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("--lazy-pages"), "{s}");
+    }
+
+    #[test]
+    fn precopy_rounds_chain_parents() {
+        let a = pre_dump_args(
+            7,
+            Path::new("/r/m-src/pre-1"),
+            (Ipv4Addr::new(198, 18, 16, 3), 9),
+            Some("../pre-0"),
+        )
+        .join(" ");
+        assert!(
+            a.starts_with("pre-dump --tree 7 --images-dir /r/m-src/pre-1"),
+            "{a}"
+        );
+        assert!(
+            a.contains("--track-mem --page-server --address 198.18.16.3 --port 9"),
+            "{a}"
+        );
+        assert!(a.ends_with("--prev-images-dir ../pre-0"), "{a}");
+        let ps = page_server_args(
+            Path::new("/r/m/img"),
+            Ipv4Addr::new(198, 18, 16, 3),
+            9,
+            5,
+            Some("../pre-1"),
+        )
+        .join(" ");
+        assert!(
+            ps.ends_with("--status-fd 5 --prev-images-dir ../pre-1"),
+            "{ps}"
+        );
+        let d = DumpArgs {
+            pid: 7,
+            prev: Some("../pre-1".into()),
+            ..Default::default()
+        }
+        .build()
+        .join(" ");
+        assert!(d.contains("--track-mem --prev-images-dir ../pre-1"), "{d}");
     }
 
     #[test]

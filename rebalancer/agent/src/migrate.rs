@@ -32,6 +32,58 @@ pub const AUTO_POSTCOPY_MIN_RSS: u64 = 256 << 20;
 /// Stop-and-copy throughput assumed by `auto` when estimating downtime (bytes/s).
 pub const ASSUMED_COPY_BPS: u64 = 500 << 20;
 
+/// When the pre-copy loop stops and the final (frozen) dump runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrecopyPolicy {
+    /// Rounds before giving up on convergence (round 0 copies everything).
+    pub max_rounds: u32,
+    /// Stop once a round wrote at most this fraction of the pages it scanned.
+    pub dirty_fraction: f64,
+}
+
+impl Default for PrecopyPolicy {
+    fn default() -> Self {
+        PrecopyPolicy {
+            max_rounds: 5,
+            dirty_fraction: 0.05,
+        }
+    }
+}
+
+/// Convergence rule of the pre-copy loop. Pure: `None` = run another round, `Some(why)` = stop.
+/// Rules, in order: the round limit; a dirty round (k >= 1) whose written/scanned fraction is
+/// under the threshold; a dirty round that wrote no fewer pages than the one before it (the
+/// working set is not shrinking, more rounds only add traffic).
+pub fn precopy_converged(
+    policy: &PrecopyPolicy,
+    rounds: &[rebalancer_proto::RoundStats],
+) -> Option<String> {
+    let last = rounds.last()?;
+    if rounds.len() as u32 >= policy.max_rounds {
+        return Some(format!("reached the limit of {} rounds", policy.max_rounds));
+    }
+    if rounds.len() < 2 {
+        return None;
+    }
+    let frac = last.pages_written as f64 / last.pages_scanned.max(1) as f64;
+    if frac <= policy.dirty_fraction {
+        return Some(format!(
+            "round {} wrote {:.1}% of the scanned pages (<= {:.1}%)",
+            last.round,
+            frac * 100.0,
+            policy.dirty_fraction * 100.0
+        ));
+    }
+    let prev = &rounds[rounds.len() - 2];
+    if rounds.len() >= 3 && last.pages_written >= prev.pages_written {
+        return Some(format!(
+            "round {} wrote {} pages, no fewer than round {} ({}): not converging",
+            last.round, last.pages_written, prev.round, prev.pages_written
+        ));
+    }
+    None
+}
+
 /// Phase bookkeeping on a record.
 pub fn enter(rec: &mut MigrationRecord, phase: Phase) {
     let now = now_millis();
@@ -192,11 +244,19 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
         }
     };
     let r = async {
-        let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(agent.cfg.migration_timeout_ms).max(1000));
+        let timeout = Duration::from_millis(
+            req.timeout_ms
+                .unwrap_or(agent.cfg.migration_timeout_ms)
+                .max(1000),
+        );
         let mut conn = PeerConn::connect(agent, addr, timeout).await?;
         let remote = match conn.call(&PeerRequest::Capabilities).await? {
             PeerReply::Capabilities { capabilities } => capabilities,
-            other => return Err(AgentError::Peer(format!("unexpected answer to capabilities: {other:?}"))),
+            other => {
+                return Err(AgentError::Peer(format!(
+                    "unexpected answer to capabilities: {other:?}"
+                )))
+            }
         };
         if remote.node != req.destination {
             return Err(AgentError::BadRequest(format!(
@@ -205,12 +265,13 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
             )));
         }
         let rss = container::tree_rss(pid);
-        let (mode, reason) = choose_mode(req.mode, rss, req.max_downtime_ms, &agent.caps.modes, &remote.modes)?;
-        if mode == MigrationMode::PreCopy {
-            return Err(AgentError::Unsupported(
-                "pre-copy rounds are not implemented by this agent yet; use stop-and-copy or post-copy".into(),
-            ));
-        }
+        let (mode, reason) = choose_mode(
+            req.mode,
+            rss,
+            req.max_downtime_ms,
+            &agent.caps.modes,
+            &remote.modes,
+        )?;
         let mut rec = MigrationRecord {
             id: uuid::Uuid::new_v4().to_string(),
             container: id.clone(),
@@ -241,7 +302,11 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
             .await?
         {
             PeerReply::Prepared { page_server } => page_server,
-            other => return Err(AgentError::Peer(format!("unexpected answer to prepare: {other:?}"))),
+            other => {
+                return Err(AgentError::Peer(format!(
+                    "unexpected answer to prepare: {other:?}"
+                )))
+            }
         };
         Ok(Prepared {
             rec,
@@ -287,7 +352,8 @@ fn images_dir(agent: &Agent, rec: &MigrationRecord) -> std::path::PathBuf {
 
 /// Runs a prepared migration to its end. Never leaves the container frozen.
 pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
-    let dir = images_dir(&agent, &p.rec);
+    let base = images_dir(&agent, &p.rec);
+    let dir = base.join("img");
     let mode = p.rec.mode.unwrap_or(MigrationMode::StopAndCopy);
     let mut dump_child: Option<tokio::process::Child> = None;
     let mut frozen_at: Option<Instant> = None;
@@ -335,7 +401,7 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
             if let rebalancer_proto::RootfsSpec::Host = p.meta.spec.rootfs {
                 let _ = std::fs::remove_dir_all(agent.container_dir(&p.rec.container));
             }
-            remove_images(&dir);
+            remove_images(&base);
             finish(&mut p.rec, MigrationState::Succeeded, None);
             tracing::info!(migration = %p.rec.id, container = %p.rec.container, downtime_ms = ?p.rec.stats.downtime_ms, "migration succeeded");
         }
@@ -367,7 +433,7 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
             } else if let Some(c) = agent.containers().get_mut(&p.rec.container) {
                 c.state = ContainerState::Running;
             }
-            remove_images(&dir);
+            remove_images(&base);
             finish(&mut p.rec, MigrationState::RolledBack, Some(e.chain()));
         }
     }
@@ -384,6 +450,67 @@ fn remove_images(dir: &std::path::Path) {
 
 fn lazy_addr(agent: &Agent, p: &Prepared) -> Option<(std::net::Ipv4Addr, u16)> {
     p.lazy_port.map(|port| (agent.cfg.advertise, port))
+}
+
+/// Pre-copy rounds while the container runs, until [`precopy_converged`]; returns the index
+/// of the last round (the parent of the final dump).
+async fn precopy_rounds(
+    agent: &Arc<Agent>,
+    p: &mut Prepared,
+    dir: &std::path::Path,
+) -> Result<u32, AgentError> {
+    let base = dir.parent().unwrap_or(dir).to_path_buf();
+    let policy = PrecopyPolicy::default();
+    let mut round = 0u32;
+    loop {
+        let ps = match p
+            .conn
+            .call(&PeerRequest::PrecopyRound { round, last: false })
+            .await?
+        {
+            PeerReply::RoundReady { page_server } => page_server,
+            other => {
+                return Err(AgentError::Peer(format!(
+                    "unexpected answer to a pre-copy round: {other:?}"
+                )))
+            }
+        };
+        enter(&mut p.rec, Phase::PrecopyRound { round });
+        agent.publish(&p.rec);
+        let rdir = base.join(format!("pre-{round}"));
+        std::fs::create_dir_all(&rdir).map_err(|source| AgentError::Io {
+            what: format!("mkdir {}", rdir.display()),
+            source,
+        })?;
+        let prev = (round > 0).then(|| format!("../pre-{}", round - 1));
+        let started = Instant::now();
+        let args = criu::pre_dump_args(p.pid, &rdir, ps, prev.as_deref());
+        criu::run(
+            &agent.cfg.criu,
+            "pre-dump",
+            &args,
+            &[],
+            &rdir,
+            "pre-dump.log",
+        )
+        .await?;
+        let s = criu::read_stats(&rdir, "stats-dump").unwrap_or_default();
+        p.rec.stats.bytes_sent += s.pages_written * 4096;
+        p.rec.stats.rounds.push(rebalancer_proto::RoundStats {
+            round,
+            pages_scanned: s.pages_scanned,
+            pages_written: s.pages_written,
+            pages_skipped_parent: s.pages_skipped_parent,
+            duration_ms: started.elapsed().as_millis() as u64,
+        });
+        tracing::info!(migration = %p.rec.id, round, written = s.pages_written, scanned = s.pages_scanned, "pre-copy round done");
+        if let Some(why) = precopy_converged(&policy, &p.rec.stats.rounds) {
+            let reason = p.rec.mode_reason.take().unwrap_or_default();
+            p.rec.mode_reason = Some(format!("{reason}; pre-copy stopped: {why}"));
+            return Ok(round);
+        }
+        round += 1;
+    }
 }
 
 /// Dump, transfer, restore, commit. Returns when the destination committed.
@@ -410,6 +537,25 @@ async fn attempt(
             .collect(),
         ..Default::default()
     };
+    if mode == MigrationMode::PreCopy {
+        let last = precopy_rounds(agent, p, dir).await?;
+        match p
+            .conn
+            .call(&PeerRequest::PrecopyRound {
+                round: last + 1,
+                last: true,
+            })
+            .await?
+        {
+            PeerReply::RoundReady { page_server } => p.page_server = Some(page_server),
+            other => {
+                return Err(AgentError::Peer(format!(
+                    "unexpected answer to the final round: {other:?}"
+                )))
+            }
+        }
+        args.prev = Some(format!("../pre-{last}"));
+    }
     enter(&mut p.rec, Phase::Freeze);
     agent.publish(&p.rec);
     *frozen_at = Some(Instant::now());
@@ -483,7 +629,7 @@ async fn attempt(
         p.rec.stats.pages_scanned = s.pages_scanned;
         p.rec.stats.pages_written = s.pages_written;
         p.rec.stats.pages_lazy = s.pages_lazy;
-        if mode == MigrationMode::StopAndCopy {
+        if mode != MigrationMode::PostCopy {
             p.rec.stats.bytes_sent += s.pages_written * 4096;
         }
     }
@@ -556,6 +702,58 @@ mod tests {
         assert!(e.to_string().contains("CONFIG_MEM_SOFT_DIRTY"), "{e}");
         let e = choose_mode(PostCopy, 0, None, &[PostCopy], &[StopAndCopy]).expect_err("remote");
         assert!(e.to_string().contains("destination"), "{e}");
+    }
+
+    fn round(round: u32, scanned: u64, written: u64) -> rebalancer_proto::RoundStats {
+        rebalancer_proto::RoundStats {
+            round,
+            pages_scanned: scanned,
+            pages_written: written,
+            pages_skipped_parent: scanned - written,
+            duration_ms: 10,
+        }
+    }
+
+    #[test]
+    fn precopy_convergence_rule() {
+        let p = PrecopyPolicy::default();
+        assert_eq!(precopy_converged(&p, &[]), None);
+        // Round 0 copies everything: never enough on its own.
+        assert_eq!(precopy_converged(&p, &[round(0, 1000, 1000)]), None);
+        // Few dirty pages in round 1: converged.
+        let why =
+            precopy_converged(&p, &[round(0, 1000, 1000), round(1, 1000, 40)]).expect("converged");
+        assert!(why.contains("4.0%"), "{why}");
+        // Shrinking but still dirty: go on.
+        assert_eq!(
+            precopy_converged(
+                &p,
+                &[
+                    round(0, 1000, 1000),
+                    round(1, 1000, 300),
+                    round(2, 1000, 200)
+                ]
+            ),
+            None
+        );
+        // Not shrinking: stop.
+        let why = precopy_converged(
+            &p,
+            &[
+                round(0, 1000, 1000),
+                round(1, 1000, 300),
+                round(2, 1000, 310),
+            ],
+        )
+        .expect("stop");
+        assert!(why.contains("not converging"), "{why}");
+        // Round limit.
+        let rounds: Vec<_> = (0..5)
+            .map(|r| round(r, 1000, 900 - u64::from(r) * 100))
+            .collect();
+        assert!(precopy_converged(&p, &rounds)
+            .expect("limit")
+            .contains("limit of 5"));
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub enum PeerRequest {
         /// Post-copy: the source's lazy page server.
         lazy_pages: Option<(Ipv4Addr, u16)>,
     },
+    /// Pre-copy: start a page server for round `round` (`last`: the final, frozen dump, whose
+    /// images are the ones restored; its parent is round `round - 1`).
+    PrecopyRound {
+        round: u32,
+        last: bool,
+    },
     Commit,
     Abort {
         reason: String,
@@ -94,6 +100,9 @@ pub enum PeerReply {
     },
     Committed {
         resumed_at: u64,
+    },
+    RoundReady {
+        page_server: (Ipv4Addr, u16),
     },
     Aborted,
 }
@@ -305,6 +314,8 @@ struct Incoming {
     net: ContainerNet,
     root: PathBuf,
     dir: PathBuf,
+    /// Per-migration tmpfs directory: `img` (restored images) and `pre-K` (pre-copy rounds).
+    mig_dir: PathBuf,
     images: PathBuf,
     page_server: Option<tokio::process::Child>,
     lazy_daemon: Option<tokio::process::Child>,
@@ -336,6 +347,7 @@ impl Incoming {
         }
         netns::destroy(&self.net).await;
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.mig_dir);
         agent
             .incoming()
             .remove(&(self.meta.spec.id.clone(), self.meta.address));
@@ -576,7 +588,7 @@ async fn handle(
             agent.incoming().insert((id.clone(), meta.address));
             let dir = agent.container_dir(&id);
             let mig_dir = agent.cfg.run_dir.join("images").join(&migration);
-            let images = mig_dir.clone();
+            let images = mig_dir.join("img");
             let root = agent.root_for(&meta.spec);
             let net = agent.new_net(&id, meta.address);
             let mut inc = Incoming {
@@ -586,6 +598,7 @@ async fn handle(
                 net: net.clone(),
                 root: root.clone(),
                 dir: dir.clone(),
+                mig_dir: mig_dir.clone(),
                 images: images.clone(),
                 page_server: None,
                 lazy_daemon: None,
@@ -617,7 +630,7 @@ async fn handle(
                     let imgs = images.clone();
                     let child = spawn_ready(
                         agent,
-                        |fd| criu::page_server_args(&imgs, ip, port, fd),
+                        |fd| criu::page_server_args(&imgs, ip, port, fd, None),
                         "page-server",
                         &images,
                         "page-server.log",
@@ -729,7 +742,7 @@ async fn handle(
                     tracing::info!(migration = %mig, status = ?st, "lazy-pages daemon finished");
                 });
             }
-            let images = inc.images.clone();
+            let images = inc.mig_dir.clone();
             // Keep the images until the lazy daemon is surely done; they are small (no pages).
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(120)).await;
@@ -737,6 +750,60 @@ async fn handle(
             });
             tracing::info!(migration = %inc.migration, container = %inc.meta.spec.id, pid, "migration committed: container runs here");
             Ok(PeerReply::Committed { resumed_at })
+        }
+        PeerRequest::PrecopyRound { round, last } => {
+            let inc = incoming
+                .as_mut()
+                .ok_or_else(|| AgentError::BadRequest("pre-copy round before prepare".into()))?;
+            if inc.mode != MigrationMode::PreCopy {
+                return Err(AgentError::BadRequest(format!(
+                    "pre-copy round in a {} migration",
+                    inc.mode
+                )));
+            }
+            if let Some(mut ps) = inc.page_server.take() {
+                // The previous round's page server ends when its pre-dump closed the connection.
+                let st = tokio::time::timeout(Duration::from_secs(30), ps.wait())
+                    .await
+                    .map_err(|_| {
+                        AgentError::Timeout("previous round's page server still running".into())
+                    })?
+                    .map_err(|source| AgentError::Io {
+                        what: "wait page server".into(),
+                        source,
+                    })?;
+                if !st.success() {
+                    return Err(AgentError::Criu {
+                        action: "page-server",
+                        message: format!("round {} failed", round.saturating_sub(1)),
+                    });
+                }
+            }
+            let dir = if last {
+                inc.images.clone()
+            } else {
+                inc.mig_dir.join(format!("pre-{round}"))
+            };
+            std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
+                what: format!("mkdir {}", dir.display()),
+                source,
+            })?;
+            let prev = (round > 0).then(|| format!("../pre-{}", round - 1));
+            let ip = agent.cfg.advertise;
+            let port = pick_port(ip)?;
+            let d2 = dir.clone();
+            let child = spawn_ready(
+                agent,
+                |fd| criu::page_server_args(&d2, ip, port, fd, prev.as_deref()),
+                "page-server",
+                &dir,
+                "page-server.log",
+            )
+            .await?;
+            inc.page_server = Some(child);
+            Ok(PeerReply::RoundReady {
+                page_server: (ip, port),
+            })
         }
         PeerRequest::Abort { reason } => {
             if let Some(mut inc) = incoming.take() {
