@@ -21,6 +21,8 @@ readonly CONTAINERS=198.19.0.0/20
 readonly CLUSTER_NAME=rbc
 readonly CTLD_PORT=6817 SLURMD_PORT=6818 DBD_PORT=6819 DB_PORT=16819
 readonly MAX_NODES=200
+# If the bridge vanishes under a running cluster, its traffic must not follow the default route.
+readonly FALLBACK_METRIC=4242
 
 log() { printf 'cluster: %s\n' "$*" >&2; }
 # RBC_VERBOSE=1 times each phase of up.
@@ -130,20 +132,9 @@ kill_state_dir_pids() {
   return 0
 }
 
-do_down() {
-  set +e
-  local f ns n k
-  # Daemons first (pid files): a moment to exit, then SIGKILL; the state goes away anyway.
-  local -a pids=()
-  for f in "$S"/run/*.pid "$S"/munge/munged.pid "$S"/db/mariadbd.pid; do
-    [ -s "$f" ] && pids+=("$(cat "$f" 2>/dev/null)")
-  done
-  if [ ${#pids[@]} -gt 0 ]; then
-    kill -TERM "${pids[@]}" 2>/dev/null
-    any_alive() { local p; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
-    for ((k = 0; k < 10; k++)); do any_alive || break; sleep 0.1; done
-    kill -KILL "${pids[@]}" 2>/dev/null
-  fi
+# Node namespaces, veths, the bridge and the fallback routes.
+down_network() {
+  local n ns f
   n=$(recorded_nodes)
   [ "$n" -ge 3 ] 2>/dev/null || n=3
   # Namespaces named nodeK that carry our addresses, recorded or not (a crash may lose the record).
@@ -157,6 +148,41 @@ do_down() {
     [ -e "$f" ] && ip link delete "$(basename "$f")" 2>/dev/null
   done
   ip link delete "$BRIDGE" 2>/dev/null
+  ip route delete unreachable "$NET.0/24" metric "$FALLBACK_METRIC" 2>/dev/null
+  ip route delete unreachable "$CONTAINERS" metric "$FALLBACK_METRIC" 2>/dev/null
+}
+
+# The state dir of another cluster whose daemons still run, if any: it owns the network.
+other_live_cluster() {
+  local cur
+  [ -s "$CURRENT" ] || return 1
+  cur=$(cat "$CURRENT")
+  [ "$cur" != "$S" ] || return 1
+  local rc=0
+  (S=$cur; daemon_states >/dev/null) || rc=$?
+  [ "$rc" != 1 ] || return 1
+  echo "$cur"
+}
+
+do_down() {
+  set +e
+  local f ns n k other
+  # Daemons first (pid files): a moment to exit, then SIGKILL; the state goes away anyway.
+  local -a pids=()
+  for f in "$S"/run/*.pid "$S"/munge/munged.pid "$S"/db/mariadbd.pid; do
+    [ -s "$f" ] && pids+=("$(cat "$f" 2>/dev/null)")
+  done
+  if [ ${#pids[@]} -gt 0 ]; then
+    kill -TERM "${pids[@]}" 2>/dev/null
+    any_alive() { local p; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+    for ((k = 0; k < 10; k++)); do any_alive || break; sleep 0.1; done
+    kill -KILL "${pids[@]}" 2>/dev/null
+  fi
+  if other=$(other_live_cluster); then
+    log "leaving the network alone: it belongs to the cluster at $other"
+  else
+    down_network
+  fi
   kill_state_dir_pids
   sleep 0.2
   kill_state_dir_pids
@@ -226,6 +252,8 @@ setup_network() {
   ip addr add "$NET.1/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   ip route add "$CONTAINERS" dev "$BRIDGE"
+  ip route add unreachable "$NET.0/24" metric "$FALLBACK_METRIC"
+  ip route add unreachable "$CONTAINERS" metric "$FALLBACK_METRIC"
   sysctl -qw "net.ipv4.conf.$BRIDGE.proxy_arp=1" "net.ipv4.neigh.$BRIDGE.proxy_delay=0"
   for ((k = 1; k <= nodes; k++)); do
     node=node$k
