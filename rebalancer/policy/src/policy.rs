@@ -202,13 +202,15 @@ impl MigrationSettings {
             MigrationMode::PreCopy => rss_mb as f64 * self.pre_copy_dirty_fraction,
             MigrationMode::PostCopy => 0.0,
         };
-        self.fixed_downtime_ms + (frozen_mb / self.bandwidth_mib_s * 1000.0).ceil() as u64
+        self.fixed_downtime_ms
+            .saturating_add((frozen_mb / self.bandwidth_mib_s * 1000.0).ceil() as u64)
     }
 
     /// Seconds the controller lets the migration run before aborting it.
     pub fn timeout_s(&self, rss_mb: u64) -> u64 {
         let gib = (rss_mb as f64 / 1024.0).ceil() as u64;
-        self.timeout_base_s + gib * self.timeout_per_gib_s
+        self.timeout_base_s
+            .saturating_add(gib.saturating_mul(self.timeout_per_gib_s))
     }
 }
 

@@ -792,3 +792,37 @@ fn parallel_scan_matches_a_sequential_ranking_on_a_large_cluster() {
         a.decisions
     );
 }
+
+#[test]
+fn node_cooldown_applies_within_one_evaluation() {
+    let text = LOAD
+        .replace("node_cooldown_s = 0", "node_cooldown_s = 300")
+        .replace("[limits]", "[limits]\nmax_per_destination = 5");
+    let set = policies(&[("load.toml", &text)]);
+    let mut b1 = node("busy1");
+    b1.load = 64.0;
+    let mut b2 = node("busy2");
+    b2.load = 60.0;
+    let mut spare = node("spare");
+    spare.cpus_total = 256;
+    let v = view(
+        vec![b1, b2, spare],
+        vec![container("c1", 1, "busy1"), container("c2", 2, "busy2")],
+        1000,
+    );
+    let p = plan(&set, &v, &mut PolicyState::default());
+    assert_eq!(moves(&p), [("c1".into(), "busy1".into(), "spare".into())]);
+    let skip = p
+        .skips
+        .iter()
+        .find(|s| s.container.as_deref() == Some("c2"))
+        .expect("c2 skipped");
+    assert_eq!(skip.code, SkipCode::NoDestination);
+    let search = skip.search.as_ref().expect("search");
+    assert_eq!(
+        search.rejected.get(&RejectCode::NodeCooldown),
+        Some(&1),
+        "{:?}",
+        search.rejected
+    );
+}

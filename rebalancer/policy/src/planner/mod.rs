@@ -207,7 +207,7 @@ impl<'v> PolicyRun<'_, 'v> {
             Vec::new()
         } else {
             (0..nodes.len())
-                .map(|i| self.last_node_move(i).map_or(0, |t| t + cd))
+                .map(|i| self.last_node_move(i).map_or(0, |t| t.saturating_add(cd)))
                 .collect()
         };
         let (feat_mask, feat_slow) = mask_of(&self.idx.feat_ids, &d.require_features);
@@ -246,7 +246,9 @@ impl<'v> PolicyRun<'_, 'v> {
                 return Ok(());
             }
             if let Some(t) = self.last_node_move(src) {
-                let left = (t + p.limits.node_cooldown_s).saturating_sub(now);
+                let left = t
+                    .saturating_add(p.limits.node_cooldown_s)
+                    .saturating_sub(now);
                 if left > 0 {
                     self.skip(src, None, SkipCode::SourceCooldown, format!(
                         "node took part in a migration {} s ago; node cooldown {} s ({left} s left)",
@@ -285,7 +287,7 @@ impl<'v> PolicyRun<'_, 'v> {
                     .copied()
                     .max(self.state.job_moved.get(&cv.job_id).copied());
                 match last {
-                    Some(t) if t + p.limits.job_cooldown_s > now => Some((
+                    Some(t) if t.saturating_add(p.limits.job_cooldown_s) > now => Some((
                         SkipCode::JobCooldown,
                         format!(
                             "job {} moved {} s ago; job cooldown {} s",
@@ -427,6 +429,12 @@ impl<'v> PolicyRun<'_, 'v> {
             if auto {
                 self.state
                     .record_move(cv.job_id, &node.name, &best.node, now);
+                // Later searches of this policy see the new cooldowns too.
+                if !self.dest.cooldown_until.is_empty() {
+                    let until = now.saturating_add(p.limits.node_cooldown_s);
+                    self.dest.cooldown_until[src] = until;
+                    self.dest.cooldown_until[dst] = until;
+                }
             }
             let downtime = p.migration.estimated_downtime_ms(best.mode, cv.rss_mb);
             let summary = format!(
