@@ -56,7 +56,12 @@ pub struct ClusterState {
     pub last_moved: HashMap<String, Millis>,
     /// Last non-executed decision per (policy, container), to journal repeats only when they change.
     pub last_advice: HashMap<(String, String), (String, DecisionOutcome, Millis)>,
+    /// Planner memory as last journaled.
+    pub planner_saved: Option<String>,
 }
+
+/// Journal key of the planner's memory (hysteresis, cooldowns).
+pub const PLANNER_STATE: &str = "planner_state";
 
 /// Progress of an operator request, sent to the connection that asked.
 #[derive(Debug)]
@@ -109,8 +114,21 @@ impl Controller {
             warn!("cannot read policy states from the journal: {e}");
             BTreeMap::new()
         });
+        let mut planner = planner;
+        let planner_saved = match journal.meta(PLANNER_STATE) {
+            Ok(Some(saved)) => {
+                planner.restore_state(&saved);
+                Some(saved)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!("cannot read the planner's state from the journal: {e}");
+                None
+            }
+        };
         let state = ClusterState {
             policy_states,
+            planner_saved,
             ..Default::default()
         };
         Arc::new(Controller {
@@ -430,7 +448,20 @@ impl Controller {
     pub async fn evaluate(self: &Arc<Self>) {
         let input = self.plan_input();
         let states = self.state().policy_states.clone();
-        let moves = self.planner().plan(&input, &states);
+        let (moves, saved) = {
+            let mut p = self.planner();
+            let moves = p.plan(&input, &states);
+            (moves, p.save_state())
+        };
+        if let Some(saved) = saved {
+            let changed = self.state().planner_saved.as_deref() != Some(saved.as_str());
+            if changed {
+                if let Err(e) = self.journal.put_meta(PLANNER_STATE, &saved) {
+                    warn!("cannot journal the planner's state: {e}");
+                }
+                write(&self.state).planner_saved = Some(saved);
+            }
+        }
         if moves.is_empty() {
             debug!("evaluation: nothing to do");
             return;
@@ -857,6 +888,16 @@ impl Controller {
                     let dest = st.agents.entry(rec.destination.clone()).or_default();
                     dest.containers.retain(|x| x.id != c.id);
                     dest.containers.push(c);
+                }
+            }
+            if entry.policy.starts_with("operator:") {
+                if let Some(t) = &rec.task {
+                    self.planner().record_move(
+                        t.job_id,
+                        &rec.source,
+                        &rec.destination,
+                        now_millis(),
+                    );
                 }
             }
             self.sync_slurm(&mut entry).await;

@@ -12,6 +12,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 const DECISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("decisions");
 const MIGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("migrations");
 const POLICY_STATES: TableDefinition<&str, &str> = TableDefinition::new("policy_states");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -52,6 +53,7 @@ impl Journal {
             store!(tx.open_table(DECISIONS))?;
             store!(tx.open_table(MIGRATIONS))?;
             store!(tx.open_table(POLICY_STATES))?;
+            store!(tx.open_table(META))?;
         }
         store!(tx.commit())?;
         Ok(Journal { db })
@@ -168,6 +170,25 @@ impl Journal {
     }
 }
 
+impl Journal {
+    /// Small named values (the planner's memory).
+    pub fn put_meta(&self, key: &str, value: &str) -> Result<(), JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(META))?;
+            store!(t.insert(key, value))?;
+        }
+        store!(tx.commit())?;
+        Ok(())
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, JournalError> {
+        let tx = store!(self.db.begin_read())?;
+        let t = store!(tx.open_table(META))?;
+        Ok(store!(t.get(key))?.map(|v| v.value().to_string()))
+    }
+}
+
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, JournalError> {
     serde_json::from_slice(bytes).map_err(|source| JournalError::Corrupt {
         key: key.to_string(),
@@ -247,6 +268,7 @@ pub(crate) mod tests {
             .expect("put");
             j.set_policy_state("thermal", PolicyState::DryRun)
                 .expect("state");
+            j.put_meta("planner_state", "{}").expect("meta");
         }
         let j = Journal::open(&path).expect("reopen");
         let ds = j.decisions(10).expect("decisions");
@@ -263,6 +285,11 @@ pub(crate) mod tests {
             j.policy_states().expect("states").get("thermal"),
             Some(&PolicyState::DryRun)
         );
+        assert_eq!(
+            j.meta("planner_state").expect("meta").as_deref(),
+            Some("{}")
+        );
+        assert_eq!(j.meta("other").expect("meta"), None);
         // Sequence numbers continue after a restart.
         assert_eq!(j.record_decision(decision("load")).expect("d3").seq, 3);
     }

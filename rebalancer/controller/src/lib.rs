@@ -9,5 +9,6 @@ pub mod journal;
 pub mod libslurm;
 pub mod metrics;
 pub mod planner;
+pub mod policy_adapter;
 pub mod server;
 pub mod slurm_sync;

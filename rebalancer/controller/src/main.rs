@@ -11,6 +11,7 @@ use rebalancer_controller::daemon::{run_loops, Controller};
 use rebalancer_controller::journal::Journal;
 use rebalancer_controller::libslurm::LibslurmBackend;
 use rebalancer_controller::planner::{BuiltinPlanner, Planner};
+use rebalancer_controller::policy_adapter::PolicyPlanner;
 use rebalancer_controller::slurm_sync::{NoSlurm, ScontrolBackend, SlurmBackend};
 use rebalancer_controller::{metrics, server};
 use tracing::{error, info, warn};
@@ -72,25 +73,18 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
 fn run(args: Args) -> Result<(), Failure> {
     let cfg = load_config(&args).map_err(Failure::Config)?;
     if args.check_config {
-        let mut planner = BuiltinPlanner::default();
-        let report = match rebalancer_controller::planner::read_sources(&cfg.policies) {
-            Ok(s) => planner.check(&s),
-            Err(e) => {
-                println!("policies: {e} (the built-in drain policy applies)");
-                rebalancer_proto::control::PolicyCheckReport {
-                    ok: true,
-                    policies: vec![],
-                    errors: vec![],
-                }
-            }
-        };
-        if !report.ok {
-            return Err(Failure::Config(anyhow::anyhow!(
-                "{}",
-                report.errors.join("\n")
-            )));
+        if cfg.policies.exists() {
+            let n = PolicyPlanner::load(&cfg.policies)
+                .map_err(|errors| Failure::Config(anyhow::anyhow!("{}", errors.join("\n"))))?
+                .policies()
+                .len();
+            println!("policies valid: {n} in {}", cfg.policies.display());
+        } else {
+            println!(
+                "policies: {} does not exist; the built-in drain policy applies",
+                cfg.policies.display()
+            );
         }
-        let _ = planner.reload(&cfg.policies);
         println!("configuration valid");
         println!("  control socket  {}", cfg.socket.display());
         println!("  journal         {}", cfg.journal.display());
@@ -154,12 +148,17 @@ async fn daemon(cfg: Config) -> anyhow::Result<()> {
                 .context("cannot initialise libslurm")?,
         ),
     };
-    let mut planner: Box<dyn Planner> = Box::new(BuiltinPlanner {
-        mode: Some(cfg.migration.default_mode),
-    });
-    if let Err(errors) = planner.reload(&cfg.policies) {
-        warn!("policies not loaded: {}", errors.join("; "));
-    }
+    let planner: Box<dyn Planner> = if cfg.policies.exists() {
+        Box::new(
+            PolicyPlanner::load(&cfg.policies)
+                .map_err(|errors| anyhow::anyhow!("invalid policies:\n{}", errors.join("\n")))?,
+        )
+    } else {
+        warn!(path = %cfg.policies.display(), "no policies; the built-in drain policy applies");
+        Box::new(BuiltinPlanner {
+            mode: Some(cfg.migration.default_mode),
+        })
+    };
     let listener = server::bind(&cfg.socket)
         .with_context(|| format!("cannot bind the control socket {}", cfg.socket.display()))?;
     let metrics_listener = match cfg.metrics_listen {

@@ -1,8 +1,9 @@
 //! The controller's view of a policy engine, behind [`Planner`], plus destination placement for
 //! operator requests (`rebalctl migrate` without `node=`, `rebalctl evacuate`).
 //!
-//! [`BuiltinPlanner`] evacuates drained, down and reboot-pending nodes with one implicit policy;
-//! `policy_adapter` plugs in the `rebalancer-policy` crate once it offers a planner.
+//! [`BuiltinPlanner`] evacuates drained, down and reboot-pending nodes with one implicit policy
+//! (used when no policy path exists);
+//! `crate::policy_adapter::PolicyPlanner` runs the `rebalancer-policy` crate's policies.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -114,6 +115,8 @@ pub struct PolicyInfo {
     pub priority: i32,
     pub description: String,
     pub source: String,
+    /// State before any `rebalctl update`: from the file's `enabled` and `action`.
+    pub default_state: PolicyState,
 }
 
 /// A policy engine as the controller uses it.
@@ -130,6 +133,13 @@ pub trait Planner: Send + 'static {
         input: &PlanInput,
         states: &BTreeMap<String, PolicyState>,
     ) -> Vec<PlannedMove>;
+    /// A move made outside the planner (operator request), so that cooldowns count it.
+    fn record_move(&mut self, _job_id: u32, _source: &str, _destination: &str, _at: Millis) {}
+    /// Planner memory (hysteresis, cooldowns) to journal, and to restore after a restart.
+    fn save_state(&self) -> Option<String> {
+        None
+    }
+    fn restore_state(&mut self, _saved: &str) {}
 }
 
 /// Reads the policy texts at `path`: one file, or every `*.toml` of a directory (sorted).
@@ -266,6 +276,7 @@ impl Planner for BuiltinPlanner {
             priority: 0,
             description: "evacuate nodes that are DRAIN, DOWN or REBOOT ASAP".into(),
             source: "built-in".into(),
+            default_state: PolicyState::Enabled,
         }]
     }
 

@@ -331,10 +331,7 @@ pub fn policy_statuses(ctl: &Controller) -> Vec<PolicyStatus> {
                 .policy_states
                 .get(&p.name)
                 .copied()
-                .unwrap_or(match p.action {
-                    PlanAction::DryRun => rebalancer_proto::control::PolicyState::DryRun,
-                    _ => rebalancer_proto::control::PolicyState::Enabled,
-                }),
+                .unwrap_or(p.default_state),
             decisions: st.decision_counts.get(&p.name).copied().unwrap_or(0),
             name: p.name,
             kind: p.kind,
