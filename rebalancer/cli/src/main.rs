@@ -212,6 +212,15 @@ async fn run(cli: Cli) -> Result<(), ErrorReply> {
     let mut client = client::Client::connect(&cli.socket).await?;
     let mut watch = Watch::new(wait && !cli.json);
     let reply = client.call(&req, |ev| watch.event(ev)).await;
+    if let Ok(ControlReply::Migrated { migrations, .. }) = &reply {
+        // The final records: the last phase event precedes the end.
+        for m in migrations {
+            watch.event(Event::MigrationProgress {
+                migration: m.record.clone(),
+                progress_bytes: None,
+            });
+        }
+    }
     watch.finish();
     let reply = reply?;
     output(&cli, reply)
@@ -302,7 +311,7 @@ fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
     if cli.json {
         // A policy check with errors still prints its report, then fails.
         let failed = matches!(&reply, ControlReply::PolicyCheck { report } if !report.ok);
-        print_json(&reply)?;
+        print_json(&json_payload(&reply))?;
         return if failed {
             Err(bad("policy check found errors"))
         } else {
@@ -369,6 +378,21 @@ fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
         ControlReply::Done => println!("done"),
     }
     Ok(())
+}
+
+/// The reply without its envelope: `show nodes --json` prints the list of nodes, `policy check`
+/// its report; replies with several parts stay objects.
+fn json_payload(reply: &ControlReply) -> serde_json::Value {
+    let mut v = serde_json::to_value(reply).unwrap_or(serde_json::Value::Null);
+    if let Some(m) = v.as_object_mut() {
+        m.remove("kind");
+        if m.len() == 1 {
+            if let Some((_, inner)) = m.iter().next() {
+                return inner.clone();
+            }
+        }
+    }
+    v
 }
 
 fn print_detail<T: serde::Serialize>(label: &str, name: &str, v: &T) {
@@ -510,6 +534,19 @@ mod tests {
         let cli = Cli::try_parse_from(["rebalctl", "evacuate", "nodes=x"]).expect("parse");
         assert_eq!(build(&cli.cmd).expect_err("bad key").code.exit_code(), 2);
         assert!(Cli::try_parse_from(["rebalctl", "show", "jobs"]).is_err());
+    }
+
+    #[test]
+    fn json_output_drops_the_envelope() {
+        let v = json_payload(&ControlReply::Policies { policies: vec![] });
+        assert_eq!(v, serde_json::json!([]));
+        let v = json_payload(&ControlReply::Migrated {
+            decisions: vec![],
+            migrations: vec![],
+        });
+        assert_eq!(v, serde_json::json!({"decisions": [], "migrations": []}));
+        let v = json_payload(&ControlReply::Done);
+        assert_eq!(v, serde_json::json!({}));
     }
 
     #[test]

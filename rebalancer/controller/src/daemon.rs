@@ -378,7 +378,11 @@ impl Controller {
                     slurm_state: s
                         .map(|s| s.state.clone())
                         .unwrap_or_else(|| "UNKNOWN".into()),
-                    cpus_total: s.map(|s| s.cpus_total).unwrap_or(0),
+                    cpus_total: s
+                        .map(|s| s.cpus_total)
+                        .filter(|c| *c > 0)
+                        .or(a.and_then(|a| a.metrics.as_ref()).map(|m| m.cpus))
+                        .unwrap_or(0),
                     cpus_alloc: s.map(|s| s.cpus_alloc).unwrap_or(0),
                     mem_total_mb: s.map(|s| s.mem_total_mb).unwrap_or(0),
                     mem_alloc_mb: s.map(|s| s.mem_alloc_mb).unwrap_or(0),
