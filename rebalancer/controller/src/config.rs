@@ -717,6 +717,18 @@ listen = "127.0.0.1:9464"
     }
 
     #[test]
+    fn example_file_is_valid() {
+        let text = include_str!("../rebalancerd.example.toml");
+        let c = Config::from_str_at(text, Path::new("rebalancerd.example.toml")).expect("example");
+        assert_eq!(c.operators, vec![1500]);
+        assert_eq!(
+            c.agents.address_of("node3"),
+            Some(AgentAddr::Unix("/run/rebalancer/node3/agent.sock".into()))
+        );
+        assert_eq!(c.agents.address_of("node9"), Some(AgentAddr::Tcp("198.18.48.9:7879".into())));
+    }
+
+    #[test]
     fn line_col_counts_characters() {
         assert_eq!(line_col("ab\ncé d", 7), (2, 4));
         assert_eq!(line_col("", 0), (1, 1));
