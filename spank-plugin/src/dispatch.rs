@@ -55,7 +55,7 @@ fn options() -> [(
         (
             c"migratable",
             Some(c"CLASS"),
-            c"Run the tasks in containers the rebalancer may live-migrate; CLASS selects a policy class",
+            c"Run the tasks in containers the rebalancer may live-migrate; the optional CLASS picks a policy class",
             2,
             OptId::Migratable,
         ),

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# A private one-node Slurm 22.05 cluster for the SPANK plugin's tests: munged, slurmctld and one
+# slurmd, all inside one network namespace (loopback only), so it never collides with the
+# shared harness cluster (slurm-tests/cluster.sh owns the bridge rbc0, node1..N and /run state).
+#
+#   minicluster.sh up DIR PLUGSTACK_FRAGMENT   # DIR is created; prints nothing on success
+#   minicluster.sh down DIR
+#   minicluster.sh run DIR CMD...              # CMD inside the namespace with SLURM_CONF set
+#
+# The namespace is named after DIR's basename (rbsp-*); every daemon's pid file lives in DIR.
+set -euo pipefail
+
+die() { printf 'minicluster: %s\n' "$*" >&2; exit 1; }
+cmd=${1:?usage: minicluster.sh up|down|run DIR ...}
+dir=${2:?missing DIR}
+shift 2
+case $dir in /tmp/*) ;; *) die "DIR must be under /tmp, got '$dir'" ;; esac
+ns=rbsp-$(basename "$dir" | tr -c 'a-zA-Z0-9\n' '-' | cut -c1-10)
+enter() { nsenter --net="/run/netns/$ns" "$@"; }
+
+wait_for() {
+  local limit=$1 i
+  shift
+  for ((i = 0; i < limit * 10; i++)); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+down() {
+  local f
+  for f in "$dir"/run/*.pid; do
+    [ -s "$f" ] && kill -TERM "$(cat "$f")" 2>/dev/null || true
+  done
+  sleep 0.5
+  for f in "$dir"/run/*.pid; do
+    [ -s "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null || true
+  done
+  if [ -e "/run/netns/$ns" ]; then
+    # Leftover steps and tasks of the private node.
+    local ino p
+    ino=$(stat -L -c %i "/run/netns/$ns")
+    for p in /proc/[0-9]*; do
+      [ "$(stat -L -c %i "$p/ns/net" 2>/dev/null)" = "$ino" ] && kill -9 "${p#/proc/}" 2>/dev/null || true
+    done
+    ip netns delete "$ns" 2>/dev/null || true
+  fi
+  [ -e "$dir/.minicluster" ] && rm -rf "$dir"
+  return 0
+}
+
+up() {
+  local frag=${1:?missing PLUGSTACK_FRAGMENT} host
+  [ -r "$frag" ] || die "cannot read $frag"
+  down
+  mkdir -p "$dir"/{run,log,ctld,spool,munge}
+  touch "$dir/.minicluster"
+  host=$(hostname)
+  ip netns add "$ns"
+  enter ip link set lo up
+  # getaddrinfo(AI_ADDRCONFIG) in slurmctld finds nothing with loopback alone: give the namespace
+  # one isolated address on a veth pair that stays inside it (no route leaves it; 198.18.64.0/24 is unused by the other test blocks).
+  enter ip link add rbsp0 type veth peer name rbsp1
+  enter ip addr add 198.18.64.1/32 dev rbsp0
+  enter ip link set rbsp1 up
+  enter ip link set rbsp0 up
+  head -c 1024 /dev/urandom >"$dir/munge/munge.key"
+  chmod 0400 "$dir/munge/munge.key"
+  chmod 0711 "$dir/munge"
+  munged --force --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
+    --log-file="$dir/log/munged.log" --pid-file="$dir/run/munged.pid" \
+    --seed-file="$dir/munge/munged.seed"
+  echo "include $frag" >"$dir/plugstack.conf"
+  cat >"$dir/slurm.conf" <<EOF
+ClusterName=rbsp
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket=$dir/munge/munge.socket
+CredType=cred/munge
+StateSaveLocation=$dir/ctld
+SlurmdSpoolDir=$dir/spool/%n
+SlurmctldPidFile=$dir/run/slurmctld.pid
+SlurmdPidFile=$dir/run/slurmd-%n.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
+SlurmdDebug=verbose
+PlugStackConfig=$dir/plugstack.conf
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+KillWait=2
+MinJobAge=30
+NodeName=sp1 NodeAddr=127.0.0.1 CPUs=2 RealMemory=2000 State=UNKNOWN
+PartitionName=debug Nodes=sp1 Default=YES MaxTime=INFINITE State=UP
+EOF
+  export SLURM_CONF=$dir/slurm.conf
+  enter slurmctld -i || die "slurmctld did not start: $(tail -5 "$dir/log/slurmctld.log" 2>&1)"
+  wait_for 20 enter scontrol ping || die "slurmctld does not answer"
+  mkdir -p "$dir/spool/sp1"
+  enter slurmd -N sp1 || die "slurmd did not start: $(tail -5 "$dir/log/slurmd-sp1.log" 2>&1)"
+  wait_for 30 sh -c "nsenter --net=/run/netns/$ns sinfo -h -o %t | grep -qx idle" ||
+    die "node sp1 did not become idle: $(tail -5 "$dir/log/slurmd-sp1.log" 2>&1)"
+}
+
+case $cmd in
+  up) up "$@" ;;
+  down) down ;;
+  run) SLURM_CONF=$dir/slurm.conf enter "$@" ;;
+  *) die "unknown command '$cmd'" ;;
+esac
