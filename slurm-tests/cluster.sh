@@ -15,11 +15,15 @@
 set -euo pipefail
 
 readonly CURRENT=/run/slurm-rbc.current
+# Serialises up and down of concurrent callers (fd 9; daemons must not inherit it).
+readonly OP_LOCK=/run/slurm-rbc.op.lock
 readonly BRIDGE=rbc0
 readonly NET=198.18.0
 readonly CONTAINERS=198.19.0.0/20
 readonly CLUSTER_NAME=rbc
-readonly CTLD_PORT=6817 SLURMD_PORT=6818 DBD_PORT=6819 DB_PORT=16819
+# slurmctld, slurmdbd and MariaDB listen in the root namespace: ports away from the defaults, so that
+# a private cluster elsewhere on the machine (default 6817/6819) does not collide. slurmd is per netns.
+readonly CTLD_PORT=16817 SLURMD_PORT=6818 DBD_PORT=16818 DB_PORT=16819
 readonly MAX_NODES=200
 # If the bridge vanishes under a running cluster, its traffic must not follow the default route.
 readonly FALLBACK_METRIC=4242
@@ -79,7 +83,13 @@ recorded_nodes() {
   if [ -s "$S/nodes" ]; then cat "$S/nodes"; else echo 0; fi
 }
 
-pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# A killed daemon whose parent does not reap it stays a zombie (pid 1 here may not reap): not alive.
+pid_alive() {
+  [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null || return 1
+  local st
+  st=$(sed 's/.*) //; s/ .*//' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ "$st" != Z ]
+}
 pidfile_alive() { [ -s "$1" ] && pid_alive "$(cat "$1")"; }
 
 tail_log() {
@@ -90,11 +100,11 @@ tail_log() {
   printf -- '-----\n' >&2
 }
 
-# Waits up to $1 seconds (in 0.1 s steps) for the command "$2..." to succeed.
+# Waits up to $1 seconds (polling every 0.1 s, each try at most 5 s) for "$2..." to succeed.
 wait_for() {
-  local limit=$1 i
+  local end=$((SECONDS + $1))
   shift
-  for ((i = 0; i < limit * 10; i++)); do
+  while [ "$SECONDS" -lt "$end" ]; do
     if declare -F "$1" >/dev/null; then
       "$@" >/dev/null 2>&1 && return 0
     else
@@ -174,7 +184,7 @@ do_down() {
   done
   if [ ${#pids[@]} -gt 0 ]; then
     kill -TERM "${pids[@]}" 2>/dev/null
-    any_alive() { local p; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+    any_alive() { local p; for p in "${pids[@]}"; do pid_alive "$p" && return 0; done; return 1; }
     for ((k = 0; k < 10; k++)); do any_alive || break; sleep 0.1; done
     kill -KILL "${pids[@]}" 2>/dev/null
   fi
@@ -277,7 +287,7 @@ start_munge() {
   chmod 0400 "$S/munge/munge.key"
   munged --force --socket="$S/munge/munge.socket" --key-file="$S/munge/munge.key" \
     --log-file="$S/log/munged.log" --pid-file="$S/munge/munged.pid" \
-    --seed-file="$S/munge/munged.seed" ||
+    --seed-file="$S/munge/munged.seed" 9>&- ||
     { tail_log "$S/log/munged.log"; die "munged did not start"; }
   wait_for 5 test -S "$S/munge/munge.socket" || { tail_log "$S/log/munged.log"; die "munged has no socket"; }
 }
@@ -302,7 +312,7 @@ EOF
   mariadb-install-db --defaults-file="$S/db/my.cnf" --auth-root-authentication-method=normal \
     --skip-test-db >"$S/log/mariadb-install.log" 2>&1 ||
     { tail_log "$S/log/mariadb-install.log"; die "mariadb-install-db failed"; }
-  setsid mariadbd --defaults-file="$S/db/my.cnf" </dev/null >>"$S/log/mariadbd.log" 2>&1 &
+  setsid mariadbd --defaults-file="$S/db/my.cnf" </dev/null >>"$S/log/mariadbd.log" 2>&1 9>&- &
   wait_for 20 mariadb --no-defaults -S "$S/db/mariadbd.sock" -uroot -e 'select 1' ||
     { tail_log "$S/log/mariadbd.log"; die "mariadbd did not start"; }
   mariadb --no-defaults -S "$S/db/mariadbd.sock" -uroot -e "
@@ -396,16 +406,16 @@ EOF
 start_slurm() {
   local node k
   export SLURM_CONF=$S/slurm.conf
-  slurmdbd || { tail_log "$S/log/slurmdbd.log"; die "slurmdbd did not start"; }
+  slurmdbd 9>&- || { tail_log "$S/log/slurmdbd.log"; die "slurmdbd did not start"; }
   wait_for 30 sacctmgr -n list cluster ||
     { tail_log "$S/log/slurmdbd.log"; die "slurmdbd does not answer"; }
   phase slurmctld
-  slurmctld -i || { tail_log "$S/log/slurmctld.log"; die "slurmctld did not start"; }
+  slurmctld -i 9>&- || { tail_log "$S/log/slurmctld.log"; die "slurmctld did not start"; }
   wait_for 20 scontrol ping || { tail_log "$S/log/slurmctld.log"; die "slurmctld does not answer"; }
   for ((k = 1; k <= nodes; k++)); do
     node=node$k
     mkdir -p "$S/slurmd/$node"
-    nsenter --net="/run/netns/$node" slurmd -N "$node" -f "$S/slurm.conf" ||
+    nsenter --net="/run/netns/$node" slurmd -N "$node" -f "$S/slurm.conf" 9>&- ||
       { tail_log "$S/log/slurmd-$node.log"; die "slurmd on $node did not start"; }
   done
   phase "wait for idle nodes"
@@ -435,7 +445,7 @@ do_up() {
   if [ -e "$S/.rbc-cluster" ]; then
     local rc=0
     daemon_states >/dev/null || rc=$?
-    if [ "$rc" = 0 ] && SLURM_CONF=$S/slurm.conf scontrol ping >/dev/null 2>&1; then
+    if [ "$rc" = 0 ] && SLURM_CONF=$S/slurm.conf wait_for 5 scontrol ping; then
       log "already up at $S ($(recorded_nodes) nodes)"
       return 0
     fi
@@ -469,9 +479,14 @@ do_up() {
   log "up at $S: $nodes nodes in $((SECONDS - t0)) s; run: eval \"\$($0 env)\""
 }
 
+op_lock() {
+  exec 9>"$OP_LOCK"
+  flock -w 300 9 || die "another cluster.sh up/down holds $OP_LOCK for 300 s"
+}
+
 case $cmd in
-  up) do_up ;;
-  down) do_down; log "down ($S)" ;;
+  up) op_lock; do_up ;;
+  down) op_lock; do_down; log "down ($S)" ;;
   status) do_status ;;
   env) do_env ;;
   -h|--help|help) usage 0 ;;

@@ -107,7 +107,7 @@ pub struct Options {
     pub nodes: usize,
     /// A plugstack.conf fragment the cluster's plugstack.conf includes.
     pub plugstack: Option<PathBuf>,
-    /// Longest wait for the lock held by another cluster guard.
+    /// Longest wait for another cluster (guard or not) to go down.
     pub lock_timeout: Duration,
 }
 
@@ -150,23 +150,38 @@ impl Cluster {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut cmd = Command::new(cluster_script());
-        cmd.arg("up")
-            .arg("--nodes")
-            .arg(options.nodes.to_string())
-            .arg("--state-dir")
-            .arg(&state_dir);
-        if let Some(p) = &options.plugstack {
-            cmd.arg("--plugstack").arg(p);
-        }
+        let up = || {
+            let mut cmd = Command::new(cluster_script());
+            cmd.arg("up")
+                .arg("--nodes")
+                .arg(options.nodes.to_string())
+                .arg("--state-dir")
+                .arg(&state_dir);
+            if let Some(p) = &options.plugstack {
+                cmd.arg("--plugstack").arg(p);
+            }
+            run_command(cmd)
+        };
         // From here on the guard exists, so a failed `up` is cleaned up by Drop.
         let cluster = Cluster {
-            state_dir,
+            state_dir: state_dir.clone(),
             nodes: options.nodes,
             _lock: lock,
         };
-        run_command(cmd)?.ok()?;
-        Ok(cluster)
+        // A cluster brought up outside these guards (by hand, a demo) holds the machine's network:
+        // wait for it to go down rather than fail at once.
+        let started = Instant::now();
+        loop {
+            let run = up()?;
+            if run.success {
+                return Ok(cluster);
+            }
+            let busy = run.stderr.contains("a cluster is already up at");
+            if !busy || started.elapsed() >= options.lock_timeout {
+                run.ok()?;
+            }
+            thread::sleep(Duration::from_secs(2));
+        }
     }
 
     pub fn state_dir(&self) -> &Path {
