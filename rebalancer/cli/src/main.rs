@@ -4,6 +4,20 @@ mod args;
 mod client;
 mod render;
 
+/// print!/println! that ignore a closed stdout (`rebalctl ... | head` must not panic).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -171,7 +185,7 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), ErrorReply> {
         code: ErrorCode::Internal,
         message: e.to_string(),
     })?;
-    println!("{s}");
+    outln!("{s}");
     Ok(())
 }
 
@@ -320,25 +334,25 @@ fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
     }
     let single = matches!(&cli.cmd, Cmd::Show { name: Some(n), .. } if !n.contains('='));
     match reply {
-        ControlReply::Pong { software } => println!("{software} is up"),
+        ControlReply::Pong { software } => outln!("{software} is up"),
         ControlReply::Nodes { nodes } if single => nodes
             .iter()
             .for_each(|n| print_detail("NodeName", &n.name, n)),
-        ControlReply::Nodes { nodes } => print!("{}", render::nodes(&nodes)),
+        ControlReply::Nodes { nodes } => out!("{}", render::nodes(&nodes)),
         ControlReply::Containers { containers } if single => containers
             .iter()
             .for_each(|c| print_detail("Container", &c.id, c)),
-        ControlReply::Containers { containers } => print!("{}", render::containers(&containers)),
+        ControlReply::Containers { containers } => out!("{}", render::containers(&containers)),
         ControlReply::Migrations { migrations } if single => migrations
             .iter()
             .for_each(|m| print_detail("Migration", &m.record.id, m)),
-        ControlReply::Migrations { migrations } => print!("{}", render::migrations(&migrations)),
+        ControlReply::Migrations { migrations } => out!("{}", render::migrations(&migrations)),
         ControlReply::Policies { policies } if single || matches!(cli.cmd, Cmd::Update { .. }) => {
             policies
                 .iter()
                 .for_each(|p| print_detail("PolicyName", &p.name, p))
         }
-        ControlReply::Policies { policies } => print!("{}", render::policies(&policies)),
+        ControlReply::Policies { policies } => out!("{}", render::policies(&policies)),
         ControlReply::PolicyCheck { report } => {
             for e in &report.errors {
                 eprintln!("{e}");
@@ -350,9 +364,9 @@ fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
                 )));
             }
             if report.policies.is_empty() {
-                println!("policies valid");
+                outln!("policies valid");
             } else {
-                println!("policies valid: {}", report.policies.join(", "));
+                outln!("policies valid: {}", report.policies.join(", "));
             }
         }
         ControlReply::Migrated {
@@ -360,13 +374,13 @@ fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
             migrations,
         } => {
             if migrations.is_empty() && decisions.is_empty() {
-                println!("nothing to migrate");
+                outln!("nothing to migrate");
             }
             if !migrations.is_empty() {
-                print!("{}", render::migrations(&migrations));
+                out!("{}", render::migrations(&migrations));
             }
             for d in decisions.iter().filter(|d| d.migration.is_none()) {
-                println!(
+                outln!(
                     "{}: {} ({})",
                     d.container,
                     d.outcome.as_str(),
@@ -374,8 +388,8 @@ fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
                 );
             }
         }
-        ControlReply::History { decisions } => print!("{}", render::history(&decisions)),
-        ControlReply::Done => println!("done"),
+        ControlReply::History { decisions } => out!("{}", render::history(&decisions)),
+        ControlReply::Done => outln!("done"),
     }
     Ok(())
 }
@@ -396,9 +410,9 @@ fn json_payload(reply: &ControlReply) -> serde_json::Value {
 }
 
 fn print_detail<T: serde::Serialize>(label: &str, name: &str, v: &T) {
-    println!("{label}={name}");
+    outln!("{label}={name}");
     if let Ok(j) = serde_json::to_value(v) {
-        print!("{}", render::detail(&j));
+        out!("{}", render::detail(&j));
     }
 }
 

@@ -725,7 +725,10 @@ listen = "127.0.0.1:9464"
             c.agents.address_of("node3"),
             Some(AgentAddr::Unix("/run/rebalancer/node3/agent.sock".into()))
         );
-        assert_eq!(c.agents.address_of("node9"), Some(AgentAddr::Tcp("198.18.48.9:7879".into())));
+        assert_eq!(
+            c.agents.address_of("node9"),
+            Some(AgentAddr::Tcp("198.18.48.9:7879".into()))
+        );
     }
 
     #[test]

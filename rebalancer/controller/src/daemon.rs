@@ -889,6 +889,7 @@ impl Controller {
                 });
                 if let Some(mut c) = moved {
                     c.node = rec.destination.clone();
+                    c.state = ContainerState::Running;
                     let dest = st.agents.entry(rec.destination.clone()).or_default();
                     dest.containers.retain(|x| x.id != c.id);
                     dest.containers.push(c);
