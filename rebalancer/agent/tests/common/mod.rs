@@ -47,6 +47,7 @@ pub struct Node {
 
 pub struct Lab {
     pub k: u8,
+    pub prefix: String,
     pub bridge: String,
     pub dir: PathBuf,
     pub nodes: Vec<Node>,
@@ -59,23 +60,34 @@ impl Lab {
     /// Builds block `k` (0..16): nodes 198.18.(16+k).0/24, containers 198.19.(16+k).0/24.
     pub fn new(k: u8, agents: usize) -> Lab {
         assert!(k < 16);
-        let b = 16 + k;
-        let bridge = format!("rbt{k}br");
-        let dir = PathBuf::from(format!("/tmp/rbt-lab-{k}"));
+        Lab::build(
+            &format!("rbt{k}"),
+            k,
+            16 + k,
+            &format!("198.19.{}.0/24", 16 + k),
+            agents,
+        )
+    }
+
+    /// `prefix` names every link and namespace (<= 6 characters); nodes get 198.18.`b`.0/24.
+    pub fn build(prefix: &str, k: u8, b: u8, subnet: &str, agents: usize) -> Lab {
+        let bridge = format!("{prefix}br");
+        let dir = PathBuf::from(format!("/tmp/{prefix}-lab"));
         let mut lab = Lab {
             k,
+            prefix: prefix.to_string(),
             bridge: bridge.clone(),
             dir: dir.clone(),
             nodes: Vec::new(),
-            client_ns: format!("rbt{k}cl"),
+            client_ns: format!("{prefix}cl"),
             munged_pid: None,
-            subnet: format!("198.19.{b}.0/24"),
+            subnet: subnet.to_string(),
         };
         lab.teardown();
         std::fs::create_dir_all(&dir).expect("lab dir");
         must(&format!("ip link add {bridge} type bridge && ip addr add 198.18.{b}.1/24 dev {bridge} && ip link set {bridge} up"));
         // Node namespaces n0..n(agents-1) and the client namespace.
-        let mut names: Vec<String> = (0..agents).map(|i| format!("rbt{k}n{i}")).collect();
+        let mut names: Vec<String> = (0..agents).map(|i| format!("{prefix}n{i}")).collect();
         names.push(lab.client_ns.clone());
         for (i, ns) in names.iter().enumerate() {
             let ip = format!("198.18.{b}.{}", 10 + i);
@@ -221,12 +233,12 @@ impl Lab {
             );
         }
         // Container netns of agents that died (named rb-<node>-...), then the nodes.
-        let k = self.k;
+        let k = &self.prefix;
         if let Ok(rd) = std::fs::read_dir("/run/netns") {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&format!("rb-rbt{k}n"))
-                    || name.starts_with(&format!("rbt{k}n"))
+                if name.starts_with(&format!("rb-{k}n"))
+                    || name.starts_with(&format!("{k}n"))
                     || name == self.client_ns
                 {
                     // Kill leftover processes in the namespace first (restored trees of a dead agent).
@@ -236,7 +248,7 @@ impl Lab {
             }
         }
         let _ = sh(&format!("ip link del {}", self.bridge));
-        let _ = sh(&format!("for l in $(ip -o link show | awk -F': ' '{{print $2}}' | grep -E '^rbt{k}(n|cl)' | cut -d@ -f1); do ip link del $l; done"));
+        let _ = sh(&format!("for l in $(ip -o link show | awk -F': ' '{{print $2}}' | grep -E '^{k}(n|cl)' | cut -d@ -f1); do ip link del $l; done"));
     }
 }
 
