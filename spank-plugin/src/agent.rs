@@ -23,7 +23,7 @@ pub enum AgentError {
     },
     #[error("conversation with the node agent failed")]
     Proto(#[from] ProtoError),
-    #[error("the node agent refused: {0}")]
+    #[error("the node agent refused")]
     Refused(#[from] ErrorReply),
     #[error("the node agent answered {got} to {op}")]
     Unexpected { op: &'static str, got: String },

@@ -92,7 +92,11 @@ pub fn verify_task_request(
         .parent(peer_pid)
         .ok_or(VerifyError::NoParent(peer_pid))?;
     let exe = proc.exe_name(ppid);
-    if exe.as_deref() != Some("slurmstepd") {
+    // Debian installs it as slurmstepd-wlm behind an alternatives link.
+    if !exe
+        .as_deref()
+        .is_some_and(|e| e == "slurmstepd" || e.starts_with("slurmstepd-"))
+    {
         return Err(VerifyError::NotStepd {
             peer: peer_pid,
             ppid,

@@ -1,0 +1,312 @@
+//! The plugin inside real Slurm 22.05 daemons (a private one-node cluster, tests/minicluster.sh),
+//! talking to a stand-in agent that applies the real registration checks (`verify`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const IGNORE: &str = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored";
+
+fn setup(kind: &str, extra: &[&str]) {
+    assert!(is_root(), "{IGNORE}");
+    cluster();
+    let mut args = default_args();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    set_plugstack(kind, &refs);
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn migratable_task_is_pid_1_of_its_own_namespace_and_registered() {
+    let _l = lock();
+    setup("required", &[]);
+    let agent = FakeAgent::start(&agent_socket());
+    let out = slurm(&[
+        "srun",
+        "--migratable=long",
+        "--migration-mode=post-copy",
+        "sh",
+        "-c",
+        "echo pid=$$ host=$(hostname) c=$REBALANCER_CONTAINER; readlink /proc/1/ns/pid; readlink /proc/self/ns/net",
+    ]);
+    let (so, se) = text(&out);
+    assert!(out.status.success(), "srun failed: {so}{se}");
+    assert!(so.contains("pid=1 "), "task is not pid 1: {so}{se}");
+    let job: u32 = so
+        .split("c=j")
+        .nth(1)
+        .and_then(|r| r.split('.').next())
+        .and_then(|j| j.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no container id in {so}"));
+    let cid = format!("j{job}.s0.t0");
+    assert!(
+        so.contains(&format!("host={cid} ")),
+        "hostname not the container's: {so}"
+    );
+    // Its own pid and network namespaces, not the node's.
+    let node_pid_ns = std::fs::read_link("/proc/self/ns/pid").expect("own pid ns");
+    assert!(
+        !so.contains(&node_pid_ns.to_string_lossy().to_string()),
+        "{so}"
+    );
+
+    let prepared = agent.wait_for("prepare-task", 1, Duration::from_secs(5));
+    let registered = agent.wait_for("register-task", 1, Duration::from_secs(5));
+    let exited = agent.wait_for("task-exited", 1, Duration::from_secs(5));
+    assert_eq!(prepared.len(), 1, "{:?}", agent.seen());
+    assert_eq!(registered.len(), 1, "{:?}", agent.seen());
+    let (p, r) = (&prepared[0], &registered[0]);
+    // The real checks passed: root task process under slurmstepd [job.0], pid 1 its child.
+    assert_eq!(p.verified, Ok(()), "prepare-task check");
+    assert_eq!(r.verified, Ok(()), "register-task check");
+    assert_eq!(p.peer_uid, 0);
+    let reg = r.registration.as_ref().expect("registration");
+    assert_eq!(
+        (reg.task.job_id, reg.task.step_id, reg.task.task_id),
+        (job, 0, 0)
+    );
+    assert_eq!(reg.container.as_deref(), Some(cid.as_str()));
+    assert_eq!(reg.address.as_deref(), Some("198.18.64.100"));
+    assert_eq!(reg.node, NODE);
+    assert_eq!(reg.class.as_deref(), Some("long"));
+    assert_eq!(reg.mode, Some(rebalancer_proto::MigrationMode::PostCopy));
+    assert_eq!(reg.waiter_pid, Some(p.peer_pid));
+    assert_ne!(
+        reg.pid, p.peer_pid,
+        "pid 1 is a separate process from the waiter"
+    );
+    assert!(reg.cpus.is_some_and(|c| c >= 1.0), "{reg:?}");
+    assert_eq!(exited.len(), 1);
+    assert_eq!(exited[0].wait_status, Some(0));
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn plain_step_is_untouched_and_exit_codes_pass_through() {
+    let _l = lock();
+    setup("required", &[]);
+    let agent = FakeAgent::start(&agent_socket());
+    let out = slurm(&["srun", "hostname"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = slurm(&["srun", "--migratable", "sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    let exited = agent.wait_for("task-exited", 1, Duration::from_secs(5));
+    assert_eq!(
+        exited.len(),
+        1,
+        "only the --migratable step talks to the agent: {:?}",
+        agent.seen()
+    );
+    assert_eq!(exited[0].wait_status, Some(3 << 8));
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn signals_reach_the_containers_pid_1() {
+    let _l = lock();
+    setup("required", &[]);
+    let _agent = FakeAgent::start(&agent_socket());
+    let child = std::process::Command::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/minicluster.sh"),
+    )
+    .args([
+        "run",
+        CLUSTER,
+        "srun",
+        "--migratable",
+        "--job-name=rbsp-sig",
+        "sh",
+        "-c",
+    ])
+    .arg("trap 'echo got-usr1; exit 5' USR1; echo ready; while :; do sleep 0.1; done")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("spawn srun");
+    // Wait until the step runs, then signal it the way a user would.
+    let t0 = std::time::Instant::now();
+    loop {
+        let q = slurm(&["squeue", "-h", "-s", "-n", "rbsp-sig", "-o", "%i"]);
+        if !text(&q).0.trim().is_empty() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "step never started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let sc = slurm(&["scancel", "--signal=USR1", "-n", "rbsp-sig"]);
+    assert!(sc.status.success(), "{:?}", text(&sc));
+    let out = child.wait_with_output().expect("srun output");
+    let (so, se) = text(&out);
+    assert!(so.contains("got-usr1"), "{so}{se}");
+    assert_eq!(out.status.code(), Some(5), "{so}{se}");
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn final_status_comes_from_the_agent_after_a_migration() {
+    let _l = lock();
+    setup("required", &[]);
+    let agent = FakeAgent::start(&agent_socket());
+    agent
+        .behaviour
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .migrated_exit = Some((7 << 8, "node2".into()));
+    let out = slurm(&["srun", "--migratable", "true"]);
+    assert_eq!(out.status.code(), Some(7), "{:?}", text(&out));
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn bad_option_values_fail_the_submission() {
+    let _l = lock();
+    setup("optional", &[]);
+    for (args, want) in [
+        (
+            vec!["srun", "--migratable=bogus!", "hostname"],
+            "invalid class 'bogus!'",
+        ),
+        (
+            vec!["srun", "--migration-mode=fast", "hostname"],
+            "invalid migration mode 'fast'",
+        ),
+        (
+            vec!["srun", "--migratable", "--no-migrate", "hostname"],
+            "--no-migrate conflicts",
+        ),
+        (
+            vec!["sbatch", "--migratable=a/b", "--wrap", "true"],
+            "invalid class 'a/b'",
+        ),
+        (
+            vec!["salloc", "--migration-mode=x", "true"],
+            "invalid migration mode 'x'",
+        ),
+    ] {
+        let out = slurm(&args);
+        let (so, se) = text(&out);
+        assert!(!out.status.success(), "{args:?} was accepted: {so}{se}");
+        assert!(se.contains(want), "{args:?}: {se}");
+    }
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn bad_plugin_arguments_are_reported() {
+    let _l = lock();
+    setup("optional", &["sockett=/x"]);
+    // Optional: plain steps run, and srun says what is wrong with plugstack.conf.
+    let out = slurm(&["srun", "hostname"]);
+    let (so, se) = text(&out);
+    assert!(out.status.success(), "{so}{se}");
+    assert!(se.contains("unknown plugin argument 'sockett'"), "{se}");
+    // Required: nothing runs, with the same message.
+    setup("required", &["enforce=maybe"]);
+    let out = slurm(&["srun", "hostname"]);
+    let (so, se) = text(&out);
+    assert!(!out.status.success(), "{so}{se}");
+    assert!(se.contains("enforce='maybe'"), "{se}");
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn agent_down_optional_runs_unmigratable_required_fails() {
+    let _l = lock();
+    setup("optional", &[]);
+    let _ = std::fs::remove_file(agent_socket());
+    let out = slurm(&["srun", "--migratable", "sh", "-c", "echo pid=$$"]);
+    let (so, se) = text(&out);
+    assert!(
+        out.status.success(),
+        "optional plugin must not fail the job: {so}{se}"
+    );
+    assert!(
+        !so.contains("pid=1\n"),
+        "ran in a container without an agent: {so}"
+    );
+    assert!(se.contains("cannot connect to the node agent"), "{se}");
+    assert!(se.contains("cannot be made migratable"), "{se}");
+
+    setup("required", &[]);
+    let out = slurm(&["srun", "--migratable", "hostname"]);
+    let (so, se) = text(&out);
+    assert!(
+        !out.status.success(),
+        "required plugin must fail the job: {so}{se}"
+    );
+    assert!(se.contains("cannot connect to the node agent"), "{se}");
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn agent_refusal_is_shown_to_the_user() {
+    let _l = lock();
+    setup("required", &[]);
+    let agent = FakeAgent::start(&agent_socket());
+    agent
+        .behaviour
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .refuse_prepare = Some("no container address left".into());
+    let out = slurm(&["srun", "--migratable", "hostname"]);
+    let (so, se) = text(&out);
+    assert!(!out.status.success(), "{so}{se}");
+    assert!(se.contains("no container address left"), "{se}");
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn enforce_makes_steps_migratable_unless_they_opt_out() {
+    let _l = lock();
+    setup("required", &["enforce=yes", "default_class=std"]);
+    let agent = FakeAgent::start(&agent_socket());
+    let out = slurm(&["srun", "sh", "-c", "echo pid=$$"]);
+    let (so, se) = text(&out);
+    assert!(so.contains("pid=1\n"), "{so}{se}");
+    let reg = agent.wait_for("register-task", 1, Duration::from_secs(5));
+    assert_eq!(
+        reg[0]
+            .registration
+            .as_ref()
+            .and_then(|r| r.class.clone())
+            .as_deref(),
+        Some("std")
+    );
+    let out = slurm(&["srun", "--no-migrate", "sh", "-c", "echo pid=$$"]);
+    let (so, se) = text(&out);
+    assert!(out.status.success() && !so.contains("pid=1\n"), "{so}{se}");
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn batch_step_runs_in_a_container() {
+    let _l = lock();
+    setup("required", &[]);
+    let agent = FakeAgent::start(&agent_socket());
+    let out_file = format!("{DIR}/batch-%j.out");
+    let out = slurm(&[
+        "sbatch",
+        "--wait",
+        "--migratable",
+        "-o",
+        &out_file,
+        "--wrap",
+        "echo batch-pid=$$",
+    ]);
+    let (so, se) = text(&out);
+    assert!(out.status.success(), "{so}{se}");
+    let job: String = so.split_whitespace().last().unwrap_or_default().to_string();
+    let body = std::fs::read_to_string(format!("{DIR}/batch-{job}.out")).unwrap_or_default();
+    assert!(body.contains("batch-pid=1\n"), "{body}");
+    let reg = agent.wait_for("register-task", 1, Duration::from_secs(5));
+    assert_eq!(reg.len(), 1, "{:?}", agent.seen());
+    assert_eq!(
+        reg[0].verified,
+        Ok(()),
+        "batch step passes the registration check"
+    );
+}
