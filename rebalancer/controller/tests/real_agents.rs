@@ -1,0 +1,482 @@
+//! `rebalancerd` driving real `rebalancer-agent`s (real CRIU migrations) in network namespaces,
+//! block [rbp] of the network plan: nodes 198.18.48.0/24, containers 198.19.48.0/24. Slurm is a
+//! fake `scontrol` on PATH so that the test decides when a node drains.
+//!
+//! The agent binary is taken from the same target directory (`cargo test --workspace` builds
+//! it), or from `REBALANCER_AGENT_BIN`.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rebalancer_proto::control::{ControlReply, ControlRequest, ControlResponse};
+use rebalancer_proto::frame::{read_frame, write_frame, Frame, FrameKind};
+use rebalancer_proto::*;
+
+const P: &str = "rbp";
+const NET: &str = "198.18.48";
+const SUBNET: &str = "198.19.48.0/24";
+
+fn sh(cmd: &str) -> std::process::Output {
+    Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
+}
+
+fn must(cmd: &str) {
+    let o = sh(cmd);
+    assert!(
+        o.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("REBALANCER_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("exe");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("rebalancer-agent"))
+        .expect("target dir");
+    assert!(
+        p.exists(),
+        "{} missing: build it (cargo build -p rebalancer-agent) or set REBALANCER_AGENT_BIN",
+        p.display()
+    );
+    p
+}
+
+/// Two node namespaces with real agents, a client namespace, a private munged. Torn down on drop.
+struct Lab {
+    dir: PathBuf,
+    children: Vec<Child>,
+    munged: Option<i32>,
+}
+
+impl Lab {
+    fn teardown(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+        if let Some(pid) = self.munged.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if let Ok(rd) = std::fs::read_dir("/run/netns") {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with(&format!("rb-{P}n"))
+                    || n.starts_with(&format!("{P}n"))
+                    || n == format!("{P}cl")
+                {
+                    let _ = sh(&format!(
+                        "ip netns pids {n} | xargs -r kill -9; ip netns del {n}"
+                    ));
+                }
+            }
+        }
+        let _ = sh(&format!("ip link del {P}br 2>/dev/null"));
+    }
+
+    fn up() -> Lab {
+        let dir = PathBuf::from(format!("/tmp/{P}-ctl-lab"));
+        let mut lab = Lab {
+            dir: dir.clone(),
+            children: vec![],
+            munged: None,
+        };
+        lab.teardown();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        must(&format!("ip link add {P}br type bridge && ip addr add {NET}.1/24 dev {P}br && ip link set {P}br up"));
+        for (i, ns) in [format!("{P}n0"), format!("{P}n1"), format!("{P}cl")]
+            .iter()
+            .enumerate()
+        {
+            must(&format!(
+                "ip netns add {ns} && ip link add {ns}h type veth peer name eth0 netns {ns} && \
+                 ip link set {ns}h master {P}br up && ip -n {ns} addr add {NET}.{}/24 dev eth0 && \
+                 ip -n {ns} link set eth0 up && ip -n {ns} link set lo up",
+                10 + i
+            ));
+        }
+        must(&format!("ip -n {P}cl route add {SUBNET} dev eth0"));
+        let d = dir.display();
+        must(&format!("dd if=/dev/urandom of={d}/munge.key bs=1024 count=1 2>/dev/null && chmod 600 {d}/munge.key"));
+        must(&format!(
+            "munged --force -S {d}/munge.sock --key-file={d}/munge.key --pid-file={d}/munged.pid --log-file={d}/munged.log --seed-file={d}/munged.seed"
+        ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lab.munged.is_none() {
+            lab.munged = std::fs::read_to_string(dir.join("munged.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok());
+            assert!(Instant::now() < deadline, "munged did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for i in 0..2 {
+            let o = 1 - i;
+            let cfg = dir.join(format!("node{i}.toml"));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "node = \"node{i}\"\nlisten = \"{NET}.{ip}:7878\"\ncontrol_socket = \"{d}/node{i}.sock\"\ncontainer_subnet = \"{SUBNET}\"\n\
+                     state_dir = \"{d}/node{i}/state\"\nrun_dir = \"{d}/node{i}/run\"\nmigration_timeout_ms = 30000\n\
+                     [auth]\nmethod = \"munge\"\nmunge_socket = \"{d}/munge.sock\"\n[peers]\nnode{o} = \"{NET}.{oip}:7878\"\n",
+                    ip = 10 + i,
+                    oip = 10 + o
+                ),
+            )
+            .expect("agent config");
+            let log = std::fs::File::create(dir.join(format!("node{i}.log"))).expect("log");
+            let child = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{P}n{i}"))
+                .arg(agent_bin())
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("agent");
+            lab.children.push(child);
+        }
+        for i in 0..2 {
+            let sock = dir.join(format!("node{i}.sock"));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while agent_call(&sock, &Request::Ping).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "agent node{i} did not start:\n{}",
+                    lab.log(&format!("node{i}.log"))
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        lab
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn hello(s: &mut UnixStream, role: Role) {
+    write_frame(
+        s,
+        &Frame::json(FrameKind::Hello, 0, &Hello::new(role, "ctl-test")).expect("hello"),
+    )
+    .expect("send");
+    let f = read_frame(s, MAX_FRAME_LEN).expect("hello back");
+    assert_eq!(f.header.kind, FrameKind::Hello);
+}
+
+fn agent_call(sock: &Path, req: &Request) -> Result<Reply, String> {
+    let mut s = UnixStream::connect(sock).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    hello(&mut s, Role::Cli);
+    write_frame(
+        &mut s,
+        &Frame::json(FrameKind::Request, 1, req).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let f = read_frame(&mut s, MAX_FRAME_LEN).map_err(|e| e.to_string())?;
+    let r: Response = f
+        .decode(FrameKind::Response, "response")
+        .map_err(|e| e.to_string())?;
+    r.into_result().map_err(|e| e.to_string())
+}
+
+fn ctl_call(sock: &Path, req: &ControlRequest) -> Result<ControlReply, ErrorReply> {
+    let mut s = UnixStream::connect(sock).map_err(|e| ErrorReply {
+        code: ErrorCode::Unreachable,
+        message: e.to_string(),
+    })?;
+    hello(&mut s, Role::Cli);
+    write_frame(
+        &mut s,
+        &Frame::json(FrameKind::Request, 1, req).expect("frame"),
+    )
+    .expect("send");
+    loop {
+        let f = read_frame(&mut s, MAX_FRAME_LEN).expect("reply");
+        if f.header.kind == FrameKind::Event {
+            continue;
+        }
+        let r: ControlResponse = f.decode(FrameKind::Response, "response").expect("response");
+        return r.into_result();
+    }
+}
+
+/// A TCP counter server (answers each line with the count so far on that connection).
+fn server(id: &str, job: u32, address: &str) -> ContainerSpec {
+    let prog = "import socket\nbuf = bytearray(48 << 20)\nfor i in range(0, len(buf), 4096): buf[i] = 1\n\
+                s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                s.bind(('0.0.0.0', 8000)); s.listen(4)\nwhile True:\n    c, _ = s.accept(); f = c.makefile('rb'); n = 0\n\
+                \x20   for line in f:\n        n += 1; c.sendall(b'%d\\n' % n)\n";
+    ContainerSpec {
+        id: id.into(),
+        task: Some(TaskRef {
+            job_id: job,
+            step_id: 0,
+            task_id: 0,
+        }),
+        uid: 0,
+        gid: 0,
+        argv: vec!["python3".into(), "-u".into(), "-c".into(), prog.into()],
+        env: vec![],
+        cwd: "/".into(),
+        rootfs: RootfsSpec::Host,
+        binds: vec![],
+        memory_limit: None,
+        cpus: Some(1.0),
+        class: None,
+        address: Some(address.into()),
+        stdout: None,
+        stderr: None,
+    }
+}
+
+/// A client in the client namespace that sends a line every 10 ms on one connection and prints
+/// each answer (or `ERR ...`).
+struct Probe {
+    child: Child,
+    last: Arc<Mutex<(u64, Vec<String>)>>,
+}
+
+impl Probe {
+    fn start(addr: &str) -> Probe {
+        let prog = format!(
+            "import socket, sys, time\ns = socket.create_connection(('{addr}', 8000), timeout=10)\nf = s.makefile('rb')\n\
+             while True:\n    try:\n        s.sendall(b'x\\n'); l = f.readline()\n        if not l: print('ERR closed', flush=True); break\n\
+             \x20       print(l.decode().strip(), flush=True)\n    except Exception as e:\n        print('ERR', e, flush=True); break\n    time.sleep(0.01)\n"
+        );
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &format!("{P}cl"),
+                "python3",
+                "-u",
+                "-c",
+                &prog,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("probe");
+        let out = child.stdout.take().expect("stdout");
+        let last = Arc::new(Mutex::new((0u64, Vec::new())));
+        let l2 = last.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let mut g = l2.lock().unwrap_or_else(|p| p.into_inner());
+                match line.parse::<u64>() {
+                    Ok(n) => g.0 = n,
+                    Err(_) => g.1.push(line),
+                }
+            }
+        });
+        Probe { child, last }
+    }
+
+    fn state(&self) -> (u64, Vec<String>) {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs root, CRIU 4.2, munge and network namespaces; .ci/run runs it with --include-ignored"]
+fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
+    let lab = Lab::up();
+    let d = lab.dir.clone();
+    let created = agent_call(
+        &d.join("node0.sock"),
+        &Request::CreateContainer {
+            spec: server("j31.s0.t0", 31, "198.19.48.31"),
+        },
+    );
+    assert!(created.is_ok(), "{created:?}\n{}", lab.log("node0.log"));
+    std::thread::sleep(Duration::from_millis(500));
+    let probe = Probe::start("198.19.48.31");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while probe.state().0 < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "probe got no answers: {:?}",
+            probe.state()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Fake Slurm: node0 healthy at first.
+    let bin = d.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin");
+    let scontrol = format!(
+        "#!/bin/sh\ncase \"$1 $2\" in\n  'show node') cat {0}/nodes.txt ;;\n  'show job') cat {0}/jobs.txt ;;\n  *) echo \"$*\" >> {0}/updates.log ;;\nesac\n",
+        d.display()
+    );
+    std::fs::write(bin.join("scontrol"), scontrol).expect("scontrol");
+    std::fs::set_permissions(bin.join("scontrol"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let node = |n: &str, st: &str| {
+        format!("NodeName={n} CPUAlloc=1 CPUTot=2 RealMemory=4000 AllocMem=0 State={st} Partitions=debug\n")
+    };
+    let write_nodes = |a: &str| {
+        let tmp = d.join("nodes.tmp");
+        std::fs::write(&tmp, node("node0", a) + &node("node1", "IDLE")).expect("nodes");
+        std::fs::rename(&tmp, d.join("nodes.txt")).expect("rename");
+    };
+    write_nodes("MIXED");
+    std::fs::write(d.join("jobs.txt"), "JobId=31 UserId=root(0) Account=a JobState=RUNNING Partition=debug NodeList=node[0-1] BatchHost=node1\n").expect("jobs");
+    std::fs::create_dir_all(d.join("policies")).expect("policies");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/drain.toml"),
+        d.join("policies/drain.toml"),
+    )
+    .expect("policy");
+    let dd = d.display();
+    std::fs::write(
+        d.join("rebalancerd.toml"),
+        format!(
+            "[controller]\nsocket = \"{dd}/ctl.sock\"\njournal = \"{dd}/journal.redb\"\npolicies = \"{dd}/policies\"\n\
+             [slurm]\nbackend = \"scontrol\"\n[agents]\nsocket_template = \"{dd}/{{node}}.sock\"\npoll_interval_ms = 500\n[migration]\ntimeout_s = 60\n"
+        ),
+    )
+    .expect("config");
+    let log = std::fs::File::create(d.join("rebalancerd.log")).expect("log");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_rebalancerd"))
+        .arg("--config")
+        .arg(d.join("rebalancerd.toml"))
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .stderr(log)
+        .spawn()
+        .expect("rebalancerd");
+    let ctl = d.join("ctl.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(ControlReply::Containers { containers }) = ctl_call(
+            &ctl,
+            &ControlRequest::ShowContainers {
+                id: None,
+                job_id: None,
+            },
+        ) {
+            if !containers.is_empty() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "controller never saw the container:\n{}",
+            lab.log("rebalancerd.log")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    write_nodes("MIXED+DRAIN");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let entry = loop {
+        if let Ok(ControlReply::Migrations { migrations }) = ctl_call(
+            &ctl,
+            &ControlRequest::ShowMigrations {
+                id: None,
+                active: false,
+            },
+        ) {
+            if let Some(m) = migrations
+                .into_iter()
+                .find(|m| m.record.state.is_terminal())
+            {
+                break m;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no migration ended:\n{}\n{}",
+            lab.log("rebalancerd.log"),
+            lab.log("node0.log")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = lab.log("rebalancerd.log");
+    assert_eq!(
+        entry.record.state,
+        MigrationState::Succeeded,
+        "{entry:?}\n{log}\n{}",
+        lab.log("node0.log")
+    );
+    assert_eq!(
+        (
+            entry.record.source.as_str(),
+            entry.record.destination.as_str()
+        ),
+        ("node0", "node1")
+    );
+    assert_eq!(entry.policy, "drain");
+
+    // The container answers from node1 on the same TCP connection.
+    let before = probe.state().0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while probe.state().0 < before + 20 {
+        assert!(
+            Instant::now() < deadline,
+            "no answers after the migration: {:?}",
+            probe.state()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        probe.state().1.is_empty(),
+        "client errors: {:?}",
+        probe.state().1
+    );
+    match agent_call(
+        &d.join("node1.sock"),
+        &Request::GetContainer {
+            id: "j31.s0.t0".into(),
+        },
+    ) {
+        Ok(Reply::Container { container }) => assert_eq!(container.state, ContainerState::Running),
+        other => panic!("not on node1: {other:?}"),
+    }
+    // Slurm: node0 holds nothing of job 31 any more and node1 is the batch host: shrink.
+    let updates = lab.log("updates.log");
+    assert!(
+        updates.contains("update jobid=31 NodeList=node1"),
+        "updates: {updates}"
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
