@@ -103,6 +103,11 @@ pub struct RestorePlan {
     /// stdio takes their place. `None` leaves that fd to the images.
     #[serde(default)]
     pub stdio_keys: Vec<Option<String>>,
+    /// Files the plugin opens and hands to CRIU as `--inherit-fd fd[N]:KEY`, as (KEY, PATH):
+    /// e.g. the container's external network namespace (`/run/netns/...`) under the key the dump
+    /// used in `--external net[INODE]:KEY`.
+    #[serde(default)]
+    pub inherit_files: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
