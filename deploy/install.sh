@@ -43,7 +43,7 @@ EOF
 }
 
 say() { printf 'install: %s\n' "$*"; }
-die() { printf 'install: error: %s\n' "$*" >&2; exit "${2:-1}"; }
+die() { printf 'install: error: %s\n' "$1" >&2; exit "${2:-1}"; }
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 role=all
