@@ -72,6 +72,9 @@ pub struct TaskRegistration {
     /// Pid of the Slurm task process (the waiter, a child of slurmstepd) that connects.
     #[serde(default)]
     pub waiter_pid: Option<i32>,
+    /// The step's working directory (the agent may bind it into the container's root).
+    #[serde(default)]
+    pub cwd: Option<String>,
 }
 
 /// Answer to `PrepareTask`: the network namespace the container's pid 1 joins.
@@ -85,6 +88,14 @@ pub struct PreparedTask {
     /// Host name set in the container's UTS namespace; the node's when absent.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// Root to pivot into, prepared by the agent (mountpoints and symlinks exist), as for the
+    /// agent's own containers so dump and restore treat both alike. `None`: the container keeps
+    /// the node's file system with a private /proc (not restorable by CRIU).
+    #[serde(default)]
+    pub root: Option<String>,
+    /// Mounts made under `root` before the pivot, in order.
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
 }
 
 /// Answer to `PrepareRestore`: how the restore step's task runs CRIU so that the restored tree
@@ -315,6 +326,7 @@ mod tests {
             address: None,
             rss_bytes: None,
             waiter_pid: Some(4241),
+            cwd: Some("/home/u".into()),
         };
         let req = Request::PrepareTask {
             registration: reg.clone(),

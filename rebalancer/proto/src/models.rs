@@ -92,6 +92,26 @@ pub enum RootfsSpec {
     Host,
 }
 
+/// One mount of a container's root, in mount order (the same JSON as the agent's mount plan).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum MountSpec {
+    /// Bind mount of a node path at the same place inside; external to CRIU
+    /// (`--external mnt[TARGET]:KEY`).
+    Bind {
+        source: String,
+        target: String,
+        readonly: bool,
+    },
+    Tmpfs {
+        target: String,
+        options: String,
+    },
+    /// tmpfs on /dev with the minimal device nodes.
+    Dev,
+    Proc,
+}
+
 /// Everything needed to start (or restore) a container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContainerSpec {
