@@ -54,6 +54,9 @@ impl TaskInfo {
             rss_bytes: None,
             // SAFETY: getpid has no preconditions.
             waiter_pid: Some(unsafe { libc::getpid() }),
+            cwd: std::env::current_dir()
+                .ok()
+                .map(|d| d.to_string_lossy().into_owned()),
         }
     }
 }
@@ -62,6 +65,8 @@ impl TaskInfo {
 pub enum TaskError {
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    Rootfs(#[from] crate::rootfs::RootfsError),
     #[error("the agent answered {0} where task-prepared was expected")]
     NotPrepared(String),
     #[error("cannot open the container network namespace {path}")]
@@ -132,7 +137,7 @@ pub fn launch(mut agent: Agent, info: &TaskInfo, prepared: &PreparedTask) -> Res
         drop(go_w);
         sys::restore_mask(&mask);
         drop(agent);
-        let res = enter_container(&netns, hostname.as_ref());
+        let res = enter_container(&netns, hostname.as_ref(), prepared);
         drop(netns);
         let msg = match &res {
             Ok(()) => String::new(),
@@ -192,7 +197,11 @@ pub fn launch(mut agent: Agent, info: &TaskInfo, prepared: &PreparedTask) -> Res
 }
 
 /// Runs in the new pid 1 before it returns to Slurm.
-fn enter_container(netns: &OwnedFd, hostname: Option<&CString>) -> Result<(), TaskError> {
+fn enter_container(
+    netns: &OwnedFd,
+    hostname: Option<&CString>,
+    prepared: &PreparedTask,
+) -> Result<(), TaskError> {
     // If the waiter is killed, the container must not outlive it unnoticed.
     // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number has no memory effects.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
@@ -214,18 +223,16 @@ fn enter_container(netns: &OwnedFd, hostname: Option<&CString>) -> Result<(), Ta
         )
     })
     .map_err(sys_err("make the container's mounts private"))?;
-    // A /proc of the new pid namespace: `ps` and $$ inside show container pids.
-    // SAFETY: as above.
-    sys::cvt(unsafe {
-        libc::mount(
-            c"proc".as_ptr(),
-            c"/proc".as_ptr(),
-            c"proc".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            std::ptr::null(),
-        )
-    })
-    .map_err(sys_err("mount /proc for the container"))?;
+    // The agent's root, or the node's file system with a /proc of the new pid namespace
+    // (`ps` and $$ inside show container pids).
+    match &prepared.root {
+        Some(root) => crate::rootfs::enter(root, &prepared.mounts)?,
+        None => crate::rootfs::mount_proc(std::path::Path::new("/proc"))?,
+    }
+    // Its own session and process group: CRIU refuses a tree whose session leader is outside
+    // its pid namespace. (Hence proctrack/pgid cannot track containers; cgroup and linuxproc can.)
+    // SAFETY: setsid has no memory effects; pid 1 of a new namespace is never a group leader yet.
+    sys::cvt(unsafe { libc::setsid() }).map_err(sys_err("start a session for the container"))?;
     if let Some(h) = hostname {
         // SAFETY: h is a valid C string of the given length.
         sys::cvt(unsafe { libc::sethostname(h.as_ptr(), h.as_bytes().len()) })

@@ -16,6 +16,7 @@ pub mod ffi;
 pub mod local;
 pub mod remote;
 pub mod restore;
+pub mod rootfs;
 pub mod sys;
 pub mod verify;
 

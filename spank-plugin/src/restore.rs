@@ -32,8 +32,9 @@ fn sys_err(what: &'static str) -> impl FnOnce(io::Error) -> TaskError {
     move |source| TaskError::Sys { what, source }
 }
 
-/// Criu's argv for `plan`; stdio sits on fds 0-2 of the criu process.
-pub fn criu_argv(plan: &RestorePlan, pidfile: &str) -> Vec<String> {
+/// Criu's argv for `plan`; stdio sits on fds 0-2 of the criu process, and `inherited[i]` is the
+/// descriptor number of `plan.inherit_files[i]` in it.
+pub fn criu_argv(plan: &RestorePlan, pidfile: &str, inherited: &[RawFd]) -> Vec<String> {
     let mut argv = vec![plan.criu.clone()];
     argv.extend(plan.args.iter().cloned());
     for a in [
@@ -50,7 +51,21 @@ pub fn criu_argv(plan: &RestorePlan, pidfile: &str) -> Vec<String> {
             argv.push(format!("fd[{fd}]:{k}"));
         }
     }
+    for ((key, _), fd) in plan.inherit_files.iter().zip(inherited) {
+        argv.push("--inherit-fd".into());
+        argv.push(format!("fd[{fd}]:{key}"));
+    }
     argv
+}
+
+/// Opens `path` without close-on-exec, so that criu inherits it.
+fn open_inheritable(path: &str) -> io::Result<OwnedFd> {
+    let p =
+        std::ffi::CString::new(path).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: p is a valid NUL-terminated path.
+    let fd = sys::cvt(unsafe { libc::open(p.as_ptr(), libc::O_RDONLY) })?;
+    // SAFETY: open returned a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Runs the restore. Returns `Ok(())` only in the helper child (which goes back to Slurm).
@@ -112,7 +127,15 @@ pub fn run(mut agent: Agent, info: &TaskInfo, migration: &str) -> Result<(), Tas
     }
     let pidfile = format!("{PIDFILE_DIR}/{migration}.{me}.pid");
     let _ = std::fs::remove_file(&pidfile);
-    let argv = criu_argv(&plan, &pidfile);
+    let mut files = Vec::new();
+    for (key, path) in &plan.inherit_files {
+        match open_inheritable(path) {
+            Ok(f) => files.push(f),
+            Err(e) => fail(agent, format!("cannot open {path} for criu's {key}: {e}")),
+        }
+    }
+    let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+    let argv = criu_argv(&plan, &pidfile, &fds);
     let status = match std::process::Command::new(&argv[0])
         .args(&argv[1..])
         .status()
@@ -120,6 +143,7 @@ pub fn run(mut agent: Agent, info: &TaskInfo, migration: &str) -> Result<(), Tas
         Ok(s) => s,
         Err(e) => fail(agent, format!("cannot run {}: {e}", plan.criu)),
     };
+    drop(files);
     if !status.success() {
         fail(agent, format!("{} restore exited with {status}", plan.criu));
     }
@@ -290,8 +314,9 @@ mod tests {
             criu: "/usr/local/sbin/criu".into(),
             args: vec!["restore".into(), "-D".into(), "/run/img".into()],
             stdio_keys: vec![None, Some("pipe:[11]".into()), Some("pipe:[12]".into())],
+            inherit_files: vec![("extnet".into(), "/run/netns/c1".into())],
         };
-        let argv = criu_argv(&plan, "/run/x.pid");
+        let argv = criu_argv(&plan, "/run/x.pid", &[7]);
         assert_eq!(
             argv,
             [
@@ -307,6 +332,8 @@ mod tests {
                 "fd[1]:pipe:[11]",
                 "--inherit-fd",
                 "fd[2]:pipe:[12]",
+                "--inherit-fd",
+                "fd[7]:extnet",
             ]
         );
     }

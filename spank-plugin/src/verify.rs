@@ -195,6 +195,7 @@ mod tests {
             address: None,
             rss_bytes: None,
             waiter_pid: None,
+            cwd: None,
         }
     }
 

@@ -310,3 +310,184 @@ fn batch_step_runs_in_a_container() {
         "batch step passes the registration check"
     );
 }
+
+fn criu() -> String {
+    ["/usr/local/sbin/criu", "/usr/sbin/criu"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("criu")
+        .to_string()
+}
+
+fn spawn_slurm(args: &[&str]) -> std::process::Child {
+    std::process::Command::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/minicluster.sh"),
+    )
+    .args(["run", CLUSTER])
+    .args(args)
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("spawn a Slurm command")
+}
+
+/// The whole Slurm side of a migration on one node: dump a migratable task with CRIU, restore it
+/// as the task of a restore step (`--rebalancer-restore`), and check that the restored tree is
+/// the restore step's child, its output goes to the restore step, and both sruns end with the
+/// workload's exit code.
+#[test]
+#[ignore = "needs root, CRIU 4.2, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn dumped_task_is_restored_under_a_restore_step() {
+    let _l = lock();
+    setup("required", &[]);
+    let agent = FakeAgent::start(&agent_socket());
+    {
+        let mut b = agent.behaviour.lock().unwrap_or_else(|e| e.into_inner());
+        b.relay_exits = true;
+        b.private_root = true;
+    }
+    let src = spawn_slurm(&[
+        "srun",
+        "--migratable",
+        "--chdir=/tmp",
+        "--input=none",
+        "-J",
+        "rbsp-mig",
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 30 ]; do echo tick $i; i=$((i+1)); sleep 0.2; done; exit 6",
+    ]);
+    let reg = agent.wait_for("register-task", 1, Duration::from_secs(20));
+    assert_eq!(reg.len(), 1, "{:?}", agent.seen());
+    let r = reg[0].registration.clone().expect("registration");
+    let (pid, job) = (r.pid, r.task.job_id);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let img = format!("{DIR}/img-{job}");
+    let _ = std::fs::remove_dir_all(&img);
+    std::fs::create_dir_all(&img).expect("image dir");
+    let link = |p: String| std::fs::read_link(p).map(|l| l.to_string_lossy().into_owned());
+    let net = link(format!("/proc/{pid}/ns/net")).expect("netns of pid 1");
+    let net_ino = net
+        .trim_start_matches("net:[")
+        .trim_end_matches(']')
+        .to_string();
+    let stdio: Vec<Option<String>> = (0..3)
+        .map(|fd| {
+            link(format!("/proc/{pid}/fd/{fd}"))
+                .ok()
+                .filter(|l| l.starts_with("pipe:"))
+        })
+        .collect();
+    let dump = std::process::Command::new(criu())
+        .args([
+            "dump",
+            "-t",
+            &pid.to_string(),
+            "-D",
+            &img,
+            "-o",
+            "dump.log",
+            "-v4",
+        ])
+        .args(["--external", &format!("net[{net_ino}]:rbnet")])
+        .args([
+            "--external",
+            "mnt[/usr]:rb-usr",
+            "--external",
+            "mnt[/etc]:rb-etc",
+        ])
+        .args(["--ext-unix-sk", "--network-lock", "nftables"])
+        .output()
+        .expect("run criu dump");
+    let dump_log = std::fs::read_to_string(format!("{img}/dump.log")).unwrap_or_default();
+    assert!(
+        dump.status.success(),
+        "criu dump failed: {}\n{}",
+        String::from_utf8_lossy(&dump.stderr),
+        dump_log
+            .lines()
+            .filter(|l| l.contains("Error") || l.contains("rror ("))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    let migration = "0b6f1c2e-1111-4a2b-9c3d-123456789abc";
+    agent
+        .behaviour
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .restore_plan = Some(rebalancer_proto::RestorePlan {
+        migration: migration.into(),
+        container: r.container.clone().expect("container id"),
+        criu: criu(),
+        args: vec![
+            "restore".into(),
+            "-D".into(),
+            img.clone(),
+            "-o".into(),
+            "restore.log".into(),
+            "-v4".into(),
+            "--root".into(),
+            private_root_for(r.container.as_deref().unwrap_or_default()).0,
+            "--external".into(),
+            "mnt[rb-usr]:/usr".into(),
+            "--external".into(),
+            "mnt[rb-etc]:/etc".into(),
+            "--ext-unix-sk".into(),
+            "--network-lock".into(),
+            "nftables".into(),
+        ],
+        stdio_keys: stdio,
+        inherit_files: vec![("rbnet".into(), format!("/run/netns/rbsp-j{job}-s0-t0"))],
+    });
+    let jobs = job.to_string();
+    let dst = spawn_slurm(&[
+        "srun",
+        "--jobid",
+        &jobs,
+        "--overlap",
+        "-N1",
+        "-n1",
+        "--input=none",
+        "--chdir=/tmp",
+        "-J",
+        "rebalancer-restore",
+        &format!("--rebalancer-restore={migration}"),
+        "true",
+    ]);
+    let dst_out = dst.wait_with_output().expect("restore srun");
+    let src_out = src.wait_with_output().expect("source srun");
+    let (dso, dse) = text(&dst_out);
+    let (sso, sse) = text(&src_out);
+    let restore_log = std::fs::read_to_string(format!("{img}/restore.log")).unwrap_or_default();
+    let errs: Vec<&str> = restore_log.lines().filter(|l| l.contains("rror")).collect();
+    assert_eq!(
+        dst_out.status.code(),
+        Some(6),
+        "restore step: {dso}{dse}\nrestore.log errors:\n{}",
+        errs.join("\n")
+    );
+    // Output before the dump went to the original srun, after the restore to the restore step.
+    assert!(sso.contains("tick 0\n"), "{sso}{sse}");
+    assert!(
+        dso.contains("tick 29\n") && !dso.contains("tick 0\n"),
+        "{dso}{dse}"
+    );
+    // The source srun ends with the workload's status, relayed by the agent.
+    assert_eq!(src_out.status.code(), Some(6), "{sso}{sse}");
+    let regs = agent.wait_for("register-task", 2, Duration::from_secs(5));
+    assert_eq!(regs.len(), 2, "{:?}", agent.seen());
+    assert_eq!(
+        regs[1].verified,
+        Ok(()),
+        "restored pid 1 is the restore task's child"
+    );
+    let restored = regs[1].registration.clone().expect("registration");
+    assert_eq!(restored.container, r.container);
+    assert_eq!(restored.task.job_id, job);
+    assert_ne!(
+        restored.task.step_id, 0,
+        "registered under the restore step"
+    );
+}

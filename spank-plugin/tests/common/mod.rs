@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use rebalancer_proto::frame::{read_frame, write_frame, Frame, FrameKind};
 use rebalancer_proto::{
-    ContainerInfo, ContainerState, ErrorCode, Hello, PreparedTask, Reply, Request, Response, Role,
-    TaskRegistration,
+    ContainerInfo, ContainerState, ErrorCode, Hello, MountSpec, PreparedTask, Reply, Request,
+    Response, RestorePlan, Role, TaskRegistration,
 };
 use slurm_rebalancer_spank::verify::{verify_task_request, RealProc, TaskRequest};
 
@@ -32,14 +32,12 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/minicluster.sh")
 }
 
-/// The plugin: the cdylib cargo built next to this test's deps directory.
+/// The plugin: the cdylib cargo built for this test run. `cargo test` refreshes the copy in
+/// `deps/` (next to the test executable), not the one in `target/<profile>/`.
 pub fn plugin_path() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let debug = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let so = debug.join("libslurm_rebalancer_spank.so");
+    let deps = exe.parent().expect("target/<profile>/deps");
+    let so = deps.join("libslurm_rebalancer_spank.so");
     assert!(so.is_file(), "plugin not built at {}", so.display());
     so
 }
@@ -129,6 +127,14 @@ pub struct Behaviour {
     pub migrated_exit: Option<(i32, String)>,
     /// Refuse prepare-task with this message.
     pub refuse_prepare: Option<String>,
+    /// Answer prepare-restore with this plan.
+    pub restore_plan: Option<RestorePlan>,
+    /// Give containers a private root like the agent's own: /usr and /etc bound read-only,
+    /// /proc, /dev and /tmp of their own.
+    pub private_root: bool,
+    /// Like the real agent after a dump: hold the first task-exited of a container until a
+    /// second one (from the restored copy) arrives, then answer both with the second's status.
+    pub relay_exits: bool,
 }
 
 pub struct FakeAgent {
@@ -285,6 +291,16 @@ fn serve(
                 } else if let Some(msg) = refuse {
                     Response::error(ErrorCode::NoRoom, msg)
                 } else {
+                    let private_root = behaviour
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .private_root;
+                    let (root, mounts) = if private_root {
+                        let (root, mounts) = private_root_for(&c);
+                        (Some(root), mounts)
+                    } else {
+                        (None, Vec::new())
+                    };
                     let name = format!("rbsp-{}", c.replace('.', "-"));
                     let _ = Command::new("ip").args(["netns", "add", &name]).output();
                     netns
@@ -297,6 +313,8 @@ fn serve(
                             netns: format!("/run/netns/{name}"),
                             address: "198.18.64.100".into(),
                             hostname: Some(c),
+                            root,
+                            mounts,
                         },
                     })
                 }
@@ -329,26 +347,109 @@ fn serve(
                     }),
                 }
             }
-            Request::TaskExited { wait_status, .. } => {
+            Request::TaskExited {
+                wait_status,
+                container,
+            } => {
                 let _ = record("task-exited", None, Some(wait_status), None);
-                let migrated = behaviour
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .migrated_exit
-                    .clone();
-                match migrated {
-                    Some((st, node)) => Response::Ok(Reply::TaskFinished {
+                let (migrated, relay) = {
+                    let b = behaviour.lock().unwrap_or_else(|e| e.into_inner());
+                    (b.migrated_exit.clone(), b.relay_exits)
+                };
+                let exits_of = || -> Vec<i32> {
+                    seen.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .filter(|s| s.op == "task-exited")
+                        .filter_map(|s| s.wait_status)
+                        .collect()
+                };
+                match (migrated, relay) {
+                    (Some((st, node)), _) => Response::Ok(Reply::TaskFinished {
                         wait_status: st,
                         migrated_to: Some(node),
                     }),
-                    None => Response::Ok(Reply::TaskFinished {
+                    (None, true) if exits_of().len() == 1 => {
+                        // The dumped source: wait for the restored copy's end.
+                        let t0 = Instant::now();
+                        let status = loop {
+                            let e = exits_of();
+                            if e.len() >= 2 {
+                                break e[1];
+                            }
+                            if t0.elapsed() > Duration::from_secs(40) {
+                                break wait_status;
+                            }
+                            thread::sleep(Duration::from_millis(50));
+                        };
+                        let _ = container;
+                        Response::Ok(Reply::TaskFinished {
+                            wait_status: status,
+                            migrated_to: Some(NODE.into()),
+                        })
+                    }
+                    _ => Response::Ok(Reply::TaskFinished {
                         wait_status,
                         migrated_to: None,
                     }),
+                }
+            }
+            Request::PrepareRestore { registration, .. } => {
+                let v = record(
+                    "prepare-restore",
+                    Some(registration),
+                    None,
+                    Some(TaskRequest::Prepare),
+                );
+                let plan = behaviour
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore_plan
+                    .clone();
+                match (v, plan) {
+                    (Err(e), _) => Response::error(ErrorCode::PermissionDenied, e),
+                    (Ok(()), Some(plan)) => Response::Ok(Reply::RestorePlan { plan }),
+                    (Ok(()), None) => Response::error(ErrorCode::NotFound, "no such migration"),
                 }
             }
             _ => Response::error(ErrorCode::Unsupported, "not in the fake agent"),
         };
         send(&mut s, FrameKind::Response, id, &resp);
     }
+}
+
+/// Mount plan of a private root (the shape the agent uses for its host-rootfs containers).
+pub fn private_root_for(container: &str) -> (String, Vec<MountSpec>) {
+    let root = format!("{DIR}/root-{container}");
+    let _ = std::fs::create_dir_all(&root);
+    for (link, to) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
+        let p = Path::new(&root).join(link);
+        if std::fs::symlink_metadata(&p).is_err() && Path::new("/").join(to).exists() {
+            let _ = std::os::unix::fs::symlink(to, &p);
+        }
+    }
+    for d in ["usr", "etc", "proc", "dev", "tmp"] {
+        let _ = std::fs::create_dir_all(Path::new(&root).join(d));
+    }
+    let bind = |p: &str| MountSpec::Bind {
+        source: p.into(),
+        target: p.into(),
+        readonly: true,
+    };
+    let mounts = vec![
+        bind("/usr"),
+        bind("/etc"),
+        MountSpec::Proc,
+        MountSpec::Dev,
+        MountSpec::Tmpfs {
+            target: "/tmp".into(),
+            options: "mode=1777,size=64m".into(),
+        },
+    ];
+    (root, mounts)
 }
