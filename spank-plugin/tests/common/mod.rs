@@ -54,6 +54,8 @@ pub fn lock() -> MutexGuard<'static, ()> {
 
 extern "C" fn take_down() {
     let _ = Command::new(script()).args(["down", CLUSTER]).output();
+    // Images and container roots of this run (nothing is mounted on the node side).
+    let _ = std::fs::remove_dir_all(DIR);
 }
 
 /// Brings the private cluster up once per test binary; it goes down when the binary exits.
