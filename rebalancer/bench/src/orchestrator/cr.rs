@@ -133,6 +133,31 @@ pub fn write_bundle(ctx: &Ctx, node: &str, netns_path: &str, mib: u64) -> Result
     Ok(dir)
 }
 
+/// Root directory of the plain-CRIU workload. On the disk, not on a tmpfs: the root mount is
+/// given back to CRIU with `--root` at restore rather than dumped.
+pub fn plain_root_dir(ctx: &Ctx) -> PathBuf {
+    ctx.disk_dir.join("plain-root")
+}
+
+fn plain_root(ctx: &Ctx) -> Result<PathBuf> {
+    let root = plain_root_dir(ctx);
+    for d in ["proc", "dev", "usr", "opt/bench", "tmp", ".oldroot"] {
+        std::fs::create_dir_all(root.join(d)).map_err(sys::io("create plain root"))?;
+    }
+    for (l, t) in [
+        ("bin", "usr/bin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+        ("sbin", "usr/sbin"),
+    ] {
+        let p = root.join(l);
+        if std::fs::symlink_metadata(&p).is_err() {
+            std::os::unix::fs::symlink(t, &p).map_err(sys::io("create plain root link"))?;
+        }
+    }
+    Ok(root)
+}
+
 /// Host pid of the child of `parent` (the workload under `unshare --fork`).
 fn child_of(parent: u32, timeout: Duration) -> Result<i32> {
     let end = Instant::now() + timeout;
@@ -155,16 +180,25 @@ fn child_of(parent: u32, timeout: Duration) -> Result<i32> {
 }
 
 pub fn start_workload(ctx: &Ctx, tool: Tool, net: &ContainerNet, mib: u64) -> Result<Workload> {
-    let wl = ctx.bins.join("bench-workload");
     match tool {
         Tool::Criu => {
-            // Own pid, mount, uts and ipc namespaces like a container. Mounts CRIU cannot or
-            // should not dump (nsfs under /run/netns, the tmpfs holding the images) go first.
+            // Own pid, mount, uts and ipc namespaces like a container, and a private root as
+            // runc and the agent build it: a bind-mounted directory with /usr and the binaries
+            // bound read-only, /proc, a small /dev tmpfs, then pivot_root. A copy of the host's
+            // mount table instead would make CRIU dump (and tar the tmpfs contents of) every
+            // mount the other users of this machine have at that moment.
+            let root = plain_root(ctx)?;
             let script = format!(
-                "umount -l /run/netns 2>/dev/null; umount -l /dev/shm 2>/dev/null; \
-                 exec {} --detach-stdio --listen 0.0.0.0:7000 --mib {mib} --dirty-percent-per-sec {}",
-                wl.display(),
-                ctx.dirty_percent_per_sec
+                "set -e; R={r}; mount --bind $R $R; \
+                 mount --bind /usr $R/usr; mount -o remount,bind,ro $R/usr; \
+                 mount --bind {bins} $R/opt/bench; mount -o remount,bind,ro $R/opt/bench; \
+                 mount -t proc proc $R/proc; \
+                 mount -t tmpfs -o size=1m,mode=755 rbbdev $R/dev; mknod -m 666 $R/dev/null c 1 3; \
+                 cd $R; pivot_root . .oldroot; umount -l /.oldroot; \
+                 exec /opt/bench/bench-workload --detach-stdio --listen 0.0.0.0:7000 --mib {mib} --dirty-percent-per-sec {d}",
+                r = root.display(),
+                bins = ctx.bins.display(),
+                d = ctx.dirty_percent_per_sec
             );
             let mut cmd = in_netns(&net.netns, "unshare");
             cmd.args([
@@ -173,7 +207,6 @@ pub fn start_workload(ctx: &Ctx, tool: Tool, net: &ContainerNet, mib: u64) -> Re
                 "--mount",
                 "--uts",
                 "--ipc",
-                "--mount-proc",
                 "--propagation",
                 "private",
                 "sh",
@@ -293,7 +326,11 @@ fn dump_cmd(
                     "-o",
                 ])
                 .arg(dirs.logs.join("dump.log"))
-                .arg(format!("--external=net[{}]:{NET_KEY}", src.inode()?));
+                .arg(format!("--external=net[{}]:{NET_KEY}", src.inode()?))
+                .args([
+                    "--external=mnt[/usr]:rbb-usr",
+                    "--external=mnt[/opt/bench]:rbb-bench",
+                ]);
             match mode {
                 Mode::StopAndCopy => c.args([
                     "--page-server",
@@ -362,8 +399,10 @@ fn restore(ctx: &Ctx, tool: Tool, dst: &ContainerNet, dirs: &Dirs, lazy: bool) -
                 ])
                 .arg(dirs.logs.join("restore.log"))
                 .arg(format!("--inherit-fd=fd[3]:{NET_KEY}"))
-                // The workload's mount namespace started as a copy of the host's: its root is /.
-                .args(["--root", "/"]);
+                .arg("--root")
+                .arg(plain_root_dir(ctx))
+                .arg("--external=mnt[rbb-usr]:/usr")
+                .arg(format!("--external=mnt[rbb-bench]:{}", ctx.bins.display()));
             if lazy {
                 c.arg("--lazy-pages");
             }
@@ -456,7 +495,6 @@ pub fn migrate(
             send_images(ctx, dirs, port + 1, &mut recv)?;
             phase(&mut m, "copy", &mut t);
             remove_source_route(src);
-            src.delete();
             restore(ctx, tool, &dst, dirs, false)?;
             phase(&mut m, "restore", &mut t);
             // Only now: a packet reaching the new namespace before its socket exists gets a RST.
@@ -464,6 +502,8 @@ pub fn migrate(
             let mut arp = dst.announce()?;
             phase(&mut m, "net-switch", &mut t);
             m.resumed_ms = Some(freeze.elapsed().as_secs_f64() * 1000.0);
+            src.delete();
+            phase(&mut m, "cleanup", &mut t);
             m.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
             arp.wait_ok(Duration::from_secs(5))?;
         }
@@ -528,8 +568,9 @@ pub fn migrate(
             dump.wait_ok(Duration::from_secs(60))
                 .map_err(|e| fail_with_log(e, &dump_log(tool, dirs)))?;
             phase(&mut m, "lazy-transfer", &mut t);
-            m.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
             src.delete();
+            phase(&mut m, "cleanup", &mut t);
+            m.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
             arp.wait_ok(Duration::from_secs(5))?;
         }
         Mode::PreCopy => return Err(SysError::Other("pre-copy is not driven here".into())),

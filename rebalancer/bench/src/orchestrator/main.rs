@@ -55,6 +55,8 @@ pub struct Ctx {
     /// tmpfs directory for images, bundles and runc state.
     pub workdir: PathBuf,
     pub log_dir: PathBuf,
+    /// Directory on a disk file system (root of the plain-CRIU workload).
+    pub disk_dir: PathBuf,
     pub dirty_percent_per_sec: f64,
     pub agent_bin: Option<PathBuf>,
     pub settle_ms: u64,
@@ -174,7 +176,8 @@ pub fn start_client(
     let wait = Duration::from_secs(30 + mib / 64);
     let line = sys::recv_line(&rx, "bench-client", wait).map_err(|e| {
         let err = p.stderr_text();
-        SysError::Other(format!("{e} {err}"))
+        let err = err.lines().next().unwrap_or_default();
+        SysError::Other(format!("{e}: {err}"))
     })?;
     if line != "ready" {
         return Err(SysError::Other(format!("client said `{line}`")));
@@ -267,6 +270,10 @@ fn cleanup_run(ctx: &Ctx, tool: &str) {
         "agent" => agent::cleanup(ctx),
         _ => {}
     }
+    // The veths first: a namespace whose dying processes still hold it outlives `ip netns
+    // del`, and its veth would keep answering ARP for the container address.
+    net::flush_node_links(net::SRC);
+    net::flush_node_links(net::DST);
     net::delete_netns("rbb-cs");
     net::delete_netns("rbb-cd");
 }
@@ -401,6 +408,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         criu: args.criu.clone(),
         workdir: args.workdir.clone(),
         log_dir: args.log_dir.clone(),
+        disk_dir: PathBuf::from("/var/tmp/rbb-bench"),
         dirty_percent_per_sec: args.dirty_percent_per_sec,
         settle_ms: args.settle_ms,
         after_ms: args.after_ms,
@@ -462,6 +470,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
     }
     net::teardown();
     let _ = std::fs::remove_dir_all(&settings.workdir);
+    let _ = std::fs::remove_dir_all(&settings.disk_dir);
     report.wall_clock_s = started.elapsed().as_secs_f64();
 
     let table = markdown_table(&report.rows);

@@ -52,10 +52,37 @@ pub fn kill_netns_pids(name: &str) {
     }
 }
 
+/// Kills the namespace's processes, waits (up to 10 s) until they are gone, so that the next
+/// run does not share the machine with a dying multi-GiB process, and deletes it.
 pub fn delete_netns(name: &str) {
     if netns_exists(name) {
-        kill_netns_pids(name);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            kill_netns_pids(name);
+            let left = sh(&format!("ip netns pids {name}")).unwrap_or_default();
+            if left.trim().is_empty() || std::time::Instant::now() > end {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         sh_quiet(&format!("ip netns del {name}"));
+    }
+}
+
+/// Deletes every link of a node namespace except `lo` and `eth0` (container veths of ours or
+/// of the agents), so that no stale veth keeps the container address answered.
+pub fn flush_node_links(node: Node) {
+    let Ok(out) = sh(&format!("ip -n {} -o link show", node.name)) else {
+        return;
+    };
+    for line in out.lines() {
+        let Some(name) = line.split(": ").nth(1) else {
+            continue;
+        };
+        let name = name.split('@').next().unwrap_or(name);
+        if name != "lo" && name != "eth0" {
+            sh_quiet(&format!("ip -n {} link del {name}", node.name));
+        }
     }
 }
 
@@ -153,6 +180,7 @@ pub struct ContainerNet {
 
 impl ContainerNet {
     pub fn create(netns: &str, node: Node, veth: &str) -> Result<ContainerNet> {
+        sh_quiet(&format!("ip -n {} link del {veth}", node.name));
         delete_netns(netns);
         sh(&format!("ip netns add {netns}"))?;
         let c = ContainerNet {
@@ -216,6 +244,7 @@ impl ContainerNet {
     }
 
     pub fn delete(&self) {
+        sh_quiet(&format!("ip -n {} link del {}", self.node.name, self.veth));
         delete_netns(&self.netns);
     }
 }
