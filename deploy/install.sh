@@ -248,7 +248,10 @@ if [ "$changed" = 1 ] && [ -z "$destdir" ] && [ -d /run/systemd/system ] && { wa
   run systemctl daemon-reload
 fi
 if want agent; then
-  criu=$(sed -n 's/^[[:space:]]*criu[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$destdir$confdir/agent.toml" 2>/dev/null | head -1)
+  criu=
+  if [ -r "$destdir$confdir/agent.toml" ]; then
+    criu=$(sed -n 's/^[[:space:]]*criu[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$destdir$confdir/agent.toml" | head -1)
+  fi
   criu=${criu:-/usr/local/sbin/criu}
   v=$("$criu" --version 2>/dev/null | awk '/^Version:/ {print $2}') || true
   if [ -z "$v" ]; then
