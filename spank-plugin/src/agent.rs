@@ -32,6 +32,8 @@ pub enum AgentError {
 pub struct Agent {
     stream: UnixStream,
     next_id: u32,
+    path: PathBuf,
+    node: String,
 }
 
 impl Agent {
@@ -46,7 +48,12 @@ impl Agent {
             .set_read_timeout(Some(timeout))
             .and_then(|()| stream.set_write_timeout(Some(timeout)))
             .map_err(connect_err)?;
-        let mut a = Agent { stream, next_id: 1 };
+        let mut a = Agent {
+            stream,
+            next_id: 1,
+            path: path.to_path_buf(),
+            node: node.into(),
+        };
         let mut hello = Hello::new(
             Role::Spank,
             concat!("slurm-rebalancer-spank ", env!("CARGO_PKG_VERSION")),
@@ -67,15 +74,46 @@ impl Agent {
         Ok(a)
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// `None` waits forever (used while the task runs).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.stream.set_read_timeout(t)
     }
 
     pub fn call(&mut self, req: &Request) -> Result<Reply, AgentError> {
+        self.send(req)?;
+        self.recv()
+    }
+
+    /// Sends a request without waiting for its answer (see [`Agent::recv`]).
+    pub fn send(&mut self, req: &Request) -> Result<(), AgentError> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
         write_frame(&mut self.stream, &Frame::json(FrameKind::Request, id, req)?)?;
+        Ok(())
+    }
+
+    /// Whether an answer can be read within `timeout`.
+    pub fn readable(&self, timeout: Duration) -> bool {
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: p is one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        n > 0
+    }
+
+    /// Reads the answer to the last request sent.
+    pub fn recv(&mut self) -> Result<Reply, AgentError> {
         loop {
             let f = read_frame(&mut self.stream, MAX_REPLY)?;
             match f.header.kind {

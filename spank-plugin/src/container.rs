@@ -6,9 +6,9 @@
 //!                     agent's netns; returns from the callback and becomes the user's program
 //! ```
 //! The tree under pid 1 is what CRIU dumps; it stays a child of slurmstepd's task process, so it
-//! is tracked, signalled and accounted as the step's task. The waiter forwards signals, reaps
-//! pid 1, asks the agent for the task's final status (it may have moved to another node) and
-//! exits with it.
+//! is tracked, signalled and accounted as the step's task. The waiter reaps pid 1, asks the
+//! agent for the task's final status (it may have moved to another node), passes signals on
+//! through the agent while it waits for that, and exits with the status.
 
 use std::ffi::CString;
 use std::io;
@@ -156,6 +156,7 @@ pub fn launch(mut agent: Agent, info: &TaskInfo, prepared: &PreparedTask) -> Res
     }
 
     // The waiter. From here on this process never returns to Slurm.
+    name_waiter();
     drop(setup_w);
     drop(go_r);
     drop(netns);
@@ -181,10 +182,9 @@ pub fn launch(mut agent: Agent, info: &TaskInfo, prepared: &PreparedTask) -> Res
             agent,
             pid,
             &container,
-            &mask,
             &format!("the agent answered {} to register-task", reply_name(&other)),
         ),
-        Err(e) => fail_child(agent, pid, &container, &mask, &crate::chain(&e)),
+        Err(e) => fail_child(agent, pid, &container, &crate::chain(&e)),
     }
     ffi::log_verbose(&format!(
         "rebalancer: task {} runs in container {container} (pid {pid}, address {})",
@@ -241,20 +241,13 @@ fn enter_container(
     Ok(())
 }
 
-fn fail_child(
-    agent: Agent,
-    pid: pid_t,
-    container: &ContainerId,
-    mask: &sys::SigMask,
-    why: &str,
-) -> ! {
+fn fail_child(agent: Agent, pid: pid_t, container: &ContainerId, why: &str) -> ! {
     ffi::log_error(&format!(
         "rebalancer: the agent did not register container {container}: {why}; stopping the task"
     ));
     // SAFETY: pid is our own child.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let _ = sys::blocking_wait(pid);
-    let _ = mask;
     drop(agent);
     sys::exit_now(1)
 }
@@ -272,7 +265,15 @@ pub fn step_name(step: u32) -> String {
     }
 }
 
-/// Forwards signals to `pid` until it ends, then reports to the agent and exits.
+/// Marks this process as the task's stand-in: Slurm's process tracking skips processes named
+/// `slurmstepd` when it signals a step, and the waiter must get the step's signals once its
+/// container runs elsewhere.
+pub fn name_waiter() {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"rebalancer-wait".as_ptr()) };
+}
+
+/// Waits for `pid` to end, then reports to the agent and exits.
 pub fn supervise_and_exit(
     agent: Agent,
     pid: pid_t,
@@ -280,13 +281,12 @@ pub fn supervise_and_exit(
     mask: &sys::SigMask,
 ) -> ! {
     let status = loop {
-        match sys::wait_signal(&mask.set, Duration::from_secs(1)) {
-            Some(s) if s != libc::SIGCHLD => {
-                // SAFETY: pid is our child (possibly a zombie); kill has no memory effects.
-                unsafe { libc::kill(pid, s) };
+        // Slurm signals the container's processes itself (they are the step's user processes);
+        // passing signals on as well would deliver them twice. They are only drained here.
+        if let Some(s) = sys::wait_signal(&mask.set, Duration::from_secs(1)) {
+            if s != libc::SIGCHLD {
                 continue;
             }
-            _ => {}
         }
         match sys::try_wait(pid) {
             Ok(Some(st)) => break st,
@@ -303,19 +303,34 @@ pub fn supervise_and_exit(
 }
 
 /// Tells the agent pid 1 ended and exits with the task's final status. When a migration dumped
-/// the container, the agent answers only once its restored copy ended on the destination.
+/// the container, the agent answers only once its restored copy ended on the destination;
+/// meanwhile signals sent to this task (scancel, srun's Ctrl-C) are passed on with
+/// `kill-container`, which the agent delivers wherever the container now runs.
 fn report_and_exit(
     mut agent: Agent,
     container: &ContainerId,
     status: c_int,
     mask: &sys::SigMask,
 ) -> ! {
-    let _ = mask;
     let _ = agent.set_read_timeout(None);
-    let final_status = match agent.call(&Request::TaskExited {
+    let sent = agent.send(&Request::TaskExited {
         container: container.clone(),
         wait_status: status,
-    }) {
+    });
+    let answer = match sent {
+        Err(e) => Err(e),
+        Ok(()) => loop {
+            if agent.readable(Duration::from_millis(500)) {
+                break agent.recv();
+            }
+            while let Some(sig) = sys::wait_signal(&mask.set, Duration::ZERO) {
+                if sig != libc::SIGCHLD {
+                    forward_elsewhere(&agent, container, sig);
+                }
+            }
+        },
+    };
+    let final_status = match answer {
         Ok(Reply::TaskFinished {
             wait_status,
             migrated_to,
@@ -346,4 +361,21 @@ fn report_and_exit(
     };
     drop(agent);
     sys::exit_like(final_status)
+}
+
+/// A signal for a container that no longer runs here: ask the agent, on a second connection.
+fn forward_elsewhere(agent: &Agent, container: &ContainerId, sig: c_int) {
+    let res =
+        Agent::connect(agent.path(), agent.node(), Duration::from_secs(5)).and_then(|mut a| {
+            a.call(&Request::KillContainer {
+                id: container.clone(),
+                signal: sig,
+            })
+        });
+    if let Err(e) = res {
+        ffi::log_error(&format!(
+            "rebalancer: could not pass signal {sig} on to container {container}: {}",
+            crate::chain(&e)
+        ));
+    }
 }

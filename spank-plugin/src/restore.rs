@@ -103,6 +103,7 @@ pub fn run(mut agent: Agent, info: &TaskInfo, migration: &str) -> Result<(), Tas
         return Ok(());
     }
     drop(theirs);
+    crate::container::name_waiter();
     let name = task_name(&info.task);
     let fail = |agent: Agent, msg: String| -> ! {
         ffi::log_error(&format!(

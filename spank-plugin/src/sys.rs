@@ -16,8 +16,9 @@ pub fn cvt(rc: c_int) -> io::Result<c_int> {
     }
 }
 
-/// Signals the waiter passes on to the container's pid 1. SIGKILL and SIGSTOP reach the whole
-/// tree from slurmstepd's process tracking anyway.
+/// Signals the waiter takes with sigtimedwait instead of dying from them: drained while its
+/// container runs here (Slurm signals the container itself), passed on through the agent once
+/// the container runs elsewhere. SIGKILL and SIGSTOP act on the waiter as on any task.
 pub const FORWARDED: [c_int; 11] = [
     libc::SIGHUP,
     libc::SIGINT,

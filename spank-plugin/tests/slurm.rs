@@ -412,6 +412,14 @@ fn dumped_task_is_restored_under_a_restore_step() {
             .join("\n")
     );
 
+    // The source task now waits for the agent; a signal for it goes to wherever the container
+    // lives, through the agent.
+    let sc = slurm(&["scancel", "--signal=USR2", "-n", "rbsp-mig"]);
+    assert!(sc.status.success(), "{:?}", text(&sc));
+    let kills = agent.wait_for("kill-container", 1, Duration::from_secs(10));
+    assert_eq!(kills.len(), 1, "{:?}", agent.seen());
+    assert_eq!(kills[0].wait_status, Some(libc::SIGUSR2));
+
     let migration = "0b6f1c2e-1111-4a2b-9c3d-123456789abc";
     agent
         .behaviour

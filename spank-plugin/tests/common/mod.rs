@@ -414,6 +414,10 @@ fn serve(
                     (Ok(()), None) => Response::error(ErrorCode::NotFound, "no such migration"),
                 }
             }
+            Request::KillContainer { signal, .. } => {
+                let _ = record("kill-container", None, Some(signal), None);
+                Response::Ok(Reply::Done)
+            }
             _ => Response::error(ErrorCode::Unsupported, "not in the fake agent"),
         };
         send(&mut s, FrameKind::Response, id, &resp);
