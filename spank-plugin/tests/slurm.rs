@@ -499,3 +499,39 @@ fn dumped_task_is_restored_under_a_restore_step() {
         "registered under the restore step"
     );
 }
+
+#[test]
+#[ignore = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn every_task_of_a_step_gets_its_own_container() {
+    let _l = lock();
+    setup("required", &[]);
+    let agent = FakeAgent::start(&agent_socket());
+    let out = slurm(&[
+        "srun",
+        "-n2",
+        "--migratable",
+        "sh",
+        "-c",
+        "echo task=$SLURM_PROCID pid=$$ c=$REBALANCER_CONTAINER",
+    ]);
+    let (so, se) = text(&out);
+    assert!(out.status.success(), "{so}{se}");
+    let mut lines: Vec<&str> = so.lines().collect();
+    lines.sort();
+    assert_eq!(lines.len(), 2, "{so}");
+    for (i, l) in lines.iter().enumerate() {
+        assert!(l.starts_with(&format!("task={i} pid=1 c=j")), "{l}");
+        assert!(l.ends_with(&format!(".s0.t{i}")), "{l}");
+    }
+    let regs = agent.wait_for("register-task", 2, Duration::from_secs(5));
+    assert_eq!(regs.len(), 2, "{:?}", agent.seen());
+    let mut tasks: Vec<u32> = regs
+        .iter()
+        .map(|r| {
+            assert_eq!(r.verified, Ok(()));
+            r.registration.as_ref().map_or(99, |g| g.task.task_id)
+        })
+        .collect();
+    tasks.sort();
+    assert_eq!(tasks, [0, 1]);
+}
