@@ -115,6 +115,6 @@ EOF
 case $cmd in
   up) up "$@" ;;
   down) down ;;
-  run) SLURM_CONF=$dir/slurm.conf enter "$@" ;;
+  run) SLURM_CONF=$dir/slurm.conf exec nsenter --net="/run/netns/$ns" "$@" ;;
   *) die "unknown command '$cmd'" ;;
 esac

@@ -535,3 +535,69 @@ fn every_task_of_a_step_gets_its_own_container() {
     tasks.sort();
     assert_eq!(tasks, [0, 1]);
 }
+
+/// The real `rebalancer-agent` (built by `cargo build -p rebalancer-agent`, as CI's workspace build
+/// does) in the cluster's namespace: the handshake works, and the plugin follows the agent's
+/// answer to `prepare-task` — a container when it implements the SPANK path, otherwise its
+/// refusal shown to the user and (plugin optional) a plain task.
+#[test]
+#[ignore = "needs root, Slurm 22.05 daemons and target/<profile>/rebalancer-agent; .ci/run runs it with --include-ignored"]
+fn real_agent_answers_the_plugin() {
+    let _l = lock();
+    setup("optional", &[]);
+    let exe = std::env::current_exe().expect("test path");
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|d| d.join("rebalancer-agent"))
+        .expect("target dir");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build -p rebalancer-agent` with the same target dir",
+        bin.display()
+    );
+    let sock = agent_socket();
+    let _ = std::fs::remove_file(&sock);
+    let cfg = format!("{DIR}/agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node = \"{NODE}\"\nlisten = \"198.18.64.1:7878\"\ncontrol_socket = \"{sock}\"\n\
+             state_dir = \"{DIR}/agent-state\"\ncontainer_subnet = \"198.19.64.0/20\"\n\
+             uplink = \"rbsp0\"\n[auth]\nmethod = \"none\"\n"
+        ),
+    )
+    .expect("agent config");
+    let mut agent = std::process::Command::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/minicluster.sh"),
+    )
+    .args(["run", CLUSTER])
+    .arg(&bin)
+    .args(["run", "-c", &cfg])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("start rebalancer-agent");
+    let t0 = std::time::Instant::now();
+    while !std::path::Path::new(&sock).exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "agent socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = slurm(&["srun", "--migratable", "sh", "-c", "echo pid=$$"]);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let (so, se) = text(&out);
+    assert!(out.status.success(), "{so}{se}");
+    if se.contains("unsupported") {
+        assert!(se.contains("the node agent refused: unsupported"), "{se}");
+        assert!(!so.contains("pid=1\n"), "{so}");
+    } else {
+        assert!(
+            so.contains("pid=1\n"),
+            "agent accepted but no container: {so}{se}"
+        );
+    }
+}
