@@ -204,6 +204,15 @@ fn bad_plugin_arguments_are_reported() {
     let (so, se) = text(&out);
     assert!(out.status.success(), "{so}{se}");
     assert!(se.contains("unknown plugin argument 'sockett'"), "{se}");
+    // ... and slurmstepd logged it in the node's log.
+    let log =
+        std::fs::read_to_string(format!("{CLUSTER}/log/slurmd-{NODE}.log")).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("rebalancer: bad plugstack.conf arguments")
+                && l.contains("'sockett'")),
+        "not in the slurmd/slurmstepd log"
+    );
     // Required: nothing runs, with the same message.
     setup("required", &["enforce=maybe"]);
     let out = slurm(&["srun", "hostname"]);
