@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use slurm_tests::{Cluster, JobId};
+use slurm_tests::{Cluster, JobId, Poll};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -45,11 +45,22 @@ fn cluster_runs_steps_and_batch_jobs_with_accounting() {
         .expect("sbatch");
     c.wait_job_state(job, &["COMPLETED"], WAIT)
         .expect("batch job completes");
-    let row = c
-        .wait_sacct_state(job, &["COMPLETED"], WAIT)
-        .expect("sacct records the job");
+    // sacct briefly showed the finished job under the name "allocation" before its real name: wait
+    // for the settled row.
+    let row = slurm_tests::wait_until("sacct's row of the batch job", WAIT, || {
+        let rows = c.sacct(job)?;
+        Ok(
+            match rows
+                .iter()
+                .find(|r| r.job_id == job.to_string() && r.job_name == "batch-ok")
+            {
+                Some(r) if r.state == "COMPLETED" => Poll::Done(r.clone()),
+                _ => Poll::Pending(format!("{rows:?}")),
+            },
+        )
+    })
+    .expect("sacct records the job as COMPLETED");
     assert_eq!(row.exit_code, "0:0", "{row:?}");
-    assert_eq!(row.job_name, "batch-ok");
 
     let failing = c
         .sbatch(&["-N1", "--wrap", "exit 3"])
