@@ -33,6 +33,9 @@ pub struct Row {
     pub client_errors: Vec<String>,
     /// The counter only ever went up (and the TCP connection survived).
     pub counter_ok: Option<bool>,
+    /// Downtimes of every run of this cell when it was repeated, in run order.
+    #[serde(default)]
+    pub downtime_runs_ms: Vec<f64>,
 }
 
 impl Row {
@@ -49,8 +52,29 @@ impl Row {
             phases: Vec::new(),
             client_errors: Vec::new(),
             counter_ok: None,
+            downtime_runs_ms: Vec::new(),
         }
     }
+}
+
+/// Folds the repeated runs of one cell into the row of the run with the median downtime,
+/// carrying every run's downtime. A failed run wins: it is what needs reporting.
+pub fn combine(mut runs: Vec<Row>) -> Option<Row> {
+    if let Some(i) = runs.iter().position(|r| r.outcome != Outcome::Ok) {
+        return Some(runs.swap_remove(i));
+    }
+    let all: Vec<f64> = runs.iter().filter_map(|r| r.downtime_ms).collect();
+    runs.sort_by(|a, b| {
+        a.downtime_ms
+            .unwrap_or(0.0)
+            .total_cmp(&b.downtime_ms.unwrap_or(0.0))
+    });
+    let mid = runs.len().checked_sub(1)? / 2;
+    let mut row = runs.swap_remove(mid);
+    if all.len() > 1 {
+        row.downtime_runs_ms = all;
+    }
+    Some(row)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -75,6 +99,20 @@ pub fn size_label(mib: u64) -> String {
 
 fn ms(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "–".into())
+}
+
+fn downtime_cell(r: &Row) -> String {
+    let min = r
+        .downtime_runs_ms
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    let max = r.downtime_runs_ms.iter().copied().fold(0.0, f64::max);
+    if r.downtime_runs_ms.len() > 1 {
+        format!("{} ({min:.0}–{max:.0})", ms(r.downtime_ms))
+    } else {
+        ms(r.downtime_ms)
+    }
 }
 
 /// Markdown table of every row.
@@ -107,7 +145,7 @@ pub fn markdown_table(rows: &[Row]) -> String {
             size_label(r.mib),
             r.toolchain,
             r.mode,
-            ms(r.downtime_ms),
+            downtime_cell(r),
             ms(r.client_gap_ms),
             ms(r.total_ms),
             r.bytes_between_nodes
@@ -156,6 +194,27 @@ mod tests {
         assert!(lines[2].contains("| 3.0 |"));
         assert!(lines[2].contains("dump 80"));
         assert!(lines[3].contains("unsupported: kernel lacks soft-dirty"));
+    }
+
+    #[test]
+    fn combine_takes_the_median_run_or_the_failure() {
+        let run = |d: f64, gap: f64| {
+            let mut r = Row::new(64, "criu", "stop-and-copy", Outcome::Ok);
+            r.downtime_ms = Some(d);
+            r.client_gap_ms = Some(gap);
+            r
+        };
+        let row = combine(vec![run(300.0, 1.0), run(100.0, 2.0), run(200.0, 3.0)]);
+        let row = row.unwrap_or_else(|| Row::new(0, "", "", Outcome::Ok));
+        assert_eq!(row.downtime_ms, Some(200.0));
+        assert_eq!(row.client_gap_ms, Some(3.0));
+        assert_eq!(row.downtime_runs_ms, vec![300.0, 100.0, 200.0]);
+        assert!(markdown_table(&[row]).contains("| 200 (100–300) |"));
+
+        let failed = Row::new(64, "criu", "stop-and-copy", Outcome::Failed("boom".into()));
+        let row = combine(vec![run(1.0, 1.0), failed.clone()]);
+        assert_eq!(row, Some(failed));
+        assert_eq!(combine(Vec::new()), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use rebalancer_bench::report::{markdown_table, size_label, Outcome, Row, RunReport};
+use rebalancer_bench::report::{combine, markdown_table, size_label, Outcome, Row, RunReport};
 use rebalancer_bench::wire::ClientReport;
 
 use crate::net::{ContainerNet, CLIENT, CONTAINER_IP, SRC};
@@ -101,6 +101,9 @@ struct Args {
     /// Share of the workload's pages written per second, in percent.
     #[arg(long, default_value_t = 2.0)]
     dirty_percent_per_sec: f64,
+    /// Migrations per cell; the table shows the run with the median downtime and the range.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    repeat: u32,
     /// Client traffic before the migration starts, in ms.
     #[arg(long, default_value_t = 500)]
     settle_ms: u64,
@@ -254,6 +257,7 @@ struct Settings {
     sizes: Vec<u64>,
     toolchains: Vec<String>,
     modes: Vec<Mode>,
+    repeat: u32,
 }
 
 impl std::ops::Deref for Settings {
@@ -278,6 +282,39 @@ fn cleanup_run(ctx: &Ctx, tool: &str) {
     net::delete_netns("rbb-cd");
 }
 
+/// One migration of one cell; `Err` only when interrupted.
+fn run_cell(s: &Settings, tool: &str, mode: Mode, mib: u64, idx: usize) -> Result<Row, SysError> {
+    let mut row = Row::new(mib, tool, mode.name(), Outcome::Ok);
+    let started = Instant::now();
+    let res = match tool {
+        "criu" if mode != Mode::PreCopy => run_cr(&s.ctx, cr::Tool::Criu, mode, mib, idx, &mut row),
+        "runc" if mode != Mode::PreCopy => run_cr(&s.ctx, cr::Tool::Runc, mode, mib, idx, &mut row),
+        "agent" => agent::run(&s.ctx, mode, mib, idx, &mut row),
+        _ => Err(SysError::Other(format!(
+            "{tool} does not drive {}",
+            mode.name()
+        ))),
+    };
+    cleanup_run(&s.ctx, tool);
+    match res {
+        Ok(()) => {}
+        Err(SysError::Interrupted) => return Err(SysError::Interrupted),
+        Err(SysError::Other(m)) if m.starts_with("unsupported: ") => {
+            row.outcome = Outcome::Unsupported(m["unsupported: ".len()..].to_string())
+        }
+        Err(e) => row.outcome = Outcome::Failed(error_chain(&e)),
+    }
+    eprintln!(
+        "    downtime {:?} ms, client gap {:?} ms, total {:?} ms, {:?} ({:.1} s)",
+        row.downtime_ms.map(|v| v.round()),
+        row.client_gap_ms.map(|v| v.round()),
+        row.total_ms.map(|v| v.round()),
+        row.outcome,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(row)
+}
+
 fn benchmark(
     s: &Settings,
     precopy_ok: Result<(), String>,
@@ -288,48 +325,34 @@ fn benchmark(
         for tool in &s.toolchains {
             for &mode in &s.modes {
                 sys::check_interrupt()?;
-                idx += 1;
-                let mut row = Row::new(mib, tool, mode.name(), Outcome::Ok);
-                eprintln!("[{}] {} {} {} ...", idx, size_label(mib), tool, mode.name());
-                let started = Instant::now();
                 if mode == Mode::PreCopy {
                     if let Err(why) = &precopy_ok {
-                        row.outcome = Outcome::Unsupported(why.clone());
+                        let row =
+                            Row::new(mib, tool, mode.name(), Outcome::Unsupported(why.clone()));
                         report.rows.push(row);
                         continue;
                     }
                 }
-                let res = match tool.as_str() {
-                    "criu" if mode != Mode::PreCopy => {
-                        run_cr(&s.ctx, cr::Tool::Criu, mode, mib, idx, &mut row)
+                let mut runs = Vec::new();
+                for r in 0..s.repeat {
+                    idx += 1;
+                    eprintln!(
+                        "[{idx}] {} {tool} {} (run {}/{}) ...",
+                        size_label(mib),
+                        mode.name(),
+                        r + 1,
+                        s.repeat
+                    );
+                    let row = run_cell(s, tool, mode, mib, idx)?;
+                    let stop = row.outcome != Outcome::Ok;
+                    runs.push(row);
+                    if stop {
+                        break;
                     }
-                    "runc" if mode != Mode::PreCopy => {
-                        run_cr(&s.ctx, cr::Tool::Runc, mode, mib, idx, &mut row)
-                    }
-                    "agent" => agent::run(&s.ctx, mode, mib, idx, &mut row),
-                    _ => Err(SysError::Other(format!(
-                        "{tool} does not drive {}",
-                        mode.name()
-                    ))),
-                };
-                cleanup_run(&s.ctx, tool);
-                match res {
-                    Ok(()) => {}
-                    Err(SysError::Interrupted) => return Err(SysError::Interrupted),
-                    Err(SysError::Other(m)) if m.starts_with("unsupported: ") => {
-                        row.outcome = Outcome::Unsupported(m["unsupported: ".len()..].to_string())
-                    }
-                    Err(e) => row.outcome = Outcome::Failed(error_chain(&e)),
                 }
-                eprintln!(
-                    "    downtime {:?} ms, client gap {:?} ms, total {:?} ms, {:?} ({:.1} s)",
-                    row.downtime_ms.map(|v| v.round()),
-                    row.client_gap_ms.map(|v| v.round()),
-                    row.total_ms.map(|v| v.round()),
-                    row.outcome,
-                    started.elapsed().as_secs_f64()
-                );
-                report.rows.push(row);
+                if let Some(row) = combine(runs) {
+                    report.rows.push(row);
+                }
             }
         }
     }
@@ -462,6 +485,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         sizes,
         toolchains: args.toolchains.clone(),
         modes,
+        repeat: args.repeat,
     };
     let started = Instant::now();
     let res = net::setup().and_then(|_| benchmark(&settings, precopy_ok, &mut report));
@@ -490,5 +514,20 @@ fn real_main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(130))
         }
         Err(e) => Err(anyhow::anyhow!(error_chain(&e))).context("benchmark aborted"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M").ok(), Some(64));
+        assert_eq!(parse_size("2G").ok(), Some(2048));
+        assert_eq!(parse_size("1GiB").ok(), Some(1024));
+        assert_eq!(parse_size("300").ok(), Some(300));
+        assert!(parse_size("0M").is_err());
+        assert!(parse_size("lots").is_err());
     }
 }

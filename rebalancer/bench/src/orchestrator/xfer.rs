@@ -97,3 +97,35 @@ pub fn receive(listen: &str, dir: &Path) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_round_trip_over_loopback() {
+        let base = std::env::temp_dir().join(format!("rbb-xfer-{}", std::process::id()));
+        let (src, dst) = (base.join("src"), base.join("dst"));
+        std::fs::create_dir_all(src.join("sub")).expect("mkdir");
+        std::fs::create_dir_all(&dst).expect("mkdir");
+        std::fs::write(src.join("a.img"), vec![7u8; 300_000]).expect("write");
+        std::fs::write(src.join("sub/b.img"), b"bee").expect("write");
+        std::fs::write(src.join("empty.img"), b"").expect("write");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port");
+        let addr = format!("127.0.0.1:{port}");
+        let (a2, d2) = (addr.clone(), dst.clone());
+        let rx = std::thread::spawn(move || receive(&a2, &d2).map_err(|e| e.to_string()));
+        send(&src, &addr).expect("send");
+        rx.join().expect("join").expect("receive");
+        assert_eq!(
+            std::fs::read(dst.join("a.img")).expect("a"),
+            vec![7u8; 300_000]
+        );
+        assert_eq!(std::fs::read(dst.join("sub/b.img")).expect("b"), b"bee");
+        assert!(dst.join("empty.img").exists());
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}
