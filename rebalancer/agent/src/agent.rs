@@ -21,6 +21,8 @@ pub struct Agent {
     pub caps: NodeCapabilities,
     pub containers: Mutex<BTreeMap<ContainerId, Container>>,
     pub migrations: Mutex<BTreeMap<MigrationId, MigrationRecord>>,
+    /// Netns prepared for Slurm tasks (`prepare-task`) until their pid 1 registers.
+    pub pending_tasks: Mutex<BTreeMap<ContainerId, crate::spank::PendingTask>>,
     /// Ids and addresses held by incoming migrations until they commit or abort.
     pub incoming: Mutex<HashSet<(ContainerId, Ipv4Addr)>>,
     /// Every change of a migration record is published here (watchers filter by id).
@@ -46,6 +48,7 @@ impl Agent {
             caps,
             containers: Mutex::new(BTreeMap::new()),
             migrations: Mutex::new(BTreeMap::new()),
+            pending_tasks: Mutex::new(BTreeMap::new()),
             incoming: Mutex::new(HashSet::new()),
             events,
         })
@@ -56,6 +59,11 @@ impl Agent {
     }
     pub fn migrations(&self) -> MutexGuard<'_, BTreeMap<MigrationId, MigrationRecord>> {
         lock(&self.migrations)
+    }
+    pub fn pending_tasks(
+        &self,
+    ) -> MutexGuard<'_, BTreeMap<ContainerId, crate::spank::PendingTask>> {
+        lock(&self.pending_tasks)
     }
     pub fn incoming(&self) -> MutexGuard<'_, HashSet<(ContainerId, Ipv4Addr)>> {
         lock(&self.incoming)
@@ -97,7 +105,7 @@ impl Agent {
         }) || self.incoming().iter().any(|(_, a)| *a == ip)
     }
 
-    fn allocate_address(&self) -> Result<Ipv4Addr, AgentError> {
+    pub fn allocate_address(&self) -> Result<Ipv4Addr, AgentError> {
         // Addresses are cluster-wide: pick at random so that nodes rarely collide; the
         // controller may also pass one explicitly.
         let hosts: Vec<Ipv4Addr> = self.cfg.container_subnet.hosts().collect();
@@ -307,6 +315,8 @@ impl Agent {
             pid,
             state: ContainerState::Running,
             exit_status: None,
+            external: false,
+            migrated_to: None,
         })
     }
 
@@ -317,6 +327,17 @@ impl Agent {
             let mut cs = self.containers();
             for c in cs.values_mut() {
                 if c.exit_status.is_some() {
+                    continue;
+                }
+                if c.external {
+                    // The waiter reaps pid 1 and sends task-exited; only notice a vanished tree.
+                    if c.state == ContainerState::Running
+                        && !std::path::Path::new(&format!("/proc/{}", c.pid)).exists()
+                    {
+                        c.exit_status = Some(-1);
+                        c.state = ContainerState::Exited;
+                        gone.push((c.net.clone(), c.dir.clone(), false));
+                    }
                     continue;
                 }
                 if let Some(st) = container::reap(c.pid) {

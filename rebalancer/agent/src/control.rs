@@ -16,12 +16,15 @@ use crate::error::AgentError;
 
 struct Caller {
     uid: u32,
+    pid: Option<i32>,
     admin: bool,
+    /// Tasks prepared on this connection and not registered yet.
+    pending: std::sync::Mutex<Vec<String>>,
 }
 
 pub async fn serve(agent: Arc<Agent>, mut s: UnixStream) {
-    let uid = match s.peer_cred() {
-        Ok(c) => c.uid(),
+    let (uid, pid) = match s.peer_cred() {
+        Ok(c) => (c.uid(), c.pid()),
         Err(e) => {
             tracing::warn!(error = %e, "no peer credentials on control socket");
             return;
@@ -29,9 +32,14 @@ pub async fn serve(agent: Arc<Agent>, mut s: UnixStream) {
     };
     let caller = Caller {
         uid,
+        pid,
         admin: uid == 0 || agent.cfg.admin_uids.contains(&uid),
+        pending: std::sync::Mutex::new(Vec::new()),
     };
-    if let Err(e) = serve_inner(&agent, &mut s, &caller).await {
+    let r = serve_inner(&agent, &mut s, &caller).await;
+    let pending = std::mem::take(&mut *caller.pending.lock().unwrap_or_else(|p| p.into_inner()));
+    crate::spank::drop_pending(&agent, &pending).await;
+    if let Err(e) = r {
         if !matches!(e, AgentError::Proto(rebalancer_proto::ProtoError::Closed)) {
             tracing::debug!(uid, error = %e.chain(), "control connection ended");
         }
@@ -332,6 +340,64 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
         }
         Request::Migrate { .. } => {
             Err(AgentError::Internal("migrate is handled separately".into()))
+        }
+        Request::PrepareTask { registration } => {
+            let prepared =
+                crate::spank::prepare(agent, caller.uid, caller.pid, registration).await?;
+            caller
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(prepared.container.clone());
+            Ok(Reply::TaskPrepared { prepared })
+        }
+        Request::RegisterTask { registration } => {
+            let c = crate::spank::register(agent, caller.uid, caller.pid, registration)?;
+            let id = c.meta.spec.id.clone();
+            caller
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|p| *p != id);
+            let info = agent.info(&c);
+            tracing::info!(container = %id, pid = c.pid, "task registered");
+            agent.containers().insert(id, c);
+            Ok(Reply::Container { container: info })
+        }
+        Request::TaskExited {
+            container,
+            wait_status,
+        } => {
+            let (net, migrated_to) = {
+                let mut cs = agent.containers();
+                let c = cs
+                    .get_mut(&container)
+                    .filter(|c| c.external && visible(c.meta.spec.uid))
+                    .ok_or_else(|| {
+                        AgentError::NotFound(format!(
+                            "no task container {container} on {}",
+                            agent.cfg.node
+                        ))
+                    })?;
+                let migrated = c.state == rebalancer_proto::ContainerState::MigratedAway;
+                c.exit_status = Some(wait_status);
+                let net = (!migrated && c.state != rebalancer_proto::ContainerState::Exited)
+                    .then(|| c.net.clone());
+                if !migrated {
+                    c.state = rebalancer_proto::ContainerState::Exited;
+                }
+                (
+                    net,
+                    migrated.then(|| c.migrated_to.clone().unwrap_or_default()),
+                )
+            };
+            if let Some(net) = net {
+                crate::netns::destroy(&net).await;
+            }
+            Ok(Reply::TaskFinished {
+                wait_status,
+                migrated_to,
+            })
         }
         other => Err(AgentError::Unsupported(format!(
             "request {:?} is not implemented by this agent yet",

@@ -14,5 +14,6 @@ pub mod garp;
 pub mod migrate;
 pub mod netns;
 pub mod peer;
+pub mod spank;
 
 pub const SOFTWARE: &str = concat!("rebalancer-agent ", env!("CARGO_PKG_VERSION"));

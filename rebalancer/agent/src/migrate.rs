@@ -233,6 +233,12 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
             }
             s => return Err(AgentError::Busy(format!("container {id} is {s:?}"))),
         }
+        if c.external {
+            return Err(AgentError::Unsupported(format!(
+                "container {id} is a Slurm task registered by the SPANK plugin; migrating those needs the \
+                 restore step (prepare-restore), which this agent does not implement yet"
+            )));
+        }
         c.state = ContainerState::Migrating;
         (c.pid, c.net.clone(), c.meta.clone())
     };
@@ -397,6 +403,7 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
             netns::destroy(&p.net).await;
             if let Some(c) = agent.containers().get_mut(&p.rec.container) {
                 c.state = ContainerState::MigratedAway;
+                c.migrated_to = Some(p.rec.destination.clone());
             }
             if let rebalancer_proto::RootfsSpec::Host = p.meta.spec.rootfs {
                 let _ = std::fs::remove_dir_all(agent.container_dir(&p.rec.container));

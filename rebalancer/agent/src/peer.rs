@@ -730,6 +730,8 @@ async fn handle(
                 pid,
                 state: ContainerState::Running,
                 exit_status: None,
+                external: false,
+                migrated_to: None,
             };
             agent.containers().insert(inc.meta.spec.id.clone(), c);
             agent

@@ -41,6 +41,11 @@ pub struct Container {
     pub pid: i32,
     pub state: ContainerState,
     pub exit_status: Option<i32>,
+    /// Pid 1 belongs to a Slurm task's waiter (SPANK path), not to the agent: the waiter reaps
+    /// it and reports with `task-exited`.
+    pub external: bool,
+    /// Node the container moved to (state `MigratedAway`).
+    pub migrated_to: Option<String>,
 }
 
 /// Mount table and root symlinks (link path, target) of a container.
