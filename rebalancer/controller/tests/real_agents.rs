@@ -52,7 +52,8 @@ fn agent_bin() -> PathBuf {
     p
 }
 
-/// Two node namespaces with real agents, a client namespace, a private munged. Torn down on drop.
+/// Two node namespaces with real agents (node names = namespace names, so that the agents'
+/// container namespaces `rb-<node>-<id>` fall under the teardown's prefix), a client namespace, a private munged. Torn down on drop.
 struct Lab {
     dir: PathBuf,
     children: Vec<Child>,
@@ -85,7 +86,16 @@ impl Lab {
                 }
             }
         }
-        let _ = sh(&format!("ip link del {P}br 2>/dev/null"));
+        // A namespace another process's mount namespace still pins outlives `ip netns del`;
+        // its host-side veth must go explicitly.
+        let _ = sh(&format!(
+            "for l in {P}n0h {P}n1h {P}clh; do ip link del $l 2>/dev/null; done; ip link del {P}br 2>/dev/null"
+        ));
+        // The agents mount a tmpfs for images under their run dirs.
+        let _ = sh(&format!(
+            "grep -o ' {}/[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+            self.dir.display()
+        ));
     }
 
     fn up() -> Lab {
@@ -96,7 +106,9 @@ impl Lab {
             munged: None,
         };
         lab.teardown();
-        let _ = std::fs::remove_dir_all(&dir);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).expect("remove the previous lab dir");
+        }
         std::fs::create_dir_all(&dir).expect("dir");
         must(&format!("ip link add {P}br type bridge && ip addr add {NET}.1/24 dev {P}br && ip link set {P}br up"));
         for (i, ns) in [format!("{P}n0"), format!("{P}n1"), format!("{P}cl")]
@@ -130,9 +142,9 @@ impl Lab {
             std::fs::write(
                 &cfg,
                 format!(
-                    "node = \"node{i}\"\nlisten = \"{NET}.{ip}:7878\"\ncontrol_socket = \"{d}/node{i}.sock\"\ncontainer_subnet = \"{SUBNET}\"\n\
+                    "node = \"{P}n{i}\"\nlisten = \"{NET}.{ip}:7878\"\ncontrol_socket = \"{d}/{P}n{i}.sock\"\ncontainer_subnet = \"{SUBNET}\"\n\
                      state_dir = \"{d}/node{i}/state\"\nrun_dir = \"{d}/node{i}/run\"\nmigration_timeout_ms = 30000\n\
-                     [auth]\nmethod = \"munge\"\nmunge_socket = \"{d}/munge.sock\"\n[peers]\nnode{o} = \"{NET}.{oip}:7878\"\n",
+                     [auth]\nmethod = \"munge\"\nmunge_socket = \"{d}/munge.sock\"\n[peers]\n{P}n{o} = \"{NET}.{oip}:7878\"\n",
                     ip = 10 + i,
                     oip = 10 + o
                 ),
@@ -152,7 +164,7 @@ impl Lab {
             lab.children.push(child);
         }
         for i in 0..2 {
-            let sock = dir.join(format!("node{i}.sock"));
+            let sock = dir.join(format!("{P}n{i}.sock"));
             let deadline = Instant::now() + Duration::from_secs(20);
             while agent_call(&sock, &Request::Ping).is_err() {
                 assert!(
@@ -315,7 +327,7 @@ fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
     let lab = Lab::up();
     let d = lab.dir.clone();
     let created = agent_call(
-        &d.join("node0.sock"),
+        &d.join("rbpn0.sock"),
         &Request::CreateContainer {
             spec: server("j31.s0.t0", 31, "198.19.48.31"),
         },
@@ -348,11 +360,11 @@ fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
     };
     let write_nodes = |a: &str| {
         let tmp = d.join("nodes.tmp");
-        std::fs::write(&tmp, node("node0", a) + &node("node1", "IDLE")).expect("nodes");
+        std::fs::write(&tmp, node("rbpn0", a) + &node("rbpn1", "IDLE")).expect("nodes");
         std::fs::rename(&tmp, d.join("nodes.txt")).expect("rename");
     };
     write_nodes("MIXED");
-    std::fs::write(d.join("jobs.txt"), "JobId=31 UserId=root(0) Account=a JobState=RUNNING Partition=debug NodeList=node[0-1] BatchHost=node1\n").expect("jobs");
+    std::fs::write(d.join("jobs.txt"), "JobId=31 UserId=root(0) Account=a JobState=RUNNING Partition=debug NodeList=rbpn[0-1] BatchHost=rbpn1\n").expect("jobs");
     std::fs::create_dir_all(d.join("policies")).expect("policies");
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/drain.toml"),
@@ -369,20 +381,23 @@ fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
     )
     .expect("config");
     let log = std::fs::File::create(d.join("rebalancerd.log")).expect("log");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_rebalancerd"))
-        .arg("--config")
-        .arg(d.join("rebalancerd.toml"))
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                bin.display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
-        .stderr(log)
-        .spawn()
-        .expect("rebalancerd");
+    let _daemon = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_rebalancerd"))
+            .arg("--config")
+            .arg(d.join("rebalancerd.toml"))
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    bin.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("rebalancerd"),
+    );
     let ctl = d.join("ctl.sock");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -442,7 +457,7 @@ fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
             entry.record.source.as_str(),
             entry.record.destination.as_str()
         ),
-        ("node0", "node1")
+        ("rbpn0", "rbpn1")
     );
     assert_eq!(entry.policy, "drain");
 
@@ -463,7 +478,7 @@ fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
         probe.state().1
     );
     match agent_call(
-        &d.join("node1.sock"),
+        &d.join("rbpn1.sock"),
         &Request::GetContainer {
             id: "j31.s0.t0".into(),
         },
@@ -474,9 +489,17 @@ fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
     // Slurm: node0 holds nothing of job 31 any more and node1 is the batch host: shrink.
     let updates = lab.log("updates.log");
     assert!(
-        updates.contains("update jobid=31 NodeList=node1"),
+        updates.contains("update jobid=31 NodeList=rbpn1"),
         "updates: {updates}"
     );
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+}
+
+/// Kills the controller also when an assertion fails.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
