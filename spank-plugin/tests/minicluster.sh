@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A private one-node Slurm 22.05 cluster for the SPANK plugin's tests: munged, slurmctld and one
-# slurmd, all inside one network namespace (loopback only), so it never collides with the
+# A private two-node Slurm 22.05 cluster for the SPANK plugin's tests: munged, slurmctld and two
+# slurmd (sp1, sp2; partition "one" = sp1 is the default, "two" = both), all inside one network
+# namespace (loopback only), so it never collides with the
 # shared harness cluster (slurm-tests/cluster.sh owns the bridge rbc0, node1..N and /run state).
 #
 #   minicluster.sh up DIR PLUGSTACK_FRAGMENT   # DIR is created; prints nothing on success
@@ -100,16 +101,21 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 KillWait=2
 MinJobAge=30
-NodeName=sp1 NodeAddr=127.0.0.1 CPUs=2 RealMemory=2000 State=UNKNOWN
-PartitionName=debug Nodes=sp1 Default=YES MaxTime=INFINITE State=UP
+NodeName=sp1 NodeAddr=127.0.0.1 Port=6818 CPUs=2 RealMemory=2000 State=UNKNOWN
+NodeName=sp2 NodeAddr=127.0.0.1 Port=6821 CPUs=2 RealMemory=2000 State=UNKNOWN
+PartitionName=one Nodes=sp1 Default=YES MaxTime=INFINITE State=UP
+PartitionName=two Nodes=sp1,sp2 MaxTime=INFINITE State=UP
 EOF
   export SLURM_CONF=$dir/slurm.conf
   enter slurmctld -i || die "slurmctld did not start: $(tail -5 "$dir/log/slurmctld.log" 2>&1)"
   wait_for 20 enter scontrol ping || die "slurmctld does not answer"
-  mkdir -p "$dir/spool/sp1"
-  enter slurmd -N sp1 || die "slurmd did not start: $(tail -5 "$dir/log/slurmd-sp1.log" 2>&1)"
-  wait_for 30 sh -c "nsenter --net=/run/netns/$ns sinfo -h -o %t | grep -qx idle" ||
-    die "node sp1 did not become idle: $(tail -5 "$dir/log/slurmd-sp1.log" 2>&1)"
+  local n
+  for n in sp1 sp2; do
+    mkdir -p "$dir/spool/$n"
+    enter slurmd -N "$n" || die "slurmd $n did not start: $(tail -5 "$dir/log/slurmd-$n.log" 2>&1)"
+  done
+  wait_for 30 sh -c "[ \$(nsenter --net=/run/netns/$ns sinfo -h -N -p two -o %t | grep -cx idle) = 2 ]" ||
+    die "nodes did not become idle: $(tail -5 "$dir/log/slurmd-sp2.log" 2>&1)"
 }
 
 case $cmd in

@@ -328,6 +328,102 @@ fn criu() -> String {
         .to_string()
 }
 
+/// Dumps the container whose pid 1 is `pid` the way the agent does (netns and the root's bind
+/// mounts external); returns the image dir and the stdio keys of pid 1.
+fn dump(pid: i32, job: u32) -> (String, Vec<Option<String>>) {
+    let img = format!("{DIR}/img-{job}");
+    let _ = std::fs::remove_dir_all(&img);
+    std::fs::create_dir_all(&img).expect("image dir");
+    let link = |p: String| std::fs::read_link(p).map(|l| l.to_string_lossy().into_owned());
+    let net = link(format!("/proc/{pid}/ns/net")).expect("netns of pid 1");
+    let net_ino = net
+        .trim_start_matches("net:[")
+        .trim_end_matches(']')
+        .to_string();
+    let stdio: Vec<Option<String>> = (0..3)
+        .map(|fd| {
+            link(format!("/proc/{pid}/fd/{fd}"))
+                .ok()
+                .filter(|l| l.starts_with("pipe:"))
+        })
+        .collect();
+    let out = std::process::Command::new(criu())
+        .args([
+            "dump",
+            "-t",
+            &pid.to_string(),
+            "-D",
+            &img,
+            "-o",
+            "dump.log",
+            "-v4",
+        ])
+        .args(["--external", &format!("net[{net_ino}]:rbnet")])
+        .args([
+            "--external",
+            "mnt[/usr]:rb-usr",
+            "--external",
+            "mnt[/etc]:rb-etc",
+        ])
+        .args(["--ext-unix-sk", "--network-lock", "nftables"])
+        .output()
+        .expect("run criu dump");
+    let log = std::fs::read_to_string(format!("{img}/dump.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "criu dump failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        log.lines()
+            .filter(|l| l.contains("rror ("))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    (img, stdio)
+}
+
+fn restore_plan(
+    migration: &str,
+    r: &rebalancer_proto::TaskRegistration,
+    img: &str,
+    stdio: Vec<Option<String>>,
+) -> rebalancer_proto::RestorePlan {
+    let container = r.container.clone().expect("container id");
+    let t = &r.task;
+    rebalancer_proto::RestorePlan {
+        migration: migration.into(),
+        container: container.clone(),
+        criu: criu(),
+        args: [
+            "restore",
+            "-D",
+            img,
+            "-o",
+            "restore.log",
+            "-v4",
+            "--root",
+            &private_root_for(&container).0,
+            "--external",
+            "mnt[rb-usr]:/usr",
+            "--external",
+            "mnt[rb-etc]:/etc",
+            "--ext-unix-sk",
+            "--network-lock",
+            "nftables",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+        stdio_keys: stdio,
+        inherit_files: vec![(
+            "rbnet".into(),
+            format!(
+                "/run/netns/rbsp-j{}-s{}-t{}",
+                t.job_id, t.step_id, t.task_id
+            ),
+        )],
+    }
+}
+
 fn spawn_slurm(args: &[&str]) -> std::process::Child {
     std::process::Command::new(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/minicluster.sh"),
@@ -372,54 +468,7 @@ fn dumped_task_is_restored_under_a_restore_step() {
     let (pid, job) = (r.pid, r.task.job_id);
     std::thread::sleep(Duration::from_millis(1500));
 
-    let img = format!("{DIR}/img-{job}");
-    let _ = std::fs::remove_dir_all(&img);
-    std::fs::create_dir_all(&img).expect("image dir");
-    let link = |p: String| std::fs::read_link(p).map(|l| l.to_string_lossy().into_owned());
-    let net = link(format!("/proc/{pid}/ns/net")).expect("netns of pid 1");
-    let net_ino = net
-        .trim_start_matches("net:[")
-        .trim_end_matches(']')
-        .to_string();
-    let stdio: Vec<Option<String>> = (0..3)
-        .map(|fd| {
-            link(format!("/proc/{pid}/fd/{fd}"))
-                .ok()
-                .filter(|l| l.starts_with("pipe:"))
-        })
-        .collect();
-    let dump = std::process::Command::new(criu())
-        .args([
-            "dump",
-            "-t",
-            &pid.to_string(),
-            "-D",
-            &img,
-            "-o",
-            "dump.log",
-            "-v4",
-        ])
-        .args(["--external", &format!("net[{net_ino}]:rbnet")])
-        .args([
-            "--external",
-            "mnt[/usr]:rb-usr",
-            "--external",
-            "mnt[/etc]:rb-etc",
-        ])
-        .args(["--ext-unix-sk", "--network-lock", "nftables"])
-        .output()
-        .expect("run criu dump");
-    let dump_log = std::fs::read_to_string(format!("{img}/dump.log")).unwrap_or_default();
-    assert!(
-        dump.status.success(),
-        "criu dump failed: {}\n{}",
-        String::from_utf8_lossy(&dump.stderr),
-        dump_log
-            .lines()
-            .filter(|l| l.contains("Error") || l.contains("rror ("))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    let (img, stdio) = dump(pid, job);
 
     // The source task now waits for the agent; a signal for it goes to wherever the container
     // lives, through the agent.
@@ -434,30 +483,7 @@ fn dumped_task_is_restored_under_a_restore_step() {
         .behaviour
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .restore_plan = Some(rebalancer_proto::RestorePlan {
-        migration: migration.into(),
-        container: r.container.clone().expect("container id"),
-        criu: criu(),
-        args: vec![
-            "restore".into(),
-            "-D".into(),
-            img.clone(),
-            "-o".into(),
-            "restore.log".into(),
-            "-v4".into(),
-            "--root".into(),
-            private_root_for(r.container.as_deref().unwrap_or_default()).0,
-            "--external".into(),
-            "mnt[rb-usr]:/usr".into(),
-            "--external".into(),
-            "mnt[rb-etc]:/etc".into(),
-            "--ext-unix-sk".into(),
-            "--network-lock".into(),
-            "nftables".into(),
-        ],
-        stdio_keys: stdio,
-        inherit_files: vec![("rbnet".into(), format!("/run/netns/rbsp-j{job}-s0-t0"))],
-    });
+        .restore_plan = Some(restore_plan(migration, &r, &img, stdio));
     let jobs = job.to_string();
     let dst = spawn_slurm(&[
         "srun",
@@ -609,4 +635,99 @@ fn real_agent_answers_the_plugin() {
             "agent accepted but no container: {so}{se}"
         );
     }
+}
+
+/// A move between two nodes in Slurm's view: job J holds sp1 and sp2 (`salloc --no-shell -N2`),
+/// the task runs as step J.0 on sp1, is dumped, and is restored as step J.1 on sp2 through sp2's
+/// agent. While the restored task runs, squeue shows J.0 on sp1 (the waiter) and J.1 on sp2.
+#[test]
+#[ignore = "needs root, CRIU 4.2, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn task_moves_to_the_other_node_of_its_job() {
+    let _l = lock();
+    setup("required", &[]);
+    let agent = FakeAgent::start(&agent_socket());
+    agent.also_listen(&format!("{DIR}/agent-sp2.sock"));
+    {
+        let mut b = agent.behaviour.lock().unwrap_or_else(|e| e.into_inner());
+        b.relay_exits = true;
+        b.private_root = true;
+    }
+    let alloc = slurm(&["salloc", "--no-shell", "-p", "two", "-N2", "-J", "rbsp-two"]);
+    let (_, ae) = text(&alloc);
+    let job: u32 = ae
+        .split("Granted job allocation ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|j| j.parse().ok())
+        .unwrap_or_else(|| panic!("no allocation: {ae}"));
+    let jobs = job.to_string();
+    let src = spawn_slurm(&[
+        "srun",
+        "--jobid",
+        &jobs,
+        "-w",
+        "sp1",
+        "-N1",
+        "-n1",
+        "--migratable",
+        "--chdir=/tmp",
+        "--input=none",
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 40 ]; do echo tick $i; i=$((i+1)); sleep 0.2; done; exit 9",
+    ]);
+    let reg = agent.wait_for("register-task", 1, Duration::from_secs(20));
+    assert_eq!(reg.len(), 1, "{:?}", agent.seen());
+    let r = reg[0].registration.clone().expect("registration");
+    assert_eq!(r.node, "sp1");
+    std::thread::sleep(Duration::from_millis(1000));
+    let (img, stdio) = dump(r.pid, job);
+    let migration = "5d1e0c4a-2222-4b3c-8d4e-abcdefabcdef";
+    agent
+        .behaviour
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .restore_plan = Some(restore_plan(migration, &r, &img, stdio));
+    let dst = spawn_slurm(&[
+        "srun",
+        "--jobid",
+        &jobs,
+        "-w",
+        "sp2",
+        "-N1",
+        "-n1",
+        "--overlap",
+        "--chdir=/tmp",
+        "--input=none",
+        "-J",
+        "rebalancer-restore",
+        &format!("--rebalancer-restore={migration}"),
+        "true",
+    ]);
+    let regs = agent.wait_for("register-task", 2, Duration::from_secs(20));
+    assert_eq!(regs.len(), 2, "{:?}", agent.seen());
+    let restored = regs[1].registration.clone().expect("registration");
+    assert_eq!(
+        restored.node, "sp2",
+        "restored through the destination's agent"
+    );
+    assert_eq!(regs[1].verified, Ok(()));
+    let steps = text(&slurm(&["squeue", "-h", "-s", "-j", &jobs, "-o", "%i %N"])).0;
+    assert!(steps.contains(&format!("{job}.0 sp1")), "{steps}");
+    assert!(steps.contains(&format!("{job}.1 sp2")), "{steps}");
+    let dst_out = dst.wait_with_output().expect("restore srun");
+    let src_out = src.wait_with_output().expect("source srun");
+    let (dso, dse) = text(&dst_out);
+    let (sso, sse) = text(&src_out);
+    let _ = slurm(&["scancel", &jobs]);
+    assert_eq!(dst_out.status.code(), Some(9), "{dso}{dse}");
+    assert!(
+        dso.contains("tick 39\n") && !dso.contains("tick 0\n"),
+        "{dso}"
+    );
+    assert!(
+        sso.contains("tick 0\n") && !sso.contains("tick 39\n"),
+        "{sso}"
+    );
+    assert_eq!(src_out.status.code(), Some(9), "{sso}{sse}");
 }

@@ -190,6 +190,25 @@ impl FakeAgent {
         }
     }
 
+    /// Serves a second node's socket with the same records and behaviour (one "cluster" of
+    /// agents, so the source's held `task-exited` sees the destination's).
+    pub fn also_listen(&self, path: &str) {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).expect("bind the second agent socket");
+        let (s2, b2, n2) = (
+            self.seen.clone(),
+            self.behaviour.clone(),
+            self.netns.clone(),
+        );
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let (s3, b3, n3) = (s2.clone(), b2.clone(), n2.clone());
+                thread::spawn(move || serve(conn, s3, b3, n3));
+            }
+        });
+    }
+
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
