@@ -1,0 +1,128 @@
+//! `rebalancerd` with the libslurm backend against a real Slurm 22.05 cluster (slurm-tests'
+//! `cluster.sh`, network block 198.18.0.0/24): a DRAIN set with scontrol is seen through the
+//! cheap "no change" poll within about one poll interval.
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rebalancer_proto::control::{ControlReply, ControlRequest, ControlResponse};
+use rebalancer_proto::frame::{read_frame, write_frame, Frame, FrameKind};
+use rebalancer_proto::*;
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn show_nodes(sock: &Path) -> Option<Vec<control::NodeStatus>> {
+    let mut s = UnixStream::connect(sock).ok()?;
+    write_frame(
+        &mut s,
+        &Frame::json(FrameKind::Hello, 0, &Hello::new(Role::Cli, "t")).ok()?,
+    )
+    .ok()?;
+    read_frame(&mut s, MAX_FRAME_LEN).ok()?;
+    let req = ControlRequest::ShowNodes { name: None };
+    write_frame(&mut s, &Frame::json(FrameKind::Request, 1, &req).ok()?).ok()?;
+    let f = read_frame(&mut s, MAX_FRAME_LEN).ok()?;
+    match f
+        .decode::<ControlResponse>(FrameKind::Response, "response")
+        .ok()?
+    {
+        ControlResponse::Ok(ControlReply::Nodes { nodes }) => Some(nodes),
+        _ => None,
+    }
+}
+
+#[test]
+#[ignore = "needs root and a real Slurm cluster (slurm-tests/cluster.sh); .ci/run runs it with --include-ignored"]
+fn libslurm_watch_sees_a_drain_within_a_poll_interval() {
+    let cluster = slurm_tests::Cluster::up(2).expect("cluster up");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = tmp.path().display();
+    let cfg = tmp.path().join("rebalancerd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[controller]\nsocket = \"{d}/ctl.sock\"\njournal = \"{d}/journal.redb\"\npolicies = \"{d}/none\"\n\
+             [slurm]\nbackend = \"libslurm\"\nconf = \"{}\"\npoll_interval_ms = 500\n\
+             [agents]\nsocket_template = \"{d}/{{node}}.sock\"\n",
+            cluster.slurm_conf().display()
+        ),
+    )
+    .expect("config");
+    let log = std::fs::File::create(tmp.path().join("rebalancerd.log")).expect("log");
+    let _daemon = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_rebalancerd"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("SLURM_CONF", cluster.slurm_conf())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("rebalancerd"),
+    );
+    let sock = tmp.path().join("ctl.sock");
+    let read_log =
+        || std::fs::read_to_string(tmp.path().join("rebalancerd.log")).unwrap_or_default();
+    let state_of = |node: &str| {
+        show_nodes(&sock)
+            .and_then(|ns| ns.into_iter().find(|n| n.name == node))
+            .map(|n| n.slurm_state)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match state_of("node1") {
+            Some(s) if s.starts_with("IDLE") => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "node1 never idle: {other:?}\n{}",
+                read_log()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let nodes = show_nodes(&sock).expect("nodes");
+    let n1 = nodes.iter().find(|n| n.name == "node1").expect("node1");
+    assert!(n1.cpus_total > 0, "{n1:?}");
+
+    // Let the watcher settle on "no change", then drain.
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    cluster
+        .scontrol(&[
+            "update",
+            "nodename=node1",
+            "state=drain",
+            "reason=rebalancer-test",
+        ])
+        .expect("drain");
+    loop {
+        match state_of("node1") {
+            Some(s) if s.contains("DRAIN") => break,
+            other => assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "drain not seen: {other:?}\n{}",
+                read_log()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen = t0.elapsed();
+    assert!(
+        seen < Duration::from_millis(1200),
+        "drain seen after {seen:?}"
+    );
+    assert!(
+        read_log().contains("node state changed node=node1"),
+        "{}",
+        read_log()
+    );
+    let _ = cluster.scontrol(&["update", "nodename=node1", "state=resume"]);
+}
