@@ -141,7 +141,7 @@ pub fn launch(mut agent: Agent, info: &TaskInfo, prepared: &PreparedTask) -> Res
         drop(netns);
         let msg = match &res {
             Ok(()) => String::new(),
-            Err(e) => e.to_string(),
+            Err(e) => crate::chain(e),
         };
         let _ = sys::write_all(setup_w.as_raw_fd(), msg.as_bytes());
         drop(setup_w);
@@ -170,7 +170,9 @@ pub fn launch(mut agent: Agent, info: &TaskInfo, prepared: &PreparedTask) -> Res
             String::from_utf8_lossy(&setup)
         ));
         let status = sys::blocking_wait(pid).unwrap_or(1 << 8);
-        report_and_exit(agent, &container, status, &mask);
+        // Never registered: closing the connection tells the agent to drop what it prepared.
+        drop(agent);
+        sys::exit_like(status);
     }
     let mut reg = info.registration(pid);
     reg.container = Some(container.clone());

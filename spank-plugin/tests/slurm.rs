@@ -731,3 +731,29 @@ fn task_moves_to_the_other_node_of_its_job() {
     );
     assert_eq!(src_out.status.code(), Some(9), "{sso}{sse}");
 }
+
+#[test]
+#[ignore = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn container_setup_failure_is_reported_and_fails_the_task() {
+    let _l = lock();
+    setup("optional", &[]);
+    let agent = FakeAgent::start(&agent_socket());
+    {
+        let mut b = agent.behaviour.lock().unwrap_or_else(|e| e.into_inner());
+        b.private_root = true;
+        b.bad_mount = true;
+    }
+    let out = slurm(&["srun", "--migratable", "--chdir=/tmp", "true"]);
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{so}{se}");
+    assert!(
+        se.contains("cannot bind /nonexistent-rbsp on") && se.contains("No such file or directory"),
+        "{se}"
+    );
+    // Never registered, so never reported as exited.
+    assert!(
+        agent.seen().iter().all(|s| s.op == "prepare-task"),
+        "{:?}",
+        agent.seen()
+    );
+}

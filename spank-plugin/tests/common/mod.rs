@@ -134,6 +134,8 @@ pub struct Behaviour {
     /// Give containers a private root like the agent's own: /usr and /etc bound read-only,
     /// /proc, /dev and /tmp of their own.
     pub private_root: bool,
+    /// Add a bind mount of a path that does not exist to the private root.
+    pub bad_mount: bool,
     /// Like the real agent after a dump: hold the first task-exited of a container until a
     /// second one (from the restored copy) arrives, then answer both with the second's status.
     pub relay_exits: bool,
@@ -316,8 +318,19 @@ fn serve(
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .private_root;
+                    let bad_mount = behaviour
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .bad_mount;
                     let (root, mounts) = if private_root {
-                        let (root, mounts) = private_root_for(&c);
+                        let (root, mut mounts) = private_root_for(&c);
+                        if bad_mount {
+                            mounts.push(MountSpec::Bind {
+                                source: "/nonexistent-rbsp".into(),
+                                target: "/data".into(),
+                                readonly: false,
+                            });
+                        }
                         (Some(root), mounts)
                     } else {
                         (None, Vec::new())
