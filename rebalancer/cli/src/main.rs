@@ -102,6 +102,7 @@ enum Cmd {
         after_help = "Examples:\n  rebalctl migrate job=42 node=node3\n  rebalctl migrate step=42.0 mode=post-copy --wait\n  rebalctl migrate container=j42.s0.t1 node=node2 --wait"
     )]
     Migrate {
+        /// job=J | step=J.S | container=ID, node=NODE, mode=MODE.
         #[arg(value_name = "KEY=VALUE", required = true)]
         args: Vec<String>,
         /// Follow the migrations (phases, bytes) until they end; the exit status reflects
@@ -115,8 +116,10 @@ enum Cmd {
     /// Keys: node=NODE, mode=MODE.
     #[command(after_help = "Example:\n  rebalctl evacuate node=node2 --wait")]
     Evacuate {
+        /// node=NODE, mode=MODE.
         #[arg(value_name = "KEY=VALUE", required = true)]
         args: Vec<String>,
+        /// Follow the migrations until they end; the exit status reflects the worst outcome.
         #[arg(long)]
         wait: bool,
     },
@@ -130,12 +133,14 @@ enum Cmd {
     /// The state is journaled and survives controller restarts and policy reloads.
     #[command(after_help = "Example:\n  rebalctl update policy=thermal state=dry-run")]
     Update {
+        /// policy=NAME state=enabled|disabled|dry-run.
         #[arg(value_name = "KEY=VALUE", required = true)]
         args: Vec<String>,
     },
     /// Decisions taken by policies and operators, newest last: limit=N (default 50).
     #[command(after_help = "Example:\n  rebalctl history limit=20")]
     History {
+        /// limit=N.
         #[arg(value_name = "KEY=VALUE")]
         args: Vec<String>,
     },
@@ -147,7 +152,10 @@ enum Cmd {
 enum PolicyCmd {
     /// Validate policy files: PATH is a file or a directory of *.toml files; without PATH,
     /// the controller's configured policy path. Errors are printed as file:line:column.
-    Check { path: Option<PathBuf> },
+    Check {
+        /// Policy file or directory.
+        path: Option<PathBuf>,
+    },
     /// Reload the controller's policy files; on any error the old set stays.
     Reload,
 }

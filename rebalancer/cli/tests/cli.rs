@@ -1,0 +1,286 @@
+//! The `rebalctl` binary against an in-process controller that speaks the real control protocol:
+//! output, progress lines, and the exit codes scripts rely on.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use rebalancer_proto::control::*;
+use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
+use rebalancer_proto::*;
+use tokio::net::{UnixListener, UnixStream};
+
+type Seen = Arc<Mutex<Vec<ControlRequest>>>;
+
+fn record(id: &str, state: MigrationState, phases: &[Phase]) -> MigrationRecord {
+    MigrationRecord {
+        id: id.into(),
+        container: "j7.s0.t0".into(),
+        task: None,
+        source: "n1".into(),
+        destination: "n2".into(),
+        requested_mode: MigrationMode::Auto,
+        mode: Some(MigrationMode::PostCopy),
+        mode_reason: None,
+        state,
+        phases: phases
+            .iter()
+            .map(|p| PhaseRecord {
+                phase: p.clone(),
+                started_at: 1,
+                ended_at: None,
+            })
+            .collect(),
+        stats: MigrationStats {
+            downtime_ms: state.is_terminal().then_some(170),
+            bytes_sent: 3 << 20,
+            ..Default::default()
+        },
+        error: None,
+        started_at: 1_795_550_462_000,
+        ended_at: None,
+    }
+}
+
+fn entry(r: MigrationRecord) -> MigrationEntry {
+    MigrationEntry {
+        record: r,
+        decision: 1,
+        policy: "operator:0".into(),
+        uid: Some(0),
+        slurm_synced: true,
+        slurm_error: None,
+    }
+}
+
+async fn send<T: serde::Serialize>(s: &mut UnixStream, kind: FrameKind, id: u32, m: &T) {
+    let _ = write_frame_async(s, &Frame::json(kind, id, m).expect("frame")).await;
+}
+
+async fn conn(mut s: UnixStream, seen: Seen) {
+    if read_frame_async(&mut s, MAX_FRAME_LEN).await.is_err() {
+        return;
+    }
+    send(
+        &mut s,
+        FrameKind::Hello,
+        0,
+        &Hello::new(Role::Controller, "fake"),
+    )
+    .await;
+    while let Ok(f) = read_frame_async(&mut s, MAX_FRAME_LEN).await {
+        let id = f.header.id;
+        let req: ControlRequest = f.decode(FrameKind::Request, "request").expect("request");
+        seen.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(req.clone());
+        let err = |code, m: &str| ControlResponse::error(code, m);
+        let resp = match req {
+            ControlRequest::Ping => ControlResponse::Ok(ControlReply::Pong {
+                software: "fake".into(),
+            }),
+            ControlRequest::ShowNodes { .. } => ControlResponse::Ok(ControlReply::Nodes {
+                nodes: vec![NodeStatus {
+                    name: "n1".into(),
+                    slurm_state: "MIXED+DRAIN".into(),
+                    cpus_total: 4,
+                    cpus_alloc: 1,
+                    mem_total_mb: 1000,
+                    mem_alloc_mb: 0,
+                    partitions: vec![],
+                    agent: AgentHealth::Up,
+                    agent_address: None,
+                    agent_error: None,
+                    metrics: None,
+                    capabilities: None,
+                    containers: 1,
+                    in_flight: 0,
+                }],
+            }),
+            ControlRequest::Migrate {
+                target: MigrateTarget::Job { job_id: 99 },
+                ..
+            } => err(ErrorCode::NotFound, "job 99: no running container"),
+            ControlRequest::Migrate { watch, .. } => {
+                if watch {
+                    for phases in [&[Phase::Prepare][..], &[Phase::Prepare, Phase::Freeze][..]] {
+                        let ev = Event::MigrationProgress {
+                            migration: record("0123456789ab", MigrationState::Running, phases),
+                            progress_bytes: Some(1 << 20),
+                        };
+                        send(&mut s, FrameKind::Event, id, &ev).await;
+                    }
+                }
+                let state = if watch {
+                    MigrationState::Succeeded
+                } else {
+                    MigrationState::Running
+                };
+                ControlResponse::Ok(ControlReply::Migrated {
+                    decisions: vec![],
+                    migrations: vec![entry(record(
+                        "0123456789ab",
+                        state,
+                        &[Phase::Prepare, Phase::Freeze],
+                    ))],
+                })
+            }
+            ControlRequest::Evacuate { .. } => {
+                err(ErrorCode::PermissionDenied, "uid 1000 may not evacuate")
+            }
+            ControlRequest::UpdatePolicy { .. } => err(ErrorCode::RolledBack, "odd but distinct"),
+            ControlRequest::PolicyCheck { sources } => {
+                let errors: Vec<String> = sources
+                    .iter()
+                    .filter(|s| s.text.contains("bad"))
+                    .map(|s| format!("{}:1:1: bad policy", s.path))
+                    .collect();
+                ControlResponse::Ok(ControlReply::PolicyCheck {
+                    report: PolicyCheckReport {
+                        ok: errors.is_empty(),
+                        policies: sources.iter().map(|_| "p".to_string()).collect(),
+                        errors,
+                    },
+                })
+            }
+            _ => err(ErrorCode::Unsupported, "fake"),
+        };
+        send(&mut s, FrameKind::Response, id, &resp).await;
+    }
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn rebalctl(sock: &Path, args: &[&str]) -> Out {
+    let sock = sock.to_path_buf();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let o = Command::new(env!("CARGO_BIN_EXE_rebalctl"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(&args)
+            .output()
+            .expect("run rebalctl");
+        Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    })
+    .await
+    .expect("join")
+}
+
+fn start() -> (tempfile::TempDir, PathBuf, Seen) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sock = dir.path().join("ctl.sock");
+    let l = UnixListener::bind(&sock).expect("bind");
+    let seen: Seen = Arc::default();
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(conn(s, s2.clone()));
+        }
+    });
+    (dir, sock, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_and_exit_codes() {
+    let (dir, sock, seen) = start();
+
+    let o = rebalctl(&sock, &["show", "nodes"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout.starts_with("NODE  STATE        AGENT  CPUS(A/T)"),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        o.stdout.contains("n1    MIXED+DRAIN  up     1/4"),
+        "{}",
+        o.stdout
+    );
+
+    let o = rebalctl(&sock, &["--json", "show", "nodes"]).await;
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
+    assert_eq!(v[0]["name"], "n1");
+
+    // --wait: one progress line per phase on a non-terminal stderr, the final table on stdout.
+    let o = rebalctl(
+        &sock,
+        &["migrate", "JobId=7", "node=n2", "mode=post-copy", "--wait"],
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", o.stderr);
+    assert!(
+        lines[0].starts_with("01234567 j7.s0.t0 n1->n2 [post-copy] prepare"),
+        "{}",
+        o.stderr
+    );
+    assert!(lines[1].contains("] freeze, 3.0MiB sent"), "{}", o.stderr);
+    assert!(
+        lines[2].contains("] succeeded, 3.0MiB sent, downtime 170 ms"),
+        "{}",
+        o.stderr
+    );
+    assert!(o.stdout.contains("succeeded"), "{}", o.stdout);
+    {
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(seen.iter().any(|r| matches!(r,
+            ControlRequest::Migrate { target: MigrateTarget::Job { job_id: 7 }, destination: Some(d), mode: Some(MigrationMode::PostCopy), watch: true } if d == "n2")));
+    }
+
+    let o = rebalctl(&sock, &["migrate", "job=99"]).await;
+    assert_eq!(
+        (o.code, o.stderr.trim()),
+        (3, "rebalctl: job 99: no running container")
+    );
+    assert_eq!(rebalctl(&sock, &["evacuate", "node=n1"]).await.code, 4);
+    assert_eq!(
+        rebalctl(&sock, &["update", "policy=x", "state=disabled"])
+            .await
+            .code,
+        10
+    );
+
+    // Argument errors never reach the controller.
+    let before = seen.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let o = rebalctl(&sock, &["migrate", "job=x"]).await;
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("job 'x' is not a job id"), "{}", o.stderr);
+    assert_eq!(rebalctl(&sock, &["show", "jobs"]).await.code, 2);
+    assert_eq!(seen.lock().unwrap_or_else(|p| p.into_inner()).len(), before);
+
+    // Policy files are read by rebalctl and sent as text.
+    let good = dir.path().join("good.toml");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&good, "kind = \"drain\"").expect("write");
+    std::fs::write(&bad, "bad").expect("write");
+    let o = rebalctl(&sock, &["policy", "check", &good.display().to_string()]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = rebalctl(&sock, &["policy", "check", &bad.display().to_string()]).await;
+    assert_eq!(o.code, 2);
+    assert!(
+        o.stderr
+            .contains(&format!("{}:1:1: bad policy", bad.display())),
+        "{}",
+        o.stderr
+    );
+    let o = rebalctl(&sock, &["policy", "check", "/nonexistent/p.toml"]).await;
+    assert_eq!(o.code, 3, "{}", o.stderr);
+
+    let o = rebalctl(Path::new("/nonexistent/ctl.sock"), &["ping"]).await;
+    assert_eq!(o.code, 6);
+    assert!(
+        o.stderr.contains("cannot reach rebalancerd"),
+        "{}",
+        o.stderr
+    );
+}
