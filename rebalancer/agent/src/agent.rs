@@ -16,6 +16,13 @@ use crate::container::{self, Container, ContainerMeta, InitSpec};
 use crate::error::AgentError;
 use crate::netns::{self, ContainerNet};
 
+/// A restore step the destination waits for.
+pub struct RestoreStep {
+    pub plan: rebalancer_proto::RestorePlan,
+    /// Told the restored pid 1 once the step registered it.
+    pub registered: Option<tokio::sync::oneshot::Sender<i32>>,
+}
+
 pub struct Agent {
     pub cfg: AgentConfig,
     pub caps: NodeCapabilities,
@@ -23,6 +30,9 @@ pub struct Agent {
     pub migrations: Mutex<BTreeMap<MigrationId, MigrationRecord>>,
     /// Netns prepared for Slurm tasks (`prepare-task`) until their pid 1 registers.
     pub pending_tasks: Mutex<BTreeMap<ContainerId, crate::spank::PendingTask>>,
+    /// Incoming migrations of Slurm tasks waiting for their restore step (`prepare-restore`,
+    /// then `register-task`), by migration id.
+    pub restore_steps: Mutex<BTreeMap<MigrationId, RestoreStep>>,
     /// Ids and addresses held by incoming migrations until they commit or abort.
     pub incoming: Mutex<HashSet<(ContainerId, Ipv4Addr)>>,
     /// Every change of a migration record is published here (watchers filter by id).
@@ -49,6 +59,7 @@ impl Agent {
             containers: Mutex::new(BTreeMap::new()),
             migrations: Mutex::new(BTreeMap::new()),
             pending_tasks: Mutex::new(BTreeMap::new()),
+            restore_steps: Mutex::new(BTreeMap::new()),
             incoming: Mutex::new(HashSet::new()),
             events,
         })
@@ -64,6 +75,9 @@ impl Agent {
         &self,
     ) -> MutexGuard<'_, BTreeMap<ContainerId, crate::spank::PendingTask>> {
         lock(&self.pending_tasks)
+    }
+    pub fn restore_steps(&self) -> MutexGuard<'_, BTreeMap<MigrationId, RestoreStep>> {
+        lock(&self.restore_steps)
     }
     pub fn incoming(&self) -> MutexGuard<'_, HashSet<(ContainerId, Ipv4Addr)>> {
         lock(&self.incoming)

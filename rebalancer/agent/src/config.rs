@@ -62,6 +62,10 @@ pub struct RawConfig {
     /// Whole-migration timeout in milliseconds.
     #[serde(default = "default_timeout")]
     pub migration_timeout_ms: u64,
+    /// Command that starts the restore step of a migrated Slurm task on this node; `{job}`,
+    /// `{node}` and `{migration}` are substituted.
+    #[serde(default = "default_restore_command")]
+    pub restore_command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -99,6 +103,23 @@ fn default_host_dirs() -> Vec<PathBuf> {
         .map(PathBuf::from)
         .collect()
 }
+fn default_restore_command() -> Vec<String> {
+    [
+        "srun",
+        "--jobid={job}",
+        "--overlap",
+        "-w",
+        "{node}",
+        "-N1",
+        "-n1",
+        "--rebalancer-restore={migration}",
+        "true",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 fn default_timeout() -> u64 {
     60_000
 }
@@ -170,6 +191,7 @@ pub struct AgentConfig {
     pub host_dirs: Vec<PathBuf>,
     pub peers: std::collections::BTreeMap<String, SocketAddr>,
     pub migration_timeout_ms: u64,
+    pub restore_command: Vec<String>,
 }
 
 fn invalid(
@@ -299,6 +321,18 @@ impl RawConfig {
                 "must be at least 1000",
             ));
         }
+        if self.restore_command.is_empty()
+            || !self
+                .restore_command
+                .iter()
+                .any(|a| a.contains("{migration}"))
+        {
+            return Err(invalid(
+                "restore_command",
+                &self.restore_command,
+                "must be a non-empty command containing {migration}",
+            ));
+        }
         Ok(AgentConfig {
             node: self.node,
             listen,
@@ -315,6 +349,7 @@ impl RawConfig {
             host_dirs: self.host_dirs,
             peers,
             migration_timeout_ms: self.migration_timeout_ms,
+            restore_command: self.restore_command,
         })
     }
 }
@@ -335,6 +370,10 @@ mod tests {
         assert_eq!(c.container_subnet.to_string(), "198.19.0.0/20");
         assert_eq!(c.run_dir, PathBuf::from("/run/rebalancer/n1"));
         assert_eq!(c.auth, AuthMethod::Munge);
+        assert!(c
+            .restore_command
+            .iter()
+            .any(|a| a == "--rebalancer-restore={migration}"));
     }
 
     #[test]

@@ -351,6 +351,43 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
                 .push(prepared.container.clone());
             Ok(Reply::TaskPrepared { prepared })
         }
+        Request::PrepareRestore {
+            migration,
+            registration,
+        } => {
+            crate::spank::verify(caller.uid, caller.pid, &registration, false)?;
+            let steps = agent.restore_steps();
+            let step = steps.get(&migration).ok_or_else(|| {
+                AgentError::NotFound(format!(
+                    "no incoming migration {migration} on {}",
+                    agent.cfg.node
+                ))
+            })?;
+            let job = registration.task.job_id;
+            if !step.plan.container.starts_with(&format!("j{job}.")) {
+                return Err(AgentError::PermissionDenied(format!(
+                    "migration {migration} restores {}, not a task of job {job}",
+                    step.plan.container
+                )));
+            }
+            Ok(Reply::RestorePlan {
+                plan: step.plan.clone(),
+            })
+        }
+        Request::RegisterTask { registration } if is_restore_registration(agent, &registration) => {
+            crate::spank::verify(caller.uid, caller.pid, &registration, true)?;
+            let id = registration.container.clone().unwrap_or_default();
+            let tx = agent
+                .restore_steps()
+                .values_mut()
+                .find(|s| s.plan.container == id)
+                .and_then(|s| s.registered.take());
+            if let Some(tx) = tx {
+                let _ = tx.send(registration.pid);
+            }
+            tracing::info!(container = %id, pid = registration.pid, "restore step registered the restored task");
+            Ok(Reply::Done)
+        }
         Request::RegisterTask { registration } => {
             let c = crate::spank::register(agent, caller.uid, caller.pid, registration)?;
             let id = c.meta.spec.id.clone();
@@ -399,12 +436,15 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
                 migrated_to,
             })
         }
-        other => Err(AgentError::Unsupported(format!(
-            "request {:?} is not implemented by this agent yet",
-            serde_json::to_value(&other)
-                .ok()
-                .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(String::from))
-                .unwrap_or_default()
-        ))),
     }
+}
+
+/// Whether a `register-task` comes from a restore step this node waits for.
+fn is_restore_registration(agent: &Agent, reg: &rebalancer_proto::TaskRegistration) -> bool {
+    reg.container.as_ref().is_some_and(|id| {
+        agent
+            .restore_steps()
+            .values()
+            .any(|s| s.plan.container == *id && s.registered.is_some())
+    })
 }

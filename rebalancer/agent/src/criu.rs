@@ -101,10 +101,15 @@ impl RestoreArgs {
             "--tcp-established".into(),
             "--network-lock".into(),
             "nftables".into(),
-            "--restore-detached".into(),
-            "--pidfile".into(),
-            self.pidfile.display().to_string(),
         ];
+        // A restore step's waiter adds --restore-detached --restore-sibling --pidfile itself.
+        if !self.pidfile.as_os_str().is_empty() {
+            a.extend([
+                "--restore-detached".into(),
+                "--pidfile".into(),
+                self.pidfile.display().to_string(),
+            ]);
+        }
         for (key, src) in &self.ext_mounts {
             a.push("--external".into());
             a.push(format!("mnt[{key}]:{}", src.display()));
@@ -511,6 +516,23 @@ mod tests {
         assert_eq!(s.pages_written, 900);
         assert_eq!(s.pages_lazy, 7);
         assert!(decode_stats(&img[..10]).is_none());
+    }
+
+    #[test]
+    fn restore_plan_args_leave_detach_and_pidfile_to_the_step() {
+        let a = RestoreArgs {
+            images_dir: "/run/y/img".into(),
+            root: "/run/y/root".into(),
+            leave_stopped: true,
+            ..Default::default()
+        }
+        .build()
+        .join(" ");
+        assert!(
+            !a.contains("--restore-detached") && !a.contains("--pidfile"),
+            "{a}"
+        );
+        assert!(a.contains("--leave-stopped"), "{a}");
     }
 
     #[test]

@@ -214,7 +214,7 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
         })?,
     };
     // Mark migrating atomically; undone below on any failure.
-    let (pid, net, meta) = {
+    let (pid, net, meta, external) = {
         let mut cs = agent.containers();
         let c = cs
             .get_mut(id)
@@ -233,14 +233,8 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
             }
             s => return Err(AgentError::Busy(format!("container {id} is {s:?}"))),
         }
-        if c.external {
-            return Err(AgentError::Unsupported(format!(
-                "container {id} is a Slurm task registered by the SPANK plugin; migrating those needs the \
-                 restore step (prepare-restore), which this agent does not implement yet"
-            )));
-        }
         c.state = ContainerState::Migrating;
-        (c.pid, c.net.clone(), c.meta.clone())
+        (c.pid, c.net.clone(), c.meta.clone(), c.external)
     };
     let unmark = || {
         if let Some(c) = agent.containers().get_mut(id) {
@@ -304,6 +298,7 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
                 mode,
                 source_node: agent.cfg.node.clone(),
                 meta: Box::new(meta.clone()),
+                restore_step: external,
             })
             .await?
         {

@@ -61,6 +61,10 @@ pub enum PeerRequest {
         mode: MigrationMode,
         source_node: String,
         meta: Box<ContainerMeta>,
+        /// A Slurm task: restored by a restore step on this node (`prepare-restore`), not by
+        /// the agent, so that it becomes part of the job.
+        #[serde(default)]
+        restore_step: bool,
     },
     Images {
         files: Vec<ImageFile>,
@@ -321,11 +325,18 @@ struct Incoming {
     lazy_daemon: Option<tokio::process::Child>,
     restored_pid: Option<i32>,
     committed: bool,
+    restore_step: bool,
+    step_child: Option<tokio::process::Child>,
 }
 
 impl Incoming {
     async fn undo(&mut self, agent: &Agent, why: &str) {
         tracing::warn!(migration = %self.migration, container = %self.meta.spec.id, reason = why, "incoming migration aborted");
+        agent.restore_steps().remove(&self.migration);
+        if let Some(mut c) = self.step_child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
         if let Some(pid) = self.restored_pid.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -544,6 +555,7 @@ async fn handle(
             mode,
             meta,
             source_node: claimed,
+            restore_step,
         } => {
             if incoming.is_some() {
                 return Err(AgentError::BadRequest("prepare sent twice".into()));
@@ -604,6 +616,8 @@ async fn handle(
                 lazy_daemon: None,
                 restored_pid: None,
                 committed: false,
+                restore_step,
+                step_child: None,
             };
             let r = async {
                 if let rebalancer_proto::RootfsSpec::Host = meta.spec.rootfs {
@@ -730,10 +744,17 @@ async fn handle(
                 pid,
                 state: ContainerState::Running,
                 exit_status: None,
-                external: false,
+                external: inc.restore_step,
                 migrated_to: None,
             };
             agent.containers().insert(inc.meta.spec.id.clone(), c);
+            agent.restore_steps().remove(&inc.migration);
+            if let Some(mut child) = inc.step_child.take() {
+                // srun lives as long as the restored task; reap it when it ends.
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                });
+            }
             agent
                 .incoming()
                 .remove(&(inc.meta.spec.id.clone(), inc.meta.address));
@@ -856,6 +877,9 @@ async fn restore(
         .await?;
         inc.lazy_daemon = Some(d);
     }
+    if inc.restore_step {
+        return restore_via_step(agent, inc, lazy, started).await;
+    }
     let (out, err) = agent.stdio_paths(&inc.meta.spec);
     let stdio = container::stdio_pipes(&out, &err)?;
     let net = std::fs::File::open(inc.net.path()).map_err(|source| AgentError::Io {
@@ -908,4 +932,217 @@ async fn restore(
         restore_ms: started.elapsed().as_millis() as u64,
         pages_restored: stats.pages_restored,
     })
+}
+
+/// The restore plan a restore step's waiter runs (it adds --restore-detached --restore-sibling
+/// --pidfile and its stdio). Pure.
+pub fn restore_plan(
+    criu_path: &std::path::Path,
+    migration: &str,
+    meta: &ContainerMeta,
+    images: &std::path::Path,
+    root: &std::path::Path,
+    netns_path: &std::path::Path,
+    lazy: bool,
+) -> rebalancer_proto::RestorePlan {
+    let args = criu::RestoreArgs {
+        images_dir: images.to_path_buf(),
+        root: root.to_path_buf(),
+        ext_mounts: container::external_mounts(&meta.mounts)
+            .into_iter()
+            .map(|(_, key, src)| (key, src))
+            .collect(),
+        inherit: Vec::new(),
+        pidfile: PathBuf::new(),
+        lazy,
+        leave_stopped: true,
+    }
+    .build();
+    rebalancer_proto::RestorePlan {
+        migration: migration.to_string(),
+        container: meta.spec.id.clone(),
+        criu: criu_path.display().to_string(),
+        args,
+        stdio_keys: meta
+            .stdio_keys
+            .iter()
+            .map(|k| (!k.is_empty()).then(|| k.clone()))
+            .collect(),
+        inherit_files: vec![(criu::NET_KEY.to_string(), netns_path.display().to_string())],
+    }
+}
+
+/// Substitutes `{job}`, `{node}` and `{migration}` in the configured restore command. Pure.
+pub fn restore_command(template: &[String], job: u32, node: &str, migration: &str) -> Vec<String> {
+    template
+        .iter()
+        .map(|a| {
+            a.replace("{job}", &job.to_string())
+                .replace("{node}", node)
+                .replace("{migration}", migration)
+        })
+        .collect()
+}
+
+/// Starts the restore step (srun) and waits until its waiter restored and registered the tree.
+async fn restore_via_step(
+    agent: &Arc<Agent>,
+    inc: &mut Incoming,
+    lazy: bool,
+    started: Instant,
+) -> Result<PeerReply, AgentError> {
+    let task = inc.meta.spec.task.clone().ok_or_else(|| {
+        AgentError::BadRequest("restore step for a container without a Slurm task".into())
+    })?;
+    let plan = restore_plan(
+        &agent.cfg.criu,
+        &inc.migration,
+        &inc.meta,
+        &inc.images,
+        &inc.root,
+        &inc.net.path(),
+        lazy,
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    agent.restore_steps().insert(
+        inc.migration.clone(),
+        crate::agent::RestoreStep {
+            plan,
+            registered: Some(tx),
+        },
+    );
+    let argv = restore_command(
+        &agent.cfg.restore_command,
+        task.job_id,
+        &agent.cfg.node,
+        &inc.migration,
+    );
+    let log_path = inc.images.join("restore-step.log");
+    let log = std::fs::File::create(&log_path).map_err(|source| AgentError::Io {
+        what: format!("create {}", log_path.display()),
+        source,
+    })?;
+    let log2 = log.try_clone().map_err(|source| AgentError::Io {
+        what: "dup log".into(),
+        source,
+    })?;
+    tracing::info!(migration = %inc.migration, command = ?argv, "starting the restore step");
+    let mut child = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .spawn()
+        .map_err(|source| AgentError::Io {
+            what: format!("cannot run {}", argv[0]),
+            source,
+        })?;
+    let pid = tokio::select! {
+        r = rx => r.map_err(|_| AgentError::Internal("restore step registration lost".into()))?,
+        st = child.wait() => {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(AgentError::Criu {
+                action: "restore (restore step)",
+                message: format!("{} exited with {:?} before registering: {}", argv[0], st.ok(), log.trim()),
+            });
+        }
+        _ = tokio::time::sleep(Duration::from_secs(60)) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(AgentError::Timeout("the restore step did not register within 60 s".into()));
+        }
+    };
+    inc.step_child = Some(child);
+    inc.restored_pid = Some(pid);
+    let stats = criu::read_stats(&inc.images, "stats-restore").unwrap_or_default();
+    tracing::info!(migration = %inc.migration, pid, "restored by the restore step (stopped), waiting for commit");
+    Ok(PeerReply::Restored {
+        pid,
+        restore_ms: started.elapsed().as_millis() as u64,
+        pages_restored: stats.pages_restored,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_step_plan_and_command() {
+        let meta = ContainerMeta {
+            spec: crate::spank::task_spec(
+                "j7.s0.t0",
+                &rebalancer_proto::TaskRegistration {
+                    task: rebalancer_proto::TaskRef {
+                        job_id: 7,
+                        step_id: 0,
+                        task_id: 0,
+                    },
+                    pid: 1,
+                    uid: 0,
+                    gid: 0,
+                    node: "n".into(),
+                    class: None,
+                    mode: None,
+                    cpus: None,
+                    memory_limit: None,
+                    container: None,
+                    address: None,
+                    rss_bytes: None,
+                    waiter_pid: None,
+                    cwd: None,
+                },
+                "198.19.0.9",
+            ),
+            address: Ipv4Addr::new(198, 19, 0, 9),
+            mounts: vec![container::MountPlan::Bind {
+                source: "/usr".into(),
+                target: "/usr".into(),
+                readonly: true,
+            }],
+            symlinks: vec![],
+            stdio_keys: vec!["".into(), "pipe:[5]".into(), "pipe:[6]".into()],
+            started_at: 0,
+        };
+        let plan = restore_plan(
+            std::path::Path::new("/usr/local/sbin/criu"),
+            "m1",
+            &meta,
+            std::path::Path::new("/run/i"),
+            std::path::Path::new("/run/r"),
+            std::path::Path::new("/run/netns/x"),
+            false,
+        );
+        let a = plan.args.join(" ");
+        assert!(a.starts_with("restore --images-dir /run/i"), "{a}");
+        assert!(
+            a.contains("--external mnt[rb-usr]:/usr") && a.contains("--leave-stopped"),
+            "{a}"
+        );
+        assert!(!a.contains("--restore-detached"), "{a}");
+        assert_eq!(
+            plan.stdio_keys,
+            vec![None, Some("pipe:[5]".into()), Some("pipe:[6]".into())]
+        );
+        assert_eq!(
+            plan.inherit_files,
+            vec![("rb-net".to_string(), "/run/netns/x".to_string())]
+        );
+        let cmd = restore_command(
+            &[
+                "srun".into(),
+                "--jobid={job}".into(),
+                "-w".into(),
+                "{node}".into(),
+                "--rebalancer-restore={migration}".into(),
+            ],
+            7,
+            "n2",
+            "m1",
+        );
+        assert_eq!(
+            cmd,
+            ["srun", "--jobid=7", "-w", "n2", "--rebalancer-restore=m1"]
+        );
+    }
 }

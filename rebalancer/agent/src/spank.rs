@@ -134,7 +134,7 @@ pub fn check_peer(
     Ok(())
 }
 
-fn verify(
+pub fn verify(
     peer_uid: u32,
     peer_pid: Option<i32>,
     reg: &TaskRegistration,
