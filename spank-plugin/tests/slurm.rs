@@ -621,18 +621,35 @@ fn real_agent_answers_the_plugin() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let out = slurm(&["srun", "--migratable", "sh", "-c", "echo pid=$$"]);
+    let out = slurm(&[
+        "srun",
+        "--migratable",
+        "sh",
+        "-c",
+        "echo pid=$$ addr=$REBALANCER_ADDRESS; ip -br addr show dev eth0",
+    ]);
     let _ = agent.kill();
     let _ = agent.wait();
     let (so, se) = text(&out);
     assert!(out.status.success(), "{so}{se}");
     if se.contains("unsupported") {
         assert!(se.contains("the node agent refused: unsupported"), "{se}");
-        assert!(!so.contains("pid=1\n"), "{so}");
+        assert!(!so.contains("pid=1 "), "{so}");
     } else {
         assert!(
-            so.contains("pid=1\n"),
+            so.contains("pid=1 "),
             "agent accepted but no container: {so}{se}"
+        );
+        // The container has the address the agent gave it, from the configured subnet.
+        let addr = so
+            .split("addr=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_default();
+        assert!(addr.starts_with("198.19."), "{so}");
+        assert!(
+            so.contains(&format!("{addr}/32")),
+            "eth0 lacks {addr}: {so}"
         );
     }
 }
