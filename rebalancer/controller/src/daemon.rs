@@ -181,7 +181,13 @@ impl Controller {
         let slurm = self.slurm.clone();
         let res = tokio::task::spawn_blocking(move || {
             let nodes = slurm.poll_nodes(force)?;
-            let jobs = if force { Some(slurm.jobs()?) } else { None };
+            // Jobs start and end with node allocation changes: reload them with the nodes so that
+            // a new job's user, account and partition are known at the next evaluation.
+            let jobs = if force || nodes.is_some() {
+                Some(slurm.jobs()?)
+            } else {
+                None
+            };
             Ok::<_, crate::slurm_sync::SlurmError>((nodes, jobs))
         })
         .await;
@@ -1040,6 +1046,29 @@ impl Controller {
                 });
             }
         }
+    }
+
+    /// Reloads the policies from `controller.policies`. A path that appeared since the start
+    /// replaces the built-in drain policy; on any error the current set stays.
+    pub fn reload_policies(&self) -> Result<usize, Vec<String>> {
+        let path = &self.cfg.policies;
+        if !path.exists() {
+            return Err(vec![format!(
+                "{}: no such file or directory; the current policies stay",
+                path.display()
+            )]);
+        }
+        let mut fresh = crate::policy_adapter::PolicyPlanner::load(path)?;
+        let mut p = self.planner();
+        if let Some(saved) = p.save_state() {
+            fresh.restore_state(&saved);
+        }
+        *p = Box::new(fresh);
+        let n = p.policies().len();
+        drop(p);
+        info!(path = %path.display(), policies = n, "policies reloaded");
+        self.eval.notify_one();
+        Ok(n)
     }
 
     pub fn set_policy_state(&self, name: &str, s: PolicyState) -> Result<(), ErrorReply> {

@@ -23,7 +23,8 @@ Exit status:
   2  invalid configuration (the message names file:line:column)
 
 Signals: SIGTERM and SIGINT stop the daemon; migrations in flight keep running on the agents and
-are picked up from the journal at the next start. See rebalancerd(8).";
+are picked up from the journal at the next start. SIGHUP reloads the policies (like
+`rebalctl policy reload`). See rebalancerd(8).";
 
 /// Slurm rebalancer controller: watches Slurm and the node agents, evaluates the migration
 /// policies and drives live migrations of containerized job steps.
@@ -189,9 +190,18 @@ async fn daemon(cfg: Config) -> anyhow::Result<()> {
     let loops = tokio::spawn(run_loops(ctl.clone(), shutdown.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch SIGTERM")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); break; }
+            _ = hup.recv() => {
+                if let Err(errors) = ctl.reload_policies() {
+                    warn!("SIGHUP: policies not reloaded, the old set stays: {}", errors.join("; "));
+                }
+            }
+        }
     }
     shutdown.notify_one();
     let _ = loops.await;

@@ -228,8 +228,7 @@ pub async fn handle(
             Ok(ControlReply::PolicyCheck { report })
         }
         ControlRequest::PolicyReload => {
-            let path = ctl.cfg.policies.clone();
-            ctl.planner().reload(&path).map_err(|errors| {
+            ctl.reload_policies().map_err(|errors| {
                 err(
                     ErrorCode::BadRequest,
                     format!(
@@ -238,8 +237,7 @@ pub async fn handle(
                     ),
                 )
             })?;
-            info!(uid = caller.uid, path = %path.display(), "policies reloaded");
-            ctl.eval.notify_one();
+            info!(uid = caller.uid, "policy reload requested");
             Ok(ControlReply::Policies {
                 policies: policy_statuses(ctl),
             })

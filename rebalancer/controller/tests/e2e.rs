@@ -695,7 +695,7 @@ async fn operator_migration_with_wait_and_recovery_after_a_crash() {
     })
     .await;
 
-    let _daemon = start_daemon(dir, &agents_config(dir), None);
+    let daemon = start_daemon(dir, &agents_config(dir), None);
     let mut ctl = Ctl::connect(&dir.join("ctl.sock")).await;
     let entry = wait_for("recovery to finish the migration", 10, async || {
         match ctl
@@ -741,6 +741,57 @@ async fn operator_migration_with_wait_and_recovery_after_a_crash() {
         })
         .await;
     assert_eq!(r.expect_err("unknown policy").code, ErrorCode::NotFound);
+
+    // Policies appear: `policy reload` swaps the built-in drain policy for the files; a broken
+    // file is refused and the loaded set stays; SIGHUP reloads too.
+    let (r, _) = ctl.call(&ControlRequest::PolicyReload).await;
+    assert_eq!(
+        r.expect_err("no policy dir yet").code,
+        ErrorCode::BadRequest
+    );
+    let pdir = dir.join("policies");
+    std::fs::create_dir_all(&pdir).expect("policies");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    std::fs::copy(shipped.join("drain.toml"), pdir.join("drain.toml")).expect("copy");
+    let names = |r: Result<ControlReply, ErrorReply>| match r {
+        Ok(ControlReply::Policies { policies }) => {
+            policies.into_iter().map(|p| p.name).collect::<Vec<_>>()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        names(ctl.call(&ControlRequest::PolicyReload).await.0),
+        ["drain"]
+    );
+    std::fs::write(pdir.join("broken.toml"), "kind = \"drain\"\nacton = 1\n").expect("write");
+    let (r, _) = ctl.call(&ControlRequest::PolicyReload).await;
+    let e = r.expect_err("broken");
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert!(e.message.contains("broken.toml:2:1"), "{}", e.message);
+    assert_eq!(
+        names(
+            ctl.call(&ControlRequest::ShowPolicies { name: None })
+                .await
+                .0
+        ),
+        ["drain"]
+    );
+    std::fs::remove_file(pdir.join("broken.toml")).expect("rm");
+    std::fs::copy(shipped.join("thermal.toml"), pdir.join("thermal.toml")).expect("copy");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    wait_for("SIGHUP to reload", 5, async || {
+        let n = names(
+            ctl.call(&ControlRequest::ShowPolicies { name: None })
+                .await
+                .0,
+        );
+        (n.len() == 2).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
