@@ -403,8 +403,15 @@ async fn metrics_text(port: u16) -> String {
     out
 }
 
-fn port(offset: u16) -> u16 {
-    40_000 + (std::process::id() % 10_000) as u16 + offset
+/// The metrics port the daemon bound (it was given port 0), from its log.
+async fn metrics_port(dir: &Path) -> u16 {
+    wait_for("the metrics endpoint", 10, async || {
+        let log = tail_log(dir);
+        let line = log.lines().find(|l| l.contains("metrics endpoint up"))?;
+        let addr = line.split("Some(").nth(1)?.split(')').next()?;
+        addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
+    })
+    .await
 }
 
 fn tail_log(dir: &Path) -> String {
@@ -440,7 +447,6 @@ async fn drain_evacuates_within_a_second_and_updates_slurm() {
     std::fs::create_dir_all(dir.join("policies")).expect("policies");
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/drain.toml");
     std::fs::copy(&shipped, dir.join("policies/drain.toml")).expect("copy drain.toml");
-    let mport = port(1);
     let d = dir.display();
     let _daemon = start_daemon(
         dir,
@@ -448,7 +454,7 @@ async fn drain_evacuates_within_a_second_and_updates_slurm() {
             "[controller]\nsocket = \"{d}/ctl.sock\"\njournal = \"{d}/journal.redb\"\npolicies = \"{d}/policies\"\noperators = {}\n\
              [slurm]\nbackend = \"scontrol\"\npoll_interval_ms = 500\n\
              [agents]\nsocket_template = \"{d}/{{node}}.sock\"\npoll_interval_ms = 300\n\
-             [metrics]\nlisten = \"127.0.0.1:{mport}\"\n",
+             [metrics]\nlisten = \"127.0.0.1:0\"\n",
             operators()
         ),
         Some(&bin),
@@ -543,7 +549,7 @@ async fn drain_evacuates_within_a_second_and_updates_slurm() {
         d.why
     );
 
-    let m = metrics_text(mport).await;
+    let m = metrics_text(metrics_port(dir).await).await;
     assert!(
         m.contains("rebalancer_migrations_total{outcome=\"succeeded\"} 1"),
         "{m}"
@@ -820,9 +826,13 @@ async fn other_users_cannot_change_things_and_see_only_their_jobs() {
 
     // A child that is uid 1000 connects and tries: show containers, then migrate.
     let sock = dir.join("ctl.sock");
+    // The target dir may sit where uid 1000 cannot read (a clone under /root): run a copy.
+    let exe = dir.join("e2e-client");
+    std::fs::copy(std::env::current_exe().expect("exe"), &exe).expect("copy test binary");
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let out = tokio::task::spawn_blocking(move || {
         use std::os::unix::process::CommandExt;
-        Command::new(std::env::current_exe().expect("exe"))
+        Command::new(&exe)
             .args(["--exact", "as_user_client", "--ignored", "--nocapture"])
             .env("E2E_SOCKET", &sock)
             .uid(1000)
