@@ -75,7 +75,12 @@ pub fn task_init_privileged(sp: Spank) -> libc::c_int {
             return -1;
         }
     };
-    if info.task.step_id == ffi::SLURM_EXTERN_CONT {
+    // The extern step has no task of the user's; the interactive step is a shell on a pty,
+    // which cannot follow a task to another node.
+    if matches!(
+        info.task.step_id,
+        ffi::SLURM_EXTERN_CONT | ffi::SLURM_INTERACTIVE_STEP
+    ) {
         return 0;
     }
     let name = task_name(&info.task);
