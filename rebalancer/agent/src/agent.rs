@@ -189,7 +189,8 @@ impl Agent {
                 spec.id
             )));
         }
-        if spec.argv.is_empty() {
+        // Slurm tasks (SPANK path) have no argv of their own: Slurm execs the program.
+        if spec.argv.is_empty() && spec.task.is_none() {
             return Err(AgentError::BadRequest("argv is empty".into()));
         }
         if !spec.cwd.starts_with('/') {

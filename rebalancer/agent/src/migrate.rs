@@ -366,6 +366,12 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
     .unwrap_or_else(|_| Err(AgentError::Timeout("migration timed out".into())));
     match res {
         Ok(committed_at) => {
+            // The destination owns the container from the commit on (also for task-exited,
+            // which the source's Slurm task sends as soon as its frozen copy is killed).
+            if let Some(c) = agent.containers().get_mut(&p.rec.container) {
+                c.state = ContainerState::MigratedAway;
+                c.migrated_to = Some(p.rec.destination.clone());
+            }
             if let (Some(f), Some(c)) = (frozen_at, committed_at) {
                 p.rec.stats.downtime_ms = Some(c.duration_since(f).as_millis() as u64);
             }
@@ -396,10 +402,6 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
                 p.rec.stats.frozen_ms = Some(f.elapsed().as_millis() as u64);
             }
             netns::destroy(&p.net).await;
-            if let Some(c) = agent.containers().get_mut(&p.rec.container) {
-                c.state = ContainerState::MigratedAway;
-                c.migrated_to = Some(p.rec.destination.clone());
-            }
             if let rebalancer_proto::RootfsSpec::Host = p.meta.spec.rootfs {
                 let _ = std::fs::remove_dir_all(agent.container_dir(&p.rec.container));
             }

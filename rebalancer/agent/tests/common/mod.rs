@@ -54,23 +54,36 @@ pub struct Lab {
     pub client_ns: String,
     pub munged_pid: Option<i32>,
     pub subnet: String,
+    /// Extra TOML lines per node index (before the [auth] table).
+    pub extra_config: Vec<String>,
 }
 
 impl Lab {
     /// Builds block `k` (0..16): nodes 198.18.(16+k).0/24, containers 198.19.(16+k).0/24.
     pub fn new(k: u8, agents: usize) -> Lab {
+        Lab::with_config(k, agents, Vec::new())
+    }
+
+    /// Like `new`, with extra TOML lines for node i in `extra[i]`.
+    pub fn with_config(k: u8, agents: usize, extra: Vec<String>) -> Lab {
         assert!(k < 16);
-        Lab::build(
-            &format!("rbt{k}"),
-            k,
-            16 + k,
-            &format!("198.19.{}.0/24", 16 + k),
-            agents,
-        )
+        let subnet = format!("198.19.{}.0/24", 16 + k);
+        Lab::build_with(&format!("rbt{k}"), k, 16 + k, &subnet, agents, extra)
     }
 
     /// `prefix` names every link and namespace (<= 6 characters); nodes get 198.18.`b`.0/24.
     pub fn build(prefix: &str, k: u8, b: u8, subnet: &str, agents: usize) -> Lab {
+        Lab::build_with(prefix, k, b, subnet, agents, Vec::new())
+    }
+
+    fn build_with(
+        prefix: &str,
+        k: u8,
+        b: u8,
+        subnet: &str,
+        agents: usize,
+        extra: Vec<String>,
+    ) -> Lab {
         let bridge = format!("{prefix}br");
         let dir = PathBuf::from(format!("/tmp/{prefix}-lab"));
         let mut lab = Lab {
@@ -82,6 +95,7 @@ impl Lab {
             client_ns: format!("{prefix}cl"),
             munged_pid: None,
             subnet: subnet.to_string(),
+            extra_config: extra,
         };
         lab.teardown();
         std::fs::create_dir_all(&dir).expect("lab dir");
@@ -152,7 +166,7 @@ impl Lab {
         }
         format!(
             "node = \"{name}\"\nlisten = \"{ip}:{port}\"\ncontrol_socket = \"{sock}\"\ncontainer_subnet = \"{subnet}\"\n\
-             state_dir = \"{d}/{name}/state\"\nrun_dir = \"{d}/{name}/run\"\nmigration_timeout_ms = 30000\n\
+             state_dir = \"{d}/{name}/state\"\nrun_dir = \"{d}/{name}/run\"\nmigration_timeout_ms = 30000\n{extra}\n\
              [auth]\nmethod = \"munge\"\nmunge_socket = \"{d}/munge.sock\"\n[peers]\n{peers}",
             name = n.name,
             ip = n.ip,
@@ -160,6 +174,7 @@ impl Lab {
             sock = n.socket.display(),
             subnet = self.subnet,
             d = d.display(),
+            extra = self.extra_config.get(i).cloned().unwrap_or_default(),
         )
     }
 
