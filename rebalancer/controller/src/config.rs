@@ -72,6 +72,8 @@ pub struct RawController {
     pub evaluate_interval_s: Option<Spanned<u64>>,
     /// `text` or `json`.
     pub log_format: Option<Spanned<String>>,
+    /// Decisions and ended migrations kept in the journal (each).
+    pub journal_keep: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +162,7 @@ pub enum LogFormat {
 pub struct Config {
     pub socket: PathBuf,
     pub journal: PathBuf,
+    pub journal_keep: usize,
     pub policies: PathBuf,
     pub operators: Vec<u32>,
     pub slurm_user: Option<u32>,
@@ -368,6 +371,17 @@ impl RawConfig {
                 ))
             }
         };
+        let journal_keep = match &c.journal_keep {
+            None => 100_000,
+            Some(v) if (10..=100_000_000).contains(v.get_ref()) => *v.get_ref() as usize,
+            Some(v) => {
+                return Err(cx.invalid(
+                    v.span(),
+                    "controller.journal_keep",
+                    format!("{} is outside 10..=100000000", v.get_ref()),
+                ))
+            }
+        };
         let log_format = match c
             .log_format
             .as_ref()
@@ -556,6 +570,7 @@ impl RawConfig {
         Ok(Config {
             socket,
             journal,
+            journal_keep,
             policies,
             operators,
             slurm_user,

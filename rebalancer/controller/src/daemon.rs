@@ -1165,6 +1165,21 @@ pub async fn run_loops(ctl: Arc<Controller>, shutdown: Arc<Notify>) {
             }
         }
     };
+    let prune_loop = {
+        let ctl = ctl.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match ctl.journal.prune(ctl.cfg.journal_keep) {
+                    Ok(0) => {}
+                    Ok(n) => info!(removed = n, "journal pruned"),
+                    Err(e) => warn!("cannot prune the journal: {e}"),
+                }
+            }
+        }
+    };
     let agent_loop = {
         let ctl = ctl.clone();
         async move {
@@ -1191,6 +1206,7 @@ pub async fn run_loops(ctl: Arc<Controller>, shutdown: Arc<Notify>) {
     tokio::select! {
         _ = slurm_loop => {}
         _ = agent_loop => {}
+        _ = prune_loop => {}
         _ = eval_loop => {}
         _ = shutdown.notified() => {}
     }

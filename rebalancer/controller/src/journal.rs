@@ -7,12 +7,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use rebalancer_proto::control::{DecisionRecord, MigrationEntry, PolicyState};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 const DECISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("decisions");
 const MIGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("migrations");
 const POLICY_STATES: TableDefinition<&str, &str> = TableDefinition::new("policy_states");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const DECISION_SEQ: &str = "decision_seq";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -64,8 +65,14 @@ impl Journal {
         let tx = store!(self.db.begin_write())?;
         {
             let mut t = store!(tx.open_table(DECISIONS))?;
+            let mut meta = store!(tx.open_table(META))?;
+            // The high-water mark outlives pruning, so sequence numbers are never reused.
             let last = store!(t.last())?.map(|(k, _)| k.value()).unwrap_or(0);
-            d.seq = last + 1;
+            let mark = store!(meta.get(DECISION_SEQ))?
+                .and_then(|v| v.value().parse::<u64>().ok())
+                .unwrap_or(0);
+            d.seq = last.max(mark) + 1;
+            store!(meta.insert(DECISION_SEQ, d.seq.to_string().as_str()))?;
             let bytes = serde_json::to_vec(&d).map_err(JournalError::Encode)?;
             store!(t.insert(d.seq, bytes.as_slice()))?;
         }
@@ -189,6 +196,44 @@ impl Journal {
     }
 }
 
+impl Journal {
+    /// Keeps the newest `keep` decisions and the newest `keep` ended migrations; migrations not
+    /// ended are always kept. Returns how many entries went.
+    pub fn prune(&self, keep: usize) -> Result<usize, JournalError> {
+        let mut removed = 0;
+        let ended: Vec<String> = {
+            let mut all = self.migrations()?;
+            all.retain(|m| m.record.state.is_terminal());
+            let excess = all.len().saturating_sub(keep);
+            all.into_iter().take(excess).map(|m| m.record.id).collect()
+        };
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(DECISIONS))?;
+            let n = store!(t.len())? as usize;
+            if n > keep {
+                // Keys are sequence numbers: drop everything below the first one kept.
+                let first_kept = match store!(t.iter())?.nth(n - keep) {
+                    Some(item) => Some(store!(item)?.0.value()),
+                    None => None,
+                };
+                match first_kept {
+                    Some(k) => store!(t.retain_in(..k, |_, _| false))?,
+                    None => store!(t.retain(|_, _| false))?,
+                }
+                removed += n - keep;
+            }
+            let mut m = store!(tx.open_table(MIGRATIONS))?;
+            for id in &ended {
+                store!(m.remove(id.as_str()))?;
+            }
+            removed += ended.len();
+        }
+        store!(tx.commit())?;
+        Ok(removed)
+    }
+}
+
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, JournalError> {
     serde_json::from_slice(bytes).map_err(|source| JournalError::Corrupt {
         key: key.to_string(),
@@ -290,6 +335,20 @@ pub(crate) mod tests {
             Some("{}")
         );
         assert_eq!(j.meta("other").expect("meta"), None);
+        // Pruning keeps the newest entries and every migration still in flight.
+        assert_eq!(j.prune(1).expect("prune"), 1);
+        assert_eq!(
+            j.decisions(10)
+                .expect("d")
+                .iter()
+                .map(|d| d.seq)
+                .collect::<Vec<_>>(),
+            [2]
+        );
+        assert_eq!(j.migrations().expect("m").len(), 2);
+        assert_eq!(j.prune(0).expect("prune"), 2);
+        assert!(j.decisions(10).expect("d").is_empty());
+        assert_eq!(j.unfinished().expect("u").len(), 1);
         // Sequence numbers continue after a restart.
         assert_eq!(j.record_decision(decision("load")).expect("d3").seq, 3);
     }
