@@ -491,6 +491,7 @@ async fn drain_evacuates_within_a_second_and_updates_slurm() {
     })
     .await;
     let reaction = t0.elapsed();
+    eprintln!("evacuation started {reaction:?} after the drain");
     assert!(
         reaction < Duration::from_millis(1500),
         "evacuation started after {reaction:?}\n{}",
