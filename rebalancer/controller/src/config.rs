@@ -307,7 +307,7 @@ impl Config {
                 path: path.to_path_buf(),
                 line,
                 column,
-                message: e.message().trim().to_string(),
+                message: e.message().trim().replace('\n', "; "),
             }
         })?;
         raw.validate(path, text)
