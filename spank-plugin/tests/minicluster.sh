@@ -89,7 +89,7 @@ SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd-%n.log
 SlurmdDebug=verbose
 PlugStackConfig=$dir/plugstack.conf
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/${RBSP_PROCTRACK:-linuxproc}
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
@@ -106,6 +106,8 @@ NodeName=sp2 NodeAddr=127.0.0.1 Port=6821 CPUs=2 RealMemory=2000 State=UNKNOWN
 PartitionName=one Nodes=sp1 Default=YES MaxTime=INFINITE State=UP
 PartitionName=two Nodes=sp1,sp2 MaxTime=INFINITE State=UP
 EOF
+  # RBSP_PROCTRACK=cgroup: process tracking with cgroup v1 (freezer), as most sites run it.
+  printf 'CgroupPlugin=cgroup/v1\nCgroupAutomount=no\nCgroupMountpoint=/sys/fs/cgroup\n' >"$dir/cgroup.conf"
   export SLURM_CONF=$dir/slurm.conf
   enter slurmctld -i || die "slurmctld did not start: $(tail -5 "$dir/log/slurmctld.log" 2>&1)"
   wait_for 20 enter scontrol ping || die "slurmctld does not answer"

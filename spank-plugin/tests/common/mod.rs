@@ -60,12 +60,18 @@ extern "C" fn take_down() {
 
 /// Brings the private cluster up once per test binary; it goes down when the binary exits.
 pub fn cluster() {
+    cluster_with("linuxproc")
+}
+
+/// Same, with `ProctrackType=proctrack/<proctrack>`.
+pub fn cluster_with(proctrack: &str) {
     static UP: OnceLock<()> = OnceLock::new();
     UP.get_or_init(|| {
         std::fs::create_dir_all(DIR).expect("test dir");
         set_plugstack("optional", &[]);
         let out = Command::new(script())
             .args(["up", CLUSTER, FRAGMENT])
+            .env("RBSP_PROCTRACK", proctrack)
             .output()
             .expect("run minicluster.sh");
         assert!(
