@@ -16,6 +16,9 @@ use crate::container::{self, Container, ContainerMeta, InitSpec};
 use crate::error::AgentError;
 use crate::netns::{self, ContainerNet};
 
+/// Receives a task's final (wait status, node).
+pub type FinalStatusTx = tokio::sync::oneshot::Sender<(i32, String)>;
+
 /// A restore step the destination waits for.
 pub struct RestoreStep {
     pub plan: rebalancer_proto::RestorePlan,
@@ -33,6 +36,8 @@ pub struct Agent {
     /// Incoming migrations of Slurm tasks waiting for their restore step (`prepare-restore`,
     /// then `register-task`), by migration id.
     pub restore_steps: Mutex<BTreeMap<MigrationId, RestoreStep>>,
+    /// `task-exited` answers waiting for the final status of a task that moved away.
+    pub held: Mutex<BTreeMap<ContainerId, Vec<FinalStatusTx>>>,
     /// Ids and addresses held by incoming migrations until they commit or abort.
     pub incoming: Mutex<HashSet<(ContainerId, Ipv4Addr)>>,
     /// Every change of a migration record is published here (watchers filter by id).
@@ -60,6 +65,7 @@ impl Agent {
             migrations: Mutex::new(BTreeMap::new()),
             pending_tasks: Mutex::new(BTreeMap::new()),
             restore_steps: Mutex::new(BTreeMap::new()),
+            held: Mutex::new(BTreeMap::new()),
             incoming: Mutex::new(HashSet::new()),
             events,
         })
@@ -332,6 +338,8 @@ impl Agent {
             exit_status: None,
             external: false,
             migrated_to: None,
+            arrived_from: None,
+            final_status: None,
         })
     }
 
@@ -389,6 +397,54 @@ impl Agent {
             .map_err(|_| AgentError::BadRequest(format!("bad signal {signal}")))?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.pid), sig)
             .map_err(|e| AgentError::Internal(format!("kill {}: {e}", c.pid)))
+    }
+
+    /// Records a task's final status, answers held `task-exited` requests and tells the node it
+    /// came from (which does the same, up the chain of migrations).
+    pub fn task_final(self: &Arc<Self>, id: &str, status: i32, node: &str) {
+        let upstream = {
+            let mut cs = self.containers();
+            let Some(c) = cs.get_mut(id) else { return };
+            c.final_status = Some((status, node.to_string()));
+            c.arrived_from.take()
+        };
+        let waiters = lock(&self.held).remove(id).unwrap_or_default();
+        for w in waiters {
+            let _ = w.send((status, node.to_string()));
+        }
+        if let Some((src, addr)) = upstream {
+            let agent = self.clone();
+            let (id, node) = (id.to_string(), node.to_string());
+            tokio::spawn(async move {
+                for attempt in 0..5u64 {
+                    let r = async {
+                        let a: std::net::SocketAddr = addr.parse().map_err(|_| {
+                            AgentError::BadRequest(format!("bad agent address {addr}"))
+                        })?;
+                        let mut conn = crate::peer::PeerConn::connect(
+                            &agent,
+                            a,
+                            std::time::Duration::from_secs(10),
+                        )
+                        .await?;
+                        conn.call(&crate::peer::PeerRequest::TaskEnded {
+                            container: id.clone(),
+                            wait_status: status,
+                            node: node.clone(),
+                        })
+                        .await
+                    }
+                    .await;
+                    match r {
+                        Ok(_) => return,
+                        Err(e) => {
+                            tracing::warn!(container = %id, source = %src, error = %e.chain(), attempt, "cannot tell the source node the task's final status");
+                            tokio::time::sleep(std::time::Duration::from_secs(1 + attempt)).await;
+                        }
+                    }
+                }
+            });
+        }
     }
 
     /// Stops every container (daemon shutdown).

@@ -405,7 +405,7 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
             container,
             wait_status,
         } => {
-            let (net, migrated_to) = {
+            let (net, moved, known) = {
                 let mut cs = agent.containers();
                 let c = cs
                     .get_mut(&container)
@@ -416,24 +416,45 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
                             agent.cfg.node
                         ))
                     })?;
-                let migrated = c.state == rebalancer_proto::ContainerState::MigratedAway;
+                let moved = c.state == rebalancer_proto::ContainerState::MigratedAway;
                 c.exit_status = Some(wait_status);
-                let net = (!migrated && c.state != rebalancer_proto::ContainerState::Exited)
+                let net = (!moved && c.state != rebalancer_proto::ContainerState::Exited)
                     .then(|| c.net.clone());
-                if !migrated {
+                if !moved {
                     c.state = rebalancer_proto::ContainerState::Exited;
                 }
-                (
-                    net,
-                    migrated.then(|| c.migrated_to.clone().unwrap_or_default()),
-                )
+                (net, moved, c.final_status.clone())
             };
             if let Some(net) = net {
                 crate::netns::destroy(&net).await;
             }
+            if !moved {
+                agent.task_final(&container, wait_status, &agent.cfg.node);
+                return Ok(Reply::TaskFinished {
+                    wait_status,
+                    migrated_to: None,
+                });
+            }
+            // The task lives on elsewhere: answer once its final status comes back.
+            let (status, node) = match known {
+                Some(k) => k,
+                None => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    agent
+                        .held
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(container.clone())
+                        .or_default()
+                        .push(tx);
+                    rx.await.map_err(|_| {
+                        AgentError::Internal(format!("final status of {container} lost"))
+                    })?
+                }
+            };
             Ok(Reply::TaskFinished {
-                wait_status,
-                migrated_to,
+                wait_status: status,
+                migrated_to: Some(node),
             })
         }
     }

@@ -65,6 +65,9 @@ pub enum PeerRequest {
         /// the agent, so that it becomes part of the job.
         #[serde(default)]
         restore_step: bool,
+        /// The source agent's peer address, told the task's final status later.
+        #[serde(default)]
+        source_addr: Option<String>,
     },
     Images {
         files: Vec<ImageFile>,
@@ -80,6 +83,12 @@ pub enum PeerRequest {
         last: bool,
     },
     Commit,
+    /// Destination → source, after commit: the migrated task ended (`node` is where).
+    TaskEnded {
+        container: String,
+        wait_status: i32,
+        node: String,
+    },
     Abort {
         reason: String,
     },
@@ -109,6 +118,7 @@ pub enum PeerReply {
         page_server: (Ipv4Addr, u16),
     },
     Aborted,
+    Ack,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -327,6 +337,7 @@ struct Incoming {
     committed: bool,
     restore_step: bool,
     step_child: Option<tokio::process::Child>,
+    source: Option<(String, String)>,
 }
 
 impl Incoming {
@@ -556,6 +567,7 @@ async fn handle(
             meta,
             source_node: claimed,
             restore_step,
+            source_addr,
         } => {
             if incoming.is_some() {
                 return Err(AgentError::BadRequest("prepare sent twice".into()));
@@ -618,6 +630,7 @@ async fn handle(
                 committed: false,
                 restore_step,
                 step_child: None,
+                source: source_addr.map(|a| (source_node.to_string(), a)),
             };
             let r = async {
                 if let rebalancer_proto::RootfsSpec::Host = meta.spec.rootfs {
@@ -746,6 +759,12 @@ async fn handle(
                 exit_status: None,
                 external: inc.restore_step,
                 migrated_to: None,
+                arrived_from: if inc.restore_step {
+                    inc.source.clone()
+                } else {
+                    None
+                },
+                final_status: None,
             };
             agent.containers().insert(inc.meta.spec.id.clone(), c);
             agent.restore_steps().remove(&inc.migration);
@@ -827,6 +846,25 @@ async fn handle(
             Ok(PeerReply::RoundReady {
                 page_server: (ip, port),
             })
+        }
+        PeerRequest::TaskEnded {
+            container,
+            wait_status,
+            node,
+        } => {
+            let known = agent
+                .containers()
+                .get(&container)
+                .is_some_and(|c| c.state == ContainerState::MigratedAway);
+            if !known {
+                return Err(AgentError::NotFound(format!(
+                    "no migrated-away task {container} on {}",
+                    agent.cfg.node
+                )));
+            }
+            tracing::info!(container = %container, wait_status, node = %node, "migrated task ended");
+            agent.task_final(&container, wait_status, &node);
+            Ok(PeerReply::Ack)
         }
         PeerRequest::Abort { reason } => {
             if let Some(mut inc) = incoming.take() {

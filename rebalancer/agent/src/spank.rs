@@ -277,6 +277,8 @@ pub fn register(
         exit_status: None,
         external: true,
         migrated_to: None,
+        arrived_from: None,
+        final_status: None,
     })
 }
 

@@ -89,9 +89,6 @@ fn slurm_task_migrates_through_a_restore_step() {
             )
         });
     eprintln!("slurm task: {}", summary(&rec));
-    // The source task ends: its container lives on rbt4n1 now.
-    let fin = wait_line(&rx, "finished", Duration::from_secs(20));
-    assert!(fin.contains("rbt4n1"), "{fin}");
     assert!(
         probe.advance(50, Duration::from_secs(20)),
         "client stalled: {:?}\n{}",
@@ -103,10 +100,18 @@ fn slurm_task_migrates_through_a_restore_step() {
     assert_eq!(there.state, ContainerState::Running);
     let stats = probe.stop();
     assert!(stats.errors.is_empty(), "client errors: {:?}", stats.errors);
+    // The source's task waits for the task's real end, which happens on rbt4n1.
+    assert!(
+        rx.recv_timeout(Duration::from_secs(2)).is_err(),
+        "source task ended before the container did"
+    );
     c1.call(&Request::KillContainer {
         id: "j7.s0.t0".into(),
         signal: 9,
     })
     .expect("kill");
+    let fin = wait_line(&rx, "finished", Duration::from_secs(20));
+    assert!(fin.contains("\"migrated_to\": \"rbt4n1\""), "{fin}");
+    assert!(fin.contains("\"wait_status\": 9"), "{fin}");
     let _ = task.wait();
 }

@@ -46,6 +46,10 @@ pub struct Container {
     pub external: bool,
     /// Node the container moved to (state `MigratedAway`).
     pub migrated_to: Option<String>,
+    /// Where it came from by migration: (node, agent address), told the final status.
+    pub arrived_from: Option<(String, String)>,
+    /// Final status of a task and the node it ended on, once known (also from downstream).
+    pub final_status: Option<(i32, String)>,
 }
 
 /// Mount table and root symlinks (link path, target) of a container.
