@@ -144,6 +144,9 @@ enum Cmd {
         #[arg(value_name = "KEY=VALUE")]
         args: Vec<String>,
     },
+    /// What the policies would do now: moves with their policy, action and why. Nothing is
+    /// executed and the policies' memory (hysteresis, cooldowns) does not advance.
+    Plan,
     /// Check that rebalancerd answers.
     Ping,
 }
@@ -251,6 +254,7 @@ async fn run(cli: Cli) -> Result<(), ErrorReply> {
 fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
     Ok(match cmd {
         Cmd::Ping => (ControlRequest::Ping, false),
+        Cmd::Plan => (ControlRequest::Plan, false),
         Cmd::Show { what, name, active } => (
             match what {
                 What::Nodes => ControlRequest::ShowNodes { name: name.clone() },
@@ -397,6 +401,8 @@ fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
             }
         }
         ControlReply::History { decisions } => out!("{}", render::history(&decisions)),
+        ControlReply::Plan { moves } if moves.is_empty() => outln!("no moves planned"),
+        ControlReply::Plan { moves } => out!("{}", render::plan(&moves)),
         ControlReply::Done => outln!("done"),
     }
     Ok(())

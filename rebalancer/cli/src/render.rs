@@ -1,6 +1,8 @@
 //! Tables (default), `key=value` detail blocks (one named object) and JSON (`--json`).
 
-use rebalancer_proto::control::{DecisionRecord, MigrationEntry, NodeStatus, PolicyStatus};
+use rebalancer_proto::control::{
+    DecisionRecord, MigrationEntry, NodeStatus, PlanItem, PolicyStatus,
+};
 use rebalancer_proto::{ContainerInfo, MigrationState, Millis};
 use serde_json::Value;
 
@@ -339,6 +341,35 @@ pub fn history(ds: &[DecisionRecord]) -> String {
             "MODE",
             "OUTCOME",
             "MIGRATION",
+            "WHY",
+        ],
+        &rows,
+    )
+}
+
+pub fn plan(ms: &[PlanItem]) -> String {
+    let rows = ms
+        .iter()
+        .map(|m| {
+            vec![
+                m.policy.clone(),
+                m.action.clone(),
+                m.container.clone(),
+                opt(m.job_id),
+                format!("{}->{}", m.source, m.destination),
+                m.mode.to_string(),
+                m.why.clone(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "POLICY",
+            "ACTION",
+            "CONTAINER",
+            "JOB",
+            "MOVE",
+            "MODE",
             "WHY",
         ],
         &rows,

@@ -125,6 +125,18 @@ async fn conn(mut s: UnixStream, seen: Seen) {
                     ))],
                 })
             }
+            ControlRequest::Plan => ControlResponse::Ok(ControlReply::Plan {
+                moves: vec![PlanItem {
+                    policy: "thermal".into(),
+                    container: "j7.s0.t0".into(),
+                    job_id: Some(7),
+                    source: "n1".into(),
+                    destination: "n2".into(),
+                    mode: MigrationMode::PostCopy,
+                    action: "recommend".into(),
+                    why: "n1 at 91 C above 85 C".into(),
+                }],
+            }),
             ControlRequest::Evacuate { .. } => {
                 err(ErrorCode::PermissionDenied, "uid 1000 may not evacuate")
             }
@@ -236,6 +248,16 @@ async fn output_and_exit_codes() {
         assert!(seen.iter().any(|r| matches!(r,
             ControlRequest::Migrate { target: MigrateTarget::Job { job_id: 7 }, destination: Some(d), mode: Some(MigrationMode::PostCopy), watch: true } if d == "n2")));
     }
+
+    let o = rebalctl(&sock, &["plan"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout.contains(
+            "thermal  recommend  j7.s0.t0   7    n1->n2  post-copy  n1 at 91 C above 85 C"
+        ),
+        "{}",
+        o.stdout
+    );
 
     let o = rebalctl(&sock, &["migrate", "job=99"]).await;
     assert_eq!(

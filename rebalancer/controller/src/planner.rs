@@ -133,6 +133,12 @@ pub trait Planner: Send + 'static {
         input: &PlanInput,
         states: &BTreeMap<String, PolicyState>,
     ) -> Vec<PlannedMove>;
+    /// Like [`Planner::plan`], but leaves the planner's memory (hysteresis, cooldowns) as it is.
+    fn preview(
+        &self,
+        input: &PlanInput,
+        states: &BTreeMap<String, PolicyState>,
+    ) -> Vec<PlannedMove>;
     /// A move made outside the planner (operator request), so that cooldowns count it.
     fn record_move(&mut self, _job_id: u32, _source: &str, _destination: &str, _at: Millis) {}
     /// Planner memory (hysteresis, cooldowns) to journal, and to restore after a restart.
@@ -245,6 +251,14 @@ pub struct BuiltinPlanner {
 pub const BUILTIN_DRAIN: &str = "builtin-drain";
 
 impl Planner for BuiltinPlanner {
+    fn preview(
+        &self,
+        input: &PlanInput,
+        states: &BTreeMap<String, PolicyState>,
+    ) -> Vec<PlannedMove> {
+        BuiltinPlanner { mode: self.mode }.plan(input, states)
+    }
+
     fn reload(&mut self, _path: &Path) -> Result<(), Vec<String>> {
         Ok(())
     }

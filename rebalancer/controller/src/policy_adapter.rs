@@ -227,6 +227,18 @@ impl Planner for PolicyPlanner {
             .collect()
     }
 
+    fn preview(
+        &self,
+        input: &PlanInput,
+        states: &BTreeMap<String, PolicyState>,
+    ) -> Vec<PlannedMove> {
+        let mut copy = PolicyPlanner {
+            set: self.set.clone(),
+            state: self.state.clone(),
+        };
+        copy.plan(input, states)
+    }
+
     fn record_move(&mut self, job_id: u32, source: &str, destination: &str, at: Millis) {
         self.state
             .record_move(u64::from(job_id), source, destination, secs(at));
@@ -327,6 +339,16 @@ mod tests {
             "{:?}",
             bad.errors
         );
+    }
+
+    #[test]
+    fn preview_leaves_the_memory_alone() {
+        let mut p = planner();
+        let before = p.save_state();
+        assert_eq!(p.preview(&input(), &BTreeMap::new()).len(), 1);
+        assert_eq!(p.save_state(), before);
+        assert_eq!(p.plan(&input(), &BTreeMap::new()).len(), 1);
+        assert_ne!(p.save_state(), before);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rebalancer_proto::control::{
     ControlReply, ControlRequest, ControlResponse, DecisionOutcome, DecisionRecord, MigrationEntry,
-    PolicyCheckReport, PolicyStatus,
+    PlanItem, PolicyCheckReport, PolicyStatus,
 };
 use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
 use rebalancer_proto::{now_millis, ErrorCode, ErrorReply, Hello, MigrationMode, ProtoError, Role};
@@ -269,6 +269,35 @@ pub async fn handle(
                 .collect();
             decisions.reverse();
             Ok(ControlReply::History { decisions })
+        }
+        ControlRequest::Plan => {
+            let input = ctl.plan_input();
+            let states = ctl.state().policy_states.clone();
+            let moves = ctl.planner().preview(&input, &states);
+            let moves = moves
+                .into_iter()
+                .filter_map(|m| {
+                    let c = input.containers.iter().find(|c| c.id == m.container)?;
+                    if !ctl.access.sees(caller, Some(c.uid)) {
+                        return None;
+                    }
+                    let action = match states.get(&m.policy) {
+                        Some(rebalancer_proto::control::PolicyState::DryRun) => PlanAction::DryRun,
+                        _ => m.action,
+                    };
+                    Some(PlanItem {
+                        job_id: (c.job_id > 0).then_some(c.job_id),
+                        action: action.as_str().into(),
+                        policy: m.policy,
+                        container: m.container,
+                        source: m.source,
+                        destination: m.destination,
+                        mode: m.mode,
+                        why: m.why,
+                    })
+                })
+                .collect();
+            Ok(ControlReply::Plan { moves })
         }
         ControlRequest::Migrate {
             target,

@@ -420,10 +420,9 @@ fn tail_log(dir: &Path) -> String {
 
 // ---- tests ----------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_evacuates_within_a_second_and_updates_slurm() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let dir = tmp.path();
+/// Two fake agents (job 7's container on node1), a fake Slurm with both nodes healthy, the
+/// shipped drain policy, and the daemon, up with both agents reachable.
+async fn drain_setup(dir: &Path) -> (Shared, Daemon, Ctl) {
     let fake: Shared = Arc::default();
     {
         let mut f = lock(&fake);
@@ -448,10 +447,10 @@ async fn drain_evacuates_within_a_second_and_updates_slurm() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/drain.toml");
     std::fs::copy(&shipped, dir.join("policies/drain.toml")).expect("copy drain.toml");
     let d = dir.display();
-    let _daemon = start_daemon(
+    let daemon = start_daemon(
         dir,
         &format!(
-            "[controller]\nsocket = \"{d}/ctl.sock\"\njournal = \"{d}/journal.redb\"\npolicies = \"{d}/policies\"\noperators = {}\n\
+            "[controller]\nsocket = \"{d}/ctl.sock\"\njournal = \"{d}/journal.redb\"\npolicies = \"{d}/policies\"\noperators = {}\nevaluate_interval_s = 1\n\
              [slurm]\nbackend = \"scontrol\"\npoll_interval_ms = 500\n\
              [agents]\nsocket_template = \"{d}/{{node}}.sock\"\npoll_interval_ms = 300\n\
              [metrics]\nlisten = \"127.0.0.1:0\"\n",
@@ -472,6 +471,14 @@ async fn drain_evacuates_within_a_second_and_updates_slurm() {
         }
     })
     .await;
+    (fake, daemon, ctl)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_evacuates_within_a_second_and_updates_slurm() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let (fake, _daemon, mut ctl) = drain_setup(dir).await;
     // Nothing moves while the node is healthy.
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(!lock(&fake).requests.iter().any(|(_, op)| op == "migrate"));
@@ -882,4 +889,77 @@ async fn as_user_client() {
         .await;
     let code = serde_json::to_value(r.expect_err("denied").code).expect("json");
     println!("migrate={}", code.as_str().unwrap_or(""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_policy_journals_and_plans_but_does_not_migrate() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let (fake, _daemon, mut ctl) = drain_setup(dir).await;
+    let (r, _) = ctl
+        .call(&ControlRequest::UpdatePolicy {
+            name: "drain".into(),
+            state: control::PolicyState::DryRun,
+        })
+        .await;
+    assert!(r.is_ok(), "{r:?}");
+    let (r, _) = ctl.call(&ControlRequest::Plan).await;
+    assert!(
+        matches!(r, Ok(ControlReply::Plan { ref moves }) if moves.is_empty()),
+        "{r:?}"
+    );
+
+    write_atomic(
+        &dir.join("nodes.txt"),
+        &(node_line("node1", "MIXED+DRAIN") + &node_line("node2", "IDLE")),
+    );
+    let d = wait_for("a dry-run decision", 5, async || {
+        match ctl.call(&ControlRequest::History { limit: None }).await.0 {
+            Ok(ControlReply::History { decisions }) => decisions
+                .into_iter()
+                .find(|d| d.outcome == DecisionOutcome::DryRun),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(
+        (d.policy.as_str(), d.container.as_str()),
+        ("drain", "j7.s0.t0")
+    );
+    assert!(d.migration.is_none());
+    // Evaluations repeat every second; the same advice is journaled once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (r, _) = ctl.call(&ControlRequest::History { limit: None }).await;
+    let Ok(ControlReply::History { decisions }) = r else {
+        panic!("history")
+    };
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    let (r, _) = ctl.call(&ControlRequest::Plan).await;
+    let Ok(ControlReply::Plan { moves }) = r else {
+        panic!("plan: {r:?}")
+    };
+    assert_eq!(moves.len(), 1);
+    assert_eq!(
+        (moves[0].action.as_str(), moves[0].destination.as_str()),
+        ("dry-run", "node2")
+    );
+    assert!(!lock(&fake).requests.iter().any(|(_, op)| op == "migrate"));
+
+    // Enabled again: the drain is acted on.
+    let (r, _) = ctl
+        .call(&ControlRequest::UpdatePolicy {
+            name: "drain".into(),
+            state: control::PolicyState::Enabled,
+        })
+        .await;
+    assert!(r.is_ok(), "{r:?}");
+    let fake2 = fake.clone();
+    wait_for("the migration after re-enabling", 5, async || {
+        lock(&fake2)
+            .requests
+            .iter()
+            .any(|(_, op)| op == "migrate")
+            .then_some(())
+    })
+    .await;
 }

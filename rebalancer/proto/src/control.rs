@@ -141,6 +141,8 @@ pub enum ControlRequest {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// Runs the policies on the current view without acting or advancing their memory.
+    Plan,
 }
 
 impl ControlRequest {
@@ -168,6 +170,7 @@ impl ControlRequest {
             ControlRequest::PolicyReload => "policy-reload",
             ControlRequest::UpdatePolicy { .. } => "update-policy",
             ControlRequest::History { .. } => "history",
+            ControlRequest::Plan => "plan",
         }
     }
 }
@@ -229,6 +232,20 @@ pub struct PolicyCheckReport {
     pub policies: Vec<String>,
     /// `path:line:column: message` for each problem.
     pub errors: Vec<String>,
+}
+
+/// A move the policies would make now (`rebalctl plan`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanItem {
+    pub policy: String,
+    pub container: ContainerId,
+    pub job_id: Option<u32>,
+    pub source: String,
+    pub destination: String,
+    pub mode: MigrationMode,
+    /// automatic, recommend or dry-run (after run-time states).
+    pub action: String,
+    pub why: String,
 }
 
 /// How a decision was carried out.
@@ -328,6 +345,9 @@ pub enum ControlReply {
     },
     History {
         decisions: Vec<DecisionRecord>,
+    },
+    Plan {
+        moves: Vec<PlanItem>,
     },
     Done,
 }
