@@ -178,7 +178,10 @@ pub struct Job {
     pub nodes: Option<String>,
     /// `nodes` expanded.
     pub node_names: Vec<String>,
-    /// Node running the batch script (None for salloc allocations).
+    /// A batch job (sbatch). Only then is `batch_host` a node the job can never leave.
+    pub is_batch: bool,
+    /// slurmctld's BatchHost: the batch script's node for batch jobs; for salloc/srun allocations
+    /// (22.05) the first allocated node, not updated when the job is resized.
     pub batch_host: Option<String>,
     /// Node count (allocated when running, requested when pending).
     pub num_nodes: u32,
@@ -217,6 +220,7 @@ impl Job {
             state_reason,
             nodes,
             node_names,
+            is_batch: rec.batch_flag != 0,
             batch_host: s(rec.batch_host),
             num_nodes: rec.num_nodes,
             num_cpus: rec.num_cpus,

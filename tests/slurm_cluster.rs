@@ -1,144 +1,16 @@
-//! The libslurm wrappers against a real Slurm 22.05 cluster (slurm-tests/cluster.sh: slurmctld,
-//! slurmdbd and one slurmd per network namespace). One test, run in stages, because only one such
-//! cluster can be up on the machine at a time.
+//! The libslurm wrappers against a real Slurm 22.05 cluster (slurm-tests' `Cluster` guard:
+//! slurmctld, slurmdbd and one slurmd per network namespace). One test run in stages: only one such
+//! cluster can be up on the machine at a time, and `Slurm::init` is once per process.
 #![allow(clippy::unwrap_used)]
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::collections::HashMap;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rebalancer_slurm::{DrainPhase, ExpandOptions, Slurm, StepId};
+use rebalancer_slurm::{DrainPhase, Error, ExpandOptions, Slurm, StepId};
+use slurm_tests::{Cluster, JobId};
 
-const STATE_DIR: &str = "/tmp/slurm-rbc-libslurm-test";
 const WAIT: Duration = Duration::from_secs(30);
-/// The machine-wide lock slurm-tests' cluster guards take: clusters share bridge, netns and ports.
-const LOCK_PATH: &str = "/run/slurm-rbc.lock";
-const LOCK_WAIT: Duration = Duration::from_secs(900);
-
-/// Brings the harness cluster up in its own state dir; takes it down on drop (also on panic).
-struct TestCluster {
-    script: PathBuf,
-    conf: PathBuf,
-    // Dropped after `drop()` has taken the cluster down.
-    _lock: File,
-}
-
-fn lock_machine() -> File {
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(LOCK_PATH)
-        .unwrap();
-    let start = Instant::now();
-    loop {
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return file;
-        }
-        let err = std::io::Error::last_os_error();
-        assert_eq!(
-            err.kind(),
-            std::io::ErrorKind::WouldBlock,
-            "flock {LOCK_PATH}: {err}"
-        );
-        assert!(
-            start.elapsed() < LOCK_WAIT,
-            "{LOCK_PATH} held for {LOCK_WAIT:?}"
-        );
-        thread::sleep(Duration::from_millis(500));
-    }
-}
-
-impl TestCluster {
-    fn up() -> Self {
-        let lock = lock_machine();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("slurm-tests/cluster.sh");
-        // The guard exists before `up` so that a failed start is cleaned up too.
-        let cluster = TestCluster {
-            script,
-            conf: Path::new(STATE_DIR).join("slurm.conf"),
-            _lock: lock,
-        };
-        let status = Command::new(&cluster.script)
-            .args(["up", "--nodes", "3", "--state-dir", STATE_DIR])
-            .status()
-            .unwrap();
-        assert!(status.success(), "cluster.sh up failed: {status}");
-        cluster
-    }
-
-    /// Runs a Slurm command-line tool against this cluster and returns its stdout.
-    fn run(&self, tool: &str, args: &[&str]) -> String {
-        let out = Command::new(tool)
-            .args(args)
-            .env("SLURM_CONF", &self.conf)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{tool} {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // salloc reports the job id on stderr.
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        text
-    }
-
-    /// `scontrol show KIND ID` as key=value tokens.
-    fn show(&self, kind: &str, id: &str) -> Vec<String> {
-        self.run("scontrol", &["show", "-o", kind, id])
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    fn field(&self, kind: &str, id: &str, key: &str) -> String {
-        let prefix = format!("{key}=");
-        self.show(kind, id)
-            .into_iter()
-            .find_map(|t| t.strip_prefix(&prefix).map(str::to_owned))
-            .unwrap_or_else(|| panic!("scontrol show {kind} {id} has no {key}="))
-    }
-
-    /// `salloc --no-shell` with `args`; returns the job id.
-    fn salloc(&self, args: &[&str]) -> u32 {
-        let mut all = vec!["--no-shell"];
-        all.extend_from_slice(args);
-        let text = self.run("salloc", &all);
-        text.split_whitespace()
-            .skip_while(|w| *w != "allocation")
-            .nth(1)
-            .and_then(|id| id.parse().ok())
-            .unwrap_or_else(|| panic!("no job id in salloc output: {text}"))
-    }
-}
-
-/// cluster.sh records the state dir of the cluster that is up here.
-const CURRENT: &str = "/run/slurm-rbc.current";
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        // `down` removes the node namespaces and the bridge whoever owns them: only call it for a
-        // cluster this guard started (cluster.sh up refuses, and records nothing, when another is up).
-        let current = std::fs::read_to_string(CURRENT).unwrap_or_default();
-        if current.trim() != STATE_DIR {
-            eprintln!(
-                "not taking down {:?}: it is not this test's cluster",
-                current.trim()
-            );
-            return;
-        }
-        let _ = Command::new(&self.script)
-            .args(["down", "--state-dir", STATE_DIR])
-            .status();
-    }
-}
 
 fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -148,19 +20,58 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// `scontrol show -o node NODE` as key/value pairs.
+fn show_node(cluster: &Cluster, node: &str) -> HashMap<String, String> {
+    let out = cluster.scontrol(&["show", "-o", "node", node]).unwrap();
+    // Reason=... is the last field and may contain spaces.
+    let (head, reason) = match out.split_once(" Reason=") {
+        Some((h, r)) => (h.to_owned(), Some(r.trim().to_owned())),
+        None => (out.clone(), None),
+    };
+    let mut map: HashMap<String, String> = head
+        .split_whitespace()
+        .filter_map(|t| t.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    if let Some(r) = reason {
+        map.insert("Reason".into(), r);
+    }
+    map
+}
+
+fn job_field(cluster: &Cluster, job: u32, field: &str) -> String {
+    cluster.job_field(JobId(job), field).unwrap()
+}
+
+/// Our one-word state must be sinfo's (`%T`), where sinfo adds no suffix character.
+fn assert_state_matches_sinfo(slurm: &Slurm, cluster: &Cluster) {
+    for node in slurm.load_nodes().unwrap() {
+        let sinfo = cluster.node_state(&node.name).unwrap();
+        assert_eq!(
+            node.state.summary().to_ascii_lowercase(),
+            sinfo,
+            "{}: ours {} ({}), sinfo {sinfo}",
+            node.name,
+            node.state.summary(),
+            node.state
+        );
+    }
+}
+
 #[test]
 #[ignore = "needs root and the slurm-tests cluster (slurmctld, slurmdbd, MariaDB, network namespaces); .ci/run runs it with --include-ignored"]
 fn libslurm_against_a_real_cluster() {
-    let cluster = TestCluster::up();
-    let slurm = Slurm::init(Some(&cluster.conf)).unwrap();
+    let cluster = Cluster::up(3).unwrap();
+    let slurm = Slurm::init(Some(&cluster.slurm_conf())).unwrap();
 
-    nodes_are_listed(&slurm);
+    nodes_are_listed(&slurm, &cluster);
     drain_and_resume(&slurm, &cluster);
     batch_job_and_its_steps(&slurm, &cluster);
     expand_then_shrink(&slurm, &cluster);
+    expansion_onto_a_busy_node_times_out(&slurm, &cluster);
 }
 
-fn nodes_are_listed(slurm: &Slurm) {
+fn nodes_are_listed(slurm: &Slurm, cluster: &Cluster) {
     let nodes = slurm.load_nodes().unwrap();
     let names: Vec<_> = nodes.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["node1", "node2", "node3"]);
@@ -174,6 +85,9 @@ fn nodes_are_listed(slurm: &Slurm) {
         assert_eq!(n.state.to_string(), "IDLE");
         assert_eq!(n.cpus, 2);
         assert_eq!(n.alloc_cpus, 0);
+        assert_eq!(n.alloc_memory_mb, 0);
+        let scontrol = show_node(cluster, &n.name);
+        assert_eq!(scontrol["RealMemory"], n.real_memory_mb.to_string());
         assert!(n.real_memory_mb > 0);
         assert_eq!(n.partitions, ["debug"]);
         assert_eq!(
@@ -182,32 +96,48 @@ fn nodes_are_listed(slurm: &Slurm) {
         );
         assert!(n.reason.is_none());
     }
+    assert_state_matches_sinfo(slurm, cluster);
 }
 
-fn drain_and_resume(slurm: &Slurm, cluster: &TestCluster) {
-    let before = slurm.load_nodes_since(0).unwrap().unwrap();
+fn drain_and_resume(slurm: &Slurm, cluster: &Cluster) {
+    // slurmctld answers "no change" only when nothing changed since a second before the snapshot;
+    // right after start-up registrations still arrive, so wait for a quiet second.
+    let mut before = slurm.load_nodes_since(0).unwrap().unwrap();
     assert!(before.last_update > 0);
-    assert_eq!(slurm.load_nodes_since(before.last_update).unwrap(), None);
+    wait_until("an unchanged node table", || {
+        match slurm.load_nodes_since(before.last_update).unwrap() {
+            None => true,
+            Some(newer) => {
+                assert!(newer.last_update >= before.last_update);
+                before = newer;
+                false
+            }
+        }
+    });
 
     slurm.drain_nodes("node3", "libslurm test drain").unwrap();
     let after = slurm.load_nodes_since(before.last_update).unwrap().unwrap();
-    assert!(after.last_update >= before.last_update);
     assert!(after
         .nodes
         .iter()
         .any(|n| n.name == "node3" && n.state.is_drain()));
-    assert_eq!(cluster.field("node", "node3", "State"), "IDLE+DRAIN");
-    let reason = cluster.show("node", "node3").join(" ");
-    assert!(reason.contains("Reason=libslurm test drain"), "{reason}");
 
+    let scontrol = show_node(cluster, "node3");
+    assert_eq!(scontrol["State"], "IDLE+DRAIN");
+    assert!(
+        scontrol["Reason"].starts_with("libslurm test drain"),
+        "{}",
+        scontrol["Reason"]
+    );
     let node = slurm.load_node("node3").unwrap().unwrap();
     assert_eq!(node.state.drain_phase(), Some(DrainPhase::Drained));
-    assert_eq!(node.state.summary(), "DRAINED");
     assert_eq!(node.reason.as_deref(), Some("libslurm test drain"));
     assert!(!node.state.accepts_work());
+    assert_state_matches_sinfo(slurm, cluster);
 
     slurm.resume_nodes("node3").unwrap();
-    assert_eq!(cluster.field("node", "node3", "State"), "IDLE");
+    let state = show_node(cluster, "node3")["State"].clone();
+    assert!(!state.contains("DRAIN"), "{state}");
     assert!(slurm
         .load_node("node3")
         .unwrap()
@@ -215,13 +145,27 @@ fn drain_and_resume(slurm: &Slurm, cluster: &TestCluster) {
         .state
         .drain_phase()
         .is_none());
+    // slurmctld 22.05 marks a resumed node NOT_RESPONDING until slurmd registers again.
+    wait_until("node3 to register after resume", || {
+        show_node(cluster, "node3")["State"] == "IDLE"
+    });
+    let node = slurm.load_node("node3").unwrap().unwrap();
+    assert!(node.state.accepts_work(), "{}", node.state);
+
+    // A drain without a reason never reaches slurmctld.
+    assert!(matches!(
+        slurm.drain_nodes("node3", ""),
+        Err(Error::InvalidRequest(_))
+    ));
+    // An unknown node is slurmctld's error, with its text.
+    let err = slurm.drain_nodes("node9", "x").unwrap_err();
+    let cause = err.slurm_errno().unwrap();
+    assert!(cause.message.contains("node name"), "{cause}");
 }
 
-fn batch_job_and_its_steps(slurm: &Slurm, cluster: &TestCluster) {
-    let out = cluster.run(
-        "sbatch",
-        &[
-            "--parsable",
+fn batch_job_and_its_steps(slurm: &Slurm, cluster: &Cluster) {
+    let JobId(job_id) = cluster
+        .sbatch(&[
             "-N1",
             "-w",
             "node1",
@@ -232,9 +176,8 @@ fn batch_job_and_its_steps(slurm: &Slurm, cluster: &TestCluster) {
             "--chdir=/tmp",
             "--wrap",
             "srun sleep 300",
-        ],
-    );
-    let job_id: u32 = out.trim().parse().unwrap();
+        ])
+        .unwrap();
 
     wait_until("the batch job to run", || {
         slurm.load_job(job_id).unwrap().state.is_running()
@@ -247,16 +190,27 @@ fn batch_job_and_its_steps(slurm: &Slurm, cluster: &TestCluster) {
     assert_eq!(job.nodes.as_deref(), Some("node1"));
     assert_eq!(job.node_names, ["node1"]);
     assert_eq!(job.batch_host.as_deref(), Some("node1"));
+    assert!(job.is_batch);
     assert_eq!(job.num_nodes, 1);
-    assert!(job.num_cpus >= 1);
-    let on_node1 = slurm.jobs_on_node("node1").unwrap();
-    assert!(on_node1.iter().any(|j| j.id == job_id));
+    assert_eq!(
+        job.num_cpus.to_string(),
+        job_field(cluster, job_id, "NumCPUs")
+    );
+    assert!(slurm
+        .jobs_on_node("node1")
+        .unwrap()
+        .iter()
+        .any(|j| j.id == job_id));
     assert!(slurm
         .jobs_on_node("node2")
         .unwrap()
         .iter()
         .all(|j| j.id != job_id));
-    assert!(!slurm.load_node("node1").unwrap().unwrap().state.is_idle());
+
+    let node1 = slurm.load_node("node1").unwrap().unwrap();
+    assert_eq!(node1.alloc_cpus, job.num_cpus);
+    assert!(!node1.state.is_idle(), "{}", node1.state);
+    assert_state_matches_sinfo(slurm, cluster);
 
     wait_until("the srun step to start", || {
         slurm
@@ -273,22 +227,33 @@ fn batch_job_and_its_steps(slurm: &Slurm, cluster: &TestCluster) {
     assert_eq!(step0.job_id, job_id);
     assert_eq!(step0.node_names, ["node1"]);
     assert_eq!(step0.num_tasks, 1);
+    assert_eq!(step0.name.as_deref(), Some("sleep"));
     assert!(step0.state.is_running());
     let batch = steps.iter().find(|s| s.step_id == StepId::Batch).unwrap();
     assert_eq!(batch.nodes.as_deref(), Some("node1"));
+    let squeue = cluster.steps(JobId(job_id)).unwrap();
+    assert!(squeue
+        .iter()
+        .any(|(id, nodes)| *id == format!("{job_id}.0") && nodes == "node1"));
 
     slurm.cancel_job(job_id).unwrap();
     wait_until("the batch job to end", || {
         slurm.load_job(job_id).unwrap().state.is_finished()
     });
+    assert!(matches!(
+        slurm.load_job(999_999),
+        Err(Error::JobNotFound { job: 999_999 })
+    ));
 }
 
-fn expand_then_shrink(slurm: &Slurm, cluster: &TestCluster) {
-    let job_id = cluster.salloc(&["-N1", "-w", "node1", "-J", "libslurm-expand"]);
+fn expand_then_shrink(slurm: &Slurm, cluster: &Cluster) {
+    let JobId(job_id) = cluster
+        .salloc_no_shell(&["-N1", "-w", "node1", "-J", "libslurm-expand"])
+        .unwrap();
     let job = slurm.load_job(job_id).unwrap();
     assert!(job.state.is_running());
     assert_eq!(job.node_names, ["node1"]);
-    assert_eq!(job.batch_host, None);
+    assert!(!job.is_batch);
 
     let exp = slurm
         .expand_job(job_id, "node2", &ExpandOptions::default())
@@ -296,24 +261,24 @@ fn expand_then_shrink(slurm: &Slurm, cluster: &TestCluster) {
     assert_eq!(exp.job_id, job_id);
     assert_eq!(exp.node_names, ["node1", "node2"]);
     assert_eq!(exp.refresh_refused, None, "NumNodes=ALL was refused");
-    assert_eq!(
-        cluster.field("job", &job_id.to_string(), "NodeList"),
-        "node[1-2]"
-    );
-    assert_eq!(cluster.field("job", &job_id.to_string(), "NumNodes"), "2");
+    assert_eq!(job_field(cluster, job_id, "NodeList"), "node[1-2]");
+    assert_eq!(job_field(cluster, job_id, "NumNodes"), "2");
     let helper = slurm.load_job(exp.helper_job_id).unwrap();
     assert!(helper.state.is_finished(), "helper is {}", helper.state);
     assert_eq!(
-        helper.dependency, None,
-        "the expand dependency should be cleared once satisfied"
+        job_field(cluster, exp.helper_job_id, "JobState"),
+        "COMPLETED"
     );
 
+    // Expanding onto a node the job already has is refused before any allocation.
+    assert!(matches!(
+        slurm.expand_job(job_id, "node2", &ExpandOptions::default()),
+        Err(Error::InvalidRequest(_))
+    ));
+
     slurm.shrink_job(job_id, "node2").unwrap();
-    assert_eq!(
-        cluster.field("job", &job_id.to_string(), "NodeList"),
-        "node2"
-    );
-    assert_eq!(cluster.field("job", &job_id.to_string(), "NumNodes"), "1");
+    assert_eq!(job_field(cluster, job_id, "NodeList"), "node2");
+    assert_eq!(job_field(cluster, job_id, "NumNodes"), "1");
     let job = slurm.load_job(job_id).unwrap();
     assert_eq!(job.node_names, ["node2"]);
     assert!(job.state.is_running());
@@ -322,4 +287,39 @@ fn expand_then_shrink(slurm: &Slurm, cluster: &TestCluster) {
     });
 
     slurm.cancel_job(job_id).unwrap();
+    wait_until("the moved job to end", || {
+        slurm.load_job(job_id).unwrap().state.is_finished()
+    });
+}
+
+fn expansion_onto_a_busy_node_times_out(slurm: &Slurm, cluster: &Cluster) {
+    let JobId(busy) = cluster
+        .salloc_no_shell(&["-N1", "-n2", "-w", "node3", "-J", "libslurm-busy"])
+        .unwrap();
+    let JobId(job_id) = cluster
+        .salloc_no_shell(&["-N1", "-w", "node1", "-J", "libslurm-stay"])
+        .unwrap();
+
+    let opts = ExpandOptions {
+        timeout: Duration::from_secs(3),
+        ..ExpandOptions::default()
+    };
+    let err = slurm.expand_job(job_id, "node3", &opts).unwrap_err();
+    let Error::AllocationTimeout {
+        job, allocation, ..
+    } = err
+    else {
+        panic!("expected AllocationTimeout, got {err:?}");
+    };
+    assert_eq!(job, job_id);
+    // The helper was withdrawn and the job is untouched.
+    wait_until("the helper allocation to be cancelled", || {
+        slurm.load_job(allocation).unwrap().state.is_finished()
+    });
+    assert_eq!(job_field(cluster, allocation, "JobState"), "CANCELLED");
+    assert_eq!(job_field(cluster, job_id, "NodeList"), "node1");
+    assert_eq!(job_field(cluster, busy, "NodeList"), "node3");
+
+    slurm.cancel_job(job_id).unwrap();
+    slurm.cancel_job(busy).unwrap();
 }
