@@ -120,6 +120,7 @@ pub fn launch(mut agent: Agent, info: &TaskInfo, prepared: &PreparedTask) -> Res
         .map_err(sys_err("create a pid namespace (unshare CLONE_NEWPID)"))?;
     let (setup_r, setup_w) = sys::pipe().map_err(sys_err("create a pipe"))?;
     let (go_r, go_w) = sys::pipe().map_err(sys_err("create a pipe"))?;
+    let (barrier, barrier_child) = crate::cgroups::pipes().map_err(sys_err("create a pipe"))?;
     let mask = sys::block_waiter_signals().map_err(sys_err("block signals"))?;
 
     // SAFETY: the task process is single-threaded (a fresh fork of slurmstepd), so fork is sound.
@@ -135,6 +136,8 @@ pub fn launch(mut agent: Agent, info: &TaskInfo, prepared: &PreparedTask) -> Res
     if pid == 0 {
         drop(setup_r);
         drop(go_w);
+        drop(barrier);
+        crate::cgroups::child_side(barrier_child);
         sys::restore_mask(&mask);
         drop(agent);
         let res = enter_container(&netns, hostname.as_ref(), prepared);
@@ -157,6 +160,7 @@ pub fn launch(mut agent: Agent, info: &TaskInfo, prepared: &PreparedTask) -> Res
 
     // The waiter. From here on this process never returns to Slurm.
     name_waiter();
+    drop(barrier_child);
     drop(setup_w);
     drop(go_r);
     drop(netns);
@@ -195,6 +199,14 @@ pub fn launch(mut agent: Agent, info: &TaskInfo, prepared: &PreparedTask) -> Res
     ));
     let _ = sys::write_all(go_w.as_raw_fd(), b"g");
     drop(go_w);
+    // Slurm may move this process into per-task cgroups only now; pid 1 must follow.
+    let moved = barrier.parent(pid, Duration::from_secs(60));
+    if !moved.is_empty() {
+        ffi::log_verbose(&format!(
+            "rebalancer: container {container} moved into the task's cgroups {}",
+            moved.join(", ")
+        ));
+    }
     supervise_and_exit(agent, pid, &container, &mask)
 }
 

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod allocator;
+pub mod cgroups;
 pub mod config;
 pub mod container;
 pub mod dispatch;

@@ -136,8 +136,11 @@ pub fn task_init_privileged(sp: Spank) -> libc::c_int {
     }
 }
 
-/// As the user, after Slurm set up the task's stdio: the restore helper hands it over.
+/// As the user, past Slurm's exec barrier and after it set up the task's stdio: the restore
+/// helper hands the stdio over; a container's pid 1 has the waiter move it into the task's
+/// cgroups.
 pub fn task_init(_sp: Spank) -> libc::c_int {
     restore::hand_over_stdio();
+    crate::cgroups::child_reached();
     0
 }

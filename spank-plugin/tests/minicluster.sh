@@ -47,6 +47,11 @@ down() {
     done
     ip netns delete "$ns" 2>/dev/null || true
   fi
+  # Empty cgroups slurmd left (RBSP_PROCTRACK/RBSP_TASK=cgroup); the node names are ours.
+  local cg
+  for cg in /sys/fs/cgroup/*/slurm_sp1 /sys/fs/cgroup/*/slurm_sp2; do
+    [ -d "$cg" ] && find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null
+  done
   [ -e "$dir/.minicluster" ] && rm -rf "$dir"
   return 0
 }
@@ -90,7 +95,7 @@ SlurmdLogFile=$dir/log/slurmd-%n.log
 SlurmdDebug=verbose
 PlugStackConfig=$dir/plugstack.conf
 ProctrackType=proctrack/${RBSP_PROCTRACK:-linuxproc}
-TaskPlugin=task/none
+TaskPlugin=task/${RBSP_TASK:-none}
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
@@ -107,7 +112,8 @@ PartitionName=one Nodes=sp1 Default=YES MaxTime=INFINITE State=UP
 PartitionName=two Nodes=sp1,sp2 MaxTime=INFINITE State=UP
 EOF
   # RBSP_PROCTRACK=cgroup: process tracking with cgroup v1 (freezer), as most sites run it.
-  printf 'CgroupPlugin=cgroup/v1\nCgroupAutomount=no\nCgroupMountpoint=/sys/fs/cgroup\n' >"$dir/cgroup.conf"
+  # RBSP_TASK=cgroup: per-task cgroups (memory constrained).
+  printf 'CgroupPlugin=cgroup/v1\nCgroupAutomount=no\nCgroupMountpoint=/sys/fs/cgroup\nConstrainRAMSpace=yes\n' >"$dir/cgroup.conf"
   export SLURM_CONF=$dir/slurm.conf
   enter slurmctld -i || die "slurmctld did not start: $(tail -5 "$dir/log/slurmctld.log" 2>&1)"
   wait_for 20 enter scontrol ping || die "slurmctld does not answer"

@@ -60,11 +60,11 @@ extern "C" fn take_down() {
 
 /// Brings the private cluster up once per test binary; it goes down when the binary exits.
 pub fn cluster() {
-    cluster_with("linuxproc")
+    cluster_with("linuxproc", "none")
 }
 
-/// Same, with `ProctrackType=proctrack/<proctrack>`.
-pub fn cluster_with(proctrack: &str) {
+/// Same, with `ProctrackType=proctrack/<proctrack>` and `TaskPlugin=task/<task>`.
+pub fn cluster_with(proctrack: &str, task: &str) {
     static UP: OnceLock<()> = OnceLock::new();
     UP.get_or_init(|| {
         std::fs::create_dir_all(DIR).expect("test dir");
@@ -72,6 +72,7 @@ pub fn cluster_with(proctrack: &str) {
         let out = Command::new(script())
             .args(["up", CLUSTER, FRAGMENT])
             .env("RBSP_PROCTRACK", proctrack)
+            .env("RBSP_TASK", task)
             .output()
             .expect("run minicluster.sh");
         assert!(
