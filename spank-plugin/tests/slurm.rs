@@ -109,6 +109,8 @@ fn signals_reach_the_containers_pid_1() {
     let _l = lock();
     setup("required", &[]);
     let _agent = FakeAgent::start(&agent_socket());
+    let ready = std::path::PathBuf::from(format!("{DIR}/sig-ready"));
+    let _ = std::fs::remove_file(&ready);
     let child = std::process::Command::new(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/minicluster.sh"),
     )
@@ -121,22 +123,23 @@ fn signals_reach_the_containers_pid_1() {
         "sh",
         "-c",
     ])
-    .arg("trap 'echo got-usr1; exit 5' USR1; echo ready; while :; do sleep 0.1; done")
+    .arg(format!(
+        "trap 'echo got-usr1; exit 5' USR1; touch {DIR}/sig-ready; while :; do sleep 0.1; done"
+    ))
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
     .spawn()
     .expect("spawn srun");
-    // Wait until the step runs, then signal it the way a user would.
+    // Wait until the trap is set (the container sees the node's /tmp here), then signal the
+    // step the way a user would.
     let t0 = std::time::Instant::now();
-    loop {
-        let q = slurm(&["squeue", "-h", "-s", "-n", "rbsp-sig", "-o", "%i"]);
-        if !text(&q).0.trim().is_empty() {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "step never started");
-        std::thread::sleep(Duration::from_millis(200));
+    while !ready.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "step never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_millis(500));
     let sc = slurm(&["scancel", "--signal=USR1", "-n", "rbsp-sig"]);
     assert!(sc.status.success(), "{:?}", text(&sc));
     let out = child.wait_with_output().expect("srun output");
