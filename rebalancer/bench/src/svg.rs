@@ -29,15 +29,20 @@ fn dash(mode: &str) -> &'static str {
     }
 }
 
-/// A round step giving about five ticks up to `max`.
-fn tick_step(max: f64) -> f64 {
-    let raw = (max / 5.0).max(1e-9);
-    let mag = 10f64.powf(raw.log10().floor());
-    [1.0, 2.0, 2.5, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|s| *s >= raw)
-        .unwrap_or(10.0 * mag)
+/// 1, 2, 5 × each power of ten from 10^lmin to 10^lmax.
+fn log_ticks(lmin: f64, lmax: f64) -> Vec<f64> {
+    let mut t = Vec::new();
+    let mut d = lmin as i32;
+    while d as f64 <= lmax {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * 10f64.powi(d);
+            if v.log10() <= lmax + 1e-9 {
+                t.push(v);
+            }
+        }
+        d += 1;
+    }
+    t
 }
 
 fn esc(s: &str) -> String {
@@ -60,13 +65,18 @@ pub fn downtime_chart(rows: &[Row], subtitle: &str) -> String {
                 .push((r.mib, d));
         }
     }
-    let ymax_data = series
-        .values()
-        .flatten()
-        .map(|p| p.1)
-        .fold(0.0f64, f64::max);
-    let step = tick_step(if ymax_data > 0.0 { ymax_data } else { 1000.0 });
-    let ymax = ((ymax_data / step).ceil().max(1.0)) * step;
+    // Log scale: post-copy downtimes (~100 ms) and stop-and-copy ones (seconds) on one chart.
+    let vals: Vec<f64> = series.values().flatten().map(|p| p.1.max(1.0)).collect();
+    let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = vals.iter().copied().fold(0.0f64, f64::max);
+    let (lmin, lmax) = if vals.is_empty() {
+        (1.0, 4.0)
+    } else {
+        (
+            lo.log10().floor(),
+            hi.log10().ceil().max(lo.log10().floor() + 1.0),
+        )
+    };
     let pw = W - LEFT - RIGHT;
     let ph = H - TOP - BOTTOM;
     let xpos = |mib: u64| -> f64 {
@@ -74,7 +84,7 @@ pub fn downtime_chart(rows: &[Row], subtitle: &str) -> String {
         let n = (sizes.len().max(2) - 1) as f64;
         LEFT + 20.0 + i * (pw - 40.0) / n
     };
-    let ypos = |v: f64| TOP + ph - v / ymax * ph;
+    let ypos = |v: f64| TOP + ph - (v.max(1.0).log10() - lmin) / (lmax - lmin) * ph;
 
     let mut s = String::new();
     let _ = writeln!(
@@ -93,8 +103,7 @@ pub fn downtime_chart(rows: &[Row], subtitle: &str) -> String {
         LEFT,
         esc(subtitle)
     );
-    let mut v = 0.0;
-    while v <= ymax + step / 2.0 {
+    for v in log_ticks(lmin, lmax) {
         let y = ypos(v);
         let _ = writeln!(
             s,
@@ -103,7 +112,6 @@ pub fn downtime_chart(rows: &[Row], subtitle: &str) -> String {
             LEFT - 6.0,
             y + 4.0
         );
-        v += step;
     }
     for m in &sizes {
         let x = xpos(*m);
@@ -128,7 +136,7 @@ pub fn downtime_chart(rows: &[Row], subtitle: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "<text transform=\"translate(18 {:.1}) rotate(-90)\" text-anchor=\"middle\">downtime (ms)</text>",
+        "<text transform=\"translate(18 {:.1}) rotate(-90)\" text-anchor=\"middle\">downtime (ms, log scale)</text>",
         TOP + ph / 2.0
     );
     for (i, ((tool, mode), pts)) in series.iter().enumerate() {
@@ -174,10 +182,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn steps_are_round() {
-        assert_eq!(tick_step(1000.0), 200.0);
-        assert_eq!(tick_step(830.0), 200.0);
-        assert_eq!(tick_step(90.0), 20.0);
+    fn ticks_cover_the_decades() {
+        assert_eq!(
+            log_ticks(2.0, 4.0),
+            vec![100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0]
+        );
     }
 
     #[test]
