@@ -54,7 +54,8 @@ pub enum NodeCount {
     /// `NumNodes=ALL` (`min_nodes = INFINITE`). slurmctld (22.05) treats it as "no change"; scontrol
     /// sends it to the expanded job after the merge to refresh its view.
     All,
-    /// Shrink a running job to this many nodes (slurmctld picks which to release).
+    /// Shrink a running job to this many nodes (slurmctld picks which to release, never the batch
+    /// host); for a pending job, the minimum node count.
     Exactly(u32),
 }
 
@@ -208,10 +209,9 @@ impl Slurm {
                     "NumNodes=0 is only meaningful as NodeCount::Zero".into(),
                 ))
             }
-            Some(NodeCount::Exactly(n)) => {
-                d.desc.min_nodes = n;
-                d.desc.max_nodes = n;
-            }
+            // Only min_nodes: slurmctld refuses a max_nodes change once the job runs
+            // (ESLURM_JOB_NOT_PENDING), and min_nodes alone is what shrinks a running job.
+            Some(NodeCount::Exactly(n)) => d.desc.min_nodes = n,
         }
         // SAFETY: the descriptor and every string it points to (owned by `d`) outlive the call;
         // slurm_update_job only reads it.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rebalancer_slurm::{DrainPhase, Error, ExpandOptions, Slurm, StepId};
+use rebalancer_slurm::{DrainPhase, Error, ExpandOptions, JobUpdate, NodeCount, Slurm, StepId};
 use slurm_tests::{Cluster, JobId};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -68,6 +68,7 @@ fn libslurm_against_a_real_cluster() {
     drain_and_resume(&slurm, &cluster);
     batch_job_and_its_steps(&slurm, &cluster);
     expand_then_shrink(&slurm, &cluster);
+    merge_step_by_step(&slurm, &cluster);
     expansion_onto_a_busy_node_times_out(&slurm, &cluster);
 }
 
@@ -322,4 +323,45 @@ fn expansion_onto_a_busy_node_times_out(slurm: &Slurm, cluster: &Cluster) {
 
     slurm.cancel_job(job_id).unwrap();
     slurm.cancel_job(busy).unwrap();
+}
+
+/// The expansion's updates one by one through `update_job`: the merge happens at `NumNodes=0` on the
+/// helper, before `NumNodes=ALL` on the job; a shrink by count keeps the job running.
+fn merge_step_by_step(slurm: &Slurm, cluster: &Cluster) {
+    let JobId(job_id) = cluster
+        .salloc_no_shell(&["-N1", "-w", "node1", "-J", "libslurm-merge"])
+        .unwrap();
+    let dependency = format!("--dependency=expand:{job_id}");
+    let JobId(helper) = cluster
+        .salloc_no_shell(&["-N1", "-w", "node3", &dependency])
+        .unwrap();
+
+    slurm
+        .update_job(helper, &JobUpdate::num_nodes(NodeCount::Zero))
+        .unwrap();
+    assert_eq!(job_field(cluster, job_id, "NodeList"), "node[1,3]");
+    assert_eq!(job_field(cluster, helper, "JobState"), "COMPLETED");
+    slurm
+        .update_job(job_id, &JobUpdate::num_nodes(NodeCount::All))
+        .unwrap();
+    assert_eq!(job_field(cluster, job_id, "NodeList"), "node[1,3]");
+    assert_eq!(
+        slurm.load_job(job_id).unwrap().node_names,
+        ["node1", "node3"]
+    );
+
+    slurm
+        .update_job(job_id, &JobUpdate::num_nodes(NodeCount::Exactly(1)))
+        .unwrap();
+    assert_eq!(job_field(cluster, job_id, "NumNodes"), "1");
+    let job = slurm.load_job(job_id).unwrap();
+    assert_eq!(job.node_names.len(), 1);
+    assert!(job.state.is_running());
+
+    // Updating a job slurmctld does not know is a typed error.
+    assert!(matches!(
+        slurm.update_job(999_999, &JobUpdate::node_list("node1")),
+        Err(Error::JobNotFound { job: 999_999 })
+    ));
+    slurm.cancel_job(job_id).unwrap();
 }
