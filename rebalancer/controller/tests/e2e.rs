@@ -219,7 +219,10 @@ fn start_migration(fake: &Shared, node: &str, req: &MigrateRequest) -> Option<St
         for p in [Phase::Freeze, Phase::Dump, Phase::Transfer, Phase::Restore] {
             tokio::time::sleep(delay / 4).await;
             let mut f = lock(&fake);
-            let r = f.migrations.get_mut(&mid).expect("rec");
+            // A test may "restart" the agent, which forgets its migrations.
+            let Some(r) = f.migrations.get_mut(&mid) else {
+                return;
+            };
             r.phases.push(PhaseRecord {
                 phase: p,
                 started_at: now_millis(),
@@ -962,4 +965,72 @@ async fn a_dry_run_policy_journals_and_plans_but_does_not_migrate() {
             .then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_the_agent_forgot_is_marked_failed_after_a_restart() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let fake: Shared = Arc::default();
+    {
+        let mut f = lock(&fake);
+        f.delay = Duration::from_millis(2000);
+        f.containers
+            .insert("node1".into(), vec![container("j12.s0.t0", "node1", 12)]);
+        f.containers.insert("node2".into(), vec![]);
+    }
+    spawn_agent(dir, "node1", fake.clone());
+    spawn_agent(dir, "node2", fake.clone());
+    let daemon = start_daemon(dir, &agents_config(dir), None);
+    let mut ctl = Ctl::connect(&dir.join("ctl.sock")).await;
+    wait_agents(&mut ctl).await;
+    let (r, _) = ctl
+        .call(&ControlRequest::Migrate {
+            target: MigrateTarget::Job { job_id: 12 },
+            destination: Some("node2".into()),
+            mode: None,
+            watch: false,
+        })
+        .await;
+    let Ok(ControlReply::Migrated { migrations, .. }) = r else {
+        panic!("migrate: {r:?}")
+    };
+    let mid = migrations[0].record.id.clone();
+    drop(ctl);
+    drop(daemon);
+    // The agent restarts too and loses its migration records.
+    lock(&fake).migrations.clear();
+
+    let _daemon = start_daemon(dir, &agents_config(dir), None);
+    let mut ctl = Ctl::connect(&dir.join("ctl.sock")).await;
+    let entry = wait_for("the lost migration to be closed", 10, async || {
+        match ctl
+            .call(&ControlRequest::ShowMigrations {
+                id: Some(mid.clone()),
+                active: false,
+            })
+            .await
+            .0
+        {
+            Ok(ControlReply::Migrations { migrations }) => migrations
+                .into_iter()
+                .find(|m| m.record.state.is_terminal()),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(entry.record.state, MigrationState::Failed);
+    let why = entry.record.error.unwrap_or_default();
+    assert!(why.contains("no record"), "{why}");
+    // Nothing is left in flight.
+    let (r, _) = ctl
+        .call(&ControlRequest::ShowMigrations {
+            id: None,
+            active: true,
+        })
+        .await;
+    assert!(
+        matches!(r, Ok(ControlReply::Migrations { ref migrations }) if migrations.is_empty()),
+        "{r:?}"
+    );
 }
