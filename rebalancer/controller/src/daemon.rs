@@ -60,6 +60,9 @@ pub struct ClusterState {
     pub planner_saved: Option<String>,
 }
 
+/// Agents polled at the same time.
+const AGENT_POLL_CONCURRENCY: usize = 64;
+
 /// Journal key of the planner's memory (hysteresis, cooldowns).
 pub const PLANNER_STATE: &str = "planner_state";
 
@@ -229,6 +232,8 @@ impl Controller {
 
     pub async fn poll_agents(self: &Arc<Self>) {
         let names = self.node_names();
+        // Bounded fan-out: a large cluster must not open thousands of sockets at once.
+        let permits = Arc::new(tokio::sync::Semaphore::new(AGENT_POLL_CONCURRENCY));
         let mut tasks = Vec::new();
         for node in names {
             let Some(agent) = self.agent(&node) else {
@@ -238,7 +243,9 @@ impl Controller {
                 .agents
                 .get(&node)
                 .is_none_or(|a| a.capabilities.is_none());
+            let permits = permits.clone();
             tasks.push(tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await;
                 let m = agent.metrics().await;
                 let c = match &m {
                     Ok(_) => agent.containers().await.map(Some),
