@@ -58,7 +58,12 @@ pub struct ClusterState {
     pub last_advice: HashMap<(String, String), (String, DecisionOutcome, Millis)>,
     /// Planner memory as last journaled.
     pub planner_saved: Option<String>,
+    /// Containers whose last migration could not start, and when.
+    pub failed_starts: HashMap<String, Millis>,
 }
+
+/// Pause before an automatic move whose start failed is tried again.
+const RETRY_AFTER_FAILURE_MS: u64 = 60_000;
 
 /// Agents polled at the same time.
 const AGENT_POLL_CONCURRENCY: usize = 64;
@@ -490,8 +495,20 @@ impl Controller {
                 Some(PolicyState::DryRun) => PlanAction::DryRun,
                 _ => mv.action,
             };
-            if self.state().in_flight.contains_key(&mv.container) {
-                continue;
+            {
+                let st = self.state();
+                if st.in_flight.contains_key(&mv.container) {
+                    continue;
+                }
+                // A start that failed (agent unreachable, refused) is retried after a pause,
+                // not at every evaluation.
+                if st
+                    .failed_starts
+                    .get(&mv.container)
+                    .is_some_and(|t| now_millis().saturating_sub(*t) < RETRY_AFTER_FAILURE_MS)
+                {
+                    continue;
+                }
             }
             let Some(c) = input.containers.iter().find(|c| c.id == mv.container) else {
                 continue;
@@ -804,6 +821,9 @@ impl Controller {
     ) {
         warn!(container = %decision.container, source = %decision.source, destination = %decision.destination, policy = %decision.policy, "migration not started: {e}");
         decision.outcome = DecisionOutcome::Failed;
+        write(&self.state)
+            .failed_starts
+            .insert(decision.container.clone(), now_millis());
         decision.detail = Some(e.to_string());
         if let Err(je) = self.journal.update_decision(decision) {
             error!(container = %decision.container, "cannot journal a decision: {je}");

@@ -310,6 +310,11 @@ impl Planner for BuiltinPlanner {
             let Some(reason) = n.flags.evacuate_reason() else {
                 continue;
             };
+            if !n.agent_up {
+                // CRIU runs on the source: nothing can leave a node whose agent is gone.
+                tracing::warn!(policy = BUILTIN_DRAIN, node = %n.name, "cannot evacuate: agent unreachable");
+                continue;
+            }
             for c in input
                 .containers
                 .iter()
@@ -419,6 +424,20 @@ pub(crate) mod tests {
         assert!(p.plan(&input, &st).is_empty());
         st.insert(BUILTIN_DRAIN.to_string(), PolicyState::DryRun);
         assert_eq!(p.plan(&input, &st)[0].action, PlanAction::DryRun);
+    }
+
+    #[test]
+    fn nothing_leaves_a_node_whose_agent_is_gone() {
+        let mut n1 = node("n1", "DOWN", 0.0);
+        n1.agent_up = false;
+        let input = PlanInput {
+            nodes: vec![n1, node("n2", "IDLE", 0.0)],
+            containers: vec![container("a", "n1")],
+            ..Default::default()
+        };
+        assert!(BuiltinPlanner::default()
+            .plan(&input, &BTreeMap::new())
+            .is_empty());
     }
 
     #[test]

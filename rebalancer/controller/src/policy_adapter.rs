@@ -79,9 +79,12 @@ pub fn cluster_view(input: &PlanInput) -> pol::ClusterView {
                 modes: n.modes.iter().copied().filter_map(to_policy_mode).collect(),
             })
             .collect(),
+        // CRIU runs on the source: containers of a node whose agent is gone cannot move, and a
+        // planned move would start cooldowns for nothing.
         containers: input
             .containers
             .iter()
+            .filter(|c| input.nodes.iter().any(|n| n.name == c.node && n.agent_up))
             .map(|c| pol::ContainerView {
                 id: c.id.clone(),
                 job_id: u64::from(c.job_id),
@@ -318,6 +321,14 @@ mod tests {
         let mut p = planner();
         let mut i = input();
         i.nodes[1].agent_up = false;
+        assert!(p.plan(&i, &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn nothing_is_planned_off_a_node_whose_agent_is_gone() {
+        let mut p = planner();
+        let mut i = input();
+        i.nodes[0].agent_up = false;
         assert!(p.plan(&i, &BTreeMap::new()).is_empty());
     }
 
