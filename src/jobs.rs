@@ -440,6 +440,23 @@ fn get_job_steps(job_id: u32, out: &mut *mut sys::job_step_info_response_msg_t) 
 
 impl Drop for StepInfoMsg {
     fn drop(&mut self) {
+        // slurm_free_job_step_info_members() forgets submit_line and cpus_per_tres (22.05 up to at
+        // least 26.x): free them first. xfree NULLs the pointers, so a fixed libslurm will not
+        // free them twice.
+        // SAFETY: we own the message; job_steps holds job_step_count records whose string fields
+        // are NULL or xmalloc()ed by the unpacker.
+        unsafe {
+            let msg = self.0.as_mut();
+            if !msg.job_steps.is_null() {
+                for i in 0..msg.job_step_count as usize {
+                    let step = &mut *msg.job_steps.add(i);
+                    sys::slurm_xfree((&mut step.submit_line as *mut *mut std::ffi::c_char).cast());
+                    sys::slurm_xfree(
+                        (&mut step.cpus_per_tres as *mut *mut std::ffi::c_char).cast(),
+                    );
+                }
+            }
+        }
         // SAFETY: allocated by slurm_get_job_steps, freed exactly once.
         unsafe { sys::slurm_free_job_step_info_response_msg(self.0.as_ptr()) }
     }

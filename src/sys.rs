@@ -10,3 +10,9 @@
 )]
 
 include!(concat!(env!("OUT_DIR"), "/slurm_bindings.rs"));
+
+extern "C" {
+    /// libslurm's `xfree()` (src/common/xmalloc.h; exported by libslurm.so but not declared in the
+    /// public headers): frees an xmalloc()ed block and sets the pointer to NULL.
+    pub fn slurm_xfree(item: *mut *mut ::std::os::raw::c_void);
+}
