@@ -126,6 +126,14 @@ pub enum Error {
         /// Job id.
         job: u32,
     },
+    /// A batch job's batch host cannot be removed from its allocation.
+    #[error("job {job} is a batch job and cannot leave its batch host {host}")]
+    BatchHostPinned {
+        /// Job id.
+        job: u32,
+        /// Node running the batch script.
+        host: String,
+    },
     /// The helper allocation for an expansion did not start in time (it has been cancelled).
     #[error("allocation {allocation} to expand job {job} did not start within {waited:?}")]
     AllocationTimeout {

@@ -226,8 +226,20 @@ impl Slurm {
         Ok(())
     }
 
-    /// `NodeList=nodes` on a running job: keeps only those nodes. The batch host cannot be removed.
+    /// `NodeList=keep` on a running job: keeps only those nodes, ending the job's steps on the
+    /// others. A batch job cannot leave its batch host; that is refused here with
+    /// [`Error::BatchHostPinned`] (slurmctld would say "Invalid node name specified").
     pub fn shrink_job(&self, job_id: u32, keep: &str) -> Result<()> {
+        let kept = crate::hostlist::expand(keep)?;
+        if kept.is_empty() {
+            return Err(Error::InvalidRequest("empty NodeList".into()));
+        }
+        let job = self.load_job(job_id)?;
+        if job.is_batch {
+            if let Some(host) = job.batch_host.filter(|h| !kept.contains(h)) {
+                return Err(Error::BatchHostPinned { job: job_id, host });
+            }
+        }
         self.update_job(job_id, &JobUpdate::node_list(keep))
     }
 

@@ -237,6 +237,15 @@ fn batch_job_and_its_steps(slurm: &Slurm, cluster: &Cluster) {
         .iter()
         .any(|(id, nodes)| *id == format!("{job_id}.0") && nodes == "node1"));
 
+    // Moving a batch job off its batch host is refused before slurmctld sees it.
+    match slurm.shrink_job(job_id, "node2") {
+        Err(Error::BatchHostPinned { job, host }) => {
+            assert_eq!((job, host.as_str()), (job_id, "node1"));
+        }
+        other => panic!("expected BatchHostPinned, got {other:?}"),
+    }
+    assert_eq!(job_field(cluster, job_id, "NodeList"), "node1");
+
     slurm.cancel_job(job_id).unwrap();
     wait_until("the batch job to end", || {
         slurm.load_job(job_id).unwrap().state.is_finished()
