@@ -7,50 +7,20 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rebalancer_proto::control::{ControlReply, ControlRequest, ControlResponse};
-use rebalancer_proto::frame::{read_frame, write_frame, Frame, FrameKind};
+use rebalancer_proto::control::{ControlReply, ControlRequest};
 use rebalancer_proto::*;
+
+mod common;
+use common::*;
 
 const P: &str = "rbp";
 const NET: &str = "198.18.48";
 const SUBNET: &str = "198.19.48.0/24";
-
-fn sh(cmd: &str) -> std::process::Output {
-    Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
-}
-
-fn must(cmd: &str) {
-    let o = sh(cmd);
-    assert!(
-        o.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn agent_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("REBALANCER_AGENT_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("rebalancer-agent"))
-        .expect("target dir");
-    assert!(
-        p.exists(),
-        "{} missing: build it (cargo build -p rebalancer-agent) or set REBALANCER_AGENT_BIN",
-        p.display()
-    );
-    p
-}
 
 /// Two node namespaces with real agents (node names = namespace names, so that the agents'
 /// container namespaces `rb-<node>-<id>` fall under the teardown's prefix), a client namespace, a private munged. Torn down on drop.
@@ -186,83 +156,6 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.teardown();
-    }
-}
-
-fn hello(s: &mut UnixStream, role: Role) {
-    write_frame(
-        s,
-        &Frame::json(FrameKind::Hello, 0, &Hello::new(role, "ctl-test")).expect("hello"),
-    )
-    .expect("send");
-    let f = read_frame(s, MAX_FRAME_LEN).expect("hello back");
-    assert_eq!(f.header.kind, FrameKind::Hello);
-}
-
-fn agent_call(sock: &Path, req: &Request) -> Result<Reply, String> {
-    let mut s = UnixStream::connect(sock).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    hello(&mut s, Role::Cli);
-    write_frame(
-        &mut s,
-        &Frame::json(FrameKind::Request, 1, req).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
-    let f = read_frame(&mut s, MAX_FRAME_LEN).map_err(|e| e.to_string())?;
-    let r: Response = f
-        .decode(FrameKind::Response, "response")
-        .map_err(|e| e.to_string())?;
-    r.into_result().map_err(|e| e.to_string())
-}
-
-fn ctl_call(sock: &Path, req: &ControlRequest) -> Result<ControlReply, ErrorReply> {
-    let mut s = UnixStream::connect(sock).map_err(|e| ErrorReply {
-        code: ErrorCode::Unreachable,
-        message: e.to_string(),
-    })?;
-    hello(&mut s, Role::Cli);
-    write_frame(
-        &mut s,
-        &Frame::json(FrameKind::Request, 1, req).expect("frame"),
-    )
-    .expect("send");
-    loop {
-        let f = read_frame(&mut s, MAX_FRAME_LEN).expect("reply");
-        if f.header.kind == FrameKind::Event {
-            continue;
-        }
-        let r: ControlResponse = f.decode(FrameKind::Response, "response").expect("response");
-        return r.into_result();
-    }
-}
-
-/// A TCP counter server (answers each line with the count so far on that connection).
-fn server(id: &str, job: u32, address: &str) -> ContainerSpec {
-    let prog = "import socket\nbuf = bytearray(48 << 20)\nfor i in range(0, len(buf), 4096): buf[i] = 1\n\
-                s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-                s.bind(('0.0.0.0', 8000)); s.listen(4)\nwhile True:\n    c, _ = s.accept(); f = c.makefile('rb'); n = 0\n\
-                \x20   for line in f:\n        n += 1; c.sendall(b'%d\\n' % n)\n";
-    ContainerSpec {
-        id: id.into(),
-        task: Some(TaskRef {
-            job_id: job,
-            step_id: 0,
-            task_id: 0,
-        }),
-        uid: 0,
-        gid: 0,
-        argv: vec!["python3".into(), "-u".into(), "-c".into(), prog.into()],
-        env: vec![],
-        cwd: "/".into(),
-        rootfs: RootfsSpec::Host,
-        binds: vec![],
-        memory_limit: None,
-        cpus: Some(1.0),
-        class: None,
-        address: Some(address.into()),
-        stdout: None,
-        stderr: None,
     }
 }
 
@@ -492,14 +385,4 @@ fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
         updates.contains("update jobid=31 NodeList=rbpn1"),
         "updates: {updates}"
     );
-}
-
-/// Kills the controller also when an assertion fails.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
