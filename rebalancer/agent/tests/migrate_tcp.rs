@@ -76,6 +76,27 @@ fn tcp_server_survives_both_modes() {
         ContainerState::Running
     );
 
+    // auto on a small container picks stop-and-copy and says why.
+    probe.reset_gap();
+    let rec = lab
+        .client(0)
+        .migrate("tcp1", &lab.nodes[1].name, MigrationMode::Auto)
+        .unwrap_or_else(|e| {
+            panic!(
+                "auto failed: {e}\n--- n0\n{}\n--- n1\n{}",
+                lab.log(0),
+                lab.log(1)
+            )
+        });
+    assert_eq!(rec.mode, Some(MigrationMode::StopAndCopy));
+    let why = rec.mode_reason.clone().unwrap_or_default();
+    assert!(why.starts_with("auto: stop-and-copy"), "{why}");
+    assert!(
+        probe.advance(50, Duration::from_secs(10)),
+        "client stalled after auto"
+    );
+    eprintln!("auto: {} ({why})", summary(&rec));
+
     let stats = probe.stop();
     assert!(stats.errors.is_empty(), "client errors: {:?}", stats.errors);
     assert!(stats.last_counter > 150, "counter {}", stats.last_counter);
