@@ -299,6 +299,7 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
                 source_node: agent.cfg.node.clone(),
                 meta: Box::new(meta.clone()),
                 restore_step: external,
+                rss_bytes: rss,
                 source_addr: Some(
                     std::net::SocketAddr::new(agent.cfg.advertise.into(), agent.cfg.listen.port())
                         .to_string(),

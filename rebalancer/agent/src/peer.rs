@@ -68,6 +68,9 @@ pub enum PeerRequest {
         /// The source agent's peer address, told the task's final status later.
         #[serde(default)]
         source_addr: Option<String>,
+        /// Resident memory of the container, for the destination's room check.
+        #[serde(default)]
+        rss_bytes: u64,
     },
     Images {
         files: Vec<ImageFile>,
@@ -568,6 +571,7 @@ async fn handle(
             source_node: claimed,
             restore_step,
             source_addr,
+            rss_bytes,
         } => {
             if incoming.is_some() {
                 return Err(AgentError::BadRequest("prepare sent twice".into()));
@@ -609,6 +613,17 @@ async fn handle(
                 )));
             }
             agent.validate_spec(&meta.spec)?;
+            let available = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| {
+                    m.lines()
+                        .find_map(|l| l.strip_prefix("MemAvailable:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                })
+                .map(|kb| kb * 1024);
+            if let Some(avail) = available {
+                room_check(mode, rss_bytes, avail, &agent.cfg.node)?;
+            }
             agent.incoming().insert((id.clone(), meta.address));
             let dir = agent.container_dir(&id);
             let mig_dir = agent.cfg.run_dir.join("images").join(&migration);
@@ -972,6 +987,32 @@ async fn restore(
     })
 }
 
+/// Whether this node can take a container of `rss` bytes: stop-and-copy and pre-copy hold the
+/// pages twice for a while (tmpfs images and the restored copy), post-copy once; plus 256 MiB
+/// of headroom. Pure.
+pub fn room_check(
+    mode: MigrationMode,
+    rss: u64,
+    available: u64,
+    node: &str,
+) -> Result<(), AgentError> {
+    let copies = if mode == MigrationMode::PostCopy {
+        1
+    } else {
+        2
+    };
+    let need = rss.saturating_mul(copies) + (256 << 20);
+    if available < need {
+        return Err(AgentError::NoRoom(format!(
+            "{node} has {} MiB of memory available, a {mode} migration of {} MiB needs {} MiB",
+            available >> 20,
+            rss >> 20,
+            need >> 20
+        )));
+    }
+    Ok(())
+}
+
 /// The restore plan a restore step's waiter runs (it adds --restore-detached --restore-sibling
 /// --pidfile and its stdio). Pure.
 pub fn restore_plan(
@@ -1104,6 +1145,16 @@ async fn restore_via_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn room_check_counts_image_copies() {
+        let gib = 1u64 << 30;
+        assert!(room_check(MigrationMode::PostCopy, gib, 2 * gib, "n").is_ok());
+        assert!(room_check(MigrationMode::StopAndCopy, gib, 2 * gib, "n").is_err());
+        let e = room_check(MigrationMode::StopAndCopy, gib, gib, "n2").expect_err("no room");
+        assert!(matches!(e, AgentError::NoRoom(_)));
+        assert!(e.to_string().contains("n2 has 1024 MiB"), "{e}");
+    }
 
     #[test]
     fn restore_step_plan_and_command() {

@@ -23,6 +23,7 @@ print("criu restore rc", rc, flush=True)
 if rc != 0:
     sys.exit(1)
 pid = int(open(pidfile).read())
+os.unlink(pidfile)
 reg["pid"] = pid
 reg["container"] = plan["container"]
 a.call({"op": "register-task", "registration": reg})
