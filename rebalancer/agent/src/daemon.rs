@@ -48,6 +48,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     for n in &caps.notes {
         tracing::warn!(node = %cfg.node, "{n}");
     }
+    if !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        tracing::warn!("cgroup v2 is not mounted (v1 hierarchy only): container memory/cpu limits are not enforced");
+    }
     if cfg.auth == crate::config::AuthMethod::None {
         tracing::warn!(
             "peer authentication is OFF (auth.method = \"none\"): any host can send migrations"
