@@ -411,8 +411,18 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
                 let _ = std::fs::remove_dir_all(agent.container_dir(&p.rec.container));
             }
             remove_images(&base);
-            finish(&mut p.rec, MigrationState::Succeeded, None);
-            tracing::info!(migration = %p.rec.id, container = %p.rec.container, downtime_ms = ?p.rec.stats.downtime_ms, "migration succeeded");
+            if committed_at.is_some() {
+                finish(&mut p.rec, MigrationState::Succeeded, None);
+            } else {
+                // Commit was sent but its answer never came: the destination may or may not run
+                // the container; the source copy is gone either way (never two live copies).
+                let why = format!(
+                    "commit sent to {} but not confirmed: check the container there",
+                    p.rec.destination
+                );
+                finish(&mut p.rec, MigrationState::Failed, Some(why));
+            }
+            tracing::info!(migration = %p.rec.id, container = %p.rec.container, downtime_ms = ?p.rec.stats.downtime_ms, state = ?p.rec.state, "migration finished");
         }
         Err(e) => {
             tracing::warn!(migration = %p.rec.id, container = %p.rec.container, error = %e.chain(), "migration failed, rolling back");
