@@ -26,6 +26,8 @@ pkgs=(
   uuid-dev libaio-dev asciidoc-base xz-utils dpkg-dev
   # runc, for the benchmark's reference toolchain
   runc
+  # pre-copy proof (rebalancer/vm-tests): a Debian 6.1 kernel with soft-dirty under qemu (TCG)
+  qemu-system-x86 busybox-static
 )
 if [ "$want_slurm" = 1 ]; then
   pkgs+=(slurmctld slurmd slurmdbd slurm-client libslurm-dev munge mariadb-server)

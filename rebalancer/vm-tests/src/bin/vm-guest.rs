@@ -1,0 +1,525 @@
+//! Runs inside the test VM (see `tests/precopy_vm.rs`).
+//! - `vm-guest scenario AGENT MEM_MIB DIRTY_PCT`: builds two agent nodes in network namespaces
+//!   on a bridge, starts a container that keeps dirtying its memory, migrates it with pre-copy
+//!   and back with stop-and-copy while a client sends a request every 10 ms, and prints
+//!   `@@vmtest` result lines (`rebalancer_vm_tests::report`) on stdout (the serial console).
+//! - `vm-guest workload MEM_MIB DIRTY_PCT`: the container: touches MEM_MIB MiB, then rewrites a
+//!   window sliding through it at DIRTY_PCT % of the pages per second, and serves a TCP counter
+//!   on port 8000 (each line answered with the number of lines seen on that connection).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use rebalancer_proto::frame::{read_frame, write_frame, Frame, FrameKind};
+use rebalancer_proto::*;
+use rebalancer_vm_tests::report::{GuestEvent, ProbeReport};
+
+// Network plan: the last agent/engine block (the VM is isolated, the block only keeps names
+// and addresses consistent with the host's tests).
+const BRIDGE: &str = "rbvbr";
+const NODE_NET: &str = "198.18.31";
+const SUBNET: &str = "198.19.31.0/24";
+const CONTAINER_IP: &str = "198.19.31.10";
+const NODES: [&str; 2] = ["rbvn0", "rbvn1"];
+const CLIENT_NS: &str = "rbvcl";
+const LAB: &str = "/run/vmt";
+/// iproute2's `ip` (busybox's shell would run its own `ip` applet for a bare `ip`).
+const IP: &str = "/usr/bin/ip";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let num = |i: usize, default: f64| {
+        args.get(i)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(default)
+    };
+    match args.get(1).map(String::as_str) {
+        Some("workload") => {
+            if let Err(e) = workload(num(2, 128.0) as usize, num(3, 5.0)) {
+                eprintln!("vm-guest workload: {e:#}");
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
+        Some("scenario") => {
+            let agent = PathBuf::from(
+                args.get(2)
+                    .map(String::as_str)
+                    .unwrap_or("rebalancer-agent"),
+            );
+            let r = scenario(&agent, num(3, 192.0) as u64, num(4, 5.0));
+            if let Err(e) = &r {
+                for n in NODES {
+                    let log = std::fs::read_to_string(format!("{LAB}/{n}.log")).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    for l in tail.into_iter().rev() {
+                        emit(&GuestEvent::Log {
+                            message: format!("{n}: {l}"),
+                        });
+                    }
+                }
+                criu_log_errors(Path::new(LAB));
+                emit(&GuestEvent::Done {
+                    ok: false,
+                    error: Some(format!("{e:#}")),
+                });
+                return ExitCode::from(1);
+            }
+            emit(&GuestEvent::Done {
+                ok: true,
+                error: None,
+            });
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!(
+                "usage: vm-guest scenario AGENT MEM_MIB DIRTY_PCT | workload MEM_MIB DIRTY_PCT"
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// On failure: the error lines (and what precedes them) of every CRIU log the agents kept.
+fn criu_log_errors(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            criu_log_errors(&p);
+        } else if p.extension().is_some_and(|x| x == "log") && p.parent() != Some(Path::new(LAB)) {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            // The first error with what led to it, then the later error lines alone.
+            let mut context = 25;
+            for (i, l) in lines.iter().enumerate() {
+                if l.contains("Error") {
+                    for c in &lines[i.saturating_sub(context)..=i] {
+                        emit(&GuestEvent::Log {
+                            message: format!("{}: {c}", p.display()),
+                        });
+                    }
+                    context = 0;
+                }
+            }
+        }
+    }
+}
+
+fn emit(e: &GuestEvent) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", e.line());
+    let _ = out.flush();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workload (the container)
+
+fn workload(mem_mib: usize, dirty_pct: f64) -> anyhow::Result<()> {
+    const PAGE: usize = 4096;
+    let pages = (mem_mib << 20) / PAGE;
+    let mut buf = vec![0u8; pages * PAGE];
+    let base = buf.as_mut_ptr() as usize;
+    let touch = move |page: usize, v: u8| {
+        // SAFETY: page < pages, so the byte lies inside `buf`, which lives until the process
+        // ends (the dirtier loop never returns); only the dirtier thread writes after start-up.
+        unsafe { std::ptr::write_volatile((base + page * PAGE) as *mut u8, v) };
+    };
+    for p in 0..pages {
+        touch(p, 1);
+    }
+    // 10 ticks per second, each rewriting the next slice of the window.
+    let per_tick = ((pages as f64 * dirty_pct / 100.0) / 10.0).ceil() as usize;
+    std::thread::spawn(move || {
+        let mut pos = 0usize;
+        let mut v = 2u8;
+        loop {
+            for _ in 0..per_tick {
+                touch(pos, v);
+                pos += 1;
+                if pos == pages {
+                    pos = 0;
+                    v = v.wrapping_add(1).max(1);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    std::mem::forget(buf);
+    let l = std::net::TcpListener::bind(("0.0.0.0", 8000)).context("bind :8000")?;
+    println!("listening");
+    for c in l.incoming() {
+        let Ok(c) = c else { continue };
+        std::thread::spawn(move || {
+            let Ok(mut w) = c.try_clone() else { return };
+            let mut n = 0u64;
+            for line in BufReader::new(c).lines() {
+                if line.is_err() {
+                    return;
+                }
+                n += 1;
+                if writeln!(w, "{n}").is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario (the lab in the VM)
+
+fn sh(cmd: &str) -> anyhow::Result<()> {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .with_context(|| format!("run `{cmd}`"))?;
+    if !o.status.success() {
+        bail!(
+            "`{cmd}` failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn node_ip(i: usize) -> String {
+    format!("{NODE_NET}.{}", 10 + i)
+}
+
+fn build_network() -> anyhow::Result<()> {
+    sh(&format!(
+        "mkdir -p /run/netns {LAB} && /usr/bin/ip link add {BRIDGE} type bridge && \
+         /usr/bin/ip addr add {NODE_NET}.1/24 dev {BRIDGE} && /usr/bin/ip link set {BRIDGE} up"
+    ))?;
+    let mut names: Vec<&str> = NODES.to_vec();
+    names.push(CLIENT_NS);
+    for (i, ns) in names.iter().enumerate() {
+        sh(&format!(
+            "{IP} netns add {ns} && {IP} link add {ns}h type veth peer name eth0 netns {ns} && \
+             {IP} link set {ns}h master {BRIDGE} up && {IP} -n {ns} addr add {ip}/24 dev eth0 && \
+             {IP} -n {ns} link set eth0 up && {IP} -n {ns} link set lo up",
+            ip = node_ip(i)
+        ))?;
+    }
+    sh(&format!("{IP} -n {CLIENT_NS} route add {SUBNET} dev eth0"))
+}
+
+fn agent_config(i: usize) -> String {
+    let peers: String = NODES
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(j, n)| format!("{n} = \"{}:7878\"\n", node_ip(j)))
+        .collect();
+    format!(
+        "node = \"{n}\"\nlisten = \"{ip}:7878\"\ncontrol_socket = \"{LAB}/{n}.sock\"\n\
+         container_subnet = \"{SUBNET}\"\nstate_dir = \"{LAB}/{n}/state\"\nrun_dir = \"{LAB}/{n}/run\"\n\
+         migration_timeout_ms = 600000\nhost_dirs = [\"/usr\", \"/etc\", \"/bin\", \"/lib\", \"/lib64\", \"/sbin\"]\n\
+         [auth]\nmethod = \"none\"\n[peers]\n{peers}",
+        n = NODES[i],
+        ip = node_ip(i),
+    )
+}
+
+fn start_agent(agent: &Path, i: usize) -> anyhow::Result<()> {
+    let n = NODES[i];
+    let cfg = format!("{LAB}/{n}.toml");
+    std::fs::write(&cfg, agent_config(i)).context("write agent config")?;
+    let log = std::fs::File::create(format!("{LAB}/{n}.log")).context("agent log")?;
+    let ns = std::fs::File::open(format!("/run/netns/{n}")).context("node netns")?;
+    let mut cmd = Command::new(agent);
+    cmd.args(["run", "--config", &cfg])
+        .env("REBALANCER_LOG", "info,rebalancer_agent=debug")
+        .env("NO_COLOR", "1")
+        .env("REBALANCER_KEEP_IMAGES", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("log")?)
+        .stderr(log);
+    // SAFETY: setns(2) is async-signal-safe; `ns` stays open in the parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+    cmd.spawn().context("start agent")?;
+    let sock = PathBuf::from(format!("{LAB}/{n}.sock"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(mut c) = Client::connect(&sock) {
+            if c.call(&Request::Ping).is_ok() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("agent {n} did not answer within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct Client {
+    s: UnixStream,
+    id: u32,
+}
+
+impl Client {
+    fn connect(path: &Path) -> anyhow::Result<Client> {
+        let mut s = UnixStream::connect(path)?;
+        s.set_read_timeout(Some(Duration::from_secs(900)))?;
+        let h = Hello::new(Role::Cli, "vm-guest");
+        write_frame(&mut s, &Frame::json(FrameKind::Hello, 0, &h)?)?;
+        let f = read_frame(&mut s, MAX_FRAME_LEN)?;
+        if f.header.kind != FrameKind::Hello {
+            bail!("agent did not answer with hello");
+        }
+        Ok(Client { s, id: 1 })
+    }
+
+    fn call(&mut self, req: &Request) -> anyhow::Result<Reply> {
+        let id = self.id;
+        self.id += 1;
+        write_frame(&mut self.s, &Frame::json(FrameKind::Request, id, req)?)?;
+        loop {
+            let f = read_frame(&mut self.s, MAX_FRAME_LEN)?;
+            if f.header.kind == FrameKind::Event {
+                continue;
+            }
+            let r: Response = f.decode(FrameKind::Response, "response")?;
+            return r.into_result().map_err(|e| anyhow!("{e}"));
+        }
+    }
+
+    fn node(i: usize) -> anyhow::Result<Client> {
+        Client::connect(Path::new(&format!("{LAB}/{}.sock", NODES[i])))
+    }
+}
+
+/// A client in the client namespace: one request every 10 ms on one connection, counter checked.
+struct Probe {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    report: Arc<Mutex<(ProbeReport, Instant)>>,
+}
+
+impl Probe {
+    fn start() -> Probe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let report = Arc::new(Mutex::new((ProbeReport::default(), Instant::now())));
+        let (st, c2, r2) = (stop.clone(), count.clone(), report.clone());
+        std::thread::spawn(move || {
+            let fail = |m: String| {
+                if let Ok(mut r) = r2.lock() {
+                    r.0.errors.push(m);
+                }
+            };
+            let ns = match std::fs::File::open(format!("/run/netns/{CLIENT_NS}")) {
+                Ok(f) => f,
+                Err(e) => return fail(format!("open client netns: {e}")),
+            };
+            if let Err(e) = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET) {
+                return fail(format!("setns: {e}"));
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let s = loop {
+                match std::net::TcpStream::connect((CONTAINER_IP, 8000)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => return fail(format!("connect: {e}")),
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+            let Ok(mut w) = s.try_clone() else {
+                return fail("clone socket".into());
+            };
+            let mut r = BufReader::new(s);
+            let mut expect = 1u64;
+            while !st.load(Ordering::Relaxed) {
+                let mut line = String::new();
+                let res = w.write_all(b"x\n").and_then(|_| r.read_line(&mut line));
+                match res {
+                    Ok(0) => return fail("connection closed".into()),
+                    Err(e) => return fail(format!("i/o: {e}")),
+                    Ok(_) => {
+                        let v: u64 = line.trim().parse().unwrap_or(0);
+                        if v != expect {
+                            return fail(format!("counter {v}, expected {expect}"));
+                        }
+                        expect += 1;
+                        if let Ok(mut g) = r2.lock() {
+                            let gap = g.1.elapsed().as_millis() as u64;
+                            g.0.max_gap_ms = g.0.max_gap_ms.max(gap);
+                            g.0.requests += 1;
+                            g.1 = Instant::now();
+                        }
+                        c2.store(v, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Probe {
+            stop,
+            count,
+            report,
+        }
+    }
+
+    /// Waits for `n` more answers; false on a client error or timeout.
+    fn advance(&self, n: u64, within: Duration) -> bool {
+        let start = self.count.load(Ordering::Relaxed);
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.count.load(Ordering::Relaxed) >= start + n {
+                return true;
+            }
+            if self
+                .report
+                .lock()
+                .map(|r| !r.0.errors.is_empty())
+                .unwrap_or(true)
+            {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// The report since the last call, then starts a fresh one.
+    fn take(&self) -> ProbeReport {
+        match self.report.lock() {
+            Ok(mut g) => std::mem::take(&mut g.0),
+            Err(_) => ProbeReport {
+                errors: vec!["probe lock poisoned".into()],
+                ..Default::default()
+            },
+        }
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn spec(mem_mib: u64, dirty_pct: f64) -> ContainerSpec {
+    ContainerSpec {
+        id: "mem".into(),
+        task: None,
+        uid: 0,
+        gid: 0,
+        argv: vec![
+            "/usr/bin/vm-guest".into(),
+            "workload".into(),
+            mem_mib.to_string(),
+            dirty_pct.to_string(),
+        ],
+        env: vec![],
+        cwd: "/".into(),
+        rootfs: RootfsSpec::Host,
+        binds: vec![],
+        memory_limit: None,
+        cpus: None,
+        class: None,
+        address: Some(CONTAINER_IP.into()),
+        stdout: None,
+        stderr: None,
+    }
+}
+
+fn rss(node: usize) -> anyhow::Result<u64> {
+    match Client::node(node)?.call(&Request::GetContainer { id: "mem".into() })? {
+        Reply::Container { container } => Ok(container.rss_bytes),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+fn migrate(
+    probe: &Probe,
+    label: &str,
+    from: usize,
+    to: usize,
+    mode: MigrationMode,
+) -> anyhow::Result<()> {
+    probe.take();
+    let req = Request::Migrate {
+        request: MigrateRequest {
+            container: "mem".into(),
+            destination: NODES[to].into(),
+            destination_addr: None,
+            mode,
+            max_downtime_ms: None,
+            timeout_ms: None,
+        },
+        watch: true,
+    };
+    let record = match Client::node(from)?.call(&req).context(label.to_string())? {
+        Reply::Migration { migration } => migration,
+        other => bail!("unexpected answer {other:?}"),
+    };
+    // Let the client see the container on its new node before reading its figures.
+    probe.advance(50, Duration::from_secs(60));
+    emit(&GuestEvent::Migration {
+        label: label.into(),
+        record: Box::new(record),
+        probe: probe.take(),
+    });
+    Ok(())
+}
+
+fn scenario(agent: &Path, mem_mib: u64, dirty_pct: f64) -> anyhow::Result<()> {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    emit(&GuestEvent::Kernel { release });
+    build_network()?;
+    for i in 0..NODES.len() {
+        start_agent(agent, i)?;
+    }
+    match Client::node(0)?.call(&Request::Capabilities)? {
+        Reply::Capabilities { capabilities } => emit(&GuestEvent::Capabilities { capabilities }),
+        other => bail!("unexpected answer {other:?}"),
+    }
+    Client::node(0)?.call(&Request::CreateContainer {
+        spec: spec(mem_mib, dirty_pct),
+    })?;
+    let probe = Probe::start();
+    if !probe.advance(20, Duration::from_secs(120)) {
+        bail!("the client got no answers: {:?}", probe.take().errors);
+    }
+    let want = mem_mib << 20;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut r = rss(0)?;
+    while r < want {
+        if Instant::now() > deadline {
+            bail!("container RSS stayed at {} MiB", r >> 20);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        r = rss(0)?;
+    }
+    emit(&GuestEvent::Container {
+        id: "mem".into(),
+        rss_bytes: r,
+    });
+    // A few seconds of steady dirtying before the first round.
+    std::thread::sleep(Duration::from_secs(3));
+    migrate(&probe, "pre-copy", 0, 1, MigrationMode::PreCopy)?;
+    std::thread::sleep(Duration::from_secs(3));
+    migrate(&probe, "stop-and-copy", 1, 0, MigrationMode::StopAndCopy)?;
+    Ok(())
+}
