@@ -282,10 +282,43 @@ fn cleanup_run(ctx: &Ctx, tool: &str) {
     net::delete_netns("rbb-cd");
 }
 
+/// MemAvailable in MiB.
+fn mem_available_mib() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("MemAvailable:")?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .map(|kb| kb / 1024)
+        })
+}
+
+/// A migration holds the workload up to three times at once (source, images on tmpfs,
+/// restored copy); starting one without that much free memory wakes the OOM killer, which
+/// may pick anybody's process on this shared machine.
+fn memory_needed_mib(mib: u64) -> u64 {
+    mib * 3 + 512
+}
+
 /// One migration of one cell; `Err` only when interrupted.
 fn run_cell(s: &Settings, tool: &str, mode: Mode, mib: u64, idx: usize) -> Result<Row, SysError> {
     let mut row = Row::new(mib, tool, mode.name(), Outcome::Ok);
     let started = Instant::now();
+    if let Some(avail) = mem_available_mib() {
+        if avail < memory_needed_mib(mib) {
+            row.outcome = Outcome::Failed(format!(
+                "skipped: {avail} MiB available, a {mib} MiB migration needs {} MiB",
+                memory_needed_mib(mib)
+            ));
+            eprintln!("    {:?}", row.outcome);
+            return Ok(row);
+        }
+    }
     let res = match tool {
         "criu" if mode != Mode::PreCopy => run_cr(&s.ctx, cr::Tool::Criu, mode, mib, idx, &mut row),
         "runc" if mode != Mode::PreCopy => run_cr(&s.ctx, cr::Tool::Runc, mode, mib, idx, &mut row),
