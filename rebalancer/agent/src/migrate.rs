@@ -371,6 +371,7 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
     .unwrap_or_else(|_| Err(AgentError::Timeout("migration timed out".into())));
     match res {
         Ok(committed_at) => {
+            let mut lazy_error: Option<String> = None;
             // The destination owns the container from the commit on (also for task-exited,
             // which the source's Slurm task sends as soon as its frozen copy is killed).
             if let Some(c) = agent.containers().get_mut(&p.rec.container) {
@@ -384,9 +385,23 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
                 enter(&mut p.rec, Phase::LazyPages);
                 agent.publish(&p.rec);
                 if let Some(mut d) = dump_child.take() {
-                    let st = d.wait().await;
-                    if !matches!(&st, Ok(s) if s.success()) {
-                        tracing::error!(migration = %p.rec.id, status = ?st, "lazy page server failed after resume");
+                    // Bounded: a stuck page transfer must not hold the source forever.
+                    let limit = Duration::from_millis(agent.cfg.migration_timeout_ms)
+                        + Duration::from_secs(p.rec.stats.rss_bytes / (16 << 20));
+                    match tokio::time::timeout(limit, d.wait()).await {
+                        Ok(st) if matches!(&st, Ok(s) if s.success()) => {}
+                        Ok(st) => {
+                            tracing::error!(migration = %p.rec.id, status = ?st, "lazy page server failed after resume");
+                            lazy_error =
+                                Some(format!("lazy page server failed after resume: {st:?}"));
+                        }
+                        Err(_) => {
+                            tracing::error!(migration = %p.rec.id, "lazy page transfer not finished in {limit:?}; stopping it");
+                            let _ = d.start_kill();
+                            let _ = d.wait().await;
+                            lazy_error =
+                                Some(format!("lazy page transfer not finished in {limit:?}"));
+                        }
                     }
                 }
                 let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
@@ -411,7 +426,10 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
                 let _ = std::fs::remove_dir_all(agent.container_dir(&p.rec.container));
             }
             remove_images(&base);
-            if committed_at.is_some() {
+            if let Some(e) = lazy_error {
+                // Post-copy after resume: the destination may miss pages (post-copy's failure model).
+                finish(&mut p.rec, MigrationState::Failed, Some(e));
+            } else if committed_at.is_some() {
                 finish(&mut p.rec, MigrationState::Succeeded, None);
             } else {
                 // Commit was sent but its answer never came: the destination may or may not run

@@ -792,17 +792,30 @@ async fn handle(
             agent
                 .incoming()
                 .remove(&(inc.meta.spec.id.clone(), inc.meta.address));
-            if let Some(mut d) = inc.lazy_daemon.take() {
-                let mig = inc.migration.clone();
-                tokio::spawn(async move {
-                    let st = d.wait().await;
-                    tracing::info!(migration = %mig, status = ?st, "lazy-pages daemon finished");
-                });
-            }
             let images = inc.mig_dir.clone();
-            // Keep the images until the lazy daemon is surely done; they are small (no pages).
+            let daemon = inc.lazy_daemon.take();
+            let mig = inc.migration.clone();
+            // The images go once the lazy daemon is done (it reads them); a daemon whose
+            // container ended has nothing left to serve and is stopped.
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(120)).await;
+                if let Some(mut d) = daemon {
+                    loop {
+                        tokio::select! {
+                            st = d.wait() => {
+                                tracing::info!(migration = %mig, status = ?st, "lazy-pages daemon finished");
+                                break;
+                            }
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                                if !container::alive(pid) {
+                                    tracing::warn!(migration = %mig, "container ended before all pages arrived; stopping lazy-pages");
+                                    let _ = d.start_kill();
+                                    let _ = d.wait().await;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
                 let _ = std::fs::remove_dir_all(images);
             });
             tracing::info!(migration = %inc.migration, container = %inc.meta.spec.id, pid, "migration committed: container runs here");

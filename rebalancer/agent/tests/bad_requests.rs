@@ -210,8 +210,13 @@ fn bad_requests_fail_cleanly_and_change_nothing() {
             MigrationMode::StopAndCopy,
             false,
         ))
-        .expect("first")
-    {
+        .unwrap_or_else(|e| {
+            panic!(
+                "first migration refused: {e}\n--- n0\n{}\n--- n1\n{}",
+                lab.log(0),
+                lab.log(1)
+            )
+        }) {
         Reply::Migration { migration } => migration,
         other => panic!("{other:?}"),
     };
@@ -264,6 +269,17 @@ fn bad_requests_fail_cleanly_and_change_nothing() {
         &migrate_req("web", &n1, None, MigrationMode::StopAndCopy, true),
     );
     assert_eq!(v["error"]["code"], "permission_denied", "{v}");
+    // An unprivileged user cannot have the agent run anything for it (stdio files, binds and
+    // the root are opened by the agent as root).
+    let mut own = server_spec("mine", "198.19.19.40", 0);
+    own.uid = 65534;
+    own.gid = 65534;
+    let v = as_nobody(
+        &lab.nodes[0].socket,
+        &Request::CreateContainer { spec: own },
+    );
+    assert_eq!(v["error"]["code"], "permission_denied", "{v}");
+    assert!(c0.container("mine").is_err(), "refused container exists");
     let v = as_nobody(&lab.nodes[0].socket, &Request::ListContainers);
     assert_eq!(
         v["ok"]["containers"].as_array().map(|a| a.len()),

@@ -429,6 +429,18 @@ pub fn release_tcp_repair(pid: i32) -> usize {
     n
 }
 
+/// Whether `pid` exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
 /// Resident set size of the tree in bytes.
 pub fn tree_rss(pid: i32) -> u64 {
     tree_pids(pid)
