@@ -27,6 +27,7 @@ const MODULES: &[&str] = &[
     "bridge",
     "nf_tables",
     "nft_ct",
+    "nf_conntrack_netlink",
     "inet_diag",
     "tcp_diag",
     "udp_diag",
@@ -310,7 +311,13 @@ fn boot(vmlinuz: &Path, initrd: &Path) -> String {
 }
 
 fn rounds_table(rec: &MigrationRecord) -> String {
-    let mut s = String::from("round | scanned | written | skipped (parent has them) | ms\n");
+    let phases: Vec<String> = rec
+        .phases
+        .iter()
+        .map(|p| format!("{}={}ms", p.phase, p.duration_ms().unwrap_or(0)))
+        .collect();
+    let mut s = format!("phases: {}\n", phases.join(" "));
+    s.push_str("round | scanned | written | skipped (parent has them) | ms\n");
     for r in &rec.stats.rounds {
         s.push_str(&format!(
             "{:>5} | {:>7} | {:>7} | {:>25} | {}\n",
@@ -318,7 +325,7 @@ fn rounds_table(rec: &MigrationRecord) -> String {
         ));
     }
     s.push_str(&format!(
-        "final | {:>7} | {:>7} | {:>25} | frozen {:?} ms, downtime {:?} ms\n",
+        "final | {:>7} | {:>7} | {:>25} | frozen {:?} ms, downtime {:?} ms (final skipped = scanned - written)\n",
         rec.stats.pages_scanned,
         rec.stats.pages_written,
         rec.stats
