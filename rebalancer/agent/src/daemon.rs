@@ -11,15 +11,16 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> AgentError {
     move |source| AgentError::Io { what, source }
 }
 
-/// Makes `dir` a tmpfs so that migration images never touch a disk.
-fn ensure_tmpfs(dir: &std::path::Path) -> Result<(), AgentError> {
+/// Makes `dir` a tmpfs so that migration images never touch a disk. Returns whether it
+/// mounted one (and so unmounts it at shutdown).
+fn ensure_tmpfs(dir: &std::path::Path) -> Result<bool, AgentError> {
     std::fs::create_dir_all(dir).map_err(io(format!("mkdir {}", dir.display())))?;
     let st = nix::sys::statfs::statfs(dir).map_err(|e| AgentError::Io {
         what: format!("statfs {}", dir.display()),
         source: e.into(),
     })?;
     if st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {
-        return Ok(());
+        return Ok(false);
     }
     nix::mount::mount(
         Some("tmpfs"),
@@ -31,7 +32,8 @@ fn ensure_tmpfs(dir: &std::path::Path) -> Result<(), AgentError> {
     .map_err(|e| AgentError::Io {
         what: format!("mount tmpfs on {}", dir.display()),
         source: e.into(),
-    })
+    })?;
+    Ok(true)
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
@@ -57,7 +59,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         );
     }
     crate::netns::prepare_node(&cfg.uplink, cfg.container_subnet).await?;
-    ensure_tmpfs(&cfg.run_dir.join("images"))?;
+    let images = cfg.run_dir.join("images");
+    let mounted_images = ensure_tmpfs(&images)?;
     std::fs::create_dir_all(&cfg.state_dir)
         .map_err(io(format!("mkdir {}", cfg.state_dir.display())))?;
     let tcp = tokio::net::TcpListener::bind(cfg.listen)
@@ -122,5 +125,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     tracing::info!("shutting down: stopping containers");
     agent.shutdown().await;
     let _ = std::fs::remove_file(&agent.cfg.control_socket);
+    if mounted_images {
+        let _ = nix::mount::umount2(&images, nix::mount::MntFlags::MNT_DETACH);
+    }
     Ok(())
 }

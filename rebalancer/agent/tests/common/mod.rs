@@ -239,7 +239,30 @@ impl Lab {
 
     fn teardown(&mut self) {
         for i in 0..self.nodes.len() {
-            self.kill_agent(i);
+            // Graceful first: the agent stops its containers and unmounts its images tmpfs.
+            if let Some(mut c) = self.nodes[i].agent.take() {
+                let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        // Mounts left by agents that were killed (failure injection).
+        if let Ok(m) = std::fs::read_to_string("/proc/mounts") {
+            let dir = format!("{}/", self.dir.display());
+            let mut points: Vec<&str> = m
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter(|p| p.starts_with(&dir))
+                .collect();
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for p in points {
+                let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+            }
         }
         if let Some(pid) = self.munged_pid.take() {
             let _ = nix::sys::signal::kill(
