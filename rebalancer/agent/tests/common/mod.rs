@@ -137,6 +137,8 @@ impl Lab {
 
     fn start_munged(&mut self) {
         let d = &self.dir;
+        // A pid file from an earlier run would name the wrong process.
+        let _ = std::fs::remove_file(d.join("munged.pid"));
         must(&format!("dd if=/dev/urandom of={0}/munge.key bs=1024 count=1 2>/dev/null && chmod 600 {0}/munge.key", d.display()));
         must(&format!(
             "munged --force -S {0}/munge.sock --key-file={0}/munge.key --pid-file={0}/munged.pid --log-file={0}/munged.log --seed-file={0}/munged.seed",
