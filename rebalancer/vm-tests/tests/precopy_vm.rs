@@ -446,9 +446,11 @@ fn precopy_converges_and_freezes_shorter_than_stop_and_copy() {
         r0.pages_written
     );
     assert!(pre.stats.rounds.len() >= 2, "{:?}", pre.stats.rounds);
-    // The final (frozen) dump moved only what was dirtied since the last round.
+    // The final (frozen) dump moved only what was dirtied since the last round (measured: about
+    // 7% of the RSS at 5%/s; the margin absorbs a slower host, the emulated guest then spends
+    // more of its own time per round).
     assert!(
-        pre.stats.pages_written * 10 <= rss_pages,
+        pre.stats.pages_written * 100 <= rss_pages * 15,
         "final pre-copy dump wrote {} pages, RSS is {rss_pages} pages",
         pre.stats.pages_written
     );
@@ -460,6 +462,20 @@ fn precopy_converges_and_freezes_shorter_than_stop_and_copy() {
     let (pd, sd) = (
         pre.stats.downtime_ms.expect("pre-copy downtime"),
         stop.stats.downtime_ms.expect("stop-and-copy downtime"),
+    );
+    // The frozen dump is where pre-copy saves time; restore (longer with a parent chain)
+    // narrows the gap in the whole downtime.
+    let dump_ms = |r: &MigrationRecord| {
+        r.phases
+            .iter()
+            .find(|p| p.phase == rebalancer_proto::Phase::Dump)
+            .and_then(|p| p.duration_ms())
+            .expect("dump phase")
+    };
+    let (pdump, sdump) = (dump_ms(&pre), dump_ms(&stop));
+    assert!(
+        pdump * 10 < sdump * 7,
+        "pre-copy's frozen dump took {pdump} ms, stop-and-copy's {sdump} ms"
     );
     assert!(
         pd < sd,
