@@ -66,6 +66,23 @@ pub struct RawConfig {
     /// `{node}` and `{migration}` are substituted.
     #[serde(default = "default_restore_command")]
     pub restore_command: Vec<String>,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+}
+
+/// `[metrics]`: sources of the temperature and load in `NodeMetrics` (docs/agent.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// `auto` (default), `none`, `hwmon`, `thermal-zone`, `file:/PATH`, `command:/PATH ARGS`.
+    #[serde(default)]
+    pub temperature: Option<String>,
+    /// `loadavg` (default) or `containers`.
+    #[serde(default)]
+    pub load: Option<String>,
+    /// Window of `load = "containers"` in seconds (default 60, like load1).
+    #[serde(default)]
+    pub load_window_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -192,6 +209,7 @@ pub struct AgentConfig {
     pub peers: std::collections::BTreeMap<String, SocketAddr>,
     pub migration_timeout_ms: u64,
     pub restore_command: Vec<String>,
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 fn invalid(
@@ -333,7 +351,9 @@ impl RawConfig {
                 "must be a non-empty command containing {migration}",
             ));
         }
+        let metrics = self.metrics.validate()?;
         Ok(AgentConfig {
+            metrics,
             node: self.node,
             listen,
             advertise,
@@ -351,6 +371,27 @@ impl RawConfig {
             migration_timeout_ms: self.migration_timeout_ms,
             restore_command: self.restore_command,
         })
+    }
+}
+
+impl RawMetrics {
+    fn validate(&self) -> Result<crate::metrics::MetricsConfig, ConfigError> {
+        let mut m = crate::metrics::MetricsConfig::default();
+        if let Some(t) = &self.temperature {
+            m.temperature = t
+                .parse()
+                .map_err(|r| invalid("metrics.temperature", t, r))?;
+        }
+        if let Some(l) = &self.load {
+            m.load = l.parse().map_err(|r| invalid("metrics.load", l, r))?;
+        }
+        if let Some(w) = self.load_window_s {
+            if !(1..=3600).contains(&w) {
+                return Err(invalid("metrics.load_window_s", w, "must be 1..=3600"));
+            }
+            m.load_window = std::time::Duration::from_secs(w);
+        }
+        Ok(m)
     }
 }
 
@@ -397,6 +438,28 @@ mod tests {
         let e = parse("node = \"n1\"\nlisten = \"198.18.16.2:1\"\n[auth]\nmethod = \"kerberos\"\n")
             .expect_err("auth");
         assert!(e.to_string().contains("auth.method"), "{e}");
+    }
+
+    #[test]
+    fn metrics_section() {
+        use crate::metrics::{LoadSource, TemperatureSource};
+        let base = "node = \"n1\"\nlisten = \"198.18.16.2:1\"\n";
+        let c = parse(base).expect("defaults");
+        assert_eq!(c.metrics, crate::metrics::MetricsConfig::default());
+        let c = parse(&format!(
+            "{base}[metrics]\ntemperature = \"file:/run/t\"\nload = \"containers\"\nload_window_s = 5\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.metrics.temperature,
+            TemperatureSource::File("/run/t".into())
+        );
+        assert_eq!(c.metrics.load, LoadSource::Containers);
+        assert_eq!(c.metrics.load_window, std::time::Duration::from_secs(5));
+        let e = parse(&format!("{base}[metrics]\ntemperature = \"ipmi\"\n")).expect_err("bad");
+        assert!(e.to_string().contains("metrics.temperature"), "{e}");
+        let e = parse(&format!("{base}[metrics]\nload_window_s = 0\n")).expect_err("bad");
+        assert!(e.to_string().contains("metrics.load_window_s"), "{e}");
     }
 
     #[test]

@@ -223,11 +223,19 @@ async fn handle_migrate(
     send(s, FrameKind::Response, id, &resp).await
 }
 
-fn metrics(agent: &Agent) -> NodeMetrics {
-    let load1 = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
-        .unwrap_or(0.0);
+async fn metrics(agent: &Agent) -> NodeMetrics {
+    let running: Vec<(String, i32)> = agent
+        .containers()
+        .values()
+        .filter(|c| c.state == rebalancer_proto::ContainerState::Running && c.pid > 0)
+        .map(|c| (c.meta.spec.id.clone(), c.pid))
+        .collect();
+    // Sources may scan /proc or run a command: keep them off the runtime's threads.
+    let (node, cfg) = (agent.cfg.node.clone(), agent.cfg.metrics.clone());
+    let (load1, temperature_c) =
+        tokio::task::spawn_blocking(move || crate::metrics::read(&node, &cfg, &running))
+            .await
+            .unwrap_or((0.0, None));
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let field = |name: &str| {
         meminfo
@@ -251,7 +259,7 @@ fn metrics(agent: &Agent) -> NodeMetrics {
             .unwrap_or(1),
         mem_total_bytes: field("MemTotal:"),
         mem_available_bytes: field("MemAvailable:"),
-        temperature_c: None,
+        temperature_c,
         containers,
     }
 }
@@ -266,7 +274,7 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
             capabilities: agent.caps.clone(),
         }),
         Request::Metrics => Ok(Reply::Metrics {
-            metrics: metrics(agent),
+            metrics: metrics(agent).await,
         }),
         Request::ListContainers => {
             let cs = agent.containers();

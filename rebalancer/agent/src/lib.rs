@@ -11,6 +11,7 @@ pub mod criu;
 pub mod daemon;
 pub mod error;
 pub mod garp;
+pub mod metrics;
 pub mod migrate;
 pub mod netns;
 pub mod peer;

@@ -1,0 +1,521 @@
+//! Node metrics sources: the temperature and the load the agent reports in `NodeMetrics`.
+//!
+//! Configured under `[metrics]` (docs/agent.md). Temperature sources give the hottest reading in
+//! °C; `load = "containers"` measures the CPU time of the processes in this agent's containers
+//! instead of the kernel's load average, which every node sharing one kernel would report alike.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A command source gets this long before it is killed and the reading counts as missing.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// A window shorter than this gives too coarse a CPU measure (clock ticks are 10 ms).
+const MIN_SPAN: Duration = Duration::from_millis(200);
+/// Cap on the bytes read from a sensor file or a command's output.
+const MAX_READING: usize = 64 * 1024;
+
+/// Where the temperature comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemperatureSource {
+    /// Thermal zones and hwmon sensors, whichever exist; no reading when there are none.
+    Auto,
+    None,
+    Hwmon,
+    ThermalZone,
+    /// A file holding millidegrees Celsius, one integer per line (sysfs style).
+    File(PathBuf),
+    /// A program whose standard output holds degrees Celsius, one number per line.
+    Command(Vec<String>),
+}
+
+/// What `load1` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadSource {
+    /// The kernel's 1-minute load average (/proc/loadavg).
+    LoadAvg,
+    /// CPUs kept busy by this agent's containers over the last window.
+    Containers,
+}
+
+/// Validated `[metrics]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    pub temperature: TemperatureSource,
+    pub load: LoadSource,
+    /// Window of `load = "containers"`.
+    pub load_window: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            temperature: TemperatureSource::Auto,
+            load: LoadSource::LoadAvg,
+            load_window: Duration::from_secs(60),
+        }
+    }
+}
+
+impl std::str::FromStr for TemperatureSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("file:") {
+            let p = PathBuf::from(p);
+            if !p.is_absolute() {
+                return Err("`file:` needs an absolute path".into());
+            }
+            return Ok(TemperatureSource::File(p));
+        }
+        if let Some(c) = s.strip_prefix("command:") {
+            let argv: Vec<String> = c.split_whitespace().map(str::to_string).collect();
+            match argv.first() {
+                Some(p) if Path::new(p).is_absolute() => {
+                    return Ok(TemperatureSource::Command(argv))
+                }
+                _ => return Err("`command:` needs an absolute program path".into()),
+            }
+        }
+        match s {
+            "auto" => Ok(TemperatureSource::Auto),
+            "none" => Ok(TemperatureSource::None),
+            "hwmon" => Ok(TemperatureSource::Hwmon),
+            "thermal-zone" => Ok(TemperatureSource::ThermalZone),
+            _ => Err("expected \"auto\", \"none\", \"hwmon\", \"thermal-zone\", \"file:/PATH\" or \"command:/PATH ARGS\"".into()),
+        }
+    }
+}
+
+impl std::str::FromStr for LoadSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "loadavg" => Ok(LoadSource::LoadAvg),
+            "containers" => Ok(LoadSource::Containers),
+            _ => Err("expected \"loadavg\" or \"containers\"".into()),
+        }
+    }
+}
+
+/// Hottest value of a text of numbers, one a line (blank lines ignored), scaled by `scale`.
+/// `None` when no line holds a finite number.
+pub fn parse_hottest(text: &str, scale: f64) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| l.trim().parse::<f64>().ok())
+        .map(|v| v / scale)
+        .filter(|v| v.is_finite())
+        .reduce(f64::max)
+}
+
+fn read_capped(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).ok()?;
+    let mut s = String::new();
+    f.take(MAX_READING as u64).read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
+/// Hottest of sysfs millidegree files matching `dir/<prefix>*/<name filter>`.
+fn sysfs_hottest(dir: &Path, prefix: &str, file: impl Fn(&str) -> bool) -> Option<f64> {
+    let mut hottest: Option<f64> = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        let Ok(files) = std::fs::read_dir(e.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            if !file(&f.file_name().to_string_lossy()) {
+                continue;
+            }
+            if let Some(v) = read_capped(&f.path()).and_then(|t| parse_hottest(&t, 1000.0)) {
+                hottest = Some(hottest.map_or(v, |h| h.max(v)));
+            }
+        }
+    }
+    hottest
+}
+
+/// Hottest `thermal_zone*/temp` under `class` (normally /sys/class).
+pub fn thermal_zones(class: &Path) -> Option<f64> {
+    sysfs_hottest(&class.join("thermal"), "thermal_zone", |f| f == "temp")
+}
+
+/// Hottest `hwmon*/temp*_input` under `class` (normally /sys/class).
+pub fn hwmon(class: &Path) -> Option<f64> {
+    sysfs_hottest(&class.join("hwmon"), "hwmon", |f| {
+        f.starts_with("temp") && f.ends_with("_input")
+    })
+}
+
+fn run_command(argv: &[String]) -> Option<f64> {
+    let (prog, args) = argv.split_first()?;
+    let mut child = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| tracing::warn!(command = %prog, error = %e, "temperature command"))
+        .ok()?;
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                tracing::warn!(command = %prog, "temperature command timed out; killed");
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    use std::io::Read;
+    let mut out = String::new();
+    child
+        .stdout
+        .take()?
+        .take(MAX_READING as u64)
+        .read_to_string(&mut out)
+        .ok()?;
+    parse_hottest(&out, 1.0)
+}
+
+/// Reads the configured temperature source (blocking; a command may take up to 5 s).
+pub fn temperature(src: &TemperatureSource) -> Option<f64> {
+    let class = Path::new("/sys/class");
+    match src {
+        TemperatureSource::None => None,
+        TemperatureSource::Auto => match (thermal_zones(class), hwmon(class)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        },
+        TemperatureSource::Hwmon => hwmon(class),
+        TemperatureSource::ThermalZone => thermal_zones(class),
+        TemperatureSource::File(p) => read_capped(p).and_then(|t| parse_hottest(&t, 1000.0)),
+        TemperatureSource::Command(argv) => run_command(argv),
+    }
+}
+
+/// First number of /proc/loadavg.
+pub fn loadavg() -> f64 {
+    read_capped(Path::new("/proc/loadavg"))
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// utime + stime + cutime + cstime (clock ticks) of a /proc/PID/stat line. Reaped children's
+/// time moves into their parent's cutime/cstime, so a container's sum only grows.
+pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime..cstime are fields 14..17.
+    let mut sum = 0u64;
+    for i in 11..15 {
+        sum = sum.checked_add(f.get(i)?.parse::<i64>().ok()?.max(0) as u64)?;
+    }
+    Some(sum)
+}
+
+/// CPU clock ticks used by every process in the pid namespace of `init` (a host pid).
+pub fn pidns_cpu_ticks(proc_root: &Path, init: i32) -> Option<u64> {
+    let ns = std::fs::read_link(proc_root.join(format!("{init}/ns/pid"))).ok()?;
+    let mut total = 0u64;
+    for e in std::fs::read_dir(proc_root).ok()?.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if std::fs::read_link(e.path().join("ns/pid")).ok().as_ref() != Some(&ns) {
+            continue;
+        }
+        // A process may exit between the two reads; its time then shows in its parent.
+        if let Some(t) = read_capped(&proc_root.join(pid).join("stat"))
+            .as_deref()
+            .and_then(stat_cpu_ticks)
+        {
+            total = total.saturating_add(t);
+        }
+    }
+    Some(total)
+}
+
+fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no preconditions and only reads a constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// One reading: CPU ticks per container.
+#[derive(Debug, Clone)]
+struct Sample {
+    at: Instant,
+    ticks: BTreeMap<String, u64>,
+}
+
+/// Samples of `load = "containers"` kept over the window.
+#[derive(Debug, Default)]
+pub struct LoadWindow {
+    samples: VecDeque<Sample>,
+}
+
+impl LoadWindow {
+    /// Records a reading and returns the CPUs busy since the oldest reading in `window`, or
+    /// `None` when no earlier reading is at least 200 ms old. A container absent from the older
+    /// reading started within the window, so all its time counts; one gone from the newer
+    /// reading (ended, migrated away) no longer counts.
+    pub fn push(
+        &mut self,
+        at: Instant,
+        ticks: BTreeMap<String, u64>,
+        window: Duration,
+        ticks_per_s: f64,
+    ) -> Option<f64> {
+        // Keep the newest reading older than the window as the base of the full window.
+        while self.samples.len() >= 2 && at.saturating_duration_since(self.samples[1].at) >= window
+        {
+            self.samples.pop_front();
+        }
+        let base = self
+            .samples
+            .iter()
+            .find(|s| at.saturating_duration_since(s.at) >= MIN_SPAN)
+            .cloned();
+        // Readings closer together than MIN_SPAN add nothing but memory.
+        if self
+            .samples
+            .back()
+            .is_none_or(|s| at.saturating_duration_since(s.at) >= MIN_SPAN)
+        {
+            self.samples.push_back(Sample {
+                at,
+                ticks: ticks.clone(),
+            });
+        }
+        let base = base?;
+        let span = at.saturating_duration_since(base.at).as_secs_f64();
+        let used: u64 = ticks
+            .iter()
+            .map(|(id, &t)| t.saturating_sub(base.ticks.get(id).copied().unwrap_or(0)))
+            .sum();
+        Some(used as f64 / ticks_per_s / span)
+    }
+}
+
+/// Load windows by node name (one per agent; tests may run several agents in one process).
+static WINDOWS: Mutex<BTreeMap<String, LoadWindow>> = Mutex::new(BTreeMap::new());
+
+/// `load = "containers"`: CPUs busy in `containers` (id, init host pid) over the window. The
+/// first call of an agent measures 250 ms.
+pub fn containers_load(node: &str, containers: &[(String, i32)], window: Duration) -> f64 {
+    let proc_root = Path::new("/proc");
+    let read = || -> BTreeMap<String, u64> {
+        containers
+            .iter()
+            .filter_map(|(id, pid)| pidns_cpu_ticks(proc_root, *pid).map(|t| (id.clone(), t)))
+            .collect()
+    };
+    let tps = clock_ticks_per_s();
+    let push = |ticks| {
+        let mut w = WINDOWS.lock().unwrap_or_else(|p| p.into_inner());
+        w.entry(node.to_string())
+            .or_default()
+            .push(Instant::now(), ticks, window, tps)
+    };
+    if let Some(v) = push(read()) {
+        return v;
+    }
+    std::thread::sleep(MIN_SPAN + Duration::from_millis(50));
+    push(read()).unwrap_or(0.0)
+}
+
+/// (load1, temperature) for `NodeMetrics`, per the configuration. Blocking.
+pub fn read(node: &str, cfg: &MetricsConfig, containers: &[(String, i32)]) -> (f64, Option<f64>) {
+    let load = match cfg.load {
+        LoadSource::LoadAvg => loadavg(),
+        LoadSource::Containers => containers_load(node, containers, cfg.load_window),
+    };
+    (load, temperature(&cfg.temperature))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let p = std::env::temp_dir().join(format!(
+                "rebalancer-metrics-{tag}-{}-{}",
+                std::process::id(),
+                crate::agent::random_u32()
+            ));
+            std::fs::create_dir_all(&p).expect("tempdir");
+            TempDir(p)
+        }
+        fn write(&self, rel: &str, text: &str) -> PathBuf {
+            let p = self.0.join(rel);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("dirs");
+            std::fs::write(&p, text).expect("write");
+            p
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn sources_parse() {
+        assert_eq!("auto".parse(), Ok(TemperatureSource::Auto));
+        assert_eq!("thermal-zone".parse(), Ok(TemperatureSource::ThermalZone));
+        assert_eq!(
+            "file:/run/t".parse(),
+            Ok(TemperatureSource::File("/run/t".into()))
+        );
+        assert_eq!(
+            "command:/usr/bin/sensors -u  x".parse(),
+            Ok(TemperatureSource::Command(vec![
+                "/usr/bin/sensors".into(),
+                "-u".into(),
+                "x".into()
+            ]))
+        );
+        assert!("file:rel".parse::<TemperatureSource>().is_err());
+        assert!("command:sensors".parse::<TemperatureSource>().is_err());
+        assert!("ipmi".parse::<TemperatureSource>().is_err());
+        assert_eq!("containers".parse(), Ok(LoadSource::Containers));
+        assert!("load1".parse::<LoadSource>().is_err());
+    }
+
+    #[test]
+    fn hottest_reading_and_units() {
+        assert_eq!(parse_hottest("45000\n\n91500\n60000\n", 1000.0), Some(91.5));
+        assert_eq!(parse_hottest("garbage\n", 1000.0), None);
+        assert_eq!(parse_hottest("", 1.0), None);
+        assert_eq!(parse_hottest("NaN\n42.5\n", 1.0), Some(42.5));
+    }
+
+    #[test]
+    fn file_source_reads_millidegrees() {
+        let d = TempDir::new("file");
+        let p = d.write("sensor", "87250\n");
+        assert_eq!(
+            temperature(&TemperatureSource::File(p.clone())),
+            Some(87.25)
+        );
+        std::fs::write(&p, "not a number").expect("write");
+        assert_eq!(temperature(&TemperatureSource::File(p)), None);
+        assert_eq!(
+            temperature(&TemperatureSource::File(d.0.join("missing"))),
+            None
+        );
+    }
+
+    #[test]
+    fn command_source_reads_degrees() {
+        let argv = |s: &str| vec!["/bin/sh".to_string(), "-c".into(), s.into()];
+        assert_eq!(
+            temperature(&TemperatureSource::Command(argv("echo 55.5; echo 61"))),
+            Some(61.0)
+        );
+        assert_eq!(
+            temperature(&TemperatureSource::Command(argv("exit 0"))),
+            None
+        );
+        assert_eq!(
+            temperature(&TemperatureSource::Command(vec!["/nonexistent/x".into()])),
+            None
+        );
+    }
+
+    #[test]
+    fn sysfs_sources_take_the_hottest_sensor() {
+        let d = TempDir::new("sysfs");
+        d.write("thermal/thermal_zone0/temp", "41000\n");
+        d.write("thermal/thermal_zone1/temp", "77000\n");
+        d.write("thermal/cooling_device0/cur_state", "99000\n");
+        d.write("hwmon/hwmon0/temp1_input", "50000\n");
+        d.write("hwmon/hwmon0/temp2_input", "83000\n");
+        d.write("hwmon/hwmon0/temp2_max", "100000\n");
+        assert_eq!(thermal_zones(&d.0), Some(77.0));
+        assert_eq!(hwmon(&d.0), Some(83.0));
+        let empty = TempDir::new("empty");
+        assert_eq!(thermal_zones(&empty.0), None);
+        assert_eq!(hwmon(&empty.0), None);
+    }
+
+    #[test]
+    fn stat_line_with_odd_command_name() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        // utime stime cutime cstime ...
+        let line = "42 (a) b (c)) R 1 42 42 0 -1 4194560 100 0 0 0 300 20 5 7 20 0 1 0 99";
+        assert_eq!(stat_cpu_ticks(line), Some(332));
+        assert_eq!(stat_cpu_ticks("42 (x) R 1"), None);
+    }
+
+    #[test]
+    fn own_pid_namespace_counts_this_process() {
+        let me = std::process::id() as i32;
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(50) {
+            std::hint::black_box(0u64);
+        }
+        let t = pidns_cpu_ticks(Path::new("/proc"), me).expect("own pid ns");
+        let own = stat_cpu_ticks(&std::fs::read_to_string("/proc/self/stat").expect("stat"))
+            .expect("own stat");
+        assert!(t >= own, "{t} < {own}");
+    }
+
+    #[test]
+    fn load_window_counts_cpus_busy() {
+        let mut w = LoadWindow::default();
+        let t0 = Instant::now();
+        let win = Duration::from_secs(10);
+        let m = |v: &[(&str, u64)]| v.iter().map(|(k, t)| (k.to_string(), *t)).collect();
+        assert_eq!(w.push(t0, m(&[("a", 1000)]), win, 100.0), None);
+        // a: 1 CPU for 2 s; b appeared with 100 ticks (started within the window).
+        let v = w
+            .push(
+                t0 + Duration::from_secs(2),
+                m(&[("a", 1200), ("b", 100)]),
+                win,
+                100.0,
+            )
+            .expect("value");
+        assert!((v - 1.5).abs() < 1e-9, "{v}");
+        // a migrated away: only b counts; base is still t0 (window 10 s).
+        let v = w
+            .push(t0 + Duration::from_secs(4), m(&[("b", 300)]), win, 100.0)
+            .expect("value");
+        assert!((v - 0.75).abs() < 1e-9, "{v}");
+        // 13 s: the base is the newest reading at least the window old (2 s), not t0.
+        let v = w
+            .push(t0 + Duration::from_secs(13), m(&[("b", 1400)]), win, 100.0)
+            .expect("value");
+        assert!((v - (1300.0 / 100.0 / 11.0)).abs() < 1e-9, "{v}");
+        // A reading 100 ms after another measures against an older one.
+        let v = w
+            .push(
+                t0 + Duration::from_millis(13_100),
+                m(&[("b", 1410)]),
+                win,
+                100.0,
+            )
+            .expect("value");
+        assert!(v > 0.0);
+    }
+}
