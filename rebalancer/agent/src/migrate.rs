@@ -51,7 +51,7 @@ impl Default for PrecopyPolicy {
 }
 
 /// Convergence rule of the pre-copy loop. Pure: `None` = run another round, `Some(why)` = stop.
-/// Rules, in order: the round limit; a dirty round (k >= 1) whose written/scanned fraction is
+/// Rules, in order: the round limit; a dirty round (k >= 1) whose share of round 0's pages is
 /// under the threshold; a dirty round that wrote no fewer pages than the one before it (the
 /// working set is not shrinking, more rounds only add traffic).
 pub fn precopy_converged(
@@ -65,10 +65,13 @@ pub fn precopy_converged(
     if rounds.len() < 2 {
         return None;
     }
-    let frac = last.pages_written as f64 / last.pages_scanned.max(1) as f64;
+    // Relative to what round 0 wrote (the resident memory): the scanned count also covers
+    // mapped pages that were never touched, which would loosen the threshold.
+    let resident = rounds[0].pages_written.max(1);
+    let frac = last.pages_written as f64 / resident as f64;
     if frac <= policy.dirty_fraction {
         return Some(format!(
-            "round {} wrote {:.1}% of the scanned pages (<= {:.1}%)",
+            "round {} wrote {:.1}% of the resident pages (<= {:.1}%)",
             last.round,
             frac * 100.0,
             policy.dirty_fraction * 100.0
@@ -125,11 +128,33 @@ pub fn choose_mode(
         MigrationMode::Auto => {
             let est_ms = rss * 1000 / ASSUMED_COPY_BPS;
             let over_budget = max_downtime_ms.is_some_and(|b| est_ms > b);
-            if both(MigrationMode::PostCopy) && (rss >= AUTO_POSTCOPY_MIN_RSS || over_budget) {
+            let large = rss >= AUTO_POSTCOPY_MIN_RSS;
+            // Pre-copy keeps the source copy until the commit (post-copy cannot), so a large
+            // container without a tight budget goes pre-copy wherever soft-dirty exists.
+            if large && !over_budget && both(MigrationMode::PreCopy) {
+                return Ok((
+                    MigrationMode::PreCopy,
+                    format!(
+                        "auto: pre-copy because RSS {} MiB >= {} MiB and both nodes track dirty pages; \
+                         the source keeps its copy until the destination commits",
+                        rss >> 20,
+                        AUTO_POSTCOPY_MIN_RSS >> 20
+                    ),
+                ));
+            }
+            if both(MigrationMode::PostCopy) && (large || over_budget) {
+                let precopy_note = if over_budget {
+                    String::new()
+                } else if !local.contains(&MigrationMode::PreCopy) {
+                    "; pre-copy unavailable: the source kernel lacks soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY)".to_string()
+                } else {
+                    "; pre-copy unavailable: the destination kernel lacks soft-dirty tracking"
+                        .to_string()
+                };
                 Ok((
                     MigrationMode::PostCopy,
                     format!(
-                        "auto: post-copy because RSS {} MiB {} and both nodes have userfaultfd",
+                        "auto: post-copy because RSS {} MiB {} and both nodes have userfaultfd{precopy_note}",
                         rss >> 20,
                         if over_budget {
                             format!("gives an estimated stop-and-copy downtime of {est_ms} ms over the {} ms budget", max_downtime_ms.unwrap_or(0))
@@ -422,6 +447,14 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
                 p.rec.stats.frozen_ms = Some(f.elapsed().as_millis() as u64);
             }
             netns::destroy(&p.net).await;
+            let cgroup = agent
+                .containers()
+                .get_mut(&p.rec.container)
+                .and_then(|c| c.cgroup.take());
+            if let Some(cg) = cgroup {
+                // Empties once the reaper collected the killed copy.
+                cg.remove().await;
+            }
             if let rebalancer_proto::RootfsSpec::Host = p.meta.spec.rootfs {
                 let _ = std::fs::remove_dir_all(agent.container_dir(&p.rec.container));
             }
@@ -733,6 +766,24 @@ mod tests {
     }
 
     #[test]
+    fn auto_prefers_precopy_where_both_nodes_track_dirty_pages() {
+        let all = [StopAndCopy, PostCopy, PreCopy, Auto];
+        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &all).expect("ok");
+        assert_eq!(m, PreCopy, "{why}");
+        // A tight budget wants the shortest freeze: post-copy.
+        let (m, _) = choose_mode(Auto, 1 << 30, Some(50), &all, &all).expect("ok");
+        assert_eq!(m, PostCopy);
+        // Destination without soft-dirty: post-copy, and the reason says why not pre-copy.
+        let no_sd = [StopAndCopy, PostCopy, Auto];
+        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &no_sd).expect("ok");
+        assert_eq!(m, PostCopy);
+        assert!(why.contains("destination kernel lacks soft-dirty"), "{why}");
+        let (m, why) = choose_mode(Auto, 1 << 30, None, &no_sd, &no_sd).expect("ok");
+        assert_eq!(m, PostCopy);
+        assert!(why.contains("CONFIG_MEM_SOFT_DIRTY"), "{why}");
+    }
+
+    #[test]
     fn precopy_without_soft_dirty_names_the_kernel_feature() {
         let e = choose_mode(PreCopy, 0, None, &[StopAndCopy], &[StopAndCopy, PreCopy])
             .expect_err("unsupported");
@@ -749,6 +800,19 @@ mod tests {
             pages_skipped_parent: scanned - written,
             duration_ms: 10,
         }
+    }
+
+    #[test]
+    fn dirty_fraction_is_relative_to_resident_pages_not_scanned() {
+        let p = PrecopyPolicy::default();
+        // 2000 mapped pages, 1000 resident: 80 dirty is 8% of resident, not 4% of scanned.
+        assert_eq!(
+            precopy_converged(&p, &[round(0, 2000, 1000), round(1, 2000, 80)]),
+            None
+        );
+        let why =
+            precopy_converged(&p, &[round(0, 2000, 1000), round(1, 2000, 40)]).expect("converged");
+        assert!(why.contains("4.0% of the resident"), "{why}");
     }
 
     #[test]
