@@ -222,11 +222,22 @@ pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
     Some(sum)
 }
 
-/// CPU clock ticks used by every process in the pid namespace of `init` (a host pid).
-pub fn pidns_cpu_ticks(proc_root: &Path, init: i32) -> Option<u64> {
-    let ns = std::fs::read_link(proc_root.join(format!("{init}/ns/pid"))).ok()?;
-    let mut total = 0u64;
-    for e in std::fs::read_dir(proc_root).ok()?.flatten() {
+/// CPU clock ticks used by every process in the pid namespace of each container's init (a host
+/// pid), by container id, in one pass over `proc_root`. A container whose init is gone is absent.
+pub fn pidns_cpu_ticks(proc_root: &Path, inits: &[(String, i32)]) -> BTreeMap<String, u64> {
+    let ns_of = |pid: &str| std::fs::read_link(proc_root.join(pid).join("ns/pid")).ok();
+    let by_ns: BTreeMap<PathBuf, &str> = inits
+        .iter()
+        .filter_map(|(id, pid)| ns_of(&pid.to_string()).map(|ns| (ns, id.as_str())))
+        .collect();
+    let mut totals = BTreeMap::new();
+    if by_ns.is_empty() {
+        return totals;
+    }
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return totals;
+    };
+    for e in entries.flatten() {
         let name = e.file_name();
         let Some(pid) = name
             .to_str()
@@ -234,18 +245,18 @@ pub fn pidns_cpu_ticks(proc_root: &Path, init: i32) -> Option<u64> {
         else {
             continue;
         };
-        if std::fs::read_link(e.path().join("ns/pid")).ok().as_ref() != Some(&ns) {
+        let Some(id) = ns_of(pid).and_then(|ns| by_ns.get(&ns).copied()) else {
             continue;
-        }
+        };
         // A process may exit between the two reads; its time then shows in its parent.
-        if let Some(t) = read_capped(&proc_root.join(pid).join("stat"))
+        let t = read_capped(&proc_root.join(pid).join("stat"))
             .as_deref()
             .and_then(stat_cpu_ticks)
-        {
-            total = total.saturating_add(t);
-        }
+            .unwrap_or(0);
+        let sum: &mut u64 = totals.entry(id.to_string()).or_default();
+        *sum = sum.saturating_add(t);
     }
-    Some(total)
+    totals
 }
 
 fn clock_ticks_per_s() -> f64 {
@@ -321,12 +332,7 @@ static WINDOWS: Mutex<BTreeMap<String, LoadWindow>> = Mutex::new(BTreeMap::new()
 /// first call of an agent measures 250 ms.
 pub fn containers_load(node: &str, containers: &[(String, i32)], window: Duration) -> f64 {
     let proc_root = Path::new("/proc");
-    let read = || -> BTreeMap<String, u64> {
-        containers
-            .iter()
-            .filter_map(|(id, pid)| pidns_cpu_ticks(proc_root, *pid).map(|t| (id.clone(), t)))
-            .collect()
-    };
+    let read = || pidns_cpu_ticks(proc_root, containers);
     let tps = clock_ticks_per_s();
     let push = |ticks| {
         let mut w = WINDOWS.lock().unwrap_or_else(|p| p.into_inner());
@@ -474,7 +480,12 @@ mod tests {
         while start.elapsed() < Duration::from_millis(50) {
             std::hint::black_box(0u64);
         }
-        let t = pidns_cpu_ticks(Path::new("/proc"), me).expect("own pid ns");
+        let all = pidns_cpu_ticks(
+            Path::new("/proc"),
+            &[("me".into(), me), ("gone".into(), -1)],
+        );
+        assert!(!all.contains_key("gone"), "{all:?}");
+        let t = all["me"];
         let own = stat_cpu_ticks(&std::fs::read_to_string("/proc/self/stat").expect("stat"))
             .expect("own stat");
         assert!(t >= own, "{t} < {own}");
