@@ -59,10 +59,11 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET/release
 NODES=(node1 node2 node3)
 declare -A AGENT_PID=()
-CTL_PID='' SERVER_SRUN='' CLIENT_SRUN='' SERVER_JOB='' CLIENT_JOB='' cluster_up=0
+CTL_PID='' SERVER_SRUN='' CLIENT_SRUN='' SERVER_JOB='' CLIENT_JOB='' cluster_up=0 locked=0
 
 show_logs() {
   local f
+  [ "$locked" = 1 ] || return 0
   for f in "$ADIR"/node1.log "$ADIR"/node2.log "$DEMO_DIR"/rebalancerd.log "$WORK"/server.out \
     "$WORK"/client.out "$CDIR"/log/slurmctld.log "$CDIR"/log/slurmd-node1.log "$CDIR"/log/slurmd-node2.log \
     "$ADIR"/node2/run/images/*/restore-step.log; do
@@ -90,6 +91,10 @@ cleanup() {
     say "rebalctl --socket $DEMO_DIR/ctl.sock); press Ctrl-C to clean up"
     trap 'keep=0' INT TERM
     while [ "$keep" = 1 ]; do sleep 1; done
+  fi
+  if [ "$locked" = 0 ]; then
+    [ "$rc" = 130 ] && echo "demo: interrupted" >&2
+    exit "$rc"   # nothing started yet, and $DEMO_DIR may belong to a demo that holds the lock
   fi
   step "cleaning up"
   if [ "$cluster_up" = 1 ]; then
@@ -144,6 +149,7 @@ if ! flock -n 8; then
   say "another test cluster is in use (a test run or CI); waiting up to ${LOCK_WAIT_S} s ..."
   flock -w "$LOCK_WAIT_S" 8 || fail "the test cluster slot stayed busy for ${LOCK_WAIT_S} s (held by: $(cat /run/slurm-rbc.current 2>/dev/null || echo unknown)); try again later"
 fi
+locked=1
 # A previous demo killed hard (kill -9) leaves its state: take it down first.
 if [ -e "$CDIR/.rbc-cluster" ]; then
   say "removing the leftovers of an earlier demo run"
@@ -191,9 +197,11 @@ munge_socket = "$CDIR/munge/munge.socket"
 $peers
 EOF
   # The agent runs the restore step with srun, which finds the cluster through SLURM_CONF.
-  nsenter --net="/run/netns/$node" "$BIN/rebalancer-agent" run --config "$ADIR/$node.toml" \
+  # setsid: a Ctrl-C on the terminal reaches this script only, which then stops everything in order.
+  setsid nsenter --net="/run/netns/$node" "$BIN/rebalancer-agent" run --config "$ADIR/$node.toml" \
     </dev/null >"$ADIR/$node.log" 2>&1 8>&- &
   AGENT_PID[$node]=$!
+  disown
 done
 for node in "${NODES[@]}"; do
   for ((k = 0; k < 200; k++)); do
@@ -229,8 +237,9 @@ timeout_s = 120
 EOF
 "$BIN/rebalancerd" --check-config --config "$DEMO_DIR/rebalancerd.toml" >/dev/null ||
   fail "rebalancerd rejects $DEMO_DIR/rebalancerd.toml"
-"$BIN/rebalancerd" --config "$DEMO_DIR/rebalancerd.toml" </dev/null >/dev/null 2>"$DEMO_DIR/rebalancerd.log" 8>&- &
+setsid "$BIN/rebalancerd" --config "$DEMO_DIR/rebalancerd.toml" </dev/null >/dev/null 2>"$DEMO_DIR/rebalancerd.log" 8>&- &
 CTL_PID=$!
+disown
 for ((k = 0; k < 200; k++)); do
   rebalctl ping >/dev/null 2>&1 && break
   kill -0 "$CTL_PID" 2>/dev/null || fail "rebalancerd exited"
@@ -321,7 +330,8 @@ EOF
 cat >"$WORK/watch.py" <<'EOF'
 # Follows the newest migration in `rebalctl --json show migrations`: prints each phase when it
 # starts and the bytes sent so far, then the end; writes id/state/dst/slurm_error for the shell.
-import json, shlex, subprocess, sys, time
+import json, shlex, signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.SIG_DFL)
 rebalctl, sock, limit, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 t0 = time.monotonic()
 seen, said_state = 0, None
@@ -383,9 +393,10 @@ run scontrol update jobid="$grow" NumNodes=0 || fail "scontrol update jobid=$gro
 run scontrol update jobid="$SERVER_JOB" NumNodes=ALL || fail "scontrol update jobid=$SERVER_JOB NumNodes=ALL failed"
 scontrol show job "$SERVER_JOB" | grep -E ' NodeList=| BatchHost=' | sed 's/^ */   /'
 say "\$ srun --jobid=$SERVER_JOB -w node1 -N1 -n1 --migratable python3 -u server.py $MEM_MB $PORT &"
-srun --jobid="$SERVER_JOB" -w node1 -N1 -n1 --migratable python3 -u server.py "$MEM_MB" "$PORT" \
+setsid srun --jobid="$SERVER_JOB" -w node1 -N1 -n1 --migratable python3 -u server.py "$MEM_MB" "$PORT" \
   </dev/null >"$WORK/server.out" 2>&1 8>&- &
 SERVER_SRUN=$!
+disown
 addr=''
 for ((k = 0; k < 150; k++)); do
   addr=$(rebalctl --json show containers "job=$SERVER_JOB" 2>/dev/null | python3 -c '
@@ -408,9 +419,10 @@ salloc --no-shell -w node3 -N1 -n1 -c2 -J demo-client 2>"$WORK/salloc-client.err
   { cat "$WORK/salloc-client.err" >&2; fail "salloc for the client failed"; }
 CLIENT_JOB=$(job_of "$WORK/salloc-client.err")
 [ -n "$CLIENT_JOB" ] || fail "no job id in: $(cat "$WORK/salloc-client.err")"
-srun --jobid="$CLIENT_JOB" -n1 -c2 python3 -u client.py "$addr" "$PORT" "$WORK/client.json" \
+setsid srun --jobid="$CLIENT_JOB" -n1 -c2 python3 -u client.py "$addr" "$PORT" "$WORK/client.json" \
   </dev/null >"$WORK/client.out" 2>&1 8>&- &
 CLIENT_SRUN=$!
+disown
 for ((k = 0; k < 100; k++)); do
   [ "$(client_field answers || echo 0)" -ge 200 ] 2>/dev/null && break
   kill -0 "$CLIENT_SRUN" 2>/dev/null || fail "the client exited: $(cat "$WORK/client.out")"
@@ -425,8 +437,10 @@ say "\$ scontrol update nodename=node1 state=drain reason=\"demo maintenance\""
 scontrol update nodename=node1 state=drain reason="demo maintenance"
 # One line per phase as the controller reports it (polled every 0.2 s), until the migration
 # ended and Slurm's allocation was updated.
-python3 -u "$WORK/watch.py" "$BIN/rebalctl" "$DEMO_DIR/ctl.sock" 120 "$WORK/migration.env" ||
+python3 -u "$WORK/watch.py" "$BIN/rebalctl" "$DEMO_DIR/ctl.sock" 120 "$WORK/migration.env" || {
+  [ $? -gt 128 ] && exit 130   # Ctrl-C
   fail "no migration ended within 120 s of the drain"
+}
 . "$WORK/migration.env"   # id state dst slurm_error
 [ "$state" = succeeded ] || fail "the migration ended $state: $(rebalctl show migrations "$id" 2>&1 | tail -n +2)"
 [ -z "$slurm_error" ] || fail "the migration succeeded but Slurm's allocation was not updated: $slurm_error"
