@@ -42,6 +42,8 @@ pub struct Agent {
     pub incoming: Mutex<HashSet<(ContainerId, Ipv4Addr)>>,
     /// Every change of a migration record is published here (watchers filter by id).
     pub events: broadcast::Sender<MigrationRecord>,
+    /// Where container cgroups go; `None`: no usable hierarchy (limits cannot be enforced).
+    pub cgroups: Option<crate::cgroup::Hierarchy>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -68,6 +70,7 @@ impl Agent {
             held: Mutex::new(BTreeMap::new()),
             incoming: Mutex::new(HashSet::new()),
             events,
+            cgroups: crate::cgroup::detect_system(),
         })
     }
 
@@ -115,6 +118,27 @@ impl Agent {
             exit_status: c.exit_status,
             started_at: c.meta.started_at,
         }
+    }
+
+    /// Creates container `id`'s cgroup with the spec's limits. `None` when this node has no
+    /// usable hierarchy and the spec asks for no limits; an error when it asks for some.
+    pub fn create_cgroup(
+        &self,
+        spec: &ContainerSpec,
+    ) -> Result<Option<crate::cgroup::Cgroup>, AgentError> {
+        let limits = crate::cgroup::Limits::from_spec(spec.memory_limit, spec.cpus)?;
+        let Some(h) = &self.cgroups else {
+            if limits.is_empty() {
+                return Ok(None);
+            }
+            return Err(AgentError::Unsupported(format!(
+                "{} has no cgroup hierarchy with memory and cpu controllers: cannot enforce the container's limits",
+                self.cfg.node
+            )));
+        };
+        let cg = crate::cgroup::Cgroup::create(h, &self.cfg.node, &spec.id, &limits)?;
+        tracing::debug!(container = %spec.id, cgroup = ?cg.dirs, ?limits, "cgroup created");
+        Ok(Some(cg))
     }
 
     pub fn address_in_use(&self, ip: Ipv4Addr) -> bool {
@@ -221,6 +245,7 @@ impl Agent {
         mut spec: ContainerSpec,
     ) -> Result<ContainerInfo, AgentError> {
         self.validate_spec(&spec)?;
+        crate::cgroup::Limits::from_spec(spec.memory_limit, spec.cpus)?;
         let address = match &spec.address {
             Some(a) => {
                 let ip: Ipv4Addr = a.parse().map_err(|_| {
@@ -279,8 +304,14 @@ impl Agent {
             let _ = std::fs::remove_dir_all(&dir);
         }
         container::prepare_root(&root, &mounts, &links)?;
+        let cgroup = self.create_cgroup(&spec)?;
         let net = self.new_net(&spec.id, address);
-        netns::create(&net, true).await?;
+        if let Err(e) = netns::create(&net, true).await {
+            if let Some(cg) = &cgroup {
+                cg.remove().await;
+            }
+            return Err(e);
+        }
         let (out, err) = self.stdio_paths(&spec);
         let result = async {
             let stdio = container::stdio_pipes(&out, &err)?;
@@ -303,10 +334,15 @@ impl Agent {
                 gid: spec.gid,
             };
             let path = net.path();
-            let pid =
-                tokio::task::spawn_blocking(move || container::spawn(&init, &path, stdio.child))
-                    .await
-                    .map_err(|e| AgentError::Internal(format!("spawn task: {e}")))??;
+            let procs = match &cgroup {
+                Some(cg) => cg.procs_files()?,
+                None => Vec::new(),
+            };
+            let pid = tokio::task::spawn_blocking(move || {
+                container::spawn(&init, &path, stdio.child, &procs)
+            })
+            .await
+            .map_err(|e| AgentError::Internal(format!("spawn task: {e}")))??;
             Ok::<_, AgentError>((pid, keys))
         }
         .await;
@@ -314,13 +350,13 @@ impl Agent {
             Ok(v) => v,
             Err(e) => {
                 netns::destroy(&net).await;
+                if let Some(cg) = &cgroup {
+                    cg.remove().await;
+                }
                 return Err(e);
             }
         };
-        if spec.memory_limit.is_some() || spec.cpus.is_some() {
-            tracing::warn!(container = %spec.id, "cgroup v2 is not mounted on this node (v1 hierarchy): memory/cpu limits are not enforced");
-        }
-        tracing::info!(container = %spec.id, pid, address = %address, "container started");
+        tracing::info!(container = %spec.id, pid, address = %address, cgroup = ?cgroup.as_ref().map(|c| &c.dirs), "container started");
         Ok(Container {
             meta: ContainerMeta {
                 spec,
@@ -340,6 +376,7 @@ impl Agent {
             migrated_to: None,
             arrived_from: None,
             final_status: None,
+            cgroup,
         })
     }
 
@@ -359,7 +396,7 @@ impl Agent {
                     {
                         c.exit_status = Some(-1);
                         c.state = ContainerState::Exited;
-                        gone.push((c.net.clone(), c.dir.clone(), false));
+                        gone.push((c.net.clone(), c.dir.clone(), false, None));
                     }
                     continue;
                 }
@@ -372,15 +409,19 @@ impl Agent {
                             c.net.clone(),
                             c.dir.clone(),
                             matches!(c.meta.spec.rootfs, RootfsSpec::Host),
+                            c.cgroup.take(),
                         ));
                     }
                 }
             }
         }
-        for (net, dir, own_dir) in gone {
+        for (net, dir, own_dir, cgroup) in gone {
             netns::destroy(&net).await;
             if own_dir {
                 let _ = std::fs::remove_dir_all(&dir);
+            }
+            if let Some(cg) = cgroup {
+                cg.remove().await;
             }
         }
     }
@@ -449,18 +490,26 @@ impl Agent {
 
     /// Stops every container (daemon shutdown).
     pub async fn shutdown(&self) {
-        let nets: Vec<(i32, ContainerNet)> = self
+        let nets: Vec<(i32, ContainerNet, Option<crate::cgroup::Cgroup>)> = self
             .containers()
-            .values()
+            .values_mut()
             .filter(|c| c.exit_status.is_none())
-            .map(|c| (c.pid, c.net.clone()))
+            .map(|c| (c.pid, c.net.clone(), c.cgroup.take()))
             .collect();
-        for (pid, net) in nets {
+        for (pid, net, cgroup) in nets {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
             netns::destroy(&net).await;
+            if let Some(cg) = cgroup {
+                // Pid 1 is our child: reap it so that the cgroup empties.
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+                cg.remove().await;
+            }
+        }
+        if let Some(h) = &self.cgroups {
+            crate::cgroup::remove_node_dirs(h, &self.cfg.node);
         }
         let _ = now_millis();
     }

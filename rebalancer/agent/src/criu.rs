@@ -85,6 +85,9 @@ pub struct RestoreArgs {
     pub pidfile: PathBuf,
     pub lazy: bool,
     pub leave_stopped: bool,
+    /// `--manage-cgroups=ignore`: the tree stays in the cgroups of the restoring criu (which
+    /// the agent starts inside the container's cgroup) instead of the source's paths.
+    pub ignore_cgroups: bool,
 }
 
 impl RestoreArgs {
@@ -123,6 +126,10 @@ impl RestoreArgs {
         }
         if self.leave_stopped {
             a.push("--leave-stopped".into());
+        }
+        if self.ignore_cgroups {
+            // Optional-argument option: the value must be attached.
+            a.push("--manage-cgroups=ignore".into());
         }
         a
     }
@@ -261,13 +268,30 @@ pub async fn run(
     log_dir: &Path,
     log_name: &str,
 ) -> Result<(), AgentError> {
-    let out = command(criu, args, keep_fds)
-        .output()
-        .await
-        .map_err(|source| AgentError::Io {
-            what: format!("cannot run {}", criu.display()),
-            source,
-        })?;
+    run_in(criu, action, args, keep_fds, &[], log_dir, log_name).await
+}
+
+/// Like [`run`], with criu started inside the cgroups whose `cgroup.procs` are open on
+/// `cgroup_procs` (so that everything it forks is born there).
+pub async fn run_in(
+    criu: &Path,
+    action: &'static str,
+    args: &[String],
+    keep_fds: &[i32],
+    cgroup_procs: &[i32],
+    log_dir: &Path,
+    log_name: &str,
+) -> Result<(), AgentError> {
+    let mut cmd = command(criu, args, keep_fds);
+    let join = cgroup_procs.to_vec();
+    // SAFETY: only write(2), which is async-signal-safe, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || crate::cgroup::join_self(&join));
+    }
+    let out = cmd.output().await.map_err(|source| AgentError::Io {
+        what: format!("cannot run {}", criu.display()),
+        source,
+    })?;
     if !out.status.success() {
         return Err(AgentError::Criu {
             action,
@@ -481,6 +505,7 @@ mod tests {
             pidfile: "/run/y/pid".into(),
             lazy: true,
             leave_stopped: false,
+            ignore_cgroups: true,
         }
         .build();
         let s = a.join(" ");
@@ -495,6 +520,7 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("--leave-stopped"), "{s}");
+        assert!(s.ends_with("--manage-cgroups=ignore"), "{s}");
     }
 
     #[test]
@@ -533,6 +559,7 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("--leave-stopped"), "{a}");
+        assert!(!a.contains("--manage-cgroups"), "{a}");
     }
 
     #[test]

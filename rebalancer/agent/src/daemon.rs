@@ -50,9 +50,6 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     for n in &caps.notes {
         tracing::warn!(node = %cfg.node, "{n}");
     }
-    if !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        tracing::warn!("cgroup v2 is not mounted (v1 hierarchy only): container memory/cpu limits are not enforced");
-    }
     if cfg.auth == crate::config::AuthMethod::None {
         tracing::warn!(
             "peer authentication is OFF (auth.method = \"none\"): any host can send migrations"
@@ -79,6 +76,15 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             std::fs::set_permissions(&cfg.control_socket, std::fs::Permissions::from_mode(0o666));
     }
     let agent = Agent::new(cfg, caps);
+    match &agent.cgroups {
+        Some(h) => {
+            let stale = crate::cgroup::remove_stale(h, &agent.cfg.node);
+            tracing::info!(node = %agent.cfg.node, stale_removed = stale, "container cgroups: {h}");
+        }
+        None => {
+            tracing::warn!(node = %agent.cfg.node, "no cgroup hierarchy with memory and cpu controllers: containers with limits are refused")
+        }
+    }
     tracing::info!(node = %agent.cfg.node, listen = %agent.cfg.listen, control = %agent.cfg.control_socket.display(), "agent ready");
 
     let a = agent.clone();

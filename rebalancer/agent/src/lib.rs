@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod auth;
 pub mod caps;
+pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod control;

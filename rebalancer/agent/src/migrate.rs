@@ -447,6 +447,14 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
                 p.rec.stats.frozen_ms = Some(f.elapsed().as_millis() as u64);
             }
             netns::destroy(&p.net).await;
+            let cgroup = agent
+                .containers()
+                .get_mut(&p.rec.container)
+                .and_then(|c| c.cgroup.take());
+            if let Some(cg) = cgroup {
+                // Empties once the reaper collected the killed copy.
+                cg.remove().await;
+            }
             if let rebalancer_proto::RootfsSpec::Host = p.meta.spec.rootfs {
                 let _ = std::fs::remove_dir_all(agent.container_dir(&p.rec.container));
             }

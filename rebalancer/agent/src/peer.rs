@@ -341,6 +341,8 @@ struct Incoming {
     restore_step: bool,
     step_child: Option<tokio::process::Child>,
     source: Option<(String, String)>,
+    /// The container's cgroup here (agent-restored containers); criu restore runs inside it.
+    cgroup: Option<crate::cgroup::Cgroup>,
 }
 
 impl Incoming {
@@ -371,6 +373,9 @@ impl Incoming {
             let _ = c.wait().await;
         }
         netns::destroy(&self.net).await;
+        if let Some(cg) = self.cgroup.take() {
+            cg.remove().await;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_dir_all(&self.mig_dir);
         agent
@@ -646,6 +651,7 @@ async fn handle(
                 restore_step,
                 step_child: None,
                 source: source_addr.map(|a| (source_node.to_string(), a)),
+                cgroup: None,
             };
             let r = async {
                 if let rebalancer_proto::RootfsSpec::Host = meta.spec.rootfs {
@@ -663,6 +669,10 @@ async fn handle(
                             agent.cfg.node
                         )));
                     }
+                }
+                if !restore_step {
+                    // Same limits as on the source, or no migration.
+                    inc.cgroup = agent.create_cgroup(&meta.spec)?;
                 }
                 netns::create(&net, false).await?;
                 let mut page_server = None;
@@ -780,6 +790,7 @@ async fn handle(
                     None
                 },
                 final_status: None,
+                cgroup: inc.cgroup.take(),
             };
             agent.containers().insert(inc.meta.spec.id.clone(), c);
             agent.restore_steps().remove(&inc.migration);
@@ -969,17 +980,24 @@ async fn restore(
         pidfile: pidfile.clone(),
         lazy,
         leave_stopped: true,
+        ignore_cgroups: true,
     }
     .build();
-    let r = criu::run(
+    let procs = match &inc.cgroup {
+        Some(cg) => cg.procs_files()?,
+        None => Vec::new(),
+    };
+    let r = criu::run_in(
         &agent.cfg.criu,
         "restore",
         &args,
         &keep,
+        &crate::cgroup::raw(&procs),
         &inc.images,
         "restore.log",
     )
     .await;
+    drop(procs);
     drop(stdio);
     drop(net);
     r?;
@@ -1048,6 +1066,8 @@ pub fn restore_plan(
         pidfile: PathBuf::new(),
         lazy,
         leave_stopped: true,
+        // The restore step's tree belongs in the step's (Slurm's) cgroups.
+        ignore_cgroups: false,
     }
     .build();
     rebalancer_proto::RestorePlan {

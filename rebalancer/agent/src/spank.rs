@@ -279,6 +279,7 @@ pub fn register(
         migrated_to: None,
         arrived_from: None,
         final_status: None,
+        cgroup: None,
     })
 }
 

@@ -50,6 +50,9 @@ pub struct Container {
     pub arrived_from: Option<(String, String)>,
     /// Final status of a task and the node it ended on, once known (also from downstream).
     pub final_status: Option<(i32, String)>,
+    /// The cgroup carrying the container's limits (agent-run containers; Slurm tasks live in
+    /// Slurm's cgroups).
+    pub cgroup: Option<crate::cgroup::Cgroup>,
 }
 
 /// Mount table and root symlinks (link path, target) of a container.
@@ -250,9 +253,16 @@ fn dup_high(fd: &OwnedFd) -> Result<OwnedFd, AgentError> {
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
-/// Starts pid 1 of a container in new pid/mount/uts/ipc namespaces joined to `netns`.
+/// Starts pid 1 of a container in new pid/mount/uts/ipc namespaces joined to `netns`, inside
+/// the cgroup whose `cgroup.procs` files are open on `cgroup_procs` (joined before the init
+/// process forks pid 1, so the workload never runs outside it).
 /// Blocking (fork/exec and pipe reads): call from `spawn_blocking`. Returns pid 1's host pid.
-pub fn spawn(spec: &InitSpec, netns: &Path, stdio: [OwnedFd; 3]) -> Result<i32, AgentError> {
+pub fn spawn(
+    spec: &InitSpec,
+    netns: &Path,
+    stdio: [OwnedFd; 3],
+    cgroup_procs: &[OwnedFd],
+) -> Result<i32, AgentError> {
     let json = serde_json::to_string(spec).map_err(|e| AgentError::Internal(e.to_string()))?;
     let net = std::fs::File::open(netns).map_err(|source| AgentError::Io {
         what: format!("open {}", netns.display()),
@@ -269,15 +279,17 @@ pub fn spawn(spec: &InitSpec, netns: &Path, stdio: [OwnedFd; 3]) -> Result<i32, 
         go_r_hi.as_raw_fd(),
     );
     let [i, o, e] = stdio;
+    let cg_fds = crate::cgroup::raw(cgroup_procs);
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.arg("__container-init")
         .arg(json)
         .stdin(std::process::Stdio::from(i))
         .stdout(std::process::Stdio::from(o))
         .stderr(std::process::Stdio::from(e));
-    // SAFETY: the closure only calls async-signal-safe syscalls (setns, unshare, dup2).
+    // SAFETY: the closure only calls async-signal-safe syscalls (write, setns, unshare, dup2).
     unsafe {
         cmd.pre_exec(move || {
+            crate::cgroup::join_self(&cg_fds)?;
             if libc::setns(net_fd, libc::CLONE_NEWNET) != 0
                 || libc::unshare(
                     libc::CLONE_NEWNS
