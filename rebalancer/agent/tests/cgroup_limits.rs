@@ -1,6 +1,6 @@
 //! A container's cgroup carries its limits on the node it starts on and on every node it
 //! migrates to (stop-and-copy and post-copy); the node it left removes its cgroup; a container
-//! going over its memory limit is OOM-killed.
+//! going over its memory limit is OOM-killed, one spinning under a CPU limit is throttled.
 
 mod common;
 use common::*;
@@ -150,4 +150,35 @@ fn limits_follow_the_container_and_are_enforced() {
     }
     assert_gone(&dirs);
     assert_gone(&cgroup::dirs(&h, &n0, "cg1"));
+
+    // A busy loop under cpus = 0.5 gets throttled by the CFS quota.
+    let mut spin = server_spec("spin1", "198.19.21.12", 0);
+    spin.argv = vec!["python3".into(), "-c".into(), "while True: pass".into()];
+    spin.cpus = Some(CPUS);
+    c0.call(&Request::CreateContainer { spec: spin })
+        .expect("create spin1");
+    let cpu_dir = cgroup::dirs(&h, &n0, "spin1").pop().expect("cpu dir");
+    let throttled = |d: &PathBuf| -> u64 {
+        std::fs::read_to_string(d.join("cpu.stat"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("nr_throttled "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while throttled(&cpu_dir) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        throttled(&cpu_dir) > 0,
+        "{} never throttled",
+        cpu_dir.display()
+    );
+    c0.call(&Request::KillContainer {
+        id: "spin1".into(),
+        signal: 9,
+    })
+    .expect("kill spin1");
+    wait_exit(&mut c0, "spin1", Duration::from_secs(10));
 }
