@@ -125,6 +125,7 @@ fn default_restore_command() -> Vec<String> {
         "srun",
         "--jobid={job}",
         "--overlap",
+        "--job-name=rebalancer-restore",
         "-w",
         "{node}",
         "-N1",

@@ -60,6 +60,9 @@ pub struct ClusterState {
     pub planner_saved: Option<String>,
     /// Containers whose last migration could not start, and when.
     pub failed_starts: HashMap<String, Millis>,
+    /// By container: the job whose allocation was expanded onto the destination before the
+    /// migration, with its node list before, to undo the expansion if the migration fails.
+    pub pre_expanded: HashMap<String, (u32, Vec<String>)>,
 }
 
 /// Pause before an automatic move whose start failed is tried again.
@@ -684,6 +687,12 @@ impl Controller {
                 this.fail_start(&mut decision, e, progress);
                 return;
             };
+            // A Slurm task is restored by a step on the destination, which Slurm allows only
+            // on a node of the job: the job must hold the destination before the migration.
+            if let Err(e) = this.expand_before(&decision).await {
+                this.fail_start(&mut decision, e, progress);
+                return;
+            }
             let req = MigrateRequest {
                 container: container.clone(),
                 destination: decision.destination.clone(),
@@ -736,8 +745,12 @@ impl Controller {
                     let e = this.on_started(&mut decision, rec, progress.as_ref());
                     this.finish(e, decision, progress).await;
                 }
-                (Err(AgentError::Remote(e)), None) => this.fail_start(&mut decision, e, progress),
+                (Err(AgentError::Remote(e)), None) => {
+                    this.undo_expansion(&container).await;
+                    this.fail_start(&mut decision, e, progress)
+                }
                 (Err(e), None) => {
+                    this.undo_expansion(&container).await;
                     let code = e.code();
                     this.fail_start(&mut decision, err(code, e.to_string()), progress)
                 }
@@ -938,7 +951,10 @@ impl Controller {
                     );
                 }
             }
+            write(&self.state).pre_expanded.remove(&rec.container);
             self.sync_slurm(&mut entry).await;
+        } else {
+            self.undo_expansion(&entry.record.container).await;
         }
         if let Err(e) = self.journal.put_migration(&entry) {
             error!(migration = %entry.record.id, "cannot journal the end of a migration: {e}");
@@ -957,6 +973,74 @@ impl Controller {
             });
         }
         self.eval.notify_one();
+    }
+
+    /// Adds the destination to the job of a Slurm task before its migration and remembers the
+    /// job's nodes so that [`Self::undo_expansion`] can restore them.
+    async fn expand_before(self: &Arc<Self>, decision: &DecisionRecord) -> Result<(), ErrorReply> {
+        if !self.cfg.slurm.enabled || !self.cfg.slurm.sync_allocation {
+            return Ok(());
+        }
+        let Some(job_id) = decision.task.as_ref().map(|t| t.job_id) else {
+            return Ok(());
+        };
+        let destination = decision.destination.clone();
+        let slurm = self.slurm.clone();
+        let dest = destination.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let jobs = slurm.jobs()?;
+            let Some(job) = jobs.into_iter().find(|j| j.job_id == job_id) else {
+                return Ok::<_, crate::slurm_sync::SlurmError>(None);
+            };
+            if job.nodes.contains(&dest) {
+                return Ok(None);
+            }
+            slurm.expand_job(job_id, &dest)?;
+            Ok(Some(job.nodes))
+        })
+        .await;
+        match res {
+            Ok(Ok(Some(before))) => {
+                info!(container = %decision.container, job = job_id, destination = %destination, "job expanded onto the destination before the migration");
+                write(&self.state)
+                    .pre_expanded
+                    .insert(decision.container.clone(), (job_id, before));
+                Ok(())
+            }
+            Ok(Ok(None)) => Ok(()),
+            Ok(Err(e)) => Err(err(
+                ErrorCode::NoRoom,
+                format!("cannot add {destination} to job {job_id} before the migration: {e}"),
+            )),
+            Err(e) => Err(err(
+                ErrorCode::Internal,
+                format!("expansion task failed: {e}"),
+            )),
+        }
+    }
+
+    /// Gives back the destination a failed migration's job was expanded onto, so a failure
+    /// leaves Slurm's allocation as it was.
+    async fn undo_expansion(self: &Arc<Self>, container: &str) {
+        let Some((job_id, before)) = write(&self.state).pre_expanded.remove(container) else {
+            return;
+        };
+        let slurm = self.slurm.clone();
+        let nodes = before.clone();
+        let res = tokio::task::spawn_blocking(move || slurm.set_job_nodes(job_id, &nodes)).await;
+        match res {
+            Ok(Ok(())) => {
+                info!(container, job = job_id, nodes = %before.join(","), "migration failed: job's allocation restored")
+            }
+            Ok(Err(e)) => {
+                warn!(
+                    container,
+                    job = job_id,
+                    "cannot restore the job's allocation after a failed migration: {e}"
+                )
+            }
+            Err(e) => warn!(container, job = job_id, "allocation undo task failed: {e}"),
+        }
     }
 
     /// Expands the job to the destination and shrinks it from the source when nothing of the

@@ -82,7 +82,9 @@ impl SlurmBackend for LibslurmBackend {
                 partition: j.partition.unwrap_or_default(),
                 state: j.state.base().name().to_string(),
                 nodes: j.node_names,
-                batch_host: j.batch_host,
+                // slurmctld names a BatchHost for every allocation (salloc too); only a batch
+                // script pins its node.
+                batch_host: if j.is_batch { j.batch_host } else { None },
             })
             .collect())
     }
