@@ -151,23 +151,30 @@ pub fn hwmon(class: &Path) -> Option<f64> {
     })
 }
 
-fn run_command(argv: &[String]) -> Option<f64> {
+fn run_command(argv: &[String], timeout: Duration) -> Option<f64> {
     let (prog, args) = argv.split_first()?;
+    use std::os::unix::process::CommandExt;
     let mut child = Command::new(prog)
         .args(args)
+        // Its own process group, so a timeout kills what it started too.
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| tracing::warn!(command = %prog, error = %e, "temperature command"))
         .ok()?;
-    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     loop {
         match child.try_wait() {
             Ok(Some(_)) => break,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             _ => {
                 tracing::warn!(command = %prog, "temperature command timed out; killed");
+                if let Ok(pgid) = i32::try_from(child.id()) {
+                    // SAFETY: kill(2) with a negative pid signals the process group we created.
+                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                }
                 let _ = child.kill();
                 let _ = child.wait();
                 return None;
@@ -197,7 +204,7 @@ pub fn temperature(src: &TemperatureSource) -> Option<f64> {
         TemperatureSource::Hwmon => hwmon(class),
         TemperatureSource::ThermalZone => thermal_zones(class),
         TemperatureSource::File(p) => read_capped(p).and_then(|t| parse_hottest(&t, 1000.0)),
-        TemperatureSource::Command(argv) => run_command(argv),
+        TemperatureSource::Command(argv) => run_command(argv, COMMAND_TIMEOUT),
     }
 }
 
@@ -445,6 +452,31 @@ mod tests {
         assert_eq!(
             temperature(&TemperatureSource::Command(vec!["/nonexistent/x".into()])),
             None
+        );
+    }
+
+    #[test]
+    fn a_hanging_command_is_killed_and_gives_no_reading() {
+        // A sleep no one else runs, to find it afterwards.
+        let nap = format!("sleep 31.{}", std::process::id());
+        let argv = vec![
+            "/bin/sh".to_string(),
+            "-c".into(),
+            format!("echo 70; {nap}"),
+        ];
+        let t = Instant::now();
+        assert_eq!(run_command(&argv, Duration::from_millis(300)), None);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        // The command's own child went with it (its process group was killed).
+        std::thread::sleep(Duration::from_millis(100));
+        let left = std::process::Command::new("pgrep")
+            .args(["-f", &format!("^{nap}$")])
+            .output()
+            .expect("pgrep");
+        assert!(
+            left.stdout.is_empty(),
+            "left behind: {}",
+            String::from_utf8_lossy(&left.stdout)
         );
     }
 
