@@ -10,8 +10,12 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A command source gets this long before it is killed and the reading counts as missing.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// A command source gets this long before it is killed and the reading counts as missing; below
+/// the controller's default agent timeout (3 s) so a hung sensor never makes a node look gone.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// A command's reading is reused this long: BMC/IPMI queries are slow and the controller polls
+/// every 2 s by default.
+const COMMAND_REUSE: Duration = Duration::from_secs(10);
 /// A window shorter than this gives too coarse a CPU measure (clock ticks are 10 ms).
 const MIN_SPAN: Duration = Duration::from_millis(200);
 /// Cap on the bytes read from a sensor file or a command's output.
@@ -360,7 +364,33 @@ pub fn read(node: &str, cfg: &MetricsConfig, containers: &[(String, i32)]) -> (f
         LoadSource::LoadAvg => loadavg(),
         LoadSource::Containers => containers_load(node, containers, cfg.load_window),
     };
-    (load, temperature(&cfg.temperature))
+    let temp = match &cfg.temperature {
+        TemperatureSource::Command(_) => cached_temperature(node, &cfg.temperature, Instant::now()),
+        other => temperature(other),
+    };
+    (load, temp)
+}
+
+/// Last command reading by node name, and when it was taken.
+static COMMAND_READINGS: Mutex<BTreeMap<String, (Instant, Option<f64>)>> =
+    Mutex::new(BTreeMap::new());
+
+fn cached_temperature(node: &str, src: &TemperatureSource, now: Instant) -> Option<f64> {
+    if let Some(&(at, v)) = COMMAND_READINGS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(node)
+    {
+        if now.saturating_duration_since(at) < COMMAND_REUSE {
+            return v;
+        }
+    }
+    let v = temperature(src);
+    COMMAND_READINGS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(node.to_string(), (now, v));
+    v
 }
 
 #[cfg(test)]
@@ -453,6 +483,33 @@ mod tests {
             temperature(&TemperatureSource::Command(vec!["/nonexistent/x".into()])),
             None
         );
+    }
+
+    #[test]
+    fn a_command_reading_is_reused_for_a_while() {
+        let d = TempDir::new("reuse");
+        let runs = d.0.join("runs");
+        let script = format!("echo x >> {}; echo 66", runs.display());
+        let src = TemperatureSource::Command(vec!["/bin/sh".into(), "-c".into(), script]);
+        let node = format!("reuse-{}", d.0.display());
+        let t0 = Instant::now();
+        assert_eq!(cached_temperature(&node, &src, t0), Some(66.0));
+        assert_eq!(
+            cached_temperature(&node, &src, t0 + Duration::from_secs(1)),
+            Some(66.0)
+        );
+        let count = || {
+            std::fs::read_to_string(&runs)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        assert_eq!(count(), 1);
+        assert_eq!(
+            cached_temperature(&node, &src, t0 + COMMAND_REUSE),
+            Some(66.0)
+        );
+        assert_eq!(count(), 2);
     }
 
     #[test]
