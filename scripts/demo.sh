@@ -373,11 +373,8 @@ job_of() { sed -n 's/.*Granted job allocation \([0-9]*\).*/\1/p' "$1" | head -1;
 
 step "a migratable job: TCP counter server on node1 (SPANK --migratable)"
 cd "$WORK"
-# The job holds node1 (where its task starts) and node2 (where the rebalancer may restore it),
-# allocated on node2 first and then grown onto node1 with Slurm's expand recipe. Two limits of
-# this revision make that necessary (README, "Known limits"): the restore step must run on a node
-# that is already in the job, and rebalancerd never removes a job's BatchHost from it, which
-# slurmctld sets to the first node of every allocation, salloc ones included.
+# A one-node allocation on node1. When node1 drains, rebalancerd adds the destination to the job
+# (the restore step must run on a node of the job), migrates the task, then releases node1.
 run() { say "\$ $*"; "$@" 8>&-; }
 salloc_job() {  # prints the job id salloc granted
   local err=$WORK/salloc.err
@@ -385,12 +382,8 @@ salloc_job() {  # prints the job id salloc granted
   say "\$ salloc --no-shell $*    -> $(grep -o 'Granted job allocation [0-9]*' "$err")" >&2
   job_of "$err"
 }
-SERVER_JOB=$(salloc_job -N1 -n1 -w node2 -J demo-server) || fail "salloc for the server failed"
+SERVER_JOB=$(salloc_job -N1 -n1 -w node1 -J demo-server) || fail "salloc for the server failed"
 [ -n "$SERVER_JOB" ] || fail "salloc granted no job id"
-grow=$(salloc_job -N1 -n1 -w node1 -J demo-grow --dependency=expand:"$SERVER_JOB") ||
-  fail "salloc of the expansion job failed"
-run scontrol update jobid="$grow" NumNodes=0 || fail "scontrol update jobid=$grow NumNodes=0 failed"
-run scontrol update jobid="$SERVER_JOB" NumNodes=ALL || fail "scontrol update jobid=$SERVER_JOB NumNodes=ALL failed"
 scontrol show job "$SERVER_JOB" | grep -E ' NodeList=| BatchHost=' | sed 's/^ */   /'
 say "\$ srun --jobid=$SERVER_JOB -w node1 -N1 -n1 --migratable python3 -u server.py $MEM_MB $PORT &"
 setsid srun --jobid="$SERVER_JOB" -w node1 -N1 -n1 --migratable python3 -u server.py "$MEM_MB" "$PORT" \
@@ -413,7 +406,7 @@ rebalctl show containers "job=$SERVER_JOB" | sed 's/^/   /'
 squeue -s -j "$SERVER_JOB" | sed 's/^/   /'
 
 step "a client job on node3: one request every 10 ms to $addr:$PORT"
-# The client job takes both CPUs of node3, so node2 (in the server's job) is the only node with room.
+# The client job takes both CPUs of node3, so node2 is the only node with room for the server.
 say "\$ salloc --no-shell -w node3 -N1 -n1 -c2 -J demo-client; srun --jobid=C python3 client.py $addr $PORT &"
 salloc --no-shell -w node3 -N1 -n1 -c2 -J demo-client 2>"$WORK/salloc-client.err" 8>&- ||
   { cat "$WORK/salloc-client.err" >&2; fail "salloc for the client failed"; }
