@@ -44,6 +44,8 @@ pub struct Agent {
     pub events: broadcast::Sender<MigrationRecord>,
     /// Where container cgroups go; `None`: no usable hierarchy (limits cannot be enforced).
     pub cgroups: Option<crate::cgroup::Hierarchy>,
+    /// Prometheus metrics (served when `metrics_listen` is set).
+    pub prom: crate::prom::AgentMetrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -60,6 +62,7 @@ pub fn random_u32() -> u32 {
 impl Agent {
     pub fn new(cfg: AgentConfig, caps: NodeCapabilities) -> Arc<Agent> {
         let (events, _) = broadcast::channel(256);
+        let prom = crate::prom::AgentMetrics::new(&caps.modes);
         Arc::new(Agent {
             cfg,
             caps,
@@ -71,6 +74,7 @@ impl Agent {
             incoming: Mutex::new(HashSet::new()),
             events,
             cgroups: crate::cgroup::detect_system(),
+            prom,
         })
     }
 
@@ -93,7 +97,11 @@ impl Agent {
     }
 
     pub fn publish(&self, rec: &MigrationRecord) {
-        self.migrations().insert(rec.id.clone(), rec.clone());
+        let old = self.migrations().insert(rec.id.clone(), rec.clone());
+        // Counted once, when the record turns terminal (it may be published again afterwards).
+        if rec.state.is_terminal() && !old.is_some_and(|o| o.state.is_terminal()) {
+            self.prom.record_migration(rec, &self.cfg.node);
+        }
         let _ = self.events.send(rec.clone());
     }
 

@@ -68,6 +68,9 @@ pub struct RawConfig {
     pub restore_command: Vec<String>,
     #[serde(default)]
     pub metrics: RawMetrics,
+    /// `IP:PORT` of the Prometheus endpoint (`GET /metrics`); absent: none. Not `[metrics]`.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 /// `[metrics]`: sources of the temperature and load in `NodeMetrics` (docs/agent.md).
@@ -211,6 +214,7 @@ pub struct AgentConfig {
     pub migration_timeout_ms: u64,
     pub restore_command: Vec<String>,
     pub metrics: crate::metrics::MetricsConfig,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn invalid(
@@ -353,8 +357,19 @@ impl RawConfig {
             ));
         }
         let metrics = self.metrics.validate()?;
+        let metrics_listen = match &self.metrics_listen {
+            Some(a) => Some(a.parse().map_err(|_| {
+                invalid(
+                    "metrics_listen",
+                    a,
+                    "expected IP:PORT of the Prometheus endpoint, e.g. \"127.0.0.1:9641\"",
+                )
+            })?),
+            None => None,
+        };
         Ok(AgentConfig {
             metrics,
+            metrics_listen,
             node: self.node,
             listen,
             advertise,
@@ -439,6 +454,20 @@ mod tests {
         let e = parse("node = \"n1\"\nlisten = \"198.18.16.2:1\"\n[auth]\nmethod = \"kerberos\"\n")
             .expect_err("auth");
         assert!(e.to_string().contains("auth.method"), "{e}");
+    }
+
+    #[test]
+    fn metrics_listen_is_a_socket_address() {
+        let base = "node = \"n1\"\nlisten = \"198.18.16.2:1\"\n";
+        assert_eq!(parse(base).expect("defaults").metrics_listen, None);
+        let c = parse(&format!("metrics_listen = \"127.0.0.1:9641\"\n{base}")).expect("valid");
+        assert_eq!(
+            c.metrics_listen,
+            Some("127.0.0.1:9641".parse().expect("addr"))
+        );
+        let e = parse(&format!("metrics_listen = \"localhost\"\n{base}")).expect_err("bad");
+        assert!(e.to_string().contains("`metrics_listen`"), "{e}");
+        assert!(e.to_string().contains("IP:PORT"), "{e}");
     }
 
     #[test]

@@ -75,6 +75,14 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         let _ =
             std::fs::set_permissions(&cfg.control_socket, std::fs::Permissions::from_mode(0o666));
     }
+    let prom = match cfg.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io(format!("metrics listener on {addr}")))?,
+        ),
+        None => None,
+    };
     let agent = Agent::new(cfg, caps);
     match &agent.cgroups {
         Some(h) => {
@@ -101,6 +109,26 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             }
         }
     });
+    if let Some(listener) = prom {
+        tracing::info!(node = %agent.cfg.node, listen = ?agent.cfg.metrics_listen, "Prometheus metrics on /metrics");
+        let a = agent.clone();
+        let render: crate::prom::Render = Arc::new(move || {
+            let running = a
+                .containers()
+                .values()
+                .filter(|c| {
+                    matches!(
+                        c.state,
+                        rebalancer_proto::ContainerState::Running
+                            | rebalancer_proto::ContainerState::Migrating
+                    )
+                })
+                .count();
+            a.prom.containers.set(running as i64);
+            a.prom.render()
+        });
+        tokio::spawn(crate::prom::serve(listener, render));
+    }
     let a = agent.clone();
     tokio::spawn(async move {
         loop {

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod netns;
 pub mod peer;
+pub mod prom;
 pub mod spank;
 
 pub const SOFTWARE: &str = concat!("rebalancer-agent ", env!("CARGO_PKG_VERSION"));
