@@ -94,6 +94,14 @@ pub fn plan_mounts(
             }
         }
     }
+    // The private /tmp goes in before the caller's binds: a bind under /tmp (a job's working
+    // directory) must sit on top of it, not be hidden by it. A bind of /tmp itself replaces it.
+    if !spec.binds.iter().any(|b| b.trim_end_matches('/') == "/tmp") {
+        mounts.push(MountPlan::Tmpfs {
+            target: "/tmp".into(),
+            options: "mode=1777,size=1g".into(),
+        });
+    }
     for b in &spec.binds {
         let p = Path::new(b);
         if !p.is_absolute() || b.contains("..") {
@@ -114,10 +122,6 @@ pub fn plan_mounts(
     }
     mounts.push(MountPlan::Proc);
     mounts.push(MountPlan::Dev);
-    mounts.push(MountPlan::Tmpfs {
-        target: "/tmp".into(),
-        options: "mode=1777,size=1g".into(),
-    });
     Ok((mounts, links))
 }
 
@@ -534,18 +538,47 @@ mod tests {
                 readonly: true
             }
         );
-        assert_eq!(
-            mounts[1],
-            MountPlan::Bind {
-                source: "/work/j1".into(),
-                target: "/work/j1".into(),
-                readonly: false
-            }
-        );
+        assert!(mounts.contains(&MountPlan::Bind {
+            source: "/work/j1".into(),
+            target: "/work/j1".into(),
+            readonly: false
+        }));
         assert!(mounts.contains(&MountPlan::Proc));
         let ext = external_mounts(&mounts);
         assert_eq!(ext.len(), 2);
         assert_eq!(ext[1].1, "rb-work_j1");
+    }
+
+    #[test]
+    fn binds_under_tmp_are_mounted_over_the_private_tmp() {
+        let pos = |mounts: &[MountPlan], want: &dyn Fn(&MountPlan) -> bool| {
+            mounts.iter().position(|m| want(m))
+        };
+        let is_tmpfs =
+            |m: &MountPlan| matches!(m, MountPlan::Tmpfs { target, .. } if target == "/tmp");
+        let (mounts, _) = plan_mounts(
+            &spec(RootfsSpec::Host, vec!["/tmp".into(), "/var".into()]),
+            &[],
+            &|_| None,
+            &|_| true,
+        )
+        .expect("plan");
+        // Binding /tmp itself: no tmpfs underneath to be overmounted.
+        assert_eq!(pos(&mounts, &is_tmpfs), None);
+        let (mounts, _) = plan_mounts(
+            &spec(RootfsSpec::Host, vec!["/tmp/job7".into()]),
+            &[],
+            &|_| None,
+            &|_| true,
+        )
+        .expect("plan");
+        let tmpfs = pos(&mounts, &is_tmpfs).expect("private /tmp");
+        let bind = pos(
+            &mounts,
+            &|m: &MountPlan| matches!(m, MountPlan::Bind { target, .. } if target == "/tmp/job7"),
+        )
+        .expect("bind");
+        assert!(tmpfs < bind, "{mounts:?}");
     }
 
     #[test]
