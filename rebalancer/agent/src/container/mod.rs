@@ -551,9 +551,8 @@ mod tests {
 
     #[test]
     fn binds_under_tmp_are_mounted_over_the_private_tmp() {
-        let pos = |mounts: &[MountPlan], want: &dyn Fn(&MountPlan) -> bool| {
-            mounts.iter().position(|m| want(m))
-        };
+        let pos =
+            |mounts: &[MountPlan], want: &dyn Fn(&MountPlan) -> bool| mounts.iter().position(want);
         let is_tmpfs =
             |m: &MountPlan| matches!(m, MountPlan::Tmpfs { target, .. } if target == "/tmp");
         let (mounts, _) = plan_mounts(
