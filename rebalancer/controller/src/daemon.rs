@@ -540,7 +540,7 @@ impl Controller {
         }
     }
 
-    fn decision(
+    pub(crate) fn decision(
         &self,
         mv: &PlannedMove,
         c: &ContainerSnap,

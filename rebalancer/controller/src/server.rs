@@ -461,27 +461,7 @@ async fn operator_moves(
                     }
                 }
             }
-            let task = ctl
-                .state()
-                .agents
-                .get(&c.node)
-                .and_then(|a| a.containers.iter().find(|x| x.id == c.id))
-                .and_then(|x| x.task.clone());
-            let d = DecisionRecord {
-                seq: 0,
-                at: now_millis(),
-                policy: mv.policy.clone(),
-                container: mv.container.clone(),
-                task,
-                uid: Some(c.uid),
-                source: mv.source.clone(),
-                destination: mv.destination.clone(),
-                mode: mv.mode,
-                why: mv.why.clone(),
-                outcome: DecisionOutcome::Started,
-                detail: None,
-                migration: None,
-            };
+            let d = ctl.decision(&mv, &c, DecisionOutcome::Started, None);
             match ctl.journal.record_decision(d) {
                 Ok(d) => {
                     ctl.metrics.record_decision("operator", "started");
