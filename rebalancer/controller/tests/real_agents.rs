@@ -120,30 +120,15 @@ impl Lab {
                 ),
             )
             .expect("agent config");
-            let log = std::fs::File::create(dir.join(format!("node{i}.log"))).expect("log");
-            let child = Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{P}n{i}"))
-                .arg(agent_bin())
-                .args(["run", "--config"])
-                .arg(&cfg)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("agent");
-            lab.children.push(child);
+            let log = dir.join(format!("node{i}.log"));
+            lab.children
+                .push(spawn_agent(&format!("{P}n{i}"), &cfg, &log));
         }
         for i in 0..2 {
             let sock = dir.join(format!("{P}n{i}.sock"));
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while agent_call(&sock, &Request::Ping).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "agent node{i} did not start:\n{}",
-                    lab.log(&format!("node{i}.log"))
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            wait_agent(&sock, &format!("node{i}"), || {
+                lab.log(&format!("node{i}.log"))
+            });
         }
         lab
     }

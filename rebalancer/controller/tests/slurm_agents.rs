@@ -64,30 +64,16 @@ fn start_agents(cluster: &slurm_tests::Cluster, dir: &Path, container: &str) -> 
             ),
         )
         .expect("agent config");
-        let log = std::fs::File::create(dir.join(format!("{node}.log"))).expect("log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{node}"))
-            .arg(agent_bin())
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("agent");
-        agents.children.push(KillOnDrop(child));
+        let log = dir.join(format!("{node}.log"));
+        agents
+            .children
+            .push(KillOnDrop(spawn_agent(node, &cfg, &log)));
     }
     for node in &names {
         let sock = dir.join(format!("{node}.sock"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while agent_call(&sock, &Request::Ping).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "agent {node} did not start:\n{}",
-                std::fs::read_to_string(dir.join(format!("{node}.log"))).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_agent(&sock, node, || {
+            std::fs::read_to_string(dir.join(format!("{node}.log"))).unwrap_or_default()
+        });
     }
     agents
 }

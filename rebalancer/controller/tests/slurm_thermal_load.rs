@@ -118,29 +118,11 @@ impl Setup {
                 ),
             )
             .expect("agent config");
-            let log = std::fs::File::create(self.dir.join(format!("{node}.log"))).expect("log");
-            let child = Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{node}"))
-                .arg(agent_bin())
-                .args(["run", "--config"])
-                .arg(&cfg)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("agent");
-            self.agents.push(KillOnDrop(child));
+            let log = self.dir.join(format!("{node}.log"));
+            self.agents.push(KillOnDrop(spawn_agent(node, &cfg, &log)));
         }
         for node in &names {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while agent_call(&self.sock(node), &Request::Ping).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "agent {node} did not start:\n{}",
-                    self.logs()
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            wait_agent(&self.sock(node), node, || self.logs());
         }
     }
 

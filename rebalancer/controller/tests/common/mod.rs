@@ -3,8 +3,8 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use rebalancer_proto::control::{ControlReply, ControlRequest, ControlResponse};
 use rebalancer_proto::frame::{read_frame, write_frame, Frame, FrameKind};
@@ -125,5 +125,34 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Starts `rebalancer-agent run --config CFG` inside the node network namespace NETNS, with
+/// stdout and stderr in LOG.
+pub fn spawn_agent(netns: &str, cfg: &Path, log: &Path) -> Child {
+    let log = std::fs::File::create(log).expect("log");
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .arg(agent_bin())
+        .args(["run", "--config"])
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("agent")
+}
+
+/// Waits up to 20 s for the agent behind SOCK to answer a ping; fails with `logs()` otherwise.
+pub fn wait_agent(sock: &Path, name: &str, logs: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent_call(sock, &Request::Ping).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "agent {name} did not start:\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
