@@ -35,6 +35,8 @@ pub struct TaskInfo {
     pub mode: Option<MigrationMode>,
     pub cpus: Option<f64>,
     pub memory_limit: Option<u64>,
+    /// argv[0] of the task.
+    pub program: Option<String>,
 }
 
 impl TaskInfo {
@@ -57,6 +59,7 @@ impl TaskInfo {
             cwd: std::env::current_dir()
                 .ok()
                 .map(|d| d.to_string_lossy().into_owned()),
+            program: self.program.clone(),
         }
     }
 }

@@ -14,6 +14,8 @@ pub struct State {
     /// `None` before `slurm_spank_init`; an error when plugstack.conf's arguments are bad.
     pub config: Option<Result<Config, ConfigError>>,
     pub opts: UserOptions,
+    /// srun: the job and step of a launched migratable step, for [`crate::follow`] at exit.
+    pub launched: Option<(u32, u32, crate::follow::OutputFiles)>,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
@@ -24,6 +26,7 @@ static STATE: Mutex<State> = Mutex::new(State {
         no_migrate: false,
         restore: None,
     },
+    launched: None,
 });
 
 pub fn state() -> MutexGuard<'static, State> {
@@ -214,4 +217,7 @@ callback!(slurm_spank_task_init, |sp, _| remote::task_init(sp));
 
 callback!(slurm_spank_task_exit, |_, _| 0);
 
-callback!(slurm_spank_exit, |_, _| 0);
+callback!(slurm_spank_exit, |sp, _| match ffi::context() {
+    Context::S_CTX_LOCAL => local::exit(sp),
+    _ => 0,
+});

@@ -139,6 +139,33 @@ impl Spank {
         check(unsafe { sys::spank_get_item(self.0, sys::spank_item::S_JOB_GID, &mut v) })?;
         Ok(v)
     }
+    /// The task's argv[0] (remote context): the program Slurm will exec, or the batch script.
+    pub fn argv0(&self) -> Result<String, SpankError> {
+        let mut argc: libc::c_int = 0;
+        let mut argv: *mut *mut libc::c_char = std::ptr::null_mut();
+        // SAFETY: S_JOB_ARGV takes an `int *` and a `char ***` (spank.h).
+        check(unsafe {
+            sys::spank_get_item(
+                self.0,
+                sys::spank_item::S_JOB_ARGV,
+                &mut argc as *mut libc::c_int,
+                &mut argv as *mut *mut *mut libc::c_char,
+            )
+        })?;
+        if argc < 1 || argv.is_null() {
+            return Ok(String::new());
+        }
+        // SAFETY: Slurm hands out argc valid C strings; argv[0] exists since argc >= 1.
+        let first = unsafe { *argv };
+        if first.is_null() {
+            return Ok(String::new());
+        }
+        // SAFETY: first is a NUL-terminated string owned by Slurm for this callback.
+        Ok(unsafe { std::ffi::CStr::from_ptr(first) }
+            .to_string_lossy()
+            .into_owned())
+    }
+
     /// Memory allocated to the step, in MiB (0 = no limit).
     pub fn step_mem_mb(&self) -> Result<u64, SpankError> {
         let mut v: u64 = 0;

@@ -14,6 +14,7 @@ pub mod config;
 pub mod container;
 pub mod dispatch;
 pub mod ffi;
+pub mod follow;
 pub mod local;
 pub mod remote;
 pub mod restore;

@@ -51,6 +51,7 @@ fn task_info(sp: Spank, cfg: &Config) -> Result<TaskInfo, String> {
         mode: opts.mode(cfg),
         cpus: sp.cpus_per_task().ok().filter(|c| *c > 0).map(f64::from),
         memory_limit: (mem_mb > 0).then(|| mem_mb * 1024 * 1024),
+        program: sp.argv0().ok().filter(|p| p.starts_with('/')),
     })
 }
 

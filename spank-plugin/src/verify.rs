@@ -196,6 +196,7 @@ mod tests {
             rss_bytes: None,
             waiter_pid: None,
             cwd: None,
+            program: None,
         }
     }
 

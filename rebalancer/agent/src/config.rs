@@ -128,7 +128,7 @@ fn default_restore_command() -> Vec<String> {
         "srun",
         "--jobid={job}",
         "--overlap",
-        "--job-name=rebalancer-restore",
+        "--job-name=rebalancer-restore:{step}.{task}",
         "-w",
         "{node}",
         "-N1",

@@ -259,6 +259,11 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
             s => return Err(AgentError::Busy(format!("container {id} is {s:?}"))),
         }
         c.state = ContainerState::Migrating;
+        if c.external {
+            // Slurm gives a task its stdio after the plugin registered it, so what fds 0-2 are
+            // (pipes to slurmstepd, or the step's output files) is only known now.
+            c.meta.stdio_keys = container::stdio_keys(c.pid);
+        }
         (c.pid, c.net.clone(), c.meta.clone(), c.external)
     };
     let unmark = || {

@@ -23,7 +23,7 @@
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1084,16 +1084,51 @@ pub fn restore_plan(
     }
 }
 
-/// Substitutes `{job}`, `{node}` and `{migration}` in the configured restore command. Pure.
-pub fn restore_command(template: &[String], job: u32, node: &str, migration: &str) -> Vec<String> {
+/// Substitutes `{job}`, `{step}`, `{task}`, `{node}` and `{migration}` in the configured restore
+/// command. Pure.
+pub fn restore_command(
+    template: &[String],
+    task: &rebalancer_proto::TaskRef,
+    node: &str,
+    migration: &str,
+) -> Vec<String> {
     template
         .iter()
         .map(|a| {
-            a.replace("{job}", &job.to_string())
+            a.replace("{job}", &task.job_id.to_string())
+                .replace("{step}", &task.step_id.to_string())
+                .replace("{task}", &task.task_id.to_string())
                 .replace("{node}", node)
                 .replace("{migration}", migration)
         })
         .collect()
+}
+
+/// srun options that send the restore step's stdout/stderr to the files the task wrote to on the
+/// source (appending), so an `--output` file or a batch job's `slurm-%j.out` holds the whole
+/// output. Files this node cannot see are left out (the task's output then goes to the restore
+/// step's srun). Pure but for the existence check.
+pub fn restore_stdio_options(stdio_keys: &[String]) -> Vec<String> {
+    let visible = |i: usize| {
+        stdio_keys
+            .get(i)
+            .and_then(|k| container::stdio_file(k))
+            .filter(|p| p.is_file())
+    };
+    let (out, err) = (visible(1), visible(2));
+    let mut opts = Vec::new();
+    if let Some(o) = out {
+        opts.push(format!("--output={}", o.display()));
+    }
+    if let Some(e) = err {
+        if Some(e) != out {
+            opts.push(format!("--error={}", e.display()));
+        }
+    }
+    if !opts.is_empty() {
+        opts.push("--open-mode=append".into());
+    }
+    opts
 }
 
 /// Starts the restore step (srun) and waits until its waiter restored and registered the tree.
@@ -1123,12 +1158,16 @@ async fn restore_via_step(
             registered: Some(tx),
         },
     );
-    let argv = restore_command(
+    let mut argv = restore_command(
         &agent.cfg.restore_command,
-        task.job_id,
+        &task,
         &agent.cfg.node,
         &inc.migration,
     );
+    if Path::new(&argv[0]).file_name() == Some(std::ffi::OsStr::new("srun")) {
+        let stdio = restore_stdio_options(&inc.meta.stdio_keys);
+        argv.splice(1..1, stdio);
+    }
     let log_path = inc.images.join("restore-step.log");
     let log = std::fs::File::create(&log_path).map_err(|source| AgentError::Io {
         what: format!("create {}", log_path.display()),
@@ -1213,6 +1252,7 @@ mod tests {
                     rss_bytes: None,
                     waiter_pid: None,
                     cwd: None,
+                    program: None,
                 },
                 "198.19.0.9",
             ),
@@ -1254,17 +1294,63 @@ mod tests {
             &[
                 "srun".into(),
                 "--jobid={job}".into(),
+                "--job-name=r:{step}.{task}".into(),
                 "-w".into(),
                 "{node}".into(),
                 "--rebalancer-restore={migration}".into(),
             ],
-            7,
+            &rebalancer_proto::TaskRef {
+                job_id: 7,
+                step_id: 2,
+                task_id: 1,
+            },
             "n2",
             "m1",
         );
         assert_eq!(
             cmd,
-            ["srun", "--jobid=7", "-w", "n2", "--rebalancer-restore=m1"]
+            [
+                "srun",
+                "--jobid=7",
+                "--job-name=r:2.1",
+                "-w",
+                "n2",
+                "--rebalancer-restore=m1"
+            ]
         );
+    }
+
+    #[test]
+    fn restore_step_appends_to_the_tasks_output_files() {
+        let dir = std::env::temp_dir().join(format!("rb-stdio-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let out = dir.join("out.txt");
+        let err = dir.join("err.txt");
+        std::fs::write(&out, "a").expect("out");
+        std::fs::write(&err, "b").expect("err");
+        let s = |p: &Path| p.display().to_string();
+        let keys = |k: [&str; 3]| k.map(String::from).to_vec();
+        assert_eq!(
+            restore_stdio_options(&keys(["/dev/null", &s(&out), &s(&err)])),
+            [
+                format!("--output={}", out.display()),
+                format!("--error={}", err.display()),
+                "--open-mode=append".into()
+            ]
+        );
+        // One file for both: --output alone (srun then sends stderr there too).
+        assert_eq!(
+            restore_stdio_options(&keys(["", &s(&out), &s(&out)])),
+            [
+                format!("--output={}", out.display()),
+                "--open-mode=append".into()
+            ]
+        );
+        // Pipes, a deleted file and a file this node cannot see: nothing to redirect.
+        let gone = dir.join("missing.txt");
+        let deleted = format!("{} (deleted)", out.display());
+        assert!(restore_stdio_options(&keys(["pipe:[3]", "pipe:[4]", "socket:[5]"])).is_empty());
+        assert!(restore_stdio_options(&keys(["", &deleted, &s(&gone)])).is_empty());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

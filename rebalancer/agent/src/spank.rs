@@ -48,6 +48,22 @@ pub fn to_spec(m: &MountPlan) -> MountSpec {
     }
 }
 
+/// Directories a task needs besides the host dirs: its working directory and the directory of
+/// its program (a batch script lives in slurmd's spool directory).
+fn task_binds(cwd: Option<&str>, program: Option<&str>) -> Vec<String> {
+    let program_dir = program
+        .filter(|p| p.starts_with('/') && !p.contains(".."))
+        .and_then(|p| std::path::Path::new(p).parent())
+        .map(|d| d.to_string_lossy().into_owned());
+    let mut binds: Vec<String> = Vec::new();
+    for d in [cwd.map(str::to_string), program_dir].into_iter().flatten() {
+        if d != "/" && std::path::Path::new(&d).is_dir() && !binds.contains(&d) {
+            binds.push(d);
+        }
+    }
+    binds
+}
+
 /// The container spec a task runs under: a host-mode root with the step's cwd bound in.
 pub fn task_spec(id: &str, reg: &TaskRegistration, address: &str) -> ContainerSpec {
     let cwd = reg
@@ -63,10 +79,7 @@ pub fn task_spec(id: &str, reg: &TaskRegistration, address: &str) -> ContainerSp
         env: Vec::new(),
         cwd: cwd.clone().unwrap_or_else(|| "/".into()),
         rootfs: RootfsSpec::Host,
-        binds: cwd
-            .filter(|c| c != "/" && std::path::Path::new(c).is_dir())
-            .into_iter()
-            .collect(),
+        binds: task_binds(cwd.as_deref(), reg.program.as_deref()),
         memory_limit: reg.memory_limit,
         cpus: reg.cpus,
         class: reg.class.clone(),
@@ -253,13 +266,7 @@ pub fn register(
             agent.cfg.node
         ))
     })?;
-    let stdio_keys = (0..3)
-        .map(|f| {
-            std::fs::read_link(format!("/proc/{}/fd/{f}", reg.pid))
-                .map(|l| l.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        })
-        .collect();
+    let stdio_keys = container::stdio_keys(reg.pid);
     Ok(Container {
         meta: ContainerMeta {
             spec: t.spec,
@@ -319,6 +326,7 @@ mod tests {
             rss_bytes: None,
             waiter_pid: None,
             cwd: Some("/tmp".into()),
+            program: None,
         }
     }
 

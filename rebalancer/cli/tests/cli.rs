@@ -50,6 +50,7 @@ fn entry(r: MigrationRecord) -> MigrationEntry {
         uid: Some(0),
         slurm_synced: true,
         slurm_error: None,
+        slurm_kept_source: None,
     }
 }
 

@@ -786,6 +786,7 @@ impl Controller {
             uid: decision.uid,
             slurm_synced: false,
             slurm_error: None,
+            slurm_kept_source: None,
         };
         if let Err(e) = self.journal.put_migration(&entry) {
             error!(migration = %entry.record.id, "cannot journal a migration: {e}");
@@ -1080,6 +1081,25 @@ impl Controller {
             },
             None => 0,
         };
+        // Another task of the same step on another node (newest poll of every agent).
+        let step_id = entry.record.task.as_ref().map(|t| t.step_id);
+        let step_elsewhere = self
+            .containers()
+            .into_iter()
+            .find(|c| {
+                c.id != moved
+                    && c.node != source
+                    && c.task
+                        .as_ref()
+                        .is_some_and(|t| t.job_id == job_id && Some(t.step_id) == step_id)
+                    && matches!(
+                        c.state,
+                        ContainerState::Running
+                            | ContainerState::Starting
+                            | ContainerState::Migrating
+                    )
+            })
+            .map(|c| c.node);
         let slurm = self.slurm.clone();
         let res = tokio::task::spawn_blocking(move || {
             let jobs = slurm.jobs()?;
@@ -1088,7 +1108,13 @@ impl Controller {
                     "job {job_id} is not in Slurm"
                 )));
             };
-            let change = allocation_change(&job, &source, &destination, remaining);
+            let change = allocation_change(
+                &job,
+                &source,
+                &destination,
+                remaining,
+                step_elsewhere.as_deref(),
+            );
             if let Some(d) = &change.expand_to {
                 slurm.expand_job(job_id, d)?;
             }
@@ -1101,6 +1127,7 @@ impl Controller {
         match res {
             Ok(Ok(keep)) => {
                 entry.slurm_synced = true;
+                entry.slurm_kept_source.clone_from(&keep);
                 info!(migration = %entry.record.id, job = job_id, kept_source = keep.as_deref().unwrap_or("no"), "Slurm allocation updated");
             }
             Ok(Err(e)) => {

@@ -300,6 +300,7 @@ pub(crate) mod tests {
                 uid: Some(1000),
                 slurm_synced: false,
                 slurm_error: None,
+                slurm_kept_source: None,
             })
             .expect("put");
             j.put_migration(&MigrationEntry {
@@ -309,6 +310,7 @@ pub(crate) mod tests {
                 uid: Some(1000),
                 slurm_synced: true,
                 slurm_error: None,
+                slurm_kept_source: None,
             })
             .expect("put");
             j.set_policy_state("thermal", PolicyState::DryRun)

@@ -126,12 +126,15 @@ pub struct AllocationChange {
 
 /// Decides the allocation change: expand to the destination unless it is already in the job,
 /// shrink from the source once nothing of the job remains there (never the batch host, which
-/// Slurm cannot remove from a job).
+/// Slurm cannot remove from a job). `step_elsewhere` names a node where another task of the moved
+/// task's step runs: Slurm ends a step on all its nodes when one of them leaves the job, so the
+/// source then stays.
 pub fn allocation_change(
     job: &SlurmJob,
     source: &str,
     destination: &str,
     remaining_on_source: usize,
+    step_elsewhere: Option<&str>,
 ) -> AllocationChange {
     let expand_to = (!job.nodes.iter().any(|n| n == destination)).then(|| destination.to_string());
     let (shrink_to, keep_reason) = if remaining_on_source > 0 {
@@ -139,6 +142,13 @@ pub fn allocation_change(
             None,
             Some(format!(
                 "{remaining_on_source} container(s) of the job remain on {source}"
+            )),
+        )
+    } else if let Some(other) = step_elsewhere {
+        (
+            None,
+            Some(format!(
+                "the moved task's step also runs on {other}; releasing {source} would end that step there too"
             )),
         )
     } else if job.batch_host.as_deref() == Some(source) {
@@ -459,25 +469,34 @@ mod tests {
             batch_host: Some("node1".into()),
             ..Default::default()
         };
-        let c = allocation_change(&job, "node2", "node3", 0);
+        let c = allocation_change(&job, "node2", "node3", 0, None);
         assert_eq!(c.expand_to.as_deref(), Some("node3"));
         assert_eq!(
             c.shrink_to,
             Some(vec!["node1".to_string(), "node3".to_string()])
         );
-        let c = allocation_change(&job, "node2", "node3", 1);
+        let c = allocation_change(&job, "node2", "node3", 1, None);
         assert!(c.shrink_to.is_none());
         assert!(c
             .keep_reason
             .as_deref()
             .unwrap_or("")
             .contains("remain on node2"));
-        let c = allocation_change(&job, "node1", "node2", 0);
+        let c = allocation_change(&job, "node1", "node2", 0, None);
         assert!(c.expand_to.is_none());
         assert!(c
             .keep_reason
             .as_deref()
             .unwrap_or("")
             .contains("batch host"));
+        // A two-node step: its other task on node1 would die with the step if node2 left.
+        let c = allocation_change(&job, "node2", "node3", 0, Some("node1"));
+        assert_eq!(c.expand_to.as_deref(), Some("node3"));
+        assert!(c.shrink_to.is_none());
+        assert!(c
+            .keep_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("also runs on node1"));
     }
 }

@@ -314,6 +314,9 @@ pub struct MigrationEntry {
     pub slurm_synced: bool,
     #[serde(default)]
     pub slurm_error: Option<String>,
+    /// Why the source node stayed in the job's allocation after a successful migration.
+    #[serde(default)]
+    pub slurm_kept_source: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

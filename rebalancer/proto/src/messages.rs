@@ -75,6 +75,10 @@ pub struct TaskRegistration {
     /// The step's working directory (the agent may bind it into the container's root).
     #[serde(default)]
     pub cwd: Option<String>,
+    /// The program Slurm execs for the task (argv[0]; for batch steps the script in slurmd's
+    /// spool directory). The agent binds its directory when it is an absolute path.
+    #[serde(default)]
+    pub program: Option<String>,
 }
 
 /// Answer to `PrepareTask`: the network namespace the container's pid 1 joins.
@@ -327,6 +331,7 @@ mod tests {
             rss_bytes: None,
             waiter_pid: Some(4241),
             cwd: Some("/home/u".into()),
+            program: None,
         };
         let req = Request::PrepareTask {
             registration: reg.clone(),

@@ -185,6 +185,24 @@ pub fn fd_key(fd: RawFd) -> Result<String, AgentError> {
         })
 }
 
+/// CRIU identities of a process's fds 0-2 (empty where unreadable).
+pub fn stdio_keys(pid: i32) -> Vec<String> {
+    (0..3)
+        .map(|f| {
+            std::fs::read_link(format!("/proc/{pid}/fd/{f}"))
+                .map(|l| l.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The regular file a stdio key names (Slurm's `--output`/`--error` files, a batch job's
+/// `slurm-%j.out`), or `None` for pipes, sockets, terminals and devices.
+pub fn stdio_file(key: &str) -> Option<&Path> {
+    let p = Path::new(key);
+    (p.is_absolute() && !key.starts_with("/dev/") && !key.ends_with(" (deleted)")).then_some(p)
+}
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), AgentError> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Io {
         what: "pipe".into(),

@@ -1,0 +1,352 @@
+//! srun follows a task that moved off its node.
+//!
+//! When the rebalancer releases a step's source node, Slurm kills what is left of the step there
+//! (the waiter), and srun ends with `Force Terminated` while the task runs on as the *restore step*
+//! `J.K` on another node, named `rebalancer-restore:S.T` (step S, task T). At srun's exit the
+//! plugin looks for such steps and attaches to each with `sattach`, so the user's terminal gets
+//! the task's further output and srun exits with the task's real status. A task that moved again
+//! (from J.K to J.L) is followed along the chain. A task whose waiter stayed (no release) already
+//! gave srun its status: then the restore step has ended and nothing is followed.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+/// Prefix of the restore step's name (the agent's `restore_command`).
+pub const RESTORE_STEP_PREFIX: &str = "rebalancer-restore:";
+
+/// A restore step of job J that carries task `task` of step `origin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreStep {
+    pub step: u32,
+    pub origin: u32,
+    pub task: u32,
+}
+
+/// Parses `squeue -h -s -j J -o %i|%j` lines ("J.K|NAME") into the job's restore steps. Pure.
+pub fn parse_steps(job: u32, text: &str) -> Vec<RestoreStep> {
+    text.lines()
+        .filter_map(|l| {
+            let (id, name) = l.trim().split_once('|')?;
+            let (j, k) = id.split_once('.')?;
+            if j.parse::<u32>().ok()? != job {
+                return None;
+            }
+            let (origin, task) = name.strip_prefix(RESTORE_STEP_PREFIX)?.split_once('.')?;
+            Some(RestoreStep {
+                step: k.parse().ok()?,
+                origin: origin.parse().ok()?,
+                task: task.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The restore steps to follow next: those carrying a task of a step in `chain` that were not
+/// followed yet. Pure.
+pub fn next_steps(
+    steps: &[RestoreStep],
+    chain: &BTreeSet<u32>,
+    followed: &BTreeSet<u32>,
+) -> Vec<RestoreStep> {
+    steps
+        .iter()
+        .filter(|s| chain.contains(&s.origin) && !followed.contains(&s.step))
+        .cloned()
+        .collect()
+}
+
+/// What one stderr line of `sattach -v` tells. sattach's own lines start with `sattach: `; the
+/// rest is the task's stderr.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SattachLine {
+    /// The task's own stderr: passed on.
+    Task,
+    /// `N tasks finished (rc=STATUS)`: a raw wait status.
+    Finished(i32),
+    /// An error sattach reports (passed on), except task ends, which `Finished` covers.
+    Error,
+    /// sattach's chatter (`-v`): dropped.
+    Verbose,
+}
+
+/// Classifies a line of `sattach -v`'s stderr. Pure.
+pub fn classify(line: &str) -> SattachLine {
+    let Some(rest) = line.strip_prefix("sattach: ") else {
+        return SattachLine::Task;
+    };
+    if let Some(rc) = rest
+        .split_once(" tasks finished (rc=")
+        .and_then(|(_, r)| r.strip_suffix(')'))
+        .and_then(|r| r.parse::<i32>().ok())
+    {
+        return SattachLine::Finished(rc);
+    }
+    if rest.starts_with("error: task ") {
+        return SattachLine::Verbose;
+    }
+    if rest.starts_with("error:") || rest.starts_with("fatal:") {
+        return SattachLine::Error;
+    }
+    SattachLine::Verbose
+}
+
+/// srun's exit code for a task's raw wait status: the exit code, or 128 + the signal. Pure.
+pub fn exit_code(status: i32) -> i32 {
+    if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        libc::WEXITSTATUS(status)
+    }
+}
+
+/// Slurm's user commands next to this srun (Debian: /usr/bin), else from PATH.
+fn slurm_command(name: &str) -> PathBuf {
+    std::fs::read_link("/proc/self/exe")
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn restore_steps(job: u32) -> Vec<RestoreStep> {
+    let out = Command::new(slurm_command("squeue"))
+        .args(["-h", "-s", "-j", &job.to_string(), "-o", "%i|%j"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => parse_steps(job, &String::from_utf8_lossy(&o.stdout)),
+        _ => Vec::new(),
+    }
+}
+
+/// Where srun sends the step's output: `srun --output=FILE` (without %-patterns) makes srun
+/// write FILE itself, from descriptors it opens before launching the step; otherwise srun's own
+/// stdout/stderr.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutputFiles {
+    pub stdout: Option<PathBuf>,
+    pub stderr: Option<PathBuf>,
+}
+
+impl OutputFiles {
+    /// From `(fd, path, writable)` of srun's descriptors: the regular files it holds open for
+    /// writing above 2, in the order srun opened them (output first, then error). Pure.
+    pub fn from_fds(fds: &[(i32, PathBuf, bool)]) -> OutputFiles {
+        let mut files: Vec<&(i32, PathBuf, bool)> =
+            fds.iter().filter(|(fd, _, w)| *fd > 2 && *w).collect();
+        files.sort_by_key(|(fd, _, _)| *fd);
+        let mut paths: Vec<PathBuf> = Vec::new();
+        for (_, p, _) in files {
+            if !paths.contains(p) {
+                paths.push(p.clone());
+            }
+        }
+        OutputFiles {
+            stdout: paths.first().cloned(),
+            stderr: paths.get(1).or(paths.first()).cloned(),
+        }
+    }
+
+    /// srun's open output files, read from /proc/self.
+    pub fn of_this_process() -> OutputFiles {
+        let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+            return OutputFiles::default();
+        };
+        let fds: Vec<(i32, PathBuf, bool)> = dir
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+                let path = std::fs::read_link(e.path()).ok()?;
+                if !std::fs::metadata(&path).ok()?.is_file() {
+                    return None;
+                }
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+                let flags = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| i32::from_str_radix(f.trim(), 8).ok())?;
+                Some((fd, path, flags & libc::O_ACCMODE != libc::O_RDONLY))
+            })
+            .collect();
+        OutputFiles::from_fds(&fds)
+    }
+}
+
+fn append(path: &Option<PathBuf>) -> Option<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path.as_ref()?)
+        .ok()
+}
+
+/// Runs `sattach -v J.K` with its stdout on srun's output; passes on the task's stderr and
+/// sattach's errors. Returns the highest exit code of the tasks it saw end (`None`: it attached
+/// to nothing, e.g. the step had just ended).
+fn attach(job: u32, step: u32, files: &OutputFiles) -> Option<i32> {
+    let stdout = append(&files.stdout).map_or_else(Stdio::inherit, Stdio::from);
+    let mut task_err: Box<dyn Write> = match append(&files.stderr) {
+        Some(f) => Box::new(f),
+        None => Box::new(std::io::stderr()),
+    };
+    let mut child = Command::new(slurm_command("sattach"))
+        .arg("-v")
+        .arg(format!("{job}.{step}"))
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    let mut code: Option<i32> = None;
+    if let Some(err) = child.stderr.take() {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            match classify(&line) {
+                SattachLine::Task => {
+                    let _ = writeln!(task_err, "{line}");
+                }
+                SattachLine::Error => {
+                    let _ = writeln!(std::io::stderr(), "{line}");
+                }
+                SattachLine::Finished(st) => {
+                    code = Some(code.map_or(exit_code(st), |c| c.max(exit_code(st))));
+                }
+                SattachLine::Verbose => {}
+            }
+        }
+    }
+    let _ = child.wait();
+    code
+}
+
+/// Follows the tasks of step `step` of job `job` that moved; returns the highest task status if
+/// any was followed.
+pub fn follow(job: u32, step: u32, files: &OutputFiles) -> Option<i32> {
+    let mut chain = BTreeSet::from([step]);
+    let mut followed = BTreeSet::new();
+    let mut status: Option<i32> = None;
+    loop {
+        let next = next_steps(&restore_steps(job), &chain, &followed);
+        if next.is_empty() {
+            return status;
+        }
+        let handles: Vec<_> = next
+            .iter()
+            .map(|s| {
+                crate::ffi::log_user(&format!(
+                    "rebalancer: task {} of step {job}.{} moved and runs on as step {job}.{}; following it",
+                    s.task, s.origin, s.step
+                ));
+                let (k, files) = (s.step, files.clone());
+                std::thread::spawn(move || attach(job, k, &files))
+            })
+            .collect();
+        for (s, h) in next.iter().zip(handles) {
+            followed.insert(s.step);
+            chain.insert(s.step);
+            if let Ok(Some(c)) = h.join() {
+                status = Some(status.map_or(c, |p| p.max(c)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_steps_are_found_by_name() {
+        let text = "12.0|python3\n12.1|rebalancer-restore:0.0\n12.3|rebalancer-restore:1.0\n\
+                    12.4|rebalancer-restore:x.0\n13.2|rebalancer-restore:0.1\n12.5|other:0.0\n";
+        assert_eq!(
+            parse_steps(12, text),
+            [
+                RestoreStep {
+                    step: 1,
+                    origin: 0,
+                    task: 0
+                },
+                RestoreStep {
+                    step: 3,
+                    origin: 1,
+                    task: 0
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn the_chain_of_moves_is_followed_once() {
+        let steps = parse_steps(
+            5,
+            "5.1|rebalancer-restore:0.0\n5.2|rebalancer-restore:0.1\n5.3|rebalancer-restore:7.0\n",
+        );
+        let mut chain = BTreeSet::from([0]);
+        let mut followed = BTreeSet::new();
+        let first: Vec<u32> = next_steps(&steps, &chain, &followed)
+            .iter()
+            .map(|s| s.step)
+            .collect();
+        assert_eq!(first, [1, 2]);
+        chain.extend([1, 2]);
+        followed.extend([1, 2]);
+        assert!(next_steps(&steps, &chain, &followed).is_empty());
+        // Step 1 moved again, as step 6.
+        let steps = parse_steps(5, "5.6|rebalancer-restore:1.0\n");
+        let again: Vec<u32> = next_steps(&steps, &chain, &followed)
+            .iter()
+            .map(|s| s.step)
+            .collect();
+        assert_eq!(again, [6]);
+    }
+
+    #[test]
+    fn srun_output_files_come_from_its_writable_descriptors() {
+        let f = |fd, p: &str, w| (fd, PathBuf::from(p), w);
+        // srun -o out.txt: one descriptor for both streams.
+        let o = OutputFiles::from_fds(&[
+            f(1, "/dev/pts/0", true),
+            f(4, "/work/out.txt", true),
+            f(5, "/etc/slurm/slurm.conf", false),
+        ]);
+        assert_eq!(
+            o.stdout.as_deref(),
+            Some(std::path::Path::new("/work/out.txt"))
+        );
+        assert_eq!(o.stderr, o.stdout);
+        // srun -o out -e err: opened in that order.
+        let o = OutputFiles::from_fds(&[f(7, "/w/err", true), f(6, "/w/out", true)]);
+        assert_eq!(o.stdout.as_deref(), Some(std::path::Path::new("/w/out")));
+        assert_eq!(o.stderr.as_deref(), Some(std::path::Path::new("/w/err")));
+        // Output to the terminal or a shell redirection (fd 1): sattach inherits it.
+        assert_eq!(
+            OutputFiles::from_fds(&[f(1, "/w/redirected", true)]),
+            OutputFiles::default()
+        );
+    }
+
+    #[test]
+    fn sattach_lines_are_sorted_out() {
+        assert_eq!(
+            classify("sattach: 1 tasks finished (rc=768)"),
+            SattachLine::Finished(768)
+        );
+        assert_eq!(exit_code(768), 3);
+        assert_eq!(exit_code(9), 137);
+        assert_eq!(classify("served 100"), SattachLine::Task);
+        assert_eq!(
+            classify("sattach: error: task 0 exited with exit code 3"),
+            SattachLine::Verbose
+        );
+        assert_eq!(
+            classify("sattach: error: Could not get job step info: Invalid job id"),
+            SattachLine::Error
+        );
+        assert_eq!(
+            classify("sattach: Node node2: no tasks running"),
+            SattachLine::Verbose
+        );
+    }
+}
