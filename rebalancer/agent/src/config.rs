@@ -127,6 +127,10 @@ fn default_restore_command() -> Vec<String> {
     [
         "srun",
         "--jobid={job}",
+        // The step must belong to the job's user (slurmctld refuses root's step in a user's
+        // job); srun takes the identity after reading its options as root.
+        "--uid={uid}",
+        "--gid={gid}",
         "--overlap",
         "--job-name=rebalancer-restore:{step}.{task}",
         "-w",

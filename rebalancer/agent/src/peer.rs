@@ -1084,10 +1084,11 @@ pub fn restore_plan(
     }
 }
 
-/// Substitutes `{job}`, `{step}`, `{task}`, `{node}` and `{migration}` in the configured restore
-/// command. Pure.
+/// Substitutes `{job}`, `{step}`, `{task}`, `{uid}`, `{gid}`, `{node}` and `{migration}` in the
+/// configured restore command. Pure.
 pub fn restore_command(
     template: &[String],
+    spec: &rebalancer_proto::ContainerSpec,
     task: &rebalancer_proto::TaskRef,
     node: &str,
     migration: &str,
@@ -1098,6 +1099,8 @@ pub fn restore_command(
             a.replace("{job}", &task.job_id.to_string())
                 .replace("{step}", &task.step_id.to_string())
                 .replace("{task}", &task.task_id.to_string())
+                .replace("{uid}", &spec.uid.to_string())
+                .replace("{gid}", &spec.gid.to_string())
                 .replace("{node}", node)
                 .replace("{migration}", migration)
         })
@@ -1160,6 +1163,7 @@ async fn restore_via_step(
     );
     let mut argv = restore_command(
         &agent.cfg.restore_command,
+        &inc.meta.spec,
         &task,
         &agent.cfg.node,
         &inc.migration,
@@ -1290,15 +1294,20 @@ mod tests {
             plan.inherit_files,
             vec![("rb-net".to_string(), "/run/netns/x".to_string())]
         );
+        let mut spec = meta.spec.clone();
+        (spec.uid, spec.gid) = (1000, 100);
         let cmd = restore_command(
             &[
                 "srun".into(),
                 "--jobid={job}".into(),
+                "--uid={uid}".into(),
+                "--gid={gid}".into(),
                 "--job-name=r:{step}.{task}".into(),
                 "-w".into(),
                 "{node}".into(),
                 "--rebalancer-restore={migration}".into(),
             ],
+            &spec,
             &rebalancer_proto::TaskRef {
                 job_id: 7,
                 step_id: 2,
@@ -1312,6 +1321,8 @@ mod tests {
             [
                 "srun",
                 "--jobid=7",
+                "--uid=1000",
+                "--gid=100",
                 "--job-name=r:2.1",
                 "-w",
                 "n2",
