@@ -1108,6 +1108,9 @@ impl Controller {
                     "job {job_id} is not in Slurm"
                 )));
             };
+            if job.state != "RUNNING" {
+                return Ok(Some(format!("job {job_id} is {}", job.state)));
+            }
             let change = allocation_change(
                 &job,
                 &source,
@@ -1182,6 +1185,31 @@ impl Controller {
                         error!(migration = %e.record.id, "cannot journal: {err}");
                     }
                 });
+            }
+        }
+    }
+
+    /// Releases source nodes kept after earlier migrations once what kept them is gone (the
+    /// job's other containers there ended or moved, or the rest of a multi-node step ended).
+    /// A source kept as the batch host stays until the job ends.
+    pub async fn retry_kept_sources(self: &Arc<Self>) {
+        let Ok(all) = self.journal.migrations() else {
+            return;
+        };
+        for mut e in all.into_iter().filter(|e| {
+            e.record.state == MigrationState::Succeeded
+                && e.slurm_synced
+                && e.slurm_kept_source
+                    .as_deref()
+                    .is_some_and(crate::slurm_sync::kept_source_may_change)
+        }) {
+            let before = e.slurm_kept_source.clone();
+            self.sync_slurm(&mut e).await;
+            if e.slurm_kept_source != before {
+                info!(migration = %e.record.id, source = %e.record.source, now = e.slurm_kept_source.as_deref().unwrap_or("released"), "kept source node re-examined");
+                if let Err(err) = self.journal.put_migration(&e) {
+                    error!(migration = %e.record.id, "cannot journal: {err}");
+                }
             }
         }
     }
@@ -1299,6 +1327,9 @@ pub async fn run_loops(ctl: Arc<Controller>, shutdown: Arc<Notify>) {
                     ctl.eval.notify_one();
                 } else if full {
                     ctl.eval.notify_one();
+                }
+                if full {
+                    ctl.retry_kept_sources().await;
                 }
             }
         }

@@ -169,6 +169,12 @@ pub fn allocation_change(
     }
 }
 
+/// Whether a reason [`allocation_change`] gave for keeping the source can go away while the job
+/// runs (its containers there end or move, the rest of the step ends); a batch host stays. Pure.
+pub fn kept_source_may_change(reason: &str) -> bool {
+    reason.contains(" remain on ") || reason.contains("step also runs on ")
+}
+
 /// Used when `[slurm] enabled = false`.
 pub struct NoSlurm;
 
@@ -498,5 +504,12 @@ mod tests {
             .as_deref()
             .unwrap_or("")
             .contains("also runs on node1"));
+        assert!(kept_source_may_change(
+            c.keep_reason.as_deref().unwrap_or("")
+        ));
+        let batch = allocation_change(&job, "node1", "node2", 0, None);
+        assert!(!kept_source_may_change(
+            batch.keep_reason.as_deref().unwrap_or("")
+        ));
     }
 }
