@@ -372,6 +372,7 @@ impl Agent {
                 mounts,
                 symlinks: links,
                 stdio_keys: keys,
+                stdio_paths: Vec::new(),
                 started_at: now_millis(),
             },
             net,

@@ -60,8 +60,41 @@ pub fn modes(c: &NodeCapabilities, version_ok: bool) -> Vec<MigrationMode> {
     m
 }
 
+/// `CAP_SYS_RESOURCE`: CRIU reads a task's rlimits with prlimit(2), which for another user's
+/// task needs it (root in some containers and sandboxes runs without it).
+pub const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether this process has capability `cap` in its effective set (`CapEff` of
+/// /proc/self/status).
+pub fn has_capability(cap: u32) -> bool {
+    effective_caps(&std::fs::read_to_string("/proc/self/status").unwrap_or_default())
+        .is_some_and(|set| set & (1u64 << cap) != 0)
+}
+
+/// The `CapEff` mask of a /proc/PID/status text. Pure.
+pub fn effective_caps(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// Why a container of user `uid` cannot be dumped here, if it cannot.
+pub fn dump_refusal(uid: u32, node: &str) -> Option<String> {
+    (uid != 0 && !has_capability(CAP_SYS_RESOURCE)).then(|| {
+        format!(
+            "the agent on {node} lacks CAP_SYS_RESOURCE, which CRIU needs to read the limits of user {uid}'s task (prlimit); run the agent with full root capabilities"
+        )
+    })
+}
+
 pub async fn probe(node: &str, criu: &Path) -> NodeCapabilities {
     let mut notes = Vec::new();
+    if !has_capability(CAP_SYS_RESOURCE) {
+        notes.push(
+            "no CAP_SYS_RESOURCE: only root's containers can be migrated (CRIU reads other users' rlimits with prlimit)".into(),
+        );
+    }
     let (ok, out) = criu_out(criu, &["--version"]).await;
     let version = if ok { parse_version(&out) } else { None };
     let version_ok = matches!(version, Some((a, b, _)) if (a, b) >= CRIU_MIN);
@@ -136,6 +169,19 @@ pub async fn probe(node: &str, criu: &Path) -> NodeCapabilities {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn effective_capabilities_are_read_from_status() {
+        let status = "Name:\tx\nCapPrm:\t000001fffeffffff\nCapEff:\t000001fffeffffff\n";
+        let eff = effective_caps(status).expect("CapEff");
+        assert_eq!(eff & (1 << CAP_SYS_RESOURCE), 0);
+        assert_ne!(eff & (1 << 21), 0, "CAP_SYS_ADMIN");
+        assert_eq!(effective_caps("Name:\tx\n"), None);
+        assert!(
+            dump_refusal(0, "n1").is_none(),
+            "root's tasks need no extra capability"
+        );
+    }
 
     #[test]
     fn version_parsing() {

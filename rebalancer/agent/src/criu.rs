@@ -15,6 +15,8 @@ pub struct DumpArgs {
     pub net_inode: u64,
     /// (mountpoint inside the container, key)
     pub ext_mounts: Vec<(String, String)>,
+    /// External files (`file[MNT:INO]`): a Slurm task's stdio opened outside the container.
+    pub ext_files: Vec<String>,
     /// Stream pages to this page server (stop-and-copy).
     pub page_server: Option<(Ipv4Addr, u16)>,
     /// Serve pages lazily from this address (post-copy).
@@ -45,6 +47,10 @@ impl DumpArgs {
         for (target, key) in &self.ext_mounts {
             a.push("--external".into());
             a.push(format!("mnt[{target}]:{key}"));
+        }
+        for key in &self.ext_files {
+            a.push("--external".into());
+            a.push(key.clone());
         }
         if let Some((addr, port)) = self.page_server {
             a.extend([
@@ -431,6 +437,7 @@ mod tests {
             images_dir: "/run/x/img".into(),
             net_inode: 4026532000,
             ext_mounts: vec![("/usr".into(), "rb-usr".into())],
+            ext_files: vec!["file[1c:2a]".into()],
             page_server: Some((Ipv4Addr::new(198, 18, 16, 3), 2000)),
             lazy_serve: None,
             status_fd: None,
@@ -444,6 +451,7 @@ mod tests {
         );
         assert!(s.contains("--external net[4026532000]:rb-net"), "{s}");
         assert!(s.contains("--external mnt[/usr]:rb-usr"), "{s}");
+        assert!(s.contains("--external file[1c:2a]"), "{s}");
         assert!(
             s.contains("--page-server --address 198.18.16.3 --port 2000"),
             "{s}"

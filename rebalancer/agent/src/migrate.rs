@@ -258,11 +258,14 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
             }
             s => return Err(AgentError::Busy(format!("container {id} is {s:?}"))),
         }
+        if let Some(why) = crate::caps::dump_refusal(c.meta.spec.uid, &agent.cfg.node) {
+            return Err(AgentError::Unsupported(why));
+        }
         c.state = ContainerState::Migrating;
         if c.external {
             // Slurm gives a task its stdio after the plugin registered it, so what fds 0-2 are
             // (pipes to slurmstepd, or the step's output files) is only known now.
-            c.meta.stdio_keys = container::stdio_keys(c.pid);
+            (c.meta.stdio_keys, c.meta.stdio_paths) = container::stdio_ids(c.pid);
         }
         (c.pid, c.net.clone(), c.meta.clone(), c.external)
     };
@@ -609,6 +612,13 @@ async fn attempt(
         ext_mounts: container::external_mounts(&p.meta.mounts)
             .into_iter()
             .map(|(t, k, _)| (t, k))
+            .collect(),
+        ext_files: p
+            .meta
+            .stdio_keys
+            .iter()
+            .filter(|k| k.starts_with("file["))
+            .cloned()
             .collect(),
         ..Default::default()
     };

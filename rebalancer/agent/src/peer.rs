@@ -662,6 +662,16 @@ async fn handle(
                     source,
                 })?;
                 container::prepare_root(&root, &meta.mounts, &meta.symlinks)?;
+                if restore_step {
+                    let missing = missing_stdio_files(&meta.stdio_paths);
+                    if !missing.is_empty() {
+                        return Err(AgentError::NoRoom(format!(
+                            "the task's output file(s) {} do not exist on {}; the restored task could not write to them",
+                            missing.join(", "),
+                            agent.cfg.node
+                        )));
+                    }
+                }
                 for b in &meta.spec.binds {
                     if !std::path::Path::new(b).exists() {
                         return Err(AgentError::NoRoom(format!(
@@ -1078,10 +1088,25 @@ pub fn restore_plan(
         stdio_keys: meta
             .stdio_keys
             .iter()
-            .map(|k| (!k.is_empty()).then(|| k.clone()))
+            .enumerate()
+            .map(|(fd, k)| (!k.is_empty() && stdin_file(meta, fd).is_none()).then(|| k.clone()))
             .collect(),
-        inherit_files: vec![(criu::NET_KEY.to_string(), netns_path.display().to_string())],
+        inherit_files: std::iter::once((
+            criu::NET_KEY.to_string(),
+            netns_path.display().to_string(),
+        ))
+        .chain(stdin_file(meta, 0).map(|p| (meta.stdio_keys[0].clone(), p.to_string())))
+        .collect(),
     }
+}
+
+/// A task's stdin that was a file (a batch script's `/dev/null`, `srun --input=FILE%t`): the
+/// restore step's waiter opens it for CRIU itself. Slurm 22.05's slurmstepd crashes on a step
+/// whose stdin and stdout are both per-task files, so the restore step cannot be given it.
+fn stdin_file(meta: &ContainerMeta, fd: usize) -> Option<&str> {
+    let path = meta.stdio_paths.get(fd).filter(|_| fd == 0)?;
+    let key = meta.stdio_keys.first()?;
+    (path.starts_with('/') && key.starts_with("file[")).then_some(path.as_str())
 }
 
 /// Substitutes `{job}`, `{step}`, `{task}`, `{uid}`, `{gid}`, `{node}` and `{migration}` in the
@@ -1107,31 +1132,83 @@ pub fn restore_command(
         .collect()
 }
 
-/// srun options that send the restore step's stdout/stderr to the files the task wrote to on the
-/// source (appending), so an `--output` file or a batch job's `slurm-%j.out` holds the whole
-/// output. Files this node cannot see are left out (the task's output then goes to the restore
-/// step's srun). Pure but for the existence check.
-pub fn restore_stdio_options(stdio_keys: &[String]) -> Vec<String> {
-    let visible = |i: usize| {
-        stdio_keys
+/// How the restore step gets the task's stdio files back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StdioPlan {
+    /// srun options (`--input`, `--output`, `--error`, `--open-mode=append`).
+    pub options: Vec<String>,
+    /// Symlinks to create first: (link, target).
+    pub links: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Plans the restore step's stdout/stderr from the files the task had on the source
+/// (`stdio_paths`, empty for pipes; a stdin file is opened by the waiter, see [`restore_plan`]). CRIU puts an inherited file back at its old offset, so each must again be a
+/// file that slurmstepd opens for the task — srun opens plain `--output` names itself and hands the
+/// task a pipe. A `%t` in the name makes slurmstepd open it (the restore step has one task, 0), so
+/// the name is a symlink `<link_dir>/out-0` to the real file. Output files are appended to, so an
+/// `--output` file or a batch job's `slurm-%j.out` holds the whole output. Pure.
+pub fn restore_stdio_plan(stdio_paths: &[String], link_dir: &Path) -> StdioPlan {
+    let file = |i: usize| {
+        stdio_paths
             .get(i)
-            .and_then(|k| container::stdio_file(k))
-            .filter(|p| p.is_file())
+            .and_then(|k| container::stdio_file(k).or((k == "/dev/null").then_some(Path::new(k))))
     };
-    let (out, err) = (visible(1), visible(2));
-    let mut opts = Vec::new();
+    let mut plan = StdioPlan::default();
+    let mut add = |opt: &str, name: &str, target: &Path| {
+        plan.links
+            .push((link_dir.join(format!("{name}-0")), target.to_path_buf()));
+        plan.options
+            .push(format!("--{opt}={}/{name}-%t", link_dir.display()));
+    };
+    let (out, err) = (file(1), file(2));
     if let Some(o) = out {
-        opts.push(format!("--output={}", o.display()));
+        add("output", "out", o);
     }
-    if let Some(e) = err {
-        if Some(e) != out {
-            opts.push(format!("--error={}", e.display()));
-        }
+    if let Some(e) = err.filter(|e| Some(*e) != out) {
+        add("error", "err", e);
     }
-    if !opts.is_empty() {
-        opts.push("--open-mode=append".into());
+    if out.is_some() || err.is_some() {
+        plan.options.push("--open-mode=append".into());
     }
-    opts
+    plan
+}
+
+/// Files of the task's stdio that this node cannot see: the restore would fail on them.
+pub fn missing_stdio_files(stdio_paths: &[String]) -> Vec<String> {
+    stdio_paths
+        .iter()
+        .filter(|k| container::stdio_file(k).is_some_and(|p| !p.is_file()))
+        .cloned()
+        .collect()
+}
+
+struct RemoveDirOnDrop(PathBuf);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Creates the symlinks of a [`StdioPlan`] in a directory slurmstepd can traverse as the job's
+/// user.
+fn make_stdio_links(dir: &Path, links: &[(PathBuf, PathBuf)]) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |what: String| move |source| AgentError::Io { what, source };
+    std::fs::create_dir_all(dir).map_err(io(format!("mkdir {}", dir.display())))?;
+    for d in [dir, dir.parent().unwrap_or(dir)] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+            .map_err(io(format!("chmod {}", d.display())))?;
+    }
+    for (link, target) in links {
+        let _ = std::fs::remove_file(link);
+        std::os::unix::fs::symlink(target, link).map_err(io(format!(
+            "symlink {} -> {}",
+            link.display(),
+            target.display()
+        )))?;
+    }
+    Ok(())
 }
 
 /// Starts the restore step (srun) and waits until its waiter restored and registered the tree.
@@ -1161,6 +1238,7 @@ async fn restore_via_step(
             registered: Some(tx),
         },
     );
+    let mut links_dir = None;
     let mut argv = restore_command(
         &agent.cfg.restore_command,
         &inc.meta.spec,
@@ -1169,8 +1247,14 @@ async fn restore_via_step(
         &inc.migration,
     );
     if Path::new(&argv[0]).file_name() == Some(std::ffi::OsStr::new("srun")) {
-        let stdio = restore_stdio_options(&inc.meta.stdio_keys);
-        argv.splice(1..1, stdio);
+        let link_dir = agent.cfg.run_dir.join("stdio").join(&inc.migration);
+        let stdio = restore_stdio_plan(&inc.meta.stdio_paths, &link_dir);
+        if !stdio.links.is_empty() {
+            // slurmstepd has opened them once the step registered (or failed): gone then.
+            links_dir = Some(RemoveDirOnDrop(link_dir.clone()));
+            make_stdio_links(&link_dir, &stdio.links)?;
+        }
+        argv.splice(1..1, stdio.options);
     }
     let log_path = inc.images.join("restore-step.log");
     let log = std::fs::File::create(&log_path).map_err(|source| AgentError::Io {
@@ -1196,9 +1280,11 @@ async fn restore_via_step(
         r = rx => r.map_err(|_| AgentError::Internal("restore step registration lost".into()))?,
         st = child.wait() => {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let criu_log = inc.images.join("restore.log");
+            let criu = if criu_log.exists() { format!("; criu: {}", criu::log_tail(&inc.images, "restore.log")) } else { String::new() };
             return Err(AgentError::Criu {
                 action: "restore (restore step)",
-                message: format!("{} exited with {:?} before registering: {}", argv[0], st.ok(), log.trim()),
+                message: format!("{} exited with {:?} before registering: {}{criu}", argv[0], st.ok(), log.trim()),
             });
         }
         _ = tokio::time::sleep(Duration::from_secs(60)) => {
@@ -1207,6 +1293,7 @@ async fn restore_via_step(
             return Err(AgentError::Timeout("the restore step did not register within 60 s".into()));
         }
     };
+    drop(links_dir);
     inc.step_child = Some(child);
     inc.restored_pid = Some(pid);
     let stats = criu::read_stats(&inc.images, "stats-restore").unwrap_or_default();
@@ -1268,6 +1355,7 @@ mod tests {
             }],
             symlinks: vec![],
             stdio_keys: vec!["".into(), "pipe:[5]".into(), "pipe:[6]".into()],
+            stdio_paths: vec![],
             started_at: 0,
         };
         let plan = restore_plan(
@@ -1293,6 +1381,38 @@ mod tests {
         assert_eq!(
             plan.inherit_files,
             vec![("rb-net".to_string(), "/run/netns/x".to_string())]
+        );
+        // A batch script's stdin (/dev/null from slurmstepd): the waiter opens it for CRIU.
+        let mut batch = meta.clone();
+        batch.stdio_keys = vec![
+            "file[1c:2a]".into(),
+            "file[1d:2b]".into(),
+            "file[1d:2b]".into(),
+        ];
+        batch.stdio_paths = vec![
+            "/dev/null".into(),
+            "/w/slurm-7.out".into(),
+            "/w/slurm-7.out".into(),
+        ];
+        let plan = restore_plan(
+            std::path::Path::new("/usr/local/sbin/criu"),
+            "m1",
+            &batch,
+            std::path::Path::new("/run/i"),
+            std::path::Path::new("/run/r"),
+            std::path::Path::new("/run/netns/x"),
+            false,
+        );
+        assert_eq!(
+            plan.stdio_keys,
+            vec![None, Some("file[1d:2b]".into()), Some("file[1d:2b]".into())]
+        );
+        assert_eq!(
+            plan.inherit_files,
+            vec![
+                ("rb-net".to_string(), "/run/netns/x".to_string()),
+                ("file[1c:2a]".to_string(), "/dev/null".to_string())
+            ]
         );
         let mut spec = meta.spec.clone();
         (spec.uid, spec.gid) = (1000, 100);
@@ -1332,7 +1452,7 @@ mod tests {
     }
 
     #[test]
-    fn restore_step_appends_to_the_tasks_output_files() {
+    fn restore_step_reopens_the_tasks_files_through_slurmstepd() {
         let dir = std::env::temp_dir().join(format!("rb-stdio-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let out = dir.join("out.txt");
@@ -1340,28 +1460,42 @@ mod tests {
         std::fs::write(&out, "a").expect("out");
         std::fs::write(&err, "b").expect("err");
         let s = |p: &Path| p.display().to_string();
-        let keys = |k: [&str; 3]| k.map(String::from).to_vec();
+        let paths = |k: [&str; 3]| k.map(String::from).to_vec();
+        let links = Path::new("/run/rb/stdio/m1");
+        // A batch script: stdin /dev/null, stdout and stderr in two files.
+        let plan = restore_stdio_plan(&paths(["/dev/null", &s(&out), &s(&err)]), links);
         assert_eq!(
-            restore_stdio_options(&keys(["/dev/null", &s(&out), &s(&err)])),
+            plan.options,
             [
-                format!("--output={}", out.display()),
-                format!("--error={}", err.display()),
-                "--open-mode=append".into()
+                "--output=/run/rb/stdio/m1/out-%t",
+                "--error=/run/rb/stdio/m1/err-%t",
+                "--open-mode=append"
             ]
         );
-        // One file for both: --output alone (srun then sends stderr there too).
         assert_eq!(
-            restore_stdio_options(&keys(["", &s(&out), &s(&out)])),
+            plan.links,
             [
-                format!("--output={}", out.display()),
-                "--open-mode=append".into()
+                (links.join("out-0"), out.clone()),
+                (links.join("err-0"), err.clone())
             ]
         );
-        // Pipes, a deleted file and a file this node cannot see: nothing to redirect.
-        let gone = dir.join("missing.txt");
-        let deleted = format!("{} (deleted)", out.display());
-        assert!(restore_stdio_options(&keys(["pipe:[3]", "pipe:[4]", "socket:[5]"])).is_empty());
-        assert!(restore_stdio_options(&keys(["", &deleted, &s(&gone)])).is_empty());
+        // One file for both streams: --output alone (slurmstepd sends stderr there too).
+        let plan = restore_stdio_plan(&paths(["", &s(&out), &s(&out)]), links);
+        assert_eq!(
+            plan.options,
+            ["--output=/run/rb/stdio/m1/out-%t", "--open-mode=append"]
+        );
+        // Pipes (srun's own I/O): nothing to reopen.
+        assert_eq!(
+            restore_stdio_plan(&paths(["", "", ""]), links),
+            StdioPlan::default()
+        );
+        // A file this node cannot see is reported before anything starts.
+        let gone = s(&dir.join("missing.txt"));
+        assert_eq!(
+            missing_stdio_files(&paths(["/dev/null", &s(&out), &gone])),
+            [gone]
+        );
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -266,7 +266,7 @@ pub fn register(
             agent.cfg.node
         ))
     })?;
-    let stdio_keys = container::stdio_keys(reg.pid);
+    let (stdio_keys, stdio_paths) = container::stdio_ids(reg.pid);
     Ok(Container {
         meta: ContainerMeta {
             spec: t.spec,
@@ -274,6 +274,7 @@ pub fn register(
             mounts: t.mounts,
             symlinks: t.symlinks,
             stdio_keys,
+            stdio_paths,
             started_at: now_millis(),
         },
         net: t.net,

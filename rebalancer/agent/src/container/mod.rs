@@ -26,8 +26,12 @@ pub struct ContainerMeta {
     pub address: Ipv4Addr,
     pub mounts: Vec<MountPlan>,
     pub symlinks: Vec<(String, String)>,
-    /// CRIU identities of the stdio descriptors of pid 1 (`pipe:[INO]`), for `--inherit-fd`.
+    /// CRIU identities of the stdio descriptors of pid 1 (`pipe:[INO]`, or `file[MNT:INO]` for
+    /// files opened outside the container, dumped as external), for `--inherit-fd`.
     pub stdio_keys: Vec<String>,
+    /// Paths of those that are files (empty for pipes and sockets).
+    #[serde(default)]
+    pub stdio_paths: Vec<String>,
     pub started_at: Millis,
 }
 
@@ -185,15 +189,42 @@ pub fn fd_key(fd: RawFd) -> Result<String, AgentError> {
         })
 }
 
-/// CRIU identities of a process's fds 0-2 (empty where unreadable).
-pub fn stdio_keys(pid: i32) -> Vec<String> {
+/// CRIU identities (see [`ContainerMeta::stdio_keys`]) and file paths of a process's fds 0-2.
+/// A Slurm task's stdio are opened by slurmstepd outside the container's mounts (`/dev/null`, a
+/// batch script's `slurm-%j.out`), which CRIU can only dump as external files.
+pub fn stdio_ids(pid: i32) -> (Vec<String>, Vec<String>) {
     (0..3)
         .map(|f| {
-            std::fs::read_link(format!("/proc/{pid}/fd/{f}"))
-                .map(|l| l.to_string_lossy().into_owned())
-                .unwrap_or_default()
+            let fd = format!("/proc/{pid}/fd/{f}");
+            let Ok(target) = std::fs::read_link(&fd).map(|l| l.to_string_lossy().into_owned())
+            else {
+                return (String::new(), String::new());
+            };
+            if !target.starts_with('/') {
+                return (target, String::new());
+            }
+            let mnt_id = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{f}"))
+                .ok()
+                .and_then(|i| {
+                    i.lines()
+                        .find_map(|l| l.strip_prefix("mnt_id:"))
+                        .and_then(|v| v.trim().parse::<u32>().ok())
+                });
+            let ino = std::fs::metadata(&fd).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.ino()
+            });
+            match (mnt_id, ino) {
+                (Some(m), Some(i)) => (external_file_key(m, i), target),
+                _ => (target.clone(), target),
+            }
         })
-        .collect()
+        .unzip()
+}
+
+/// CRIU's name for an external file (`--external file[MNT:INO]`, hexadecimal). Pure.
+pub fn external_file_key(mnt_id: u32, ino: u64) -> String {
+    format!("file[{mnt_id:x}:{ino:x}]")
 }
 
 /// The regular file a stdio key names (Slurm's `--output`/`--error` files, a batch job's
@@ -509,6 +540,34 @@ pub fn reap(pid: i32) -> Option<i32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stdio_ids_name_files_as_external_and_pipes_by_inode() {
+        let (r, w) = pipe().expect("pipe");
+        let file = std::fs::File::open("/proc/self/status").expect("open");
+        // A child whose fds 0-2 are a file, a pipe and /dev/null.
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .stdin(std::process::Stdio::from(file))
+            .stdout(std::process::Stdio::from(w))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        let (keys, paths) = stdio_ids(child.id() as i32);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            keys[0].starts_with("file[") && keys[0].ends_with(']'),
+            "{keys:?}"
+        );
+        assert!(keys[1].starts_with("pipe:["), "{keys:?}");
+        assert!(keys[2].starts_with("file["), "{keys:?}");
+        assert_eq!(paths[1], "");
+        assert_eq!(paths[2], "/dev/null");
+        assert!(paths[0].ends_with("/status"), "{paths:?}");
+        drop(r);
+        assert_eq!(external_file_key(0x1c, 42), "file[1c:2a]");
+    }
+
     use super::*;
 
     fn spec(rootfs: RootfsSpec, binds: Vec<String>) -> ContainerSpec {
