@@ -1346,6 +1346,7 @@ mod tests {
                     program: None,
                 },
                 "198.19.0.9",
+                &[],
             ),
             address: Ipv4Addr::new(198, 19, 0, 9),
             mounts: vec![container::MountPlan::Bind {

@@ -49,11 +49,12 @@ pub fn to_spec(m: &MountPlan) -> MountSpec {
 }
 
 /// Directories a task needs besides the host dirs: its working directory and the directory of
-/// its program (a batch script lives in slurmd's spool directory).
-fn task_binds(cwd: Option<&str>, program: Option<&str>) -> Vec<String> {
+/// its program when no host dir holds it (a batch script lives in slurmd's spool directory).
+fn task_binds(cwd: Option<&str>, program: Option<&str>, host_dirs: &[PathBuf]) -> Vec<String> {
     let program_dir = program
         .filter(|p| p.starts_with('/') && !p.contains(".."))
         .and_then(|p| std::path::Path::new(p).parent())
+        .filter(|d| !host_dirs.iter().any(|h| d.starts_with(h)))
         .map(|d| d.to_string_lossy().into_owned());
     let mut binds: Vec<String> = Vec::new();
     for d in [cwd.map(str::to_string), program_dir].into_iter().flatten() {
@@ -65,7 +66,12 @@ fn task_binds(cwd: Option<&str>, program: Option<&str>) -> Vec<String> {
 }
 
 /// The container spec a task runs under: a host-mode root with the step's cwd bound in.
-pub fn task_spec(id: &str, reg: &TaskRegistration, address: &str) -> ContainerSpec {
+pub fn task_spec(
+    id: &str,
+    reg: &TaskRegistration,
+    address: &str,
+    host_dirs: &[PathBuf],
+) -> ContainerSpec {
     let cwd = reg
         .cwd
         .clone()
@@ -79,7 +85,7 @@ pub fn task_spec(id: &str, reg: &TaskRegistration, address: &str) -> ContainerSp
         env: Vec::new(),
         cwd: cwd.clone().unwrap_or_else(|| "/".into()),
         rootfs: RootfsSpec::Host,
-        binds: task_binds(cwd.as_deref(), reg.program.as_deref()),
+        binds: task_binds(cwd.as_deref(), reg.program.as_deref(), host_dirs),
         memory_limit: reg.memory_limit,
         cpus: reg.cpus,
         class: reg.class.clone(),
@@ -220,7 +226,7 @@ pub async fn prepare(
         None => agent.allocate_address()?,
     };
     let net = agent.new_net(&id, address);
-    let spec = task_spec(&id, &reg, &address.to_string());
+    let spec = task_spec(&id, &reg, &address.to_string(), &agent.cfg.host_dirs);
     let (mounts, symlinks) = agent.layout(&spec)?;
     let root = agent.root_for(&spec);
     let _ = std::fs::remove_dir_all(agent.container_dir(&id));
@@ -377,13 +383,23 @@ mod tests {
 
     #[test]
     fn task_spec_binds_the_step_cwd() {
-        let s = task_spec("j42.s0.t1", &reg(), "198.19.0.5");
+        let hosts = [PathBuf::from("/usr")];
+        let s = task_spec("j42.s0.t1", &reg(), "198.19.0.5", &hosts);
         assert_eq!(s.binds, vec!["/tmp".to_string()]);
         assert_eq!(s.cwd, "/tmp");
         assert_eq!(s.rootfs, RootfsSpec::Host);
+        // A batch script's directory is bound; a program under a host dir needs nothing more.
+        let mut r = reg();
+        r.program = Some("/proc/self/exe".into());
+        assert_eq!(
+            task_spec("x", &r, "198.19.0.5", &hosts).binds,
+            ["/tmp", "/proc/self"]
+        );
+        r.program = Some("/usr/bin/python3".into());
+        assert_eq!(task_spec("x", &r, "198.19.0.5", &hosts).binds, ["/tmp"]);
         let mut r = reg();
         r.cwd = Some("../etc".into());
-        assert!(task_spec("x", &r, "198.19.0.5").binds.is_empty());
+        assert!(task_spec("x", &r, "198.19.0.5", &hosts).binds.is_empty());
         let json = serde_json::to_value(to_spec(&MountPlan::Bind {
             source: "/usr".into(),
             target: "/usr".into(),
