@@ -69,7 +69,7 @@ pub enum TaskError {
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error(transparent)]
-    Rootfs(#[from] crate::rootfs::RootfsError),
+    Rootfs(#[from] rebalancer_rootfs::RootfsError),
     #[error("the agent answered {0} where task-prepared was expected")]
     NotPrepared(String),
     #[error("cannot open the container network namespace {path}")]
@@ -229,22 +229,16 @@ fn enter_container(
     sys::cvt(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) })
         .map_err(sys_err("create mount, uts and ipc namespaces"))?;
     // Mounts made here must not propagate back to the node.
-    // SAFETY: all pointers are valid C strings or null, as mount(2) allows.
-    sys::cvt(unsafe {
-        libc::mount(
-            std::ptr::null(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        )
-    })
-    .map_err(sys_err("make the container's mounts private"))?;
-    // The agent's root, or the node's file system with a /proc of the new pid namespace
-    // (`ps` and $$ inside show container pids).
+    rebalancer_rootfs::make_private()?;
+    // The agent's root (its plan, exactly as for its own containers), or the node's file system
+    // with a /proc of the new pid namespace (`ps` and $$ inside show container pids).
     match &prepared.root {
-        Some(root) => crate::rootfs::enter(root, &prepared.mounts)?,
-        None => crate::rootfs::mount_proc(std::path::Path::new("/proc"))?,
+        Some(root) => {
+            let plan: Vec<rebalancer_rootfs::Mount<'_>> =
+                prepared.mounts.iter().map(Into::into).collect();
+            rebalancer_rootfs::enter(std::path::Path::new(root), &plan)?
+        }
+        None => rebalancer_rootfs::mount_proc(std::path::Path::new("/proc"))?,
     }
     // Its own session and process group: CRIU refuses a tree whose session leader is outside
     // its pid namespace. (Hence proctrack/pgid cannot track containers; cgroup and linuxproc can.)

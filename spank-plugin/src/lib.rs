@@ -18,7 +18,6 @@ pub mod follow;
 pub mod local;
 pub mod remote;
 pub mod restore;
-pub mod rootfs;
 pub mod sys;
 pub mod verify;
 

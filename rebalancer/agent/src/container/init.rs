@@ -11,10 +11,8 @@
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use serde::{Deserialize, Serialize};
 
 pub const STATUS_FD: i32 = 3;
@@ -51,15 +49,26 @@ pub struct InitSpec {
     pub gid: u32,
 }
 
-/// Device nodes of the minimal /dev: (name, major, minor).
-pub const DEVICES: [(&str, u64, u64); 6] = [
-    ("null", 1, 3),
-    ("zero", 1, 5),
-    ("full", 1, 7),
-    ("random", 1, 8),
-    ("urandom", 1, 9),
-    ("tty", 5, 0),
-];
+impl<'a> From<&'a MountPlan> for rebalancer_rootfs::Mount<'a> {
+    fn from(m: &'a MountPlan) -> Self {
+        match m {
+            MountPlan::Bind {
+                source,
+                target,
+                readonly,
+            } => rebalancer_rootfs::Mount::Bind {
+                source,
+                target,
+                readonly: *readonly,
+            },
+            MountPlan::Tmpfs { target, options } => {
+                rebalancer_rootfs::Mount::Tmpfs { target, options }
+            }
+            MountPlan::Dev => rebalancer_rootfs::Mount::Dev,
+            MountPlan::Proc => rebalancer_rootfs::Mount::Proc,
+        }
+    }
+}
 
 fn status_pipe() -> std::fs::File {
     // SAFETY: fd 3 was set up by the agent's pre_exec as the status pipe and nothing else owns it.
@@ -118,55 +127,18 @@ fn ctx<T, E: std::fmt::Display>(
     r.map_err(|e| format!("{}: {e}", what()))
 }
 
-fn inside(root: &Path, target: &str) -> PathBuf {
-    root.join(target.trim_start_matches('/'))
+/// "cannot bind X on Y: No such file or directory": the error and its cause.
+fn rootfs_err(e: rebalancer_rootfs::RootfsError) -> String {
+    match std::error::Error::source(&e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 fn setup_and_exec(spec: &InitSpec) -> Result<Never, String> {
-    let root = &spec.root;
-    ctx(
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        ),
-        || "make / private".into(),
-    )?;
-    ctx(
-        mount(
-            Some(root.as_path()),
-            root.as_path(),
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        ),
-        || format!("bind root {}", root.display()),
-    )?;
-    for m in &spec.mounts {
-        mount_one(root, m)?;
-    }
-    ctx(nix::unistd::chdir(root.as_path()), || "chdir root".into())?;
-    ctx(nix::unistd::pivot_root(".", "."), || "pivot_root".into())?;
-    ctx(umount2(".", MntFlags::MNT_DETACH), || {
-        "detach old root".into()
-    })?;
-    ctx(nix::unistd::chdir("/"), || "chdir /".into())?;
-    for m in &spec.mounts {
-        if let MountPlan::Proc = m {
-            ctx(
-                mount(
-                    Some("proc"),
-                    "/proc",
-                    Some("proc"),
-                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                    None::<&str>,
-                ),
-                || "mount /proc".into(),
-            )?;
-        }
-    }
+    let plan: Vec<rebalancer_rootfs::Mount<'_>> = spec.mounts.iter().map(Into::into).collect();
+    rebalancer_rootfs::make_private().map_err(rootfs_err)?;
+    rebalancer_rootfs::enter(&spec.root, &plan).map_err(rootfs_err)?;
     ctx(nix::unistd::sethostname(&spec.hostname), || {
         "sethostname".into()
     })?;
@@ -205,132 +177,4 @@ fn setup_and_exec(spec: &InitSpec) -> Result<Never, String> {
         spec.argv[0],
         e.err().unwrap_or_default()
     ))
-}
-
-fn mount_one(root: &Path, m: &MountPlan) -> Result<(), String> {
-    match m {
-        MountPlan::Bind {
-            source,
-            target,
-            readonly,
-        } => {
-            let dst = inside(root, target);
-            let is_dir = std::fs::metadata(source)
-                .map(|md| md.is_dir())
-                .unwrap_or(true);
-            if is_dir {
-                ctx(std::fs::create_dir_all(&dst), || {
-                    format!("mkdir {}", dst.display())
-                })?;
-            } else if !dst.exists() {
-                if let Some(p) = dst.parent() {
-                    ctx(std::fs::create_dir_all(p), || {
-                        format!("mkdir {}", p.display())
-                    })?;
-                }
-                ctx(std::fs::File::create(&dst), || {
-                    format!("create {}", dst.display())
-                })?;
-            }
-            ctx(
-                mount(
-                    Some(source.as_path()),
-                    &dst,
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                ),
-                || format!("bind {} on {}", source.display(), dst.display()),
-            )?;
-            if *readonly {
-                ctx(
-                    mount(
-                        None::<&str>,
-                        &dst,
-                        None::<&str>,
-                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                        None::<&str>,
-                    ),
-                    || format!("remount {} read-only", dst.display()),
-                )?;
-            }
-        }
-        MountPlan::Tmpfs { target, options } => {
-            let dst = inside(root, target);
-            ctx(std::fs::create_dir_all(&dst), || {
-                format!("mkdir {}", dst.display())
-            })?;
-            ctx(
-                mount(
-                    Some("tmpfs"),
-                    &dst,
-                    Some("tmpfs"),
-                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                    Some(options.as_str()),
-                ),
-                || format!("mount tmpfs on {}", dst.display()),
-            )?;
-        }
-        MountPlan::Dev => {
-            let dev = inside(root, "/dev");
-            ctx(std::fs::create_dir_all(&dev), || "mkdir /dev".into())?;
-            ctx(
-                mount(
-                    Some("tmpfs"),
-                    &dev,
-                    Some("tmpfs"),
-                    MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
-                    Some("mode=755,size=65536k"),
-                ),
-                || "mount /dev".into(),
-            )?;
-            for (name, major, minor) in DEVICES {
-                let p = dev.join(name);
-                ctx(
-                    nix::sys::stat::mknod(
-                        &p,
-                        nix::sys::stat::SFlag::S_IFCHR,
-                        nix::sys::stat::Mode::from_bits_truncate(0o666),
-                        nix::sys::stat::makedev(major, minor),
-                    ),
-                    || format!("mknod {}", p.display()),
-                )?;
-                // mknod honours the umask; the nodes must be world-usable.
-                let cpath = CString::new(p.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-                // SAFETY: cpath is a valid NUL-terminated path.
-                if unsafe { libc::chmod(cpath.as_ptr(), 0o666) } != 0 {
-                    return Err(format!("chmod {}", p.display()));
-                }
-            }
-            for (link, to) in [
-                ("fd", "/proc/self/fd"),
-                ("stdin", "/proc/self/fd/0"),
-                ("stdout", "/proc/self/fd/1"),
-                ("stderr", "/proc/self/fd/2"),
-                ("ptmx", "pts/ptmx"),
-            ] {
-                ctx(std::os::unix::fs::symlink(to, dev.join(link)), || {
-                    format!("link /dev/{link}")
-                })?;
-            }
-            let shm = dev.join("shm");
-            ctx(std::fs::create_dir_all(&shm), || "mkdir /dev/shm".into())?;
-            ctx(
-                mount(
-                    Some("shm"),
-                    &shm,
-                    Some("tmpfs"),
-                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                    Some("mode=1777,size=65536k"),
-                ),
-                || "mount /dev/shm".into(),
-            )?;
-        }
-        MountPlan::Proc => {
-            // Mounted after pivot_root (needs the new pid namespace's view); only the mountpoint here.
-            let dst = inside(root, "/proc");
-            ctx(std::fs::create_dir_all(&dst), || "mkdir /proc".into())?;
-        }
-    }
-    Ok(())
 }
