@@ -33,6 +33,7 @@ for f in usr/local/sbin/rebalancer-agent usr/local/sbin/rebalancerd usr/local/bi
          etc/slurm-rebalancer/rebalancerd.toml etc/slurm-rebalancer/policies/drain.toml \
          etc/slurm-rebalancer/plugstack.conf.d/slurm-rebalancer.conf \
          etc/sysctl.d/90-slurm-rebalancer.conf usr/local/share/man/man8/rebalancerd.8 \
+         usr/local/share/man/man7/slurm-rebalancer.7 \
          usr/local/share/doc/slurm-rebalancer/deploy.md; do
   [ -f "$stage/$f" ] || fail "install.sh did not install /$f"
 done

@@ -234,6 +234,9 @@ if want controller; then
   put "$repo/docs/man/rebalctl.1" "$mandir/man1/rebalctl.1" 0644
 fi
 if want plugin; then
+  put "$repo/docs/man/slurm-rebalancer.7" "$mandir/man7/slurm-rebalancer.7" 0644
+fi
+if want plugin; then
   put "$build/libslurm_rebalancer_spank.so" "$plugin_dir/spank_rebalancer.so" 0755
   # Ready to copy into plugstack.conf.d; not activated here (docs/deploy.md: the plugin goes last).
   rewrite "$repo/deploy/plugstack.conf.d/slurm-rebalancer.conf" |
