@@ -989,8 +989,7 @@ impl Controller {
         let slurm = self.slurm.clone();
         let dest = destination.clone();
         let res = tokio::task::spawn_blocking(move || {
-            let jobs = slurm.jobs()?;
-            let Some(job) = jobs.into_iter().find(|j| j.job_id == job_id) else {
+            let Some(job) = slurm.job(job_id)? else {
                 return Ok::<_, crate::slurm_sync::SlurmError>(None);
             };
             if job.nodes.contains(&dest) {
@@ -1102,8 +1101,7 @@ impl Controller {
             .map(|c| c.node);
         let slurm = self.slurm.clone();
         let res = tokio::task::spawn_blocking(move || {
-            let jobs = slurm.jobs()?;
-            let Some(job) = jobs.into_iter().find(|j| j.job_id == job_id) else {
+            let Some(job) = slurm.job(job_id)? else {
                 return Ok::<_, crate::slurm_sync::SlurmError>(Some(format!(
                     "job {job_id} is not in Slurm"
                 )));

@@ -108,6 +108,10 @@ pub trait SlurmBackend: Send + Sync + 'static {
     /// `force` always answers.
     fn poll_nodes(&self, force: bool) -> Result<Option<Vec<SlurmNode>>, SlurmError>;
     fn jobs(&self) -> Result<Vec<SlurmJob>, SlurmError>;
+    /// One job, if Slurm knows it.
+    fn job(&self, job_id: u32) -> Result<Option<SlurmJob>, SlurmError> {
+        Ok(self.jobs()?.into_iter().find(|j| j.job_id == job_id))
+    }
     /// Adds `node` to a running job's allocation.
     fn expand_job(&self, job_id: u32, node: &str) -> Result<(), SlurmError>;
     /// Sets a running job's node list to `nodes` (which no longer holds the node left behind).
