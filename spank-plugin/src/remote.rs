@@ -99,7 +99,7 @@ pub fn task_init_privileged(sp: Spank) -> libc::c_int {
     };
 
     if let Some(migration) = &opts.restore {
-        return match restore::run(agent, &info, migration) {
+        return match restore::run(agent, &info, migration, cfg.timeout) {
             Ok(()) => 0,
             Err(e) => {
                 ffi::log_error(&format!(

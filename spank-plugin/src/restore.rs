@@ -26,6 +26,9 @@ use crate::sys;
 
 /// The helper child's end of the stdio socketpair, used in `slurm_spank_task_init`.
 static STDIO_FD: AtomicI32 = AtomicI32::new(-1);
+/// Longest wait for the restore plan: the agent answers when the migration's images are in, or
+/// fails the request when the migration ends otherwise (its own timeout is shorter).
+const RESTORE_PLAN_WAIT: Duration = Duration::from_secs(900);
 const PIDFILE_DIR: &str = "/run/slurm-rebalancer-spank";
 
 fn sys_err(what: &'static str) -> impl FnOnce(io::Error) -> TaskError {
@@ -69,9 +72,19 @@ fn open_inheritable(path: &str) -> io::Result<OwnedFd> {
 }
 
 /// Runs the restore. Returns `Ok(())` only in the helper child (which goes back to Slurm).
-pub fn run(mut agent: Agent, info: &TaskInfo, migration: &str) -> Result<(), TaskError> {
+pub fn run(
+    mut agent: Agent,
+    info: &TaskInfo,
+    migration: &str,
+    timeout: Duration,
+) -> Result<(), TaskError> {
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
+    // The agent starts this step before the source freezes the task and answers once the images
+    // are in; it bounds that wait by its migration timeout (and closes the socket if it dies).
+    agent
+        .set_read_timeout(Some(RESTORE_PLAN_WAIT))
+        .map_err(sys_err("set the agent socket's timeout"))?;
     let plan = match agent.call(&Request::PrepareRestore {
         migration: migration.into(),
         registration: info.registration(me),
@@ -79,6 +92,9 @@ pub fn run(mut agent: Agent, info: &TaskInfo, migration: &str) -> Result<(), Tas
         Reply::RestorePlan { plan } => plan,
         other => return Err(TaskError::NotPrepared(reply_name(&other))),
     };
+    agent
+        .set_read_timeout(Some(timeout))
+        .map_err(sys_err("set the agent socket's timeout"))?;
     let (mine, theirs) = socketpair().map_err(sys_err("create a socketpair"))?;
     let mask = sys::block_waiter_signals().map_err(sys_err("block signals"))?;
     // SAFETY: the task process is single-threaded, so fork is sound.

@@ -24,6 +24,8 @@ pub struct RestoreStep {
     pub plan: rebalancer_proto::RestorePlan,
     /// Told the restored pid 1 once the step registered it.
     pub registered: Option<tokio::sync::oneshot::Sender<i32>>,
+    /// True once the images are in: the step's `prepare-restore` is answered then.
+    pub ready: tokio::sync::watch::Receiver<bool>,
 }
 
 pub struct Agent {

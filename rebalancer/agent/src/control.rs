@@ -3,6 +3,7 @@
 //! and may not migrate.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
 use rebalancer_proto::{
@@ -368,23 +369,47 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
             registration,
         } => {
             crate::spank::verify(caller.uid, caller.pid, &registration, false)?;
-            let steps = agent.restore_steps();
-            let step = steps.get(&migration).ok_or_else(|| {
+            let not_here = || {
                 AgentError::NotFound(format!(
                     "no incoming migration {migration} on {}",
                     agent.cfg.node
                 ))
-            })?;
-            let job = registration.task.job_id;
-            if !step.plan.container.starts_with(&format!("j{job}.")) {
-                return Err(AgentError::PermissionDenied(format!(
-                    "migration {migration} restores {}, not a task of job {job}",
-                    step.plan.container
-                )));
+            };
+            let mut ready = {
+                let steps = agent.restore_steps();
+                let step = steps.get(&migration).ok_or_else(not_here)?;
+                let job = registration.task.job_id;
+                if !step.plan.container.starts_with(&format!("j{job}.")) {
+                    return Err(AgentError::PermissionDenied(format!(
+                        "migration {migration} restores {}, not a task of job {job}",
+                        step.plan.container
+                    )));
+                }
+                step.ready.clone()
+            };
+            // The step was started at prepare; it restores once the images are in. An aborted
+            // migration drops the sender.
+            let limit = Duration::from_millis(agent.cfg.migration_timeout_ms.max(1000));
+            match tokio::time::timeout(limit, ready.wait_for(|go| *go)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => {
+                    return Err(AgentError::Busy(format!(
+                        "migration {migration} was aborted before its restore"
+                    )))
+                }
+                Err(_) => {
+                    return Err(AgentError::Timeout(format!(
+                        "migration {migration} sent no images within {} s",
+                        limit.as_secs()
+                    )))
+                }
             }
-            Ok(Reply::RestorePlan {
-                plan: step.plan.clone(),
-            })
+            let plan = agent
+                .restore_steps()
+                .get(&migration)
+                .map(|s| s.plan.clone())
+                .ok_or_else(not_here)?;
+            Ok(Reply::RestorePlan { plan })
         }
         Request::RegisterTask { registration } if is_restore_registration(agent, &registration) => {
             crate::spank::verify(caller.uid, caller.pid, &registration, true)?;

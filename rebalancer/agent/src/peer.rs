@@ -339,6 +339,8 @@ struct Incoming {
     restored_pid: Option<i32>,
     committed: bool,
     restore_step: bool,
+    /// The restore step (srun), started at prepare so that its launch is out of the downtime.
+    step: Option<StepLaunch>,
     step_child: Option<tokio::process::Child>,
     source: Option<(String, String)>,
     /// The container's cgroup here (agent-restored containers); criu restore runs inside it.
@@ -649,6 +651,7 @@ async fn handle(
                 restored_pid: None,
                 committed: false,
                 restore_step,
+                step: None,
                 step_child: None,
                 source: source_addr.map(|a| (source_node.to_string(), a)),
                 cgroup: None,
@@ -699,6 +702,9 @@ async fn handle(
                     )
                     .await?;
                     page_server = Some((child, (ip, port)));
+                }
+                if restore_step {
+                    start_restore_step(agent, &mut inc)?;
                 }
                 Ok::<_, AgentError>(page_server)
             }
@@ -965,7 +971,7 @@ async fn restore(
         inc.lazy_daemon = Some(d);
     }
     if inc.restore_step {
-        return restore_via_step(agent, inc, lazy, started).await;
+        return restore_via_step(inc, started).await;
     }
     let (out, err) = agent.stdio_paths(&inc.meta.spec);
     let stdio = container::stdio_pipes(&out, &err)?;
@@ -1211,13 +1217,21 @@ fn make_stdio_links(dir: &Path, links: &[(PathBuf, PathBuf)]) -> Result<(), Agen
     Ok(())
 }
 
-/// Starts the restore step (srun) and waits until its waiter restored and registered the tree.
-async fn restore_via_step(
-    agent: &Arc<Agent>,
-    inc: &mut Incoming,
-    lazy: bool,
-    started: Instant,
-) -> Result<PeerReply, AgentError> {
+/// A restore step started at prepare, waiting for its go.
+struct StepLaunch {
+    /// Lets the step's `prepare-restore` be answered: the images are in.
+    go: tokio::sync::watch::Sender<bool>,
+    registered: tokio::sync::oneshot::Receiver<i32>,
+    log: PathBuf,
+    program: String,
+    /// The stdio symlinks, until slurmstepd opened them.
+    _links: Option<RemoveDirOnDrop>,
+}
+
+/// Starts the restore step (srun) while the source still runs: Slurm's step launch (slurmctld,
+/// slurmd, slurmstepd, the plugin's set-up) then costs no downtime. The step's `prepare-restore`
+/// is answered once the images are in ([`restore_via_step`]).
+fn start_restore_step(agent: &Arc<Agent>, inc: &mut Incoming) -> Result<(), AgentError> {
     let task = inc.meta.spec.task.clone().ok_or_else(|| {
         AgentError::BadRequest("restore step for a container without a Slurm task".into())
     })?;
@@ -1228,17 +1242,19 @@ async fn restore_via_step(
         &inc.images,
         &inc.root,
         &inc.net.path(),
-        lazy,
+        inc.mode == MigrationMode::PostCopy,
     );
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (tx, registered) = tokio::sync::oneshot::channel();
+    let (go, ready) = tokio::sync::watch::channel(false);
     agent.restore_steps().insert(
         inc.migration.clone(),
         crate::agent::RestoreStep {
             plan,
             registered: Some(tx),
+            ready,
         },
     );
-    let mut links_dir = None;
+    let mut links = None;
     let mut argv = restore_command(
         &agent.cfg.restore_command,
         &inc.meta.spec,
@@ -1250,8 +1266,7 @@ async fn restore_via_step(
         let link_dir = agent.cfg.run_dir.join("stdio").join(&inc.migration);
         let stdio = restore_stdio_plan(&inc.meta.stdio_paths, &link_dir);
         if !stdio.links.is_empty() {
-            // slurmstepd has opened them once the step registered (or failed): gone then.
-            links_dir = Some(RemoveDirOnDrop(link_dir.clone()));
+            links = Some(RemoveDirOnDrop(link_dir.clone()));
             make_stdio_links(&link_dir, &stdio.links)?;
         }
         argv.splice(1..1, stdio.options);
@@ -1266,7 +1281,7 @@ async fn restore_via_step(
         source,
     })?;
     tracing::info!(migration = %inc.migration, command = ?argv, "starting the restore step");
-    let mut child = tokio::process::Command::new(&argv[0])
+    let child = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(std::process::Stdio::null())
         .stdout(log)
@@ -1276,25 +1291,46 @@ async fn restore_via_step(
             what: format!("cannot run {}", argv[0]),
             source,
         })?;
+    inc.step_child = Some(child);
+    inc.step = Some(StepLaunch {
+        go,
+        registered,
+        log: log_path,
+        program: argv[0].clone(),
+        _links: links,
+    });
+    Ok(())
+}
+
+/// Lets the restore step started at prepare restore the tree, and waits until its waiter
+/// registered it.
+async fn restore_via_step(inc: &mut Incoming, started: Instant) -> Result<PeerReply, AgentError> {
+    let (Some(step), Some(child)) = (inc.step.take(), inc.step_child.as_mut()) else {
+        return Err(AgentError::Internal("no restore step was started".into()));
+    };
+    let StepLaunch {
+        go,
+        registered,
+        log,
+        program,
+        _links,
+    } = step;
+    let _ = go.send(true);
     let pid = tokio::select! {
-        r = rx => r.map_err(|_| AgentError::Internal("restore step registration lost".into()))?,
+        r = registered => r.map_err(|_| AgentError::Internal("restore step registration lost".into()))?,
         st = child.wait() => {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let out = std::fs::read_to_string(&log).unwrap_or_default();
             let criu_log = inc.images.join("restore.log");
             let criu = if criu_log.exists() { format!("; criu: {}", criu::log_tail(&inc.images, "restore.log")) } else { String::new() };
             return Err(AgentError::Criu {
                 action: "restore (restore step)",
-                message: format!("{} exited with {:?} before registering: {}{criu}", argv[0], st.ok(), log.trim()),
+                message: format!("{program} exited with {:?} before registering: {}{criu}", st.ok(), out.trim()),
             });
         }
         _ = tokio::time::sleep(Duration::from_secs(60)) => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
             return Err(AgentError::Timeout("the restore step did not register within 60 s".into()));
         }
     };
-    drop(links_dir);
-    inc.step_child = Some(child);
     inc.restored_pid = Some(pid);
     let stats = criu::read_stats(&inc.images, "stats-restore").unwrap_or_default();
     tracing::info!(migration = %inc.migration, pid, "restored by the restore step (stopped), waiting for commit");
