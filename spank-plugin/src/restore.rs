@@ -80,21 +80,8 @@ pub fn run(
 ) -> Result<(), TaskError> {
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
-    // The agent starts this step before the source freezes the task and answers once the images
-    // are in; it bounds that wait by its migration timeout (and closes the socket if it dies).
-    agent
-        .set_read_timeout(Some(RESTORE_PLAN_WAIT))
-        .map_err(sys_err("set the agent socket's timeout"))?;
-    let plan = match agent.call(&Request::PrepareRestore {
-        migration: migration.into(),
-        registration: info.registration(me),
-    })? {
-        Reply::RestorePlan { plan } => plan,
-        other => return Err(TaskError::NotPrepared(reply_name(&other))),
-    };
-    agent
-        .set_read_timeout(Some(timeout))
-        .map_err(sys_err("set the agent socket's timeout"))?;
+    // Everything that does not need the images happens first (the helper's trip through Slurm's
+    // stdio set-up included): the agent starts this step before the source freezes the task.
     let (mine, theirs) = socketpair().map_err(sys_err("create a socketpair"))?;
     let mask = sys::block_waiter_signals().map_err(sys_err("block signals"))?;
     // SAFETY: the task process is single-threaded, so fork is sound.
@@ -138,6 +125,30 @@ pub fn run(
         unsafe { libc::dup2(fd.as_raw_fd(), i as c_int) };
     }
     drop(stdio);
+
+    // The agent answers once the images are in; it bounds that wait by its migration timeout
+    // (and the socket closes if it dies).
+    if let Err(e) = agent.set_read_timeout(Some(RESTORE_PLAN_WAIT)) {
+        fail(agent, format!("cannot set the agent socket's timeout: {e}"));
+    }
+    let asked = agent.call(&Request::PrepareRestore {
+        migration: migration.into(),
+        registration: info.registration(me),
+    });
+    let plan = match asked {
+        Ok(Reply::RestorePlan { plan }) => plan,
+        Ok(other) => fail(
+            agent,
+            format!(
+                "the agent answered {} to prepare-restore",
+                reply_name(&other)
+            ),
+        ),
+        Err(e) => fail(agent, crate::chain(&e)),
+    };
+    if let Err(e) = agent.set_read_timeout(Some(timeout)) {
+        fail(agent, format!("cannot set the agent socket's timeout: {e}"));
+    }
 
     if let Err(e) = std::fs::create_dir_all(PIDFILE_DIR) {
         fail(agent, format!("cannot create {PIDFILE_DIR}: {e}"));
