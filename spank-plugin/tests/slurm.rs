@@ -600,7 +600,8 @@ fn real_agent_answers_the_plugin() {
         &cfg,
         format!(
             "node = \"{NODE}\"\nlisten = \"198.18.64.1:7878\"\ncontrol_socket = \"{sock}\"\n\
-             state_dir = \"{DIR}/agent-state\"\ncontainer_subnet = \"198.19.64.0/20\"\n\
+             state_dir = \"{DIR}/agent-state\"\nrun_dir = \"{DIR}/agent-run\"\n\
+             container_subnet = \"198.19.64.0/20\"\n\
              uplink = \"rbsp0\"\n[auth]\nmethod = \"none\"\n"
         ),
     )
@@ -632,6 +633,11 @@ fn real_agent_answers_the_plugin() {
     ]);
     let _ = agent.kill();
     let _ = agent.wait();
+    // The killed agent leaves its image tmpfs mounted.
+    let _ = std::process::Command::new("umount")
+        .args(["-l", &format!("{DIR}/agent-run/images")])
+        .stderr(std::process::Stdio::null())
+        .status();
     let (so, se) = text(&out);
     assert!(out.status.success(), "{so}{se}");
     assert!(so.contains("pid=1 "), "no container: {so}{se}");
