@@ -617,7 +617,7 @@ async fn attempt(
             .meta
             .stdio_keys
             .iter()
-            .filter(|k| k.starts_with("file["))
+            .filter(|k| container::is_external_file_key(k))
             .cloned()
             .collect(),
         ..Default::default()

@@ -599,14 +599,7 @@ async fn handle(
             let id = meta.spec.id.clone();
             {
                 let cs = agent.containers();
-                if cs.get(&id).is_some_and(|c| {
-                    matches!(
-                        c.state,
-                        ContainerState::Running
-                            | ContainerState::Migrating
-                            | ContainerState::Starting
-                    )
-                }) {
+                if cs.get(&id).is_some_and(|c| c.state.is_live()) {
                     return Err(AgentError::Busy(format!(
                         "container {id} already runs on {}",
                         agent.cfg.node
@@ -1071,6 +1064,8 @@ pub fn restore_plan(
     netns_path: &std::path::Path,
     lazy: bool,
 ) -> rebalancer_proto::RestorePlan {
+    // A stdin file is handed to CRIU by the waiter, not inherited from the restore step.
+    let waiter_opens = |fd: usize| fd == 0 && stdin_file(meta).is_some();
     let args = criu::RestoreArgs {
         images_dir: images.to_path_buf(),
         root: root.to_path_buf(),
@@ -1095,13 +1090,13 @@ pub fn restore_plan(
             .stdio_keys
             .iter()
             .enumerate()
-            .map(|(fd, k)| (!k.is_empty() && stdin_file(meta, fd).is_none()).then(|| k.clone()))
+            .map(|(fd, k)| (!k.is_empty() && !waiter_opens(fd)).then(|| k.clone()))
             .collect(),
         inherit_files: std::iter::once((
             criu::NET_KEY.to_string(),
             netns_path.display().to_string(),
         ))
-        .chain(stdin_file(meta, 0).map(|p| (meta.stdio_keys[0].clone(), p.to_string())))
+        .chain(stdin_file(meta).map(|p| (meta.stdio_keys[0].clone(), p.to_string())))
         .collect(),
     }
 }
@@ -1109,10 +1104,10 @@ pub fn restore_plan(
 /// A task's stdin that was a file (a batch script's `/dev/null`, `srun --input=FILE%t`): the
 /// restore step's waiter opens it for CRIU itself. Slurm 22.05's slurmstepd crashes on a step
 /// whose stdin and stdout are both per-task files, so the restore step cannot be given it.
-fn stdin_file(meta: &ContainerMeta, fd: usize) -> Option<&str> {
-    let path = meta.stdio_paths.get(fd).filter(|_| fd == 0)?;
+fn stdin_file(meta: &ContainerMeta) -> Option<&str> {
+    let path = meta.stdio_paths.first()?;
     let key = meta.stdio_keys.first()?;
-    (path.starts_with('/') && key.starts_with("file[")).then_some(path.as_str())
+    (path.starts_with('/') && container::is_external_file_key(key)).then_some(path.as_str())
 }
 
 /// Substitutes `{job}`, `{step}`, `{task}`, `{uid}`, `{gid}`, `{node}` and `{migration}` in the
@@ -1141,16 +1136,17 @@ pub fn restore_command(
 /// How the restore step gets the task's stdio files back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StdioPlan {
-    /// srun options (`--input`, `--output`, `--error`, `--open-mode=append`).
+    /// srun options (`--output`, `--error`, `--open-mode=append`).
     pub options: Vec<String>,
     /// Symlinks to create first: (link, target).
     pub links: Vec<(PathBuf, PathBuf)>,
 }
 
 /// Plans the restore step's stdout/stderr from the files the task had on the source
-/// (`stdio_paths`, empty for pipes; a stdin file is opened by the waiter, see [`restore_plan`]). CRIU puts an inherited file back at its old offset, so each must again be a
-/// file that slurmstepd opens for the task — srun opens plain `--output` names itself and hands the
-/// task a pipe. A `%t` in the name makes slurmstepd open it (the restore step has one task, 0), so
+/// (`stdio_paths`, empty for pipes; a stdin file is opened by the waiter, see [`restore_plan`]).
+/// CRIU puts an inherited file back at its old offset, so each must again be a file that
+/// slurmstepd opens for the task — srun opens plain `--output` names itself and hands the task a
+/// pipe. A `%t` in the name makes slurmstepd open it (the restore step has one task, 0), so
 /// the name is a symlink `<link_dir>/out-0` to the real file. Output files are appended to, so an
 /// `--output` file or a batch job's `slurm-%j.out` holds the whole output. Pure.
 pub fn restore_stdio_plan(stdio_paths: &[String], link_dir: &Path) -> StdioPlan {

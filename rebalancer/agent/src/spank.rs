@@ -272,15 +272,16 @@ pub fn register(
             agent.cfg.node
         ))
     })?;
-    let (stdio_keys, stdio_paths) = container::stdio_ids(reg.pid);
     Ok(Container {
         meta: ContainerMeta {
             spec: t.spec,
             address: t.net.address,
             mounts: t.mounts,
             symlinks: t.symlinks,
-            stdio_keys,
-            stdio_paths,
+            // Slurm sets up the task's stdio after this registration: a migration reads them
+            // when it starts (migrate::preflight).
+            stdio_keys: Vec::new(),
+            stdio_paths: Vec::new(),
             started_at: now_millis(),
         },
         net: t.net,

@@ -1065,12 +1065,7 @@ impl Controller {
                     .filter(|c| {
                         c.id != moved
                             && c.task.as_ref().is_some_and(|t| t.job_id == job_id)
-                            && matches!(
-                                c.state,
-                                ContainerState::Running
-                                    | ContainerState::Starting
-                                    | ContainerState::Migrating
-                            )
+                            && c.state.is_live()
                     })
                     .count(),
                 Err(e) => {
@@ -1091,12 +1086,7 @@ impl Controller {
                     && c.task
                         .as_ref()
                         .is_some_and(|t| t.job_id == job_id && Some(t.step_id) == step_id)
-                    && matches!(
-                        c.state,
-                        ContainerState::Running
-                            | ContainerState::Starting
-                            | ContainerState::Migrating
-                    )
+                    && c.state.is_live()
             })
             .map(|c| c.node);
         let slurm = self.slurm.clone();

@@ -157,6 +157,16 @@ pub enum ContainerState {
     Exited,
 }
 
+impl ContainerState {
+    /// Whether the container occupies its node: starting, running or frozen by a migration.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            ContainerState::Starting | ContainerState::Running | ContainerState::Migrating
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContainerInfo {
     pub id: ContainerId,

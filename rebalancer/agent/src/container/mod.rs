@@ -227,6 +227,11 @@ pub fn external_file_key(mnt_id: u32, ino: u64) -> String {
     format!("file[{mnt_id:x}:{ino:x}]")
 }
 
+/// Whether a stdio key is an [`external_file_key`]. Pure.
+pub fn is_external_file_key(key: &str) -> bool {
+    key.starts_with("file[")
+}
+
 /// The regular file a stdio key names (Slurm's `--output`/`--error` files, a batch job's
 /// `slurm-%j.out`), or `None` for pipes, sockets, terminals and devices.
 pub fn stdio_file(key: &str) -> Option<&Path> {
@@ -566,6 +571,7 @@ mod tests {
         assert!(paths[0].ends_with("/status"), "{paths:?}");
         drop(r);
         assert_eq!(external_file_key(0x1c, 42), "file[1c:2a]");
+        assert!(is_external_file_key(&keys[0]) && !is_external_file_key(&keys[1]));
     }
 
     use super::*;
