@@ -240,17 +240,7 @@ impl Cluster {
 
     /// `salloc --no-shell ARGS`; returns the job id of the granted allocation.
     pub fn salloc_no_shell(&self, args: &[&str]) -> Result<JobId> {
-        let run = self.run("salloc", [&["--no-shell"], args].concat())?.ok()?;
-        // salloc reports on stderr: "salloc: Granted job allocation 12".
-        let id = run
-            .stderr
-            .lines()
-            .find_map(|l| l.split("Granted job allocation ").nth(1))
-            .ok_or_else(|| Error::Parse {
-                command: run.command.clone(),
-                output: run.stderr.clone(),
-            })?;
-        parse_job_id("salloc", id.trim())
+        granted_job(self.run("salloc", [&["--no-shell"], args].concat())?.ok()?)
     }
 
     /// `scontrol ARGS`, failing on a non-zero exit.
@@ -505,6 +495,20 @@ fn describe(cmd: &Command) -> String {
         .map(|a| a.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The job a successful `salloc` run granted (salloc reports on stderr: "salloc: Granted job
+/// allocation 12").
+pub fn granted_job(run: Run) -> Result<JobId> {
+    let id = run
+        .stderr
+        .lines()
+        .find_map(|l| l.split("Granted job allocation ").nth(1))
+        .ok_or_else(|| Error::Parse {
+            command: run.command.clone(),
+            output: run.stderr.clone(),
+        })?;
+    parse_job_id("salloc", id.trim())
 }
 
 fn parse_job_id(command: &str, s: &str) -> Result<JobId> {

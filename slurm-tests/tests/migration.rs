@@ -186,17 +186,6 @@ impl Bins {
 
 // ----- processes ----------------------------------------------------------------------------------
 
-fn has_cap_sys_resource() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|st| {
-            st.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << 24) != 0)
-}
-
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -908,7 +897,7 @@ impl E2e {
             .unwrap_or_else(|| panic!("no process {name}"))
     }
 
-    /// From now on the user's commands (`user_salloc`, `spawn`) run as `nobody`, who owns the
+    /// From now on the user's commands (`salloc`, `spawn`) run as `nobody`, who owns the
     /// work dir: the path a real user's job takes (restore steps as the job's user, sattach).
     fn as_nobody(&mut self) {
         let (uid, gid) = (65534, 65534);
@@ -918,45 +907,29 @@ impl E2e {
         self.log("the user's commands run as nobody");
     }
 
-    /// `salloc --no-shell` as the test's user.
-    fn user_salloc(&mut self, args: &[&str]) -> JobId {
-        let Some((uid, gid)) = self.user else {
-            return self.salloc(args);
-        };
-        let out = self
-            .cluster()
-            .command("salloc")
-            .arg("--no-shell")
-            .args(args)
-            .current_dir(&self.work)
-            .uid(uid)
-            .gid(gid)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run salloc: {e}"));
-        let err = String::from_utf8_lossy(&out.stderr);
-        let job = err
-            .lines()
-            .find_map(|l| l.split("Granted job allocation ").nth(1))
-            .and_then(|id| id.trim().parse().ok())
-            .map(JobId)
-            .unwrap_or_else(|| panic!("salloc as uid {uid} {args:?}: {} {err}", out.status));
-        self.jobs.push(job);
-        self.log(&format!(
-            "$ salloc --no-shell {}  (uid {uid}) -> job {job}",
-            args.join(" ")
-        ));
-        job
-    }
-
+    /// `salloc --no-shell`, as the test's user once [`E2e::as_nobody`] was called.
     fn salloc(&mut self, args: &[&str]) -> JobId {
-        let job = self
-            .cluster()
-            .salloc_no_shell(args)
-            .unwrap_or_else(|e| panic!("salloc --no-shell {args:?}: {e}"));
+        let granted = match self.user {
+            None => self.cluster().salloc_no_shell(args),
+            Some((uid, gid)) => {
+                let mut cmd = self.cluster().command("salloc");
+                cmd.arg("--no-shell")
+                    .args(args)
+                    .current_dir(&self.work)
+                    .uid(uid)
+                    .gid(gid);
+                slurm_tests::run_command(cmd)
+                    .and_then(slurm_tests::Run::ok)
+                    .and_then(slurm_tests::granted_job)
+            }
+        };
+        let job = granted.unwrap_or_else(|e| panic!("salloc --no-shell {args:?}: {e}"));
         self.jobs.push(job);
+        let who = self
+            .user
+            .map_or(String::new(), |(uid, _)| format!(" (uid {uid})"));
         self.log(&format!(
-            "$ salloc --no-shell {} -> job {job}",
+            "$ salloc --no-shell {}{who} -> job {job}",
             args.join(" ")
         ));
         job
@@ -1309,12 +1282,12 @@ fn srun_step_moves_off_a_drained_node() {
     // An ordinary user's job, as on a real cluster. CRIU reads the rlimits of another user's
     // task with prlimit(2), which needs CAP_SYS_RESOURCE; some sandboxes give root less (the
     // agent then refuses such migrations up front), and there the job stays root's.
-    if has_cap_sys_resource() {
+    if rebalancer_agent::caps::has_capability(rebalancer_agent::caps::CAP_SYS_RESOURCE) {
         e.as_nobody();
     } else {
         e.log("root lacks CAP_SYS_RESOURCE on this machine: the job runs as root");
     }
-    let job = e.user_salloc(&["-N1", "-n1", "-w", "node1", "-J", "rb-server"]);
+    let job = e.salloc(&["-N1", "-n1", "-w", "node1", "-J", "rb-server"]);
     let mem = SERVER_MIB.to_string();
     let port = PORT.to_string();
     e.spawn(
@@ -1355,7 +1328,7 @@ fn srun_step_moves_off_a_drained_node() {
     ));
 
     // The client job takes both CPUs of node3: node2 is the only node with room.
-    let client_job = e.user_salloc(&["-N1", "-n1", "-c2", "-w", "node3", "-J", "rb-client"]);
+    let client_job = e.salloc(&["-N1", "-n1", "-c2", "-w", "node3", "-J", "rb-client"]);
     e.start_client(client_job, "2", "client", &addr);
 
     e.drain("node1", "maintenance test");
