@@ -5,11 +5,9 @@
 //! The agent binary is taken from the same target directory (`cargo test --workspace` builds
 //! it), or from `REBALANCER_AGENT_BIN`.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rebalancer_proto::control::{ControlReply, ControlRequest};
@@ -144,61 +142,6 @@ impl Drop for Lab {
     }
 }
 
-/// A client in the client namespace that sends a line every 10 ms on one connection and prints
-/// each answer (or `ERR ...`).
-struct Probe {
-    child: Child,
-    last: Arc<Mutex<(u64, Vec<String>)>>,
-}
-
-impl Probe {
-    fn start(addr: &str) -> Probe {
-        let prog = format!(
-            "import socket, sys, time\ns = socket.create_connection(('{addr}', 8000), timeout=10)\nf = s.makefile('rb')\n\
-             while True:\n    try:\n        s.sendall(b'x\\n'); l = f.readline()\n        if not l: print('ERR closed', flush=True); break\n\
-             \x20       print(l.decode().strip(), flush=True)\n    except Exception as e:\n        print('ERR', e, flush=True); break\n    time.sleep(0.01)\n"
-        );
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &format!("{P}cl"),
-                "python3",
-                "-u",
-                "-c",
-                &prog,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("probe");
-        let out = child.stdout.take().expect("stdout");
-        let last = Arc::new(Mutex::new((0u64, Vec::new())));
-        let l2 = last.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let mut g = l2.lock().unwrap_or_else(|p| p.into_inner());
-                match line.parse::<u64>() {
-                    Ok(n) => g.0 = n,
-                    Err(_) => g.1.push(line),
-                }
-            }
-        });
-        Probe { child, last }
-    }
-
-    fn state(&self) -> (u64, Vec<String>) {
-        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 #[ignore = "needs root, CRIU 4.2, munge and network namespaces; .ci/run runs it with --include-ignored"]
 fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
@@ -212,7 +155,7 @@ fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
     );
     assert!(created.is_ok(), "{created:?}\n{}", lab.log("node0.log"));
     std::thread::sleep(Duration::from_millis(500));
-    let probe = Probe::start("198.19.48.31");
+    let probe = Probe::start("198.19.48.31", Some(&format!("{P}cl")));
     let deadline = Instant::now() + Duration::from_secs(10);
     while probe.state().0 < 20 {
         assert!(

@@ -4,10 +4,8 @@
 //! `rebalancerd` with the libslurm backend and the shipped policies set to act by themselves
 //! (short hysteresis so each test stays quick).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rebalancer_proto::control::{
@@ -314,64 +312,6 @@ fn write_temp(path: &Path, celsius: u32) {
     std::fs::rename(&tmp, path).expect("sensor");
 }
 
-/// A TCP client in the root namespace: a line every 10 ms on one connection, each answer kept.
-struct Probe {
-    child: Child,
-    last: Arc<Mutex<(u64, Vec<String>)>>,
-}
-
-impl Probe {
-    fn start(addr: &str) -> Probe {
-        let prog = format!(
-            "import socket, sys, time\ns = socket.create_connection(('{addr}', 8000), timeout=10)\nf = s.makefile('rb')\n\
-             while True:\n    try:\n        s.sendall(b'x\\n'); l = f.readline()\n        if not l: print('ERR closed', flush=True); break\n\
-             \x20       print(l.decode().strip(), flush=True)\n    except Exception as e:\n        print('ERR', e, flush=True); break\n    time.sleep(0.01)\n"
-        );
-        let mut child = Command::new("python3")
-            .args(["-u", "-c", &prog])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("probe");
-        let out = child.stdout.take().expect("stdout");
-        let last = Arc::new(Mutex::new((0u64, Vec::new())));
-        let l2 = last.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let mut g = l2.lock().unwrap_or_else(|p| p.into_inner());
-                match line.parse::<u64>() {
-                    Ok(n) => g.0 = n,
-                    Err(_) => g.1.push(line),
-                }
-            }
-        });
-        Probe { child, last }
-    }
-
-    fn state(&self) -> (u64, Vec<String>) {
-        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn wait_answers(&self, n: u64, why: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.state().0 < n {
-            assert!(
-                Instant::now() < deadline,
-                "{why}: probe at {:?}",
-                self.state()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Thermal set-up: a server container on node1 (the one to move) and one on node2, sensor files
 /// at 50 °C, agents reading them, rebalancerd with the thermal policy at `action`.
 fn thermal_setup(action: &str) -> (Setup, String, PathBuf) {
@@ -408,7 +348,7 @@ fn thermal_setup(action: &str) -> (Setup, String, PathBuf) {
 #[ignore = "needs root, CRIU 4.2, a real Slurm cluster (slurm-tests/cluster.sh) and network namespaces; .ci/run runs it with --include-ignored"]
 fn a_hot_node_sheds_a_container_to_the_coolest_node_that_fits() {
     let (s, hot, sensors) = thermal_setup("automatic");
-    let probe = Probe::start("198.19.0.61");
+    let probe = Probe::start("198.19.0.61", None);
     probe.wait_answers(20, "server on node1 does not answer");
 
     // node1 above high (85), node2 the coolest, node3 cooler than the limit too.
