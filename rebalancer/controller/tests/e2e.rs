@@ -370,6 +370,30 @@ impl Ctl {
             return (r.into_result(), events);
         }
     }
+
+    /// The journal entry of migration `id` once it ended (10 s at most).
+    async fn wait_ended(
+        &mut self,
+        id: &str,
+        what: &str,
+    ) -> rebalancer_proto::control::MigrationEntry {
+        wait_for(what, 10, async || {
+            match self
+                .call(&ControlRequest::ShowMigrations {
+                    id: Some(id.to_string()),
+                    active: false,
+                })
+                .await
+                .0
+            {
+                Ok(ControlReply::Migrations { migrations }) => migrations
+                    .into_iter()
+                    .find(|m| m.record.state.is_terminal()),
+                _ => None,
+            }
+        })
+        .await
+    }
 }
 
 async fn wait_for<T>(what: &str, secs: u64, mut f: impl AsyncFnMut() -> Option<T>) -> T {
@@ -714,22 +738,9 @@ async fn operator_migration_with_wait_and_recovery_after_a_crash() {
 
     let daemon = start_daemon(dir, &agents_config(dir), None);
     let mut ctl = Ctl::connect(&dir.join("ctl.sock")).await;
-    let entry = wait_for("recovery to finish the migration", 10, async || {
-        match ctl
-            .call(&ControlRequest::ShowMigrations {
-                id: Some(mid.clone()),
-                active: false,
-            })
-            .await
-            .0
-        {
-            Ok(ControlReply::Migrations { migrations }) => migrations
-                .into_iter()
-                .find(|m| m.record.state.is_terminal()),
-            _ => None,
-        }
-    })
-    .await;
+    let entry = ctl
+        .wait_ended(&mid, "recovery to finish the migration")
+        .await;
     assert_eq!(
         entry.record.state,
         MigrationState::Succeeded,
@@ -1003,22 +1014,9 @@ async fn a_migration_the_agent_forgot_is_marked_failed_after_a_restart() {
 
     let _daemon = start_daemon(dir, &agents_config(dir), None);
     let mut ctl = Ctl::connect(&dir.join("ctl.sock")).await;
-    let entry = wait_for("the lost migration to be closed", 10, async || {
-        match ctl
-            .call(&ControlRequest::ShowMigrations {
-                id: Some(mid.clone()),
-                active: false,
-            })
-            .await
-            .0
-        {
-            Ok(ControlReply::Migrations { migrations }) => migrations
-                .into_iter()
-                .find(|m| m.record.state.is_terminal()),
-            _ => None,
-        }
-    })
-    .await;
+    let entry = ctl
+        .wait_ended(&mid, "the lost migration to be closed")
+        .await;
     assert_eq!(entry.record.state, MigrationState::Failed);
     let why = entry.record.error.unwrap_or_default();
     assert!(why.contains("no record"), "{why}");
