@@ -1655,6 +1655,118 @@ fn two_node_step_moves_one_task() {
     e.log("node1 is drained once the step ended; the job keeps node[2-3]");
 }
 
+/// The attack of the security issue: a job whose stdin file is swapped, after it opened it, for
+/// a root-only file must never get that file as its stdin on another node. Tasks run as root
+/// here (root lacks CAP_SYS_RESOURCE, so another user's task cannot be dumped), so the defence
+/// under test is the refusal of a stdin that lost its name (the source) and of a symlink or
+/// another inode in its place (the destination's opener, unit-tested as uid 65534 in the
+/// plugin's user_file module).
+#[test]
+#[ignore = "needs root, CRIU, network namespaces and the Slurm daemons; .ci/run runs it with --include-ignored"]
+fn a_swapped_stdin_file_is_refused_and_the_job_stays() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut e = E2e::start("stdin-attack");
+    let work = e.work.display().to_string();
+    let secret = e.path("secret.txt");
+    std::fs::write(&secret, b"root's secret: 0123456789\n").expect("write the secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let secret_ino = std::fs::metadata(&secret).expect("stat").ino();
+    // Two ways to swap the file: unlink it and plant `NAME (deleted)` -> secret, or rename
+    // another file over it. Same size and mode as the secret, which is all CRIU checks.
+    let attacks = [
+        (
+            "unlinked",
+            "rm -f in-unlinked.txt && ln -s secret.txt 'in-unlinked.txt (deleted)'",
+        ),
+        (
+            "replaced",
+            "ln -sf secret.txt swap.lnk && mv -f swap.lnk in-replaced.txt",
+        ),
+    ];
+    let mut jobs = Vec::new();
+    for (name, swap) in attacks {
+        let input = format!("in-{name}.txt");
+        e.write(&input, "a harmless input file\n");
+        std::fs::set_permissions(e.path(&input), std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+        let script = format!("attack-{name}.sh");
+        e.write(
+            &script,
+            &format!("#!/bin/sh\n{swap}\necho swapped\nexec sleep 600\n"),
+        );
+        std::fs::set_permissions(e.path(&script), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let job = e.sbatch(&[
+            "-w",
+            "node1",
+            "-N1",
+            "-n1",
+            "--migratable",
+            "-J",
+            &format!("rb-{name}"),
+            &format!("--chdir={work}"),
+            &format!("--input={work}/{input}"),
+            &format!("--output={work}/slurm-%j.out"),
+            &format!("{work}/{script}"),
+        ]);
+        jobs.push((name, job));
+    }
+    for (name, job) in jobs {
+        let out = format!("slurm-{job}.out");
+        let c = e.wait_container(job, 0, "node1", STARTUP);
+        let cid = c["id"].as_str().expect("container id").to_owned();
+        slurm_tests::wait_until("the job to swap its stdin", STARTUP, || {
+            Ok(if e.read(&out).contains("swapped") {
+                Poll::Done(())
+            } else {
+                Poll::Pending(e.read(&out))
+            })
+        })
+        .unwrap_or_else(|err| panic!("{err}\n{}", e.context()));
+        let pid = c["pid"].as_i64().expect("pid") as i32;
+        let fd0 = fd_target(pid, 0);
+        e.log(&format!("{name}: {cid} (pid {pid}) has stdin {fd0}"));
+        let refused = e.rebalctl(&[
+            "migrate",
+            &format!("container={cid}"),
+            "node=node2",
+            "--wait",
+        ]);
+        let err = match refused {
+            Ok(v) => panic!(
+                "the migration of {cid} with a swapped stdin was accepted: {v}\n{}",
+                e.context()
+            ),
+            Err(err) => err,
+        };
+        assert!(
+            err.contains("no longer has its name"),
+            "{name}: the refusal does not say why: {err}\n{}",
+            e.context()
+        );
+        e.log(&format!("{name}: refused: {err}"));
+        // The job stays where it was, untouched, and nothing of it runs on node2.
+        let list = e.containers(job).unwrap_or_else(|err| panic!("{err}"));
+        let running: Vec<_> = list
+            .iter()
+            .filter(|c| c.get("state").and_then(Value::as_str) == Some("running"))
+            .collect();
+        assert_eq!(running.len(), 1, "{name}: {list:?}");
+        assert_eq!(running[0]["node"], "node1", "{name}: {list:?}");
+        assert_eq!(
+            running[0]["pid"].as_i64(),
+            Some(pid as i64),
+            "{name}: {list:?}"
+        );
+        placement(pid, job, "node1").unwrap_or_else(|err| panic!("{name}: {err}"));
+        let ino = std::fs::metadata(format!("/proc/{pid}/fd/0"))
+            .expect("stat fd 0")
+            .ino();
+        assert_ne!(ino, secret_ino, "{name}: the task's stdin is the secret");
+        assert!(!e.read(&out).contains("secret"), "{name}: {}", e.read(&out));
+    }
+}
+
 #[test]
 fn server_output_check() {
     let ok = "listening on port 8000, holding 64 MiB\nserved 100\nserved 200\nbye 250\n";

@@ -19,6 +19,7 @@ pub mod local;
 pub mod remote;
 pub mod restore;
 pub mod sys;
+pub mod user_file;
 pub mod verify;
 
 use std::ffi::c_uint;

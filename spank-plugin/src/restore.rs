@@ -23,6 +23,7 @@ use crate::agent::{reply_name, Agent};
 use crate::container::{supervise_and_exit, task_name, TaskError, TaskInfo};
 use crate::ffi;
 use crate::sys;
+use crate::user_file::{self, Creds};
 
 /// The helper child's end of the stdio socketpair, used in `slurm_spank_task_init`.
 static STDIO_FD: AtomicI32 = AtomicI32::new(-1);
@@ -61,7 +62,12 @@ pub fn criu_argv(plan: &RestorePlan, pidfile: &str, inherited: &[RawFd]) -> Vec<
     argv
 }
 
-/// Opens `path` without close-on-exec, so that criu inherits it.
+/// Whether an inherited file is one of the task's (CRIU's `file[MNT:INO]`), not the agent's.
+fn is_task_file_key(key: &str) -> bool {
+    key.starts_with("file[")
+}
+
+/// Opens one of the agent's own files without close-on-exec, so that criu inherits it.
 fn open_inheritable(path: &str) -> io::Result<OwnedFd> {
     let p =
         std::ffi::CString::new(path).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -82,7 +88,7 @@ pub fn run(
     let me = unsafe { libc::getpid() };
     // Everything that does not need the images happens first (the helper's trip through Slurm's
     // stdio set-up included): the agent starts this step before the source freezes the task.
-    let (mine, theirs) = socketpair().map_err(sys_err("create a socketpair"))?;
+    let (mine, theirs) = sys::socketpair().map_err(sys_err("create a socketpair"))?;
     let mask = sys::block_waiter_signals().map_err(sys_err("block signals"))?;
     // SAFETY: the task process is single-threaded, so fork is sound.
     let helper = unsafe { libc::fork() };
@@ -115,8 +121,12 @@ pub fn run(
         drop(agent);
         sys::exit_now(1)
     };
-    let stdio = match recv_fds(&mine, Duration::from_secs(120)) {
-        Ok(f) => f,
+    let stdio = match sys::recv_fds(&mine, Duration::from_secs(120), 3) {
+        Ok((f, _)) if f.len() == 3 => f,
+        Ok((f, _)) => fail(
+            agent,
+            format!("the helper passed {} descriptors, not 3", f.len()),
+        ),
         Err(e) => fail(agent, format!("no stdio from the helper: {e}")),
     };
     let _ = sys::blocking_wait(helper);
@@ -156,10 +166,21 @@ pub fn run(
     let pidfile = format!("{PIDFILE_DIR}/{migration}.{me}.pid");
     let _ = std::fs::remove_file(&pidfile);
     let mut files = Vec::new();
+    let creds = Creds {
+        uid: info.uid,
+        gid: info.gid,
+    };
     for (key, path) in &plan.inherit_files {
-        match open_inheritable(path) {
+        // A task's own file (its stdin) is opened as the job's user and checked; only the
+        // agent's own files (the container's network namespace) are opened as root.
+        let opened = if is_task_file_key(key) {
+            user_file::open_task_file(path, key, creds).map_err(|e| e.to_string())
+        } else {
+            open_inheritable(path).map_err(|e| format!("cannot open {path}: {e}"))
+        };
+        match opened {
             Ok(f) => files.push(f),
-            Err(e) => fail(agent, format!("cannot open {path} for criu's {key}: {e}")),
+            Err(e) => fail(agent, format!("criu's {key}: {e}")),
         }
     }
     let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
@@ -216,7 +237,7 @@ pub fn hand_over_stdio() {
     if fd < 0 {
         return;
     }
-    let rc = send_fds(fd, &[0, 1, 2]);
+    let rc = sys::send_fds(fd, &[0, 1, 2], b"s");
     sys::exit_now(if rc.is_ok() { 0 } else { 1 })
 }
 
@@ -225,109 +246,6 @@ fn parent_of(pid: pid_t) -> Option<pid_t> {
     // The command name may contain spaces and parentheses: fields follow the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as c_int; 2];
-    // SAFETY: fds has room for two descriptors.
-    sys::cvt(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: fresh descriptors from socketpair.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-const CMSG_SPACE_3: usize = 64;
-
-fn send_fds(sock: RawFd, fds: &[RawFd; 3]) -> io::Result<()> {
-    let mut byte = [b's'];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut cbuf = [0u8; CMSG_SPACE_3];
-    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call, and
-    // the control buffer is large enough for one SCM_RIGHTS header with three descriptors.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) as _;
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), 3);
-        sys::cvt(libc::sendmsg(sock, &msg, 0) as c_int)?;
-    }
-    Ok(())
-}
-
-fn recv_fds(sock: &OwnedFd, timeout: Duration) -> io::Result<Vec<OwnedFd>> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: 0,
-    };
-    // SAFETY: tv is a valid timeval for SO_RCVTIMEO.
-    sys::cvt(unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    })?;
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut cbuf = [0u8; CMSG_SPACE_3];
-    let mut out = Vec::new();
-    // SAFETY: as in send_fds; CMSG_* walk only the control buffer the kernel filled in.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = cbuf.len() as _;
-        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "helper closed",
-            ));
-        }
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                    / std::mem::size_of::<RawFd>();
-                for i in 0..count {
-                    out.push(OwnedFd::from_raw_fd(*data.add(i)));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    if out.len() != 3 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("expected 3 descriptors, got {}", out.len()),
-        ));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -368,11 +286,12 @@ mod tests {
 
     #[test]
     fn stdio_descriptors_cross_a_socketpair() {
-        let (a, b) = socketpair().expect("socketpair");
+        let (a, b) = sys::socketpair().expect("socketpair");
         let (r, w) = sys::pipe().expect("pipe");
         let fds = [r.as_raw_fd(), w.as_raw_fd(), w.as_raw_fd()];
-        send_fds(a.as_raw_fd(), &fds).expect("send");
-        let got = recv_fds(&b, Duration::from_secs(5)).expect("recv");
+        sys::send_fds(a.as_raw_fd(), &fds, b"s").expect("send");
+        let (got, data) = sys::recv_fds(&b, Duration::from_secs(5), 3).expect("recv");
+        assert_eq!((got.len(), data.as_slice()), (3, &b"s"[..]));
         sys::write_all(got[1].as_raw_fd(), b"hi").expect("write through the received fd");
         drop(got);
         drop(w);

@@ -154,6 +154,131 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: fds has room for two descriptors.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: fresh descriptors from socketpair.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Most descriptors one [`send_fds`] message carries.
+pub const MAX_PASSED_FDS: usize = 4;
+/// Most bytes of data alongside them.
+const MAX_PASSED_DATA: usize = 16;
+const CMSG_BUF: usize = 64;
+
+/// Sends `data` (1 to 16 bytes) and `fds` (at most [`MAX_PASSED_FDS`]) in one SCM_RIGHTS message.
+pub fn send_fds(sock: RawFd, fds: &[RawFd], data: &[u8]) -> io::Result<()> {
+    if fds.len() > MAX_PASSED_FDS || data.is_empty() || data.len() > MAX_PASSED_DATA {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let mut bytes = [0u8; MAX_PASSED_DATA];
+    bytes[..data.len()].copy_from_slice(data);
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    let mut cbuf = [0u8; CMSG_BUF];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call, and
+    // the control buffer is large enough for one SCM_RIGHTS header with MAX_PASSED_FDS
+    // descriptors.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !fds.is_empty() {
+            let size = std::mem::size_of_val(fds) as u32;
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(size) as _;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(size) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(c).cast::<RawFd>(),
+                fds.len(),
+            );
+        }
+        cvt(libc::sendmsg(sock, &msg, 0) as c_int)?;
+    }
+    Ok(())
+}
+
+/// Receives one [`send_fds`] message: its descriptors (close-on-exec; more than `max_fds`
+/// is an error, and all are closed) and its data.
+pub fn recv_fds(
+    sock: &OwnedFd,
+    timeout: Duration,
+    max_fds: usize,
+) -> io::Result<(Vec<OwnedFd>, Vec<u8>)> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    // SAFETY: tv is a valid timeval for SO_RCVTIMEO.
+    cvt(unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    })?;
+    let mut bytes = [0u8; MAX_PASSED_DATA];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_mut_ptr().cast(),
+        iov_len: bytes.len(),
+    };
+    let mut cbuf = [0u8; CMSG_BUF];
+    let mut out = Vec::new();
+    // SAFETY: as in send_fds; CMSG_* walk only the control buffer the kernel filled in, and
+    // every descriptor it holds is fresh and ours.
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = cbuf.len() as _;
+        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    out.push(OwnedFd::from_raw_fd(*data.add(i)));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        n as usize
+    };
+    if n == 0 {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed"));
+    }
+    if out.len() > max_fds {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("expected at most {max_fds} descriptors, got {}", out.len()),
+        ));
+    }
+    Ok((out, bytes[..n].to_vec()))
+}
+
 pub fn open_ro(path: &str) -> io::Result<OwnedFd> {
     let p = CString::new(path).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: p is a valid NUL-terminated path.

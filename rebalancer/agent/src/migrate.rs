@@ -261,12 +261,16 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
         if let Some(why) = crate::caps::dump_refusal(c.meta.spec.uid, &agent.cfg.node) {
             return Err(AgentError::Unsupported(why));
         }
-        c.state = ContainerState::Migrating;
         if c.external {
             // Slurm gives a task its stdio after the plugin registered it, so what fds 0-2 are
             // (pipes to slurmstepd, or the step's output files) is only known now.
-            (c.meta.stdio_keys, c.meta.stdio_paths) = container::stdio_ids(c.pid);
+            let (keys, paths) = container::stdio_ids(c.pid);
+            if let Some(why) = container::stdin_refusal(&keys, &paths) {
+                return Err(AgentError::Unsupported(why));
+            }
+            (c.meta.stdio_keys, c.meta.stdio_paths) = (keys, paths);
         }
+        c.state = ContainerState::Migrating;
         (c.pid, c.net.clone(), c.meta.clone(), c.external)
     };
     let unmark = || {

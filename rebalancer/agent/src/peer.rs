@@ -659,6 +659,10 @@ async fn handle(
                 })?;
                 container::prepare_root(&root, &meta.mounts, &meta.symlinks)?;
                 if restore_step {
+                    // The source refuses these first; a peer that did not is refused here.
+                    if let Some(why) = container::stdin_refusal(&meta.stdio_keys, &meta.stdio_paths) {
+                        return Err(AgentError::Unsupported(why));
+                    }
                     let missing = missing_stdio_files(&meta.stdio_paths);
                     if !missing.is_empty() {
                         return Err(AgentError::NoRoom(format!(
@@ -1107,7 +1111,9 @@ pub fn restore_plan(
 fn stdin_file(meta: &ContainerMeta) -> Option<&str> {
     let path = meta.stdio_paths.first()?;
     let key = meta.stdio_keys.first()?;
-    (path.starts_with('/') && container::is_external_file_key(key)).then_some(path.as_str())
+    (container::is_external_file_key(key)
+        && container::stdin_refusal(&meta.stdio_keys, &meta.stdio_paths).is_none())
+    .then_some(path.as_str())
 }
 
 /// Substitutes `{job}`, `{step}`, `{task}`, `{uid}`, `{gid}`, `{node}` and `{migration}` in the

@@ -227,6 +227,26 @@ pub fn external_file_key(mnt_id: u32, ino: u64) -> String {
     format!("file[{mnt_id:x}:{ino:x}]")
 }
 
+/// Why the task's stdin (fd 0, as found by [`stdio_ids`]) cannot follow it to another node, if
+/// it cannot. The destination reopens a stdin file by its path, as the job's user, and checks
+/// it is the same inode; a path that is not absolute, or that the kernel marks " (deleted)"
+/// (unlinked or replaced since the task opened it: the user controls it), names nothing the
+/// task had. Pure.
+pub fn stdin_refusal(keys: &[String], paths: &[String]) -> Option<String> {
+    let key = keys.first()?;
+    if !is_external_file_key(key) {
+        return None;
+    }
+    let path = paths.first().map(String::as_str).unwrap_or("");
+    if path.is_empty() || !path.starts_with('/') || path.ends_with(" (deleted)") {
+        return Some(format!(
+            "the task's stdin is a file that no longer has its name ({path:?}); it cannot be \
+             reopened on another node"
+        ));
+    }
+    None
+}
+
 /// Whether a stdio key is an [`external_file_key`]. Pure.
 pub fn is_external_file_key(key: &str) -> bool {
     key.starts_with("file[")
@@ -545,6 +565,23 @@ pub fn reap(pid: i32) -> Option<i32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stdin_that_lost_its_name_cannot_follow() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let file = "file[1a:2b]";
+        // Pipes and named files follow; /dev/null too.
+        assert_eq!(super::stdin_refusal(&v(&["pipe:[5]"]), &v(&[""])), None);
+        assert_eq!(super::stdin_refusal(&v(&[file]), &v(&["/home/u/in"])), None);
+        assert_eq!(super::stdin_refusal(&v(&[file]), &v(&["/dev/null"])), None);
+        assert_eq!(super::stdin_refusal(&[], &[]), None);
+        // An unlinked (or replaced) file, whose name the user may now point anywhere.
+        for p in ["/home/u/in (deleted)", "in", ""] {
+            let why = super::stdin_refusal(&v(&[file]), &v(&[p])).expect(p);
+            assert!(why.contains("no longer has its name"), "{why}");
+        }
+        assert!(super::stdin_refusal(&v(&[file]), &[]).is_some());
+    }
+
     #[test]
     fn stdio_ids_name_files_as_external_and_pipes_by_inode() {
         let (r, w) = pipe().expect("pipe");
