@@ -281,23 +281,42 @@ async fn output_and_exit_codes() {
     assert_eq!(rebalctl(&sock, &["show", "jobs"]).await.code, 2);
     assert_eq!(seen.lock().unwrap_or_else(|p| p.into_inner()).len(), before);
 
-    // Policy files are read by rebalctl and sent as text.
+    // Policy files are checked by rebalctl itself, with no daemon (the socket does not exist).
+    let nowhere = Path::new("/nonexistent/ctl.sock");
     let good = dir.path().join("good.toml");
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&good, "kind = \"drain\"").expect("write");
-    std::fs::write(&bad, "bad").expect("write");
-    let o = rebalctl(&sock, &["policy", "check", &good.display().to_string()]).await;
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/drain.toml");
+    std::fs::copy(shipped, &good).expect("copy the shipped drain policy");
+    std::fs::write(&bad, "name = \"b\"\nkind = \"drain\"\nbogus_key = 1\n").expect("write");
+    let before = seen.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let o = rebalctl(nowhere, &["policy", "check", &good.display().to_string()]).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let o = rebalctl(&sock, &["policy", "check", &bad.display().to_string()]).await;
-    assert_eq!(o.code, 2);
+    assert!(o.stdout.contains("drain"), "{}", o.stdout);
+    let o = rebalctl(nowhere, &["policy", "check", &bad.display().to_string()]).await;
+    assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(
-        o.stderr
-            .contains(&format!("{}:1:1: bad policy", bad.display())),
+        o.stderr.contains(&format!("{}:3:1: ", bad.display())) && o.stderr.contains("bogus_key"),
         "{}",
         o.stderr
     );
-    let o = rebalctl(&sock, &["policy", "check", "/nonexistent/p.toml"]).await;
+    let o = rebalctl(
+        nowhere,
+        &["--json", "policy", "check", &bad.display().to_string()],
+    )
+    .await;
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("a JSON report");
+    assert_eq!(v["ok"], false, "{v}");
+    let o = rebalctl(nowhere, &["policy", "check", "/nonexistent/p.toml"]).await;
     assert_eq!(o.code, 3, "{}", o.stderr);
+    assert_eq!(seen.lock().unwrap_or_else(|p| p.into_inner()).len(), before);
+    // Without a path, the running controller checks its own policy files.
+    let o = rebalctl(&sock, &["policy", "check"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        seen.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        before + 1
+    );
 
     let o = rebalctl(Path::new("/nonexistent/ctl.sock"), &["ping"]).await;
     assert_eq!(o.code, 6);
