@@ -1,7 +1,9 @@
 //! CRIU command lines (pure builders, unit-tested), the runner, and the stats image decoder.
 
 use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::error::AgentError;
 
@@ -241,6 +243,66 @@ pub fn command(criu: &Path, args: &[String], keep_fds: &[i32]) -> tokio::process
         });
     }
     cmd
+}
+
+/// A free TCP port on `ip` for a CRIU page server (bound, then released for CRIU to bind).
+pub fn pick_port(ip: Ipv4Addr) -> Result<u16, AgentError> {
+    let l = std::net::TcpListener::bind((ip, 0)).map_err(|source| AgentError::Io {
+        what: format!("bind {ip}:0"),
+        source,
+    })?;
+    Ok(l.local_addr()
+        .map_err(|source| AgentError::Io {
+            what: "local_addr".into(),
+            source,
+        })?
+        .port())
+}
+
+/// Starts a criu helper that reports readiness on `--status-fd` and waits for it.
+pub async fn spawn_ready(
+    criu: &Path,
+    args_for_fd: impl FnOnce(i32) -> Vec<String>,
+    what: &'static str,
+    log_dir: &Path,
+    log: &str,
+) -> Result<tokio::process::Child, AgentError> {
+    let (r, w): (OwnedFd, OwnedFd) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Io {
+            what: "pipe".into(),
+            source: e.into(),
+        })?;
+    let wfd = w.as_raw_fd();
+    let args = args_for_fd(wfd);
+    let mut child = command(criu, &args, &[wfd])
+        .current_dir(log_dir)
+        .spawn()
+        .map_err(|source| AgentError::Io {
+            what: format!("cannot start criu {what}"),
+            source,
+        })?;
+    drop(w);
+    let mut rf = tokio::fs::File::from_std(std::fs::File::from(r));
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut rf, &mut b),
+    )
+    .await
+    .map_err(|_| AgentError::Criu {
+        action: what,
+        message: "not ready after 10 s".into(),
+    })?
+    .unwrap_or(0);
+    if n == 0 {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(AgentError::Criu {
+            action: what,
+            message: log_tail(log_dir, log),
+        });
+    }
+    Ok(child)
 }
 
 /// The last error lines of a CRIU log, for error messages.

@@ -1,4 +1,5 @@
 //! Source side of a migration: pre-flight checks, dump, transfer, restore, commit or rollback.
+//! What commit and rollback do to the source's copy is in [`super::commit`].
 //!
 //! Transaction rule: the source tree stays frozen (CRIU `--leave-stopped`, network locked) until
 //! the destination reports the restored tree (itself still stopped). The source then sends
@@ -17,193 +18,17 @@ use std::time::{Duration, Instant};
 
 use rebalancer_proto::{
     now_millis, ContainerState, MigrateRequest, MigrationMode, MigrationRecord, MigrationState,
-    MigrationStats, Phase, PhaseRecord,
+    MigrationStats, Phase,
 };
 
+use super::policy::{choose_mode, precopy_converged, PrecopyPolicy};
+use super::{enter, finish};
 use crate::agent::Agent;
 use crate::container::{self, ContainerMeta};
 use crate::criu;
 use crate::error::AgentError;
 use crate::netns::{self, ContainerNet};
 use crate::peer::{PeerConn, PeerReply, PeerRequest};
-
-/// Resident size from which `auto` prefers post-copy (stop-and-copy downtime grows with it).
-pub const AUTO_POSTCOPY_MIN_RSS: u64 = 256 << 20;
-/// Stop-and-copy throughput assumed by `auto` when estimating downtime (bytes/s).
-pub const ASSUMED_COPY_BPS: u64 = 500 << 20;
-
-/// When the pre-copy loop stops and the final (frozen) dump runs.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PrecopyPolicy {
-    /// Rounds before giving up on convergence (round 0 copies everything).
-    pub max_rounds: u32,
-    /// Stop once a round wrote at most this fraction of the pages it scanned.
-    pub dirty_fraction: f64,
-}
-
-impl Default for PrecopyPolicy {
-    fn default() -> Self {
-        PrecopyPolicy {
-            max_rounds: 5,
-            dirty_fraction: 0.05,
-        }
-    }
-}
-
-/// Convergence rule of the pre-copy loop. Pure: `None` = run another round, `Some(why)` = stop.
-/// Rules, in order: the round limit; a dirty round (k >= 1) whose share of round 0's pages is
-/// under the threshold; a dirty round that wrote no fewer pages than the one before it (the
-/// working set is not shrinking, more rounds only add traffic).
-pub fn precopy_converged(
-    policy: &PrecopyPolicy,
-    rounds: &[rebalancer_proto::RoundStats],
-) -> Option<String> {
-    let last = rounds.last()?;
-    if rounds.len() as u32 >= policy.max_rounds {
-        return Some(format!("reached the limit of {} rounds", policy.max_rounds));
-    }
-    if rounds.len() < 2 {
-        return None;
-    }
-    // Relative to what round 0 wrote (the resident memory): the scanned count also covers
-    // mapped pages that were never touched, which would loosen the threshold.
-    let resident = rounds[0].pages_written.max(1);
-    let frac = last.pages_written as f64 / resident as f64;
-    if frac <= policy.dirty_fraction {
-        return Some(format!(
-            "round {} wrote {:.1}% of the resident pages (<= {:.1}%)",
-            last.round,
-            frac * 100.0,
-            policy.dirty_fraction * 100.0
-        ));
-    }
-    let prev = &rounds[rounds.len() - 2];
-    if rounds.len() >= 3 && last.pages_written >= prev.pages_written {
-        return Some(format!(
-            "round {} wrote {} pages, no fewer than round {} ({}): not converging",
-            last.round, last.pages_written, prev.round, prev.pages_written
-        ));
-    }
-    None
-}
-
-/// Phase bookkeeping on a record.
-pub fn enter(rec: &mut MigrationRecord, phase: Phase) {
-    let now = now_millis();
-    if let Some(last) = rec.phases.last_mut() {
-        if last.ended_at.is_none() {
-            last.ended_at = Some(now);
-        }
-    }
-    rec.phases.push(PhaseRecord {
-        phase,
-        started_at: now,
-        ended_at: None,
-    });
-}
-
-pub fn finish(rec: &mut MigrationRecord, state: MigrationState, error: Option<String>) {
-    let now = now_millis();
-    if let Some(last) = rec.phases.last_mut() {
-        if last.ended_at.is_none() {
-            last.ended_at = Some(now);
-        }
-    }
-    rec.state = state;
-    rec.error = error;
-    rec.ended_at = Some(now);
-    rec.stats.total_ms = Some(now.saturating_sub(rec.started_at));
-}
-
-/// Picks the concrete mode and says why. Pure.
-pub fn choose_mode(
-    requested: MigrationMode,
-    rss: u64,
-    max_downtime_ms: Option<u64>,
-    local: &[MigrationMode],
-    remote: &[MigrationMode],
-) -> Result<(MigrationMode, String), AgentError> {
-    let both = |m: MigrationMode| local.contains(&m) && remote.contains(&m);
-    match requested {
-        MigrationMode::Auto => {
-            let est_ms = rss * 1000 / ASSUMED_COPY_BPS;
-            let over_budget = max_downtime_ms.is_some_and(|b| est_ms > b);
-            let large = rss >= AUTO_POSTCOPY_MIN_RSS;
-            // Pre-copy keeps the source copy until the commit (post-copy cannot), so a large
-            // container without a tight budget goes pre-copy wherever soft-dirty exists.
-            if large && !over_budget && both(MigrationMode::PreCopy) {
-                return Ok((
-                    MigrationMode::PreCopy,
-                    format!(
-                        "auto: pre-copy because RSS {} MiB >= {} MiB and both nodes track dirty pages; \
-                         the source keeps its copy until the destination commits",
-                        rss >> 20,
-                        AUTO_POSTCOPY_MIN_RSS >> 20
-                    ),
-                ));
-            }
-            if both(MigrationMode::PostCopy) && (large || over_budget) {
-                let precopy_note = if over_budget {
-                    String::new()
-                } else if !local.contains(&MigrationMode::PreCopy) {
-                    "; pre-copy unavailable: the source kernel lacks soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY)".to_string()
-                } else {
-                    "; pre-copy unavailable: the destination kernel lacks soft-dirty tracking"
-                        .to_string()
-                };
-                Ok((
-                    MigrationMode::PostCopy,
-                    format!(
-                        "auto: post-copy because RSS {} MiB {} and both nodes have userfaultfd{precopy_note}",
-                        rss >> 20,
-                        if over_budget {
-                            format!("gives an estimated stop-and-copy downtime of {est_ms} ms over the {} ms budget", max_downtime_ms.unwrap_or(0))
-                        } else {
-                            format!(">= {} MiB", AUTO_POSTCOPY_MIN_RSS >> 20)
-                        }
-                    ),
-                ))
-            } else if both(MigrationMode::StopAndCopy) {
-                let why = if !both(MigrationMode::PostCopy) {
-                    "post-copy unavailable (userfaultfd missing on a node)".to_string()
-                } else {
-                    format!(
-                        "RSS {} MiB is small: estimated downtime {est_ms} ms",
-                        rss >> 20
-                    )
-                };
-                Ok((
-                    MigrationMode::StopAndCopy,
-                    format!("auto: stop-and-copy because {why}"),
-                ))
-            } else {
-                Err(AgentError::Unsupported(
-                    "no migration mode is supported by both nodes".into(),
-                ))
-            }
-        }
-        m => {
-            if !local.contains(&m) {
-                let why = if m == MigrationMode::PreCopy {
-                    "the kernel lacks soft-dirty page tracking (CONFIG_MEM_SOFT_DIRTY; `criu check --feature mem_dirty_track` says OFF)".to_string()
-                } else if m == MigrationMode::PostCopy {
-                    "userfaultfd is unavailable or fs.pipe-max-size < 4 MiB".to_string()
-                } else {
-                    "CRIU is missing or too old".to_string()
-                };
-                return Err(AgentError::Unsupported(format!(
-                    "{m} is not supported on the source: {why}"
-                )));
-            }
-            if !remote.contains(&m) {
-                return Err(AgentError::Unsupported(format!(
-                    "{m} is not supported on the destination"
-                )));
-            }
-            Ok((m, "requested".into()))
-        }
-    }
-}
 
 /// Everything a running migration needs, produced by [`preflight`].
 pub struct Prepared {
@@ -286,7 +111,7 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
                 .unwrap_or(agent.cfg.migration_timeout_ms)
                 .max(1000),
         );
-        let mut conn = PeerConn::connect(agent, addr, timeout).await?;
+        let mut conn = PeerConn::connect(&agent.cfg, addr, timeout).await?;
         let remote = match conn.call(&PeerRequest::Capabilities).await? {
             PeerReply::Capabilities { capabilities } => capabilities,
             other => {
@@ -367,22 +192,6 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
         unmark();
     }
     r
-}
-
-/// Resumes the frozen source tree after a failure before Commit.
-async fn resume_source(agent: &Agent, p: &Prepared) {
-    match netns::unlock_criu_tables(&p.net).await {
-        Ok(n) => tracing::info!(migration = %p.rec.id, tables = n, "network lock removed"),
-        Err(e) => {
-            tracing::error!(migration = %p.rec.id, error = %e.chain(), "cannot remove CRIU's network lock")
-        }
-    }
-    let n = container::release_tcp_repair(p.pid);
-    tracing::info!(migration = %p.rec.id, sockets = n, "TCP repair mode turned off");
-    container::signal_tree(p.pid, nix::sys::signal::Signal::SIGCONT);
-    if let Some(c) = agent.containers().get_mut(&p.rec.container) {
-        c.state = ContainerState::Running;
-    }
 }
 
 fn images_dir(agent: &Agent, rec: &MigrationRecord) -> std::path::PathBuf {
@@ -510,7 +319,7 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
                 }
             }
             if frozen_at.is_some() {
-                resume_source(&agent, &p).await;
+                super::commit::resume_source(&agent, &p).await;
                 p.rec.stats.frozen_ms = frozen_at.map(|f| f.elapsed().as_millis() as u64);
             } else if let Some(c) = agent.containers().get_mut(&p.rec.container) {
                 c.state = ContainerState::Running;
@@ -759,148 +568,5 @@ async fn attempt(
             tracing::error!(migration = %p.rec.id, error = %e.chain(), "commit unanswered; source copy is not resumed");
             Ok(None)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use MigrationMode::*;
-
-    #[test]
-    fn auto_prefers_postcopy_for_large_rss() {
-        let all = [StopAndCopy, PostCopy, Auto];
-        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &all).expect("ok");
-        assert_eq!(m, PostCopy);
-        assert!(why.contains("1024 MiB"), "{why}");
-        let (m, why) = choose_mode(Auto, 16 << 20, None, &all, &all).expect("ok");
-        assert_eq!(m, StopAndCopy);
-        assert!(why.contains("small"), "{why}");
-        // A tight budget tips even a small container to post-copy.
-        let (m, _) = choose_mode(Auto, 128 << 20, Some(50), &all, &all).expect("ok");
-        assert_eq!(m, PostCopy);
-        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &[StopAndCopy, Auto]).expect("ok");
-        assert_eq!(m, StopAndCopy);
-        assert!(why.contains("userfaultfd"), "{why}");
-    }
-
-    #[test]
-    fn auto_prefers_precopy_where_both_nodes_track_dirty_pages() {
-        let all = [StopAndCopy, PostCopy, PreCopy, Auto];
-        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &all).expect("ok");
-        assert_eq!(m, PreCopy, "{why}");
-        // A tight budget wants the shortest freeze: post-copy.
-        let (m, _) = choose_mode(Auto, 1 << 30, Some(50), &all, &all).expect("ok");
-        assert_eq!(m, PostCopy);
-        // Destination without soft-dirty: post-copy, and the reason says why not pre-copy.
-        let no_sd = [StopAndCopy, PostCopy, Auto];
-        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &no_sd).expect("ok");
-        assert_eq!(m, PostCopy);
-        assert!(why.contains("destination kernel lacks soft-dirty"), "{why}");
-        let (m, why) = choose_mode(Auto, 1 << 30, None, &no_sd, &no_sd).expect("ok");
-        assert_eq!(m, PostCopy);
-        assert!(why.contains("CONFIG_MEM_SOFT_DIRTY"), "{why}");
-    }
-
-    #[test]
-    fn precopy_without_soft_dirty_names_the_kernel_feature() {
-        let e = choose_mode(PreCopy, 0, None, &[StopAndCopy], &[StopAndCopy, PreCopy])
-            .expect_err("unsupported");
-        assert!(e.to_string().contains("CONFIG_MEM_SOFT_DIRTY"), "{e}");
-        let e = choose_mode(PostCopy, 0, None, &[PostCopy], &[StopAndCopy]).expect_err("remote");
-        assert!(e.to_string().contains("destination"), "{e}");
-    }
-
-    fn round(round: u32, scanned: u64, written: u64) -> rebalancer_proto::RoundStats {
-        rebalancer_proto::RoundStats {
-            round,
-            pages_scanned: scanned,
-            pages_written: written,
-            pages_skipped_parent: scanned - written,
-            duration_ms: 10,
-        }
-    }
-
-    #[test]
-    fn dirty_fraction_is_relative_to_resident_pages_not_scanned() {
-        let p = PrecopyPolicy::default();
-        // 2000 mapped pages, 1000 resident: 80 dirty is 8% of resident, not 4% of scanned.
-        assert_eq!(
-            precopy_converged(&p, &[round(0, 2000, 1000), round(1, 2000, 80)]),
-            None
-        );
-        let why =
-            precopy_converged(&p, &[round(0, 2000, 1000), round(1, 2000, 40)]).expect("converged");
-        assert!(why.contains("4.0% of the resident"), "{why}");
-    }
-
-    #[test]
-    fn precopy_convergence_rule() {
-        let p = PrecopyPolicy::default();
-        assert_eq!(precopy_converged(&p, &[]), None);
-        // Round 0 copies everything: never enough on its own.
-        assert_eq!(precopy_converged(&p, &[round(0, 1000, 1000)]), None);
-        // Few dirty pages in round 1: converged.
-        let why =
-            precopy_converged(&p, &[round(0, 1000, 1000), round(1, 1000, 40)]).expect("converged");
-        assert!(why.contains("4.0%"), "{why}");
-        // Shrinking but still dirty: go on.
-        assert_eq!(
-            precopy_converged(
-                &p,
-                &[
-                    round(0, 1000, 1000),
-                    round(1, 1000, 300),
-                    round(2, 1000, 200)
-                ]
-            ),
-            None
-        );
-        // Not shrinking: stop.
-        let why = precopy_converged(
-            &p,
-            &[
-                round(0, 1000, 1000),
-                round(1, 1000, 300),
-                round(2, 1000, 310),
-            ],
-        )
-        .expect("stop");
-        assert!(why.contains("not converging"), "{why}");
-        // Round limit.
-        let rounds: Vec<_> = (0..5)
-            .map(|r| round(r, 1000, 900 - u64::from(r) * 100))
-            .collect();
-        assert!(precopy_converged(&p, &rounds)
-            .expect("limit")
-            .contains("limit of 5"));
-    }
-
-    #[test]
-    fn phases_are_closed_in_order() {
-        let mut rec = MigrationRecord {
-            id: "m".into(),
-            container: "c".into(),
-            task: None,
-            source: "a".into(),
-            destination: "b".into(),
-            requested_mode: StopAndCopy,
-            mode: Some(StopAndCopy),
-            mode_reason: None,
-            state: MigrationState::Running,
-            phases: vec![],
-            stats: Default::default(),
-            error: None,
-            started_at: now_millis(),
-            ended_at: None,
-        };
-        enter(&mut rec, Phase::Prepare);
-        enter(&mut rec, Phase::Dump);
-        assert!(rec.phases[0].ended_at.is_some());
-        assert!(rec.phases[1].ended_at.is_none());
-        finish(&mut rec, MigrationState::Succeeded, None);
-        assert!(rec.phases.iter().all(|p| p.ended_at.is_some()));
-        assert!(rec.stats.total_ms.is_some());
-        assert!(rec.state.is_terminal());
     }
 }
