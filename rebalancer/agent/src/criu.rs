@@ -259,13 +259,18 @@ pub fn pick_port(ip: Ipv4Addr) -> Result<u16, AgentError> {
         .port())
 }
 
-/// Starts a criu helper that reports readiness on `--status-fd` and waits for it.
+/// How long a page server or lazy-pages daemon may take to report readiness.
+pub const READY_WITHIN: Duration = Duration::from_secs(10);
+
+/// Starts a criu helper that reports readiness on `--status-fd` and waits for it (at most
+/// `ready_within`). A helper that exits first fails with its log's tail.
 pub async fn spawn_ready(
     criu: &Path,
     args_for_fd: impl FnOnce(i32) -> Vec<String>,
     what: &'static str,
     log_dir: &Path,
     log: &str,
+    ready_within: Option<Duration>,
 ) -> Result<tokio::process::Child, AgentError> {
     let (r, w): (OwnedFd, OwnedFd) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Io {
@@ -284,16 +289,21 @@ pub async fn spawn_ready(
     drop(w);
     let mut rf = tokio::fs::File::from_std(std::fs::File::from(r));
     let mut b = [0u8; 1];
-    let n = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::io::AsyncReadExt::read(&mut rf, &mut b),
-    )
-    .await
-    .map_err(|_| AgentError::Criu {
-        action: what,
-        message: "not ready after 10 s".into(),
-    })?
-    .unwrap_or(0);
+    let read = tokio::io::AsyncReadExt::read(&mut rf, &mut b);
+    let n = match ready_within {
+        Some(limit) => match tokio::time::timeout(limit, read).await {
+            Ok(r) => r.unwrap_or(0),
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(AgentError::Criu {
+                    action: what,
+                    message: format!("not ready after {} s", limit.as_secs()),
+                });
+            }
+        },
+        None => read.await.unwrap_or(0),
+    };
     if n == 0 {
         let _ = child.start_kill();
         let _ = child.wait().await;

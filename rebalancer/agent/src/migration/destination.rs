@@ -3,63 +3,48 @@
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
-use rebalancer_proto::{
-    now_millis, ContainerState, Hello, MigrationId, MigrationMode, Role, PROTOCOL_VERSION,
-};
+use rebalancer_proto::{ContainerState, Hello, MigrationMode, Role, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use super::commit::Incoming;
+use super::host::{Helper, Host, System};
 use super::policy::room_check;
-use super::restore_step::{self, missing_stdio_files, StepLaunch};
+use super::restore_step::{self, missing_stdio_files};
 use crate::agent::Agent;
-use crate::container::{self, Container, ContainerMeta};
+use crate::container;
 use crate::criu;
 use crate::error::AgentError;
-use crate::netns::{self, ContainerNet};
 use crate::peer::{reply_error, PeerReply, PeerRequest, PeerResponse, PEER_MAX_FRAME};
 
-/// An incoming migration on the destination, and what to undo if it does not commit.
-pub(super) struct Incoming {
-    pub(super) migration: MigrationId,
-    pub(super) mode: MigrationMode,
-    pub(super) meta: ContainerMeta,
-    pub(super) net: ContainerNet,
-    pub(super) root: PathBuf,
-    pub(super) dir: PathBuf,
-    /// Per-migration tmpfs directory: `img` (restored images) and `pre-K` (pre-copy rounds).
-    pub(super) mig_dir: PathBuf,
-    pub(super) images: PathBuf,
-    pub(super) page_server: Option<tokio::process::Child>,
-    pub(super) lazy_daemon: Option<tokio::process::Child>,
-    pub(super) restored_pid: Option<i32>,
-    pub(super) committed: bool,
-    pub(super) restore_step: bool,
-    /// The restore step (srun), started at prepare so that its launch is out of the downtime.
-    pub(super) step: Option<StepLaunch>,
-    pub(super) step_child: Option<tokio::process::Child>,
-    pub(super) source: Option<(String, String)>,
-    /// The container's cgroup here (agent-restored containers); criu restore runs inside it.
-    pub(super) cgroup: Option<crate::cgroup::Cgroup>,
-}
-
-/// Serves one peer connection (destination side).
-pub async fn serve(agent: Arc<Agent>, mut stream: TcpStream) {
+/// Serves one peer connection (destination side) on the real node.
+pub async fn serve(agent: Arc<Agent>, stream: TcpStream) {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
-    let mut incoming: Option<Incoming> = None;
-    let r = serve_inner(&agent, &mut stream, &mut incoming).await;
+    let host = Arc::new(System::new(&agent.cfg));
+    serve_with(host, agent, stream, peer).await
+}
+
+/// Serves one peer connection on `host`; whatever did not commit is undone when it ends.
+pub async fn serve_with<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
+    host: Arc<H>,
+    agent: Arc<Agent>,
+    mut stream: S,
+    peer: Option<std::net::SocketAddr>,
+) {
+    let mut incoming: Option<Incoming<H>> = None;
+    let r = serve_inner(&host, &agent, &mut stream, peer, &mut incoming).await;
     if let Some(mut inc) = incoming {
         if !inc.committed {
             let why = match &r {
                 Ok(()) => "source closed the connection before commit".to_string(),
                 Err(e) => e.chain(),
             };
-            inc.undo(&agent, &why).await;
+            inc.undo(&*host, &agent, &why).await;
         }
     }
     if let Err(e) = r {
@@ -82,10 +67,12 @@ async fn read_timeout<S: AsyncRead + Unpin>(s: &mut S, t: Duration) -> Result<Fr
         .map_err(|_| AgentError::Timeout("source went silent".into()))??)
 }
 
-async fn serve_inner(
+async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
+    host: &Arc<H>,
     agent: &Arc<Agent>,
-    s: &mut TcpStream,
-    incoming: &mut Option<Incoming>,
+    s: &mut S,
+    peer: Option<std::net::SocketAddr>,
+    incoming: &mut Option<Incoming<H>>,
 ) -> Result<(), AgentError> {
     let timeout = Duration::from_millis(agent.cfg.migration_timeout_ms);
     // AWAIT_HELLO: nothing but a hello with a valid credential gets further.
@@ -114,7 +101,7 @@ async fn serve_inner(
     )
     .await
     {
-        tracing::warn!(peer = ?s.peer_addr().ok(), node = ?hello.node, error = %e, "rejected unauthenticated peer");
+        tracing::warn!(peer = ?peer, node = ?hello.node, error = %e, "rejected unauthenticated peer");
         write_resp(s, 0, &reply_error(&e)).await?;
         return Err(e);
     }
@@ -137,7 +124,7 @@ async fn serve_inner(
                 continue;
             }
         };
-        let result = handle(agent, s, incoming, req, &source_node, timeout).await;
+        let result = handle(host, agent, s, incoming, req, &source_node, timeout).await;
         let done = matches!(
             result,
             Ok(PeerReply::Committed { .. }) | Ok(PeerReply::Aborted)
@@ -150,7 +137,7 @@ async fn serve_inner(
                 // A failed step leaves nothing half-done behind.
                 if let Some(mut inc) = incoming.take() {
                     if !inc.committed {
-                        inc.undo(agent, &e.chain()).await;
+                        inc.undo(&**host, agent, &e.chain()).await;
                     }
                 }
             }
@@ -161,10 +148,11 @@ async fn serve_inner(
     }
 }
 
-async fn handle(
+async fn handle<H: Host, S: AsyncRead + Unpin>(
+    host: &Arc<H>,
     agent: &Arc<Agent>,
-    s: &mut TcpStream,
-    incoming: &mut Option<Incoming>,
+    s: &mut S,
+    incoming: &mut Option<Incoming<H>>,
     req: PeerRequest,
     source_node: &str,
     timeout: Duration,
@@ -215,15 +203,7 @@ async fn handle(
                 )));
             }
             agent.validate_spec(&meta.spec)?;
-            let available = std::fs::read_to_string("/proc/meminfo")
-                .ok()
-                .and_then(|m| {
-                    m.lines()
-                        .find_map(|l| l.strip_prefix("MemAvailable:"))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                })
-                .map(|kb| kb * 1024);
-            if let Some(avail) = available {
+            if let Some(avail) = host.mem_available() {
                 room_check(mode, rss_bytes, avail, &agent.cfg.node)?;
             }
             agent.incoming().insert((id.clone(), meta.address));
@@ -284,26 +264,28 @@ async fn handle(
                 }
                 if !restore_step {
                     // Same limits as on the source, or no migration.
-                    inc.cgroup = agent.create_cgroup(&meta.spec)?;
+                    inc.cgroup = host.create_cgroup(agent, &meta.spec)?;
                 }
-                netns::create(&net, false).await?;
+                host.create_net(&net, false).await?;
                 let mut page_server = None;
                 if mode == MigrationMode::StopAndCopy {
                     let ip = agent.cfg.advertise;
-                    let port = criu::pick_port(ip)?;
-                    let imgs = images.clone();
-                    let child = criu::spawn_ready(
-                        &agent.cfg.criu,
-                        |fd| criu::page_server_args(&imgs, ip, port, fd, None),
-                        "page-server",
-                        &images,
-                        "page-server.log",
-                    )
-                    .await?;
+                    let port = host.pick_port(ip)?;
+                    let child = host.page_server(&images, ip, port, None).await?;
                     page_server = Some((child, (ip, port)));
                 }
                 if restore_step {
-                    restore_step::start(agent, &mut inc)?;
+                    let target = restore_step::StepTarget {
+                        migration: &inc.migration,
+                        meta: &inc.meta,
+                        images: &inc.images,
+                        root: &inc.root,
+                        netns: &inc.net.path(),
+                        mode,
+                    };
+                    let (step, child) = restore_step::start(agent, &target)?;
+                    inc.step = Some(step);
+                    inc.step_child = Some(child);
                 }
                 Ok::<_, AgentError>(page_server)
             }
@@ -317,7 +299,7 @@ async fn handle(
                     Ok(PeerReply::Prepared { page_server: addr })
                 }
                 Err(e) => {
-                    inc.undo(agent, &e.chain()).await;
+                    inc.undo(&**host, agent, &e.chain()).await;
                     Err(e)
                 }
             }
@@ -363,89 +345,13 @@ async fn handle(
             let inc = incoming
                 .as_mut()
                 .ok_or_else(|| AgentError::BadRequest("restore before prepare".into()))?;
-            restore(agent, inc, lazy_pages).await
+            restore(host, agent, inc, lazy_pages).await
         }
         PeerRequest::Commit => {
             let inc = incoming
                 .as_mut()
                 .ok_or_else(|| AgentError::BadRequest("commit before prepare".into()))?;
-            let pid = inc
-                .restored_pid
-                .ok_or_else(|| AgentError::BadRequest("commit before restore".into()))?;
-            inc.committed = true;
-            // Resume first, then take the address over.
-            container::signal_tree(pid, nix::sys::signal::Signal::SIGCONT);
-            let resumed_at = now_millis();
-            if let Err(e) = netns::add_route(&inc.net).await {
-                tracing::error!(migration = %inc.migration, error = %e.chain(), "cannot add the container route");
-            }
-            let uplink = agent.cfg.uplink.clone();
-            let ip = inc.meta.address;
-            // Several announcements: a neighbour entry refreshed within its locktime ignores one.
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = crate::garp::announce(&uplink, ip, 3, Duration::from_millis(300)) {
-                    tracing::warn!(error = %e.chain(), "gratuitous ARP failed");
-                }
-            });
-            let mut meta = inc.meta.clone();
-            meta.started_at = inc.meta.started_at;
-            let c = Container {
-                meta,
-                net: inc.net.clone(),
-                root: inc.root.clone(),
-                dir: inc.dir.clone(),
-                pid,
-                state: ContainerState::Running,
-                exit_status: None,
-                external: inc.restore_step,
-                migrated_to: None,
-                arrived_from: if inc.restore_step {
-                    inc.source.clone()
-                } else {
-                    None
-                },
-                final_status: None,
-                cgroup: inc.cgroup.take(),
-            };
-            agent.containers().insert(inc.meta.spec.id.clone(), c);
-            agent.restore_steps().remove(&inc.migration);
-            if let Some(mut child) = inc.step_child.take() {
-                // srun lives as long as the restored task; reap it when it ends.
-                tokio::spawn(async move {
-                    let _ = child.wait().await;
-                });
-            }
-            agent
-                .incoming()
-                .remove(&(inc.meta.spec.id.clone(), inc.meta.address));
-            let images = inc.mig_dir.clone();
-            let daemon = inc.lazy_daemon.take();
-            let mig = inc.migration.clone();
-            // The images go once the lazy daemon is done (it reads them); a daemon whose
-            // container ended has nothing left to serve and is stopped.
-            tokio::spawn(async move {
-                if let Some(mut d) = daemon {
-                    loop {
-                        tokio::select! {
-                            st = d.wait() => {
-                                tracing::info!(migration = %mig, status = ?st, "lazy-pages daemon finished");
-                                break;
-                            }
-                            _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                                if !container::alive(pid) {
-                                    tracing::warn!(migration = %mig, "container ended before all pages arrived; stopping lazy-pages");
-                                    let _ = d.start_kill();
-                                    let _ = d.wait().await;
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                }
-                let _ = std::fs::remove_dir_all(images);
-            });
-            tracing::info!(migration = %inc.migration, container = %inc.meta.spec.id, pid, "migration committed: container runs here");
-            Ok(PeerReply::Committed { resumed_at })
+            super::commit::commit_here(host, agent, inc).await
         }
         PeerRequest::PrecopyRound { round, last } => {
             let inc = incoming
@@ -486,16 +392,8 @@ async fn handle(
             })?;
             let prev = (round > 0).then(|| format!("../pre-{}", round - 1));
             let ip = agent.cfg.advertise;
-            let port = criu::pick_port(ip)?;
-            let d2 = dir.clone();
-            let child = criu::spawn_ready(
-                &agent.cfg.criu,
-                |fd| criu::page_server_args(&d2, ip, port, fd, prev.as_deref()),
-                "page-server",
-                &dir,
-                "page-server.log",
-            )
-            .await?;
+            let port = host.pick_port(ip)?;
+            let child = host.page_server(&dir, ip, port, prev.as_deref()).await?;
             inc.page_server = Some(child);
             Ok(PeerReply::RoundReady {
                 page_server: (ip, port),
@@ -523,7 +421,7 @@ async fn handle(
         PeerRequest::Abort { reason } => {
             if let Some(mut inc) = incoming.take() {
                 if !inc.committed {
-                    inc.undo(agent, &reason).await;
+                    inc.undo(&**host, agent, &reason).await;
                 }
             }
             Ok(PeerReply::Aborted)
@@ -531,12 +429,13 @@ async fn handle(
     }
 }
 
-async fn restore(
+async fn restore<H: Host>(
+    host: &Arc<H>,
     agent: &Arc<Agent>,
-    inc: &mut Incoming,
+    inc: &mut Incoming<H>,
     lazy_pages: Option<(Ipv4Addr, u16)>,
 ) -> Result<PeerReply, AgentError> {
-    let started = Instant::now();
+    let started = host.now();
     if let Some(mut ps) = inc.page_server.take() {
         // The page server exits once the dump closed its connection.
         let st = tokio::time::timeout(Duration::from_secs(30), ps.wait())
@@ -558,26 +457,25 @@ async fn restore(
         let (src, port) = lazy_pages.ok_or_else(|| {
             AgentError::BadRequest("post-copy restore without page server".into())
         })?;
-        let imgs = inc.images.clone();
-        let d = criu::spawn_ready(
-            &agent.cfg.criu,
-            |fd| criu::lazy_pages_args(&imgs, src, port, fd),
-            "lazy-pages",
-            &inc.images,
-            "lazy-pages.log",
-        )
-        .await?;
+        let d = host.lazy_pages(&inc.images, (src, port)).await?;
         inc.lazy_daemon = Some(d);
     }
     if inc.restore_step {
-        return restore_step::restore(inc, started).await;
+        let (Some(step), Some(child)) = (inc.step.take(), inc.step_child.as_mut()) else {
+            return Err(AgentError::Internal("no restore step was started".into()));
+        };
+        let (pid, pages_restored) =
+            restore_step::restore(step, child, &inc.images, &inc.migration).await?;
+        inc.restored_pid = Some(pid);
+        return Ok(PeerReply::Restored {
+            pid,
+            restore_ms: host.now().duration_since(started).as_millis() as u64,
+            pages_restored,
+        });
     }
     let (out, err) = agent.stdio_paths(&inc.meta.spec);
     let stdio = container::stdio_pipes(&out, &err)?;
-    let net = std::fs::File::open(inc.net.path()).map_err(|source| AgentError::Io {
-        what: format!("open {}", inc.net.path().display()),
-        source,
-    })?;
+    let net = host.open_net(&inc.net)?;
     let mut inherit = vec![(net.as_raw_fd(), criu::NET_KEY.to_string())];
     for (fd, key) in stdio.child.iter().zip(inc.meta.stdio_keys.iter()) {
         inherit.push((fd.as_raw_fd(), key.clone()));
@@ -602,33 +500,25 @@ async fn restore(
         Some(cg) => cg.procs_files()?,
         None => Vec::new(),
     };
-    let r = criu::run_in(
-        &agent.cfg.criu,
-        "restore",
-        &args,
-        &keep,
-        &crate::cgroup::raw(&procs),
-        &inc.images,
-        "restore.log",
-    )
-    .await;
+    let r = host
+        .restore(
+            &args,
+            &keep,
+            &crate::cgroup::raw(&procs),
+            &inc.images,
+            &pidfile,
+        )
+        .await;
     drop(procs);
     drop(stdio);
     drop(net);
-    r?;
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| AgentError::Criu {
-            action: "restore",
-            message: format!("no pid in {}", pidfile.display()),
-        })?;
+    let pid = r?;
     inc.restored_pid = Some(pid);
-    let stats = criu::read_stats(&inc.images, "stats-restore").unwrap_or_default();
+    let stats = host.stats(&inc.images, "stats-restore").unwrap_or_default();
     tracing::info!(migration = %inc.migration, pid, "restored (stopped), waiting for commit");
     Ok(PeerReply::Restored {
         pid,
-        restore_ms: started.elapsed().as_millis() as u64,
+        restore_ms: host.now().duration_since(started).as_millis() as u64,
         pages_restored: stats.pages_restored,
     })
 }

@@ -16,8 +16,10 @@ use crate::peer::{PeerConn, PeerRequest};
 
 pub mod commit;
 pub mod destination;
+pub mod host;
 pub mod policy;
 pub mod restore_step;
+pub mod sim;
 pub mod source;
 
 /// Phase bookkeeping on a record.

@@ -3,16 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rebalancer_proto::MigrationMode;
 
-use super::destination::Incoming;
 use crate::agent::Agent;
 use crate::container::{self, ContainerMeta};
 use crate::criu;
 use crate::error::AgentError;
-use crate::peer::PeerReply;
 
 /// The restore plan a restore step's waiter runs (it adds --restore-detached --restore-sibling
 /// --pidfile and its stdio). Pure.
@@ -190,23 +188,36 @@ pub(super) struct StepLaunch {
 /// Starts the restore step (srun) while the source still runs: Slurm's step launch (slurmctld,
 /// slurmd, slurmstepd, the plugin's set-up) then costs no downtime. The step's `prepare-restore`
 /// is answered once the images are in ([`restore`]).
-pub(super) fn start(agent: &Arc<Agent>, inc: &mut Incoming) -> Result<(), AgentError> {
+/// What the step is started for: the incoming migration's identity and where its pieces are.
+pub(super) struct StepTarget<'a> {
+    pub migration: &'a str,
+    pub meta: &'a ContainerMeta,
+    pub images: &'a Path,
+    pub root: &'a Path,
+    pub netns: &'a Path,
+    pub mode: MigrationMode,
+}
+
+pub(super) fn start(
+    agent: &Arc<Agent>,
+    inc: &StepTarget<'_>,
+) -> Result<(StepLaunch, tokio::process::Child), AgentError> {
     let task = inc.meta.spec.task.clone().ok_or_else(|| {
         AgentError::BadRequest("restore step for a container without a Slurm task".into())
     })?;
     let plan = restore_plan(
         &agent.cfg.criu,
-        &inc.migration,
-        &inc.meta,
-        &inc.images,
-        &inc.root,
-        &inc.net.path(),
+        inc.migration,
+        inc.meta,
+        inc.images,
+        inc.root,
+        inc.netns,
         inc.mode == MigrationMode::PostCopy,
     );
     let (tx, registered) = tokio::sync::oneshot::channel();
     let (go, ready) = tokio::sync::watch::channel(false);
     agent.restore_steps().insert(
-        inc.migration.clone(),
+        inc.migration.to_string(),
         crate::agent::RestoreStep {
             plan,
             registered: Some(tx),
@@ -219,10 +230,10 @@ pub(super) fn start(agent: &Arc<Agent>, inc: &mut Incoming) -> Result<(), AgentE
         &inc.meta.spec,
         &task,
         &agent.cfg.node,
-        &inc.migration,
+        inc.migration,
     );
     if Path::new(&argv[0]).file_name() == Some(std::ffi::OsStr::new("srun")) {
-        let link_dir = agent.cfg.run_dir.join("stdio").join(&inc.migration);
+        let link_dir = agent.cfg.run_dir.join("stdio").join(inc.migration);
         let stdio = restore_stdio_plan(&inc.meta.stdio_paths, &link_dir);
         if !stdio.links.is_empty() {
             links = Some(RemoveDirOnDrop(link_dir.clone()));
@@ -250,23 +261,24 @@ pub(super) fn start(agent: &Arc<Agent>, inc: &mut Incoming) -> Result<(), AgentE
             what: format!("cannot run {}", argv[0]),
             source,
         })?;
-    inc.step_child = Some(child);
-    inc.step = Some(StepLaunch {
+    let step = StepLaunch {
         go,
         registered,
         log: log_path,
         program: argv[0].clone(),
         _links: links,
-    });
-    Ok(())
+    };
+    Ok((step, child))
 }
 
 /// Lets the restore step started at prepare restore the tree, and waits until its waiter
-/// registered it.
-pub(super) async fn restore(inc: &mut Incoming, started: Instant) -> Result<PeerReply, AgentError> {
-    let (Some(step), Some(child)) = (inc.step.take(), inc.step_child.as_mut()) else {
-        return Err(AgentError::Internal("no restore step was started".into()));
-    };
+/// registered it. Returns the restored pid 1 and the pages CRIU restored.
+pub(super) async fn restore(
+    step: StepLaunch,
+    child: &mut tokio::process::Child,
+    images: &Path,
+    migration: &str,
+) -> Result<(i32, u64), AgentError> {
     let StepLaunch {
         go,
         registered,
@@ -279,8 +291,8 @@ pub(super) async fn restore(inc: &mut Incoming, started: Instant) -> Result<Peer
         r = registered => r.map_err(|_| AgentError::Internal("restore step registration lost".into()))?,
         st = child.wait() => {
             let out = std::fs::read_to_string(&log).unwrap_or_default();
-            let criu_log = inc.images.join("restore.log");
-            let criu = if criu_log.exists() { format!("; criu: {}", criu::log_tail(&inc.images, "restore.log")) } else { String::new() };
+            let criu_log = images.join("restore.log");
+            let criu = if criu_log.exists() { format!("; criu: {}", criu::log_tail(images, "restore.log")) } else { String::new() };
             return Err(AgentError::Criu {
                 action: "restore (restore step)",
                 message: format!("{program} exited with {:?} before registering: {}{criu}", st.ok(), out.trim()),
@@ -290,14 +302,9 @@ pub(super) async fn restore(inc: &mut Incoming, started: Instant) -> Result<Peer
             return Err(AgentError::Timeout("the restore step did not register within 60 s".into()));
         }
     };
-    inc.restored_pid = Some(pid);
-    let stats = criu::read_stats(&inc.images, "stats-restore").unwrap_or_default();
-    tracing::info!(migration = %inc.migration, pid, "restored by the restore step (stopped), waiting for commit");
-    Ok(PeerReply::Restored {
-        pid,
-        restore_ms: started.elapsed().as_millis() as u64,
-        pages_restored: stats.pages_restored,
-    })
+    let stats = criu::read_stats(images, "stats-restore").unwrap_or_default();
+    tracing::info!(migration = %migration, pid, "restored by the restore step (stopped), waiting for commit");
+    Ok((pid, stats.pages_restored))
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@
 //! container (the pages exist nowhere else) and the migration is recorded as `failed`.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,19 +20,20 @@ use rebalancer_proto::{
     MigrationStats, Phase,
 };
 
+use super::host::{Helper, Host, PeerLink, System};
 use super::policy::{choose_mode, precopy_converged, PrecopyPolicy};
-use super::{enter, finish};
+use super::{commit, enter, finish};
 use crate::agent::Agent;
 use crate::container::{self, ContainerMeta};
 use crate::criu;
 use crate::error::AgentError;
-use crate::netns::{self, ContainerNet};
+use crate::netns::ContainerNet;
 use crate::peer::{PeerConn, PeerReply, PeerRequest};
 
 /// Everything a running migration needs, produced by [`preflight`].
-pub struct Prepared {
+pub struct Prepared<L = PeerConn> {
     pub rec: MigrationRecord,
-    pub conn: PeerConn,
+    pub conn: L,
     pub page_server: Option<(std::net::Ipv4Addr, u16)>,
     pub pid: i32,
     pub net: ContainerNet,
@@ -45,6 +45,15 @@ pub struct Prepared {
 
 /// Checks the request and prepares the destination. On error nothing has changed.
 pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepared, AgentError> {
+    preflight_with(&System::new(&agent.cfg), agent, req).await
+}
+
+/// [`preflight`] on `host`.
+pub async fn preflight_with<H: Host>(
+    host: &H,
+    agent: &Arc<Agent>,
+    req: &MigrateRequest,
+) -> Result<Prepared<H::Link>, AgentError> {
     let id = &req.container;
     if req.destination == agent.cfg.node {
         return Err(AgentError::BadRequest(format!(
@@ -111,7 +120,7 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
                 .unwrap_or(agent.cfg.migration_timeout_ms)
                 .max(1000),
         );
-        let mut conn = PeerConn::connect(&agent.cfg, addr, timeout).await?;
+        let mut conn = host.connect(&agent.cfg, addr, timeout).await?;
         let remote = match conn.call(&PeerRequest::Capabilities).await? {
             PeerReply::Capabilities { capabilities } => capabilities,
             other => {
@@ -126,7 +135,7 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
                 remote.node, req.destination
             )));
         }
-        let rss = container::tree_rss(pid);
+        let rss = host.tree_rss(pid);
         let (mode, reason) = choose_mode(
             req.mode,
             rss,
@@ -183,7 +192,7 @@ pub async fn preflight(agent: &Arc<Agent>, req: &MigrateRequest) -> Result<Prepa
             pid,
             net: net.clone(),
             meta: meta.clone(),
-            deadline: Instant::now() + timeout,
+            deadline: host.now() + timeout,
             lazy_port: None,
         })
     }
@@ -203,15 +212,33 @@ fn images_dir(agent: &Agent, rec: &MigrationRecord) -> std::path::PathBuf {
 }
 
 /// Runs a prepared migration to its end. Never leaves the container frozen.
-pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
+pub async fn run(agent: Arc<Agent>, p: Prepared) -> MigrationRecord {
+    let host = System::new(&agent.cfg);
+    run_with(&host, agent, p).await
+}
+
+/// [`run`] on `host`.
+pub async fn run_with<H: Host>(
+    host: &H,
+    agent: Arc<Agent>,
+    mut p: Prepared<H::Link>,
+) -> MigrationRecord {
     let base = images_dir(&agent, &p.rec);
     let dir = base.join("img");
     let mode = p.rec.mode.unwrap_or(MigrationMode::StopAndCopy);
-    let mut dump_child: Option<tokio::process::Child> = None;
+    let mut dump_child: Option<H::Helper> = None;
     let mut frozen_at: Option<Instant> = None;
     let res = tokio::time::timeout_at(
         p.deadline.into(),
-        attempt(&agent, &mut p, &dir, mode, &mut dump_child, &mut frozen_at),
+        attempt(
+            host,
+            &agent,
+            &mut p,
+            &dir,
+            mode,
+            &mut dump_child,
+            &mut frozen_at,
+        ),
     )
     .await
     .unwrap_or_else(|_| Err(AgentError::Timeout("migration timed out".into())));
@@ -243,15 +270,14 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
                         }
                         Err(_) => {
                             tracing::error!(migration = %p.rec.id, "lazy page transfer not finished in {limit:?}; stopping it");
-                            let _ = d.start_kill();
+                            d.start_kill();
                             let _ = d.wait().await;
                             lazy_error =
                                 Some(format!("lazy page transfer not finished in {limit:?}"));
                         }
                     }
                 }
-                let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
-                let (pages, lazy) = criu::pagemap_totals(&log);
+                let (pages, lazy) = host.lazy_totals(&dir);
                 p.rec.stats.pages_scanned = pages;
                 p.rec.stats.pages_lazy = lazy;
                 p.rec.stats.pages_written = pages.saturating_sub(lazy);
@@ -259,26 +285,12 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
                 p.rec.stats.bytes_sent += p.rec.stats.pages_lazy * 4096;
             }
             enter(&mut p.rec, Phase::Cleanup);
-            container::signal_tree(p.pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let host_rootfs = matches!(p.meta.spec.rootfs, rebalancer_proto::RootfsSpec::Host);
             if let Some(f) = frozen_at {
-                p.rec.stats.frozen_ms = Some(f.elapsed().as_millis() as u64);
+                p.rec.stats.frozen_ms = Some(host.now().duration_since(f).as_millis() as u64);
             }
-            netns::destroy(&p.net).await;
-            let cgroup = agent
-                .containers()
-                .get_mut(&p.rec.container)
-                .and_then(|c| c.cgroup.take());
-            if let Some(cg) = cgroup {
-                // Empties once the reaper collected the killed copy.
-                cg.remove().await;
-            }
-            if let rebalancer_proto::RootfsSpec::Host = p.meta.spec.rootfs {
-                let _ = std::fs::remove_dir_all(agent.container_dir(&p.rec.container));
-            }
+            commit::release_source(host, &agent, &p.rec.container, p.pid, &p.net, host_rootfs)
+                .await;
             remove_images(&base);
             if let Some(e) = lazy_error {
                 // Post-copy after resume: the destination may miss pages (post-copy's failure model).
@@ -307,20 +319,22 @@ pub async fn run(agent: Arc<Agent>, mut p: Prepared) -> MigrationRecord {
             .await;
             if let Some(mut d) = dump_child.take() {
                 // A lazy dump still serving: nudge it out of accept() so it finishes.
-                if let Some((ip, port)) = lazy_addr(&agent, &p) {
-                    let _ = tokio::net::TcpStream::connect((ip, port)).await;
+                if let Some(addr) = lazy_addr(&agent, &p) {
+                    host.poke(addr).await;
                 }
                 if tokio::time::timeout(Duration::from_secs(5), d.wait())
                     .await
                     .is_err()
                 {
-                    let _ = d.start_kill();
+                    d.start_kill();
                     let _ = d.wait().await;
                 }
             }
             if frozen_at.is_some() {
-                super::commit::resume_source(&agent, &p).await;
-                p.rec.stats.frozen_ms = frozen_at.map(|f| f.elapsed().as_millis() as u64);
+                commit::resume_source(host, &agent, &p.rec.id, &p.rec.container, p.pid, &p.net)
+                    .await;
+                p.rec.stats.frozen_ms =
+                    frozen_at.map(|f| host.now().duration_since(f).as_millis() as u64);
             } else if let Some(c) = agent.containers().get_mut(&p.rec.container) {
                 c.state = ContainerState::Running;
             }
@@ -339,15 +353,16 @@ fn remove_images(dir: &std::path::Path) {
     }
 }
 
-fn lazy_addr(agent: &Agent, p: &Prepared) -> Option<(std::net::Ipv4Addr, u16)> {
+fn lazy_addr<L>(agent: &Agent, p: &Prepared<L>) -> Option<(std::net::Ipv4Addr, u16)> {
     p.lazy_port.map(|port| (agent.cfg.advertise, port))
 }
 
 /// Pre-copy rounds while the container runs, until [`precopy_converged`]; returns the index
 /// of the last round (the parent of the final dump).
-async fn precopy_rounds(
+async fn precopy_rounds<H: Host>(
+    host: &H,
     agent: &Arc<Agent>,
-    p: &mut Prepared,
+    p: &mut Prepared<H::Link>,
     dir: &std::path::Path,
 ) -> Result<u32, AgentError> {
     let base = dir.parent().unwrap_or(dir).to_path_buf();
@@ -374,25 +389,16 @@ async fn precopy_rounds(
             source,
         })?;
         let prev = (round > 0).then(|| format!("../pre-{}", round - 1));
-        let started = Instant::now();
-        let args = criu::pre_dump_args(p.pid, &rdir, ps, prev.as_deref());
-        criu::run(
-            &agent.cfg.criu,
-            "pre-dump",
-            &args,
-            &[],
-            &rdir,
-            "pre-dump.log",
-        )
-        .await?;
-        let s = criu::read_stats(&rdir, "stats-dump").unwrap_or_default();
+        let started = host.now();
+        host.pre_dump(p.pid, &rdir, ps, prev.as_deref()).await?;
+        let s = host.stats(&rdir, "stats-dump").unwrap_or_default();
         p.rec.stats.bytes_sent += s.pages_written * 4096;
         p.rec.stats.rounds.push(rebalancer_proto::RoundStats {
             round,
             pages_scanned: s.pages_scanned,
             pages_written: s.pages_written,
             pages_skipped_parent: s.pages_skipped_parent,
-            duration_ms: started.elapsed().as_millis() as u64,
+            duration_ms: host.now().duration_since(started).as_millis() as u64,
         });
         tracing::info!(migration = %p.rec.id, round, written = s.pages_written, scanned = s.pages_scanned, "pre-copy round done");
         if let Some(why) = precopy_converged(&policy, &p.rec.stats.rounds) {
@@ -405,19 +411,20 @@ async fn precopy_rounds(
 }
 
 /// Dump, transfer, restore, commit. Returns when the destination committed.
-async fn attempt(
+async fn attempt<H: Host>(
+    host: &H,
     agent: &Arc<Agent>,
-    p: &mut Prepared,
+    p: &mut Prepared<H::Link>,
     dir: &std::path::Path,
     mode: MigrationMode,
-    dump_child: &mut Option<tokio::process::Child>,
+    dump_child: &mut Option<H::Helper>,
     frozen_at: &mut Option<Instant>,
 ) -> Result<Option<Instant>, AgentError> {
     std::fs::create_dir_all(dir).map_err(|source| AgentError::Io {
         what: format!("mkdir {}", dir.display()),
         source,
     })?;
-    let net_inode = p.net.inode()?;
+    let net_inode = host.net_inode(&p.net)?;
     let mut args = criu::DumpArgs {
         pid: p.pid,
         images_dir: dir.to_path_buf(),
@@ -436,7 +443,7 @@ async fn attempt(
         ..Default::default()
     };
     if mode == MigrationMode::PreCopy {
-        let last = precopy_rounds(agent, p, dir).await?;
+        let last = precopy_rounds(host, agent, p, dir).await?;
         match p
             .conn
             .call(&PeerRequest::PrecopyRound {
@@ -456,74 +463,38 @@ async fn attempt(
     }
     enter(&mut p.rec, Phase::Freeze);
     agent.publish(&p.rec);
-    *frozen_at = Some(Instant::now());
+    *frozen_at = Some(host.now());
     let mut lazy_serve = None;
     match mode {
         MigrationMode::PostCopy => {
             let ip = agent.cfg.advertise;
-            let l = std::net::TcpListener::bind((ip, 0)).map_err(|source| AgentError::Io {
-                what: format!("bind {ip}:0"),
-                source,
-            })?;
-            let port = l
-                .local_addr()
-                .map_err(|source| AgentError::Io {
-                    what: "local_addr".into(),
-                    source,
-                })?
-                .port();
-            drop(l);
+            let port = host.pick_port(ip)?;
             args.lazy_serve = Some((ip, port));
             lazy_serve = Some((ip, port));
             p.lazy_port = Some(port);
             enter(&mut p.rec, Phase::Dump);
             agent.publish(&p.rec);
-            let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                .map_err(|e| AgentError::Io {
-                    what: "pipe".into(),
-                    source: e.into(),
-                })?;
-            args.status_fd = Some(w.as_raw_fd());
-            let child = criu::command(&agent.cfg.criu, &args.build(), &[w.as_raw_fd()])
-                .current_dir(dir)
-                .spawn()
-                .map_err(|source| AgentError::Io {
-                    what: "cannot start criu dump".into(),
-                    source,
-                })?;
-            drop(w);
-            *dump_child = Some(child);
-            let mut rf = tokio::fs::File::from_std(std::fs::File::from(r));
-            let mut b = [0u8; 1];
-            let n = tokio::io::AsyncReadExt::read(&mut rf, &mut b)
-                .await
-                .unwrap_or(0);
-            if n == 0 {
-                // criu exited without serving: its own failure path resumed the tree.
-                if let Some(mut c) = dump_child.take() {
-                    let _ = c.wait().await;
+            match host.dump_lazy(&args).await {
+                Ok(child) => *dump_child = Some(child),
+                Err(e) => {
+                    // criu exited without serving: its own failure path resumed the tree.
+                    *frozen_at = None;
+                    return Err(e);
                 }
-                *frozen_at = None;
-                return Err(AgentError::Criu {
-                    action: "dump",
-                    message: criu::log_tail(dir, "dump.log"),
-                });
             }
         }
         _ => {
             args.page_server = p.page_server;
             enter(&mut p.rec, Phase::Dump);
             agent.publish(&p.rec);
-            if let Err(e) =
-                criu::run(&agent.cfg.criu, "dump", &args.build(), &[], dir, "dump.log").await
-            {
+            if let Err(e) = host.dump(&args).await {
                 // A failed dump resumes the tree itself (CRIU's failure path).
                 *frozen_at = None;
                 return Err(e);
             }
         }
     }
-    if let Some(s) = criu::read_stats(dir, "stats-dump") {
+    if let Some(s) = host.stats(dir, "stats-dump") {
         p.rec.stats.pages_scanned = s.pages_scanned;
         p.rec.stats.pages_written = s.pages_written;
         p.rec.stats.pages_lazy = s.pages_lazy;
@@ -533,7 +504,7 @@ async fn attempt(
     }
     enter(&mut p.rec, Phase::Transfer);
     agent.publish(&p.rec);
-    let before = p.conn.bytes_sent;
+    let before = p.conn.bytes_sent();
     p.conn.send_images(dir).await?;
     enter(&mut p.rec, Phase::Restore);
     agent.publish(&p.rec);
@@ -554,14 +525,14 @@ async fn attempt(
     enter(&mut p.rec, Phase::NetworkSwitch);
     agent.publish(&p.rec);
     // Point of no return: from here the source never resumes its copy.
-    netns::withdraw_route(&p.net).await;
+    host.withdraw_route(&p.net).await;
     let r = p.conn.call(&PeerRequest::Commit).await;
-    p.rec.stats.bytes_sent += p.conn.bytes_sent - before;
+    p.rec.stats.bytes_sent += p.conn.bytes_sent() - before;
     match r {
-        Ok(PeerReply::Committed { .. }) => Ok(Some(Instant::now())),
+        Ok(PeerReply::Committed { .. }) => Ok(Some(host.now())),
         Ok(other) => {
             tracing::error!(migration = %p.rec.id, answer = ?other, "unexpected answer to commit; destination owns the container");
-            Ok(Some(Instant::now()))
+            Ok(Some(host.now()))
         }
         Err(e) => {
             // Unknown outcome after Commit: never resume (could make two copies).
