@@ -20,6 +20,8 @@ pub mod host;
 pub mod policy;
 pub mod restore_step;
 pub mod sim;
+#[cfg(test)]
+mod sim_tests;
 pub mod source;
 
 /// Phase bookkeeping on a record.

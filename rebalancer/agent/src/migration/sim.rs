@@ -423,6 +423,8 @@ impl Clock for SimHost {
 pub struct SimLink {
     conn: Option<PeerConn<DuplexStream>>,
     host: SimHost,
+    /// Bytes sent before the connection broke (a count never goes back).
+    sent: u64,
 }
 
 fn op_name(req: &PeerRequest) -> &'static str {
@@ -446,6 +448,7 @@ impl SimLink {
     fn before(&mut self, op: &'static str) -> Result<&mut PeerConn<DuplexStream>, AgentError> {
         if self.host.take_fault(|f| *f == Fault::LinkBefore(op)) {
             // Hanging up: the destination sees EOF.
+            self.sent = self.bytes_sent();
             self.conn = None;
         }
         self.conn.as_mut().ok_or_else(Self::broken)
@@ -456,6 +459,7 @@ impl SimLink {
         op: &'static str,
         r: Result<T, AgentError>,
     ) -> Result<T, AgentError> {
+        self.sent = self.bytes_sent();
         if self.host.take_fault(|f| *f == Fault::LinkAfter(op)) {
             self.conn = None;
             return Err(Self::broken());
@@ -475,7 +479,7 @@ impl PeerLink for SimLink {
         self.after("images", r).await
     }
     fn bytes_sent(&self) -> u64 {
-        self.conn.as_ref().map_or(0, |c| c.bytes_sent)
+        self.conn.as_ref().map_or(self.sent, |c| c.bytes_sent)
     }
 }
 
@@ -513,6 +517,7 @@ impl Connector for SimHost {
         Ok(SimLink {
             conn: Some(conn),
             host: self.clone(),
+            sent: 0,
         })
     }
 }
