@@ -460,8 +460,8 @@ impl Agent {
     }
 
     /// Records a task's final status and answers held `task-exited` requests. Returns the node
-    /// the task came from (name, peer address), which must be told in turn
-    /// ([`crate::migration::task_final`] does).
+    /// the task came from (name, peer address), which must be told in turn (the migration
+    /// module's `task_final` does; the agent itself does not speak the peer protocol).
     pub fn record_final(&self, id: &str, status: i32, node: &str) -> Option<(String, String)> {
         let upstream = {
             let mut cs = self.containers();

@@ -8,7 +8,7 @@ use rebalancer_proto::{Hello, Role, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::error_from_reply;
+use super::errors::error_from_reply;
 use super::wire::{ImageFile, PeerReply, PeerRequest, PeerResponse, CHUNK, PEER_MAX_FRAME};
 use crate::config::AgentConfig;
 use crate::error::AgentError;

@@ -19,36 +19,15 @@
 //!                                     ←──  Committed
 //! ```
 //! Abort, EOF, an error or the timeout before Commit make the destination kill whatever it
+//! restored and remove the netns, images and reservation: the source resumes its copy.
+//!
+//! This module holds the wire types ([`wire`]), the client ([`client`]) and the error mapping
+//! ([`errors`]); the destination's server is `crate::migration::destination`.
 
 pub mod client;
+pub mod errors;
 pub mod wire;
 
 pub use client::PeerConn;
+pub use errors::{error_from_reply, reply_error};
 pub use wire::*;
-
-use rebalancer_proto::ErrorReply;
-
-use crate::error::AgentError;
-
-pub fn reply_error(e: &AgentError) -> PeerResponse {
-    PeerResponse::Error(ErrorReply {
-        code: e.code(),
-        message: e.chain(),
-    })
-}
-
-pub fn error_from_reply(e: ErrorReply) -> AgentError {
-    use rebalancer_proto::ErrorCode as C;
-    let m = e.message;
-    match e.code {
-        C::NotFound => AgentError::NotFound(m),
-        C::Busy => AgentError::Busy(m),
-        C::BadRequest => AgentError::BadRequest(m),
-        C::PermissionDenied => AgentError::PermissionDenied(m),
-        C::Unsupported => AgentError::Unsupported(m),
-        C::NoRoom => AgentError::NoRoom(m),
-        C::Timeout => AgentError::Timeout(m),
-        C::Unreachable => AgentError::Unreachable(m),
-        _ => AgentError::Peer(m),
-    }
-}
