@@ -172,6 +172,21 @@ pub fn page_server_args(
     a
 }
 
+/// [`page_server_args`] serving the dump's connection that the agent accepted on `socket`
+/// (`--ps-socket`: CRIU neither binds nor accepts, and ignores `--address`/`--port`).
+pub fn page_server_on_socket_args(
+    images_dir: &Path,
+    addr: Ipv4Addr,
+    port: u16,
+    status_fd: i32,
+    socket: i32,
+    prev: Option<&str>,
+) -> Vec<String> {
+    let mut a = page_server_args(images_dir, addr, port, status_fd, prev);
+    a.extend(["--ps-socket".into(), socket.to_string()]);
+    a
+}
+
 /// `criu pre-dump` of one pre-copy round: memory only, to the destination's page server; the
 /// task keeps running. `prev` is the previous round's directory relative to `images_dir`.
 pub fn pre_dump_args(
@@ -245,7 +260,8 @@ pub fn command(criu: &Path, args: &[String], keep_fds: &[i32]) -> tokio::process
     cmd
 }
 
-/// A free TCP port on `ip` for a CRIU page server (bound, then released for CRIU to bind).
+/// A free TCP port on `ip` for CRIU's lazy dump, which binds it itself (bound here, released,
+/// then bound by CRIU). Page servers do not need it: they get an accepted socket.
 pub fn pick_port(ip: Ipv4Addr) -> Result<u16, AgentError> {
     let l = std::net::TcpListener::bind((ip, 0)).map_err(|source| AgentError::Io {
         what: format!("bind {ip}:0"),
@@ -271,6 +287,7 @@ pub async fn spawn_ready(
     log_dir: &Path,
     log: &str,
     ready_within: Option<Duration>,
+    keep_fds: &[i32],
 ) -> Result<tokio::process::Child, AgentError> {
     let (r, w): (OwnedFd, OwnedFd) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Io {
@@ -279,7 +296,10 @@ pub async fn spawn_ready(
         })?;
     let wfd = w.as_raw_fd();
     let args = args_for_fd(wfd);
-    let mut child = command(criu, &args, &[wfd])
+    let keep: Vec<i32> = std::iter::once(wfd)
+        .chain(keep_fds.iter().copied())
+        .collect();
+    let mut child = command(criu, &args, &keep)
         .current_dir(log_dir)
         .spawn()
         .map_err(|source| AgentError::Io {
@@ -565,6 +585,16 @@ mod tests {
             ps.ends_with("--status-fd 5 --prev-images-dir ../pre-1"),
             "{ps}"
         );
+        let on = page_server_on_socket_args(
+            Path::new("/r/m/img"),
+            Ipv4Addr::new(198, 18, 16, 3),
+            9,
+            5,
+            7,
+            None,
+        )
+        .join(" ");
+        assert!(on.ends_with("--status-fd 5 --ps-socket 7"), "{on}");
         let d = DumpArgs {
             pid: 7,
             prev: Some("../pre-1".into()),

@@ -270,9 +270,8 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
                 let mut page_server = None;
                 if mode == MigrationMode::StopAndCopy {
                     let ip = agent.cfg.advertise;
-                    let port = host.pick_port(ip)?;
-                    let child = host.page_server(&images, ip, port, None).await?;
-                    page_server = Some((child, (ip, port)));
+                    let (addr, child) = host.page_server(&images, ip, None).await?;
+                    page_server = Some((child, addr));
                 }
                 if restore_step {
                     let target = restore_step::StepTarget {
@@ -392,12 +391,9 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
             })?;
             let prev = (round > 0).then(|| format!("../pre-{}", round - 1));
             let ip = agent.cfg.advertise;
-            let port = host.pick_port(ip)?;
-            let child = host.page_server(&dir, ip, port, prev.as_deref()).await?;
+            let (page_server, child) = host.page_server(&dir, ip, prev.as_deref()).await?;
             inc.page_server = Some(child);
-            Ok(PeerReply::RoundReady {
-                page_server: (ip, port),
-            })
+            Ok(PeerReply::RoundReady { page_server })
         }
         PeerRequest::TaskEnded {
             container,

@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -42,6 +42,47 @@ impl Helper for tokio::process::Child {
     }
 }
 
+/// A CRIU helper on the real node: a page server waiting for the dump's connection (its
+/// process starts once the agent accepted it), or a running process.
+pub struct CriuProcess {
+    pending: Option<tokio::task::JoinHandle<Result<tokio::process::Child, AgentError>>>,
+    child: Option<tokio::process::Child>,
+}
+
+impl From<tokio::process::Child> for CriuProcess {
+    fn from(c: tokio::process::Child) -> CriuProcess {
+        CriuProcess {
+            pending: None,
+            child: Some(c),
+        }
+    }
+}
+
+impl Helper for CriuProcess {
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        if let Some(p) = self.pending.take() {
+            match p.await {
+                Ok(Ok(c)) => self.child = Some(c),
+                Ok(Err(e)) => return Err(std::io::Error::other(e.chain())),
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+        }
+        match &mut self.child {
+            Some(c) => c.wait().await,
+            None => Err(std::io::Error::other("the helper was stopped")),
+        }
+    }
+    fn start_kill(&mut self) {
+        if let Some(p) = self.pending.take() {
+            // Dropping the accept task also drops the listener and any child it started.
+            p.abort();
+        }
+        if let Some(c) = &mut self.child {
+            let _ = c.start_kill();
+        }
+    }
+}
+
 /// CRIU's actions, one method each.
 pub trait Criu: Send + Sync {
     type Helper: Helper;
@@ -62,14 +103,14 @@ pub trait Criu: Send + Sync {
         &self,
         args: &DumpArgs,
     ) -> impl Future<Output = Result<Self::Helper, AgentError>> + Send;
-    /// A page server receiving into `dir` on `ip:port`.
+    /// A page server receiving into `dir`, listening on `ip` from the moment this returns;
+    /// returns its address.
     fn page_server(
         &self,
         dir: &Path,
         ip: Ipv4Addr,
-        port: u16,
         parent: Option<&str>,
-    ) -> impl Future<Output = Result<Self::Helper, AgentError>> + Send;
+    ) -> impl Future<Output = Result<((Ipv4Addr, u16), Self::Helper), AgentError>> + Send;
     /// The lazy-pages daemon serving a post-copy restore from `src`'s dump.
     fn lazy_pages(
         &self,
@@ -90,7 +131,7 @@ pub trait Criu: Send + Sync {
     fn stats(&self, dir: &Path, name: &str) -> Option<CriuStats>;
     /// (pages, lazy pages) from a finished lazy dump's log.
     fn lazy_totals(&self, dir: &Path) -> (u64, u64);
-    /// A free port on `ip` for a page server.
+    /// A free port on `ip` for the lazy dump (which binds it itself).
     fn pick_port(&self, ip: Ipv4Addr) -> Result<u16, AgentError>;
 }
 
@@ -206,7 +247,7 @@ impl System {
 }
 
 impl Criu for System {
-    type Helper = tokio::process::Child;
+    type Helper = CriuProcess;
 
     async fn pre_dump(
         &self,
@@ -231,7 +272,7 @@ impl Criu for System {
         .await
     }
 
-    async fn dump_lazy(&self, args: &DumpArgs) -> Result<tokio::process::Child, AgentError> {
+    async fn dump_lazy(&self, args: &DumpArgs) -> Result<CriuProcess, AgentError> {
         let mut args = args.clone();
         let dir = args.images_dir.clone();
         // No readiness limit: the dump is ready once the whole tree is dumped, however large.
@@ -245,33 +286,79 @@ impl Criu for System {
             &dir,
             "dump.log",
             None,
+            &[],
         )
         .await
+        .map(CriuProcess::from)
     }
 
     async fn page_server(
         &self,
         dir: &Path,
         ip: Ipv4Addr,
-        port: u16,
         parent: Option<&str>,
-    ) -> Result<tokio::process::Child, AgentError> {
-        criu::spawn_ready(
-            &self.criu,
-            |fd| criu::page_server_args(dir, ip, port, fd, parent),
-            "page-server",
-            dir,
-            "page-server.log",
-            Some(criu::READY_WITHIN),
-        )
-        .await
+    ) -> Result<((Ipv4Addr, u16), CriuProcess), AgentError> {
+        let io = |what: String| move |source| AgentError::Io { what, source };
+        // Bound here and kept: no window in which another process could take the port.
+        let listener = std::net::TcpListener::bind((ip, 0)).map_err(io(format!("bind {ip}:0")))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io("set_nonblocking".into()))?;
+        let port = listener
+            .local_addr()
+            .map_err(io("local_addr".into()))?
+            .port();
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(io("register listener".into()))?;
+        let (criu_path, dir, parent) = (
+            self.criu.clone(),
+            dir.to_path_buf(),
+            parent.map(str::to_string),
+        );
+        let pending = tokio::spawn(async move {
+            let (stream, from) = listener
+                .accept()
+                .await
+                .map_err(io(format!("accept on page-server port {port}")))?;
+            drop(listener);
+            tracing::debug!(peer = %from, port, "page-server connection accepted");
+            let stream = stream.into_std().map_err(io("page-server socket".into()))?;
+            // CRIU does blocking I/O on it.
+            stream
+                .set_nonblocking(false)
+                .map_err(io("set_blocking".into()))?;
+            let sock = OwnedFd::from(stream);
+            let fd = sock.as_raw_fd();
+            let child = criu::spawn_ready(
+                &criu_path,
+                |status| {
+                    criu::page_server_on_socket_args(&dir, ip, port, status, fd, parent.as_deref())
+                },
+                "page-server",
+                &dir,
+                "page-server.log",
+                Some(criu::READY_WITHIN),
+                &[fd],
+            )
+            .await;
+            // criu has its own copy of the socket now.
+            drop(sock);
+            child
+        });
+        Ok((
+            (ip, port),
+            CriuProcess {
+                pending: Some(pending),
+                child: None,
+            },
+        ))
     }
 
     async fn lazy_pages(
         &self,
         dir: &Path,
         (src, port): (Ipv4Addr, u16),
-    ) -> Result<tokio::process::Child, AgentError> {
+    ) -> Result<CriuProcess, AgentError> {
         criu::spawn_ready(
             &self.criu,
             |fd| criu::lazy_pages_args(dir, src, port, fd),
@@ -279,8 +366,10 @@ impl Criu for System {
             dir,
             "lazy-pages.log",
             Some(criu::READY_WITHIN),
+            &[],
         )
         .await
+        .map(CriuProcess::from)
     }
 
     async fn restore(

@@ -235,12 +235,12 @@ impl Criu for SimHost {
     async fn page_server(
         &self,
         _dir: &Path,
-        _ip: Ipv4Addr,
-        _port: u16,
+        ip: Ipv4Addr,
         _parent: Option<&str>,
-    ) -> Result<SimHelper, AgentError> {
+    ) -> Result<((Ipv4Addr, u16), SimHelper), AgentError> {
         self.act("page-server")?;
-        Ok(self.helper())
+        let port = self.pick_port(ip)?;
+        Ok(((ip, port), self.helper()))
     }
 
     async fn lazy_pages(
