@@ -35,7 +35,7 @@ pub(super) struct Incoming<H: Host> {
     pub(super) restore_step: bool,
     /// The restore step (srun), started at prepare so that its launch is out of the downtime.
     pub(super) step: Option<StepLaunch>,
-    pub(super) step_child: Option<tokio::process::Child>,
+    pub(super) step_child: Option<H::Step>,
     pub(super) source: Option<(String, String)>,
     /// The container's cgroup here (agent-restored containers); criu restore runs inside it.
     pub(super) cgroup: Option<crate::cgroup::Cgroup>,
@@ -47,7 +47,7 @@ impl<H: Host> Incoming<H> {
         tracing::warn!(migration = %self.migration, container = %self.meta.spec.id, reason = why, "incoming migration aborted");
         agent.restore_steps().remove(&self.migration);
         if let Some(mut c) = self.step_child.take() {
-            let _ = c.start_kill();
+            c.start_kill();
             let _ = c.wait().await;
         }
         if let Some(pid) = self.restored_pid.take() {

@@ -271,7 +271,9 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
                 if mode == MigrationMode::StopAndCopy {
                     let ip = agent.cfg.advertise;
                     let (addr, child) = host.page_server(&images, ip, None).await?;
-                    page_server = Some((child, addr));
+                    // In the transaction at once, so that a failure below stops it too.
+                    inc.page_server = Some(child);
+                    page_server = Some(addr);
                 }
                 if restore_step {
                     let target = restore_step::StepTarget {
@@ -282,7 +284,7 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
                         netns: &inc.net.path(),
                         mode,
                     };
-                    let (step, child) = restore_step::start(agent, &target)?;
+                    let (step, child) = restore_step::start(&**host, agent, &target)?;
                     inc.step = Some(step);
                     inc.step_child = Some(child);
                 }
@@ -290,9 +292,7 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
             }
             .await;
             match r {
-                Ok(ps) => {
-                    let addr = ps.as_ref().map(|(_, a)| *a);
-                    inc.page_server = ps.map(|(c, _)| c);
+                Ok(addr) => {
                     tracing::info!(migration = %migration, container = %id, mode = %mode, "incoming migration prepared");
                     *incoming = Some(inc);
                     Ok(PeerReply::Prepared { page_server: addr })
@@ -461,7 +461,7 @@ async fn restore<H: Host>(
             return Err(AgentError::Internal("no restore step was started".into()));
         };
         let (pid, pages_restored) =
-            restore_step::restore(step, child, &inc.images, &inc.migration).await?;
+            restore_step::restore(&**host, step, child, &inc.images, &inc.migration).await?;
         inc.restored_pid = Some(pid);
         return Ok(PeerReply::Restored {
             pid,

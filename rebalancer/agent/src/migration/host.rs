@@ -11,6 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -54,6 +55,15 @@ impl From<tokio::process::Child> for CriuProcess {
         CriuProcess {
             pending: None,
             child: Some(c),
+        }
+    }
+}
+
+impl Drop for CriuProcess {
+    fn drop(&mut self) {
+        // Like the child's kill_on_drop: a page server nobody holds stops waiting for the dump.
+        if let Some(p) = self.pending.take() {
+            p.abort();
         }
     }
 }
@@ -169,6 +179,8 @@ pub trait Procs: Send + Sync {
     /// Turns TCP repair mode off on the tree's sockets (after a dump that did not commit).
     fn release_tcp_repair(&self, pid: i32) -> usize;
     fn tree_rss(&self, pid: i32) -> u64;
+    /// CRIU keys and paths of a Slurm task's fds 0-2 (known only once Slurm set them up).
+    fn stdio_ids(&self, pid: i32) -> (Vec<String>, Vec<String>);
     fn alive(&self, pid: i32) -> bool;
     /// `MemAvailable` in bytes, if known.
     fn mem_available(&self) -> Option<u64>;
@@ -182,6 +194,20 @@ pub trait Cgroups: Send + Sync {
         spec: &ContainerSpec,
     ) -> Result<Option<Cgroup>, AgentError>;
     fn remove_cgroup(&self, cg: Cgroup) -> impl Future<Output = ()> + Send;
+}
+
+/// Slurm restore steps (srun), which restore a task's tree inside its job.
+pub trait Steps: Send + Sync {
+    type Step: Helper;
+    /// Starts `argv` (the restore command for `migration`, whose entry in
+    /// `agent.restore_steps()` exists), output to `log`.
+    fn start_step(
+        &self,
+        agent: &Arc<Agent>,
+        migration: &str,
+        argv: &[String],
+        log: std::fs::File,
+    ) -> Result<Self::Step, AgentError>;
 }
 
 /// Monotonic time.
@@ -229,8 +255,8 @@ pub trait Connector: Send + Sync {
 }
 
 /// Everything a migration reaches on its node.
-pub trait Host: Criu + Net + Procs + Cgroups + Clock + Connector + 'static {}
-impl<T: Criu + Net + Procs + Cgroups + Clock + Connector + 'static> Host for T {}
+pub trait Host: Criu + Net + Procs + Cgroups + Steps + Clock + Connector + 'static {}
+impl<T: Criu + Net + Procs + Cgroups + Steps + Clock + Connector + 'static> Host for T {}
 
 /// The real node: runs criu, ip, nft, and talks TCP.
 #[derive(Debug, Clone)]
@@ -475,6 +501,9 @@ impl Procs for System {
     fn tree_rss(&self, pid: i32) -> u64 {
         container::tree_rss(pid)
     }
+    fn stdio_ids(&self, pid: i32) -> (Vec<String>, Vec<String>) {
+        container::stdio_ids(pid)
+    }
     fn alive(&self, pid: i32) -> bool {
         container::alive(pid)
     }
@@ -504,6 +533,35 @@ impl Cgroups for System {
     }
     async fn remove_cgroup(&self, cg: Cgroup) {
         cg.remove().await
+    }
+}
+
+impl Steps for System {
+    type Step = tokio::process::Child;
+    fn start_step(
+        &self,
+        _agent: &Arc<Agent>,
+        _migration: &str,
+        argv: &[String],
+        log: std::fs::File,
+    ) -> Result<tokio::process::Child, AgentError> {
+        let program = argv
+            .first()
+            .ok_or_else(|| AgentError::BadRequest("empty restore command".into()))?;
+        let log2 = log.try_clone().map_err(|source| AgentError::Io {
+            what: "dup log".into(),
+            source,
+        })?;
+        tokio::process::Command::new(program)
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|source| AgentError::Io {
+                what: format!("cannot run {program}"),
+                source,
+            })
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rebalancer_proto::MigrationMode;
 
+use super::host::{Helper, Host};
 use crate::agent::Agent;
 use crate::container::{self, ContainerMeta};
 use crate::criu;
@@ -198,10 +199,11 @@ pub(super) struct StepTarget<'a> {
     pub mode: MigrationMode,
 }
 
-pub(super) fn start(
+pub(super) fn start<H: Host>(
+    host: &H,
     agent: &Arc<Agent>,
     inc: &StepTarget<'_>,
-) -> Result<(StepLaunch, tokio::process::Child), AgentError> {
+) -> Result<(StepLaunch, H::Step), AgentError> {
     let task = inc.meta.spec.task.clone().ok_or_else(|| {
         AgentError::BadRequest("restore step for a container without a Slurm task".into())
     })?;
@@ -246,21 +248,8 @@ pub(super) fn start(
         what: format!("create {}", log_path.display()),
         source,
     })?;
-    let log2 = log.try_clone().map_err(|source| AgentError::Io {
-        what: "dup log".into(),
-        source,
-    })?;
     tracing::info!(migration = %inc.migration, command = ?argv, "starting the restore step");
-    let child = tokio::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(std::process::Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .spawn()
-        .map_err(|source| AgentError::Io {
-            what: format!("cannot run {}", argv[0]),
-            source,
-        })?;
+    let child = host.start_step(agent, inc.migration, &argv, log)?;
     let step = StepLaunch {
         go,
         registered,
@@ -273,9 +262,10 @@ pub(super) fn start(
 
 /// Lets the restore step started at prepare restore the tree, and waits until its waiter
 /// registered it. Returns the restored pid 1 and the pages CRIU restored.
-pub(super) async fn restore(
+pub(super) async fn restore<H: Host>(
+    host: &H,
     step: StepLaunch,
-    child: &mut tokio::process::Child,
+    child: &mut H::Step,
     images: &Path,
     migration: &str,
 ) -> Result<(i32, u64), AgentError> {
@@ -298,7 +288,7 @@ pub(super) async fn restore(
                 message: format!("{program} exited with {:?} before registering: {}{criu}", st.ok(), out.trim()),
             });
         }
-        _ = tokio::time::sleep(Duration::from_secs(60)) => {
+        _ = host.sleep(Duration::from_secs(60)) => {
             return Err(AgentError::Timeout("the restore step did not register within 60 s".into()));
         }
     };

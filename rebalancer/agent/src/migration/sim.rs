@@ -1,7 +1,8 @@
 //! A simulated node for the migration state machines: processes, namespaces, routes and CRIU's
 //! network lock are entries in memory, CRIU's actions change them the way the real ones do, and
 //! any one action can be made to fail ([`Fault`]). Deterministic: no real processes, network or
-//! sleeps; the clock moves only when the state machine sleeps. Peer connections are in-memory
+//! sleeps; the simulated clock moves only when a test advances it ([`SimHost::advance`]), so a
+//! timeout fires exactly when the test says. Peer connections are in-memory
 //! pipes to the destination's real server running on another [`SimHost`].
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,7 +18,7 @@ use nix::sys::signal::Signal;
 use rebalancer_proto::ContainerSpec;
 use tokio::io::DuplexStream;
 
-use super::host::{Cgroups, Clock, Connector, Criu, Helper, Net, PeerLink, Procs};
+use super::host::{Cgroups, Clock, Connector, Criu, Helper, Net, PeerLink, Procs, Steps};
 use crate::agent::Agent;
 use crate::cgroup::Cgroup;
 use crate::config::AgentConfig;
@@ -63,18 +64,21 @@ pub struct SimState {
     /// Every action in order, for failure messages.
     pub log: Vec<String>,
     next_id: u32,
-    elapsed: Duration,
 }
 
 struct Inner {
     state: Mutex<SimState>,
     fault: Mutex<Option<Fault>>,
     start: Instant,
+    /// Simulated time since `start`; moves only by [`SimHost::advance`].
+    clock: tokio::sync::watch::Sender<Duration>,
     /// The destination this node's connector reaches.
     peer: Mutex<Option<(Arc<Agent>, SimHost)>>,
     /// Peer connections this node serves (as a destination).
     served: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     mem_available: u64,
+    /// A restore step whose restore fails hangs instead of exiting.
+    hang_steps: std::sync::atomic::AtomicBool,
 }
 
 /// One simulated node. Cheap to clone (shared state).
@@ -90,9 +94,11 @@ impl SimHost {
             }),
             fault: Mutex::new(None),
             start: Instant::now(),
+            clock: tokio::sync::watch::channel(Duration::ZERO).0,
             peer: Mutex::new(None),
             served: Mutex::new(Vec::new()),
             mem_available: 64 << 30,
+            hang_steps: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -108,6 +114,18 @@ impl SimHost {
     /// Connections opened from this node reach `agent`'s peer server on `host`.
     pub fn connect_to(&self, agent: Arc<Agent>, host: SimHost) {
         *self.0.peer.lock().unwrap_or_else(|p| p.into_inner()) = Some((agent, host));
+    }
+
+    /// From now on a restore step whose restore fails neither registers nor exits.
+    pub fn hang_steps(&self) {
+        self.0
+            .hang_steps
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Moves the simulated clock on by `d`, waking the sleeps that end by then.
+    pub fn advance(&self, d: Duration) {
+        self.0.clock.send_modify(|t| *t += d);
     }
 
     /// Waits until every connection this node serves has ended (and undone what it must).
@@ -385,6 +403,10 @@ impl Procs for SimHost {
     fn tree_rss(&self, _pid: i32) -> u64 {
         16 << 20
     }
+    fn stdio_ids(&self, _pid: i32) -> (Vec<String>, Vec<String>) {
+        // Pipes to slurmstepd: nothing CRIU must treat as an external file.
+        (vec![], vec![])
+    }
     fn alive(&self, pid: i32) -> bool {
         self.state()
             .procs
@@ -408,14 +430,84 @@ impl Cgroups for SimHost {
     async fn remove_cgroup(&self, _cg: Cgroup) {}
 }
 
+/// A simulated restore step (srun): it lives until killed, or until its restore failed.
+pub struct SimStep {
+    exited: tokio::sync::watch::Receiver<bool>,
+    kill: tokio::sync::watch::Sender<bool>,
+}
+
+impl Helper for SimStep {
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        let _ = self.exited.wait_for(|e| *e).await;
+        Ok(ExitStatus::from_raw(1 << 8))
+    }
+    fn start_kill(&mut self) {
+        let _ = self.kill.send(true);
+    }
+}
+
+impl Steps for SimHost {
+    type Step = SimStep;
+    /// Plays the step's task: once the images are in (the entry's `ready`), "restores" the tree
+    /// (action `restore-step`, which can fail: the step then exits) and registers its pid.
+    fn start_step(
+        &self,
+        agent: &Arc<Agent>,
+        migration: &str,
+        _argv: &[String],
+        _log: std::fs::File,
+    ) -> Result<SimStep, AgentError> {
+        self.act("start-step")?;
+        let mut ready = agent
+            .restore_steps()
+            .get(migration)
+            .map(|s| s.ready.clone())
+            .ok_or_else(|| AgentError::Internal("no restore step entry".into()))?;
+        let (exit_tx, exited) = tokio::sync::watch::channel(false);
+        let (kill, mut killed) = tokio::sync::watch::channel(false);
+        let (host, agent, migration) = (self.clone(), agent.clone(), migration.to_string());
+        tokio::spawn(async move {
+            let go = tokio::select! {
+                r = ready.wait_for(|g| *g) => r.is_ok(),
+                _ = killed.wait_for(|k| *k) => false,
+            };
+            let restored = go && host.act("restore-step").is_ok();
+            if go && !restored && host.0.hang_steps.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = killed.wait_for(|k| *k).await;
+            }
+            if restored {
+                let pid = {
+                    let mut s = host.state();
+                    s.next_id += 1;
+                    let pid = s.next_id as i32;
+                    s.procs.insert(pid, Proc::Stopped);
+                    pid
+                };
+                let tx = agent
+                    .restore_steps()
+                    .get_mut(&migration)
+                    .and_then(|s| s.registered.take());
+                if let Some(tx) = tx {
+                    let _ = tx.send(pid);
+                }
+                let _ = killed.wait_for(|k| *k).await;
+            }
+            let _ = exit_tx.send(true);
+        });
+        Ok(SimStep { exited, kill })
+    }
+}
+
 impl Clock for SimHost {
     fn now(&self) -> Instant {
-        self.0.start + self.state().elapsed
+        self.0.start + *self.0.clock.borrow()
     }
+    /// Ends once the simulated clock has moved `d` on (never by itself: a timeout in the state
+    /// machine fires only when a test advances the clock past it).
     async fn sleep(&self, d: Duration) {
-        self.state().elapsed += d;
-        // Let the other tasks run, as a real sleep would.
-        tokio::task::yield_now().await;
+        let until = *self.0.clock.borrow() + d;
+        let mut rx = self.0.clock.subscribe();
+        let _ = rx.wait_for(|t| *t >= until).await;
     }
 }
 

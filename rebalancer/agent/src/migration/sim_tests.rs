@@ -74,12 +74,21 @@ fn node(name: &str, tag: &str) -> Node {
 
 /// Node `a` runs container c1 (pid 100); its connector reaches node `b`.
 fn pair(tag: &str) -> (Node, Node) {
+    pair_of(tag, false)
+}
+
+/// Like [`pair`]; `task`: c1 is a Slurm task (restored by a restore step on `b`).
+fn pair_of(tag: &str, task: bool) -> (Node, Node) {
     let (a, b) = (node("a", tag), node("b", tag));
     let address = Ipv4Addr::new(198, 19, 0, 9);
     let net = a.agent.new_net(ID, address);
     let spec = ContainerSpec {
         id: ID.into(),
-        task: None,
+        task: task.then_some(rebalancer_proto::TaskRef {
+            job_id: 7,
+            step_id: 0,
+            task_id: 0,
+        }),
         uid: 0,
         gid: 0,
         argv: vec!["/bin/sleep".into(), "1000".into()],
@@ -111,7 +120,7 @@ fn pair(tag: &str) -> (Node, Node) {
         pid: PID,
         state: ContainerState::Running,
         exit_status: None,
-        external: false,
+        external: task,
         migrated_to: None,
         arrived_from: None,
         final_status: None,
@@ -125,6 +134,16 @@ fn pair(tag: &str) -> (Node, Node) {
 
 /// Migrates c1 from a to b; `Err` when the pre-flight refused.
 async fn migrate(a: &Node, b: &Node, mode: MigrationMode) -> Result<MigrationRecord, String> {
+    migrate_then(a, b, mode, |_| ()).await
+}
+
+/// [`migrate`], calling `during(b)` while the migration runs (to move b's clock, say).
+async fn migrate_then(
+    a: &Node,
+    b: &Node,
+    mode: MigrationMode,
+    during: impl Fn(&Node),
+) -> Result<MigrationRecord, String> {
     let req = MigrateRequest {
         container: ID.into(),
         destination: "b".into(),
@@ -133,9 +152,18 @@ async fn migrate(a: &Node, b: &Node, mode: MigrationMode) -> Result<MigrationRec
         max_downtime_ms: None,
         timeout_ms: None,
     };
-    let r = match preflight_with(&a.host, &a.agent, &req).await {
-        Ok(p) => Ok(run_with(&a.host, a.agent.clone(), p).await),
-        Err(e) => Err(e.chain()),
+    let run = async {
+        match preflight_with(&a.host, &a.agent, &req).await {
+            Ok(p) => Ok(run_with(&a.host, a.agent.clone(), p).await),
+            Err(e) => Err(e.chain()),
+        }
+    };
+    tokio::pin!(run);
+    let r = loop {
+        tokio::select! {
+            r = &mut run => break r,
+            _ = tokio::task::yield_now() => during(b),
+        }
     };
     b.host.settle().await;
     r
@@ -326,4 +354,76 @@ async fn once_commit_was_sent_the_source_never_resumes() {
         assert_eq!(a.host.live(), [], "{mode}: source resumed after commit");
         assert_clean(&b, &format!("{mode}: commit lost"));
     }
+}
+
+#[tokio::test]
+async fn a_slurm_task_moves_through_a_restore_step_or_rolls_back_in_every_phase() {
+    for mode in MODES {
+        let (a, b) = pair_of("task", true);
+        let rec = migrate(&a, &b, mode).await.expect("preflight");
+        assert_eq!(
+            rec.state,
+            MigrationState::Succeeded,
+            "{mode}: {:?}",
+            rec.error
+        );
+        assert_eq!(a.host.live(), [], "{mode}");
+        {
+            let bc = b.agent.containers();
+            let c = bc.get(ID).expect("task on the destination");
+            assert!(
+                c.external,
+                "{mode}: a restored task is Slurm's, not the agent's child"
+            );
+            assert_eq!(c.arrived_from.as_ref().map(|(n, _)| n.as_str()), Some("a"));
+            assert_eq!(b.host.live(), [(c.pid, Proc::Running)], "{mode}");
+        }
+        assert!(b.agent.restore_steps().is_empty(), "{mode}");
+
+        let mut faults: Vec<_> = faults(mode)
+            .into_iter()
+            // The restore step, not the agent, restores a task, in the step's own cgroups.
+            .filter(|(_, f)| *f != Fault::Action("restore") && *f != Fault::Action("cgroup"))
+            .collect();
+        faults.extend([
+            (false, Fault::Action("start-step")),
+            (false, Fault::Action("restore-step")),
+        ]);
+        for (on_source, fault) in faults {
+            let (a, b) = pair_of("task-fail", true);
+            let what = format!("task, {mode}, fault {fault:?} (source: {on_source})");
+            if on_source {
+                a.host.inject(fault.clone());
+            } else {
+                b.host.inject(fault.clone());
+            }
+            if let Ok(rec) = migrate(&a, &b, mode).await {
+                assert_eq!(
+                    rec.state,
+                    MigrationState::RolledBack,
+                    "{what}: {:?}",
+                    rec.error
+                );
+            }
+            assert_rolled_back(&a, &b, &what);
+            assert!(b.agent.restore_steps().is_empty(), "{what}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_restore_step_that_never_registers_times_out_on_the_simulated_clock() {
+    let (a, b) = pair_of("step-timeout", true);
+    // The step's task never restores: only the destination's 60 s limit ends the wait.
+    b.host.inject(Fault::Action("restore-step"));
+    b.host.hang_steps();
+    let rec = migrate_then(&a, &b, MigrationMode::StopAndCopy, |b| {
+        b.host.advance(std::time::Duration::from_secs(1))
+    })
+    .await
+    .expect("preflight");
+    assert_eq!(rec.state, MigrationState::RolledBack);
+    let e = rec.error.unwrap_or_default();
+    assert!(e.contains("did not register within 60 s"), "{e}");
+    assert_rolled_back(&a, &b, "step timeout");
 }

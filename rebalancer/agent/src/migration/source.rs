@@ -98,7 +98,7 @@ pub async fn preflight_with<H: Host>(
         if c.external {
             // Slurm gives a task its stdio after the plugin registered it, so what fds 0-2 are
             // (pipes to slurmstepd, or the step's output files) is only known now.
-            let (keys, paths) = container::stdio_ids(c.pid);
+            let (keys, paths) = host.stdio_ids(c.pid);
             if let Some(why) = container::stdin_refusal(&keys, &paths) {
                 return Err(AgentError::Unsupported(why));
             }
