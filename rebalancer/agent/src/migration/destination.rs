@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::commit::Incoming;
-use super::host::{Helper, Host, System};
+use super::host::{within, Clock, Helper, Host, System};
 use super::policy::room_check;
 use super::restore_step::{self, missing_stdio_files};
 use crate::agent::Agent;
@@ -61,10 +61,14 @@ async fn write_resp<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
-async fn read_timeout<S: AsyncRead + Unpin>(s: &mut S, t: Duration) -> Result<Frame, AgentError> {
-    Ok(tokio::time::timeout(t, read_frame_async(s, PEER_MAX_FRAME))
+async fn read_timeout<C: Clock, S: AsyncRead + Unpin>(
+    clock: &C,
+    s: &mut S,
+    t: Duration,
+) -> Result<Frame, AgentError> {
+    Ok(within(clock, t, read_frame_async(s, PEER_MAX_FRAME))
         .await
-        .map_err(|_| AgentError::Timeout("source went silent".into()))??)
+        .ok_or_else(|| AgentError::Timeout("source went silent".into()))??)
 }
 
 async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -76,7 +80,7 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<(), AgentError> {
     let timeout = Duration::from_millis(agent.cfg.migration_timeout_ms);
     // AWAIT_HELLO: nothing but a hello with a valid credential gets further.
-    let f = read_timeout(s, Duration::from_secs(10)).await?;
+    let f = read_timeout(&**host, s, Duration::from_secs(10)).await?;
     let hello: Hello = match f.decode(FrameKind::Hello, "hello") {
         Ok(h) => h,
         Err(e) => {
@@ -111,7 +115,7 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
     let source_node = hello.node.unwrap_or_default();
 
     loop {
-        let f = match read_timeout(s, timeout).await {
+        let f = match read_timeout(&**host, s, timeout).await {
             Ok(f) => f,
             Err(AgentError::Proto(rebalancer_proto::ProtoError::Closed)) => return Ok(()),
             Err(e) => return Err(e),
@@ -318,7 +322,7 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
                 let mut data =
                     Vec::with_capacity(usize::try_from(f.size.min(64 << 20)).unwrap_or(0));
                 while (data.len() as u64) < f.size {
-                    let fr = read_timeout(s, timeout).await?;
+                    let fr = read_timeout(&**host, s, timeout).await?;
                     if fr.header.kind != FrameKind::Data {
                         return Err(AgentError::BadRequest("expected image data".into()));
                     }
@@ -364,9 +368,9 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
             }
             if let Some(mut ps) = inc.page_server.take() {
                 // The previous round's page server ends when its pre-dump closed the connection.
-                let st = tokio::time::timeout(Duration::from_secs(30), ps.wait())
+                let st = within(&**host, Duration::from_secs(30), ps.wait())
                     .await
-                    .map_err(|_| {
+                    .ok_or_else(|| {
                         AgentError::Timeout("previous round's page server still running".into())
                     })?
                     .map_err(|source| AgentError::Io {
@@ -434,9 +438,9 @@ async fn restore<H: Host>(
     let started = host.now();
     if let Some(mut ps) = inc.page_server.take() {
         // The page server exits once the dump closed its connection.
-        let st = tokio::time::timeout(Duration::from_secs(30), ps.wait())
+        let st = within(&**host, Duration::from_secs(30), ps.wait())
             .await
-            .map_err(|_| AgentError::Timeout("page server still running after the dump".into()))?
+            .ok_or_else(|| AgentError::Timeout("page server still running after the dump".into()))?
             .map_err(|source| AgentError::Io {
                 what: "wait page server".into(),
                 source,

@@ -216,6 +216,20 @@ pub trait Clock: Send + Sync {
     fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send;
 }
 
+/// `fut`'s output, or `None` once `d` has passed on `clock` (a timeout that a simulated clock
+/// controls).
+pub async fn within<C: Clock + ?Sized, F: Future>(
+    clock: &C,
+    d: Duration,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        r = fut => Some(r),
+        _ = clock.sleep(d) => None,
+    }
+}
+
 /// The source's end of a peer connection.
 pub trait PeerLink: Send {
     fn call(

@@ -47,6 +47,8 @@ pub enum Fault {
     LinkBefore(&'static str),
     /// The request is delivered and handled, then the connection breaks before the answer.
     LinkAfter(&'static str),
+    /// The host action of that name never returns (a stuck CRIU); only `pre-dump` and `dump`.
+    Hang(&'static str),
 }
 
 /// The simulated node's state, for assertions.
@@ -188,6 +190,14 @@ impl SimHost {
         Ok(())
     }
 
+    /// Never returns if a hang is armed for `action`.
+    async fn hang(&self, action: &'static str) {
+        if self.take_fault(|f| *f == Fault::Hang(action)) {
+            self.state().log.push(format!("{action} (hangs)"));
+            std::future::pending::<()>().await;
+        }
+    }
+
     fn helper(&self) -> SimHelper {
         let mut s = self.state();
         s.next_id += 1;
@@ -232,12 +242,14 @@ impl Criu for SimHost {
         _ps: (Ipv4Addr, u16),
         _parent: Option<&str>,
     ) -> Result<(), AgentError> {
+        self.hang("pre-dump").await;
         self.act("pre-dump")?;
         write_image(dir, "pagemap-1.img")
     }
 
     async fn dump(&self, args: &DumpArgs) -> Result<(), AgentError> {
         // A failed dump leaves the tree running (CRIU resumes it on its failure path).
+        self.hang("dump").await;
         self.act("dump")?;
         self.freeze(args.pid);
         write_image(&args.images_dir, "inventory.img")

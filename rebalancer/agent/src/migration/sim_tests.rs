@@ -6,6 +6,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rebalancer_proto::{
     ContainerSpec, ContainerState, MigrateRequest, MigrationMode, MigrationRecord, MigrationState,
@@ -417,8 +418,12 @@ async fn a_restore_step_that_never_registers_times_out_on_the_simulated_clock() 
     // The step's task never restores: only the destination's 60 s limit ends the wait.
     b.host.inject(Fault::Action("restore-step"));
     b.host.hang_steps();
+    // Time passes on the destination only while it waits for the step's registration.
+    let waiting = |b: &Node| b.agent.restore_steps().values().any(|s| *s.ready.borrow());
     let rec = migrate_then(&a, &b, MigrationMode::StopAndCopy, |b| {
-        b.host.advance(std::time::Duration::from_secs(1))
+        if waiting(b) {
+            b.host.advance(Duration::from_secs(1))
+        }
     })
     .await
     .expect("preflight");
@@ -426,4 +431,23 @@ async fn a_restore_step_that_never_registers_times_out_on_the_simulated_clock() 
     let e = rec.error.unwrap_or_default();
     assert!(e.contains("did not register within 60 s"), "{e}");
     assert_rolled_back(&a, &b, "step timeout");
+}
+
+#[tokio::test]
+async fn a_dump_stuck_past_the_deadline_rolls_back_on_the_simulated_clock() {
+    for (mode, action) in [
+        (MigrationMode::StopAndCopy, "dump"),
+        (MigrationMode::PreCopy, "pre-dump"),
+    ] {
+        let (a, b) = pair("deadline");
+        a.host.inject(Fault::Hang(action));
+        // Only the source's clock moves: its migration deadline (and then the 3 s it gives
+        // the abort) pass, the destination's timers never fire.
+        let rec = migrate_then(&a, &b, mode, |_| a.host.advance(Duration::from_secs(1)))
+            .await
+            .expect("preflight");
+        assert_eq!(rec.state, MigrationState::RolledBack, "{mode}");
+        assert_eq!(rec.error.as_deref(), Some("migration timed out"), "{mode}");
+        assert_rolled_back(&a, &b, &format!("{mode}: {action} stuck"));
+    }
 }

@@ -20,7 +20,7 @@ use rebalancer_proto::{
     MigrationStats, Phase,
 };
 
-use super::host::{Helper, Host, PeerLink, System};
+use super::host::{within, Helper, Host, PeerLink, System};
 use super::policy::{choose_mode, precopy_converged, PrecopyPolicy};
 use super::{commit, enter, finish};
 use crate::agent::Agent;
@@ -228,8 +228,10 @@ pub async fn run_with<H: Host>(
     let mode = p.rec.mode.unwrap_or(MigrationMode::StopAndCopy);
     let mut dump_child: Option<H::Helper> = None;
     let mut frozen_at: Option<Instant> = None;
-    let res = tokio::time::timeout_at(
-        p.deadline.into(),
+    let left = p.deadline.saturating_duration_since(host.now());
+    let res = within(
+        host,
+        left,
         attempt(
             host,
             &agent,
@@ -241,7 +243,7 @@ pub async fn run_with<H: Host>(
         ),
     )
     .await
-    .unwrap_or_else(|_| Err(AgentError::Timeout("migration timed out".into())));
+    .unwrap_or_else(|| Err(AgentError::Timeout("migration timed out".into())));
     match res {
         Ok(committed_at) => {
             let mut lazy_error: Option<String> = None;
@@ -261,14 +263,14 @@ pub async fn run_with<H: Host>(
                     // Bounded: a stuck page transfer must not hold the source forever.
                     let limit = Duration::from_millis(agent.cfg.migration_timeout_ms)
                         + Duration::from_secs(p.rec.stats.rss_bytes / (16 << 20));
-                    match tokio::time::timeout(limit, d.wait()).await {
-                        Ok(st) if matches!(&st, Ok(s) if s.success()) => {}
-                        Ok(st) => {
+                    match within(host, limit, d.wait()).await {
+                        Some(st) if matches!(&st, Ok(s) if s.success()) => {}
+                        Some(st) => {
                             tracing::error!(migration = %p.rec.id, status = ?st, "lazy page server failed after resume");
                             lazy_error =
                                 Some(format!("lazy page server failed after resume: {st:?}"));
                         }
-                        Err(_) => {
+                        None => {
                             tracing::error!(migration = %p.rec.id, "lazy page transfer not finished in {limit:?}; stopping it");
                             d.start_kill();
                             let _ = d.wait().await;
@@ -312,7 +314,8 @@ pub async fn run_with<H: Host>(
             tracing::warn!(migration = %p.rec.id, container = %p.rec.container, error = %e.chain(), "migration failed, rolling back");
             enter(&mut p.rec, Phase::Rollback);
             agent.publish(&p.rec);
-            let _ = tokio::time::timeout(
+            let _ = within(
+                host,
                 Duration::from_secs(3),
                 p.conn.call(&PeerRequest::Abort { reason: e.chain() }),
             )
@@ -322,9 +325,9 @@ pub async fn run_with<H: Host>(
                 if let Some(addr) = lazy_addr(&agent, &p) {
                     host.poke(addr).await;
                 }
-                if tokio::time::timeout(Duration::from_secs(5), d.wait())
+                if within(host, Duration::from_secs(5), d.wait())
                     .await
-                    .is_err()
+                    .is_none()
                 {
                     d.start_kill();
                     let _ = d.wait().await;
