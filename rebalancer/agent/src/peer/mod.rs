@@ -22,7 +22,8 @@
 //! restored and remove the netns, images and reservation: the source resumes its copy.
 //!
 //! This module holds the wire types ([`wire`]), the client ([`client`]) and the error mapping
-//! ([`errors`]); the destination's server is `crate::migration::destination`.
+//! ([`errors`]). The destination's server is in the migration module (`destination.rs`), which
+//! uses this one; this module uses nothing of it.
 
 pub mod client;
 pub mod errors;
