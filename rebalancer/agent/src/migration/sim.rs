@@ -40,7 +40,8 @@ pub enum Proc {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
     /// The host action of that name fails (`create-net`, `page-server`, `pre-dump`, `dump`,
-    /// `dump-lazy`, `lazy-pages`, `restore`, `cgroup`, `net-inode`, `connect`).
+    /// `dump-lazy`, `lazy-pages`, `restore`, `cgroup`, `net-inode`, `connect`, `start-step`,
+    /// `restore-step`; `lazy-serve`: the post-copy dump exits with an error once serving).
     Action(&'static str),
     /// The source's peer connection breaks before it sends this request (`prepare`, `images`,
     /// `restore`, `commit`, `precopy-round`, `capabilities`).
@@ -206,6 +207,7 @@ impl SimHost {
         SimHelper {
             host: self.clone(),
             id,
+            status: 0,
         }
     }
 }
@@ -220,12 +222,14 @@ impl Default for SimHost {
 pub struct SimHelper {
     host: SimHost,
     id: u32,
+    /// Its wait status when it ends.
+    status: i32,
 }
 
 impl Helper for SimHelper {
     async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         self.host.state().helpers.remove(&self.id);
-        Ok(ExitStatus::from_raw(0))
+        Ok(ExitStatus::from_raw(self.status))
     }
     fn start_kill(&mut self) {
         self.host.state().helpers.remove(&self.id);
@@ -259,7 +263,12 @@ impl Criu for SimHost {
         self.act("dump-lazy")?;
         self.freeze(args.pid);
         write_image(&args.images_dir, "inventory.img")?;
-        Ok(self.helper())
+        let mut h = self.helper();
+        if self.take_fault(|f| *f == Fault::Action("lazy-serve")) {
+            // Serving the pages fails later, after the destination resumed.
+            h.status = 1 << 8;
+        }
+        Ok(h)
     }
 
     async fn page_server(

@@ -451,3 +451,23 @@ async fn a_dump_stuck_past_the_deadline_rolls_back_on_the_simulated_clock() {
         assert_rolled_back(&a, &b, &format!("{mode}: {action} stuck"));
     }
 }
+
+#[tokio::test]
+async fn post_copy_pages_lost_after_commit_fail_the_migration_without_a_second_copy() {
+    let (a, b) = pair("lazy");
+    a.host.inject(Fault::Action("lazy-serve"));
+    let rec = migrate(&a, &b, MigrationMode::PostCopy)
+        .await
+        .expect("preflight");
+    assert_eq!(rec.state, MigrationState::Failed);
+    assert!(
+        rec.error
+            .as_deref()
+            .is_some_and(|e| e.contains("lazy page server failed after resume")),
+        "{:?}",
+        rec.error
+    );
+    // The destination runs it (post-copy's failure model: its missing pages are lost).
+    assert_eq!(a.host.live(), []);
+    assert_eq!(b.host.live().len(), 1);
+}
