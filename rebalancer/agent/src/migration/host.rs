@@ -1,5 +1,5 @@
 //! The seam between the migration state machines and the host. Every effect a migration has —
-//! CRIU, network namespaces, routes and ARP, CRIU's nftables lock, cgroups, processes, the
+//! CRIU, network namespaces, routes and ARP, CRIU's nftables lock, cgroups, processes, Slurm restore steps, the
 //! clock and the peer connection — goes through one of these small traits. [`System`] runs the
 //! real tools; the `sim` module's `SimHost` simulates a node in memory for unit tests without root.
 //!
