@@ -1,7 +1,8 @@
 //! The seam between the migration state machines and the host. Every effect a migration has —
-//! CRIU, network namespaces, routes and ARP, CRIU's nftables lock, cgroups, processes, Slurm restore steps, the
-//! clock and the peer connection — goes through one of these small traits. [`System`] runs the
-//! real tools; the `sim` module's `SimHost` simulates a node in memory for unit tests without root.
+//! CRIU, network namespaces, routes and ARP, CRIU's nftables lock, cgroups, processes, Slurm
+//! restore steps, the clock and the peer connection — goes through one of these small traits.
+//! [`System`] runs the real tools; the `sim` module's `SimHost` simulates a node in memory for
+//! unit tests without root.
 //!
 //! Methods are deliberately coarse (one CRIU action, one network step) so that a simulation can
 //! model what each does to the node and fail any one of them.
