@@ -19,6 +19,16 @@ use crate::netns::{self, ContainerNet};
 /// Receives a task's final (wait status, node).
 pub type FinalStatusTx = tokio::sync::oneshot::Sender<(i32, String)>;
 
+/// A task between `prepare-task` and `register-task`.
+#[derive(Debug, Clone)]
+pub struct PendingTask {
+    pub net: netns::ContainerNet,
+    pub spec: ContainerSpec,
+    pub mounts: Vec<container::MountPlan>,
+    pub symlinks: Vec<(String, String)>,
+    pub root: PathBuf,
+}
+
 /// A restore step the destination waits for.
 pub struct RestoreStep {
     pub plan: rebalancer_proto::RestorePlan,
@@ -34,7 +44,7 @@ pub struct Agent {
     pub containers: Mutex<BTreeMap<ContainerId, Container>>,
     pub migrations: Mutex<BTreeMap<MigrationId, MigrationRecord>>,
     /// Netns prepared for Slurm tasks (`prepare-task`) until their pid 1 registers.
-    pub pending_tasks: Mutex<BTreeMap<ContainerId, crate::spank::PendingTask>>,
+    pub pending_tasks: Mutex<BTreeMap<ContainerId, PendingTask>>,
     /// Incoming migrations of Slurm tasks waiting for their restore step (`prepare-restore`,
     /// then `register-task`), by migration id.
     pub restore_steps: Mutex<BTreeMap<MigrationId, RestoreStep>>,
@@ -86,9 +96,7 @@ impl Agent {
     pub fn migrations(&self) -> MutexGuard<'_, BTreeMap<MigrationId, MigrationRecord>> {
         lock(&self.migrations)
     }
-    pub fn pending_tasks(
-        &self,
-    ) -> MutexGuard<'_, BTreeMap<ContainerId, crate::spank::PendingTask>> {
+    pub fn pending_tasks(&self) -> MutexGuard<'_, BTreeMap<ContainerId, PendingTask>> {
         lock(&self.pending_tasks)
     }
     pub fn restore_steps(&self) -> MutexGuard<'_, BTreeMap<MigrationId, RestoreStep>> {
@@ -451,12 +459,13 @@ impl Agent {
             .map_err(|e| AgentError::Internal(format!("kill {}: {e}", c.pid)))
     }
 
-    /// Records a task's final status, answers held `task-exited` requests and tells the node it
-    /// came from (which does the same, up the chain of migrations).
-    pub fn task_final(self: &Arc<Self>, id: &str, status: i32, node: &str) {
+    /// Records a task's final status and answers held `task-exited` requests. Returns the node
+    /// the task came from (name, peer address), which must be told in turn (the migration
+    /// module's `task_final` does; the agent itself does not speak the peer protocol).
+    pub fn record_final(&self, id: &str, status: i32, node: &str) -> Option<(String, String)> {
         let upstream = {
             let mut cs = self.containers();
-            let Some(c) = cs.get_mut(id) else { return };
+            let c = cs.get_mut(id)?;
             c.final_status = Some((status, node.to_string()));
             c.arrived_from.take()
         };
@@ -464,39 +473,7 @@ impl Agent {
         for w in waiters {
             let _ = w.send((status, node.to_string()));
         }
-        if let Some((src, addr)) = upstream {
-            let agent = self.clone();
-            let (id, node) = (id.to_string(), node.to_string());
-            tokio::spawn(async move {
-                for attempt in 0..5u64 {
-                    let r = async {
-                        let a: std::net::SocketAddr = addr.parse().map_err(|_| {
-                            AgentError::BadRequest(format!("bad agent address {addr}"))
-                        })?;
-                        let mut conn = crate::peer::PeerConn::connect(
-                            &agent,
-                            a,
-                            std::time::Duration::from_secs(10),
-                        )
-                        .await?;
-                        conn.call(&crate::peer::PeerRequest::TaskEnded {
-                            container: id.clone(),
-                            wait_status: status,
-                            node: node.clone(),
-                        })
-                        .await
-                    }
-                    .await;
-                    match r {
-                        Ok(_) => return,
-                        Err(e) => {
-                            tracing::warn!(container = %id, source = %src, error = %e.chain(), attempt, "cannot tell the source node the task's final status");
-                            tokio::time::sleep(std::time::Duration::from_secs(1 + attempt)).await;
-                        }
-                    }
-                }
-            });
-        }
+        upstream
     }
 
     /// Stops every container (daemon shutdown).

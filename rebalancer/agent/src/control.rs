@@ -145,7 +145,7 @@ async fn handle_migrate(
         )
         .await;
     }
-    let prepared = match crate::migrate::preflight(agent, &request).await {
+    let prepared = match crate::migration::source::preflight(agent, &request).await {
         Ok(p) => p,
         Err(e) => {
             return send(
@@ -161,7 +161,7 @@ async fn handle_migrate(
     let mut events = agent.events.subscribe();
     agent.publish(&prepared.rec);
     tracing::info!(migration = %mig_id, container = %request.container, destination = %request.destination, mode = ?prepared.rec.mode, "migration started");
-    let task = tokio::spawn(crate::migrate::run(agent.clone(), prepared));
+    let task = tokio::spawn(crate::migration::source::run(agent.clone(), prepared));
     if !watch {
         let rec = agent.migrations().get(&mig_id).cloned();
         if let Some(rec) = rec {
@@ -466,7 +466,7 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
                 crate::netns::destroy(&net).await;
             }
             if !moved {
-                agent.task_final(&container, wait_status, &agent.cfg.node);
+                crate::migration::task_final(agent, &container, wait_status, &agent.cfg.node);
                 return Ok(Reply::TaskFinished {
                     wait_status,
                     migrated_to: None,

@@ -1,7 +1,9 @@
 //! CRIU command lines (pure builders, unit-tested), the runner, and the stats image decoder.
 
 use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::error::AgentError;
 
@@ -170,6 +172,21 @@ pub fn page_server_args(
     a
 }
 
+/// [`page_server_args`] serving the dump's connection that the agent accepted on `socket`
+/// (`--ps-socket`: CRIU neither binds nor accepts, and ignores `--address`/`--port`).
+pub fn page_server_on_socket_args(
+    images_dir: &Path,
+    addr: Ipv4Addr,
+    port: u16,
+    status_fd: i32,
+    socket: i32,
+    prev: Option<&str>,
+) -> Vec<String> {
+    let mut a = page_server_args(images_dir, addr, port, status_fd, prev);
+    a.extend(["--ps-socket".into(), socket.to_string()]);
+    a
+}
+
 /// `criu pre-dump` of one pre-copy round: memory only, to the destination's page server; the
 /// task keeps running. `prev` is the previous round's directory relative to `images_dir`.
 pub fn pre_dump_args(
@@ -241,6 +258,81 @@ pub fn command(criu: &Path, args: &[String], keep_fds: &[i32]) -> tokio::process
         });
     }
     cmd
+}
+
+/// A free TCP port on `ip` for CRIU's lazy dump, which binds it itself (bound here, released,
+/// then bound by CRIU). Page servers do not need it: they get an accepted socket.
+pub fn pick_port(ip: Ipv4Addr) -> Result<u16, AgentError> {
+    let l = std::net::TcpListener::bind((ip, 0)).map_err(|source| AgentError::Io {
+        what: format!("bind {ip}:0"),
+        source,
+    })?;
+    Ok(l.local_addr()
+        .map_err(|source| AgentError::Io {
+            what: "local_addr".into(),
+            source,
+        })?
+        .port())
+}
+
+/// How long a page server or lazy-pages daemon may take to report readiness.
+pub const READY_WITHIN: Duration = Duration::from_secs(10);
+
+/// Starts a criu helper that reports readiness on `--status-fd` and waits for it (at most
+/// `ready_within`). A helper that exits first fails with its log's tail.
+pub async fn spawn_ready(
+    criu: &Path,
+    args_for_fd: impl FnOnce(i32) -> Vec<String>,
+    what: &'static str,
+    log_dir: &Path,
+    log: &str,
+    ready_within: Option<Duration>,
+    keep_fds: &[i32],
+) -> Result<tokio::process::Child, AgentError> {
+    let (r, w): (OwnedFd, OwnedFd) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Io {
+            what: "pipe".into(),
+            source: e.into(),
+        })?;
+    let wfd = w.as_raw_fd();
+    let args = args_for_fd(wfd);
+    let keep: Vec<i32> = std::iter::once(wfd)
+        .chain(keep_fds.iter().copied())
+        .collect();
+    let mut child = command(criu, &args, &keep)
+        .current_dir(log_dir)
+        .spawn()
+        .map_err(|source| AgentError::Io {
+            what: format!("cannot start criu {what}"),
+            source,
+        })?;
+    drop(w);
+    let mut rf = tokio::fs::File::from_std(std::fs::File::from(r));
+    let mut b = [0u8; 1];
+    let read = tokio::io::AsyncReadExt::read(&mut rf, &mut b);
+    let n = match ready_within {
+        Some(limit) => match tokio::time::timeout(limit, read).await {
+            Ok(r) => r.unwrap_or(0),
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(AgentError::Criu {
+                    action: what,
+                    message: format!("not ready after {} s", limit.as_secs()),
+                });
+            }
+        },
+        None => read.await.unwrap_or(0),
+    };
+    if n == 0 {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(AgentError::Criu {
+            action: what,
+            message: log_tail(log_dir, log),
+        });
+    }
+    Ok(child)
 }
 
 /// The last error lines of a CRIU log, for error messages.
@@ -493,6 +585,16 @@ mod tests {
             ps.ends_with("--status-fd 5 --prev-images-dir ../pre-1"),
             "{ps}"
         );
+        let on = page_server_on_socket_args(
+            Path::new("/r/m/img"),
+            Ipv4Addr::new(198, 18, 16, 3),
+            9,
+            5,
+            7,
+            None,
+        )
+        .join(" ");
+        assert!(on.ends_with("--status-fd 5 --ps-socket 7"), "{on}");
         let d = DumpArgs {
             pid: 7,
             prev: Some("../pre-1".into()),

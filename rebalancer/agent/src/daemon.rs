@@ -100,7 +100,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         loop {
             match tcp.accept().await {
                 Ok((s, _)) => {
-                    tokio::spawn(crate::peer::serve(a.clone(), s));
+                    tokio::spawn(crate::migration::destination::serve(a.clone(), s));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept on peer listener");

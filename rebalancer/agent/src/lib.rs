@@ -13,10 +13,13 @@ pub mod daemon;
 pub mod error;
 pub mod garp;
 pub mod metrics;
-pub mod migrate;
+pub mod migration;
 pub mod netns;
 pub mod peer;
 pub mod prom;
 pub mod spank;
+
+/// The pure migration decisions under their former path (`migrate::choose_mode`).
+pub use migration::policy as migrate;
 
 pub const SOFTWARE: &str = concat!("rebalancer-agent ", env!("CARGO_PKG_VERSION"));

@@ -17,15 +17,7 @@ use crate::container::{self, Container, ContainerMeta, MountPlan};
 use crate::error::AgentError;
 use crate::netns;
 
-/// A task between `prepare-task` and `register-task`.
-#[derive(Debug, Clone)]
-pub struct PendingTask {
-    pub net: netns::ContainerNet,
-    pub spec: ContainerSpec,
-    pub mounts: Vec<MountPlan>,
-    pub symlinks: Vec<(String, String)>,
-    pub root: PathBuf,
-}
+pub use crate::agent::PendingTask;
 
 /// The agent's mount plan in the protocol's terms (same JSON).
 pub fn to_spec(m: &MountPlan) -> MountSpec {

@@ -1,0 +1,202 @@
+//! What commit and rollback do. Destination: the incoming transaction ([`Incoming`]), its
+//! commit (resume, route, ARP, the container is ours) and its undo. Source: resuming the frozen
+//! copy after a failure before Commit, and releasing it after Commit.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use rebalancer_proto::{now_millis, ContainerState, MigrationId, MigrationMode};
+
+use super::host::{Helper, Host};
+use super::restore_step::StepLaunch;
+use crate::agent::Agent;
+use crate::container::{Container, ContainerMeta};
+use crate::error::AgentError;
+use crate::netns::ContainerNet;
+use crate::peer::PeerReply;
+
+/// An incoming migration on the destination, and what to undo if it does not commit.
+pub(super) struct Incoming<H: Host> {
+    pub(super) migration: MigrationId,
+    pub(super) mode: MigrationMode,
+    pub(super) meta: ContainerMeta,
+    pub(super) net: ContainerNet,
+    pub(super) root: PathBuf,
+    pub(super) dir: PathBuf,
+    /// Per-migration tmpfs directory: `img` (restored images) and `pre-K` (pre-copy rounds).
+    pub(super) mig_dir: PathBuf,
+    pub(super) images: PathBuf,
+    pub(super) page_server: Option<H::Helper>,
+    pub(super) lazy_daemon: Option<H::Helper>,
+    pub(super) restored_pid: Option<i32>,
+    pub(super) committed: bool,
+    pub(super) restore_step: bool,
+    /// The restore step (srun), started at prepare so that its launch is out of the downtime.
+    pub(super) step: Option<StepLaunch>,
+    pub(super) step_child: Option<H::Step>,
+    pub(super) source: Option<(String, String)>,
+    /// The container's cgroup here (agent-restored containers); criu restore runs inside it.
+    pub(super) cgroup: Option<crate::cgroup::Cgroup>,
+}
+
+impl<H: Host> Incoming<H> {
+    /// Kills what was restored and removes everything this migration created here.
+    pub(super) async fn undo(&mut self, host: &H, agent: &Agent, why: &str) {
+        tracing::warn!(migration = %self.migration, container = %self.meta.spec.id, reason = why, "incoming migration aborted");
+        agent.restore_steps().remove(&self.migration);
+        if let Some(mut c) = self.step_child.take() {
+            c.start_kill();
+            let _ = c.wait().await;
+        }
+        if let Some(pid) = self.restored_pid.take() {
+            host.kill_and_reap(pid).await;
+        }
+        for c in [self.page_server.take(), self.lazy_daemon.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = c;
+            c.start_kill();
+            let _ = c.wait().await;
+        }
+        host.destroy_net(&self.net).await;
+        if let Some(cg) = self.cgroup.take() {
+            host.remove_cgroup(cg).await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.mig_dir);
+        agent
+            .incoming()
+            .remove(&(self.meta.spec.id.clone(), self.meta.address));
+    }
+}
+
+/// The destination's commit: resumes the restored tree, takes the address over and makes the
+/// container this node's.
+pub(super) async fn commit_here<H: Host>(
+    host: &Arc<H>,
+    agent: &Agent,
+    inc: &mut Incoming<H>,
+) -> Result<PeerReply, AgentError> {
+    let pid = inc
+        .restored_pid
+        .ok_or_else(|| AgentError::BadRequest("commit before restore".into()))?;
+    inc.committed = true;
+    // Resume first, then take the address over.
+    host.signal_tree(pid, Signal::SIGCONT);
+    let resumed_at = now_millis();
+    if let Err(e) = host.add_route(&inc.net).await {
+        tracing::error!(migration = %inc.migration, error = %e.chain(), "cannot add the container route");
+    }
+    host.announce(&agent.cfg.uplink, inc.meta.address);
+    let mut meta = inc.meta.clone();
+    meta.started_at = inc.meta.started_at;
+    let c = Container {
+        meta,
+        net: inc.net.clone(),
+        root: inc.root.clone(),
+        dir: inc.dir.clone(),
+        pid,
+        state: ContainerState::Running,
+        exit_status: None,
+        external: inc.restore_step,
+        migrated_to: None,
+        arrived_from: if inc.restore_step {
+            inc.source.clone()
+        } else {
+            None
+        },
+        final_status: None,
+        cgroup: inc.cgroup.take(),
+    };
+    agent.containers().insert(inc.meta.spec.id.clone(), c);
+    agent.restore_steps().remove(&inc.migration);
+    if let Some(mut child) = inc.step_child.take() {
+        // srun lives as long as the restored task; reap it when it ends.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+    }
+    agent
+        .incoming()
+        .remove(&(inc.meta.spec.id.clone(), inc.meta.address));
+    let images = inc.mig_dir.clone();
+    let daemon = inc.lazy_daemon.take();
+    let mig = inc.migration.clone();
+    let host = host.clone();
+    // The images go once the lazy daemon is done (it reads them); a daemon whose
+    // container ended has nothing left to serve and is stopped.
+    tokio::spawn(async move {
+        if let Some(mut d) = daemon {
+            loop {
+                tokio::select! {
+                    st = d.wait() => {
+                        tracing::info!(migration = %mig, status = ?st, "lazy-pages daemon finished");
+                        break;
+                    }
+                    _ = host.sleep(Duration::from_millis(500)) => {
+                        if !host.alive(pid) {
+                            tracing::warn!(migration = %mig, "container ended before all pages arrived; stopping lazy-pages");
+                            d.start_kill();
+                            let _ = d.wait().await;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(images);
+    });
+    tracing::info!(migration = %inc.migration, container = %inc.meta.spec.id, pid, "migration committed: container runs here");
+    Ok(PeerReply::Committed { resumed_at })
+}
+
+/// Resumes the frozen source tree after a failure before Commit.
+pub(super) async fn resume_source<H: Host>(
+    host: &H,
+    agent: &Agent,
+    migration: &str,
+    container: &str,
+    pid: i32,
+    net: &ContainerNet,
+) {
+    match host.unlock(net).await {
+        Ok(n) => tracing::info!(migration = %migration, tables = n, "network lock removed"),
+        Err(e) => {
+            tracing::error!(migration = %migration, error = %e.chain(), "cannot remove CRIU's network lock")
+        }
+    }
+    let n = host.release_tcp_repair(pid);
+    tracing::info!(migration = %migration, sockets = n, "TCP repair mode turned off");
+    host.signal_tree(pid, Signal::SIGCONT);
+    if let Some(c) = agent.containers().get_mut(container) {
+        c.state = ContainerState::Running;
+    }
+}
+
+/// After Commit: the source's copy is killed and its namespace, cgroup and directory removed.
+pub(super) async fn release_source<H: Host>(
+    host: &H,
+    agent: &Agent,
+    container: &str,
+    pid: i32,
+    net: &ContainerNet,
+    host_rootfs: bool,
+) {
+    host.signal_tree(pid, Signal::SIGKILL);
+    host.kill(pid);
+    host.destroy_net(net).await;
+    let cgroup = agent
+        .containers()
+        .get_mut(container)
+        .and_then(|c| c.cgroup.take());
+    if let Some(cg) = cgroup {
+        // Empties once the reaper collected the killed copy.
+        host.remove_cgroup(cg).await;
+    }
+    if host_rootfs {
+        let _ = std::fs::remove_dir_all(agent.container_dir(container));
+    }
+}

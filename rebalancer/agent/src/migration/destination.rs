@@ -1,0 +1,524 @@
+//! Destination side of a migration: the peer server, one incoming transaction per connection.
+//! The protocol is drawn in [`crate::peer`]; what Commit and an undo do is in [`super::commit`].
+
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
+use rebalancer_proto::{ContainerState, Hello, MigrationMode, Role, PROTOCOL_VERSION};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::commit::Incoming;
+use super::host::{within, Clock, Helper, Host, System};
+use super::policy::room_check;
+use super::restore_step::{self, missing_stdio_files};
+use crate::agent::Agent;
+use crate::container;
+use crate::criu;
+use crate::error::AgentError;
+use crate::peer::{reply_error, PeerReply, PeerRequest, PeerResponse, PEER_MAX_FRAME};
+
+/// Serves one peer connection (destination side) on the real node.
+pub async fn serve(agent: Arc<Agent>, stream: TcpStream) {
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    let host = Arc::new(System::new(&agent.cfg));
+    serve_with(host, agent, stream, peer).await
+}
+
+/// Serves one peer connection on `host`; whatever did not commit is undone when it ends.
+pub async fn serve_with<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
+    host: Arc<H>,
+    agent: Arc<Agent>,
+    mut stream: S,
+    peer: Option<std::net::SocketAddr>,
+) {
+    let mut incoming: Option<Incoming<H>> = None;
+    let r = serve_inner(&host, &agent, &mut stream, peer, &mut incoming).await;
+    if let Some(mut inc) = incoming {
+        if !inc.committed {
+            let why = match &r {
+                Ok(()) => "source closed the connection before commit".to_string(),
+                Err(e) => e.chain(),
+            };
+            inc.undo(&*host, &agent, &why).await;
+        }
+    }
+    if let Err(e) = r {
+        tracing::info!(peer = ?peer, error = %e.chain(), "peer connection ended");
+    }
+}
+
+async fn write_resp<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    id: u32,
+    r: &PeerResponse,
+) -> Result<(), AgentError> {
+    write_frame_async(s, &Frame::json(FrameKind::Response, id, r)?).await?;
+    Ok(())
+}
+
+async fn read_timeout<C: Clock, S: AsyncRead + Unpin>(
+    clock: &C,
+    s: &mut S,
+    t: Duration,
+) -> Result<Frame, AgentError> {
+    Ok(within(clock, t, read_frame_async(s, PEER_MAX_FRAME))
+        .await
+        .ok_or_else(|| AgentError::Timeout("source went silent".into()))??)
+}
+
+async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
+    host: &Arc<H>,
+    agent: &Arc<Agent>,
+    s: &mut S,
+    peer: Option<std::net::SocketAddr>,
+    incoming: &mut Option<Incoming<H>>,
+) -> Result<(), AgentError> {
+    let timeout = Duration::from_millis(agent.cfg.migration_timeout_ms);
+    // AWAIT_HELLO: nothing but a hello with a valid credential gets further.
+    let f = read_timeout(&**host, s, Duration::from_secs(10)).await?;
+    let hello: Hello = match f.decode(FrameKind::Hello, "hello") {
+        Ok(h) => h,
+        Err(e) => {
+            let err = AgentError::PermissionDenied(format!("expected a hello first: {e}"));
+            write_resp(s, f.header.id, &reply_error(&err)).await?;
+            return Err(err);
+        }
+    };
+    if hello.protocol != PROTOCOL_VERSION || hello.role != Role::Agent {
+        let err = AgentError::BadRequest(format!(
+            "peer speaks protocol {} as {:?}; this agent speaks {PROTOCOL_VERSION} with agents",
+            hello.protocol, hello.role
+        ));
+        write_resp(s, 0, &reply_error(&err)).await?;
+        return Err(err);
+    }
+    if let Err(e) = crate::auth::verify(
+        agent.cfg.auth,
+        agent.cfg.munge_socket.as_deref(),
+        hello.node.as_deref(),
+        hello.credential.as_deref(),
+    )
+    .await
+    {
+        tracing::warn!(peer = ?peer, node = ?hello.node, error = %e, "rejected unauthenticated peer");
+        write_resp(s, 0, &reply_error(&e)).await?;
+        return Err(e);
+    }
+    let mut me = Hello::new(Role::Agent, crate::SOFTWARE);
+    me.node = Some(agent.cfg.node.clone());
+    write_frame_async(s, &Frame::json(FrameKind::Hello, 0, &me)?).await?;
+    let source_node = hello.node.unwrap_or_default();
+
+    loop {
+        let f = match read_timeout(&**host, s, timeout).await {
+            Ok(f) => f,
+            Err(AgentError::Proto(rebalancer_proto::ProtoError::Closed)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let id = f.header.id;
+        let req: PeerRequest = match f.decode(FrameKind::Request, "request") {
+            Ok(r) => r,
+            Err(e) => {
+                write_resp(s, id, &reply_error(&AgentError::BadRequest(e.to_string()))).await?;
+                continue;
+            }
+        };
+        let result = handle(host, agent, s, incoming, req, &source_node, timeout).await;
+        let done = matches!(
+            result,
+            Ok(PeerReply::Committed { .. }) | Ok(PeerReply::Aborted)
+        );
+        match result {
+            Ok(r) => write_resp(s, id, &PeerResponse::Ok(r)).await?,
+            Err(e) => {
+                tracing::warn!(error = %e.chain(), "peer request failed");
+                write_resp(s, id, &reply_error(&e)).await?;
+                // A failed step leaves nothing half-done behind.
+                if let Some(mut inc) = incoming.take() {
+                    if !inc.committed {
+                        inc.undo(&**host, agent, &e.chain()).await;
+                    }
+                }
+            }
+        }
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+async fn handle<H: Host, S: AsyncRead + Unpin>(
+    host: &Arc<H>,
+    agent: &Arc<Agent>,
+    s: &mut S,
+    incoming: &mut Option<Incoming<H>>,
+    req: PeerRequest,
+    source_node: &str,
+    timeout: Duration,
+) -> Result<PeerReply, AgentError> {
+    match req {
+        PeerRequest::Capabilities => Ok(PeerReply::Capabilities {
+            capabilities: agent.caps.clone(),
+        }),
+        PeerRequest::Prepare {
+            migration,
+            mode,
+            meta,
+            source_node: claimed,
+            restore_step,
+            source_addr,
+            rss_bytes,
+        } => {
+            if incoming.is_some() {
+                return Err(AgentError::BadRequest("prepare sent twice".into()));
+            }
+            if claimed != source_node {
+                return Err(AgentError::BadRequest(format!(
+                    "prepare names source {claimed}, hello said {source_node}"
+                )));
+            }
+            if !agent.caps.modes.contains(&mode) {
+                return Err(AgentError::Unsupported(format!(
+                    "destination {} does not support {mode}: {}",
+                    agent.cfg.node,
+                    agent.caps.notes.join("; ")
+                )));
+            }
+            let meta = *meta;
+            let id = meta.spec.id.clone();
+            {
+                let cs = agent.containers();
+                if cs.get(&id).is_some_and(|c| c.state.is_live()) {
+                    return Err(AgentError::Busy(format!(
+                        "container {id} already runs on {}",
+                        agent.cfg.node
+                    )));
+                }
+            }
+            if agent.address_in_use(meta.address) {
+                return Err(AgentError::NoRoom(format!(
+                    "address {} is in use on {}",
+                    meta.address, agent.cfg.node
+                )));
+            }
+            agent.validate_spec(&meta.spec)?;
+            if let Some(avail) = host.mem_available() {
+                room_check(mode, rss_bytes, avail, &agent.cfg.node)?;
+            }
+            agent.incoming().insert((id.clone(), meta.address));
+            let dir = agent.container_dir(&id);
+            let mig_dir = agent.cfg.run_dir.join("images").join(&migration);
+            let images = mig_dir.join("img");
+            let root = agent.root_for(&meta.spec);
+            let net = agent.new_net(&id, meta.address);
+            let mut inc = Incoming {
+                migration: migration.clone(),
+                mode,
+                meta: meta.clone(),
+                net: net.clone(),
+                root: root.clone(),
+                dir: dir.clone(),
+                mig_dir: mig_dir.clone(),
+                images: images.clone(),
+                page_server: None,
+                lazy_daemon: None,
+                restored_pid: None,
+                committed: false,
+                restore_step,
+                step: None,
+                step_child: None,
+                source: source_addr.map(|a| (source_node.to_string(), a)),
+                cgroup: None,
+            };
+            let r = async {
+                if let rebalancer_proto::RootfsSpec::Host = meta.spec.rootfs {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                std::fs::create_dir_all(&images).map_err(|source| AgentError::Io {
+                    what: format!("mkdir {}", images.display()),
+                    source,
+                })?;
+                container::prepare_root(&root, &meta.mounts, &meta.symlinks)?;
+                if restore_step {
+                    // The source refuses these first; a peer that did not is refused here.
+                    if let Some(why) = container::stdin_refusal(&meta.stdio_keys, &meta.stdio_paths) {
+                        return Err(AgentError::Unsupported(why));
+                    }
+                    let missing = missing_stdio_files(&meta.stdio_paths);
+                    if !missing.is_empty() {
+                        return Err(AgentError::NoRoom(format!(
+                            "the task's output file(s) {} do not exist on {}; the restored task could not write to them",
+                            missing.join(", "),
+                            agent.cfg.node
+                        )));
+                    }
+                }
+                for b in &meta.spec.binds {
+                    if !std::path::Path::new(b).exists() {
+                        return Err(AgentError::NoRoom(format!(
+                            "bind source {b} does not exist on {}",
+                            agent.cfg.node
+                        )));
+                    }
+                }
+                if !restore_step {
+                    // Same limits as on the source, or no migration.
+                    inc.cgroup = host.create_cgroup(agent, &meta.spec)?;
+                }
+                host.create_net(&net, false).await?;
+                let mut page_server = None;
+                if mode == MigrationMode::StopAndCopy {
+                    let ip = agent.cfg.advertise;
+                    let (addr, child) = host.page_server(&images, ip, None).await?;
+                    // In the transaction at once, so that a failure below stops it too.
+                    inc.page_server = Some(child);
+                    page_server = Some(addr);
+                }
+                if restore_step {
+                    let target = restore_step::StepTarget {
+                        migration: &inc.migration,
+                        meta: &inc.meta,
+                        images: &inc.images,
+                        root: &inc.root,
+                        netns: &inc.net.path(),
+                        mode,
+                    };
+                    let (step, child) = restore_step::start(&**host, agent, &target)?;
+                    inc.step = Some(step);
+                    inc.step_child = Some(child);
+                }
+                Ok::<_, AgentError>(page_server)
+            }
+            .await;
+            match r {
+                Ok(addr) => {
+                    tracing::info!(migration = %migration, container = %id, mode = %mode, "incoming migration prepared");
+                    *incoming = Some(inc);
+                    Ok(PeerReply::Prepared { page_server: addr })
+                }
+                Err(e) => {
+                    inc.undo(&**host, agent, &e.chain()).await;
+                    Err(e)
+                }
+            }
+        }
+        PeerRequest::Images { files } => {
+            let inc = incoming
+                .as_mut()
+                .ok_or_else(|| AgentError::BadRequest("images before prepare".into()))?;
+            let mut total = 0u64;
+            for f in &files {
+                if f.name.contains('/') || f.name.starts_with('.') || f.name.is_empty() {
+                    return Err(AgentError::BadRequest(format!(
+                        "bad image name {:?}",
+                        f.name
+                    )));
+                }
+                let mut data =
+                    Vec::with_capacity(usize::try_from(f.size.min(64 << 20)).unwrap_or(0));
+                while (data.len() as u64) < f.size {
+                    let fr = read_timeout(&**host, s, timeout).await?;
+                    if fr.header.kind != FrameKind::Data {
+                        return Err(AgentError::BadRequest("expected image data".into()));
+                    }
+                    data.extend_from_slice(&fr.payload);
+                }
+                if data.len() as u64 != f.size {
+                    return Err(AgentError::BadRequest(format!(
+                        "image {} longer than announced",
+                        f.name
+                    )));
+                }
+                tokio::fs::write(inc.images.join(&f.name), &data)
+                    .await
+                    .map_err(|source| AgentError::Io {
+                        what: format!("write image {}", f.name),
+                        source,
+                    })?;
+                total += f.size;
+            }
+            Ok(PeerReply::ImagesReceived { bytes: total })
+        }
+        PeerRequest::Restore { lazy_pages } => {
+            let inc = incoming
+                .as_mut()
+                .ok_or_else(|| AgentError::BadRequest("restore before prepare".into()))?;
+            restore(host, agent, inc, lazy_pages).await
+        }
+        PeerRequest::Commit => {
+            let inc = incoming
+                .as_mut()
+                .ok_or_else(|| AgentError::BadRequest("commit before prepare".into()))?;
+            super::commit::commit_here(host, agent, inc).await
+        }
+        PeerRequest::PrecopyRound { round, last } => {
+            let inc = incoming
+                .as_mut()
+                .ok_or_else(|| AgentError::BadRequest("pre-copy round before prepare".into()))?;
+            if inc.mode != MigrationMode::PreCopy {
+                return Err(AgentError::BadRequest(format!(
+                    "pre-copy round in a {} migration",
+                    inc.mode
+                )));
+            }
+            if let Some(mut ps) = inc.page_server.take() {
+                // The previous round's page server ends when its pre-dump closed the connection.
+                let st = within(&**host, Duration::from_secs(30), ps.wait())
+                    .await
+                    .ok_or_else(|| {
+                        AgentError::Timeout("previous round's page server still running".into())
+                    })?
+                    .map_err(|source| AgentError::Io {
+                        what: "wait page server".into(),
+                        source,
+                    })?;
+                if !st.success() {
+                    return Err(AgentError::Criu {
+                        action: "page-server",
+                        message: format!("round {} failed", round.saturating_sub(1)),
+                    });
+                }
+            }
+            let dir = if last {
+                inc.images.clone()
+            } else {
+                inc.mig_dir.join(format!("pre-{round}"))
+            };
+            std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
+                what: format!("mkdir {}", dir.display()),
+                source,
+            })?;
+            let prev = (round > 0).then(|| format!("../pre-{}", round - 1));
+            let ip = agent.cfg.advertise;
+            let (page_server, child) = host.page_server(&dir, ip, prev.as_deref()).await?;
+            inc.page_server = Some(child);
+            Ok(PeerReply::RoundReady { page_server })
+        }
+        PeerRequest::TaskEnded {
+            container,
+            wait_status,
+            node,
+        } => {
+            let known = agent
+                .containers()
+                .get(&container)
+                .is_some_and(|c| c.state == ContainerState::MigratedAway);
+            if !known {
+                return Err(AgentError::NotFound(format!(
+                    "no migrated-away task {container} on {}",
+                    agent.cfg.node
+                )));
+            }
+            tracing::info!(container = %container, wait_status, node = %node, "migrated task ended");
+            super::task_final(agent, &container, wait_status, &node);
+            Ok(PeerReply::Ack)
+        }
+        PeerRequest::Abort { reason } => {
+            if let Some(mut inc) = incoming.take() {
+                if !inc.committed {
+                    inc.undo(&**host, agent, &reason).await;
+                }
+            }
+            Ok(PeerReply::Aborted)
+        }
+    }
+}
+
+async fn restore<H: Host>(
+    host: &Arc<H>,
+    agent: &Arc<Agent>,
+    inc: &mut Incoming<H>,
+    lazy_pages: Option<(Ipv4Addr, u16)>,
+) -> Result<PeerReply, AgentError> {
+    let started = host.now();
+    if let Some(mut ps) = inc.page_server.take() {
+        // The page server exits once the dump closed its connection.
+        let st = within(&**host, Duration::from_secs(30), ps.wait())
+            .await
+            .ok_or_else(|| AgentError::Timeout("page server still running after the dump".into()))?
+            .map_err(|source| AgentError::Io {
+                what: "wait page server".into(),
+                source,
+            })?;
+        if !st.success() {
+            return Err(AgentError::Criu {
+                action: "page-server",
+                message: criu::log_tail(&inc.images, "page-server.log"),
+            });
+        }
+    }
+    let lazy = inc.mode == MigrationMode::PostCopy;
+    if lazy {
+        let (src, port) = lazy_pages.ok_or_else(|| {
+            AgentError::BadRequest("post-copy restore without page server".into())
+        })?;
+        let d = host.lazy_pages(&inc.images, (src, port)).await?;
+        inc.lazy_daemon = Some(d);
+    }
+    if inc.restore_step {
+        let (Some(step), Some(child)) = (inc.step.take(), inc.step_child.as_mut()) else {
+            return Err(AgentError::Internal("no restore step was started".into()));
+        };
+        let (pid, pages_restored) =
+            restore_step::restore(&**host, step, child, &inc.images, &inc.migration).await?;
+        inc.restored_pid = Some(pid);
+        return Ok(PeerReply::Restored {
+            pid,
+            restore_ms: host.now().duration_since(started).as_millis() as u64,
+            pages_restored,
+        });
+    }
+    let (out, err) = agent.stdio_paths(&inc.meta.spec);
+    let stdio = container::stdio_pipes(&out, &err)?;
+    let net = host.open_net(&inc.net)?;
+    let mut inherit = vec![(net.as_raw_fd(), criu::NET_KEY.to_string())];
+    for (fd, key) in stdio.child.iter().zip(inc.meta.stdio_keys.iter()) {
+        inherit.push((fd.as_raw_fd(), key.clone()));
+    }
+    let keep: Vec<i32> = inherit.iter().map(|(fd, _)| *fd).collect();
+    let pidfile = inc.images.join("restored.pid");
+    let args = criu::RestoreArgs {
+        images_dir: inc.images.clone(),
+        root: inc.root.clone(),
+        ext_mounts: container::external_mounts(&inc.meta.mounts)
+            .into_iter()
+            .map(|(_, key, src)| (key, src))
+            .collect(),
+        inherit,
+        pidfile: pidfile.clone(),
+        lazy,
+        leave_stopped: true,
+        ignore_cgroups: true,
+    }
+    .build();
+    let procs = match &inc.cgroup {
+        Some(cg) => cg.procs_files()?,
+        None => Vec::new(),
+    };
+    let r = host
+        .restore(
+            &args,
+            &keep,
+            &crate::cgroup::raw(&procs),
+            &inc.images,
+            &pidfile,
+        )
+        .await;
+    drop(procs);
+    drop(stdio);
+    drop(net);
+    let pid = r?;
+    inc.restored_pid = Some(pid);
+    let stats = host.stats(&inc.images, "stats-restore").unwrap_or_default();
+    tracing::info!(migration = %inc.migration, pid, "restored (stopped), waiting for commit");
+    Ok(PeerReply::Restored {
+        pid,
+        restore_ms: host.now().duration_since(started).as_millis() as u64,
+        pages_restored: stats.pages_restored,
+    })
+}

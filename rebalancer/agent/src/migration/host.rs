@@ -1,0 +1,614 @@
+//! The seam between the migration state machines and the host. Every effect a migration has —
+//! CRIU, network namespaces, routes and ARP, CRIU's nftables lock, cgroups, processes, Slurm
+//! restore steps, the clock and the peer connection — goes through one of these small traits.
+//! [`System`] runs the real tools; the `sim` module's `SimHost` simulates a node in memory for
+//! unit tests without root.
+//!
+//! Methods are deliberately coarse (one CRIU action, one network step) so that a simulation can
+//! model what each does to the node and fail any one of them.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use rebalancer_proto::ContainerSpec;
+
+use crate::agent::Agent;
+use crate::cgroup::Cgroup;
+use crate::config::AgentConfig;
+use crate::container;
+use crate::criu::{self, CriuStats, DumpArgs};
+use crate::error::AgentError;
+use crate::netns::{self, ContainerNet};
+use crate::peer::{PeerConn, PeerReply, PeerRequest};
+
+/// A long-running helper process (a CRIU page server, lazy-pages daemon or lazy dump).
+pub trait Helper: Send + 'static {
+    /// Waits until the helper exits.
+    fn wait(&mut self) -> impl Future<Output = std::io::Result<ExitStatus>> + Send;
+    /// Asks the helper to stop now (SIGKILL); [`Helper::wait`] then reaps it.
+    fn start_kill(&mut self);
+}
+
+impl Helper for tokio::process::Child {
+    fn wait(&mut self) -> impl Future<Output = std::io::Result<ExitStatus>> + Send {
+        tokio::process::Child::wait(self)
+    }
+    fn start_kill(&mut self) {
+        let _ = tokio::process::Child::start_kill(self);
+    }
+}
+
+/// A CRIU helper on the real node: a page server waiting for the dump's connection (its
+/// process starts once the agent accepted it), or a running process.
+pub struct CriuProcess {
+    pending: Option<tokio::task::JoinHandle<Result<tokio::process::Child, AgentError>>>,
+    child: Option<tokio::process::Child>,
+}
+
+impl From<tokio::process::Child> for CriuProcess {
+    fn from(c: tokio::process::Child) -> CriuProcess {
+        CriuProcess {
+            pending: None,
+            child: Some(c),
+        }
+    }
+}
+
+impl Drop for CriuProcess {
+    fn drop(&mut self) {
+        // Like the child's kill_on_drop: a page server nobody holds stops waiting for the dump.
+        if let Some(p) = self.pending.take() {
+            p.abort();
+        }
+    }
+}
+
+impl Helper for CriuProcess {
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        if let Some(p) = self.pending.take() {
+            match p.await {
+                Ok(Ok(c)) => self.child = Some(c),
+                Ok(Err(e)) => return Err(std::io::Error::other(e.chain())),
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+        }
+        match &mut self.child {
+            Some(c) => c.wait().await,
+            None => Err(std::io::Error::other("the helper was stopped")),
+        }
+    }
+    fn start_kill(&mut self) {
+        if let Some(p) = self.pending.take() {
+            // Dropping the accept task also drops the listener and any child it started.
+            p.abort();
+        }
+        if let Some(c) = &mut self.child {
+            let _ = c.start_kill();
+        }
+    }
+}
+
+/// CRIU's actions, one method each.
+pub trait Criu: Send + Sync {
+    type Helper: Helper;
+    /// `criu pre-dump` of a running tree into `dir`, pages to the page server at `ps`.
+    fn pre_dump(
+        &self,
+        pid: i32,
+        dir: &Path,
+        ps: (Ipv4Addr, u16),
+        parent: Option<&str>,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send;
+    /// `criu dump` to completion; on success the tree is frozen (`--leave-stopped`) behind
+    /// CRIU's network lock, on failure CRIU has resumed it.
+    fn dump(&self, args: &DumpArgs) -> impl Future<Output = Result<(), AgentError>> + Send;
+    /// Post-copy `criu dump --lazy-pages`: returns once the tree is dumped and frozen and the
+    /// dump serves its pages (the helper ends when they are all sent).
+    fn dump_lazy(
+        &self,
+        args: &DumpArgs,
+    ) -> impl Future<Output = Result<Self::Helper, AgentError>> + Send;
+    /// A page server receiving into `dir`, listening on `ip` from the moment this returns;
+    /// returns its address.
+    fn page_server(
+        &self,
+        dir: &Path,
+        ip: Ipv4Addr,
+        parent: Option<&str>,
+    ) -> impl Future<Output = Result<((Ipv4Addr, u16), Self::Helper), AgentError>> + Send;
+    /// The lazy-pages daemon serving a post-copy restore from `src`'s dump.
+    fn lazy_pages(
+        &self,
+        dir: &Path,
+        src: (Ipv4Addr, u16),
+    ) -> impl Future<Output = Result<Self::Helper, AgentError>> + Send;
+    /// `criu restore` (built `args`) inside the cgroups open on `cgroup_procs`; the restored
+    /// tree stays stopped. Returns its pid 1.
+    fn restore(
+        &self,
+        args: &[String],
+        keep_fds: &[i32],
+        cgroup_procs: &[i32],
+        dir: &Path,
+        pidfile: &Path,
+    ) -> impl Future<Output = Result<i32, AgentError>> + Send;
+    /// The statistics image `name` CRIU left in `dir`.
+    fn stats(&self, dir: &Path, name: &str) -> Option<CriuStats>;
+    /// (pages, lazy pages) from a finished lazy dump's log.
+    fn lazy_totals(&self, dir: &Path) -> (u64, u64);
+    /// A free port on `ip` for the lazy dump (which binds it itself).
+    fn pick_port(&self, ip: Ipv4Addr) -> Result<u16, AgentError>;
+}
+
+/// Network namespaces, routes, gratuitous ARP and CRIU's nftables lock.
+pub trait Net: Send + Sync {
+    fn create_net(
+        &self,
+        net: &ContainerNet,
+        route: bool,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send;
+    fn add_route(&self, net: &ContainerNet) -> impl Future<Output = Result<(), AgentError>> + Send;
+    /// This node stops answering for the address (the source's commit).
+    fn withdraw_route(&self, net: &ContainerNet) -> impl Future<Output = ()> + Send;
+    /// Route, veth and namespace gone; errors are logged.
+    fn destroy_net(&self, net: &ContainerNet) -> impl Future<Output = ()> + Send;
+    /// Removes CRIU's network lock (nftables tables) after a dump; returns how many.
+    fn unlock(&self, net: &ContainerNet) -> impl Future<Output = Result<usize, AgentError>> + Send;
+    /// The namespace's inode (CRIU's external key).
+    fn net_inode(&self, net: &ContainerNet) -> Result<u64, AgentError>;
+    /// The namespace opened for CRIU to inherit.
+    fn open_net(&self, net: &ContainerNet) -> Result<OwnedFd, AgentError>;
+    /// Gratuitous ARPs for `ip` on `uplink`, in the background.
+    fn announce(&self, uplink: &str, ip: Ipv4Addr);
+    /// Connects to `addr` and hangs up: wakes a lazy dump still waiting in accept().
+    fn poke(&self, addr: (Ipv4Addr, u16)) -> impl Future<Output = ()> + Send;
+}
+
+/// The container's processes and the node's memory.
+pub trait Procs: Send + Sync {
+    fn signal_tree(&self, pid: i32, sig: Signal);
+    /// SIGKILL to pid 1 only (the reaper collects it).
+    fn kill(&self, pid: i32);
+    /// SIGKILL to pid 1 and reaping it (it is this agent's child).
+    fn kill_and_reap(&self, pid: i32) -> impl Future<Output = ()> + Send;
+    /// Turns TCP repair mode off on the tree's sockets (after a dump that did not commit).
+    fn release_tcp_repair(&self, pid: i32) -> usize;
+    fn tree_rss(&self, pid: i32) -> u64;
+    /// CRIU keys and paths of a Slurm task's fds 0-2 (known only once Slurm set them up).
+    fn stdio_ids(&self, pid: i32) -> (Vec<String>, Vec<String>);
+    fn alive(&self, pid: i32) -> bool;
+    /// `MemAvailable` in bytes, if known.
+    fn mem_available(&self) -> Option<u64>;
+}
+
+/// Container cgroups.
+pub trait Cgroups: Send + Sync {
+    fn create_cgroup(
+        &self,
+        agent: &Agent,
+        spec: &ContainerSpec,
+    ) -> Result<Option<Cgroup>, AgentError>;
+    fn remove_cgroup(&self, cg: Cgroup) -> impl Future<Output = ()> + Send;
+}
+
+/// Slurm restore steps (srun), which restore a task's tree inside its job.
+pub trait Steps: Send + Sync {
+    type Step: Helper;
+    /// Starts `argv` (the restore command for `migration`, whose entry in
+    /// `agent.restore_steps()` exists), output to `log`.
+    fn start_step(
+        &self,
+        agent: &Arc<Agent>,
+        migration: &str,
+        argv: &[String],
+        log: std::fs::File,
+    ) -> Result<Self::Step, AgentError>;
+}
+
+/// Monotonic time.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+    fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// `fut`'s output, or `None` once `d` has passed on `clock` (a timeout that a simulated clock
+/// controls).
+pub async fn within<C: Clock + ?Sized, F: Future>(
+    clock: &C,
+    d: Duration,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        r = fut => Some(r),
+        _ = clock.sleep(d) => None,
+    }
+}
+
+/// The source's end of a peer connection.
+pub trait PeerLink: Send {
+    fn call(
+        &mut self,
+        req: &PeerRequest,
+    ) -> impl Future<Output = Result<PeerReply, AgentError>> + Send;
+    /// Sends CRIU's non-memory images in `dir`; returns their size.
+    fn send_images(&mut self, dir: &Path) -> impl Future<Output = Result<u64, AgentError>> + Send;
+    /// Bytes written so far (frames and headers).
+    fn bytes_sent(&self) -> u64;
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> PeerLink for PeerConn<S> {
+    fn call(
+        &mut self,
+        req: &PeerRequest,
+    ) -> impl Future<Output = Result<PeerReply, AgentError>> + Send {
+        PeerConn::call(self, req)
+    }
+    fn send_images(&mut self, dir: &Path) -> impl Future<Output = Result<u64, AgentError>> + Send {
+        PeerConn::send_images(self, dir)
+    }
+    fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+}
+
+/// Opens peer connections.
+pub trait Connector: Send + Sync {
+    type Link: PeerLink;
+    fn connect(
+        &self,
+        cfg: &AgentConfig,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Self::Link, AgentError>> + Send;
+}
+
+/// Everything a migration reaches on its node.
+pub trait Host: Criu + Net + Procs + Cgroups + Steps + Clock + Connector + 'static {}
+impl<T: Criu + Net + Procs + Cgroups + Steps + Clock + Connector + 'static> Host for T {}
+
+/// The real node: runs criu, ip, nft, and talks TCP.
+#[derive(Debug, Clone)]
+pub struct System {
+    criu: PathBuf,
+}
+
+impl System {
+    pub fn new(cfg: &AgentConfig) -> System {
+        System {
+            criu: cfg.criu.clone(),
+        }
+    }
+}
+
+impl Criu for System {
+    type Helper = CriuProcess;
+
+    async fn pre_dump(
+        &self,
+        pid: i32,
+        dir: &Path,
+        ps: (Ipv4Addr, u16),
+        parent: Option<&str>,
+    ) -> Result<(), AgentError> {
+        let args = criu::pre_dump_args(pid, dir, ps, parent);
+        criu::run(&self.criu, "pre-dump", &args, &[], dir, "pre-dump.log").await
+    }
+
+    async fn dump(&self, args: &DumpArgs) -> Result<(), AgentError> {
+        criu::run(
+            &self.criu,
+            "dump",
+            &args.build(),
+            &[],
+            &args.images_dir,
+            "dump.log",
+        )
+        .await
+    }
+
+    async fn dump_lazy(&self, args: &DumpArgs) -> Result<CriuProcess, AgentError> {
+        let mut args = args.clone();
+        let dir = args.images_dir.clone();
+        // No readiness limit: the dump is ready once the whole tree is dumped, however large.
+        criu::spawn_ready(
+            &self.criu,
+            |fd| {
+                args.status_fd = Some(fd);
+                args.build()
+            },
+            "dump",
+            &dir,
+            "dump.log",
+            None,
+            &[],
+        )
+        .await
+        .map(CriuProcess::from)
+    }
+
+    async fn page_server(
+        &self,
+        dir: &Path,
+        ip: Ipv4Addr,
+        parent: Option<&str>,
+    ) -> Result<((Ipv4Addr, u16), CriuProcess), AgentError> {
+        let io = |what: String| move |source| AgentError::Io { what, source };
+        // Bound here and kept: no window in which another process could take the port.
+        let listener = std::net::TcpListener::bind((ip, 0)).map_err(io(format!("bind {ip}:0")))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io("set_nonblocking".into()))?;
+        let port = listener
+            .local_addr()
+            .map_err(io("local_addr".into()))?
+            .port();
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(io("register listener".into()))?;
+        let (criu_path, dir, parent) = (
+            self.criu.clone(),
+            dir.to_path_buf(),
+            parent.map(str::to_string),
+        );
+        let pending = tokio::spawn(async move {
+            let (stream, from) = listener
+                .accept()
+                .await
+                .map_err(io(format!("accept on page-server port {port}")))?;
+            drop(listener);
+            tracing::debug!(peer = %from, port, "page-server connection accepted");
+            let stream = stream.into_std().map_err(io("page-server socket".into()))?;
+            // CRIU does blocking I/O on it.
+            stream
+                .set_nonblocking(false)
+                .map_err(io("set_blocking".into()))?;
+            let sock = OwnedFd::from(stream);
+            let fd = sock.as_raw_fd();
+            let child = criu::spawn_ready(
+                &criu_path,
+                |status| {
+                    criu::page_server_on_socket_args(&dir, ip, port, status, fd, parent.as_deref())
+                },
+                "page-server",
+                &dir,
+                "page-server.log",
+                Some(criu::READY_WITHIN),
+                &[fd],
+            )
+            .await;
+            // criu has its own copy of the socket now.
+            drop(sock);
+            child
+        });
+        Ok((
+            (ip, port),
+            CriuProcess {
+                pending: Some(pending),
+                child: None,
+            },
+        ))
+    }
+
+    async fn lazy_pages(
+        &self,
+        dir: &Path,
+        (src, port): (Ipv4Addr, u16),
+    ) -> Result<CriuProcess, AgentError> {
+        criu::spawn_ready(
+            &self.criu,
+            |fd| criu::lazy_pages_args(dir, src, port, fd),
+            "lazy-pages",
+            dir,
+            "lazy-pages.log",
+            Some(criu::READY_WITHIN),
+            &[],
+        )
+        .await
+        .map(CriuProcess::from)
+    }
+
+    async fn restore(
+        &self,
+        args: &[String],
+        keep_fds: &[i32],
+        cgroup_procs: &[i32],
+        dir: &Path,
+        pidfile: &Path,
+    ) -> Result<i32, AgentError> {
+        criu::run_in(
+            &self.criu,
+            "restore",
+            args,
+            keep_fds,
+            cgroup_procs,
+            dir,
+            "restore.log",
+        )
+        .await?;
+        std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| AgentError::Criu {
+                action: "restore",
+                message: format!("no pid in {}", pidfile.display()),
+            })
+    }
+
+    fn stats(&self, dir: &Path, name: &str) -> Option<CriuStats> {
+        criu::read_stats(dir, name)
+    }
+
+    fn lazy_totals(&self, dir: &Path) -> (u64, u64) {
+        let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
+        criu::pagemap_totals(&log)
+    }
+
+    fn pick_port(&self, ip: Ipv4Addr) -> Result<u16, AgentError> {
+        criu::pick_port(ip)
+    }
+}
+
+impl Net for System {
+    async fn create_net(&self, net: &ContainerNet, route: bool) -> Result<(), AgentError> {
+        netns::create(net, route).await
+    }
+    async fn add_route(&self, net: &ContainerNet) -> Result<(), AgentError> {
+        netns::add_route(net).await
+    }
+    async fn withdraw_route(&self, net: &ContainerNet) {
+        netns::withdraw_route(net).await
+    }
+    async fn destroy_net(&self, net: &ContainerNet) {
+        netns::destroy(net).await
+    }
+    async fn unlock(&self, net: &ContainerNet) -> Result<usize, AgentError> {
+        netns::unlock_criu_tables(net).await
+    }
+    fn net_inode(&self, net: &ContainerNet) -> Result<u64, AgentError> {
+        net.inode()
+    }
+    fn open_net(&self, net: &ContainerNet) -> Result<OwnedFd, AgentError> {
+        std::fs::File::open(net.path())
+            .map(OwnedFd::from)
+            .map_err(|source| AgentError::Io {
+                what: format!("open {}", net.path().display()),
+                source,
+            })
+    }
+    fn announce(&self, uplink: &str, ip: Ipv4Addr) {
+        let uplink = uplink.to_string();
+        // Several announcements: a neighbour entry refreshed within its locktime ignores one.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::garp::announce(&uplink, ip, 3, Duration::from_millis(300)) {
+                tracing::warn!(error = %e.chain(), "gratuitous ARP failed");
+            }
+        });
+    }
+    async fn poke(&self, addr: (Ipv4Addr, u16)) {
+        let _ = tokio::net::TcpStream::connect(addr).await;
+    }
+}
+
+impl Procs for System {
+    fn signal_tree(&self, pid: i32, sig: Signal) {
+        container::signal_tree(pid, sig)
+    }
+    fn kill(&self, pid: i32) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    async fn kill_and_reap(&self, pid: i32) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        // Pid 1 of a restored tree is our child (subreaper): reap it.
+        let _ = tokio::task::spawn_blocking(move || {
+            nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)
+        })
+        .await;
+    }
+    fn release_tcp_repair(&self, pid: i32) -> usize {
+        container::release_tcp_repair(pid)
+    }
+    fn tree_rss(&self, pid: i32) -> u64 {
+        container::tree_rss(pid)
+    }
+    fn stdio_ids(&self, pid: i32) -> (Vec<String>, Vec<String>) {
+        container::stdio_ids(pid)
+    }
+    fn alive(&self, pid: i32) -> bool {
+        container::alive(pid)
+    }
+    fn mem_available(&self) -> Option<u64> {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| mem_available(&m))
+    }
+}
+
+/// `MemAvailable` of a /proc/meminfo text, in bytes. Pure.
+pub fn mem_available(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+impl Cgroups for System {
+    fn create_cgroup(
+        &self,
+        agent: &Agent,
+        spec: &ContainerSpec,
+    ) -> Result<Option<Cgroup>, AgentError> {
+        agent.create_cgroup(spec)
+    }
+    async fn remove_cgroup(&self, cg: Cgroup) {
+        cg.remove().await
+    }
+}
+
+impl Steps for System {
+    type Step = tokio::process::Child;
+    fn start_step(
+        &self,
+        _agent: &Arc<Agent>,
+        _migration: &str,
+        argv: &[String],
+        log: std::fs::File,
+    ) -> Result<tokio::process::Child, AgentError> {
+        let program = argv
+            .first()
+            .ok_or_else(|| AgentError::BadRequest("empty restore command".into()))?;
+        let log2 = log.try_clone().map_err(|source| AgentError::Io {
+            what: "dup log".into(),
+            source,
+        })?;
+        tokio::process::Command::new(program)
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|source| AgentError::Io {
+                what: format!("cannot run {program}"),
+                source,
+            })
+    }
+}
+
+impl Clock for System {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    async fn sleep(&self, d: Duration) {
+        tokio::time::sleep(d).await
+    }
+}
+
+impl Connector for System {
+    type Link = PeerConn;
+    async fn connect(
+        &self,
+        cfg: &AgentConfig,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<PeerConn, AgentError> {
+        PeerConn::connect(cfg, addr, timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_available_reads_kib() {
+        let m = "MemTotal:  100 kB\nMemAvailable:    2048 kB\n";
+        assert_eq!(mem_available(m), Some(2 << 20));
+        assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
+    }
+}

@@ -1,0 +1,308 @@
+//! Pure migration decisions: which mode, when pre-copy stops, whether the destination has room.
+
+use rebalancer_proto::MigrationMode;
+
+use crate::error::AgentError;
+
+/// Whether this node can take a container of `rss` bytes: stop-and-copy and pre-copy hold the
+/// pages twice for a while (tmpfs images and the restored copy), post-copy once; plus 256 MiB
+/// of headroom. Pure.
+pub fn room_check(
+    mode: MigrationMode,
+    rss: u64,
+    available: u64,
+    node: &str,
+) -> Result<(), AgentError> {
+    let copies = if mode == MigrationMode::PostCopy {
+        1
+    } else {
+        2
+    };
+    let need = rss.saturating_mul(copies) + (256 << 20);
+    if available < need {
+        return Err(AgentError::NoRoom(format!(
+            "{node} has {} MiB of memory available, a {mode} migration of {} MiB needs {} MiB",
+            available >> 20,
+            rss >> 20,
+            need >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// Resident size from which `auto` prefers post-copy (stop-and-copy downtime grows with it).
+pub const AUTO_POSTCOPY_MIN_RSS: u64 = 256 << 20;
+/// Stop-and-copy throughput assumed by `auto` when estimating downtime (bytes/s).
+pub const ASSUMED_COPY_BPS: u64 = 500 << 20;
+
+/// When the pre-copy loop stops and the final (frozen) dump runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrecopyPolicy {
+    /// Rounds before giving up on convergence (round 0 copies everything).
+    pub max_rounds: u32,
+    /// Stop once a round wrote at most this fraction of the pages it scanned.
+    pub dirty_fraction: f64,
+}
+
+impl Default for PrecopyPolicy {
+    fn default() -> Self {
+        PrecopyPolicy {
+            max_rounds: 5,
+            dirty_fraction: 0.05,
+        }
+    }
+}
+
+/// Convergence rule of the pre-copy loop. Pure: `None` = run another round, `Some(why)` = stop.
+/// Rules, in order: the round limit; a dirty round (k >= 1) whose share of round 0's pages is
+/// under the threshold; a dirty round that wrote no fewer pages than the one before it (the
+/// working set is not shrinking, more rounds only add traffic).
+pub fn precopy_converged(
+    policy: &PrecopyPolicy,
+    rounds: &[rebalancer_proto::RoundStats],
+) -> Option<String> {
+    let last = rounds.last()?;
+    if rounds.len() as u32 >= policy.max_rounds {
+        return Some(format!("reached the limit of {} rounds", policy.max_rounds));
+    }
+    if rounds.len() < 2 {
+        return None;
+    }
+    // Relative to what round 0 wrote (the resident memory): the scanned count also covers
+    // mapped pages that were never touched, which would loosen the threshold.
+    let resident = rounds[0].pages_written.max(1);
+    let frac = last.pages_written as f64 / resident as f64;
+    if frac <= policy.dirty_fraction {
+        return Some(format!(
+            "round {} wrote {:.1}% of the resident pages (<= {:.1}%)",
+            last.round,
+            frac * 100.0,
+            policy.dirty_fraction * 100.0
+        ));
+    }
+    let prev = &rounds[rounds.len() - 2];
+    if rounds.len() >= 3 && last.pages_written >= prev.pages_written {
+        return Some(format!(
+            "round {} wrote {} pages, no fewer than round {} ({}): not converging",
+            last.round, last.pages_written, prev.round, prev.pages_written
+        ));
+    }
+    None
+}
+
+/// Phase bookkeeping on a record.
+/// Picks the concrete mode and says why. Pure.
+pub fn choose_mode(
+    requested: MigrationMode,
+    rss: u64,
+    max_downtime_ms: Option<u64>,
+    local: &[MigrationMode],
+    remote: &[MigrationMode],
+) -> Result<(MigrationMode, String), AgentError> {
+    let both = |m: MigrationMode| local.contains(&m) && remote.contains(&m);
+    match requested {
+        MigrationMode::Auto => {
+            let est_ms = rss * 1000 / ASSUMED_COPY_BPS;
+            let over_budget = max_downtime_ms.is_some_and(|b| est_ms > b);
+            let large = rss >= AUTO_POSTCOPY_MIN_RSS;
+            // Pre-copy keeps the source copy until the commit (post-copy cannot), so a large
+            // container without a tight budget goes pre-copy wherever soft-dirty exists.
+            if large && !over_budget && both(MigrationMode::PreCopy) {
+                return Ok((
+                    MigrationMode::PreCopy,
+                    format!(
+                        "auto: pre-copy because RSS {} MiB >= {} MiB and both nodes track dirty pages; \
+                         the source keeps its copy until the destination commits",
+                        rss >> 20,
+                        AUTO_POSTCOPY_MIN_RSS >> 20
+                    ),
+                ));
+            }
+            if both(MigrationMode::PostCopy) && (large || over_budget) {
+                let precopy_note = if over_budget {
+                    String::new()
+                } else if !local.contains(&MigrationMode::PreCopy) {
+                    "; pre-copy unavailable: the source kernel lacks soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY)".to_string()
+                } else {
+                    "; pre-copy unavailable: the destination kernel lacks soft-dirty tracking"
+                        .to_string()
+                };
+                Ok((
+                    MigrationMode::PostCopy,
+                    format!(
+                        "auto: post-copy because RSS {} MiB {} and both nodes have userfaultfd{precopy_note}",
+                        rss >> 20,
+                        if over_budget {
+                            format!("gives an estimated stop-and-copy downtime of {est_ms} ms over the {} ms budget", max_downtime_ms.unwrap_or(0))
+                        } else {
+                            format!(">= {} MiB", AUTO_POSTCOPY_MIN_RSS >> 20)
+                        }
+                    ),
+                ))
+            } else if both(MigrationMode::StopAndCopy) {
+                let why = if !both(MigrationMode::PostCopy) {
+                    "post-copy unavailable (userfaultfd missing on a node)".to_string()
+                } else {
+                    format!(
+                        "RSS {} MiB is small: estimated downtime {est_ms} ms",
+                        rss >> 20
+                    )
+                };
+                Ok((
+                    MigrationMode::StopAndCopy,
+                    format!("auto: stop-and-copy because {why}"),
+                ))
+            } else {
+                Err(AgentError::Unsupported(
+                    "no migration mode is supported by both nodes".into(),
+                ))
+            }
+        }
+        m => {
+            if !local.contains(&m) {
+                let why = if m == MigrationMode::PreCopy {
+                    "the kernel lacks soft-dirty page tracking (CONFIG_MEM_SOFT_DIRTY; `criu check --feature mem_dirty_track` says OFF)".to_string()
+                } else if m == MigrationMode::PostCopy {
+                    "userfaultfd is unavailable or fs.pipe-max-size < 4 MiB".to_string()
+                } else {
+                    "CRIU is missing or too old".to_string()
+                };
+                return Err(AgentError::Unsupported(format!(
+                    "{m} is not supported on the source: {why}"
+                )));
+            }
+            if !remote.contains(&m) {
+                return Err(AgentError::Unsupported(format!(
+                    "{m} is not supported on the destination"
+                )));
+            }
+            Ok((m, "requested".into()))
+        }
+    }
+}
+
+/// Everything a running migration needs, produced by [`preflight`].
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MigrationMode::*;
+
+    #[test]
+    fn auto_prefers_postcopy_for_large_rss() {
+        let all = [StopAndCopy, PostCopy, Auto];
+        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &all).expect("ok");
+        assert_eq!(m, PostCopy);
+        assert!(why.contains("1024 MiB"), "{why}");
+        let (m, why) = choose_mode(Auto, 16 << 20, None, &all, &all).expect("ok");
+        assert_eq!(m, StopAndCopy);
+        assert!(why.contains("small"), "{why}");
+        // A tight budget tips even a small container to post-copy.
+        let (m, _) = choose_mode(Auto, 128 << 20, Some(50), &all, &all).expect("ok");
+        assert_eq!(m, PostCopy);
+        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &[StopAndCopy, Auto]).expect("ok");
+        assert_eq!(m, StopAndCopy);
+        assert!(why.contains("userfaultfd"), "{why}");
+    }
+
+    #[test]
+    fn auto_prefers_precopy_where_both_nodes_track_dirty_pages() {
+        let all = [StopAndCopy, PostCopy, PreCopy, Auto];
+        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &all).expect("ok");
+        assert_eq!(m, PreCopy, "{why}");
+        // A tight budget wants the shortest freeze: post-copy.
+        let (m, _) = choose_mode(Auto, 1 << 30, Some(50), &all, &all).expect("ok");
+        assert_eq!(m, PostCopy);
+        // Destination without soft-dirty: post-copy, and the reason says why not pre-copy.
+        let no_sd = [StopAndCopy, PostCopy, Auto];
+        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &no_sd).expect("ok");
+        assert_eq!(m, PostCopy);
+        assert!(why.contains("destination kernel lacks soft-dirty"), "{why}");
+        let (m, why) = choose_mode(Auto, 1 << 30, None, &no_sd, &no_sd).expect("ok");
+        assert_eq!(m, PostCopy);
+        assert!(why.contains("CONFIG_MEM_SOFT_DIRTY"), "{why}");
+    }
+
+    #[test]
+    fn precopy_without_soft_dirty_names_the_kernel_feature() {
+        let e = choose_mode(PreCopy, 0, None, &[StopAndCopy], &[StopAndCopy, PreCopy])
+            .expect_err("unsupported");
+        assert!(e.to_string().contains("CONFIG_MEM_SOFT_DIRTY"), "{e}");
+        let e = choose_mode(PostCopy, 0, None, &[PostCopy], &[StopAndCopy]).expect_err("remote");
+        assert!(e.to_string().contains("destination"), "{e}");
+    }
+
+    fn round(round: u32, scanned: u64, written: u64) -> rebalancer_proto::RoundStats {
+        rebalancer_proto::RoundStats {
+            round,
+            pages_scanned: scanned,
+            pages_written: written,
+            pages_skipped_parent: scanned - written,
+            duration_ms: 10,
+        }
+    }
+
+    #[test]
+    fn dirty_fraction_is_relative_to_resident_pages_not_scanned() {
+        let p = PrecopyPolicy::default();
+        // 2000 mapped pages, 1000 resident: 80 dirty is 8% of resident, not 4% of scanned.
+        assert_eq!(
+            precopy_converged(&p, &[round(0, 2000, 1000), round(1, 2000, 80)]),
+            None
+        );
+        let why =
+            precopy_converged(&p, &[round(0, 2000, 1000), round(1, 2000, 40)]).expect("converged");
+        assert!(why.contains("4.0% of the resident"), "{why}");
+    }
+
+    #[test]
+    fn precopy_convergence_rule() {
+        let p = PrecopyPolicy::default();
+        assert_eq!(precopy_converged(&p, &[]), None);
+        // Round 0 copies everything: never enough on its own.
+        assert_eq!(precopy_converged(&p, &[round(0, 1000, 1000)]), None);
+        // Few dirty pages in round 1: converged.
+        let why =
+            precopy_converged(&p, &[round(0, 1000, 1000), round(1, 1000, 40)]).expect("converged");
+        assert!(why.contains("4.0%"), "{why}");
+        // Shrinking but still dirty: go on.
+        assert_eq!(
+            precopy_converged(
+                &p,
+                &[
+                    round(0, 1000, 1000),
+                    round(1, 1000, 300),
+                    round(2, 1000, 200)
+                ]
+            ),
+            None
+        );
+        // Not shrinking: stop.
+        let why = precopy_converged(
+            &p,
+            &[
+                round(0, 1000, 1000),
+                round(1, 1000, 300),
+                round(2, 1000, 310),
+            ],
+        )
+        .expect("stop");
+        assert!(why.contains("not converging"), "{why}");
+        // Round limit.
+        let rounds: Vec<_> = (0..5)
+            .map(|r| round(r, 1000, 900 - u64::from(r) * 100))
+            .collect();
+        assert!(precopy_converged(&p, &rounds)
+            .expect("limit")
+            .contains("limit of 5"));
+    }
+
+    #[test]
+    fn room_check_counts_image_copies() {
+        let gib = 1u64 << 30;
+        assert!(room_check(MigrationMode::PostCopy, gib, 2 * gib, "n").is_ok());
+        assert!(room_check(MigrationMode::StopAndCopy, gib, 2 * gib, "n").is_err());
+        let e = room_check(MigrationMode::StopAndCopy, gib, gib, "n2").expect_err("no room");
+        assert!(matches!(e, AgentError::NoRoom(_)));
+        assert!(e.to_string().contains("n2 has 1024 MiB"), "{e}");
+    }
+}

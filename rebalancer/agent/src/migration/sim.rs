@@ -1,0 +1,636 @@
+//! A simulated node for the migration state machines: processes, namespaces, routes and CRIU's
+//! network lock are entries in memory, CRIU's actions change them the way the real ones do, and
+//! any one action can be made to fail ([`Fault`]). Deterministic: no real processes, network or
+//! sleeps; the simulated clock moves only when a test advances it ([`SimHost::advance`]), so a
+//! timeout fires exactly when the test says. Peer connections are in-memory
+//! pipes to the destination's real server running on another [`SimHost`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use rebalancer_proto::ContainerSpec;
+use tokio::io::DuplexStream;
+
+use super::host::{Cgroups, Clock, Connector, Criu, Helper, Net, PeerLink, Procs, Steps};
+use crate::agent::Agent;
+use crate::cgroup::Cgroup;
+use crate::config::AgentConfig;
+use crate::criu::{CriuStats, DumpArgs};
+use crate::error::AgentError;
+use crate::netns::ContainerNet;
+use crate::peer::{PeerConn, PeerReply, PeerRequest};
+
+/// A simulated process tree's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proc {
+    Running,
+    /// Frozen by a dump or restored with `--leave-stopped`.
+    Stopped,
+    Dead,
+}
+
+/// Where a simulated failure strikes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The host action of that name fails (`create-net`, `page-server`, `pre-dump`, `dump`,
+    /// `dump-lazy`, `lazy-pages`, `restore`, `cgroup`, `net-inode`, `connect`, `start-step`,
+    /// `restore-step`; `lazy-serve`: the post-copy dump exits with an error once serving).
+    Action(&'static str),
+    /// The source's peer connection breaks before it sends this request (`prepare`, `images`,
+    /// `restore`, `commit`, `precopy-round`, `capabilities`).
+    LinkBefore(&'static str),
+    /// The request is delivered and handled, then the connection breaks before the answer.
+    LinkAfter(&'static str),
+    /// The host action of that name never returns (a stuck CRIU); only `pre-dump` and `dump`.
+    Hang(&'static str),
+}
+
+/// The simulated node's state, for assertions.
+#[derive(Debug, Default)]
+pub struct SimState {
+    pub procs: BTreeMap<i32, Proc>,
+    pub netns: BTreeSet<String>,
+    /// Namespaces whose address this node routes (answers ARP for).
+    pub routes: BTreeSet<String>,
+    /// Namespaces behind CRIU's nftables lock.
+    pub locked: BTreeSet<String>,
+    /// Running helper processes (page servers, lazy daemons, lazy dumps), by id.
+    pub helpers: BTreeSet<u32>,
+    pub announced: Vec<Ipv4Addr>,
+    /// Every action in order, for failure messages.
+    pub log: Vec<String>,
+    next_id: u32,
+}
+
+struct Inner {
+    state: Mutex<SimState>,
+    fault: Mutex<Option<Fault>>,
+    start: Instant,
+    /// Simulated time since `start`; moves only by [`SimHost::advance`].
+    clock: tokio::sync::watch::Sender<Duration>,
+    /// The destination this node's connector reaches.
+    peer: Mutex<Option<(Arc<Agent>, SimHost)>>,
+    /// Peer connections this node serves (as a destination).
+    served: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    mem_available: u64,
+    /// A restore step whose restore fails hangs instead of exiting.
+    hang_steps: std::sync::atomic::AtomicBool,
+}
+
+/// One simulated node. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct SimHost(Arc<Inner>);
+
+impl SimHost {
+    pub fn new() -> SimHost {
+        SimHost(Arc::new(Inner {
+            state: Mutex::new(SimState {
+                next_id: 1000,
+                ..Default::default()
+            }),
+            fault: Mutex::new(None),
+            start: Instant::now(),
+            clock: tokio::sync::watch::channel(Duration::ZERO).0,
+            peer: Mutex::new(None),
+            served: Mutex::new(Vec::new()),
+            mem_available: 64 << 30,
+            hang_steps: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, SimState> {
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the next matching action fail (once).
+    pub fn inject(&self, f: Fault) {
+        *self.0.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    /// Connections opened from this node reach `agent`'s peer server on `host`.
+    pub fn connect_to(&self, agent: Arc<Agent>, host: SimHost) {
+        *self.0.peer.lock().unwrap_or_else(|p| p.into_inner()) = Some((agent, host));
+    }
+
+    /// From now on a restore step whose restore fails neither registers nor exits.
+    pub fn hang_steps(&self) {
+        self.0
+            .hang_steps
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Moves the simulated clock on by `d`, waking the sleeps that end by then.
+    pub fn advance(&self, d: Duration) {
+        self.0.clock.send_modify(|t| *t += d);
+    }
+
+    /// Waits until every connection this node serves has ended (and undone what it must).
+    pub async fn settle(&self) {
+        loop {
+            let h = self
+                .0
+                .served
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
+            match h {
+                Some(h) => {
+                    let _ = h.await;
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// A running tree with pid 1 `pid`, in namespace `net` with its route.
+    pub fn add_container(&self, pid: i32, net: &ContainerNet) {
+        let mut s = self.state();
+        s.procs.insert(pid, Proc::Running);
+        s.netns.insert(net.name.clone());
+        s.routes.insert(net.name.clone());
+    }
+
+    /// Pid 1's trees that are running or stopped.
+    pub fn live(&self) -> Vec<(i32, Proc)> {
+        let s = self.state();
+        s.procs
+            .iter()
+            .filter(|(_, p)| **p != Proc::Dead)
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+
+    fn take_fault(&self, matches: impl Fn(&Fault) -> bool) -> bool {
+        let mut f = self.0.fault.lock().unwrap_or_else(|p| p.into_inner());
+        if f.as_ref().is_some_and(matches) {
+            *f = None;
+            return true;
+        }
+        false
+    }
+
+    /// Logs `action` and fails it if a fault is armed for it.
+    fn act(&self, action: &'static str) -> Result<(), AgentError> {
+        let failed = self.take_fault(|f| *f == Fault::Action(action));
+        self.state()
+            .log
+            .push(format!("{action}{}", if failed { " (failed)" } else { "" }));
+        if failed {
+            return Err(AgentError::Criu {
+                action,
+                message: "simulated failure".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Never returns if a hang is armed for `action`.
+    async fn hang(&self, action: &'static str) {
+        if self.take_fault(|f| *f == Fault::Hang(action)) {
+            self.state().log.push(format!("{action} (hangs)"));
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn helper(&self) -> SimHelper {
+        let mut s = self.state();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.helpers.insert(id);
+        SimHelper {
+            host: self.clone(),
+            id,
+            status: 0,
+        }
+    }
+}
+
+impl Default for SimHost {
+    fn default() -> Self {
+        SimHost::new()
+    }
+}
+
+/// A simulated helper: it has done its work by the time anyone waits for it.
+pub struct SimHelper {
+    host: SimHost,
+    id: u32,
+    /// Its wait status when it ends.
+    status: i32,
+}
+
+impl Helper for SimHelper {
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.host.state().helpers.remove(&self.id);
+        Ok(ExitStatus::from_raw(self.status))
+    }
+    fn start_kill(&mut self) {
+        self.host.state().helpers.remove(&self.id);
+    }
+}
+
+impl Criu for SimHost {
+    type Helper = SimHelper;
+
+    async fn pre_dump(
+        &self,
+        _pid: i32,
+        dir: &Path,
+        _ps: (Ipv4Addr, u16),
+        _parent: Option<&str>,
+    ) -> Result<(), AgentError> {
+        self.hang("pre-dump").await;
+        self.act("pre-dump")?;
+        write_image(dir, "pagemap-1.img")
+    }
+
+    async fn dump(&self, args: &DumpArgs) -> Result<(), AgentError> {
+        // A failed dump leaves the tree running (CRIU resumes it on its failure path).
+        self.hang("dump").await;
+        self.act("dump")?;
+        self.freeze(args.pid);
+        write_image(&args.images_dir, "inventory.img")
+    }
+
+    async fn dump_lazy(&self, args: &DumpArgs) -> Result<SimHelper, AgentError> {
+        self.act("dump-lazy")?;
+        self.freeze(args.pid);
+        write_image(&args.images_dir, "inventory.img")?;
+        let mut h = self.helper();
+        if self.take_fault(|f| *f == Fault::Action("lazy-serve")) {
+            // Serving the pages fails later, after the destination resumed.
+            h.status = 1 << 8;
+        }
+        Ok(h)
+    }
+
+    async fn page_server(
+        &self,
+        _dir: &Path,
+        ip: Ipv4Addr,
+        _parent: Option<&str>,
+    ) -> Result<((Ipv4Addr, u16), SimHelper), AgentError> {
+        self.act("page-server")?;
+        let port = self.pick_port(ip)?;
+        Ok(((ip, port), self.helper()))
+    }
+
+    async fn lazy_pages(
+        &self,
+        _dir: &Path,
+        _src: (Ipv4Addr, u16),
+    ) -> Result<SimHelper, AgentError> {
+        self.act("lazy-pages")?;
+        Ok(self.helper())
+    }
+
+    async fn restore(
+        &self,
+        _args: &[String],
+        _keep_fds: &[i32],
+        _cgroup_procs: &[i32],
+        dir: &Path,
+        _pidfile: &Path,
+    ) -> Result<i32, AgentError> {
+        self.act("restore")?;
+        if !dir.join("inventory.img").is_file() {
+            return Err(AgentError::Criu {
+                action: "restore",
+                message: "no images".into(),
+            });
+        }
+        let mut s = self.state();
+        s.next_id += 1;
+        let pid = s.next_id as i32;
+        s.procs.insert(pid, Proc::Stopped);
+        Ok(pid)
+    }
+
+    fn stats(&self, _dir: &Path, _name: &str) -> Option<CriuStats> {
+        None
+    }
+
+    fn lazy_totals(&self, _dir: &Path) -> (u64, u64) {
+        (0, 0)
+    }
+
+    fn pick_port(&self, _ip: Ipv4Addr) -> Result<u16, AgentError> {
+        let mut s = self.state();
+        s.next_id += 1;
+        Ok((20000 + s.next_id % 10000) as u16)
+    }
+}
+
+impl SimHost {
+    fn freeze(&self, pid: i32) {
+        let mut s = self.state();
+        if let Some(p) = s.procs.get_mut(&pid) {
+            *p = Proc::Stopped;
+        }
+        // CRIU locks the network of the container it dumped; the sim has one per node here.
+        let names: Vec<String> = s.netns.iter().cloned().collect();
+        s.locked.extend(names);
+    }
+}
+
+fn write_image(dir: &Path, name: &str) -> Result<(), AgentError> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(dir.join(name), b"sim"))
+        .map_err(|source| AgentError::Io {
+            what: format!("write {}", dir.join(name).display()),
+            source,
+        })
+}
+
+impl Net for SimHost {
+    async fn create_net(&self, net: &ContainerNet, route: bool) -> Result<(), AgentError> {
+        self.act("create-net")?;
+        let mut s = self.state();
+        s.netns.insert(net.name.clone());
+        if route {
+            s.routes.insert(net.name.clone());
+        }
+        Ok(())
+    }
+    async fn add_route(&self, net: &ContainerNet) -> Result<(), AgentError> {
+        self.act("add-route")?;
+        self.state().routes.insert(net.name.clone());
+        Ok(())
+    }
+    async fn withdraw_route(&self, net: &ContainerNet) {
+        let mut s = self.state();
+        s.log.push("withdraw-route".into());
+        s.routes.remove(&net.name);
+    }
+    async fn destroy_net(&self, net: &ContainerNet) {
+        let mut s = self.state();
+        s.log.push("destroy-net".into());
+        s.routes.remove(&net.name);
+        s.locked.remove(&net.name);
+        s.netns.remove(&net.name);
+    }
+    async fn unlock(&self, net: &ContainerNet) -> Result<usize, AgentError> {
+        let mut s = self.state();
+        s.log.push("unlock".into());
+        Ok(usize::from(s.locked.remove(&net.name)))
+    }
+    fn net_inode(&self, _net: &ContainerNet) -> Result<u64, AgentError> {
+        self.act("net-inode")?;
+        Ok(4026531840)
+    }
+    fn open_net(&self, _net: &ContainerNet) -> Result<OwnedFd, AgentError> {
+        std::fs::File::open("/dev/null")
+            .map(OwnedFd::from)
+            .map_err(|source| AgentError::Io {
+                what: "open /dev/null".into(),
+                source,
+            })
+    }
+    fn announce(&self, _uplink: &str, ip: Ipv4Addr) {
+        self.state().announced.push(ip);
+    }
+    async fn poke(&self, _addr: (Ipv4Addr, u16)) {}
+}
+
+impl Procs for SimHost {
+    fn signal_tree(&self, pid: i32, sig: Signal) {
+        let mut s = self.state();
+        s.log.push(format!("{sig} {pid}"));
+        if let Some(p) = s.procs.get_mut(&pid) {
+            *p = match (sig, *p) {
+                (_, Proc::Dead) => Proc::Dead,
+                (Signal::SIGCONT, _) => Proc::Running,
+                (Signal::SIGKILL, _) => Proc::Dead,
+                (_, p) => p,
+            };
+        }
+    }
+    fn kill(&self, pid: i32) {
+        self.signal_tree(pid, Signal::SIGKILL);
+    }
+    async fn kill_and_reap(&self, pid: i32) {
+        self.signal_tree(pid, Signal::SIGKILL);
+    }
+    fn release_tcp_repair(&self, _pid: i32) -> usize {
+        0
+    }
+    fn tree_rss(&self, _pid: i32) -> u64 {
+        16 << 20
+    }
+    fn stdio_ids(&self, _pid: i32) -> (Vec<String>, Vec<String>) {
+        // Pipes to slurmstepd: nothing CRIU must treat as an external file.
+        (vec![], vec![])
+    }
+    fn alive(&self, pid: i32) -> bool {
+        self.state()
+            .procs
+            .get(&pid)
+            .is_some_and(|p| *p != Proc::Dead)
+    }
+    fn mem_available(&self) -> Option<u64> {
+        Some(self.0.mem_available)
+    }
+}
+
+impl Cgroups for SimHost {
+    fn create_cgroup(
+        &self,
+        _agent: &Agent,
+        _spec: &ContainerSpec,
+    ) -> Result<Option<Cgroup>, AgentError> {
+        self.act("cgroup")?;
+        Ok(None)
+    }
+    async fn remove_cgroup(&self, _cg: Cgroup) {}
+}
+
+/// A simulated restore step (srun): it lives until killed, or until its restore failed.
+pub struct SimStep {
+    exited: tokio::sync::watch::Receiver<bool>,
+    kill: tokio::sync::watch::Sender<bool>,
+}
+
+impl Helper for SimStep {
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        let _ = self.exited.wait_for(|e| *e).await;
+        Ok(ExitStatus::from_raw(1 << 8))
+    }
+    fn start_kill(&mut self) {
+        let _ = self.kill.send(true);
+    }
+}
+
+impl Steps for SimHost {
+    type Step = SimStep;
+    /// Plays the step's task: once the images are in (the entry's `ready`), "restores" the tree
+    /// (action `restore-step`, which can fail: the step then exits) and registers its pid.
+    fn start_step(
+        &self,
+        agent: &Arc<Agent>,
+        migration: &str,
+        _argv: &[String],
+        _log: std::fs::File,
+    ) -> Result<SimStep, AgentError> {
+        self.act("start-step")?;
+        let mut ready = agent
+            .restore_steps()
+            .get(migration)
+            .map(|s| s.ready.clone())
+            .ok_or_else(|| AgentError::Internal("no restore step entry".into()))?;
+        let (exit_tx, exited) = tokio::sync::watch::channel(false);
+        let (kill, mut killed) = tokio::sync::watch::channel(false);
+        let (host, agent, migration) = (self.clone(), agent.clone(), migration.to_string());
+        tokio::spawn(async move {
+            let go = tokio::select! {
+                r = ready.wait_for(|g| *g) => r.is_ok(),
+                _ = killed.wait_for(|k| *k) => false,
+            };
+            let restored = go && host.act("restore-step").is_ok();
+            if go && !restored && host.0.hang_steps.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = killed.wait_for(|k| *k).await;
+            }
+            if restored {
+                let pid = {
+                    let mut s = host.state();
+                    s.next_id += 1;
+                    let pid = s.next_id as i32;
+                    s.procs.insert(pid, Proc::Stopped);
+                    pid
+                };
+                let tx = agent
+                    .restore_steps()
+                    .get_mut(&migration)
+                    .and_then(|s| s.registered.take());
+                if let Some(tx) = tx {
+                    let _ = tx.send(pid);
+                }
+                let _ = killed.wait_for(|k| *k).await;
+            }
+            let _ = exit_tx.send(true);
+        });
+        Ok(SimStep { exited, kill })
+    }
+}
+
+impl Clock for SimHost {
+    fn now(&self) -> Instant {
+        self.0.start + *self.0.clock.borrow()
+    }
+    /// Ends once the simulated clock has moved `d` on (never by itself: a timeout in the state
+    /// machine fires only when a test advances the clock past it).
+    async fn sleep(&self, d: Duration) {
+        let until = *self.0.clock.borrow() + d;
+        let mut rx = self.0.clock.subscribe();
+        let _ = rx.wait_for(|t| *t >= until).await;
+    }
+}
+
+/// The source's end of a simulated connection; breaks where a [`Fault`] says.
+pub struct SimLink {
+    conn: Option<PeerConn<DuplexStream>>,
+    host: SimHost,
+    /// Bytes sent before the connection broke (a count never goes back).
+    sent: u64,
+}
+
+fn op_name(req: &PeerRequest) -> &'static str {
+    match req {
+        PeerRequest::Capabilities => "capabilities",
+        PeerRequest::Prepare { .. } => "prepare",
+        PeerRequest::Images { .. } => "images",
+        PeerRequest::Restore { .. } => "restore",
+        PeerRequest::PrecopyRound { .. } => "precopy-round",
+        PeerRequest::Commit => "commit",
+        PeerRequest::TaskEnded { .. } => "task-ended",
+        PeerRequest::Abort { .. } => "abort",
+    }
+}
+
+impl SimLink {
+    fn broken() -> AgentError {
+        AgentError::Unreachable("simulated link failure".into())
+    }
+
+    fn before(&mut self, op: &'static str) -> Result<&mut PeerConn<DuplexStream>, AgentError> {
+        if self.host.take_fault(|f| *f == Fault::LinkBefore(op)) {
+            // Hanging up: the destination sees EOF.
+            self.sent = self.bytes_sent();
+            self.conn = None;
+        }
+        self.conn.as_mut().ok_or_else(Self::broken)
+    }
+
+    async fn after<T>(
+        &mut self,
+        op: &'static str,
+        r: Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
+        self.sent = self.bytes_sent();
+        if self.host.take_fault(|f| *f == Fault::LinkAfter(op)) {
+            self.conn = None;
+            return Err(Self::broken());
+        }
+        r
+    }
+}
+
+impl PeerLink for SimLink {
+    async fn call(&mut self, req: &PeerRequest) -> Result<PeerReply, AgentError> {
+        let op = op_name(req);
+        let r = self.before(op)?.call(req).await;
+        self.after(op, r).await
+    }
+    async fn send_images(&mut self, dir: &Path) -> Result<u64, AgentError> {
+        let r = self.before("images")?.send_images(dir).await;
+        self.after("images", r).await
+    }
+    fn bytes_sent(&self) -> u64 {
+        self.conn.as_ref().map_or(self.sent, |c| c.bytes_sent)
+    }
+}
+
+impl Connector for SimHost {
+    type Link = SimLink;
+    async fn connect(
+        &self,
+        cfg: &AgentConfig,
+        _addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<SimLink, AgentError> {
+        self.act("connect").map_err(|_| {
+            AgentError::Unreachable("simulated: no route to the destination".into())
+        })?;
+        let (agent, host) = self
+            .0
+            .peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| AgentError::Unreachable("simulated: no destination".into()))?;
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let served = tokio::spawn(super::destination::serve_with(
+            Arc::new(host.clone()),
+            agent,
+            b,
+            None,
+        ));
+        host.0
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(served);
+        let conn = PeerConn::handshake(cfg, a, timeout).await?;
+        Ok(SimLink {
+            conn: Some(conn),
+            host: self.clone(),
+            sent: 0,
+        })
+    }
+}

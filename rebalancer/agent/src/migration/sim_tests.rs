@@ -1,0 +1,473 @@
+//! The source and destination state machines on two simulated nodes, connected by the real
+//! peer protocol over an in-memory pipe: every phase of every mode, with a failure injected at
+//! each, must end in the documented state (LIFECYCLE.md): before Commit the container runs again
+//! on the source and nothing is left on the destination; once Commit was sent, never both.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rebalancer_proto::{
+    ContainerSpec, ContainerState, MigrateRequest, MigrationMode, MigrationRecord, MigrationState,
+    NodeCapabilities, RootfsSpec,
+};
+
+use super::sim::{Fault, Proc, SimHost};
+use super::source::{preflight_with, run_with};
+use crate::agent::Agent;
+use crate::config::AgentConfig;
+use crate::container::{Container, ContainerMeta};
+
+const ID: &str = "c1";
+const PID: i32 = 100;
+
+struct Node {
+    agent: Arc<Agent>,
+    host: SimHost,
+    dir: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn node(name: &str, tag: &str) -> Node {
+    let dir = std::env::temp_dir().join(format!(
+        "rb-sim-{tag}-{name}-{}-{:08x}",
+        std::process::id(),
+        crate::agent::random_u32()
+    ));
+    let toml = format!(
+        "node = \"{name}\"\nlisten = \"198.18.0.{}:7878\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\n[auth]\nmethod = \"none\"\n",
+        if name == "a" { 1 } else { 2 },
+        dir.join("run").display(),
+        dir.join("state").display(),
+    );
+    let cfg = AgentConfig::from_toml(&toml, Path::new("sim.toml")).expect("config");
+    let caps = NodeCapabilities {
+        node: name.into(),
+        criu_version: Some("sim".into()),
+        criu_path: None,
+        uffd: true,
+        tcp_established: true,
+        nftables_lock: true,
+        dirty_tracking: true,
+        modes: vec![
+            MigrationMode::StopAndCopy,
+            MigrationMode::PostCopy,
+            MigrationMode::PreCopy,
+            MigrationMode::Auto,
+        ],
+        notes: vec![],
+    };
+    let mut agent = Agent::new(cfg, caps);
+    // No cgroups in the simulation.
+    Arc::get_mut(&mut agent).expect("sole owner").cgroups = None;
+    Node {
+        agent,
+        host: SimHost::new(),
+        dir,
+    }
+}
+
+/// Node `a` runs container c1 (pid 100); its connector reaches node `b`.
+fn pair(tag: &str) -> (Node, Node) {
+    pair_of(tag, false)
+}
+
+/// Like [`pair`]; `task`: c1 is a Slurm task (restored by a restore step on `b`).
+fn pair_of(tag: &str, task: bool) -> (Node, Node) {
+    let (a, b) = (node("a", tag), node("b", tag));
+    let address = Ipv4Addr::new(198, 19, 0, 9);
+    let net = a.agent.new_net(ID, address);
+    let spec = ContainerSpec {
+        id: ID.into(),
+        task: task.then_some(rebalancer_proto::TaskRef {
+            job_id: 7,
+            step_id: 0,
+            task_id: 0,
+        }),
+        uid: 0,
+        gid: 0,
+        argv: vec!["/bin/sleep".into(), "1000".into()],
+        env: vec![],
+        cwd: "/".into(),
+        rootfs: RootfsSpec::Host,
+        binds: vec![],
+        memory_limit: None,
+        cpus: None,
+        class: None,
+        address: None,
+        stdout: None,
+        stderr: None,
+    };
+    let meta = ContainerMeta {
+        spec,
+        address,
+        mounts: vec![],
+        symlinks: vec![],
+        stdio_keys: vec![],
+        stdio_paths: vec![],
+        started_at: 0,
+    };
+    let c = Container {
+        meta,
+        net: net.clone(),
+        root: a.agent.container_dir(ID).join("root"),
+        dir: a.agent.container_dir(ID),
+        pid: PID,
+        state: ContainerState::Running,
+        exit_status: None,
+        external: task,
+        migrated_to: None,
+        arrived_from: None,
+        final_status: None,
+        cgroup: None,
+    };
+    a.agent.containers().insert(ID.into(), c);
+    a.host.add_container(PID, &net);
+    a.host.connect_to(b.agent.clone(), b.host.clone());
+    (a, b)
+}
+
+/// Migrates c1 from a to b; `Err` when the pre-flight refused.
+async fn migrate(a: &Node, b: &Node, mode: MigrationMode) -> Result<MigrationRecord, String> {
+    migrate_then(a, b, mode, |_| ()).await
+}
+
+/// [`migrate`], calling `during(b)` while the migration runs (to move b's clock, say).
+async fn migrate_then(
+    a: &Node,
+    b: &Node,
+    mode: MigrationMode,
+    during: impl Fn(&Node),
+) -> Result<MigrationRecord, String> {
+    let req = MigrateRequest {
+        container: ID.into(),
+        destination: "b".into(),
+        destination_addr: Some("198.18.0.2:7878".into()),
+        mode,
+        max_downtime_ms: None,
+        timeout_ms: None,
+    };
+    let run = async {
+        match preflight_with(&a.host, &a.agent, &req).await {
+            Ok(p) => Ok(run_with(&a.host, a.agent.clone(), p).await),
+            Err(e) => Err(e.chain()),
+        }
+    };
+    tokio::pin!(run);
+    let r = loop {
+        tokio::select! {
+            r = &mut run => break r,
+            _ = tokio::task::yield_now() => during(b),
+        }
+    };
+    b.host.settle().await;
+    r
+}
+
+fn source_state(a: &Node) -> ContainerState {
+    a.agent.containers().get(ID).expect("container").state
+}
+
+/// Before Commit: the source copy runs again, unlocked and routed; the destination is clean.
+fn assert_rolled_back(a: &Node, b: &Node, what: &str) {
+    let log = format!(
+        "{what}\nsource: {:?}\ndestination: {:?}",
+        a.host.state().log,
+        b.host.state().log
+    );
+    assert_eq!(a.host.live(), [(PID, Proc::Running)], "{log}");
+    assert_eq!(source_state(a), ContainerState::Running, "{log}");
+    {
+        let s = a.host.state();
+        assert!(s.locked.is_empty(), "network lock left: {log}");
+        assert_eq!(s.routes.len(), 1, "source route: {log}");
+        assert!(s.helpers.is_empty(), "helpers left on the source: {log}");
+    }
+    assert_clean(b, &log);
+}
+
+fn assert_clean(b: &Node, log: &str) {
+    assert!(b.host.live().is_empty(), "restored tree left: {log}");
+    let s = b.host.state();
+    assert!(s.netns.is_empty(), "netns left: {log}");
+    assert!(s.helpers.is_empty(), "helpers left: {log}");
+    assert!(s.announced.is_empty(), "address announced: {log}");
+    drop(s);
+    assert!(b.agent.incoming().is_empty(), "reservation left: {log}");
+    assert!(b.agent.containers().is_empty(), "container recorded: {log}");
+    let images = b.agent.cfg.run_dir.join("images");
+    let left: Vec<_> = std::fs::read_dir(&images)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "images left {left:?}: {log}");
+}
+
+const MODES: [MigrationMode; 3] = [
+    MigrationMode::StopAndCopy,
+    MigrationMode::PostCopy,
+    MigrationMode::PreCopy,
+];
+
+#[tokio::test]
+async fn every_mode_commits_and_the_container_runs_only_on_the_destination() {
+    for mode in MODES {
+        let (a, b) = pair("ok");
+        let rec = migrate(&a, &b, mode).await.expect("preflight");
+        assert_eq!(
+            rec.state,
+            MigrationState::Succeeded,
+            "{mode}: {:?}",
+            rec.error
+        );
+        assert_eq!(a.host.live(), [], "{mode}: source copy still alive");
+        assert_eq!(source_state(&a), ContainerState::MigratedAway);
+        assert!(a.host.state().netns.is_empty(), "{mode}");
+        let live = b.host.live();
+        assert_eq!(live.len(), 1, "{mode}");
+        assert_eq!(live[0].1, Proc::Running, "{mode}");
+        let bc = b.agent.containers();
+        let c = bc.get(ID).expect("container on the destination");
+        assert_eq!((c.state, c.pid), (ContainerState::Running, live[0].0));
+        drop(bc);
+        let s = b.host.state();
+        assert_eq!(s.routes.len(), 1, "{mode}: destination route");
+        assert_eq!(s.announced, [Ipv4Addr::new(198, 19, 0, 9)], "{mode}");
+        assert!(
+            rec.phases
+                .iter()
+                .any(|p| matches!(p.phase, rebalancer_proto::Phase::NetworkSwitch)),
+            "{mode}: {:?}",
+            rec.phases
+        );
+    }
+}
+
+/// Failures before Commit, on either node, in each mode where the phase exists.
+fn faults(mode: MigrationMode) -> Vec<(bool, Fault)> {
+    use Fault::*;
+    let src = |f| (true, f);
+    let dst = |f| (false, f);
+    let mut v = vec![
+        src(LinkBefore("capabilities")),
+        src(LinkBefore("prepare")),
+        src(LinkAfter("prepare")),
+        dst(Action("cgroup")),
+        dst(Action("create-net")),
+        src(Action("net-inode")),
+        src(LinkBefore("images")),
+        src(LinkAfter("images")),
+        src(LinkBefore("restore")),
+        dst(Action("restore")),
+        src(LinkAfter("restore")),
+    ];
+    match mode {
+        MigrationMode::StopAndCopy => {
+            v.extend([dst(Action("page-server")), src(Action("dump"))]);
+        }
+        MigrationMode::PostCopy => {
+            v.extend([src(Action("dump-lazy")), dst(Action("lazy-pages"))]);
+        }
+        _ => v.extend([
+            src(LinkBefore("precopy-round")),
+            src(LinkAfter("precopy-round")),
+            dst(Action("page-server")),
+            src(Action("pre-dump")),
+            src(Action("dump")),
+        ]),
+    }
+    v
+}
+
+#[tokio::test]
+async fn a_failure_in_any_phase_before_commit_resumes_the_source_and_clears_the_destination() {
+    for mode in MODES {
+        for (on_source, fault) in faults(mode) {
+            let (a, b) = pair("fail");
+            let what = format!(
+                "{mode}, fault {fault:?} on the {}",
+                if on_source { "source" } else { "destination" }
+            );
+            if on_source {
+                a.host.inject(fault.clone());
+            } else {
+                b.host.inject(fault.clone());
+            }
+            match migrate(&a, &b, mode).await {
+                Ok(rec) => {
+                    assert_eq!(
+                        rec.state,
+                        MigrationState::RolledBack,
+                        "{what}: {:?}",
+                        rec.error
+                    );
+                    assert!(rec.error.is_some(), "{what}");
+                }
+                // Refused in the pre-flight: nothing was frozen.
+                Err(e) => assert!(!e.is_empty(), "{what}"),
+            }
+            assert_rolled_back(&a, &b, &what);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_destination_changes_nothing() {
+    let (a, b) = pair("unreach");
+    a.host.inject(Fault::Action("connect"));
+    let e = migrate(&a, &b, MigrationMode::StopAndCopy)
+        .await
+        .expect_err("refused");
+    assert!(e.contains("no route"), "{e}");
+    assert_rolled_back(&a, &b, "connect");
+}
+
+#[tokio::test]
+async fn once_commit_was_sent_the_source_never_resumes() {
+    for mode in MODES {
+        // Delivered and applied, answer lost: the destination runs it, the source copy is gone.
+        let (a, b) = pair("commit");
+        a.host.inject(Fault::LinkAfter("commit"));
+        let rec = migrate(&a, &b, mode).await.expect("preflight");
+        assert_eq!(rec.state, MigrationState::Failed, "{mode}");
+        assert!(
+            rec.error
+                .as_deref()
+                .is_some_and(|e| e.contains("not confirmed")),
+            "{mode}: {:?}",
+            rec.error
+        );
+        assert_eq!(a.host.live(), [], "{mode}: source resumed after commit");
+        assert_eq!(b.host.live().len(), 1, "{mode}");
+        assert_eq!(b.host.live()[0].1, Proc::Running, "{mode}");
+
+        // Lost on the way: the source cannot know, so it still does not resume; the
+        // destination, which never saw it, undoes. No copy runs, never two.
+        let (a, b) = pair("commit-lost");
+        a.host.inject(Fault::LinkBefore("commit"));
+        let rec = migrate(&a, &b, mode).await.expect("preflight");
+        assert_eq!(rec.state, MigrationState::Failed, "{mode}");
+        assert_eq!(a.host.live(), [], "{mode}: source resumed after commit");
+        assert_clean(&b, &format!("{mode}: commit lost"));
+    }
+}
+
+#[tokio::test]
+async fn a_slurm_task_moves_through_a_restore_step_or_rolls_back_in_every_phase() {
+    for mode in MODES {
+        let (a, b) = pair_of("task", true);
+        let rec = migrate(&a, &b, mode).await.expect("preflight");
+        assert_eq!(
+            rec.state,
+            MigrationState::Succeeded,
+            "{mode}: {:?}",
+            rec.error
+        );
+        assert_eq!(a.host.live(), [], "{mode}");
+        {
+            let bc = b.agent.containers();
+            let c = bc.get(ID).expect("task on the destination");
+            assert!(
+                c.external,
+                "{mode}: a restored task is Slurm's, not the agent's child"
+            );
+            assert_eq!(c.arrived_from.as_ref().map(|(n, _)| n.as_str()), Some("a"));
+            assert_eq!(b.host.live(), [(c.pid, Proc::Running)], "{mode}");
+        }
+        assert!(b.agent.restore_steps().is_empty(), "{mode}");
+
+        let mut faults: Vec<_> = faults(mode)
+            .into_iter()
+            // The restore step, not the agent, restores a task, in the step's own cgroups.
+            .filter(|(_, f)| *f != Fault::Action("restore") && *f != Fault::Action("cgroup"))
+            .collect();
+        faults.extend([
+            (false, Fault::Action("start-step")),
+            (false, Fault::Action("restore-step")),
+        ]);
+        for (on_source, fault) in faults {
+            let (a, b) = pair_of("task-fail", true);
+            let what = format!("task, {mode}, fault {fault:?} (source: {on_source})");
+            if on_source {
+                a.host.inject(fault.clone());
+            } else {
+                b.host.inject(fault.clone());
+            }
+            if let Ok(rec) = migrate(&a, &b, mode).await {
+                assert_eq!(
+                    rec.state,
+                    MigrationState::RolledBack,
+                    "{what}: {:?}",
+                    rec.error
+                );
+            }
+            assert_rolled_back(&a, &b, &what);
+            assert!(b.agent.restore_steps().is_empty(), "{what}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_restore_step_that_never_registers_times_out_on_the_simulated_clock() {
+    let (a, b) = pair_of("step-timeout", true);
+    // The step's task never restores: only the destination's 60 s limit ends the wait.
+    b.host.inject(Fault::Action("restore-step"));
+    b.host.hang_steps();
+    // Time passes on the destination only while it waits for the step's registration.
+    let waiting = |b: &Node| b.agent.restore_steps().values().any(|s| *s.ready.borrow());
+    let rec = migrate_then(&a, &b, MigrationMode::StopAndCopy, |b| {
+        if waiting(b) {
+            b.host.advance(Duration::from_secs(1))
+        }
+    })
+    .await
+    .expect("preflight");
+    assert_eq!(rec.state, MigrationState::RolledBack);
+    let e = rec.error.unwrap_or_default();
+    assert!(e.contains("did not register within 60 s"), "{e}");
+    assert_rolled_back(&a, &b, "step timeout");
+}
+
+#[tokio::test]
+async fn a_dump_stuck_past_the_deadline_rolls_back_on_the_simulated_clock() {
+    for (mode, action) in [
+        (MigrationMode::StopAndCopy, "dump"),
+        (MigrationMode::PreCopy, "pre-dump"),
+    ] {
+        let (a, b) = pair("deadline");
+        a.host.inject(Fault::Hang(action));
+        // Only the source's clock moves: its migration deadline (and then the 3 s it gives
+        // the abort) pass, the destination's timers never fire.
+        let rec = migrate_then(&a, &b, mode, |_| a.host.advance(Duration::from_secs(1)))
+            .await
+            .expect("preflight");
+        assert_eq!(rec.state, MigrationState::RolledBack, "{mode}");
+        assert_eq!(rec.error.as_deref(), Some("migration timed out"), "{mode}");
+        assert_rolled_back(&a, &b, &format!("{mode}: {action} stuck"));
+    }
+}
+
+#[tokio::test]
+async fn post_copy_pages_lost_after_commit_fail_the_migration_without_a_second_copy() {
+    let (a, b) = pair("lazy");
+    a.host.inject(Fault::Action("lazy-serve"));
+    let rec = migrate(&a, &b, MigrationMode::PostCopy)
+        .await
+        .expect("preflight");
+    assert_eq!(rec.state, MigrationState::Failed);
+    assert!(
+        rec.error
+            .as_deref()
+            .is_some_and(|e| e.contains("lazy page server failed after resume")),
+        "{:?}",
+        rec.error
+    );
+    // The destination runs it (post-copy's failure model: its missing pages are lost).
+    assert_eq!(a.host.live(), []);
+    assert_eq!(b.host.live().len(), 1);
+}

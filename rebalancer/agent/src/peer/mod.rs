@@ -1,0 +1,34 @@
+//! Agent ↔ agent protocol (TCP, rebalancer-proto framing).
+//!
+//! One connection per migration, opened by the source:
+//! ```text
+//! source                                   destination
+//! Hello{role=agent, node, munge cred} ──→  verify credential (before anything else)
+//!                                     ←──  Hello
+//! Capabilities                        ──→  ← capabilities
+//! Prepare{migration, mode, meta}      ──→  check room/features; netns (no route yet), root
+//!                                          skeleton; stop-and-copy: criu page-server
+//!                                     ←──  Prepared{page_server_port}
+//!   (criu dump streams pages to the page server)
+//! Images{files}  + Data frames        ──→  write non-memory images into the tmpfs dir
+//!                                     ←──  ImagesReceived
+//! Restore{lazy}                       ──→  post-copy: criu lazy-pages; criu restore
+//!                                          --leave-stopped (tree stays stopped)
+//!                                     ←──  Restored{pid, stats}
+//! Commit  (source's point of no return)──→ route + SIGCONT + gratuitous ARP
+//!                                     ←──  Committed
+//! ```
+//! Abort, EOF, an error or the timeout before Commit make the destination kill whatever it
+//! restored and remove the netns, images and reservation: the source resumes its copy.
+//!
+//! This module holds the wire types ([`wire`]), the client ([`client`]) and the error mapping
+//! ([`errors`]). The destination's server is in the migration module (`destination.rs`), which
+//! uses this one; this module uses nothing of it.
+
+pub mod client;
+pub mod errors;
+pub mod wire;
+
+pub use client::PeerConn;
+pub use errors::{error_from_reply, reply_error};
+pub use wire::*;

@@ -1,0 +1,97 @@
+//! The agent ↔ agent wire types: plain data, no logic (serde shape is the wire format).
+
+use std::net::Ipv4Addr;
+
+use rebalancer_proto::{ErrorReply, MigrationId, MigrationMode, NodeCapabilities};
+use serde::{Deserialize, Serialize};
+
+use crate::container::ContainerMeta;
+
+/// Upper bound of one peer frame (image chunks are 1 MiB).
+pub const PEER_MAX_FRAME: u32 = 4 << 20;
+pub const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFile {
+    pub name: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum PeerRequest {
+    Capabilities,
+    Prepare {
+        migration: MigrationId,
+        mode: MigrationMode,
+        source_node: String,
+        meta: Box<ContainerMeta>,
+        /// A Slurm task: restored by a restore step on this node (`prepare-restore`), not by
+        /// the agent, so that it becomes part of the job.
+        #[serde(default)]
+        restore_step: bool,
+        /// The source agent's peer address, told the task's final status later.
+        #[serde(default)]
+        source_addr: Option<String>,
+        /// Resident memory of the container, for the destination's room check.
+        #[serde(default)]
+        rss_bytes: u64,
+    },
+    Images {
+        files: Vec<ImageFile>,
+    },
+    Restore {
+        /// Post-copy: the source's lazy page server.
+        lazy_pages: Option<(Ipv4Addr, u16)>,
+    },
+    /// Pre-copy: start a page server for round `round` (`last`: the final, frozen dump, whose
+    /// images are the ones restored; its parent is round `round - 1`).
+    PrecopyRound {
+        round: u32,
+        last: bool,
+    },
+    Commit,
+    /// Destination → source, after commit: the migrated task ended (`node` is where).
+    TaskEnded {
+        container: String,
+        wait_status: i32,
+        node: String,
+    },
+    Abort {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum PeerReply {
+    Capabilities {
+        capabilities: NodeCapabilities,
+    },
+    Prepared {
+        page_server: Option<(Ipv4Addr, u16)>,
+    },
+    ImagesReceived {
+        bytes: u64,
+    },
+    Restored {
+        pid: i32,
+        restore_ms: u64,
+        pages_restored: u64,
+    },
+    Committed {
+        resumed_at: u64,
+    },
+    RoundReady {
+        page_server: (Ipv4Addr, u16),
+    },
+    Aborted,
+    Ack,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerResponse {
+    Ok(PeerReply),
+    Error(ErrorReply),
+}
