@@ -62,6 +62,10 @@ pub struct RawConfig {
     /// Whole-migration timeout in milliseconds.
     #[serde(default = "default_timeout")]
     pub migration_timeout_ms: u64,
+    /// Encrypt memory pages between nodes (CRIU's TLS, a key pair per migration). Both nodes
+    /// of a migration must agree; `false` on both saves the cipher's CPU on a trusted network.
+    #[serde(default = "default_true")]
+    pub encrypt_memory: bool,
     /// Command that starts the restore step of a migrated Slurm task on this node; `{job}`,
     /// `{node}` and `{migration}` are substituted.
     #[serde(default = "default_restore_command")]
@@ -145,6 +149,10 @@ fn default_restore_command() -> Vec<String> {
     .collect()
 }
 
+fn default_true() -> bool {
+    true
+}
+
 fn default_timeout() -> u64 {
     60_000
 }
@@ -216,6 +224,7 @@ pub struct AgentConfig {
     pub host_dirs: Vec<PathBuf>,
     pub peers: std::collections::BTreeMap<String, SocketAddr>,
     pub migration_timeout_ms: u64,
+    pub encrypt_memory: bool,
     pub restore_command: Vec<String>,
     pub metrics: crate::metrics::MetricsConfig,
     pub metrics_listen: Option<SocketAddr>,
@@ -389,6 +398,7 @@ impl RawConfig {
             host_dirs: self.host_dirs,
             peers,
             migration_timeout_ms: self.migration_timeout_ms,
+            encrypt_memory: self.encrypt_memory,
             restore_command: self.restore_command,
         })
     }

@@ -26,6 +26,8 @@ pub struct DumpArgs {
     pub status_fd: Option<i32>,
     /// Pre-copy: the last round's directory relative to `images_dir` (`--prev-images-dir`).
     pub prev: Option<String>,
+    /// [`crate::tls::criu_options`] of an encrypted transfer (empty: plain TCP).
+    pub tls: Vec<String>,
 }
 
 impl DumpArgs {
@@ -77,6 +79,9 @@ impl DumpArgs {
         }
         if let Some(p) = &self.prev {
             a.extend(["--track-mem".into(), "--prev-images-dir".into(), p.clone()]);
+        }
+        if self.page_server.is_some() || self.lazy_serve.is_some() {
+            a.extend(self.tls.iter().cloned());
         }
         a
     }
@@ -151,6 +156,7 @@ pub fn page_server_args(
     port: u16,
     status_fd: i32,
     prev: Option<&str>,
+    tls: &[String],
 ) -> Vec<String> {
     let mut a = vec![
         "page-server".into(),
@@ -169,6 +175,7 @@ pub fn page_server_args(
     if let Some(p) = prev {
         a.extend(["--prev-images-dir".into(), p.to_string()]);
     }
+    a.extend(tls.iter().cloned());
     a
 }
 
@@ -181,8 +188,9 @@ pub fn page_server_on_socket_args(
     status_fd: i32,
     socket: i32,
     prev: Option<&str>,
+    tls: &[String],
 ) -> Vec<String> {
-    let mut a = page_server_args(images_dir, addr, port, status_fd, prev);
+    let mut a = page_server_args(images_dir, addr, port, status_fd, prev, tls);
     a.extend(["--ps-socket".into(), socket.to_string()]);
     a
 }
@@ -194,6 +202,7 @@ pub fn pre_dump_args(
     images_dir: &Path,
     page_server: (Ipv4Addr, u16),
     prev: Option<&str>,
+    tls: &[String],
 ) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "pre-dump".into(),
@@ -214,12 +223,19 @@ pub fn pre_dump_args(
     if let Some(p) = prev {
         a.extend(["--prev-images-dir".into(), p.to_string()]);
     }
+    a.extend(tls.iter().cloned());
     a
 }
 
 /// `criu lazy-pages` on the destination (post-copy: fetches pages from the source's dump).
-pub fn lazy_pages_args(images_dir: &Path, src: Ipv4Addr, port: u16, status_fd: i32) -> Vec<String> {
-    vec![
+pub fn lazy_pages_args(
+    images_dir: &Path,
+    src: Ipv4Addr,
+    port: u16,
+    status_fd: i32,
+    tls: &[String],
+) -> Vec<String> {
+    let mut a: Vec<String> = vec![
         "lazy-pages".into(),
         "--images-dir".into(),
         images_dir.display().to_string(),
@@ -233,7 +249,9 @@ pub fn lazy_pages_args(images_dir: &Path, src: Ipv4Addr, port: u16, status_fd: i
         port.to_string(),
         "--status-fd".into(),
         status_fd.to_string(),
-    ]
+    ];
+    a.extend(tls.iter().cloned());
+    a
 }
 
 /// Builds a criu command whose listed descriptors survive exec (their CLOEXEC flag is cleared
@@ -534,6 +552,7 @@ mod tests {
             lazy_serve: None,
             status_fd: None,
             prev: None,
+            tls: vec![],
         }
         .build();
         let s = a.join(" ");
@@ -562,6 +581,7 @@ mod tests {
             Path::new("/r/m-src/pre-1"),
             (Ipv4Addr::new(198, 18, 16, 3), 9),
             Some("../pre-0"),
+            &[],
         )
         .join(" ");
         assert!(
@@ -579,6 +599,7 @@ mod tests {
             9,
             5,
             Some("../pre-1"),
+            &[],
         )
         .join(" ");
         assert!(
@@ -592,6 +613,7 @@ mod tests {
             5,
             7,
             None,
+            &[],
         )
         .join(" ");
         assert!(on.ends_with("--status-fd 5 --ps-socket 7"), "{on}");
@@ -603,6 +625,38 @@ mod tests {
         .build()
         .join(" ");
         assert!(d.contains("--track-mem --prev-images-dir ../pre-1"), "{d}");
+    }
+
+    #[test]
+    fn tls_options_go_to_every_page_moving_command_and_only_those() {
+        let tls = crate::tls::criu_options(Path::new("/r/m/tls"));
+        let has = |a: &[String]| a.windows(tls.len()).any(|w| w == tls.as_slice());
+        let ip = Ipv4Addr::new(198, 18, 16, 3);
+        let mut d = DumpArgs {
+            pid: 7,
+            page_server: Some((ip, 9)),
+            tls: tls.clone(),
+            ..Default::default()
+        };
+        assert!(has(&d.build()));
+        d.page_server = None;
+        d.lazy_serve = Some((ip, 9));
+        assert!(has(&d.build()));
+        // A dump to the agent's own image directory has no peer to encrypt for.
+        d.lazy_serve = None;
+        assert!(!d.build().iter().any(|a| a == "--tls"));
+        assert!(has(&pre_dump_args(7, Path::new("/d"), (ip, 9), None, &tls)));
+        assert!(has(&page_server_args(
+            Path::new("/d"),
+            ip,
+            9,
+            5,
+            None,
+            &tls
+        )));
+        let on = page_server_on_socket_args(Path::new("/d"), ip, 9, 5, 7, None, &tls);
+        assert!(has(&on) && on.ends_with(&["--ps-socket".to_string(), "7".to_string()]));
+        assert!(has(&lazy_pages_args(Path::new("/d"), ip, 9, 5, &tls)));
     }
 
     #[test]

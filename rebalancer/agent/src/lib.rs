@@ -18,6 +18,7 @@ pub mod netns;
 pub mod peer;
 pub mod prom;
 pub mod spank;
+pub mod tls;
 
 /// The pure migration decisions under their former path (`migrate::choose_mode`).
 pub use migration::policy as migrate;

@@ -39,6 +39,8 @@ pub(super) struct Incoming<H: Host> {
     pub(super) source: Option<(String, String)>,
     /// The container's cgroup here (agent-restored containers); criu restore runs inside it.
     pub(super) cgroup: Option<crate::cgroup::Cgroup>,
+    /// CRIU's TLS options for this migration's page transfers (empty: plain TCP).
+    pub(super) tls: Vec<String>,
 }
 
 impl<H: Host> Incoming<H> {

@@ -128,7 +128,7 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
                 continue;
             }
         };
-        let result = handle(host, agent, s, incoming, req, &source_node, timeout).await;
+        let result = handle(host, agent, s, incoming, req, (&source_node, peer), timeout).await;
         let done = matches!(
             result,
             Ok(PeerReply::Committed { .. }) | Ok(PeerReply::Aborted)
@@ -158,9 +158,11 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
     s: &mut S,
     incoming: &mut Option<Incoming<H>>,
     req: PeerRequest,
-    source_node: &str,
+    (source_node, peer): (&str, Option<std::net::SocketAddr>),
     timeout: Duration,
 ) -> Result<PeerReply, AgentError> {
+    // Page servers take connections from the source agent's address only.
+    let from = peer.map(|p| p.ip());
     match req {
         PeerRequest::Capabilities => Ok(PeerReply::Capabilities {
             capabilities: agent.caps.clone(),
@@ -173,10 +175,13 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
             restore_step,
             source_addr,
             rss_bytes,
+            tls_cert,
         } => {
             if incoming.is_some() {
                 return Err(AgentError::BadRequest("prepare sent twice".into()));
             }
+            // It names directories here: never a path.
+            super::policy::check_migration_id(&migration)?;
             if claimed != source_node {
                 return Err(AgentError::BadRequest(format!(
                     "prepare names source {claimed}, hello said {source_node}"
@@ -210,6 +215,13 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
             if let Some(avail) = host.mem_available() {
                 room_check(mode, rss_bytes, avail, &agent.cfg.node)?;
             }
+            // Encrypt whenever the source asks; refuse a plain transfer if this node wants one.
+            let identity =
+                if crate::tls::agree(agent.cfg.encrypt_memory, tls_cert.is_some(), source_node)? {
+                    Some(crate::tls::Identity::generate(&agent.cfg.node, &migration)?)
+                } else {
+                    None
+                };
             agent.incoming().insert((id.clone(), meta.address));
             let dir = agent.container_dir(&id);
             let mig_dir = agent.cfg.run_dir.join("images").join(&migration);
@@ -234,7 +246,9 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
                 step_child: None,
                 source: source_addr.map(|a| (source_node.to_string(), a)),
                 cgroup: None,
+                tls: Vec::new(),
             };
+
             let r = async {
                 if let rebalancer_proto::RootfsSpec::Host = meta.spec.rootfs {
                     let _ = std::fs::remove_dir_all(&dir);
@@ -270,11 +284,14 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
                     // Same limits as on the source, or no migration.
                     inc.cgroup = host.create_cgroup(agent, &meta.spec)?;
                 }
+                if let (Some(mine), Some(peer)) = (&identity, &tls_cert) {
+                    inc.tls = crate::tls::write_files(&mig_dir.join("tls"), mine, peer)?;
+                }
                 host.create_net(&net, false).await?;
                 let mut page_server = None;
                 if mode == MigrationMode::StopAndCopy {
                     let ip = agent.cfg.advertise;
-                    let (addr, child) = host.page_server(&images, ip, None).await?;
+                    let (addr, child) = host.page_server(&images, ip, None, &inc.tls, from).await?;
                     // In the transaction at once, so that a failure below stops it too.
                     inc.page_server = Some(child);
                     page_server = Some(addr);
@@ -297,9 +314,12 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
             .await;
             match r {
                 Ok(addr) => {
-                    tracing::info!(migration = %migration, container = %id, mode = %mode, "incoming migration prepared");
+                    tracing::info!(migration = %migration, container = %id, mode = %mode, encrypted = !inc.tls.is_empty(), "incoming migration prepared");
                     *incoming = Some(inc);
-                    Ok(PeerReply::Prepared { page_server: addr })
+                    Ok(PeerReply::Prepared {
+                        page_server: addr,
+                        tls_cert: identity.map(|i| i.cert_pem),
+                    })
                 }
                 Err(e) => {
                     inc.undo(&**host, agent, &e.chain()).await;
@@ -395,7 +415,9 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
             })?;
             let prev = (round > 0).then(|| format!("../pre-{}", round - 1));
             let ip = agent.cfg.advertise;
-            let (page_server, child) = host.page_server(&dir, ip, prev.as_deref()).await?;
+            let (page_server, child) = host
+                .page_server(&dir, ip, prev.as_deref(), &inc.tls, from)
+                .await?;
             inc.page_server = Some(child);
             Ok(PeerReply::RoundReady { page_server })
         }
@@ -457,7 +479,7 @@ async fn restore<H: Host>(
         let (src, port) = lazy_pages.ok_or_else(|| {
             AgentError::BadRequest("post-copy restore without page server".into())
         })?;
-        let d = host.lazy_pages(&inc.images, (src, port)).await?;
+        let d = host.lazy_pages(&inc.images, (src, port), &inc.tls).await?;
         inc.lazy_daemon = Some(d);
     }
     if inc.restore_step {

@@ -97,13 +97,15 @@ impl Helper for CriuProcess {
 /// CRIU's actions, one method each.
 pub trait Criu: Send + Sync {
     type Helper: Helper;
-    /// `criu pre-dump` of a running tree into `dir`, pages to the page server at `ps`.
+    /// `criu pre-dump` of a running tree into `dir`, pages to the page server at `ps`
+    /// (`tls`: [`crate::tls::criu_options`], empty for plain TCP).
     fn pre_dump(
         &self,
         pid: i32,
         dir: &Path,
         ps: (Ipv4Addr, u16),
         parent: Option<&str>,
+        tls: &[String],
     ) -> impl Future<Output = Result<(), AgentError>> + Send;
     /// `criu dump` to completion; on success the tree is frozen (`--leave-stopped`) behind
     /// CRIU's network lock, on failure CRIU has resumed it.
@@ -115,18 +117,22 @@ pub trait Criu: Send + Sync {
         args: &DumpArgs,
     ) -> impl Future<Output = Result<Self::Helper, AgentError>> + Send;
     /// A page server receiving into `dir`, listening on `ip` from the moment this returns;
-    /// returns its address.
+    /// returns its address. With `from`, connections from any other address are closed
+    /// unserved.
     fn page_server(
         &self,
         dir: &Path,
         ip: Ipv4Addr,
         parent: Option<&str>,
+        tls: &[String],
+        from: Option<std::net::IpAddr>,
     ) -> impl Future<Output = Result<((Ipv4Addr, u16), Self::Helper), AgentError>> + Send;
     /// The lazy-pages daemon serving a post-copy restore from `src`'s dump.
     fn lazy_pages(
         &self,
         dir: &Path,
         src: (Ipv4Addr, u16),
+        tls: &[String],
     ) -> impl Future<Output = Result<Self::Helper, AgentError>> + Send;
     /// `criu restore` (built `args`) inside the cgroups open on `cgroup_procs`; the restored
     /// tree stays stopped. Returns its pid 1.
@@ -296,8 +302,9 @@ impl Criu for System {
         dir: &Path,
         ps: (Ipv4Addr, u16),
         parent: Option<&str>,
+        tls: &[String],
     ) -> Result<(), AgentError> {
-        let args = criu::pre_dump_args(pid, dir, ps, parent);
+        let args = criu::pre_dump_args(pid, dir, ps, parent, tls);
         criu::run(&self.criu, "pre-dump", &args, &[], dir, "pre-dump.log").await
     }
 
@@ -338,6 +345,8 @@ impl Criu for System {
         dir: &Path,
         ip: Ipv4Addr,
         parent: Option<&str>,
+        tls: &[String],
+        from: Option<std::net::IpAddr>,
     ) -> Result<((Ipv4Addr, u16), CriuProcess), AgentError> {
         let io = |what: String| move |source| AgentError::Io { what, source };
         // Bound here and kept: no window in which another process could take the port.
@@ -351,18 +360,26 @@ impl Criu for System {
             .port();
         let listener =
             tokio::net::TcpListener::from_std(listener).map_err(io("register listener".into()))?;
-        let (criu_path, dir, parent) = (
+        let (criu_path, dir, parent, tls) = (
             self.criu.clone(),
             dir.to_path_buf(),
             parent.map(str::to_string),
+            tls.to_vec(),
         );
         let pending = tokio::spawn(async move {
-            let (stream, from) = listener
-                .accept()
-                .await
-                .map_err(io(format!("accept on page-server port {port}")))?;
+            let stream = loop {
+                let (stream, peer) = listener
+                    .accept()
+                    .await
+                    .map_err(io(format!("accept on page-server port {port}")))?;
+                if from.is_some_and(|f| f != peer.ip()) {
+                    tracing::warn!(peer = %peer, expected = ?from, port, "page-server connection from another address refused");
+                    continue;
+                }
+                tracing::debug!(peer = %peer, port, "page-server connection accepted");
+                break stream;
+            };
             drop(listener);
-            tracing::debug!(peer = %from, port, "page-server connection accepted");
             let stream = stream.into_std().map_err(io("page-server socket".into()))?;
             // CRIU does blocking I/O on it.
             stream
@@ -373,7 +390,15 @@ impl Criu for System {
             let child = criu::spawn_ready(
                 &criu_path,
                 |status| {
-                    criu::page_server_on_socket_args(&dir, ip, port, status, fd, parent.as_deref())
+                    criu::page_server_on_socket_args(
+                        &dir,
+                        ip,
+                        port,
+                        status,
+                        fd,
+                        parent.as_deref(),
+                        &tls,
+                    )
                 },
                 "page-server",
                 &dir,
@@ -399,10 +424,11 @@ impl Criu for System {
         &self,
         dir: &Path,
         (src, port): (Ipv4Addr, u16),
+        tls: &[String],
     ) -> Result<CriuProcess, AgentError> {
         criu::spawn_ready(
             &self.criu,
-            |fd| criu::lazy_pages_args(dir, src, port, fd),
+            |fd| criu::lazy_pages_args(dir, src, port, fd, tls),
             "lazy-pages",
             dir,
             "lazy-pages.log",
@@ -610,5 +636,48 @@ mod tests {
         let m = "MemTotal:  100 kB\nMemAvailable:    2048 kB\n";
         assert_eq!(mem_available(m), Some(2 << 20));
         assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
+    }
+
+    /// A connection to a page server from anywhere but the source is closed unserved, and the
+    /// page server still waits for the source's.
+    #[tokio::test]
+    async fn page_servers_take_the_sources_connection_only() {
+        use tokio::io::AsyncReadExt;
+        let dir = std::env::temp_dir().join(format!("rb-ps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        // No CRIU: /bin/false exits at once, which is all the source's connection needs to show.
+        let sys = System {
+            criu: "/bin/false".into(),
+        };
+        let lo = Ipv4Addr::LOCALHOST;
+        let source = std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+        let ((ip, port), mut helper) = sys
+            .page_server(&dir, lo, None, &[], Some(source))
+            .await
+            .expect("page server");
+        let connect_from = |from: Ipv4Addr| async move {
+            let s = tokio::net::TcpSocket::new_v4().expect("socket");
+            s.bind((from, 0).into()).expect("bind");
+            s.connect((ip, port).into()).await.expect("connect")
+        };
+        let mut intruder = connect_from(Ipv4Addr::new(127, 0, 0, 3)).await;
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), intruder.read(&mut buf))
+            .await
+            .expect("the intruder's connection is closed, not kept")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), helper.wait())
+                .await
+                .is_err(),
+            "the page server must still wait for the source"
+        );
+        let _source = connect_from(Ipv4Addr::new(127, 0, 0, 2)).await;
+        let r = tokio::time::timeout(Duration::from_secs(10), helper.wait())
+            .await
+            .expect("the source's connection reaches criu");
+        assert!(r.is_err() || r.is_ok_and(|s| !s.success()), "/bin/false serves nothing");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

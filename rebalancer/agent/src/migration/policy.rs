@@ -6,6 +6,19 @@ use crate::error::AgentError;
 
 /// Whether this node can take a container of `rss` bytes: stop-and-copy and pre-copy hold the
 /// pages twice for a while (tmpfs images and the restored copy), post-copy once; plus 256 MiB
+/// A migration id from a peer, before it names a directory: 1 to 64 ASCII letters, digits and
+/// dashes (the source makes UUIDs). Pure.
+pub fn check_migration_id(id: &str) -> Result<(), AgentError> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(AgentError::BadRequest(format!(
+            "migration id {:?} is not 1-64 letters, digits and dashes",
+            id.chars().take(80).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 /// of headroom. Pure.
 pub fn room_check(
     mode: MigrationMode,
@@ -184,6 +197,16 @@ pub fn choose_mode(
 /// Everything a running migration needs, produced by [`preflight`].
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn migration_ids_from_peers_never_name_a_path() {
+        use super::check_migration_id as c;
+        assert!(c("0828ef3d-1234-4abc-9def-0123456789ab").is_ok());
+        for bad in ["", "../etc", "a/b", "..", "x y", &"a".repeat(65), "m\0"] {
+            let e = c(bad).expect_err(bad);
+            assert!(e.to_string().contains("letters, digits and dashes"), "{e}");
+        }
+    }
+
     use super::*;
     use MigrationMode::*;
 

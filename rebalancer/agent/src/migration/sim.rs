@@ -66,6 +66,8 @@ pub struct SimState {
     pub announced: Vec<Ipv4Addr>,
     /// Every action in order, for failure messages.
     pub log: Vec<String>,
+    /// Page-moving CRIU actions and whether each ran with TLS options.
+    pub tls: Vec<(&'static str, bool)>,
     next_id: u32,
 }
 
@@ -245,7 +247,9 @@ impl Criu for SimHost {
         dir: &Path,
         _ps: (Ipv4Addr, u16),
         _parent: Option<&str>,
+        tls: &[String],
     ) -> Result<(), AgentError> {
+        self.state().tls.push(("pre-dump", !tls.is_empty()));
         self.hang("pre-dump").await;
         self.act("pre-dump")?;
         write_image(dir, "pagemap-1.img")
@@ -253,6 +257,7 @@ impl Criu for SimHost {
 
     async fn dump(&self, args: &DumpArgs) -> Result<(), AgentError> {
         // A failed dump leaves the tree running (CRIU resumes it on its failure path).
+        self.state().tls.push(("dump", !args.tls.is_empty()));
         self.hang("dump").await;
         self.act("dump")?;
         self.freeze(args.pid);
@@ -260,6 +265,7 @@ impl Criu for SimHost {
     }
 
     async fn dump_lazy(&self, args: &DumpArgs) -> Result<SimHelper, AgentError> {
+        self.state().tls.push(("dump-lazy", !args.tls.is_empty()));
         self.act("dump-lazy")?;
         self.freeze(args.pid);
         write_image(&args.images_dir, "inventory.img")?;
@@ -276,7 +282,10 @@ impl Criu for SimHost {
         _dir: &Path,
         ip: Ipv4Addr,
         _parent: Option<&str>,
+        tls: &[String],
+        _from: Option<std::net::IpAddr>,
     ) -> Result<((Ipv4Addr, u16), SimHelper), AgentError> {
+        self.state().tls.push(("page-server", !tls.is_empty()));
         self.act("page-server")?;
         let port = self.pick_port(ip)?;
         Ok(((ip, port), self.helper()))
@@ -286,7 +295,9 @@ impl Criu for SimHost {
         &self,
         _dir: &Path,
         _src: (Ipv4Addr, u16),
+        tls: &[String],
     ) -> Result<SimHelper, AgentError> {
+        self.state().tls.push(("lazy-pages", !tls.is_empty()));
         self.act("lazy-pages")?;
         Ok(self.helper())
     }

@@ -34,14 +34,15 @@ impl Drop for Node {
     }
 }
 
-fn node(name: &str, tag: &str) -> Node {
+/// A simulated node; `extra`: more top-level configuration lines.
+fn node_with(name: &str, tag: &str, extra: &str) -> Node {
     let dir = std::env::temp_dir().join(format!(
         "rb-sim-{tag}-{name}-{}-{:08x}",
         std::process::id(),
         crate::agent::random_u32()
     ));
     let toml = format!(
-        "node = \"{name}\"\nlisten = \"198.18.0.{}:7878\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\n[auth]\nmethod = \"none\"\n",
+        "node = \"{name}\"\nlisten = \"198.18.0.{}:7878\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\n{extra}\n[auth]\nmethod = \"none\"\n",
         if name == "a" { 1 } else { 2 },
         dir.join("run").display(),
         dir.join("state").display(),
@@ -80,7 +81,12 @@ fn pair(tag: &str) -> (Node, Node) {
 
 /// Like [`pair`]; `task`: c1 is a Slurm task (restored by a restore step on `b`).
 fn pair_of(tag: &str, task: bool) -> (Node, Node) {
-    let (a, b) = (node("a", tag), node("b", tag));
+    pair_configured(tag, task, "", "")
+}
+
+/// Like [`pair_of`], with extra configuration lines for `a` and for `b`.
+fn pair_configured(tag: &str, task: bool, a_cfg: &str, b_cfg: &str) -> (Node, Node) {
+    let (a, b) = (node_with("a", tag, a_cfg), node_with("b", tag, b_cfg));
     let address = Ipv4Addr::new(198, 19, 0, 9);
     let net = a.agent.new_net(ID, address);
     let spec = ContainerSpec {
@@ -470,4 +476,72 @@ async fn post_copy_pages_lost_after_commit_fail_the_migration_without_a_second_c
     // The destination runs it (post-copy's failure model: its missing pages are lost).
     assert_eq!(a.host.live(), []);
     assert_eq!(b.host.live().len(), 1);
+}
+
+/// What each node's page-moving CRIU commands were: (action, with TLS).
+fn tls_use(n: &Node) -> Vec<(&'static str, bool)> {
+    n.host.state().tls.clone()
+}
+
+#[tokio::test]
+async fn page_transfers_are_encrypted_on_both_nodes_in_every_mode() {
+    for mode in MODES {
+        let (a, b) = pair("tls");
+        let rec = migrate(&a, &b, mode).await.expect("preflight");
+        assert_eq!(
+            rec.state,
+            MigrationState::Succeeded,
+            "{mode}: {:?}",
+            rec.error
+        );
+        let (src, dst) = (tls_use(&a), tls_use(&b));
+        assert!(
+            !src.is_empty() && !dst.is_empty(),
+            "{mode}: {src:?} {dst:?}"
+        );
+        assert!(
+            src.iter().chain(&dst).all(|(_, tls)| *tls),
+            "{mode}: {src:?} {dst:?}"
+        );
+        // The keys went with the migration's directory.
+        let left = std::fs::read_dir(b.agent.cfg.run_dir.join("images"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(left, 0, "{mode}");
+    }
+}
+
+#[tokio::test]
+async fn encryption_is_agreed_or_the_migration_is_refused_before_anything_moves() {
+    // The destination follows a source that encrypts, whatever its own setting.
+    let (a, b) = pair_configured("tls-follow", false, "", "encrypt_memory = false");
+    let rec = migrate(&a, &b, MigrationMode::StopAndCopy)
+        .await
+        .expect("preflight");
+    assert_eq!(rec.state, MigrationState::Succeeded, "{:?}", rec.error);
+    assert!(tls_use(&b).iter().all(|(_, t)| *t), "{:?}", tls_use(&b));
+    // A destination that requires encryption refuses a plain source at prepare.
+    let (a, b) = pair_configured("tls-refuse", false, "encrypt_memory = false", "");
+    let e = migrate(&a, &b, MigrationMode::PostCopy)
+        .await
+        .expect_err("refused");
+    assert!(e.contains("encrypt_memory = false"), "{e}");
+    assert_rolled_back(&a, &b, "plain source, encrypting destination");
+    assert!(
+        tls_use(&a).is_empty(),
+        "nothing was dumped: {:?}",
+        tls_use(&a)
+    );
+    // Both plain: a trusted network's choice.
+    let (a, b) = pair_configured(
+        "tls-off",
+        false,
+        "encrypt_memory = false",
+        "encrypt_memory = false",
+    );
+    let rec = migrate(&a, &b, MigrationMode::StopAndCopy)
+        .await
+        .expect("preflight");
+    assert_eq!(rec.state, MigrationState::Succeeded, "{:?}", rec.error);
+    assert!(tls_use(&a).iter().chain(&tls_use(&b)).all(|(_, t)| !*t));
 }

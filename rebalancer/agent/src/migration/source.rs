@@ -41,6 +41,8 @@ pub struct Prepared<L = PeerConn> {
     pub deadline: Instant,
     /// Post-copy: port of the source's lazy page server.
     pub lazy_port: Option<u16>,
+    /// Encrypted page transfer: this side's identity and the destination's certificate.
+    pub tls: Option<(crate::tls::Identity, String)>,
 }
 
 /// Checks the request and prepares the destination. On error nothing has changed.
@@ -163,7 +165,12 @@ pub async fn preflight_with<H: Host>(
             ended_at: None,
         };
         enter(&mut rec, Phase::Prepare);
-        let page_server = match conn
+        let identity = if agent.cfg.encrypt_memory {
+            Some(crate::tls::Identity::generate(&agent.cfg.node, &rec.id)?)
+        } else {
+            None
+        };
+        let (page_server, dest_cert) = match conn
             .call(&PeerRequest::Prepare {
                 migration: rec.id.clone(),
                 mode,
@@ -175,17 +182,34 @@ pub async fn preflight_with<H: Host>(
                     std::net::SocketAddr::new(agent.cfg.advertise.into(), agent.cfg.listen.port())
                         .to_string(),
                 ),
+                tls_cert: identity.as_ref().map(|i| i.cert_pem.clone()),
             })
             .await?
         {
-            PeerReply::Prepared { page_server } => page_server,
+            PeerReply::Prepared {
+                page_server,
+                tls_cert,
+            } => (page_server, tls_cert),
             other => {
                 return Err(AgentError::Peer(format!(
                     "unexpected answer to prepare: {other:?}"
                 )))
             }
         };
+        // A destination that ignored our certificate (an older agent) would run plain TCP.
+        crate::tls::agree(identity.is_some(), dest_cert.is_some(), &req.destination)?;
+        if identity.is_none() && dest_cert.is_some() {
+            return Err(AgentError::Peer(format!(
+                "{} sent a TLS certificate the source did not ask for",
+                req.destination
+            )));
+        }
+        if let Some(c) = &dest_cert {
+            crate::tls::check_peer_cert(c)?;
+        }
+        let tls = identity.zip(dest_cert);
         Ok(Prepared {
+            tls,
             rec,
             conn,
             page_server,
@@ -367,6 +391,7 @@ async fn precopy_rounds<H: Host>(
     agent: &Arc<Agent>,
     p: &mut Prepared<H::Link>,
     dir: &std::path::Path,
+    tls: &[String],
 ) -> Result<u32, AgentError> {
     let base = dir.parent().unwrap_or(dir).to_path_buf();
     let policy = PrecopyPolicy::default();
@@ -393,7 +418,8 @@ async fn precopy_rounds<H: Host>(
         })?;
         let prev = (round > 0).then(|| format!("../pre-{}", round - 1));
         let started = host.now();
-        host.pre_dump(p.pid, &rdir, ps, prev.as_deref()).await?;
+        host.pre_dump(p.pid, &rdir, ps, prev.as_deref(), tls)
+            .await?;
         let s = host.stats(&rdir, "stats-dump").unwrap_or_default();
         p.rec.stats.bytes_sent += s.pages_written * 4096;
         p.rec.stats.rounds.push(rebalancer_proto::RoundStats {
@@ -428,6 +454,12 @@ async fn attempt<H: Host>(
         source,
     })?;
     let net_inode = host.net_inode(&p.net)?;
+    let tls = match &p.tls {
+        Some((mine, peer)) => {
+            crate::tls::write_files(&dir.parent().unwrap_or(dir).join("tls"), mine, peer)?
+        }
+        None => Vec::new(),
+    };
     let mut args = criu::DumpArgs {
         pid: p.pid,
         images_dir: dir.to_path_buf(),
@@ -443,10 +475,11 @@ async fn attempt<H: Host>(
             .filter(|k| container::is_external_file_key(k))
             .cloned()
             .collect(),
+        tls: tls.clone(),
         ..Default::default()
     };
     if mode == MigrationMode::PreCopy {
-        let last = precopy_rounds(host, agent, p, dir).await?;
+        let last = precopy_rounds(host, agent, p, dir, &tls).await?;
         match p
             .conn
             .call(&PeerRequest::PrecopyRound {

@@ -36,6 +36,10 @@ pub enum PeerRequest {
         /// Resident memory of the container, for the destination's room check.
         #[serde(default)]
         rss_bytes: u64,
+        /// The source's certificate for this migration's encrypted page transfer
+        /// ([`crate::tls`]); absent: the source does not encrypt.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_cert: Option<String>,
     },
     Images {
         files: Vec<ImageFile>,
@@ -70,6 +74,9 @@ pub enum PeerReply {
     },
     Prepared {
         page_server: Option<(Ipv4Addr, u16)>,
+        /// The destination's certificate, sent when the source sent one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_cert: Option<String>,
     },
     ImagesReceived {
         bytes: u64,
