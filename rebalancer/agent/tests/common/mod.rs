@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -198,6 +199,8 @@ impl Lab {
             .arg(&cfg)
             .env("REBALANCER_LOG", "info,rebalancer_agent=debug")
             .env("REBALANCER_KEEP_IMAGES", "1")
+            // Its own process group, so that `kill_agent` takes its CRIU helpers too.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -223,9 +226,12 @@ impl Lab {
         }
     }
 
-    /// SIGKILLs an agent (failure injection).
+    /// SIGKILLs an agent and the CRIU processes it runs (its page server, a restore), as on a
+    /// crashed node (failure injection). Containers have their own session and survive.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].agent.take() {
+            let pg = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
             let _ = c.kill();
             let _ = c.wait();
         }
