@@ -323,6 +323,26 @@ fn batch_step_runs_in_a_container() {
     );
 }
 
+/// Waits until the registered task `pid` runs the workload's loop: it is the shell (exec'd, its
+/// stdio set up by slurmstepd) and has forked its first `sleep`, so "tick 0" is written.
+fn wait_in_loop(pid: i32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        if cmd.starts_with(b"sh\0") && !children.trim().is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task {pid} never reached its loop: cmdline {:?}, children {children:?}",
+            String::from_utf8_lossy(&cmd)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn criu() -> String {
     ["/usr/local/sbin/criu", "/usr/sbin/criu"]
         .into_iter()
@@ -469,7 +489,7 @@ fn dumped_task_is_restored_under_a_restore_step() {
     assert_eq!(reg.len(), 1, "{:?}", agent.seen());
     let r = reg[0].registration.clone().expect("registration");
     let (pid, job) = (r.pid, r.task.job_id);
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_in_loop(pid);
 
     let (img, stdio) = dump(pid, job);
 
@@ -702,7 +722,7 @@ fn task_moves_to_the_other_node_of_its_job() {
     assert_eq!(reg.len(), 1, "{:?}", agent.seen());
     let r = reg[0].registration.clone().expect("registration");
     assert_eq!(r.node, "sp1");
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_in_loop(r.pid);
     let (img, stdio) = dump(r.pid, job);
     let migration = "5d1e0c4a-2222-4b3c-8d4e-abcdefabcdef";
     agent
