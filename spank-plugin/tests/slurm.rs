@@ -323,21 +323,25 @@ fn batch_step_runs_in_a_container() {
     );
 }
 
-/// Waits until the registered task `pid` runs the workload's loop: it is the shell (exec'd, its
-/// stdio set up by slurmstepd) and has forked its first `sleep`, so "tick 0" is written.
+/// Waits until the registered task `pid` runs the workload's loop: it is the shell with the
+/// tick script (exec'd, its stdio set up by slurmstepd) and has forked its first `sleep`, so
+/// "tick 0" is written.
 fn wait_in_loop(pid: i32) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let children =
             std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        if cmd.starts_with(b"sh\0") && !children.trim().is_empty() {
+        // Slurm execs the resolved path (/usr/bin/sh): look for the script instead.
+        let script = cmd.windows(9).any(|w| w == b"echo tick");
+        if script && !children.trim().is_empty() {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "task {pid} never reached its loop: cmdline {:?}, children {children:?}",
-            String::from_utf8_lossy(&cmd)
+            "task {pid} never reached its loop: cmdline {:?}, children {children:?}, status {:?}",
+            String::from_utf8_lossy(&cmd),
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
         );
         std::thread::sleep(Duration::from_millis(20));
     }
