@@ -437,6 +437,22 @@ fn resume_restored(agent: &FakeAgent, n: usize) -> rebalancer_proto::TaskRegistr
     restored
 }
 
+/// The test as the destination agent: once the restored copy ended (its task-exited reached the
+/// fake agent), its status is the moved container's final status, which the source's held
+/// task-exited is answered with.
+fn report_final_status(agent: &FakeAgent) {
+    let exits = agent.wait_for("task-exited", 2, Duration::from_secs(40));
+    assert_eq!(exits.len(), 2, "{:?}", agent.seen());
+    let status = exits[1]
+        .wait_status
+        .expect("the restored copy's wait status");
+    agent
+        .behaviour
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .migrated_exit = Some((status, NODE.into()));
+}
+
 fn kill_tree_root(pid: i32) {
     // SAFETY: kill(2) takes plain integers; a stale pid only makes it fail.
     let r = unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -516,7 +532,7 @@ fn dumped_task_is_restored_under_a_restore_step() {
     let agent = FakeAgent::start(&agent_socket());
     {
         let mut b = agent.behaviour.lock().unwrap_or_else(|e| e.into_inner());
-        b.relay_exits = true;
+        b.hold_first_exit = true;
         b.private_root = true;
     }
     let src = spawn_slurm(&[
@@ -569,6 +585,7 @@ fn dumped_task_is_restored_under_a_restore_step() {
     ]);
     resume_restored(&agent, 2);
     let dst_out = dst.wait_with_output().expect("restore srun");
+    report_final_status(&agent);
     let src_out = src.wait_with_output().expect("source srun");
     let (dso, dse) = text(&dst_out);
     let (sso, sse) = text(&src_out);
@@ -737,7 +754,7 @@ fn task_moves_to_the_other_node_of_its_job() {
     agent.also_listen(&format!("{DIR}/agent-sp2.sock"));
     {
         let mut b = agent.behaviour.lock().unwrap_or_else(|e| e.into_inner());
-        b.relay_exits = true;
+        b.hold_first_exit = true;
         b.private_root = true;
     }
     let alloc = slurm(&["salloc", "--no-shell", "-p", "two", "-N2", "-J", "rbsp-two"]);
@@ -805,6 +822,7 @@ fn task_moves_to_the_other_node_of_its_job() {
     assert!(steps.contains(&format!("{job}.0 sp1")), "{steps}");
     assert!(steps.contains(&format!("{job}.1 sp2")), "{steps}");
     let dst_out = dst.wait_with_output().expect("restore srun");
+    report_final_status(&agent);
     let src_out = src.wait_with_output().expect("source srun");
     let (dso, dse) = text(&dst_out);
     let (sso, sse) = text(&src_out);
