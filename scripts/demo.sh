@@ -277,55 +277,8 @@ while True:
         print("server: connection error:", e, flush=True)
     c.close()
 EOF
-cat >"$WORK/client.py" <<'EOF'
-# Sends a request every 10 ms on one TCP connection; checks each answer (the server's counter must
-# go on counting: a restarted server would start again at 1); records the largest gap between
-# answers and every error. Writes its figures to STATUS (JSON) ten times a second.
-import json, os, socket, sys, time
-addr, port, status = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-st = {"requests": 0, "answers": 0, "errors": 0, "last_error": None, "max_gap_ms": 0.0,
-      "connections": 0, "last_answer": 0}
-def save():
-    tmp = status + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(st, f)
-    os.replace(tmp, status)
-conn = None
-last_ok = None
-last_save = 0.0
-while True:
-    try:
-        if conn is None:
-            conn = socket.create_connection((addr, port), timeout=5)
-            conn.settimeout(30)
-            rf = conn.makefile("rb")
-            st["connections"] += 1
-            expect = 0
-        conn.sendall(b"x\n")
-        st["requests"] += 1
-        line = rf.readline()
-        if not line:
-            raise OSError("connection closed by the server")
-        expect += 1
-        if int(line) != expect:
-            raise OSError("answer %s, expected %d: server state lost" % (line.strip(), expect))
-        now = time.monotonic()
-        if last_ok is not None:
-            st["max_gap_ms"] = max(st["max_gap_ms"], (now - last_ok) * 1000)
-        last_ok = now
-        st["answers"] += 1
-        st["last_answer"] = int(line)
-    except (OSError, ValueError) as e:
-        st["errors"] += 1
-        st["last_error"] = "%s: %s" % (time.strftime("%H:%M:%S"), e)
-        print("client: error:", e, flush=True)
-        conn = None
-        time.sleep(0.1)
-    if time.monotonic() - last_save > 0.1:
-        save()
-        last_save = time.monotonic()
-    time.sleep(0.01)
-EOF
+# The TCP test client the Slurm end-to-end tests use (slurm-tests/workload/client.py).
+cp "$ROOT/slurm-tests/workload/client.py" "$WORK/client.py"
 
 cat >"$WORK/watch.py" <<'EOF'
 # Follows the newest migration in `rebalctl --json show migrations`: prints each phase when it

@@ -13,6 +13,9 @@
 # Environment: RBC_STATE_DIR (default state dir), RBC_NODES (default node count),
 # RBC_PLUGSTACK (a plugstack.conf fragment to include, same as --plugstack).
 set -euo pipefail
+# The slurm.conf lines shared with spank-plugin/tests/minicluster.sh.
+# shellcheck source=slurm-conf.sh
+. "$(dirname "$(readlink -f "$0")")/slurm-conf.sh"
 
 readonly CURRENT=/run/slurm-rbc.current
 # Serialises up and down of concurrent callers (fd 9; daemons must not inherit it).
@@ -332,50 +335,30 @@ write_configs() {
     case $plugstack in /*) ;; *) plugstack=$PWD/$plugstack ;; esac
     echo "include $plugstack" >>"$S/plugstack.conf"
   fi
-  cat >"$S/slurm.conf" <<EOF
-# Written by slurm-tests/cluster.sh; removed by 'cluster.sh down'.
-ClusterName=$CLUSTER_NAME
-# The host name must be this machine's; the address is the bridge, reachable from every node netns.
-SlurmctldHost=$host($NET.1)
+  {
+    echo "# Written by slurm-tests/cluster.sh; removed by 'cluster.sh down'."
+    # The host name must be this machine's; the address is the bridge, reachable from every node
+    # netns.
+    slurm_conf_common "$S" "$CLUSTER_NAME" "$host($NET.1)" linuxproc none
+    cat <<EOF
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket=$S/munge/munge.socket
-CredType=cred/munge
-StateSaveLocation=$S/slurmctld
-SlurmdSpoolDir=$S/slurmd/%n
-SlurmctldPidFile=$S/run/slurmctld.pid
-SlurmdPidFile=$S/run/slurmd-%n.pid
-SlurmctldLogFile=$S/log/slurmctld.log
-SlurmdLogFile=$S/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-PlugStackConfig=$S/plugstack.conf
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=$DBD_PORT
 # For accounting_storage/slurmdbd this is the munge socket (AuthInfo is not used for slurmdbd).
 AccountingStoragePass=$S/munge/munge.socket
-JobCompType=jobcomp/none
-MpiDefault=none
 MailProg=/bin/true
-SchedulerType=sched/backfill
 SchedulerParameters=permit_job_expansion
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
 SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
-KillWait=2
 MinJobAge=60
 MessageTimeout=10
 EOF
+  } >"$S/slurm.conf"
   for ((k = 1; k <= nodes; k++)); do
     echo "NodeName=node$k NodeAddr=$NET.$((10 + k)) CPUs=2 Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN" >>"$S/slurm.conf"
   done

@@ -227,7 +227,7 @@ fn srun_job_dies_when_its_first_node_is_removed() {
 #[ignore = "needs root, network namespaces and the Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
 fn srun_job_keeps_running_when_a_later_node_is_removed() {
     let c = Cluster::up(3).expect("cluster up");
-    let _srun = Step::start(&c, &["-N2", "-w", "node[1-2]", "-J", "two", "sleep", "600"]);
+    let mut srun = Step::start(&c, &["-N2", "-w", "node[1-2]", "-J", "two", "sleep", "600"]);
     let job = slurm_tests::wait_until("the srun job", WAIT, || {
         let out = c.run_ok("squeue", ["-h", "-n", "two", "-t", "R", "-o", "%i"])?;
         Ok(match out.trim().parse() {
@@ -241,8 +241,28 @@ fn srun_job_keeps_running_when_a_later_node_is_removed() {
     assert_eq!(c.job_nodes(job).expect("nodes"), "node1");
     c.wait_node_state("node2", "idle", WAIT)
         .expect("node2 freed");
-    std::thread::sleep(Duration::from_secs(1));
+    // Instead of a pause: a new step in the job round-trips through slurmctld and slurmd on
+    // node1 after the shrink was processed, so a job about to be killed for it would show.
+    c.run_ok(
+        "srun",
+        [
+            &format!("--jobid={job}"),
+            "--overlap",
+            "-N1",
+            "-n1",
+            "-w",
+            "node1",
+            "true",
+        ],
+    )
+    .expect("a new step in the shrunk job");
     assert_eq!(c.job_state(job).expect("state"), "RUNNING");
+    // The original step too: its srun still waits for `sleep 600`.
+    assert!(
+        matches!(srun.0.try_wait(), Ok(None)),
+        "the first step's srun ended: {:?}",
+        srun.0.try_wait()
+    );
 }
 
 #[test]

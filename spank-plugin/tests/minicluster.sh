@@ -10,6 +10,9 @@
 #
 # The namespace is named after DIR's basename (rbsp-*); every daemon's pid file lives in DIR.
 set -euo pipefail
+# The slurm.conf lines shared with slurm-tests/cluster.sh.
+# shellcheck source=../../slurm-tests/slurm-conf.sh
+. "$(dirname "$(readlink -f "$0")")/../../slurm-tests/slurm-conf.sh"
 
 die() { printf 'minicluster: %s\n' "$*" >&2; exit 1; }
 cmd=${1:?usage: minicluster.sh up|down|run DIR ...}
@@ -60,7 +63,7 @@ up() {
   local frag=${1:?missing PLUGSTACK_FRAGMENT} host
   [ -r "$frag" ] || die "cannot read $frag"
   down
-  mkdir -p "$dir"/{run,log,ctld,spool,munge}
+  mkdir -p "$dir"/{run,log,slurmctld,slurmd,munge}
   touch "$dir/.minicluster"
   host=$(hostname)
   ip netns add "$ns"
@@ -78,39 +81,18 @@ up() {
     --log-file="$dir/log/munged.log" --pid-file="$dir/run/munged.pid" \
     --seed-file="$dir/munge/munged.seed"
   echo "include $frag" >"$dir/plugstack.conf"
-  cat >"$dir/slurm.conf" <<EOF
-ClusterName=rbsp
-SlurmctldHost=$host(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket=$dir/munge/munge.socket
-CredType=cred/munge
-StateSaveLocation=$dir/ctld
-SlurmdSpoolDir=$dir/spool/%n
-SlurmctldPidFile=$dir/run/slurmctld.pid
-SlurmdPidFile=$dir/run/slurmd-%n.pid
-SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd-%n.log
+  {
+    slurm_conf_common "$dir" rbsp "$host(127.0.0.1)" "${RBSP_PROCTRACK:-linuxproc}" "${RBSP_TASK:-none}"
+    cat <<EOF
 SlurmdDebug=verbose
-PlugStackConfig=$dir/plugstack.conf
-ProctrackType=proctrack/${RBSP_PROCTRACK:-linuxproc}
-TaskPlugin=task/${RBSP_TASK:-none}
-JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-KillWait=2
 MinJobAge=30
 NodeName=sp1 NodeAddr=127.0.0.1 Port=6818 CPUs=2 RealMemory=2000 State=UNKNOWN
 NodeName=sp2 NodeAddr=127.0.0.1 Port=6821 CPUs=2 RealMemory=2000 State=UNKNOWN
 PartitionName=one Nodes=sp1 Default=YES MaxTime=INFINITE State=UP
 PartitionName=two Nodes=sp1,sp2 MaxTime=INFINITE State=UP
 EOF
+  } >"$dir/slurm.conf"
   # RBSP_PROCTRACK=cgroup: process tracking with cgroup v1 (freezer), as most sites run it.
   # RBSP_TASK=cgroup: per-task cgroups (memory constrained).
   printf 'CgroupPlugin=cgroup/v1\nCgroupAutomount=no\nCgroupMountpoint=/sys/fs/cgroup\nConstrainRAMSpace=yes\n' >"$dir/cgroup.conf"
@@ -119,7 +101,7 @@ EOF
   wait_for 20 enter scontrol ping || die "slurmctld does not answer"
   local n
   for n in sp1 sp2; do
-    mkdir -p "$dir/spool/$n"
+    mkdir -p "$dir/slurmd/$n"
     enter slurmd -N "$n" || die "slurmd $n did not start: $(tail -5 "$dir/log/slurmd-$n.log" 2>&1)"
   done
   wait_for 30 sh -c "[ \$(nsenter --net=/run/netns/$ns sinfo -h -N -p two -o %t | grep -cx idle) = 2 ]" ||

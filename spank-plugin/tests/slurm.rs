@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use rebalancer_agent::container::MountPlan;
 
 const IGNORE: &str = "needs root, network namespaces and Slurm 22.05 daemons; .ci/run runs it with --include-ignored";
 
@@ -323,6 +324,30 @@ fn batch_step_runs_in_a_container() {
     );
 }
 
+/// Waits until the registered task `pid` runs the workload's loop: it is the shell with the
+/// tick script (exec'd, its stdio set up by slurmstepd) and has forked its first `sleep`, so
+/// "tick 0" is written.
+fn wait_in_loop(pid: i32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        // Slurm execs the resolved path (/usr/bin/sh): look for the script instead.
+        let script = cmd.windows(9).any(|w| w == b"echo tick");
+        if script && !children.trim().is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task {pid} never reached its loop: cmdline {:?}, children {children:?}, status {:?}",
+            String::from_utf8_lossy(&cmd),
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn criu() -> String {
     ["/usr/local/sbin/criu", "/usr/sbin/criu"]
         .into_iter()
@@ -331,100 +356,156 @@ fn criu() -> String {
         .to_string()
 }
 
-/// Dumps the container whose pid 1 is `pid` the way the agent does (netns and the root's bind
-/// mounts external); returns the image dir and the stdio keys of pid 1.
-fn dump(pid: i32, job: u32) -> (String, Vec<Option<String>>) {
+/// The agent's view of a task container with the fake agent's private root
+/// (`private_root_for`): its bind mounts of /usr and /etc, which CRIU treats as external.
+fn private_root_mounts() -> Vec<MountPlan> {
+    ["/usr", "/etc"]
+        .into_iter()
+        .map(|d| MountPlan::Bind {
+            source: d.into(),
+            target: d.into(),
+            readonly: true,
+        })
+        .chain([MountPlan::Proc, MountPlan::Dev])
+        .collect()
+}
+
+/// Dumps the container whose pid 1 is `pid` with the agent's own CRIU command line
+/// (`rebalancer_agent::criu::DumpArgs`: netns and the root's bind mounts external, the tree left
+/// stopped), then kills the stopped tree as the source agent does once the destination has it.
+/// Returns the image dir and the stdio keys of pid 1.
+fn dump(pid: i32, job: u32) -> (String, Vec<String>) {
     let img = format!("{DIR}/img-{job}");
     let _ = std::fs::remove_dir_all(&img);
     std::fs::create_dir_all(&img).expect("image dir");
     let link = |p: String| std::fs::read_link(p).map(|l| l.to_string_lossy().into_owned());
     let net = link(format!("/proc/{pid}/ns/net")).expect("netns of pid 1");
-    let net_ino = net
+    let net_inode: u64 = net
         .trim_start_matches("net:[")
         .trim_end_matches(']')
-        .to_string();
-    let stdio: Vec<Option<String>> = (0..3)
+        .parse()
+        .unwrap_or_else(|e| panic!("netns link {net}: {e}"));
+    let stdio: Vec<String> = (0..3)
         .map(|fd| {
             link(format!("/proc/{pid}/fd/{fd}"))
                 .ok()
                 .filter(|l| l.starts_with("pipe:"))
+                .unwrap_or_default()
         })
         .collect();
+    let args = rebalancer_agent::criu::DumpArgs {
+        pid,
+        images_dir: img.clone().into(),
+        net_inode,
+        ext_mounts: rebalancer_agent::container::external_mounts(&private_root_mounts())
+            .into_iter()
+            .map(|(target, key, _)| (target, key))
+            .collect(),
+        ..Default::default()
+    }
+    .build();
     let out = std::process::Command::new(criu())
-        .args([
-            "dump",
-            "-t",
-            &pid.to_string(),
-            "-D",
-            &img,
-            "-o",
-            "dump.log",
-            "-v4",
-        ])
-        .args(["--external", &format!("net[{net_ino}]:rbnet")])
-        .args([
-            "--external",
-            "mnt[/usr]:rb-usr",
-            "--external",
-            "mnt[/etc]:rb-etc",
-        ])
-        .args(["--ext-unix-sk", "--network-lock", "nftables"])
+        .args(&args)
         .output()
         .expect("run criu dump");
     let log = std::fs::read_to_string(format!("{img}/dump.log")).unwrap_or_default();
     assert!(
         out.status.success(),
-        "criu dump failed: {}\n{}",
+        "criu {args:?} failed: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
         log.lines()
             .filter(|l| l.contains("rror ("))
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // pid 1 of the container's pid namespace: its whole tree goes with it.
+    kill_tree_root(pid);
     (img, stdio)
 }
 
+/// The restored tree is left stopped (the agent's restore plan says `--leave-stopped`); the
+/// destination agent continues it at the commit. Here the test is that agent: once the
+/// restored task registered, it continues its tree.
+fn resume_restored(agent: &FakeAgent, n: usize) -> rebalancer_proto::TaskRegistration {
+    let regs = agent.wait_for("register-task", n, Duration::from_secs(20));
+    assert_eq!(regs.len(), n, "{:?}", agent.seen());
+    let restored = regs[n - 1].registration.clone().expect("registration");
+    for p in rebalancer_agent::container::tree_pids(restored.pid) {
+        // SAFETY: kill(2) takes plain integers; a pid that is gone only makes it fail.
+        unsafe { libc::kill(p, libc::SIGCONT) };
+    }
+    restored
+}
+
+/// The test as the destination agent: once the restored copy ended (its task-exited reached the
+/// fake agent), its status is the moved container's final status, which the source's held
+/// task-exited is answered with.
+fn report_final_status(agent: &FakeAgent) {
+    let exits = agent.wait_for("task-exited", 2, Duration::from_secs(40));
+    assert_eq!(exits.len(), 2, "{:?}", agent.seen());
+    let status = exits[1]
+        .wait_status
+        .expect("the restored copy's wait status");
+    agent
+        .behaviour
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .migrated_exit = Some((status, NODE.into()));
+}
+
+fn kill_tree_root(pid: i32) {
+    // SAFETY: kill(2) takes plain integers; a stale pid only makes it fail.
+    let r = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(r, 0, "kill {pid}: {}", std::io::Error::last_os_error());
+}
+
+/// The restore plan the agent would hand the restore step: `rebalancer_agent::peer::restore_plan`
+/// on the container as the agent records it.
 fn restore_plan(
     migration: &str,
     r: &rebalancer_proto::TaskRegistration,
     img: &str,
-    stdio: Vec<Option<String>>,
+    stdio: Vec<String>,
 ) -> rebalancer_proto::RestorePlan {
     let container = r.container.clone().expect("container id");
     let t = &r.task;
-    rebalancer_proto::RestorePlan {
-        migration: migration.into(),
-        container: container.clone(),
-        criu: criu(),
-        args: [
-            "restore",
-            "-D",
-            img,
-            "-o",
-            "restore.log",
-            "-v4",
-            "--root",
-            &private_root_for(&container).0,
-            "--external",
-            "mnt[rb-usr]:/usr",
-            "--external",
-            "mnt[rb-etc]:/etc",
-            "--ext-unix-sk",
-            "--network-lock",
-            "nftables",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect(),
+    let meta = rebalancer_agent::container::ContainerMeta {
+        spec: rebalancer_proto::ContainerSpec {
+            id: container.clone(),
+            task: Some(t.clone()),
+            uid: r.uid,
+            gid: r.gid,
+            argv: Vec::new(),
+            env: Vec::new(),
+            cwd: "/tmp".into(),
+            rootfs: rebalancer_proto::RootfsSpec::Host,
+            binds: Vec::new(),
+            memory_limit: None,
+            cpus: None,
+            class: None,
+            address: r.address.clone(),
+            stdout: None,
+            stderr: None,
+        },
+        address: std::net::Ipv4Addr::UNSPECIFIED,
+        mounts: private_root_mounts(),
+        symlinks: Vec::new(),
+        stdio_paths: vec![String::new(); stdio.len()],
         stdio_keys: stdio,
-        inherit_files: vec![(
-            "rbnet".into(),
-            format!(
-                "/run/netns/rbsp-j{}-s{}-t{}",
-                t.job_id, t.step_id, t.task_id
-            ),
-        )],
-    }
+        started_at: 0,
+    };
+    rebalancer_agent::peer::restore_plan(
+        std::path::Path::new(&criu()),
+        migration,
+        &meta,
+        std::path::Path::new(img),
+        std::path::Path::new(&private_root_for(&container).0),
+        std::path::Path::new(&format!(
+            "/run/netns/rbsp-j{}-s{}-t{}",
+            t.job_id, t.step_id, t.task_id
+        )),
+        false,
+    )
 }
 
 fn spawn_slurm(args: &[&str]) -> std::process::Child {
@@ -451,7 +532,7 @@ fn dumped_task_is_restored_under_a_restore_step() {
     let agent = FakeAgent::start(&agent_socket());
     {
         let mut b = agent.behaviour.lock().unwrap_or_else(|e| e.into_inner());
-        b.relay_exits = true;
+        b.hold_first_exit = true;
         b.private_root = true;
     }
     let src = spawn_slurm(&[
@@ -469,7 +550,7 @@ fn dumped_task_is_restored_under_a_restore_step() {
     assert_eq!(reg.len(), 1, "{:?}", agent.seen());
     let r = reg[0].registration.clone().expect("registration");
     let (pid, job) = (r.pid, r.task.job_id);
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_in_loop(pid);
 
     let (img, stdio) = dump(pid, job);
 
@@ -502,7 +583,9 @@ fn dumped_task_is_restored_under_a_restore_step() {
         &format!("--rebalancer-restore={migration}"),
         "true",
     ]);
+    resume_restored(&agent, 2);
     let dst_out = dst.wait_with_output().expect("restore srun");
+    report_final_status(&agent);
     let src_out = src.wait_with_output().expect("source srun");
     let (dso, dse) = text(&dst_out);
     let (sso, sse) = text(&src_out);
@@ -671,7 +754,7 @@ fn task_moves_to_the_other_node_of_its_job() {
     agent.also_listen(&format!("{DIR}/agent-sp2.sock"));
     {
         let mut b = agent.behaviour.lock().unwrap_or_else(|e| e.into_inner());
-        b.relay_exits = true;
+        b.hold_first_exit = true;
         b.private_root = true;
     }
     let alloc = slurm(&["salloc", "--no-shell", "-p", "two", "-N2", "-J", "rbsp-two"]);
@@ -702,7 +785,7 @@ fn task_moves_to_the_other_node_of_its_job() {
     assert_eq!(reg.len(), 1, "{:?}", agent.seen());
     let r = reg[0].registration.clone().expect("registration");
     assert_eq!(r.node, "sp1");
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_in_loop(r.pid);
     let (img, stdio) = dump(r.pid, job);
     let migration = "5d1e0c4a-2222-4b3c-8d4e-abcdefabcdef";
     agent
@@ -726,6 +809,7 @@ fn task_moves_to_the_other_node_of_its_job() {
         &format!("--rebalancer-restore={migration}"),
         "true",
     ]);
+    resume_restored(&agent, 2);
     let regs = agent.wait_for("register-task", 2, Duration::from_secs(20));
     assert_eq!(regs.len(), 2, "{:?}", agent.seen());
     let restored = regs[1].registration.clone().expect("registration");
@@ -738,6 +822,7 @@ fn task_moves_to_the_other_node_of_its_job() {
     assert!(steps.contains(&format!("{job}.0 sp1")), "{steps}");
     assert!(steps.contains(&format!("{job}.1 sp2")), "{steps}");
     let dst_out = dst.wait_with_output().expect("restore srun");
+    report_final_status(&agent);
     let src_out = src.wait_with_output().expect("source srun");
     let (dso, dse) = text(&dst_out);
     let (sso, sse) = text(&src_out);

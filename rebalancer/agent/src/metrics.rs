@@ -580,6 +580,47 @@ mod tests {
         assert!(t >= own, "{t} < {own}");
     }
 
+    /// A /proc/PID entry of a fake /proc: its pid namespace link and a stat line whose
+    /// utime, stime, cutime and cstime are `t`.
+    fn fake_proc(root: &TempDir, pid: &str, ns: &str, t: [u64; 4]) {
+        let stat = format!(
+            "{pid} (w x) S 1 1 1 0 -1 0 0 0 0 0 {} {} {} {} 20 0 1 0 99\n",
+            t[0], t[1], t[2], t[3]
+        );
+        root.write(&format!("{pid}/stat"), &stat);
+        std::fs::create_dir_all(root.0.join(pid).join("ns")).expect("ns dir");
+        std::os::unix::fs::symlink(ns, root.0.join(pid).join("ns/pid")).expect("ns link");
+    }
+
+    #[test]
+    fn pid_namespace_sums_are_exact_and_kept_apart() {
+        let root = TempDir::new("proc");
+        fake_proc(&root, "100", "pid:[4026531836]", [10, 20, 0, 0]); // the host
+        fake_proc(&root, "200", "pid:[4026532001]", [100, 50, 7, 3]); // a's init
+        fake_proc(&root, "201", "pid:[4026532001]", [1, 2, 3, 4]);
+        fake_proc(&root, "300", "pid:[4026532002]", [1000, 0, 0, 0]); // b's init
+        fake_proc(&root, "301", "pid:[4026532002]", [5, 5, 0, 0]);
+        fake_proc(&root, "302", "pid:[4026532002]", [0, 0, 0, 0]);
+        // Not processes: ignored.
+        root.write(
+            "self/stat",
+            "1 (x) S 1 1 1 0 -1 0 0 0 0 0 9 9 9 9 20 0 1 0 9\n",
+        );
+        root.write("loadavg", "0.00 0.00 0.00 1/1 1\n");
+        // A process whose stat vanished between the two reads counts 0.
+        std::fs::create_dir_all(root.0.join("303/ns")).expect("dirs");
+        std::os::unix::fs::symlink("pid:[4026532002]", root.0.join("303/ns/pid")).expect("ns link");
+        let all = pidns_cpu_ticks(
+            &root.0,
+            &[("a".into(), 200), ("b".into(), 300), ("gone".into(), 999)],
+        );
+        let want: BTreeMap<String, u64> =
+            [("a".to_string(), 160 + 10), ("b".to_string(), 1000 + 10)].into();
+        assert_eq!(all, want);
+        // No container: nothing read, nothing summed (the host's processes never count).
+        assert!(pidns_cpu_ticks(&root.0, &[]).is_empty());
+    }
+
     #[test]
     fn load_window_counts_cpus_busy() {
         let mut w = LoadWindow::default();

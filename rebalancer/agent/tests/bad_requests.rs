@@ -118,6 +118,22 @@ fn as_nobody(sock: &std::path::Path, req: &Request) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("json answer")
 }
 
+/// Waits until container `id` has ended on the agent (killed and reaped, or gone).
+fn wait_ended(c: &mut Client, id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match c.container(id) {
+            Err(e) if e.code == ErrorCode::NotFound => return,
+            Ok(info) if info.state == ContainerState::Exited => return,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "{id} still there: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 #[ignore = "needs root, CRIU 4.2, nftables and network namespaces; .ci/run runs it with --include-ignored"]
 fn bad_requests_fail_cleanly_and_change_nothing() {
@@ -194,14 +210,23 @@ fn bad_requests_fail_cleanly_and_change_nothing() {
         signal: 9,
     })
     .expect("kill blocker");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_ended(&mut c1, "web");
 
     // Already migrating: a second request while the first runs.
     c0.call(&Request::CreateContainer {
         spec: server_spec("big", "198.19.19.30", 300),
     })
     .expect("create big");
-    std::thread::sleep(Duration::from_secs(3));
+    // Its 300 MiB are filled before it listens: once it answers, a migration takes long
+    // enough for a second request to find it running.
+    let big = TcpProbe::start(&lab.client_ns, "198.19.19.30");
+    assert!(
+        big.advance(1, Duration::from_secs(60)),
+        "big never answered: {:?}\n{}",
+        big.stats.lock().map(|s| s.errors.clone()),
+        lab.log(0)
+    );
+    drop(big.stop());
     let first = match c0
         .call(&migrate_req(
             "big",

@@ -12,17 +12,16 @@ fn migrate_and_kill_destination(
     id: &str,
     mode: MigrationMode,
     kill_at: Phase,
-    delay: Duration,
 ) -> ErrorReply {
     let sock = lab.nodes[0].socket.clone();
     let dest = lab.nodes[1].name.clone();
-    let id = id.to_string();
+    let container = id.to_string();
     let (tx, rx) = mpsc::channel();
     let h = std::thread::spawn(move || {
         let mut c = Client::connect(&sock).expect("client");
         let req = Request::Migrate {
             request: MigrateRequest {
-                container: id,
+                container,
                 destination: dest,
                 destination_addr: None,
                 mode,
@@ -45,10 +44,37 @@ fn migrate_and_kill_destination(
             break;
         }
     }
-    std::thread::sleep(delay);
+    // Killed as soon as the phase begins; the record below shows the kill landed in it.
     lab.kill_agent(1);
     let r = h.join().expect("migrate thread");
-    r.expect_err("migration must fail when the destination dies")
+    let e = r.expect_err("migration must fail when the destination dies");
+    let rec = last_migration(lab, id);
+    let phases: Vec<&Phase> = rec.phases.iter().map(|p| &p.phase).collect();
+    let at = phases
+        .iter()
+        .position(|p| **p == kill_at)
+        .unwrap_or_else(|| panic!("never reached {kill_at}: {phases:?}"));
+    // The kill hit `kill_at`: nothing but the rollback (and its cleanup) ran after it.
+    assert!(
+        phases[at + 1..]
+            .iter()
+            .all(|p| matches!(p, Phase::Rollback | Phase::Cleanup)),
+        "the destination died after {kill_at}, not during it: {phases:?}"
+    );
+    assert_eq!(rec.state, MigrationState::RolledBack, "{}", summary(&rec));
+    e
+}
+
+/// The source's newest migration record of container `id`.
+fn last_migration(lab: &Lab, id: &str) -> MigrationRecord {
+    match lab.client(0).call(&Request::ListMigrations) {
+        Ok(Reply::Migrations { migrations }) => migrations
+            .into_iter()
+            .filter(|m| m.container == id)
+            .max_by_key(|m| m.started_at)
+            .unwrap_or_else(|| panic!("no migration of {id} on the source")),
+        other => panic!("list migrations: {other:?}"),
+    }
 }
 
 #[test]
@@ -69,14 +95,9 @@ fn destination_killed_mid_migration_rolls_back() {
         probe.stats.lock().map(|s| s.errors.clone())
     );
 
-    // Stop-and-copy: killed while the pages stream to its page server.
-    let e = migrate_and_kill_destination(
-        &mut lab,
-        "victim",
-        MigrationMode::StopAndCopy,
-        Phase::Dump,
-        Duration::from_millis(300),
-    );
+    // Stop-and-copy: killed while the pages stream to its page server (the dump fails).
+    let e =
+        migrate_and_kill_destination(&mut lab, "victim", MigrationMode::StopAndCopy, Phase::Dump);
     assert_eq!(e.code, ErrorCode::RolledBack, "{e}");
     let info = c0.container("victim").expect("still here");
     assert_eq!(info.state, ContainerState::Running);
@@ -95,13 +116,8 @@ fn destination_killed_mid_migration_rolls_back() {
     // Post-copy: killed while the images are on their way (before the restore).
     lab.start_agent(1);
     probe.reset_gap();
-    let e = migrate_and_kill_destination(
-        &mut lab,
-        "victim",
-        MigrationMode::PostCopy,
-        Phase::Dump,
-        Duration::ZERO,
-    );
+    let e =
+        migrate_and_kill_destination(&mut lab, "victim", MigrationMode::PostCopy, Phase::Transfer);
     assert_eq!(e.code, ErrorCode::RolledBack, "{e}");
     let info = c0.container("victim").expect("still here");
     assert_eq!(info.state, ContainerState::Running);

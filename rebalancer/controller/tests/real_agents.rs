@@ -15,95 +15,48 @@ use rebalancer_proto::*;
 
 mod common;
 use common::*;
+use rebalancer_testkit::{NetLab, NetPlan, TcpProbe};
 
 const P: &str = "rbp";
 const NET: &str = "198.18.48";
+const NET_BLOCK: u8 = 48;
 const SUBNET: &str = "198.19.48.0/24";
 
 /// Two node namespaces with real agents (node names = namespace names, so that the agents'
-/// container namespaces `rb-<node>-<id>` fall under the teardown's prefix), a client namespace, a private munged. Torn down on drop.
+/// container namespaces `rb-<node>-<id>` fall under the teardown's prefix), a client namespace,
+/// a private munged (rebalancer-testkit's `NetLab`, as in the agent's tests). Torn down on drop.
 struct Lab {
     dir: PathBuf,
     children: Vec<Child>,
-    munged: Option<i32>,
+    net: NetLab,
 }
 
 impl Lab {
-    fn teardown(&mut self) {
+    fn stop_agents(&mut self) {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
         }
         self.children.clear();
-        if let Some(pid) = self.munged.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        if let Ok(rd) = std::fs::read_dir("/run/netns") {
-            for e in rd.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if n.starts_with(&format!("rb-{P}n"))
-                    || n.starts_with(&format!("{P}n"))
-                    || n == format!("{P}cl")
-                {
-                    let _ = sh(&format!(
-                        "ip netns pids {n} | xargs -r kill -9; ip netns del {n}"
-                    ));
-                }
-            }
-        }
-        // A namespace another process's mount namespace still pins outlives `ip netns del`;
-        // its host-side veth must go explicitly.
-        let _ = sh(&format!(
-            "for l in {P}n0h {P}n1h {P}clh; do ip link del $l 2>/dev/null; done; ip link del {P}br 2>/dev/null"
-        ));
-        // The agents mount a tmpfs for images under their run dirs.
-        let _ = sh(&format!(
-            "grep -o ' {}/[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
-            self.dir.display()
-        ));
     }
 
     fn up() -> Lab {
         let dir = PathBuf::from(format!("/tmp/{P}-ctl-lab"));
+        let net = NetLab::up(NetPlan {
+            prefix: P.into(),
+            block: NET_BLOCK,
+            subnet: SUBNET.into(),
+            nodes: 2,
+            dir: dir.clone(),
+        });
         let mut lab = Lab {
             dir: dir.clone(),
             children: vec![],
-            munged: None,
+            net,
         };
-        lab.teardown();
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).expect("remove the previous lab dir");
-        }
-        std::fs::create_dir_all(&dir).expect("dir");
-        must(&format!("ip link add {P}br type bridge && ip addr add {NET}.1/24 dev {P}br && ip link set {P}br up"));
-        for (i, ns) in [format!("{P}n0"), format!("{P}n1"), format!("{P}cl")]
-            .iter()
-            .enumerate()
-        {
-            must(&format!(
-                "ip netns add {ns} && ip link add {ns}h type veth peer name eth0 netns {ns} && \
-                 ip link set {ns}h master {P}br up && ip -n {ns} addr add {NET}.{}/24 dev eth0 && \
-                 ip -n {ns} link set eth0 up && ip -n {ns} link set lo up",
-                10 + i
-            ));
-        }
-        must(&format!("ip -n {P}cl route add {SUBNET} dev eth0"));
         let d = dir.display();
-        must(&format!("dd if=/dev/urandom of={d}/munge.key bs=1024 count=1 2>/dev/null && chmod 600 {d}/munge.key"));
-        must(&format!(
-            "munged --force -S {d}/munge.sock --key-file={d}/munge.key --pid-file={d}/munged.pid --log-file={d}/munged.log --seed-file={d}/munged.seed"
-        ));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while lab.munged.is_none() {
-            lab.munged = std::fs::read_to_string(dir.join("munged.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse().ok());
-            assert!(Instant::now() < deadline, "munged did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let munge = lab.net.munge_socket();
+        let munge = munge.display();
         for i in 0..2 {
             let o = 1 - i;
             let cfg = dir.join(format!("node{i}.toml"));
@@ -112,7 +65,7 @@ impl Lab {
                 format!(
                     "node = \"{P}n{i}\"\nlisten = \"{NET}.{ip}:7878\"\ncontrol_socket = \"{d}/{P}n{i}.sock\"\ncontainer_subnet = \"{SUBNET}\"\n\
                      state_dir = \"{d}/node{i}/state\"\nrun_dir = \"{d}/node{i}/run\"\nmigration_timeout_ms = 30000\n\
-                     [auth]\nmethod = \"munge\"\nmunge_socket = \"{d}/munge.sock\"\n[peers]\n{P}n{o} = \"{NET}.{oip}:7878\"\n",
+                     [auth]\nmethod = \"munge\"\nmunge_socket = \"{munge}\"\n[peers]\n{P}n{o} = \"{NET}.{oip}:7878\"\n",
                     ip = 10 + i,
                     oip = 10 + o
                 ),
@@ -138,7 +91,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        self.teardown();
+        self.stop_agents();
     }
 }
 
@@ -154,8 +107,8 @@ fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
         },
     );
     assert!(created.is_ok(), "{created:?}\n{}", lab.log("node0.log"));
-    std::thread::sleep(Duration::from_millis(500));
-    let probe = Probe::start("198.19.48.31", Some(&format!("{P}cl")));
+    // The probe retries its connection while the server fills its memory and starts listening.
+    let probe = TcpProbe::start(Some(&lab.net.client_ns), "198.19.48.31");
     let deadline = Instant::now() + Duration::from_secs(10);
     while probe.state().0 < 20 {
         assert!(

@@ -16,6 +16,7 @@ use slurm_tests::{Cluster, JobId};
 
 mod common;
 use common::*;
+use rebalancer_testkit::TcpProbe;
 
 /// Agents, their containers and the controller; killed and cleaned up on drop.
 struct Setup {
@@ -348,7 +349,7 @@ fn thermal_setup(action: &str) -> (Setup, String, PathBuf) {
 #[ignore = "needs root, CRIU 4.2, a real Slurm cluster (slurm-tests/cluster.sh) and network namespaces; .ci/run runs it with --include-ignored"]
 fn a_hot_node_sheds_a_container_to_the_coolest_node_that_fits() {
     let (s, hot, sensors) = thermal_setup("automatic");
-    let probe = Probe::start("198.19.0.61", None);
+    let probe = TcpProbe::start(None, "198.19.0.61");
     probe.wait_answers(20, "server on node1 does not answer");
 
     // node1 above high (85), node2 the coolest, node3 cooler than the limit too.

@@ -143,9 +143,10 @@ pub struct Behaviour {
     pub private_root: bool,
     /// Add a bind mount of a path that does not exist to the private root.
     pub bad_mount: bool,
-    /// Like the real agent after a dump: hold the first task-exited of a container until a
-    /// second one (from the restored copy) arrives, then answer both with the second's status.
-    pub relay_exits: bool,
+    /// The first task-exited (the dumped source's) waits until the test sets `migrated_exit`:
+    /// the test plays the destination reporting the moved container's final status. Later ones
+    /// (the restored copy's) are answered as ended here.
+    pub hold_first_exit: bool,
 }
 
 pub struct FakeAgent {
@@ -393,43 +394,41 @@ fn serve(
                 container,
             } => {
                 let _ = record("task-exited", None, Some(wait_status), None);
-                let (migrated, relay) = {
-                    let b = behaviour.lock().unwrap_or_else(|e| e.into_inner());
-                    (b.migrated_exit.clone(), b.relay_exits)
-                };
-                let exits_of = || -> Vec<i32> {
-                    seen.lock()
+                let first = seen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .filter(|s| s.op == "task-exited")
+                    .count()
+                    == 1;
+                let hold = first
+                    && behaviour
+                        .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .iter()
-                        .filter(|s| s.op == "task-exited")
-                        .filter_map(|s| s.wait_status)
-                        .collect()
+                        .hold_first_exit;
+                let t0 = Instant::now();
+                let migrated = loop {
+                    let m = behaviour
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .migrated_exit
+                        .clone();
+                    if m.is_some() || !hold || t0.elapsed() > Duration::from_secs(60) {
+                        break m;
+                    }
+                    thread::sleep(Duration::from_millis(50));
                 };
-                match (migrated, relay) {
-                    (Some((st, node)), _) => Response::Ok(Reply::TaskFinished {
+                let _ = container;
+                match migrated {
+                    Some((st, node)) => Response::Ok(Reply::TaskFinished {
                         wait_status: st,
                         migrated_to: Some(node),
                     }),
-                    (None, true) if exits_of().len() == 1 => {
-                        // The dumped source: wait for the restored copy's end.
-                        let t0 = Instant::now();
-                        let status = loop {
-                            let e = exits_of();
-                            if e.len() >= 2 {
-                                break e[1];
-                            }
-                            if t0.elapsed() > Duration::from_secs(40) {
-                                break wait_status;
-                            }
-                            thread::sleep(Duration::from_millis(50));
-                        };
-                        let _ = container;
-                        Response::Ok(Reply::TaskFinished {
-                            wait_status: status,
-                            migrated_to: Some(NODE.into()),
-                        })
-                    }
-                    _ => Response::Ok(Reply::TaskFinished {
+                    None if hold => Response::error(
+                        ErrorCode::Unreachable,
+                        "the test never reported the moved container's final status",
+                    ),
+                    None => Response::Ok(Reply::TaskFinished {
                         wait_status,
                         migrated_to: None,
                     }),

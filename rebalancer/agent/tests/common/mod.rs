@@ -1,39 +1,21 @@
-//! Test lab: node network namespaces on a bridge (TEAM.md network plan, block [rbt]), a private
-//! munged, and real `rebalancer-agent` daemons entered into the node namespaces with nsenter.
-//! Everything is torn down by `Drop`, also when a test fails.
+//! Test lab: node network namespaces on a bridge (TEAM.md network plan, block [rbt]) and a
+//! private munged, from rebalancer-testkit's `NetLab` (the controller's tests use the same), and
+//! real `rebalancer-agent` daemons entered into the node namespaces with nsenter. Everything is
+//! torn down by `Drop`, also when a test fails.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rebalancer_proto::frame::{read_frame, write_frame, Frame, FrameKind};
 use rebalancer_proto::*;
+use rebalancer_testkit::{NetLab, NetPlan};
 
 pub const REASON: &str =
     "needs root, CRIU 4.2, nftables and network namespaces; .ci/run runs it with --include-ignored";
-
-fn sh(cmd: &str) -> std::process::Output {
-    Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .expect("run sh")
-}
-
-fn must(cmd: &str) {
-    let o = sh(cmd);
-    assert!(
-        o.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 pub struct Node {
     pub name: String,
@@ -48,14 +30,14 @@ pub struct Node {
 pub struct Lab {
     pub k: u8,
     pub prefix: String,
-    pub bridge: String,
     pub dir: PathBuf,
     pub nodes: Vec<Node>,
     pub client_ns: String,
-    pub munged_pid: Option<i32>,
     pub subnet: String,
     /// Extra TOML lines per node index (before the [auth] table).
     pub extra_config: Vec<String>,
+    /// Dropped after the agents stopped (field order does not matter: `Drop for Lab` runs first).
+    pub net: NetLab,
 }
 
 impl Lab {
@@ -84,77 +66,41 @@ impl Lab {
         agents: usize,
         extra: Vec<String>,
     ) -> Lab {
-        let bridge = format!("{prefix}br");
         let dir = PathBuf::from(format!("/tmp/{prefix}-lab"));
+        let net = NetLab::up(NetPlan {
+            prefix: prefix.to_string(),
+            block: b,
+            subnet: subnet.to_string(),
+            nodes: agents,
+            dir: dir.clone(),
+        });
+        let nodes = net
+            .nodes
+            .iter()
+            .map(|n| Node {
+                name: n.netns.clone(),
+                netns: n.netns.clone(),
+                ip: n.ip.clone(),
+                port: 7878,
+                socket: dir.join(format!("{}.sock", n.netns)),
+                agent: None,
+                log: dir.join(format!("{}.log", n.netns)),
+            })
+            .collect();
         let mut lab = Lab {
             k,
             prefix: prefix.to_string(),
-            bridge: bridge.clone(),
-            dir: dir.clone(),
-            nodes: Vec::new(),
-            client_ns: format!("{prefix}cl"),
-            munged_pid: None,
+            dir,
+            nodes,
+            client_ns: net.client_ns.clone(),
             subnet: subnet.to_string(),
             extra_config: extra,
+            net,
         };
-        lab.teardown();
-        std::fs::create_dir_all(&dir).expect("lab dir");
-        must(&format!("ip link add {bridge} type bridge && ip addr add 198.18.{b}.1/24 dev {bridge} && ip link set {bridge} up"));
-        // Node namespaces n0..n(agents-1) and the client namespace.
-        let mut names: Vec<String> = (0..agents).map(|i| format!("{prefix}n{i}")).collect();
-        names.push(lab.client_ns.clone());
-        for (i, ns) in names.iter().enumerate() {
-            let ip = format!("198.18.{b}.{}", 10 + i);
-            must(&format!(
-                "ip netns add {ns} && ip link add {ns}h type veth peer name eth0 netns {ns} && \
-                 ip link set {ns}h master {bridge} up && ip -n {ns} addr add {ip}/24 dev eth0 && \
-                 ip -n {ns} link set eth0 up && ip -n {ns} link set lo up"
-            ));
-            if *ns == lab.client_ns {
-                must(&format!("ip -n {ns} route add {} dev eth0", lab.subnet));
-            }
-        }
-        lab.start_munged();
-        for (i, name) in names.iter().take(agents).enumerate() {
-            let name = name.clone();
-            let ip = format!("198.18.{b}.{}", 10 + i);
-            let node = Node {
-                name: name.clone(),
-                netns: name.clone(),
-                ip,
-                port: 7878,
-                socket: dir.join(format!("{name}.sock")),
-                agent: None,
-                log: dir.join(format!("{name}.log")),
-            };
-            lab.nodes.push(node);
-        }
         for i in 0..agents {
             lab.start_agent(i);
         }
         lab
-    }
-
-    fn start_munged(&mut self) {
-        let d = &self.dir;
-        // A pid file from an earlier run would name the wrong process.
-        let _ = std::fs::remove_file(d.join("munged.pid"));
-        must(&format!("dd if=/dev/urandom of={0}/munge.key bs=1024 count=1 2>/dev/null && chmod 600 {0}/munge.key", d.display()));
-        must(&format!(
-            "munged --force -S {0}/munge.sock --key-file={0}/munge.key --pid-file={0}/munged.pid --log-file={0}/munged.log --seed-file={0}/munged.seed",
-            d.display()
-        ));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(p) = std::fs::read_to_string(d.join("munged.pid")) {
-                self.munged_pid = p.trim().parse().ok();
-                if self.munged_pid.is_some() {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("munged did not start");
     }
 
     pub fn config(&self, i: usize) -> String {
@@ -169,13 +115,14 @@ impl Lab {
         format!(
             "node = \"{name}\"\nlisten = \"{ip}:{port}\"\ncontrol_socket = \"{sock}\"\ncontainer_subnet = \"{subnet}\"\n\
              state_dir = \"{d}/{name}/state\"\nrun_dir = \"{d}/{name}/run\"\nmigration_timeout_ms = 30000\n{extra}\n\
-             [auth]\nmethod = \"munge\"\nmunge_socket = \"{d}/munge.sock\"\n[peers]\n{peers}",
+             [auth]\nmethod = \"munge\"\nmunge_socket = \"{munge}\"\n[peers]\n{peers}",
             name = n.name,
             ip = n.ip,
             port = n.port,
             sock = n.socket.display(),
             subnet = self.subnet,
             d = d.display(),
+            munge = self.net.munge_socket().display(),
             extra = self.extra_config.get(i).cloned().unwrap_or_default(),
         )
     }
@@ -198,6 +145,8 @@ impl Lab {
             .arg(&cfg)
             .env("REBALANCER_LOG", "info,rebalancer_agent=debug")
             .env("REBALANCER_KEEP_IMAGES", "1")
+            // Its own process group, so that `kill_agent` takes its CRIU helpers too.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -223,9 +172,12 @@ impl Lab {
         }
     }
 
-    /// SIGKILLs an agent (failure injection).
+    /// SIGKILLs an agent and the CRIU processes it runs (its page server, a restore), as on a
+    /// crashed node (failure injection). Containers have their own session and survive.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].agent.take() {
+            let pg = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -239,9 +191,10 @@ impl Lab {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
     }
 
-    fn teardown(&mut self) {
+    /// Stops the agents, gracefully first: an agent stops its containers and unmounts its
+    /// images tmpfs. `NetLab` removes the rest.
+    fn stop_agents(&mut self) {
         for i in 0..self.nodes.len() {
-            // Graceful first: the agent stops its containers and unmounts its images tmpfs.
             if let Some(mut c) = self.nodes[i].agent.take() {
                 let pid = nix::unistd::Pid::from_raw(c.id() as i32);
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -253,48 +206,12 @@ impl Lab {
                 let _ = c.wait();
             }
         }
-        // Mounts left by agents that were killed (failure injection).
-        if let Ok(m) = std::fs::read_to_string("/proc/mounts") {
-            let dir = format!("{}/", self.dir.display());
-            let mut points: Vec<&str> = m
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(1))
-                .filter(|p| p.starts_with(&dir))
-                .collect();
-            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-            for p in points {
-                let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-        if let Some(pid) = self.munged_pid.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        // Container netns of agents that died (named rb-<node>-...), then the nodes.
-        let k = &self.prefix;
-        if let Ok(rd) = std::fs::read_dir("/run/netns") {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&format!("rb-{k}n"))
-                    || name.starts_with(&format!("{k}n"))
-                    || name == self.client_ns
-                {
-                    // Kill leftover processes in the namespace first (restored trees of a dead agent).
-                    let _ = sh(&format!("ip netns pids {name} | xargs -r kill -9"));
-                    let _ = sh(&format!("ip netns del {name}"));
-                }
-            }
-        }
-        let _ = sh(&format!("ip link del {}", self.bridge));
-        let _ = sh(&format!("for l in $(ip -o link show | awk -F': ' '{{print $2}}' | grep -E '^{k}(n|cl)' | cut -d@ -f1); do ip link del $l; done"));
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        self.teardown();
+        self.stop_agents();
     }
 }
 
@@ -438,133 +355,25 @@ while True:
     }
 }
 
-/// Result of a [`TcpProbe`] run.
-#[derive(Debug, Default)]
-pub struct ProbeStats {
-    pub requests: u64,
-    pub last_counter: u64,
-    pub errors: Vec<String>,
-    pub max_gap: Duration,
-}
+pub use rebalancer_testkit::ProbeStats;
 
-/// A client in the client namespace sending one request every 10 ms and checking that the
-/// counter goes up by one each time.
-pub struct TcpProbe {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
-    pub stats: Arc<Mutex<ProbeStats>>,
-    pub count: Arc<AtomicU64>,
-}
+/// rebalancer-testkit's probe, started in the lab's client namespace.
+pub struct TcpProbe(rebalancer_testkit::TcpProbe);
 
 impl TcpProbe {
     pub fn start(client_ns: &str, addr: &str) -> TcpProbe {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(Mutex::new(ProbeStats::default()));
-        let count = Arc::new(AtomicU64::new(0));
-        let (st, s2, c2) = (stop.clone(), stats.clone(), count.clone());
-        let ns = format!("/run/netns/{client_ns}");
-        let addr = format!("{addr}:8000");
-        let handle = std::thread::spawn(move || {
-            let f = std::fs::File::open(&ns).expect("client netns");
-            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            let _ = f.as_raw_fd();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let stream = loop {
-                match std::net::TcpStream::connect(&addr) {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        if Instant::now() > deadline {
-                            s2.lock()
-                                .expect("stats")
-                                .errors
-                                .push(format!("connect: {e}"));
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(15)))
-                .expect("timeout");
-            let mut w = stream.try_clone().expect("clone");
-            let mut r = BufReader::new(stream);
-            let mut last = Instant::now();
-            let mut expect = 1u64;
-            while !st.load(Ordering::Relaxed) {
-                let mut line = String::new();
-                let res = w.write_all(b"x\n").and_then(|_| r.read_line(&mut line));
-                let mut s = s2.lock().expect("stats");
-                match res {
-                    Ok(0) => {
-                        s.errors.push("connection closed".into());
-                        return;
-                    }
-                    Ok(_) => {
-                        let v: u64 = line.trim().parse().unwrap_or(0);
-                        if v != expect {
-                            s.errors.push(format!("counter {v}, expected {expect}"));
-                            return;
-                        }
-                        expect += 1;
-                        let gap = last.elapsed();
-                        if gap > s.max_gap {
-                            s.max_gap = gap;
-                        }
-                        last = Instant::now();
-                        s.requests += 1;
-                        s.last_counter = v;
-                        c2.store(v, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        s.errors.push(format!("i/o: {e}"));
-                        return;
-                    }
-                }
-                drop(s);
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        TcpProbe {
-            stop,
-            handle: Some(handle),
-            stats,
-            count,
-        }
+        TcpProbe(rebalancer_testkit::TcpProbe::start(Some(client_ns), addr))
     }
 
-    /// Waits until the counter reached `n` more answers than now.
-    pub fn advance(&self, n: u64, within: Duration) -> bool {
-        let start = self.count.load(Ordering::Relaxed);
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self.count.load(Ordering::Relaxed) >= start + n {
-                return true;
-            }
-            if !self.stats.lock().expect("stats").errors.is_empty() {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
-    }
-
-    pub fn reset_gap(&self) {
-        self.stats.lock().expect("stats").max_gap = Duration::ZERO;
-    }
-
-    pub fn stop(mut self) -> ProbeStats {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-        std::mem::take(&mut *self.stats.lock().expect("stats"))
+    pub fn stop(self) -> ProbeStats {
+        self.0.stop()
     }
 }
 
-impl Drop for TcpProbe {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+impl std::ops::Deref for TcpProbe {
+    type Target = rebalancer_testkit::TcpProbe;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 

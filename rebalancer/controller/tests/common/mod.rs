@@ -1,29 +1,17 @@
 //! Helpers shared by the root tests that run real agents.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rebalancer_proto::control::{ControlReply, ControlRequest, ControlResponse};
 use rebalancer_proto::frame::{read_frame, write_frame, Frame, FrameKind};
 use rebalancer_proto::*;
 
-pub fn sh(cmd: &str) -> std::process::Output {
-    Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
-}
-
-pub fn must(cmd: &str) {
-    let o = sh(cmd);
-    assert!(
-        o.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
+#[allow(unused_imports)] // not every test binary runs shell commands
+pub use rebalancer_testkit::{must, sh};
 
 pub fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("REBALANCER_AGENT_BIN") {
@@ -156,74 +144,5 @@ pub fn wait_agent(sock: &Path, name: &str, logs: impl Fn() -> String) {
             logs()
         );
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A TCP client of a test server (port 8000): a line every 10 ms on one connection, each answer
-/// kept (or `ERR ...`). Runs in network namespace `netns`, or in the root namespace.
-pub struct Probe {
-    child: Child,
-    last: Arc<Mutex<(u64, Vec<String>)>>,
-}
-
-impl Probe {
-    pub fn start(addr: &str, netns: Option<&str>) -> Probe {
-        let prog = format!(
-            "import socket, sys, time\ns = socket.create_connection(('{addr}', 8000), timeout=10)\nf = s.makefile('rb')\n\
-             while True:\n    try:\n        s.sendall(b'x\\n'); l = f.readline()\n        if not l: print('ERR closed', flush=True); break\n\
-             \x20       print(l.decode().strip(), flush=True)\n    except Exception as e:\n        print('ERR', e, flush=True); break\n    time.sleep(0.01)\n"
-        );
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "python3"]);
-                c
-            }
-            None => Command::new("python3"),
-        };
-        let mut child = cmd
-            .args(["-u", "-c", &prog])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("probe");
-        let out = child.stdout.take().expect("stdout");
-        let last = Arc::new(Mutex::new((0u64, Vec::new())));
-        let l2 = last.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let mut g = l2.lock().unwrap_or_else(|p| p.into_inner());
-                match line.parse::<u64>() {
-                    Ok(n) => g.0 = n,
-                    Err(_) => g.1.push(line),
-                }
-            }
-        });
-        Probe { child, last }
-    }
-
-    /// (last answer, error lines).
-    pub fn state(&self) -> (u64, Vec<String>) {
-        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Waits up to 15 s for answer `n`.
-    pub fn wait_answers(&self, n: u64, why: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.state().0 < n {
-            assert!(
-                Instant::now() < deadline,
-                "{why}: probe at {:?}",
-                self.state()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
