@@ -23,4 +23,13 @@ if [ "${1:-}" = --unit-only ]; then exit 0; fi
 
 step "privileged tests (root, CRIU, network namespaces, Slurm)"
 # One test at a time: several tests start whole clusters and migrations on a 2-core machine.
-cargo test --workspace --all-targets -- --ignored --test-threads=1
+skip=()
+# Migrating another user's task needs CAP_SYS_RESOURCE in root's effective set (CRIU reads the
+# task's rlimits); some VMs and containers bound it away. The test that needs it is then not run,
+# and this says so: it would fail, naming the capability.
+capeff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
+if (( (16#$capeff >> 24) & 1 )); then :; else
+  echo "test-all: root lacks CAP_SYS_RESOURCE here (CapEff $capeff): not running a_users_srun_step_moves_off_a_drained_node (a user's job cannot be migrated on this machine)"
+  skip+=(--skip a_users_srun_step_moves_off_a_drained_node)
+fi
+cargo test --workspace --all-targets -- --ignored --test-threads=1 "${skip[@]}"

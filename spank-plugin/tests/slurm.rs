@@ -459,7 +459,7 @@ fn kill_tree_root(pid: i32) {
     assert_eq!(r, 0, "kill {pid}: {}", std::io::Error::last_os_error());
 }
 
-/// The restore plan the agent would hand the restore step: `rebalancer_agent::peer::restore_plan`
+/// The restore plan the agent would hand the restore step: `rebalancer_agent::migration::restore_step::restore_plan`
 /// on the container as the agent records it.
 fn restore_plan(
     migration: &str,
@@ -494,7 +494,7 @@ fn restore_plan(
         stdio_keys: stdio,
         started_at: 0,
     };
-    rebalancer_agent::peer::restore_plan(
+    rebalancer_agent::migration::restore_step::restore_plan(
         std::path::Path::new(&criu()),
         migration,
         &meta,

@@ -677,7 +677,10 @@ mod tests {
         let r = tokio::time::timeout(Duration::from_secs(10), helper.wait())
             .await
             .expect("the source's connection reaches criu");
-        assert!(r.is_err() || r.is_ok_and(|s| !s.success()), "/bin/false serves nothing");
+        assert!(
+            r.is_err() || r.is_ok_and(|s| !s.success()),
+            "/bin/false serves nothing"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
