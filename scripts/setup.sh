@@ -20,6 +20,8 @@ want_slurm=1
 # --- Debian packages ---------------------------------------------------------
 pkgs=(
   nftables iproute2 iputils-arping procps psmisc util-linux python3 libclang-dev clang pkgconf
+  # openssl: the agent ends a TLS lazy page server with a handshake of its own on rollback
+  openssl
   # CRIU build dependencies (from FIELD-NOTES)
   build-essential libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
   libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf

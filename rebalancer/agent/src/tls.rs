@@ -104,9 +104,20 @@ pub fn criu_options(dir: &Path) -> Vec<String> {
 }
 
 /// Writes `mine` and the peer's certificate into `dir` (created 0700, files 0600) and returns
-/// CRIU's options.
-pub fn write_files(dir: &Path, mine: &Identity, peer_pem: &str) -> Result<Vec<String>, AgentError> {
+/// CRIU's options. `trust_self`: CRIU also accepts this side's own certificate (the source's
+/// lazy page server, which the agent ends with a handshake of its own on rollback).
+pub fn write_files(
+    dir: &Path,
+    mine: &Identity,
+    peer_pem: &str,
+    trust_self: bool,
+) -> Result<Vec<String>, AgentError> {
     check_peer_cert(peer_pem)?;
+    let trusted = if trust_self {
+        format!("{}\n{}", peer_pem.trim_end(), mine.cert_pem)
+    } else {
+        peer_pem.to_string()
+    };
     let io = |what: String| move |source| AgentError::Io { what, source };
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -116,7 +127,7 @@ pub fn write_files(dir: &Path, mine: &Identity, peer_pem: &str) -> Result<Vec<St
     for (name, text) in [
         ("cert.pem", mine.cert_pem.as_str()),
         ("key.pem", mine.key_pem.as_str()),
-        ("peer.pem", peer_pem),
+        ("peer.pem", trusted.as_str()),
     ] {
         let p = dir.join(name);
         let _ = std::fs::remove_file(&p);
@@ -181,7 +192,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let mine = Identity::generate("n1", "m1").expect("generate");
         let peer = Identity::generate("n2", "m1").expect("generate");
-        let opts = write_files(&dir.join("tls"), &mine, &peer.cert_pem).expect("write");
+        let opts = write_files(&dir.join("tls"), &mine, &peer.cert_pem, false).expect("write");
         let t = dir.join("tls");
         assert_eq!(opts, criu_options(&t));
         assert!(opts.contains(&"--tls-no-cn-verify".to_string()));
@@ -192,7 +203,10 @@ mod tests {
             std::fs::read_to_string(t.join("peer.pem")).expect("read"),
             peer.cert_pem
         );
-        assert!(write_files(&t, &mine, "junk").is_err());
+        assert!(write_files(&t, &mine, "junk", false).is_err());
+        write_files(&t, &mine, &peer.cert_pem, true).expect("write");
+        let both = std::fs::read_to_string(t.join("peer.pem")).expect("read");
+        assert!(both.contains(peer.cert_pem.trim()) && both.contains(mine.cert_pem.trim()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -285,7 +285,7 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
                     inc.cgroup = host.create_cgroup(agent, &meta.spec)?;
                 }
                 if let (Some(mine), Some(peer)) = (&identity, &tls_cert) {
-                    inc.tls = crate::tls::write_files(&mig_dir.join("tls"), mine, peer)?;
+                    inc.tls = crate::tls::write_files(&mig_dir.join("tls"), mine, peer, false)?;
                 }
                 host.create_net(&net, false).await?;
                 let mut page_server = None;

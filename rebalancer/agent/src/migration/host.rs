@@ -173,7 +173,11 @@ pub trait Net: Send + Sync {
     /// Gratuitous ARPs for `ip` on `uplink`, in the background.
     fn announce(&self, uplink: &str, ip: Ipv4Addr);
     /// Connects to `addr` and hangs up: wakes a lazy dump still waiting in accept().
-    fn poke(&self, addr: (Ipv4Addr, u16)) -> impl Future<Output = ()> + Send;
+    /// `tls`: the migration's TLS directory ([`crate::tls::write_files`]) when the lazy dump
+    /// speaks TLS; the poke then completes a handshake as the source itself, so that CRIU's page
+    /// server ends normally (a failed handshake would send CRIU down its error path, which
+    /// resumes the tree without releasing its network lock and TCP repair mode).
+    fn poke(&self, addr: (Ipv4Addr, u16), tls: Option<&Path>) -> impl Future<Output = ()> + Send;
 }
 
 /// The container's processes and the node's memory.
@@ -516,8 +520,34 @@ impl Net for System {
             }
         });
     }
-    async fn poke(&self, addr: (Ipv4Addr, u16)) {
-        let _ = tokio::net::TcpStream::connect(addr).await;
+    async fn poke(&self, addr: (Ipv4Addr, u16), tls: Option<&Path>) {
+        let Some(dir) = tls else {
+            let _ = tokio::net::TcpStream::connect(addr).await;
+            return;
+        };
+        let f = |n: &str| dir.join(n);
+        let mut cmd = tokio::process::Command::new("openssl");
+        cmd.arg("s_client")
+            .arg("-connect")
+            .arg(format!("{}:{}", addr.0, addr.1))
+            .arg("-cert")
+            .arg(f("cert.pem"))
+            .arg("-key")
+            .arg(f("key.pem"))
+            .arg("-CAfile")
+            .arg(f("cert.pem"))
+            .args(["-verify_return_error", "-brief", "-no_ign_eof"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        match tokio::time::timeout(Duration::from_secs(5), cmd.status()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot run openssl to end the lazy page server")
+            }
+            Err(_) => tracing::warn!("openssl did not end the lazy page server within 5 s"),
+        }
     }
 }
 

@@ -407,7 +407,7 @@ impl Net for SimHost {
     fn announce(&self, _uplink: &str, ip: Ipv4Addr) {
         self.state().announced.push(ip);
     }
-    async fn poke(&self, _addr: (Ipv4Addr, u16)) {}
+    async fn poke(&self, _addr: (Ipv4Addr, u16), _tls: Option<&Path>) {}
 }
 
 impl Procs for SimHost {

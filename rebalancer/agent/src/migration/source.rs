@@ -347,7 +347,9 @@ pub async fn run_with<H: Host>(
             if let Some(mut d) = dump_child.take() {
                 // A lazy dump still serving: nudge it out of accept() so it finishes.
                 if let Some(addr) = lazy_addr(&agent, &p) {
-                    host.poke(addr).await;
+                    let tls = base.join("tls");
+                    host.poke(addr, p.tls.is_some().then_some(tls.as_path()))
+                        .await;
                 }
                 if within(host, Duration::from_secs(5), d.wait())
                     .await
@@ -456,7 +458,7 @@ async fn attempt<H: Host>(
     let net_inode = host.net_inode(&p.net)?;
     let tls = match &p.tls {
         Some((mine, peer)) => {
-            crate::tls::write_files(&dir.parent().unwrap_or(dir).join("tls"), mine, peer)?
+            crate::tls::write_files(&dir.parent().unwrap_or(dir).join("tls"), mine, peer, true)?
         }
         None => Vec::new(),
     };
