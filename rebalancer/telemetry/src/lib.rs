@@ -97,7 +97,6 @@ fn route(head: &[u8]) -> Route {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
 
     #[test]
     fn routes_only_get_metrics() {
@@ -108,14 +107,16 @@ mod tests {
         assert_eq!(route(b""), Route::NotFound);
     }
 
-    fn exchange(addr: SocketAddr, request: &[u8]) -> String {
-        let mut s = std::net::TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        s.write_all(request).expect("send");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read");
-        out
+    /// One request on a fresh connection; the whole answer up to the server's close.
+    async fn exchange(addr: SocketAddr, request: Vec<u8>) -> String {
+        let mut sock = TcpStream::connect(addr).await.expect("connect");
+        sock.write_all(&request).await.expect("send");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut answer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        String::from_utf8(answer).expect("text")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,11 +134,7 @@ mod tests {
         let server = tokio::spawn(serve(listener, render));
 
         for n in 1..=2 {
-            let out = tokio::task::spawn_blocking(move || {
-                exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n")
-            })
-            .await
-            .expect("join");
+            let out = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n".to_vec()).await;
             let (head, body) = out.split_once("\r\n\r\n").expect("head");
             assert!(head.contains(CONTENT_TYPE), "{head}");
             assert_eq!(body, format!("requests {n}\n# EOF\n"));
@@ -145,9 +142,7 @@ mod tests {
         // A head without its blank line that reaches the limit: answered, not waited on.
         let mut big = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
         big.resize(MAX_REQUEST, b'a');
-        let out = tokio::task::spawn_blocking(move || exchange(addr, &big))
-            .await
-            .expect("join");
+        let out = exchange(addr, big).await;
         assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
         server.abort();
