@@ -2,6 +2,7 @@
 //! migrated job's allocation true (expanded onto the destination before the migration, shrunk
 //! from the source after it, given back when the migration fails).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rebalancer_proto::control::{DecisionRecord, MigrationEntry};
@@ -10,7 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::daemon::{err, write, Controller};
 use crate::inflight::Expansion;
-use crate::slurm_sync::allocation_change;
+use crate::slurm_sync::{allocation_change, SlurmNode};
 
 impl Controller {
     /// Polls Slurm once; returns true when a node entered an evacuation state.
@@ -46,19 +47,8 @@ impl Controller {
         let Some(nodes) = nodes else {
             return false;
         };
-        let mut triggered = false;
-        for n in &nodes {
-            let old = st.nodes.get(&n.name).map(|o| o.flags).unwrap_or_default();
-            if n.flags != old {
-                info!(node = %n.name, state = %n.state, "node state changed");
-                if n.flags.evacuate_reason().is_some()
-                    && old.evacuate_reason() != n.flags.evacuate_reason()
-                {
-                    triggered = true;
-                }
-            }
-        }
-        st.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+        let (fresh, triggered) = merge_nodes(&st.nodes, nodes);
+        st.nodes = fresh;
         triggered
     }
 
@@ -251,5 +241,74 @@ impl Controller {
                 }
             }
         }
+    }
+}
+
+/// Slurm's fresh node list replacing the known one; true when a node entered an evacuation
+/// state or changed to another one (DRAIN → DOWN), which triggers an evaluation at once.
+fn merge_nodes(
+    known: &BTreeMap<String, SlurmNode>,
+    nodes: Vec<SlurmNode>,
+) -> (BTreeMap<String, SlurmNode>, bool) {
+    let mut triggered = false;
+    for n in &nodes {
+        let old = known.get(&n.name).map(|o| o.flags).unwrap_or_default();
+        if n.flags != old {
+            info!(node = %n.name, state = %n.state, "node state changed");
+            if n.flags.evacuate_reason().is_some()
+                && old.evacuate_reason() != n.flags.evacuate_reason()
+            {
+                triggered = true;
+            }
+        }
+    }
+    let fresh = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+    (fresh, triggered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slurm_sync::NodeFlags;
+
+    fn node(name: &str, state: &str) -> SlurmNode {
+        SlurmNode {
+            name: name.into(),
+            state: state.into(),
+            flags: NodeFlags::from_state(state),
+            ..Default::default()
+        }
+    }
+
+    fn known(nodes: &[SlurmNode]) -> BTreeMap<String, SlurmNode> {
+        nodes.iter().map(|n| (n.name.clone(), n.clone())).collect()
+    }
+
+    #[test]
+    fn entering_or_changing_an_evacuation_state_triggers() {
+        let before = known(&[node("n1", "MIXED"), node("n2", "IDLE")]);
+        let (fresh, t) = merge_nodes(&before, vec![node("n1", "MIXED+DRAIN"), node("n2", "IDLE")]);
+        assert!(t);
+        assert!(fresh["n1"].flags.draining);
+        let (_, t) = merge_nodes(&fresh, vec![node("n1", "DOWN+DRAIN"), node("n2", "IDLE")]);
+        assert!(t, "DRAINING to DOWN is a new reason");
+    }
+
+    #[test]
+    fn other_changes_do_not_trigger_and_gone_nodes_are_dropped() {
+        let before = known(&[node("n1", "MIXED+DRAIN"), node("n2", "IDLE")]);
+        // n1 keeps its reason (DRAINING), n2 is gone, n3 is new and idle.
+        let (fresh, t) = merge_nodes(
+            &before,
+            vec![node("n1", "ALLOCATED+DRAIN"), node("n3", "IDLE")],
+        );
+        assert!(!t);
+        assert_eq!(fresh.keys().collect::<Vec<_>>(), ["n1", "n3"]);
+        // Leaving a drain is not a reason to evacuate.
+        let (_, t) = merge_nodes(&fresh, vec![node("n1", "IDLE"), node("n3", "IDLE")]);
+        assert!(!t);
+        // A node first seen drained triggers.
+        let (_, t) = merge_nodes(&BTreeMap::new(), vec![node("n4", "IDLE+DRAIN")]);
+        assert!(t);
     }
 }
