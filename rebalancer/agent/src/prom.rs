@@ -2,9 +2,6 @@
 //! (`metrics_listen`, `GET /metrics`). Not to be confused with `[metrics]` (crate::metrics), the
 //! temperature and load sources reported to the controller.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -12,12 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use rebalancer_proto::{MigrationMode, MigrationRecord, MigrationState};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Request head limit: anything longer is answered without reading further.
-const MAX_REQUEST: usize = 8192;
-/// A client gets this long to send its request head (slow clients never hold a task forever).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Downtime and frozen-time buckets: 50 ms .. 30 s.
 const SECONDS_BUCKETS: [f64; 12] = [
     0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0,
@@ -143,70 +135,16 @@ impl AgentMetrics {
     }
 }
 
-/// Produces the exposition text for one request (refreshes gauges, then renders).
-pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
-
-/// Serves `GET /metrics` until the task is dropped; one task per connection.
-pub async fn serve(listener: tokio::net::TcpListener, render: Render) {
-    loop {
-        match listener.accept().await {
-            Ok((sock, peer)) => {
-                tokio::spawn(answer(sock, peer, render.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept on metrics listener");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn answer(mut sock: tokio::net::TcpStream, peer: std::net::SocketAddr, render: Render) {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let read = async {
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
-            let n = sock.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
-        Ok(Ok(())) => {}
-        _ => return,
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let first = head.lines().next().unwrap_or("");
-    let mut words = first.split(' ');
-    let (status, ctype, body) = match (words.next(), words.next()) {
-        (Some("GET"), Some("/metrics")) => (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            render(),
-        ),
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "not found; try /metrics\n".to_string(),
-        ),
-    };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if let Err(e) = sock.write_all(resp.as_bytes()).await {
-        tracing::debug!(%peer, "metrics client went away: {e}");
-    }
-}
+// The HTTP side is the server the controller uses too.
+pub use rebalancer_telemetry::{serve, Render};
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rebalancer_proto::{now_millis, MigrationStats};
     use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::time::Duration;
 
     fn record(state: MigrationState, source: &str) -> MigrationRecord {
         MigrationRecord {

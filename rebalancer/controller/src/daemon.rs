@@ -1,5 +1,7 @@
-//! The controller's state and its loops: Slurm watch, agent polling, evaluation, execution.
-//! See `LIFECYCLE.md` next to this file.
+//! The controller's state and its wiring: the agent poll, the views built from what Slurm and
+//! the agents report, and the loops. Slurm sync (`slurm_watch`), evaluation (`evaluate`),
+//! execution (`execute`) and recovery (`recovery`) live in their own modules; in-flight
+//! migrations are owned by [`Migrations`]. See `LIFECYCLE.md` next to this file.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -9,21 +11,20 @@ use rebalancer_proto::control::{
     AgentHealth, DecisionOutcome, DecisionRecord, MigrationEntry, NodeStatus, PolicyState,
 };
 use rebalancer_proto::{
-    now_millis, ContainerInfo, ContainerState, ErrorCode, ErrorReply, Event, MigrateRequest,
-    MigrationMode, MigrationRecord, MigrationState, Millis, NodeCapabilities, NodeMetrics,
+    now_millis, ContainerInfo, ContainerState, ErrorCode, ErrorReply, Event, MigrationMode, Millis,
+    NodeCapabilities, NodeMetrics,
 };
-use tokio::sync::{mpsc, Notify};
-use tracing::{debug, error, info, warn};
+use tokio::sync::Notify;
+use tracing::{info, warn};
 
-use crate::agents::{AgentClient, AgentError};
+use crate::agents::AgentClient;
 use crate::auth::Access;
 use crate::config::{AgentAddr, Config};
+pub use crate::inflight::{InFlight, Migrations};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
-use crate::planner::{
-    ContainerSnap, InFlightSnap, NodeSnap, PlanAction, PlanInput, PlannedMove, Planner,
-};
-use crate::slurm_sync::{allocation_change, NodeFlags, SlurmBackend, SlurmJob, SlurmNode};
+use crate::planner::{ContainerSnap, InFlightSnap, NodeSnap, PlanInput, Planner};
+use crate::slurm_sync::{NodeFlags, SlurmBackend, SlurmJob, SlurmNode};
 
 /// What the controller knows of one node's agent.
 #[derive(Debug, Clone, Default)]
@@ -34,39 +35,20 @@ pub struct AgentView {
     pub containers: Vec<ContainerInfo>,
 }
 
-/// A migration the controller started (or found running at start-up).
-#[derive(Debug, Clone)]
-pub struct InFlight {
-    pub decision: DecisionRecord,
-    pub entry: Option<MigrationEntry>,
-    pub cpus: u32,
-    pub rss_mb: u64,
-    pub started: Millis,
-}
-
 #[derive(Debug, Default)]
 pub struct ClusterState {
     pub nodes: BTreeMap<String, SlurmNode>,
     pub jobs: BTreeMap<u32, SlurmJob>,
     pub agents: BTreeMap<String, AgentView>,
-    /// By container id: one migration per container at a time.
-    pub in_flight: BTreeMap<String, InFlight>,
+    /// In-flight migrations, failed-start back-offs, pre-expanded jobs and last moves.
+    pub in_flight: Migrations,
     pub policy_states: BTreeMap<String, PolicyState>,
     pub decision_counts: BTreeMap<String, u64>,
-    pub last_moved: HashMap<String, Millis>,
     /// Last non-executed decision per (policy, container), to journal repeats only when they change.
     pub last_advice: HashMap<(String, String), (String, DecisionOutcome, Millis)>,
     /// Planner memory as last journaled.
     pub planner_saved: Option<String>,
-    /// Containers whose last migration could not start, and when.
-    pub failed_starts: HashMap<String, Millis>,
-    /// By container: the job whose allocation was expanded onto the destination before the
-    /// migration, with its node list before, to undo the expansion if the migration fails.
-    pub pre_expanded: HashMap<String, (u32, Vec<String>)>,
 }
-
-/// Pause before an automatic move whose start failed is tried again.
-const RETRY_AFTER_FAILURE_MS: u64 = 60_000;
 
 /// Agents polled at the same time.
 const AGENT_POLL_CONCURRENCY: usize = 64;
@@ -100,10 +82,10 @@ pub struct Controller {
     pub eval: Notify,
 }
 
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+pub(crate) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|p| p.into_inner())
 }
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+pub(crate) fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -183,57 +165,6 @@ impl Controller {
         }
         names.sort();
         names
-    }
-
-    // ---- Slurm --------------------------------------------------------------------------
-
-    /// Polls Slurm once; returns true when a node entered an evacuation state.
-    pub async fn poll_slurm(self: &Arc<Self>, force: bool) -> bool {
-        let slurm = self.slurm.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let nodes = slurm.poll_nodes(force)?;
-            // Jobs start and end with node allocation changes: reload them with the nodes so that
-            // a new job's user, account and partition are known at the next evaluation.
-            let jobs = if force || nodes.is_some() {
-                Some(slurm.jobs()?)
-            } else {
-                None
-            };
-            Ok::<_, crate::slurm_sync::SlurmError>((nodes, jobs))
-        })
-        .await;
-        let (nodes, jobs) = match res {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                warn!(backend = self.slurm.name(), "cannot read Slurm: {e}");
-                return false;
-            }
-            Err(e) => {
-                error!("Slurm poll task failed: {e}");
-                return false;
-            }
-        };
-        let mut st = write(&self.state);
-        if let Some(jobs) = jobs {
-            st.jobs = jobs.into_iter().map(|j| (j.job_id, j)).collect();
-        }
-        let Some(nodes) = nodes else {
-            return false;
-        };
-        let mut triggered = false;
-        for n in &nodes {
-            let old = st.nodes.get(&n.name).map(|o| o.flags).unwrap_or_default();
-            if n.flags != old {
-                info!(node = %n.name, state = %n.state, "node state changed");
-                if n.flags.evacuate_reason().is_some()
-                    && old.evacuate_reason() != n.flags.evacuate_reason()
-                {
-                    triggered = true;
-                }
-            }
-        }
-        st.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
-        triggered
     }
 
     // ---- Agents -------------------------------------------------------------------------
@@ -381,7 +312,7 @@ impl Controller {
             rss_mb: c.rss_bytes.div_ceil(1 << 20),
             class: c.class.clone(),
             migratable: c.state == ContainerState::Running,
-            last_moved: st.last_moved.get(&c.id).copied(),
+            last_moved: st.in_flight.last_moved(&c.id),
         }
     }
 
@@ -430,11 +361,7 @@ impl Controller {
                                 .count() as u32
                         })
                         .unwrap_or(0),
-                    in_flight: st
-                        .in_flight
-                        .values()
-                        .filter(|f| f.decision.source == *name || f.decision.destination == *name)
-                        .count() as u32,
+                    in_flight: st.in_flight.on_node(name),
                 }
             })
             .collect()
@@ -465,741 +392,6 @@ impl Controller {
             }
         }
         Ok(all)
-    }
-
-    // ---- Evaluation and execution -------------------------------------------------------
-
-    /// Runs the policies once and acts on their moves.
-    pub async fn evaluate(self: &Arc<Self>) {
-        let input = self.plan_input();
-        let states = self.state().policy_states.clone();
-        let (moves, saved) = {
-            let mut p = self.planner();
-            let moves = p.plan(&input, &states);
-            (moves, p.save_state())
-        };
-        if let Some(saved) = saved {
-            let changed = self.state().planner_saved.as_deref() != Some(saved.as_str());
-            if changed {
-                if let Err(e) = self.journal.put_meta(PLANNER_STATE, &saved) {
-                    warn!("cannot journal the planner's state: {e}");
-                }
-                write(&self.state).planner_saved = Some(saved);
-            }
-        }
-        if moves.is_empty() {
-            debug!("evaluation: nothing to do");
-            return;
-        }
-        for mv in moves {
-            // A policy disabled or set to dry-run at run time wins over the planner's own view.
-            let action = match states.get(&mv.policy) {
-                Some(PolicyState::Disabled) => continue,
-                Some(PolicyState::DryRun) => PlanAction::DryRun,
-                _ => mv.action,
-            };
-            {
-                let st = self.state();
-                if st.in_flight.contains_key(&mv.container) {
-                    continue;
-                }
-                // A start that failed (agent unreachable, refused) is retried after a pause,
-                // not at every evaluation.
-                if st
-                    .failed_starts
-                    .get(&mv.container)
-                    .is_some_and(|t| now_millis().saturating_sub(*t) < RETRY_AFTER_FAILURE_MS)
-                {
-                    continue;
-                }
-            }
-            let Some(c) = input.containers.iter().find(|c| c.id == mv.container) else {
-                continue;
-            };
-            match action {
-                PlanAction::DryRun => self.advise(&mv, c, DecisionOutcome::DryRun, None),
-                PlanAction::Recommend => self.advise(&mv, c, DecisionOutcome::Recommended, None),
-                PlanAction::Automatic => {
-                    if let Err(why) = self.try_reserve(&mv, c) {
-                        self.advise(&mv, c, DecisionOutcome::Skipped, Some(why));
-                        continue;
-                    }
-                    let d = self.decision(&mv, c, DecisionOutcome::Started, None);
-                    match self.journal.record_decision(d) {
-                        Ok(d) => {
-                            self.count_decision(&d);
-                            self.launch(d, mv.max_downtime_ms, None);
-                        }
-                        Err(e) => {
-                            error!(container = %mv.container, "cannot journal a decision, not acting on it: {e}");
-                            write(&self.state).in_flight.remove(&mv.container);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    pub(crate) fn decision(
-        &self,
-        mv: &PlannedMove,
-        c: &ContainerSnap,
-        outcome: DecisionOutcome,
-        detail: Option<String>,
-    ) -> DecisionRecord {
-        let task = self
-            .state()
-            .agents
-            .get(&c.node)
-            .and_then(|a| a.containers.iter().find(|x| x.id == c.id))
-            .and_then(|x| x.task.clone());
-        DecisionRecord {
-            seq: 0,
-            at: now_millis(),
-            policy: mv.policy.clone(),
-            container: mv.container.clone(),
-            task,
-            uid: Some(c.uid),
-            source: mv.source.clone(),
-            destination: mv.destination.clone(),
-            mode: mv.mode,
-            why: mv.why.clone(),
-            outcome,
-            detail,
-            migration: None,
-        }
-    }
-
-    fn count_decision(&self, d: &DecisionRecord) {
-        self.metrics.record_decision(&d.policy, d.outcome.as_str());
-        *write(&self.state)
-            .decision_counts
-            .entry(d.policy.clone())
-            .or_default() += 1;
-        info!(
-            policy = %d.policy, container = %d.container,
-            job = d.task.as_ref().map(|t| t.job_id), step = d.task.as_ref().map(|t| t.step_id),
-            source = %d.source, destination = %d.destination, mode = %d.mode,
-            outcome = d.outcome.as_str(), detail = d.detail.as_deref().unwrap_or(""),
-            "decision: {}", d.why
-        );
-    }
-
-    /// Journals a decision that is not executed, unless the same advice was given recently.
-    fn advise(
-        &self,
-        mv: &PlannedMove,
-        c: &ContainerSnap,
-        outcome: DecisionOutcome,
-        detail: Option<String>,
-    ) {
-        let key = (mv.policy.clone(), mv.container.clone());
-        let now = now_millis();
-        {
-            let st = self.state();
-            if let Some((dest, o, at)) = st.last_advice.get(&key) {
-                if *dest == mv.destination && *o == outcome && now.saturating_sub(*at) < 600_000 {
-                    return;
-                }
-            }
-        }
-        write(&self.state)
-            .last_advice
-            .insert(key, (mv.destination.clone(), outcome, now));
-        let d = self.decision(mv, c, outcome, detail);
-        match self.journal.record_decision(d) {
-            Ok(d) => self.count_decision(&d),
-            Err(e) => error!(container = %mv.container, "cannot journal a decision: {e}"),
-        }
-    }
-
-    /// Checks the in-flight limits and, when they allow, holds a slot for the container.
-    pub fn try_reserve(&self, mv: &PlannedMove, c: &ContainerSnap) -> Result<(), String> {
-        let mut st = write(&self.state);
-        let m = &self.cfg.migration;
-        if st.in_flight.contains_key(&mv.container) {
-            return Err(format!("container {} is already migrating", mv.container));
-        }
-        if st.in_flight.len() as u32 >= m.max_in_flight {
-            return Err(format!(
-                "{} migrations in flight (max_in_flight)",
-                st.in_flight.len()
-            ));
-        }
-        for node in [&mv.source, &mv.destination] {
-            let n = st
-                .in_flight
-                .values()
-                .filter(|f| f.decision.source == *node || f.decision.destination == *node)
-                .count() as u32;
-            if n >= m.max_per_node {
-                return Err(format!("{n} migrations in flight on {node} (max_per_node)"));
-            }
-        }
-        let placeholder = DecisionRecord {
-            seq: 0,
-            at: now_millis(),
-            policy: mv.policy.clone(),
-            container: mv.container.clone(),
-            task: None,
-            uid: Some(c.uid),
-            source: mv.source.clone(),
-            destination: mv.destination.clone(),
-            mode: mv.mode,
-            why: mv.why.clone(),
-            outcome: DecisionOutcome::Started,
-            detail: None,
-            migration: None,
-        };
-        st.in_flight.insert(
-            mv.container.clone(),
-            InFlight {
-                decision: placeholder,
-                entry: None,
-                cpus: c.cpus,
-                rss_mb: c.rss_mb,
-                started: now_millis(),
-            },
-        );
-        self.metrics.in_flight.set(st.in_flight.len() as i64);
-        Ok(())
-    }
-
-    /// Sends the migration to the source agent and follows it in a task. The slot must have
-    /// been reserved with [`Self::try_reserve`].
-    pub fn launch(
-        self: &Arc<Self>,
-        mut decision: DecisionRecord,
-        max_downtime_ms: Option<u64>,
-        progress: Option<mpsc::UnboundedSender<Progress>>,
-    ) {
-        if let Some(f) = write(&self.state).in_flight.get_mut(&decision.container) {
-            f.decision = decision.clone();
-        }
-        let this = self.clone();
-        tokio::spawn(async move {
-            let container = decision.container.clone();
-            let Some(agent) = this.agent(&decision.source) else {
-                let e = err(
-                    ErrorCode::Unreachable,
-                    format!("no agent address for node {}", decision.source),
-                );
-                this.fail_start(&mut decision, e, progress);
-                return;
-            };
-            // A Slurm task is restored by a step on the destination, which Slurm allows only
-            // on a node of the job: the job must hold the destination before the migration.
-            if let Err(e) = this.expand_before(&decision).await {
-                this.fail_start(&mut decision, e, progress);
-                return;
-            }
-            let req = MigrateRequest {
-                container: container.clone(),
-                destination: decision.destination.clone(),
-                destination_addr: None,
-                mode: decision.mode,
-                max_downtime_ms: max_downtime_ms.or(this.cfg.migration.max_downtime_ms),
-                timeout_ms: Some(this.cfg.migration.timeout.as_millis() as u64),
-            };
-            let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-            let (st_tx, mut st_rx) = tokio::sync::oneshot::channel();
-            let overall = this.cfg.migration.timeout + Duration::from_secs(30);
-            let run = agent.migrate(req, ev_tx, st_tx, overall);
-            tokio::pin!(run);
-            let mut entry: Option<MigrationEntry> = None;
-            let mut started_open = true;
-            let result = loop {
-                tokio::select! {
-                    r = &mut run => break r,
-                    s = &mut st_rx, if started_open => {
-                        started_open = false;
-                        if let Ok(rec) = s {
-                            entry = Some(this.on_started(&mut decision, rec, progress.as_ref()));
-                        }
-                    }
-                    Some(ev) = ev_rx.recv() => {
-                        this.on_event(&mut entry, &ev);
-                        if let Some(p) = &progress {
-                            let _ = p.send(Progress::Event(Box::new(ev)));
-                        }
-                    }
-                }
-            };
-            while let Ok(ev) = ev_rx.try_recv() {
-                this.on_event(&mut entry, &ev);
-                if let Some(p) = &progress {
-                    let _ = p.send(Progress::Event(Box::new(ev)));
-                }
-            }
-            if entry.is_none() {
-                if let Ok(rec) = st_rx.try_recv() {
-                    entry = Some(this.on_started(&mut decision, rec, progress.as_ref()));
-                }
-            }
-            match (result, entry) {
-                (Ok(rec), Some(mut e)) => {
-                    e.record = rec;
-                    this.finish(e, decision, progress).await;
-                }
-                (Ok(rec), None) => {
-                    let e = this.on_started(&mut decision, rec, progress.as_ref());
-                    this.finish(e, decision, progress).await;
-                }
-                (Err(AgentError::Remote(e)), None) => {
-                    this.undo_expansion(&container).await;
-                    this.fail_start(&mut decision, e, progress)
-                }
-                (Err(e), None) => {
-                    this.undo_expansion(&container).await;
-                    let code = e.code();
-                    this.fail_start(&mut decision, err(code, e.to_string()), progress)
-                }
-                (Err(AgentError::Remote(e)), Some(entry)) => {
-                    // The agent answers a watched migration that did not succeed with an error;
-                    // the final record is one GetMigration away.
-                    info!(migration = %entry.record.id, container = %container, "agent reports: {e}");
-                    this.follow(entry, decision, progress).await;
-                }
-                (Err(e), Some(entry)) => {
-                    // The agent may still be migrating: follow it by polling.
-                    warn!(migration = %entry.record.id, container = %container, "lost the agent's progress stream: {e}; polling");
-                    this.follow(entry, decision, progress).await;
-                }
-            }
-        });
-    }
-
-    fn on_started(
-        &self,
-        decision: &mut DecisionRecord,
-        rec: MigrationRecord,
-        progress: Option<&mpsc::UnboundedSender<Progress>>,
-    ) -> MigrationEntry {
-        decision.migration = Some(rec.id.clone());
-        if let Err(e) = self.journal.update_decision(decision) {
-            error!(migration = %rec.id, "cannot journal the decision's migration id: {e}");
-        }
-        let entry = MigrationEntry {
-            record: rec,
-            decision: decision.seq,
-            policy: decision.policy.clone(),
-            uid: decision.uid,
-            slurm_synced: false,
-            slurm_error: None,
-            slurm_kept_source: None,
-        };
-        if let Err(e) = self.journal.put_migration(&entry) {
-            error!(migration = %entry.record.id, "cannot journal a migration: {e}");
-        }
-        info!(
-            migration = %entry.record.id, container = %decision.container, policy = %decision.policy,
-            job = decision.task.as_ref().map(|t| t.job_id), step = decision.task.as_ref().map(|t| t.step_id),
-            source = %decision.source, destination = %decision.destination, "migration started"
-        );
-        if let Some(f) = write(&self.state).in_flight.get_mut(&decision.container) {
-            f.decision = decision.clone();
-            f.entry = Some(entry.clone());
-        }
-        if let Some(p) = progress {
-            let _ = p.send(Progress::Started(Box::new(entry.clone())));
-        }
-        entry
-    }
-
-    fn on_event(&self, entry: &mut Option<MigrationEntry>, ev: &Event) {
-        let Event::MigrationProgress { migration, .. } = ev;
-        let Some(e) = entry else {
-            return;
-        };
-        let phase_changed =
-            e.record.phases.len() != migration.phases.len() || e.record.state != migration.state;
-        e.record = migration.clone();
-        if phase_changed {
-            if let Some(p) = migration.phases.last() {
-                debug!(migration = %migration.id, container = %migration.container, phase = %p.phase, "phase");
-            }
-            if let Err(err) = self.journal.put_migration(e) {
-                error!(migration = %migration.id, "cannot journal progress: {err}");
-            }
-        }
-        if let Some(f) = write(&self.state).in_flight.get_mut(&migration.container) {
-            f.entry = Some(e.clone());
-        }
-    }
-
-    fn fail_start(
-        &self,
-        decision: &mut DecisionRecord,
-        e: ErrorReply,
-        progress: Option<mpsc::UnboundedSender<Progress>>,
-    ) {
-        warn!(container = %decision.container, source = %decision.source, destination = %decision.destination, policy = %decision.policy, "migration not started: {e}");
-        decision.outcome = DecisionOutcome::Failed;
-        write(&self.state)
-            .failed_starts
-            .insert(decision.container.clone(), now_millis());
-        decision.detail = Some(e.to_string());
-        if let Err(je) = self.journal.update_decision(decision) {
-            error!(container = %decision.container, "cannot journal a decision: {je}");
-        }
-        self.metrics.record_decision(&decision.policy, "failed");
-        {
-            let mut st = write(&self.state);
-            st.in_flight.remove(&decision.container);
-            self.metrics.in_flight.set(st.in_flight.len() as i64);
-        }
-        if let Some(p) = progress {
-            let _ = p.send(Progress::Ended {
-                container: decision.container.clone(),
-                decision: Box::new(decision.clone()),
-                result: Err(e),
-            });
-        }
-    }
-
-    /// Polls the source agent until the migration ends (after a lost stream or a restart).
-    pub async fn follow(
-        self: &Arc<Self>,
-        mut entry: MigrationEntry,
-        decision: DecisionRecord,
-        progress: Option<mpsc::UnboundedSender<Progress>>,
-    ) {
-        let deadline = entry.record.started_at
-            + (self.cfg.migration.timeout + Duration::from_secs(60)).as_millis() as u64;
-        loop {
-            match self.agent(&entry.record.source) {
-                Some(agent) => match agent.migration(&entry.record.id).await {
-                    Ok(rec) => {
-                        entry.record = rec;
-                        if entry.record.state.is_terminal() {
-                            break;
-                        }
-                    }
-                    Err(AgentError::Remote(e)) if e.code == ErrorCode::NotFound => {
-                        mark_lost(
-                            &mut entry,
-                            "the source agent has no record of it (agent restarted?)",
-                        );
-                        break;
-                    }
-                    Err(e) => {
-                        debug!(migration = %entry.record.id, "still cannot ask the source agent: {e}")
-                    }
-                },
-                None => {
-                    mark_lost(&mut entry, "no agent address for the source node");
-                    break;
-                }
-            }
-            if now_millis() > deadline {
-                mark_lost(
-                    &mut entry,
-                    "the source agent did not report an end before the timeout",
-                );
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        self.finish(entry, decision, progress).await;
-    }
-
-    /// Journals the end of a migration, updates Slurm's allocation and frees the slot.
-    pub async fn finish(
-        self: &Arc<Self>,
-        mut entry: MigrationEntry,
-        decision: DecisionRecord,
-        progress: Option<mpsc::UnboundedSender<Progress>>,
-    ) {
-        let rec = &entry.record;
-        let job = rec
-            .task
-            .as_ref()
-            .or(decision.task.as_ref())
-            .map(|t| t.job_id);
-        info!(
-            migration = %rec.id, container = %rec.container, policy = %entry.policy, job,
-            source = %rec.source, destination = %rec.destination, state = ?rec.state,
-            mode = rec.mode.map(|m| m.as_str()).unwrap_or("-"),
-            downtime_ms = rec.stats.downtime_ms, bytes = rec.stats.bytes_sent,
-            error = rec.error.as_deref().unwrap_or(""), "migration ended"
-        );
-        self.metrics.record_migration(rec);
-        if rec.state == MigrationState::Succeeded {
-            {
-                // Until the next poll the cached lists still show the container on its source,
-                // and an evaluation would plan the same move again.
-                let mut st = write(&self.state);
-                st.last_moved.insert(rec.container.clone(), now_millis());
-                let moved = st.agents.get_mut(&rec.source).and_then(|a| {
-                    let i = a.containers.iter().position(|c| c.id == rec.container)?;
-                    Some(a.containers.remove(i))
-                });
-                if let Some(mut c) = moved {
-                    c.node = rec.destination.clone();
-                    c.state = ContainerState::Running;
-                    let dest = st.agents.entry(rec.destination.clone()).or_default();
-                    dest.containers.retain(|x| x.id != c.id);
-                    dest.containers.push(c);
-                }
-            }
-            if entry.policy.starts_with("operator:") {
-                if let Some(t) = &rec.task {
-                    self.planner().record_move(
-                        t.job_id,
-                        &rec.source,
-                        &rec.destination,
-                        now_millis(),
-                    );
-                }
-            }
-            write(&self.state).pre_expanded.remove(&rec.container);
-            self.sync_slurm(&mut entry).await;
-        } else {
-            self.undo_expansion(&entry.record.container).await;
-        }
-        if let Err(e) = self.journal.put_migration(&entry) {
-            error!(migration = %entry.record.id, "cannot journal the end of a migration: {e}");
-        }
-        {
-            let mut st = write(&self.state);
-            st.in_flight.remove(&entry.record.container);
-            self.metrics.in_flight.set(st.in_flight.len() as i64);
-        }
-        if let Some(p) = progress {
-            let container = entry.record.container.clone();
-            let _ = p.send(Progress::Ended {
-                container,
-                decision: Box::new(decision),
-                result: Ok(Box::new(entry)),
-            });
-        }
-        self.eval.notify_one();
-    }
-
-    /// Adds the destination to the job of a Slurm task before its migration and remembers the
-    /// job's nodes so that [`Self::undo_expansion`] can restore them.
-    async fn expand_before(self: &Arc<Self>, decision: &DecisionRecord) -> Result<(), ErrorReply> {
-        if !self.cfg.slurm.enabled || !self.cfg.slurm.sync_allocation {
-            return Ok(());
-        }
-        let Some(job_id) = decision.task.as_ref().map(|t| t.job_id) else {
-            return Ok(());
-        };
-        let destination = decision.destination.clone();
-        let slurm = self.slurm.clone();
-        let dest = destination.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let Some(job) = slurm.job(job_id)? else {
-                return Ok::<_, crate::slurm_sync::SlurmError>(None);
-            };
-            if job.nodes.contains(&dest) {
-                return Ok(None);
-            }
-            slurm.expand_job(job_id, &dest)?;
-            Ok(Some(job.nodes))
-        })
-        .await;
-        match res {
-            Ok(Ok(Some(before))) => {
-                info!(container = %decision.container, job = job_id, destination = %destination, "job expanded onto the destination before the migration");
-                write(&self.state)
-                    .pre_expanded
-                    .insert(decision.container.clone(), (job_id, before));
-                Ok(())
-            }
-            Ok(Ok(None)) => Ok(()),
-            Ok(Err(e)) => Err(err(
-                ErrorCode::NoRoom,
-                format!("cannot add {destination} to job {job_id} before the migration: {e}"),
-            )),
-            Err(e) => Err(err(
-                ErrorCode::Internal,
-                format!("expansion task failed: {e}"),
-            )),
-        }
-    }
-
-    /// Gives back the destination a failed migration's job was expanded onto, so a failure
-    /// leaves Slurm's allocation as it was.
-    async fn undo_expansion(self: &Arc<Self>, container: &str) {
-        let Some((job_id, before)) = write(&self.state).pre_expanded.remove(container) else {
-            return;
-        };
-        let slurm = self.slurm.clone();
-        let nodes = before.clone();
-        let res = tokio::task::spawn_blocking(move || slurm.set_job_nodes(job_id, &nodes)).await;
-        match res {
-            Ok(Ok(())) => {
-                info!(container, job = job_id, nodes = %before.join(","), "migration failed: job's allocation restored")
-            }
-            Ok(Err(e)) => {
-                warn!(
-                    container,
-                    job = job_id,
-                    "cannot restore the job's allocation after a failed migration: {e}"
-                )
-            }
-            Err(e) => warn!(container, job = job_id, "allocation undo task failed: {e}"),
-        }
-    }
-
-    /// Expands the job to the destination and shrinks it from the source when nothing of the
-    /// job is left there.
-    async fn sync_slurm(self: &Arc<Self>, entry: &mut MigrationEntry) {
-        if !self.cfg.slurm.enabled || !self.cfg.slurm.sync_allocation {
-            return;
-        }
-        let Some(job_id) = entry.record.task.as_ref().map(|t| t.job_id) else {
-            return;
-        };
-        let (source, destination, moved) = (
-            entry.record.source.clone(),
-            entry.record.destination.clone(),
-            entry.record.container.clone(),
-        );
-        // Count what the job still has on the source, from a fresh list.
-        let remaining = match self.agent(&source) {
-            Some(a) => match a.containers().await {
-                Ok(list) => list
-                    .iter()
-                    .filter(|c| {
-                        c.id != moved
-                            && c.task.as_ref().is_some_and(|t| t.job_id == job_id)
-                            && c.state.is_live()
-                    })
-                    .count(),
-                Err(e) => {
-                    entry.slurm_error = Some(format!("cannot list the source's containers: {e}"));
-                    return;
-                }
-            },
-            None => 0,
-        };
-        // Another task of the same step on another node (newest poll of every agent).
-        let step_id = entry.record.task.as_ref().map(|t| t.step_id);
-        let step_elsewhere = self
-            .containers()
-            .into_iter()
-            .find(|c| {
-                c.id != moved
-                    && c.node != source
-                    && c.task
-                        .as_ref()
-                        .is_some_and(|t| t.job_id == job_id && Some(t.step_id) == step_id)
-                    && c.state.is_live()
-            })
-            .map(|c| c.node);
-        let slurm = self.slurm.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let Some(job) = slurm.job(job_id)? else {
-                return Ok::<_, crate::slurm_sync::SlurmError>(Some(format!(
-                    "job {job_id} is not in Slurm"
-                )));
-            };
-            if job.state != "RUNNING" {
-                return Ok(Some(format!("job {job_id} is {}", job.state)));
-            }
-            let change = allocation_change(
-                &job,
-                &source,
-                &destination,
-                remaining,
-                step_elsewhere.as_deref(),
-            );
-            if let Some(d) = &change.expand_to {
-                slurm.expand_job(job_id, d)?;
-            }
-            if let Some(nodes) = &change.shrink_to {
-                slurm.set_job_nodes(job_id, nodes)?;
-            }
-            Ok(change.keep_reason)
-        })
-        .await;
-        match res {
-            Ok(Ok(keep)) => {
-                entry.slurm_synced = true;
-                entry.slurm_kept_source.clone_from(&keep);
-                info!(migration = %entry.record.id, job = job_id, kept_source = keep.as_deref().unwrap_or("no"), "Slurm allocation updated");
-            }
-            Ok(Err(e)) => {
-                warn!(migration = %entry.record.id, job = job_id, "cannot update Slurm's allocation: {e}");
-                entry.slurm_error = Some(e.to_string());
-            }
-            Err(e) => entry.slurm_error = Some(format!("sync task failed: {e}")),
-        }
-    }
-
-    /// Start-up: finish or clean up what the journal says was in flight.
-    pub async fn recover(self: &Arc<Self>) {
-        let unfinished = match self.journal.unfinished() {
-            Ok(u) => u,
-            Err(e) => {
-                error!("cannot read the journal: {e}");
-                return;
-            }
-        };
-        for entry in unfinished {
-            let decision = self
-                .journal
-                .decisions(usize::MAX)
-                .ok()
-                .and_then(|ds| ds.into_iter().find(|d| d.seq == entry.decision))
-                .unwrap_or_else(|| recovered_decision(&entry));
-            info!(migration = %entry.record.id, container = %entry.record.container, source = %entry.record.source, "recovering a migration that was in flight at the last stop");
-            write(&self.state).in_flight.insert(
-                entry.record.container.clone(),
-                InFlight {
-                    decision: decision.clone(),
-                    entry: Some(entry.clone()),
-                    cpus: 1,
-                    rss_mb: entry.record.stats.rss_bytes >> 20,
-                    started: entry.record.started_at,
-                },
-            );
-            let this = self.clone();
-            tokio::spawn(async move { this.follow(entry, decision, None).await });
-        }
-        // Successful migrations whose allocation update was interrupted.
-        if let Ok(all) = self.journal.migrations() {
-            for mut e in all.into_iter().filter(|e| {
-                e.record.state == MigrationState::Succeeded
-                    && !e.slurm_synced
-                    && e.slurm_error.is_none()
-            }) {
-                let this = self.clone();
-                tokio::spawn(async move {
-                    this.sync_slurm(&mut e).await;
-                    if let Err(err) = this.journal.put_migration(&e) {
-                        error!(migration = %e.record.id, "cannot journal: {err}");
-                    }
-                });
-            }
-        }
-    }
-
-    /// Releases source nodes kept after earlier migrations once what kept them is gone (the
-    /// job's other containers there ended or moved, or the rest of a multi-node step ended).
-    /// A source kept as the batch host stays until the job ends.
-    pub async fn retry_kept_sources(self: &Arc<Self>) {
-        let Ok(all) = self.journal.migrations() else {
-            return;
-        };
-        for mut e in all.into_iter().filter(|e| {
-            e.record.state == MigrationState::Succeeded
-                && e.slurm_synced
-                && e.slurm_kept_source
-                    .as_deref()
-                    .is_some_and(crate::slurm_sync::kept_source_may_change)
-        }) {
-            let before = e.slurm_kept_source.clone();
-            self.sync_slurm(&mut e).await;
-            if e.slurm_kept_source != before {
-                info!(migration = %e.record.id, source = %e.record.source, now = e.slurm_kept_source.as_deref().unwrap_or("released"), "kept source node re-examined");
-                if let Err(err) = self.journal.put_migration(&e) {
-                    error!(migration = %e.record.id, "cannot journal: {err}");
-                }
-            }
-        }
     }
 
     /// Reloads the policies from `controller.policies`. A path that appeared since the start
@@ -1264,31 +456,6 @@ impl Controller {
             .get(node)
             .map(|n| n.flags)
             .unwrap_or_default()
-    }
-}
-
-fn mark_lost(entry: &mut MigrationEntry, why: &str) {
-    warn!(migration = %entry.record.id, container = %entry.record.container, "migration lost: {why}");
-    entry.record.state = MigrationState::Failed;
-    entry.record.error = Some(format!("controller lost track: {why}"));
-    entry.record.ended_at = Some(now_millis());
-}
-
-fn recovered_decision(entry: &MigrationEntry) -> DecisionRecord {
-    DecisionRecord {
-        seq: entry.decision,
-        at: entry.record.started_at,
-        policy: entry.policy.clone(),
-        container: entry.record.container.clone(),
-        task: entry.record.task.clone(),
-        uid: entry.uid,
-        source: entry.record.source.clone(),
-        destination: entry.record.destination.clone(),
-        mode: entry.record.requested_mode,
-        why: "recovered after a controller restart".into(),
-        outcome: DecisionOutcome::Started,
-        detail: None,
-        migration: Some(entry.record.id.clone()),
     }
 }
 

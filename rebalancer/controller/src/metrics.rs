@@ -1,6 +1,5 @@
 //! Prometheus metrics and the small HTTP endpoint that serves them (`GET /metrics`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -9,7 +8,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -117,62 +115,12 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` until the task is dropped. Requests are bounded to 8 KiB of headers.
+/// Serves `GET /metrics` until the task is dropped (the server the agent uses too).
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut sock, peer)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            let read = async {
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                    let n = sock.read(&mut chunk).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                Ok::<_, std::io::Error>(())
-            };
-            if tokio::time::timeout(std::time::Duration::from_secs(5), read)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let line = String::from_utf8_lossy(&buf);
-            let first = line.lines().next().unwrap_or("");
-            let (status, ctype, body) =
-                if first.starts_with("GET /metrics ") || first == "GET /metrics" {
-                    (
-                        "200 OK",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        metrics.render(),
-                    )
-                } else {
-                    (
-                        "404 Not Found",
-                        "text/plain",
-                        "not found; try /metrics\n".to_string(),
-                    )
-                };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(e) = sock.write_all(resp.as_bytes()).await {
-                tracing::debug!(%peer, "metrics client went away: {e}");
-            }
-        });
-    }
+    rebalancer_telemetry::serve(listener, Arc::new(move || metrics.render())).await
 }
 
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
-}
+pub use rebalancer_telemetry::bind;
 
 #[cfg(test)]
 mod tests {

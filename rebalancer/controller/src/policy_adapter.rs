@@ -31,21 +31,9 @@ fn load(path: &Path) -> Result<pol::PolicySet, Vec<String>> {
     }
 }
 
-fn to_policy_mode(m: MigrationMode) -> Option<pol::MigrationMode> {
-    match m {
-        MigrationMode::StopAndCopy => Some(pol::MigrationMode::StopAndCopy),
-        MigrationMode::PostCopy => Some(pol::MigrationMode::PostCopy),
-        MigrationMode::PreCopy => Some(pol::MigrationMode::PreCopy),
-        MigrationMode::Auto => None,
-    }
-}
-
-fn from_policy_mode(m: pol::MigrationMode) -> MigrationMode {
-    match m {
-        pol::MigrationMode::StopAndCopy => MigrationMode::StopAndCopy,
-        pol::MigrationMode::PostCopy => MigrationMode::PostCopy,
-        pol::MigrationMode::PreCopy => MigrationMode::PreCopy,
-    }
+/// `Auto` is the agent's choice, not a mode the planner can weigh.
+fn to_policy_mode(m: MigrationMode) -> Option<MigrationMode> {
+    (m != MigrationMode::Auto).then_some(m)
 }
 
 fn secs(ms: Millis) -> pol::Timestamp {
@@ -61,12 +49,9 @@ pub fn cluster_view(input: &PlanInput) -> pol::ClusterView {
             .map(|n| pol::NodeView {
                 name: n.name.clone(),
                 flags: pol::NodeFlags {
-                    drain: n.flags.drain,
-                    draining: n.flags.draining,
-                    drained: n.flags.drained,
                     // A node whose agent is unreachable can neither send nor receive.
                     down: n.flags.down || !n.agent_up,
-                    reboot_asap: n.flags.reboot_asap,
+                    ..n.flags
                 },
                 partitions: n.partitions.clone(),
                 features: n.features.clone(),
@@ -225,7 +210,7 @@ impl Planner for PolicyPlanner {
                 container: d.container,
                 source: d.source,
                 destination: d.destination,
-                mode: from_policy_mode(d.mode),
+                mode: d.mode,
             })
             .collect()
     }

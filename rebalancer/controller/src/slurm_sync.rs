@@ -28,53 +28,8 @@ pub enum SlurmError {
     Disabled,
 }
 
-/// Node state flags the controller reacts to.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeFlags {
-    pub drain: bool,
-    /// DRAIN with jobs still running.
-    pub draining: bool,
-    /// DRAIN and nothing left.
-    pub drained: bool,
-    pub down: bool,
-    pub reboot_asap: bool,
-}
-
-impl NodeFlags {
-    /// Parses a Slurm state string such as `MIXED+DRAIN` or `DOWN*+DRAIN`.
-    pub fn from_state(state: &str) -> NodeFlags {
-        let upper = state.to_ascii_uppercase();
-        let parts: Vec<&str> = upper
-            .split('+')
-            .map(|p| p.trim_end_matches(['*', '~', '#', '!', '%', '$', '@', '^', '-']))
-            .collect();
-        let has = |w: &str| parts.contains(&w);
-        let drain = has("DRAIN") || has("DRAINING") || has("DRAINED");
-        let busy = has("ALLOCATED") || has("MIXED") || has("COMPLETING") || has("DRAINING");
-        NodeFlags {
-            drain,
-            draining: drain && busy,
-            drained: drain && !busy,
-            down: has("DOWN"),
-            reboot_asap: parts.iter().any(|p| p.starts_with("REBOOT")),
-        }
-    }
-
-    /// The reason a node should be evacuated, if any.
-    pub fn evacuate_reason(&self) -> Option<&'static str> {
-        if self.down {
-            Some("DOWN")
-        } else if self.draining {
-            Some("DRAINING")
-        } else if self.drain {
-            Some("DRAIN")
-        } else if self.reboot_asap {
-            Some("REBOOT ASAP")
-        } else {
-            None
-        }
-    }
-}
+/// Node state flags the controller reacts to (parsed by [`NodeFlags::from_state`]).
+pub use rebalancer_proto::NodeFlags;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SlurmNode {

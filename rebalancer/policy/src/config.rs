@@ -560,7 +560,12 @@ impl RawPolicy {
                     v.err(list.span(), "`modes` must list at least one migration mode");
                 }
                 for s in list.get_ref() {
-                    if modes.contains(s.get_ref()) {
+                    if *s.get_ref() == MigrationMode::Auto {
+                        v.err(
+                            s.span(),
+                            "`modes` lists auto, the agent's choice: list the modes the policy may use",
+                        );
+                    } else if modes.contains(s.get_ref()) {
                         v.err(s.span(), format!("`modes` lists {} twice", s.get_ref()));
                     } else {
                         modes.push(*s.get_ref());

@@ -8,69 +8,9 @@ use serde::{Deserialize, Serialize};
 /// Seconds on the caller's clock.
 pub type Timestamp = u64;
 
-/// A live-migration mode, as supported by a node's agent (CRIU capabilities).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MigrationMode {
-    /// Freeze, copy all memory, restore.
-    StopAndCopy,
-    /// Freeze, restore at once, fetch pages lazily from the source (CRIU lazy pages).
-    PostCopy,
-    /// Copy memory iteratively while running, then a short stop-and-copy (needs soft-dirty).
-    PreCopy,
-}
-
-impl MigrationMode {
-    /// The spelling used in policy files and reports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MigrationMode::StopAndCopy => "stop-and-copy",
-            MigrationMode::PostCopy => "post-copy",
-            MigrationMode::PreCopy => "pre-copy",
-        }
-    }
-}
-
-impl std::fmt::Display for MigrationMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Slurm node state flags relevant to rebalancing.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct NodeFlags {
-    /// DRAIN flag set (jobs may still run).
-    pub drain: bool,
-    /// DRAINING: drain requested and jobs still running.
-    pub draining: bool,
-    /// DRAINED: drain requested and no job left.
-    pub drained: bool,
-    /// DOWN (slurmd not responding or set down).
-    pub down: bool,
-    /// REBOOT_ASAP requested.
-    pub reboot_asap: bool,
-}
-
-impl NodeFlags {
-    /// True when the node must not receive work.
-    pub fn unavailable(&self) -> Option<&'static str> {
-        if self.down {
-            Some("down")
-        } else if self.drained {
-            Some("drained")
-        } else if self.draining {
-            Some("draining")
-        } else if self.drain {
-            Some("drain")
-        } else if self.reboot_asap {
-            Some("reboot-asap")
-        } else {
-            None
-        }
-    }
-}
+// The modes and node flags are the shared models of the protocol crate; `Auto` is never a
+// mode a policy lists or a node offers (refused at load, filtered by the controller).
+pub use rebalancer_proto::{MigrationMode, NodeFlags};
 
 /// One compute node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

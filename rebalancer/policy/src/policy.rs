@@ -198,7 +198,8 @@ impl MigrationSettings {
     /// cost for dumping and restoring everything but memory.
     pub fn estimated_downtime_ms(&self, mode: MigrationMode, rss_mb: u64) -> u64 {
         let frozen_mb = match mode {
-            MigrationMode::StopAndCopy => rss_mb as f64,
+            // `Auto` never reaches a policy (refused at load); estimate it as the worst case.
+            MigrationMode::StopAndCopy | MigrationMode::Auto => rss_mb as f64,
             MigrationMode::PreCopy => rss_mb as f64 * self.pre_copy_dirty_fraction,
             MigrationMode::PostCopy => 0.0,
         };

@@ -258,3 +258,16 @@ fn missing_directory_is_an_error_not_a_panic() {
         .to_string()
         .starts_with("/nonexistent/rebalancer-policies: cannot read"));
 }
+
+#[test]
+fn auto_is_not_a_mode_a_policy_lists() {
+    let src = "kind = \"drain\"\n[migration]\nmodes = [\"post-copy\", \"auto\"]\n";
+    let err = load_sources(&[("p.toml", src)]).expect_err("auto refused");
+    let lines: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("p.toml:3:23: `modes` lists auto"),
+        "{}",
+        lines[0]
+    );
+}

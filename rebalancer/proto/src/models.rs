@@ -34,7 +34,9 @@ impl TaskRef {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// A live-migration mode: what an agent can perform (its capabilities), what a policy may use,
+/// and what a migration request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationMode {
     /// Freeze, stream every page to the destination's page server, restore.
@@ -79,6 +81,76 @@ impl std::str::FromStr for MigrationMode {
             .ok_or_else(|| {
                 format!("unknown migration mode '{s}' (expected stop-and-copy, post-copy, pre-copy or auto)")
             })
+    }
+}
+
+/// Slurm node state flags relevant to rebalancing, as the controller reads them from Slurm and
+/// the policies see them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeFlags {
+    /// DRAIN flag set (jobs may still run).
+    pub drain: bool,
+    /// DRAINING: drain requested and jobs still running.
+    pub draining: bool,
+    /// DRAINED: drain requested and no job left.
+    pub drained: bool,
+    /// DOWN (slurmd not responding or set down).
+    pub down: bool,
+    /// REBOOT_ASAP requested.
+    pub reboot_asap: bool,
+}
+
+impl NodeFlags {
+    /// Parses a Slurm state string such as `MIXED+DRAIN` or `DOWN*+DRAIN`.
+    pub fn from_state(state: &str) -> NodeFlags {
+        let upper = state.to_ascii_uppercase();
+        let parts: Vec<&str> = upper
+            .split('+')
+            .map(|p| p.trim_end_matches(['*', '~', '#', '!', '%', '$', '@', '^', '-']))
+            .collect();
+        let has = |w: &str| parts.contains(&w);
+        let drain = has("DRAIN") || has("DRAINING") || has("DRAINED");
+        let busy = has("ALLOCATED") || has("MIXED") || has("COMPLETING") || has("DRAINING");
+        NodeFlags {
+            drain,
+            draining: drain && busy,
+            drained: drain && !busy,
+            down: has("DOWN"),
+            reboot_asap: parts.iter().any(|p| p.starts_with("REBOOT")),
+        }
+    }
+
+    /// The reason a node should be evacuated, if any (Slurm's spelling).
+    pub fn evacuate_reason(&self) -> Option<&'static str> {
+        if self.down {
+            Some("DOWN")
+        } else if self.draining {
+            Some("DRAINING")
+        } else if self.drain {
+            Some("DRAIN")
+        } else if self.reboot_asap {
+            Some("REBOOT ASAP")
+        } else {
+            None
+        }
+    }
+
+    /// Why the node must not receive work, if it must not (the policies' spelling).
+    pub fn unavailable(&self) -> Option<&'static str> {
+        if self.down {
+            Some("down")
+        } else if self.drained {
+            Some("drained")
+        } else if self.draining {
+            Some("draining")
+        } else if self.drain {
+            Some("drain")
+        } else if self.reboot_asap {
+            Some("reboot-asap")
+        } else {
+            None
+        }
     }
 }
 

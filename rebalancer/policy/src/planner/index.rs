@@ -83,6 +83,8 @@ pub(super) fn mode_bit(m: MigrationMode) -> u8 {
         MigrationMode::StopAndCopy => 1,
         MigrationMode::PostCopy => 2,
         MigrationMode::PreCopy => 4,
+        // The agent's choice, never a node's capability in a view.
+        MigrationMode::Auto => 0,
     }
 }
 

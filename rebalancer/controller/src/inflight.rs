@@ -1,0 +1,345 @@
+//! The owner of in-flight migration state: the slots held by running migrations, the back-off
+//! after a start that failed, the jobs expanded onto a destination before a migration, and when
+//! each container last moved. Its methods are the only way to change that state, so the limits
+//! (one migration per container, `max_in_flight`, `max_per_node`) and the rule that an
+//! expansion belongs to a migration that holds a slot are kept here and nowhere else.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rebalancer_proto::control::{DecisionRecord, MigrationEntry};
+use rebalancer_proto::Millis;
+
+/// Pause before an automatic move whose start failed is tried again.
+pub const RETRY_AFTER_FAILURE_MS: u64 = 60_000;
+
+/// A migration the controller started (or found running at start-up).
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub decision: DecisionRecord,
+    pub entry: Option<MigrationEntry>,
+    pub cpus: u32,
+    pub rss_mb: u64,
+    pub started: Millis,
+}
+
+/// The in-flight limits of `[migration]` in the controller's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_in_flight: u32,
+    pub max_per_node: u32,
+}
+
+/// A job expanded onto a migration's destination, with its node list before the expansion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expansion {
+    pub job_id: u32,
+    pub nodes_before: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Migrations {
+    /// By container id: one migration per container at a time.
+    in_flight: BTreeMap<String, InFlight>,
+    /// Containers whose last migration could not start, and when.
+    failed_starts: HashMap<String, Millis>,
+    /// By container: only for containers in `in_flight`.
+    pre_expanded: HashMap<String, Expansion>,
+    /// By container: when its last migration succeeded.
+    last_moved: HashMap<String, Millis>,
+}
+
+impl Migrations {
+    /// True when the container holds a slot.
+    pub fn contains_key(&self, container: &str) -> bool {
+        self.in_flight.contains_key(container)
+    }
+
+    pub fn len(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.in_flight.is_empty()
+    }
+
+    pub fn get(&self, container: &str) -> Option<&InFlight> {
+        self.in_flight.get(container)
+    }
+
+    /// The migrations in flight, by container id.
+    pub fn values(&self) -> impl Iterator<Item = &InFlight> {
+        self.in_flight.values()
+    }
+
+    /// Migrations in flight with `node` as their source or destination.
+    pub fn on_node(&self, node: &str) -> u32 {
+        self.in_flight
+            .values()
+            .filter(|f| f.decision.source == node || f.decision.destination == node)
+            .count() as u32
+    }
+
+    /// Holds a slot for `f.decision.container` when the limits allow; the error says which
+    /// limit refused it.
+    pub fn try_reserve(&mut self, limits: Limits, f: InFlight) -> Result<(), String> {
+        let container = &f.decision.container;
+        if self.in_flight.contains_key(container) {
+            return Err(format!("container {container} is already migrating"));
+        }
+        if self.in_flight.len() as u32 >= limits.max_in_flight {
+            return Err(format!(
+                "{} migrations in flight (max_in_flight)",
+                self.in_flight.len()
+            ));
+        }
+        for node in [&f.decision.source, &f.decision.destination] {
+            let n = self.on_node(node);
+            if n >= limits.max_per_node {
+                return Err(format!("{n} migrations in flight on {node} (max_per_node)"));
+            }
+        }
+        self.in_flight.insert(container.clone(), f);
+        Ok(())
+    }
+
+    /// A migration found running at start-up: it holds its slot whatever the limits say,
+    /// because it runs already.
+    pub fn adopt(&mut self, f: InFlight) {
+        self.in_flight.insert(f.decision.container.clone(), f);
+    }
+
+    /// Replaces the decision of a held slot (journaled sequence number, migration id).
+    pub fn set_decision(&mut self, d: &DecisionRecord) {
+        if let Some(f) = self.in_flight.get_mut(&d.container) {
+            f.decision = d.clone();
+        }
+    }
+
+    /// Records the live migration record of a held slot.
+    pub fn set_entry(&mut self, container: &str, e: &MigrationEntry) {
+        if let Some(f) = self.in_flight.get_mut(container) {
+            f.entry = Some(e.clone());
+        }
+    }
+
+    /// Frees the container's slot; returns the number still in flight. An expansion not taken
+    /// with [`Self::take_expansion`] before is forgotten with the slot.
+    pub fn remove(&mut self, container: &str) -> usize {
+        self.in_flight.remove(container);
+        self.pre_expanded.remove(container);
+        self.in_flight.len()
+    }
+
+    /// The migration could not start: frees the slot and holds the container back for
+    /// [`RETRY_AFTER_FAILURE_MS`] from automatic moves. Returns the number still in flight.
+    pub fn start_failed(&mut self, container: &str, now: Millis) -> usize {
+        self.failed_starts.insert(container.to_string(), now);
+        self.remove(container)
+    }
+
+    /// True while a failed start holds the container back from automatic moves.
+    pub fn backing_off(&self, container: &str, now: Millis) -> bool {
+        self.failed_starts
+            .get(container)
+            .is_some_and(|t| now.saturating_sub(*t) < RETRY_AFTER_FAILURE_MS)
+    }
+
+    /// Remembers that the container's job was expanded for its migration; ignored (false)
+    /// unless the container holds a slot.
+    pub fn expanded(&mut self, container: &str, x: Expansion) -> bool {
+        if !self.in_flight.contains_key(container) {
+            return false;
+        }
+        self.pre_expanded.insert(container.to_string(), x);
+        true
+    }
+
+    /// The expansion to undo after a failed migration (at most once).
+    pub fn take_expansion(&mut self, container: &str) -> Option<Expansion> {
+        self.pre_expanded.remove(container)
+    }
+
+    /// The migration succeeded: the expansion stays (the job keeps the destination) and the
+    /// container counts as just moved. The slot stays held until [`Self::remove`].
+    pub fn succeeded(&mut self, container: &str, now: Millis) {
+        self.pre_expanded.remove(container);
+        self.last_moved.insert(container.to_string(), now);
+    }
+
+    /// When the container's last migration succeeded.
+    pub fn last_moved(&self, container: &str) -> Option<Millis> {
+        self.last_moved.get(container).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rebalancer_proto::control::DecisionOutcome;
+    use rebalancer_proto::MigrationMode;
+
+    const LIMITS: Limits = Limits {
+        max_in_flight: 2,
+        max_per_node: 1,
+    };
+
+    fn slot(container: &str, source: &str, destination: &str) -> InFlight {
+        InFlight {
+            decision: DecisionRecord {
+                seq: 0,
+                at: 0,
+                policy: "p".into(),
+                container: container.into(),
+                task: None,
+                uid: Some(1000),
+                source: source.into(),
+                destination: destination.into(),
+                mode: MigrationMode::PostCopy,
+                why: "test".into(),
+                outcome: DecisionOutcome::Started,
+                detail: None,
+                migration: None,
+            },
+            entry: None,
+            cpus: 1,
+            rss_mb: 1,
+            started: 0,
+        }
+    }
+
+    fn expansion() -> Expansion {
+        Expansion {
+            job_id: 7,
+            nodes_before: vec!["n1".into()],
+        }
+    }
+
+    #[test]
+    fn one_migration_per_container() {
+        let mut m = Migrations::default();
+        m.try_reserve(LIMITS, slot("c1", "n1", "n2"))
+            .expect("the limits allow it");
+        let e = m
+            .try_reserve(LIMITS, slot("c1", "n3", "n4"))
+            .expect_err("the limits refuse it");
+        assert_eq!(e, "container c1 is already migrating");
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.get("c1").map(|f| f.decision.source.as_str()), Some("n1"));
+    }
+
+    #[test]
+    fn per_node_limit_counts_source_and_destination() {
+        let mut m = Migrations::default();
+        m.try_reserve(LIMITS, slot("c1", "n1", "n2"))
+            .expect("the limits allow it");
+        let e = m
+            .try_reserve(LIMITS, slot("c2", "n3", "n1"))
+            .expect_err("the limits refuse it");
+        assert_eq!(e, "1 migrations in flight on n1 (max_per_node)");
+        let e = m
+            .try_reserve(LIMITS, slot("c2", "n2", "n3"))
+            .expect_err("the limits refuse it");
+        assert_eq!(e, "1 migrations in flight on n2 (max_per_node)");
+        m.try_reserve(LIMITS, slot("c2", "n3", "n4"))
+            .expect("the limits allow it");
+        assert_eq!(
+            (m.on_node("n1"), m.on_node("n4"), m.on_node("n5")),
+            (1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn cluster_limit_and_freeing_a_slot() {
+        let mut m = Migrations::default();
+        m.try_reserve(LIMITS, slot("c1", "n1", "n2"))
+            .expect("the limits allow it");
+        m.try_reserve(LIMITS, slot("c2", "n3", "n4"))
+            .expect("the limits allow it");
+        let e = m
+            .try_reserve(LIMITS, slot("c3", "n5", "n6"))
+            .expect_err("the limits refuse it");
+        assert_eq!(e, "2 migrations in flight (max_in_flight)");
+        assert_eq!(m.remove("c1"), 1);
+        assert!(!m.contains_key("c1"));
+        m.try_reserve(LIMITS, slot("c3", "n5", "n6"))
+            .expect("the limits allow it");
+        assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn adopted_migrations_ignore_the_limits_but_count() {
+        let mut m = Migrations::default();
+        m.adopt(slot("c1", "n1", "n2"));
+        m.adopt(slot("c2", "n1", "n3"));
+        assert_eq!(m.on_node("n1"), 2);
+        assert!(m.try_reserve(LIMITS, slot("c3", "n4", "n5")).is_err());
+    }
+
+    #[test]
+    fn failed_start_frees_the_slot_and_backs_off() {
+        let mut m = Migrations::default();
+        m.try_reserve(LIMITS, slot("c1", "n1", "n2"))
+            .expect("the limits allow it");
+        assert!(!m.backing_off("c1", 1_000));
+        assert_eq!(m.start_failed("c1", 1_000), 0);
+        assert!(!m.contains_key("c1"));
+        assert!(m.backing_off("c1", 1_000 + RETRY_AFTER_FAILURE_MS - 1));
+        assert!(!m.backing_off("c1", 1_000 + RETRY_AFTER_FAILURE_MS));
+        assert!(!m.backing_off("c2", 1_000));
+    }
+
+    #[test]
+    fn expansion_needs_a_slot_and_is_undone_once() {
+        let mut m = Migrations::default();
+        assert!(!m.expanded("c1", expansion()));
+        assert_eq!(m.take_expansion("c1"), None);
+        m.try_reserve(LIMITS, slot("c1", "n1", "n2"))
+            .expect("the limits allow it");
+        assert!(m.expanded("c1", expansion()));
+        assert_eq!(m.take_expansion("c1"), Some(expansion()));
+        assert_eq!(m.take_expansion("c1"), None);
+    }
+
+    #[test]
+    fn freeing_a_slot_forgets_its_expansion() {
+        let mut m = Migrations::default();
+        m.try_reserve(LIMITS, slot("c1", "n1", "n2"))
+            .expect("the limits allow it");
+        assert!(m.expanded("c1", expansion()));
+        m.remove("c1");
+        m.try_reserve(LIMITS, slot("c1", "n1", "n2"))
+            .expect("the limits allow it");
+        assert_eq!(m.take_expansion("c1"), None);
+    }
+
+    #[test]
+    fn success_keeps_the_expansion_and_records_the_move() {
+        let mut m = Migrations::default();
+        m.try_reserve(LIMITS, slot("c1", "n1", "n2"))
+            .expect("the limits allow it");
+        assert!(m.expanded("c1", expansion()));
+        assert_eq!(m.last_moved("c1"), None);
+        m.succeeded("c1", 5_000);
+        assert_eq!(m.take_expansion("c1"), None);
+        assert_eq!(m.last_moved("c1"), Some(5_000));
+        assert!(
+            m.contains_key("c1"),
+            "the slot stays until the end is journaled"
+        );
+        m.remove("c1");
+        assert_eq!(m.last_moved("c1"), Some(5_000));
+    }
+
+    #[test]
+    fn decision_and_entry_update_only_held_slots() {
+        let mut m = Migrations::default();
+        let mut d = slot("c1", "n1", "n2").decision;
+        d.seq = 9;
+        m.set_decision(&d);
+        assert!(m.is_empty());
+        m.try_reserve(LIMITS, slot("c1", "n1", "n2"))
+            .expect("the limits allow it");
+        m.set_decision(&d);
+        assert_eq!(m.get("c1").map(|f| f.decision.seq), Some(9));
+    }
+}

@@ -1,0 +1,314 @@
+//! Slurm sync: reading Slurm's nodes and jobs into the controller's state, and keeping a
+//! migrated job's allocation true (expanded onto the destination before the migration, shrunk
+//! from the source after it, given back when the migration fails).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rebalancer_proto::control::{DecisionRecord, MigrationEntry};
+use rebalancer_proto::{ErrorCode, ErrorReply, MigrationState};
+use tracing::{error, info, warn};
+
+use crate::daemon::{err, write, Controller};
+use crate::inflight::Expansion;
+use crate::slurm_sync::{allocation_change, SlurmNode};
+
+impl Controller {
+    /// Polls Slurm once; returns true when a node entered an evacuation state.
+    pub async fn poll_slurm(self: &Arc<Self>, force: bool) -> bool {
+        let slurm = self.slurm.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let nodes = slurm.poll_nodes(force)?;
+            // Jobs start and end with node allocation changes: reload them with the nodes so that
+            // a new job's user, account and partition are known at the next evaluation.
+            let jobs = if force || nodes.is_some() {
+                Some(slurm.jobs()?)
+            } else {
+                None
+            };
+            Ok::<_, crate::slurm_sync::SlurmError>((nodes, jobs))
+        })
+        .await;
+        let (nodes, jobs) = match res {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                warn!(backend = self.slurm.name(), "cannot read Slurm: {e}");
+                return false;
+            }
+            Err(e) => {
+                error!("Slurm poll task failed: {e}");
+                return false;
+            }
+        };
+        let mut st = write(&self.state);
+        if let Some(jobs) = jobs {
+            st.jobs = jobs.into_iter().map(|j| (j.job_id, j)).collect();
+        }
+        let Some(nodes) = nodes else {
+            return false;
+        };
+        let (fresh, triggered) = merge_nodes(&st.nodes, nodes);
+        st.nodes = fresh;
+        triggered
+    }
+
+    /// Adds the destination to the job of a Slurm task before its migration and remembers the
+    /// job's nodes so that [`Self::undo_expansion`] can restore them.
+    pub(crate) async fn expand_before(
+        self: &Arc<Self>,
+        decision: &DecisionRecord,
+    ) -> Result<(), ErrorReply> {
+        if !self.cfg.slurm.enabled || !self.cfg.slurm.sync_allocation {
+            return Ok(());
+        }
+        let Some(job_id) = decision.task.as_ref().map(|t| t.job_id) else {
+            return Ok(());
+        };
+        let destination = decision.destination.clone();
+        let slurm = self.slurm.clone();
+        let dest = destination.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let Some(job) = slurm.job(job_id)? else {
+                return Ok::<_, crate::slurm_sync::SlurmError>(None);
+            };
+            if job.nodes.contains(&dest) {
+                return Ok(None);
+            }
+            slurm.expand_job(job_id, &dest)?;
+            Ok(Some(job.nodes))
+        })
+        .await;
+        match res {
+            Ok(Ok(Some(before))) => {
+                info!(container = %decision.container, job = job_id, destination = %destination, "job expanded onto the destination before the migration");
+                let x = Expansion {
+                    job_id,
+                    nodes_before: before,
+                };
+                if !write(&self.state)
+                    .in_flight
+                    .expanded(&decision.container, x)
+                {
+                    warn!(container = %decision.container, job = job_id, "job expanded for a migration that holds no slot; a failure will not undo it");
+                }
+                Ok(())
+            }
+            Ok(Ok(None)) => Ok(()),
+            Ok(Err(e)) => Err(err(
+                ErrorCode::NoRoom,
+                format!("cannot add {destination} to job {job_id} before the migration: {e}"),
+            )),
+            Err(e) => Err(err(
+                ErrorCode::Internal,
+                format!("expansion task failed: {e}"),
+            )),
+        }
+    }
+
+    /// Gives back the destination a failed migration's job was expanded onto, so a failure
+    /// leaves Slurm's allocation as it was.
+    pub(crate) async fn undo_expansion(self: &Arc<Self>, container: &str) {
+        let Some(Expansion {
+            job_id,
+            nodes_before: before,
+        }) = write(&self.state).in_flight.take_expansion(container)
+        else {
+            return;
+        };
+        let slurm = self.slurm.clone();
+        let nodes = before.clone();
+        let res = tokio::task::spawn_blocking(move || slurm.set_job_nodes(job_id, &nodes)).await;
+        match res {
+            Ok(Ok(())) => {
+                info!(container, job = job_id, nodes = %before.join(","), "migration failed: job's allocation restored")
+            }
+            Ok(Err(e)) => {
+                warn!(
+                    container,
+                    job = job_id,
+                    "cannot restore the job's allocation after a failed migration: {e}"
+                )
+            }
+            Err(e) => warn!(container, job = job_id, "allocation undo task failed: {e}"),
+        }
+    }
+
+    /// Expands the job to the destination and shrinks it from the source when nothing of the
+    /// job is left there.
+    pub(crate) async fn sync_slurm(self: &Arc<Self>, entry: &mut MigrationEntry) {
+        if !self.cfg.slurm.enabled || !self.cfg.slurm.sync_allocation {
+            return;
+        }
+        let Some(job_id) = entry.record.task.as_ref().map(|t| t.job_id) else {
+            return;
+        };
+        let (source, destination, moved) = (
+            entry.record.source.clone(),
+            entry.record.destination.clone(),
+            entry.record.container.clone(),
+        );
+        // Count what the job still has on the source, from a fresh list.
+        let remaining = match self.agent(&source) {
+            Some(a) => match a.containers().await {
+                Ok(list) => list
+                    .iter()
+                    .filter(|c| {
+                        c.id != moved
+                            && c.task.as_ref().is_some_and(|t| t.job_id == job_id)
+                            && c.state.is_live()
+                    })
+                    .count(),
+                Err(e) => {
+                    entry.slurm_error = Some(format!("cannot list the source's containers: {e}"));
+                    return;
+                }
+            },
+            None => 0,
+        };
+        // Another task of the same step on another node (newest poll of every agent).
+        let step_id = entry.record.task.as_ref().map(|t| t.step_id);
+        let step_elsewhere = self
+            .containers()
+            .into_iter()
+            .find(|c| {
+                c.id != moved
+                    && c.node != source
+                    && c.task
+                        .as_ref()
+                        .is_some_and(|t| t.job_id == job_id && Some(t.step_id) == step_id)
+                    && c.state.is_live()
+            })
+            .map(|c| c.node);
+        let slurm = self.slurm.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let Some(job) = slurm.job(job_id)? else {
+                return Ok::<_, crate::slurm_sync::SlurmError>(Some(format!(
+                    "job {job_id} is not in Slurm"
+                )));
+            };
+            if job.state != "RUNNING" {
+                return Ok(Some(format!("job {job_id} is {}", job.state)));
+            }
+            let change = allocation_change(
+                &job,
+                &source,
+                &destination,
+                remaining,
+                step_elsewhere.as_deref(),
+            );
+            if let Some(d) = &change.expand_to {
+                slurm.expand_job(job_id, d)?;
+            }
+            if let Some(nodes) = &change.shrink_to {
+                slurm.set_job_nodes(job_id, nodes)?;
+            }
+            Ok(change.keep_reason)
+        })
+        .await;
+        match res {
+            Ok(Ok(keep)) => {
+                entry.slurm_synced = true;
+                entry.slurm_kept_source.clone_from(&keep);
+                info!(migration = %entry.record.id, job = job_id, kept_source = keep.as_deref().unwrap_or("no"), "Slurm allocation updated");
+            }
+            Ok(Err(e)) => {
+                warn!(migration = %entry.record.id, job = job_id, "cannot update Slurm's allocation: {e}");
+                entry.slurm_error = Some(e.to_string());
+            }
+            Err(e) => entry.slurm_error = Some(format!("sync task failed: {e}")),
+        }
+    }
+    /// Releases source nodes kept after earlier migrations once what kept them is gone (the
+    /// job's other containers there ended or moved, or the rest of a multi-node step ended).
+    /// A source kept as the batch host stays until the job ends.
+    pub async fn retry_kept_sources(self: &Arc<Self>) {
+        let Ok(all) = self.journal.migrations() else {
+            return;
+        };
+        for mut e in all.into_iter().filter(|e| {
+            e.record.state == MigrationState::Succeeded
+                && e.slurm_synced
+                && e.slurm_kept_source
+                    .as_deref()
+                    .is_some_and(crate::slurm_sync::kept_source_may_change)
+        }) {
+            let before = e.slurm_kept_source.clone();
+            self.sync_slurm(&mut e).await;
+            if e.slurm_kept_source != before {
+                info!(migration = %e.record.id, source = %e.record.source, now = e.slurm_kept_source.as_deref().unwrap_or("released"), "kept source node re-examined");
+                if let Err(err) = self.journal.put_migration(&e) {
+                    error!(migration = %e.record.id, "cannot journal: {err}");
+                }
+            }
+        }
+    }
+}
+
+/// Slurm's fresh node list replacing the known one; true when a node entered an evacuation
+/// state or changed to another one (DRAIN → DOWN), which triggers an evaluation at once.
+fn merge_nodes(
+    known: &BTreeMap<String, SlurmNode>,
+    nodes: Vec<SlurmNode>,
+) -> (BTreeMap<String, SlurmNode>, bool) {
+    let mut triggered = false;
+    for n in &nodes {
+        let old = known.get(&n.name).map(|o| o.flags).unwrap_or_default();
+        if n.flags != old {
+            info!(node = %n.name, state = %n.state, "node state changed");
+            if n.flags.evacuate_reason().is_some()
+                && old.evacuate_reason() != n.flags.evacuate_reason()
+            {
+                triggered = true;
+            }
+        }
+    }
+    let fresh = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+    (fresh, triggered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slurm_sync::NodeFlags;
+
+    fn node(name: &str, state: &str) -> SlurmNode {
+        SlurmNode {
+            name: name.into(),
+            state: state.into(),
+            flags: NodeFlags::from_state(state),
+            ..Default::default()
+        }
+    }
+
+    fn known(nodes: &[SlurmNode]) -> BTreeMap<String, SlurmNode> {
+        nodes.iter().map(|n| (n.name.clone(), n.clone())).collect()
+    }
+
+    #[test]
+    fn entering_or_changing_an_evacuation_state_triggers() {
+        let before = known(&[node("n1", "MIXED"), node("n2", "IDLE")]);
+        let (fresh, t) = merge_nodes(&before, vec![node("n1", "MIXED+DRAIN"), node("n2", "IDLE")]);
+        assert!(t);
+        assert!(fresh["n1"].flags.draining);
+        let (_, t) = merge_nodes(&fresh, vec![node("n1", "DOWN+DRAIN"), node("n2", "IDLE")]);
+        assert!(t, "DRAINING to DOWN is a new reason");
+    }
+
+    #[test]
+    fn other_changes_do_not_trigger_and_gone_nodes_are_dropped() {
+        let before = known(&[node("n1", "MIXED+DRAIN"), node("n2", "IDLE")]);
+        // n1 keeps its reason (DRAINING), n2 is gone, n3 is new and idle.
+        let (fresh, t) = merge_nodes(
+            &before,
+            vec![node("n1", "ALLOCATED+DRAIN"), node("n3", "IDLE")],
+        );
+        assert!(!t);
+        assert_eq!(fresh.keys().collect::<Vec<_>>(), ["n1", "n3"]);
+        // Leaving a drain is not a reason to evacuate.
+        let (_, t) = merge_nodes(&fresh, vec![node("n1", "IDLE"), node("n3", "IDLE")]);
+        assert!(!t);
+        // A node first seen drained triggers.
+        let (_, t) = merge_nodes(&BTreeMap::new(), vec![node("n4", "IDLE+DRAIN")]);
+        assert!(t);
+    }
+}
