@@ -154,16 +154,30 @@ impl Drop for RemoveDirOnDrop {
     }
 }
 
-/// Creates the symlinks of a [`StdioPlan`] in a directory slurmstepd can traverse as the job's
-/// user.
-fn make_stdio_links(dir: &Path, links: &[(PathBuf, PathBuf)]) -> Result<(), AgentError> {
+/// Where restore steps' stdio symlinks go: outside the agent's run directory, which is root-only
+/// (0700) on a real node, since slurmstepd opens `--output` as the job's user.
+pub const STDIO_LINK_ROOT: &str = "/run/slurm-rebalancer-stdio";
+
+/// Creates the symlinks of a [`StdioPlan`] in `dir`, which slurmstepd traverses as the job's
+/// user: its parents are root's and only searchable (0711), `dir` itself is the user's (0700),
+/// so other users cannot list which files a job writes.
+fn make_stdio_links(
+    dir: &Path,
+    links: &[(PathBuf, PathBuf)],
+    (uid, gid): (u32, u32),
+) -> Result<(), AgentError> {
     use std::os::unix::fs::PermissionsExt;
     let io = |what: String| move |source| AgentError::Io { what, source };
+    let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(io(format!("mkdir {}", dir.display())))?;
-    for d in [dir, dir.parent().unwrap_or(dir)] {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
-            .map_err(io(format!("chmod {}", d.display())))?;
+    let mut d = dir.parent();
+    while let Some(p) = d.filter(|p| p.starts_with(STDIO_LINK_ROOT)) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711))
+            .map_err(io(format!("chmod {}", p.display())))?;
+        d = p.parent();
     }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(format!("chmod {}", dir.display())))?;
     for (link, target) in links {
         let _ = std::fs::remove_file(link);
         std::os::unix::fs::symlink(target, link).map_err(io(format!(
@@ -172,6 +186,10 @@ fn make_stdio_links(dir: &Path, links: &[(PathBuf, PathBuf)]) -> Result<(), Agen
             target.display()
         )))?;
     }
+    // Last: once it is the user's, the links are the user's to change (slurmstepd opens them
+    // as the user, so only the user's own files can be reached through them).
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+        .map_err(io(format!("chown {}", dir.display())))?;
     Ok(())
 }
 
@@ -235,11 +253,13 @@ pub(super) fn start<H: Host>(
         inc.migration,
     );
     if Path::new(&argv[0]).file_name() == Some(std::ffi::OsStr::new("srun")) {
-        let link_dir = agent.cfg.run_dir.join("stdio").join(inc.migration);
+        let link_dir = Path::new(STDIO_LINK_ROOT)
+            .join(&agent.cfg.node)
+            .join(inc.migration);
         let stdio = restore_stdio_plan(&inc.meta.stdio_paths, &link_dir);
         if !stdio.links.is_empty() {
             links = Some(RemoveDirOnDrop(link_dir.clone()));
-            make_stdio_links(&link_dir, &stdio.links)?;
+            make_stdio_links(&link_dir, &stdio.links, (inc.meta.spec.uid, inc.meta.spec.gid))?;
         }
         argv.splice(1..1, stdio.options);
     }
