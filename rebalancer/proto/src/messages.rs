@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::frame::PROTOCOL_VERSION;
+pub use crate::error::ErrorReply;
+use crate::error::VersionRange;
 use crate::models::*;
 
 /// Who is on the other end of a connection.
@@ -21,10 +22,21 @@ pub enum Role {
     Shim,
 }
 
+/// The message-set version of today's messages. Version 1 is what every release so far speaks.
+pub const MESSAGE_VERSION: u16 = 1;
+/// The message-set versions this build speaks; negotiation picks the highest common one.
+pub const MESSAGE_VERSIONS: VersionRange = VersionRange::new(1, MESSAGE_VERSION);
+
 /// First frame in each direction. The server answers with its own `Hello` or an error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
+    /// Client: the highest message-set version it speaks. Server: the version it agreed to.
     pub protocol: u16,
+    /// The lowest message-set version the sender speaks. Absent (version-1 peers): exactly
+    /// `protocol`. Omitted on the wire when equal to `protocol`, so a single-version Hello is
+    /// byte-for-byte what version-1 releases send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_min: Option<u16>,
     /// e.g. `rebalancer-agent 0.1.0`.
     pub software: String,
     pub role: Role,
@@ -38,12 +50,30 @@ pub struct Hello {
 impl Hello {
     pub fn new(role: Role, software: impl Into<String>) -> Self {
         Hello {
-            protocol: PROTOCOL_VERSION,
+            protocol: MESSAGE_VERSIONS.max,
+            protocol_min: (MESSAGE_VERSIONS.min < MESSAGE_VERSIONS.max)
+                .then_some(MESSAGE_VERSIONS.min),
             software: software.into(),
             role,
             node: None,
             credential: None,
         }
+    }
+
+    /// Sets the range of message-set versions this Hello announces.
+    pub fn with_versions(mut self, v: VersionRange) -> Self {
+        self.protocol = v.max;
+        self.protocol_min = (v.min < v.max).then_some(v.min);
+        self
+    }
+
+    /// The message-set versions the sender speaks.
+    pub fn versions(&self) -> VersionRange {
+        let min = self
+            .protocol_min
+            .unwrap_or(self.protocol)
+            .min(self.protocol);
+        VersionRange::new(min, self.protocol)
     }
 }
 
@@ -232,20 +262,6 @@ pub enum Reply {
     },
     Done,
 }
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorReply {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl std::fmt::Display for ErrorReply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
-    }
-}
-
-impl std::error::Error for ErrorReply {}
 
 // Messages are short-lived and moved once; boxing would only add allocations.
 #[allow(clippy::large_enum_variant)]
