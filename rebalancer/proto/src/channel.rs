@@ -394,6 +394,20 @@ impl<S: BlockingStream> Channel<S> {
         &self.s
     }
 
+    /// Changes the idle timeout, e.g. a short one for the `Hello`, none once it is in.
+    pub fn set_idle_timeout(&mut self, t: Option<Duration>) {
+        self.core.cfg.idle_timeout = t.filter(|t| !t.is_zero());
+    }
+
+    /// Changes the default per-call timeout.
+    pub fn set_call_timeout(&mut self, t: Option<Duration>) {
+        self.core.cfg.call_timeout = t.filter(|t| !t.is_zero());
+    }
+
+    pub fn into_inner(self) -> S {
+        self.s
+    }
+
     /// One request, one response (events of it are dropped), within the call timeout.
     pub fn call<T: DeserializeOwned>(&mut self, req: &impl Serialize) -> Result<T, ProtoError> {
         let t = self.core.cfg.call_timeout;
@@ -583,6 +597,21 @@ mod nonblocking {
 
         pub fn get_ref(&self) -> &S {
             &self.s
+        }
+
+        /// See [`Channel::set_idle_timeout`].
+        pub fn set_idle_timeout(&mut self, t: Option<Duration>) {
+            self.core.cfg.idle_timeout = t.filter(|t| !t.is_zero());
+        }
+
+        /// See [`Channel::set_call_timeout`].
+        pub fn set_call_timeout(&mut self, t: Option<Duration>) {
+            self.core.cfg.call_timeout = t.filter(|t| !t.is_zero());
+        }
+
+        /// The stream, e.g. to hand it to code that still speaks raw frames.
+        pub fn into_inner(self) -> S {
+            self.s
         }
 
         pub async fn call<T: DeserializeOwned>(
