@@ -143,10 +143,7 @@ impl Core {
                 let peer: Hello = f.decode(FrameKind::Hello, "hello")?;
                 // The server states the version it agreed to; it must be one we speak.
                 let agreed = peer.protocol;
-                if self.cfg.versions.highest_common(&peer.versions()).is_none()
-                    || agreed < self.cfg.versions.min
-                    || agreed > self.cfg.versions.max
-                {
+                if agreed < self.cfg.versions.min || agreed > self.cfg.versions.max {
                     return Err(ProtoError::NoCommonVersion {
                         peer: peer.versions(),
                         local: self.cfg.versions,

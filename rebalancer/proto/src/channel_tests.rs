@@ -89,7 +89,7 @@ fn no_common_version_gets_an_error_reply_naming_both() {
 fn version_one_hello_without_range_is_accepted() {
     let (mut a, b) = UnixStream::pair().expect("pair");
     let srv = thread::spawn(move || serve_blocking(b, cfg(1, 2), 0));
-    // Exactly what a version-1 release sends: no `protocol_min`.
+    // Exactly what a version-1 release sends: no `protocol_max`.
     let raw = serde_json::json!({"protocol": 1, "software": "old", "role": "agent"});
     let f = Frame::json(FrameKind::Hello, 0, &raw).expect("frame");
     a.write_all(&f.to_bytes()).expect("write");
@@ -97,8 +97,27 @@ fn version_one_hello_without_range_is_accepted() {
     let h: Hello = back.decode(FrameKind::Hello, "hello").expect("hello");
     // A version-1 peer checks `protocol == 1` exactly and ignores the rest.
     assert_eq!(h.protocol, 1);
-    assert_eq!(h.protocol_min, None);
+    assert_eq!(h.protocol_max, None);
     assert_eq!(srv.join().expect("thread").expect("server"), 1);
+}
+
+#[test]
+fn multi_version_client_reaches_a_version_one_server() {
+    // A version-1 server checks `protocol == 1` and answers with its own plain Hello.
+    let (a, mut b) = UnixStream::pair().expect("pair");
+    let srv = thread::spawn(move || {
+        let f = read_frame(&mut b, MAX_FRAME_LEN).expect("hello");
+        let h: serde_json::Value = f.decode(FrameKind::Hello, "hello").expect("json");
+        let old = serde_json::json!({"protocol": 1, "software": "old", "role": "agent"});
+        crate::frame::write_frame(&mut b, &Frame::json(FrameKind::Hello, 0, &old).expect("f"))
+            .expect("write");
+        h
+    });
+    let ch = Channel::connect(a, cfg(1, 4), hello(Role::Cli)).expect("connect");
+    assert_eq!(ch.negotiated().version, 1);
+    let sent = srv.join().expect("thread");
+    assert_eq!(sent["protocol"], 1);
+    assert_eq!(sent["protocol_max"], 4);
 }
 
 #[test]
@@ -160,11 +179,11 @@ fn oversized_header_is_refused_with_a_reply() {
 #[test]
 fn blocking_call_timeout_and_idle_timeout() {
     let (a, b) = UnixStream::pair().expect("pair");
-    let quick = cfg(1, 1)
-        .call_timeout(Some(150 * MS))
-        .idle_timeout(Some(150 * MS));
+    let quick = cfg(1, 1).call_timeout(Some(150 * MS));
+    // The server's idle limit is longer, so the client's call times out first.
+    let patient = cfg(1, 1).idle_timeout(Some(400 * MS));
     let srv = thread::spawn(move || {
-        let mut ch = Channel::accept(b, quick, hello(Role::Agent), |_| Ok(())).expect("accept");
+        let mut ch = Channel::accept(b, patient, hello(Role::Agent), |_| Ok(())).expect("accept");
         let f = ch.recv_frame().expect("request");
         assert_eq!(f.header.kind, FrameKind::Request);
         // Never answer: the client's call times out, then ours waits idle.
@@ -193,7 +212,7 @@ fn blocking_call_timeout_and_idle_timeout() {
         matches!(idle, ProtoError::Timeout { what: "idle", .. }),
         "{idle:?}"
     );
-    assert!(waited >= 140 * MS, "{waited:?}");
+    assert!(waited >= 390 * MS, "{waited:?}");
     drop(ch);
 }
 
@@ -353,12 +372,11 @@ mod async_flavour {
 
     #[tokio::test]
     async fn call_timeout_then_idle_timeout() {
-        let quick = cfg(1, 1)
-            .call_timeout(Some(120 * MS))
-            .idle_timeout(Some(120 * MS));
+        let quick = cfg(1, 1).call_timeout(Some(120 * MS));
+        let patient = cfg(1, 1).idle_timeout(Some(300 * MS));
         let (a, b) = tokio::net::UnixStream::pair().expect("pair");
         let srv = tokio::spawn(async move {
-            let mut ch = AsyncChannel::accept(b, quick, hello(Role::Agent), |_| Ok(()))
+            let mut ch = AsyncChannel::accept(b, patient, hello(Role::Agent), |_| Ok(()))
                 .await
                 .expect("accept");
             let f = ch.recv_frame().await.expect("request");
@@ -391,7 +409,7 @@ mod async_flavour {
             matches!(idle, ProtoError::Timeout { what: "idle", .. }),
             "{idle:?}"
         );
-        assert!(waited >= 110 * MS, "{waited:?}");
+        assert!(waited >= 290 * MS, "{waited:?}");
     }
 
     #[tokio::test]

@@ -30,13 +30,14 @@ pub const MESSAGE_VERSIONS: VersionRange = VersionRange::new(1, MESSAGE_VERSION)
 /// First frame in each direction. The server answers with its own `Hello` or an error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
-    /// Client: the highest message-set version it speaks. Server: the version it agreed to.
+    /// Client: the lowest message-set version it speaks (what a version-1 server checks for
+    /// equality, so a client speaking 1..=N still reaches it). Server: the version it agreed to.
     pub protocol: u16,
-    /// The lowest message-set version the sender speaks. Absent (version-1 peers): exactly
+    /// The highest message-set version the sender speaks. Absent (version-1 peers): exactly
     /// `protocol`. Omitted on the wire when equal to `protocol`, so a single-version Hello is
     /// byte-for-byte what version-1 releases send.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol_min: Option<u16>,
+    pub protocol_max: Option<u16>,
     /// e.g. `rebalancer-agent 0.1.0`.
     pub software: String,
     pub role: Role,
@@ -50,9 +51,9 @@ pub struct Hello {
 impl Hello {
     pub fn new(role: Role, software: impl Into<String>) -> Self {
         Hello {
-            protocol: MESSAGE_VERSIONS.max,
-            protocol_min: (MESSAGE_VERSIONS.min < MESSAGE_VERSIONS.max)
-                .then_some(MESSAGE_VERSIONS.min),
+            protocol: MESSAGE_VERSIONS.min,
+            protocol_max: (MESSAGE_VERSIONS.max > MESSAGE_VERSIONS.min)
+                .then_some(MESSAGE_VERSIONS.max),
             software: software.into(),
             role,
             node: None,
@@ -62,18 +63,18 @@ impl Hello {
 
     /// Sets the range of message-set versions this Hello announces.
     pub fn with_versions(mut self, v: VersionRange) -> Self {
-        self.protocol = v.max;
-        self.protocol_min = (v.min < v.max).then_some(v.min);
+        self.protocol = v.min;
+        self.protocol_max = (v.max > v.min).then_some(v.max);
         self
     }
 
     /// The message-set versions the sender speaks.
     pub fn versions(&self) -> VersionRange {
-        let min = self
-            .protocol_min
+        let max = self
+            .protocol_max
             .unwrap_or(self.protocol)
-            .min(self.protocol);
-        VersionRange::new(min, self.protocol)
+            .max(self.protocol);
+        VersionRange::new(self.protocol, max)
     }
 }
 
