@@ -499,31 +499,23 @@ impl<S: BlockingStream> Channel<S> {
     }
 
     fn read(&mut self, d: Option<Deadline>) -> Result<Frame, ProtoError> {
-        let t = self.core.read_timeout(d);
+        let Some((total, what, ms)) = self.core.read_timeout(d) else {
+            return self.read_forever();
+        };
+        // A deadline for the whole frame, as the async flavour has: the socket's own timeout
+        // restarts on every byte, so a peer trickling bytes would otherwise never time out.
+        let at = d.map_or_else(|| Instant::now() + total, |d| d.at);
         loop {
-            match t {
-                Some((left, what, ms)) => {
-                    let left = match d {
-                        Some(d) => d.at.saturating_duration_since(Instant::now()),
-                        None => left,
-                    };
-                    if left.is_zero() {
-                        return Err(ProtoError::Timeout { what, ms });
-                    }
-                    self.s.set_read_timeout(Some(left))?;
-                    match crate::codec::read_blocking(&mut self.core.decoder, &mut self.s) {
-                        Err(ProtoError::Io(e)) if timed_out(&e) => {
-                            // A call re-checks its deadline: the socket timeout restarts
-                            // on every byte, the deadline does not.
-                            if d.is_some() {
-                                continue;
-                            }
-                            return Err(ProtoError::Timeout { what, ms });
-                        }
-                        other => return other,
-                    }
-                }
-                None => return self.read_forever(),
+            let left = at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ProtoError::Timeout { what, ms });
+            }
+            self.s.set_read_timeout(Some(left))?;
+            match crate::codec::read_once(&mut self.core.decoder, &mut self.s) {
+                Ok(Some(f)) => return Ok(f),
+                Ok(None) => {}
+                Err(ProtoError::Io(e)) if timed_out(&e) => {}
+                Err(e) => return Err(e),
             }
         }
     }

@@ -217,6 +217,35 @@ fn blocking_call_timeout_and_idle_timeout() {
 }
 
 #[test]
+fn trickled_bytes_do_not_extend_the_idle_timeout() {
+    let (mut a, b) = UnixStream::pair().expect("pair");
+    let srv = thread::spawn(move || {
+        let started = Instant::now();
+        let e = Channel::accept(
+            b,
+            cfg(1, 1).idle_timeout(Some(200 * MS)),
+            hello(Role::Agent),
+            |_| Ok(()),
+        )
+        .expect_err("idle");
+        (e, started.elapsed())
+    });
+    let f = Frame::json(FrameKind::Hello, 0, &hello(Role::Cli)).expect("hello");
+    for b in f.to_bytes() {
+        if a.write_all(&[b]).is_err() {
+            break;
+        }
+        thread::sleep(30 * MS);
+    }
+    let (e, waited) = srv.join().expect("thread");
+    assert!(
+        matches!(e, ProtoError::Timeout { what: "idle", .. }),
+        "{e:?}"
+    );
+    assert!(waited < 600 * MS, "{waited:?}");
+}
+
+#[test]
 fn response_with_another_id_is_an_error() {
     let (a, b) = UnixStream::pair().expect("pair");
     let srv = thread::spawn(move || {
@@ -437,5 +466,65 @@ mod async_flavour {
             srv.await.expect("task"),
             Err(ProtoError::NoCommonVersion { .. })
         ));
+    }
+
+    fn record(id: &str) -> crate::models::MigrationRecord {
+        crate::models::MigrationRecord {
+            id: id.into(),
+            container: "j1.s0.t0".into(),
+            task: None,
+            source: "n1".into(),
+            destination: "n2".into(),
+            requested_mode: crate::models::MigrationMode::PostCopy,
+            mode: None,
+            mode_reason: None,
+            state: crate::models::MigrationState::Pending,
+            phases: vec![],
+            stats: Default::default(),
+            error: None,
+            started_at: 1,
+            ended_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn events_of_the_call_reach_the_caller_and_others_are_dropped() {
+        let (a, b) = tokio::net::UnixStream::pair().expect("pair");
+        let srv = tokio::spawn(async move {
+            let mut ch = AsyncChannel::accept(b, cfg(1, 1), hello(Role::Agent), |_| Ok(()))
+                .await
+                .expect("accept");
+            let f = ch.recv_frame().await.expect("request");
+            let id = f.header.id;
+            let ev = |m: &str| Event::MigrationProgress {
+                migration: record(m),
+                progress_bytes: None,
+            };
+            ch.send(FrameKind::Event, id, &ev("m1")).await.expect("e1");
+            ch.send(FrameKind::Event, id + 7, &ev("other"))
+                .await
+                .expect("e2");
+            ch.send(FrameKind::Event, id, &"malformed")
+                .await
+                .expect("e3");
+            ch.send(FrameKind::Event, id, &ev("m2")).await.expect("e4");
+            ch.send(FrameKind::Response, id, &Response::Ok(Reply::Done))
+                .await
+                .expect("response");
+        });
+        let mut ch = AsyncChannel::connect(a, cfg(1, 1), hello(Role::Controller))
+            .await
+            .expect("connect");
+        let mut seen = Vec::new();
+        let r: Response = ch
+            .call_with(&Request::Ping, Some(2000 * MS), |ev| {
+                let Event::MigrationProgress { migration, .. } = ev;
+                seen.push(migration.id);
+            })
+            .await
+            .expect("call");
+        assert_eq!(r, Response::Ok(Reply::Done));
+        assert_eq!(seen, ["m1", "m2"]);
+        srv.await.expect("task");
     }
 }

@@ -178,15 +178,23 @@ impl Decoder {
 /// `ProtoError::Io` with kind `WouldBlock`/`TimedOut`; the decoder keeps its partial frame.
 pub fn read_blocking<R: Read + ?Sized>(d: &mut Decoder, r: &mut R) -> Result<Frame, ProtoError> {
     loop {
-        let n = match r.read(d.read_buf()) {
-            Ok(0) => return Err(d.eof()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
-        };
-        if let Some(f) = d.advance(n)? {
+        if let Some(f) = read_once(d, r)? {
             return Ok(f);
         }
+    }
+}
+
+/// One `read` call into the decoder: the frame if it completed. Lets a caller check its own
+/// deadline between reads.
+pub fn read_once<R: Read + ?Sized>(
+    d: &mut Decoder,
+    r: &mut R,
+) -> Result<Option<Frame>, ProtoError> {
+    match r.read(d.read_buf()) {
+        Ok(0) => Err(d.eof()),
+        Ok(n) => d.advance(n),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
