@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rebalancer_proto::frame::{read_frame, write_frame, Frame, FrameKind};
+use rebalancer_proto::channel::{Channel, ChannelConfig};
 use rebalancer_proto::{ErrorReply, Hello, ProtoError, Reply, Request, Response, Role};
 
 /// Control messages are small; anything larger is a confused peer.
@@ -29,49 +29,46 @@ pub enum AgentError {
     Unexpected { op: &'static str, got: String },
 }
 
+/// A refused handshake is the agent's answer, not a broken conversation.
+fn refused(e: ProtoError) -> AgentError {
+    match e {
+        ProtoError::Refused(r) => AgentError::Refused(r),
+        other => AgentError::Proto(other),
+    }
+}
+
 pub struct Agent {
-    stream: UnixStream,
-    next_id: u32,
+    ch: Channel<UnixStream>,
+    /// Bound on each call; `None` waits forever.
+    timeout: Option<Duration>,
     path: PathBuf,
     node: String,
 }
 
 impl Agent {
-    /// Connects and exchanges `Hello`s; `timeout` bounds every read and write until changed.
+    /// Connects and exchanges `Hello`s; `timeout` bounds every call until changed.
     pub fn connect(path: &Path, node: &str, timeout: Duration) -> Result<Agent, AgentError> {
-        let connect_err = |source| AgentError::Connect {
+        let stream = UnixStream::connect(path).map_err(|source| AgentError::Connect {
             path: path.to_path_buf(),
             source,
-        };
-        let stream = UnixStream::connect(path).map_err(connect_err)?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|()| stream.set_write_timeout(Some(timeout)))
-            .map_err(connect_err)?;
-        let mut a = Agent {
-            stream,
-            next_id: 1,
-            path: path.to_path_buf(),
-            node: node.into(),
-        };
+        })?;
         let mut hello = Hello::new(
             Role::Spank,
             concat!("slurm-rebalancer-spank ", env!("CARGO_PKG_VERSION")),
         );
         hello.node = Some(node.into());
-        write_frame(&mut a.stream, &Frame::json(FrameKind::Hello, 0, &hello)?)?;
-        let f = read_frame(&mut a.stream, MAX_REPLY)?;
-        if f.header.kind == FrameKind::Response {
-            // The agent refused the handshake with an error response.
-            let r: Response = f.decode(FrameKind::Response, "response")?;
-            r.into_result()?;
-            return Err(AgentError::Unexpected {
-                op: "hello",
-                got: "a response".into(),
-            });
-        }
-        let _server: Hello = f.decode(FrameKind::Hello, "hello")?;
-        Ok(a)
+        // The waiter holds the connection for the task's whole life: no idle limit.
+        let cfg = ChannelConfig::default()
+            .max_frame(MAX_REPLY)
+            .idle_timeout(None)
+            .call_timeout(Some(timeout));
+        let ch = Channel::connect(stream, cfg, hello).map_err(refused)?;
+        Ok(Agent {
+            ch,
+            timeout: Some(timeout),
+            path: path.to_path_buf(),
+            node: node.into(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -82,9 +79,16 @@ impl Agent {
         &self.node
     }
 
-    /// `None` waits forever (used while the task runs).
-    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.stream.set_read_timeout(t)
+    /// Bound on the calls that follow; `None` waits forever (used while the task runs).
+    pub fn set_read_timeout(&mut self, t: Option<Duration>) -> std::io::Result<()> {
+        if t == Some(Duration::ZERO) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a zero timeout",
+            ));
+        }
+        self.timeout = t;
+        Ok(())
     }
 
     pub fn call(&mut self, req: &Request) -> Result<Reply, AgentError> {
@@ -94,16 +98,14 @@ impl Agent {
 
     /// Sends a request without waiting for its answer (see [`Agent::recv`]).
     pub fn send(&mut self, req: &Request) -> Result<(), AgentError> {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
-        write_frame(&mut self.stream, &Frame::json(FrameKind::Request, id, req)?)?;
+        self.ch.send_request(req)?;
         Ok(())
     }
 
     /// Whether an answer can be read within `timeout`.
     pub fn readable(&self, timeout: Duration) -> bool {
         let mut p = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+            fd: std::os::fd::AsRawFd::as_raw_fd(self.ch.get_ref()),
             events: libc::POLLIN,
             revents: 0,
         };
@@ -112,19 +114,17 @@ impl Agent {
         n > 0
     }
 
-    /// Reads the answer to the last request sent.
+    /// Reads the answer to the last request sent (its events, which this API never asks
+    /// for, are dropped).
     pub fn recv(&mut self) -> Result<Reply, AgentError> {
-        loop {
-            let f = read_frame(&mut self.stream, MAX_REPLY)?;
-            match f.header.kind {
-                // Events of other requests cannot arrive on this connection; skip defensively.
-                FrameKind::Event => continue,
-                _ => {
-                    let r: Response = f.decode(FrameKind::Response, "response")?;
-                    return Ok(r.into_result()?);
-                }
-            }
-        }
+        let Some(id) = self.ch.last_sent() else {
+            return Err(AgentError::Unexpected {
+                op: "recv",
+                got: "no request sent".into(),
+            });
+        };
+        let r: Response = self.ch.recv_response(id, self.timeout, |_| {})?;
+        Ok(r.into_result()?)
     }
 }
 

@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
+use rebalancer_proto::channel::{AsyncChannel, ChannelConfig};
 use rebalancer_proto::{
     ContainerInfo, ErrorReply, Event, Hello, MigrateRequest, MigrationRecord, NodeCapabilities,
-    NodeMetrics, ProtoError, Reply, Request, Response, Role, MAX_FRAME_LEN,
+    NodeMetrics, ProtoError, Reply, Request, Response, Role,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -46,7 +46,7 @@ impl AgentError {
         match self {
             AgentError::Connect { .. } | AgentError::Timeout { .. } => ErrorCode::Unreachable,
             AgentError::Proto {
-                source: ProtoError::Version { .. },
+                source: ProtoError::Version { .. } | ProtoError::NoCommonVersion { .. },
                 ..
             } => ErrorCode::Version,
             AgentError::Proto { .. } | AgentError::UnexpectedReply { .. } => ErrorCode::Internal,
@@ -64,34 +64,30 @@ pub struct AgentClient {
     pub timeout: Duration,
 }
 
+/// One connection to an agent: the channel plus the address for error messages.
 struct Conn {
-    s: Box<dyn Stream>,
+    ch: AsyncChannel<Box<dyn Stream>>,
     addr: String,
-    next_id: u32,
 }
 
 impl Conn {
     fn proto(&self, source: ProtoError) -> AgentError {
-        AgentError::Proto {
-            addr: self.addr.clone(),
+        proto_err(&self.addr, source)
+    }
+}
+
+/// The agent's own refusal and a timeout keep their meaning; the rest is a protocol failure.
+fn proto_err(addr: &str, source: ProtoError) -> AgentError {
+    match source {
+        ProtoError::Refused(e) => AgentError::Remote(e),
+        ProtoError::Timeout { ms, .. } => AgentError::Timeout {
+            addr: addr.to_string(),
+            ms,
+        },
+        source => AgentError::Proto {
+            addr: addr.to_string(),
             source,
-        }
-    }
-
-    async fn send(&mut self, req: &Request) -> Result<u32, AgentError> {
-        self.next_id += 1;
-        let id = self.next_id;
-        let f = Frame::json(FrameKind::Request, id, req).map_err(|e| self.proto(e))?;
-        write_frame_async(&mut self.s, &f)
-            .await
-            .map_err(|e| self.proto(e))?;
-        Ok(id)
-    }
-
-    async fn recv(&mut self) -> Result<Frame, AgentError> {
-        read_frame_async(&mut self.s, MAX_FRAME_LEN)
-            .await
-            .map_err(|e| self.proto(e))
+        },
     }
 }
 
@@ -119,73 +115,22 @@ impl AgentClient {
                 addr: addr.clone(),
                 source,
             })?;
-        let mut c = Conn {
-            s,
-            addr,
-            next_id: 0,
-        };
-        let hello = Frame::json(FrameKind::Hello, 0, &Hello::new(Role::Controller, SOFTWARE))
-            .map_err(|e| c.proto(e))?;
-        let handshake = async {
-            write_frame_async(&mut c.s, &hello)
-                .await
-                .map_err(|e| c.proto(e))?;
-            let f = c.recv().await?;
-            match f.header.kind {
-                FrameKind::Hello => {
-                    let h: Hello = f
-                        .decode(FrameKind::Hello, "hello")
-                        .map_err(|e| c.proto(e))?;
-                    if h.protocol != rebalancer_proto::PROTOCOL_VERSION {
-                        return Err(c.proto(ProtoError::Version {
-                            got: h.protocol,
-                            want: rebalancer_proto::PROTOCOL_VERSION,
-                        }));
-                    }
-                    Ok(())
-                }
-                FrameKind::Response => {
-                    let r: Response = f
-                        .decode(FrameKind::Response, "response")
-                        .map_err(|e| c.proto(e))?;
-                    match r {
-                        Response::Error(e) => Err(AgentError::Remote(e)),
-                        Response::Ok(_) => Err(AgentError::UnexpectedReply {
-                            addr: c.addr.clone(),
-                            op: "hello",
-                        }),
-                    }
-                }
-                other => Err(c.proto(ProtoError::Unexpected {
-                    expected: "hello",
-                    got: other,
-                })),
-            }
-        };
-        tokio::time::timeout(self.timeout, handshake)
+        // The handshake and every call are bounded by the client's timeout.
+        let cfg = ChannelConfig::default()
+            .idle_timeout(Some(self.timeout))
+            .call_timeout(Some(self.timeout));
+        let ch = AsyncChannel::connect(s, cfg, Hello::new(Role::Controller, SOFTWARE))
             .await
-            .map_err(|_| AgentError::Timeout {
-                addr: self.addr.to_string(),
-                ms: self.timeout.as_millis(),
-            })??;
-        Ok(c)
+            .map_err(|e| proto_err(&addr, e))?;
+        Ok(Conn { ch, addr })
     }
 
     /// One request, one response, within the timeout.
     pub async fn call(&self, req: Request) -> Result<Reply, AgentError> {
         let work = async {
             let mut c = self.connect().await?;
-            let id = c.send(&req).await?;
-            loop {
-                let f = c.recv().await?;
-                if f.header.kind == FrameKind::Event || f.header.id != id {
-                    continue;
-                }
-                let r: Response = f
-                    .decode(FrameKind::Response, "response")
-                    .map_err(|e| c.proto(e))?;
-                return r.into_result().map_err(AgentError::Remote);
-            }
+            let r: Response = c.ch.call(&req).await.map_err(|e| c.proto(e))?;
+            r.into_result().map_err(AgentError::Remote)
         };
         tokio::time::timeout(self.timeout, work)
             .await
@@ -245,52 +190,29 @@ impl AgentClient {
     ) -> Result<MigrationRecord, AgentError> {
         let mut started = Some(started);
         let mut c = self.connect().await?;
-        let id = c
-            .send(&Request::Migrate {
-                request,
-                watch: true,
-            })
-            .await?;
-        let follow = async {
-            loop {
-                let f = c.recv().await?;
-                if f.header.id != id {
-                    continue;
-                }
-                match f.header.kind {
-                    FrameKind::Event => {
-                        if let Ok(ev) = f.decode::<Event>(FrameKind::Event, "event") {
-                            let Event::MigrationProgress { migration, .. } = &ev;
-                            if let Some(tx) = started.take() {
-                                let _ = tx.send(migration.clone());
-                            }
-                            let _ = events.send(ev);
-                        }
-                    }
-                    _ => {
-                        let r: Response = f
-                            .decode(FrameKind::Response, "response")
-                            .map_err(|e| c.proto(e))?;
-                        match r.into_result().map_err(AgentError::Remote)? {
-                            Reply::Migration { migration } => {
-                                if let Some(tx) = started.take() {
-                                    let _ = tx.send(migration.clone());
-                                }
-                                return Ok(migration);
-                            }
-                            _ => return Err(self.unexpected("migrate")),
-                        }
-                    }
-                }
-            }
+        let req = Request::Migrate {
+            request,
+            watch: true,
         };
-        let mut rec =
-            tokio::time::timeout(overall, follow)
-                .await
-                .map_err(|_| AgentError::Timeout {
-                    addr: self.addr.to_string(),
-                    ms: overall.as_millis(),
-                })??;
+        let answer =
+            c.ch.call_with::<Response>(&req, Some(overall), |ev| {
+                let Event::MigrationProgress { migration, .. } = &ev;
+                if let Some(tx) = started.take() {
+                    let _ = tx.send(migration.clone());
+                }
+                let _ = events.send(ev);
+            })
+            .await
+            .map_err(|e| c.proto(e))?;
+        let mut rec = match answer.into_result().map_err(AgentError::Remote)? {
+            Reply::Migration { migration } => {
+                if let Some(tx) = started.take() {
+                    let _ = tx.send(migration.clone());
+                }
+                migration
+            }
+            _ => return Err(self.unexpected("migrate")),
+        };
         // An agent that answers before the end: poll until the record is terminal.
         let deadline = tokio::time::Instant::now() + overall;
         while !rec.state.is_terminal() {

@@ -7,11 +7,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rebalancer_proto::channel::{AsyncChannel, ChannelConfig};
 use rebalancer_proto::control::{
     ControlReply, ControlRequest, ControlResponse, DecisionOutcome, DecisionRecord, MigrationEntry,
     PlanItem, PolicyCheckReport, PolicyStatus,
 };
-use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
+use rebalancer_proto::frame::FrameKind;
 use rebalancer_proto::{now_millis, ErrorCode, ErrorReply, Hello, MigrationMode, ProtoError, Role};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
@@ -59,57 +60,44 @@ pub async fn serve(listener: UnixListener, ctl: Arc<Controller>) {
     }
 }
 
+/// A client connection: the channel over the control socket.
+type Conn = AsyncChannel<UnixStream>;
+
+/// How long a client may take to send its `Hello`; afterwards a connection may stay quiet.
+const HELLO_WAIT: Duration = Duration::from_secs(10);
+
 async fn send<T: serde::Serialize>(
-    s: &mut UnixStream,
+    s: &mut Conn,
     kind: FrameKind,
     id: u32,
     msg: &T,
 ) -> Result<(), ProtoError> {
-    write_frame_async(s, &Frame::json(kind, id, msg)?).await
+    s.send(kind, id, msg).await
 }
 
-async fn connection(mut sock: UnixStream, ctl: Arc<Controller>) -> Result<(), ProtoError> {
+async fn connection(sock: UnixStream, ctl: Arc<Controller>) -> Result<(), ProtoError> {
     let cred = sock.peer_cred()?;
     let caller = Caller {
         uid: cred.uid(),
         gid: cred.gid(),
         pid: cred.pid(),
     };
-    let first = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_frame_async(&mut sock, MAX_REQUEST),
-    )
-    .await
-    .map_err(|_| ProtoError::Closed)??;
-    let hello: Hello = match first.decode(FrameKind::Hello, "hello") {
-        Ok(h) => h,
-        Err(e) => {
-            let r = ControlResponse::error(ErrorCode::BadRequest, format!("expected hello: {e}"));
-            send(&mut sock, FrameKind::Response, first.header.id, &r).await?;
-            return Err(e);
-        }
-    };
-    if hello.protocol != rebalancer_proto::PROTOCOL_VERSION {
-        let r = ControlResponse::error(
-            ErrorCode::Version,
-            format!(
-                "protocol version {} is not supported (this controller speaks {})",
-                hello.protocol,
-                rebalancer_proto::PROTOCOL_VERSION
-            ),
-        );
-        send(&mut sock, FrameKind::Response, 0, &r).await?;
-        return Ok(());
-    }
-    send(
-        &mut sock,
-        FrameKind::Hello,
-        0,
-        &Hello::new(Role::Controller, crate::agents::SOFTWARE),
+    let cfg = ChannelConfig::default()
+        .max_frame(MAX_REQUEST)
+        .idle_timeout(Some(HELLO_WAIT))
+        .call_timeout(None);
+    // The channel answers a bad header, a non-Hello or a peer without a common version with
+    // an error response before failing here.
+    let mut sock = AsyncChannel::accept(
+        sock,
+        cfg,
+        Hello::new(Role::Controller, crate::agents::SOFTWARE),
+        |_| Ok(()),
     )
     .await?;
+    sock.set_idle_timeout(None);
     loop {
-        let f = read_frame_async(&mut sock, MAX_REQUEST).await?;
+        let f = sock.recv_frame().await?;
         let id = f.header.id;
         let req: ControlRequest = match f.decode(FrameKind::Request, "request") {
             Ok(r) => r,
@@ -148,7 +136,7 @@ pub async fn handle(
     ctl: &Arc<Controller>,
     caller: &Caller,
     req: ControlRequest,
-    sock: &mut UnixStream,
+    sock: &mut Conn,
     id: u32,
 ) -> Result<ControlReply, ErrorReply> {
     match req {
@@ -381,7 +369,7 @@ async fn operator_moves(
     mode: Option<MigrationMode>,
     why: String,
     watch: bool,
-    sock: &mut UnixStream,
+    sock: &mut Conn,
     id: u32,
 ) -> Result<ControlReply, ErrorReply> {
     let policy = format!("operator:{}", caller.uid);

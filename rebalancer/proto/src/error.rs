@@ -1,5 +1,8 @@
 use serde::{Deserialize, Serialize};
 
+// This module depends only on `kind`, never on `frame`: frame.rs builds on the errors.
+use crate::kind::FrameKind;
+
 /// Errors raised while encoding or decoding frames.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
@@ -22,11 +25,92 @@ pub enum ProtoError {
     #[error("expected a {expected} frame, got {got:?}")]
     Unexpected {
         expected: &'static str,
-        got: crate::frame::FrameKind,
+        got: FrameKind,
     },
     #[error("peer closed the connection")]
     Closed,
+    #[error("peer closed the connection in the middle of a frame")]
+    Truncated,
+    #[error("no common protocol version: peer speaks {peer}, this side speaks {local}")]
+    NoCommonVersion {
+        peer: VersionRange,
+        local: VersionRange,
+    },
+    #[error("peer refused: {0}")]
+    Refused(ErrorReply),
+    #[error("reply carries request id {got}, expected {want}")]
+    IdMismatch { got: u32, want: u32 },
+    #[error("no frame within the {what} timeout of {ms} ms")]
+    Timeout { what: &'static str, ms: u128 },
+    #[error("invalid channel configuration: {0}")]
+    Config(&'static str),
 }
+
+impl ProtoError {
+    /// The error code a server reports for this error, and a client maps to an exit code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtoError::Version { .. } | ProtoError::NoCommonVersion { .. } => ErrorCode::Version,
+            ProtoError::Refused(e) => e.code,
+            ProtoError::Timeout { .. } => ErrorCode::Timeout,
+            ProtoError::Io(_) | ProtoError::Closed | ProtoError::Truncated => {
+                ErrorCode::Unreachable
+            }
+            ProtoError::BadMagic(_)
+            | ProtoError::BadKind(_)
+            | ProtoError::TooLarge { .. }
+            | ProtoError::Payload { .. }
+            | ProtoError::Unexpected { .. }
+            | ProtoError::IdMismatch { .. } => ErrorCode::BadRequest,
+            ProtoError::Config(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// An inclusive range of message-set versions a side speaks (see [`crate::Hello`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl VersionRange {
+    pub const fn new(min: u16, max: u16) -> Self {
+        VersionRange { min, max }
+    }
+
+    /// The highest version both ranges contain.
+    pub fn highest_common(&self, other: &VersionRange) -> Option<u16> {
+        let hi = self.max.min(other.max);
+        let lo = self.min.max(other.min);
+        (hi >= lo).then_some(hi)
+    }
+}
+
+impl std::fmt::Display for VersionRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "version {}", self.max)
+        } else {
+            write!(f, "versions {}..={}", self.min, self.max)
+        }
+    }
+}
+
+/// The payload of an error response: a stable code and a sentence for humans.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl std::fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ErrorReply {}
 
 /// Stable error codes carried in error responses; scripts and the CLI map them to exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -17,40 +17,20 @@ use crate::error::ProtoError;
 
 /// "SRBL" in big-endian.
 pub const MAGIC: u32 = 0x5352_424c;
-/// Version of the framing and message set. Bumped on any incompatible change.
+/// Version of the *framing* (this header layout), carried in every header and matched exactly.
+/// The message set is versioned separately and negotiated in the `Hello`
+/// ([`crate::MESSAGE_VERSIONS`]).
 pub const PROTOCOL_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 16;
 /// Default upper bound for one frame's payload (control messages and image chunks).
 pub const MAX_FRAME_LEN: u32 = 16 * 1024 * 1024;
 
-/// What a frame carries. The zero value is invalid so that a zeroed buffer is never accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u16)]
-pub enum FrameKind {
-    Invalid = 0,
-    /// JSON [`crate::Hello`]: always the first frame in each direction.
-    Hello = 1,
-    /// JSON [`crate::Request`] or [`crate::PeerRequest`].
-    Request = 2,
-    /// JSON [`crate::Response`].
-    Response = 3,
-    /// JSON [`crate::Event`], pushed by the server (progress of a migration).
-    Event = 4,
-    /// Raw bytes (a chunk of a CRIU image file), following a request that announced it.
-    Data = 5,
-}
+pub use crate::kind::FrameKind;
 
 impl TryFrom<u16> for FrameKind {
     type Error = ProtoError;
     fn try_from(v: u16) -> Result<Self, ProtoError> {
-        Ok(match v {
-            1 => FrameKind::Hello,
-            2 => FrameKind::Request,
-            3 => FrameKind::Response,
-            4 => FrameKind::Event,
-            5 => FrameKind::Data,
-            other => return Err(ProtoError::BadKind(other)),
-        })
+        FrameKind::from_wire(v).ok_or(ProtoError::BadKind(v))
     }
 }
 
@@ -174,23 +154,15 @@ pub fn write_frame<W: Write>(w: &mut W, frame: &Frame) -> Result<(), ProtoError>
     Ok(())
 }
 
-/// Blocking read; `max` bounds the payload before anything is allocated.
+/// Blocking read; `max` bounds the payload before anything is allocated, and the payload
+/// buffer grows only as bytes arrive (see [`crate::codec::Decoder`]).
 pub fn read_frame<R: Read>(r: &mut R, max: u32) -> Result<Frame, ProtoError> {
-    let mut hb = [0u8; HEADER_LEN];
-    match r.read_exact(&mut hb) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtoError::Closed),
-        Err(e) => return Err(e.into()),
-    }
-    let header = FrameHeader::decode(&hb, max)?;
-    let mut payload = vec![0u8; header.len as usize];
-    r.read_exact(&mut payload)?;
-    Ok(Frame { header, payload })
+    crate::codec::read_blocking(&mut crate::codec::Decoder::new(max), r)
 }
 
 #[cfg(feature = "async")]
 mod nonblocking {
-    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
     use super::*;
 
@@ -204,22 +176,12 @@ mod nonblocking {
         Ok(())
     }
 
+    /// Async read with the same limits as [`super::read_frame`].
     pub async fn read_frame_async<R: AsyncRead + Unpin>(
         r: &mut R,
         max: u32,
     ) -> Result<Frame, ProtoError> {
-        let mut hb = [0u8; HEADER_LEN];
-        match r.read_exact(&mut hb).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(ProtoError::Closed)
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let header = FrameHeader::decode(&hb, max)?;
-        let mut payload = vec![0u8; header.len as usize];
-        r.read_exact(&mut payload).await?;
-        Ok(Frame { header, payload })
+        crate::codec::read_async(&mut crate::codec::Decoder::new(max), r).await
     }
 }
 

@@ -4,13 +4,17 @@
 //! CLI → controller) speaks the same framing ([`frame`]) and the same messages ([`messages`]).
 //! See `PROTOCOL.md` next to this file for the byte layout and the receiver state machine.
 
+pub mod channel;
+pub mod codec;
 pub mod control;
 pub mod error;
 pub mod frame;
+mod kind;
 pub mod messages;
 pub mod models;
 
-pub use error::{ErrorCode, ProtoError};
+pub use channel::{ChannelConfig, Negotiated};
+pub use error::{ErrorCode, ErrorReply, ProtoError, VersionRange};
 pub use frame::{FrameHeader, FrameKind, HEADER_LEN, MAGIC, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use messages::*;
 pub use models::*;

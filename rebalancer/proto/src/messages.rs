@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::frame::PROTOCOL_VERSION;
+pub use crate::error::ErrorReply;
+use crate::error::VersionRange;
 use crate::models::*;
 
 /// Who is on the other end of a connection.
@@ -21,10 +22,22 @@ pub enum Role {
     Shim,
 }
 
+/// The message-set version of today's messages. Version 1 is what every release so far speaks.
+pub const MESSAGE_VERSION: u16 = 1;
+/// The message-set versions this build speaks; negotiation picks the highest common one.
+pub const MESSAGE_VERSIONS: VersionRange = VersionRange::new(1, MESSAGE_VERSION);
+
 /// First frame in each direction. The server answers with its own `Hello` or an error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
+    /// Client: the lowest message-set version it speaks (what a version-1 server checks for
+    /// equality, so a client speaking 1..=N still reaches it). Server: the version it agreed to.
     pub protocol: u16,
+    /// The highest message-set version the sender speaks. Absent (version-1 peers): exactly
+    /// `protocol`. Omitted on the wire when equal to `protocol`, so a single-version Hello is
+    /// byte-for-byte what version-1 releases send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_max: Option<u16>,
     /// e.g. `rebalancer-agent 0.1.0`.
     pub software: String,
     pub role: Role,
@@ -38,12 +51,30 @@ pub struct Hello {
 impl Hello {
     pub fn new(role: Role, software: impl Into<String>) -> Self {
         Hello {
-            protocol: PROTOCOL_VERSION,
+            protocol: MESSAGE_VERSIONS.min,
+            protocol_max: (MESSAGE_VERSIONS.max > MESSAGE_VERSIONS.min)
+                .then_some(MESSAGE_VERSIONS.max),
             software: software.into(),
             role,
             node: None,
             credential: None,
         }
+    }
+
+    /// Sets the range of message-set versions this Hello announces.
+    pub fn with_versions(mut self, v: VersionRange) -> Self {
+        self.protocol = v.min;
+        self.protocol_max = (v.max > v.min).then_some(v.max);
+        self
+    }
+
+    /// The message-set versions the sender speaks.
+    pub fn versions(&self) -> VersionRange {
+        let max = self
+            .protocol_max
+            .unwrap_or(self.protocol)
+            .max(self.protocol);
+        VersionRange::new(self.protocol, max)
     }
 }
 
@@ -232,20 +263,6 @@ pub enum Reply {
     },
     Done,
 }
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorReply {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl std::fmt::Display for ErrorReply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
-    }
-}
-
-impl std::error::Error for ErrorReply {}
 
 // Messages are short-lived and moved once; boxing would only add allocations.
 #[allow(clippy::large_enum_variant)]
