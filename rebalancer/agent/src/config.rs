@@ -66,6 +66,11 @@ pub struct RawConfig {
     /// of a migration must agree; `false` on both saves the cipher's CPU on a trusted network.
     #[serde(default = "default_true")]
     pub encrypt_memory: bool,
+    /// Agent ↔ agent protocol versions spoken (`[1, 2]`; see docs/security.md). Raise the
+    /// lowest to 2 once every node runs a release that speaks it: version 1 does not
+    /// authenticate the destination.
+    #[serde(default = "default_peer_protocol")]
+    pub peer_protocol: [u16; 2],
     /// Command that starts the restore step of a migrated Slurm task on this node; `{job}`,
     /// `{node}` and `{migration}` are substituted.
     #[serde(default = "default_restore_command")]
@@ -149,6 +154,13 @@ fn default_restore_command() -> Vec<String> {
     .collect()
 }
 
+fn default_peer_protocol() -> [u16; 2] {
+    [
+        crate::peer::PEER_VERSIONS.min,
+        crate::peer::PEER_VERSIONS.max,
+    ]
+}
+
 fn default_true() -> bool {
     true
 }
@@ -225,6 +237,7 @@ pub struct AgentConfig {
     pub peers: std::collections::BTreeMap<String, SocketAddr>,
     pub migration_timeout_ms: u64,
     pub encrypt_memory: bool,
+    pub peer_protocol: rebalancer_proto::VersionRange,
     pub restore_command: Vec<String>,
     pub metrics: crate::metrics::MetricsConfig,
     pub metrics_listen: Option<SocketAddr>,
@@ -350,6 +363,18 @@ impl RawConfig {
                 .map_err(|_| invalid("peers", format!("{name} = {addr}"), "expected IP:PORT"))?;
             peers.insert(name.clone(), a);
         }
+        let [lo, hi] = self.peer_protocol;
+        let known = crate::peer::PEER_VERSIONS;
+        if lo > hi || lo < known.min || hi > known.max {
+            return Err(invalid(
+                "peer_protocol",
+                self.peer_protocol,
+                format!(
+                    "must be [lowest, highest] within {}..={}",
+                    known.min, known.max
+                ),
+            ));
+        }
         if self.migration_timeout_ms < 1000 {
             return Err(invalid(
                 "migration_timeout_ms",
@@ -399,6 +424,10 @@ impl RawConfig {
             peers,
             migration_timeout_ms: self.migration_timeout_ms,
             encrypt_memory: self.encrypt_memory,
+            peer_protocol: rebalancer_proto::VersionRange::new(
+                self.peer_protocol[0],
+                self.peer_protocol[1],
+            ),
             restore_command: self.restore_command,
         })
     }

@@ -37,6 +37,9 @@ pub enum AgentError {
     NoRoom(String),
     #[error("{0}")]
     Timeout(String),
+    /// No common protocol version with a peer.
+    #[error("{0}")]
+    Version(String),
     #[error("peer: {0}")]
     Peer(String),
     #[error("protocol")]
@@ -56,6 +59,7 @@ impl AgentError {
             AgentError::Unsupported(_) => ErrorCode::Unsupported,
             AgentError::NoRoom(_) => ErrorCode::NoRoom,
             AgentError::Timeout(_) => ErrorCode::Timeout,
+            AgentError::Version(_) => ErrorCode::Version,
             _ => ErrorCode::Internal,
         }
     }

@@ -41,7 +41,7 @@ fn run(lab: &Lab, addr: &str, encrypted: bool) {
     .expect("create");
     let probe = TcpProbe::start(&lab.client_ns, addr);
     assert!(
-        probe.advance(20, Duration::from_secs(20)),
+        probe.advance(20, Duration::from_secs(60)),
         "no answers\n{}",
         lab.log(0)
     );

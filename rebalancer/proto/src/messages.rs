@@ -46,6 +46,10 @@ pub struct Hello {
     /// Authentication credential (a munge credential between nodes).
     #[serde(default)]
     pub credential: Option<String>,
+    /// A fresh value for this connection that the other side's credential must name (agent
+    /// peer protocol version 2: mutual authentication). Ignored by version-1 peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
 }
 
 impl Hello {
@@ -58,6 +62,7 @@ impl Hello {
             role,
             node: None,
             credential: None,
+            nonce: None,
         }
     }
 

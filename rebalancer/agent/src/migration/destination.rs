@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
-use rebalancer_proto::{ContainerState, Hello, MigrationMode, Role, PROTOCOL_VERSION};
+use rebalancer_proto::{ContainerState, Hello, MigrationMode, Role};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -89,30 +89,26 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
             return Err(err);
         }
     };
-    if hello.protocol != PROTOCOL_VERSION || hello.role != Role::Agent {
-        let err = AgentError::BadRequest(format!(
-            "peer speaks protocol {} as {:?}; this agent speaks {PROTOCOL_VERSION} with agents",
-            hello.protocol, hello.role
-        ));
-        write_resp(s, 0, &reply_error(&err)).await?;
-        return Err(err);
-    }
-    if let Err(e) = crate::auth::verify(
-        agent.cfg.auth,
-        agent.cfg.munge_socket.as_deref(),
-        hello.node.as_deref(),
-        hello.credential.as_deref(),
-    )
-    .await
-    {
-        tracing::warn!(peer = ?peer, node = ?hello.node, error = %e, "rejected unauthenticated peer");
-        write_resp(s, 0, &reply_error(&e)).await?;
-        return Err(e);
-    }
-    let mut me = Hello::new(Role::Agent, crate::SOFTWARE);
-    me.node = Some(agent.cfg.node.clone());
-    write_frame_async(s, &Frame::json(FrameKind::Hello, 0, &me)?).await?;
-    let source_node = hello.node.unwrap_or_default();
+    let ours = agent.cfg.peer_protocol;
+    let agreed = match (hello.role, hello.versions().highest_common(&ours)) {
+        (Role::Agent, Some(v)) => v,
+        (role, _) => {
+            let err = AgentError::Version(format!(
+                "peer speaks {} as {role:?}; this agent speaks peer protocol {ours} with agents",
+                hello.versions()
+            ));
+            write_resp(s, 0, &reply_error(&err)).await?;
+            return Err(err);
+        }
+    };
+    let source_node = match authenticate_source(host, agent, s, &hello, agreed, timeout).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(peer = ?peer, node = ?hello.node, version = agreed, error = %e, "rejected unauthenticated peer");
+            write_resp(s, 0, &reply_error(&e)).await?;
+            return Err(e);
+        }
+    };
 
     loop {
         let f = match read_timeout(&**host, s, timeout).await {
@@ -152,6 +148,76 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
 }
 
+/// Checks who the source is, for the agreed peer protocol version, and sends this node's hello.
+/// Version 1: the source's credential names it (replayable; logged). Version 2: this node's
+/// credential answers the source's nonce, and the source's first request must be an
+/// `Authenticate` whose credential answers ours.
+async fn authenticate_source<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
+    host: &Arc<H>,
+    agent: &Arc<Agent>,
+    s: &mut S,
+    hello: &Hello,
+    agreed: u16,
+    timeout: Duration,
+) -> Result<String, AgentError> {
+    let (method, sock) = (agent.cfg.auth, agent.cfg.munge_socket.as_deref());
+    let mut me = Hello::new(Role::Agent, crate::SOFTWARE)
+        .with_versions(rebalancer_proto::VersionRange::new(agreed, agreed));
+    me.node = Some(agent.cfg.node.clone());
+    if agreed < 2 {
+        crate::auth::verify(
+            method,
+            sock,
+            hello.node.as_deref(),
+            hello.credential.as_deref(),
+        )
+        .await?;
+        tracing::warn!(node = ?hello.node, "peer protocol 1: the source's credential is not bound to this node or connection (an agent of the previous release?)");
+        write_frame_async(s, &Frame::json(FrameKind::Hello, 0, &me)?).await?;
+        return Ok(hello.node.clone().unwrap_or_default());
+    }
+    let (Some(claimed), Some(their_nonce)) = (hello.node.clone(), hello.nonce.clone()) else {
+        return Err(AgentError::PermissionDenied(
+            "a protocol-2 hello names its node and carries a nonce".into(),
+        ));
+    };
+    let our_nonce = crate::auth::nonce();
+    me.nonce = Some(our_nonce.clone());
+    me.credential = crate::auth::bound_credential(
+        method,
+        sock,
+        &crate::auth::Binding {
+            from: agent.cfg.node.clone(),
+            to: claimed.clone(),
+            nonce: their_nonce,
+        },
+    )
+    .await?;
+    write_frame_async(s, &Frame::json(FrameKind::Hello, 0, &me)?).await?;
+    let f = read_timeout(&**host, s, timeout.min(Duration::from_secs(10))).await?;
+    let id = f.header.id;
+    let credential = match f.decode::<PeerRequest>(FrameKind::Request, "request") {
+        Ok(PeerRequest::Authenticate { credential }) => credential,
+        _ => {
+            return Err(AgentError::PermissionDenied(
+                "the first request of protocol 2 must be authenticate".into(),
+            ))
+        }
+    };
+    crate::auth::verify_bound(
+        method,
+        sock,
+        credential.as_deref(),
+        Some(&claimed),
+        &agent.cfg.node,
+        &our_nonce,
+    )
+    .await?;
+    write_resp(s, id, &PeerResponse::Ok(PeerReply::Authenticated)).await?;
+    tracing::debug!(node = %claimed, "source authenticated (peer protocol 2)");
+    Ok(claimed)
+}
+
 async fn handle<H: Host, S: AsyncRead + Unpin>(
     host: &Arc<H>,
     agent: &Arc<Agent>,
@@ -164,6 +230,9 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
     // Page servers take connections from the source agent's address only.
     let from = peer.map(|p| p.ip());
     match req {
+        PeerRequest::Authenticate { .. } => Err(AgentError::BadRequest(
+            "authenticate comes once, first, with peer protocol 2".into(),
+        )),
         PeerRequest::Capabilities => Ok(PeerReply::Capabilities {
             capabilities: agent.caps.clone(),
         }),

@@ -259,7 +259,11 @@ pub(super) fn start<H: Host>(
         let stdio = restore_stdio_plan(&inc.meta.stdio_paths, &link_dir);
         if !stdio.links.is_empty() {
             links = Some(RemoveDirOnDrop(link_dir.clone()));
-            make_stdio_links(&link_dir, &stdio.links, (inc.meta.spec.uid, inc.meta.spec.gid))?;
+            make_stdio_links(
+                &link_dir,
+                &stdio.links,
+                (inc.meta.spec.uid, inc.meta.spec.gid),
+            )?;
         }
         argv.splice(1..1, stdio.options);
     }

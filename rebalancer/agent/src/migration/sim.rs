@@ -553,6 +553,7 @@ pub struct SimLink {
 
 fn op_name(req: &PeerRequest) -> &'static str {
     match req {
+        PeerRequest::Authenticate { .. } => "authenticate",
         PeerRequest::Capabilities => "capabilities",
         PeerRequest::Prepare { .. } => "prepare",
         PeerRequest::Images { .. } => "images",

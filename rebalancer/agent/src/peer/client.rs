@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
-use rebalancer_proto::{Hello, Role, PROTOCOL_VERSION};
+use rebalancer_proto::{Hello, Role};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -20,6 +20,10 @@ pub struct PeerConn<S = TcpStream> {
     next_id: u32,
     pub bytes_sent: u64,
     pub timeout: Duration,
+    /// The agreed peer protocol version.
+    pub version: u16,
+    /// The node the server proved it is (version 2 with munge; `None` otherwise).
+    pub peer_node: Option<String>,
 }
 
 impl PeerConn<TcpStream> {
@@ -56,21 +60,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
             next_id: 1,
             bytes_sent: 0,
             timeout,
+            version: 1,
+            peer_node: None,
         };
-        let mut hello = Hello::new(Role::Agent, crate::SOFTWARE);
+        let ours = cfg.peer_protocol;
+        let nonce = crate::auth::nonce();
+        let mut hello = Hello::new(Role::Agent, crate::SOFTWARE).with_versions(ours);
         hello.node = Some(cfg.node.clone());
+        // A version-1 credential too, so that an agent of the previous release accepts us.
         hello.credential =
             crate::auth::credential(cfg.auth, cfg.munge_socket.as_deref(), &cfg.node).await?;
+        hello.nonce = (ours.max >= 2).then(|| nonce.clone());
         c.send(&Frame::json(FrameKind::Hello, 0, &hello)?).await?;
         let f = c.recv().await?;
         match f.header.kind {
             FrameKind::Hello => {
                 let h: Hello = f.decode(FrameKind::Hello, "hello")?;
-                if h.protocol != PROTOCOL_VERSION {
+                // The server states the version it agreed to (a version-1 server: 1).
+                let agreed = h.protocol;
+                if agreed < ours.min || agreed > ours.max {
                     return Err(AgentError::Peer(format!(
-                        "destination speaks protocol {}",
-                        h.protocol
+                        "destination agreed to peer protocol {agreed}; this agent speaks {ours}"
                     )));
+                }
+                c.version = agreed;
+                if agreed >= 2 {
+                    c.authenticate(cfg, &h, &nonce).await?;
+                } else {
+                    tracing::warn!(peer = ?h.node, "peer protocol 1: the destination agent is not authenticated (an agent of the previous release?)");
                 }
             }
             FrameKind::Response => {
@@ -89,6 +106,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
             }
         }
         Ok(c)
+    }
+
+    /// Version 2: checks the server's credential (bound to our nonce), then proves this node
+    /// with a credential bound to the server's nonce.
+    async fn authenticate(
+        &mut self,
+        cfg: &AgentConfig,
+        h: &Hello,
+        our_nonce: &str,
+    ) -> Result<(), AgentError> {
+        let sock = cfg.munge_socket.as_deref();
+        let server = crate::auth::verify_bound(
+            cfg.auth,
+            sock,
+            h.credential.as_deref(),
+            None,
+            &cfg.node,
+            our_nonce,
+        )
+        .await
+        .map_err(|e| AgentError::PermissionDenied(format!("the destination agent: {e}")))?;
+        let claimed = h.node.clone().unwrap_or_default();
+        if let Some(s) = &server {
+            if *s != claimed {
+                return Err(AgentError::PermissionDenied(format!(
+                    "the destination's credential is from {s}, its hello says {claimed}"
+                )));
+            }
+        }
+        let their_nonce = h.nonce.as_deref().ok_or_else(|| {
+            AgentError::PermissionDenied("the destination sent no nonce with protocol 2".into())
+        })?;
+        let credential = crate::auth::bound_credential(
+            cfg.auth,
+            sock,
+            &crate::auth::Binding {
+                from: cfg.node.clone(),
+                to: claimed,
+                nonce: their_nonce.to_string(),
+            },
+        )
+        .await?;
+        match self.call(&PeerRequest::Authenticate { credential }).await? {
+            PeerReply::Authenticated => {}
+            other => {
+                return Err(AgentError::Peer(format!(
+                    "unexpected answer to authenticate: {other:?}"
+                )))
+            }
+        }
+        self.peer_node = server;
+        Ok(())
     }
 
     async fn send(&mut self, f: &Frame) -> Result<(), AgentError> {

@@ -24,6 +24,7 @@ pub fn error_from_reply(e: ErrorReply) -> AgentError {
         C::NoRoom => AgentError::NoRoom(m),
         C::Timeout => AgentError::Timeout(m),
         C::Unreachable => AgentError::Unreachable(m),
+        C::Version => AgentError::Version(m),
         _ => AgentError::Peer(m),
     }
 }

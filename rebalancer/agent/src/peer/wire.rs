@@ -2,10 +2,17 @@
 
 use std::net::Ipv4Addr;
 
-use rebalancer_proto::{ErrorReply, MigrationId, MigrationMode, NodeCapabilities};
+use rebalancer_proto::{ErrorReply, MigrationId, MigrationMode, NodeCapabilities, VersionRange};
 use serde::{Deserialize, Serialize};
 
 use crate::container::ContainerMeta;
+
+/// Versions of the agent ↔ agent protocol this build speaks. 1: the hello's munge credential
+/// names only its sender (replayable to another node, and the destination proves nothing).
+/// 2: mutual authentication: each side's credential names sender, receiver and the other
+/// side's nonce for this connection (the server's in its hello, the client's in
+/// [`PeerRequest::Authenticate`]).
+pub const PEER_VERSIONS: VersionRange = VersionRange::new(1, 2);
 
 /// Upper bound of one peer frame (image chunks are 1 MiB).
 pub const PEER_MAX_FRAME: u32 = 4 << 20;
@@ -20,6 +27,10 @@ pub struct ImageFile {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum PeerRequest {
+    /// Version 2, first request: the client's credential bound to the server's nonce.
+    Authenticate {
+        credential: Option<String>,
+    },
     Capabilities,
     Prepare {
         migration: MigrationId,
@@ -69,6 +80,7 @@ pub enum PeerRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum PeerReply {
+    Authenticated,
     Capabilities {
         capabilities: NodeCapabilities,
     },
