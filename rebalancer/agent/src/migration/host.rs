@@ -251,6 +251,8 @@ pub trait PeerLink: Send {
     fn send_images(&mut self, dir: &Path) -> impl Future<Output = Result<u64, AgentError>> + Send;
     /// Bytes written so far (frames and headers).
     fn bytes_sent(&self) -> u64;
+    /// The node the peer proved it is (peer protocol 2 with munge), if it proved one.
+    fn proven_node(&self) -> Option<&str>;
 }
 
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> PeerLink for PeerConn<S> {
@@ -265,6 +267,9 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> PeerLink fo
     }
     fn bytes_sent(&self) -> u64 {
         self.bytes_sent
+    }
+    fn proven_node(&self) -> Option<&str> {
+        self.peer_node.as_deref()
     }
 }
 

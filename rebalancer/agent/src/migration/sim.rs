@@ -606,6 +606,9 @@ impl PeerLink for SimLink {
     fn bytes_sent(&self) -> u64 {
         self.conn.as_ref().map_or(self.sent, |c| c.bytes_sent)
     }
+    fn proven_node(&self) -> Option<&str> {
+        self.conn.as_ref().and_then(|c| c.peer_node.as_deref())
+    }
 }
 
 impl Connector for SimHost {

@@ -131,6 +131,13 @@ pub async fn preflight_with<H: Host>(
                 )))
             }
         };
+        // The node the destination proved with its credential, when it proved one.
+        if let Some(proven) = conn.proven_node().filter(|n| *n != req.destination) {
+            return Err(AgentError::PermissionDenied(format!(
+                "the agent at {addr} proved it is node {proven}, not {}",
+                req.destination
+            )));
+        }
         if remote.node != req.destination {
             return Err(AgentError::BadRequest(format!(
                 "agent at {addr} is node {}, not {}",
