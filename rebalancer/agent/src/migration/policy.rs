@@ -104,6 +104,16 @@ pub fn precopy_converged(
 }
 
 /// Phase bookkeeping on a record.
+/// The modes this node offers for a migration: pre-copy only with pages in clear (CRIU's TLS
+/// page server failed between pre-copy rounds where measured, docs/precopy.md). Pure.
+pub fn modes_with_encryption(modes: &[MigrationMode], encrypt: bool) -> Vec<MigrationMode> {
+    modes
+        .iter()
+        .copied()
+        .filter(|m| !(encrypt && *m == MigrationMode::PreCopy))
+        .collect()
+}
+
 /// Picks the concrete mode and says why. Pure.
 pub fn choose_mode(
     requested: MigrationMode,
@@ -197,6 +207,17 @@ pub fn choose_mode(
 /// Everything a running migration needs, produced by [`preflight`].
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn encryption_withholds_pre_copy_only() {
+        use rebalancer_proto::MigrationMode::*;
+        let all = [StopAndCopy, PostCopy, PreCopy, Auto];
+        assert_eq!(
+            super::modes_with_encryption(&all, true),
+            [StopAndCopy, PostCopy, Auto]
+        );
+        assert_eq!(super::modes_with_encryption(&all, false), all);
+    }
+
     #[test]
     fn migration_ids_from_peers_never_name_a_path() {
         use super::check_migration_id as c;

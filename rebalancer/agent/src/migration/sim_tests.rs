@@ -34,8 +34,14 @@ impl Drop for Node {
     }
 }
 
-/// A simulated node; `extra`: more top-level configuration lines.
+/// A simulated node; `extra`: more top-level configuration lines. Pages in clear unless `extra`
+/// says otherwise: pre-copy is withheld with encryption, and these tests drive every mode.
 fn node_with(name: &str, tag: &str, extra: &str) -> Node {
+    let extra = if extra.contains("encrypt_memory") {
+        extra.to_string()
+    } else {
+        format!("encrypt_memory = false\n{extra}")
+    };
     let dir = std::env::temp_dir().join(format!(
         "rb-sim-{tag}-{name}-{}-{:08x}",
         std::process::id(),
@@ -478,15 +484,17 @@ async fn post_copy_pages_lost_after_commit_fail_the_migration_without_a_second_c
     assert_eq!(b.host.live().len(), 1);
 }
 
+const ON: &str = "encrypt_memory = true";
+
 /// What each node's page-moving CRIU commands were: (action, with TLS).
 fn tls_use(n: &Node) -> Vec<(&'static str, bool)> {
     n.host.state().tls.clone()
 }
 
 #[tokio::test]
-async fn page_transfers_are_encrypted_on_both_nodes_in_every_mode() {
-    for mode in MODES {
-        let (a, b) = pair("tls");
+async fn page_transfers_are_encrypted_on_both_nodes_in_every_mode_that_allows_it() {
+    for mode in [MigrationMode::StopAndCopy, MigrationMode::PostCopy] {
+        let (a, b) = pair_configured("tls", false, ON, ON);
         let rec = migrate(&a, &b, mode).await.expect("preflight");
         assert_eq!(
             rec.state,
@@ -514,14 +522,14 @@ async fn page_transfers_are_encrypted_on_both_nodes_in_every_mode() {
 #[tokio::test]
 async fn encryption_is_agreed_or_the_migration_is_refused_before_anything_moves() {
     // The destination follows a source that encrypts, whatever its own setting.
-    let (a, b) = pair_configured("tls-follow", false, "", "encrypt_memory = false");
+    let (a, b) = pair_configured("tls-follow", false, ON, "encrypt_memory = false");
     let rec = migrate(&a, &b, MigrationMode::StopAndCopy)
         .await
         .expect("preflight");
     assert_eq!(rec.state, MigrationState::Succeeded, "{:?}", rec.error);
     assert!(tls_use(&b).iter().all(|(_, t)| *t), "{:?}", tls_use(&b));
     // A destination that requires encryption refuses a plain source at prepare.
-    let (a, b) = pair_configured("tls-refuse", false, "encrypt_memory = false", "");
+    let (a, b) = pair_configured("tls-refuse", false, "encrypt_memory = false", ON);
     let e = migrate(&a, &b, MigrationMode::PostCopy)
         .await
         .expect_err("refused");
@@ -544,4 +552,15 @@ async fn encryption_is_agreed_or_the_migration_is_refused_before_anything_moves(
         .expect("preflight");
     assert_eq!(rec.state, MigrationState::Succeeded, "{:?}", rec.error);
     assert!(tls_use(&a).iter().chain(&tls_use(&b)).all(|(_, t)| !*t));
+}
+
+#[tokio::test]
+async fn pre_copy_is_refused_with_encrypted_pages_before_anything_moves() {
+    let (a, b) = pair_configured("tls-precopy", false, ON, ON);
+    let e = migrate(&a, &b, MigrationMode::PreCopy)
+        .await
+        .expect_err("refused");
+    assert!(e.contains("pre-copy with encrypted pages"), "{e}");
+    assert_rolled_back(&a, &b, "pre-copy with encryption");
+    assert!(tls_use(&a).is_empty() && tls_use(&b).is_empty());
 }

@@ -145,13 +145,18 @@ pub async fn preflight_with<H: Host>(
             )));
         }
         let rss = host.tree_rss(pid);
-        let (mode, reason) = choose_mode(
-            req.mode,
-            rss,
-            req.max_downtime_ms,
-            &agent.caps.modes,
-            &remote.modes,
-        )?;
+        let local =
+            super::policy::modes_with_encryption(&agent.caps.modes, agent.cfg.encrypt_memory);
+        if req.mode == MigrationMode::PreCopy && !local.contains(&MigrationMode::PreCopy) {
+            return Err(AgentError::Unsupported(
+                "pre-copy with encrypted pages is not supported yet (CRIU's TLS page server \
+                 fails between pre-copy rounds, docs/precopy.md); use stop-and-copy or \
+                 post-copy, or encrypt_memory = false on both nodes"
+                    .into(),
+            ));
+        }
+        let (mode, reason) =
+            choose_mode(req.mode, rss, req.max_downtime_ms, &local, &remote.modes)?;
         let mut rec = MigrationRecord {
             id: uuid::Uuid::new_v4().to_string(),
             container: id.clone(),
