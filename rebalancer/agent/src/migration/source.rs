@@ -147,7 +147,11 @@ pub async fn preflight_with<H: Host>(
         let rss = host.tree_rss(pid);
         let local =
             super::policy::modes_with_encryption(&agent.caps.modes, agent.cfg.encrypt_memory);
-        if req.mode == MigrationMode::PreCopy && !local.contains(&MigrationMode::PreCopy) {
+        // Only when the kernel could: otherwise choose_mode names what the kernel lacks.
+        if req.mode == MigrationMode::PreCopy
+            && agent.caps.modes.contains(&MigrationMode::PreCopy)
+            && !local.contains(&MigrationMode::PreCopy)
+        {
             return Err(AgentError::Unsupported(
                 "pre-copy with encrypted pages is not supported yet (CRIU's TLS page server \
                  fails between pre-copy rounds, docs/precopy.md); use stop-and-copy or \
