@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Builds a root file system holding one Slurm release from Debian's own packages, for the test
+# cluster (slurm-tests/cluster.sh --release R) and for building the plugin and bindings against
+# that release's headers. Idempotent: a second run only checks the root.
+#
+# Usage: scripts/slurm-release.sh build RELEASE     build (or check) the root of RELEASE
+#        scripts/slurm-release.sh check RELEASE     check only; exit 1 when the root is not usable
+#        scripts/slurm-release.sh path RELEASE      print the root's directory
+#        scripts/slurm-release.sh list              releases this script knows, with their suites
+# RELEASE is 24.11 (Debian trixie) or 26.05 (Debian sid). 22.05 is the host's own (bookworm).
+# Roots live under $SLURM_RELEASES_DIR (default /var/lib/slurm-rebalancer/releases), never in git.
+set -euo pipefail
+
+log() { printf '\033[1mslurm-release:\033[0m %s\n' "$*" >&2; }
+die() { printf 'slurm-release: error: %s\n' "$*" >&2; exit 1; }
+
+RELEASES_DIR=${SLURM_RELEASES_DIR:-/var/lib/slurm-rebalancer/releases}
+
+# Release -> Debian suite. Keep in step with docs/slurm-releases.md.
+suite_of() {
+  case "$1" in
+    24.11) echo trixie ;;
+    26.05) echo sid ;;
+    *) die "unknown release '$1' (known: 24.11, 26.05; 22.05 is the host's)" ;;
+  esac
+}
+
+# Packages every root holds: the Slurm daemons and headers of that release, munge and MariaDB
+# for slurmdbd, and what the tests run inside a node (python3, ip, ps, nft).
+base_pkgs=(
+  slurmctld slurmd slurmdbd slurm-client libslurm-dev munge mariadb-server mariadb-client
+  python3 iproute2 procps psmisc nftables util-linux ca-certificates
+)
+
+# CRIU: sid's package is 4.2.1 (works here); trixie's 4.1.1 fails on TCP dumps with this kernel
+# (FIELD-NOTES), so trixie gets the host's /usr/local/sbin/criu and the libraries it links.
+criu_pkgs_of() {
+  case "$1" in
+    26.05) echo criu ;;
+    24.11) echo libbsd0 libgnutls30t64 libnftables1 libprotobuf-c1 libnl-3-200 libnet1 libuuid1 \
+      libxtables12 libjansson4 libmnl0 libnftnl11 ;;
+  esac
+}
+
+mirror() {
+  # Same mirror as the machine, as scripts/setup.sh finds it.
+  local uri
+  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  echo "${uri:-http://deb.debian.org/debian}"
+}
+
+root_of() { echo "$RELEASES_DIR/$1"; }
+
+# The root is usable when its Slurm is the expected release and every tool the cluster needs runs.
+check_root() {
+  local rel=$1 root v
+  root=$(root_of "$rel")
+  [ -f "$root/.slurm-release-complete" ] || { log "$root: not built"; return 1; }
+  v=$(chroot "$root" slurmctld -V 2>/dev/null | awk '{print $2}') || true
+  case "$v" in
+    "$rel".*) ;;
+    *) log "$root: slurmctld reports '${v:-nothing}', expected $rel.x"; return 1 ;;
+  esac
+  local t
+  for t in slurmd slurmdbd srun sbatch salloc scontrol sacct munged mariadbd python3 ip nft ps \
+    criu; do
+    chroot "$root" sh -c "command -v $t" >/dev/null 2>&1 || { log "$root: $t missing"; return 1; }
+  done
+  [ -f "$root/usr/include/slurm/slurm.h" ] || { log "$root: slurm/slurm.h missing"; return 1; }
+  chroot "$root" criu --version >/dev/null 2>&1 || { log "$root: criu does not run"; return 1; }
+  log "$rel: Slurm $v, $(chroot "$root" criu --version | awk '/^Version:/ {print "CRIU " $2}'), $(du -sh --one-file-system "$root" | cut -f1) at $root"
+}
+
+build_root() {
+  local rel=$1 suite root tmp start
+  suite=$(suite_of "$rel")
+  root=$(root_of "$rel")
+  if check_root "$rel" 2>/dev/null; then
+    check_root "$rel"
+    return 0
+  fi
+  [ "$(id -u)" = 0 ] || die "building a root needs root (mmdebstrap in root mode, chroot)"
+  command -v mmdebstrap >/dev/null || {
+    log "installing mmdebstrap"
+    apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
+  }
+  mkdir -p "$RELEASES_DIR"
+  # Build next to the final place and rename at the end, so a broken run never leaves a root
+  # that looks complete.
+  tmp="$root.partial"
+  rm -rf "$tmp"
+  start=$(date +%s)
+  local pkgs
+  pkgs="$(IFS=,; echo "${base_pkgs[*]}"),$(criu_pkgs_of "$rel" | tr ' ' ',')"
+  log "building $rel from Debian $suite at $(mirror) into $root (this downloads ~300 MB)"
+  # --variant=apt: only Essential + apt; --include adds ours. Recommends stay out (as on the host).
+  # mmdebstrap installs a policy-rc.d during the build, so no daemon starts inside.
+  # Check-Valid-Until off: this machine's mirror can be a frozen snapshot whose sid Release file
+  # has expired (seen 2026-12-07); signatures are still checked.
+  mmdebstrap --mode=root --variant=apt --components=main --include="$pkgs" \
+    --aptopt='APT::Install-Recommends "false"' \
+    --aptopt='Acquire::Check-Valid-Until "false"' \
+    --customize-hook='rm -f "$1"/etc/hostname' \
+    "$suite" "$tmp" "$(mirror)" >"$RELEASES_DIR/$rel.build.log" 2>&1 \
+    || { tail -20 "$RELEASES_DIR/$rel.build.log" >&2; die "mmdebstrap failed (log: $RELEASES_DIR/$rel.build.log)"; }
+  if [ "$rel" = 24.11 ]; then
+    [ -x /usr/local/sbin/criu ] || die "/usr/local/sbin/criu missing: run scripts/setup.sh first"
+    install -D -m 0755 /usr/local/sbin/criu "$tmp/usr/local/sbin/criu"
+  fi
+  # CRIU's network lock uses nftables here (no iptables-restore), as scripts/setup.sh sets on the host.
+  mkdir -p "$tmp/etc/criu"
+  echo 'network-lock nftables' >"$tmp/etc/criu/runc.conf"
+  # Daemons run with the cluster's own config directories; the packaged ones stay unused.
+  date -u +%FT%TZ >"$tmp/.slurm-release-complete"
+  rm -rf "$root"
+  mv "$tmp" "$root"
+  log "$rel built in $(($(date +%s) - start)) s"
+  check_root "$rel"
+}
+
+cmd=${1:-}
+case "$cmd" in
+  build) [ $# = 2 ] || die "usage: $0 build RELEASE"; build_root "$2" ;;
+  check) [ $# = 2 ] || die "usage: $0 check RELEASE"; suite_of "$2" >/dev/null; check_root "$2" ;;
+  path) [ $# = 2 ] || die "usage: $0 path RELEASE"; suite_of "$2" >/dev/null; root_of "$2" ;;
+  list) printf '22.05\tbookworm (the host)\n24.11\ttrixie\n26.05\tsid\n' ;;
+  *) die "usage: $0 build|check|path RELEASE | list" ;;
+esac
