@@ -6,6 +6,13 @@
 # Usage: scripts/slurm-release.sh build RELEASE     build (or check) the root of RELEASE
 #        scripts/slurm-release.sh check RELEASE     check only; exit 1 when the root is not usable
 #        scripts/slurm-release.sh path RELEASE      print the root's directory
+#        scripts/slurm-release.sh env RELEASE       print SLURM_INCLUDE_DIR/SLURM_LIB_DIR exports
+#                                                   for both build scripts (build.rs files)
+#        scripts/slurm-release.sh run RELEASE CMD.. run CMD chrooted into the root, in a private
+#                                                   mount namespace that sees the host's /proc,
+#                                                   /sys, /dev, /run, /tmp, /work and /root
+#                                                   (cargo, the checkout); e.g. build the plugin
+#                                                   against the release inside its root
 #        scripts/slurm-release.sh list              releases this script knows, with their suites
 # RELEASE is 24.11 (Debian trixie) or 26.05 (Debian sid). 22.05 is the host's own (bookworm).
 # Roots live under $SLURM_RELEASES_DIR (default /var/lib/slurm-rebalancer/releases), never in git.
@@ -30,6 +37,8 @@ suite_of() {
 base_pkgs=(
   slurmctld slurmd slurmdbd slurm-client libslurm-dev munge mariadb-server mariadb-client
   python3 iproute2 procps psmisc nftables util-linux ca-certificates
+  # Building the plugin and the bindings inside the root (bindgen needs libclang).
+  build-essential clang libclang-dev pkgconf
 )
 
 # CRIU: sid's package is 4.2.1 (works here); trixie's 4.1.1 fails on TCP dumps with this kernel
@@ -63,7 +72,7 @@ check_root() {
   esac
   local t
   for t in slurmd slurmdbd srun sbatch salloc scontrol sacct munged mariadbd python3 ip nft ps \
-    criu; do
+    criu cc clang; do
     chroot "$root" sh -c "command -v $t" >/dev/null 2>&1 || { log "$root: $t missing"; return 1; }
   done
   [ -f "$root/usr/include/slurm/slurm.h" ] || { log "$root: slurm/slurm.h missing"; return 1; }
@@ -85,14 +94,19 @@ build_root() {
     apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
   }
   mkdir -p "$RELEASES_DIR"
+  # A root in use (cluster.sh --release binds /tmp, /work, /root... into it) must never be
+  # deleted: rm -rf would walk into the host's own directories.
+  if findmnt -rn -o TARGET | grep -qF "$root/"; then
+    die "$root has mounts inside (a cluster of $rel is up?): take it down first"
+  fi
   # Build next to the final place and rename at the end, so a broken run never leaves a root
   # that looks complete.
   tmp="$root.partial"
-  rm -rf "$tmp"
+  rm -rf --one-file-system "$tmp"
   start=$(date +%s)
   local pkgs
   pkgs="$(IFS=,; echo "${base_pkgs[*]}"),$(criu_pkgs_of "$rel" | tr ' ' ',')"
-  log "building $rel from Debian $suite at $(mirror) into $root (this downloads ~300 MB)"
+  log "building $rel from Debian $suite at $(mirror) into $root"
   # --variant=apt: only Essential + apt; --include adds ours. Recommends stay out (as on the host).
   # mmdebstrap installs a policy-rc.d during the build, so no daemon starts inside.
   # Check-Valid-Until off: this machine's mirror can be a frozen snapshot whose sid Release file
@@ -112,10 +126,36 @@ build_root() {
   echo 'network-lock nftables' >"$tmp/etc/criu/runc.conf"
   # Daemons run with the cluster's own config directories; the packaged ones stay unused.
   date -u +%FT%TZ >"$tmp/.slurm-release-complete"
-  rm -rf "$root"
+  rm -rf --one-file-system "$root"
   mv "$tmp" "$root"
   log "$rel built in $(($(date +%s) - start)) s"
   check_root "$rel"
+}
+
+print_env() {
+  local root
+  root=$(root_of "$1")
+  printf 'export SLURM_INCLUDE_DIR=%q\n' "$root/usr/include"
+  printf 'export SLURM_LIB_DIR=%q\n' "$root/usr/lib/x86_64-linux-gnu"
+}
+
+run_in_root() {
+  local rel=$1 root
+  shift
+  [ $# -gt 0 ] || die "usage: $0 run RELEASE CMD..."
+  root=$(root_of "$rel")
+  check_root "$rel" 2>/dev/null || die "the root of $rel is not usable: run $0 build $rel"
+  # The mounts live in a private mount namespace: they vanish with CMD, nothing to clean up.
+  exec unshare --mount --propagation private -- /bin/sh -ec '
+    root=$1; shift
+    for m in /proc /sys /dev /run /tmp /work /root /home; do
+      [ -d "$m" ] || continue
+      mkdir -p "$root$m"; mount --rbind "$m" "$root$m"
+    done
+    for f in /etc/hosts /etc/passwd /etc/group; do mount --bind "$f" "$root$f"; done
+    dir=$(pwd)
+    exec chroot "$root" /bin/sh -c "cd \"\$0\" 2>/dev/null || cd /; exec \"\$@\"" "$dir" "$@"
+  ' rbc "$root" "$@"
 }
 
 cmd=${1:-}
@@ -123,6 +163,9 @@ case "$cmd" in
   build) [ $# = 2 ] || die "usage: $0 build RELEASE"; build_root "$2" ;;
   check) [ $# = 2 ] || die "usage: $0 check RELEASE"; suite_of "$2" >/dev/null; check_root "$2" ;;
   path) [ $# = 2 ] || die "usage: $0 path RELEASE"; suite_of "$2" >/dev/null; root_of "$2" ;;
+  env) [ $# = 2 ] || die "usage: $0 env RELEASE"; suite_of "$2" >/dev/null; print_env "$2" ;;
+  run) [ $# -ge 3 ] || die "usage: $0 run RELEASE CMD..."; suite_of "$2" >/dev/null; rel=$2; shift 2
+    run_in_root "$rel" "$@" ;;
   list) printf '22.05\tbookworm (the host)\n24.11\ttrixie\n26.05\tsid\n' ;;
   *) die "usage: $0 build|check|path RELEASE | list" ;;
 esac
