@@ -58,6 +58,16 @@ mirror() {
   echo "${uri:-http://deb.debian.org/debian}"
 }
 
+# slurmdbd of 24.11.5/26.05.5 fails with Debian's libmariadb of MariaDB 11.8.9 (error 5027 at
+# start-up, docs/slurm-releases.md); slurm-tests/cluster.sh runs it with the host's copy, kept here.
+readonly HOST_LIBMARIADB_DIR=/usr/local/lib/slurm-rebalancer/host-libmariadb
+install_host_libmariadb() {
+  local lib=/usr/lib/x86_64-linux-gnu/libmariadb.so.3
+  [ -f "$lib" ] || die "$lib missing: install libmariadb3 (scripts/setup.sh installs slurmdbd)"
+  cmp -s "$lib" "$1$HOST_LIBMARIADB_DIR/libmariadb.so.3" && return 0
+  install -D -m 0644 "$lib" "$1$HOST_LIBMARIADB_DIR/libmariadb.so.3"
+}
+
 root_of() { echo "$RELEASES_DIR/$1"; }
 
 # The root is usable when its Slurm is the expected release and every tool the cluster needs runs.
@@ -77,6 +87,8 @@ check_root() {
   done
   [ -f "$root/usr/include/slurm/slurm.h" ] || { log "$root: slurm/slurm.h missing"; return 1; }
   chroot "$root" criu --version >/dev/null 2>&1 || { log "$root: criu does not run"; return 1; }
+  [ -f "$root$HOST_LIBMARIADB_DIR/libmariadb.so.3" ] ||
+    { log "$root: the host's libmariadb.so.3 is missing"; return 1; }
   log "$rel: Slurm $v, $(chroot "$root" criu --version | awk '/^Version:/ {print "CRIU " $2}'), $(du -sh --one-file-system "$root" | cut -f1) at $root"
 }
 
@@ -84,6 +96,8 @@ build_root() {
   local rel=$1 suite root tmp start
   suite=$(suite_of "$rel")
   root=$(root_of "$rel")
+  # A complete root that only lacks the host's libmariadb (an older build) gets it in place.
+  if [ -f "$root/.slurm-release-complete" ]; then install_host_libmariadb "$root"; fi
   if check_root "$rel" 2>/dev/null; then
     check_root "$rel"
     return 0
@@ -121,6 +135,7 @@ build_root() {
     [ -x /usr/local/sbin/criu ] || die "/usr/local/sbin/criu missing: run scripts/setup.sh first"
     install -D -m 0755 /usr/local/sbin/criu "$tmp/usr/local/sbin/criu"
   fi
+  install_host_libmariadb "$tmp"
   # CRIU's network lock uses nftables here (no iptables-restore), as scripts/setup.sh sets on the host.
   mkdir -p "$tmp/etc/criu"
   echo 'network-lock nftables' >"$tmp/etc/criu/runc.conf"

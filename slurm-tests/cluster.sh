@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real Slurm 22.05 test cluster on this one machine: munged, MariaDB, slurmdbd and slurmctld in the
 # root network namespace, one slurmd per node in its own network namespace on the bridge rbc0.
+# With --release 24.11|26.05, the same cluster from that Debian release (docs/slurm-releases.md).
 #
 #   cluster.sh up [--nodes N] [--state-dir DIR] [--plugstack FILE] [--release R]
 #   cluster.sh down [--state-dir DIR]
@@ -39,7 +40,7 @@ phase() { [ "${RBC_VERBOSE:-0}" = 1 ] && log "$(date +%T.%3N) $*"; return 0; }
 die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-2}"
 }
 
@@ -83,6 +84,12 @@ S=$state_dir
 [ "$release" = 22.05 ] && release=
 # Commands other than up act on the release the cluster was started with.
 if [ "$cmd" != up ] && [ -s "$S/release" ]; then release=$(cat "$S/release"); fi
+# Already inside a release's root (scripts/slurm-release.sh run R ...): its Slurm is the local one.
+inside_root=0
+[ -e /.slurm-release-complete ] && { release=; inside_root=1; }
+if [ -n "$release" ]; then
+  "$(dirname "$0")/../scripts/slurm-release.sh" path "$release" >/dev/null || exit 2
+fi
 
 node_names() {
   local n=$1 k
@@ -138,6 +145,15 @@ readonly RELEASE_FILES="/etc/hosts /etc/passwd /etc/group /etc/shadow"
 readonly RELEASE_TOOLS="slurmctld slurmd slurmdbd slurmstepd srun sbatch salloc scontrol sinfo squeue
   sacct sacctmgr scancel sattach sstat sprio sshare sreport strigger sbcast sdiag munged munge
   unmunge remunge mariadb mariadbd mariadb-install-db mysql"
+# With the libmariadb of Debian's MariaDB 11.8.9 (trixie and sid), slurmdbd's start-up query fails
+# ("5027 Number of columns in result (=1) set execeeds maxmimum allowed number of columns (=0)")
+# and slurmdbd exits; the mariadb client runs the same query fine. slurmdbd alone gets the host's
+# libmariadb.so.3 (same soname), which scripts/slurm-release.sh puts here in the root.
+# RBC_RELEASE_OWN_LIBMARIADB=1 keeps the release's own library (to re-check after an update).
+readonly RELEASE_DBD_LIBDIR=/usr/local/lib/slurm-rebalancer/host-libmariadb
+release_dbd_env() {
+  if [ "${RBC_RELEASE_OWN_LIBMARIADB:-0}" = 1 ]; then echo env; else echo "env LD_LIBRARY_PATH=$RELEASE_DBD_LIBDIR"; fi
+}
 
 release_root() {
   local root
@@ -176,15 +192,8 @@ release_setup() {
     # $S/bin is on PATH inside the root too (tasks inherit it): there, run the tool itself.
     # chroot(8) changes to /: the wrapper returns to the caller's directory (same path inside).
     local pre=""
-    if [ "$t" = slurmdbd ] && [ "${RBC_RELEASE_OWN_LIBMARIADB:-0}" != 1 ]; then
-      # The libmariadb of Debian's MariaDB 11.8.9 (trixie and sid) fails every Slurm query that
-      # returns rows: "5027 Number of columns in result (=1) set execeeds maxmimum allowed number
-      # of columns (=0)", and slurmdbd exits. slurmdbd alone gets the host's libmariadb.so.3
-      # (same soname); RBC_RELEASE_OWN_LIBMARIADB=1 keeps the release's own (to re-check).
-      mkdir -p "$S/lib"
-      cp /usr/lib/x86_64-linux-gnu/libmariadb.so.3 "$S/lib/"
-      pre="env LD_LIBRARY_PATH=$S/lib "
-    fi
+    # Trailing space: "env VAR=... " goes in front of the command.
+    [ "$t" = slurmdbd ] && pre="$(release_dbd_env) "
     cat >"$S/bin/$t" <<EOF
 #!/bin/sh
 [ -e /.slurm-release-complete ] && exec $pre$abs "\$@"
@@ -192,6 +201,15 @@ exec chroot $root /bin/sh -c 'cd "\$1" 2>/dev/null || cd /; shift; exec $pre"\$@
 EOF
     chmod 0755 "$S/bin/$t"
   done
+  export PATH=$S/bin:$PATH
+}
+
+# cluster.sh run inside a release's root (e.g. a test binary linked with that release's
+# libslurm): the root's tools are the local ones, only slurmdbd needs its library.
+release_inside_setup() {
+  mkdir -p "$S/bin"
+  printf '#!/bin/sh\nexec %s /usr/sbin/slurmdbd "$@"\n' "$(release_dbd_env)" >"$S/bin/slurmdbd"
+  chmod 0755 "$S/bin/slurmdbd"
   export PATH=$S/bin:$PATH
 }
 
@@ -205,7 +223,8 @@ release_teardown() {
   rm -f "$S/release-mounts"
 }
 
-# Per-release slurm.conf and slurmdbd.conf differences, applied after write_configs.
+# Per-release slurm.conf and slurmdbd.conf differences, applied after write_configs. None are
+# needed so far: 24.11.5 and 26.05.5 accept the 22.05 files without a warning (measured).
 release_configs() {
   case $release in
     24.11 | 26.05) ;;
@@ -549,6 +568,8 @@ do_up() {
   if [ -n "$release" ]; then
     phase release_setup
     release_setup
+  elif [ "$inside_root" = 1 ]; then
+    release_inside_setup
   fi
   trap 'rc=$?; if [ $rc != 0 ]; then log "up failed; state left in $S for inspection: run '"'"'$0 down --state-dir $S'"'"' to clean"; fi' EXIT
   local t0=$SECONDS
