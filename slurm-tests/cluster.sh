@@ -88,7 +88,7 @@ if [ "$cmd" != up ] && [ -s "$S/release" ]; then release=$(cat "$S/release"); fi
 inside_root=0
 [ -e /.slurm-release-complete ] && { release=; inside_root=1; }
 if [ -n "$release" ]; then
-  "$(dirname "$0")/../scripts/slurm-release.sh" path "$release" >/dev/null || exit 2
+  "$(dirname "$(readlink -f "$0")")/../scripts/slurm-release.sh" path "$release" >/dev/null || exit 2
 fi
 
 node_names() {
@@ -157,7 +157,7 @@ release_dbd_env() {
 
 release_root() {
   local root
-  root=$("$(dirname "$0")/../scripts/slurm-release.sh" path "$release") || exit 1
+  root=$("$(dirname "$(readlink -f "$0")")/../scripts/slurm-release.sh" path "$release") || exit 1
   echo "$root"
 }
 
@@ -165,7 +165,7 @@ release_root() {
 release_setup() {
   local root m t
   root=$(release_root)
-  "$(dirname "$0")/../scripts/slurm-release.sh" check "$release" ||
+  "$(dirname "$(readlink -f "$0")")/../scripts/slurm-release.sh" check "$release" ||
     die "the root of Slurm $release is not usable: run scripts/slurm-release.sh build $release"
   echo "$release" >"$S/release"
   : >"$S/release-mounts"
