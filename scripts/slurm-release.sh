@@ -110,7 +110,7 @@ build_root() {
   mkdir -p "$RELEASES_DIR"
   # A root in use (cluster.sh --release binds /tmp, /work, /root... into it) must never be
   # deleted: rm -rf would walk into the host's own directories.
-  if findmnt -rn -o TARGET | grep -qF "$root/"; then
+  if findmnt -rn -o TARGET | awk -v r="$root" '$0 == r || index($0, r "/") == 1 {f = 1} END {exit !f}'; then
     die "$root has mounts inside (a cluster of $rel is up?): take it down first"
   fi
   # Build next to the final place and rename at the end, so a broken run never leaves a root
@@ -163,6 +163,9 @@ run_in_root() {
   # The mounts live in a private mount namespace: they vanish with CMD, nothing to clean up.
   exec unshare --mount --propagation private -- /bin/sh -ec '
     root=$1; shift
+    # The root must be a mount point: "ip netns exec" and "ip -n" (the agent) run
+    # "mount --make-rslave /", which fails with EINVAL on a chroot that is a plain directory.
+    mount --bind "$root" "$root"
     for m in /proc /sys /dev /run /tmp /work /root /home; do
       [ -d "$m" ] || continue
       mkdir -p "$root$m"; mount --rbind "$m" "$root$m"

@@ -169,6 +169,12 @@ release_setup() {
     die "the root of Slurm $release is not usable: run scripts/slurm-release.sh build $release"
   echo "$release" >"$S/release"
   : >"$S/release-mounts"
+  # The root itself must be a mount point: "ip netns exec" and "ip -n" (the agent) run
+  # "mount --make-rslave /", which fails with EINVAL on a chroot that is a plain directory.
+  mountpoint -q "$root" && umount -R -l "$root"
+  mount --bind "$root" "$root"
+  mount --make-rslave "$root"
+  echo "$root" >>"$S/release-mounts"
   for m in $RELEASE_BINDS; do
     [ -d "$m" ] || continue
     mkdir -p "$root$m"
