@@ -8,8 +8,8 @@
 #        scripts/slurm-release.sh path RELEASE      print the root's directory
 #        scripts/slurm-release.sh env RELEASE       print SLURM_INCLUDE_DIR/SLURM_LIB_DIR exports
 #                                                   for both build scripts (build.rs files)
-#        scripts/slurm-release.sh run RELEASE CMD.. run CMD chrooted into the root, in a private
-#                                                   mount namespace that sees the host's /proc,
+#        scripts/slurm-release.sh run RELEASE CMD.. run CMD with the root as / (pivot_root in a
+#                                                   private mount namespace) that sees the host's /proc,
 #                                                   /sys, /dev, /run, /tmp, /work and /root
 #                                                   (cargo, the checkout); e.g. build the plugin
 #                                                   against the release inside its root
@@ -172,7 +172,15 @@ run_in_root() {
     done
     for f in /etc/hosts /etc/passwd /etc/group; do mount --bind "$f" "$root$f"; done
     dir=$(pwd)
-    exec chroot "$root" /bin/sh -c "cd \"\$0\" 2>/dev/null || cd /; exec \"\$@\"" "$dir" "$@"
+    # pivot_root, not chroot: CRIU refuses to dump a task whose root differs from its mount
+    # namespace'"'"'s ("mnt: The root task has another root than mntns"), and the agent'"'"'s
+    # containers inherit this root. The host'"'"'s tree is detached from this namespace.
+    mkdir -p "$root/.host-root"
+    cd "$root"
+    pivot_root . .host-root
+    umount -l /.host-root
+    cd "$dir" 2>/dev/null || cd /
+    exec "$@"
   ' rbc "$root" "$@"
 }
 
