@@ -36,7 +36,7 @@ suite_of() {
 # for slurmdbd, and what the tests run inside a node (python3, ip, ps, nft).
 base_pkgs=(
   slurmctld slurmd slurmdbd slurm-client libslurm-dev munge mariadb-server mariadb-client
-  python3 iproute2 procps psmisc nftables util-linux ca-certificates
+  python3 iproute2 procps psmisc nftables util-linux mount ca-certificates
   # Building the plugin and the bindings inside the root (bindgen needs libclang).
   build-essential clang libclang-dev pkgconf
 )
@@ -82,7 +82,7 @@ check_root() {
   esac
   local t
   for t in slurmd slurmdbd srun sbatch salloc scontrol sacct munged mariadbd python3 ip nft ps \
-    criu cc clang; do
+    criu cc clang mount umount nsenter; do
     chroot "$root" sh -c "command -v $t" >/dev/null 2>&1 || { log "$root: $t missing"; return 1; }
   done
   [ -f "$root/usr/include/slurm/slurm.h" ] || { log "$root: slurm/slurm.h missing"; return 1; }
