@@ -68,6 +68,12 @@ install_host_libmariadb() {
   install -D -m 0644 "$lib" "$1$HOST_LIBMARIADB_DIR/libmariadb.so.3"
 }
 
+# The agent's default CRIU is /usr/local/sbin/criu (where scripts/setup.sh installs it); sid's
+# package puts it in /usr/sbin.
+link_criu() {
+  [ -e "$1/usr/local/sbin/criu" ] || ln -s /usr/sbin/criu "$1/usr/local/sbin/criu"
+}
+
 root_of() { echo "$RELEASES_DIR/$1"; }
 
 # The root is usable when its Slurm is the expected release and every tool the cluster needs runs.
@@ -87,6 +93,8 @@ check_root() {
   done
   [ -f "$root/usr/include/slurm/slurm.h" ] || { log "$root: slurm/slurm.h missing"; return 1; }
   chroot "$root" criu --version >/dev/null 2>&1 || { log "$root: criu does not run"; return 1; }
+  chroot "$root" /usr/local/sbin/criu --version >/dev/null 2>&1 ||
+    { log "$root: /usr/local/sbin/criu does not run"; return 1; }
   [ -f "$root$HOST_LIBMARIADB_DIR/libmariadb.so.3" ] ||
     { log "$root: the host's libmariadb.so.3 is missing"; return 1; }
   log "$rel: Slurm $v, $(chroot "$root" criu --version | awk '/^Version:/ {print "CRIU " $2}'), $(du -sh --one-file-system "$root" | cut -f1) at $root"
@@ -96,8 +104,11 @@ build_root() {
   local rel=$1 suite root tmp start
   suite=$(suite_of "$rel")
   root=$(root_of "$rel")
-  # A complete root that only lacks the host's libmariadb (an older build) gets it in place.
-  if [ -f "$root/.slurm-release-complete" ]; then install_host_libmariadb "$root"; fi
+  # A complete root of an older build gets what it lacks in place.
+  if [ -f "$root/.slurm-release-complete" ]; then
+    install_host_libmariadb "$root"
+    link_criu "$root"
+  fi
   if check_root "$rel" 2>/dev/null; then
     check_root "$rel"
     return 0
@@ -136,6 +147,7 @@ build_root() {
     install -D -m 0755 /usr/local/sbin/criu "$tmp/usr/local/sbin/criu"
   fi
   install_host_libmariadb "$tmp"
+  link_criu "$tmp"
   # CRIU's network lock uses nftables here (no iptables-restore), as scripts/setup.sh sets on the host.
   mkdir -p "$tmp/etc/criu"
   echo 'network-lock nftables' >"$tmp/etc/criu/runc.conf"
