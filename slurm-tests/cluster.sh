@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A real Slurm 22.05 test cluster on this one machine: munged, MariaDB, slurmdbd and slurmctld in the
 # root network namespace, one slurmd per node in its own network namespace on the bridge rbc0.
+# With --release 24.11|26.05, the same cluster from that Debian release (docs/slurm-releases.md).
 #
-#   cluster.sh up [--nodes N] [--state-dir DIR] [--plugstack FILE]
+#   cluster.sh up [--nodes N] [--state-dir DIR] [--plugstack FILE] [--release R]
 #   cluster.sh down [--state-dir DIR]
 #   cluster.sh status [--state-dir DIR]
 #   cluster.sh env [--state-dir DIR]        # eval "$(slurm-tests/cluster.sh env)"
@@ -11,7 +12,9 @@
 # /run/slurm-rbc.current names the state dir of the cluster that is up. Every daemon runs as root
 # (SlurmUser=root), which keeps a throw-away test cluster free of users, keys and permissions work.
 # Environment: RBC_STATE_DIR (default state dir), RBC_NODES (default node count),
-# RBC_PLUGSTACK (a plugstack.conf fragment to include, same as --plugstack).
+# RBC_PLUGSTACK (a plugstack.conf fragment to include, same as --plugstack),
+# RBC_SLURM_RELEASE (same as --release: 24.11 or 26.05 run every daemon of that Debian release
+# inside the root built by scripts/slurm-release.sh; empty or 22.05: the host's own Slurm).
 set -euo pipefail
 # The slurm.conf lines shared with spank-plugin/tests/minicluster.sh.
 # shellcheck source=slurm-conf.sh
@@ -37,7 +40,7 @@ phase() { [ "${RBC_VERBOSE:-0}" = 1 ] && log "$(date +%T.%3N) $*"; return 0; }
 die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-2}"
 }
 
@@ -49,6 +52,7 @@ state_dir_given=0
 [ -n "$state_dir" ] && state_dir_given=1
 nodes=${RBC_NODES:-3}
 plugstack=${RBC_PLUGSTACK:-}
+release=${RBC_SLURM_RELEASE:-}
 while [ $# -gt 0 ]; do
   case $1 in
     --nodes) nodes=${2:?--nodes needs a number}; shift 2 ;;
@@ -57,6 +61,8 @@ while [ $# -gt 0 ]; do
     --state-dir=*) state_dir=${1#*=}; state_dir_given=1; shift ;;
     --plugstack) plugstack=${2:?--plugstack needs a file}; shift 2 ;;
     --plugstack=*) plugstack=${1#*=}; shift ;;
+    --release) release=${2:?--release needs a release}; shift 2 ;;
+    --release=*) release=${1#*=}; shift ;;
     -h|--help) usage 0 ;;
     *) die "unknown argument '$1'" ;;
   esac
@@ -75,6 +81,15 @@ case $state_dir in /*) ;; *) state_dir=$PWD/$state_dir ;; esac
 state_dir=${state_dir%/}
 [ -n "$state_dir" ] && [ "$state_dir" != / ] || die "refusing state dir '/'"
 S=$state_dir
+[ "$release" = 22.05 ] && release=
+# Commands other than up act on the release the cluster was started with.
+if [ "$cmd" != up ] && [ -s "$S/release" ]; then release=$(cat "$S/release"); fi
+# Already inside a release's root (scripts/slurm-release.sh run R ...): its Slurm is the local one.
+inside_root=0
+[ -e /.slurm-release-complete ] && { release=; inside_root=1; }
+if [ -n "$release" ]; then
+  "$(dirname "$(readlink -f "$0")")/../scripts/slurm-release.sh" path "$release" >/dev/null || exit 2
+fi
 
 node_names() {
   local n=$1 k
@@ -116,6 +131,110 @@ wait_for() {
     sleep 0.1
   done
   return 1
+}
+
+# ----- another Slurm release (--release R) -------------------------------------------------------
+# Every daemon and client of release R runs chrooted into R's root (scripts/slurm-release.sh), in
+# the host's pid and network namespaces: nodes keep their netns (nsenter --net, then chroot). The
+# root sees the host's /proc, /sys, /dev, /run, /tmp, /work, /home, /root and account files at
+# the same paths, so state-dir paths, pid files and job users mean the same inside and out.
+# $S/bin holds one wrapper per Slurm, munge and MariaDB command; PATH puts it first.
+
+readonly RELEASE_BINDS="/proc /sys /dev /run /tmp /work /home /root"
+readonly RELEASE_FILES="/etc/hosts /etc/passwd /etc/group /etc/shadow"
+readonly RELEASE_TOOLS="slurmctld slurmd slurmdbd slurmstepd srun sbatch salloc scontrol sinfo squeue
+  sacct sacctmgr scancel sattach sstat sprio sshare sreport strigger sbcast sdiag munged munge
+  unmunge remunge mariadb mariadbd mariadb-install-db mysql"
+# With the libmariadb of Debian's MariaDB 11.8.9 (trixie and sid), slurmdbd's start-up query fails
+# ("5027 Number of columns in result (=1) set execeeds maxmimum allowed number of columns (=0)")
+# and slurmdbd exits; the mariadb client runs the same query fine. slurmdbd alone gets the host's
+# libmariadb.so.3 (same soname), which scripts/slurm-release.sh puts here in the root.
+# RBC_RELEASE_OWN_LIBMARIADB=1 keeps the release's own library (to re-check after an update).
+readonly RELEASE_DBD_LIBDIR=/usr/local/lib/slurm-rebalancer/host-libmariadb
+release_dbd_env() {
+  if [ "${RBC_RELEASE_OWN_LIBMARIADB:-0}" = 1 ]; then echo env; else echo "env LD_LIBRARY_PATH=$RELEASE_DBD_LIBDIR"; fi
+}
+
+release_root() {
+  local root
+  root=$("$(dirname "$(readlink -f "$0")")/../scripts/slurm-release.sh" path "$release") || exit 1
+  echo "$root"
+}
+
+# Called by up, before anything starts: bind mounts (recorded in $S/release-mounts) and wrappers.
+release_setup() {
+  local root m t
+  root=$(release_root)
+  "$(dirname "$(readlink -f "$0")")/../scripts/slurm-release.sh" check "$release" ||
+    die "the root of Slurm $release is not usable: run scripts/slurm-release.sh build $release"
+  echo "$release" >"$S/release"
+  : >"$S/release-mounts"
+  # The root itself must be a mount point: "ip netns exec" and "ip -n" (the agent) run
+  # "mount --make-rslave /", which fails with EINVAL on a chroot that is a plain directory.
+  mountpoint -q "$root" && umount -R -l "$root"
+  mount --bind "$root" "$root"
+  mount --make-rslave "$root"
+  echo "$root" >>"$S/release-mounts"
+  for m in $RELEASE_BINDS; do
+    [ -d "$m" ] || continue
+    mkdir -p "$root$m"
+    mountpoint -q "$root$m" && umount -R -l "$root$m"
+    mount --rbind "$m" "$root$m"
+    # Unmounting the copy later must never reach the host's own mounts.
+    mount --make-rslave "$root$m"
+    echo "$root$m" >>"$S/release-mounts"
+  done
+  for m in $RELEASE_FILES; do
+    [ -f "$m" ] || continue
+    mountpoint -q "$root$m" && umount -l "$root$m"
+    mount --bind "$m" "$root$m"
+    echo "$root$m" >>"$S/release-mounts"
+  done
+  mkdir -p "$S/bin"
+  local abs
+  for t in $RELEASE_TOOLS; do
+    abs=$(PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$root" sh -c "command -v $t") ||
+      die "$t is missing in $root"
+    # $S/bin is on PATH inside the root too (tasks inherit it): there, run the tool itself.
+    # chroot(8) changes to /: the wrapper returns to the caller's directory (same path inside).
+    local pre=""
+    # Trailing space: "env VAR=... " goes in front of the command.
+    [ "$t" = slurmdbd ] && pre="$(release_dbd_env) "
+    cat >"$S/bin/$t" <<EOF
+#!/bin/sh
+[ -e /.slurm-release-complete ] && exec $pre$abs "\$@"
+exec chroot $root /bin/sh -c 'cd "\$1" 2>/dev/null || cd /; shift; exec $pre"\$@"' rbc "\$PWD" $abs "\$@"
+EOF
+    chmod 0755 "$S/bin/$t"
+  done
+  export PATH=$S/bin:$PATH
+}
+
+# cluster.sh run inside a release's root (e.g. a test binary linked with that release's
+# libslurm): the root's tools are the local ones, only slurmdbd needs its library.
+release_inside_setup() {
+  mkdir -p "$S/bin"
+  printf '#!/bin/sh\nexec %s /usr/sbin/slurmdbd "$@"\n' "$(release_dbd_env)" >"$S/bin/slurmdbd"
+  chmod 0755 "$S/bin/slurmdbd"
+  export PATH=$S/bin:$PATH
+}
+
+# Called by down once the daemons are gone.
+release_teardown() {
+  [ -s "$S/release-mounts" ] || return 0
+  local m
+  for m in $(tac "$S/release-mounts"); do
+    mountpoint -q "$m" && umount -R -l "$m"
+  done
+  rm -f "$S/release-mounts"
+}
+
+# Per-release slurm.conf and slurmdbd.conf differences, applied after write_configs. None are
+# needed so far: 24.11.5 and 26.05.5 accept the 22.05 files without a warning (measured).
+release_configs() {
+  case $release in
+    24.11 | 26.05) ;;
+  esac
 }
 
 # ----- down ---------------------------------------------------------------------------------------
@@ -199,6 +318,7 @@ do_down() {
   kill_state_dir_pids
   sleep 0.2
   kill_state_dir_pids
+  release_teardown
   # The state dir is removed only if it looks like ours: never an arbitrary directory.
   if [ -d "$S" ]; then
     if [ -e "$S/.rbc-cluster" ] || [ -z "$(ls -A "$S" 2>/dev/null)" ]; then
@@ -255,6 +375,11 @@ do_env() {
   printf 'export RBC_STATE_DIR=%q\n' "$S"
   printf 'export RBC_NODES=%q\n' "$n"
   printf 'export RBC_NODE_NAMES=%q\n' "$(node_names "$n" | tr '\n' ' ' | sed 's/ $//')"
+  if [ -n "$release" ]; then
+    printf 'export RBC_SLURM_RELEASE=%q\n' "$release"
+    printf 'export RBC_SLURM_ROOT=%q\n' "$(release_root)"
+    printf 'export PATH=%q:"$PATH"\n' "$S/bin"
+  fi
 }
 
 # ----- up -----------------------------------------------------------------------------------------
@@ -446,12 +571,19 @@ do_up() {
   touch "$S/.rbc-cluster"
   echo "$nodes" >"$S/nodes"
   echo "$S" >"$CURRENT"
+  if [ -n "$release" ]; then
+    phase release_setup
+    release_setup
+  elif [ "$inside_root" = 1 ]; then
+    release_inside_setup
+  fi
   trap 'rc=$?; if [ $rc != 0 ]; then log "up failed; state left in $S for inspection: run '"'"'$0 down --state-dir $S'"'"' to clean"; fi' EXIT
   local t0=$SECONDS
   phase setup_network
   setup_network
   phase write_configs
   write_configs
+  [ -z "$release" ] || release_configs
   phase start_munge
   start_munge
   phase start_mariadb
@@ -466,6 +598,9 @@ op_lock() {
   exec 9>"$OP_LOCK"
   flock -w 300 9 || die "another cluster.sh up/down holds $OP_LOCK for 300 s"
 }
+
+# Commands on a cluster of another release reach its clients through the wrappers.
+if [ "$cmd" != up ] && [ -n "$release" ] && [ -d "$S/bin" ]; then export PATH=$S/bin:$PATH; fi
 
 case $cmd in
   up) op_lock; do_up ;;
