@@ -209,6 +209,12 @@ pub async fn verify_bound(
     if method == AuthMethod::None {
         return Ok(None);
     }
+    let (uid, payload) = decode(socket, cred).await?;
+    Binding::check(uid, &payload, from, to, nonce).map(Some)
+}
+
+/// Decodes a peer's munge credential: (uid, payload), munge having checked key, TTL and replay.
+async fn decode(socket: Option<&Path>, cred: Option<&str>) -> Result<(u32, String), AgentError> {
     let cred =
         cred.ok_or_else(|| AgentError::PermissionDenied("peer sent no munge credential".into()))?;
     if cred.len() > MAX_CREDENTIAL_LEN {
@@ -223,9 +229,8 @@ pub async fn verify_bound(
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    let (uid, payload) = parse_unmunge(&String::from_utf8_lossy(&out.stdout))
-        .ok_or_else(|| AgentError::PermissionDenied("unreadable munge credential".into()))?;
-    Binding::check(uid, &payload, from, to, nonce).map(Some)
+    parse_unmunge(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| AgentError::PermissionDenied("unreadable munge credential".into()))
 }
 
 /// Longest munge credential accepted (a payload of a few hundred bytes encodes to well under 1 KiB).
@@ -285,22 +290,7 @@ pub async fn verify(
     if method == AuthMethod::None {
         return Ok(());
     }
-    let cred =
-        cred.ok_or_else(|| AgentError::PermissionDenied("peer sent no munge credential".into()))?;
-    if cred.len() > MAX_CREDENTIAL_LEN {
-        return Err(AgentError::PermissionDenied(
-            "munge credential too long".into(),
-        ));
-    }
-    let out = run_munge("unmunge", socket, &[], cred.as_bytes()).await?;
-    if !out.status.success() {
-        return Err(AgentError::PermissionDenied(format!(
-            "invalid munge credential: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let (uid, payload) = parse_unmunge(&String::from_utf8_lossy(&out.stdout))
-        .ok_or_else(|| AgentError::PermissionDenied("unreadable munge credential".into()))?;
+    let (uid, payload) = decode(socket, cred).await?;
     if uid != 0 {
         return Err(AgentError::PermissionDenied(format!(
             "credential of uid {uid}, agents run as root"

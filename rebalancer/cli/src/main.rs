@@ -24,7 +24,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use rebalancer_proto::control::{ControlReply, ControlRequest, PolicyCheckReport, PolicySource};
+use rebalancer_proto::control::{ControlReply, ControlRequest, PolicySource};
 use rebalancer_proto::{ErrorCode, ErrorReply, Event};
 
 const DEFAULT_SOCKET: &str = "/run/rebalancer/controller.sock";
@@ -233,32 +233,13 @@ fn read_sources(path: &Path) -> Result<Vec<PolicySource>, ErrorReply> {
         .collect()
 }
 
-/// `policy check FILE|DIR` needs no daemon: the policy crate is the one rebalancerd loads.
-fn check_offline(sources: &[PolicySource]) -> PolicyCheckReport {
-    let files: Vec<(PathBuf, &str)> = sources
-        .iter()
-        .map(|s| (PathBuf::from(&s.path), s.text.as_str()))
-        .collect();
-    match rebalancer_policy::load_sources(&files) {
-        Ok(set) => PolicyCheckReport {
-            ok: true,
-            policies: set.policies().iter().map(|p| p.name.clone()).collect(),
-            errors: vec![],
-        },
-        Err(e) => PolicyCheckReport {
-            ok: false,
-            policies: vec![],
-            errors: e.problems.iter().map(|p| p.to_string()).collect(),
-        },
-    }
-}
-
 async fn run(cli: Cli) -> Result<(), ErrorReply> {
     if let Cmd::Policy {
         cmd: PolicyCmd::Check { path: Some(p) },
     } = &cli.cmd
     {
-        let report = check_offline(&read_sources(p)?);
+        // No daemon needed: the policy crate is the one rebalancerd loads.
+        let report = rebalancer_policy::check_sources(&read_sources(p)?);
         return output(&cli, ControlReply::PolicyCheck { report });
     }
     let (req, wait) = build(&cli.cmd)?;

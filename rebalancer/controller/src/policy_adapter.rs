@@ -2,7 +2,7 @@
 //! planner's explanations.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rebalancer_policy as pol;
 use rebalancer_proto::control::{PolicyCheckReport, PolicySource, PolicyState};
@@ -138,22 +138,7 @@ impl Planner for PolicyPlanner {
     }
 
     fn check(&self, sources: &[PolicySource]) -> PolicyCheckReport {
-        let files: Vec<(PathBuf, &str)> = sources
-            .iter()
-            .map(|s| (PathBuf::from(&s.path), s.text.as_str()))
-            .collect();
-        match pol::load_sources(&files) {
-            Ok(set) => PolicyCheckReport {
-                ok: true,
-                policies: set.policies().iter().map(|p| p.name.clone()).collect(),
-                errors: vec![],
-            },
-            Err(e) => PolicyCheckReport {
-                ok: false,
-                policies: vec![],
-                errors: problems(e),
-            },
-        }
+        pol::check_sources(sources)
     }
 
     fn policies(&self) -> Vec<PolicyInfo> {

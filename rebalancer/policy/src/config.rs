@@ -770,6 +770,31 @@ pub fn parse_policy(path: &Path, text: &str) -> Result<Policy, Vec<Problem>> {
     }
 }
 
+/// Checks policy texts as `rebalancerd` would load them: the valid policies' names, or every
+/// problem as `file:line:column: message`. What `rebalctl policy check` and the controller's
+/// `policy-check` request answer.
+pub fn check_sources(
+    sources: &[rebalancer_proto::control::PolicySource],
+) -> rebalancer_proto::control::PolicyCheckReport {
+    use rebalancer_proto::control::PolicyCheckReport;
+    let files: Vec<(std::path::PathBuf, &str)> = sources
+        .iter()
+        .map(|s| (std::path::PathBuf::from(&s.path), s.text.as_str()))
+        .collect();
+    match load_sources(&files) {
+        Ok(set) => PolicyCheckReport {
+            ok: true,
+            policies: set.policies().iter().map(|p| p.name.clone()).collect(),
+            errors: vec![],
+        },
+        Err(e) => PolicyCheckReport {
+            ok: false,
+            policies: vec![],
+            errors: e.problems.iter().map(|p| p.to_string()).collect(),
+        },
+    }
+}
+
 /// Builds a set from in-memory files (path, text); checks every file and duplicate names.
 pub fn load_sources<P: AsRef<Path>, T: AsRef<str>>(
     files: &[(P, T)],

@@ -53,7 +53,7 @@ pub mod policy;
 pub mod reload;
 pub mod state;
 
-pub use config::{load_dir, load_sources, parse_policy, LoadError, Problem};
+pub use config::{check_sources, load_dir, load_sources, parse_policy, LoadError, Problem};
 pub use model::{
     ClusterView, ContainerView, InFlight, MigrationMode, NodeFlags, NodeView, Timestamp,
 };
