@@ -37,6 +37,9 @@ enum Cmd {
     },
     #[command(name = "__container-init", hide = true)]
     ContainerInit { spec: String },
+    /// Copies a container's stdout or stderr pipe (stdin) to its log file (stdout).
+    #[command(name = "__stdio-relay", hide = true)]
+    StdioRelay,
 }
 
 fn init_tracing() {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r: anyhow::Result<()> = match cli.cmd {
         Cmd::ContainerInit { spec } => rebalancer_agent::container::init::run(&spec),
+        Cmd::StdioRelay => rebalancer_agent::container::relay_main().map_err(Into::into),
         Cmd::Run { config } => (|| {
             init_tracing();
             let cfg = rebalancer_agent::config::AgentConfig::load(&config)?;

@@ -114,6 +114,9 @@ pub(super) async fn commit_here<H: Host>(
         cgroup: inc.cgroup.take(),
     };
     agent.containers().insert(inc.meta.spec.id.clone(), c);
+    // Recorded now: a restart's sweep would take a namespace without record for an
+    // uncommitted arrival.
+    agent.persist();
     agent.restore_steps().remove(&inc.migration);
     if let Some(mut child) = inc.step_child.take() {
         // srun lives as long as the restored task; reap it when it ends.
