@@ -596,8 +596,9 @@ pub fn reap(pid: i32) -> Option<i32> {
         Ok(WaitStatus::Exited(_, c)) => Some(c),
         Ok(WaitStatus::Signaled(_, s, _)) => Some(128 + s as i32),
         Err(nix::errno::Errno::ECHILD) => {
-            // Not our child (should not happen): fall back to existence.
-            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // Not our child: a container adopted from a previous agent process, whose new
+            // parent (pid 1) reaps it, or not (a zombie counts as ended). Its status is unknown.
+            if alive(pid) {
                 None
             } else {
                 Some(-1)
