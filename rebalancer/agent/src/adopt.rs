@@ -24,6 +24,8 @@ use nix::sys::signal::Signal;
 use rebalancer_proto::{ContainerState, MigrationRecord, Phase};
 
 use crate::agent::Agent;
+use crate::error::AgentError;
+use crate::peer::{PeerReply, PeerRequest};
 use crate::store::{ContainerRecord, Store};
 
 /// The error and its causes on one line.
@@ -110,6 +112,8 @@ pub struct Summary {
     pub adopted: Vec<String>,
     pub resumed: Vec<String>,
     pub kept_frozen: Vec<String>,
+    /// Frozen source copies killed because the destination committed.
+    pub released: Vec<String>,
     pub ended: Vec<String>,
     pub swept_netns: Vec<String>,
     pub unowned_running_netns: Vec<String>,
@@ -155,35 +159,45 @@ pub async fn adopt(agent: &Arc<Agent>, store: &Store) -> Summary {
                 agent.adopt_container(rec.container(rec.state));
             }
             Verdict::Resume { migration } => {
-                let c = rec.container(ContainerState::Running);
-                match crate::netns::unlock_criu_tables(&c.net).await {
-                    Ok(n) => tracing::info!(container = %id, tables = n, "network lock removed"),
-                    Err(e) => {
-                        tracing::error!(container = %id, error = %e.chain(), "cannot remove CRIU's network lock")
-                    }
-                }
-                let sockets = crate::container::release_tcp_repair(rec.pid);
-                crate::container::signal_tree(rec.pid, Signal::SIGCONT);
-                // The route is withdrawn only at network-switch, which this journal never
-                // reached; re-adding it is harmless if it is still there.
-                let _ = crate::netns::add_route(&c.net).await;
-                tracing::warn!(container = %id, migration = ?migration, sockets, "migration interrupted by the agent's restart before Commit: container resumed here");
+                tracing::warn!(container = %id, migration = ?migration, "migration interrupted by the agent's restart before Commit: resuming the container here");
+                agent.adopt_container(resume(&rec).await);
                 sum.resumed.push(id.clone());
-                agent.adopt_container(c);
             }
             Verdict::KeepFrozen { migration } => {
-                tracing::error!(container = %id, migration = %migration, "migration interrupted after Commit may have been sent: the container stays frozen here; check whether it runs on the destination, then kill or resume this copy");
-                sum.kept_frozen.push(id.clone());
-                agent.adopt_container(rec.container(ContainerState::Migrating));
+                let Some(m) = journal.iter().find(|m| &m.id == migration) else {
+                    continue;
+                };
+                match ask_destination(agent, m).await {
+                    Ok(true) => {
+                        tracing::warn!(container = %id, migration = %migration, destination = %m.destination, "migration interrupted after Commit: the destination committed; the frozen copy here is killed");
+                        agent.adopt_container(release(&rec, &m.destination).await);
+                        sum.released.push(id.clone());
+                    }
+                    Ok(false) => {
+                        tracing::warn!(container = %id, migration = %migration, destination = %m.destination, "migration interrupted at Commit: the destination did not commit; resuming the container here");
+                        agent.adopt_container(resume(&rec).await);
+                        sum.resumed.push(id.clone());
+                    }
+                    Err(e) => {
+                        tracing::error!(container = %id, migration = %migration, destination = %m.destination, error = %e.chain(), "migration interrupted after Commit may have been sent and the destination cannot say whether it committed: the container stays frozen here; check the destination, then kill or resume this copy");
+                        sum.kept_frozen.push(id.clone());
+                        agent.adopt_container(rec.container(ContainerState::Migrating));
+                    }
+                }
             }
         }
         owned.insert(rec.netns.clone());
     }
     // Journal entries without a live container are over.
     for m in &journal {
-        if !sum.resumed.contains(&m.container) && !sum.kept_frozen.contains(&m.container) {
+        if !sum.kept_frozen.contains(&m.container) {
             let _ = store.remove_migration(&m.id);
         }
+    }
+    // A committed arrival cut before it was resumed is stopped and has no record yet: never
+    // swept (the source has killed or will kill its own copy).
+    for m in store.commit_marks() {
+        owned.insert(m.netns);
     }
     sweep_netns(&node, &owned, &mut sum).await;
     agent.persist();
@@ -192,11 +206,102 @@ pub async fn adopt(agent: &Arc<Agent>, store: &Store) -> Summary {
         adopted = sum.adopted.len(),
         resumed = sum.resumed.len(),
         kept_frozen = sum.kept_frozen.len(),
+        released = sum.released.len(),
         ended = sum.ended.len(),
         swept_netns = sum.swept_netns.len(),
         "start-up re-adoption done"
     );
     sum
+}
+
+/// Resumes a source tree frozen by a cut migration: CRIU's network lock table removed, TCP
+/// repair off, SIGCONT, route (withdrawn at network-switch) re-added.
+async fn resume(rec: &ContainerRecord) -> crate::container::Container {
+    let id = &rec.meta.spec.id;
+    let c = rec.container(ContainerState::Running);
+    match crate::netns::unlock_criu_tables(&c.net).await {
+        Ok(n) => tracing::info!(container = %id, tables = n, "network lock removed"),
+        Err(e) => {
+            tracing::error!(container = %id, error = %e.chain(), "cannot remove CRIU's network lock")
+        }
+    }
+    let sockets = crate::container::release_tcp_repair(rec.pid);
+    crate::container::signal_tree(rec.pid, Signal::SIGCONT);
+    // Harmless if the route is still there.
+    let _ = crate::netns::add_route(&c.net).await;
+    tracing::info!(container = %id, sockets, "container resumed");
+    c
+}
+
+/// Kills a source copy whose destination committed and releases its namespace, cgroup and
+/// root skeleton.
+async fn release(rec: &ContainerRecord, destination: &str) -> crate::container::Container {
+    let mut c = rec.container(ContainerState::MigratedAway);
+    crate::container::signal_tree(rec.pid, Signal::SIGKILL);
+    crate::netns::destroy(&c.net).await;
+    if let Some(cg) = c.cgroup.take() {
+        cg.remove().await;
+    }
+    if matches!(rec.meta.spec.rootfs, rebalancer_proto::RootfsSpec::Host) {
+        let _ = std::fs::remove_dir_all(&rec.dir);
+    }
+    c.migrated_to = Some(destination.to_string());
+    c
+}
+
+/// Asks the destination of a cut migration whether it committed (`PeerRequest::Outcome`).
+async fn ask_destination(agent: &Agent, m: &MigrationRecord) -> Result<bool, AgentError> {
+    let addr = *agent.cfg.peers.get(&m.destination).ok_or_else(|| {
+        AgentError::NotFound(format!("no peer address for {} in [peers]", m.destination))
+    })?;
+    let t = std::time::Duration::from_secs(5);
+    let ask = async {
+        let mut conn = crate::peer::PeerConn::connect(&agent.cfg, addr, t).await?;
+        conn.call(&PeerRequest::Outcome {
+            migration: m.id.clone(),
+            container: m.container.clone(),
+        })
+        .await
+    };
+    match tokio::time::timeout(2 * t, ask).await {
+        Ok(Ok(PeerReply::Outcome { committed })) => Ok(committed),
+        Ok(Ok(other)) => Err(AgentError::Peer(format!(
+            "unexpected answer to outcome: {other:?}"
+        ))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(AgentError::Timeout(format!(
+            "{} did not answer the outcome question",
+            m.destination
+        ))),
+    }
+}
+
+/// The destination's answer to a restarted source's `outcome` question: committed when this
+/// node's commit mark for the migration exists; an arrival of the container still in progress
+/// cannot be answered yet (`busy`: the source keeps its copy frozen); otherwise not committed
+/// (the arrival was undone, or never got this far).
+pub fn outcome(agent: &Agent, migration: &str, container: &str) -> Result<PeerReply, AgentError> {
+    let Some(store) = agent.store.get() else {
+        return Err(AgentError::Unsupported(
+            "this agent keeps no commit records".into(),
+        ));
+    };
+    if store
+        .commit_marks()
+        .iter()
+        .any(|m| m.migration == migration)
+    {
+        return Ok(PeerReply::Outcome { committed: true });
+    }
+    let arriving = agent.incoming().iter().any(|(id, _)| id == container)
+        || agent.restore_steps().contains_key(migration);
+    if arriving {
+        return Err(AgentError::Busy(format!(
+            "migration {migration} of {container} is still arriving on {}",
+            agent.cfg.node
+        )));
+    }
+    Ok(PeerReply::Outcome { committed: false })
 }
 
 /// Names under /run/netns.

@@ -178,6 +178,16 @@ impl Agent {
         }
     }
 
+    /// Records that this node received Commit for an incoming migration (see
+    /// [`crate::store::Store::mark_committed`]).
+    pub fn mark_committed(&self, migration: &str, container: &str, netns: &str) {
+        if let Some(store) = self.store.get() {
+            if let Err(e) = store.mark_committed(migration, container, netns) {
+                tracing::error!(migration = %migration, container = %container, error = %e, "cannot record the commit");
+            }
+        }
+    }
+
     /// Takes back a container found by start-up re-adoption (`adopt.rs`).
     pub fn adopt_container(&self, c: Container) {
         self.containers().insert(c.meta.spec.id.clone(), c);

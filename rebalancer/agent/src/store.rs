@@ -142,19 +142,69 @@ pub fn parse_start_time(stat: &str) -> Option<u64> {
 pub struct Store {
     containers: PathBuf,
     migrations: PathBuf,
+    committed: PathBuf,
 }
+
+/// The destination's note that it received Commit for a migration (`committed/<id>.json`),
+/// written before the restored tree is resumed; a restarted source asks for it
+/// (`PeerRequest::Outcome`). Pruned after [`COMMIT_MARK_TTL`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitMark {
+    pub migration: String,
+    pub container: String,
+    pub netns: String,
+    pub at: rebalancer_proto::Millis,
+}
+
+/// How long commit marks are kept: far longer than any source agent stays down.
+pub const COMMIT_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 impl Store {
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
         let containers = state_dir.join("containers");
         let migrations = state_dir.join("migrations");
-        for d in [&containers, &migrations] {
+        let committed = state_dir.join("committed");
+        for d in [&containers, &migrations, &committed] {
             std::fs::create_dir_all(d).map_err(io(format!("mkdir {}", d.display())))?;
         }
         Ok(Store {
             containers,
             migrations,
+            committed,
         })
+    }
+
+    pub fn mark_committed(
+        &self,
+        migration: &str,
+        container: &str,
+        netns: &str,
+    ) -> Result<(), StoreError> {
+        let m = CommitMark {
+            migration: migration.into(),
+            container: container.into(),
+            netns: netns.into(),
+            at: rebalancer_proto::now_millis(),
+        };
+        put_json(&self.committed, migration, &m)
+    }
+
+    /// Commit marks younger than [`COMMIT_MARK_TTL`]; older ones are removed.
+    pub fn commit_marks(&self) -> Vec<CommitMark> {
+        let now = rebalancer_proto::now_millis();
+        let ttl = COMMIT_MARK_TTL.as_millis() as u64;
+        let (marks, _) = load_json::<CommitMark>(&self.committed);
+        marks
+            .into_iter()
+            .filter_map(|(path, m)| {
+                if now.saturating_sub(m.at) > ttl {
+                    let _ = std::fs::remove_file(path);
+                    None
+                } else {
+                    Some(m)
+                }
+            })
+            .collect()
     }
 
     /// Writes `rec` so that a crash leaves either the old or the new record, never a torn one.

@@ -86,6 +86,8 @@ pub(super) async fn commit_here<H: Host>(
         .restored_pid
         .ok_or_else(|| AgentError::BadRequest("commit before restore".into()))?;
     inc.committed = true;
+    // Before the tree can run: a restarted source asks whether we committed (adopt.rs).
+    agent.mark_committed(&inc.migration, &inc.meta.spec.id, &inc.net.name);
     // Resume first, then take the address over.
     host.signal_tree(pid, Signal::SIGCONT);
     let resumed_at = now_millis();
