@@ -123,6 +123,7 @@ pub struct Summary {
 pub async fn adopt(agent: &Arc<Agent>, store: &Store) -> Summary {
     let mut sum = Summary::default();
     let (recs, bad) = store.load();
+    agent.note_persisted(&recs);
     for e in bad {
         tracing::error!(error = %chain(&e), "container record not adopted");
     }
@@ -523,11 +524,16 @@ mod tests {
 
     /// An agent on a node name no other test uses, with its store in `dir`.
     fn agent(node: &str, dir: &std::path::Path) -> Arc<Agent> {
+        agent_with(node, dir, "")
+    }
+
+    /// Like `agent`, with TOML lines appended (after `[auth]`, e.g. a `[peers]` table).
+    fn agent_with(node: &str, dir: &std::path::Path, tail: &str) -> Arc<Agent> {
         let toml = format!(
             "node = \"{node}\"\nlisten = \"198.18.0.1:7878\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\n[auth]\nmethod = \"none\"\n",
             dir.join("run").display(),
             dir.join("state").display(),
-        );
+        ) + tail;
         let cfg = crate::config::AgentConfig::from_toml(&toml, std::path::Path::new("t.toml"))
             .expect("config");
         let caps = rebalancer_proto::NodeCapabilities {
@@ -630,5 +636,105 @@ mod tests {
         third.persist();
         let (recs, _) = third.store.get().expect("store").load();
         assert!(recs.is_empty(), "{recs:?}");
+    }
+
+    /// A destination agent serving peer connections on 127.0.0.1; returns it and its address.
+    async fn destination(node: &str, dir: &std::path::Path) -> (Arc<Agent>, String) {
+        let b = agent(node, dir);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let served = b.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(crate::migration::destination::serve(served.clone(), s));
+            }
+        });
+        (b, addr)
+    }
+
+    #[tokio::test]
+    async fn a_source_cut_after_commit_asks_the_destination_and_keeps_exactly_one_copy() {
+        let tag = format!("{:08x}", crate::agent::random_u32());
+        let (src, dst) = (format!("rs{tag}"), format!("rd{tag}"));
+        let dir = Dir(std::env::temp_dir().join(format!("rb-outcome-{tag}")));
+        let (b, addr) = destination(&dst, &dir.0.join("b")).await;
+        // Migration "m-c1" was committed on b, "m-c2" never reached it.
+        b.mark_committed("m-c1", "c1", "rb-x-c1-1");
+        let mut kids = Vec::new();
+        let a = agent_with(
+            &src,
+            &dir.0.join("a"),
+            &format!("[peers]\n{dst} = \"{addr}\"\n"),
+        );
+        for id in ["c1", "c2"] {
+            let kid = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("sleep");
+            let pid = kid.id() as i32;
+            kids.push(kid);
+            let mut rec = record(
+                id,
+                ContainerState::Migrating,
+                crate::store::pid_start_time(pid).expect("start"),
+            );
+            rec.pid = pid;
+            rec.netns = format!("rb-{src}-{id}-00000001");
+            rec.dir = dir.0.join("a").join(id);
+            a.containers()
+                .insert(id.into(), rec.container(ContainerState::Migrating));
+            let mut m = journal(id, &[Phase::Prepare, Phase::Restore, Phase::NetworkSwitch]);
+            m.source = src.clone();
+            m.destination = dst.clone();
+            a.publish(&m);
+        }
+        a.persist();
+        drop(a);
+
+        let a = agent_with(
+            &src,
+            &dir.0.join("a"),
+            &format!("[peers]\n{dst} = \"{addr}\"\n"),
+        );
+        let sum = adopt(&a, a.store.get().expect("store")).await;
+        assert_eq!(sum.released, vec!["c1".to_string()], "{sum:?}");
+        assert_eq!(sum.resumed, vec!["c2".to_string()], "{sum:?}");
+        assert!(sum.kept_frozen.is_empty(), "{sum:?}");
+        // The released copy is gone (SIGKILLed), the resumed one runs.
+        let st = kids[0].wait().expect("wait");
+        assert!(!st.success(), "{st:?}");
+        assert!(matches!(kids[1].try_wait(), Ok(None)));
+        {
+            let cs = a.containers();
+            assert_eq!(cs["c1"].state, ContainerState::MigratedAway);
+            assert_eq!(cs["c1"].migrated_to.as_deref(), Some(dst.as_str()));
+            assert_eq!(cs["c2"].state, ContainerState::Running);
+        }
+        // Both journal entries are resolved; only c2 keeps a record.
+        let store = a.store.get().expect("store");
+        assert!(store.load_migrations().0.is_empty());
+        let ids: Vec<String> = store.load().0.into_iter().map(|r| r.meta.spec.id).collect();
+        assert_eq!(ids, vec!["c2".to_string()]);
+        // An arrival still in progress cannot be answered yet.
+        b.incoming()
+            .insert(("c3".into(), "198.18.4.9".parse().expect("ip")));
+        assert!(matches!(
+            outcome(&b, "m-c3", "c3"),
+            Err(AgentError::Busy(_))
+        ));
+        assert!(matches!(
+            outcome(&b, "m-c1", "c1"),
+            Ok(PeerReply::Outcome { committed: true })
+        ));
+        assert!(matches!(
+            outcome(&b, "m-c2", "c2"),
+            Ok(PeerReply::Outcome { committed: false })
+        ));
+        for mut k in kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
     }
 }

@@ -188,6 +188,15 @@ impl Agent {
         }
     }
 
+    /// Tells [`Agent::persist`] which records are on disk (found at start-up), so that it
+    /// rewrites or removes them like its own.
+    pub fn note_persisted(&self, recs: &[crate::store::ContainerRecord]) {
+        let mut done = lock(&self.persisted);
+        for r in recs {
+            done.insert(r.meta.spec.id.clone(), r.clone());
+        }
+    }
+
     /// Takes back a container found by start-up re-adoption (`adopt.rs`).
     pub fn adopt_container(&self, c: Container) {
         self.containers().insert(c.meta.spec.id.clone(), c);
