@@ -576,8 +576,8 @@ impl Agent {
         tracing::info!(node = %self.cfg.node, containers = live, "agent stopping; containers keep running");
     }
 
-    /// Stops every container and releases its namespace and cgroup (an explicit drain of the
-    /// node, not a restart).
+    /// Stops every container and releases its namespace and cgroup (for an embedder that owns
+    /// the node outright; the `drain` command goes through the control socket instead).
     pub async fn stop_all(&self) {
         let nets: Vec<(i32, ContainerNet, Option<crate::cgroup::Cgroup>)> = self
             .containers()

@@ -11,6 +11,7 @@ pub mod container;
 pub mod control;
 pub mod criu;
 pub mod daemon;
+pub mod drain;
 pub mod error;
 pub mod garp;
 pub mod metrics;

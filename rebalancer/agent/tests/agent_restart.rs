@@ -185,6 +185,34 @@ fn containers_survive_an_agent_upgrade_with_a_migration_in_flight() {
         assert_eq!(rec.state, MigrationState::Succeeded, "{}", summary(&rec));
     }
 
+    // The explicit drain empties the node: what still runs on n0 moves to n1.
+    let out = Command::new(&upgraded)
+        .arg("drain")
+        .arg("--config")
+        .arg(lab.dir.join(format!("{}.toml", lab.nodes[0].name)))
+        .arg("--to")
+        .arg(&lab.nodes[1].name)
+        .arg("--mode")
+        .arg("stop-and-copy")
+        .output()
+        .expect("run drain");
+    assert!(
+        out.status.success(),
+        "drain failed: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        lab.log(0)
+    );
+    let there = list(&lab, 1);
+    for id in ids {
+        assert!(
+            there
+                .iter()
+                .any(|c| c.id == id && c.state == ContainerState::Running),
+            "{id} not running on n1 after the drain: {there:?}"
+        );
+    }
+
     for (p, id) in probes.into_iter().zip(ids) {
         assert!(
             p.advance(20, Duration::from_secs(15)),
@@ -199,8 +227,8 @@ fn containers_survive_an_agent_upgrade_with_a_migration_in_flight() {
             stats.errors
         );
     }
-    // The stdio relays outlived the old agent (each container's stdout and stderr have one),
-    // and what was written before the restart is in the log file.
+    // The stdio relays outlived the old agent (each container's stdout and stderr have one,
+    // now on n1), and what was written before the restart is in n0's log file.
     let relays = std::fs::read_dir("/proc")
         .expect("/proc")
         .flatten()
