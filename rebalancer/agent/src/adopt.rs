@@ -73,13 +73,15 @@ pub fn judge(
     if start_now != Some(rec.pid_start) {
         return Verdict::Ended;
     }
-    if rec.state != ContainerState::Migrating {
-        return Verdict::Adopt;
-    }
+    // The journal is written synchronously, the record by the reaper up to 100 ms later: an
+    // unfinished journal entry counts even when the record still says Running.
     let mine = journal
         .iter()
         .filter(|m| m.container == rec.meta.spec.id && !m.state.is_terminal())
         .max_by_key(|m| m.started_at);
+    if rec.state != ContainerState::Migrating && mine.is_none() {
+        return Verdict::Adopt;
+    }
     match mine {
         Some(m) if commit_may_have_been_sent(m) => Verdict::KeepFrozen {
             migration: m.id.clone(),
@@ -490,6 +492,18 @@ mod tests {
                 "{last:?}"
             );
         }
+        // A record not yet updated to Migrating: the journal decides.
+        let stale = record("c1", ContainerState::Running, 9);
+        let dumping = journal("c1", &[Phase::Prepare, Phase::Freeze, Phase::Dump]);
+        assert!(matches!(
+            judge(&stale, Some(9), &[dumping]),
+            Verdict::Resume { .. }
+        ));
+        let switching = journal("c1", &[Phase::Restore, Phase::NetworkSwitch]);
+        assert!(matches!(
+            judge(&stale, Some(9), &[switching]),
+            Verdict::KeepFrozen { .. }
+        ));
         // Another container's journal does not count; no journal: not dumped yet.
         let other = journal("c2", &[Phase::NetworkSwitch]);
         assert_eq!(

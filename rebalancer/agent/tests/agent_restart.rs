@@ -245,3 +245,78 @@ fn containers_survive_an_agent_upgrade_with_a_migration_in_flight() {
     let text = std::fs::read_to_string(&out).unwrap_or_default();
     assert!(text.contains("listening"), "{}: {text:?}", out.display());
 }
+
+/// Lab block of the crash test (its own, so both tests may run at once).
+const K_CRASH: u8 = 13;
+
+#[test]
+#[ignore = "needs root, CRIU 4.2, nftables and network namespaces; .ci/run runs it with --include-ignored"]
+fn containers_survive_an_agent_crash_and_are_readopted() {
+    let mut lab = Lab::new(K_CRASH, 2);
+    let addr = "198.19.29.21";
+    let pid = match lab.client(0).call(&Request::CreateContainer {
+        spec: server_spec("cr1", addr, 0),
+    }) {
+        Ok(Reply::Container { container }) => container.pid,
+        other => panic!("create: {other:?}\n{}", lab.log(0)),
+    };
+    let probe = TcpProbe::start(&lab.client_ns, addr);
+    assert!(
+        probe.advance(20, Duration::from_secs(20)),
+        "no answers: {:?}",
+        probe.state()
+    );
+    // SIGKILL, agent and its process group (CRIU helpers): no chance to write anything.
+    lab.kill_agent(0);
+    assert!(
+        probe.advance(20, Duration::from_secs(10)),
+        "stalled without agent: {:?}",
+        probe.state()
+    );
+    lab.start_agent(0);
+    let c = lab
+        .client(0)
+        .container("cr1")
+        .expect("listed after the crash");
+    assert_eq!(c.state, ContainerState::Running, "{c:?}");
+    assert_eq!(c.pid, pid);
+    // Its address stays taken: a new container cannot have it.
+    let dup = lab.client(0).call(&Request::CreateContainer {
+        spec: server_spec("cr2", addr, 0),
+    });
+    assert!(
+        matches!(&dup, Err(e) if e.code == ErrorCode::Busy),
+        "{dup:?}"
+    );
+    // The container ends while the agent is down: the next start releases it.
+    lab.kill_agent(0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid.expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill pid 1");
+    lab.start_agent(0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let listed = list(&lab, 0);
+        if !listed
+            .iter()
+            .any(|c| c.id == "cr1" && c.state == ContainerState::Running)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cr1 still running: {listed:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let netns = std::fs::read_dir("/run/netns")
+        .expect("/run/netns")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("rb-{}-cr1-", lab.nodes[0].name))
+        })
+        .count();
+    assert_eq!(netns, 0, "cr1's namespace survived its end");
+    let _ = probe.stop();
+}
