@@ -133,6 +133,16 @@ pub async fn adopt(agent: &Arc<Agent>, store: &Store) -> Summary {
     for e in bad {
         tracing::error!(error = %chain(&e), "migration journal entry unreadable");
     }
+    // A crashed agent's `criu dump` may still hold a tree it was freezing; its migration cannot
+    // finish (the peer connection died with the agent), and resuming the tree under it would
+    // race with it.
+    let killed = kill_orphan_dumps(&agent.cfg.run_dir);
+    if killed > 0 {
+        tracing::warn!(
+            killed,
+            "stopped CRIU dumps left by the previous agent process"
+        );
+    }
     let node = agent.cfg.node.clone();
     let journal: Vec<MigrationRecord> = journal.into_iter().filter(|m| m.source == node).collect();
     let mut owned = BTreeSet::new();
@@ -305,6 +315,50 @@ pub fn outcome(agent: &Agent, migration: &str, container: &str) -> Result<PeerRe
         )));
     }
     Ok(PeerReply::Outcome { committed: false })
+}
+
+/// Whether a command line (NUL-separated argv) is a non-lazy `criu dump`/`pre-dump` writing
+/// under `run_dir`. Lazy dumps are spared: after Commit they serve a running container's
+/// pages. Pure.
+pub fn is_orphan_dump(cmdline: &[u8], run_dir: &std::path::Path) -> bool {
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let Some(prog) = args.first() else {
+        return false;
+    };
+    let dir = format!("{}/", run_dir.to_string_lossy().trim_end_matches('/'));
+    std::path::Path::new(prog)
+        .file_name()
+        .is_some_and(|n| n == "criu")
+        && args.get(1).is_some_and(|a| a == "dump" || a == "pre-dump")
+        && !args.iter().any(|a| a == "--lazy-pages")
+        && args.iter().any(|a| a.starts_with(&dir))
+}
+
+/// SIGKILLs the [`is_orphan_dump`] processes and waits (up to 2 s) until they are gone.
+fn kill_orphan_dumps(run_dir: &std::path::Path) -> usize {
+    let pids: Vec<i32> = std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| is_orphan_dump(&c, run_dir))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for p in &pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), Signal::SIGKILL);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while pids.iter().any(|p| crate::container::alive(*p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    pids.len()
 }
 
 /// Names under /run/netns.
@@ -517,6 +571,58 @@ mod tests {
             judge(&r, Some(9), &[done]),
             Verdict::Resume { migration: None }
         );
+    }
+
+    #[test]
+    fn only_non_lazy_dumps_under_this_run_dir_are_orphans() {
+        let run = std::path::Path::new("/run/rb/work");
+        let cl = |a: &[&str]| a.join("\0").into_bytes();
+        assert!(is_orphan_dump(
+            &cl(&[
+                "/usr/local/sbin/criu",
+                "dump",
+                "--images-dir",
+                "/run/rb/work/images/m1/img"
+            ]),
+            run
+        ));
+        assert!(is_orphan_dump(
+            &cl(&[
+                "criu",
+                "pre-dump",
+                "--images-dir",
+                "/run/rb/work/images/m1/pre-1"
+            ]),
+            run
+        ));
+        // Lazy dumps may serve a committed container; other commands and other agents' dirs.
+        assert!(!is_orphan_dump(
+            &cl(&[
+                "criu",
+                "dump",
+                "--lazy-pages",
+                "--images-dir",
+                "/run/rb/work/images/m1"
+            ]),
+            run
+        ));
+        assert!(!is_orphan_dump(
+            &cl(&["criu", "restore", "--images-dir", "/run/rb/work/images/m1"]),
+            run
+        ));
+        assert!(!is_orphan_dump(
+            &cl(&["criu", "dump", "--images-dir", "/run/other/images/m1"]),
+            run
+        ));
+        assert!(!is_orphan_dump(
+            &cl(&["python3", "dump", "/run/rb/work"]),
+            run
+        ));
+        assert!(!is_orphan_dump(b"", run));
+        assert!(!is_orphan_dump(
+            &cl(&["criu", "dump", "--images-dir", "/run/rb/work2/images/m1"]),
+            run
+        ));
     }
 
     #[test]
