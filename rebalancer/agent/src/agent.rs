@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use rebalancer_proto::{
     now_millis, ContainerId, ContainerInfo, ContainerSpec, ContainerState, MigrationId,
@@ -58,6 +58,10 @@ pub struct Agent {
     pub cgroups: Option<crate::cgroup::Hierarchy>,
     /// Prometheus metrics (served when `metrics_listen` is set).
     pub prom: crate::prom::AgentMetrics,
+    /// Records that outlive this process (`store.rs`); unset in simulations.
+    pub store: OnceLock<crate::store::Store>,
+    /// The container records last written, to write only what changed.
+    persisted: Mutex<BTreeMap<ContainerId, crate::store::ContainerRecord>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -87,6 +91,8 @@ impl Agent {
             events,
             cgroups: crate::cgroup::detect_system(),
             prom,
+            store: OnceLock::new(),
+            persisted: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -107,12 +113,93 @@ impl Agent {
     }
 
     pub fn publish(&self, rec: &MigrationRecord) {
+        // Journaled before anything acts on the new phase: the source publishes
+        // `network-switch` before it sends Commit, and a restarted agent must know that.
+        if let (Some(store), true) = (self.store.get(), rec.source == self.cfg.node) {
+            let r = if rec.state.is_terminal() {
+                store.remove_migration(&rec.id)
+            } else {
+                store.put_migration(rec)
+            };
+            if let Err(e) = r {
+                tracing::error!(migration = %rec.id, error = %e, "cannot journal the migration");
+            }
+        }
         let old = self.migrations().insert(rec.id.clone(), rec.clone());
         // Counted once, when the record turns terminal (it may be published again afterwards).
         if rec.state.is_terminal() && !old.is_some_and(|o| o.state.is_terminal()) {
             self.prom.record_migration(rec, &self.cfg.node);
         }
         let _ = self.events.send(rec.clone());
+    }
+
+    /// Writes the records of containers that changed since the last call and removes those of
+    /// containers no longer live here. Called after each change that a restart must not miss
+    /// (create, register, commit) and by the reaper for the rest.
+    pub fn persist(&self) {
+        let Some(store) = self.store.get() else {
+            return;
+        };
+        let now: BTreeMap<ContainerId, crate::store::ContainerRecord> = self
+            .containers()
+            .values()
+            .filter_map(|c| {
+                crate::store::ContainerRecord::of(c, &crate::store::pid_start_time)
+                    .map(|r| (c.meta.spec.id.clone(), r))
+            })
+            .collect();
+        let mut done = lock(&self.persisted);
+        for (id, rec) in &now {
+            if done.get(id) != Some(rec) {
+                match store.put(rec) {
+                    Ok(()) => {
+                        done.insert(id.clone(), rec.clone());
+                    }
+                    Err(e) => {
+                        tracing::error!(container = %id, error = %e, "cannot record the container")
+                    }
+                }
+            }
+        }
+        let gone: Vec<ContainerId> = done
+            .keys()
+            .filter(|id| !now.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            match store.remove(&id) {
+                Ok(()) => {
+                    done.remove(&id);
+                }
+                Err(e) => {
+                    tracing::error!(container = %id, error = %e, "cannot remove the container's record")
+                }
+            }
+        }
+    }
+
+    /// Records that this node received Commit for an incoming migration (see
+    /// [`crate::store::Store::mark_committed`]).
+    pub fn mark_committed(&self, migration: &str, container: &str, netns: &str) {
+        if let Some(store) = self.store.get() {
+            if let Err(e) = store.mark_committed(migration, container, netns) {
+                tracing::error!(migration = %migration, container = %container, error = %e, "cannot record the commit");
+            }
+        }
+    }
+
+    /// Tells [`Agent::persist`] which records are on disk (found at start-up), so that it
+    /// rewrites or removes them like its own.
+    pub fn note_persisted(&self, recs: &[crate::store::ContainerRecord]) {
+        let mut done = lock(&self.persisted);
+        for r in recs {
+            done.insert(r.meta.spec.id.clone(), r.clone());
+        }
+    }
+
+    /// Takes back a container found by start-up re-adoption (`adopt.rs`).
+    pub fn adopt_container(&self, c: Container) {
+        self.containers().insert(c.meta.spec.id.clone(), c);
     }
 
     pub fn container_dir(&self, id: &str) -> PathBuf {
@@ -311,6 +398,7 @@ impl Agent {
         let c = r?;
         let info = self.info(&c);
         self.containers().insert(spec.id.clone(), c);
+        self.persist();
         Ok(info)
     }
 
@@ -476,13 +564,30 @@ impl Agent {
         upstream
     }
 
-    /// Stops every container (daemon shutdown).
-    pub async fn shutdown(&self) {
+    /// Daemon shutdown: the containers keep running (they do not belong to this process; a
+    /// restarted agent re-adopts them from the store). Records are brought up to date.
+    pub fn shutdown(&self) {
+        self.persist();
+        let live = self
+            .containers()
+            .values()
+            .filter(|c| matches!(c.state, ContainerState::Running | ContainerState::Migrating))
+            .count();
+        tracing::info!(node = %self.cfg.node, containers = live, "agent stopping; containers keep running");
+    }
+
+    /// Stops every container and releases its namespace and cgroup (for an embedder that owns
+    /// the node outright; the `drain` command goes through the control socket instead).
+    pub async fn stop_all(&self) {
         let nets: Vec<(i32, ContainerNet, Option<crate::cgroup::Cgroup>)> = self
             .containers()
             .values_mut()
             .filter(|c| c.exit_status.is_none())
-            .map(|c| (c.pid, c.net.clone(), c.cgroup.take()))
+            .map(|c| {
+                c.state = ContainerState::Exited;
+                c.exit_status = Some(128 + libc::SIGKILL);
+                (c.pid, c.net.clone(), c.cgroup.take())
+            })
             .collect();
         for (pid, net, cgroup) in nets {
             let _ = nix::sys::signal::kill(
@@ -491,7 +596,7 @@ impl Agent {
             );
             netns::destroy(&net).await;
             if let Some(cg) = cgroup {
-                // Pid 1 is our child: reap it so that the cgroup empties.
+                // Pid 1 is our child (unless adopted): reap it so that the cgroup empties.
                 let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
                 cg.remove().await;
             }
@@ -499,6 +604,6 @@ impl Agent {
         if let Some(h) = &self.cgroups {
             crate::cgroup::remove_node_dirs(h, &self.cfg.node);
         }
-        let _ = now_millis();
+        self.persist();
     }
 }

@@ -436,6 +436,7 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
             let info = agent.info(&c);
             tracing::info!(container = %id, pid = c.pid, "task registered");
             agent.containers().insert(id, c);
+            agent.persist();
             Ok(Reply::Container { container: info })
         }
         Request::TaskExited {

@@ -93,6 +93,16 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             tracing::warn!(node = %agent.cfg.node, "no cgroup hierarchy with memory and cpu controllers: containers with limits are refused")
         }
     }
+    let store = crate::store::Store::open(&agent.cfg.state_dir).map_err(|e| {
+        AgentError::Internal(format!(
+            "state store in {}: {e}",
+            agent.cfg.state_dir.display()
+        ))
+    })?;
+    let _ = agent.store.set(store.clone());
+    // Before the listeners: no request may see a half-adopted node or reuse an adopted address.
+    crate::adopt::adopt(&agent, &store).await;
+    sweep_images(&images);
     tracing::info!(node = %agent.cfg.node, listen = %agent.cfg.listen, control = %agent.cfg.control_socket.display(), "agent ready");
 
     let a = agent.clone();
@@ -148,6 +158,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             a.reap().await;
+            a.persist();
         }
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -156,11 +167,38 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    tracing::info!("shutting down: stopping containers");
-    agent.shutdown().await;
+    // Containers are left running: a restart or an upgrade re-adopts them. The images tmpfs
+    // stays mounted too (a surviving `criu lazy-pages` may still read from it); the next start
+    // reuses it and sweeps what is left.
+    agent.shutdown();
     let _ = std::fs::remove_file(&agent.cfg.control_socket);
-    if mounted_images {
-        let _ = nix::mount::umount2(&images, nix::mount::MntFlags::MNT_DETACH);
-    }
+    tracing::info!(node = %agent.cfg.node, images_mounted_here = mounted_images, "agent stopped");
     Ok(())
+}
+
+/// Removes migration images a previous agent left, unless a CRIU process still runs (a
+/// post-copy `criu lazy-pages` serving a committed container reads them).
+fn sweep_images(images: &std::path::Path) {
+    let criu_running = std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "criu")
+            })
+        })
+        .unwrap_or(false);
+    if criu_running {
+        tracing::info!(images = %images.display(), "a CRIU process runs: leftover images kept");
+        return;
+    }
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(images) {
+        for e in rd.flatten() {
+            if std::fs::remove_dir_all(e.path()).is_ok() {
+                n += 1;
+            }
+        }
+    }
+    if n > 0 {
+        tracing::info!(images = %images.display(), removed = n, "leftover migration images removed");
+    }
 }

@@ -1,6 +1,7 @@
 //! rebalancer-agent: per-node daemon that runs job containers and live-migrates them with CRIU.
 //! See `LIFECYCLE.md` next to this file's crate for the daemon's and a migration's life cycle.
 
+pub mod adopt;
 pub mod agent;
 pub mod auth;
 pub mod caps;
@@ -10,6 +11,7 @@ pub mod container;
 pub mod control;
 pub mod criu;
 pub mod daemon;
+pub mod drain;
 pub mod error;
 pub mod garp;
 pub mod metrics;
@@ -18,6 +20,7 @@ pub mod netns;
 pub mod peer;
 pub mod prom;
 pub mod spank;
+pub mod store;
 pub mod tls;
 
 /// The pure migration decisions under their former path (`migrate::choose_mode`).

@@ -30,6 +30,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Empty this node explicitly: migrate every running container to NODE (`--to`), or send
+    /// it a signal. Stopping or restarting the agent never does this.
+    Drain {
+        #[arg(long, short = 'c', default_value = "/etc/rebalancer/agent.toml")]
+        config: PathBuf,
+        /// Destination node; without it the containers are signalled instead.
+        #[arg(long)]
+        to: Option<String>,
+        /// Migration mode (stop-and-copy, post-copy, pre-copy, auto).
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        /// Signal sent without `--to` (default SIGTERM).
+        #[arg(long, default_value_t = 15)]
+        signal: i32,
+    },
     /// Validate a configuration file and print the result.
     CheckConfig {
         #[arg(long, short = 'c')]
@@ -37,6 +52,9 @@ enum Cmd {
     },
     #[command(name = "__container-init", hide = true)]
     ContainerInit { spec: String },
+    /// Copies a container's stdout or stderr pipe (stdin) to its log file (stdout).
+    #[command(name = "__stdio-relay", hide = true)]
+    StdioRelay,
 }
 
 fn init_tracing() {
@@ -52,6 +70,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r: anyhow::Result<()> = match cli.cmd {
         Cmd::ContainerInit { spec } => rebalancer_agent::container::init::run(&spec),
+        Cmd::StdioRelay => rebalancer_agent::container::relay_main().map_err(Into::into),
         Cmd::Run { config } => (|| {
             init_tracing();
             let cfg = rebalancer_agent::config::AgentConfig::load(&config)?;
@@ -97,6 +116,34 @@ fn main() -> ExitCode {
                 for n in &caps.notes {
                     println!("note: {n}");
                 }
+            }
+            Ok(())
+        })(),
+        Cmd::Drain {
+            config,
+            to,
+            mode,
+            signal,
+        } => (|| {
+            let c = rebalancer_agent::config::AgentConfig::load(&config)?;
+            let mode: rebalancer_proto::MigrationMode =
+                serde_json::from_value(serde_json::Value::String(mode.clone()))
+                    .map_err(|_| anyhow::anyhow!("unknown migration mode {mode:?}"))?;
+            let results =
+                rebalancer_agent::drain::run(&c.control_socket, to.as_deref(), mode, signal)?;
+            let mut failed = 0;
+            for (action, r) in &results {
+                match r {
+                    Ok(()) => println!("{action:?}: done"),
+                    Err(e) => {
+                        failed += 1;
+                        println!("{action:?}: failed: {e}");
+                    }
+                }
+            }
+            println!("{} container(s), {failed} failed", results.len());
+            if failed > 0 {
+                anyhow::bail!("{failed} container(s) could not be drained");
             }
             Ok(())
         })(),

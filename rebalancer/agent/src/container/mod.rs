@@ -273,7 +273,10 @@ pub struct StdioSet {
 }
 
 /// Pipes for stdin (writer closed: EOF), stdout and stderr; stdout/stderr are copied to the
-/// given files by background threads for as long as any writer (also a restored one) lives.
+/// given files by relay processes ([`relay_main`]) for as long as any writer (also a restored
+/// one) lives. The relays are processes of their own, not agent threads, so that an agent restart
+/// or upgrade neither loses output nor leaves the container writing into a pipe without reader
+/// (SIGPIPE).
 pub fn stdio_pipes(stdout: &Path, stderr: &Path) -> Result<StdioSet, AgentError> {
     let (in_r, in_w) = pipe()?;
     drop(in_w);
@@ -292,6 +295,9 @@ pub fn stdio_pipes(stdout: &Path, stderr: &Path) -> Result<StdioSet, AgentError>
     })
 }
 
+/// Name of the hidden subcommand that runs [`relay_main`].
+pub const RELAY_COMMAND: &str = "__stdio-relay";
+
 fn relay(from: OwnedFd, to: &Path) -> Result<(), AgentError> {
     if let Some(p) = to.parent() {
         std::fs::create_dir_all(p).map_err(|source| AgentError::Io {
@@ -299,7 +305,7 @@ fn relay(from: OwnedFd, to: &Path) -> Result<(), AgentError> {
             source,
         })?;
     }
-    let mut out = std::fs::OpenOptions::new()
+    let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(to)
@@ -307,16 +313,54 @@ fn relay(from: OwnedFd, to: &Path) -> Result<(), AgentError> {
             what: format!("open {}", to.display()),
             source,
         })?;
-    let mut input = std::fs::File::from(from);
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg(RELAY_COMMAND)
+        .stdin(std::process::Stdio::from(from))
+        .stdout(std::process::Stdio::from(out))
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe. A session of its own keeps a terminal's ^C (sent to
+    // the agent's process group) away from the relay.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| AgentError::Io {
+        what: format!("spawn stdio relay for {}", to.display()),
+        source,
+    })?;
+    // Reaped by a thread while this agent lives; after a restart the relay's new parent
+    // (systemd, or the next subreaper) reaps it.
     std::thread::Builder::new()
-        .name("stdio-relay".into())
+        .name("stdio-relay-wait".into())
         .spawn(move || {
-            let _ = std::io::copy(&mut input, &mut out);
+            let _ = child.wait();
         })
         .map_err(|source| AgentError::Io {
-            what: "spawn relay thread".into(),
+            what: "spawn relay waiter thread".into(),
             source,
         })?;
+    Ok(())
+}
+
+/// Body of a stdio relay process: copies stdin to stdout until every writer is gone. Survives
+/// the agent (SIGTERM, SIGINT and SIGHUP are ignored: the relay ends when the container does).
+pub fn relay_main() -> std::io::Result<()> {
+    for sig in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        // SAFETY: SIG_IGN installs no handler code.
+        unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) }
+            .map_err(std::io::Error::from)?;
+    }
+    // The raw descriptors: std's stdout is line-buffered, which would hold back partial lines.
+    use std::os::fd::AsFd;
+    let mut input = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+    let mut output = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+    std::io::copy(&mut input, &mut output)?;
     Ok(())
 }
 
@@ -552,8 +596,9 @@ pub fn reap(pid: i32) -> Option<i32> {
         Ok(WaitStatus::Exited(_, c)) => Some(c),
         Ok(WaitStatus::Signaled(_, s, _)) => Some(128 + s as i32),
         Err(nix::errno::Errno::ECHILD) => {
-            // Not our child (should not happen): fall back to existence.
-            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // Not our child: a container adopted from a previous agent process, whose new
+            // parent (pid 1) reaps it, or not (a zombie counts as ended). Its status is unknown.
+            if alive(pid) {
                 None
             } else {
                 Some(-1)

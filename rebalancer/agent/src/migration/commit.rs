@@ -86,6 +86,8 @@ pub(super) async fn commit_here<H: Host>(
         .restored_pid
         .ok_or_else(|| AgentError::BadRequest("commit before restore".into()))?;
     inc.committed = true;
+    // Before the tree can run: a restarted source asks whether we committed (adopt.rs).
+    agent.mark_committed(&inc.migration, &inc.meta.spec.id, &inc.net.name);
     // Resume first, then take the address over.
     host.signal_tree(pid, Signal::SIGCONT);
     let resumed_at = now_millis();
@@ -114,6 +116,9 @@ pub(super) async fn commit_here<H: Host>(
         cgroup: inc.cgroup.take(),
     };
     agent.containers().insert(inc.meta.spec.id.clone(), c);
+    // Recorded now: a restart's sweep would take a namespace without record for an
+    // uncommitted arrival.
+    agent.persist();
     agent.restore_steps().remove(&inc.migration);
     if let Some(mut child) = inc.step_child.take() {
         // srun lives as long as the restored task; reap it when it ends.

@@ -517,6 +517,10 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
             }
             Ok(PeerReply::Aborted)
         }
+        PeerRequest::Outcome {
+            migration,
+            container,
+        } => crate::adopt::outcome(agent, &migration, &container),
     }
 }
 

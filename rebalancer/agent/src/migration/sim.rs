@@ -562,6 +562,7 @@ fn op_name(req: &PeerRequest) -> &'static str {
         PeerRequest::Commit => "commit",
         PeerRequest::TaskEnded { .. } => "task-ended",
         PeerRequest::Abort { .. } => "abort",
+        PeerRequest::Outcome { .. } => "outcome",
     }
 }
 

@@ -21,6 +21,10 @@
 //! Abort, EOF, an error or the timeout before Commit make the destination kill whatever it
 //! restored and remove the netns, images and reservation: the source resumes its copy.
 //!
+//! A source agent restarted after its journal reached network-switch opens a connection of its
+//! own and asks `Outcome{migration, container}`; the destination answers `Outcome{committed}`
+//! from its commit mark, or `busy` while that arrival is still in progress (`adopt.rs`).
+//!
 //! This module holds the wire types ([`wire`]), the client ([`client`]) and the error mapping
 //! ([`errors`]). The destination's server is in the migration module (`destination.rs`), which
 //! uses this one; this module uses nothing of it.

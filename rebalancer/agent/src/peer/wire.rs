@@ -75,6 +75,12 @@ pub enum PeerRequest {
     Abort {
         reason: String,
     },
+    /// Source → destination, from a restarted source agent whose journal shows that Commit may
+    /// have been sent: did this node commit `migration`? Sent on a connection of its own.
+    Outcome {
+        migration: MigrationId,
+        container: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,6 +112,11 @@ pub enum PeerReply {
     },
     Aborted,
     Ack,
+    /// Answer to `outcome`: whether this node received Commit for the migration (and may run
+    /// the container). An arrival still in progress is answered with a `busy` error.
+    Outcome {
+        committed: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,322 @@
+//! Upgrade under running jobs: with three containers running and one of them migrating, the
+//! agent binary is replaced and the agent restarted (SIGTERM, then the new binary). The
+//! containers keep running, their clients see no error, the cut migration rolls back (or, if
+//! Commit may have been sent, stays on exactly one node), and the new agent lists them.
+
+mod common;
+use common::*;
+use rebalancer_proto::*;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Lab block of this file (see `Lab::new`; other files use 0-6, 9, 10).
+const K: u8 = 12;
+
+fn stop_agent(lab: &mut Lab, i: usize) {
+    let mut c = lab.nodes[i].agent.take().expect("agent runs");
+    let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !matches!(c.try_wait(), Ok(None)),
+        "agent ignored SIGTERM\n{}",
+        lab.log(i)
+    );
+}
+
+/// Starts node `i`'s agent from `binary` (the lab's config file is already written).
+fn start_agent_from(lab: &mut Lab, i: usize, binary: &std::path::Path) {
+    let cfg = lab.dir.join(format!("{}.toml", lab.nodes[i].name));
+    let n = &mut lab.nodes[i];
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&n.log)
+        .expect("log");
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", n.netns))
+        .arg(binary)
+        .arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .env("REBALANCER_LOG", "info,rebalancer_agent=debug")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start upgraded agent");
+    n.agent = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(mut c) = Client::connect(&n.socket) {
+            if c.call(&Request::Ping).is_ok() {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("upgraded agent did not start\n{}", lab.log(i));
+}
+
+fn list(lab: &Lab, i: usize) -> Vec<ContainerInfo> {
+    match lab.client(i).call(&Request::ListContainers) {
+        Ok(Reply::Containers { containers }) => containers,
+        other => panic!("list containers: {other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "needs root, CRIU 4.2, nftables and network namespaces; .ci/run runs it with --include-ignored"]
+fn containers_survive_an_agent_upgrade_with_a_migration_in_flight() {
+    let _ = REASON;
+    let mut lab = Lab::new(K, 2);
+    let ids = ["up1", "up2", "up3"];
+    let addrs = ["198.19.28.11", "198.19.28.12", "198.19.28.13"];
+    let mut c0 = lab.client(0);
+    let mut pids = Vec::new();
+    for (i, (id, addr)) in ids.iter().zip(addrs).enumerate() {
+        // The migrating one is larger, so that the restart lands while it is being dumped.
+        let mem = if i == 2 { 192 } else { 0 };
+        match c0.call(&Request::CreateContainer {
+            spec: server_spec(id, addr, mem),
+        }) {
+            Ok(Reply::Container { container }) => pids.push(container.pid),
+            other => panic!("create {id}: {other:?}\n{}", lab.log(0)),
+        }
+    }
+    let probes: Vec<TcpProbe> = addrs
+        .iter()
+        .map(|a| TcpProbe::start(&lab.client_ns, a))
+        .collect();
+    for (p, id) in probes.iter().zip(ids) {
+        assert!(
+            p.advance(20, Duration::from_secs(20)),
+            "{id}: client never got answers: {:?}\n{}",
+            p.state(),
+            lab.log(0)
+        );
+    }
+
+    // Start migrating up3 and restart the agent while the migration is under way.
+    let req = Request::Migrate {
+        request: MigrateRequest {
+            container: "up3".into(),
+            destination: lab.nodes[1].name.clone(),
+            destination_addr: None,
+            mode: MigrationMode::StopAndCopy,
+            max_downtime_ms: None,
+            timeout_ms: None,
+        },
+        watch: false,
+    };
+    c0.call(&req).expect("migration accepted");
+    let journal = lab.dir.join(&lab.nodes[0].name).join("state/migrations");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    while Instant::now() < deadline {
+        seen = std::fs::read_dir(&journal)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .collect();
+        if seen.contains("\"freeze\"") || seen.contains("\"dump\"") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    eprintln!("journal when the agent was stopped: {seen}");
+    drop(c0);
+
+    // The upgrade: a new binary in place of the old one.
+    let upgraded = lab.dir.join("rebalancer-agent-upgraded");
+    std::fs::copy(env!("CARGO_BIN_EXE_rebalancer-agent"), &upgraded).expect("copy binary");
+    stop_agent(&mut lab, 0);
+    // While no agent runs, the containers run and answer.
+    for (p, id) in probes.iter().zip(ids).take(2) {
+        assert!(
+            p.advance(20, Duration::from_secs(10)),
+            "{id} stalled while the agent was down: {:?}",
+            p.state()
+        );
+    }
+    start_agent_from(&mut lab, 0, &upgraded);
+
+    // Every container is back in the new agent's list, with the same pid 1.
+    let listed = list(&lab, 0);
+    let log0 = lab.log(0);
+    for (id, pid) in ids.iter().zip(&pids).take(2) {
+        let c = listed
+            .iter()
+            .find(|c| c.id == *id)
+            .unwrap_or_else(|| panic!("{id} not listed after the restart: {listed:?}\n{log0}"));
+        assert_eq!(c.state, ContainerState::Running, "{c:?}");
+        assert_eq!(c.pid, *pid, "{c:?}");
+    }
+    // The cut migration: rolled back here, or (Commit may have been sent) kept frozen here
+    // and running there; never running on both nodes.
+    let up3_here = listed.iter().find(|c| c.id == "up3").cloned();
+    let there = list(&lab, 1);
+    let up3_there = there
+        .iter()
+        .find(|c| c.id == "up3" && c.state == ContainerState::Running)
+        .cloned();
+    eprintln!("up3 here: {up3_here:?}; there: {up3_there:?}");
+    match (&up3_here, &up3_there) {
+        (Some(h), None) => assert_eq!(h.state, ContainerState::Running, "{h:?}\n{log0}"),
+        (Some(h), Some(_)) => assert_eq!(
+            h.state,
+            ContainerState::Migrating,
+            "two live copies\n{log0}\n{}",
+            lab.log(1)
+        ),
+        (None, _) => panic!("up3 lost from n0's list\n{log0}"),
+    }
+    // A new migration works with the new agent (up3 leaves only if it runs here).
+    if up3_here.as_ref().map(|c| c.state) == Some(ContainerState::Running) {
+        let rec = lab
+            .client(0)
+            .migrate("up3", &lab.nodes[1].name, MigrationMode::StopAndCopy)
+            .unwrap_or_else(|e| panic!("migration after the restart: {e}\n{}", lab.log(0)));
+        assert_eq!(rec.state, MigrationState::Succeeded, "{}", summary(&rec));
+    }
+
+    // The explicit drain empties the node: what still runs on n0 moves to n1.
+    let out = Command::new(&upgraded)
+        .arg("drain")
+        .arg("--config")
+        .arg(lab.dir.join(format!("{}.toml", lab.nodes[0].name)))
+        .arg("--to")
+        .arg(&lab.nodes[1].name)
+        .arg("--mode")
+        .arg("stop-and-copy")
+        .output()
+        .expect("run drain");
+    assert!(
+        out.status.success(),
+        "drain failed: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        lab.log(0)
+    );
+    let there = list(&lab, 1);
+    for id in ids {
+        assert!(
+            there
+                .iter()
+                .any(|c| c.id == id && c.state == ContainerState::Running),
+            "{id} not running on n1 after the drain: {there:?}"
+        );
+    }
+
+    for (p, id) in probes.into_iter().zip(ids) {
+        assert!(
+            p.advance(20, Duration::from_secs(15)),
+            "{id} stalled after the restart: {:?}\n{}",
+            p.state(),
+            lab.log(0)
+        );
+        let stats = p.stop();
+        assert!(
+            stats.errors.is_empty(),
+            "{id}: client errors {:?}",
+            stats.errors
+        );
+    }
+    // The stdio relays outlived the old agent (each container's stdout and stderr have one,
+    // now on n1), and what was written before the restart is in n0's log file.
+    let relays = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("__stdio-relay"))
+        })
+        .count();
+    assert!(relays >= 4, "{relays} stdio relays run");
+    let out = lab
+        .dir
+        .join(&lab.nodes[0].name)
+        .join("state/logs/up1.stdout");
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(text.contains("listening"), "{}: {text:?}", out.display());
+}
+
+/// Lab block of the crash test (its own, so both tests may run at once).
+const K_CRASH: u8 = 13;
+
+#[test]
+#[ignore = "needs root, CRIU 4.2, nftables and network namespaces; .ci/run runs it with --include-ignored"]
+fn containers_survive_an_agent_crash_and_are_readopted() {
+    let mut lab = Lab::new(K_CRASH, 2);
+    let addr = "198.19.29.21";
+    let pid = match lab.client(0).call(&Request::CreateContainer {
+        spec: server_spec("cr1", addr, 0),
+    }) {
+        Ok(Reply::Container { container }) => container.pid,
+        other => panic!("create: {other:?}\n{}", lab.log(0)),
+    };
+    let probe = TcpProbe::start(&lab.client_ns, addr);
+    assert!(
+        probe.advance(20, Duration::from_secs(20)),
+        "no answers: {:?}",
+        probe.state()
+    );
+    // SIGKILL, agent and its process group (CRIU helpers): no chance to write anything.
+    lab.kill_agent(0);
+    assert!(
+        probe.advance(20, Duration::from_secs(10)),
+        "stalled without agent: {:?}",
+        probe.state()
+    );
+    lab.start_agent(0);
+    let c = lab
+        .client(0)
+        .container("cr1")
+        .expect("listed after the crash");
+    assert_eq!(c.state, ContainerState::Running, "{c:?}");
+    assert_eq!(c.pid, pid);
+    // Its address stays taken: a new container cannot have it.
+    let dup = lab.client(0).call(&Request::CreateContainer {
+        spec: server_spec("cr2", addr, 0),
+    });
+    assert!(
+        matches!(&dup, Err(e) if e.code == ErrorCode::Busy),
+        "{dup:?}"
+    );
+    // The container ends while the agent is down: the next start releases it.
+    lab.kill_agent(0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid.expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill pid 1");
+    lab.start_agent(0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let listed = list(&lab, 0);
+        if !listed
+            .iter()
+            .any(|c| c.id == "cr1" && c.state == ContainerState::Running)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cr1 still running: {listed:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let netns = std::fs::read_dir("/run/netns")
+        .expect("/run/netns")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("rb-{}-cr1-", lab.nodes[0].name))
+        })
+        .count();
+    assert_eq!(netns, 0, "cr1's namespace survived its end");
+    let _ = probe.stop();
+}
