@@ -114,7 +114,7 @@ fn slurm_command(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn restore_steps(job: u32) -> Vec<RestoreStep> {
+pub fn restore_steps(job: u32) -> Vec<RestoreStep> {
     let out = Command::new(slurm_command("squeue"))
         .args(["-h", "-s", "-j", &job.to_string(), "-o", "%i|%j"])
         .stdin(Stdio::null())
@@ -256,13 +256,15 @@ pub fn follow(job: u32, step: u32, files: &OutputFiles) -> Option<i32> {
             })
             .collect();
         for (s, h) in next.iter().zip(handles) {
+            followed.insert(s.step);
+            chain.insert(s.step);
+            let code = h.join();
+            // Signals go to a step only while srun is attached to it.
             following
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&s.step);
-            followed.insert(s.step);
-            chain.insert(s.step);
-            if let Ok(Some(c)) = h.join() {
+            if let Ok(Some(c)) = code {
                 status = Some(status.map_or(c, |p| p.max(c)));
             }
         }
@@ -296,7 +298,8 @@ extern "C" fn on_signal(sig: libc::c_int) {
 
 /// `scancel --signal=SIG J.K`: Slurm delivers it to the restore step's task like any other
 /// step's, wherever it runs.
-fn signal_step(job: u32, step: u32, sig: libc::c_int) {
+/// Returns whether Slurm accepted the signal.
+pub fn signal_step(job: u32, step: u32, sig: libc::c_int) -> bool {
     let out = Command::new(slurm_command("scancel"))
         .arg(format!("--signal={sig}"))
         .arg(format!("{job}.{step}"))
@@ -305,14 +308,20 @@ fn signal_step(job: u32, step: u32, sig: libc::c_int) {
         .stderr(Stdio::piped())
         .output();
     match out {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => crate::ffi::log_error(&format!(
-            "rebalancer: cannot pass signal {sig} on to step {job}.{step}: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Err(e) => crate::ffi::log_error(&format!(
-            "rebalancer: cannot pass signal {sig} on to step {job}.{step}: scancel: {e}"
-        )),
+        Ok(o) if o.status.success() => true,
+        Ok(o) => {
+            crate::ffi::log_error(&format!(
+                "rebalancer: cannot pass signal {sig} on to step {job}.{step}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+            false
+        }
+        Err(e) => {
+            crate::ffi::log_error(&format!(
+                "rebalancer: cannot pass signal {sig} on to step {job}.{step}: scancel: {e}"
+            ));
+            false
+        }
     }
 }
 
