@@ -105,8 +105,10 @@ fn count(text: &str, line: &str) -> usize {
     text.lines().filter(|l| l.trim() == line).count()
 }
 
-/// After a move, srun's signals (Ctrl-C, `kill` of srun) and `scancel --signal` reach the task
-/// where it now runs, once each; SIGTERM through srun ends it, and srun exits with its code.
+/// After a move, srun shows one line about it (none of Slurm's kill messages), the job's
+/// AdminComment records it, and srun's signals (Ctrl-C, `kill` of srun) and `scancel --signal`
+/// reach the task where it now runs, once each; SIGTERM through srun ends it, and srun exits
+/// with its code.
 #[test]
 #[ignore = "needs root, network namespaces, CRIU and the Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
 fn signals_reach_a_moved_task() {
@@ -159,6 +161,32 @@ fn signals_reach_a_moved_task() {
         })
     })
     .unwrap_or_else(|err| panic!("{err}\n{}", e.context()));
+    // What the user's srun printed about the move: one line of the plugin's, none of Slurm's
+    // kill messages for the source's part of the step.
+    let log = e.read("sig-srun.log");
+    assert!(
+        log.contains(&format!(
+            "rebalancer: task 0 of step {job}.0 moved node1 -> {dest} and runs on as step"
+        )),
+        "no clear move line in srun's output:\n{log}"
+    );
+    for slurm_line in ["Force Terminated", ": Killed"] {
+        assert!(
+            !log.contains(slurm_line),
+            "srun printed Slurm's {slurm_line:?} after the move:\n{log}"
+        );
+    }
+    // The trail on the job, where Slurm's tools show it.
+    let comment = e
+        .cluster()
+        .job_field(job, "AdminComment")
+        .unwrap_or_else(|err| panic!("scontrol show job: {err}"));
+    assert!(
+        comment.contains(&format!(
+            "rebalancer: task 0 of step {job}.0 moved node1 -> {dest}"
+        )),
+        "AdminComment of job {job}: {comment:?}"
+    );
     // sattach attaches just after the message; a signal before that would still be passed on,
     // but its output line could be the first one sattach misses.
     thread::sleep(Duration::from_secs(2));

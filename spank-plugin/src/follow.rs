@@ -126,6 +126,21 @@ pub fn restore_steps(job: u32) -> Vec<RestoreStep> {
     }
 }
 
+/// The node step `job.step` runs on (`squeue -s -o "%i %N"`).
+fn step_node(job: u32, step: u32) -> Option<String> {
+    let out = Command::new(slurm_command("squeue"))
+        .args(["-h", "-s", "-j", &job.to_string(), "-o", "%i %N"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let id = format!("{job}.{step}");
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let (i, n) = l.trim().split_once(' ')?;
+        (i == id && !n.is_empty()).then(|| n.to_string())
+    })
+}
+
 /// Where srun sends the step's output: `srun --output=FILE` (without %-patterns) makes srun
 /// write FILE itself, from descriptors it opens before launching the step; otherwise srun's own
 /// stdout/stderr.
@@ -247,8 +262,13 @@ pub fn follow(job: u32, step: u32, files: &OutputFiles) -> Option<i32> {
         let handles: Vec<_> = next
             .iter()
             .map(|s| {
+                let route = match (crate::quiet::sources().first(), step_node(job, s.step)) {
+                    (Some(from), Some(to)) => format!(" {from} -> {to}"),
+                    (None, Some(to)) => format!(" to {to}"),
+                    _ => String::new(),
+                };
                 crate::ffi::log_user(&format!(
-                    "rebalancer: task {} of step {job}.{} moved and runs on as step {job}.{}; following it",
+                    "rebalancer: task {} of step {job}.{} moved{route} and runs on as step {job}.{}; following it",
                     s.task, s.origin, s.step
                 ));
                 let (k, files) = (s.step, files.clone());

@@ -114,6 +114,7 @@ pub fn user_init(sp: Spank) -> libc::c_int {
         if let (Ok(job), Ok(step)) = (sp.job_id(), sp.step_id()) {
             st.launched = Some((job, step, crate::follow::OutputFiles::default()));
             watch_output_files();
+            crate::quiet::install(job, step);
         }
         ffi::log_verbose(&format!(
             "rebalancer: tasks will run in migratable containers (class {}, mode {})",
@@ -131,6 +132,7 @@ pub fn exit(_sp: Spank) -> libc::c_int {
     let Some((job, step, files)) = launched else {
         return 0;
     };
+    crate::quiet::remove();
     if let Some(code) = crate::follow::follow(job, step, &files) {
         // SAFETY: fflush(NULL) flushes every stdio stream; _exit ends srun with the task's code
         // (srun calls this from its atexit handler, where exit() must not be called again).
