@@ -7,7 +7,6 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
-use std::thread::JoinHandle;
 
 /// A line of srun's that a move causes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,8 +41,13 @@ pub fn kill_line(line: &str, job: u32, step: u32) -> Option<KillLine> {
 struct Filter {
     /// srun's real stderr, put back at exit.
     saved: RawFd,
-    thread: JoinHandle<()>,
+    /// Closed by the copying thread when it has passed everything on.
+    done: std::sync::mpsc::Receiver<()>,
 }
+
+/// Longest wait for the copying thread at exit: a copy of the pipe's write end that something
+/// else still holds must not keep srun from exiting.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 static FILTER: Mutex<Option<Filter>> = Mutex::new(None);
 /// Nodes whose kill lines were dropped: where the moved tasks came from.
@@ -77,10 +81,14 @@ pub fn install(job: u32, step: u32) {
     }
     // SAFETY: copy_fd is a fresh duplicate of fd 2, owned by the copying thread's File.
     let out = unsafe { std::fs::File::from_raw_fd(copy_fd) };
+    let (tx, done) = std::sync::mpsc::channel::<()>();
     let spawned = std::thread::Builder::new()
         .name("rebalancer-stderr".into())
-        .spawn(move || copy(read, out, job, step));
-    let Ok(thread) = spawned else {
+        .spawn(move || {
+            copy(read, out, job, step);
+            drop(tx);
+        });
+    if spawned.is_err() {
         // SAFETY: saved is ours and no longer needed.
         unsafe { libc::close(saved) };
         return;
@@ -89,7 +97,7 @@ pub fn install(job: u32, step: u32) {
     // close-on-exec, as before).
     unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&write), 2) };
     drop(write);
-    *FILTER.lock().unwrap_or_else(|e| e.into_inner()) = Some(Filter { saved, thread });
+    *FILTER.lock().unwrap_or_else(|e| e.into_inner()) = Some(Filter { saved, done });
 }
 
 /// Puts srun's stderr back and waits until the filter has passed everything on.
@@ -104,7 +112,7 @@ pub fn remove() {
         libc::dup2(f.saved, 2);
         libc::close(f.saved);
     }
-    let _ = f.thread.join();
+    let _ = f.done.recv_timeout(DRAIN_WAIT);
 }
 
 fn copy(read: OwnedFd, mut out: std::fs::File, job: u32, step: u32) {
