@@ -284,8 +284,20 @@ impl ScontrolBackend {
 }
 
 fn run(prog: &str, args: &[&str]) -> Result<String, SlurmError> {
+    run_env(prog, args, None)
+}
+
+fn run_env(
+    prog: &str,
+    args: &[&str],
+    conf: Option<&std::path::Path>,
+) -> Result<String, SlurmError> {
     let cmd = format!("{prog} {}", args.join(" "));
-    let out = Command::new(prog)
+    let mut command = Command::new(prog);
+    if let Some(c) = conf {
+        command.env("SLURM_CONF", c);
+    }
+    let out = command
         .args(args)
         .output()
         .map_err(|source| SlurmError::Spawn {
@@ -491,22 +503,35 @@ impl SlurmBackend for ScontrolBackend {
     }
 
     fn record_move(&self, job_id: u32, note: &str) -> Result<(), SlurmError> {
-        let job = job_id.to_string();
-        let existing = parse_admin_comment(&run("scontrol", &["show", "job", &job])?);
-        let comment = append_note(&existing, note, ADMIN_COMMENT_MAX);
-        if comment == existing {
-            return Ok(());
-        }
-        run(
-            "scontrol",
-            &[
-                "update",
-                &format!("jobid={job}"),
-                &format!("AdminComment={comment}"),
-            ],
-        )?;
-        Ok(())
+        record_move_with_scontrol(None, job_id, note)
     }
+}
+
+/// [`SlurmBackend::record_move`] with `scontrol` (libslurm's job update has no AdminComment in
+/// this project's bindings); `conf` sets `SLURM_CONF` for it.
+pub fn record_move_with_scontrol(
+    conf: Option<&std::path::Path>,
+    job_id: u32,
+    note: &str,
+) -> Result<(), SlurmError> {
+    let with_conf = |args: &[&str]| -> Result<String, SlurmError> {
+        match conf {
+            Some(c) => run_env("scontrol", args, Some(c)),
+            None => run("scontrol", args),
+        }
+    };
+    let job = job_id.to_string();
+    let existing = parse_admin_comment(&with_conf(&["show", "job", &job])?);
+    let comment = append_note(&existing, note, ADMIN_COMMENT_MAX);
+    if comment == existing {
+        return Ok(());
+    }
+    with_conf(&[
+        "update",
+        &format!("jobid={job}"),
+        &format!("AdminComment={comment}"),
+    ])?;
+    Ok(())
 }
 
 #[cfg(test)]
