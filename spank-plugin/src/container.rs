@@ -210,7 +210,7 @@ pub fn launch(mut agent: Agent, info: &TaskInfo, prepared: &PreparedTask) -> Res
             moved.join(", ")
         ));
     }
-    supervise_and_exit(agent, pid, &container, &mask)
+    supervise_and_exit(agent, pid, &container, info.task.step_id, &mask)
 }
 
 /// Runs in the new pid 1 before it returns to Slurm.
@@ -289,6 +289,7 @@ pub fn supervise_and_exit(
     agent: Agent,
     pid: pid_t,
     container: &ContainerId,
+    own_step: u32,
     mask: &sys::SigMask,
 ) -> ! {
     let status = loop {
@@ -310,7 +311,7 @@ pub fn supervise_and_exit(
             }
         }
     };
-    report_and_exit(agent, container, status, mask)
+    report_and_exit(agent, container, status, own_step, mask)
 }
 
 /// Tells the agent pid 1 ended and exits with the task's final status. When a migration dumped
@@ -321,6 +322,7 @@ fn report_and_exit(
     mut agent: Agent,
     container: &ContainerId,
     status: c_int,
+    own_step: u32,
     mask: &sys::SigMask,
 ) -> ! {
     let _ = agent.set_read_timeout(None);
@@ -336,7 +338,7 @@ fn report_and_exit(
             }
             while let Some(sig) = sys::wait_signal(&mask.set, Duration::ZERO) {
                 if sig != libc::SIGCHLD {
-                    forward_elsewhere(&agent, container, sig);
+                    forward_elsewhere(&agent, container, own_step, sig);
                 }
             }
         },
@@ -374,8 +376,18 @@ fn report_and_exit(
     sys::exit_like(final_status)
 }
 
-/// A signal for a container that no longer runs here: ask the agent, on a second connection.
-fn forward_elsewhere(agent: &Agent, container: &ContainerId, sig: c_int) {
+/// A signal for a container that no longer runs here: Slurm delivers it to the newest restore
+/// step of the task (where the container runs now, as that step's task); without one, the agent
+/// is asked, on a second connection.
+fn forward_elsewhere(agent: &Agent, container: &ContainerId, own_step: u32, sig: c_int) {
+    if let Some(task) = task_of_container(container) {
+        let steps = crate::follow::restore_steps(task.job_id);
+        if let Some(step) = newest_restore_step(&steps, &task, own_step) {
+            if crate::follow::signal_step(task.job_id, step, sig) {
+                return;
+            }
+        }
+    }
     let res =
         Agent::connect(agent.path(), agent.node(), Duration::from_secs(5)).and_then(|mut a| {
             a.call(&Request::KillContainer {
@@ -388,5 +400,64 @@ fn forward_elsewhere(agent: &Agent, container: &ContainerId, sig: c_int) {
             "rebalancer: could not pass signal {sig} on to container {container}: {}",
             crate::chain(&e)
         ));
+    }
+}
+
+/// The task of a container named by [`TaskRef::container_id`] (`jJ.sS.tT`). Pure.
+pub fn task_of_container(id: &str) -> Option<TaskRef> {
+    let rest = id.strip_prefix('j')?;
+    let (job, rest) = rest.split_once(".s")?;
+    let (step, task) = rest.split_once(".t")?;
+    Some(TaskRef {
+        job_id: job.parse().ok()?,
+        step_id: step.parse().ok()?,
+        task_id: task.parse().ok()?,
+    })
+}
+
+/// The restore step carrying `task` now: the newest (highest id) restore step named after it,
+/// never the caller's own step (a restore waiter signalling itself would loop). Pure.
+pub fn newest_restore_step(
+    steps: &[crate::follow::RestoreStep],
+    task: &TaskRef,
+    own_step: u32,
+) -> Option<u32> {
+    steps
+        .iter()
+        .filter(|s| s.origin == task.step_id && s.task == task.task_id && s.step != own_step)
+        .map(|s| s.step)
+        .max()
+        .filter(|s| *s > own_step || own_step == task.step_id)
+}
+
+#[cfg(test)]
+mod forward_tests {
+    use super::*;
+    use crate::follow::parse_steps;
+
+    #[test]
+    fn signals_go_to_the_newest_restore_step_of_the_task() {
+        let t = task_of_container("j5.s0.t1").expect("a task's container id");
+        assert_eq!(
+            t,
+            TaskRef {
+                job_id: 5,
+                step_id: 0,
+                task_id: 1
+            }
+        );
+        assert_eq!(task_of_container("web-1"), None);
+        assert_eq!(task_of_container("j5.s0.tx"), None);
+        // Task 1 moved to step 2, then again to step 4; step 3 carries task 0.
+        let steps = parse_steps(
+            5,
+            "5.2|rebalancer-restore:0.1\n5.3|rebalancer-restore:0.0\n5.4|rebalancer-restore:0.1\n",
+        );
+        // The original waiter (step 0) and the first restore waiter (step 2) both reach step 4.
+        assert_eq!(newest_restore_step(&steps, &t, 0), Some(4));
+        assert_eq!(newest_restore_step(&steps, &t, 2), Some(4));
+        // The newest restore waiter itself has nowhere to send it (never to itself).
+        assert_eq!(newest_restore_step(&steps, &t, 4), None);
+        assert_eq!(newest_restore_step(&steps[..1], &t, 2), None);
     }
 }

@@ -141,6 +141,12 @@ impl Spank {
     }
     /// The task's argv[0] (remote context): the program Slurm will exec, or the batch script.
     pub fn argv0(&self) -> Result<String, SpankError> {
+        Ok(self.argv()?.into_iter().next().unwrap_or_default())
+    }
+
+    /// The step's command line (remote context: the task's; local context: the command srun
+    /// launches).
+    pub fn argv(&self) -> Result<Vec<String>, SpankError> {
         let mut argc: libc::c_int = 0;
         let mut argv: *mut *mut libc::c_char = std::ptr::null_mut();
         // SAFETY: S_JOB_ARGV takes an `int *` and a `char ***` (spank.h).
@@ -153,17 +159,23 @@ impl Spank {
             )
         })?;
         if argc < 1 || argv.is_null() {
-            return Ok(String::new());
+            return Ok(Vec::new());
         }
-        // SAFETY: Slurm hands out argc valid C strings; argv[0] exists since argc >= 1.
-        let first = unsafe { *argv };
-        if first.is_null() {
-            return Ok(String::new());
+        let mut out = Vec::with_capacity(argc as usize);
+        for i in 0..argc as usize {
+            // SAFETY: Slurm hands out argc entries in argv; i < argc.
+            let a = unsafe { *argv.add(i) };
+            if a.is_null() {
+                break;
+            }
+            // SAFETY: a is a NUL-terminated string owned by Slurm for this callback.
+            out.push(
+                unsafe { std::ffi::CStr::from_ptr(a) }
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
-        // SAFETY: first is a NUL-terminated string owned by Slurm for this callback.
-        Ok(unsafe { std::ffi::CStr::from_ptr(first) }
-            .to_string_lossy()
-            .into_owned())
+        Ok(out)
     }
 
     /// Memory allocated to the step, in MiB (0 = no limit).

@@ -10,8 +10,12 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Prefix of the restore step's name (the agent's `restore_command`).
 pub const RESTORE_STEP_PREFIX: &str = "rebalancer-restore:";
@@ -110,7 +114,7 @@ fn slurm_command(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn restore_steps(job: u32) -> Vec<RestoreStep> {
+pub fn restore_steps(job: u32) -> Vec<RestoreStep> {
     let out = Command::new(slurm_command("squeue"))
         .args(["-h", "-s", "-j", &job.to_string(), "-o", "%i|%j"])
         .stdin(Stdio::null())
@@ -120,6 +124,21 @@ fn restore_steps(job: u32) -> Vec<RestoreStep> {
         Ok(o) if o.status.success() => parse_steps(job, &String::from_utf8_lossy(&o.stdout)),
         _ => Vec::new(),
     }
+}
+
+/// The node step `job.step` runs on (`squeue -s -o "%i %N"`).
+fn step_node(job: u32, step: u32) -> Option<String> {
+    let out = Command::new(slurm_command("squeue"))
+        .args(["-h", "-s", "-j", &job.to_string(), "-o", "%i %N"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let id = format!("{job}.{step}");
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let (i, n) = l.trim().split_once(' ')?;
+        (i == id && !n.is_empty()).then(|| n.to_string())
+    })
 }
 
 /// Where srun sends the step's output: `srun --output=FILE` (without %-patterns) makes srun
@@ -194,6 +213,9 @@ fn attach(job: u32, step: u32, files: &OutputFiles) -> Option<i32> {
     let mut child = Command::new(slurm_command("sattach"))
         .arg("-v")
         .arg(format!("{job}.{step}"))
+        // Its own process group: a Ctrl-C on the terminal reaches srun only, which passes it on
+        // to the task (sattach would otherwise end and stop following).
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(Stdio::piped())
@@ -223,6 +245,8 @@ fn attach(job: u32, step: u32, files: &OutputFiles) -> Option<i32> {
 /// Follows the tasks of step `step` of job `job` that moved; returns the highest task status if
 /// any was followed.
 pub fn follow(job: u32, step: u32, files: &OutputFiles) -> Option<i32> {
+    let following: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
+    forward_signals(job, following.clone());
     let mut chain = BTreeSet::from([step]);
     let mut followed = BTreeSet::new();
     let mut status: Option<i32> = None;
@@ -231,11 +255,20 @@ pub fn follow(job: u32, step: u32, files: &OutputFiles) -> Option<i32> {
         if next.is_empty() {
             return status;
         }
+        following
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(next.iter().map(|s| s.step));
         let handles: Vec<_> = next
             .iter()
             .map(|s| {
+                let route = match (crate::quiet::sources().first(), step_node(job, s.step)) {
+                    (Some(from), Some(to)) => format!(" {from} -> {to}"),
+                    (None, Some(to)) => format!(" to {to}"),
+                    _ => String::new(),
+                };
                 crate::ffi::log_user(&format!(
-                    "rebalancer: task {} of step {job}.{} moved and runs on as step {job}.{}; following it",
+                    "rebalancer: task {} of step {job}.{} moved{route} and runs on as step {job}.{}; following it",
                     s.task, s.origin, s.step
                 ));
                 let (k, files) = (s.step, files.clone());
@@ -245,10 +278,128 @@ pub fn follow(job: u32, step: u32, files: &OutputFiles) -> Option<i32> {
         for (s, h) in next.iter().zip(handles) {
             followed.insert(s.step);
             chain.insert(s.step);
-            if let Ok(Some(c)) = h.join() {
+            let code = h.join();
+            // Signals go to a step only while srun is attached to it.
+            following
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&s.step);
+            if let Ok(Some(c)) = code {
                 status = Some(status.map_or(c, |p| p.max(c)));
             }
         }
+    }
+}
+
+/// Signals srun passes on to its tasks (srun's own set, as for a step it launched).
+pub const FORWARDED_SIGNALS: [libc::c_int; 8] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGCONT,
+];
+
+/// Write end of the pipe the signal handler writes signal numbers to (-1: none).
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = sig as u8;
+        // SAFETY: write(2) is async-signal-safe; b lives for the call. A full pipe drops the
+        // signal, as a busy kernel queue would.
+        unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+    }
+}
+
+/// `scancel --signal=SIG J.K`: Slurm delivers it to the restore step's task like any other
+/// step's, wherever it runs.
+/// Returns whether Slurm accepted the signal.
+pub fn signal_step(job: u32, step: u32, sig: libc::c_int) -> bool {
+    let out = Command::new(slurm_command("scancel"))
+        .arg(format!("--signal={sig}"))
+        .arg(format!("{job}.{step}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => true,
+        Ok(o) => {
+            crate::ffi::log_error(&format!(
+                "rebalancer: cannot pass signal {sig} on to step {job}.{step}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+            false
+        }
+        Err(e) => {
+            crate::ffi::log_error(&format!(
+                "rebalancer: cannot pass signal {sig} on to step {job}.{step}: scancel: {e}"
+            ));
+            false
+        }
+    }
+}
+
+/// While srun follows moved tasks, the signals it would forward to its step (Ctrl-C, `kill`)
+/// go to the restore steps it follows. srun's own handlers are replaced: its step is gone.
+fn forward_signals(job: u32, following: Arc<Mutex<BTreeSet<u32>>>) {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 returns.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    // SAFETY: pipe2 returned two fresh descriptors; the write end is kept for the process.
+    let read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    SIGNAL_PIPE.store(fds[1], Ordering::SeqCst);
+    for sig in FORWARDED_SIGNALS {
+        // SAFETY: a zeroed sigaction with a valid handler and an empty mask is well-formed.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+    }
+    let spawned = std::thread::Builder::new()
+        .name("rebalancer-signals".into())
+        .spawn(move || {
+            let mut b = 0u8;
+            loop {
+                // SAFETY: reads one byte into b from the pipe this thread owns.
+                let n = unsafe { libc::read(read.as_raw_fd(), (&mut b as *mut u8).cast(), 1) };
+                if n < 0
+                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                {
+                    continue;
+                }
+                if n != 1 {
+                    return;
+                }
+                let steps: Vec<u32> = following
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .copied()
+                    .collect();
+                for step in steps {
+                    signal_step(job, step, libc::c_int::from(b));
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        crate::ffi::log_error(&format!(
+            "rebalancer: cannot pass srun's signals on to moved tasks: {e}"
+        ));
     }
 }
 

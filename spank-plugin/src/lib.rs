@@ -16,6 +16,7 @@ pub mod dispatch;
 pub mod ffi;
 pub mod follow;
 pub mod local;
+pub mod quiet;
 pub mod remote;
 pub mod restore;
 pub mod sys;

@@ -20,7 +20,82 @@ pub fn init_post_opt(_sp: Spank) -> libc::c_int {
     if asked && config_or_complain("--migratable").is_none() {
         return -1;
     }
+    // Checked here, before srun creates the step, where the command line is known (a step that
+    // is refused later, in user_init, holds its CPUs for a while after srun left).
+    let wants = state()
+        .config
+        .clone()
+        .and_then(Result::ok)
+        .is_some_and(|cfg| opts.wants_container(&cfg));
+    if wants {
+        let args = own_cmdline();
+        if refuse_input(input_option(leading_options(&args))) {
+            return -1;
+        }
+    }
     0
+}
+
+/// Logs the refusal of `--input=VALUE` if a migratable task cannot have it; true if refused.
+fn refuse_input(input: Option<String>) -> bool {
+    let Some(input) = input.or_else(|| std::env::var("SLURM_STDINMODE").ok()) else {
+        return false;
+    };
+    let Some(why) = stdin_cannot_follow(&input) else {
+        return false;
+    };
+    ffi::log_error(&format!(
+        "rebalancer: --migratable cannot be used with --input={input}: {why}; drop \
+         --migratable, or let the program open its input file itself"
+    ));
+    true
+}
+
+fn own_cmdline() -> Vec<String> {
+    let Ok(raw) = std::fs::read("/proc/self/cmdline") else {
+        return Vec::new();
+    };
+    let mut args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if args.last().is_some_and(String::is_empty) {
+        args.pop();
+    }
+    args
+}
+
+/// srun's short options that take a value (its getopt string in Slurm 22.05-26.05).
+const SRUN_SHORT_WITH_VALUE: &str = "ABcCdDeGiJLmMnNopqrStTwWx";
+
+/// srun's options before the step's command, without knowing the command: srun's getopt stops
+/// at the first argument that is not an option. A long option's value given as a separate word
+/// (`--jobid 5`) ends the scan early, so this can miss an option but never reads the command's
+/// own arguments. Pure.
+pub fn leading_options(args: &[String]) -> &[String] {
+    let rest = args.get(1..).unwrap_or_default();
+    let mut i = 0;
+    while i < rest.len() {
+        let a = &rest[i];
+        if a == "--" || !a.starts_with('-') || a == "-" {
+            break;
+        }
+        if !a.starts_with("--") {
+            // A cluster of short flags; the first one that takes a value ends it, and takes the
+            // next word if nothing follows it in this one.
+            let flags = &a[1..];
+            if let Some((pos, _)) = flags
+                .char_indices()
+                .find(|(_, c)| SRUN_SHORT_WITH_VALUE.contains(*c))
+            {
+                if pos + 1 == flags.len() {
+                    i += 1;
+                }
+            }
+        }
+        i += 1;
+    }
+    &rest[..i.min(rest.len())]
 }
 
 pub fn user_init(sp: Spank) -> libc::c_int {
@@ -29,10 +104,17 @@ pub fn user_init(sp: Spank) -> libc::c_int {
         return 0;
     };
     if st.opts.wants_container(&cfg) && st.opts.restore.is_none() {
+        // The step's command is known here: a second look, for what init_post_opt missed.
+        let args = own_cmdline();
+        let command = sp.argv().unwrap_or_default();
+        if refuse_input(input_option(srun_options(&args, &command))) {
+            return -1;
+        }
         // Slurm passes no job to the exit callback in srun: keep the ids for it.
         if let (Ok(job), Ok(step)) = (sp.job_id(), sp.step_id()) {
             st.launched = Some((job, step, crate::follow::OutputFiles::default()));
             watch_output_files();
+            crate::quiet::install(job, step);
         }
         ffi::log_verbose(&format!(
             "rebalancer: tasks will run in migratable containers (class {}, mode {})",
@@ -50,6 +132,7 @@ pub fn exit(_sp: Spank) -> libc::c_int {
     let Some((job, step, files)) = launched else {
         return 0;
     };
+    crate::quiet::remove();
     if let Some(code) = crate::follow::follow(job, step, &files) {
         // SAFETY: fflush(NULL) flushes every stdio stream; _exit ends srun with the task's code
         // (srun calls this from its atexit handler, where exit() must not be called again).
@@ -82,5 +165,127 @@ fn watch_output_files() {
         ffi::log_verbose(&format!(
             "rebalancer: cannot watch srun's output files: {e}"
         ));
+    }
+}
+
+/// srun's own options: its argv without argv[0] and without the trailing step command. Pure.
+pub fn srun_options<'a>(args: &'a [String], command: &[String]) -> &'a [String] {
+    let rest = args.get(1..).unwrap_or_default();
+    if !command.is_empty() && rest.ends_with(command) {
+        &rest[..rest.len() - command.len()]
+    } else {
+        rest
+    }
+}
+
+/// The last `--input`/`-i` value among srun's options (getopt_long forms: `--input=V`,
+/// `--input V`, unique prefixes such as `--inp=V`, `-i V`, `-iV`). Pure.
+pub fn input_option(options: &[String]) -> Option<String> {
+    let is_input = |name: &str| name.len() >= 3 && "input".starts_with(name);
+    let mut found = None;
+    let mut it = options.iter();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            break;
+        }
+        if let Some(long) = a.strip_prefix("--") {
+            match long.split_once('=') {
+                Some((name, v)) if is_input(name) => found = Some(v.to_string()),
+                None if is_input(long) => found = it.next().cloned().or(found),
+                _ => {}
+            }
+        } else if let Some(v) = a.strip_prefix("-i") {
+            found = if v.is_empty() {
+                it.next().cloned().or(found)
+            } else {
+                Some(v.to_string())
+            };
+        }
+    }
+    found
+}
+
+/// Why a task with srun's `--input=VALUE` could not be migrated, or `None` if it can. `all`,
+/// `none` and a task number are srun's own stdin, which the task keeps as a pipe (lost after a
+/// move, like an interactive srun's: documented). A file name cannot follow: with a %-pattern
+/// slurmstepd opens one file per task outside the container (slurmstepd 22.05 then leaves the
+/// task without a waiter the agent accepts), and srun reads a plain file itself. Pure.
+pub fn stdin_cannot_follow(value: &str) -> Option<&'static str> {
+    if value.is_empty()
+        || matches!(value, "all" | "none")
+        || value.chars().all(|c| c.is_ascii_digit())
+    {
+        return None;
+    }
+    Some(if value.contains('%') {
+        "a per-task input file cannot follow a task that moves to another node"
+    } else {
+        "srun feeds the file from this node, and a task that moves to another node would lose it"
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn srun_input_is_read_from_its_own_options_only() {
+        let args = v(&["srun", "-n1", "--input=in%t", "prog", "-i", "x"]);
+        let command = v(&["prog", "-i", "x"]);
+        let opts = srun_options(&args, &command);
+        assert_eq!(opts, v(&["-n1", "--input=in%t"]).as_slice());
+        assert_eq!(input_option(opts).as_deref(), Some("in%t"));
+        // Without the command (SPANK did not give it), the whole line counts.
+        assert_eq!(srun_options(&args, &[]).len(), 5);
+
+        for (line, want) in [
+            (&["--input", "f"][..], Some("f")),
+            (&["--inp=g%t"][..], Some("g%t")),
+            (&["-i", "h"][..], Some("h")),
+            (&["-ik%n"][..], Some("k%n")),
+            (&["-n1", "--migratable"][..], None),
+            (&["--in=x"][..], None),
+            (&["--", "-ix"][..], None),
+            (&["-i", "a", "--input=b"][..], Some("b")),
+        ] {
+            assert_eq!(input_option(&v(line)).as_deref(), want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn leading_options_stop_at_the_command() {
+        let args = v(&["srun", "-n", "2", "-i", "in%t", "-lN1", "prog", "-i", "x"]);
+        assert_eq!(leading_options(&args), &args[1..6]);
+        assert_eq!(
+            input_option(leading_options(&args)).as_deref(),
+            Some("in%t")
+        );
+        let args = v(&[
+            "srun",
+            "-lw",
+            "node1",
+            "--input=f",
+            "--",
+            "prog",
+            "--input=g",
+        ]);
+        assert_eq!(input_option(leading_options(&args)).as_deref(), Some("f"));
+        // The command's own options are never read.
+        let args = v(&["srun", "prog", "-i", "x%t"]);
+        assert_eq!(input_option(leading_options(&args)), None);
+        assert!(leading_options(&v(&["srun"])).is_empty());
+    }
+
+    #[test]
+    fn file_inputs_are_refused_and_srun_stdin_is_not() {
+        for ok in ["all", "none", "0", "12", ""] {
+            assert_eq!(stdin_cannot_follow(ok), None, "{ok}");
+        }
+        assert!(stdin_cannot_follow("in%t").is_some_and(|w| w.contains("per-task")));
+        assert!(stdin_cannot_follow("/work/in.txt").is_some_and(|w| w.contains("srun feeds")));
     }
 }

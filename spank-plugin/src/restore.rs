@@ -227,7 +227,7 @@ pub fn run(
         "rebalancer: migration {migration}: container {} restored as task {name} (pid {root})",
         plan.container
     ));
-    supervise_and_exit(agent, root, &plan.container, &mask)
+    supervise_and_exit(agent, root, &plan.container, info.task.step_id, &mask)
 }
 
 /// In the helper child, in `slurm_spank_task_init` (stdio is now the step's): hand fds 0-2 to

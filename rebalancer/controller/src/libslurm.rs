@@ -11,6 +11,8 @@ use crate::slurm_sync::{NodeFlags, SlurmBackend, SlurmError, SlurmJob, SlurmNode
 pub struct LibslurmBackend {
     slurm: Slurm,
     last_update: Mutex<i64>,
+    /// For the `scontrol` calls libslurm's bindings lack (AdminComment).
+    conf: Option<std::path::PathBuf>,
 }
 
 fn api(e: rebalancer_slurm::Error) -> SlurmError {
@@ -23,6 +25,7 @@ impl LibslurmBackend {
         Ok(LibslurmBackend {
             slurm: Slurm::init(conf).map_err(api)?,
             last_update: Mutex::new(0),
+            conf: conf.map(Path::to_path_buf),
         })
     }
 }
@@ -100,5 +103,9 @@ impl SlurmBackend for LibslurmBackend {
 
     fn set_job_nodes(&self, job_id: u32, nodes: &[String]) -> Result<(), SlurmError> {
         self.slurm.shrink_job(job_id, &nodes.join(",")).map_err(api)
+    }
+
+    fn record_move(&self, job_id: u32, note: &str) -> Result<(), SlurmError> {
+        crate::slurm_sync::record_move_with_scontrol(self.conf.as_deref(), job_id, note)
     }
 }

@@ -71,6 +71,70 @@ pub trait SlurmBackend: Send + Sync + 'static {
     fn expand_job(&self, job_id: u32, node: &str) -> Result<(), SlurmError>;
     /// Sets a running job's node list to `nodes` (which no longer holds the node left behind).
     fn set_job_nodes(&self, job_id: u32, nodes: &[String]) -> Result<(), SlurmError>;
+    /// Records a move (a [`move_note`]) on the job where Slurm's tools show it. Backends that
+    /// cannot do so record nothing.
+    fn record_move(&self, _job_id: u32, _note: &str) -> Result<(), SlurmError> {
+        Ok(())
+    }
+}
+
+/// Longest AdminComment the rebalancer writes: slurmctld refuses longer comments (1024 bytes is
+/// Slurm's limit for job comments), and other notes on the job must keep room.
+pub const ADMIN_COMMENT_MAX: usize = 1000;
+/// Prefix of the rebalancer's notes in AdminComment.
+pub const NOTE_PREFIX: &str = "rebalancer:";
+const NOTE_SEP: &str = "; ";
+
+/// The AdminComment note of one move: `rebalancer: task T of step J.S moved A -> B (downtime N
+/// ms)`. Pure.
+pub fn move_note(
+    task: &rebalancer_proto::TaskRef,
+    source: &str,
+    destination: &str,
+    downtime_ms: Option<u64>,
+) -> String {
+    let step = match task.step_id {
+        0xffff_fffb => "batch".to_string(),
+        s => s.to_string(),
+    };
+    let mut n = format!(
+        "{NOTE_PREFIX} task {} of step {}.{step} moved {source} -> {destination}",
+        task.task_id, task.job_id
+    );
+    if let Some(d) = downtime_ms {
+        n.push_str(&format!(" (downtime {d} ms)"));
+    }
+    n
+}
+
+/// `existing` AdminComment with `note` appended, at most `limit` bytes: the oldest rebalancer
+/// notes go first; other text is never removed (if it leaves no room, the note is dropped).
+/// Pure.
+pub fn append_note(existing: &str, note: &str, limit: usize) -> String {
+    let mut parts: Vec<&str> = existing
+        .split(NOTE_SEP)
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    parts.push(note);
+    while parts.join(NOTE_SEP).len() > limit {
+        match parts.iter().position(|p| p.starts_with(NOTE_PREFIX)) {
+            Some(i) if i + 1 < parts.len() => {
+                parts.remove(i);
+            }
+            _ => return existing.trim().to_string(),
+        }
+    }
+    parts.join(NOTE_SEP)
+}
+
+/// The AdminComment of `scontrol show job J` (multi-line form: the value may hold spaces).
+pub fn parse_admin_comment(text: &str) -> String {
+    text.lines()
+        .find_map(|l| l.trim_start().strip_prefix("AdminComment="))
+        .map(|c| c.trim_end().to_string())
+        .filter(|c| c != "(null)")
+        .unwrap_or_default()
 }
 
 /// What the allocation needs after a container of `job` moved from `source` to `destination`.
@@ -175,8 +239,20 @@ impl ScontrolBackend {
 }
 
 fn run(prog: &str, args: &[&str]) -> Result<String, SlurmError> {
+    run_env(prog, args, None)
+}
+
+fn run_env(
+    prog: &str,
+    args: &[&str],
+    conf: Option<&std::path::Path>,
+) -> Result<String, SlurmError> {
     let cmd = format!("{prog} {}", args.join(" "));
-    let out = Command::new(prog)
+    let mut command = Command::new(prog);
+    if let Some(c) = conf {
+        command.env("SLURM_CONF", c);
+    }
+    let out = command
         .args(args)
         .output()
         .map_err(|source| SlurmError::Spawn {
@@ -380,6 +456,37 @@ impl SlurmBackend for ScontrolBackend {
         )?;
         Ok(())
     }
+
+    fn record_move(&self, job_id: u32, note: &str) -> Result<(), SlurmError> {
+        record_move_with_scontrol(None, job_id, note)
+    }
+}
+
+/// [`SlurmBackend::record_move`] with `scontrol` (libslurm's job update has no AdminComment in
+/// this project's bindings); `conf` sets `SLURM_CONF` for it.
+pub fn record_move_with_scontrol(
+    conf: Option<&std::path::Path>,
+    job_id: u32,
+    note: &str,
+) -> Result<(), SlurmError> {
+    let with_conf = |args: &[&str]| -> Result<String, SlurmError> {
+        match conf {
+            Some(c) => run_env("scontrol", args, Some(c)),
+            None => run("scontrol", args),
+        }
+    };
+    let job = job_id.to_string();
+    let existing = parse_admin_comment(&with_conf(&["show", "job", &job])?);
+    let comment = append_note(&existing, note, ADMIN_COMMENT_MAX);
+    if comment == existing {
+        return Ok(());
+    }
+    with_conf(&[
+        "update",
+        &format!("jobid={job}"),
+        &format!("AdminComment={comment}"),
+    ])?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -415,6 +522,31 @@ mod tests {
         assert_eq!(jobs[0].uid, 1000);
         assert_eq!(jobs[0].nodes, ["node1", "node2", "node4"]);
         assert_eq!(jobs[0].batch_host.as_deref(), Some("node1"));
+    }
+
+    #[test]
+    fn moves_are_noted_in_the_admin_comment_within_its_limit() {
+        let t = rebalancer_proto::TaskRef {
+            job_id: 12,
+            step_id: 0,
+            task_id: 1,
+        };
+        let n = move_note(&t, "node1", "node2", Some(185));
+        assert_eq!(
+            n,
+            "rebalancer: task 1 of step 12.0 moved node1 -> node2 (downtime 185 ms)"
+        );
+        assert_eq!(append_note("", &n, 1000), n);
+        let two = append_note(&format!("site note; {n}"), "rebalancer: x", 1000);
+        assert_eq!(two, format!("site note; {n}; rebalancer: x"));
+        // Full: the oldest rebalancer note goes, the site's note stays.
+        let full = append_note(&two, "rebalancer: y", two.len());
+        assert_eq!(full, "site note; rebalancer: x; rebalancer: y");
+        // No room even for the note alone next to the site's text: unchanged.
+        assert_eq!(append_note("site note", &n, 12), "site note");
+        let shown = "JobId=12 JobName=x\n   AdminComment=site note; rebalancer: a b \n   Power=\n";
+        assert_eq!(parse_admin_comment(shown), "site note; rebalancer: a b");
+        assert_eq!(parse_admin_comment("JobId=12\n"), "");
     }
 
     #[test]

@@ -179,8 +179,20 @@ impl Controller {
                     && c.state.is_live()
             })
             .map(|c| c.node);
+        let note = entry.record.task.as_ref().map(|t| {
+            crate::slurm_sync::move_note(t, &source, &destination, entry.record.stats.downtime_ms)
+        });
         let slurm = self.slurm.clone();
         let res = tokio::task::spawn_blocking(move || {
+            // The trail first: it is worth having even when the allocation cannot change.
+            if let Some(n) = &note {
+                if let Err(e) = slurm.record_move(job_id, n) {
+                    warn!(
+                        job = job_id,
+                        "cannot note the move in the job's AdminComment: {e}"
+                    );
+                }
+            }
             let Some(job) = slurm.job(job_id)? else {
                 return Ok::<_, crate::slurm_sync::SlurmError>(Some(format!(
                     "job {job_id} is not in Slurm"
