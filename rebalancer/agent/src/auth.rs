@@ -185,16 +185,23 @@ pub async fn bound_credential(
         return Ok(None);
     }
     let payload = binding.payload()?;
-    let out = run_munge("munge", socket, &[], payload.as_bytes()).await?;
+    encode(socket, &[], payload.as_bytes()).await.map(Some)
+}
+
+/// Runs munge (payload from `args` or stdin) and returns the credential.
+async fn encode(
+    socket: Option<&Path>,
+    args: &[String],
+    input: &[u8],
+) -> Result<String, AgentError> {
+    let out = run_munge("munge", socket, args, input).await?;
     if !out.status.success() {
         return Err(AgentError::Internal(format!(
             "munge could not create a credential: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    Ok(Some(
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    ))
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Verifies a peer's bound credential; returns the node it proves.
@@ -246,16 +253,7 @@ pub async fn credential(
         return Ok(None);
     }
     let args = ["--string".to_string(), format!("{PAYLOAD_PREFIX}{node}")];
-    let out = run_munge("munge", socket, &args, b"").await?;
-    if !out.status.success() {
-        return Err(AgentError::Internal(format!(
-            "munge could not create a credential: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(Some(
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    ))
+    encode(socket, &args, b"").await.map(Some)
 }
 
 /// Parses `unmunge` output into (uid, payload).
