@@ -191,8 +191,9 @@ impl Lab {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
     }
 
-    /// Stops the agents, gracefully first: an agent stops its containers and unmounts its
-    /// images tmpfs. `NetLab` removes the rest.
+    /// Stops the agents, gracefully first. An agent leaves its containers running on SIGTERM
+    /// (restarts must not kill jobs), so `NetLab` kills what runs in the lab's namespaces and
+    /// removes the rest.
     fn stop_agents(&mut self) {
         for i in 0..self.nodes.len() {
             if let Some(mut c) = self.nodes[i].agent.take() {
