@@ -67,14 +67,7 @@ fn srun_step_moves_off_a_drained_node_as(name: &'static str, as_user: bool) {
     let before = e.wait_container(job, 0, "node1", STARTUP);
     let cid = before["id"].as_str().expect("container id").to_owned();
     let addr = before["address"].as_str().expect("address").to_owned();
-    slurm_tests::wait_until("the server to listen", STARTUP, || {
-        Ok(if e.read("server.out").contains("listening") {
-            Poll::Done(())
-        } else {
-            Poll::Pending(e.read("server.out"))
-        })
-    })
-    .unwrap_or_else(|err| panic!("{err}\n{}", e.context()));
+    e.wait_output("server.out", "listening", "the server to listen", STARTUP);
     let pid0 = before["pid"].as_i64().expect("pid") as i32;
     let p0 = placement(pid0, job, "node1").unwrap_or_else(|err| panic!("{err}"));
     e.log(&format!(
@@ -178,14 +171,7 @@ fn batch_job_moves_and_keeps_its_exit_code() {
     let before = e.wait_container(job, 0, "node1", STARTUP);
     let cid = before["id"].as_str().expect("container id").to_owned();
     let addr = before["address"].as_str().expect("address").to_owned();
-    slurm_tests::wait_until("the server to listen", STARTUP, || {
-        Ok(if e.read(&out).contains("listening") {
-            Poll::Done(())
-        } else {
-            Poll::Pending(e.read(&out))
-        })
-    })
-    .unwrap_or_else(|err| panic!("{err}\n{}", e.context()));
+    e.wait_output(&out, "listening", "the server to listen", STARTUP);
     let pid0 = before["pid"].as_i64().expect("pid") as i32;
     let p0 = placement(pid0, job, "node1").unwrap_or_else(|err| panic!("{err}"));
     assert_eq!(p0.step, format!("{job}.batch"), "\n  {}", p0.chain);
@@ -296,14 +282,7 @@ fn two_node_step_moves_one_task() {
     let t0 = e.wait_container(job, 0, "node1", STARTUP);
     let t1 = e.wait_container(job, 1, "node2", STARTUP);
     for f in ["out-0.txt", "out-1.txt"] {
-        slurm_tests::wait_until(&format!("{f} to say listening"), STARTUP, || {
-            Ok(if e.read(f).contains("listening") {
-                Poll::Done(())
-            } else {
-                Poll::Pending(e.read(f))
-            })
-        })
-        .unwrap_or_else(|err| panic!("{err}\n{}", e.context()));
+        e.wait_output(f, "listening", &format!("{f} to say listening"), STARTUP);
     }
     let cid0 = t0["id"].as_str().expect("container id").to_owned();
     let addr0 = t0["address"].as_str().expect("address").to_owned();
@@ -471,14 +450,7 @@ fn a_swapped_stdin_file_is_refused_and_the_job_stays() {
         let out = format!("slurm-{job}.out");
         let c = e.wait_container(job, 0, "node1", STARTUP);
         let cid = c["id"].as_str().expect("container id").to_owned();
-        slurm_tests::wait_until("the job to swap its stdin", STARTUP, || {
-            Ok(if e.read(&out).contains("swapped") {
-                Poll::Done(())
-            } else {
-                Poll::Pending(e.read(&out))
-            })
-        })
-        .unwrap_or_else(|err| panic!("{err}\n{}", e.context()));
+        e.wait_output(&out, "swapped", "the job to swap its stdin", STARTUP);
         let pid = c["pid"].as_i64().expect("pid") as i32;
         let fd0 = fd_target(pid, 0);
         e.log(&format!("{name}: {cid} (pid {pid}) has stdin {fd0}"));

@@ -134,14 +134,7 @@ fn signals_reach_a_moved_task() {
     );
     let before = e.wait_container(job, 0, "node1", STARTUP);
     let cid = before["id"].as_str().expect("container id").to_owned();
-    slurm_tests::wait_until("the program to be ready", STARTUP, || {
-        Ok(if e.read("sig.out").contains("ready") {
-            Poll::Done(())
-        } else {
-            Poll::Pending(e.read("sig.out"))
-        })
-    })
-    .unwrap_or_else(|err| panic!("{err}\n{}", e.context()));
+    e.wait_output("sig.out", "ready", "the program to be ready", STARTUP);
 
     e.drain("node1", "signals test");
     let m = e.wait_migration(&cid);
@@ -152,15 +145,12 @@ fn signals_reach_a_moved_task() {
         .to_owned();
     e.assert_migrated(&m, "node1", &dest);
     e.wait_container(job, 0, &dest, SLURM);
-    slurm_tests::wait_until("srun to follow the moved task", SLURM, || {
-        let log = e.read("sig-srun.log");
-        Ok(if log.contains("following it") {
-            Poll::Done(())
-        } else {
-            Poll::Pending(log)
-        })
-    })
-    .unwrap_or_else(|err| panic!("{err}\n{}", e.context()));
+    e.wait_output(
+        "sig-srun.log",
+        "following it",
+        "srun to follow the moved task",
+        SLURM,
+    );
     // What the user's srun printed about the move: one line of the plugin's, none of Slurm's
     // kill messages for the source's part of the step.
     let log = e.read("sig-srun.log");

@@ -517,6 +517,20 @@ impl E2e {
         std::fs::read_to_string(self.path(name)).unwrap_or_default()
     }
 
+    /// Waits until the work dir's file NAME contains NEEDLE (`what` names the wait in the
+    /// failure, with the file's text and the test's context).
+    fn wait_output(&self, name: &str, needle: &str, what: &str, timeout: Duration) {
+        slurm_tests::wait_until(what, timeout, || {
+            let text = self.read(name);
+            Ok(if text.contains(needle) {
+                Poll::Done(())
+            } else {
+                Poll::Pending(text)
+            })
+        })
+        .unwrap_or_else(|err| panic!("{err}\n{}", self.context()));
+    }
+
     fn start_agents(&mut self) {
         let nodes = self.cluster().node_names();
         let munge = self.cluster().state_dir().join("munge/munge.socket");
