@@ -375,6 +375,30 @@ pub fn log_tail(dir: &Path, name: &str) -> String {
     format!("{} (log: {})", pick.join(" | "), p.display())
 }
 
+/// How a child process ended, in words for an error message: `exited with status 168`,
+/// `was killed by signal 9` (never Rust's `ExitStatus(unix_wait_status(..))` Debug text).
+pub fn exit_text(st: &std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match st {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exited with status {c}"),
+            (None, Some(sig)) => format!("was killed by signal {sig}"),
+            (None, None) => format!("ended ({s})"),
+        },
+        Err(e) => format!("could not be waited for: {e}"),
+    }
+}
+
+/// Joins a tool's multi-line output into one line, so that an error stays one line in the
+/// journal, in `rebalctl show migration` and in logs.
+pub fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 /// Runs criu to completion and maps failure to an error naming the log.
 pub async fn run(
     criu: &Path,
@@ -411,7 +435,11 @@ pub async fn run_in(
     if !out.status.success() {
         return Err(AgentError::Criu {
             action,
-            message: format!("{}: {}", out.status, log_tail(log_dir, log_name)),
+            message: format!(
+                "{}: {}",
+                exit_text(&Ok(out.status)),
+                log_tail(log_dir, log_name)
+            ),
         });
     }
     Ok(())
@@ -539,6 +567,18 @@ pub fn read_stats(dir: &Path, name: &str) -> Option<CriuStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_text_is_words_not_debug() {
+        use std::os::unix::process::ExitStatusExt;
+        let st = |raw| Ok(std::process::ExitStatus::from_raw(raw));
+        // 43008 is the wait status the issue quoted: exit status 168.
+        assert_eq!(exit_text(&st(43008)), "exited with status 168");
+        assert_eq!(exit_text(&st(9)), "was killed by signal 9");
+        let e = exit_text(&Err(std::io::Error::other("gone")));
+        assert_eq!(e, "could not be waited for: gone");
+        assert_eq!(one_line("a\n\n  b  \nc\n"), "a | b | c");
+    }
 
     #[test]
     fn dump_args_mark_net_and_mounts_external() {

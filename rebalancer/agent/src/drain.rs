@@ -107,7 +107,7 @@ pub fn run(
                     Ok(())
                 }
                 Reply::Migration { migration } => Err(DrainError::Unexpected(format!(
-                    "migration {} ended {:?}: {}",
+                    "migration {} ended {}: {}",
                     migration.id,
                     migration.state,
                     migration.error.unwrap_or_default()

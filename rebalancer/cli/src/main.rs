@@ -171,8 +171,22 @@ fn bad(m: impl Into<String>) -> ErrorReply {
     }
 }
 
+/// Why rebalctl fails: an error still to print, or one whose report is already on stdout
+/// (`policy check --json` with errors).
+enum Fail {
+    Error(ErrorReply),
+    Reported(ErrorCode),
+}
+
+impl From<ErrorReply> for Fail {
+    fn from(e: ErrorReply) -> Self {
+        Fail::Error(e)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.json;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -185,11 +199,27 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Fail::Reported(code)) => ExitCode::from(code.exit_code() as u8),
+        Err(Fail::Error(e)) => {
+            if json {
+                // Scripts read one JSON document on stdout whatever happens; people read stderr.
+                outln!("{}", error_json(&e));
+            }
             eprintln!("rebalctl: {}", e.message);
             ExitCode::from(e.code.exit_code() as u8)
         }
     }
+}
+
+/// `{"error": {"code": "not_found", "exit_status": 3, "message": "..."}}`.
+fn error_json(e: &ErrorReply) -> serde_json::Value {
+    serde_json::json!({
+        "error": {
+            "code": e.code,
+            "exit_status": e.code.exit_code(),
+            "message": e.message,
+        }
+    })
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<(), ErrorReply> {
@@ -233,14 +263,18 @@ fn read_sources(path: &Path) -> Result<Vec<PolicySource>, ErrorReply> {
         .collect()
 }
 
-async fn run(cli: Cli) -> Result<(), ErrorReply> {
+async fn run(cli: Cli) -> Result<(), Fail> {
     if let Cmd::Policy {
         cmd: PolicyCmd::Check { path: Some(p) },
     } = &cli.cmd
     {
         // No daemon needed: the policy crate is the one rebalancerd loads.
         let report = rebalancer_policy::check_sources(&read_sources(p)?);
-        return output(&cli, ControlReply::PolicyCheck { report });
+        return output(
+            &cli,
+            ControlReply::PolicyCheck { report },
+            &Extra::default(),
+        );
     }
     let (req, wait) = build(&cli.cmd)?;
     let mut client = client::Client::connect(&cli.socket).await?;
@@ -257,7 +291,29 @@ async fn run(cli: Cli) -> Result<(), ErrorReply> {
     }
     watch.finish();
     let reply = reply?;
-    output(&cli, reply)
+    let mut extra = Extra::default();
+    if matches!(reply, ControlReply::History { .. }) {
+        // How each started decision ended: the journal keeps the migration apart from the
+        // decision. A controller that cannot answer leaves the outcome as journaled.
+        let req = ControlRequest::ShowMigrations {
+            id: None,
+            active: false,
+        };
+        if let Ok(ControlReply::Migrations { migrations }) = client.call(&req, |_| {}).await {
+            extra.migrations = migrations
+                .into_iter()
+                .map(|m| (m.record.id.clone(), m.record))
+                .collect();
+        }
+    }
+    output(&cli, reply, &extra)
+}
+
+/// What a reply is shown with besides itself.
+#[derive(Default)]
+struct Extra {
+    /// Migration records by id, for `history`.
+    migrations: HashMap<String, rebalancer_proto::MigrationRecord>,
 }
 
 fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
@@ -342,13 +398,17 @@ fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
     })
 }
 
-fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
+fn output(cli: &Cli, reply: ControlReply, extra: &Extra) -> Result<(), Fail> {
     if cli.json {
         // A policy check with errors still prints its report, then fails.
         let failed = matches!(&reply, ControlReply::PolicyCheck { report } if !report.ok);
-        print_json(&json_payload(&reply))?;
+        let payload = match &reply {
+            ControlReply::History { decisions } => history_json(decisions, extra),
+            _ => json_payload(&reply),
+        };
+        print_json(&payload)?;
         return if failed {
-            Err(bad("policy check found errors"))
+            Err(Fail::Reported(ErrorCode::BadRequest))
         } else {
             Ok(())
         };
@@ -366,7 +426,7 @@ fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
         ControlReply::Containers { containers } => out!("{}", render::containers(&containers)),
         ControlReply::Migrations { migrations } if single => migrations
             .iter()
-            .for_each(|m| print_detail("Migration", &m.record.id, m)),
+            .for_each(|m| out!("{}", render::migration_detail(m))),
         ControlReply::Migrations { migrations } => out!("{}", render::migrations(&migrations)),
         ControlReply::Policies { policies } if single || matches!(cli.cmd, Cmd::Update { .. }) => {
             policies
@@ -382,7 +442,8 @@ fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
                 return Err(bad(format!(
                     "policy check found {} error(s)",
                     report.errors.len()
-                )));
+                ))
+                .into());
             }
             if report.policies.is_empty() {
                 outln!("policies valid");
@@ -409,7 +470,9 @@ fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
                 );
             }
         }
-        ControlReply::History { decisions } => out!("{}", render::history(&decisions)),
+        ControlReply::History { decisions } => {
+            out!("{}", render::history(&decisions, &extra.migrations))
+        }
         ControlReply::Plan { moves } if moves.is_empty() => outln!("no moves planned"),
         ControlReply::Plan { moves } => out!("{}", render::plan(&moves)),
         ControlReply::Done => outln!("done"),
@@ -417,13 +480,36 @@ fn output(cli: &Cli, reply: ControlReply) -> Result<(), ErrorReply> {
     Ok(())
 }
 
+/// `history --json`: the decisions, each with `result` and `result_reason` as the table shows
+/// them (a started decision takes its migration's end).
+fn history_json(
+    ds: &[rebalancer_proto::control::DecisionRecord],
+    extra: &Extra,
+) -> serde_json::Value {
+    let items = ds
+        .iter()
+        .map(|d| {
+            let m = d.migration.as_ref().and_then(|id| extra.migrations.get(id));
+            let (result, reason) = render::decision_result(d, m);
+            let mut v = serde_json::to_value(d).unwrap_or(serde_json::Value::Null);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("result".into(), result.into());
+                o.insert("result_reason".into(), reason.into());
+            }
+            v
+        })
+        .collect();
+    serde_json::Value::Array(items)
+}
+
 /// The reply without its envelope: `show nodes --json` prints the list of nodes, `policy check`
-/// its report; replies with several parts stay objects.
+/// its report, `ping` an object; replies with several parts stay objects.
 fn json_payload(reply: &ControlReply) -> serde_json::Value {
     let mut v = serde_json::to_value(reply).unwrap_or(serde_json::Value::Null);
+    let keep_object = matches!(reply, ControlReply::Pong { .. });
     if let Some(m) = v.as_object_mut() {
         m.remove("kind");
-        if m.len() == 1 {
+        if m.len() == 1 && !keep_object {
             if let Some((_, inner)) = m.iter().next() {
                 return inner.clone();
             }

@@ -3,7 +3,7 @@
 use rebalancer_proto::control::{
     DecisionRecord, MigrationEntry, NodeStatus, PlanItem, PolicyStatus,
 };
-use rebalancer_proto::{ContainerInfo, MigrationState, Millis};
+use rebalancer_proto::{ContainerInfo, MigrationRecord, MigrationState, Millis};
 use serde_json::Value;
 
 /// Left-aligned columns separated by two spaces; the last column is not padded.
@@ -142,12 +142,68 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 }
 
 pub fn state_str(s: MigrationState) -> &'static str {
-    match s {
-        MigrationState::Pending => "pending",
-        MigrationState::Running => "running",
-        MigrationState::Succeeded => "succeeded",
-        MigrationState::RolledBack => "rolled-back",
-        MigrationState::Failed => "failed",
+    s.as_str()
+}
+
+/// `2026-11-24T20:01:02.123Z`: phases are milliseconds apart.
+pub fn time_ms(ms: Millis) -> String {
+    let t = time(ms);
+    format!("{}.{:03}Z", t.trim_end_matches('Z'), ms % 1000)
+}
+
+/// `325 ms` below ten seconds, `12.4 s` above.
+pub fn duration(ms: u64) -> String {
+    if ms < 10_000 {
+        format!("{ms} ms")
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
+}
+
+/// One line of at most `max` characters for a table cell; the detail view shows all of it.
+pub fn clip(text: &str, max: usize) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= max {
+        line
+    } else {
+        let mut s: String = line.chars().take(max.saturating_sub(1)).collect();
+        s.push('…');
+        s
+    }
+}
+
+/// Why a migration ended as it did: its error, or `-` when it succeeded or still runs.
+pub fn migration_reason(r: &MigrationRecord) -> String {
+    match (&r.error, r.state) {
+        (Some(e), _) => e.clone(),
+        (None, MigrationState::RolledBack | MigrationState::Failed) => "no detail recorded".into(),
+        _ => "-".into(),
+    }
+}
+
+/// A decision's outcome and its reason. A started decision takes its migration's state once
+/// known, so that a rolled-back move does not read `started`.
+pub fn decision_result(d: &DecisionRecord, m: Option<&MigrationRecord>) -> (String, String) {
+    match (d.outcome, m) {
+        (rebalancer_proto::control::DecisionOutcome::Started, Some(r)) => {
+            let reason = match r.state {
+                MigrationState::Succeeded => match r.stats.downtime_ms {
+                    Some(ms) => format!("moved, downtime {ms} ms"),
+                    None => "moved".into(),
+                },
+                MigrationState::Pending | MigrationState::Running => r
+                    .phases
+                    .last()
+                    .map(|p| format!("in phase {}", p.phase))
+                    .unwrap_or_else(|| "starting".into()),
+                _ => migration_reason(r),
+            };
+            (r.state.as_str().into(), reason)
+        }
+        (o, _) => (
+            o.as_str().into(),
+            d.detail.clone().unwrap_or_else(|| "-".into()),
+        ),
     }
 }
 
@@ -257,6 +313,7 @@ pub fn migrations(ms: &[MigrationEntry]) -> String {
                 bytes(r.stats.bytes_sent),
                 e.policy.clone(),
                 time(r.started_at),
+                clip(&migration_reason(r), 60),
             ]
         })
         .collect::<Vec<_>>();
@@ -273,6 +330,7 @@ pub fn migrations(ms: &[MigrationEntry]) -> String {
             "BYTES",
             "POLICY",
             "STARTED",
+            "REASON",
         ],
         &rows,
     )
@@ -311,10 +369,17 @@ pub fn policies(ps: &[PolicyStatus]) -> String {
     )
 }
 
-pub fn history(ds: &[DecisionRecord]) -> String {
+/// Decisions with their outcome: `migrations` maps a migration id to its record, so that a
+/// started decision shows how its migration ended and why.
+pub fn history(
+    ds: &[DecisionRecord],
+    migrations: &std::collections::HashMap<String, MigrationRecord>,
+) -> String {
     let rows = ds
         .iter()
         .map(|d| {
+            let m = d.migration.as_ref().and_then(|id| migrations.get(id));
+            let (outcome, reason) = decision_result(d, m);
             vec![
                 d.seq.to_string(),
                 time(d.at),
@@ -322,12 +387,10 @@ pub fn history(ds: &[DecisionRecord]) -> String {
                 d.container.clone(),
                 format!("{}->{}", d.source, d.destination),
                 d.mode.to_string(),
-                d.outcome.as_str().into(),
+                outcome,
                 opt(d.migration.as_deref().map(short_id)),
-                match &d.detail {
-                    Some(x) => format!("{} ({x})", d.why),
-                    None => d.why.clone(),
-                },
+                clip(&reason, 60),
+                clip(&d.why, 80),
             ]
         })
         .collect::<Vec<_>>();
@@ -341,10 +404,147 @@ pub fn history(ds: &[DecisionRecord]) -> String {
             "MODE",
             "OUTCOME",
             "MIGRATION",
+            "REASON",
             "WHY",
         ],
         &rows,
     )
+}
+
+/// `show migration ID`: scontrol-style header lines, then a table of the phases with ISO-8601
+/// times and durations, then the pre-copy rounds.
+pub fn migration_detail(e: &MigrationEntry) -> String {
+    let r = &e.record;
+    let mut lines: Vec<Vec<String>> = Vec::new();
+    let task = r
+        .task
+        .as_ref()
+        .map(|t| {
+            vec![
+                format!("JobId={}", t.job_id),
+                format!("StepId={}.{}", t.job_id, t.step_id),
+                format!("Task={}", t.task_id),
+            ]
+        })
+        .unwrap_or_default();
+    let mut l1 = vec![format!("Container={}", r.container)];
+    l1.extend(task);
+    l1.push(format!("Policy={}", e.policy));
+    l1.push(format!("Decision={}", e.decision));
+    if let Some(u) = e.uid {
+        l1.push(format!("Uid={u}"));
+    }
+    lines.push(l1);
+    let mode = match r.mode {
+        Some(m) if m != r.requested_mode => format!("{m} (requested {})", r.requested_mode),
+        Some(m) => m.to_string(),
+        None => format!("{} (requested; not chosen yet)", r.requested_mode),
+    };
+    lines.push(vec![
+        format!("Source={}", r.source),
+        format!("Destination={}", r.destination),
+        format!("Mode={mode}"),
+        format!("State={}", r.state),
+    ]);
+    let mut times = vec![format!("Started={}", time_ms(r.started_at))];
+    times.push(format!("Ended={}", opt(r.ended_at.map(time_ms))));
+    let st = &r.stats;
+    let total = st
+        .total_ms
+        .or_else(|| r.ended_at.map(|x| x.saturating_sub(r.started_at)));
+    times.push(format!("Total={}", opt(total.map(duration))));
+    times.push(format!("Downtime={}", opt(st.downtime_ms.map(duration))));
+    times.push(format!("Frozen={}", opt(st.frozen_ms.map(duration))));
+    lines.push(times);
+    lines.push(vec![
+        format!("Sent={}", bytes(st.bytes_sent)),
+        format!("Rss={}", bytes(st.rss_bytes)),
+        format!("PagesWritten={}", st.pages_written),
+        format!("PagesLazy={}", st.pages_lazy),
+    ]);
+    let mut slurm = vec![format!(
+        "SlurmSynced={}",
+        if e.slurm_synced { "yes" } else { "no" }
+    )];
+    if let Some(k) = &e.slurm_kept_source {
+        slurm.push(format!("SlurmKeptSource={}", clip(k, 200)));
+    }
+    lines.push(slurm);
+    let mut out = format!("Migration={}\n", r.id);
+    for l in lines {
+        out.push_str("   ");
+        out.push_str(&l.join(" "));
+        out.push('\n');
+    }
+    // Free text goes on lines of its own, one line each, so that it never breaks a block.
+    for (k, v) in [
+        ("ModeReason", r.mode_reason.as_deref()),
+        ("Error", r.error.as_deref()),
+        ("SlurmError", e.slurm_error.as_deref()),
+    ] {
+        if let Some(v) = v {
+            out.push_str(&format!("   {k}={}\n", clip(v, usize::MAX)));
+        }
+    }
+    if !r.phases.is_empty() {
+        let now = rebalancer_proto::now_millis();
+        let rows: Vec<Vec<String>> = r
+            .phases
+            .iter()
+            .map(|p| {
+                let dur = match p.duration_ms() {
+                    Some(d) => duration(d),
+                    None if r.state.is_terminal() => "-".into(),
+                    None => format!("{} so far", duration(now.saturating_sub(p.started_at))),
+                };
+                vec![
+                    p.phase.to_string(),
+                    time_ms(p.started_at),
+                    opt(p.ended_at.map(time_ms)),
+                    dur,
+                ]
+            })
+            .collect();
+        out.push('\n');
+        for line in table(&["PHASE", "STARTED", "ENDED", "DURATION"], &rows).lines() {
+            out.push_str("   ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if !st.rounds.is_empty() {
+        let rows: Vec<Vec<String>> = st
+            .rounds
+            .iter()
+            .map(|x| {
+                vec![
+                    x.round.to_string(),
+                    x.pages_scanned.to_string(),
+                    x.pages_written.to_string(),
+                    x.pages_skipped_parent.to_string(),
+                    duration(x.duration_ms),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        for line in table(
+            &[
+                "ROUND",
+                "PAGES_SCANNED",
+                "PAGES_WRITTEN",
+                "SKIPPED_PARENT",
+                "DURATION",
+            ],
+            &rows,
+        )
+        .lines()
+        {
+            out.push_str("   ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 pub fn plan(ms: &[PlanItem]) -> String {

@@ -42,6 +42,32 @@ fn record(id: &str, state: MigrationState, phases: &[Phase]) -> MigrationRecord 
     }
 }
 
+/// A stop-and-copy move that failed at restore and rolled back, with a multi-line error.
+fn rolled_back() -> MigrationRecord {
+    let t0 = 1_795_550_462_000;
+    let mut r = record("feedface0001", MigrationState::RolledBack, &[]);
+    r.mode = Some(MigrationMode::StopAndCopy);
+    r.phases = [
+        (Phase::Prepare, 0, 12),
+        (Phase::Freeze, 12, 15),
+        (Phase::Dump, 15, 240),
+        (Phase::Restore, 240, 325),
+        (Phase::Rollback, 325, 330),
+    ]
+    .into_iter()
+    .map(|(phase, a, b)| PhaseRecord {
+        phase,
+        started_at: t0 + a,
+        ended_at: Some(t0 + b),
+    })
+    .collect();
+    r.error = Some(
+        "criu restore failed: srun exited with status 168 before registering:\nline two".into(),
+    );
+    r.ended_at = Some(t0 + 330);
+    r
+}
+
 fn entry(r: MigrationRecord) -> MigrationEntry {
     MigrationEntry {
         record: r,
@@ -156,6 +182,45 @@ async fn conn(mut s: UnixStream, seen: Seen) {
                     },
                 })
             }
+            ControlRequest::ShowMigrations { id, .. } => {
+                let all = vec![
+                    entry(rolled_back()),
+                    entry(record(
+                        "0123456789ab",
+                        MigrationState::Succeeded,
+                        &[Phase::Prepare],
+                    )),
+                ];
+                let ms: Vec<_> = all
+                    .into_iter()
+                    .filter(|m| {
+                        id.as_ref()
+                            .is_none_or(|i| m.record.id.starts_with(i.as_str()))
+                    })
+                    .collect();
+                if ms.is_empty() {
+                    err(ErrorCode::NotFound, "no migration 'zz' (or not yours)")
+                } else {
+                    ControlResponse::Ok(ControlReply::Migrations { migrations: ms })
+                }
+            }
+            ControlRequest::History { .. } => ControlResponse::Ok(ControlReply::History {
+                decisions: vec![DecisionRecord {
+                    seq: 4,
+                    at: 1_795_550_462_000,
+                    policy: "drain".into(),
+                    container: "j7.s0.t0".into(),
+                    task: None,
+                    uid: Some(0),
+                    source: "n1".into(),
+                    destination: "n2".into(),
+                    mode: MigrationMode::StopAndCopy,
+                    why: "n1 is DRAIN".into(),
+                    outcome: DecisionOutcome::Started,
+                    detail: None,
+                    migration: Some("feedface0001".into()),
+                }],
+            }),
             _ => err(ErrorCode::Unsupported, "fake"),
         };
         send(&mut s, FrameKind::Response, id, &resp).await;
@@ -324,5 +389,75 @@ async fn output_and_exit_codes() {
         o.stderr.contains("cannot reach rebalancerd"),
         "{}",
         o.stderr
+    );
+
+    // --json: errors are one JSON object on stdout, with the same exit status.
+    let o = rebalctl(&sock, &["--json", "migrate", "job=99"]).await;
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("a JSON error");
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    assert_eq!(v["error"]["exit_status"], 3, "{v}");
+    assert_eq!(v["error"]["message"], "job 99: no running container", "{v}");
+    let o = rebalctl(&sock, &["--json", "migrate", "job=x"]).await;
+    assert_eq!(o.code, 2);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("a JSON error");
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    let o = rebalctl(&sock, &["--json", "ping"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
+    assert_eq!(v, serde_json::json!({"software": "fake"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_read_as_outcomes_and_details() {
+    let (_dir, sock, _seen) = start();
+    // A started decision whose migration rolled back reads rolled-back, with the reason.
+    let o = rebalctl(&sock, &["history"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let row = o.stdout.lines().nth(1).expect("a row");
+    assert!(row.contains(" rolled-back "), "{}", o.stdout);
+    assert!(!row.contains(" started "), "{}", o.stdout);
+    assert!(row.contains("srun exited with status 168"), "{}", o.stdout);
+    let o = rebalctl(&sock, &["--json", "history"]).await;
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
+    assert_eq!(v[0]["result"], "rolled-back", "{v}");
+    assert_eq!(v[0]["outcome"], "started", "{v}");
+
+    // The table has a reason column, one line per migration.
+    let o = rebalctl(&sock, &["show", "migrations"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout.lines().next().expect("header").ends_with("REASON"),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(o.stdout.lines().count(), 3, "{}", o.stdout);
+
+    // The detail view: ISO-8601 times with milliseconds and a phase table, no flattened dump.
+    let o = rebalctl(&sock, &["show", "migration", "feedface"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let d = &o.stdout;
+    assert!(d.starts_with("Migration=feedface0001\n"), "{d}");
+    assert!(d.contains("State=rolled-back"), "{d}");
+    assert!(d.contains("Started=2026-11-24T20:01:02.000Z"), "{d}");
+    assert!(d.contains("Total=330 ms"), "{d}");
+    assert!(
+        d.contains(
+            "Error=criu restore failed: srun exited with status 168 before registering: line two\n"
+        ),
+        "{d}"
+    );
+    assert!(!d.contains("phases["), "{d}");
+    let dump = d
+        .lines()
+        .find(|l| l.trim_start().starts_with("dump "))
+        .expect("a dump row");
+    assert!(
+        dump.contains("2026-11-24T20:01:02.015Z") && dump.ends_with("225 ms"),
+        "{dump}"
+    );
+    assert!(
+        d.lines().any(|l| l.trim_start().starts_with("PHASE")),
+        "{d}"
     );
 }

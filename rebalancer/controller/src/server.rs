@@ -531,7 +531,7 @@ async fn operator_moves(
             return Err(err(
                 code,
                 format!(
-                    "migration {} of {} ended {:?}: {}",
+                    "migration {} of {} ended {}: {}",
                     m.record.id,
                     m.record.container,
                     m.record.state,

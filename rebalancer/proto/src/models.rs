@@ -348,11 +348,28 @@ pub enum MigrationState {
 }
 
 impl MigrationState {
+    /// The state as the CLI and the journal's JSON spell it (`rolled-back`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationState::Pending => "pending",
+            MigrationState::Running => "running",
+            MigrationState::Succeeded => "succeeded",
+            MigrationState::RolledBack => "rolled-back",
+            MigrationState::Failed => "failed",
+        }
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
             MigrationState::Succeeded | MigrationState::RolledBack | MigrationState::Failed
         )
+    }
+}
+
+impl fmt::Display for MigrationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -309,7 +309,7 @@ pub(super) async fn restore<H: Host>(
             let criu = if criu_log.exists() { format!("; criu: {}", criu::log_tail(images, "restore.log")) } else { String::new() };
             return Err(AgentError::Criu {
                 action: "restore (restore step)",
-                message: format!("{program} exited with {:?} before registering: {}{criu}", st.ok(), out.trim()),
+                message: format!("{program} {} before registering: {}{criu}", criu::exit_text(&st), criu::one_line(&out)),
             });
         }
         _ = host.sleep(Duration::from_secs(60)) => {

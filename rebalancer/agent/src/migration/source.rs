@@ -307,8 +307,10 @@ pub async fn run_with<H: Host>(
                         Some(st) if matches!(&st, Ok(s) if s.success()) => {}
                         Some(st) => {
                             tracing::error!(migration = %p.rec.id, status = ?st, "lazy page server failed after resume");
-                            lazy_error =
-                                Some(format!("lazy page server failed after resume: {st:?}"));
+                            lazy_error = Some(format!(
+                                "lazy page server failed after resume: it {}",
+                                crate::criu::exit_text(&st)
+                            ));
                         }
                         None => {
                             tracing::error!(migration = %p.rec.id, "lazy page transfer not finished in {limit:?}; stopping it");
