@@ -123,6 +123,15 @@ pub fn parse_history(words: &[String]) -> Result<Option<u32>, String> {
         .transpose()
 }
 
+/// `plan job=J node=NODE`, both optional.
+pub fn parse_plan(words: &[String]) -> Result<(Option<u32>, Option<String>), String> {
+    let kv = parse_kv(words, &[&["job", "jobid"], &["node", "nodename"]])?;
+    Ok((
+        get(&kv, "job").map(parse_job).transpose()?,
+        get(&kv, "node").map(str::to_string),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

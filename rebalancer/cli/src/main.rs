@@ -144,9 +144,19 @@ enum Cmd {
         #[arg(value_name = "KEY=VALUE")]
         args: Vec<String>,
     },
-    /// What the policies would do now: moves with their policy, action and why. Nothing is
-    /// executed and the policies' memory (hysteresis, cooldowns) does not advance.
-    Plan,
+    /// What the policies would do now: moves with their policy, action and why, why the
+    /// controller holds a move back (migrating, back-off after a failed start, limits), and
+    /// what the policies leave where it is and why (no destination and why each node was
+    /// rejected, not migratable, cooldown, limits, agent unreachable). Keys: job=J, node=NODE.
+    /// Nothing is executed and the policies' memory (hysteresis, cooldowns) does not advance.
+    #[command(
+        after_help = "Examples:\n  rebalctl plan\n  rebalctl plan job=42\n  rebalctl plan NodeName=node3"
+    )]
+    Plan {
+        /// job=J, node=NODE.
+        #[arg(value_name = "KEY=VALUE")]
+        args: Vec<String>,
+    },
     /// Check that rebalancerd answers.
     Ping,
 }
@@ -319,7 +329,10 @@ struct Extra {
 fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
     Ok(match cmd {
         Cmd::Ping => (ControlRequest::Ping, false),
-        Cmd::Plan => (ControlRequest::Plan, false),
+        Cmd::Plan { args } => {
+            let (job_id, node) = args::parse_plan(args).map_err(bad)?;
+            (ControlRequest::Explain { job_id, node }, false)
+        }
         Cmd::Show { what, name, active } => (
             match what {
                 What::Nodes => ControlRequest::ShowNodes { name: name.clone() },
@@ -455,19 +468,19 @@ fn output(cli: &Cli, reply: ControlReply, extra: &Extra) -> Result<(), Fail> {
             decisions,
             migrations,
         } => {
-            if migrations.is_empty() && decisions.is_empty() {
+            if migrations.is_empty() {
                 outln!("nothing to migrate");
-            }
-            if !migrations.is_empty() {
+            } else {
                 out!("{}", render::migrations(&migrations));
             }
             for d in decisions.iter().filter(|d| d.migration.is_none()) {
-                outln!(
-                    "{}: {} ({})",
-                    d.container,
-                    d.outcome.as_str(),
-                    d.detail.as_deref().unwrap_or(&d.why)
-                );
+                let detail = d.detail.as_deref().unwrap_or(&d.why);
+                if d.policy == "-" {
+                    // Work that cannot move (the controller's `unmovable`).
+                    outln!("stays on {}: {detail}", d.source);
+                } else {
+                    outln!("{}: {} ({detail})", d.container, d.outcome.as_str());
+                }
             }
         }
         ControlReply::History { decisions } => {
@@ -475,6 +488,17 @@ fn output(cli: &Cli, reply: ControlReply, extra: &Extra) -> Result<(), Fail> {
         }
         ControlReply::Plan { moves } if moves.is_empty() => outln!("no moves planned"),
         ControlReply::Plan { moves } => out!("{}", render::plan(&moves)),
+        ControlReply::Explanation { moves, unmoved } => {
+            if moves.is_empty() {
+                outln!("no moves planned");
+            } else {
+                out!("{}", render::plan(&moves));
+            }
+            if !unmoved.is_empty() {
+                outln!();
+                out!("{}", render::unmoved(&unmoved));
+            }
+        }
         ControlReply::Done => outln!("done"),
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! Tables (default), `key=value` detail blocks (one named object) and JSON (`--json`).
 
 use rebalancer_proto::control::{
-    DecisionRecord, MigrationEntry, NodeStatus, PlanItem, PolicyStatus,
+    DecisionRecord, MigrationEntry, NodeStatus, PlanItem, PolicyStatus, Unmoved,
 };
 use rebalancer_proto::{ContainerInfo, MigrationRecord, MigrationState, Millis};
 use serde_json::Value;
@@ -102,24 +102,7 @@ pub fn detail(v: &Value) -> String {
 
 /// `2026-11-24T20:01:02Z` from Unix milliseconds.
 pub fn time(ms: Millis) -> String {
-    let secs = (ms / 1000) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    rebalancer_proto::iso8601(ms)
 }
 
 pub fn bytes(b: u64) -> String {
@@ -548,30 +531,53 @@ pub fn migration_detail(e: &MigrationEntry) -> String {
 }
 
 pub fn plan(ms: &[PlanItem]) -> String {
+    let held = ms.iter().any(|m| m.held.is_some());
     let rows = ms
         .iter()
         .map(|m| {
-            vec![
+            let mut r = vec![
                 m.policy.clone(),
                 m.action.clone(),
                 m.container.clone(),
                 opt(m.job_id),
                 format!("{}->{}", m.source, m.destination),
                 m.mode.to_string(),
-                m.why.clone(),
+            ];
+            if held {
+                r.push(clip(m.held.as_deref().unwrap_or("-"), 70));
+            }
+            r.push(m.why.clone());
+            r
+        })
+        .collect::<Vec<_>>();
+    let mut headers = vec!["POLICY", "ACTION", "CONTAINER", "JOB", "MOVE", "MODE"];
+    if held {
+        headers.push("HELD");
+    }
+    headers.push("WHY");
+    table(&headers, &rows)
+}
+
+/// What the policies considered and leave where it is, with why.
+pub fn unmoved(us: &[Unmoved]) -> String {
+    let rows = us
+        .iter()
+        .map(|u| {
+            vec![
+                u.policy.clone(),
+                u.node.clone(),
+                u.container.clone().unwrap_or_else(|| "(node)".into()),
+                opt(u.job_id),
+                u.code.clone(),
+                match u.until {
+                    Some(t) => format!("{} (until {})", u.reason, time(t)),
+                    None => u.reason.clone(),
+                },
             ]
         })
         .collect::<Vec<_>>();
     table(
-        &[
-            "POLICY",
-            "ACTION",
-            "CONTAINER",
-            "JOB",
-            "MOVE",
-            "MODE",
-            "WHY",
-        ],
+        &["POLICY", "NODE", "CONTAINER", "JOB", "NOT MOVED", "WHY"],
         &rows,
     )
 }

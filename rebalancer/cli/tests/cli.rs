@@ -80,6 +80,20 @@ fn entry(r: MigrationRecord) -> MigrationEntry {
     }
 }
 
+fn thermal_move(held: Option<String>) -> PlanItem {
+    PlanItem {
+        policy: "thermal".into(),
+        container: "j7.s0.t0".into(),
+        job_id: Some(7),
+        source: "n1".into(),
+        destination: "n2".into(),
+        mode: MigrationMode::PostCopy,
+        action: "recommend".into(),
+        why: "n1 at 91 C above 85 C".into(),
+        held,
+    }
+}
+
 async fn send<T: serde::Serialize>(s: &mut UnixStream, kind: FrameKind, id: u32, m: &T) {
     let _ = write_frame_async(s, &Frame::json(kind, id, m).expect("frame")).await;
 }
@@ -153,16 +167,34 @@ async fn conn(mut s: UnixStream, seen: Seen) {
                 })
             }
             ControlRequest::Plan => ControlResponse::Ok(ControlReply::Plan {
+                moves: vec![thermal_move(None)],
+            }),
+            // Job 8 asks for the held move and what stays.
+            ControlRequest::Explain {
+                job_id: Some(8), ..
+            } => ControlResponse::Ok(ControlReply::Explanation {
                 moves: vec![PlanItem {
-                    policy: "thermal".into(),
-                    container: "j7.s0.t0".into(),
-                    job_id: Some(7),
-                    source: "n1".into(),
-                    destination: "n2".into(),
-                    mode: MigrationMode::PostCopy,
-                    action: "recommend".into(),
-                    why: "n1 at 91 C above 85 C".into(),
+                    container: "j8.s0.t0".into(),
+                    job_id: Some(8),
+                    action: "automatic".into(),
+                    ..thermal_move(Some(
+                        "backing off after a failed start until 2026-11-24T20:02:02Z: agent on n2 refused".into(),
+                    ))
                 }],
+                unmoved: vec![Unmoved {
+                    policy: "drain".into(),
+                    node: "n1".into(),
+                    container: Some("j8.s1.t0".into()),
+                    job_id: Some(8),
+                    code: "no-destination".into(),
+                    reason: "no destination fits: n2: not enough free CPUs; n3: node state DRAIN"
+                        .into(),
+                    until: None,
+                }],
+            }),
+            ControlRequest::Explain { .. } => ControlResponse::Ok(ControlReply::Explanation {
+                moves: vec![thermal_move(None)],
+                unmoved: vec![],
             }),
             ControlRequest::Evacuate { .. } => {
                 err(ErrorCode::PermissionDenied, "uid 1000 may not evacuate")
@@ -460,4 +492,28 @@ async fn results_read_as_outcomes_and_details() {
         d.lines().any(|l| l.trim_start().starts_with("PHASE")),
         "{d}"
     );
+
+    // plan explains: why a move is held back, what stays and why, for one job.
+    let o = rebalctl(&sock, &["plan", "JobId=8"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert!(lines[0].contains(" HELD "), "{}", o.stdout);
+    assert!(
+        lines[1].contains("backing off after a failed start until 2026-11-24T20:02:02Z"),
+        "{}",
+        o.stdout
+    );
+    let stays = lines
+        .iter()
+        .position(|l| l.starts_with("POLICY") && l.contains("NOT MOVED"))
+        .expect("a not-moved table");
+    assert!(
+        lines[stays + 1].contains("j8.s1.t0")
+            && lines[stays + 1].contains("no-destination")
+            && lines[stays + 1].contains("n2: not enough free CPUs; n3: node state DRAIN"),
+        "{}",
+        o.stdout
+    );
+    let o = rebalctl(&sock, &["plan", "colour=red"]).await;
+    assert_eq!(o.code, 2, "{}", o.stderr);
 }

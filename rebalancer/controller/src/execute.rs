@@ -191,10 +191,15 @@ impl Controller {
             error!(container = %decision.container, "cannot journal a decision: {je}");
         }
         self.metrics.record_decision(&decision.policy, "failed");
-        // Frees the slot and holds the container back from automatic moves for a while.
-        let left = write(&self.state)
-            .in_flight
-            .start_failed(&decision.container, now_millis());
+        // Frees the slot and holds the container back from automatic moves for a while; an
+        // operator's failed request does not hold back the policies.
+        let left = if decision.policy.starts_with("operator:") {
+            write(&self.state).in_flight.remove(&decision.container)
+        } else {
+            write(&self.state)
+                .in_flight
+                .start_failed(&decision.container, now_millis())
+        };
         self.metrics.in_flight.set(left as i64);
         if let Some(p) = progress {
             let _ = p.send(Progress::Ended {

@@ -144,6 +144,14 @@ impl Migrations {
             .is_some_and(|t| now.saturating_sub(*t) < RETRY_AFTER_FAILURE_MS)
     }
 
+    /// When the back-off after a failed start ends, while it holds the container back.
+    pub fn backing_off_until(&self, container: &str, now: Millis) -> Option<Millis> {
+        self.failed_starts
+            .get(container)
+            .map(|t| t.saturating_add(RETRY_AFTER_FAILURE_MS))
+            .filter(|until| *until > now)
+    }
+
     /// Remembers that the container's job was expanded for its migration; ignored (false)
     /// unless the container holds a slot.
     pub fn expanded(&mut self, container: &str, x: Expansion) -> bool {
@@ -286,6 +294,14 @@ mod tests {
         assert!(m.backing_off("c1", 1_000 + RETRY_AFTER_FAILURE_MS - 1));
         assert!(!m.backing_off("c1", 1_000 + RETRY_AFTER_FAILURE_MS));
         assert!(!m.backing_off("c2", 1_000));
+        assert_eq!(
+            m.backing_off_until("c1", 1_000),
+            Some(1_000 + RETRY_AFTER_FAILURE_MS)
+        );
+        assert_eq!(
+            m.backing_off_until("c1", 1_000 + RETRY_AFTER_FAILURE_MS),
+            None
+        );
     }
 
     #[test]

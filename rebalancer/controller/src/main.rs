@@ -156,9 +156,7 @@ async fn daemon(cfg: Config) -> anyhow::Result<()> {
         )
     } else {
         warn!(path = %cfg.policies.display(), "no policies; the built-in drain policy applies");
-        Box::new(BuiltinPlanner {
-            mode: Some(cfg.migration.default_mode),
-        })
+        Box::new(BuiltinPlanner::new(Some(cfg.migration.default_mode)))
     };
     let listener = server::bind(&cfg.socket)
         .with_context(|| format!("cannot bind the control socket {}", cfg.socket.display()))?;

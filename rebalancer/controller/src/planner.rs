@@ -107,6 +107,29 @@ pub struct PlannedMove {
     pub action: PlanAction,
 }
 
+/// Something a policy considered and did not move, with why (the planner's skips).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkipNote {
+    pub policy: String,
+    pub node: String,
+    /// None when the whole node was skipped.
+    pub container: Option<ContainerId>,
+    /// Kebab-case code: `no-destination`, `not-migratable`, `job-cooldown`, ...
+    pub code: String,
+    pub reason: String,
+}
+
+impl SkipNote {
+    /// Whether an operator wants to hear of it: a trigger that is quiet, a container outside
+    /// the policy's scope or one already moving is not "a move that does not happen".
+    pub fn worth_telling(&self) -> bool {
+        !matches!(
+            self.code.as_str(),
+            "in-band" | "out-of-scope" | "in-flight" | "already-planned"
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyInfo {
     pub name: String,
@@ -139,6 +162,18 @@ pub trait Planner: Send + 'static {
         input: &PlanInput,
         states: &BTreeMap<String, PolicyState>,
     ) -> Vec<PlannedMove>;
+    /// Like [`Planner::preview`], with what the policies considered and did not move.
+    fn explain(
+        &self,
+        input: &PlanInput,
+        states: &BTreeMap<String, PolicyState>,
+    ) -> (Vec<PlannedMove>, Vec<SkipNote>) {
+        (self.preview(input, states), Vec::new())
+    }
+    /// The skips of the last [`Planner::plan`] run (taken once, for the journal).
+    fn take_skips(&mut self) -> Vec<SkipNote> {
+        Vec::new()
+    }
     /// A move made outside the planner (operator request), so that cooldowns count it.
     fn record_move(&mut self, _job_id: u32, _source: &str, _destination: &str, _at: Millis) {}
     /// Planner memory (hysteresis, cooldowns) to journal, and to restore after a restart.
@@ -246,6 +281,17 @@ pub fn choose_destination(
 #[derive(Debug, Default)]
 pub struct BuiltinPlanner {
     pub mode: Option<MigrationMode>,
+    /// Skips of the last `plan` run.
+    skips: Vec<SkipNote>,
+}
+
+impl BuiltinPlanner {
+    pub fn new(mode: Option<MigrationMode>) -> Self {
+        BuiltinPlanner {
+            mode,
+            skips: Vec::new(),
+        }
+    }
 }
 
 pub const BUILTIN_DRAIN: &str = "builtin-drain";
@@ -256,7 +302,21 @@ impl Planner for BuiltinPlanner {
         input: &PlanInput,
         states: &BTreeMap<String, PolicyState>,
     ) -> Vec<PlannedMove> {
-        BuiltinPlanner { mode: self.mode }.plan(input, states)
+        BuiltinPlanner::new(self.mode).plan(input, states)
+    }
+
+    fn explain(
+        &self,
+        input: &PlanInput,
+        states: &BTreeMap<String, PolicyState>,
+    ) -> (Vec<PlannedMove>, Vec<SkipNote>) {
+        let mut p = BuiltinPlanner::new(self.mode);
+        let moves = p.plan(input, states);
+        (moves, p.skips)
+    }
+
+    fn take_skips(&mut self) -> Vec<SkipNote> {
+        std::mem::take(&mut self.skips)
     }
 
     fn reload(&mut self, _path: &Path) -> Result<(), Vec<String>> {
@@ -306,20 +366,42 @@ impl Planner for BuiltinPlanner {
         };
         let mut reserved: BTreeMap<String, (u32, u64)> = BTreeMap::new();
         let mut out = Vec::new();
+        let mut skips = Vec::new();
+        let skip = |node: &str, container: Option<&str>, code: &str, reason: String| SkipNote {
+            policy: BUILTIN_DRAIN.into(),
+            node: node.into(),
+            container: container.map(str::to_string),
+            code: code.into(),
+            reason,
+        };
         for n in &input.nodes {
             let Some(reason) = n.flags.evacuate_reason() else {
                 continue;
             };
             if !n.agent_up {
                 // CRIU runs on the source: nothing can leave a node whose agent is gone.
-                tracing::warn!(policy = BUILTIN_DRAIN, node = %n.name, "cannot evacuate: agent unreachable");
+                tracing::debug!(policy = BUILTIN_DRAIN, node = %n.name, "cannot evacuate: agent unreachable");
+                skips.push(skip(
+                    &n.name,
+                    None,
+                    "source-down",
+                    format!(
+                        "{} is {reason} but its agent is unreachable; CRIU runs on the source",
+                        n.name
+                    ),
+                ));
                 continue;
             }
-            for c in input
-                .containers
-                .iter()
-                .filter(|c| c.node == n.name && c.migratable)
-            {
+            for c in input.containers.iter().filter(|c| c.node == n.name) {
+                if !c.migratable {
+                    skips.push(skip(
+                        &n.name,
+                        Some(&c.id),
+                        "not-migratable",
+                        format!("job {} was not started with --migratable", c.job_id),
+                    ));
+                    continue;
+                }
                 if input.in_flight.iter().any(|f| f.container == c.id) {
                     continue;
                 }
@@ -341,11 +423,13 @@ impl Planner for BuiltinPlanner {
                         });
                     }
                     Err(e) => {
-                        tracing::warn!(policy = BUILTIN_DRAIN, container = %c.id, job = c.job_id, node = %n.name, "cannot evacuate: {e}");
+                        tracing::debug!(policy = BUILTIN_DRAIN, container = %c.id, job = c.job_id, node = %n.name, "cannot evacuate: {e}");
+                        skips.push(skip(&n.name, Some(&c.id), "no-destination", e));
                     }
                 }
             }
         }
+        self.skips = skips;
         out
     }
 }

@@ -9,11 +9,21 @@ use rebalancer_proto::control::{PolicyCheckReport, PolicySource, PolicyState};
 use rebalancer_proto::{MigrationMode, Millis};
 use tracing::{debug, warn};
 
-use crate::planner::{PlanAction, PlanInput, PlannedMove, Planner, PolicyInfo};
+use crate::planner::{PlanAction, PlanInput, PlannedMove, Planner, PolicyInfo, SkipNote};
 
 pub struct PolicyPlanner {
     set: pol::PolicySet,
     state: pol::PolicyState,
+    /// Skips of the last `plan` run.
+    skips: Vec<SkipNote>,
+}
+
+/// The skip code as the policy crate spells it in JSON (`no-destination`).
+fn code_str(c: pol::SkipCode) -> String {
+    serde_json::to_value(c)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{c:?}"))
 }
 
 fn problems(e: pol::LoadError) -> Vec<String> {
@@ -107,6 +117,7 @@ impl PolicyPlanner {
         Ok(PolicyPlanner {
             set: load(path)?,
             state: pol::PolicyState::default(),
+            skips: Vec::new(),
         })
     }
 
@@ -181,6 +192,17 @@ impl Planner for PolicyPlanner {
         for s in &plan.skips {
             debug!(policy = %s.policy, node = %s.node, container = s.container.as_deref().unwrap_or(""), code = ?s.code, "skip: {}", s.reason);
         }
+        self.skips = plan
+            .skips
+            .iter()
+            .map(|s| SkipNote {
+                policy: s.policy.clone(),
+                node: s.node.clone(),
+                container: s.container.clone(),
+                code: code_str(s.code),
+                reason: s.reason.clone(),
+            })
+            .collect();
         plan.decisions
             .into_iter()
             .map(|d| PlannedMove {
@@ -205,11 +227,25 @@ impl Planner for PolicyPlanner {
         input: &PlanInput,
         states: &BTreeMap<String, PolicyState>,
     ) -> Vec<PlannedMove> {
+        self.explain(input, states).0
+    }
+
+    fn explain(
+        &self,
+        input: &PlanInput,
+        states: &BTreeMap<String, PolicyState>,
+    ) -> (Vec<PlannedMove>, Vec<SkipNote>) {
         let mut copy = PolicyPlanner {
             set: self.set.clone(),
             state: self.state.clone(),
+            skips: Vec::new(),
         };
-        copy.plan(input, states)
+        let moves = copy.plan(input, states);
+        (moves, copy.skips)
+    }
+
+    fn take_skips(&mut self) -> Vec<SkipNote> {
+        std::mem::take(&mut self.skips)
     }
 
     fn record_move(&mut self, job_id: u32, source: &str, destination: &str, at: Millis) {

@@ -8,12 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rebalancer_proto::channel::{AsyncChannel, ChannelConfig};
+use rebalancer_proto::control::MigrateTarget;
 use rebalancer_proto::control::{
     ControlReply, ControlRequest, ControlResponse, DecisionOutcome, DecisionRecord, MigrationEntry,
-    PlanItem, PolicyCheckReport, PolicyStatus,
+    PlanItem, PolicyCheckReport, PolicyStatus, Unmoved,
 };
 use rebalancer_proto::frame::FrameKind;
-use rebalancer_proto::{now_millis, ErrorCode, ErrorReply, Hello, MigrationMode, ProtoError, Role};
+use rebalancer_proto::{
+    now_millis, ContainerState, ErrorCode, ErrorReply, Hello, MigrationMode, ProtoError, Role,
+};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -259,33 +262,21 @@ pub async fn handle(
             Ok(ControlReply::History { decisions })
         }
         ControlRequest::Plan => {
-            let input = ctl.plan_input();
-            let states = ctl.state().policy_states.clone();
-            let moves = ctl.planner().preview(&input, &states);
+            let (moves, _) = explain(ctl, caller, None, None);
             let moves = moves
                 .into_iter()
-                .filter_map(|m| {
-                    let c = input.containers.iter().find(|c| c.id == m.container)?;
-                    if !ctl.access.sees(caller, Some(c.uid)) {
-                        return None;
-                    }
-                    let action = match states.get(&m.policy) {
-                        Some(rebalancer_proto::control::PolicyState::DryRun) => PlanAction::DryRun,
-                        _ => m.action,
-                    };
-                    Some(PlanItem {
-                        job_id: (c.job_id > 0).then_some(c.job_id),
-                        action: action.as_str().into(),
-                        policy: m.policy,
-                        container: m.container,
-                        source: m.source,
-                        destination: m.destination,
-                        mode: m.mode,
-                        why: m.why,
-                    })
-                })
+                .map(|m| PlanItem { held: None, ..m })
                 .collect();
             Ok(ControlReply::Plan { moves })
+        }
+        ControlRequest::Explain { job_id, node } => {
+            if let Some(n) = &node {
+                if !ctl.node_names().contains(n) {
+                    return Err(err(ErrorCode::NotFound, format!("no node named '{n}'")));
+                }
+            }
+            let (moves, unmoved) = explain(ctl, caller, job_id, node.as_deref());
+            Ok(ControlReply::Explanation { moves, unmoved })
         }
         ControlRequest::Migrate {
             target,
@@ -295,10 +286,24 @@ pub async fn handle(
         } => {
             let containers = ctl.resolve_target(&target);
             if containers.is_empty() {
-                return Err(err(
-                    ErrorCode::NotFound,
-                    format!("{target}: no running container"),
-                ));
+                let (job, step) = match &target {
+                    MigrateTarget::Job { job_id } => (Some(*job_id), None),
+                    MigrateTarget::Step { job_id, step_id } => (Some(*job_id), Some(*step_id)),
+                    MigrateTarget::Container { .. } => (None, None),
+                };
+                let why = job
+                    .map(|j| unmovable(ctl, None, Some(j), step))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|d| ctl.access.sees(caller, d.uid))
+                    .filter_map(|d| d.detail)
+                    .collect::<Vec<_>>();
+                let message = if why.is_empty() {
+                    format!("{target}: no running container (Slurm does not list it as running)")
+                } else {
+                    format!("{target}: nothing to migrate: {}", why.join("; "))
+                };
+                return Err(err(ErrorCode::NotFound, message));
             }
             let why = format!("rebalctl migrate {target} by uid {}", caller.uid);
             operator_moves(
@@ -324,16 +329,285 @@ pub async fn handle(
                 .into_iter()
                 .filter(|c| c.node == node && c.migratable)
                 .collect();
+            // What stays on the node, named in the answer so that an evacuation that leaves
+            // work behind says so.
+            let stays: Vec<DecisionRecord> = unmovable(ctl, Some(&node), None, None)
+                .into_iter()
+                .filter(|d| ctl.access.sees(caller, d.uid))
+                .collect();
             if containers.is_empty() {
                 return Ok(ControlReply::Migrated {
-                    decisions: vec![],
+                    decisions: stays,
                     migrations: vec![],
                 });
             }
             let why = format!("rebalctl evacuate node={node} by uid {}", caller.uid);
-            operator_moves(ctl, caller, containers, None, mode, why, watch, sock, id).await
+            let mut reply =
+                operator_moves(ctl, caller, containers, None, mode, why, watch, sock, id).await?;
+            if let ControlReply::Migrated { decisions, .. } = &mut reply {
+                decisions.extend(stays);
+            }
+            Ok(reply)
         }
     }
+}
+
+/// Work the rebalancer cannot move, as skipped decisions (not journaled): Slurm jobs running
+/// on `node` (or the job `job`) without a container — started without `--migratable` — and
+/// containers that are not running (exited, being restored, moved away).
+fn unmovable(
+    ctl: &Controller,
+    node: Option<&str>,
+    job: Option<u32>,
+    step: Option<u32>,
+) -> Vec<DecisionRecord> {
+    let containers = ctl.containers();
+    let st = ctl.state();
+    let mut out = Vec::new();
+    let note = |subject: String, uid: Option<u32>, source: &str, detail: String| DecisionRecord {
+        seq: 0,
+        at: now_millis(),
+        policy: "-".into(),
+        container: subject,
+        task: None,
+        uid,
+        source: source.into(),
+        destination: "-".into(),
+        mode: MigrationMode::Auto,
+        why: "not movable".into(),
+        outcome: DecisionOutcome::Skipped,
+        detail: Some(detail),
+        migration: None,
+    };
+    for j in st.jobs.values() {
+        if job.is_some_and(|x| x != j.job_id) || !j.state.eq_ignore_ascii_case("RUNNING") {
+            continue;
+        }
+        for n in &j.nodes {
+            if node.is_some_and(|x| x != n) {
+                continue;
+            }
+            let here: Vec<_> = containers
+                .iter()
+                .filter(|c| {
+                    c.node == *n
+                        && c.task.as_ref().is_some_and(|t| {
+                            t.job_id == j.job_id && step.is_none_or(|s| s == t.step_id)
+                        })
+                })
+                .collect();
+            if here.is_empty() {
+                out.push(note(
+                    format!("job {}", j.job_id),
+                    Some(j.uid),
+                    n,
+                    format!(
+                        "job {} runs on {n} without a container: it was not started with \
+                         --migratable, so its tasks cannot move",
+                        j.job_id
+                    ),
+                ));
+            }
+            for c in here
+                .into_iter()
+                .filter(|c| c.state != ContainerState::Running)
+            {
+                out.push(note(
+                    c.id.clone(),
+                    Some(c.uid),
+                    n,
+                    format!(
+                        "container {} is {}, not running",
+                        c.id,
+                        container_state(c.state)
+                    ),
+                ));
+            }
+        }
+    }
+    if job.is_none() {
+        // Containers outside any Slurm job the controller knows (agent-run containers).
+        for c in containers.iter().filter(|c| {
+            node.is_some_and(|n| n == c.node)
+                && c.state != ContainerState::Running
+                && c.task
+                    .as_ref()
+                    .is_none_or(|t| !st.jobs.contains_key(&t.job_id))
+        }) {
+            out.push(note(
+                c.id.clone(),
+                Some(c.uid),
+                &c.node,
+                format!(
+                    "container {} is {}, not running",
+                    c.id,
+                    container_state(c.state)
+                ),
+            ));
+        }
+    }
+    out
+}
+
+fn container_state(s: ContainerState) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{s:?}"))
+}
+
+/// What the policies would do now, each move with why the controller holds it back (if it
+/// does), and what they considered and leave where it is, with why; only what the caller may
+/// see, and only one job's or one node's when asked.
+fn explain(
+    ctl: &Controller,
+    caller: &Caller,
+    job_id: Option<u32>,
+    node: Option<&str>,
+) -> (Vec<PlanItem>, Vec<Unmoved>) {
+    let input = ctl.plan_input();
+    let states = ctl.state().policy_states.clone();
+    let (moves, skips) = ctl.planner().explain(&input, &states);
+    let now = now_millis();
+    let limits = &ctl.cfg.migration;
+    // The reason of each container's last failed start, for the back-off's explanation.
+    let failures: BTreeMap<String, String> = ctl
+        .journal
+        .decisions(1000)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| d.outcome == DecisionOutcome::Failed)
+        .map(|d| (d.container, d.detail.unwrap_or_default()))
+        .collect();
+    let wanted = |job: u32, nodes: &[&str]| {
+        job_id.is_none_or(|j| j == job) && node.is_none_or(|n| nodes.contains(&n))
+    };
+    let st = ctl.state();
+    let moves = moves
+        .into_iter()
+        .filter_map(|m| {
+            let c = input.containers.iter().find(|c| c.id == m.container)?;
+            if !ctl.access.sees(caller, Some(c.uid))
+                || !wanted(c.job_id, &[&m.source, &m.destination])
+            {
+                return None;
+            }
+            let action = match states.get(&m.policy) {
+                Some(rebalancer_proto::control::PolicyState::DryRun) => PlanAction::DryRun,
+                _ => m.action,
+            };
+            let held = if let Some(f) = st.in_flight.get(&m.container) {
+                Some(match f.entry.as_ref() {
+                    Some(e) => format!("already migrating (migration {})", e.record.id),
+                    None => "already migrating".to_string(),
+                })
+            } else if let Some(until) = st.in_flight.backing_off_until(&m.container, now) {
+                Some(format!(
+                    "backing off after a failed start until {}{}",
+                    rebalancer_proto::iso8601(until),
+                    failures
+                        .get(&m.container)
+                        .filter(|e| !e.is_empty())
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ))
+            } else if action != PlanAction::Automatic {
+                None
+            } else if st.in_flight.len() as u32 >= limits.max_in_flight {
+                Some(format!(
+                    "{} migrations in flight; max_in_flight = {}",
+                    st.in_flight.len(),
+                    limits.max_in_flight
+                ))
+            } else {
+                [&m.source, &m.destination]
+                    .into_iter()
+                    .find(|n| st.in_flight.on_node(n) >= limits.max_per_node)
+                    .map(|n| {
+                        format!(
+                            "{n} takes part in {} migrations; max_per_node = {}",
+                            st.in_flight.on_node(n),
+                            limits.max_per_node
+                        )
+                    })
+            };
+            Some(PlanItem {
+                job_id: (c.job_id > 0).then_some(c.job_id),
+                action: action.as_str().into(),
+                policy: m.policy,
+                container: m.container,
+                source: m.source,
+                destination: m.destination,
+                mode: m.mode,
+                why: m.why,
+                held,
+            })
+        })
+        .collect();
+    drop(st);
+    let mut unmoved: Vec<Unmoved> = skips
+        .into_iter()
+        .filter(|s| s.worth_telling())
+        .filter_map(|s| {
+            let c = s
+                .container
+                .as_ref()
+                .and_then(|id| input.containers.iter().find(|c| c.id == *id));
+            match (s.container.is_some(), c) {
+                // A container the caller may not see, or one gone since.
+                (true, None) => return None,
+                (true, Some(c)) if !ctl.access.sees(caller, Some(c.uid)) => return None,
+                _ => {}
+            }
+            let job = c.map(|c| c.job_id).filter(|j| *j > 0);
+            if node.is_some_and(|n| n != s.node) {
+                return None;
+            }
+            // A node's skip concerns every job with a container there.
+            let job_there = |j: u32| {
+                input
+                    .containers
+                    .iter()
+                    .any(|x| x.node == s.node && x.job_id == j)
+            };
+            if let Some(j) = job_id {
+                if job.map_or(s.container.is_some() || !job_there(j), |x| x != j) {
+                    return None;
+                }
+            }
+            Some(Unmoved {
+                policy: s.policy,
+                node: s.node,
+                container: s.container,
+                job_id: job,
+                code: s.code,
+                reason: s.reason,
+                until: None,
+            })
+        })
+        .collect();
+    // CRIU runs on the source: nothing leaves a node whose agent does not answer, whatever the
+    // policy (the planners leave such containers out of their view).
+    for n in input.nodes.iter().filter(|n| !n.agent_up) {
+        for c in input.containers.iter().filter(|c| c.node == n.name) {
+            if !ctl.access.sees(caller, Some(c.uid)) || !wanted(c.job_id, &[&n.name]) {
+                continue;
+            }
+            unmoved.push(Unmoved {
+                policy: "controller".into(),
+                node: n.name.clone(),
+                container: Some(c.id.clone()),
+                job_id: (c.job_id > 0).then_some(c.job_id),
+                code: "agent-unreachable".into(),
+                reason: format!(
+                    "the agent on {} does not answer; CRIU runs on the source",
+                    n.name
+                ),
+                until: None,
+            });
+        }
+    }
+    (moves, unmoved)
 }
 
 pub fn policy_statuses(ctl: &Controller) -> Vec<PolicyStatus> {

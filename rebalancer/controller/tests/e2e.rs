@@ -24,6 +24,8 @@ struct Fake {
     migrations: BTreeMap<String, MigrationRecord>,
     requests: Vec<(String, String)>,
     delay: Duration,
+    /// Refuse every migration (a start that fails).
+    refuse: bool,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -129,6 +131,9 @@ async fn agent_conn(mut s: UnixStream, node: String, fake: Shared) {
                 }),
                 None => Response::error(ErrorCode::NotFound, format!("no migration {mid}")),
             },
+            Request::Migrate { .. } if lock(&fake).refuse => {
+                Response::error(ErrorCode::Busy, "fake agent refuses the migration")
+            }
             Request::Migrate { request, watch } => {
                 let Some(mid) = start_migration(&fake, &node, &request) else {
                     let r = Response::error(ErrorCode::NotFound, "no such container");
@@ -1071,4 +1076,167 @@ async fn a_migration_the_agent_forgot_is_marked_failed_after_a_restart() {
         matches!(r, Ok(ControlReply::Migrations { ref migrations }) if migrations.is_empty()),
         "{r:?}"
     );
+}
+
+/// Why work does not move: a job without a container, a start that failed (held back, and
+/// until when), no destination (naming the node rejected); an operator's failed start does not
+/// hold back the drain policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmoved_work_is_explained_and_an_operators_failure_does_not_hold_back_a_policy() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let (fake, _daemon, mut ctl) = drain_setup(dir).await;
+    write_atomic(
+        &dir.join("jobs.txt"),
+        "JobId=7 JobName=sim UserId=alice(1000) GroupId=alice(1000) Account=phys JobState=RUNNING Partition=debug NodeList=node[1-2] BatchHost=node2\n\
+         JobId=9 JobName=plain UserId=alice(1000) GroupId=alice(1000) Account=phys JobState=RUNNING Partition=debug NodeList=node2 BatchHost=node2\n",
+    );
+    // Job 9 runs without a container: migrate and evacuate say so.
+    // Jobs are re-read at each reconcile (every 30 s).
+    let msg = wait_for("job 9 in the controller's view", 40, async || {
+        match ctl
+            .call(&ControlRequest::Migrate {
+                target: MigrateTarget::Job { job_id: 9 },
+                destination: None,
+                mode: None,
+                watch: false,
+            })
+            .await
+            .0
+        {
+            Err(e) if e.message.contains("--migratable") => Some(e),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(msg.code, ErrorCode::NotFound, "{msg:?}");
+    let (r, _) = ctl
+        .call(&ControlRequest::Evacuate {
+            node: "node2".into(),
+            mode: None,
+            watch: false,
+        })
+        .await;
+    let Ok(ControlReply::Migrated {
+        decisions,
+        migrations,
+    }) = r
+    else {
+        panic!("evacuate: {r:?}")
+    };
+    assert!(migrations.is_empty());
+    assert!(
+        decisions.iter().any(|d| d.container == "job 9"
+            && d.detail
+                .as_deref()
+                .is_some_and(|x| x.contains("--migratable"))),
+        "{decisions:?}"
+    );
+
+    // An operator's start fails: the drain policy is not held back by it.
+    lock(&fake).refuse = true;
+    let (r, _) = ctl
+        .call(&ControlRequest::Migrate {
+            target: MigrateTarget::Job { job_id: 7 },
+            destination: Some("node2".into()),
+            mode: None,
+            watch: false,
+        })
+        .await;
+    assert!(r.is_err(), "{r:?}");
+    let migrates = |f: &Shared| {
+        lock(f)
+            .requests
+            .iter()
+            .filter(|(_, op)| op == "migrate")
+            .count()
+    };
+    assert_eq!(migrates(&fake), 1);
+    write_atomic(
+        &dir.join("nodes.txt"),
+        &(node_line("node1", "MIXED+DRAIN") + &node_line("node2", "IDLE")),
+    );
+    let fake2 = fake.clone();
+    wait_for("the drain policy's own attempt", 10, async || {
+        (migrates(&fake2) >= 2).then_some(())
+    })
+    .await;
+
+    // The policy's failed start holds the move back for a while: plan says until when, and
+    // history journals it once.
+    let held = wait_for("the held move in the plan", 10, async || {
+        match ctl
+            .call(&ControlRequest::Explain {
+                job_id: Some(7),
+                node: None,
+            })
+            .await
+            .0
+        {
+            Ok(ControlReply::Explanation { moves, .. }) => moves
+                .into_iter()
+                .find_map(|m| m.held.filter(|h| h.contains("backing off"))),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(
+        held.contains("until 20") && held.contains("refuses"),
+        "{held}"
+    );
+    let backoff = wait_for("the back-off in history", 10, async || {
+        match ctl.call(&ControlRequest::History { limit: None }).await.0 {
+            Ok(ControlReply::History { decisions }) => decisions.into_iter().find(|d| {
+                d.outcome == DecisionOutcome::Skipped
+                    && d.detail
+                        .as_deref()
+                        .is_some_and(|x| x.contains("backing off"))
+            }),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(backoff.policy, "drain");
+    assert_eq!(migrates(&fake), 2, "the back-off holds");
+
+    // No destination left: the plan names the node and why it was rejected.
+    write_atomic(
+        &dir.join("nodes.txt"),
+        &(node_line("node1", "MIXED+DRAIN") + &node_line("node2", "IDLE+DRAIN")),
+    );
+    let u = wait_for("a no-destination explanation", 10, async || {
+        match ctl
+            .call(&ControlRequest::Explain {
+                job_id: None,
+                node: Some("node1".into()),
+            })
+            .await
+            .0
+        {
+            Ok(ControlReply::Explanation { unmoved, .. }) => {
+                unmoved.into_iter().find(|u| u.code == "no-destination")
+            }
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(u.container.as_deref(), Some("j7.s0.t0"));
+    assert_eq!(u.job_id, Some(7));
+    assert!(u.reason.contains("node2"), "{}", u.reason);
+    let (r, _) = ctl
+        .call(&ControlRequest::Explain {
+            job_id: None,
+            node: Some("node9".into()),
+        })
+        .await;
+    assert_eq!(r.expect_err("no such node").code, ErrorCode::NotFound);
+    wait_for("the skip in history", 10, async || {
+        match ctl.call(&ControlRequest::History { limit: None }).await.0 {
+            Ok(ControlReply::History { decisions }) => decisions
+                .into_iter()
+                .find(|d| d.detail.as_deref() == Some("no-destination")),
+            _ => None,
+        }
+    })
+    .await;
 }

@@ -143,6 +143,15 @@ pub enum ControlRequest {
     },
     /// Runs the policies on the current view without acting or advancing their memory.
     Plan,
+    /// Like [`ControlRequest::Plan`], with why each planned move is held back and why
+    /// everything the policies considered and did not move stays (answered with
+    /// [`ControlReply::Explanation`]). Optionally only one job's or one node's.
+    Explain {
+        #[serde(default)]
+        job_id: Option<u32>,
+        #[serde(default)]
+        node: Option<String>,
+    },
 }
 
 impl ControlRequest {
@@ -171,6 +180,7 @@ impl ControlRequest {
             ControlRequest::UpdatePolicy { .. } => "update-policy",
             ControlRequest::History { .. } => "history",
             ControlRequest::Plan => "plan",
+            ControlRequest::Explain { .. } => "explain",
         }
     }
 }
@@ -246,6 +256,31 @@ pub struct PlanItem {
     /// automatic, recommend or dry-run (after run-time states).
     pub action: String,
     pub why: String,
+    /// Why the controller does not start this move now although the policy wants it: the
+    /// container is migrating, a failed start holds it back (and until when), an in-flight
+    /// limit is reached. Only in [`ControlReply::Explanation`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
+}
+
+/// Something a policy considered and did not move, or a node nothing can leave, with why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unmoved {
+    /// The policy, or `controller` for what holds for every policy (an unreachable agent).
+    pub policy: String,
+    pub node: String,
+    /// None when the whole node was skipped.
+    #[serde(default)]
+    pub container: Option<ContainerId>,
+    #[serde(default)]
+    pub job_id: Option<u32>,
+    /// Stable kebab-case code: `no-destination`, `not-migratable`, `job-cooldown`,
+    /// `backing-off`, `agent-unreachable`, ... (docs/policies.md lists them).
+    pub code: String,
+    pub reason: String,
+    /// When the condition ends, if it has a known end (cooldowns, back-offs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Millis>,
 }
 
 /// How a decision was carried out.
@@ -351,6 +386,11 @@ pub enum ControlReply {
     },
     Plan {
         moves: Vec<PlanItem>,
+    },
+    /// Answer to [`ControlRequest::Explain`].
+    Explanation {
+        moves: Vec<PlanItem>,
+        unmoved: Vec<Unmoved>,
     },
     Done,
 }

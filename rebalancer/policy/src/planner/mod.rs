@@ -290,10 +290,12 @@ impl<'v> PolicyRun<'_, 'v> {
                     Some(t) if t.saturating_add(p.limits.job_cooldown_s) > now => Some((
                         SkipCode::JobCooldown,
                         format!(
-                            "job {} moved {} s ago; job cooldown {} s",
+                            "job {} moved {} s ago; job cooldown {} s ({} s left)",
                             cv.job_id,
                             now.saturating_sub(t),
-                            p.limits.job_cooldown_s
+                            p.limits.job_cooldown_s,
+                            t.saturating_add(p.limits.job_cooldown_s)
+                                .saturating_sub(now)
                         ),
                     )),
                     _ => None,
@@ -397,11 +399,27 @@ impl<'v> PolicyRun<'_, 'v> {
             self.searches += 1;
             let search = self.search(c, src, &source_modes, s);
             let Some(best) = search.ranked.first().cloned() else {
+                // Each rejected node by name (the first REJECT_EXAMPLES), then the counts, so
+                // that an operator sees why node3 was not taken without a debug log.
                 let mut reasons: Vec<String> = search
-                    .rejected
+                    .rejected_examples
                     .iter()
-                    .map(|(k, n)| format!("{n} {}", code_text(*k)))
+                    .map(|r| format!("{}: {}", r.node, r.reason))
                     .collect();
+                let named = search.rejected_examples.len() as u32;
+                let total: u32 = search.rejected.values().sum();
+                if total > named {
+                    let counts: Vec<String> = search
+                        .rejected
+                        .iter()
+                        .map(|(k, n)| format!("{n} {}", code_text(*k)))
+                        .collect();
+                    reasons.push(format!(
+                        "{} more; in all {}",
+                        total - named,
+                        counts.join(", ")
+                    ));
+                }
                 if reasons.is_empty() {
                     reasons.push("no other node".into());
                 }
@@ -410,7 +428,7 @@ impl<'v> PolicyRun<'_, 'v> {
                     node: node.name.clone(),
                     container: Some(cv.id.clone()),
                     code: SkipCode::NoDestination,
-                    reason: format!("no destination fits: {}", reasons.join(", ")),
+                    reason: format!("no destination fits: {}", reasons.join("; ")),
                     search: Some(search),
                 });
                 continue;
@@ -457,7 +475,9 @@ impl<'v> PolicyRun<'_, 'v> {
                 p.migration.modes.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "),
                 downtime
             );
-            tracing::info!(policy = %p.name, container = %cv.id, job = cv.job_id, step = cv.step_id,
+            // DEBUG: the planner runs at every evaluation; the controller logs each decision
+            // once at INFO when it journals it.
+            tracing::debug!(policy = %p.name, container = %cv.id, job = cv.job_id, step = cv.step_id,
                 source = %node.name, destination = %best.node, mode = %best.mode, action = ?action, "planned migration");
             self.decisions.push(Decision {
                 container: cv.id.clone(),
