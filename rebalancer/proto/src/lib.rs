@@ -12,6 +12,7 @@ pub mod frame;
 mod kind;
 pub mod messages;
 pub mod models;
+pub mod peer;
 
 pub use channel::{ChannelConfig, Negotiated};
 pub use error::{ErrorCode, ErrorReply, ProtoError, VersionRange};

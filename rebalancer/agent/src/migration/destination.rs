@@ -263,7 +263,7 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
                     agent.caps.notes.join("; ")
                 )));
             }
-            let meta = *meta;
+            let meta = container::ContainerMeta::try_from(*meta)?;
             let id = meta.spec.id.clone();
             {
                 let cs = agent.containers();

@@ -191,7 +191,7 @@ pub async fn preflight_with<H: Host>(
                 migration: rec.id.clone(),
                 mode,
                 source_node: agent.cfg.node.clone(),
-                meta: Box::new(meta.clone()),
+                meta: Box::new(crate::peer::MigratingContainer::try_from(&meta)?),
                 restore_step: external,
                 rss_bytes: rss,
                 source_addr: Some(

@@ -25,14 +25,17 @@
 //! own and asks `Outcome{migration, container}`; the destination answers `Outcome{committed}`
 //! from its commit mark, or `busy` while that arrival is still in progress (`adopt.rs`).
 //!
-//! This module holds the wire types ([`wire`]), the client ([`client`]) and the error mapping
-//! ([`errors`]). The destination's server is in the migration module (`destination.rs`), which
+//! The wire types are [`rebalancer_proto::peer`]'s (re-exported by [`wire`]); this module holds
+//! the conversions of the agent's container record ([`convert`]), the client ([`client`]) and the
+//! error mapping ([`errors`]). The destination's server is in the migration module (`destination.rs`), which
 //! uses this one; this module uses nothing of it.
 
 pub mod client;
+pub mod convert;
 pub mod errors;
 pub mod wire;
 
 pub use client::PeerConn;
+pub use convert::ContainerWireError;
 pub use errors::{error_from_reply, reply_error};
 pub use wire::*;

@@ -1,0 +1,230 @@
+//! Agent ↔ agent messages (the peer protocol): wire types of their own, not agent internals.
+//!
+//! The JSON shape of every type here is frozen by fixtures (`tests/fixtures/peer/`, captured from
+//! the agents of the previous release): a change that alters what an older agent sends or
+//! accepts fails `tests/peer_fixtures.rs`. New fields must be optional (`#[serde(default)]`)
+//! and, where an older agent would refuse them, sent only from the version that knows them.
+//! The conversations are drawn in `PROTOCOL.md` (section "Agent ↔ agent").
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ErrorReply, VersionRange};
+use crate::models::{
+    ContainerSpec, MigrationId, MigrationMode, Millis, MountSpec, NodeCapabilities,
+};
+
+/// Versions of the agent ↔ agent protocol this build speaks.
+///
+/// 1: the hello's munge credential names only its sender (replayable to another node, and the
+/// destination proves nothing). 2: mutual authentication: each side's credential names sender,
+/// receiver and the other side's nonce for this connection (the server's in its hello, the
+/// client's in [`PeerRequest::Authenticate`]).
+pub const PEER_VERSIONS: VersionRange = VersionRange::new(1, 2);
+
+/// Upper bound of one peer frame, checked before anything is allocated. Image chunks are
+/// [`CHUNK`] bytes; a Prepare with a large environment stays far below it.
+pub const PEER_MAX_FRAME: u32 = 4 << 20;
+
+/// Size of one data frame of a CRIU image file ([`PeerRequest::Images`]).
+pub const CHUNK: usize = 1 << 20;
+
+/// Most image files one [`PeerRequest::Images`] may announce (CRIU writes a few dozen per
+/// process tree; the bound keeps a hostile announcement from reserving a huge table).
+pub const MAX_IMAGE_FILES: usize = 65_536;
+
+/// One non-memory CRIU image file announced by [`PeerRequest::Images`]; its bytes follow in data
+/// frames of at most [`CHUNK`] bytes, in announcement order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFile {
+    pub name: String,
+    pub size: u64,
+}
+
+/// The container being moved: what the destination needs to rebuild its surroundings (root
+/// file system, mounts, address, stdio) before CRIU restores its processes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigratingContainer {
+    /// The container's spec as it was started (identity, user, program, limits).
+    pub spec: ContainerSpec,
+    /// The container's address; it keeps it on the destination.
+    pub address: Ipv4Addr,
+    /// The container's mount table, in mount order.
+    pub mounts: Vec<MountSpec>,
+    /// Symlinks at the root of the container (link path, target), e.g. merged-/usr links.
+    pub symlinks: Vec<(String, String)>,
+    /// CRIU identities of pid 1's stdio descriptors 0, 1, 2 (`pipe:[INO]`, or `file[MNT:INO]`
+    /// for a file opened outside the container and dumped as external), for `--inherit-fd`.
+    pub stdio_keys: Vec<String>,
+    /// Paths of those that are files, index for index (empty for pipes and sockets).
+    #[serde(default)]
+    pub stdio_paths: Vec<String>,
+    /// When the container first started (on whichever node), milliseconds since the epoch.
+    pub started_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum PeerRequest {
+    /// Version 2, first request: the client's credential bound to the server's nonce.
+    Authenticate {
+        credential: Option<String>,
+    },
+    Capabilities,
+    Prepare {
+        migration: MigrationId,
+        mode: MigrationMode,
+        source_node: String,
+        /// The field name is the previous release's; it carries the container being moved.
+        meta: Box<MigratingContainer>,
+        /// A Slurm task: restored by a restore step on this node (`prepare-restore`), not by
+        /// the agent, so that it becomes part of the job.
+        #[serde(default)]
+        restore_step: bool,
+        /// The source agent's peer address, told the task's final status later.
+        #[serde(default)]
+        source_addr: Option<String>,
+        /// Resident memory of the container, for the destination's room check.
+        #[serde(default)]
+        rss_bytes: u64,
+        /// The source's certificate for this migration's encrypted page transfer; absent: the
+        /// source does not encrypt.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_cert: Option<String>,
+    },
+    /// Announces the non-memory image files; their bytes follow in data frames with this
+    /// request's id.
+    Images {
+        files: Vec<ImageFile>,
+    },
+    Restore {
+        /// Post-copy: the source's lazy page server.
+        lazy_pages: Option<(Ipv4Addr, u16)>,
+    },
+    /// Pre-copy: start a page server for round `round` (`last`: the final, frozen dump, whose
+    /// images are the ones restored; its parent is round `round - 1`).
+    PrecopyRound {
+        round: u32,
+        last: bool,
+    },
+    Commit,
+    /// Destination → source, after commit: the migrated task ended (`node` is where).
+    TaskEnded {
+        container: String,
+        wait_status: i32,
+        node: String,
+    },
+    Abort {
+        reason: String,
+    },
+    /// Source → destination, from a restarted source agent whose journal shows that Commit may
+    /// have been sent: did this node commit `migration`? Sent on a connection of its own.
+    Outcome {
+        migration: MigrationId,
+        container: String,
+    },
+}
+
+impl PeerRequest {
+    /// The request's name on the wire (`op`), for logs and errors.
+    pub fn op(&self) -> &'static str {
+        match self {
+            PeerRequest::Authenticate { .. } => "authenticate",
+            PeerRequest::Capabilities => "capabilities",
+            PeerRequest::Prepare { .. } => "prepare",
+            PeerRequest::Images { .. } => "images",
+            PeerRequest::Restore { .. } => "restore",
+            PeerRequest::PrecopyRound { .. } => "precopy-round",
+            PeerRequest::Commit => "commit",
+            PeerRequest::TaskEnded { .. } => "task-ended",
+            PeerRequest::Abort { .. } => "abort",
+            PeerRequest::Outcome { .. } => "outcome",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum PeerReply {
+    Authenticated,
+    Capabilities {
+        capabilities: NodeCapabilities,
+    },
+    Prepared {
+        page_server: Option<(Ipv4Addr, u16)>,
+        /// The destination's certificate, sent when the source sent one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_cert: Option<String>,
+    },
+    ImagesReceived {
+        bytes: u64,
+    },
+    Restored {
+        pid: i32,
+        restore_ms: u64,
+        pages_restored: u64,
+    },
+    Committed {
+        resumed_at: u64,
+    },
+    RoundReady {
+        page_server: (Ipv4Addr, u16),
+    },
+    Aborted,
+    Ack,
+    /// Answer to `outcome`: whether this node received Commit for the migration (and may run
+    /// the container). An arrival still in progress is answered with a `busy` error.
+    Outcome {
+        committed: bool,
+    },
+}
+
+/// The payload of every peer response frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerResponse {
+    Ok(PeerReply),
+    Error(ErrorReply),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_names_match_the_wire_tag() {
+        let reqs = [
+            PeerRequest::Authenticate { credential: None },
+            PeerRequest::Capabilities,
+            PeerRequest::Images { files: vec![] },
+            PeerRequest::Restore { lazy_pages: None },
+            PeerRequest::PrecopyRound {
+                round: 1,
+                last: false,
+            },
+            PeerRequest::Commit,
+            PeerRequest::TaskEnded {
+                container: "c".into(),
+                wait_status: 0,
+                node: "n".into(),
+            },
+            PeerRequest::Abort { reason: "r".into() },
+            PeerRequest::Outcome {
+                migration: "m".into(),
+                container: "c".into(),
+            },
+        ];
+        for r in reqs {
+            let v = serde_json::to_value(&r).expect("serialize");
+            assert_eq!(v["op"], r.op(), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_op_is_refused_naming_it() {
+        let e =
+            serde_json::from_str::<PeerRequest>(r#"{"op":"format-disk"}"#).expect_err("unknown op");
+        assert!(e.to_string().contains("format-disk"), "{e}");
+    }
+}

@@ -1,0 +1,173 @@
+//! The agent ↔ agent JSON shape is frozen: messages captured from the previous release's agents
+//! decode with today's types and re-encode to the same bytes (see `fixtures/README.md`).
+
+use std::path::{Path, PathBuf};
+
+use rebalancer_proto::peer::{PeerReply, PeerRequest, PeerResponse};
+use rebalancer_proto::{MountSpec, RootfsSpec};
+
+fn fixtures(dir: &str) -> Vec<(String, Vec<u8>)> {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(dir);
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&d)
+        .unwrap_or_else(|e| panic!("read {}: {e}", d.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p: PathBuf| {
+            let name = p.file_name().expect("name").to_string_lossy().into_owned();
+            (name, std::fs::read(&p).expect("read fixture"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Decodes `bytes` as `T`, re-encodes, and checks both the JSON value and the exact bytes.
+fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(name: &str, bytes: &[u8]) -> T {
+    let v: T = serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let again = serde_json::to_vec(&v).expect("encode");
+    let a: serde_json::Value = serde_json::from_slice(bytes).expect("fixture is JSON");
+    let b: serde_json::Value = serde_json::from_slice(&again).expect("encoding is JSON");
+    assert_eq!(a, b, "{name}: re-encoding changed the JSON value");
+    assert_eq!(
+        String::from_utf8_lossy(bytes),
+        String::from_utf8_lossy(&again),
+        "{name}: re-encoding changed the bytes (field order?)"
+    );
+    v
+}
+
+#[test]
+fn every_captured_peer_message_decodes_and_re_encodes_to_the_same_bytes() {
+    let all = fixtures("peer");
+    let (mut requests, mut replies) = (Vec::new(), Vec::new());
+    for (name, bytes) in &all {
+        if name.starts_with("request-") {
+            requests.push(round_trip::<PeerRequest>(name, bytes));
+        } else if name.starts_with("reply-") {
+            replies.push(round_trip::<PeerResponse>(name, bytes));
+        } else {
+            panic!("{name}: fixture names start with request- or reply-");
+        }
+    }
+    // Every variant has a fixture: a new variant without one fails here.
+    let mut ops: Vec<&str> = requests.iter().map(PeerRequest::op).collect();
+    ops.sort();
+    ops.dedup();
+    assert_eq!(
+        ops,
+        [
+            "abort",
+            "authenticate",
+            "capabilities",
+            "commit",
+            "images",
+            "outcome",
+            "precopy-round",
+            "prepare",
+            "restore",
+            "task-ended"
+        ]
+    );
+    let mut kinds: Vec<String> = replies
+        .iter()
+        .map(|r| match r {
+            PeerResponse::Ok(k) => serde_json::to_value(k).expect("encode")["kind"]
+                .as_str()
+                .expect("kind")
+                .to_string(),
+            PeerResponse::Error(_) => "error".into(),
+        })
+        .collect();
+    kinds.sort();
+    kinds.dedup();
+    assert_eq!(
+        kinds,
+        [
+            "aborted",
+            "ack",
+            "authenticated",
+            "capabilities",
+            "committed",
+            "error",
+            "images-received",
+            "outcome",
+            "prepared",
+            "restored",
+            "round-ready"
+        ]
+    );
+}
+
+#[test]
+fn the_full_prepare_carries_every_part_of_the_container() {
+    let (_, bytes) = fixtures("peer")
+        .into_iter()
+        .find(|(n, _)| n == "request-prepare-full.json")
+        .expect("fixture");
+    let PeerRequest::Prepare {
+        meta,
+        restore_step,
+        tls_cert,
+        rss_bytes,
+        ..
+    } = serde_json::from_slice(&bytes).expect("decode")
+    else {
+        panic!("not a prepare");
+    };
+    assert!(restore_step);
+    assert_eq!(rss_bytes, 33_554_432);
+    assert!(tls_cert.is_some_and(|c| c.contains("BEGIN CERTIFICATE")));
+    assert_eq!(meta.address.to_string(), "198.18.10.7");
+    assert_eq!(meta.spec.rootfs, RootfsSpec::Host);
+    assert_eq!(meta.spec.memory_limit, Some(268_435_456));
+    assert_eq!(meta.spec.cpus, Some(1.5));
+    assert_eq!(meta.mounts.len(), 5);
+    assert_eq!(
+        meta.mounts[1],
+        MountSpec::Bind {
+            source: "/home/alice/work".into(),
+            target: "/home/alice/work".into(),
+            readonly: false
+        }
+    );
+    assert_eq!(meta.mounts[3], MountSpec::Proc);
+    assert_eq!(meta.stdio_keys[0], "file[2a:1234]");
+    assert_eq!(meta.stdio_paths[0], "/home/alice/work/in.txt");
+}
+
+#[test]
+fn a_sparse_prepare_of_an_older_sender_decodes_with_the_defaults() {
+    for (name, bytes) in fixtures("peer-sparse") {
+        let r: PeerRequest =
+            serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let PeerRequest::Prepare {
+            meta,
+            restore_step,
+            source_addr,
+            rss_bytes,
+            tls_cert,
+            ..
+        } = r
+        else {
+            panic!("{name}: not a prepare");
+        };
+        assert!(!restore_step, "{name}");
+        assert_eq!(
+            (source_addr, rss_bytes, tls_cert),
+            (None, 0, None),
+            "{name}"
+        );
+        assert!(meta.stdio_paths.is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn a_reply_of_an_unknown_kind_is_refused() {
+    let e = serde_json::from_str::<PeerResponse>(r#"{"ok":{"kind":"teleported"}}"#)
+        .expect_err("unknown kind");
+    assert!(e.to_string().contains("teleported"), "{e}");
+    let ok: PeerResponse = serde_json::from_str(r#"{"ok":{"kind":"ack"}}"#).expect("ack");
+    assert_eq!(ok, PeerResponse::Ok(PeerReply::Ack));
+}
