@@ -573,8 +573,9 @@ impl RawPolicy {
                 }
             }
         }
+        let model = rebalancer_proto::DowntimeModel::default();
         let pre_copy_dirty_fraction = match &m.pre_copy_dirty_fraction {
-            None => 0.25,
+            None => model.pre_copy_dirty_fraction,
             Some(s) => match v.finite(s, "pre_copy_dirty_fraction") {
                 Some(x) if (0.0..=1.0).contains(&x) => x,
                 Some(x) => {
@@ -582,9 +583,9 @@ impl RawPolicy {
                         s.span(),
                         format!("`pre_copy_dirty_fraction` must be between 0 and 1, got {x}"),
                     );
-                    0.25
+                    model.pre_copy_dirty_fraction
                 }
-                None => 0.25,
+                None => model.pre_copy_dirty_fraction,
             },
         };
         let migration = MigrationSettings {
@@ -593,8 +594,12 @@ impl RawPolicy {
                 .max_downtime_ms
                 .as_ref()
                 .map(|_| v.uint(&m.max_downtime_ms, "max_downtime_ms", 1, 1)),
-            bandwidth_mib_s: v.positive(&m.bandwidth_mib_s, "bandwidth_mib_s", 700.0),
-            fixed_downtime_ms: v.uint(&m.fixed_downtime_ms, "fixed_downtime_ms", 0, 200),
+            bandwidth_mib_s: v.positive(
+                &m.bandwidth_mib_s,
+                "bandwidth_mib_s",
+                model.bandwidth_mib_s,
+            ),
+            fixed_downtime_ms: v.uint(&m.fixed_downtime_ms, "fixed_downtime_ms", 0, model.fixed_ms),
             pre_copy_dirty_fraction,
             timeout_base_s: v.uint(&m.timeout_base_s, "timeout_base_s", 1, 60),
             timeout_per_gib_s: v.uint(&m.timeout_per_gib_s, "timeout_per_gib_s", 0, 30),

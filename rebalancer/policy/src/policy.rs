@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hostlist::HostFilter;
 use crate::model::{ContainerView, MigrationMode, NodeFlags};
+use rebalancer_proto::DowntimeModel;
 
 /// What makes a policy act. Declaration order is the priority order across kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -194,17 +195,18 @@ pub struct MigrationSettings {
 }
 
 impl MigrationSettings {
-    /// Estimated freeze time: memory copied while frozen over the assumed bandwidth, plus a fixed
-    /// cost for dumping and restoring everything but memory.
+    /// The downtime model these settings describe (shared with the agent's `auto` mode).
+    pub fn downtime_model(&self) -> DowntimeModel {
+        DowntimeModel {
+            fixed_ms: self.fixed_downtime_ms,
+            bandwidth_mib_s: self.bandwidth_mib_s,
+            pre_copy_dirty_fraction: self.pre_copy_dirty_fraction,
+        }
+    }
+
+    /// Estimated freeze time of `mode` for `rss_mb` resident MiB under these settings.
     pub fn estimated_downtime_ms(&self, mode: MigrationMode, rss_mb: u64) -> u64 {
-        let frozen_mb = match mode {
-            // `Auto` never reaches a policy (refused at load); estimate it as the worst case.
-            MigrationMode::StopAndCopy | MigrationMode::Auto => rss_mb as f64,
-            MigrationMode::PreCopy => rss_mb as f64 * self.pre_copy_dirty_fraction,
-            MigrationMode::PostCopy => 0.0,
-        };
-        self.fixed_downtime_ms
-            .saturating_add((frozen_mb / self.bandwidth_mib_s * 1000.0).ceil() as u64)
+        self.downtime_model().downtime_ms(mode, rss_mb)
     }
 
     /// Seconds the controller lets the migration run before aborting it.

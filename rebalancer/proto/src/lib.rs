@@ -8,6 +8,7 @@ pub mod channel;
 pub mod codec;
 pub mod control;
 pub mod error;
+pub mod estimate;
 pub mod frame;
 mod kind;
 pub mod messages;
@@ -16,6 +17,7 @@ pub mod peer;
 
 pub use channel::{ChannelConfig, Negotiated};
 pub use error::{ErrorCode, ErrorReply, ProtoError, VersionRange};
+pub use estimate::DowntimeModel;
 pub use frame::{FrameHeader, FrameKind, HEADER_LEN, MAGIC, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use messages::*;
 pub use models::*;

@@ -1,6 +1,6 @@
 //! Pure migration decisions: which mode, when pre-copy stops, whether the destination has room.
 
-use rebalancer_proto::MigrationMode;
+use rebalancer_proto::{DowntimeModel, MigrationMode};
 
 use crate::error::AgentError;
 
@@ -45,8 +45,6 @@ pub fn room_check(
 
 /// Resident size from which `auto` prefers post-copy (stop-and-copy downtime grows with it).
 pub const AUTO_POSTCOPY_MIN_RSS: u64 = 256 << 20;
-/// Stop-and-copy throughput assumed by `auto` when estimating downtime (bytes/s).
-pub const ASSUMED_COPY_BPS: u64 = 500 << 20;
 
 /// When the pre-copy loop stops and the final (frozen) dump runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -125,7 +123,9 @@ pub fn choose_mode(
     let both = |m: MigrationMode| local.contains(&m) && remote.contains(&m);
     match requested {
         MigrationMode::Auto => {
-            let est_ms = rss * 1000 / ASSUMED_COPY_BPS;
+            // The planner's default model, so `plan` and the agent agree on what a move costs.
+            let est_ms = DowntimeModel::default()
+                .downtime_ms(MigrationMode::StopAndCopy, rss.div_ceil(1 << 20));
             let over_budget = max_downtime_ms.is_some_and(|b| est_ms > b);
             let large = rss >= AUTO_POSTCOPY_MIN_RSS;
             // Pre-copy keeps the source copy until the commit (post-copy cannot), so a large
@@ -246,6 +246,16 @@ mod tests {
         let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &[StopAndCopy, Auto]).expect("ok");
         assert_eq!(m, StopAndCopy);
         assert!(why.contains("userfaultfd"), "{why}");
+    }
+
+    #[test]
+    fn auto_estimates_downtime_as_the_planner_does() {
+        let all = [StopAndCopy, PostCopy, Auto];
+        let (_, why) = choose_mode(Auto, 3 << 20, None, &all, &all).expect("ok");
+        let planner = DowntimeModel::default().downtime_ms(StopAndCopy, 3);
+        assert!(why.contains(&format!("estimated downtime {planner} ms")), "{why}");
+        // The fixed cost alone is more than the bare copy time of a small container.
+        assert!(planner >= DowntimeModel::default().fixed_ms, "{planner}");
     }
 
     #[test]
