@@ -232,6 +232,10 @@ if want controller; then
   done
   put "$repo/docs/man/rebalancerd.8" "$mandir/man8/rebalancerd.8" 0644
   put "$repo/docs/man/rebalctl.1" "$mandir/man1/rebalctl.1" 0644
+  # For the site's Prometheus and Grafana (docs/monitoring.md); nothing here loads them.
+  for f in grafana-dashboard.json rebalancer-rules.yml rebalancer-rules.test.yml; do
+    put "$repo/deploy/monitoring/$f" "$docdir/monitoring/$f" 0644
+  done
 fi
 if want plugin; then
   put "$repo/docs/man/slurm-rebalancer.7" "$mandir/man7/slurm-rebalancer.7" 0644
@@ -242,7 +246,7 @@ if want plugin; then
   rewrite "$repo/deploy/plugstack.conf.d/slurm-rebalancer.conf" |
     put_text "$confdir/plugstack.conf.d/slurm-rebalancer.conf" 0644
 fi
-for d in deploy security agent admin-cli policies; do
+for d in deploy security agent admin-cli policies monitoring; do
   [ -f "$repo/docs/$d.md" ] && put "$repo/docs/$d.md" "$docdir/$d.md" 0644
 done
 

@@ -28,6 +28,8 @@ pkgs=(
   uuid-dev libaio-dev asciidoc-base xz-utils dpkg-dev
   # runc, for the benchmark's reference toolchain
   runc
+  # promtool, for deploy/monitoring/check.sh (the package's server is not started)
+  prometheus
   # pre-copy proof (rebalancer/vm-tests): a Debian 6.1 kernel with soft-dirty under qemu (TCG)
   qemu-system-x86 busybox-static
 )

@@ -15,6 +15,7 @@ scripts/setup.sh
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+deploy/monitoring/check.sh
 
 step "unit tests"
 cargo test --workspace --all-targets

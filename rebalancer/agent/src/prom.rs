@@ -166,6 +166,27 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_dashboards_query_only_what_the_agent_exports() {
+        let m = AgentMetrics::new(&[MigrationMode::PostCopy]);
+        let mut ok = record(MigrationState::Succeeded, "n1");
+        ok.stats.downtime_ms = Some(300);
+        ok.stats.frozen_ms = Some(250);
+        m.record_migration(&ok, "n1");
+        m.containers.set(1);
+        let exported = rebalancer_telemetry::names::exported(&m.render());
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let files =
+            rebalancer_telemetry::names::monitoring_files(&repo).expect("deploy/monitoring");
+        assert!(files.len() >= 2, "{files:?}");
+        let missing =
+            rebalancer_telemetry::names::missing(&files, &exported, "rebalancer_agent_", None);
+        assert!(
+            missing.is_empty(),
+            "not exported by the agent: {missing:?}\nexported: {exported:?}"
+        );
+    }
+
+    #[test]
     fn renders_outcomes_times_bytes_and_modes() {
         let m = AgentMetrics::new(&[MigrationMode::StopAndCopy, MigrationMode::PostCopy]);
         let mut ok = record(MigrationState::Succeeded, "n1");

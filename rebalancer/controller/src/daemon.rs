@@ -226,6 +226,26 @@ impl Controller {
                 }
             }
         }
+        self.export_node_gauges();
+    }
+
+    fn export_node_gauges(&self) {
+        let names = self.node_names();
+        let st = self.state();
+        let samples: Vec<crate::metrics::NodeSample> = names
+            .iter()
+            .map(|n| {
+                let a = st.agents.get(n);
+                crate::metrics::NodeSample {
+                    node: n.clone(),
+                    agent_up: a.is_some_and(|a| matches!(a.health, Some(Ok(())))),
+                    containers: a.map(|a| a.containers.len()).unwrap_or(0),
+                    draining: st.nodes.get(n).is_some_and(|s| s.flags.drain),
+                }
+            })
+            .collect();
+        drop(st);
+        self.metrics.set_nodes(&samples);
     }
 
     // ---- Views --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 //! Prometheus metrics and the small HTTP endpoint that serves them (`GET /metrics`).
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -20,8 +21,30 @@ pub struct DecisionLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    pub node: String,
+}
+
+/// What the controller last saw of one node, for the per-node gauges.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSample {
+    pub node: String,
+    /// The agent answered the last poll.
+    pub agent_up: bool,
+    /// Containers the agent reported at the last successful poll.
+    pub containers: usize,
+    /// Slurm has the node DRAIN (draining or drained).
+    pub draining: bool,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub agent_up: Family<NodeLabel, Gauge>,
+    pub node_containers: Family<NodeLabel, Gauge>,
+    pub node_draining: Family<NodeLabel, Gauge>,
+    /// Nodes with series now, so that a node that left the configuration loses its series.
+    nodes: Mutex<BTreeSet<String>>,
     pub migrations: Family<OutcomeLabel, Counter>,
     pub downtime: Histogram,
     pub bytes: Counter,
@@ -68,8 +91,30 @@ impl Metrics {
             "Migrations running now",
             in_flight.clone(),
         );
+        let agent_up = Family::<NodeLabel, Gauge>::default();
+        registry.register(
+            "node_agent_up",
+            "1 if the node's agent answered the controller's last poll, else 0",
+            agent_up.clone(),
+        );
+        let node_containers = Family::<NodeLabel, Gauge>::default();
+        registry.register(
+            "node_containers",
+            "Containers the node's agent reported at its last successful poll",
+            node_containers.clone(),
+        );
+        let node_draining = Family::<NodeLabel, Gauge>::default();
+        registry.register(
+            "node_draining",
+            "1 if Slurm has the node DRAIN (an evacuation is wanted), else 0",
+            node_draining.clone(),
+        );
         Metrics {
             registry,
+            agent_up,
+            node_containers,
+            node_draining,
+            nodes: Mutex::new(BTreeSet::new()),
             migrations,
             downtime,
             bytes,
@@ -105,6 +150,31 @@ impl Metrics {
             .inc();
     }
 
+    /// Replaces the per-node gauges with `samples` (every configured node, once per poll).
+    pub fn set_nodes(&self, samples: &[NodeSample]) {
+        let mut known = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let now: BTreeSet<String> = samples.iter().map(|s| s.node.clone()).collect();
+        for gone in known.difference(&now) {
+            let l = NodeLabel { node: gone.clone() };
+            self.agent_up.remove(&l);
+            self.node_containers.remove(&l);
+            self.node_draining.remove(&l);
+        }
+        for s in samples {
+            let l = NodeLabel {
+                node: s.node.clone(),
+            };
+            self.agent_up.get_or_create(&l).set(i64::from(s.agent_up));
+            self.node_containers
+                .get_or_create(&l)
+                .set(i64::try_from(s.containers).unwrap_or(i64::MAX));
+            self.node_draining
+                .get_or_create(&l)
+                .set(i64::from(s.draining));
+        }
+        *known = now;
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut s = String::new();
@@ -126,6 +196,66 @@ pub use rebalancer_telemetry::bind;
 mod tests {
     use super::*;
     use rebalancer_proto::{MigrationState, MigrationStats};
+
+    fn sample(node: &str, up: bool, containers: usize, draining: bool) -> NodeSample {
+        NodeSample {
+            node: node.into(),
+            agent_up: up,
+            containers,
+            draining,
+        }
+    }
+
+    #[test]
+    fn node_gauges_follow_the_last_poll_and_forget_removed_nodes() {
+        let m = Metrics::new();
+        m.set_nodes(&[
+            sample("node1", true, 2, true),
+            sample("node2", false, 0, false),
+        ]);
+        let text = m.render();
+        for want in [
+            "rebalancer_node_agent_up{node=\"node1\"} 1\n",
+            "rebalancer_node_agent_up{node=\"node2\"} 0\n",
+            "rebalancer_node_containers{node=\"node1\"} 2\n",
+            "rebalancer_node_draining{node=\"node1\"} 1\n",
+            "rebalancer_node_draining{node=\"node2\"} 0\n",
+        ] {
+            assert!(text.contains(want), "{want:?} not in\n{text}");
+        }
+        m.set_nodes(&[sample("node1", true, 0, true)]);
+        let text = m.render();
+        assert!(
+            text.contains("rebalancer_node_containers{node=\"node1\"} 0\n"),
+            "{text}"
+        );
+        assert!(!text.contains("node2"), "{text}");
+    }
+
+    #[test]
+    fn the_shipped_dashboards_query_only_what_the_controller_exports() {
+        let m = Metrics::new();
+        let mut rec = crate::journal::tests::record("m1", MigrationState::Succeeded);
+        rec.stats.downtime_ms = Some(300);
+        m.record_migration(&rec);
+        m.record_decision("drain", "started");
+        m.set_nodes(&[sample("node1", true, 1, true)]);
+        let exported = rebalancer_telemetry::names::exported(&m.render());
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let files =
+            rebalancer_telemetry::names::monitoring_files(&repo).expect("deploy/monitoring");
+        assert!(files.len() >= 2, "{files:?}");
+        let missing = rebalancer_telemetry::names::missing(
+            &files,
+            &exported,
+            "rebalancer_",
+            Some("rebalancer_agent_"),
+        );
+        assert!(
+            missing.is_empty(),
+            "not exported by rebalancerd: {missing:?}\nexported: {exported:?}"
+        );
+    }
 
     #[test]
     fn renders_outcomes_downtime_and_bytes() {

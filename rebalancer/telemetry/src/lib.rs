@@ -5,6 +5,8 @@
 //! request head within [`REQUEST_TIMEOUT`], answers `GET /metrics` with the exposition and
 //! anything else with 404, and closes the connection.
 
+pub mod names;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -253,7 +253,10 @@ mod tests {
         let all = [StopAndCopy, PostCopy, Auto];
         let (_, why) = choose_mode(Auto, 3 << 20, None, &all, &all).expect("ok");
         let planner = DowntimeModel::default().downtime_ms(StopAndCopy, 3);
-        assert!(why.contains(&format!("estimated downtime {planner} ms")), "{why}");
+        assert!(
+            why.contains(&format!("estimated downtime {planner} ms")),
+            "{why}"
+        );
         // The fixed cost alone is more than the bare copy time of a small container.
         assert!(planner >= DowntimeModel::default().fixed_ms, "{planner}");
     }
