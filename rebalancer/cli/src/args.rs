@@ -3,6 +3,8 @@
 use rebalancer_proto::control::{MigrateTarget, PolicyState};
 use rebalancer_proto::MigrationMode;
 
+use crate::filter::Filter;
+
 /// Splits `key=value` words; keys are case-insensitive (`JobId=5` is `jobid=5`). Each key may
 /// appear once and must be one of `allowed` (aliases map to their first spelling).
 pub fn parse_kv(
@@ -34,7 +36,7 @@ pub fn parse_kv(
     Ok(out)
 }
 
-fn get<'a>(kv: &'a [(&'static str, String)], key: &str) -> Option<&'a str> {
+pub fn get<'a>(kv: &'a [(&'static str, String)], key: &str) -> Option<&'a str> {
     kv.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str())
 }
 
@@ -111,16 +113,86 @@ pub fn parse_update(words: &[String]) -> Result<(String, PolicyState), String> {
     Ok((name.to_string(), state.parse()?))
 }
 
+/// `history`'s limit=N alone (None: the controller's default).
 pub fn parse_history(words: &[String]) -> Result<Option<u32>, String> {
-    let kv = parse_kv(words, &[&["limit", "count"]])?;
-    get(&kv, "limit")
-        .map(|v| {
-            v.parse::<u32>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("limit '{v}' is not a positive number"))
+    let f = parse_history_filter(words)?;
+    Ok(f.limit.map(|n| u32::try_from(n).unwrap_or(u32::MAX)))
+}
+
+/// `history [job=J] [node=N] [policy=P] [outcome=O] [limit=N]`.
+pub fn parse_history_filter(words: &[String]) -> Result<Filter, String> {
+    Filter::parse(
+        words,
+        &[
+            &["limit", "count"],
+            &["job", "jobid"],
+            &["node", "nodename"],
+            &["policy", "policyname"],
+            &["state", "outcome"],
+        ],
+    )
+}
+
+/// `show WHAT [NAME] [KEY=VALUE...]`: the name (or `name=`/`NodeName=`/`id=`) and the filters
+/// that apply to WHAT.
+pub fn parse_show(what: ShowWhat, words: &[String]) -> Result<(Option<String>, Filter), String> {
+    let mut name = None;
+    let mut kv = Vec::new();
+    for w in words {
+        if w.contains('=') {
+            kv.push(w.clone());
+        } else if name.replace(w.clone()).is_some() {
+            return Err(format!("'{w}': give one name, then KEY=VALUE filters"));
+        }
+    }
+    let (name_keys, keys): (&[&'static str], &[&[&'static str]]) = match what {
+        ShowWhat::Nodes => (&["name", "nodename"], &[&["state"], &["limit"]]),
+        ShowWhat::Containers => (
+            &["name", "id", "container"],
+            &[
+                &["job", "jobid"],
+                &["node", "nodename"],
+                &["state"],
+                &["limit"],
+            ],
+        ),
+        ShowWhat::Migrations => (
+            &["name", "id", "migration"],
+            &[
+                &["job", "jobid"],
+                &["node", "nodename"],
+                &["state"],
+                &["policy", "policyname"],
+                &["limit"],
+            ],
+        ),
+        ShowWhat::Policies => (&["name", "policy", "policyname"], &[]),
+    };
+    let mut allowed: Vec<&[&'static str]> = vec![name_keys];
+    allowed.extend_from_slice(keys);
+    let parsed = parse_kv(&kv, &allowed)?;
+    if let Some(n) = get(&parsed, "name") {
+        if name.replace(n.to_string()).is_some() {
+            return Err("the name is given twice (as a word and as a key)".into());
+        }
+    }
+    let rest: Vec<String> = kv
+        .into_iter()
+        .filter(|w| {
+            let k = w.split('=').next().unwrap_or("").to_ascii_lowercase();
+            !name_keys.contains(&k.as_str())
         })
-        .transpose()
+        .collect();
+    Ok((name, Filter::parse(&rest, keys)?))
+}
+
+/// What `show` shows (the CLI's `What`, without clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShowWhat {
+    Nodes,
+    Containers,
+    Migrations,
+    Policies,
 }
 
 /// `plan job=J node=NODE`, both optional.
@@ -193,5 +265,39 @@ mod tests {
         assert_eq!(parse_history(&w("limit=5")).expect("limit"), Some(5));
         assert_eq!(parse_history(&[]).expect("none"), None);
         assert!(parse_history(&w("limit=0")).is_err());
+    }
+
+    #[test]
+    fn show_takes_a_name_and_filters() {
+        let (n, f) = parse_show(ShowWhat::Nodes, &w("NodeName=node1")).expect("nodename");
+        assert_eq!(n.as_deref(), Some("node1"));
+        assert!(f.is_empty());
+        let (n, f) = parse_show(ShowWhat::Nodes, &w("state=DRAIN")).expect("state");
+        assert_eq!((n, f.state.as_deref()), (None, Some("DRAIN")));
+        let (n, f) = parse_show(ShowWhat::Migrations, &w("JobId=4 node=n2 limit=3")).expect("m");
+        assert_eq!(
+            (n, f.job, f.node.as_deref(), f.limit),
+            (None, Some(4), Some("n2"), Some(3))
+        );
+        let (n, _) = parse_show(ShowWhat::Migrations, &w("3f2a")).expect("id");
+        assert_eq!(n.as_deref(), Some("3f2a"));
+        let e = parse_show(ShowWhat::Policies, &w("job=4")).expect_err("no filters");
+        assert!(e.contains("unknown key 'job'"), "{e}");
+        let e = parse_show(ShowWhat::Nodes, &w("node1 node2")).expect_err("two names");
+        assert!(e.contains("one name"), "{e}");
+        let e = parse_show(ShowWhat::Nodes, &w("node1 NodeName=node2")).expect_err("twice");
+        assert!(e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn values_are_case_insensitive_like_scontrols() {
+        let a = parse_migrate(&w("JobId=7 Mode=Stop-And-Copy")).expect("mode");
+        assert_eq!(a.mode, Some(MigrationMode::StopAndCopy));
+        assert_eq!(
+            parse_update(&w("Policy=thermal State=Dry-Run"))
+                .expect("state")
+                .1,
+            PolicyState::DryRun
+        );
     }
 }

@@ -2,6 +2,7 @@
 
 mod args;
 mod client;
+mod filter;
 mod render;
 
 /// print!/println! that ignore a closed stdout (`rebalctl ... | head` must not panic).
@@ -81,13 +82,16 @@ enum Cmd {
     /// Users other than root, the SlurmUser and operators see their own containers,
     /// migrations and decisions only.
     #[command(
-        after_help = "Examples:\n  rebalctl show nodes\n  rebalctl show node node3\n  rebalctl show containers job=42\n  rebalctl show migrations --active\n  rebalctl show migration 3f2a9c1e --json\n  rebalctl show policies"
+        after_help = "Examples:\n  rebalctl show nodes\n  rebalctl show node node3\n  rebalctl show nodes NodeName=node3\n  rebalctl show containers job=42\n  rebalctl show containers node=node2 state=running\n  rebalctl show migrations job=42 state=rolled-back limit=5\n  rebalctl show migrations --active\n  rebalctl show migration 3f2a9c1e --json\n  rebalctl show policies"
     )]
     Show {
         what: What,
-        /// Node, container id, migration id (a prefix is enough) or policy name; for
-        /// containers also `job=J`.
-        name: Option<String>,
+        /// Node, container id, migration id (a prefix is enough) or policy name (also as
+        /// `NodeName=`, `id=`, `name=`), then filters: nodes `state=`; containers `job=`,
+        /// `node=`, `state=`; migrations `job=`, `node=` (source or destination), `state=`,
+        /// `policy=`; all but policies `limit=N` (the newest N).
+        #[arg(value_name = "NAME|KEY=VALUE")]
+        args: Vec<String>,
         /// Migrations only: those not ended yet.
         #[arg(long)]
         active: bool,
@@ -137,10 +141,14 @@ enum Cmd {
         #[arg(value_name = "KEY=VALUE", required = true)]
         args: Vec<String>,
     },
-    /// Decisions taken by policies and operators, newest last: limit=N (default 50).
-    #[command(after_help = "Example:\n  rebalctl history limit=20")]
+    /// Decisions taken by policies and operators, newest last: limit=N (default 50), and
+    /// filters job=J, node=NODE (source or destination), policy=NAME, outcome=OUTCOME (these
+    /// look at the newest 10000 decisions).
+    #[command(
+        after_help = "Examples:\n  rebalctl history limit=20\n  rebalctl history job=42\n  rebalctl history policy=drain outcome=failed limit=5"
+    )]
     History {
-        /// limit=N.
+        /// limit=N, job=J, node=NODE, policy=NAME, outcome=OUTCOME.
         #[arg(value_name = "KEY=VALUE")]
         args: Vec<String>,
     },
@@ -300,7 +308,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         }
     }
     watch.finish();
-    let reply = reply?;
+    let reply = filters(&cli.cmd)?.apply(reply?);
     let mut extra = Extra::default();
     if matches!(reply, ControlReply::History { .. }) {
         // How each started decision ended: the journal keeps the migration apart from the
@@ -319,6 +327,26 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     output(&cli, reply, &extra)
 }
 
+/// The client-side filters of `show` and `history`.
+fn filters(cmd: &Cmd) -> Result<filter::Filter, ErrorReply> {
+    Ok(match cmd {
+        Cmd::Show { what, args, .. } => args::parse_show(what.plain(), args).map_err(bad)?.1,
+        Cmd::History { args } => args::parse_history_filter(args).map_err(bad)?,
+        _ => filter::Filter::default(),
+    })
+}
+
+impl What {
+    fn plain(self) -> args::ShowWhat {
+        match self {
+            What::Nodes => args::ShowWhat::Nodes,
+            What::Containers => args::ShowWhat::Containers,
+            What::Migrations => args::ShowWhat::Migrations,
+            What::Policies => args::ShowWhat::Policies,
+        }
+    }
+}
+
 /// What a reply is shown with besides itself.
 #[derive(Default)]
 struct Extra {
@@ -333,36 +361,24 @@ fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
             let (job_id, node) = args::parse_plan(args).map_err(bad)?;
             (ControlRequest::Explain { job_id, node }, false)
         }
-        Cmd::Show { what, name, active } => (
-            match what {
-                What::Nodes => ControlRequest::ShowNodes { name: name.clone() },
-                What::Containers => match name.as_deref().and_then(|n| n.split_once('=')) {
-                    Some((k, v))
-                        if k.eq_ignore_ascii_case("job") || k.eq_ignore_ascii_case("jobid") =>
-                    {
-                        ControlRequest::ShowContainers {
-                            id: None,
-                            job_id: Some(args::parse_job(v).map_err(bad)?),
-                        }
-                    }
-                    Some((k, _)) => {
-                        return Err(bad(format!(
-                            "unknown key '{k}' (expected job=J or a container id)"
-                        )))
-                    }
-                    None => ControlRequest::ShowContainers {
-                        id: name.clone(),
-                        job_id: None,
+        Cmd::Show { what, args, active } => {
+            let (name, f) = args::parse_show(what.plain(), args).map_err(bad)?;
+            (
+                match what {
+                    What::Nodes => ControlRequest::ShowNodes { name },
+                    What::Containers => ControlRequest::ShowContainers {
+                        job_id: if name.is_none() { f.job } else { None },
+                        id: name,
                     },
+                    What::Migrations => ControlRequest::ShowMigrations {
+                        id: name,
+                        active: *active,
+                    },
+                    What::Policies => ControlRequest::ShowPolicies { name },
                 },
-                What::Migrations => ControlRequest::ShowMigrations {
-                    id: name.clone(),
-                    active: *active,
-                },
-                What::Policies => ControlRequest::ShowPolicies { name: name.clone() },
-            },
-            false,
-        ),
+                false,
+            )
+        }
         Cmd::Migrate { args, wait } => {
             let a = args::parse_migrate(args).map_err(bad)?;
             (
@@ -402,12 +418,20 @@ fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
             let (name, state) = args::parse_update(args).map_err(bad)?;
             (ControlRequest::UpdatePolicy { name, state }, false)
         }
-        Cmd::History { args } => (
-            ControlRequest::History {
-                limit: args::parse_history(args).map_err(bad)?,
-            },
-            false,
-        ),
+        Cmd::History { args } => {
+            let f = args::parse_history_filter(args).map_err(bad)?;
+            let only_limit = filter::Filter {
+                limit: None,
+                ..f.clone()
+            }
+            .is_empty();
+            let limit = if only_limit {
+                args::parse_history(args).map_err(bad)?
+            } else {
+                Some(filter::HISTORY_SCAN)
+            };
+            (ControlRequest::History { limit }, false)
+        }
     })
 }
 
@@ -426,7 +450,13 @@ fn output(cli: &Cli, reply: ControlReply, extra: &Extra) -> Result<(), Fail> {
             Ok(())
         };
     }
-    let single = matches!(&cli.cmd, Cmd::Show { name: Some(n), .. } if !n.contains('='));
+    // A named object gets the detail view; filters keep the table.
+    let single = match &cli.cmd {
+        Cmd::Show { what, args, .. } => {
+            matches!(args::parse_show(what.plain(), args), Ok((Some(_), _)))
+        }
+        _ => false,
+    };
     match reply {
         ControlReply::Pong { software } => outln!("{software} is up"),
         ControlReply::Nodes { nodes } if single => nodes

@@ -63,13 +63,14 @@ impl PolicyState {
 
 impl std::str::FromStr for PolicyState {
     type Err = String;
+    /// Case-insensitive, as scontrol's values are (`State=Dry-Run`).
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
+        match s.to_ascii_lowercase().as_str() {
             "enabled" | "enable" => Ok(PolicyState::Enabled),
             "disabled" | "disable" => Ok(PolicyState::Disabled),
             "dry-run" | "dryrun" => Ok(PolicyState::DryRun),
-            other => Err(format!(
-                "unknown policy state '{other}' (expected enabled, disabled or dry-run)"
+            _ => Err(format!(
+                "unknown policy state '{s}' (expected enabled, disabled or dry-run)"
             )),
         }
     }

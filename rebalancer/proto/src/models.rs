@@ -96,10 +96,12 @@ impl fmt::Display for MigrationMode {
 
 impl std::str::FromStr for MigrationMode {
     type Err = String;
+    /// Case-insensitive, as scontrol's values are (`Mode=Post-Copy`). Policy files stay exact:
+    /// they are deserialized, not parsed with this.
     fn from_str(s: &str) -> Result<Self, String> {
         MigrationMode::ALL
             .into_iter()
-            .find(|m| m.as_str() == s)
+            .find(|m| m.as_str().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
                 format!("unknown migration mode '{s}' (expected stop-and-copy, post-copy, pre-copy or auto)")
             })
