@@ -225,6 +225,7 @@ fi
 if want controller; then
   put "$build/rebalancerd" "$sbindir/rebalancerd" 0755
   put "$build/rebalctl" "$bindir/rebalctl" 0755
+  "$build/rebalctl" completion bash | put_text "$prefix/share/bash-completion/completions/rebalctl" 0644
   rewrite "$repo/deploy/systemd/rebalancerd.service" | put_text "$unitdir/rebalancerd.service" 0644
   put_config "$repo/deploy/etc/rebalancerd.toml" "$confdir/rebalancerd.toml"
   for p in "$repo"/policies/*.toml; do

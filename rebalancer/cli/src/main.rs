@@ -167,6 +167,14 @@ enum Cmd {
     },
     /// Check that rebalancerd answers.
     Ping,
+    /// Print a shell completion script (needs no daemon).
+    #[command(
+        after_help = "Examples:\n  rebalctl completion bash > /usr/share/bash-completion/completions/rebalctl\n  rebalctl completion zsh > \"${fpath[1]}/_rebalctl\""
+    )]
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -282,6 +290,10 @@ fn read_sources(path: &Path) -> Result<Vec<PolicySource>, ErrorReply> {
 }
 
 async fn run(cli: Cli) -> Result<(), Fail> {
+    if let Cmd::Completion { shell } = &cli.cmd {
+        outln!("{}", completion(*shell));
+        return Ok(());
+    }
     if let Cmd::Policy {
         cmd: PolicyCmd::Check { path: Some(p) },
     } = &cli.cmd
@@ -347,6 +359,13 @@ impl What {
     }
 }
 
+fn completion(shell: clap_complete::Shell) -> String {
+    use clap::CommandFactory;
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "rebalctl", &mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 /// What a reply is shown with besides itself.
 #[derive(Default)]
 struct Extra {
@@ -357,6 +376,7 @@ struct Extra {
 fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
     Ok(match cmd {
         Cmd::Ping => (ControlRequest::Ping, false),
+        Cmd::Completion { .. } => return Err(bad("completion needs no controller")),
         Cmd::Plan { args } => {
             let (job_id, node) = args::parse_plan(args).map_err(bad)?;
             (ControlRequest::Explain { job_id, node }, false)
@@ -711,6 +731,25 @@ mod tests {
         let cli = Cli::try_parse_from(["rebalctl", "evacuate", "nodes=x"]).expect("parse");
         assert_eq!(build(&cli.cmd).expect_err("bad key").code.exit_code(), 2);
         assert!(Cli::try_parse_from(["rebalctl", "show", "jobs"]).is_err());
+    }
+
+    #[test]
+    fn completion_knows_the_commands_and_options() {
+        let bash = completion(clap_complete::Shell::Bash);
+        for word in [
+            "evacuate",
+            "history",
+            "plan",
+            "--json",
+            "nodes",
+            "migrations",
+        ] {
+            assert!(
+                bash.contains(word),
+                "{word} missing from the bash completion"
+            );
+        }
+        assert!(completion(clap_complete::Shell::Zsh).contains("#compdef rebalctl"));
     }
 
     #[test]
