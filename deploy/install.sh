@@ -233,6 +233,7 @@ if want controller; then
   done
   put "$repo/docs/man/rebalancerd.8" "$mandir/man8/rebalancerd.8" 0644
   put "$repo/docs/man/rebalctl.1" "$mandir/man1/rebalctl.1" 0644
+  put "$repo/docs/man/rebalancer-policies.5" "$mandir/man5/rebalancer-policies.5" 0644
   # For the site's Prometheus and Grafana (docs/monitoring.md); nothing here loads them.
   for f in grafana-dashboard.json rebalancer-rules.yml rebalancer-rules.test.yml; do
     put "$repo/deploy/monitoring/$f" "$docdir/monitoring/$f" 0644

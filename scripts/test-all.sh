@@ -16,6 +16,7 @@ step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 deploy/monitoring/check.sh
+scripts/md2man.py --check docs/policies.md docs/man/rebalancer-policies.5
 
 step "unit tests"
 cargo test --workspace --all-targets
