@@ -14,8 +14,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("invalid `{field}` = {value:?}: {reason}")]
     Invalid {
         field: &'static str,
@@ -255,6 +260,42 @@ fn invalid(
     }
 }
 
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (line, before[start..].chars().count() + 1)
+}
+
+/// Where `field` (`key` or `table.key`) is set, as the line and column of its key.
+fn key_position(text: &str, field: &str) -> Option<(usize, usize)> {
+    let (table, key) = match field.rsplit_once('.') {
+        Some((t, k)) => (Some(t), k),
+        None => (None, field),
+    };
+    let mut current: Option<&str> = None;
+    for (i, l) in text.lines().enumerate() {
+        let t = l.trim_start();
+        if let Some(h) = t.strip_prefix('[') {
+            current = h.split(']').next().map(str::trim);
+            continue;
+        }
+        let Some((k, _)) = t.split_once('=') else {
+            continue;
+        };
+        if k.trim() == key && (table.is_none() || current == table) {
+            return Some((i + 1, l.len() - t.len() + 1));
+        }
+    }
+    // A whole table (`[peers]`): its header.
+    text.lines().enumerate().find_map(|(i, l)| {
+        let t = l.trim_start();
+        let name = t.strip_prefix('[')?.split(']').next()?.trim();
+        (name == field).then(|| (i + 1, l.len() - t.len() + 1))
+    })
+}
+
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -264,12 +305,29 @@ impl AgentConfig {
         Self::from_toml(&text, path)
     }
 
+    /// Errors name `file:line:column`: TOML's own position, or where the invalid key is set.
     pub fn from_toml(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
         })?;
-        raw.validate()
+        raw.validate().map_err(|e| match &e {
+            ConfigError::Invalid { field, .. } => {
+                let (line, column) = key_position(text, field).unwrap_or((1, 1));
+                ConfigError::Parse {
+                    path: path.to_owned(),
+                    line,
+                    column,
+                    message: e.to_string(),
+                }
+            }
+            _ => e,
+        })
     }
 }
 
@@ -457,6 +515,25 @@ impl RawMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        let p = Path::new("/etc/rebalancer/agent.toml");
+        let e = AgentConfig::from_toml("node = \"n1\"\nbogus = 3\n", p).expect_err("unknown key");
+        let m = e.to_string();
+        assert!(
+            m.starts_with("/etc/rebalancer/agent.toml:2:1: unknown field `bogus`"),
+            "{m}"
+        );
+        let e = AgentConfig::from_toml("node = \"n1\"\n\n  listen = \"nowhere\"\n", p)
+            .expect_err("bad listen");
+        let m = e.to_string();
+        assert!(
+            m.starts_with("/etc/rebalancer/agent.toml:3:3: invalid `listen`"),
+            "{m}"
+        );
+        assert!(m.contains("expected IP:PORT"), "{m}");
+    }
 
     fn parse(s: &str) -> Result<AgentConfig, ConfigError> {
         AgentConfig::from_toml(s, Path::new("test.toml"))

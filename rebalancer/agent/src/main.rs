@@ -45,7 +45,8 @@ enum Cmd {
         #[arg(long, default_value_t = 15)]
         signal: i32,
     },
-    /// Validate a configuration file and print the result.
+    /// Validate a configuration file and print the result. Exit status 0 if valid, 2 if not
+    /// (the message names file:line:column), as `rebalancerd --check-config`.
     CheckConfig {
         #[arg(long, short = 'c')]
         config: PathBuf,
@@ -147,14 +148,22 @@ fn main() -> ExitCode {
             }
             Ok(())
         })(),
-        Cmd::CheckConfig { config } => (|| {
-            let c = rebalancer_agent::config::AgentConfig::load(&config)?;
-            println!(
-                "{config:?}: ok (node {}, listen {}, subnet {})",
-                c.node, c.listen, c.container_subnet
-            );
-            Ok(())
-        })(),
+        Cmd::CheckConfig { config } => {
+            match rebalancer_agent::config::AgentConfig::load(&config) {
+                Ok(c) => {
+                    println!(
+                        "{config:?}: ok (node {}, listen {}, subnet {})",
+                        c.node, c.listen, c.container_subnet
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    // As rebalancerd --check-config: 2 = invalid configuration.
+                    eprintln!("rebalancer-agent: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
