@@ -167,6 +167,7 @@ pub fn parse_show(what: ShowWhat, words: &[String]) -> Result<(Option<String>, F
             ],
         ),
         ShowWhat::Policies => (&["name", "policy", "policyname"], &[]),
+        ShowWhat::Job => (&["name", "job", "jobid"], &[]),
     };
     let mut allowed: Vec<&[&'static str]> = vec![name_keys];
     allowed.extend_from_slice(keys);
@@ -193,6 +194,7 @@ pub enum ShowWhat {
     Containers,
     Migrations,
     Policies,
+    Job,
 }
 
 /// `plan job=J node=NODE`, both optional.

@@ -73,6 +73,9 @@ enum What {
     Migrations,
     #[value(alias = "policy")]
     Policies,
+    /// One job: its containers, its moves and the decisions about it (`show job J`, or
+    /// scontrol's `show job=J`).
+    Job,
 }
 
 #[derive(Subcommand, Debug)]
@@ -211,7 +214,7 @@ impl From<ErrorReply> for Fail {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(scontrol_spellings(std::env::args().collect()));
     let json = cli.json;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -308,6 +311,15 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     }
     let (req, wait) = build(&cli.cmd)?;
     let mut client = client::Client::connect(&cli.socket).await?;
+    if let Cmd::Show {
+        what: What::Job,
+        args,
+        ..
+    } = &cli.cmd
+    {
+        let name = args::parse_show(args::ShowWhat::Job, args).map_err(bad)?.0;
+        return show_job(&cli, &mut client, job_of(name.as_deref())?).await;
+    }
     let mut watch = Watch::new(wait && !cli.json);
     let reply = client.call(&req, |ev| watch.event(ev)).await;
     if let Ok(ControlReply::Migrated { migrations, .. }) = &reply {
@@ -339,9 +351,120 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     output(&cli, reply, &extra)
 }
 
+fn job_of(name: Option<&str>) -> Result<u32, ErrorReply> {
+    args::parse_job(name.ok_or_else(|| bad("name the job: show job J (or show job=J)"))?)
+        .map_err(bad)
+}
+
+/// `show job J`: what the job runs where, how it moved, and what was decided about it.
+async fn show_job(cli: &Cli, client: &mut client::Client, job: u32) -> Result<(), Fail> {
+    let f = filter::Filter {
+        job: Some(job),
+        ..Default::default()
+    };
+    let containers = match client
+        .call(
+            &ControlRequest::ShowContainers {
+                id: None,
+                job_id: Some(job),
+            },
+            |_| {},
+        )
+        .await?
+    {
+        ControlReply::Containers { containers } => containers,
+        _ => vec![],
+    };
+    let migrations = match f.apply(
+        client
+            .call(
+                &ControlRequest::ShowMigrations {
+                    id: None,
+                    active: false,
+                },
+                |_| {},
+            )
+            .await?,
+    ) {
+        ControlReply::Migrations { migrations } => migrations,
+        _ => vec![],
+    };
+    let decisions = match f.apply(
+        client
+            .call(
+                &ControlRequest::History {
+                    limit: Some(filter::HISTORY_SCAN),
+                },
+                |_| {},
+            )
+            .await?,
+    ) {
+        ControlReply::History { decisions } => decisions,
+        _ => vec![],
+    };
+    if containers.is_empty() && migrations.is_empty() && decisions.is_empty() {
+        return Err(Fail::Error(ErrorReply {
+            code: ErrorCode::NotFound,
+            message: format!(
+                "job {job}: no container, migration or decision (not migratable, ended, or not yours)"
+            ),
+        }));
+    }
+    let extra = Extra {
+        migrations: migrations
+            .iter()
+            .map(|m| (m.record.id.clone(), m.record.clone()))
+            .collect(),
+    };
+    if cli.json {
+        print_json(&serde_json::json!({
+            "job_id": job,
+            "containers": containers,
+            "migrations": migrations,
+            "decisions": history_json(&decisions, &extra),
+        }))?;
+        return Ok(());
+    }
+    outln!(
+        "JobId={job} Containers={} Moves={}",
+        containers.len(),
+        migrations.len()
+    );
+    if !containers.is_empty() {
+        outln!("\nContainers:");
+        out!("{}", render::containers(&containers));
+    }
+    if !migrations.is_empty() {
+        outln!("\nMoves:");
+        out!("{}", render::migrations(&migrations));
+    }
+    if !decisions.is_empty() {
+        outln!("\nDecisions:");
+        out!("{}", render::history(&decisions, &extra.migrations));
+    }
+    Ok(())
+}
+
+/// scontrol's spelling `show job=J` as `show job J` (clap takes WHAT as one word).
+fn scontrol_spellings(mut argv: Vec<String>) -> Vec<String> {
+    if let Some(i) = argv.iter().position(|a| a == "show") {
+        if let Some((k, v)) = argv.get(i + 1).and_then(|w| w.split_once('=')) {
+            if k.eq_ignore_ascii_case("job") || k.eq_ignore_ascii_case("jobid") {
+                let v = v.to_string();
+                argv[i + 1] = "job".into();
+                argv.insert(i + 2, v);
+            }
+        }
+    }
+    argv
+}
+
 /// The client-side filters of `show` and `history`.
 fn filters(cmd: &Cmd) -> Result<filter::Filter, ErrorReply> {
     Ok(match cmd {
+        Cmd::Show {
+            what: What::Job, ..
+        } => filter::Filter::default(),
         Cmd::Show { what, args, .. } => args::parse_show(what.plain(), args).map_err(bad)?.1,
         Cmd::History { args } => args::parse_history_filter(args).map_err(bad)?,
         _ => filter::Filter::default(),
@@ -355,6 +478,7 @@ impl What {
             What::Containers => args::ShowWhat::Containers,
             What::Migrations => args::ShowWhat::Migrations,
             What::Policies => args::ShowWhat::Policies,
+            What::Job => args::ShowWhat::Job,
         }
     }
 }
@@ -395,6 +519,10 @@ fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
                         active: *active,
                     },
                     What::Policies => ControlRequest::ShowPolicies { name },
+                    What::Job => ControlRequest::ShowContainers {
+                        id: None,
+                        job_id: Some(job_of(name.as_deref())?),
+                    },
                 },
                 false,
             )
@@ -750,6 +878,33 @@ mod tests {
             );
         }
         assert!(completion(clap_complete::Shell::Zsh).contains("#compdef rebalctl"));
+    }
+
+    #[test]
+    fn show_job_takes_scontrols_spelling() {
+        let argv = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
+        for words in [
+            "rebalctl show job=42",
+            "rebalctl show JobId=42",
+            "rebalctl show job 42",
+        ] {
+            let cli = Cli::try_parse_from(scontrol_spellings(argv(words))).expect(words);
+            assert!(
+                matches!(
+                    build(&cli.cmd).expect("build").0,
+                    ControlRequest::ShowContainers {
+                        job_id: Some(42),
+                        id: None
+                    }
+                ),
+                "{words}"
+            );
+        }
+        // Other commands keep their words.
+        let a = argv("rebalctl show containers job=42");
+        assert_eq!(scontrol_spellings(a.clone()), a);
+        let cli = Cli::try_parse_from(argv("rebalctl show job")).expect("parse");
+        assert_eq!(build(&cli.cmd).expect_err("no job").code.exit_code(), 2);
     }
 
     #[test]

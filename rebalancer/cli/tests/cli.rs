@@ -46,6 +46,11 @@ fn record(id: &str, state: MigrationState, phases: &[Phase]) -> MigrationRecord 
 fn rolled_back() -> MigrationRecord {
     let t0 = 1_795_550_462_000;
     let mut r = record("feedface0001", MigrationState::RolledBack, &[]);
+    r.task = Some(TaskRef {
+        job_id: 7,
+        step_id: 0,
+        task_id: 0,
+    });
     r.mode = Some(MigrationMode::StopAndCopy);
     r.phases = [
         (Phase::Prepare, 0, 12),
@@ -214,6 +219,18 @@ async fn conn(mut s: UnixStream, seen: Seen) {
                     },
                 })
             }
+            ControlRequest::ShowContainers { job_id, .. } => {
+                let c: ContainerInfo = serde_json::from_value(serde_json::json!({
+                    "id": "j7.s0.t0", "task": {"job_id": 7, "step_id": 0, "task_id": 0},
+                    "uid": 0, "gid": 0, "node": "n1", "address": "198.19.0.5", "pid": 4242,
+                    "state": "running", "rss_bytes": 3145728, "cpus": 1.0, "class": null,
+                    "exit_status": null, "started_at": 1_795_550_462_000u64,
+                }))
+                .expect("container");
+                ControlResponse::Ok(ControlReply::Containers {
+                    containers: if job_id.is_none_or(|j| j == 7) { vec![c] } else { vec![] },
+                })
+            }
             ControlRequest::ShowMigrations { id, .. } => {
                 let all = vec![
                     entry(rolled_back()),
@@ -242,7 +259,11 @@ async fn conn(mut s: UnixStream, seen: Seen) {
                     at: 1_795_550_462_000,
                     policy: "drain".into(),
                     container: "j7.s0.t0".into(),
-                    task: None,
+                    task: Some(TaskRef {
+                        job_id: 7,
+                        step_id: 0,
+                        task_id: 0,
+                    }),
                     uid: Some(0),
                     source: "n1".into(),
                     destination: "n2".into(),
@@ -516,4 +537,58 @@ async fn results_read_as_outcomes_and_details() {
     );
     let o = rebalctl(&sock, &["plan", "colour=red"]).await;
     assert_eq!(o.code, 2, "{}", o.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_view_and_filters() {
+    let (_dir, sock, _seen) = start();
+    // scontrol's spelling: the job's containers, moves and decisions.
+    let o = rebalctl(&sock, &["show", "job=7"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout.starts_with("JobId=7 Containers=1 Moves=1\n"),
+        "{}",
+        o.stdout
+    );
+    let moves = o.stdout.split("Moves:").nth(1).expect("a moves table");
+    assert!(
+        moves.contains("feedface") && !moves.contains("01234567"),
+        "{}",
+        o.stdout
+    );
+    assert!(o.stdout.contains("Decisions:"), "{}", o.stdout);
+    let o = rebalctl(&sock, &["--json", "show", "job", "7"]).await;
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
+    assert_eq!(v["job_id"], 7, "{v}");
+    assert_eq!(v["migrations"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["decisions"][0]["result"], "rolled-back", "{v}");
+    let o = rebalctl(&sock, &["show", "JobId=99"]).await;
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("job 99: no container, migration or decision"),
+        "{}",
+        o.stderr
+    );
+
+    // Filters narrow tables; values are case-insensitive.
+    let o = rebalctl(&sock, &["show", "migrations", "State=Succeeded"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stdout.lines().count(), 2, "{}", o.stdout);
+    assert!(o.stdout.contains("01234567"), "{}", o.stdout);
+    let o = rebalctl(&sock, &["show", "migrations", "job=7", "node=n2"]).await;
+    assert_eq!(o.stdout.lines().count(), 2, "{}", o.stdout);
+    assert!(o.stdout.contains("feedface"), "{}", o.stdout);
+    let o = rebalctl(&sock, &["--json", "history", "policy=thermal"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stdout.trim(), "[]");
+    let o = rebalctl(&sock, &["--json", "history", "job=7", "outcome=started"]).await;
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    let o = rebalctl(&sock, &["show", "nodes", "NodeName=n1"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.starts_with("NodeName=n1"), "{}", o.stdout);
+    let o = rebalctl(&sock, &["show", "containers", "colour=red"]).await;
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("unknown key 'colour'"), "{}", o.stderr);
 }
