@@ -320,9 +320,9 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         let name = args::parse_show(args::ShowWhat::Job, args).map_err(bad)?.0;
         return show_job(&cli, &mut client, job_of(name.as_deref())?).await;
     }
-    let mut watch = Watch::new(wait && !cli.json);
+    let mut watch = Watch::new(wait, cli.json);
     let reply = client.call(&req, |ev| watch.event(ev)).await;
-    if let Ok(ControlReply::Migrated { migrations, .. }) = &reply {
+    if let (false, Ok(ControlReply::Migrated { migrations, .. })) = (cli.json, &reply) {
         // The final records: the last phase event precedes the end.
         for m in migrations {
             watch.event(Event::MigrationProgress {
@@ -591,7 +591,15 @@ fn output(cli: &Cli, reply: ControlReply, extra: &Extra) -> Result<(), Fail> {
             ControlReply::History { decisions } => history_json(decisions, extra),
             _ => json_payload(&reply),
         };
-        print_json(&payload)?;
+        if matches!(
+            cli.cmd,
+            Cmd::Migrate { wait: true, .. } | Cmd::Evacuate { wait: true, .. }
+        ) {
+            // After the streamed events: one JSON document per line throughout.
+            outln!("{payload}");
+        } else {
+            print_json(&payload)?;
+        }
         return if failed {
             Err(Fail::Reported(ErrorCode::BadRequest))
         } else {
@@ -729,28 +737,41 @@ fn print_detail<T: serde::Serialize>(label: &str, name: &str, v: &T) {
 
 /// Live progress of watched migrations: one spinner per migration on a terminal, one line per
 /// phase change otherwise.
+/// Progress of watched migrations: a live line per migration on a terminal, a line per phase
+/// otherwise, or (`--json`) each event as one JSON line on stdout.
 struct Watch {
     on: bool,
+    json: bool,
     tty: bool,
     mp: MultiProgress,
     bars: HashMap<String, ProgressBar>,
     last: HashMap<String, String>,
+    /// When each migration was first seen and its bytes then, for the rate.
+    first: HashMap<String, (std::time::Instant, u64)>,
 }
 
 impl Watch {
-    fn new(on: bool) -> Self {
+    fn new(on: bool, json: bool) -> Self {
         use std::io::IsTerminal;
         Watch {
             on,
+            json,
             tty: std::io::stderr().is_terminal(),
             mp: MultiProgress::new(),
             bars: HashMap::new(),
             last: HashMap::new(),
+            first: HashMap::new(),
         }
     }
 
     fn event(&mut self, ev: Event) {
         if !self.on {
+            return;
+        }
+        if self.json {
+            if let Ok(line) = serde_json::to_string(&ev) {
+                outln!("{line}");
+            }
             return;
         }
         let Event::MigrationProgress {
@@ -765,14 +786,22 @@ impl Watch {
                 .map(|p| p.phase.to_string())
                 .unwrap_or_else(|| "pending".into())
         };
-        let sent = render::bytes(
-            progress_bytes
-                .unwrap_or(r.stats.bytes_sent)
-                .max(r.stats.bytes_sent),
-        );
+        let sent_bytes = progress_bytes
+            .unwrap_or(r.stats.bytes_sent)
+            .max(r.stats.bytes_sent);
+        let sent = render::bytes(sent_bytes);
+        let now = std::time::Instant::now();
+        let (t0, b0) = *self.first.entry(r.id.clone()).or_insert((now, sent_bytes));
+        let rate = rate_and_eta(
+            now.duration_since(t0),
+            sent_bytes.saturating_sub(b0),
+            r.stats.rss_bytes.saturating_sub(sent_bytes),
+        )
+        .filter(|_| !r.state.is_terminal())
+        .unwrap_or_default();
         let mode = r.mode.unwrap_or(r.requested_mode);
         let msg = format!(
-            "{} {} {}->{} [{mode}] {phase}, {sent} sent{}",
+            "{} {} {}->{} [{mode}] {phase}, {sent} sent{rate}{}",
             render::short_id(&r.id),
             r.container,
             r.source,
@@ -808,6 +837,21 @@ impl Watch {
             }
         }
     }
+}
+
+/// `, 120.0MiB/s, ETA 3 s` once bytes have moved for a while; the ETA when what is left is known.
+fn rate_and_eta(elapsed: std::time::Duration, moved: u64, left: u64) -> Option<String> {
+    let secs = elapsed.as_secs_f64();
+    if secs < 0.5 || moved == 0 {
+        return None;
+    }
+    let bps = moved as f64 / secs;
+    let eta = if left > 0 {
+        format!(", ETA {} s", (left as f64 / bps).ceil() as u64)
+    } else {
+        String::new()
+    };
+    Some(format!(", {}/s{eta}", render::bytes(bps as u64)))
 }
 
 #[cfg(test)]
@@ -905,6 +949,21 @@ mod tests {
         assert_eq!(scontrol_spellings(a.clone()), a);
         let cli = Cli::try_parse_from(argv("rebalctl show job")).expect("parse");
         assert_eq!(build(&cli.cmd).expect_err("no job").code.exit_code(), 2);
+    }
+
+    #[test]
+    fn progress_shows_rate_and_eta_once_bytes_move() {
+        use std::time::Duration;
+        assert_eq!(rate_and_eta(Duration::from_millis(100), 1 << 20, 0), None);
+        assert_eq!(rate_and_eta(Duration::from_secs(2), 0, 1 << 20), None);
+        assert_eq!(
+            rate_and_eta(Duration::from_secs(2), 200 << 20, 300 << 20).as_deref(),
+            Some(", 100.0MiB/s, ETA 3 s")
+        );
+        assert_eq!(
+            rate_and_eta(Duration::from_secs(1), 64 << 20, 0).as_deref(),
+            Some(", 64.0MiB/s")
+        );
     }
 
     #[test]

@@ -591,4 +591,25 @@ async fn a_jobs_view_and_filters() {
     let o = rebalctl(&sock, &["show", "containers", "colour=red"]).await;
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("unknown key 'colour'"), "{}", o.stderr);
+
+    // --json --wait streams each event as a JSON line, then the result as the last line.
+    let o = rebalctl(&sock, &["--json", "migrate", "job=7", "node=n2", "--wait"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let docs: Vec<serde_json::Value> = o
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON document per line"))
+        .collect();
+    assert!(docs.len() >= 2, "{}", o.stdout);
+    let (last, events) = docs.split_last().expect("lines");
+    assert!(
+        events.iter().all(|e| e["event"] == "migration-progress"),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(
+        last["migrations"][0]["record"]["state"], "succeeded",
+        "{last}"
+    );
+    assert!(o.stderr.is_empty(), "{}", o.stderr);
 }
