@@ -260,14 +260,6 @@ fn invalid(
     }
 }
 
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    (line, before[start..].chars().count() + 1)
-}
-
 /// Where `field` (`key` or `table.key`) is set, as the line and column of its key.
 fn key_position(text: &str, field: &str) -> Option<(usize, usize)> {
     let (table, key) = match field.rsplit_once('.') {
@@ -308,7 +300,10 @@ impl AgentConfig {
     /// Errors name `file:line:column`: TOML's own position, or where the invalid key is set.
     pub fn from_toml(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            let (line, column) = e
+                .span()
+                .map(|s| rebalancer_proto::position::line_col(text, s.start))
+                .unwrap_or((1, 1));
             ConfigError::Parse {
                 path: path.to_owned(),
                 line,

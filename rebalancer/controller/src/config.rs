@@ -217,14 +217,7 @@ pub struct MigrationConfig {
     pub max_downtime_ms: Option<u64>,
 }
 
-/// 1-based line and column of a byte offset.
-pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let col_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    (line, before[col_start..].chars().count() + 1)
-}
+pub use rebalancer_proto::position::line_col;
 
 struct Ctx<'a> {
     path: &'a Path,

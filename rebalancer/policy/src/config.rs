@@ -293,12 +293,7 @@ struct Positions<'a> {
 
 impl Positions<'_> {
     fn at(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.text.len());
-        let before = self.text.get(..offset).unwrap_or(self.text);
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let col = before[line_start..].chars().count() + 1;
-        (line, col)
+        rebalancer_proto::position::line_col(self.text, offset)
     }
 }
 

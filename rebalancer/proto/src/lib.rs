@@ -14,6 +14,7 @@ mod kind;
 pub mod messages;
 pub mod models;
 pub mod peer;
+pub mod position;
 
 pub use channel::{ChannelConfig, Negotiated};
 pub use error::{ErrorCode, ErrorReply, ProtoError, VersionRange};
