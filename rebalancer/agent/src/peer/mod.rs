@@ -26,13 +26,15 @@
 //! from its commit mark, or `busy` while that arrival is still in progress (`adopt.rs`).
 //!
 //! The wire types are [`rebalancer_proto::peer`]'s (re-exported by [`wire`]); this module holds
-//! the conversions of the agent's container record ([`convert`]), the client ([`client`]) and the
-//! error mapping ([`errors`]). The destination's server is in the migration module (`destination.rs`), which
-//! uses this one; this module uses nothing of it.
+//! the conversions of the agent's container record ([`convert`]), the client ([`client`]), the
+//! server's handshake ([`server`]) and the error mapping ([`errors`]). Both ends speak through
+//! `rebalancer_proto::channel::AsyncChannel`. The destination's request loop is in the migration
+//! module (`destination.rs`), which uses this one; this module uses nothing of it.
 
 pub mod client;
 pub mod convert;
 pub mod errors;
+pub mod server;
 pub mod wire;
 
 pub use client::PeerConn;
