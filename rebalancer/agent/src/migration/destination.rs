@@ -81,7 +81,7 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<(), AgentError> {
     let timeout = Duration::from_millis(agent.cfg.migration_timeout_ms);
     // AWAIT_HELLO: nothing but a hello with a valid credential gets further (crate::peer::server).
-    let hello_timeout = timeout.min(crate::peer::server::HELLO_TIMEOUT);
+    let hello_timeout = timeout.min(agent.cfg.peer_idle_timeout);
     let accepted = match crate::peer::server::accept(&agent.cfg, stream, hello_timeout).await {
         Ok(a) => a,
         Err(e) => {

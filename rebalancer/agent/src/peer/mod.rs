@@ -34,6 +34,7 @@
 pub mod client;
 pub mod convert;
 pub mod errors;
+pub mod listener;
 pub mod server;
 pub mod wire;
 

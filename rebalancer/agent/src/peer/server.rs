@@ -20,11 +20,6 @@ use super::wire::{
 use crate::config::AgentConfig;
 use crate::error::AgentError;
 
-/// How long an unauthenticated connection may take for its hello and, with protocol 2, its
-/// `authenticate` request (each a deadline for the whole frame: trickling bytes does not
-/// extend it).
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
 fn refusal(e: &AgentError) -> ErrorReply {
     match reply_error(e) {
         PeerResponse::Error(r) => r,
