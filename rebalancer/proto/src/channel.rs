@@ -666,6 +666,23 @@ mod nonblocking {
             self.s
         }
 
+        /// The stream and the channel's state (negotiation, request ids, limits), to carry
+        /// the channel over onto a wrapping of the stream (the peer protocol's TLS upgrade after
+        /// the `Hello`). Refused while a frame is half received: its bytes would be lost.
+        pub fn into_parts(self) -> Result<(S, Core), ProtoError> {
+            if !self.core.decoder.is_idle() {
+                return Err(ProtoError::Config(
+                    "cannot take a channel apart in the middle of a frame",
+                ));
+            }
+            Ok((self.s, self.core))
+        }
+
+        /// The channel again, on `s` (see [`AsyncChannel::into_parts`]).
+        pub fn from_parts(s: S, core: Core) -> Self {
+            AsyncChannel { s, core }
+        }
+
         pub async fn call<T: DeserializeOwned>(
             &mut self,
             req: &impl Serialize,

@@ -469,6 +469,62 @@ mod async_flavour {
     }
 
     #[tokio::test]
+    async fn a_channel_taken_apart_and_rebuilt_keeps_its_negotiation_and_ids() {
+        let (a, b) = tokio::net::UnixStream::pair().expect("pair");
+        let srv = tokio::spawn(async move {
+            let ch = AsyncChannel::accept(b, cfg(1, 3), hello(Role::Agent), |_| Ok(())).await?;
+            let (s, core) = ch.into_parts()?;
+            let mut ch = AsyncChannel::from_parts(s, core);
+            let mut ids = Vec::new();
+            for _ in 0..2 {
+                let f = ch.recv_frame().await?;
+                ids.push(f.header.id);
+                ch.send(FrameKind::Response, f.header.id, &Response::Ok(Reply::Done))
+                    .await?;
+            }
+            Ok::<_, ProtoError>((ch.negotiated().version, ids))
+        });
+        let mut ch = AsyncChannel::connect(a, cfg(1, 3), hello(Role::Agent))
+            .await
+            .expect("connect");
+        let r: Response = ch.call(&Request::Ping).await.expect("first call");
+        assert_eq!(r, Response::Ok(Reply::Done));
+        let (s, core) = ch.into_parts().expect("idle");
+        let mut ch = AsyncChannel::from_parts(s, core);
+        assert_eq!(ch.negotiated().version, 3);
+        let r: Response = ch.call(&Request::Ping).await.expect("second call");
+        assert_eq!(r, Response::Ok(Reply::Done));
+        let (v, ids) = srv.await.expect("task").expect("server");
+        assert_eq!((v, ids), (3, vec![1, 2]));
+    }
+
+    #[tokio::test]
+    async fn a_channel_is_not_taken_apart_inside_a_frame() {
+        use tokio::io::AsyncWriteExt;
+        let (a, b) = tokio::net::UnixStream::pair().expect("pair");
+        let srv = tokio::spawn(AsyncChannel::accept(
+            b,
+            cfg(1, 1),
+            hello(Role::Agent),
+            |_| Ok(()),
+        ));
+        let ch = AsyncChannel::connect(a, cfg(1, 1), hello(Role::Agent))
+            .await
+            .expect("connect");
+        let mut srv = srv.await.expect("task").expect("accept");
+        let (mut raw, _core) = ch.into_parts().expect("idle");
+        // Half a header: the server's read times out with the partial frame kept.
+        let f = Frame::json(FrameKind::Request, 1, &Request::Ping).expect("frame");
+        raw.write_all(&f.to_bytes()[..8]).await.expect("write");
+        srv.set_idle_timeout(Some(50 * MS));
+        assert!(matches!(
+            srv.recv_frame().await,
+            Err(ProtoError::Timeout { .. })
+        ));
+        assert!(matches!(srv.into_parts(), Err(ProtoError::Config(_))));
+    }
+
+    #[tokio::test]
     async fn accept_with_answers_from_the_clients_hello() {
         let (a, b) = tokio::net::UnixStream::pair().expect("pair");
         let srv = tokio::spawn(async move {

@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::errors::error_from_reply;
+use super::tls::PeerStream;
 use super::wire::{ImageFile, PeerReply, PeerRequest, PeerResponse, CHUNK, PEER_MAX_FRAME};
 use crate::config::AgentConfig;
 use crate::error::AgentError;
@@ -18,15 +19,43 @@ use crate::error::AgentError;
 /// Client end of a peer connection (source side). Generic over the stream so that unit tests
 /// run it over an in-memory pipe.
 pub struct PeerConn<S = TcpStream> {
-    ch: AsyncChannel<S>,
+    ch: AsyncChannel<PeerStream<S>>,
     /// Bytes written so far, headers included.
     pub bytes_sent: u64,
     /// Bound on each call (request to response) and each write.
     pub timeout: Duration,
     /// The agreed peer protocol version.
     pub version: u16,
-    /// The node the server proved it is (version 2 with munge; `None` otherwise).
+    /// The node the server proved it is (version 2 or 3 with munge; `None` otherwise).
     pub peer_node: Option<String>,
+}
+
+/// The version-3 upgrade of a channel whose hellos were exchanged in clear: the same channel
+/// state on a TLS stream, and the session's exporter.
+pub(crate) async fn upgrade<S, F, Fut>(
+    ch: AsyncChannel<PeerStream<S>>,
+    tls: F,
+) -> Result<(AsyncChannel<PeerStream<S>>, String), AgentError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce(S) -> Fut,
+    Fut: std::future::Future<Output = Result<(PeerStream<S>, String), AgentError>>,
+{
+    let (stream, core) = ch.into_parts()?;
+    let PeerStream::Plain(raw) = stream else {
+        return Err(AgentError::Internal(
+            "the peer connection is already in TLS".into(),
+        ));
+    };
+    let (stream, exporter) = tls(raw).await?;
+    Ok((AsyncChannel::from_parts(stream, core), exporter))
+}
+
+/// Logs the protocol in use when it leaves the connection in clear.
+pub(crate) fn note_unencrypted(version: u16, peer: Option<&str>, role: &str) {
+    if version < 3 {
+        tracing::warn!(peer = ?peer, version, "peer protocol {version}: the connection with the {role} agent is not encrypted (an agent of an earlier release?)");
+    }
 }
 
 /// The channel's errors in the agent's terms: a refusal keeps the peer's code and sentence.
@@ -91,18 +120,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
             .call_timeout(Some(timeout))
             .idle_timeout(Some(timeout))
             .versions(ours);
-        let ch = AsyncChannel::connect(stream, ch_cfg, hello)
+        let ch = AsyncChannel::connect(PeerStream::Plain(stream), ch_cfg, hello)
             .await
             .map_err(|e| from_proto(e, "the destination agent"))?;
         let h = ch.negotiated().peer.clone();
+        let version = ch.negotiated().version;
+        note_unencrypted(version, h.node.as_deref(), "destination");
+        let (ch, session) = if version >= 3 {
+            let (ch, e) = upgrade(ch, |raw| super::tls::connect(raw, timeout)).await?;
+            (ch, Some(e))
+        } else {
+            (ch, None)
+        };
         let mut c = PeerConn {
-            version: ch.negotiated().version,
+            version,
             ch,
             bytes_sent: (HEADER_LEN + hello_len) as u64,
             timeout,
             peer_node: None,
         };
-        if c.version >= 2 {
+        if c.version >= 3 {
+            c.authenticate_in_tls(cfg, &h, &nonce, session.as_deref().unwrap_or_default())
+                .await?;
+        } else if c.version == 2 {
             c.authenticate(cfg, &h, &nonce).await?;
         } else {
             tracing::warn!(peer = ?h.node, "peer protocol 1: the destination agent is not authenticated (an agent of the previous release?)");
@@ -147,11 +187,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
                 from: cfg.node.clone(),
                 to: claimed,
                 nonce: their_nonce.to_string(),
+                session: None,
             },
         )
         .await?;
         match self.call(&PeerRequest::Authenticate { credential }).await? {
-            PeerReply::Authenticated => {}
+            PeerReply::Authenticated { .. } => {}
             other => {
                 return Err(AgentError::Peer(format!(
                     "unexpected answer to authenticate: {other:?}"
@@ -160,6 +201,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
         }
         self.peer_node = server;
         Ok(())
+    }
+
+    /// Version 3, inside TLS: proves this node with a credential bound to the server's nonce
+    /// and this TLS session, then checks the server's, bound to our nonce and the same session.
+    async fn authenticate_in_tls(
+        &mut self,
+        cfg: &AgentConfig,
+        h: &Hello,
+        our_nonce: &str,
+        session: &str,
+    ) -> Result<(), AgentError> {
+        let sock = cfg.munge_socket.as_deref();
+        let claimed = h.node.clone().unwrap_or_default();
+        let their_nonce = h.nonce.as_deref().ok_or_else(|| {
+            AgentError::PermissionDenied("the destination sent no nonce with protocol 3".into())
+        })?;
+        let credential = crate::auth::bound_credential(
+            cfg.auth,
+            sock,
+            &crate::auth::Binding {
+                from: cfg.node.clone(),
+                to: claimed.clone(),
+                nonce: their_nonce.to_string(),
+                session: Some(session.to_string()),
+            },
+        )
+        .await?;
+        let theirs = match self.call(&PeerRequest::Authenticate { credential }).await? {
+            PeerReply::Authenticated { credential } => credential,
+            other => {
+                return Err(AgentError::Peer(format!(
+                    "unexpected answer to authenticate: {other:?}"
+                )))
+            }
+        };
+        let server = crate::auth::verify_bound_in(
+            cfg.auth,
+            sock,
+            theirs.as_deref(),
+            (Some(&claimed), &cfg.node, our_nonce),
+            Some(session),
+        )
+        .await
+        .map_err(|e| AgentError::PermissionDenied(format!("the destination agent: {e}")))?;
+        tracing::debug!(peer = %claimed, "destination authenticated inside TLS (peer protocol 3)");
+        self.peer_node = server;
+        Ok(())
+    }
+
+    /// Whether the connection runs inside TLS (protocol 3).
+    pub fn is_encrypted(&self) -> bool {
+        self.ch.get_ref().is_encrypted()
     }
 
     async fn send_request(&mut self, req: &PeerRequest) -> Result<u32, AgentError> {

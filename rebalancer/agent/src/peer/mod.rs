@@ -36,6 +36,7 @@ pub mod convert;
 pub mod errors;
 pub mod listener;
 pub mod server;
+pub mod tls;
 pub mod wire;
 
 pub use client::PeerConn;

@@ -12,8 +12,9 @@ use rebalancer_proto::frame::FrameKind;
 use rebalancer_proto::{ChannelConfig, ErrorReply, Hello, ProtoError, Role, VersionRange};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::client::from_proto;
+use super::client::{from_proto, note_unencrypted, upgrade};
 use super::errors::reply_error;
+use super::tls::PeerStream;
 use super::wire::{
     ImageFile, PeerReply, PeerRequest, PeerResponse, MAX_IMAGE_FILES, PEER_MAX_FRAME,
 };
@@ -29,7 +30,7 @@ fn refusal(e: &AgentError) -> ErrorReply {
 
 /// An accepted, authenticated peer connection.
 pub struct Accepted<S> {
-    pub ch: AsyncChannel<S>,
+    pub ch: AsyncChannel<PeerStream<S>>,
     /// The node the client is: proven by its credential (munge), or as its hello claims
     /// (`auth.method = "none"`).
     pub node: String,
@@ -51,12 +52,16 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .call_timeout(Some(hello_timeout))
         .versions(ours);
     let (method, sock) = (cfg.auth, cfg.munge_socket.as_deref());
-    let answered = AsyncChannel::accept_with(stream, ch_cfg, |hello: Hello, agreed| async move {
-        answer_hello(cfg, &hello, agreed)
-            .await
-            .map(|(me, nonce)| (me, (hello, nonce)))
-            .map_err(|e| refusal(&e))
-    })
+    let answered = AsyncChannel::accept_with(
+        PeerStream::Plain(stream),
+        ch_cfg,
+        |hello: Hello, agreed| async move {
+            answer_hello(cfg, &hello, agreed)
+                .await
+                .map(|(me, nonce)| (me, (hello, nonce)))
+                .map_err(|e| refusal(&e))
+        },
+    )
     .await;
     let (mut ch, (hello, our_nonce)) = match answered {
         Ok(v) => v,
@@ -69,6 +74,14 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     };
     let version = ch.negotiated().version;
     let claimed = hello.node.clone().unwrap_or_default();
+    note_unencrypted(version, hello.node.as_deref(), "source");
+    let session = if version >= 3 {
+        let (upgraded, e) = upgrade(ch, |raw| super::tls::accept(raw, hello_timeout)).await?;
+        ch = upgraded;
+        Some(e)
+    } else {
+        None
+    };
     let Some(our_nonce) = our_nonce else {
         return Ok(Accepted {
             ch,
@@ -76,7 +89,8 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
             version,
         });
     };
-    // Protocol 2: the first request proves the client, bound to our nonce.
+    // Protocols 2 and 3: the first request proves the client, bound to our nonce (and, with 3,
+    // to this TLS session).
     let f = ch
         .recv_frame()
         .await
@@ -84,32 +98,48 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let id = f.header.id;
     let checked = match f.decode::<PeerRequest>(FrameKind::Request, "request") {
         Ok(PeerRequest::Authenticate { credential }) => {
-            crate::auth::verify_bound(
+            crate::auth::verify_bound_in(
                 method,
                 sock,
                 credential.as_deref(),
-                Some(&claimed),
-                &cfg.node,
-                &our_nonce,
+                (Some(&claimed), &cfg.node, &our_nonce),
+                session.as_deref(),
             )
             .await
         }
-        _ => Err(AgentError::PermissionDenied(
-            "the first request of protocol 2 must be authenticate".into(),
-        )),
+        _ => Err(AgentError::PermissionDenied(format!(
+            "the first request of protocol {version} must be authenticate"
+        ))),
     };
     if let Err(e) = checked {
         let _ = ch.send(FrameKind::Response, id, &reply_error(&e)).await;
         return Err(e);
     }
+    // Version 3: this node's proof comes now, bound to the client's nonce and this session.
+    let credential = match (&session, &hello.nonce) {
+        (Some(session), Some(their_nonce)) => {
+            crate::auth::bound_credential(
+                method,
+                sock,
+                &crate::auth::Binding {
+                    from: cfg.node.clone(),
+                    to: claimed.clone(),
+                    nonce: their_nonce.clone(),
+                    session: Some(session.clone()),
+                },
+            )
+            .await?
+        }
+        _ => None,
+    };
     ch.send(
         FrameKind::Response,
         id,
-        &PeerResponse::Ok(PeerReply::Authenticated),
+        &PeerResponse::Ok(PeerReply::Authenticated { credential }),
     )
     .await
     .map_err(|e| from_proto(e, "the connecting agent"))?;
-    tracing::debug!(node = %claimed, "source authenticated (peer protocol 2)");
+    tracing::debug!(node = %claimed, version, "source authenticated");
     Ok(Accepted {
         ch,
         node: claimed,
@@ -119,7 +149,8 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
 
 /// This node's hello for the agreed version, and (protocol 2) the nonce the client's
 /// `authenticate` must answer. Version 1: the client's credential names it (replayable;
-/// logged). Version 2: this node's credential answers the client's nonce.
+/// logged). Version 2: this node's credential answers the client's nonce. Version 3: none yet;
+/// it comes inside TLS, bound to the session, in the answer to `authenticate`.
 async fn answer_hello(
     cfg: &AgentConfig,
     hello: &Hello,
@@ -150,11 +181,14 @@ async fn answer_hello(
     }
     let (Some(claimed), Some(their_nonce)) = (hello.node.clone(), hello.nonce.clone()) else {
         return Err(AgentError::PermissionDenied(
-            "a protocol-2 hello names its node and carries a nonce".into(),
+            "a hello of protocol 2 or later names its node and carries a nonce".into(),
         ));
     };
     let our_nonce = crate::auth::nonce();
     me.nonce = Some(our_nonce.clone());
+    if agreed >= 3 {
+        return Ok((me, Some(our_nonce)));
+    }
     me.credential = crate::auth::bound_credential(
         method,
         sock,
@@ -162,6 +196,7 @@ async fn answer_hello(
             from: cfg.node.clone(),
             to: claimed,
             nonce: their_nonce,
+            session: None,
         },
     )
     .await?;
@@ -305,6 +340,84 @@ mod tests {
             name: name.into(),
             size,
         }
+    }
+
+    fn agent_cfg(node: &str, versions: &str) -> AgentConfig {
+        let toml = format!(
+            "node = \"{node}\"\nlisten = \"127.0.0.1:7878\"\npeer_protocol = {versions}\n[auth]\nmethod = \"none\"\n"
+        );
+        AgentConfig::from_toml(&toml, Path::new("t.toml")).expect("config")
+    }
+
+    /// A client of `client_versions` against a server of `server_versions`: the agreed version,
+    /// whether the client runs in TLS, and what the server's first request reads as.
+    async fn handshake(client_versions: &str, server_versions: &str) -> (u16, bool, String) {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let scfg = agent_cfg("dst", server_versions);
+        let srv = tokio::spawn(async move {
+            let mut acc = accept(&scfg, b, Duration::from_secs(5)).await?;
+            let f = acc.ch.recv_frame().await.map_err(AgentError::Proto)?;
+            let r: PeerRequest = f
+                .decode(FrameKind::Request, "request")
+                .map_err(AgentError::Proto)?;
+            acc.ch
+                .send(
+                    FrameKind::Response,
+                    f.header.id,
+                    &PeerResponse::Ok(PeerReply::Ack),
+                )
+                .await
+                .map_err(AgentError::Proto)?;
+            Ok::<_, AgentError>((acc.version, acc.node, acc.ch.get_ref().is_encrypted(), r))
+        });
+        let ccfg = agent_cfg("src", client_versions);
+        let mut c = super::super::PeerConn::handshake(&ccfg, a, Duration::from_secs(5))
+            .await
+            .expect("handshake");
+        assert_eq!(
+            c.call(&PeerRequest::Commit).await.expect("call"),
+            PeerReply::Ack
+        );
+        let (v, node, srv_tls, req) = srv.await.expect("task").expect("server");
+        assert_eq!((v, node.as_str()), (c.version, "src"));
+        assert_eq!(srv_tls, c.is_encrypted());
+        (v, c.is_encrypted(), req.op().to_string())
+    }
+
+    #[tokio::test]
+    async fn protocol_3_runs_inside_tls_and_2_with_an_older_agent_does_not() {
+        assert_eq!(
+            handshake("[1, 3]", "[1, 3]").await,
+            (3, true, "commit".into())
+        );
+        assert_eq!(
+            handshake("[1, 2]", "[1, 3]").await,
+            (2, false, "commit".into())
+        );
+        assert_eq!(
+            handshake("[1, 3]", "[1, 2]").await,
+            (2, false, "commit".into())
+        );
+        assert_eq!(
+            handshake("[3, 3]", "[1, 3]").await,
+            (3, true, "commit".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_requires_3_refuses_an_older_one_naming_both() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let scfg = agent_cfg("dst", "[3, 3]");
+        let srv = tokio::spawn(async move { accept(&scfg, b, Duration::from_secs(5)).await.err() });
+        let ccfg = agent_cfg("src", "[1, 2]");
+        let e = match super::super::PeerConn::handshake(&ccfg, a, Duration::from_secs(5)).await {
+            Ok(_) => panic!("a version-2 agent got through to one that requires 3"),
+            Err(e) => e,
+        };
+        let m = e.to_string();
+        assert!(matches!(e, AgentError::Version(_)), "{m}");
+        assert!(m.contains("1..=2") && m.contains('3'), "{m}");
+        assert!(srv.await.expect("task").is_some());
     }
 
     #[tokio::test]
