@@ -66,9 +66,9 @@ pub struct RawConfig {
     /// of a migration must agree; `false` on both saves the cipher's CPU on a trusted network.
     #[serde(default = "default_true")]
     pub encrypt_memory: bool,
-    /// Agent ↔ agent protocol versions spoken (`[1, 2]`; see docs/security.md). Raise the
-    /// lowest to 2 once every node runs a release that speaks it: version 1 does not
-    /// authenticate the destination.
+    /// Agent ↔ agent protocol versions spoken (`[1, 3]`; see docs/security.md). Raise the
+    /// lowest to 3 once every node runs a release that speaks it: version 1 does not
+    /// authenticate the destination, and 1 and 2 are not encrypted (3 is TLS).
     #[serde(default = "default_peer_protocol")]
     pub peer_protocol: [u16; 2],
     /// Peer connections served at once, from all addresses together; more are refused `busy`.

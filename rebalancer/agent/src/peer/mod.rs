@@ -5,6 +5,8 @@
 //! source                                   destination
 //! Hello{role=agent, node, munge cred} ──→  verify credential (before anything else)
 //!                                     ←──  Hello
+//!   (protocol 3: TLS 1.3 from here on, then authenticate ⇄ authenticated{credential}, both
+//!    credentials bound to the nonces and the TLS session's exporter; see `tls`)
 //! Capabilities                        ──→  ← capabilities
 //! Prepare{migration, mode, meta}      ──→  check room/features; netns (no route yet), root
 //!                                          skeleton; stop-and-copy: criu page-server
