@@ -92,13 +92,17 @@ async fn run_munge(
         })?
 }
 
-/// What a bound credential must say: who sends it, who may accept it, and the receiver's nonce
-/// for this connection.
+/// What a bound credential must say: who sends it, who may accept it, the receiver's nonce
+/// for this connection and, with peer protocol 3, the TLS session's exporter value
+/// ([`crate::peer::tls`]), so that it is valid inside that one TLS session only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binding {
     pub from: String,
     pub to: String,
     pub nonce: String,
+    /// The TLS exporter of the session the credential travels in (hexadecimal); `None`
+    /// outside TLS (protocol 2).
+    pub session: Option<String>,
 }
 
 impl Binding {
@@ -118,10 +122,21 @@ impl Binding {
                 )));
             }
         }
-        Ok(format!(
+        if let Some(t) = &self.session {
+            if t.is_empty() || t.len() > 256 || !t.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(AgentError::BadRequest(format!(
+                    "invalid TLS session value {t:?} for a credential"
+                )));
+            }
+        }
+        let mut p = format!(
             "{BOUND_PREFIX} from={} to={} nonce={}",
             self.from, self.to, self.nonce
-        ))
+        );
+        if let Some(t) = &self.session {
+            p.push_str(&format!(" tls={t}"));
+        }
+        Ok(p)
     }
 
     /// Checks a decoded credential's uid and payload against what this connection expects.
@@ -133,6 +148,19 @@ impl Binding {
         to: &str,
         nonce: &str,
     ) -> Result<String, AgentError> {
+        Self::check_in_session(uid, payload, from, to, nonce, None)
+    }
+
+    /// As [`Binding::check`], inside the TLS session whose exporter is `session` (protocol 3):
+    /// the credential must name exactly that session; outside TLS it must name none.
+    pub fn check_in_session(
+        uid: u32,
+        payload: &str,
+        from: Option<&str>,
+        to: &str,
+        nonce: &str,
+        session: Option<&str>,
+    ) -> Result<String, AgentError> {
         let deny = |m: String| Err(AgentError::PermissionDenied(m));
         if uid != 0 {
             return deny(format!("credential of uid {uid}, agents run as root"));
@@ -141,12 +169,13 @@ impl Binding {
         if words.next() != Some(BOUND_PREFIX) {
             return deny("credential is not an agent credential of this protocol".into());
         }
-        let (mut got_from, mut got_to, mut got_nonce) = (None, None, None);
+        let (mut got_from, mut got_to, mut got_nonce, mut got_tls) = (None, None, None, None);
         for w in words {
             match w.split_once('=') {
                 Some(("from", v)) if got_from.is_none() => got_from = Some(v),
                 Some(("to", v)) if got_to.is_none() => got_to = Some(v),
                 Some(("nonce", v)) if got_nonce.is_none() => got_nonce = Some(v),
+                Some(("tls", v)) if got_tls.is_none() => got_tls = Some(v),
                 _ => return deny(format!("malformed agent credential {payload:?}")),
             }
         }
@@ -160,6 +189,22 @@ impl Binding {
         }
         if n != nonce {
             return deny("credential is bound to another connection (replayed?)".into());
+        }
+        match (got_tls, session) {
+            (Some(got), Some(want)) if got == want => {}
+            (None, None) => {}
+            (Some(_), Some(_)) => {
+                return deny(
+                    "credential is bound to another TLS session (relayed by a man in the middle?)"
+                        .into(),
+                )
+            }
+            (None, Some(_)) => {
+                return deny("credential names no TLS session; protocol 3 requires it".into())
+            }
+            (Some(_), None) => {
+                return deny("credential names a TLS session; this connection has none".into())
+            }
         }
         if let Some(want) = from {
             if f != want {
@@ -216,8 +261,22 @@ pub async fn verify_bound(
     if method == AuthMethod::None {
         return Ok(None);
     }
+    verify_bound_in(method, socket, cred, (from, to, nonce), None).await
+}
+
+/// As [`verify_bound`], inside the TLS session whose exporter is `session` (protocol 3).
+pub async fn verify_bound_in(
+    method: AuthMethod,
+    socket: Option<&Path>,
+    cred: Option<&str>,
+    (from, to, nonce): (Option<&str>, &str, &str),
+    session: Option<&str>,
+) -> Result<Option<String>, AgentError> {
+    if method == AuthMethod::None {
+        return Ok(None);
+    }
     let (uid, payload) = decode(socket, cred).await?;
-    Binding::check(uid, &payload, from, to, nonce).map(Some)
+    Binding::check_in_session(uid, &payload, from, to, nonce, session).map(Some)
 }
 
 /// Decodes a peer's munge credential: (uid, payload), munge having checked key, TTL and replay.
@@ -326,7 +385,36 @@ mod tests {
             from: from.into(),
             to: to.into(),
             nonce: nonce.into(),
+            session: None,
         }
+    }
+
+    #[test]
+    fn a_credential_from_another_tls_session_is_refused() {
+        let mut bound = b("n1", "n2", "abc");
+        bound.session = Some("00ff".repeat(16));
+        let p = bound.payload().expect("payload");
+        let this = "00ff".repeat(16);
+        assert_eq!(
+            Binding::check_in_session(0, &p, Some("n1"), "n2", "abc", Some(&this)).expect("ok"),
+            "n1"
+        );
+        let other = "11aa".repeat(16);
+        let e = Binding::check_in_session(0, &p, Some("n1"), "n2", "abc", Some(&other))
+            .expect_err("other session");
+        assert!(e.to_string().contains("another TLS session"), "{e}");
+        // A protocol-2 credential (no session) is refused inside TLS, and the other way round.
+        let plain = b("n1", "n2", "abc").payload().expect("payload");
+        let e = Binding::check_in_session(0, &plain, None, "n2", "abc", Some(&this))
+            .expect_err("no session named");
+        assert!(e.to_string().contains("names no TLS session"), "{e}");
+        let e = Binding::check(0, &p, None, "n2", "abc").expect_err("session outside TLS");
+        assert!(e.to_string().contains("this connection has none"), "{e}");
+        // Named twice, or not hexadecimal: refused.
+        let twice = format!("{p} tls={this}");
+        assert!(Binding::check_in_session(0, &twice, None, "n2", "abc", Some(&this)).is_err());
+        bound.session = Some("not hex".into());
+        assert!(bound.payload().is_err());
     }
 
     #[test]

@@ -71,11 +71,22 @@ pub struct RawConfig {
     /// of a migration must agree; `false` on both saves the cipher's CPU on a trusted network.
     #[serde(default = "default_true")]
     pub encrypt_memory: bool,
-    /// Agent ↔ agent protocol versions spoken (`[1, 2]`; see docs/security.md). Raise the
-    /// lowest to 2 once every node runs a release that speaks it: version 1 does not
-    /// authenticate the destination.
+    /// Agent ↔ agent protocol versions spoken (`[1, 3]`; see docs/security.md). Raise the
+    /// lowest to 3 once every node runs a release that speaks it: version 1 does not
+    /// authenticate the destination, and 1 and 2 are not encrypted (3 is TLS).
     #[serde(default = "default_peer_protocol")]
     pub peer_protocol: [u16; 2],
+    /// Peer connections served at once, from all addresses together; more are refused `busy`.
+    #[serde(default = "default_peer_max_connections")]
+    pub peer_max_connections: usize,
+    /// Peer connections served at once from one IP address (a flood from one host cannot take
+    /// every slot).
+    #[serde(default = "default_peer_max_per_host")]
+    pub peer_max_per_host: usize,
+    /// How long a peer connection may take to send its hello and prove who it is (each frame a
+    /// deadline of its own: trickling bytes does not extend it), in milliseconds.
+    #[serde(default = "default_peer_idle_timeout_ms")]
+    pub peer_idle_timeout_ms: u64,
     /// Command that starts the restore step of a migrated Slurm task on this node; `{job}`,
     /// `{node}` and `{migration}` are substituted.
     #[serde(default = "default_restore_command")]
@@ -166,6 +177,18 @@ fn default_peer_protocol() -> [u16; 2] {
     ]
 }
 
+fn default_peer_max_connections() -> usize {
+    64
+}
+
+fn default_peer_max_per_host() -> usize {
+    8
+}
+
+fn default_peer_idle_timeout_ms() -> u64 {
+    10_000
+}
+
 fn default_true() -> bool {
     true
 }
@@ -243,6 +266,9 @@ pub struct AgentConfig {
     pub migration_timeout_ms: u64,
     pub encrypt_memory: bool,
     pub peer_protocol: rebalancer_proto::VersionRange,
+    pub peer_limits: crate::peer::listener::Limits,
+    /// Deadline of an unauthenticated peer connection's hello and `authenticate`.
+    pub peer_idle_timeout: std::time::Duration,
     pub restore_command: Vec<String>,
     pub metrics: crate::metrics::MetricsConfig,
     pub metrics_listen: Option<SocketAddr>,
@@ -428,6 +454,30 @@ impl RawConfig {
                 ),
             ));
         }
+        if !(1..=65_536).contains(&self.peer_max_connections) {
+            return Err(invalid(
+                "peer_max_connections",
+                self.peer_max_connections,
+                "must be 1..=65536",
+            ));
+        }
+        if self.peer_max_per_host == 0 || self.peer_max_per_host > self.peer_max_connections {
+            return Err(invalid(
+                "peer_max_per_host",
+                self.peer_max_per_host,
+                format!(
+                    "must be 1..=peer_max_connections ({})",
+                    self.peer_max_connections
+                ),
+            ));
+        }
+        if !(100..=600_000).contains(&self.peer_idle_timeout_ms) {
+            return Err(invalid(
+                "peer_idle_timeout_ms",
+                self.peer_idle_timeout_ms,
+                "must be 100..=600000 (0.1 s to 10 min)",
+            ));
+        }
         if self.migration_timeout_ms < 1000 {
             return Err(invalid(
                 "migration_timeout_ms",
@@ -481,6 +531,11 @@ impl RawConfig {
                 self.peer_protocol[0],
                 self.peer_protocol[1],
             ),
+            peer_limits: crate::peer::listener::Limits {
+                total: self.peer_max_connections,
+                per_host: self.peer_max_per_host,
+            },
+            peer_idle_timeout: std::time::Duration::from_millis(self.peer_idle_timeout_ms),
             restore_command: self.restore_command,
         })
     }
@@ -532,6 +587,33 @@ mod tests {
 
     fn parse(s: &str) -> Result<AgentConfig, ConfigError> {
         AgentConfig::from_toml(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn peer_listener_limits_default_and_bad_values_are_named() {
+        let base = "node = \"n1\"\nlisten = \"198.18.16.2:7878\"\n";
+        let c = parse(base).expect("valid");
+        assert_eq!(c.peer_limits.total, 64);
+        assert_eq!(c.peer_limits.per_host, 8);
+        assert_eq!(c.peer_idle_timeout, std::time::Duration::from_secs(10));
+        let c = parse(&format!(
+            "{base}peer_max_connections = 5\npeer_max_per_host = 5\npeer_idle_timeout_ms = 250\n"
+        ))
+        .expect("valid");
+        assert_eq!((c.peer_limits.total, c.peer_limits.per_host), (5, 5));
+        assert_eq!(c.peer_idle_timeout, std::time::Duration::from_millis(250));
+        for (line, field) in [
+            ("peer_max_connections = 0", "peer_max_connections"),
+            ("peer_max_per_host = 65", "peer_max_per_host"),
+            ("peer_max_per_host = 0", "peer_max_per_host"),
+            ("peer_idle_timeout_ms = 0", "peer_idle_timeout_ms"),
+        ] {
+            let e = parse(&format!("{base}{line}\n")).expect_err(line);
+            assert!(
+                matches!(&e, ConfigError::Invalid { field: f, .. } if *f == field),
+                "{line}: {e}"
+            );
+        }
     }
 
     #[test]

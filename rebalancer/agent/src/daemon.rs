@@ -106,19 +106,12 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     tracing::info!(node = %agent.cfg.node, listen = %agent.cfg.listen, control = %agent.cfg.control_socket.display(), "agent ready");
 
     let a = agent.clone();
-    tokio::spawn(async move {
-        loop {
-            match tcp.accept().await {
-                Ok((s, _)) => {
-                    tokio::spawn(crate::migration::destination::serve(a.clone(), s));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept on peer listener");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    });
+    tokio::spawn(crate::peer::listener::run(
+        tcp,
+        agent.cfg.node.clone(),
+        agent.cfg.peer_limits,
+        move |s| crate::migration::destination::serve(a.clone(), s),
+    ));
     if let Some(listener) = prom {
         tracing::info!(node = %agent.cfg.node, listen = ?agent.cfg.metrics_listen, "Prometheus metrics on /metrics");
         let a = agent.clone();

@@ -8,6 +8,7 @@ use rebalancer_proto::*;
 use std::time::Duration;
 
 const V1_WARNING: &str = "peer protocol 1";
+const CLEAR_WARNING: &str = "is not encrypted";
 
 fn serve(lab: &Lab, addr: &str) -> TcpProbe {
     lab.client(0)
@@ -54,6 +55,11 @@ fn current_agents_authenticate_each_other_and_move_both_ways() {
         assert!(
             !lab.log(i).contains(V1_WARNING),
             "n{i} fell back to protocol 1:\n{}",
+            lab.log(i)
+        );
+        assert!(
+            !lab.log(i).contains(CLEAR_WARNING),
+            "n{i} spoke with its peer in clear (not protocol 3):\n{}",
             lab.log(i)
         );
     }
@@ -105,6 +111,32 @@ fn no_common_version_is_refused_naming_both_and_the_job_stays() {
     let info = lab.client(0).container("pv1").expect("still on n0");
     assert_eq!(info.state, ContainerState::Running);
     assert!(probe.advance(20, Duration::from_secs(10)), "client stalled");
+    let stats = probe.stop();
+    assert!(stats.errors.is_empty(), "{:?}", stats.errors);
+}
+
+#[test]
+#[ignore = "needs root, CRIU 4.2, munge, nftables and network namespaces; .ci/run runs it with --include-ignored"]
+fn an_agent_of_protocol_2_migrates_both_ways_with_one_of_protocol_3_in_clear() {
+    // n0 is the previous release (versions 1 and 2, no TLS); n1 speaks 1 to 3.
+    let lab = Lab::with_config(15, 2, vec!["peer_protocol = [1, 2]".into(), String::new()]);
+    let probe = serve(&lab, "198.19.31.10");
+    move_ok(&lab, 0, 1, &probe); // v2 source, v3 destination
+    move_ok(&lab, 1, 0, &probe); // v3 source, v2 destination
+    for i in 0..2 {
+        assert!(
+            !lab.log(i).contains(V1_WARNING),
+            "n{i} fell back to protocol 1:\n{}",
+            lab.log(i)
+        );
+    }
+    // The current agent says, as source and as destination, that the connection is in clear.
+    let log = lab.log(1);
+    assert!(
+        log.contains("with the source agent is not encrypted")
+            && log.contains("with the destination agent is not encrypted"),
+        "n1 does not log the unencrypted protocol-2 connections:\n{log}"
+    );
     let stats = probe.stop();
     assert!(stats.errors.is_empty(), "{:?}", stats.errors);
 }

@@ -171,6 +171,17 @@ impl Core {
         mine: Hello,
         check: impl FnOnce(&Hello) -> Result<(), ErrorReply>,
     ) -> Result<Frame, (ProtoError, Frame)> {
+        let (peer, version) = self.hello_version(f)?;
+        if let Err(reply) = check(&peer) {
+            let frame = response_frame(f.header.id, reply.clone());
+            return Err((ProtoError::Refused(reply), frame));
+        }
+        self.answer_hello(f.header.id, version, peer, mine)
+    }
+
+    /// A client's first frame decoded as a `Hello`, with the highest version both sides speak;
+    /// otherwise the error and the reply to send before closing.
+    fn hello_version(&self, f: &Frame) -> Result<(Hello, u16), (ProtoError, Frame)> {
         let peer: Hello = match f.decode(FrameKind::Hello, "hello") {
             Ok(h) => h,
             Err(e) => {
@@ -186,17 +197,24 @@ impl Core {
             let reply = error_frame(f.header.id, ErrorCode::Version, &e);
             return Err((e, reply));
         };
-        if let Err(reply) = check(&peer) {
-            let frame = response_frame(f.header.id, reply.clone());
-            return Err((ProtoError::Refused(reply), frame));
-        }
+        Ok((peer, version))
+    }
+
+    /// The server's `Hello` stating the agreed `version`; records the negotiation.
+    fn answer_hello(
+        &mut self,
+        id: u32,
+        version: u16,
+        peer: Hello,
+        mine: Hello,
+    ) -> Result<Frame, (ProtoError, Frame)> {
         let answer = Frame::json(
             FrameKind::Hello,
             0,
             &mine.with_versions(VersionRange::new(version, version)),
         )
         .map_err(|e| {
-            let reply = error_frame(f.header.id, ErrorCode::Internal, &e);
+            let reply = error_frame(id, ErrorCode::Internal, &e);
             (e, reply)
         })?;
         self.negotiated = Some(Negotiated { version, peer });
@@ -578,6 +596,51 @@ mod nonblocking {
             Ok(c)
         }
 
+        /// Server side, for a handshake that needs the client's `Hello` (and time) to answer:
+        /// reads the client's `Hello` within the idle timeout, agrees on the highest common
+        /// version, then awaits `answer(peer_hello, version)`. `Ok((hello, value))` sends
+        /// `hello` (stating the agreed version) and returns the channel with `value`; `Err`
+        /// sends the error reply and closes, as does a bad first frame or no common version.
+        /// The agent's peer server computes its munge credential from the client's nonce here.
+        pub async fn accept_with<T, F, Fut>(
+            s: S,
+            cfg: ChannelConfig,
+            answer: F,
+        ) -> Result<(Self, T), ProtoError>
+        where
+            F: FnOnce(Hello, u16) -> Fut,
+            Fut: std::future::Future<Output = Result<(Hello, T), ErrorReply>>,
+        {
+            let mut c = AsyncChannel {
+                s,
+                core: Core::new(cfg)?,
+            };
+            let first = c.recv_frame().await?;
+            let id = first.header.id;
+            let (peer, version) = match c.core.hello_version(&first) {
+                Ok(v) => v,
+                Err((e, reply)) => {
+                    let _ = c.write(&reply).await;
+                    return Err(e);
+                }
+            };
+            let (mine, value) = match answer(peer.clone(), version).await {
+                Ok(v) => v,
+                Err(reply) => {
+                    let _ = c.write(&response_frame(id, reply.clone())).await;
+                    return Err(ProtoError::Refused(reply));
+                }
+            };
+            match c.core.answer_hello(id, version, peer, mine) {
+                Ok(f) => c.write(&f).await?,
+                Err((e, reply)) => {
+                    let _ = c.write(&reply).await;
+                    return Err(e);
+                }
+            }
+            Ok((c, value))
+        }
+
         pub fn negotiated(&self) -> &Negotiated {
             self.core
                 .negotiated()
@@ -601,6 +664,23 @@ mod nonblocking {
         /// The stream, e.g. to hand it to code that still speaks raw frames.
         pub fn into_inner(self) -> S {
             self.s
+        }
+
+        /// The stream and the channel's state (negotiation, request ids, limits), to carry
+        /// the channel over onto a wrapping of the stream (the peer protocol's TLS upgrade after
+        /// the `Hello`). Refused while a frame is half received: its bytes would be lost.
+        pub fn into_parts(self) -> Result<(S, Core), ProtoError> {
+            if !self.core.decoder.is_idle() {
+                return Err(ProtoError::Config(
+                    "cannot take a channel apart in the middle of a frame",
+                ));
+            }
+            Ok((self.s, self.core))
+        }
+
+        /// The channel again, on `s` (see [`AsyncChannel::into_parts`]).
+        pub fn from_parts(s: S, core: Core) -> Self {
+            AsyncChannel { s, core }
         }
 
         pub async fn call<T: DeserializeOwned>(

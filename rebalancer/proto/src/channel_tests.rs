@@ -468,6 +468,135 @@ mod async_flavour {
         ));
     }
 
+    #[tokio::test]
+    async fn a_channel_taken_apart_and_rebuilt_keeps_its_negotiation_and_ids() {
+        let (a, b) = tokio::net::UnixStream::pair().expect("pair");
+        let srv = tokio::spawn(async move {
+            let ch = AsyncChannel::accept(b, cfg(1, 3), hello(Role::Agent), |_| Ok(())).await?;
+            let (s, core) = ch.into_parts()?;
+            let mut ch = AsyncChannel::from_parts(s, core);
+            let mut ids = Vec::new();
+            for _ in 0..2 {
+                let f = ch.recv_frame().await?;
+                ids.push(f.header.id);
+                ch.send(FrameKind::Response, f.header.id, &Response::Ok(Reply::Done))
+                    .await?;
+            }
+            Ok::<_, ProtoError>((ch.negotiated().version, ids))
+        });
+        let mut ch = AsyncChannel::connect(a, cfg(1, 3), hello(Role::Agent))
+            .await
+            .expect("connect");
+        let r: Response = ch.call(&Request::Ping).await.expect("first call");
+        assert_eq!(r, Response::Ok(Reply::Done));
+        let (s, core) = ch.into_parts().expect("idle");
+        let mut ch = AsyncChannel::from_parts(s, core);
+        assert_eq!(ch.negotiated().version, 3);
+        let r: Response = ch.call(&Request::Ping).await.expect("second call");
+        assert_eq!(r, Response::Ok(Reply::Done));
+        let (v, ids) = srv.await.expect("task").expect("server");
+        assert_eq!((v, ids), (3, vec![1, 2]));
+    }
+
+    #[tokio::test]
+    async fn a_channel_is_not_taken_apart_inside_a_frame() {
+        use tokio::io::AsyncWriteExt;
+        let (a, b) = tokio::net::UnixStream::pair().expect("pair");
+        let srv = tokio::spawn(AsyncChannel::accept(
+            b,
+            cfg(1, 1),
+            hello(Role::Agent),
+            |_| Ok(()),
+        ));
+        let ch = AsyncChannel::connect(a, cfg(1, 1), hello(Role::Agent))
+            .await
+            .expect("connect");
+        let mut srv = srv.await.expect("task").expect("accept");
+        let (mut raw, _core) = ch.into_parts().expect("idle");
+        // Half a header: the server's read times out with the partial frame kept.
+        let f = Frame::json(FrameKind::Request, 1, &Request::Ping).expect("frame");
+        raw.write_all(&f.to_bytes()[..8]).await.expect("write");
+        srv.set_idle_timeout(Some(50 * MS));
+        assert!(matches!(
+            srv.recv_frame().await,
+            Err(ProtoError::Timeout { .. })
+        ));
+        assert!(matches!(srv.into_parts(), Err(ProtoError::Config(_))));
+    }
+
+    #[tokio::test]
+    async fn accept_with_answers_from_the_clients_hello() {
+        let (a, b) = tokio::net::UnixStream::pair().expect("pair");
+        let srv = tokio::spawn(async move {
+            let (mut ch, seen) = AsyncChannel::accept_with(b, cfg(1, 3), |peer, v| async move {
+                // The answer depends on what the client sent (as a credential naming its nonce).
+                let mut mine = hello(Role::Agent);
+                mine.nonce = peer.nonce.as_ref().map(|n| format!("re:{n}"));
+                Ok((mine, (peer.node.clone(), v)))
+            })
+            .await?;
+            let f = ch.recv_frame().await?;
+            ch.send(FrameKind::Response, f.header.id, &Response::Ok(Reply::Done))
+                .await?;
+            Ok::<_, ProtoError>(seen)
+        });
+        let mut h = hello(Role::Agent);
+        h.node = Some("n7".into());
+        h.nonce = Some("abc".into());
+        let mut ch = AsyncChannel::connect(a, cfg(2, 5), h)
+            .await
+            .expect("connect");
+        assert_eq!(ch.negotiated().version, 3);
+        assert_eq!(ch.negotiated().peer.nonce.as_deref(), Some("re:abc"));
+        let r: Response = ch.call(&Request::Ping).await.expect("call");
+        assert_eq!(r, Response::Ok(Reply::Done));
+        let seen = srv.await.expect("task").expect("server");
+        assert_eq!(seen, (Some("n7".into()), 3));
+    }
+
+    #[tokio::test]
+    async fn accept_with_refusal_reaches_the_client_and_no_common_version_skips_the_answer() {
+        let (a, b) = tokio::net::UnixStream::pair().expect("pair");
+        let srv = tokio::spawn(AsyncChannel::accept_with(b, cfg(1, 1), |_, _| async {
+            Err::<(Hello, ()), _>(ErrorReply {
+                code: ErrorCode::PermissionDenied,
+                message: "bad credential".into(),
+            })
+        }));
+        let err = AsyncChannel::connect(a, cfg(1, 1), hello(Role::Agent))
+            .await
+            .expect_err("refused");
+        let ProtoError::Refused(reply) = err else {
+            panic!("expected a refusal, got {err:?}");
+        };
+        assert_eq!(reply.code, ErrorCode::PermissionDenied);
+        assert_eq!(reply.message, "bad credential");
+        assert!(matches!(
+            srv.await.expect("task"),
+            Err(ProtoError::Refused(_))
+        ));
+
+        let (a, b) = tokio::net::UnixStream::pair().expect("pair");
+        let called = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c2 = called.clone();
+        let srv = tokio::spawn(AsyncChannel::accept_with(b, cfg(2, 2), move |_, _| {
+            c2.store(true, std::sync::atomic::Ordering::SeqCst);
+            async { Ok((hello(Role::Agent), ())) }
+        }));
+        let err = AsyncChannel::connect(a, cfg(1, 1), hello(Role::Agent))
+            .await
+            .expect_err("no common");
+        assert!(
+            matches!(&err, ProtoError::Refused(r) if r.code == ErrorCode::Version),
+            "{err:?}"
+        );
+        assert!(matches!(
+            srv.await.expect("task"),
+            Err(ProtoError::NoCommonVersion { .. })
+        ));
+        assert!(!called.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
     fn record(id: &str) -> crate::models::MigrationRecord {
         crate::models::MigrationRecord {
             id: id.into(),

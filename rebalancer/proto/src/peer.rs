@@ -20,8 +20,11 @@ use crate::models::{
 /// 1: the hello's munge credential names only its sender (replayable to another node, and the
 /// destination proves nothing). 2: mutual authentication: each side's credential names sender,
 /// receiver and the other side's nonce for this connection (the server's in its hello, the
-/// client's in [`PeerRequest::Authenticate`]).
-pub const PEER_VERSIONS: VersionRange = VersionRange::new(1, 2);
+/// client's in [`PeerRequest::Authenticate`]). 3: after the hellos the connection continues
+/// inside TLS 1.3; the server's hello carries no credential, the client's `authenticate` and the
+/// server's `authenticated` each carry one that also names the TLS session's exporter value, so
+/// that it is valid inside that session only.
+pub const PEER_VERSIONS: VersionRange = VersionRange::new(1, 3);
 
 /// Upper bound of one peer frame, checked before anything is allocated. Image chunks are
 /// [`CHUNK`] bytes; a Prepare with a large environment stays far below it.
@@ -147,7 +150,12 @@ impl PeerRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum PeerReply {
-    Authenticated,
+    Authenticated {
+        /// Version 3: the server's credential, bound to the client's nonce and the TLS session
+        /// (versions 1 and 2: absent, the server's credential was in its hello).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credential: Option<String>,
+    },
     Capabilities {
         capabilities: NodeCapabilities,
     },

@@ -6,8 +6,9 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
-use rebalancer_proto::{ContainerState, Hello, MigrationMode, Role};
+use rebalancer_proto::channel::AsyncChannel;
+use rebalancer_proto::frame::{Frame, FrameKind};
+use rebalancer_proto::{ContainerState, MigrationMode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -19,7 +20,7 @@ use crate::agent::Agent;
 use crate::container;
 use crate::criu;
 use crate::error::AgentError;
-use crate::peer::{reply_error, PeerReply, PeerRequest, PeerResponse, PEER_MAX_FRAME};
+use crate::peer::{reply_error, PeerReply, PeerRequest, PeerResponse};
 
 /// Serves one peer connection (destination side) on the real node.
 pub async fn serve(agent: Arc<Agent>, stream: TcpStream) {
@@ -33,11 +34,11 @@ pub async fn serve(agent: Arc<Agent>, stream: TcpStream) {
 pub async fn serve_with<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
     host: Arc<H>,
     agent: Arc<Agent>,
-    mut stream: S,
+    stream: S,
     peer: Option<std::net::SocketAddr>,
 ) {
     let mut incoming: Option<Incoming<H>> = None;
-    let r = serve_inner(&host, &agent, &mut stream, peer, &mut incoming).await;
+    let r = serve_inner(&host, &agent, stream, peer, &mut incoming).await;
     if let Some(mut inc) = incoming {
         if !inc.committed {
             let why = match &r {
@@ -52,21 +53,21 @@ pub async fn serve_with<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
 }
 
-async fn write_resp<S: AsyncWrite + Unpin>(
-    s: &mut S,
+async fn write_resp<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut AsyncChannel<S>,
     id: u32,
     r: &PeerResponse,
 ) -> Result<(), AgentError> {
-    write_frame_async(s, &Frame::json(FrameKind::Response, id, r)?).await?;
+    s.send(FrameKind::Response, id, r).await?;
     Ok(())
 }
 
-async fn read_timeout<C: Clock, S: AsyncRead + Unpin>(
+async fn read_timeout<C: Clock, S: AsyncRead + AsyncWrite + Unpin>(
     clock: &C,
-    s: &mut S,
+    s: &mut AsyncChannel<S>,
     t: Duration,
 ) -> Result<Frame, AgentError> {
-    Ok(within(clock, t, read_frame_async(s, PEER_MAX_FRAME))
+    Ok(within(clock, t, s.recv_frame())
         .await
         .ok_or_else(|| AgentError::Timeout("source went silent".into()))??)
 }
@@ -74,41 +75,24 @@ async fn read_timeout<C: Clock, S: AsyncRead + Unpin>(
 async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
     host: &Arc<H>,
     agent: &Arc<Agent>,
-    s: &mut S,
+    stream: S,
     peer: Option<std::net::SocketAddr>,
     incoming: &mut Option<Incoming<H>>,
 ) -> Result<(), AgentError> {
     let timeout = Duration::from_millis(agent.cfg.migration_timeout_ms);
-    // AWAIT_HELLO: nothing but a hello with a valid credential gets further.
-    let f = read_timeout(&**host, s, Duration::from_secs(10)).await?;
-    let hello: Hello = match f.decode(FrameKind::Hello, "hello") {
-        Ok(h) => h,
+    // AWAIT_HELLO: nothing but a hello with a valid credential gets further (crate::peer::server).
+    let hello_timeout = timeout.min(agent.cfg.peer_idle_timeout);
+    let accepted = match crate::peer::server::accept(&agent.cfg, stream, hello_timeout).await {
+        Ok(a) => a,
         Err(e) => {
-            let err = AgentError::PermissionDenied(format!("expected a hello first: {e}"));
-            write_resp(s, f.header.id, &reply_error(&err)).await?;
-            return Err(err);
-        }
-    };
-    let ours = agent.cfg.peer_protocol;
-    let agreed = match (hello.role, hello.versions().highest_common(&ours)) {
-        (Role::Agent, Some(v)) => v,
-        (role, _) => {
-            let err = AgentError::Version(format!(
-                "peer speaks {} as {role:?}; this agent speaks peer protocol {ours} with agents",
-                hello.versions()
-            ));
-            write_resp(s, 0, &reply_error(&err)).await?;
-            return Err(err);
-        }
-    };
-    let source_node = match authenticate_source(host, agent, s, &hello, agreed, timeout).await {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(peer = ?peer, node = ?hello.node, version = agreed, error = %e, "rejected unauthenticated peer");
-            write_resp(s, 0, &reply_error(&e)).await?;
+            tracing::warn!(peer = ?peer, error = %e, "rejected unauthenticated peer");
             return Err(e);
         }
     };
+    let (mut ch, source_node) = (accepted.ch, accepted.node);
+    // An authenticated source may be silent while it dumps: the migration timeout bounds that.
+    ch.set_idle_timeout(Some(timeout));
+    let s = &mut ch;
 
     loop {
         let f = match read_timeout(&**host, s, timeout).await {
@@ -124,7 +108,16 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
                 continue;
             }
         };
-        let result = handle(host, agent, s, incoming, req, (&source_node, peer), timeout).await;
+        let result = handle(
+            host,
+            agent,
+            (s, id),
+            incoming,
+            req,
+            (&source_node, peer),
+            timeout,
+        )
+        .await;
         let done = matches!(
             result,
             Ok(PeerReply::Committed { .. }) | Ok(PeerReply::Aborted)
@@ -148,80 +141,10 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
 }
 
-/// Checks who the source is, for the agreed peer protocol version, and sends this node's hello.
-/// Version 1: the source's credential names it (replayable; logged). Version 2: this node's
-/// credential answers the source's nonce, and the source's first request must be an
-/// `Authenticate` whose credential answers ours.
-async fn authenticate_source<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
+async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
     host: &Arc<H>,
     agent: &Arc<Agent>,
-    s: &mut S,
-    hello: &Hello,
-    agreed: u16,
-    timeout: Duration,
-) -> Result<String, AgentError> {
-    let (method, sock) = (agent.cfg.auth, agent.cfg.munge_socket.as_deref());
-    let mut me = Hello::new(Role::Agent, crate::SOFTWARE)
-        .with_versions(rebalancer_proto::VersionRange::new(agreed, agreed));
-    me.node = Some(agent.cfg.node.clone());
-    if agreed < 2 {
-        crate::auth::verify(
-            method,
-            sock,
-            hello.node.as_deref(),
-            hello.credential.as_deref(),
-        )
-        .await?;
-        tracing::warn!(node = ?hello.node, "peer protocol 1: the source's credential is not bound to this node or connection (an agent of the previous release?)");
-        write_frame_async(s, &Frame::json(FrameKind::Hello, 0, &me)?).await?;
-        return Ok(hello.node.clone().unwrap_or_default());
-    }
-    let (Some(claimed), Some(their_nonce)) = (hello.node.clone(), hello.nonce.clone()) else {
-        return Err(AgentError::PermissionDenied(
-            "a protocol-2 hello names its node and carries a nonce".into(),
-        ));
-    };
-    let our_nonce = crate::auth::nonce();
-    me.nonce = Some(our_nonce.clone());
-    me.credential = crate::auth::bound_credential(
-        method,
-        sock,
-        &crate::auth::Binding {
-            from: agent.cfg.node.clone(),
-            to: claimed.clone(),
-            nonce: their_nonce,
-        },
-    )
-    .await?;
-    write_frame_async(s, &Frame::json(FrameKind::Hello, 0, &me)?).await?;
-    let f = read_timeout(&**host, s, timeout.min(Duration::from_secs(10))).await?;
-    let id = f.header.id;
-    let credential = match f.decode::<PeerRequest>(FrameKind::Request, "request") {
-        Ok(PeerRequest::Authenticate { credential }) => credential,
-        _ => {
-            return Err(AgentError::PermissionDenied(
-                "the first request of protocol 2 must be authenticate".into(),
-            ))
-        }
-    };
-    crate::auth::verify_bound(
-        method,
-        sock,
-        credential.as_deref(),
-        Some(&claimed),
-        &agent.cfg.node,
-        &our_nonce,
-    )
-    .await?;
-    write_resp(s, id, &PeerResponse::Ok(PeerReply::Authenticated)).await?;
-    tracing::debug!(node = %claimed, "source authenticated (peer protocol 2)");
-    Ok(claimed)
-}
-
-async fn handle<H: Host, S: AsyncRead + Unpin>(
-    host: &Arc<H>,
-    agent: &Arc<Agent>,
-    s: &mut S,
+    (s, id): (&mut AsyncChannel<S>, u32),
     incoming: &mut Option<Incoming<H>>,
     req: PeerRequest,
     (source_node, peer): (&str, Option<std::net::SocketAddr>),
@@ -400,37 +323,14 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
             let inc = incoming
                 .as_mut()
                 .ok_or_else(|| AgentError::BadRequest("images before prepare".into()))?;
-            let mut total = 0u64;
-            for f in &files {
-                if f.name.contains('/') || f.name.starts_with('.') || f.name.is_empty() {
-                    return Err(AgentError::BadRequest(format!(
-                        "bad image name {:?}",
-                        f.name
-                    )));
-                }
-                let mut data =
-                    Vec::with_capacity(usize::try_from(f.size.min(64 << 20)).unwrap_or(0));
-                while (data.len() as u64) < f.size {
-                    let fr = read_timeout(&**host, s, timeout).await?;
-                    if fr.header.kind != FrameKind::Data {
-                        return Err(AgentError::BadRequest("expected image data".into()));
-                    }
-                    data.extend_from_slice(&fr.payload);
-                }
-                if data.len() as u64 != f.size {
-                    return Err(AgentError::BadRequest(format!(
-                        "image {} longer than announced",
-                        f.name
-                    )));
-                }
-                tokio::fs::write(inc.images.join(&f.name), &data)
-                    .await
-                    .map_err(|source| AgentError::Io {
-                        what: format!("write image {}", f.name),
-                        source,
-                    })?;
-                total += f.size;
-            }
+            // Written to the tmpfs chunk by chunk as the data frames arrive.
+            let total = within(
+                &**host,
+                timeout,
+                crate::peer::server::receive_images(s, id, &files, &inc.images),
+            )
+            .await
+            .ok_or_else(|| AgentError::Timeout("source went silent".into()))??;
             Ok(PeerReply::ImagesReceived { bytes: total })
         }
         PeerRequest::Restore { lazy_pages } => {

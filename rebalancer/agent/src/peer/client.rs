@@ -1,14 +1,17 @@
 //! Client end of a peer connection: the source of a migration, or a destination telling the
-//! source that a migrated task ended.
+//! source that a migrated task ended. It speaks through [`AsyncChannel`]: request ids, the
+//! frame limit checked before allocation, and a deadline on every call and write.
 
 use std::time::Duration;
 
-use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
-use rebalancer_proto::{Hello, Role};
-use tokio::io::{AsyncRead, AsyncWrite};
+use rebalancer_proto::channel::AsyncChannel;
+use rebalancer_proto::frame::Frame;
+use rebalancer_proto::{ChannelConfig, Hello, ProtoError, Role, HEADER_LEN};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::errors::error_from_reply;
+use super::tls::PeerStream;
 use super::wire::{ImageFile, PeerReply, PeerRequest, PeerResponse, CHUNK, PEER_MAX_FRAME};
 use crate::config::AgentConfig;
 use crate::error::AgentError;
@@ -16,14 +19,60 @@ use crate::error::AgentError;
 /// Client end of a peer connection (source side). Generic over the stream so that unit tests
 /// run it over an in-memory pipe.
 pub struct PeerConn<S = TcpStream> {
-    pub stream: S,
-    next_id: u32,
+    ch: AsyncChannel<PeerStream<S>>,
+    /// Bytes written so far, headers included.
     pub bytes_sent: u64,
+    /// Bound on each call (request to response) and each write.
     pub timeout: Duration,
     /// The agreed peer protocol version.
     pub version: u16,
-    /// The node the server proved it is (version 2 with munge; `None` otherwise).
+    /// The node the server proved it is (version 2 or 3 with munge; `None` otherwise).
     pub peer_node: Option<String>,
+}
+
+/// The version-3 upgrade of a channel whose hellos were exchanged in clear: the same channel
+/// state on a TLS stream, and the session's exporter.
+pub(crate) async fn upgrade<S, F, Fut>(
+    ch: AsyncChannel<PeerStream<S>>,
+    tls: F,
+) -> Result<(AsyncChannel<PeerStream<S>>, String), AgentError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce(S) -> Fut,
+    Fut: std::future::Future<Output = Result<(PeerStream<S>, String), AgentError>>,
+{
+    let (stream, core) = ch.into_parts()?;
+    let PeerStream::Plain(raw) = stream else {
+        return Err(AgentError::Internal(
+            "the peer connection is already in TLS".into(),
+        ));
+    };
+    let (stream, exporter) = tls(raw).await?;
+    Ok((AsyncChannel::from_parts(stream, core), exporter))
+}
+
+/// Logs the protocol in use when it leaves the connection in clear.
+pub(crate) fn note_unencrypted(version: u16, peer: Option<&str>, role: &str) {
+    if version < 3 {
+        tracing::warn!(peer = ?peer, version, "peer protocol {version}: the connection with the {role} agent is not encrypted (an agent of an earlier release?)");
+    }
+}
+
+/// The channel's errors in the agent's terms: a refusal keeps the peer's code and sentence.
+pub(crate) fn from_proto(e: ProtoError, peer: &str) -> AgentError {
+    match e {
+        ProtoError::Refused(reply) => error_from_reply(reply),
+        ProtoError::NoCommonVersion {
+            peer: theirs,
+            local,
+        } => AgentError::Version(format!(
+            "no common peer protocol version: {peer} speaks {theirs}, this agent speaks {local}"
+        )),
+        ProtoError::Timeout { what, ms } => AgentError::Timeout(format!(
+            "{peer} did not answer within the {what} timeout of {ms} ms"
+        )),
+        e => AgentError::Proto(e),
+    }
 }
 
 impl PeerConn<TcpStream> {
@@ -55,55 +104,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
         stream: S,
         timeout: Duration,
     ) -> Result<PeerConn<S>, AgentError> {
-        let mut c = PeerConn {
-            stream,
-            next_id: 1,
-            bytes_sent: 0,
-            timeout,
-            version: 1,
-            peer_node: None,
-        };
         let ours = cfg.peer_protocol;
         let nonce = crate::auth::nonce();
-        let mut hello = Hello::new(Role::Agent, crate::SOFTWARE).with_versions(ours);
+        let mut hello = Hello::new(Role::Agent, crate::SOFTWARE);
         hello.node = Some(cfg.node.clone());
         // A version-1 credential too, so that an agent of the previous release accepts us.
         hello.credential =
             crate::auth::credential(cfg.auth, cfg.munge_socket.as_deref(), &cfg.node).await?;
         hello.nonce = (ours.max >= 2).then(|| nonce.clone());
-        c.send(&Frame::json(FrameKind::Hello, 0, &hello)?).await?;
-        let f = c.recv().await?;
-        match f.header.kind {
-            FrameKind::Hello => {
-                let h: Hello = f.decode(FrameKind::Hello, "hello")?;
-                // The server states the version it agreed to (a version-1 server: 1).
-                let agreed = h.protocol;
-                if agreed < ours.min || agreed > ours.max {
-                    return Err(AgentError::Peer(format!(
-                        "destination agreed to peer protocol {agreed}; this agent speaks {ours}"
-                    )));
-                }
-                c.version = agreed;
-                if agreed >= 2 {
-                    c.authenticate(cfg, &h, &nonce).await?;
-                } else {
-                    tracing::warn!(peer = ?h.node, "peer protocol 1: the destination agent is not authenticated (an agent of the previous release?)");
-                }
-            }
-            FrameKind::Response => {
-                let r: PeerResponse = f.decode(FrameKind::Response, "response")?;
-                if let PeerResponse::Error(e) = r {
-                    return Err(error_from_reply(e));
-                }
-                return Err(AgentError::Peer(
-                    "destination answered the hello with a response".into(),
-                ));
-            }
-            k => {
-                return Err(AgentError::Peer(format!(
-                    "destination answered the hello with {k:?}"
-                )))
-            }
+        let hello_len = serde_json::to_vec(&hello.clone().with_versions(ours))
+            .map(|v| v.len())
+            .unwrap_or(0);
+        let ch_cfg = ChannelConfig::default()
+            .max_frame(PEER_MAX_FRAME)
+            .call_timeout(Some(timeout))
+            .idle_timeout(Some(timeout))
+            .versions(ours);
+        let ch = AsyncChannel::connect(PeerStream::Plain(stream), ch_cfg, hello)
+            .await
+            .map_err(|e| from_proto(e, "the destination agent"))?;
+        let h = ch.negotiated().peer.clone();
+        let version = ch.negotiated().version;
+        note_unencrypted(version, h.node.as_deref(), "destination");
+        let (ch, session) = if version >= 3 {
+            let (ch, e) = upgrade(ch, |raw| super::tls::connect(raw, timeout)).await?;
+            (ch, Some(e))
+        } else {
+            (ch, None)
+        };
+        let mut c = PeerConn {
+            version,
+            ch,
+            bytes_sent: (HEADER_LEN + hello_len) as u64,
+            timeout,
+            peer_node: None,
+        };
+        if c.version >= 3 {
+            c.authenticate_in_tls(cfg, &h, &nonce, session.as_deref().unwrap_or_default())
+                .await?;
+        } else if c.version == 2 {
+            c.authenticate(cfg, &h, &nonce).await?;
+        } else {
+            tracing::warn!(peer = ?h.node, "peer protocol 1: the destination agent is not authenticated (an agent of the previous release?)");
         }
         Ok(c)
     }
@@ -145,11 +187,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
                 from: cfg.node.clone(),
                 to: claimed,
                 nonce: their_nonce.to_string(),
+                session: None,
             },
         )
         .await?;
         match self.call(&PeerRequest::Authenticate { credential }).await? {
-            PeerReply::Authenticated => {}
+            PeerReply::Authenticated { .. } => {}
             other => {
                 return Err(AgentError::Peer(format!(
                     "unexpected answer to authenticate: {other:?}"
@@ -160,44 +203,87 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
         Ok(())
     }
 
-    async fn send(&mut self, f: &Frame) -> Result<(), AgentError> {
-        self.bytes_sent += (rebalancer_proto::HEADER_LEN + f.payload.len()) as u64;
-        tokio::time::timeout(self.timeout, write_frame_async(&mut self.stream, f))
-            .await
-            .map_err(|_| AgentError::Timeout("sending to the destination timed out".into()))??;
+    /// Version 3, inside TLS: proves this node with a credential bound to the server's nonce
+    /// and this TLS session, then checks the server's, bound to our nonce and the same session.
+    async fn authenticate_in_tls(
+        &mut self,
+        cfg: &AgentConfig,
+        h: &Hello,
+        our_nonce: &str,
+        session: &str,
+    ) -> Result<(), AgentError> {
+        let sock = cfg.munge_socket.as_deref();
+        let claimed = h.node.clone().unwrap_or_default();
+        let their_nonce = h.nonce.as_deref().ok_or_else(|| {
+            AgentError::PermissionDenied("the destination sent no nonce with protocol 3".into())
+        })?;
+        let credential = crate::auth::bound_credential(
+            cfg.auth,
+            sock,
+            &crate::auth::Binding {
+                from: cfg.node.clone(),
+                to: claimed.clone(),
+                nonce: their_nonce.to_string(),
+                session: Some(session.to_string()),
+            },
+        )
+        .await?;
+        let theirs = match self.call(&PeerRequest::Authenticate { credential }).await? {
+            PeerReply::Authenticated { credential } => credential,
+            other => {
+                return Err(AgentError::Peer(format!(
+                    "unexpected answer to authenticate: {other:?}"
+                )))
+            }
+        };
+        let server = crate::auth::verify_bound_in(
+            cfg.auth,
+            sock,
+            theirs.as_deref(),
+            (Some(&claimed), &cfg.node, our_nonce),
+            Some(session),
+        )
+        .await
+        .map_err(|e| AgentError::PermissionDenied(format!("the destination agent: {e}")))?;
+        tracing::debug!(peer = %claimed, "destination authenticated inside TLS (peer protocol 3)");
+        self.peer_node = server;
         Ok(())
     }
 
-    async fn recv(&mut self) -> Result<Frame, AgentError> {
-        Ok(tokio::time::timeout(
-            self.timeout,
-            read_frame_async(&mut self.stream, PEER_MAX_FRAME),
-        )
-        .await
-        .map_err(|_| AgentError::Timeout("the destination did not answer in time".into()))??)
+    /// Whether the connection runs inside TLS (protocol 3).
+    pub fn is_encrypted(&self) -> bool {
+        self.ch.get_ref().is_encrypted()
+    }
+
+    async fn send_request(&mut self, req: &PeerRequest) -> Result<u32, AgentError> {
+        // The channel serializes again; the length is what crosses the wire.
+        let len = serde_json::to_vec(req).map(|v| v.len()).unwrap_or(0);
+        let id = self
+            .ch
+            .send_request(req)
+            .await
+            .map_err(|e| from_proto(e, "the destination agent"))?;
+        self.bytes_sent += (HEADER_LEN + len) as u64;
+        Ok(id)
+    }
+
+    async fn reply(&mut self, id: u32) -> Result<PeerReply, AgentError> {
+        let t = Some(self.timeout);
+        match self
+            .ch
+            .recv_response::<PeerResponse>(id, t, |_| {})
+            .await
+            .map_err(|e| from_proto(e, "the destination agent"))?
+        {
+            PeerResponse::Ok(r) => Ok(r),
+            PeerResponse::Error(e) => Err(error_from_reply(e)),
+        }
     }
 
     /// Sends a request and waits for its reply.
     pub async fn call(&mut self, req: &PeerRequest) -> Result<PeerReply, AgentError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.send(&Frame::json(FrameKind::Request, id, req)?)
-            .await?;
+        let id = self.send_request(req).await?;
         self.reply(id).await
-    }
-
-    async fn reply(&mut self, id: u32) -> Result<PeerReply, AgentError> {
-        let f = self.recv().await?;
-        if f.header.id != id {
-            return Err(AgentError::Peer(format!(
-                "reply to request {} while waiting for {id}",
-                f.header.id
-            )));
-        }
-        match f.decode::<PeerResponse>(FrameKind::Response, "response")? {
-            PeerResponse::Ok(r) => Ok(r),
-            PeerResponse::Error(e) => Err(error_from_reply(e)),
-        }
     }
 
     /// Sends every file of `dir` (CRIU's non-memory images) and waits for the receipt.
@@ -221,33 +307,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
                 });
             }
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        self.send(&Frame::json(
-            FrameKind::Request,
-            id,
-            &PeerRequest::Images {
+        let id = self
+            .send_request(&PeerRequest::Images {
                 files: files.clone(),
-            },
-        )?)
-        .await?;
+            })
+            .await?;
         let mut total = 0;
         for f in &files {
-            let data =
-                tokio::fs::read(dir.join(&f.name))
+            // One chunk in memory at a time, as the destination writes them.
+            let path = dir.join(&f.name);
+            let io = |source| AgentError::Io {
+                what: format!("read image {}", path.display()),
+                source,
+            };
+            let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
+            let mut left = f.size;
+            while left > 0 {
+                let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
+                let mut buf = vec![0u8; want];
+                file.read_exact(&mut buf).await.map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        AgentError::Internal(format!("image {} changed while sending", f.name))
+                    } else {
+                        io(e)
+                    }
+                })?;
+                let frame = Frame::data(id, buf)?;
+                self.ch
+                    .write(&frame)
                     .await
-                    .map_err(|source| AgentError::Io {
-                        what: format!("read image {}", f.name),
-                        source,
-                    })?;
-            if data.len() as u64 != f.size {
-                return Err(AgentError::Internal(format!(
-                    "image {} changed while sending",
-                    f.name
-                )));
-            }
-            for chunk in data.chunks(CHUNK) {
-                self.send(&Frame::data(id, chunk.to_vec())?).await?;
+                    .map_err(|e| from_proto(e, "the destination agent"))?;
+                self.bytes_sent += (HEADER_LEN + want) as u64;
+                left -= want as u64;
             }
             total += f.size;
         }

@@ -5,6 +5,8 @@
 //! source                                   destination
 //! Hello{role=agent, node, munge cred} ──→  verify credential (before anything else)
 //!                                     ←──  Hello
+//!   (protocol 3: TLS 1.3 from here on, then authenticate ⇄ authenticated{credential}, both
+//!    credentials bound to the nonces and the TLS session's exporter; see `tls`)
 //! Capabilities                        ──→  ← capabilities
 //! Prepare{migration, mode, meta}      ──→  check room/features; netns (no route yet), root
 //!                                          skeleton; stop-and-copy: criu page-server
@@ -26,13 +28,17 @@
 //! from its commit mark, or `busy` while that arrival is still in progress (`adopt.rs`).
 //!
 //! The wire types are [`rebalancer_proto::peer`]'s (re-exported by [`wire`]); this module holds
-//! the conversions of the agent's container record ([`convert`]), the client ([`client`]) and the
-//! error mapping ([`errors`]). The destination's server is in the migration module (`destination.rs`), which
-//! uses this one; this module uses nothing of it.
+//! the conversions of the agent's container record ([`convert`]), the client ([`client`]), the
+//! server's handshake ([`server`]) and the error mapping ([`errors`]). Both ends speak through
+//! `rebalancer_proto::channel::AsyncChannel`. The destination's request loop is in the migration
+//! module (`destination.rs`), which uses this one; this module uses nothing of it.
 
 pub mod client;
 pub mod convert;
 pub mod errors;
+pub mod listener;
+pub mod server;
+pub mod tls;
 pub mod wire;
 
 pub use client::PeerConn;
