@@ -821,6 +821,36 @@ listen = "127.0.0.1:9464"
     }
 
     #[test]
+    fn control_limits_and_tcp_identity() {
+        let c = parse("").expect("defaults");
+        assert_eq!(
+            (c.control.gate.max_total, c.control.gate.max_per_key),
+            (256, 32)
+        );
+        assert_eq!(c.control.idle_timeout, Duration::from_secs(300));
+        assert!(!c.agents.name.is_empty());
+        assert_eq!(c.agents.munge_socket, None);
+        let c = parse(
+            "[controller]\nmax_connections = 10\nidle_timeout_s = 7\n[agents]\nname = \"admin1\"\nmunge_socket = \"/run/m.sock\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.control.gate.max_total, 10);
+        assert_eq!(c.control.idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.agents.name, "admin1");
+        assert_eq!(c.agents.munge_socket, Some(PathBuf::from("/run/m.sock")));
+        let e = parse("[controller]\nmax_connections = 0\n").expect_err("zero");
+        assert!(
+            e.to_string()
+                .contains(":2:19: invalid controller.max_connections"),
+            "{e}"
+        );
+        let e = parse("[agents]\nname = \"a b\"\n").expect_err("name");
+        assert!(e.to_string().contains("invalid agents.name"), "{e}");
+        let e = parse("[agents]\nmunge_socket = \"m.sock\"\n").expect_err("relative");
+        assert!(e.to_string().contains("agents.munge_socket"), "{e}");
+    }
+
+    #[test]
     fn type_error_reports_position() {
         let e = parse("[agents]\ntimeout_ms = \"fast\"\n").expect_err("type");
         assert!(

@@ -104,3 +104,22 @@ pub async fn verify(
     let (uid, payload) = decode(socket, cred).await?;
     expect.check(uid, &payload)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_missing_or_oversized_credential_is_refused_before_unmunge_runs() {
+        // The socket does not exist: reaching unmunge would fail otherwise.
+        let sock = Some(Path::new("/nonexistent/munge.sock"));
+        assert_eq!(decode(sock, None).await, Err(AuthError::Missing));
+        let long = "M".repeat(MAX_CREDENTIAL_LEN + 1);
+        assert_eq!(
+            decode(sock, Some(&long)).await,
+            Err(AuthError::TooLong {
+                len: MAX_CREDENTIAL_LEN + 1
+            })
+        );
+    }
+}
