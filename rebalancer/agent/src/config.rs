@@ -99,7 +99,8 @@ pub struct RawControl {
     /// the SlurmUser's uid when rebalancerd runs as SlurmUser).
     #[serde(default)]
     pub controller_uids: Option<Vec<u32>>,
-    /// Connections open at once on the control socket (default 512).
+    /// Connections open at once on the control socket (default 2048: every task's waiter
+    /// holds one for the task's life).
     #[serde(default)]
     pub max_connections: Option<usize>,
     /// Connections open at once per non-root uid on the control socket (default 64).
@@ -173,7 +174,7 @@ impl RawControl {
             listen,
             controller_uids,
             local: GateConfig {
-                max_total: count("control.max_connections", self.max_connections, 512)?,
+                max_total: count("control.max_connections", self.max_connections, 2048)?,
                 max_per_key: count(
                     "control.max_connections_per_uid",
                     self.max_connections_per_uid,
@@ -634,7 +635,7 @@ mod tests {
         let c = parse(base).expect("defaults").control;
         assert_eq!(c.listen, None);
         assert_eq!(c.controller_uids, vec![0]);
-        assert_eq!((c.local.max_total, c.local.max_per_key), (512, 64));
+        assert_eq!((c.local.max_total, c.local.max_per_key), (2048, 64));
         assert_eq!((c.tcp.max_total, c.tcp.max_per_key), (16, 8));
         assert_eq!(c.idle_timeout.as_secs(), 60);
         let c = parse(&format!(

@@ -5,8 +5,13 @@
 //! this controller's name to the node and carries the controller's nonce, and the agent's
 //! answer must be root's credential from that node bound to it.
 //!
-//! One connection per call: calls are rare (a poll every few seconds, a migration now and then)
-//! and a fresh connection never inherits a broken stream.
+//! Over a Unix socket, one connection per call: calls are rare (a poll every few seconds, a
+//! migration now and then) and a fresh connection never inherits a broken stream. Over TCP,
+//! authenticating costs two munge and two unmunge runs on each side, too much for every poll:
+//! up to [`POOL_PER_AGENT`] authenticated connections per agent are kept between calls, and a
+//! call that finds its kept connection closed (the agent restarted, or its idle timeout passed)
+//! is sent once more on a fresh one. Only the read-only `call` requests use kept connections; a
+//! migration has a connection of its own.
 
 use std::time::Duration;
 
@@ -101,6 +106,24 @@ pub struct TcpIdentity {
     /// This controller's name.
     pub controller: String,
     pub munge_socket: Option<std::path::PathBuf>,
+}
+
+/// Kept authenticated TCP connections per agent address (see the module docs).
+pub const POOL_PER_AGENT: usize = 2;
+
+type Pool = std::sync::Mutex<std::collections::HashMap<String, Vec<Conn>>>;
+
+fn pool() -> &'static Pool {
+    static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
+    POOL.get_or_init(Default::default)
+}
+
+/// Whether a failure on a kept connection means it was closed under us.
+fn stale(e: &ProtoError) -> bool {
+    matches!(
+        e,
+        ProtoError::Closed | ProtoError::Truncated | ProtoError::Io(_)
+    )
 }
 
 /// One connection to an agent: the channel plus the address for error messages.
@@ -249,11 +272,49 @@ impl AgentClient {
         Ok(())
     }
 
-    /// One request, one response, within the timeout.
+    /// The key of this client's kept connections: TCP only, per address and identity.
+    fn pool_key(&self) -> Option<String> {
+        match (&self.addr, &self.identity) {
+            (AgentAddr::Tcp(a), Some(id)) => Some(format!("{a} {} {}", id.node, id.controller)),
+            _ => None,
+        }
+    }
+
+    fn checkout(&self) -> Option<Conn> {
+        let key = self.pool_key()?;
+        let mut p = pool().lock().unwrap_or_else(|e| e.into_inner());
+        p.get_mut(&key).and_then(Vec::pop)
+    }
+
+    fn checkin(&self, c: Conn) {
+        if let Some(key) = self.pool_key() {
+            let mut p = pool().lock().unwrap_or_else(|e| e.into_inner());
+            let kept = p.entry(key).or_default();
+            if kept.len() < POOL_PER_AGENT {
+                kept.push(c);
+            }
+        }
+    }
+
+    /// One request, one response, within the timeout. Only for requests that may be sent twice
+    /// (reads): a kept connection found closed is retried once on a fresh one.
     pub async fn call(&self, req: Request) -> Result<Reply, AgentError> {
         let work = async {
+            if let Some(mut c) = self.checkout() {
+                match c.ch.call::<Response>(&req).await {
+                    Ok(r) => {
+                        self.checkin(c);
+                        return r.into_result().map_err(AgentError::Remote);
+                    }
+                    Err(e) if stale(&e) => {
+                        tracing::debug!(agent = %self.addr, "kept connection closed: {e}; reconnecting")
+                    }
+                    Err(e) => return Err(c.proto(e)),
+                }
+            }
             let mut c = self.connect().await?;
             let r: Response = c.ch.call(&req).await.map_err(|e| c.proto(e))?;
+            self.checkin(c);
             r.into_result().map_err(AgentError::Remote)
         };
         tokio::time::timeout(self.timeout, work)

@@ -548,7 +548,7 @@ fn slow_sender(mut s: impl Read + Write, limit: Duration) -> Duration {
 #[ignore = "needs root, CRIU 4.2, munge and network namespaces; .ci/run runs it with --include-ignored"]
 fn floods_of_idle_and_slow_connections_are_refused_while_a_migration_completes() {
     raise_nofile(16384);
-    let lab = Lab::up("hello_timeout_s = 4\nidle_timeout_s = 8\n");
+    let lab = Lab::up("hello_timeout_s = 4\nidle_timeout_s = 8\nmax_connections = 512\n");
     let created = agent_call(
         &lab.sock(0),
         &Request::CreateContainer {
