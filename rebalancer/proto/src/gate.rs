@@ -134,15 +134,14 @@ impl Drop for Permit {
 /// Sends a refused connection its `busy` error reply (within one second) and closes it.
 #[cfg(feature = "async")]
 pub async fn refuse_async<S: tokio::io::AsyncWrite + Unpin>(mut s: S, r: &Refusal) {
-    use crate::error::ErrorCode;
-    let f = crate::channel::error_frame(
-        0,
-        ErrorCode::Busy,
-        &crate::error::ProtoError::Refused(crate::error::ErrorReply {
-            code: ErrorCode::Busy,
-            message: r.message.clone(),
-        }),
-    );
+    use crate::error::{ErrorCode, ErrorReply};
+    let reply = crate::messages::Response::Error(ErrorReply {
+        code: ErrorCode::Busy,
+        message: r.message.clone(),
+    });
+    let Ok(f) = crate::frame::Frame::json(crate::frame::FrameKind::Response, 0, &reply) else {
+        return;
+    };
     let _ = tokio::time::timeout(
         Duration::from_secs(1),
         crate::frame::write_frame_async(&mut s, &f),
@@ -180,5 +179,35 @@ mod tests {
         assert_eq!(g.open(), 2);
         let _again = g.try_enter("uid 1000", true).expect("a place was freed");
         assert_eq!(g.refused(), 2);
+    }
+
+    #[cfg(feature = "async")]
+    #[tokio::test]
+    async fn a_refused_connection_reads_a_busy_error_reply() {
+        use crate::frame::{read_frame_async, FrameKind};
+        use crate::messages::Response;
+        let g = Gate::new(
+            "test socket",
+            GateConfig {
+                max_total: 1,
+                max_per_key: 1,
+            },
+        );
+        let _held = g.try_enter("uid 0", false).expect("first");
+        let r = g.try_enter("uid 0", false).expect_err("over the limit");
+        let (mut client, server) = tokio::io::duplex(4096);
+        refuse_async(server, &r).await;
+        let f = read_frame_async(&mut client, 4096).await.expect("a frame");
+        assert_eq!((f.header.kind, f.header.id), (FrameKind::Response, 0));
+        match f.decode::<Response>(FrameKind::Response, "response") {
+            Ok(Response::Error(e)) => {
+                assert_eq!(e.code, crate::ErrorCode::Busy);
+                assert!(
+                    e.message.starts_with("the test socket has its limit of 1"),
+                    "{e}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
