@@ -96,6 +96,119 @@ pub struct RawConfig {
     /// `IP:PORT` of the Prometheus endpoint (`GET /metrics`); absent: none. Not `[metrics]`.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// `[control]`: the TCP control listener for the controller, and the limits of both
+    /// control listeners (docs/agent.md).
+    #[serde(default)]
+    pub control: RawControl,
+}
+
+/// `[control]` as written; every key has a default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawControl {
+    /// `IP:PORT` of the TCP control listener (controller only, munge-authenticated); absent:
+    /// none. Its own port, not the peer port: a firewall can then open it to the admin host
+    /// only.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Uids whose munge credential may act as the controller over TCP (default `[0]`; add
+    /// the SlurmUser's uid when rebalancerd runs as SlurmUser).
+    #[serde(default)]
+    pub controller_uids: Option<Vec<u32>>,
+    /// Connections open at once on the control socket (default 2048: every task's waiter
+    /// holds one for the task's life).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Connections open at once per non-root uid on the control socket (default 64).
+    #[serde(default)]
+    pub max_connections_per_uid: Option<usize>,
+    /// Connections open at once on the TCP control listener (default 16), and per peer
+    /// address (default 8).
+    #[serde(default)]
+    pub tcp_max_connections: Option<usize>,
+    #[serde(default)]
+    pub tcp_max_connections_per_address: Option<usize>,
+    /// Seconds a connection may stay silent between requests, or take to send one request
+    /// (default 60). Connections of registered tasks (the waiter) are exempt.
+    #[serde(default)]
+    pub idle_timeout_s: Option<u64>,
+    /// Seconds a client has to send its hello, and over TCP to authenticate (default 10).
+    #[serde(default)]
+    pub hello_timeout_s: Option<u64>,
+}
+
+/// Validated `[control]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    pub listen: Option<SocketAddr>,
+    pub controller_uids: Vec<u32>,
+    pub local: rebalancer_proto::gate::GateConfig,
+    pub tcp: rebalancer_proto::gate::GateConfig,
+    pub idle_timeout: std::time::Duration,
+    pub hello_timeout: std::time::Duration,
+}
+
+impl RawControl {
+    fn validate(&self, auth: AuthMethod) -> Result<ControlConfig, ConfigError> {
+        use rebalancer_proto::gate::GateConfig;
+        let count = |field: &'static str, v: Option<usize>, default: usize| match v {
+            None => Ok(default),
+            Some(n) if (1..=100_000).contains(&n) => Ok(n),
+            Some(n) => Err(invalid(field, n, "must be 1..=100000")),
+        };
+        let secs = |field: &'static str, v: Option<u64>, default: u64| match v {
+            None => Ok(std::time::Duration::from_secs(default)),
+            Some(n) if (1..=86_400).contains(&n) => Ok(std::time::Duration::from_secs(n)),
+            Some(n) => Err(invalid(field, n, "must be 1..=86400 seconds")),
+        };
+        let listen = match &self.listen {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "control.listen",
+                    a,
+                    "expected IP:PORT of the TCP control listener, e.g. \"0.0.0.0:7879\"",
+                )
+            })?),
+        };
+        if listen.is_some() && auth == AuthMethod::None {
+            return Err(invalid(
+                "control.listen",
+                self.listen.as_deref().unwrap_or_default(),
+                "the TCP control listener gives root's authority and needs auth.method = \"munge\"",
+            ));
+        }
+        let controller_uids = self.controller_uids.clone().unwrap_or_else(|| vec![0]);
+        if controller_uids.is_empty() {
+            return Err(invalid(
+                "control.controller_uids",
+                &controller_uids,
+                "must name at least one uid (root: 0)",
+            ));
+        }
+        Ok(ControlConfig {
+            listen,
+            controller_uids,
+            local: GateConfig {
+                max_total: count("control.max_connections", self.max_connections, 2048)?,
+                max_per_key: count(
+                    "control.max_connections_per_uid",
+                    self.max_connections_per_uid,
+                    64,
+                )?,
+            },
+            tcp: GateConfig {
+                max_total: count("control.tcp_max_connections", self.tcp_max_connections, 16)?,
+                max_per_key: count(
+                    "control.tcp_max_connections_per_address",
+                    self.tcp_max_connections_per_address,
+                    8,
+                )?,
+            },
+            idle_timeout: secs("control.idle_timeout_s", self.idle_timeout_s, 60)?,
+            hello_timeout: secs("control.hello_timeout_s", self.hello_timeout_s, 10)?,
+        })
+    }
 }
 
 /// `[metrics]`: sources of the temperature and load in `NodeMetrics` (docs/agent.md).
@@ -272,6 +385,7 @@ pub struct AgentConfig {
     pub restore_command: Vec<String>,
     pub metrics: crate::metrics::MetricsConfig,
     pub metrics_listen: Option<SocketAddr>,
+    pub control: ControlConfig,
 }
 
 fn invalid(
@@ -508,7 +622,9 @@ impl RawConfig {
             })?),
             None => None,
         };
+        let control = self.control.validate(auth)?;
         Ok(AgentConfig {
+            control,
             metrics,
             metrics_listen,
             node: self.node,
@@ -665,6 +781,37 @@ mod tests {
         let e = parse(&format!("metrics_listen = \"localhost\"\n{base}")).expect_err("bad");
         assert!(e.to_string().contains("`metrics_listen`"), "{e}");
         assert!(e.to_string().contains("IP:PORT"), "{e}");
+    }
+
+    #[test]
+    fn control_section() {
+        let base = "node = \"n1\"\nlisten = \"198.18.16.2:1\"\n";
+        let c = parse(base).expect("defaults").control;
+        assert_eq!(c.listen, None);
+        assert_eq!(c.controller_uids, vec![0]);
+        assert_eq!((c.local.max_total, c.local.max_per_key), (2048, 64));
+        assert_eq!((c.tcp.max_total, c.tcp.max_per_key), (16, 8));
+        assert_eq!(c.idle_timeout.as_secs(), 60);
+        let c = parse(&format!(
+            "{base}[control]\nlisten = \"198.18.16.2:7879\"\ncontroller_uids = [0, 64030]\nmax_connections = 10\nidle_timeout_s = 5\n"
+        ))
+        .expect("valid")
+        .control;
+        assert_eq!(c.listen, Some("198.18.16.2:7879".parse().expect("addr")));
+        assert_eq!(c.controller_uids, vec![0, 64030]);
+        assert_eq!(c.local.max_total, 10);
+        assert_eq!(c.idle_timeout.as_secs(), 5);
+        let e = parse(&format!("{base}[control]\nlisten = \"node1:7879\"\n")).expect_err("name");
+        assert!(e.to_string().contains("`control.listen`"), "{e}");
+        let e = parse(&format!(
+            "{base}[auth]\nmethod = \"none\"\n[control]\nlisten = \"198.18.16.2:7879\"\n"
+        ))
+        .expect_err("tcp without munge");
+        assert!(e.to_string().contains("needs auth.method"), "{e}");
+        let e = parse(&format!("{base}[control]\nmax_connections = 0\n")).expect_err("zero");
+        assert!(e.to_string().contains("control.max_connections"), "{e}");
+        let e = parse(&format!("{base}[control]\ncontroller_uids = []\n")).expect_err("empty");
+        assert!(e.to_string().contains("control.controller_uids"), "{e}");
     }
 
     #[test]

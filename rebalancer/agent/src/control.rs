@@ -1,29 +1,99 @@
-//! Local control socket (Unix, rebalancer-proto framing). Callers are identified by SO_PEERCRED:
-//! root and `admin_uids` may do everything; other users see and manage only their own containers
-//! and may not migrate.
+//! The agent's control API on [`rebalancer_proto::channel`]: the local Unix socket (callers
+//! identified by SO_PEERCRED: root and `admin_uids` may do everything; other users see and
+//! manage only their own containers and may not migrate) and, when `[control] listen` is set,
+//! a TCP listener for the controller on another host, mutually authenticated with munge.
+//!
+//! Both listeners bound their connections ([`rebalancer_proto::gate`]): beyond a limit a
+//! connection gets a `busy` error reply. A client has `hello_timeout` for its hello (and over
+//! TCP its `authenticate`), then may stay silent `idle_timeout` between requests; a frame must
+//! arrive whole within that time, so a slow sender is closed too. A connection that registered
+//! a task (the SPANK waiter, which reports the task's end on it) is exempt from the idle
+//! timeout: it lives as long as its task.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rebalancer_proto::frame::{read_frame_async, write_frame_async, Frame, FrameKind};
+use rebalancer_proto::auth::{Binding, Expect, CONTROL_DOMAIN};
+use rebalancer_proto::channel::{AsyncChannel, ChannelConfig};
+use rebalancer_proto::frame::FrameKind;
+use rebalancer_proto::gate::{refuse_async, Gate, Permit};
 use rebalancer_proto::{
-    ErrorCode, Event, Hello, MigrationState, NodeMetrics, Reply, Request, Response, Role,
-    MAX_FRAME_LEN, PROTOCOL_VERSION,
+    ErrorCode, ErrorReply, Event, Hello, MigrationState, NodeMetrics, ProtoError, Reply, Request,
+    Response, Role,
 };
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::agent::Agent;
 use crate::error::AgentError;
+
+/// Control requests are small; a container spec or a registration is a few KiB.
+const MAX_REQUEST: u32 = 1024 * 1024;
 
 struct Caller {
     uid: u32,
     pid: Option<i32>,
     admin: bool,
+    /// Over the local socket (task requests need a local peer whose pid is checked).
+    local: bool,
     /// Tasks prepared on this connection and not registered yet.
     pending: std::sync::Mutex<Vec<String>>,
 }
 
-pub async fn serve(agent: Arc<Agent>, mut s: UnixStream) {
+/// The gates of the control listeners, made once at start-up.
+#[derive(Clone)]
+pub struct Gates {
+    pub local: Arc<Gate>,
+    pub tcp: Arc<Gate>,
+}
+
+impl Gates {
+    pub fn new(cfg: &crate::config::ControlConfig) -> Gates {
+        Gates {
+            local: Gate::new("agent control socket", cfg.local),
+            tcp: Gate::new("agent TCP control port", cfg.tcp),
+        }
+    }
+}
+
+fn channel_config(agent: &Agent) -> ChannelConfig {
+    let c = &agent.cfg.control;
+    ChannelConfig::default()
+        .max_frame(MAX_REQUEST)
+        .idle_timeout(Some(c.hello_timeout))
+        // A server makes no calls: this bounds each write, so a client that stops reading is
+        // dropped too.
+        .call_timeout(Some(c.idle_timeout))
+}
+
+/// Admits a connection or sends it a `busy` reply (logged at most once a second).
+async fn admit<S: AsyncWrite + Unpin>(
+    gate: &Arc<Gate>,
+    s: &mut S,
+    key: &str,
+    per_key: bool,
+) -> Option<Permit> {
+    match gate.try_enter(key, per_key) {
+        Ok(p) => Some(p),
+        Err(r) => {
+            if r.log {
+                tracing::warn!(
+                    caller = key,
+                    refused_total = r.refused,
+                    limit = gate.config().max_total,
+                    "connection refused: {}",
+                    r.message
+                );
+            }
+            refuse_async(s, &r).await;
+            None
+        }
+    }
+}
+
+/// A connection on the local control socket.
+pub async fn serve(agent: Arc<Agent>, mut s: UnixStream, gate: Arc<Gate>) {
     let (uid, pid) = match s.peer_cred() {
         Ok(c) => (c.uid(), c.pid()),
         Err(e) => {
@@ -31,81 +101,195 @@ pub async fn serve(agent: Arc<Agent>, mut s: UnixStream) {
             return;
         }
     };
+    let key = format!("uid {uid}");
+    // Root's connections count towards the total only: a user's flood must not lock out the
+    // SPANK plugin of root's jobs, and root can flood anyway.
+    let Some(_permit) = admit(&gate, &mut s, &key, uid != 0).await else {
+        return;
+    };
     let caller = Caller {
         uid,
         pid,
         admin: uid == 0 || agent.cfg.admin_uids.contains(&uid),
+        local: true,
         pending: std::sync::Mutex::new(Vec::new()),
     };
-    let r = serve_inner(&agent, &mut s, &caller).await;
-    let pending = std::mem::take(&mut *caller.pending.lock().unwrap_or_else(|p| p.into_inner()));
-    crate::spank::drop_pending(&agent, &pending).await;
-    if let Err(e) = r {
-        if !matches!(e, AgentError::Proto(rebalancer_proto::ProtoError::Closed)) {
-            tracing::debug!(uid, error = %e.chain(), "control connection ended");
-        }
-    }
-}
-
-async fn send<T: serde::Serialize>(
-    s: &mut UnixStream,
-    kind: FrameKind,
-    id: u32,
-    v: &T,
-) -> Result<(), AgentError> {
-    write_frame_async(s, &Frame::json(kind, id, v)?).await?;
-    Ok(())
-}
-
-async fn serve_inner(
-    agent: &Arc<Agent>,
-    s: &mut UnixStream,
-    caller: &Caller,
-) -> Result<(), AgentError> {
-    let f = read_frame_async(s, MAX_FRAME_LEN).await?;
-    let hello: Hello = match f.decode(FrameKind::Hello, "hello") {
-        Ok(h) => h,
-        Err(e) => {
-            send(
-                s,
-                FrameKind::Response,
-                f.header.id,
-                &Response::error(
-                    ErrorCode::BadRequest,
-                    format!("expected a hello first: {e}"),
-                ),
-            )
-            .await?;
-            return Ok(());
-        }
-    };
-    if hello.protocol != PROTOCOL_VERSION {
-        send(
-            s,
-            FrameKind::Response,
-            0,
-            &Response::error(
-                ErrorCode::Version,
-                format!(
-                    "client speaks protocol {}, agent {PROTOCOL_VERSION}",
-                    hello.protocol
-                ),
-            ),
-        )
-        .await?;
-        return Ok(());
-    }
     let mut me = Hello::new(Role::Agent, crate::SOFTWARE);
     me.node = Some(agent.cfg.node.clone());
-    send(s, FrameKind::Hello, 0, &me).await?;
+    // The channel answers a bad header, a non-Hello or no common version with an error reply.
+    let r = match AsyncChannel::accept(s, channel_config(&agent), me, |_| Ok(())).await {
+        Ok(mut ch) => {
+            ch.set_idle_timeout(Some(agent.cfg.control.idle_timeout));
+            serve_requests(&agent, &mut ch, &caller).await
+        }
+        Err(e) => Err(e.into()),
+    };
+    let pending = std::mem::take(&mut *caller.pending.lock().unwrap_or_else(|p| p.into_inner()));
+    crate::spank::drop_pending(&agent, &pending).await;
+    ended(&key, r);
+}
+
+fn ended(who: &str, r: Result<(), AgentError>) {
+    match r {
+        Ok(()) | Err(AgentError::Proto(ProtoError::Closed)) => {}
+        Err(AgentError::Proto(e @ ProtoError::Timeout { .. })) => {
+            tracing::info!(caller = who, "control connection closed: {e}")
+        }
+        Err(e) => tracing::debug!(caller = who, error = %e.chain(), "control connection ended"),
+    }
+}
+
+/// A connection on the TCP control listener: only an authenticated controller is served.
+pub async fn serve_tcp(agent: Arc<Agent>, mut s: TcpStream, peer: SocketAddr, gate: Arc<Gate>) {
+    let _ = s.set_nodelay(true);
+    let key = format!("address {}", peer.ip());
+    let Some(_permit) = admit(&gate, &mut s, &key, true).await else {
+        return;
+    };
+    let our_nonce = rebalancer_proto::auth::nonce();
+    let mut me = Hello::new(Role::Agent, crate::SOFTWARE);
+    me.node = Some(agent.cfg.node.clone());
+    me.nonce = Some(our_nonce.clone());
+    let only_controller = |h: &Hello| {
+        if h.role == Role::Controller {
+            Ok(())
+        } else {
+            Err(ErrorReply {
+                code: ErrorCode::PermissionDenied,
+                message: format!(
+                    "the TCP control port serves the controller only, not {:?} clients;                      local clients use the control socket",
+                    h.role
+                ),
+            })
+        }
+    };
+    let r = async {
+        let mut ch = AsyncChannel::accept(s, channel_config(&agent), me, only_controller).await?;
+        let caller = authenticate_controller(&agent, &mut ch, &our_nonce, peer).await?;
+        ch.set_idle_timeout(Some(agent.cfg.control.idle_timeout));
+        serve_requests(&agent, &mut ch, &caller).await
+    }
+    .await;
+    if let Err(AgentError::PermissionDenied(m)) = &r {
+        tracing::warn!(peer = %peer, "TCP control connection refused: {m}");
+    }
+    ended(&key, r);
+}
+
+/// The first request over TCP must be an `authenticate` whose credential is bound to this
+/// connection's nonce and this node, from a uid in `controller_uids`; the answer carries this
+/// node's credential bound to the controller's nonce. Anything else gets an error reply.
+async fn authenticate_controller<S: AsyncRead + AsyncWrite + Unpin>(
+    agent: &Agent,
+    ch: &mut AsyncChannel<S>,
+    our_nonce: &str,
+    peer: SocketAddr,
+) -> Result<Caller, AgentError> {
+    let f = ch.recv_frame().await?;
+    let id = f.header.id;
+    let checked = match f.decode::<Request>(FrameKind::Request, "request") {
+        Ok(Request::Authenticate { credential, nonce }) => {
+            check_controller(agent, credential.as_deref(), nonce, our_nonce).await
+        }
+        _ => Err(AgentError::PermissionDenied(
+            "the first request on the TCP control port must be authenticate".into(),
+        )),
+    };
+    let (uid, name, ours) = match checked {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = ch
+                .send(
+                    FrameKind::Response,
+                    id,
+                    &Response::error(e.code(), e.chain()),
+                )
+                .await;
+            return Err(e);
+        }
+    };
+    ch.send(
+        FrameKind::Response,
+        id,
+        &Response::Ok(Reply::Authenticated {
+            credential: Some(ours),
+        }),
+    )
+    .await?;
+    tracing::info!(peer = %peer, controller = %name, uid, "controller authenticated on the TCP control port");
+    Ok(Caller {
+        uid,
+        pid: None,
+        admin: true,
+        local: false,
+        pending: std::sync::Mutex::new(Vec::new()),
+    })
+}
+
+/// Checks the controller's credential; returns its uid, its name and this node's answer.
+async fn check_controller(
+    agent: &Agent,
+    credential: Option<&str>,
+    their_nonce: String,
+    our_nonce: &str,
+) -> Result<(u32, String, String), AgentError> {
+    let sock = agent.cfg.munge_socket.as_deref();
+    let expect = Expect {
+        domain: CONTROL_DOMAIN,
+        uids: &agent.cfg.control.controller_uids,
+        from: None,
+        to: &agent.cfg.node,
+        nonce: our_nonce,
+    };
+    let (uid, payload) = rebalancer_proto::munge::decode(sock, credential)
+        .await
+        .map_err(auth_error)?;
+    let name = expect.check(uid, &payload).map_err(auth_error)?;
+    let binding = Binding {
+        domain: CONTROL_DOMAIN,
+        from: agent.cfg.node.clone(),
+        to: name.clone(),
+        nonce: their_nonce,
+    };
+    let ours = rebalancer_proto::munge::bound_credential(sock, &binding)
+        .await
+        .map_err(auth_error)?;
+    Ok((uid, name, ours))
+}
+
+fn auth_error(e: rebalancer_proto::auth::AuthError) -> AgentError {
+    use rebalancer_proto::auth::AuthError as A;
+    match e {
+        A::Busy(_) => AgentError::Busy(e.to_string()),
+        A::Timeout { .. } => AgentError::Timeout(e.to_string()),
+        A::Munge(_) => AgentError::Internal(e.to_string()),
+        e => AgentError::PermissionDenied(format!("controller authentication: {e}")),
+    }
+}
+
+/// Requests that name a local task process: they need the local socket's peer credentials.
+fn needs_local_peer(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::PrepareTask { .. }
+            | Request::RegisterTask { .. }
+            | Request::PrepareRestore { .. }
+            | Request::TaskExited { .. }
+    )
+}
+
+async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
+    agent: &Arc<Agent>,
+    ch: &mut AsyncChannel<S>,
+    caller: &Caller,
+) -> Result<(), AgentError> {
     loop {
-        let f = read_frame_async(s, MAX_FRAME_LEN).await?;
+        let f = ch.recv_frame().await?;
         let id = f.header.id;
         let req: Request = match f.decode(FrameKind::Request, "request") {
             Ok(r) => r,
             Err(e) => {
-                send(
-                    s,
+                ch.send(
                     FrameKind::Response,
                     id,
                     &Response::error(ErrorCode::BadRequest, e.to_string()),
@@ -115,20 +299,52 @@ async fn serve_inner(
             }
         };
         if let Request::Migrate { request, watch } = req {
-            handle_migrate(agent, s, caller, id, request, watch).await?;
+            handle_migrate(agent, ch, caller, id, request, watch).await?;
             continue;
         }
-        let resp = match handle(agent, caller, req).await {
-            Ok(r) => Response::Ok(r),
-            Err(e) => Response::error(e.code(), e.chain()),
+        let registers = matches!(req, Request::RegisterTask { .. });
+        let resp = if matches!(req, Request::Authenticate { .. }) {
+            Response::error(
+                ErrorCode::BadRequest,
+                if caller.local {
+                    "authenticate belongs to the TCP control port; this socket identifies \
+                     callers by their credentials"
+                } else {
+                    "authenticate comes once, first"
+                },
+            )
+        } else if !caller.local && needs_local_peer(&req) {
+            Response::error(
+                ErrorCode::PermissionDenied,
+                "task requests come from the SPANK plugin on the local control socket only",
+            )
+        } else {
+            match handle(agent, caller, req).await {
+                Ok(r) => Response::Ok(r),
+                Err(e) => Response::error(e.code(), e.chain()),
+            }
         };
-        send(s, FrameKind::Response, id, &resp).await?;
+        if registers && matches!(resp, Response::Ok(_)) {
+            // The waiter keeps this connection for its task's life and reports the end on it.
+            ch.set_idle_timeout(None);
+        }
+        ch.send(FrameKind::Response, id, &resp).await?;
     }
 }
 
-async fn handle_migrate(
+async fn send<S: AsyncRead + AsyncWrite + Unpin, T: serde::Serialize>(
+    ch: &mut AsyncChannel<S>,
+    kind: FrameKind,
+    id: u32,
+    v: &T,
+) -> Result<(), AgentError> {
+    ch.send(kind, id, v).await?;
+    Ok(())
+}
+
+async fn handle_migrate<S: AsyncRead + AsyncWrite + Unpin>(
     agent: &Arc<Agent>,
-    s: &mut UnixStream,
+    s: &mut AsyncChannel<S>,
     caller: &Caller,
     id: u32,
     request: rebalancer_proto::MigrateRequest,
@@ -354,6 +570,9 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
         Request::Migrate { .. } => {
             Err(AgentError::Internal("migrate is handled separately".into()))
         }
+        Request::Authenticate { .. } => Err(AgentError::Internal(
+            "authenticate is handled separately".into(),
+        )),
         Request::PrepareTask { registration } => {
             let prepared =
                 crate::spank::prepare(agent, caller.uid, caller.pid, registration).await?;

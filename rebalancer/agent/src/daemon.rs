@@ -75,6 +75,15 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         let _ =
             std::fs::set_permissions(&cfg.control_socket, std::fs::Permissions::from_mode(0o666));
     }
+    // The controller's TCP control listener (munge-authenticated; see control.rs).
+    let control_tcp = match cfg.control.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io(format!("TCP control listener on {addr}")))?,
+        ),
+        None => None,
+    };
     let prom = match cfg.metrics_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -132,12 +141,14 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         });
         tokio::spawn(crate::prom::serve(listener, render));
     }
+    let gates = crate::control::Gates::new(&agent.cfg.control);
     let a = agent.clone();
+    let gate = gates.local.clone();
     tokio::spawn(async move {
         loop {
             match unix.accept().await {
                 Ok((s, _)) => {
-                    tokio::spawn(crate::control::serve(a.clone(), s));
+                    tokio::spawn(crate::control::serve(a.clone(), s, gate.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept on control socket");
@@ -146,6 +157,24 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             }
         }
     });
+    if let Some(listener) = control_tcp {
+        tracing::info!(node = %agent.cfg.node, listen = ?agent.cfg.control.listen, uids = ?agent.cfg.control.controller_uids, "TCP control listener for the controller");
+        let a = agent.clone();
+        let gate = gates.tcp.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((s, peer)) => {
+                        tokio::spawn(crate::control::serve_tcp(a.clone(), s, peer, gate.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept on TCP control listener");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
     let a: Arc<Agent> = agent.clone();
     tokio::spawn(async move {
         loop {

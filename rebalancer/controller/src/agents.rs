@@ -1,10 +1,21 @@
-//! Client side of the agent's local API (Unix socket, or TCP for agents on other machines).
+//! Client side of the agent's control API: its Unix socket, or its TCP control port for
+//! agents on other machines. Over TCP both sides prove themselves with munge credentials
+//! bound to this connection (see [`rebalancer_proto::auth`] and PROTOCOL.md): the agent's
+//! hello carries its nonce, the controller's `authenticate` answers it with a credential from
+//! this controller's name to the node and carries the controller's nonce, and the agent's
+//! answer must be root's credential from that node bound to it.
 //!
-//! One connection per call: calls are rare (a poll every few seconds, a migration now and then)
-//! and a fresh connection never inherits a broken stream.
+//! Over a Unix socket, one connection per call: calls are rare (a poll every few seconds, a
+//! migration now and then) and a fresh connection never inherits a broken stream. Over TCP,
+//! authenticating costs two munge and two unmunge runs on each side, too much for every poll:
+//! up to [`POOL_PER_AGENT`] authenticated connections per agent are kept between calls, and a
+//! call that finds its kept connection closed (the agent restarted, or its idle timeout passed)
+//! is sent once more on a fresh one. Only the read-only `call` requests use kept connections; a
+//! migration has a connection of its own.
 
 use std::time::Duration;
 
+use rebalancer_proto::auth::{AuthError, Binding, Expect, CONTROL_DOMAIN};
 use rebalancer_proto::channel::{AsyncChannel, ChannelConfig};
 use rebalancer_proto::{
     ContainerInfo, ErrorReply, Event, Hello, MigrateRequest, MigrationRecord, NodeCapabilities,
@@ -37,6 +48,18 @@ pub enum AgentError {
     Remote(ErrorReply),
     #[error("the agent at {addr} sent an unexpected reply to {op}")]
     UnexpectedReply { addr: String, op: &'static str },
+    #[error("authentication with the agent at {addr} failed")]
+    Auth {
+        addr: String,
+        #[source]
+        source: AuthError,
+    },
+    #[error("the agent at {addr} is node {got}, expected {want}")]
+    WrongNode {
+        addr: String,
+        got: String,
+        want: String,
+    },
 }
 
 impl AgentError {
@@ -51,6 +74,15 @@ impl AgentError {
             } => ErrorCode::Version,
             AgentError::Proto { .. } | AgentError::UnexpectedReply { .. } => ErrorCode::Internal,
             AgentError::Remote(e) => e.code,
+            AgentError::Auth {
+                source: AuthError::Busy(_),
+                ..
+            } => ErrorCode::Busy,
+            AgentError::Auth {
+                source: AuthError::Timeout { .. },
+                ..
+            } => ErrorCode::Timeout,
+            AgentError::Auth { .. } | AgentError::WrongNode { .. } => ErrorCode::PermissionDenied,
         }
     }
 }
@@ -62,6 +94,36 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 pub struct AgentClient {
     pub addr: AgentAddr,
     pub timeout: Duration,
+    /// Who is who in credentials over TCP.
+    pub identity: Option<TcpIdentity>,
+}
+
+/// The names a TCP connection's credentials carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpIdentity {
+    /// The node whose agent this client means to reach.
+    pub node: String,
+    /// This controller's name.
+    pub controller: String,
+    pub munge_socket: Option<std::path::PathBuf>,
+}
+
+/// Kept authenticated TCP connections per agent address (see the module docs).
+pub const POOL_PER_AGENT: usize = 2;
+
+type Pool = std::sync::Mutex<std::collections::HashMap<String, Vec<Conn>>>;
+
+fn pool() -> &'static Pool {
+    static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
+    POOL.get_or_init(Default::default)
+}
+
+/// Whether a failure on a kept connection means it was closed under us.
+fn stale(e: &ProtoError) -> bool {
+    matches!(
+        e,
+        ProtoError::Closed | ProtoError::Truncated | ProtoError::Io(_)
+    )
 }
 
 /// One connection to an agent: the channel plus the address for error messages.
@@ -93,7 +155,24 @@ fn proto_err(addr: &str, source: ProtoError) -> AgentError {
 
 impl AgentClient {
     pub fn new(addr: AgentAddr, timeout: Duration) -> Self {
-        AgentClient { addr, timeout }
+        AgentClient {
+            addr,
+            timeout,
+            identity: None,
+        }
+    }
+
+    /// The client of `node`'s agent as the configuration says to reach it.
+    pub fn for_node(node: &str, cfg: &crate::config::AgentsConfig) -> Option<Self> {
+        cfg.address_of(node).map(|addr| AgentClient {
+            addr,
+            timeout: cfg.timeout,
+            identity: Some(TcpIdentity {
+                node: node.to_string(),
+                controller: cfg.name.clone(),
+                munge_socket: cfg.munge_socket.clone(),
+            }),
+        })
     }
 
     async fn connect(&self) -> Result<Conn, AgentError> {
@@ -119,17 +198,123 @@ impl AgentClient {
         let cfg = ChannelConfig::default()
             .idle_timeout(Some(self.timeout))
             .call_timeout(Some(self.timeout));
-        let ch = AsyncChannel::connect(s, cfg, Hello::new(Role::Controller, SOFTWARE))
+        let mut hello = Hello::new(Role::Controller, SOFTWARE);
+        let tcp = matches!(self.addr, AgentAddr::Tcp(_));
+        if tcp {
+            hello.node = self.identity.as_ref().map(|i| i.controller.clone());
+        }
+        let ch = AsyncChannel::connect(s, cfg, hello)
             .await
             .map_err(|e| proto_err(&addr, e))?;
-        Ok(Conn { ch, addr })
+        let mut c = Conn { ch, addr };
+        if tcp {
+            self.authenticate(&mut c).await?;
+        }
+        Ok(c)
     }
 
-    /// One request, one response, within the timeout.
+    /// Mutual authentication on a fresh TCP connection (see the module docs).
+    async fn authenticate(&self, c: &mut Conn) -> Result<(), AgentError> {
+        let auth = |source| AgentError::Auth {
+            addr: c.addr.clone(),
+            source,
+        };
+        let id = self.identity.as_ref().ok_or_else(|| {
+            auth(AuthError::Munge(
+                "no node name for a TCP agent connection".into(),
+            ))
+        })?;
+        let peer = c.ch.negotiated().peer.clone();
+        let got = peer.node.clone().unwrap_or_default();
+        if got != id.node {
+            return Err(AgentError::WrongNode {
+                addr: c.addr.clone(),
+                got,
+                want: id.node.clone(),
+            });
+        }
+        let their_nonce = peer.nonce.clone().ok_or_else(|| {
+            auth(AuthError::Malformed(
+                "the agent's hello carries no nonce: no TCP control port there?".into(),
+            ))
+        })?;
+        let sock = id.munge_socket.as_deref();
+        let binding = Binding {
+            domain: CONTROL_DOMAIN,
+            from: id.controller.clone(),
+            to: id.node.clone(),
+            nonce: their_nonce,
+        };
+        let ours = rebalancer_proto::munge::bound_credential(sock, &binding)
+            .await
+            .map_err(auth)?;
+        let our_nonce = rebalancer_proto::auth::nonce();
+        let req = Request::Authenticate {
+            credential: Some(ours),
+            nonce: our_nonce.clone(),
+        };
+        let r: Response = c.ch.call(&req).await.map_err(|e| c.proto(e))?;
+        let credential = match r.into_result().map_err(AgentError::Remote)? {
+            Reply::Authenticated { credential } => credential,
+            _ => return Err(self.unexpected("authenticate")),
+        };
+        // Agents run as root: only root's credential from that node proves it.
+        let expect = Expect {
+            domain: CONTROL_DOMAIN,
+            uids: &[0],
+            from: Some(&id.node),
+            to: &id.controller,
+            nonce: &our_nonce,
+        };
+        rebalancer_proto::munge::verify(sock, credential.as_deref(), &expect)
+            .await
+            .map_err(auth)?;
+        Ok(())
+    }
+
+    /// The key of this client's kept connections: TCP only, per address and identity.
+    fn pool_key(&self) -> Option<String> {
+        match (&self.addr, &self.identity) {
+            (AgentAddr::Tcp(a), Some(id)) => Some(format!("{a} {} {}", id.node, id.controller)),
+            _ => None,
+        }
+    }
+
+    fn checkout(&self) -> Option<Conn> {
+        let key = self.pool_key()?;
+        let mut p = pool().lock().unwrap_or_else(|e| e.into_inner());
+        p.get_mut(&key).and_then(Vec::pop)
+    }
+
+    fn checkin(&self, c: Conn) {
+        if let Some(key) = self.pool_key() {
+            let mut p = pool().lock().unwrap_or_else(|e| e.into_inner());
+            let kept = p.entry(key).or_default();
+            if kept.len() < POOL_PER_AGENT {
+                kept.push(c);
+            }
+        }
+    }
+
+    /// One request, one response, within the timeout. Only for requests that may be sent twice
+    /// (reads): a kept connection found closed is retried once on a fresh one.
     pub async fn call(&self, req: Request) -> Result<Reply, AgentError> {
         let work = async {
+            if let Some(mut c) = self.checkout() {
+                match c.ch.call::<Response>(&req).await {
+                    Ok(r) => {
+                        self.checkin(c);
+                        return r.into_result().map_err(AgentError::Remote);
+                    }
+                    Err(e) if stale(&e) => {
+                        tracing::debug!(agent = %self.addr, "kept connection closed: {e}; reconnecting")
+                    }
+                    Err(e) => return Err(c.proto(e)),
+                }
+            }
             let mut c = self.connect().await?;
             let r: Response = c.ch.call(&req).await.map_err(|e| c.proto(e))?;
+            self.checkin(c);
             r.into_result().map_err(AgentError::Remote)
         };
         tokio::time::timeout(self.timeout, work)

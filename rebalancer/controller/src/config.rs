@@ -74,6 +74,12 @@ pub struct RawController {
     pub log_format: Option<Spanned<String>>,
     /// Decisions and ended migrations kept in the journal (each).
     pub journal_keep: Option<Spanned<u64>>,
+    /// Connections open at once on the control socket (default 256).
+    pub max_connections: Option<Spanned<u64>>,
+    /// Connections open at once per non-root uid on the control socket (default 32).
+    pub max_connections_per_uid: Option<Spanned<u64>>,
+    /// Seconds a control connection may stay silent between requests (default 300).
+    pub idle_timeout_s: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -100,6 +106,10 @@ pub struct RawAgents {
     pub address_template: Option<Spanned<String>>,
     pub poll_interval_ms: Option<Spanned<u64>>,
     pub timeout_ms: Option<Spanned<u64>>,
+    /// munged socket for the credentials of TCP agent connections, when not the default.
+    pub munge_socket: Option<Spanned<String>>,
+    /// This controller's name in its credentials to agents over TCP (default: the host name).
+    pub name: Option<Spanned<String>>,
     /// Per-node overrides.
     #[serde(default)]
     pub nodes: BTreeMap<String, Spanned<RawAgentAddr>>,
@@ -172,6 +182,15 @@ pub struct Config {
     pub agents: AgentsConfig,
     pub migration: MigrationConfig,
     pub metrics_listen: Option<SocketAddr>,
+    /// Limits of the control socket.
+    pub control: ControlLimits,
+}
+
+/// Limits of the controller's control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlLimits {
+    pub gate: rebalancer_proto::gate::GateConfig,
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +210,9 @@ pub struct AgentsConfig {
     pub poll_interval: Duration,
     pub timeout: Duration,
     pub nodes: BTreeMap<String, AgentAddr>,
+    pub munge_socket: Option<PathBuf>,
+    /// This controller's name in bound credentials (TCP agents).
+    pub name: String,
 }
 
 impl AgentsConfig {
@@ -260,6 +282,23 @@ impl Ctx<'_> {
                     range.start(),
                     range.end()
                 ),
+            )),
+        }
+    }
+
+    fn count(
+        &self,
+        v: &Option<Spanned<u64>>,
+        field: &'static str,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) if (1..=100_000).contains(s.get_ref()) => Ok(*s.get_ref() as usize),
+            Some(s) => Err(self.invalid(
+                s.span(),
+                field,
+                format!("{} is outside 1..=100000", s.get_ref()),
             )),
         }
     }
@@ -495,6 +534,29 @@ impl RawConfig {
             )?,
             timeout: cx.ms(&a.timeout_ms, "agents.timeout_ms", 3000, 100..=600_000)?,
             nodes,
+            munge_socket: match &a.munge_socket {
+                None => None,
+                some => Some(cx.abs_path(some, "agents.munge_socket", "")?),
+            },
+            name: match &a.name {
+                None => host_name(),
+                Some(n) => {
+                    let v = n.get_ref();
+                    if v.is_empty()
+                        || v.len() > 64
+                        || !v
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                    {
+                        return Err(cx.invalid(
+                            n.span(),
+                            "agents.name",
+                            format!("'{v}' must be 1-64 letters, digits, '-', '_' or '.'"),
+                        ));
+                    }
+                    v.clone()
+                }
+            },
         };
 
         let m = &self.migration;
@@ -579,8 +641,45 @@ impl RawConfig {
                 max_downtime_ms,
             },
             metrics_listen,
+            control: ControlLimits {
+                gate: rebalancer_proto::gate::GateConfig {
+                    max_total: cx.count(&c.max_connections, "controller.max_connections", 256)?,
+                    max_per_key: cx.count(
+                        &c.max_connections_per_uid,
+                        "controller.max_connections_per_uid",
+                        32,
+                    )?,
+                },
+                idle_timeout: match &c.idle_timeout_s {
+                    None => Duration::from_secs(300),
+                    Some(v) if (1..=86_400).contains(v.get_ref()) => {
+                        Duration::from_secs(*v.get_ref())
+                    }
+                    Some(v) => {
+                        return Err(cx.invalid(
+                            v.span(),
+                            "controller.idle_timeout_s",
+                            format!("{} is outside 1..=86400", v.get_ref()),
+                        ))
+                    }
+                },
+            },
         })
     }
+}
+
+/// The host name (a name credentials can carry), else `rebalancerd`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 64
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+        .unwrap_or_else(|| "rebalancerd".to_string())
 }
 
 fn check_host_port(s: &str) -> Result<(), String> {
@@ -712,6 +811,36 @@ listen = "127.0.0.1:9464"
         assert!(e.to_string().contains("metrics.listen"), "{e}");
         let e = parse("[controller]\njournal = \"rel/path\"\n").expect_err("relative");
         assert!(e.to_string().contains("not an absolute path"), "{e}");
+    }
+
+    #[test]
+    fn control_limits_and_tcp_identity() {
+        let c = parse("").expect("defaults");
+        assert_eq!(
+            (c.control.gate.max_total, c.control.gate.max_per_key),
+            (256, 32)
+        );
+        assert_eq!(c.control.idle_timeout, Duration::from_secs(300));
+        assert!(!c.agents.name.is_empty());
+        assert_eq!(c.agents.munge_socket, None);
+        let c = parse(
+            "[controller]\nmax_connections = 10\nidle_timeout_s = 7\n[agents]\nname = \"admin1\"\nmunge_socket = \"/run/m.sock\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.control.gate.max_total, 10);
+        assert_eq!(c.control.idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.agents.name, "admin1");
+        assert_eq!(c.agents.munge_socket, Some(PathBuf::from("/run/m.sock")));
+        let e = parse("[controller]\nmax_connections = 0\n").expect_err("zero");
+        assert!(
+            e.to_string()
+                .contains(":2:19: invalid controller.max_connections"),
+            "{e}"
+        );
+        let e = parse("[agents]\nname = \"a b\"\n").expect_err("name");
+        assert!(e.to_string().contains("invalid agents.name"), "{e}");
+        let e = parse("[agents]\nmunge_socket = \"m.sock\"\n").expect_err("relative");
+        assert!(e.to_string().contains("agents.munge_socket"), "{e}");
     }
 
     #[test]

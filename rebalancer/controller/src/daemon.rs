@@ -148,10 +148,7 @@ impl Controller {
     }
 
     pub fn agent(&self, node: &str) -> Option<AgentClient> {
-        self.cfg
-            .agents
-            .address_of(node)
-            .map(|a| AgentClient::new(a, self.cfg.agents.timeout))
+        AgentClient::for_node(node, &self.cfg.agents)
     }
 
     /// Nodes known from Slurm or from the agent map.

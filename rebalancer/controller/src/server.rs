@@ -1,5 +1,10 @@
 //! The control socket: `Hello`, then [`ControlRequest`]s answered by [`ControlResponse`]s.
 //! Callers are identified with `SO_PEERCRED`; see [`crate::auth`].
+//!
+//! Connections are bounded (`controller.max_connections`, and per non-root uid
+//! `controller.max_connections_per_uid`): beyond a limit a connection gets a `busy` error
+//! reply. A client has [`HELLO_WAIT`] for its hello, then `controller.idle_timeout_s` between
+//! requests; a request must arrive whole within that time, so a slow sender is closed too.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -14,6 +19,7 @@ use rebalancer_proto::control::{
     PlanItem, PolicyCheckReport, PolicyStatus, Unmoved,
 };
 use rebalancer_proto::frame::FrameKind;
+use rebalancer_proto::gate::{refuse_async, Gate};
 use rebalancer_proto::{
     now_millis, ContainerState, ErrorCode, ErrorReply, Hello, MigrationMode, ProtoError, Role,
 };
@@ -45,6 +51,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 pub async fn serve(listener: UnixListener, ctl: Arc<Controller>) {
+    let gate = Gate::new("controller control socket", ctl.cfg.control.gate);
     loop {
         let (sock, _) = match listener.accept().await {
             Ok(s) => s,
@@ -55,9 +62,12 @@ pub async fn serve(listener: UnixListener, ctl: Arc<Controller>) {
             }
         };
         let ctl = ctl.clone();
+        let gate = gate.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(sock, ctl).await {
-                debug!("control connection ended: {e}");
+            match connection(sock, ctl, &gate).await {
+                Ok(()) | Err(ProtoError::Closed) => {}
+                Err(e @ ProtoError::Timeout { .. }) => info!("control connection closed: {e}"),
+                Err(e) => debug!("control connection ended: {e}"),
             }
         });
     }
@@ -78,17 +88,41 @@ async fn send<T: serde::Serialize>(
     s.send(kind, id, msg).await
 }
 
-async fn connection(sock: UnixStream, ctl: Arc<Controller>) -> Result<(), ProtoError> {
+async fn connection(
+    mut sock: UnixStream,
+    ctl: Arc<Controller>,
+    gate: &Arc<Gate>,
+) -> Result<(), ProtoError> {
     let cred = sock.peer_cred()?;
     let caller = Caller {
         uid: cred.uid(),
         gid: cred.gid(),
         pid: cred.pid(),
     };
+    let key = format!("uid {}", caller.uid);
+    // Root's connections count towards the total only.
+    let _permit = match gate.try_enter(&key, caller.uid != 0) {
+        Ok(p) => p,
+        Err(r) => {
+            if r.log {
+                warn!(
+                    uid = caller.uid,
+                    pid = caller.pid,
+                    refused_total = r.refused,
+                    "connection refused: {}",
+                    r.message
+                );
+            }
+            refuse_async(&mut sock, &r).await;
+            return Ok(());
+        }
+    };
+    let idle = ctl.cfg.control.idle_timeout;
     let cfg = ChannelConfig::default()
         .max_frame(MAX_REQUEST)
         .idle_timeout(Some(HELLO_WAIT))
-        .call_timeout(None);
+        // A server makes no calls: this bounds each write (a client that stops reading).
+        .call_timeout(Some(idle));
     // The channel answers a bad header, a non-Hello or a peer without a common version with
     // an error response before failing here.
     let mut sock = AsyncChannel::accept(
@@ -98,7 +132,7 @@ async fn connection(sock: UnixStream, ctl: Arc<Controller>) -> Result<(), ProtoE
         |_| Ok(()),
     )
     .await?;
-    sock.set_idle_timeout(None);
+    sock.set_idle_timeout(Some(idle));
     loop {
         let f = sock.recv_frame().await?;
         let id = f.header.id;

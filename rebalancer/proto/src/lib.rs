@@ -4,15 +4,19 @@
 //! CLI → controller) speaks the same framing ([`frame`]) and the same messages ([`messages`]).
 //! See `PROTOCOL.md` next to this file for the byte layout and the receiver state machine.
 
+pub mod auth;
 pub mod channel;
 pub mod codec;
 pub mod control;
 pub mod error;
 pub mod estimate;
 pub mod frame;
+pub mod gate;
 mod kind;
 pub mod messages;
 pub mod models;
+#[cfg(feature = "async")]
+pub mod munge;
 pub mod peer;
 pub mod position;
 

@@ -228,6 +228,14 @@ pub enum Request {
         id: MigrationId,
     },
     ListMigrations,
+    /// TCP control port only, first request after the hellos: the controller proves itself
+    /// with a munge credential bound to the agent's hello nonce
+    /// ([`crate::auth::CONTROL_DOMAIN`], from the controller's name to the agent's node), and
+    /// sends its own nonce, which the agent's answer ([`Reply::Authenticated`]) must name.
+    Authenticate {
+        credential: Option<String>,
+        nonce: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -267,6 +275,11 @@ pub enum Reply {
         plan: RestorePlan,
     },
     Done,
+    /// Answer to `Authenticate`: the agent's credential, bound to the controller's nonce
+    /// (from the agent's node to the controller's name).
+    Authenticated {
+        credential: Option<String>,
+    },
 }
 
 // Messages are short-lived and moved once; boxing would only add allocations.
