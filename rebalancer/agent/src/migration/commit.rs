@@ -41,12 +41,23 @@ pub(super) struct Incoming<H: Host> {
     pub(super) cgroup: Option<crate::cgroup::Cgroup>,
     /// CRIU's TLS options for this migration's page transfers (empty: plain TCP).
     pub(super) tls: Vec<String>,
+    /// The fencing token the source prepared with (`None`: a source of the previous release).
+    pub(super) epoch: Option<u64>,
 }
 
 impl<H: Host> Incoming<H> {
     /// Kills what was restored and removes everything this migration created here.
     pub(super) async fn undo(&mut self, host: &H, agent: &Agent, why: &str) {
         tracing::warn!(migration = %self.migration, container = %self.meta.spec.id, reason = why, "incoming migration aborted");
+        // First, before anything is gone: a late Commit for this migration is refused for good.
+        if let Some(store) = agent.store.get() {
+            let epoch = self
+                .epoch
+                .unwrap_or_else(|| super::policy::epoch_of(&self.migration));
+            if let Err(e) = store.fence(&self.migration, epoch) {
+                tracing::error!(migration = %self.migration, error = %crate::adopt::chain(&e), "cannot journal the fence of an undone arrival");
+            }
+        }
         agent.restore_steps().remove(&self.migration);
         if let Some(mut c) = self.step_child.take() {
             c.start_kill();
@@ -76,18 +87,57 @@ impl<H: Host> Incoming<H> {
 }
 
 /// The destination's commit: resumes the restored tree, takes the address over and makes the
-/// container this node's.
+/// container this node's. `migration`/`epoch`: what the Commit names (absent from sources of
+/// the previous release); a Commit for another migration or epoch, or for a fenced one, is
+/// refused and the arrival undone by the caller.
 pub(super) async fn commit_here<H: Host>(
     host: &Arc<H>,
     agent: &Agent,
     inc: &mut Incoming<H>,
+    migration: Option<&str>,
+    epoch: Option<u64>,
 ) -> Result<PeerReply, AgentError> {
     let pid = inc
         .restored_pid
         .ok_or_else(|| AgentError::BadRequest("commit before restore".into()))?;
+    if let Some(m) = migration.filter(|m| *m != inc.migration) {
+        return Err(AgentError::BadRequest(format!(
+            "commit names migration {m}, this connection prepared {}",
+            inc.migration
+        )));
+    }
+    if let (Some(live), Some(got)) = (inc.epoch, epoch) {
+        if live != got {
+            return Err(fence_refusal(crate::store::StoreError::WrongEpoch {
+                migration: inc.migration.clone(),
+                live,
+                got,
+            }));
+        }
+    }
+    // Before the tree can run, and atomic with the `outcome` question's fence: either this
+    // commit mark or the fence exists, never both (a restarted or unanswered source asks).
+    match agent.store.get() {
+        Some(store) => {
+            let epoch = inc
+                .epoch
+                .unwrap_or_else(|| super::policy::epoch_of(&inc.migration));
+            match store.commit_gate(&inc.migration, epoch, &inc.meta.spec.id, &inc.net.name) {
+                Ok(()) => {}
+                Err(e @ crate::store::StoreError::Fenced { .. }) => return Err(fence_refusal(e)),
+                // The mark cannot be written: committing anyway would leave a restarted source
+                // unable to learn it; refuse, the source then asks and finds it not committed.
+                Err(e) => {
+                    return Err(AgentError::Internal(format!(
+                        "cannot journal the commit: {}",
+                        crate::adopt::chain(&e)
+                    )))
+                }
+            }
+        }
+        None => agent.mark_committed(&inc.migration, &inc.meta.spec.id, &inc.net.name),
+    }
     inc.committed = true;
-    // Before the tree can run: a restarted source asks whether we committed (adopt.rs).
-    agent.mark_committed(&inc.migration, &inc.meta.spec.id, &inc.net.name);
     // Resume first, then take the address over.
     host.signal_tree(pid, Signal::SIGCONT);
     let resumed_at = now_millis();
@@ -160,6 +210,11 @@ pub(super) async fn commit_here<H: Host>(
     Ok(PeerReply::Committed { resumed_at })
 }
 
+fn fence_refusal(e: crate::store::StoreError) -> AgentError {
+    tracing::warn!(error = %e, "late or foreign commit refused");
+    AgentError::BadRequest(e.to_string())
+}
+
 /// Resumes the frozen source tree after a failure before Commit.
 pub(super) async fn resume_source<H: Host>(
     host: &H,
@@ -178,6 +233,11 @@ pub(super) async fn resume_source<H: Host>(
     let n = host.release_tcp_repair(pid);
     tracing::info!(migration = %migration, sockets = n, "TCP repair mode turned off");
     host.signal_tree(pid, Signal::SIGCONT);
+    // Withdrawn at network-switch when Commit was sent and found not committed; harmless when
+    // the route is still there.
+    if let Err(e) = host.add_route(net).await {
+        tracing::error!(migration = %migration, error = %e.chain(), "cannot restore the container's route");
+    }
     if let Some(c) = agent.containers().get_mut(container) {
         c.state = ContainerState::Running;
     }

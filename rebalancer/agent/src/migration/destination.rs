@@ -245,6 +245,8 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
             source_addr,
             rss_bytes,
             tls_cert,
+            epoch,
+            timeout_ms: _,
         } => {
             if incoming.is_some() {
                 return Err(AgentError::BadRequest("prepare sent twice".into()));
@@ -316,6 +318,7 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
                 source: source_addr.map(|a| (source_node.to_string(), a)),
                 cgroup: None,
                 tls: Vec::new(),
+                epoch,
             };
 
             let r = async {
@@ -439,11 +442,11 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
                 .ok_or_else(|| AgentError::BadRequest("restore before prepare".into()))?;
             restore(host, agent, inc, lazy_pages).await
         }
-        PeerRequest::Commit => {
+        PeerRequest::Commit { migration, epoch } => {
             let inc = incoming
                 .as_mut()
                 .ok_or_else(|| AgentError::BadRequest("commit before prepare".into()))?;
-            super::commit::commit_here(host, agent, inc).await
+            super::commit::commit_here(host, agent, inc, migration.as_deref(), epoch).await
         }
         PeerRequest::PrecopyRound { round, last } => {
             let inc = incoming
@@ -520,7 +523,8 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
         PeerRequest::Outcome {
             migration,
             container,
-        } => crate::adopt::outcome(agent, &migration, &container),
+            epoch,
+        } => crate::adopt::outcome(agent, &migration, &container, epoch),
     }
 }
 
