@@ -92,7 +92,7 @@ impl<H: Host> Incoming<H> {
 /// refused and the arrival undone by the caller.
 pub(super) async fn commit_here<H: Host>(
     host: &Arc<H>,
-    agent: &Agent,
+    agent: &Arc<Agent>,
     inc: &mut Incoming<H>,
     migration: Option<&str>,
     epoch: Option<u64>,
@@ -181,33 +181,80 @@ pub(super) async fn commit_here<H: Host>(
         .remove(&(inc.meta.spec.id.clone(), inc.meta.address));
     let images = inc.mig_dir.clone();
     let daemon = inc.lazy_daemon.take();
-    let mig = inc.migration.clone();
-    let host = host.clone();
-    // The images go once the lazy daemon is done (it reads them); a daemon whose
-    // container ended has nothing left to serve and is stopped.
+    let (mig, id) = (inc.migration.clone(), inc.meta.spec.id.clone());
+    let (host, agent) = (host.clone(), agent.clone());
+    // The images go once the lazy daemon is done (it reads them); a daemon whose container
+    // ended has nothing left to serve and is stopped; a daemon that ends in error leaves the
+    // container unable to get its missing pages, so it is killed (post-copy safety).
     tokio::spawn(async move {
-        if let Some(mut d) = daemon {
-            loop {
-                tokio::select! {
-                    st = d.wait() => {
-                        tracing::info!(migration = %mig, status = ?st, "lazy-pages daemon finished");
-                        break;
-                    }
-                    _ = host.sleep(Duration::from_millis(500)) => {
-                        if !host.alive(pid) {
-                            tracing::warn!(migration = %mig, "container ended before all pages arrived; stopping lazy-pages");
-                            d.start_kill();
-                            let _ = d.wait().await;
-                            break;
-                        }
-                    }
-                }
-            }
+        if let Some(d) = daemon {
+            watch_lazy_daemon(&*host, &agent, &mig, &id, pid, d, &images).await;
         }
         let _ = std::fs::remove_dir_all(images);
     });
     tracing::info!(migration = %inc.migration, container = %inc.meta.spec.id, pid, "migration committed: container runs here");
     Ok(PeerReply::Committed { resumed_at })
+}
+
+/// How a post-copy arrival's page supply ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LazyEnd {
+    /// Every page arrived (the daemon exited 0).
+    Complete,
+    /// The container ended first; the daemon was stopped.
+    ContainerEnded,
+    /// The daemon ended in error (its page source vanished: the source died, the network cut,
+    /// the daemon was killed) while the container ran: the container was killed, because a
+    /// page it has not received yet could never arrive.
+    Lost(String),
+}
+
+/// Follows the lazy-pages daemon of a committed post-copy arrival until it ends; see
+/// [`LazyEnd`]. `images`: where its log is.
+pub(super) async fn watch_lazy_daemon<H: Host>(
+    host: &H,
+    agent: &Agent,
+    migration: &str,
+    container: &str,
+    pid: i32,
+    mut d: H::Helper,
+    images: &std::path::Path,
+) -> LazyEnd {
+    loop {
+        tokio::select! {
+            st = d.wait() => {
+                let totals = std::fs::read_to_string(images.join("img").join("lazy-pages.log"))
+                    .ok()
+                    .and_then(|l| crate::criu::lazy_transfer_totals(&l));
+                if matches!(&st, Ok(s) if s.success()) {
+                    tracing::info!(migration = %migration, container = %container, pages = ?totals, "lazy-pages daemon finished: every page arrived");
+                    return LazyEnd::Complete;
+                }
+                if !host.alive(pid) {
+                    return LazyEnd::ContainerEnded;
+                }
+                let why = format!(
+                    "the lazy-pages daemon {} before every page arrived (copied/total: {}); \
+                     the container was killed, since its missing pages can no longer be served",
+                    crate::criu::exit_text(&st),
+                    totals.map_or("unknown".into(), |(c, t)| format!("{c}/{t}"))
+                );
+                tracing::error!(migration = %migration, container = %container, pid, reason = %why, "post-copy page source lost: killing the container");
+                host.signal_tree(pid, Signal::SIGKILL);
+                host.kill(pid);
+                agent.persist();
+                return LazyEnd::Lost(why);
+            }
+            _ = host.sleep(Duration::from_millis(500)) => {
+                if !host.alive(pid) {
+                    tracing::warn!(migration = %migration, container = %container, "container ended before all pages arrived; stopping lazy-pages");
+                    d.start_kill();
+                    let _ = d.wait().await;
+                    return LazyEnd::ContainerEnded;
+                }
+            }
+        }
+    }
 }
 
 fn fence_refusal(e: crate::store::StoreError) -> AgentError {

@@ -41,7 +41,8 @@ pub enum Proc {
 pub enum Fault {
     /// The host action of that name fails (`create-net`, `page-server`, `pre-dump`, `dump`,
     /// `dump-lazy`, `lazy-pages`, `restore`, `cgroup`, `net-inode`, `connect`, `start-step`,
-    /// `restore-step`; `lazy-serve`: the post-copy dump exits with an error once serving).
+    /// `restore-step`; `lazy-serve`: the post-copy dump exits with an error once serving;
+    /// `lazy-lost`: the destination's lazy-pages daemon exits with an error after commit).
     Action(&'static str),
     /// The source's peer connection breaks before it sends this request (`prepare`, `images`,
     /// `restore`, `commit`, `precopy-round`, `capabilities`).
@@ -337,7 +338,15 @@ impl Criu for SimHost {
     ) -> Result<SimHelper, AgentError> {
         self.state().tls.push(("lazy-pages", !tls.is_empty()));
         self.act("lazy-pages")?;
-        Ok(self.helper())
+        let mut h = self.helper();
+        if self.take_fault(|f| *f == Fault::Action("lazy-lost")) {
+            // The page source vanishes after the container resumed: the daemon exits 1.
+            self.state()
+                .log
+                .push("lazy-pages loses its page source".into());
+            h.status = 1 << 8;
+        }
+        Ok(h)
     }
 
     async fn restore(

@@ -705,6 +705,43 @@ async fn post_copy_pages_lost_after_commit_fail_the_migration_without_a_second_c
     assert_eq!(b.host.live().len(), 1);
 }
 
+/// The destination's lazy-pages daemon loses its page source after the container resumed: the
+/// container is killed (it would read zeros where pages are missing), and nothing is left.
+#[tokio::test]
+async fn a_container_whose_lazy_pages_can_no_longer_be_served_is_killed() {
+    let (a, b) = pair("lazy-lost");
+    b.host.inject(Fault::Action("lazy-lost"));
+    let rec = migrate(&a, &b, MigrationMode::PostCopy)
+        .await
+        .expect("preflight");
+    assert_eq!(
+        rec.phases.last().map(|p| p.phase.clone()),
+        Some(rebalancer_proto::Phase::Cleanup)
+    );
+    // The watcher runs beside the connection: give it its turns.
+    for _ in 0..1000 {
+        if b.host.live().is_empty() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let log = format!(
+        "source: {:?}\ndestination: {:?}",
+        a.host.state().log,
+        b.host.state().log
+    );
+    assert!(
+        b.host.live().is_empty(),
+        "still running on lost pages: {log}"
+    );
+    assert!(a.host.live().is_empty(), "{log}");
+    assert!(b.host.state().helpers.is_empty(), "helpers left: {log}");
+    assert!(
+        b.host.state().log.iter().any(|l| l.starts_with("SIGKILL")),
+        "{log}"
+    );
+}
+
 const ON: &str = "encrypt_memory = true";
 
 /// What each node's page-moving CRIU commands were: (action, with TLS).
