@@ -78,7 +78,7 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
     peer: Option<std::net::SocketAddr>,
     incoming: &mut Option<Incoming<H>>,
 ) -> Result<(), AgentError> {
-    let timeout = Duration::from_millis(agent.cfg.migration_timeout_ms);
+    let mut timeout = Duration::from_millis(agent.cfg.migration_timeout_ms);
     // AWAIT_HELLO: nothing but a hello with a valid credential gets further.
     let f = read_timeout(&**host, s, Duration::from_secs(10)).await?;
     let hello: Hello = match f.decode(FrameKind::Hello, "hello") {
@@ -124,6 +124,15 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
                 continue;
             }
         };
+        if let PeerRequest::Prepare {
+            timeout_ms: Some(t),
+            ..
+        } = &req
+        {
+            // The source's limit travels in Prepare: a dump or pre-copy round longer than this
+            // node's own limit is not cut here while the source still waits for it.
+            timeout = peer_wait(timeout, *t);
+        }
         let result = handle(host, agent, s, incoming, req, (&source_node, peer), timeout).await;
         let done = matches!(
             result,
@@ -147,6 +156,15 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     }
 }
+
+/// Longest wait for the source's next frame once it announced its own limit of `source_ms`:
+/// the longer of the two, at most [`MAX_PEER_WAIT`]. Pure.
+pub fn peer_wait(own: Duration, source_ms: u64) -> Duration {
+    own.max(Duration::from_millis(source_ms)).min(MAX_PEER_WAIT)
+}
+
+/// Bound of [`peer_wait`]: a source cannot make this node wait longer for it.
+pub const MAX_PEER_WAIT: Duration = Duration::from_secs(6 * 3600);
 
 /// Checks who the source is, for the agreed peer protocol version, and sends this node's hello.
 /// Version 1: the source's credential names it (replayable; logged). Version 2: this node's
@@ -620,4 +638,17 @@ async fn restore<H: Host>(
         restore_ms: host.now().duration_since(started).as_millis() as u64,
         pages_restored: stats.pages_restored,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sources_limit_lengthens_the_wait_for_it_within_a_bound() {
+        let own = Duration::from_secs(60);
+        assert_eq!(peer_wait(own, 600_000), Duration::from_secs(600));
+        assert_eq!(peer_wait(own, 1_000), own);
+        assert_eq!(peer_wait(own, u64::MAX), MAX_PEER_WAIT);
+    }
 }
