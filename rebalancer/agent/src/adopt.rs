@@ -21,7 +21,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use nix::sys::signal::Signal;
-use rebalancer_proto::{ContainerState, MigrationRecord, Phase};
+use rebalancer_proto::{ContainerState, MigrationRecord, MigrationState, Phase};
 
 use crate::agent::Agent;
 use crate::error::AgentError;
@@ -29,7 +29,7 @@ use crate::peer::{PeerReply, PeerRequest};
 use crate::store::{ContainerRecord, Store};
 
 /// The error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -63,6 +63,11 @@ pub fn commit_may_have_been_sent(rec: &MigrationRecord) -> bool {
     })
 }
 
+/// A journal entry still to be resolved: running, or ended with an unknown outcome.
+fn unresolved(s: MigrationState) -> bool {
+    !s.is_terminal() || s == MigrationState::Unknown
+}
+
 /// The decision for one record. `start_now`: pid 1's start time now (`None`: no such live
 /// process); `journal`: this node's unfinished source migrations. Pure: unit-tested.
 pub fn judge(
@@ -77,7 +82,7 @@ pub fn judge(
     // unfinished journal entry counts even when the record still says Running.
     let mine = journal
         .iter()
-        .filter(|m| m.container == rec.meta.spec.id && !m.state.is_terminal())
+        .filter(|m| m.container == rec.meta.spec.id && unresolved(m.state))
         .max_by_key(|m| m.started_at);
     if rec.state != ContainerState::Migrating && mine.is_none() {
         return Verdict::Adopt;
@@ -273,6 +278,7 @@ async fn ask_destination(agent: &Agent, m: &MigrationRecord) -> Result<bool, Age
         conn.call(&PeerRequest::Outcome {
             migration: m.id.clone(),
             container: m.container.clone(),
+            epoch: Some(crate::migration::policy::epoch_of(&m.id)),
         })
         .await
     };
@@ -292,13 +298,28 @@ async fn ask_destination(agent: &Agent, m: &MigrationRecord) -> Result<bool, Age
 /// The destination's answer to a restarted source's `outcome` question: committed when this
 /// node's commit mark for the migration exists; an arrival of the container still in progress
 /// cannot be answered yet (`busy`: the source keeps its copy frozen); otherwise not committed
-/// (the arrival was undone, or never got this far).
-pub fn outcome(agent: &Agent, migration: &str, container: &str) -> Result<PeerReply, AgentError> {
+/// (the arrival was undone, or never got this far). With `epoch` (a source of this release)
+/// the answer fences instead of waiting: a migration not committed here is refused Commit from
+/// now on, journaled, so "not committed" stays true across a restart of this agent.
+pub fn outcome(
+    agent: &Agent,
+    migration: &str,
+    container: &str,
+    epoch: Option<u64>,
+) -> Result<PeerReply, AgentError> {
     let Some(store) = agent.store.get() else {
         return Err(AgentError::Unsupported(
             "this agent keeps no commit records".into(),
         ));
     };
+    if let Some(epoch) = epoch {
+        crate::migration::policy::check_migration_id(migration)?;
+        let committed = store.fence(migration, epoch).map_err(|e| {
+            AgentError::Internal(format!("cannot journal the outcome: {}", chain(&e)))
+        })?;
+        tracing::info!(migration = %migration, container = %container, epoch, committed, "outcome asked: answered (and fenced unless committed)");
+        return Ok(PeerReply::Outcome { committed });
+    }
     if store
         .commit_marks()
         .iter()
@@ -427,7 +448,7 @@ async fn sweep_netns(node: &str, owned: &BTreeSet<String>, sum: &mut Summary) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rebalancer_proto::{MigrationMode, MigrationState, PhaseRecord, RootfsSpec};
+    use rebalancer_proto::{MigrationMode, PhaseRecord, RootfsSpec};
 
     pub(crate) fn record(id: &str, state: ContainerState, pid_start: u64) -> ContainerRecord {
         ContainerRecord {
@@ -570,6 +591,19 @@ mod tests {
         assert_eq!(
             judge(&r, Some(9), &[done]),
             Verdict::Resume { migration: None }
+        );
+    }
+
+    #[test]
+    fn an_unknown_outcome_in_the_journal_keeps_the_copy_frozen_for_the_destinations_answer() {
+        let r = record("c1", ContainerState::Migrating, 9);
+        let mut unknown = journal("c1", &[Phase::Restore, Phase::NetworkSwitch]);
+        unknown.state = MigrationState::Unknown;
+        assert_eq!(
+            judge(&r, Some(9), &[unknown]),
+            Verdict::KeepFrozen {
+                migration: "m-c1".into()
+            }
         );
     }
 
@@ -841,16 +875,30 @@ mod tests {
         b.incoming()
             .insert(("c3".into(), "198.18.4.9".parse().expect("ip")));
         assert!(matches!(
-            outcome(&b, "m-c3", "c3"),
+            outcome(&b, "m-c3", "c3", None),
             Err(AgentError::Busy(_))
         ));
         assert!(matches!(
-            outcome(&b, "m-c1", "c1"),
+            outcome(&b, "m-c1", "c1", None),
             Ok(PeerReply::Outcome { committed: true })
         ));
         assert!(matches!(
-            outcome(&b, "m-c2", "c2"),
+            outcome(&b, "m-c2", "c2", None),
             Ok(PeerReply::Outcome { committed: false })
+        ));
+        // The restarted source asked with an epoch: c2's migration is fenced on b for good,
+        // and an arrival still in progress is answered (and fenced) instead of `busy`.
+        let bs = b.store.get().expect("store");
+        assert!(bs.is_fenced("m-c2"), "the not-committed answer fences");
+        assert!(bs.commit_gate("m-c2", 1, "c2", "n").is_err());
+        assert!(matches!(
+            outcome(&b, "m-c3", "c3", Some(3)),
+            Ok(PeerReply::Outcome { committed: false })
+        ));
+        assert!(bs.commit_gate("m-c3", 3, "c3", "n").is_err());
+        assert!(matches!(
+            outcome(&b, "m-c1", "c1", Some(1)),
+            Ok(PeerReply::Outcome { committed: true })
         ));
         for mut k in kids {
             let _ = k.kill();

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use rebalancer_proto::{
     now_millis, ContainerId, ContainerInfo, ContainerSpec, ContainerState, MigrationId,
-    MigrationRecord, NodeCapabilities, RootfsSpec,
+    MigrationRecord, MigrationState, NodeCapabilities, RootfsSpec,
 };
 use tokio::sync::broadcast;
 
@@ -116,7 +116,8 @@ impl Agent {
         // Journaled before anything acts on the new phase: the source publishes
         // `network-switch` before it sends Commit, and a restarted agent must know that.
         if let (Some(store), true) = (self.store.get(), rec.source == self.cfg.node) {
-            let r = if rec.state.is_terminal() {
+            // An unknown outcome stays journaled: a restarted agent resolves it (adopt.rs).
+            let r = if rec.state.is_terminal() && rec.state != MigrationState::Unknown {
                 store.remove_migration(&rec.id)
             } else {
                 store.put_migration(rec)

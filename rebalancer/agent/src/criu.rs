@@ -296,6 +296,17 @@ pub fn pick_port(ip: Ipv4Addr) -> Result<u16, AgentError> {
 /// How long a page server or lazy-pages daemon may take to report readiness.
 pub const READY_WITHIN: Duration = Duration::from_secs(10);
 
+/// How [`spawn_ready`] starts a CRIU helper.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpawnOpts<'a> {
+    /// How long it may take to report ready (`None`: as long as it takes).
+    pub ready_within: Option<Duration>,
+    /// Descriptors it inherits.
+    pub keep_fds: &'a [i32],
+    /// Its own process group, not killed when its handle is dropped (outlives the agent).
+    pub detach: bool,
+}
+
 /// Starts a criu helper that reports readiness on `--status-fd` and waits for it (at most
 /// `ready_within`). A helper that exits first fails with its log's tail.
 pub async fn spawn_ready(
@@ -304,9 +315,13 @@ pub async fn spawn_ready(
     what: &'static str,
     log_dir: &Path,
     log: &str,
-    ready_within: Option<Duration>,
-    keep_fds: &[i32],
+    opts: SpawnOpts<'_>,
 ) -> Result<tokio::process::Child, AgentError> {
+    let SpawnOpts {
+        ready_within,
+        keep_fds,
+        detach,
+    } = opts;
     let (r, w): (OwnedFd, OwnedFd) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Io {
             what: "pipe".into(),
@@ -317,7 +332,13 @@ pub async fn spawn_ready(
     let keep: Vec<i32> = std::iter::once(wfd)
         .chain(keep_fds.iter().copied())
         .collect();
-    let mut child = command(criu, &args, &keep)
+    let mut cmd = command(criu, &args, &keep);
+    if detach {
+        // Its own process group, and not killed with its handle: a restart of the agent (or a
+        // signal to the agent's group) does not end it while it serves a running container.
+        cmd.process_group(0).kill_on_drop(false);
+    }
+    let mut child = cmd
         .current_dir(log_dir)
         .spawn()
         .map_err(|source| AgentError::Io {
@@ -351,6 +372,28 @@ pub async fn spawn_ready(
         });
     }
     Ok(child)
+}
+
+/// The lazy-pages daemon's page accounting from its log (`-v4`): the sums over its processes of
+/// the pages copied through userfaultfd and of the pages there were, from its `UFFD
+/// transferred pages: (COPIED/TOTAL)` lines. Fewer copied than there were is normal when a
+/// process unmapped memory or exited first (CRIU itself does not treat it as an error), so this
+/// is a figure for the log, while the daemon's exit status decides. Pure.
+pub fn lazy_transfer_totals(log: &str) -> Option<(u64, u64)> {
+    let mut found = None;
+    for l in log.lines() {
+        let Some(rest) = l.split("UFFD transferred pages: (").nth(1) else {
+            continue;
+        };
+        let Some((copied, total)) = rest.split(')').next().and_then(|x| x.split_once('/')) else {
+            continue;
+        };
+        if let (Ok(c), Ok(t)) = (copied.trim().parse::<u64>(), total.trim().parse::<u64>()) {
+            let (sc, st) = found.unwrap_or((0, 0));
+            found = Some((sc + c, st + t));
+        }
+    }
+    found
 }
 
 /// The last error lines of a CRIU log, for error messages.
@@ -566,6 +609,17 @@ pub fn read_stats(dir: &Path, name: &str) -> Option<CriuStats> {
 
 #[cfg(test)]
 mod tests {
+    use super::lazy_transfer_totals;
+
+    #[test]
+    fn lazy_page_accounting_sums_the_daemons_summary_lines() {
+        let log = "(00.5) uffd: 12-5: UFFD transferred pages: (100/120)\n\
+                   (00.6) uffd: other line\n\
+                   (00.7) uffd: 13-6: UFFD transferred pages: (20/20)\n";
+        assert_eq!(lazy_transfer_totals(log), Some((120, 140)));
+        assert_eq!(lazy_transfer_totals("no summary"), None);
+        assert_eq!(lazy_transfer_totals("UFFD transferred pages: (x/2)"), None);
+    }
     use super::*;
 
     #[test]

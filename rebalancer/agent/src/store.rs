@@ -33,6 +33,18 @@ pub enum StoreError {
     },
     #[error("record {path} has version {version}, newer than this agent's {RECORD_VERSION}")]
     TooNew { path: PathBuf, version: u32 },
+    /// Commit refused: this node answered "not committed" for the migration, or undid it.
+    #[error("migration {migration} is fenced on this node (epoch {epoch}): it answered \"not committed\" or undid the arrival, so a late Commit is refused")]
+    Fenced { migration: String, epoch: u64 },
+    /// Commit refused: it names another epoch than the arrival prepared here.
+    #[error(
+        "commit for epoch {got} of migration {migration}, which was prepared with epoch {live}"
+    )]
+    WrongEpoch {
+        migration: String,
+        live: u64,
+        got: u64,
+    },
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -143,6 +155,20 @@ pub struct Store {
     containers: PathBuf,
     migrations: PathBuf,
     committed: PathBuf,
+    fenced: PathBuf,
+    /// Serialises the commit/fence decision of a migration ([`Store::commit_gate`],
+    /// [`Store::fence`]): one of them wins, the other sees its mark.
+    gate: std::sync::Arc<std::sync::Mutex<()>>,
+}
+
+/// The destination's note that a migration will never commit here (`fenced/<id>.json`): written
+/// when it answered `outcome` "not committed" or undid the arrival, before either is visible to
+/// the source, and checked by [`Store::commit_gate`]. Pruned after [`COMMIT_MARK_TTL`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceMark {
+    pub migration: String,
+    pub epoch: u64,
+    pub at: rebalancer_proto::Millis,
 }
 
 /// The destination's note that it received Commit for a migration (`committed/<id>.json`),
@@ -164,14 +190,87 @@ impl Store {
         let containers = state_dir.join("containers");
         let migrations = state_dir.join("migrations");
         let committed = state_dir.join("committed");
-        for d in [&containers, &migrations, &committed] {
+        let fenced = state_dir.join("fenced");
+        for d in [&containers, &migrations, &committed, &fenced] {
             std::fs::create_dir_all(d).map_err(io(format!("mkdir {}", d.display())))?;
         }
         Ok(Store {
             containers,
             migrations,
             committed,
+            fenced,
+            gate: Default::default(),
         })
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_mark<T: serde::de::DeserializeOwned>(dir: &Path, migration: &str) -> Option<T> {
+        let b = std::fs::read(dir.join(format!("{migration}.json"))).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    /// The destination's commit decision: writes the commit mark unless the migration is
+    /// fenced. Atomic with [`Store::fence`]: after a "not committed" answer this always fails.
+    pub fn commit_gate(
+        &self,
+        migration: &str,
+        epoch: u64,
+        container: &str,
+        netns: &str,
+    ) -> Result<(), StoreError> {
+        let _g = self.gate();
+        if self.is_fenced(migration) {
+            // A mark that cannot be read still fences (never commit on doubt).
+            let epoch =
+                Self::read_mark::<FenceMark>(&self.fenced, migration).map_or(epoch, |f| f.epoch);
+            return Err(StoreError::Fenced {
+                migration: migration.into(),
+                epoch,
+            });
+        }
+        self.mark_committed(migration, container, netns)
+    }
+
+    /// Fences `migration` unless it committed here: returns whether it committed. Once this
+    /// returned `false`, [`Store::commit_gate`] refuses the migration for good (journaled).
+    pub fn fence(&self, migration: &str, epoch: u64) -> Result<bool, StoreError> {
+        let _g = self.gate();
+        if self.committed.join(format!("{migration}.json")).exists() {
+            return Ok(true);
+        }
+        if !self.fenced.join(format!("{migration}.json")).exists() {
+            let m = FenceMark {
+                migration: migration.into(),
+                epoch,
+                at: rebalancer_proto::now_millis(),
+            };
+            put_json(&self.fenced, migration, &m)?;
+        }
+        Ok(false)
+    }
+
+    /// Whether `migration` is fenced here.
+    pub fn is_fenced(&self, migration: &str) -> bool {
+        self.fenced.join(format!("{migration}.json")).exists()
+    }
+
+    /// Removes fence marks older than [`COMMIT_MARK_TTL`]; returns how many are kept.
+    pub fn prune_fences(&self) -> usize {
+        let now = rebalancer_proto::now_millis();
+        let ttl = COMMIT_MARK_TTL.as_millis() as u64;
+        let (marks, _) = load_json::<FenceMark>(&self.fenced);
+        let mut kept = 0;
+        for (path, m) in marks {
+            if now.saturating_sub(m.at) > ttl {
+                let _ = std::fs::remove_file(path);
+            } else {
+                kept += 1;
+            }
+        }
+        kept
     }
 
     pub fn mark_committed(
@@ -328,6 +427,35 @@ fn load_json<T: serde::de::DeserializeOwned>(dir: &Path) -> (Vec<(PathBuf, T)>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn temp_store(tag: &str) -> (Store, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "rb-store-{tag}-{}-{:08x}",
+            std::process::id(),
+            crate::agent::random_u32()
+        ));
+        (Store::open(&dir).expect("open"), dir)
+    }
+
+    #[test]
+    fn a_fenced_migration_never_commits_and_a_committed_one_is_never_fenced() {
+        let (s, dir) = temp_store("fence");
+        assert!(!s.fence("m1", 7).expect("fence"), "not committed");
+        assert!(s.is_fenced("m1"));
+        let e = s.commit_gate("m1", 7, "c", "n").expect_err("late commit");
+        assert!(matches!(e, StoreError::Fenced { epoch: 7, .. }), "{e}");
+        assert!(e.to_string().contains("late Commit is refused"), "{e}");
+        // The other order: the commit wins and the question then says so.
+        s.commit_gate("m2", 8, "c", "n").expect("commit");
+        assert!(s.fence("m2", 8).expect("ask"), "committed");
+        assert!(!s.is_fenced("m2"));
+        // Journaled: a new process (a restarted agent) sees the same.
+        let again = Store::open(&dir).expect("reopen");
+        assert!(again.commit_gate("m1", 7, "c", "n").is_err());
+        assert!(again.fence("m2", 8).expect("ask"));
+        assert_eq!(again.prune_fences(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn start_time_is_field_22_even_with_odd_command_names() {

@@ -15,6 +15,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::agents::AgentError;
 use crate::daemon::{err, write, Controller, Progress};
+use crate::inflight::{Outcome, Resolution};
+use crate::journal::Unresolved;
+
+/// Pauses between two looks at an unknown outcome: doubling from the first to the last.
+pub const RESOLVE_FIRST_PAUSE: Duration = Duration::from_secs(5);
+pub const RESOLVE_MAX_PAUSE: Duration = Duration::from_secs(120);
 
 impl Controller {
     /// Sends the migration to the source agent and follows it in a task. The slot must have
@@ -277,7 +283,8 @@ impl Controller {
             error = rec.error.as_deref().unwrap_or(""), "migration ended"
         );
         self.metrics.record_migration(rec);
-        if rec.state == MigrationState::Succeeded {
+        let outcome = Outcome::of(rec);
+        if outcome == Outcome::Succeeded {
             {
                 // Until the next poll the cached lists still show the container on its source,
                 // and an evaluation would plan the same move again.
@@ -307,14 +314,43 @@ impl Controller {
                 }
             }
             self.sync_slurm(&mut entry).await;
-        } else {
+        } else if outcome == Outcome::RolledBack {
             self.undo_expansion(&entry.record.container).await;
         }
         if let Err(e) = self.journal.put_migration(&entry) {
             error!(migration = %entry.record.id, "cannot journal the end of a migration: {e}");
         }
-        let left = write(&self.state).in_flight.remove(&entry.record.container);
-        self.metrics.in_flight.set(left as i64);
+        if outcome == Outcome::Unknown {
+            // The allocation stays on both nodes and the slot stays held until it is known
+            // where the task runs: undoing the expansion could kill the only copy.
+            let x = write(&self.state)
+                .in_flight
+                .outcome_unknown(&entry.record.container);
+            let u = Unresolved {
+                migration: entry.record.id.clone(),
+                container: entry.record.container.clone(),
+                job_id: entry
+                    .record
+                    .task
+                    .as_ref()
+                    .or(decision.task.as_ref())
+                    .map(|t| t.job_id)
+                    .or(x.as_ref().map(|x| x.job_id)),
+                source: entry.record.source.clone(),
+                destination: entry.record.destination.clone(),
+                nodes_before: x.map(|x| x.nodes_before),
+                since: now_millis(),
+            };
+            warn!(migration = %u.migration, container = %u.container, job = u.job_id, source = %u.source, destination = %u.destination, state = %entry.record.state, "migration outcome unknown: the job keeps both nodes until it is known where the task runs");
+            if let Err(e) = self.journal.put_unresolved(&u) {
+                error!(migration = %u.migration, "cannot journal an unknown outcome: {e}");
+            }
+            let this = self.clone();
+            tokio::spawn(async move { this.resolve_later(u).await });
+        } else {
+            let left = write(&self.state).in_flight.remove(&entry.record.container);
+            self.metrics.in_flight.set(left as i64);
+        }
         if let Some(p) = progress {
             let container = entry.record.container.clone();
             let _ = p.send(Progress::Ended {
@@ -323,6 +359,89 @@ impl Controller {
                 result: Ok(Box::new(entry)),
             });
         }
+        self.eval.notify_one();
+    }
+}
+
+impl Controller {
+    /// Looks at an unknown outcome until it is known where the task runs, then makes Slurm's
+    /// allocation match: moved → as after a success (the source leaves the job when nothing
+    /// else of it is there); stayed or gone → the expansion is undone. Frees the slot then.
+    pub async fn resolve_later(self: &Arc<Self>, u: Unresolved) {
+        let mut pause = RESOLVE_FIRST_PAUSE;
+        loop {
+            let r = self.look(&u).await;
+            if r != Resolution::Pending {
+                self.resolved(&u, r).await;
+                return;
+            }
+            debug!(migration = %u.migration, container = %u.container, "outcome still unknown");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RESOLVE_MAX_PAUSE);
+        }
+    }
+
+    /// One look: the source agent's record if it has resolved it, else both agents' lists.
+    async fn look(&self, u: &Unresolved) -> Resolution {
+        if let Some(a) = self.agent(&u.source) {
+            if let Ok(rec) = a.migration(&u.migration).await {
+                match Outcome::of(&rec) {
+                    Outcome::Succeeded => return Resolution::Moved,
+                    Outcome::RolledBack => return Resolution::Stayed,
+                    Outcome::Unknown => {}
+                }
+            }
+        }
+        let state_on = |node: &str| {
+            let a = self.agent(node);
+            let id = u.container.clone();
+            async move {
+                let list = a?.containers().await.ok()?;
+                Some(list.into_iter().find(|c| c.id == id).map(|c| c.state))
+            }
+        };
+        // An agent that does not answer tells nothing: never act on half the picture.
+        match (state_on(&u.source).await, state_on(&u.destination).await) {
+            (Some(s), Some(d)) => Resolution::of(s, d),
+            _ => Resolution::Pending,
+        }
+    }
+
+    async fn resolved(self: &Arc<Self>, u: &Unresolved, r: Resolution) {
+        info!(migration = %u.migration, container = %u.container, job = u.job_id, resolution = ?r, "unknown migration outcome resolved");
+        match r {
+            Resolution::Moved => {
+                if let Ok(Some(mut e)) = self.journal.migration(&u.migration) {
+                    self.sync_slurm(&mut e).await;
+                    if let Err(err) = self.journal.put_migration(&e) {
+                        error!(migration = %u.migration, "cannot journal: {err}");
+                    }
+                }
+            }
+            Resolution::Stayed | Resolution::Gone => {
+                if let (Some(job), Some(nodes)) = (u.job_id, u.nodes_before.clone()) {
+                    if self.cfg.slurm.enabled && self.cfg.slurm.sync_allocation {
+                        let slurm = self.slurm.clone();
+                        let n = nodes.clone();
+                        match tokio::task::spawn_blocking(move || slurm.set_job_nodes(job, &n))
+                            .await
+                        {
+                            Ok(Ok(())) => {
+                                info!(job, nodes = %nodes.join(","), "job's allocation restored after the resolution")
+                            }
+                            Ok(Err(e)) => warn!(job, "cannot restore the job's allocation: {e}"),
+                            Err(e) => warn!(job, "allocation undo task failed: {e}"),
+                        }
+                    }
+                }
+            }
+            Resolution::Pending => return,
+        }
+        if let Err(e) = self.journal.remove_unresolved(&u.migration) {
+            error!(migration = %u.migration, "cannot journal the resolution: {e}");
+        }
+        let left = write(&self.state).in_flight.remove(&u.container);
+        self.metrics.in_flight.set(left as i64);
         self.eval.notify_one();
     }
 }

@@ -7,10 +7,70 @@
 use std::collections::{BTreeMap, HashMap};
 
 use rebalancer_proto::control::{DecisionRecord, MigrationEntry};
-use rebalancer_proto::Millis;
+use rebalancer_proto::{ContainerState, MigrationRecord, MigrationState, Millis};
 
 /// Pause before an automatic move whose start failed is tried again.
 pub const RETRY_AFTER_FAILURE_MS: u64 = 60_000;
+
+/// How a migration ended, for the job's allocation. Pure: [`Outcome::of`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The task runs on the destination: the job keeps it and may leave the source.
+    Succeeded,
+    /// The source agent confirmed the task runs there again: the expansion is undone.
+    RolledBack,
+    /// Where the task runs is not known (Commit may have been applied, a post-copy failed
+    /// after the point of no return, or the controller lost track): the allocation is kept on
+    /// both nodes until [`Resolution`] says where it runs. Undoing it could kill the only copy.
+    Unknown,
+}
+
+impl Outcome {
+    pub fn of(rec: &MigrationRecord) -> Outcome {
+        match rec.state {
+            MigrationState::Succeeded => Outcome::Succeeded,
+            MigrationState::RolledBack => Outcome::RolledBack,
+            // Failed is after the point of no return; Pending/Running here means lost track.
+            MigrationState::Failed
+            | MigrationState::Unknown
+            | MigrationState::Pending
+            | MigrationState::Running => Outcome::Unknown,
+        }
+    }
+}
+
+/// Where a task of an unknown outcome turned out to run, from the two agents' container lists
+/// (`None`: the agent has no such container). Pure: [`Resolution::of`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// It runs on the destination: as after a success (the source may leave the job).
+    Moved,
+    /// It runs on the source again: the expansion is undone.
+    Stayed,
+    /// It runs nowhere (ended, or lost in post-copy): the expansion is undone.
+    Gone,
+    /// Not known yet (the source still holds a frozen copy and no copy runs, or an agent did
+    /// not answer): ask again later, change nothing.
+    Pending,
+}
+
+impl Resolution {
+    pub fn of(source: Option<ContainerState>, destination: Option<ContainerState>) -> Resolution {
+        use ContainerState::*;
+        let runs = |s: Option<ContainerState>| s == Some(Running);
+        match (source, destination) {
+            // The destination runs a tree only after it committed.
+            (s, d) if runs(d) && !runs(s) => Resolution::Moved,
+            (s, d) if runs(s) && !runs(d) && d != Some(Migrating) => Resolution::Stayed,
+            // Both running breaks the first invariant: never act on it.
+            (s, d) if runs(s) && runs(d) => Resolution::Pending,
+            // A frozen source copy or an arrival in progress: the agents are still resolving.
+            (Some(Migrating), _) | (_, Some(Migrating)) => Resolution::Pending,
+            (Some(Starting), _) | (_, Some(Starting)) => Resolution::Pending,
+            _ => Resolution::Gone,
+        }
+    }
+}
 
 /// A migration the controller started (or found running at start-up).
 #[derive(Debug, Clone)]
@@ -164,6 +224,13 @@ impl Migrations {
 
     /// The expansion to undo after a failed migration (at most once).
     pub fn take_expansion(&mut self, container: &str) -> Option<Expansion> {
+        self.pre_expanded.remove(container)
+    }
+
+    /// The outcome is unknown: the expansion (if any) is handed over to be journaled with the
+    /// unknown outcome, and the slot stays held, so that nothing moves the container again
+    /// until [`Self::remove`] after the resolution.
+    pub fn outcome_unknown(&mut self, container: &str) -> Option<Expansion> {
         self.pre_expanded.remove(container)
     }
 
@@ -357,5 +424,66 @@ mod tests {
             .expect("the limits allow it");
         m.set_decision(&d);
         assert_eq!(m.get("c1").map(|f| f.decision.seq), Some(9));
+    }
+
+    #[test]
+    fn only_a_confirmed_rollback_undoes_the_allocation() {
+        let mut rec = crate::journal::tests::record("m1", MigrationState::Succeeded);
+        assert_eq!(Outcome::of(&rec), Outcome::Succeeded);
+        rec.state = MigrationState::RolledBack;
+        assert_eq!(Outcome::of(&rec), Outcome::RolledBack);
+        for s in [
+            MigrationState::Unknown,
+            MigrationState::Failed,
+            MigrationState::Running,
+            MigrationState::Pending,
+        ] {
+            rec.state = s;
+            assert_eq!(Outcome::of(&rec), Outcome::Unknown, "{s}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_outcome_resolves_to_where_the_task_runs() {
+        use ContainerState::*;
+        use Resolution::*;
+        let cases = [
+            ((Some(Migrating), Some(Running)), Moved),
+            ((Some(MigratedAway), Some(Running)), Moved),
+            ((None, Some(Running)), Moved),
+            ((Some(Running), None), Stayed),
+            ((Some(Running), Some(Exited)), Stayed),
+            ((None, None), Gone),
+            ((Some(MigratedAway), Some(Exited)), Gone),
+            ((Some(Exited), None), Gone),
+            // The source still holds its frozen copy and nothing runs: not known yet.
+            ((Some(Migrating), None), Pending),
+            ((None, Some(Migrating)), Pending),
+            ((Some(Running), Some(Migrating)), Pending),
+            // Two live copies: never acted on.
+            ((Some(Running), Some(Running)), Pending),
+        ];
+        for ((src, dst), want) in cases {
+            assert_eq!(Resolution::of(src, dst), want, "{src:?} {dst:?}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_outcome_keeps_the_slot_and_hands_over_the_expansion() {
+        let mut m = Migrations::default();
+        m.try_reserve(LIMITS, slot("c1", "n1", "n2"))
+            .expect("the limits allow it");
+        assert!(m.expanded("c1", expansion()));
+        assert_eq!(m.outcome_unknown("c1"), Some(expansion()));
+        // Still held: the frozen container is not planned again, and the expansion is gone
+        // from memory (journaled with the unknown outcome instead).
+        assert!(m.contains_key("c1"));
+        assert_eq!(
+            m.try_reserve(LIMITS, slot("c1", "n3", "n4"))
+                .expect_err("held"),
+            "container c1 is already migrating"
+        );
+        assert_eq!(m.take_expansion("c1"), None);
+        assert_eq!(m.remove("c1"), 0);
     }
 }

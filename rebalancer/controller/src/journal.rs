@@ -13,6 +13,9 @@ const DECISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("decisions")
 const MIGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("migrations");
 const POLICY_STATES: TableDefinition<&str, &str> = TableDefinition::new("policy_states");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Migrations whose outcome is unknown, by migration id: the job's allocation is kept on both
+/// nodes until [`Unresolved`] is resolved (`execute.rs`).
+const UNRESOLVED: TableDefinition<&str, &[u8]> = TableDefinition::new("unresolved");
 const DECISION_SEQ: &str = "decision_seq";
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,24 @@ pub struct Journal {
     db: Database,
 }
 
+/// A migration whose outcome is unknown (Commit may have reached the destination, or the
+/// controller lost track after the point of no return): the job keeps both nodes until it is
+/// known where the task runs. Journaled, so that a restarted controller resolves it too (the
+/// expansion to undo, `nodes_before`, lives nowhere else).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Unresolved {
+    pub migration: String,
+    pub container: String,
+    pub job_id: Option<u32>,
+    pub source: String,
+    pub destination: String,
+    /// The job's nodes before it was expanded onto the destination for this migration (absent:
+    /// it already held the destination, or it is no Slurm task).
+    pub nodes_before: Option<Vec<String>>,
+    /// When the outcome was found unknown.
+    pub since: rebalancer_proto::Millis,
+}
+
 impl Journal {
     /// Opens (or creates) the journal file and its tables.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
@@ -55,6 +76,7 @@ impl Journal {
             store!(tx.open_table(MIGRATIONS))?;
             store!(tx.open_table(POLICY_STATES))?;
             store!(tx.open_table(META))?;
+            store!(tx.open_table(UNRESOLVED))?;
         }
         store!(tx.commit())?;
         Ok(Journal { db })
@@ -123,6 +145,40 @@ impl Journal {
             Some(v) => Ok(Some(decode(id, v.value())?)),
             None => Ok(None),
         }
+    }
+
+    pub fn put_unresolved(&self, u: &Unresolved) -> Result<(), JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(UNRESOLVED))?;
+            let bytes = serde_json::to_vec(u).map_err(JournalError::Encode)?;
+            store!(t.insert(u.migration.as_str(), bytes.as_slice()))?;
+        }
+        store!(tx.commit())?;
+        Ok(())
+    }
+
+    pub fn remove_unresolved(&self, migration: &str) -> Result<(), JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(UNRESOLVED))?;
+            store!(t.remove(migration))?;
+        }
+        store!(tx.commit())?;
+        Ok(())
+    }
+
+    /// Migrations whose outcome is still unknown, oldest first.
+    pub fn unresolved(&self) -> Result<Vec<Unresolved>, JournalError> {
+        let tx = store!(self.db.begin_read())?;
+        let t = store!(tx.open_table(UNRESOLVED))?;
+        let mut out: Vec<Unresolved> = Vec::new();
+        for item in store!(t.iter())? {
+            let (k, v) = store!(item)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        out.sort_by_key(|u| u.since);
+        Ok(out)
     }
 
     /// Every journaled migration, oldest first.
@@ -282,6 +338,33 @@ pub(crate) mod tests {
             detail: None,
             migration: Some("m1".into()),
         }
+    }
+
+    #[test]
+    fn unknown_outcomes_are_kept_across_a_restart_until_resolved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal.redb");
+        let u = |id: &str, since| Unresolved {
+            migration: id.into(),
+            container: "j5.s0.t0".into(),
+            job_id: Some(5),
+            source: "node1".into(),
+            destination: "node2".into(),
+            nodes_before: Some(vec!["node1".into()]),
+            since,
+        };
+        {
+            let j = Journal::open(&path).expect("open");
+            j.put_unresolved(&u("m2", 20)).expect("put");
+            j.put_unresolved(&u("m1", 10)).expect("put");
+        }
+        let j = Journal::open(&path).expect("reopen");
+        let all = j.unresolved().expect("list");
+        assert_eq!(all, vec![u("m1", 10), u("m2", 20)]);
+        j.remove_unresolved("m1").expect("remove");
+        j.remove_unresolved("absent")
+            .expect("removing nothing is fine");
+        assert_eq!(j.unresolved().expect("list"), vec![u("m2", 20)]);
     }
 
     #[test]

@@ -38,6 +38,27 @@ impl Controller {
             let this = self.clone();
             tokio::spawn(async move { this.follow(entry, decision, None).await });
         }
+        // Unknown outcomes: the job keeps both nodes, the container its slot, until resolved.
+        match self.journal.unresolved() {
+            Ok(all) => {
+                for u in all {
+                    info!(migration = %u.migration, container = %u.container, "resolving an unknown migration outcome from before the last stop");
+                    if let Ok(Some(entry)) = self.journal.migration(&u.migration) {
+                        let decision = recovered_decision(&entry);
+                        write(&self.state).in_flight.adopt(InFlight {
+                            decision,
+                            entry: Some(entry.clone()),
+                            cpus: 1,
+                            rss_mb: entry.record.stats.rss_bytes >> 20,
+                            started: entry.record.started_at,
+                        });
+                    }
+                    let this = self.clone();
+                    tokio::spawn(async move { this.resolve_later(u).await });
+                }
+            }
+            Err(e) => error!("cannot read the journal's unknown outcomes: {e}"),
+        }
         // Successful migrations whose allocation update was interrupted.
         if let Ok(all) = self.journal.migrations() {
             for mut e in all.into_iter().filter(|e| {

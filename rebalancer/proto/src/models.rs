@@ -369,6 +369,10 @@ pub enum MigrationState {
     RolledBack,
     /// Failed after the point of no return (post-copy only).
     Failed,
+    /// Commit may have reached the destination and neither side could learn whether it did:
+    /// the source keeps its copy frozen (never resumed by a timer) and the job's allocation
+    /// stays on both nodes until the outcome is resolved by asking the destination again.
+    Unknown,
 }
 
 impl MigrationState {
@@ -380,13 +384,18 @@ impl MigrationState {
             MigrationState::Succeeded => "succeeded",
             MigrationState::RolledBack => "rolled-back",
             MigrationState::Failed => "failed",
+            MigrationState::Unknown => "unknown",
         }
     }
 
+    /// The migration's run has ended (an `Unknown` end still awaits its resolution).
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            MigrationState::Succeeded | MigrationState::RolledBack | MigrationState::Failed
+            MigrationState::Succeeded
+                | MigrationState::RolledBack
+                | MigrationState::Failed
+                | MigrationState::Unknown
         )
     }
 }

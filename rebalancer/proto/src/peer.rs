@@ -26,6 +26,9 @@ use crate::models::{
 /// that it is valid inside that session only.
 pub const PEER_VERSIONS: VersionRange = VersionRange::new(1, 3);
 
+/// A migration's fencing token, carried in Prepare, Commit and Outcome.
+pub type Epoch = u64;
+
 /// Upper bound of one peer frame, checked before anything is allocated. Image chunks are
 /// [`CHUNK`] bytes; a Prepare with a large environment stays far below it.
 pub const PEER_MAX_FRAME: u32 = 4 << 20;
@@ -95,6 +98,15 @@ pub enum PeerRequest {
         /// source does not encrypt.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tls_cert: Option<String>,
+        /// The migration's fencing token (nonzero): the destination accepts Commit only for the
+        /// epoch it prepared, and never once it answered `outcome` "not committed" or undid
+        /// the arrival. Absent from sources of the previous release.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<Epoch>,
+        /// The source's whole-migration limit in milliseconds; the destination bounds its waits
+        /// for the source by it. Absent: the destination's own `migration_timeout_ms`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
     },
     /// Announces the non-memory image files; their bytes follow in data frames with this
     /// request's id.
@@ -111,7 +123,14 @@ pub enum PeerRequest {
         round: u32,
         last: bool,
     },
-    Commit,
+    /// The source's point of no return. `migration`/`epoch` (absent from sources of the
+    /// previous release) must name the prepared arrival; a fenced epoch is refused.
+    Commit {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        migration: Option<MigrationId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<Epoch>,
+    },
     /// Destination → source, after commit: the migrated task ended (`node` is where).
     TaskEnded {
         container: String,
@@ -121,11 +140,16 @@ pub enum PeerRequest {
     Abort {
         reason: String,
     },
-    /// Source → destination, from a restarted source agent whose journal shows that Commit may
-    /// have been sent: did this node commit `migration`? Sent on a connection of its own.
+    /// Source → destination, from a source whose Commit went unanswered (or a restarted source
+    /// agent whose journal shows that Commit may have been sent): did this node commit
+    /// `migration`? Sent on a connection of its own. With `epoch` (this release's sources) the
+    /// question fences: an arrival not committed yet is refused Commit from then on, for good,
+    /// so that "not committed" stays true; without it an arrival in progress is `busy`.
     Outcome {
         migration: MigrationId,
         container: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<Epoch>,
     },
 }
 
@@ -139,7 +163,7 @@ impl PeerRequest {
             PeerRequest::Images { .. } => "images",
             PeerRequest::Restore { .. } => "restore",
             PeerRequest::PrecopyRound { .. } => "precopy-round",
-            PeerRequest::Commit => "commit",
+            PeerRequest::Commit { .. } => "commit",
             PeerRequest::TaskEnded { .. } => "task-ended",
             PeerRequest::Abort { .. } => "abort",
             PeerRequest::Outcome { .. } => "outcome",
@@ -211,7 +235,10 @@ mod tests {
                 round: 1,
                 last: false,
             },
-            PeerRequest::Commit,
+            PeerRequest::Commit {
+                migration: None,
+                epoch: None,
+            },
             PeerRequest::TaskEnded {
                 container: "c".into(),
                 wait_status: 0,
@@ -221,6 +248,7 @@ mod tests {
             PeerRequest::Outcome {
                 migration: "m".into(),
                 container: "c".into(),
+                epoch: Some(7),
             },
         ];
         for r in reqs {

@@ -171,3 +171,46 @@ fn a_reply_of_an_unknown_kind_is_refused() {
     let ok: PeerResponse = serde_json::from_str(r#"{"ok":{"kind":"ack"}}"#).expect("ack");
     assert_eq!(ok, PeerResponse::Ok(PeerReply::Ack));
 }
+
+#[test]
+fn the_fencing_fields_decode_where_this_release_sends_them() {
+    let all = fixtures("peer");
+    let get = |n: &str| -> PeerRequest {
+        let (_, b) = all
+            .iter()
+            .find(|(name, _)| name == n)
+            .unwrap_or_else(|| panic!("fixture {n}"));
+        serde_json::from_slice(b).expect("decode")
+    };
+    const EPOCH: u64 = 1_765_110_000_123_456_789;
+    assert!(matches!(
+        get("request-prepare-fenced.json"),
+        PeerRequest::Prepare {
+            epoch: Some(EPOCH),
+            timeout_ms: Some(600_000),
+            ..
+        }
+    ));
+    assert!(matches!(
+        get("request-commit-fenced.json"),
+        PeerRequest::Commit {
+            migration: Some(_),
+            epoch: Some(EPOCH)
+        }
+    ));
+    assert!(matches!(
+        get("request-outcome-fenced.json"),
+        PeerRequest::Outcome {
+            epoch: Some(EPOCH),
+            ..
+        }
+    ));
+    // The previous release's commit carries neither.
+    assert_eq!(
+        get("request-commit.json"),
+        PeerRequest::Commit {
+            migration: None,
+            epoch: None
+        }
+    );
+}

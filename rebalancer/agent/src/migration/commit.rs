@@ -41,12 +41,23 @@ pub(super) struct Incoming<H: Host> {
     pub(super) cgroup: Option<crate::cgroup::Cgroup>,
     /// CRIU's TLS options for this migration's page transfers (empty: plain TCP).
     pub(super) tls: Vec<String>,
+    /// The fencing token the source prepared with (`None`: a source of the previous release).
+    pub(super) epoch: Option<u64>,
 }
 
 impl<H: Host> Incoming<H> {
     /// Kills what was restored and removes everything this migration created here.
     pub(super) async fn undo(&mut self, host: &H, agent: &Agent, why: &str) {
         tracing::warn!(migration = %self.migration, container = %self.meta.spec.id, reason = why, "incoming migration aborted");
+        // First, before anything is gone: a late Commit for this migration is refused for good.
+        if let Some(store) = agent.store.get() {
+            let epoch = self
+                .epoch
+                .unwrap_or_else(|| super::policy::epoch_of(&self.migration));
+            if let Err(e) = store.fence(&self.migration, epoch) {
+                tracing::error!(migration = %self.migration, error = %crate::adopt::chain(&e), "cannot journal the fence of an undone arrival");
+            }
+        }
         agent.restore_steps().remove(&self.migration);
         if let Some(mut c) = self.step_child.take() {
             c.start_kill();
@@ -76,18 +87,57 @@ impl<H: Host> Incoming<H> {
 }
 
 /// The destination's commit: resumes the restored tree, takes the address over and makes the
-/// container this node's.
+/// container this node's. `migration`/`epoch`: what the Commit names (absent from sources of
+/// the previous release); a Commit for another migration or epoch, or for a fenced one, is
+/// refused and the arrival undone by the caller.
 pub(super) async fn commit_here<H: Host>(
     host: &Arc<H>,
-    agent: &Agent,
+    agent: &Arc<Agent>,
     inc: &mut Incoming<H>,
+    migration: Option<&str>,
+    epoch: Option<u64>,
 ) -> Result<PeerReply, AgentError> {
     let pid = inc
         .restored_pid
         .ok_or_else(|| AgentError::BadRequest("commit before restore".into()))?;
+    if let Some(m) = migration.filter(|m| *m != inc.migration) {
+        return Err(AgentError::BadRequest(format!(
+            "commit names migration {m}, this connection prepared {}",
+            inc.migration
+        )));
+    }
+    if let (Some(live), Some(got)) = (inc.epoch, epoch) {
+        if live != got {
+            return Err(fence_refusal(crate::store::StoreError::WrongEpoch {
+                migration: inc.migration.clone(),
+                live,
+                got,
+            }));
+        }
+    }
+    // Before the tree can run, and atomic with the `outcome` question's fence: either this
+    // commit mark or the fence exists, never both (a restarted or unanswered source asks).
+    match agent.store.get() {
+        Some(store) => {
+            let epoch = inc
+                .epoch
+                .unwrap_or_else(|| super::policy::epoch_of(&inc.migration));
+            match store.commit_gate(&inc.migration, epoch, &inc.meta.spec.id, &inc.net.name) {
+                Ok(()) => {}
+                Err(e @ crate::store::StoreError::Fenced { .. }) => return Err(fence_refusal(e)),
+                // The mark cannot be written: committing anyway would leave a restarted source
+                // unable to learn it; refuse, the source then asks and finds it not committed.
+                Err(e) => {
+                    return Err(AgentError::Internal(format!(
+                        "cannot journal the commit: {}",
+                        crate::adopt::chain(&e)
+                    )))
+                }
+            }
+        }
+        None => agent.mark_committed(&inc.migration, &inc.meta.spec.id, &inc.net.name),
+    }
     inc.committed = true;
-    // Before the tree can run: a restarted source asks whether we committed (adopt.rs).
-    agent.mark_committed(&inc.migration, &inc.meta.spec.id, &inc.net.name);
     // Resume first, then take the address over.
     host.signal_tree(pid, Signal::SIGCONT);
     let resumed_at = now_millis();
@@ -131,33 +181,85 @@ pub(super) async fn commit_here<H: Host>(
         .remove(&(inc.meta.spec.id.clone(), inc.meta.address));
     let images = inc.mig_dir.clone();
     let daemon = inc.lazy_daemon.take();
-    let mig = inc.migration.clone();
-    let host = host.clone();
-    // The images go once the lazy daemon is done (it reads them); a daemon whose
-    // container ended has nothing left to serve and is stopped.
+    let (mig, id) = (inc.migration.clone(), inc.meta.spec.id.clone());
+    let (host, agent) = (host.clone(), agent.clone());
+    // The images go once the lazy daemon is done (it reads them); a daemon whose container
+    // ended has nothing left to serve and is stopped; a daemon that ends in error leaves the
+    // container unable to get its missing pages, so it is killed (post-copy safety).
     tokio::spawn(async move {
-        if let Some(mut d) = daemon {
-            loop {
-                tokio::select! {
-                    st = d.wait() => {
-                        tracing::info!(migration = %mig, status = ?st, "lazy-pages daemon finished");
-                        break;
-                    }
-                    _ = host.sleep(Duration::from_millis(500)) => {
-                        if !host.alive(pid) {
-                            tracing::warn!(migration = %mig, "container ended before all pages arrived; stopping lazy-pages");
-                            d.start_kill();
-                            let _ = d.wait().await;
-                            break;
-                        }
-                    }
-                }
-            }
+        if let Some(d) = daemon {
+            watch_lazy_daemon(&*host, &agent, &mig, &id, pid, d, &images).await;
         }
         let _ = std::fs::remove_dir_all(images);
     });
     tracing::info!(migration = %inc.migration, container = %inc.meta.spec.id, pid, "migration committed: container runs here");
     Ok(PeerReply::Committed { resumed_at })
+}
+
+/// How a post-copy arrival's page supply ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LazyEnd {
+    /// Every page arrived (the daemon exited 0).
+    Complete,
+    /// The container ended first; the daemon was stopped.
+    ContainerEnded,
+    /// The daemon ended in error (its page source vanished: the source died, the network cut,
+    /// the daemon was killed) while the container ran: the container was killed, because a
+    /// page it has not received yet could never arrive.
+    Lost(String),
+}
+
+/// Follows the lazy-pages daemon of a committed post-copy arrival until it ends; see
+/// [`LazyEnd`]. `images`: where its log is.
+pub(super) async fn watch_lazy_daemon<H: Host>(
+    host: &H,
+    agent: &Agent,
+    migration: &str,
+    container: &str,
+    pid: i32,
+    mut d: H::Helper,
+    images: &std::path::Path,
+) -> LazyEnd {
+    loop {
+        tokio::select! {
+            st = d.wait() => {
+                let totals = std::fs::read_to_string(images.join("img").join("lazy-pages.log"))
+                    .ok()
+                    .and_then(|l| crate::criu::lazy_transfer_totals(&l));
+                if matches!(&st, Ok(s) if s.success()) {
+                    tracing::info!(migration = %migration, container = %container, pages = ?totals, "lazy-pages daemon finished: every page arrived");
+                    return LazyEnd::Complete;
+                }
+                if !host.alive(pid) {
+                    return LazyEnd::ContainerEnded;
+                }
+                let why = format!(
+                    "the lazy-pages daemon {} before every page arrived (copied/total: {}); \
+                     the container was killed, since its missing pages can no longer be served",
+                    crate::criu::exit_text(&st),
+                    totals.map_or("unknown".into(), |(c, t)| format!("{c}/{t}"))
+                );
+                tracing::error!(migration = %migration, container = %container, pid, reason = %why, "post-copy page source lost: killing the container");
+                host.signal_tree(pid, Signal::SIGKILL);
+                host.kill(pid);
+                agent.persist();
+                return LazyEnd::Lost(why);
+            }
+            _ = host.sleep(Duration::from_millis(500)) => {
+                if !host.alive(pid) {
+                    tracing::warn!(migration = %migration, container = %container, "container ended before all pages arrived; stopping lazy-pages");
+                    d.start_kill();
+                    let _ = d.wait().await;
+                    return LazyEnd::ContainerEnded;
+                }
+            }
+        }
+    }
+}
+
+fn fence_refusal(e: crate::store::StoreError) -> AgentError {
+    tracing::warn!(error = %e, "late or foreign commit refused");
+    AgentError::BadRequest(e.to_string())
 }
 
 /// Resumes the frozen source tree after a failure before Commit.
@@ -178,6 +280,11 @@ pub(super) async fn resume_source<H: Host>(
     let n = host.release_tcp_repair(pid);
     tracing::info!(migration = %migration, sockets = n, "TCP repair mode turned off");
     host.signal_tree(pid, Signal::SIGCONT);
+    // Withdrawn at network-switch when Commit was sent and found not committed; harmless when
+    // the route is still there.
+    if let Err(e) = host.add_route(net).await {
+        tracing::error!(migration = %migration, error = %e.chain(), "cannot restore the container's route");
+    }
     if let Some(c) = agent.containers().get_mut(container) {
         c.state = ContainerState::Running;
     }

@@ -79,7 +79,7 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
     peer: Option<std::net::SocketAddr>,
     incoming: &mut Option<Incoming<H>>,
 ) -> Result<(), AgentError> {
-    let timeout = Duration::from_millis(agent.cfg.migration_timeout_ms);
+    let mut timeout = Duration::from_millis(agent.cfg.migration_timeout_ms);
     // AWAIT_HELLO: nothing but a hello with a valid credential gets further (crate::peer::server).
     let hello_timeout = timeout.min(agent.cfg.peer_idle_timeout);
     let accepted = match crate::peer::server::accept(&agent.cfg, stream, hello_timeout).await {
@@ -108,6 +108,16 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
                 continue;
             }
         };
+        if let PeerRequest::Prepare {
+            timeout_ms: Some(t),
+            ..
+        } = &req
+        {
+            // The source's limit travels in Prepare: a dump or pre-copy round longer than this
+            // node's own limit is not cut here while the source still waits for it.
+            timeout = peer_wait(timeout, *t);
+            s.set_idle_timeout(Some(timeout));
+        }
         let result = handle(
             host,
             agent,
@@ -141,6 +151,15 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
 }
 
+/// Longest wait for the source's next frame once it announced its own limit of `source_ms`:
+/// the longer of the two, at most [`MAX_PEER_WAIT`]. Pure.
+pub fn peer_wait(own: Duration, source_ms: u64) -> Duration {
+    own.max(Duration::from_millis(source_ms)).min(MAX_PEER_WAIT)
+}
+
+/// Bound of [`peer_wait`]: a source cannot make this node wait longer for it.
+pub const MAX_PEER_WAIT: Duration = Duration::from_secs(6 * 3600);
+
 async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
     host: &Arc<H>,
     agent: &Arc<Agent>,
@@ -168,6 +187,8 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
             source_addr,
             rss_bytes,
             tls_cert,
+            epoch,
+            timeout_ms: _,
         } => {
             if incoming.is_some() {
                 return Err(AgentError::BadRequest("prepare sent twice".into()));
@@ -239,6 +260,7 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
                 source: source_addr.map(|a| (source_node.to_string(), a)),
                 cgroup: None,
                 tls: Vec::new(),
+                epoch,
             };
 
             let r = async {
@@ -339,11 +361,11 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
                 .ok_or_else(|| AgentError::BadRequest("restore before prepare".into()))?;
             restore(host, agent, inc, lazy_pages).await
         }
-        PeerRequest::Commit => {
+        PeerRequest::Commit { migration, epoch } => {
             let inc = incoming
                 .as_mut()
                 .ok_or_else(|| AgentError::BadRequest("commit before prepare".into()))?;
-            super::commit::commit_here(host, agent, inc).await
+            super::commit::commit_here(host, agent, inc, migration.as_deref(), epoch).await
         }
         PeerRequest::PrecopyRound { round, last } => {
             let inc = incoming
@@ -420,7 +442,8 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
         PeerRequest::Outcome {
             migration,
             container,
-        } => crate::adopt::outcome(agent, &migration, &container),
+            epoch,
+        } => crate::adopt::outcome(agent, &migration, &container, epoch),
     }
 }
 
@@ -516,4 +539,17 @@ async fn restore<H: Host>(
         restore_ms: host.now().duration_since(started).as_millis() as u64,
         pages_restored: stats.pages_restored,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sources_limit_lengthens_the_wait_for_it_within_a_bound() {
+        let own = Duration::from_secs(60);
+        assert_eq!(peer_wait(own, 600_000), Duration::from_secs(600));
+        assert_eq!(peer_wait(own, 1_000), own);
+        assert_eq!(peer_wait(own, u64::MAX), MAX_PEER_WAIT);
+    }
 }

@@ -342,8 +342,7 @@ impl Criu for System {
             "dump",
             &dir,
             "dump.log",
-            None,
-            &[],
+            criu::SpawnOpts::default(),
         )
         .await
         .map(CriuProcess::from)
@@ -412,8 +411,11 @@ impl Criu for System {
                 "page-server",
                 &dir,
                 "page-server.log",
-                Some(criu::READY_WITHIN),
-                &[fd],
+                criu::SpawnOpts {
+                    ready_within: Some(criu::READY_WITHIN),
+                    keep_fds: &[fd],
+                    detach: false,
+                },
             )
             .await;
             // criu has its own copy of the socket now.
@@ -441,8 +443,11 @@ impl Criu for System {
             "lazy-pages",
             dir,
             "lazy-pages.log",
-            Some(criu::READY_WITHIN),
-            &[],
+            criu::SpawnOpts {
+                ready_within: Some(criu::READY_WITHIN),
+                keep_fds: &[],
+                detach: true,
+            },
         )
         .await
         .map(CriuProcess::from)

@@ -4,8 +4,6 @@ use rebalancer_proto::{DowntimeModel, MigrationMode};
 
 use crate::error::AgentError;
 
-/// Whether this node can take a container of `rss` bytes: stop-and-copy and pre-copy hold the
-/// pages twice for a while (tmpfs images and the restored copy), post-copy once; plus 256 MiB
 /// A migration id from a peer, before it names a directory: 1 to 64 ASCII letters, digits and
 /// dashes (the source makes UUIDs). Pure.
 pub fn check_migration_id(id: &str) -> Result<(), AgentError> {
@@ -19,6 +17,19 @@ pub fn check_migration_id(id: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// A migration's fencing token, derived from its id (so that a restarted source, whose
+/// journal holds the id, names the same epoch): FNV-1a of the id, never 0. Pure.
+pub fn epoch_of(migration: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in migration.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
+}
+
+/// Whether this node can take a container of `rss` bytes: stop-and-copy and pre-copy hold the
+/// pages twice for a while (tmpfs images and the restored copy), post-copy once; plus 256 MiB
 /// of headroom. Pure.
 pub fn room_check(
     mode: MigrationMode,

@@ -41,7 +41,8 @@ pub enum Proc {
 pub enum Fault {
     /// The host action of that name fails (`create-net`, `page-server`, `pre-dump`, `dump`,
     /// `dump-lazy`, `lazy-pages`, `restore`, `cgroup`, `net-inode`, `connect`, `start-step`,
-    /// `restore-step`; `lazy-serve`: the post-copy dump exits with an error once serving).
+    /// `restore-step`; `lazy-serve`: the post-copy dump exits with an error once serving;
+    /// `lazy-lost`: the destination's lazy-pages daemon exits with an error after commit).
     Action(&'static str),
     /// The source's peer connection breaks before it sends this request (`prepare`, `images`,
     /// `restore`, `commit`, `precopy-round`, `capabilities`).
@@ -50,6 +51,15 @@ pub enum Fault {
     LinkAfter(&'static str),
     /// The host action of that name never returns (a stuck CRIU); only `pre-dump` and `dump`.
     Hang(&'static str),
+    /// The request is delivered and handled, then its answer never comes (the source's call
+    /// waits until its own timer ends it).
+    LinkStall(&'static str),
+    /// The request is held back (the call waits until the source's timer ends it) and
+    /// delivered late, just before the link's next request.
+    LinkLate(&'static str),
+    /// Like `LinkAfter`, and from then on this node is partitioned from its peers
+    /// ([`SimHost::partition`]).
+    PartitionAfter(&'static str),
 }
 
 /// The simulated node's state, for assertions.
@@ -68,12 +78,17 @@ pub struct SimState {
     pub log: Vec<String>,
     /// Page-moving CRIU actions and whether each ran with TLS options.
     pub tls: Vec<(&'static str, bool)>,
+    /// A peer call of this node waits for a timer (a stalled or held-back request).
+    pub stalled: bool,
     next_id: u32,
 }
 
 struct Inner {
     state: Mutex<SimState>,
-    fault: Mutex<Option<Fault>>,
+    /// Armed faults, each striking once (the first that matches).
+    faults: Mutex<Vec<Fault>>,
+    /// While set, this node reaches no peer: connects fail, a link breaks at its next call.
+    partitioned: std::sync::atomic::AtomicBool,
     start: Instant,
     /// Simulated time since `start`; moves only by [`SimHost::advance`].
     clock: tokio::sync::watch::Sender<Duration>,
@@ -97,7 +112,8 @@ impl SimHost {
                 next_id: 1000,
                 ..Default::default()
             }),
-            fault: Mutex::new(None),
+            faults: Mutex::new(Vec::new()),
+            partitioned: std::sync::atomic::AtomicBool::new(false),
             start: Instant::now(),
             clock: tokio::sync::watch::channel(Duration::ZERO).0,
             peer: Mutex::new(None),
@@ -111,9 +127,30 @@ impl SimHost {
         self.0.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes the next matching action fail (once).
+    /// Makes the next matching action fail (once); several faults may be armed.
     pub fn inject(&self, f: Fault) {
-        *self.0.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+        self.0
+            .faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(f);
+    }
+
+    /// Cuts (`true`) or heals this node's links to its peers.
+    pub fn partition(&self, cut: bool) {
+        self.0
+            .partitioned
+            .store(cut, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a peer call of this node waits for its timer, or the node is partitioned: a
+    /// test moves the clock on only then, so that nothing else times out.
+    pub fn waiting_for_a_timer(&self) -> bool {
+        self.is_partitioned() || self.state().stalled
+    }
+
+    fn is_partitioned(&self) -> bool {
+        self.0.partitioned.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Connections opened from this node reach `agent`'s peer server on `host`.
@@ -170,12 +207,14 @@ impl SimHost {
     }
 
     fn take_fault(&self, matches: impl Fn(&Fault) -> bool) -> bool {
-        let mut f = self.0.fault.lock().unwrap_or_else(|p| p.into_inner());
-        if f.as_ref().is_some_and(matches) {
-            *f = None;
-            return true;
+        let mut f = self.0.faults.lock().unwrap_or_else(|p| p.into_inner());
+        match f.iter().position(matches) {
+            Some(i) => {
+                f.remove(i);
+                true
+            }
+            None => false,
         }
-        false
     }
 
     /// Logs `action` and fails it if a fault is armed for it.
@@ -299,7 +338,15 @@ impl Criu for SimHost {
     ) -> Result<SimHelper, AgentError> {
         self.state().tls.push(("lazy-pages", !tls.is_empty()));
         self.act("lazy-pages")?;
-        Ok(self.helper())
+        let mut h = self.helper();
+        if self.take_fault(|f| *f == Fault::Action("lazy-lost")) {
+            // The page source vanishes after the container resumed: the daemon exits 1.
+            self.state()
+                .log
+                .push("lazy-pages loses its page source".into());
+            h.status = 1 << 8;
+        }
+        Ok(h)
     }
 
     async fn restore(
@@ -549,20 +596,16 @@ pub struct SimLink {
     host: SimHost,
     /// Bytes sent before the connection broke (a count never goes back).
     sent: u64,
+    /// A request held back by [`Fault::LinkLate`], sent before the next one.
+    late: Option<PeerRequest>,
 }
 
-fn op_name(req: &PeerRequest) -> &'static str {
-    match req {
-        PeerRequest::Authenticate { .. } => "authenticate",
-        PeerRequest::Capabilities => "capabilities",
-        PeerRequest::Prepare { .. } => "prepare",
-        PeerRequest::Images { .. } => "images",
-        PeerRequest::Restore { .. } => "restore",
-        PeerRequest::PrecopyRound { .. } => "precopy-round",
-        PeerRequest::Commit => "commit",
-        PeerRequest::TaskEnded { .. } => "task-ended",
-        PeerRequest::Abort { .. } => "abort",
-        PeerRequest::Outcome { .. } => "outcome",
+/// Clears [`SimState::stalled`] when the stalled call is dropped.
+struct Unstall(SimHost);
+
+impl Drop for Unstall {
+    fn drop(&mut self) {
+        self.0.state().stalled = false;
     }
 }
 
@@ -572,7 +615,7 @@ impl SimLink {
     }
 
     fn before(&mut self, op: &'static str) -> Result<&mut PeerConn<DuplexStream>, AgentError> {
-        if self.host.take_fault(|f| *f == Fault::LinkBefore(op)) {
+        if self.host.take_fault(|f| *f == Fault::LinkBefore(op)) || self.host.is_partitioned() {
             // Hanging up: the destination sees EOF.
             self.sent = self.bytes_sent();
             self.conn = None;
@@ -590,13 +633,53 @@ impl SimLink {
             self.conn = None;
             return Err(Self::broken());
         }
+        if self.host.take_fault(|f| *f == Fault::PartitionAfter(op)) {
+            self.host
+                .state()
+                .log
+                .push(format!("partitioned after {op}"));
+            self.host.partition(true);
+            self.conn = None;
+            return Err(Self::broken());
+        }
+        if self.host.take_fault(|f| *f == Fault::LinkStall(op)) {
+            self.stall(op, "answer stalled").await;
+        }
         r
+    }
+
+    /// Waits until the caller's timer drops this call.
+    async fn stall(&mut self, op: &'static str, what: &str) {
+        {
+            let mut s = self.host.state();
+            s.log.push(format!("{op}: {what}"));
+            s.stalled = true;
+        }
+        let _unstall = Unstall(self.host.clone());
+        std::future::pending::<()>().await;
     }
 }
 
 impl PeerLink for SimLink {
     async fn call(&mut self, req: &PeerRequest) -> Result<PeerReply, AgentError> {
-        let op = op_name(req);
+        let op = req.op();
+        if let Some(late) = self.late.take() {
+            if let Some(c) = self.conn.as_mut() {
+                let r = c.call(&late).await;
+                self.host.state().log.push(format!(
+                    "{} delivered late: {}",
+                    late.op(),
+                    match &r {
+                        Ok(_) => "accepted".to_string(),
+                        Err(e) => format!("refused ({})", e.chain()),
+                    }
+                ));
+            }
+        }
+        if self.host.take_fault(|f| *f == Fault::LinkLate(op)) {
+            self.late = Some(req.clone());
+            self.stall(op, "held back").await;
+        }
         let r = self.before(op)?.call(req).await;
         self.after(op, r).await
     }
@@ -623,6 +706,12 @@ impl Connector for SimHost {
         self.act("connect").map_err(|_| {
             AgentError::Unreachable("simulated: no route to the destination".into())
         })?;
+        if self.is_partitioned() {
+            self.state().log.push("connect (partitioned)".into());
+            return Err(AgentError::Unreachable(
+                "simulated: partitioned from the destination".into(),
+            ));
+        }
         let (agent, host) = self
             .0
             .peer
@@ -647,6 +736,7 @@ impl Connector for SimHost {
             conn: Some(conn),
             host: self.clone(),
             sent: 0,
+            late: None,
         })
     }
 }

@@ -70,9 +70,13 @@ fn node_with(name: &str, tag: &str, extra: &str) -> Node {
         ],
         notes: vec![],
     };
+    let state_dir = cfg.state_dir.clone();
     let mut agent = Agent::new(cfg, caps);
     // No cgroups in the simulation.
     Arc::get_mut(&mut agent).expect("sole owner").cgroups = None;
+    // Commit marks and fences are journaled, as on a real node.
+    let store = crate::store::Store::open(&state_dir).expect("store");
+    let _ = agent.store.set(store);
     Node {
         agent,
         host: SimHost::new(),
@@ -339,34 +343,251 @@ async fn an_unreachable_destination_changes_nothing() {
     assert_rolled_back(&a, &b, "connect");
 }
 
+/// The invariant checked at every step: the container never runs on both nodes at once.
+fn assert_never_both(a: &Node, b: &Node, what: &str) {
+    let running = |n: &Node| n.host.live().iter().any(|(_, p)| *p == Proc::Running);
+    assert!(
+        !(running(a) && running(b)),
+        "{what}: two live copies\nsource: {:?}\ndestination: {:?}",
+        a.host.state().log,
+        b.host.state().log
+    );
+}
+
+/// Where the answer to Commit can be lost: (fault on the source's link, whether the destination
+/// received and applied Commit).
+fn lost_commit_answers() -> [(Fault, bool); 4] {
+    [
+        // Lost on the way (reset before sending): the destination never saw it.
+        (Fault::LinkBefore("commit"), false),
+        // Delivered and applied, then the connection broke (EOF/RST) before the answer.
+        (Fault::LinkAfter("commit"), true),
+        // Delivered and applied, the answer never came: the source's per-call timer ends it.
+        (Fault::LinkStall("commit"), true),
+        // Held in the network past the source's timer, delivered after its outcome question.
+        (Fault::LinkLate("commit"), false),
+    ]
+}
+
+/// Once Commit was sent the source never resumes by itself: it asks the destination, and
+/// resumes only on its "not committed" answer, which the destination keeps true for good (a
+/// late Commit is refused). Committed: the source copy is killed. Never two copies, never none.
 #[tokio::test]
-async fn once_commit_was_sent_the_source_never_resumes() {
+async fn a_lost_commit_answer_is_resolved_by_asking_the_destination_at_every_point() {
     for mode in MODES {
-        // Delivered and applied, answer lost: the destination runs it, the source copy is gone.
-        let (a, b) = pair("commit");
-        a.host.inject(Fault::LinkAfter("commit"));
-        let rec = migrate(&a, &b, mode).await.expect("preflight");
-        assert_eq!(rec.state, MigrationState::Failed, "{mode}");
+        for (fault, applied) in lost_commit_answers() {
+            let (a, b) = pair("commit");
+            let what = format!("{mode}, {fault:?}");
+            a.host.inject(fault.clone());
+            let rec = migrate_then(&a, &b, mode, |b| {
+                assert_never_both(&a, b, &what);
+                if a.host.waiting_for_a_timer() {
+                    a.host.advance(Duration::from_secs(1));
+                }
+            })
+            .await
+            .expect("preflight");
+            let log = format!(
+                "{what}\nsource: {:?}\ndestination: {:?}",
+                a.host.state().log,
+                b.host.state().log
+            );
+            let marks = b.agent.store.get().expect("store").commit_marks();
+            if applied {
+                assert_eq!(
+                    rec.state,
+                    MigrationState::Succeeded,
+                    "{log}: {:?}",
+                    rec.error
+                );
+                assert!(
+                    rec.error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("confirmed it committed")),
+                    "{log}: {:?}",
+                    rec.error
+                );
+                assert_eq!(a.host.live(), [], "{log}: source copy not killed");
+                assert_eq!(source_state(&a), ContainerState::MigratedAway, "{log}");
+                let live = b.host.live();
+                assert_eq!(live.len(), 1, "{log}");
+                assert_eq!(live[0].1, Proc::Running, "{log}");
+                assert_eq!(marks.len(), 1, "{log}");
+            } else {
+                assert_eq!(
+                    rec.state,
+                    MigrationState::RolledBack,
+                    "{log}: {:?}",
+                    rec.error
+                );
+                assert!(
+                    rec.error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("did not commit")),
+                    "{log}: {:?}",
+                    rec.error
+                );
+                // Resumed, unlocked and routed again (the route went at network-switch).
+                assert_rolled_back(&a, &b, &log);
+                assert!(marks.is_empty(), "{log}");
+                assert!(
+                    b.agent.store.get().expect("store").is_fenced(&rec.id),
+                    "{log}: not fenced"
+                );
+            }
+            // The source's journal is resolved either way.
+            assert!(
+                a.agent
+                    .store
+                    .get()
+                    .expect("store")
+                    .load_migrations()
+                    .0
+                    .is_empty(),
+                "{log}"
+            );
+        }
+    }
+}
+
+/// A Commit that arrives after the destination answered "not committed" is refused, and the
+/// destination then undoes the arrival: it never runs the container the source resumed.
+#[tokio::test]
+async fn a_late_commit_after_a_not_committed_answer_is_refused() {
+    let (a, b) = pair("late");
+    a.host.inject(Fault::LinkLate("commit"));
+    let rec = migrate_then(&a, &b, MigrationMode::StopAndCopy, |_| {
+        if a.host.waiting_for_a_timer() {
+            a.host.advance(Duration::from_secs(1));
+        }
+    })
+    .await
+    .expect("preflight");
+    let log = format!(
+        "source: {:?}\ndestination: {:?}",
+        a.host.state().log,
+        b.host.state().log
+    );
+    assert_eq!(rec.state, MigrationState::RolledBack, "{log}");
+    let late = a
+        .host
+        .state()
+        .log
+        .iter()
+        .find(|l| l.starts_with("commit delivered late"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(late.contains("refused") && late.contains("fenced"), "{log}");
+    assert_rolled_back(&a, &b, &log);
+}
+
+/// The destination committed and then the network cut: the source cannot learn the outcome, so
+/// its copy stays frozen (never resumed by a timer) and the record says unknown; once the
+/// network heals, asking again resolves it: the frozen copy is killed.
+#[tokio::test]
+async fn an_unreachable_destination_after_commit_leaves_the_source_frozen_and_unknown() {
+    for mode in MODES {
+        let (a, b) = pair("unknown");
+        a.host.inject(Fault::PartitionAfter("commit"));
+        let rec = migrate_then(&a, &b, mode, |_| {
+            if a.host.waiting_for_a_timer() {
+                a.host.advance(Duration::from_secs(1));
+            }
+        })
+        .await
+        .expect("preflight");
+        let log = format!(
+            "{mode}\nsource: {:?}\ndestination: {:?}",
+            a.host.state().log,
+            b.host.state().log
+        );
+        assert_eq!(rec.state, MigrationState::Unknown, "{log}: {:?}", rec.error);
         assert!(
             rec.error
                 .as_deref()
-                .is_some_and(|e| e.contains("not confirmed")),
-            "{mode}: {:?}",
+                .is_some_and(|e| e.contains("outcome is unknown")),
+            "{log}: {:?}",
             rec.error
         );
-        assert_eq!(a.host.live(), [], "{mode}: source resumed after commit");
-        assert_eq!(b.host.live().len(), 1, "{mode}");
-        assert_eq!(b.host.live()[0].1, Proc::Running, "{mode}");
-
-        // Lost on the way: the source cannot know, so it still does not resume; the
-        // destination, which never saw it, undoes. No copy runs, never two.
-        let (a, b) = pair("commit-lost");
-        a.host.inject(Fault::LinkBefore("commit"));
-        let rec = migrate(&a, &b, mode).await.expect("preflight");
-        assert_eq!(rec.state, MigrationState::Failed, "{mode}");
-        assert_eq!(a.host.live(), [], "{mode}: source resumed after commit");
-        assert_clean(&b, &format!("{mode}: commit lost"));
+        // Frozen, not resumed; the destination runs it: one live copy.
+        assert_eq!(a.host.live(), [(PID, Proc::Stopped)], "{log}");
+        assert_eq!(source_state(&a), ContainerState::Migrating, "{log}");
+        assert_eq!(b.host.live().len(), 1, "{log}");
+        assert_eq!(b.host.live()[0].1, Proc::Running, "{log}");
+        // Journaled, so that a restarted agent resolves it too.
+        let journal = a.agent.store.get().expect("store").load_migrations().0;
+        assert_eq!(journal.len(), 1, "{log}");
+        assert_eq!(journal[0].state, MigrationState::Unknown, "{log}");
+        // Still cut: another attempt changes nothing.
+        let addr = "198.18.0.2:7878".parse().expect("addr");
+        let ask = super::source::resolve_unknown(&a.host, &a.agent, rec.clone(), addr);
+        tokio::pin!(ask);
+        let rec = loop {
+            tokio::select! {
+                r = &mut ask => break r,
+                _ = tokio::task::yield_now() => a.host.advance(Duration::from_secs(1)),
+            }
+        };
+        assert_eq!(rec.state, MigrationState::Unknown, "{log}");
+        assert_eq!(a.host.live(), [(PID, Proc::Stopped)], "{log}");
+        // Healed: the destination says it committed; the frozen copy is killed.
+        a.host.partition(false);
+        let rec = super::source::resolve_unknown(&a.host, &a.agent, rec, addr).await;
+        assert_eq!(
+            rec.state,
+            MigrationState::Succeeded,
+            "{log}: {:?}",
+            rec.error
+        );
+        assert_eq!(a.host.live(), [], "{log}");
+        assert_eq!(source_state(&a), ContainerState::MigratedAway, "{log}");
+        assert!(a
+            .agent
+            .store
+            .get()
+            .expect("store")
+            .load_migrations()
+            .0
+            .is_empty());
+        b.host.settle().await;
     }
+}
+
+/// The same cut before the destination committed (Commit lost, then partitioned): unknown
+/// while cut, and once healed the destination answers "not committed" and the source resumes.
+#[tokio::test]
+async fn an_unknown_outcome_resolved_as_not_committed_resumes_the_source() {
+    let (a, b) = pair("unknown-nc");
+    a.host.inject(Fault::LinkLate("commit"));
+    let rec = migrate_then(&a, &b, MigrationMode::PostCopy, |_| {
+        // The network cuts while Commit is held back in it.
+        if a.host.state().stalled {
+            a.host.partition(true);
+        }
+        if a.host.waiting_for_a_timer() {
+            a.host.advance(Duration::from_secs(1));
+        }
+    })
+    .await
+    .expect("preflight");
+    let log = format!(
+        "source: {:?}\ndestination: {:?}",
+        a.host.state().log,
+        b.host.state().log
+    );
+    assert_eq!(rec.state, MigrationState::Unknown, "{log}: {:?}", rec.error);
+    assert_eq!(a.host.live(), [(PID, Proc::Stopped)], "{log}");
+    let addr = "198.18.0.2:7878".parse().expect("addr");
+    a.host.partition(false);
+    let rec = super::source::resolve_unknown(&a.host, &a.agent, rec, addr).await;
+    b.host.settle().await;
+    assert_eq!(
+        rec.state,
+        MigrationState::RolledBack,
+        "{log}: {:?}",
+        rec.error
+    );
+    assert_rolled_back(&a, &b, &log);
 }
 
 #[tokio::test]
@@ -482,6 +703,43 @@ async fn post_copy_pages_lost_after_commit_fail_the_migration_without_a_second_c
     // The destination runs it (post-copy's failure model: its missing pages are lost).
     assert_eq!(a.host.live(), []);
     assert_eq!(b.host.live().len(), 1);
+}
+
+/// The destination's lazy-pages daemon loses its page source after the container resumed: the
+/// container is killed (it would read zeros where pages are missing), and nothing is left.
+#[tokio::test]
+async fn a_container_whose_lazy_pages_can_no_longer_be_served_is_killed() {
+    let (a, b) = pair("lazy-lost");
+    b.host.inject(Fault::Action("lazy-lost"));
+    let rec = migrate(&a, &b, MigrationMode::PostCopy)
+        .await
+        .expect("preflight");
+    assert_eq!(
+        rec.phases.last().map(|p| p.phase.clone()),
+        Some(rebalancer_proto::Phase::Cleanup)
+    );
+    // The watcher runs beside the connection: give it its turns.
+    for _ in 0..1000 {
+        if b.host.live().is_empty() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let log = format!(
+        "source: {:?}\ndestination: {:?}",
+        a.host.state().log,
+        b.host.state().log
+    );
+    assert!(
+        b.host.live().is_empty(),
+        "still running on lost pages: {log}"
+    );
+    assert!(a.host.live().is_empty(), "{log}");
+    assert!(b.host.state().helpers.is_empty(), "helpers left: {log}");
+    assert!(
+        b.host.state().log.iter().any(|l| l.starts_with("SIGKILL")),
+        "{log}"
+    );
 }
 
 const ON: &str = "encrypt_memory = true";

@@ -7,7 +7,9 @@
 //! resumes and announces the address. Any failure before Commit (destination error, timeout,
 //! lost connection, destination agent killed) rolls back: the destination undoes its side on
 //! EOF/Abort and the source deletes CRIU's nftables lock table and SIGCONTs its tree, so there
-//! are never two live copies. Post-copy: after Commit the destination runs while pages still
+//! are never two live copies. A lost answer to Commit is resolved by asking the destination
+//! (`outcome`, which fences an uncommitted migration there): committed → the copy here is
+//! killed, not committed → resumed, no answer → kept frozen and recorded `unknown`. Post-copy: after Commit the destination runs while pages still
 //! come from the source's `criu dump` page server; losing the source or the link then kills the
 //! container (the pages exist nowhere else) and the migration is recorded as `failed`.
 
@@ -38,6 +40,8 @@ pub struct Prepared<L = PeerConn> {
     pub pid: i32,
     pub net: ContainerNet,
     pub meta: ContainerMeta,
+    /// The destination agent's peer address (the outcome question opens a connection of its own).
+    pub addr: SocketAddr,
     pub deadline: Instant,
     /// Post-copy: port of the source's lazy page server.
     pub lazy_port: Option<u16>,
@@ -199,6 +203,8 @@ pub async fn preflight_with<H: Host>(
                         .to_string(),
                 ),
                 tls_cert: identity.as_ref().map(|i| i.cert_pem.clone()),
+                epoch: Some(super::policy::epoch_of(&rec.id)),
+                timeout_ms: Some(timeout.as_millis() as u64),
             })
             .await?
         {
@@ -232,6 +238,7 @@ pub async fn preflight_with<H: Host>(
             pid,
             net: net.clone(),
             meta: meta.clone(),
+            addr,
             deadline: host.now() + timeout,
             lazy_port: None,
         })
@@ -251,10 +258,97 @@ fn images_dir(agent: &Agent, rec: &MigrationRecord) -> std::path::PathBuf {
         .join(format!("{}-src", rec.id))
 }
 
-/// Runs a prepared migration to its end. Never leaves the container frozen.
+/// Runs a prepared migration to its end. Leaves the container frozen only when the outcome
+/// of a sent Commit is unknown; a background task then keeps asking the destination
+/// ([`resolve_until_known`]).
 pub async fn run(agent: Arc<Agent>, p: Prepared) -> MigrationRecord {
     let host = System::new(&agent.cfg);
-    run_with(&host, agent, p).await
+    let addr = p.addr;
+    let rec = run_with(&host, agent.clone(), p).await;
+    if rec.state == MigrationState::Unknown {
+        let rec = rec.clone();
+        tokio::spawn(async move { resolve_until_known(&host, &agent, rec, addr).await });
+    }
+    rec
+}
+
+/// Pause between two rounds of [`resolve_unknown`] in [`resolve_until_known`], doubling up to
+/// [`RESOLVE_MAX_PAUSE`].
+pub const RESOLVE_FIRST_PAUSE: Duration = Duration::from_secs(5);
+pub const RESOLVE_MAX_PAUSE: Duration = Duration::from_secs(60);
+
+/// Keeps resolving an unknown outcome until the destination answers (the agent's restart
+/// resolves it too, from the journal). Never resumes without the destination's answer.
+pub async fn resolve_until_known<H: Host>(
+    host: &H,
+    agent: &Arc<Agent>,
+    mut rec: MigrationRecord,
+    addr: SocketAddr,
+) -> MigrationRecord {
+    let mut pause = RESOLVE_FIRST_PAUSE;
+    while rec.state == MigrationState::Unknown {
+        host.sleep(pause).await;
+        rec = resolve_unknown(host, agent, rec, addr).await;
+        pause = (pause * 2).min(RESOLVE_MAX_PAUSE);
+    }
+    rec
+}
+
+/// One attempt to resolve a migration whose outcome is unknown: asks the destination (which
+/// fences it unless committed); committed: the frozen copy here is killed and the record says
+/// succeeded; not committed: the copy is resumed and the record says rolled back; no answer:
+/// nothing changes. Publishes the resolved record.
+pub async fn resolve_unknown<H: Host>(
+    host: &H,
+    agent: &Arc<Agent>,
+    mut rec: MigrationRecord,
+    addr: SocketAddr,
+) -> MigrationRecord {
+    let found = agent
+        .containers()
+        .get(&rec.container)
+        .filter(|c| c.state == ContainerState::Migrating)
+        .map(|c| (c.pid, c.net.clone(), c.meta.spec.rootfs.clone()));
+    let Some((pid, net, rootfs)) = found else {
+        tracing::warn!(migration = %rec.id, container = %rec.container, "unknown outcome: the container is no longer frozen here; nothing to resolve");
+        return rec;
+    };
+    let epoch = super::policy::epoch_of(&rec.id);
+    match ask_outcome(host, agent, addr, &rec, epoch).await {
+        Ok(true) => {
+            tracing::warn!(migration = %rec.id, container = %rec.container, "unknown outcome resolved: the destination committed; the frozen copy here is killed");
+            if let Some(c) = agent.containers().get_mut(&rec.container) {
+                c.state = ContainerState::MigratedAway;
+                c.migrated_to = Some(rec.destination.clone());
+            }
+            let host_rootfs = matches!(rootfs, rebalancer_proto::RootfsSpec::Host);
+            commit::release_source(host, agent, &rec.container, pid, &net, host_rootfs).await;
+            let why = format!(
+                "{}; resolved: {} committed",
+                rec.error.take().unwrap_or_default(),
+                rec.destination
+            );
+            finish(&mut rec, MigrationState::Succeeded, Some(why));
+            agent.publish(&rec);
+            agent.persist();
+        }
+        Ok(false) => {
+            tracing::warn!(migration = %rec.id, container = %rec.container, "unknown outcome resolved: the destination did not commit; resuming the container here");
+            commit::resume_source(host, agent, &rec.id, &rec.container, pid, &net).await;
+            let why = format!(
+                "{}; resolved: {} did not commit, the container runs here again",
+                rec.error.take().unwrap_or_default(),
+                rec.destination
+            );
+            finish(&mut rec, MigrationState::RolledBack, Some(why));
+            agent.publish(&rec);
+            agent.persist();
+        }
+        Err(e) => {
+            tracing::warn!(migration = %rec.id, container = %rec.container, error = %e.chain(), "unknown outcome still unresolved; the container stays frozen");
+        }
+    }
+    rec
 }
 
 /// [`run`] on `host`.
@@ -269,6 +363,8 @@ pub async fn run_with<H: Host>(
     let mut dump_child: Option<H::Helper> = None;
     let mut frozen_at: Option<Instant> = None;
     let left = p.deadline.saturating_duration_since(host.now());
+    // The whole-migration deadline ends the attempt up to the restored (stopped) tree only:
+    // once Commit may have been sent, no timer decides; the destination's answer does.
     let res = within(
         host,
         left,
@@ -284,8 +380,19 @@ pub async fn run_with<H: Host>(
     )
     .await
     .unwrap_or_else(|| Err(AgentError::Timeout("migration timed out".into())));
+    let res = match res {
+        Ok(()) => match commit_and_resolve(host, &agent, &mut p).await {
+            CommitEnd::Committed { at, resolved } => Ok((at, resolved)),
+            CommitEnd::NotCommitted(why) => Err(AgentError::Peer(why)),
+            CommitEnd::Unknown(why) => {
+                keep_frozen(host, &agent, &mut p, &base, mode, dump_child.take(), why).await;
+                return p.rec;
+            }
+        },
+        Err(e) => Err(e),
+    };
     match res {
-        Ok(committed_at) => {
+        Ok((committed_at, resolved)) => {
             let mut lazy_error: Option<String> = None;
             // The destination owns the container from the commit on (also for task-exited,
             // which the source's Slurm task sends as soon as its frozen copy is killed).
@@ -293,33 +400,14 @@ pub async fn run_with<H: Host>(
                 c.state = ContainerState::MigratedAway;
                 c.migrated_to = Some(p.rec.destination.clone());
             }
-            if let (Some(f), Some(c)) = (frozen_at, committed_at) {
-                p.rec.stats.downtime_ms = Some(c.duration_since(f).as_millis() as u64);
+            if let Some(f) = frozen_at {
+                p.rec.stats.downtime_ms = Some(committed_at.duration_since(f).as_millis() as u64);
             }
             if mode == MigrationMode::PostCopy {
                 enter(&mut p.rec, Phase::LazyPages);
                 agent.publish(&p.rec);
-                if let Some(mut d) = dump_child.take() {
-                    // Bounded: a stuck page transfer must not hold the source forever.
-                    let limit = Duration::from_millis(agent.cfg.migration_timeout_ms)
-                        + Duration::from_secs(p.rec.stats.rss_bytes / (16 << 20));
-                    match within(host, limit, d.wait()).await {
-                        Some(st) if matches!(&st, Ok(s) if s.success()) => {}
-                        Some(st) => {
-                            tracing::error!(migration = %p.rec.id, status = ?st, "lazy page server failed after resume");
-                            lazy_error = Some(format!(
-                                "lazy page server failed after resume: it {}",
-                                crate::criu::exit_text(&st)
-                            ));
-                        }
-                        None => {
-                            tracing::error!(migration = %p.rec.id, "lazy page transfer not finished in {limit:?}; stopping it");
-                            d.start_kill();
-                            let _ = d.wait().await;
-                            lazy_error =
-                                Some(format!("lazy page transfer not finished in {limit:?}"));
-                        }
-                    }
+                if let Some(d) = dump_child.take() {
+                    lazy_error = finish_lazy_dump(host, &agent, &p.rec, d).await;
                 }
                 let (pages, lazy) = host.lazy_totals(&dir);
                 p.rec.stats.pages_scanned = pages;
@@ -339,16 +427,10 @@ pub async fn run_with<H: Host>(
             if let Some(e) = lazy_error {
                 // Post-copy after resume: the destination may miss pages (post-copy's failure model).
                 finish(&mut p.rec, MigrationState::Failed, Some(e));
-            } else if committed_at.is_some() {
-                finish(&mut p.rec, MigrationState::Succeeded, None);
             } else {
-                // Commit was sent but its answer never came: the destination may or may not run
-                // the container; the source copy is gone either way (never two live copies).
-                let why = format!(
-                    "commit sent to {} but not confirmed: check the container there",
-                    p.rec.destination
-                );
-                finish(&mut p.rec, MigrationState::Failed, Some(why));
+                // `resolved`: the Commit answer was lost and the destination confirmed it
+                // committed when asked; said in the record, the move itself succeeded.
+                finish(&mut p.rec, MigrationState::Succeeded, resolved);
             }
             tracing::info!(migration = %p.rec.id, container = %p.rec.container, downtime_ms = ?p.rec.stats.downtime_ms, state = ?p.rec.state, "migration finished");
         }
@@ -459,7 +541,8 @@ async fn precopy_rounds<H: Host>(
     }
 }
 
-/// Dump, transfer, restore, commit. Returns when the destination committed.
+/// Dump, transfer, restore: returns once the destination holds the restored, stopped tree
+/// (Commit is [`commit_and_resolve`]'s).
 async fn attempt<H: Host>(
     host: &H,
     agent: &Arc<Agent>,
@@ -468,7 +551,7 @@ async fn attempt<H: Host>(
     mode: MigrationMode,
     dump_child: &mut Option<H::Helper>,
     frozen_at: &mut Option<Instant>,
-) -> Result<Option<Instant>, AgentError> {
+) -> Result<(), AgentError> {
     std::fs::create_dir_all(dir).map_err(|source| AgentError::Io {
         what: format!("mkdir {}", dir.display()),
         source,
@@ -578,22 +661,185 @@ async fn attempt<H: Host>(
             )))
         }
     }
-    enter(&mut p.rec, Phase::NetworkSwitch);
-    agent.publish(&p.rec);
-    // Point of no return: from here the source never resumes its copy.
-    host.withdraw_route(&p.net).await;
-    let r = p.conn.call(&PeerRequest::Commit).await;
     p.rec.stats.bytes_sent += p.conn.bytes_sent() - before;
-    match r {
-        Ok(PeerReply::Committed { .. }) => Ok(Some(host.now())),
-        Ok(other) => {
-            tracing::error!(migration = %p.rec.id, answer = ?other, "unexpected answer to commit; destination owns the container");
-            Ok(Some(host.now()))
+    Ok(())
+}
+
+/// How a sent Commit ended, as far as the source can know.
+#[derive(Debug)]
+enum CommitEnd {
+    /// The destination committed (`resolved`: learned by asking, the answer to Commit was lost).
+    Committed {
+        at: Instant,
+        resolved: Option<String>,
+    },
+    /// The destination confirmed it did not commit (and never will: it fenced the migration).
+    NotCommitted(String),
+    /// Neither answer could be had: the source copy stays frozen.
+    Unknown(String),
+}
+
+/// Per-call limit of the Commit request; past it the source asks for the outcome.
+pub const COMMIT_CALL: Duration = Duration::from_secs(10);
+/// Per-call limit of one outcome question (connect and answer).
+pub const OUTCOME_CALL: Duration = Duration::from_secs(5);
+/// Outcome questions before the end is reported unknown, with a doubling pause in between
+/// (0.5, 1, 2, 4 s: about 23 s at most with [`OUTCOME_CALL`]).
+pub const OUTCOME_ATTEMPTS: u32 = 5;
+
+/// The point of no return: withdraws the route, sends Commit and, when its answer is lost
+/// (timeout, reset, EOF, error), asks the destination for the outcome. Never resumes anything.
+async fn commit_and_resolve<H: Host>(
+    host: &H,
+    agent: &Arc<Agent>,
+    p: &mut Prepared<H::Link>,
+) -> CommitEnd {
+    enter(&mut p.rec, Phase::NetworkSwitch);
+    // Journaled synchronously before Commit can be sent (a restarted agent must know).
+    agent.publish(&p.rec);
+    host.withdraw_route(&p.net).await;
+    let epoch = super::policy::epoch_of(&p.rec.id);
+    let before = p.conn.bytes_sent();
+    let r = within(
+        host,
+        COMMIT_CALL,
+        p.conn.call(&PeerRequest::Commit {
+            migration: Some(p.rec.id.clone()),
+            epoch: Some(epoch),
+        }),
+    )
+    .await;
+    p.rec.stats.bytes_sent += p.conn.bytes_sent() - before;
+    let why = match r {
+        Some(Ok(PeerReply::Committed { .. })) => {
+            return CommitEnd::Committed {
+                at: host.now(),
+                resolved: None,
+            }
         }
-        Err(e) => {
-            // Unknown outcome after Commit: never resume (could make two copies).
-            tracing::error!(migration = %p.rec.id, error = %e.chain(), "commit unanswered; source copy is not resumed");
-            Ok(None)
+        Some(Ok(other)) => format!("unexpected answer to commit: {other:?}"),
+        Some(Err(e)) => e.chain(),
+        None => format!("no answer to commit within {} s", COMMIT_CALL.as_secs()),
+    };
+    tracing::error!(migration = %p.rec.id, destination = %p.rec.destination, error = %why, "commit unanswered; the source copy stays frozen while the destination is asked for the outcome");
+    match ask_outcome(host, agent, p.addr, &p.rec, epoch).await {
+        Ok(true) => {
+            tracing::warn!(migration = %p.rec.id, "the destination committed (its answer to commit was lost)");
+            CommitEnd::Committed {
+                at: host.now(),
+                resolved: Some(format!(
+                    "the answer to commit was lost ({why}); {} confirmed it committed",
+                    p.rec.destination
+                )),
+            }
+        }
+        Ok(false) => CommitEnd::NotCommitted(format!(
+            "commit unanswered ({why}); {} confirmed it did not commit and will refuse it",
+            p.rec.destination
+        )),
+        Err(e) => CommitEnd::Unknown(format!(
+            "commit sent to {} but its outcome is unknown: the answer was lost ({why}) and \
+             the outcome question failed {OUTCOME_ATTEMPTS} times ({}); the container stays \
+             frozen on {} until the outcome is resolved",
+            p.rec.destination,
+            e.chain(),
+            agent.cfg.node
+        )),
+    }
+}
+
+/// Asks `addr` whether it committed `rec` (fencing it if not), with [`OUTCOME_ATTEMPTS`]
+/// bounded attempts and a doubling pause on `host`'s clock. `Err`: the last failure.
+pub async fn ask_outcome<H: Host>(
+    host: &H,
+    agent: &Agent,
+    addr: SocketAddr,
+    rec: &MigrationRecord,
+    epoch: u64,
+) -> Result<bool, AgentError> {
+    let mut pause = Duration::from_millis(500);
+    let mut last = AgentError::Internal("no outcome question was asked".into());
+    for attempt in 1..=OUTCOME_ATTEMPTS {
+        let ask = async {
+            let mut link = host.connect(&agent.cfg, addr, OUTCOME_CALL).await?;
+            link.call(&PeerRequest::Outcome {
+                migration: rec.id.clone(),
+                container: rec.container.clone(),
+                epoch: Some(epoch),
+            })
+            .await
+        };
+        match within(host, OUTCOME_CALL, ask).await {
+            Some(Ok(PeerReply::Outcome { committed })) => return Ok(committed),
+            Some(Ok(other)) => {
+                last = AgentError::Peer(format!("unexpected answer to outcome: {other:?}"))
+            }
+            Some(Err(e)) => last = e,
+            None => {
+                last = AgentError::Timeout(format!(
+                    "no answer to outcome within {} s",
+                    OUTCOME_CALL.as_secs()
+                ))
+            }
+        }
+        tracing::warn!(migration = %rec.id, destination = %rec.destination, attempt, error = %last.chain(), "outcome question failed");
+        if attempt < OUTCOME_ATTEMPTS {
+            host.sleep(pause).await;
+            pause *= 2;
         }
     }
+    Err(last)
+}
+
+/// Waits for a post-copy lazy dump to serve its last page, bounded; the error if it failed.
+async fn finish_lazy_dump<H: Host>(
+    host: &H,
+    agent: &Agent,
+    rec: &MigrationRecord,
+    mut d: H::Helper,
+) -> Option<String> {
+    // Bounded: a stuck page transfer must not hold the source forever.
+    let limit = Duration::from_millis(agent.cfg.migration_timeout_ms)
+        + Duration::from_secs(rec.stats.rss_bytes / (16 << 20));
+    match within(host, limit, d.wait()).await {
+        Some(st) if matches!(&st, Ok(s) if s.success()) => None,
+        Some(st) => {
+            tracing::error!(migration = %rec.id, status = ?st, "lazy page server failed after resume");
+            Some(format!(
+                "lazy page server failed after resume: it {}",
+                crate::criu::exit_text(&st)
+            ))
+        }
+        None => {
+            tracing::error!(migration = %rec.id, "lazy page transfer not finished in {limit:?}; stopping it");
+            d.start_kill();
+            let _ = d.wait().await;
+            Some(format!("lazy page transfer not finished in {limit:?}"))
+        }
+    }
+}
+
+/// The outcome is unknown: the source copy stays frozen behind CRIU's lock (container state
+/// Migrating, the journal kept for a restarted agent), and the record says `unknown`. Nothing
+/// here resumes it: only the destination's answer, later (`adopt.rs`, the controller).
+async fn keep_frozen<H: Host>(
+    host: &H,
+    agent: &Arc<Agent>,
+    p: &mut Prepared<H::Link>,
+    base: &std::path::Path,
+    mode: MigrationMode,
+    dump_child: Option<H::Helper>,
+    why: String,
+) {
+    tracing::error!(migration = %p.rec.id, container = %p.rec.container, destination = %p.rec.destination, reason = %why, "migration outcome unknown: the container stays frozen here");
+    if let (MigrationMode::PostCopy, Some(d)) = (mode, dump_child) {
+        // The destination may run on these pages: serve them as long as it asks.
+        if let Some(e) = finish_lazy_dump(host, agent, &p.rec, d).await {
+            tracing::warn!(migration = %p.rec.id, error = %e, "lazy dump of an unknown outcome ended");
+        }
+    }
+    // The images are not needed to resume (the tree is only stopped) nor to commit.
+    remove_images(base);
+    finish(&mut p.rec, MigrationState::Unknown, Some(why));
+    agent.publish(&p.rec);
 }

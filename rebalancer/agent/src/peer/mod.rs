@@ -23,9 +23,11 @@
 //! Abort, EOF, an error or the timeout before Commit make the destination kill whatever it
 //! restored and remove the netns, images and reservation: the source resumes its copy.
 //!
-//! A source agent restarted after its journal reached network-switch opens a connection of its
-//! own and asks `Outcome{migration, container}`; the destination answers `Outcome{committed}`
-//! from its commit mark, or `busy` while that arrival is still in progress (`adopt.rs`).
+//! A source whose Commit went unanswered, or one restarted after its journal reached
+//! network-switch, opens a connection of its own and asks `Outcome{migration, container,
+//! epoch}`; the destination answers `Outcome{committed}` from its commit mark and, if not
+//! committed, fences the migration so that a late Commit is refused for good (`store.rs`).
+//! Without `epoch` (previous release) an arrival still in progress is answered `busy`.
 //!
 //! The wire types are [`rebalancer_proto::peer`]'s (re-exported by [`wire`]); this module holds
 //! the conversions of the agent's container record ([`convert`]), the client ([`client`]), the

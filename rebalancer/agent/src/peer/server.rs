@@ -375,7 +375,12 @@ mod tests {
             .await
             .expect("handshake");
         assert_eq!(
-            c.call(&PeerRequest::Commit).await.expect("call"),
+            c.call(&PeerRequest::Commit {
+                migration: None,
+                epoch: None
+            })
+            .await
+            .expect("call"),
             PeerReply::Ack
         );
         let (v, node, srv_tls, req) = srv.await.expect("task").expect("server");
@@ -485,7 +490,12 @@ mod tests {
     async fn a_request_inside_the_data_is_refused() {
         let (mut src, mut dst) = pair().await;
         let dir = scratch("req");
-        src.send_request(&PeerRequest::Commit).await.expect("send");
+        src.send_request(&PeerRequest::Commit {
+            migration: None,
+            epoch: None,
+        })
+        .await
+        .expect("send");
         let e = receive_images(&mut dst, 7, &[file("a.img", 3)], &dir)
             .await
             .expect_err("not data");
