@@ -21,6 +21,8 @@ struct Caller {
     admin: bool,
     /// Tasks prepared on this connection and not registered yet.
     pending: std::sync::Mutex<Vec<String>>,
+    /// Tasks registered on this connection: only it may report their end.
+    registered: crate::control_authz::Registered,
 }
 
 pub async fn serve(agent: Arc<Agent>, mut s: UnixStream) {
@@ -36,6 +38,7 @@ pub async fn serve(agent: Arc<Agent>, mut s: UnixStream) {
         pid,
         admin: uid == 0 || agent.cfg.admin_uids.contains(&uid),
         pending: std::sync::Mutex::new(Vec::new()),
+        registered: Default::default(),
     };
     let r = serve_inner(&agent, &mut s, &caller).await;
     let pending = std::mem::take(&mut *caller.pending.lock().unwrap_or_else(|p| p.into_inner()));
@@ -414,6 +417,7 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
         Request::RegisterTask { registration } if is_restore_registration(agent, &registration) => {
             crate::spank::verify(caller.uid, caller.pid, &registration, true)?;
             let id = registration.container.clone().unwrap_or_default();
+            caller.registered.add(&id);
             let tx = agent
                 .restore_steps()
                 .values_mut()
@@ -428,6 +432,7 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
         Request::RegisterTask { registration } => {
             let c = crate::spank::register(agent, caller.uid, caller.pid, registration)?;
             let id = c.meta.spec.id.clone();
+            caller.registered.add(&id);
             caller
                 .pending
                 .lock()
@@ -443,6 +448,14 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
             container,
             wait_status,
         } => {
+            crate::control_authz::authorize_task_exited(
+                agent,
+                caller.uid,
+                caller.pid,
+                &caller.registered,
+                &container,
+                wait_status,
+            )?;
             let (net, moved, known) = {
                 let mut cs = agent.containers();
                 let c = cs

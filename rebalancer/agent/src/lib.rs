@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod control;
+pub mod control_authz;
 pub mod criu;
 pub mod daemon;
 pub mod drain;
