@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod drain;
 pub mod error;
 pub mod garp;
+pub mod lazy_guard;
 pub mod metrics;
 pub mod migration;
 pub mod netns;
