@@ -100,16 +100,22 @@ fn attack(lab: &Lab, addr: &str, id: &str) {
     let done = Arc::new(AtomicBool::new(false));
     let watch_done = done.clone();
     // Polls the source's sockets every millisecond; the first new listener on the node address
-    // is the lazy page server.
+    // is the lazy page server. Once the attacker answered, that listener must still be there:
+    // then a refusal came from the guard, not from CRIU having accepted the destination already.
     let watcher = std::thread::spawn(move || {
         while !watch_done.load(Ordering::Relaxed) {
             if let Some(l) = listeners(agent_pid)
                 .into_iter()
                 .find(|l| l.0 == src_ip && !before.contains(l))
             {
-                let seen = Instant::now();
                 writeln!(to_attacker, "{} {}", l.0, l.1).expect("tell the attacker");
-                return Some((l.1, seen));
+                let answer = BufReader::new(from_attacker)
+                    .lines()
+                    .next()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                let still = listeners(agent_pid).contains(&l);
+                return Some((l.1, answer, still));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -127,20 +133,20 @@ fn attack(lab: &Lab, addr: &str, id: &str) {
         });
     done.store(true, Ordering::Relaxed);
     let seen = watcher.join().expect("watcher");
-    let (port, _) = seen.unwrap_or_else(|| {
+    let (port, answer, still_listening) = seen.unwrap_or_else(|| {
         panic!(
             "the attacker never saw the lazy page server listen\n{}",
             lab.log(0)
         )
     });
-    let answer = BufReader::new(from_attacker)
-        .lines()
-        .next()
-        .expect("attacker answered")
-        .expect("line");
     eprintln!(
-        "{id}: attacker on lazy port {port}: {answer}; {}",
+        "{id}: attacker on lazy port {port}: {answer} (listener still up afterwards: \
+         {still_listening}); {}",
         summary(&rec)
+    );
+    assert!(
+        still_listening,
+        "the attacker came after CRIU's accept: the test proved nothing"
     );
     assert_eq!(rec.state, MigrationState::Succeeded, "{:?}", rec.error);
     assert_eq!(rec.mode, Some(MigrationMode::PostCopy));
