@@ -17,7 +17,7 @@ pub enum ConfigError {
     NotKeyValue(String),
     #[error("unknown plugin argument '{0}' (expected socket=, default_class=, default_mode=, enforce=, timeout=)")]
     UnknownKey(String),
-    #[error("plugin argument socket='{0}' must be an absolute path")]
+    #[error("plugin argument socket='{0}' must be an absolute path of at most 107 bytes")]
     Socket(String),
     #[error("plugin argument default_class: {0}")]
     Class(#[source] OptionError),

@@ -39,6 +39,8 @@ struct Caller {
     local: bool,
     /// Tasks prepared on this connection and not registered yet.
     pending: std::sync::Mutex<Vec<String>>,
+    /// Tasks registered on this connection: only it may report their end.
+    registered: crate::control_authz::Registered,
 }
 
 /// The gates of the control listeners, made once at start-up.
@@ -113,6 +115,7 @@ pub async fn serve(agent: Arc<Agent>, mut s: UnixStream, gate: Arc<Gate>) {
         admin: uid == 0 || agent.cfg.admin_uids.contains(&uid),
         local: true,
         pending: std::sync::Mutex::new(Vec::new()),
+        registered: Default::default(),
     };
     let mut me = Hello::new(Role::Agent, crate::SOFTWARE);
     me.node = Some(agent.cfg.node.clone());
@@ -633,6 +636,7 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
         Request::RegisterTask { registration } if is_restore_registration(agent, &registration) => {
             crate::spank::verify(caller.uid, caller.pid, &registration, true)?;
             let id = registration.container.clone().unwrap_or_default();
+            caller.registered.add(&id);
             let tx = agent
                 .restore_steps()
                 .values_mut()
@@ -647,6 +651,7 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
         Request::RegisterTask { registration } => {
             let c = crate::spank::register(agent, caller.uid, caller.pid, registration)?;
             let id = c.meta.spec.id.clone();
+            caller.registered.add(&id);
             caller
                 .pending
                 .lock()
@@ -662,6 +667,14 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
             container,
             wait_status,
         } => {
+            crate::control_authz::authorize_task_exited(
+                agent,
+                caller.uid,
+                caller.pid,
+                &caller.registered,
+                &container,
+                wait_status,
+            )?;
             let (net, moved, known) = {
                 let mut cs = agent.containers();
                 let c = cs

@@ -220,6 +220,7 @@ pub async fn prepare(
     let net = agent.new_net(&id, address);
     let spec = task_spec(&id, &reg, &address.to_string(), &agent.cfg.host_dirs);
     let (mounts, symlinks) = agent.layout(&spec)?;
+    let mounts = container::read_only_program_dir(mounts, reg.program.as_deref(), &spec.cwd);
     let root = agent.root_for(&spec);
     let _ = std::fs::remove_dir_all(agent.container_dir(&id));
     container::prepare_root(&root, &mounts, &symlinks)?;

@@ -339,7 +339,12 @@ impl Config {
                 path: path.to_path_buf(),
                 line,
                 column,
-                message: e.message().trim().replace('\n', "; "),
+                message: Some(e.message().trim().replace('\n', "; "))
+                    .filter(|m| !m.is_empty())
+                    .unwrap_or_else(|| {
+                        let at = e.span().map_or(0, |s| s.start);
+                        rebalancer_policy::config::toml_error_fallback(text, at)
+                    }),
             }
         })?;
         raw.validate(path, text)

@@ -733,6 +733,16 @@ impl RawTrigger {
 // ---------------------------------------------------------------------------------------------
 // Loading.
 
+/// What to say where the TOML parser gives a position but no message (it does so for a
+/// carriage return without a newline, which the fuzz test found).
+pub fn toml_error_fallback(text: &str, at: usize) -> String {
+    if text.get(at..).is_some_and(|r| r.starts_with('\r')) {
+        "a carriage return must be followed by a newline".into()
+    } else {
+        "invalid TOML here".into()
+    }
+}
+
 /// Parses and validates one policy file's text. `path` is used for messages and the default name.
 pub fn parse_policy(path: &Path, text: &str) -> Result<Policy, Vec<Problem>> {
     let mut v = Validator {
@@ -758,6 +768,11 @@ pub fn parse_policy(path: &Path, text: &str) -> Result<Policy, Vec<Problem>> {
                 .replace("expected i64", "expected an integer")
                 .replace("expected f64", "expected a number")
                 .replace("expected a boolean", "expected true or false");
+            let msg = if msg.is_empty() {
+                toml_error_fallback(text, span.start)
+            } else {
+                msg
+            };
             v.err(span, msg);
             return Err(v.problems);
         }

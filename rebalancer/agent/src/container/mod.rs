@@ -129,6 +129,35 @@ pub fn plan_mounts(
     Ok((mounts, links))
 }
 
+/// Makes the bind of a task's program directory read-only. The agent binds argv[0]'s directory
+/// (a batch script sits in slurmd's spool) only so that slurmstepd can exec the program inside
+/// the container; the task has no business writing there, and a writable bind made by root
+/// would let it change what a later exec or restore of the step runs. The working directory
+/// stays writable when it is the same directory (it is the user's own). Pure: unit-tested.
+pub fn read_only_program_dir(
+    mut mounts: Vec<MountPlan>,
+    program: Option<&str>,
+    cwd: &str,
+) -> Vec<MountPlan> {
+    let Some(dir) = program.and_then(|p| Path::new(p).parent()) else {
+        return mounts;
+    };
+    if dir == Path::new(cwd) {
+        return mounts;
+    }
+    for m in &mut mounts {
+        if let MountPlan::Bind {
+            target, readonly, ..
+        } = m
+        {
+            if Path::new(target.as_str()) == dir {
+                *readonly = true;
+            }
+        }
+    }
+    mounts
+}
+
 /// The bind mounts CRIU must treat as external: (target inside, key, host source).
 pub fn external_mounts(mounts: &[MountPlan]) -> Vec<(String, String, PathBuf)> {
     mounts
@@ -712,6 +741,40 @@ mod tests {
         let ext = external_mounts(&mounts);
         assert_eq!(ext.len(), 2);
         assert_eq!(ext[1].1, "rb-work_j1");
+    }
+
+    #[test]
+    fn the_program_directory_is_bound_read_only_and_the_cwd_stays_writable() {
+        let (mounts, _) = plan_mounts(
+            &spec(
+                RootfsSpec::Host,
+                vec!["/home/u/run".into(), "/var/spool/slurmd/job00021".into()],
+            ),
+            &[],
+            &|_| None,
+            &|_| true,
+        )
+        .expect("plan");
+        let ro = |ms: &[MountPlan], t: &str| {
+            ms.iter().find_map(|m| match m {
+                MountPlan::Bind {
+                    target, readonly, ..
+                } if target == t => Some(*readonly),
+                _ => None,
+            })
+        };
+        assert_eq!(ro(&mounts, "/var/spool/slurmd/job00021"), Some(false));
+        let sealed = read_only_program_dir(
+            mounts.clone(),
+            Some("/var/spool/slurmd/job00021/slurm_script"),
+            "/home/u/run",
+        );
+        assert_eq!(ro(&sealed, "/var/spool/slurmd/job00021"), Some(true));
+        assert_eq!(ro(&sealed, "/home/u/run"), Some(false));
+        // A program in the working directory: the cwd bind stays writable.
+        let same = read_only_program_dir(mounts.clone(), Some("/home/u/run/a.out"), "/home/u/run");
+        assert_eq!(same, mounts);
+        assert_eq!(read_only_program_dir(mounts.clone(), None, "/"), mounts);
     }
 
     #[test]

@@ -150,6 +150,17 @@ pub trait Criu: Send + Sync {
     fn lazy_totals(&self, dir: &Path) -> (u64, u64);
     /// A free port on `ip` for the lazy dump (which binds it itself).
     fn pick_port(&self, ip: Ipv4Addr) -> Result<u16, AgentError>;
+    /// Lets only `peer` reach the lazy dump's `listen` for at most `within` (see
+    /// [`crate::lazy_guard`]). Simulated hosts have no listener to guard.
+    fn guard_lazy_port(
+        &self,
+        _listen: (Ipv4Addr, u16),
+        _peer: Option<Ipv4Addr>,
+        _within: Duration,
+        _encrypted: bool,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// Network namespaces, routes, gratuitous ARP and CRIU's nftables lock.
@@ -491,6 +502,16 @@ impl Criu for System {
 
     fn pick_port(&self, ip: Ipv4Addr) -> Result<u16, AgentError> {
         criu::pick_port(ip)
+    }
+
+    async fn guard_lazy_port(
+        &self,
+        listen: (Ipv4Addr, u16),
+        peer: Option<Ipv4Addr>,
+        within: Duration,
+        encrypted: bool,
+    ) -> Result<(), AgentError> {
+        crate::lazy_guard::guard(listen, peer, within, encrypted).await
     }
 }
 

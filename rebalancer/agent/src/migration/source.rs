@@ -608,6 +608,13 @@ async fn attempt<H: Host>(
         MigrationMode::PostCopy => {
             let ip = agent.cfg.advertise;
             let port = host.pick_port(ip)?;
+            host.guard_lazy_port(
+                (ip, port),
+                crate::lazy_guard::peer_ip(&agent.cfg, &p.rec.destination),
+                Duration::from_millis(agent.cfg.migration_timeout_ms.max(1000)),
+                !args.tls.is_empty(),
+            )
+            .await?;
             args.lazy_serve = Some((ip, port));
             lazy_serve = Some((ip, port));
             p.lazy_port = Some(port);

@@ -1,5 +1,8 @@
 # Source side: a Slurm task process (child of a process named slurmstepd) that creates a
 # container the way the SPANK plugin does and supervises it. argv: SOCK AGENT_BIN NODE ADDR
+# Optional environment (attack tests): RB_JOB (job id, default 7), RB_UID (the task's owner,
+# default 0), RB_FORGE_EARLY=1 (report a made-up end on this very connection while pid 1 runs,
+# print the agent's answer, then go on as usual), RB_PROGRAM (the task's argv[0]).
 import json, os, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from agentlib import Agent, libc, registration
@@ -7,7 +10,12 @@ from agentlib import Agent, libc, registration
 sock, agent_bin, node = sys.argv[1], sys.argv[2], sys.argv[3]
 a = Agent(sock, node)
 me = os.getpid()
-reg = registration(7, 0, me, node, "j7.s0.t0")
+job = int(os.environ.get("RB_JOB", "7"))
+cid = "j%d.s0.t0" % job
+reg = registration(job, 0, me, node, cid)
+reg["uid"] = int(os.environ.get("RB_UID", "0"))
+if os.environ.get("RB_PROGRAM"):
+    reg["program"] = os.environ["RB_PROGRAM"]
 reg["address"] = sys.argv[4]
 p = a.call({"op": "prepare-task", "registration": reg})["prepared"]
 libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: pid 1 comes back to us
@@ -40,6 +48,12 @@ if "err" in rest:
     print("container failed:", rest, flush=True)
     sys.exit(3)
 print("registered", pid1, flush=True)
+if os.environ.get("RB_FORGE_EARLY") == "1":
+    try:
+        a.call({"op": "task-exited", "container": cid, "wait_status": 0})
+        print("forged-early accepted", flush=True)
+    except RuntimeError as e:
+        print("forged-early refused", e, flush=True)
 _, st = os.waitpid(pid1, 0)
-r = a.call({"op": "task-exited", "container": "j7.s0.t0", "wait_status": st})
+r = a.call({"op": "task-exited", "container": cid, "wait_status": st})
 print("finished", json.dumps(r), flush=True)
