@@ -226,6 +226,7 @@ async fn authenticate_controller<S: AsyncRead + AsyncWrite + Unpin>(
         admin: true,
         local: false,
         pending: std::sync::Mutex::new(Vec::new()),
+        registered: Default::default(),
     })
 }
 

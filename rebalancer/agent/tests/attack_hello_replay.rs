@@ -86,7 +86,9 @@ fn fake_destination(
                         &mut s,
                         FrameKind::Response,
                         f.header.id,
-                        &PeerResponse::Ok(rebalancer_proto::peer::PeerReply::Authenticated),
+                        &PeerResponse::Ok(rebalancer_proto::peer::PeerReply::Authenticated {
+                            credential: None,
+                        }),
                     ),
                     _ => return String::from_utf8_lossy(&f.payload).into_owned(),
                 }
