@@ -32,6 +32,17 @@ pub struct NodeSnap {
     pub agent_up: bool,
 }
 
+/// CPUs allocated on a node, with the CPUs of the tasks the rebalancer moved onto it added to
+/// Slurm's count: Slurm (22.05 to 26.05) does not account a job's CPUs on a node the job was
+/// expanded onto (`job_resources_bits_copy`, docs/slurm-releases.md), so its `CPUAlloc` there
+/// stays short by what the moved tasks use and another job could be placed on them. `moved_in`:
+/// the CPUs of each live container that moved to the node. Pure.
+pub fn allocated_cpus(slurm_alloc: u32, moved_in: impl IntoIterator<Item = u32>) -> u32 {
+    moved_in
+        .into_iter()
+        .fold(slurm_alloc, |sum, c| sum.saturating_add(c))
+}
+
 impl NodeSnap {
     pub fn free_cpus(&self) -> i64 {
         i64::from(self.cpus_total) - i64::from(self.cpus_alloc)
@@ -606,6 +617,16 @@ pub(crate) mod tests {
             destination_refusal(&input, c, "n5", &reserved, false).as_deref(),
             Some("n5 cannot take a: not enough free CPUs")
         );
+    }
+
+    /// A node holding a moved task counts its CPUs even though Slurm's CPUAlloc does not, so a
+    /// full node is seen as full.
+    #[test]
+    fn moved_in_tasks_count_on_their_node() {
+        assert_eq!(allocated_cpus(0, [1]), 1);
+        assert_eq!(allocated_cpus(2, [1, 2]), 5);
+        assert_eq!(allocated_cpus(3, []), 3);
+        assert_eq!(allocated_cpus(u32::MAX, [1]), u32::MAX);
     }
 
     #[test]
