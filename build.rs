@@ -6,50 +6,17 @@
 //! - `SLURM_LIB_DIR`: directory holding `libslurm.so` (default: the linker's search path, plus
 //!   `<prefix>/lib` when the headers were found under `<prefix>/include`).
 //!
-//! The version from `slurm_version.h` is exported as `SLURM_VERSION_NUMBER` (rustc env) and as cfg
-//! flags for the API differences this crate papers over (see `VERSION_CFGS`).
+//! The headers and their version are found by `build-support/slurm_version.rs`, shared with the
+//! SPANK plugin's build script: `SLURM_VERSION_NUMBER` (rustc env) and cfg flags for the API
+//! differences this crate papers over (its `VERSION_CFGS`).
 
 use std::env;
-use std::fs;
 use std::path::{Path, PathBuf};
 
-const DEFAULT_INCLUDE_DIRS: &[&str] = &["/usr/include", "/usr/local/include", "/opt/slurm/include"];
+#[path = "build-support/slurm_version.rs"]
+mod slurm_version;
 
-/// Oldest release the wrappers were written against.
-const MIN_VERSION: u32 = version_num(22, 5, 0);
-
-/// (cfg name, set for versions in `from..until`, what it means). Bounds checked against the
-/// SchedMD/slurm release tags.
-const VERSION_CFGS: &[(&str, u32, u32, &str)] = &[
-    (
-        "slurm_node_alloc_fields",
-        version_num(25, 5, 0),
-        u32::MAX,
-        "node_info_t carries alloc_cpus/alloc_memory; select_nodeinfo is gone",
-    ),
-    (
-        "slurm_steps_by_step_id",
-        version_num(25, 11, 0),
-        u32::MAX,
-        "slurm_get_job_steps takes a slurm_step_id_t *",
-    ),
-    (
-        "slurm_job_id_in_step_id",
-        version_num(25, 11, 0),
-        u32::MAX,
-        "job_desc_msg_t and the allocation response carry the job id in step_id.job_id",
-    ),
-    (
-        "slurm_db_inx_errno",
-        0,
-        version_num(24, 11, 0),
-        "ESLURM_JOB_SETTING_DB_INX exists",
-    ),
-];
-
-const fn version_num(major: u32, minor: u32, micro: u32) -> u32 {
-    (major << 16) | (minor << 8) | micro
-}
+use slurm_version::version_string;
 
 const FUNCTIONS: &[&str] = &[
     "slurm_init",
@@ -157,105 +124,19 @@ const BIT_FLAGS: &[&str] = &[
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-env-changed=SLURM_INCLUDE_DIR");
+    println!("cargo:rerun-if-changed=build-support/slurm_version.rs");
     println!("cargo:rerun-if-env-changed=SLURM_LIB_DIR");
-    for (cfg, _, _, _) in VERSION_CFGS {
-        println!("cargo:rustc-check-cfg=cfg({cfg})");
-    }
 
-    let include_dir = match find_include_dir() {
-        Ok(dir) => dir,
+    let headers = match slurm_version::detect(&["slurm.h", "slurm_errno.h"]) {
+        Ok(h) => h,
         Err(msg) => fail(&msg),
     };
-    let slurm_dir = include_dir.join("slurm");
-    for header in ["slurm.h", "slurm_errno.h", "slurm_version.h"] {
-        println!(
-            "cargo:rerun-if-changed={}",
-            slurm_dir.join(header).display()
-        );
-    }
-
-    let version = match read_version(&slurm_dir.join("slurm_version.h")) {
-        Ok(v) => v,
-        Err(msg) => fail(&msg),
-    };
-    if version < MIN_VERSION {
-        fail(&format!(
-            "Slurm {} in {} is older than 22.05, which these bindings need",
-            version_string(version),
-            include_dir.display()
-        ));
-    }
-    println!("cargo:rustc-env=SLURM_VERSION_NUMBER={version}");
-    println!(
-        "cargo:rustc-env=SLURM_VERSION_STRING={}",
-        version_string(version)
-    );
-    for (cfg, from, until, _) in VERSION_CFGS {
-        if (*from..*until).contains(&version) {
-            println!("cargo:rustc-cfg={cfg}");
-        }
-    }
-
-    link_libslurm(&include_dir);
-    generate_bindings(&include_dir, version);
+    link_libslurm(&headers.include_dir);
+    generate_bindings(&headers.include_dir, headers.version);
 }
 
 fn fail(msg: &str) -> ! {
     panic!("rebalancer-slurm build: {msg}");
-}
-
-fn find_include_dir() -> Result<PathBuf, String> {
-    if let Some(dir) = env::var_os("SLURM_INCLUDE_DIR") {
-        let dir = PathBuf::from(dir);
-        return if dir.join("slurm/slurm.h").is_file() {
-            Ok(dir)
-        } else {
-            Err(format!(
-                "SLURM_INCLUDE_DIR={} has no slurm/slurm.h",
-                dir.display()
-            ))
-        };
-    }
-    DEFAULT_INCLUDE_DIRS
-        .iter()
-        .map(PathBuf::from)
-        .find(|dir| dir.join("slurm/slurm.h").is_file())
-        .ok_or_else(|| {
-            format!(
-                "slurm/slurm.h not found in {DEFAULT_INCLUDE_DIRS:?}; install libslurm-dev or set \
-                 SLURM_INCLUDE_DIR"
-            )
-        })
-}
-
-fn read_version(path: &Path) -> Result<u32, String> {
-    let text =
-        fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    parse_version(&text).ok_or_else(|| {
-        format!(
-            "no `#define SLURM_VERSION_NUMBER 0x...` in {}",
-            path.display()
-        )
-    })
-}
-
-fn parse_version(header: &str) -> Option<u32> {
-    header.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        if words.next()? != "#define" || words.next()? != "SLURM_VERSION_NUMBER" {
-            return None;
-        }
-        let value = words.next()?.trim_start_matches('(').trim_end_matches(')');
-        let hex = value
-            .strip_prefix("0x")
-            .or_else(|| value.strip_prefix("0X"))?;
-        u32::from_str_radix(hex, 16).ok()
-    })
-}
-
-fn version_string(v: u32) -> String {
-    format!("{}.{:02}.{}", v >> 16, (v >> 8) & 0xff, v & 0xff)
 }
 
 fn link_libslurm(include_dir: &Path) {

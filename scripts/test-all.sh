@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # Runs every test of slurm-rebalancer on this machine, as root: formatting and lints, unit tests,
 # then the privileged tests (CRIU migrations between network namespaces, a real Slurm cluster).
-# Installs what it needs first (scripts/setup.sh). Usage: scripts/test-all.sh [--unit-only]
+# Installs what it needs first (scripts/setup.sh), then runs the end-to-end migration tests on
+# Slurm 24.11 and 26.05 too (scripts/test-release.sh). Usage: scripts/test-all.sh [--unit-only]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# "24.11.5" from a slurm_version.h.
+slurm_version() {
+  local n
+  n=$(awk '/^#define SLURM_VERSION_NUMBER/ {print $3}' "$1" 2>/dev/null)
+  [ -n "$n" ] && printf '%d.%02d.%d' $((n >> 16)) $(((n >> 8) & 255)) $((n & 255))
+}
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 [ "$(id -u)" = 0 ] || { echo "test-all: run as root (privileged tests use CRIU and namespaces)" >&2; exit 1; }
@@ -34,4 +41,20 @@ if (( (16#$capeff >> 24) & 1 )); then :; else
   echo "test-all: root lacks CAP_SYS_RESOURCE here (CapEff $capeff): not running a_users_srun_step_moves_off_a_drained_node (a user's job cannot be migrated on this machine)"
   skip+=(--skip a_users_srun_step_moves_off_a_drained_node)
 fi
-cargo test --workspace --all-targets -- --ignored --test-threads=1 "${skip[@]}"
+figures=$PWD/target/e2e-figures-22.05.txt
+: > "$figures"
+t=$SECONDS
+RBC_E2E_FIGURES=$figures cargo test --workspace --all-targets -- --ignored --test-threads=1 "${skip[@]}"
+version=$(slurm_version /usr/include/slurm/slurm_version.h)
+echo "test-all: privileged tests on the host's Slurm ${version:-22.05} took $((SECONDS - t)) s; figures:"
+sed 's/^/  /' "$figures"
+
+# The end-to-end migration tests again on the other releases Debian carries, each built and run
+# inside a root that scripts/slurm-release.sh builds from Debian's repositories (first run: about
+# 1.5 GB and a minute or two per root). RBC_CI_RELEASES="" skips them; "24.11" runs one.
+for rel in ${RBC_CI_RELEASES-24.11 26.05}; do
+  step "end-to-end migrations on Slurm $rel (root from Debian)"
+  t=$SECONDS
+  scripts/test-release.sh "$rel" --e2e
+  echo "test-all: Slurm $rel end-to-end tests took $((SECONDS - t)) s (build included)"
+done

@@ -25,7 +25,26 @@ if ! (((16#$capeff >> 24) & 1)); then
   skip+=(--skip a_users_srun_step_moves_off_a_drained_node)
 fi
 
-in_root() { scripts/slurm-release.sh run "$rel" env CARGO_TARGET_DIR="$target" "$@"; }
+# The e2e tests append their figures (downtime, client's largest gap) here; printed at the end.
+figures=$target/e2e-figures.txt
+mkdir -p "$target"
+: > "$figures"
+in_root() {
+  scripts/slurm-release.sh run "$rel" env CARGO_TARGET_DIR="$target" RBC_E2E_FIGURES="$figures" "$@"
+}
+# "24.11.5" from a slurm_version.h.
+slurm_version() {
+  local n
+  n=$(awk '/^#define SLURM_VERSION_NUMBER/ {print $3}' "$1" 2>/dev/null)
+  [ -n "$n" ] && printf '%d.%02d.%d' $((n >> 16)) $(((n >> 8) & 255)) $((n & 255))
+}
+print_figures() {
+  local version
+  version=$(eval "$(scripts/slurm-release.sh env "$rel")"
+    slurm_version "$SLURM_INCLUDE_DIR/slurm/slurm_version.h")
+  echo "test-release: figures on Slurm ${version:-$rel}:"
+  sed 's/^/  /' "$figures"
+}
 
 case $mode in
   --e2e)
@@ -33,11 +52,13 @@ case $mode in
     in_root cargo build -p rebalancer-agent -p rebalancer-controller -p rebalancer-cli \
       -p slurm-rebalancer-spank
     in_root cargo test -p slurm-tests --test migration -- --ignored --test-threads=1 "${skip[@]}"
+    print_figures
     ;;
   all)
     in_root cargo build --workspace --all-targets
     in_root cargo test --workspace --all-targets
     in_root cargo test --workspace --all-targets -- --ignored --test-threads=1 "${skip[@]}"
+    print_figures
     ;;
   *) echo "usage: $0 RELEASE [--e2e]" >&2; exit 2 ;;
 esac

@@ -1,8 +1,9 @@
 //! Generates bindings for the installed `slurm/spank.h` and links the plugin with a version
 //! script that exports only what Slurm's plugin loader looks up.
 //!
-//! The Slurm version comes from `slurm/slurm_version.h`; `cfg(slurm_ge_23_11)` is set for
-//! Slurm 23.11 and later (e.g. `spank_prepend_task_argv`), so the plugin builds against 22.05.
+//! The headers and their version are found by `build-support/slurm_version.rs`, shared with the
+//! root crate's build script, which sets the same version cfgs for both crates (the plugin's
+//! SPANK calls exist unchanged from 22.05 to 26.05, so it reads none today).
 
 use std::env;
 use std::fs;
@@ -24,60 +25,18 @@ const EXPORTS: &[&str] = &[
     "slurm_spank_exit",
 ];
 
-fn include_dirs() -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    if let Ok(d) = env::var("SLURM_INCLUDE_DIR") {
-        dirs.push(PathBuf::from(d));
-    }
-    dirs.push(PathBuf::from("/usr/include"));
-    dirs.push(PathBuf::from("/usr/local/include"));
-    dirs
-}
-
-fn find_header(name: &str) -> Option<PathBuf> {
-    include_dirs()
-        .into_iter()
-        .map(|d| d.join("slurm").join(name))
-        .find(|p| p.is_file())
-}
-
-/// `#define SLURM_VERSION_NUMBER 0x160508` → 0x160508.
-fn slurm_version_number(header: &Path) -> Option<u32> {
-    let text = fs::read_to_string(header).ok()?;
-    text.lines().find_map(|line| {
-        let mut it = line.split_whitespace();
-        if it.next()? != "#define" || it.next()? != "SLURM_VERSION_NUMBER" {
-            return None;
-        }
-        let v = it.next()?;
-        let v = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X"))?;
-        u32::from_str_radix(v, 16).ok()
-    })
-}
+#[path = "../build-support/slurm_version.rs"]
+mod slurm_version;
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    println!("cargo::rerun-if-env-changed=SLURM_INCLUDE_DIR");
-    println!("cargo::rustc-check-cfg=cfg(slurm_ge_23_11)");
+    println!("cargo::rerun-if-changed=../build-support/slurm_version.rs");
 
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
 
-    let spank_h = find_header("spank.h").unwrap_or_else(|| {
-        panic!("slurm/spank.h not found (install libslurm-dev, or set SLURM_INCLUDE_DIR)")
-    });
-    let version_h = find_header("slurm_version.h")
-        .unwrap_or_else(|| panic!("slurm/slurm_version.h not found next to {spank_h:?}"));
-    println!("cargo::rerun-if-changed={}", spank_h.display());
-    println!("cargo::rerun-if-changed={}", version_h.display());
-
-    let version = slurm_version_number(&version_h)
-        .unwrap_or_else(|| panic!("no SLURM_VERSION_NUMBER in {}", version_h.display()));
-    let (major, minor) = (version >> 16, (version >> 8) & 0xff);
-    if (major, minor) >= (23, 11) {
-        println!("cargo::rustc-cfg=slurm_ge_23_11");
-    }
-    println!("cargo::rustc-env=REBALANCER_SLURM_VERSION={major}.{minor:02}");
-
+    let headers = slurm_version::detect(&["spank.h"])
+        .unwrap_or_else(|msg| panic!("slurm-rebalancer-spank build: {msg}"));
+    let spank_h = headers.include_dir.join("slurm/spank.h");
     let include_root = spank_h
         .parent()
         .and_then(Path::parent)

@@ -4,11 +4,18 @@
 use crate::dispatch::{config_or_complain, state};
 use crate::ffi::{self, Spank};
 
+/// Set by the agent in the environment of the restore steps it starts.
+pub const RESTORE_BY_AGENT_ENV: &str = "SLURM_REBALANCER_AGENT_RESTORE";
+
 pub fn init_post_opt(_sp: Spank) -> libc::c_int {
     let opts = state().opts.clone();
     if opts.restore.is_some() {
+        // The agent runs the restore step's srun as the job's user (srun has no --uid after
+        // 22.05) and marks it. This only keeps users from running the option by mistake: the
+        // agent's prepare-restore is the gate (the migration must restore a task of this job).
+        let by_agent = std::env::var_os(RESTORE_BY_AGENT_ENV).is_some();
         // SAFETY: getuid has no preconditions.
-        if unsafe { libc::getuid() } != 0 {
+        if unsafe { libc::getuid() } != 0 && !by_agent {
             ffi::log_error(
                 "rebalancer: --rebalancer-restore is used by the rebalancer itself (root only)",
             );

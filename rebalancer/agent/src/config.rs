@@ -87,8 +87,9 @@ pub struct RawConfig {
     /// deadline of its own: trickling bytes does not extend it), in milliseconds.
     #[serde(default = "default_peer_idle_timeout_ms")]
     pub peer_idle_timeout_ms: u64,
-    /// Command that starts the restore step of a migrated Slurm task on this node; `{job}`,
-    /// `{node}` and `{migration}` are substituted.
+    /// Command that starts the restore step of a migrated Slurm task on this node, run as the
+    /// job's user (uid, gid and the user's groups); `{job}`, `{step}`, `{task}`, `{uid}`,
+    /// `{gid}`, `{node}` and `{migration}` are substituted.
     #[serde(default = "default_restore_command")]
     pub restore_command: Vec<String>,
     #[serde(default)]
@@ -265,10 +266,9 @@ fn default_restore_command() -> Vec<String> {
     [
         "srun",
         "--jobid={job}",
-        // The step must belong to the job's user (slurmctld refuses root's step in a user's
-        // job); srun takes the identity after reading its options as root.
-        "--uid={uid}",
-        "--gid={gid}",
+        // No --uid/--gid (srun lost them after 22.05): the agent runs this command as the job's
+        // user itself (`restore_step::StepUser`), since slurmctld refuses root's step in a
+        // user's job.
         "--overlap",
         "--job-name=rebalancer-restore:{step}.{task}",
         "-w",
@@ -744,6 +744,21 @@ mod tests {
             .restore_command
             .iter()
             .any(|a| a == "--rebalancer-restore={migration}"));
+    }
+
+    /// The default restore command runs on every release: srun has no --uid/--gid after 22.05
+    /// (the agent runs it as the job's user instead).
+    #[test]
+    fn default_restore_command_has_no_uid_options() {
+        let c = parse("node = \"n1\"\nlisten = \"198.18.16.2:7878\"\n").expect("valid");
+        assert!(
+            c.restore_command
+                .iter()
+                .all(|a| !a.starts_with("--uid") && !a.starts_with("--gid")),
+            "{:?}",
+            c.restore_command
+        );
+        assert_eq!(c.restore_command[0], "srun");
     }
 
     #[test]

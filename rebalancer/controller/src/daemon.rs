@@ -257,6 +257,7 @@ impl Controller {
             let a = st.agents.get(name);
             let metrics = a.and_then(|a| a.metrics.as_ref());
             let agent_up = a.is_some_and(|a| matches!(a.health, Some(Ok(()))));
+            let moved_in = self.moved_in_cpus(&st, name);
             nodes.push(NodeSnap {
                 name: name.clone(),
                 state: s
@@ -270,7 +271,10 @@ impl Controller {
                     .filter(|c| *c > 0)
                     .or(metrics.map(|m| m.cpus))
                     .unwrap_or(0),
-                cpus_alloc: s.map(|s| s.cpus_alloc).unwrap_or(0),
+                cpus_alloc: crate::planner::allocated_cpus(
+                    s.map(|s| s.cpus_alloc).unwrap_or(0),
+                    moved_in,
+                ),
                 mem_total_mb: s.map(|s| s.mem_total_mb).unwrap_or(0),
                 mem_alloc_mb: s.map(|s| s.mem_alloc_mb).unwrap_or(0),
                 load: metrics.map(|m| m.load1).unwrap_or(0.0),
@@ -314,6 +318,21 @@ impl Controller {
         }
     }
 
+    /// CPUs of the live containers on `node` that a migration brought there (Slurm does not
+    /// count them there: [`crate::planner::allocated_cpus`]).
+    fn moved_in_cpus(&self, st: &ClusterState, node: &str) -> Vec<u32> {
+        st.agents
+            .get(node)
+            .map(|a| {
+                a.containers
+                    .iter()
+                    .filter(|c| c.state.is_live() && st.in_flight.last_moved(&c.id).is_some())
+                    .map(|c| self.container_snap(st, c).cpus)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn container_snap(&self, st: &ClusterState, c: &ContainerInfo) -> ContainerSnap {
         let job = c.task.as_ref().and_then(|t| st.jobs.get(&t.job_id));
         ContainerSnap {
@@ -352,7 +371,10 @@ impl Controller {
                         .filter(|c| *c > 0)
                         .or(a.and_then(|a| a.metrics.as_ref()).map(|m| m.cpus))
                         .unwrap_or(0),
-                    cpus_alloc: s.map(|s| s.cpus_alloc).unwrap_or(0),
+                    cpus_alloc: crate::planner::allocated_cpus(
+                        s.map(|s| s.cpus_alloc).unwrap_or(0),
+                        self.moved_in_cpus(&st, name),
+                    ),
                     mem_total_mb: s.map(|s| s.mem_total_mb).unwrap_or(0),
                     mem_alloc_mb: s.map(|s| s.mem_alloc_mb).unwrap_or(0),
                     partitions: s.map(|s| s.partitions.clone()).unwrap_or_default(),

@@ -32,6 +32,17 @@ pub struct NodeSnap {
     pub agent_up: bool,
 }
 
+/// CPUs allocated on a node, with the CPUs of the tasks the rebalancer moved onto it added to
+/// Slurm's count: Slurm (22.05 to 26.05) does not account a job's CPUs on a node the job was
+/// expanded onto (`job_resources_bits_copy`, docs/slurm-releases.md), so its `CPUAlloc` there
+/// stays short by what the moved tasks use and another job could be placed on them. `moved_in`:
+/// the CPUs of each live container that moved to the node. Pure.
+pub fn allocated_cpus(slurm_alloc: u32, moved_in: impl IntoIterator<Item = u32>) -> u32 {
+    moved_in
+        .into_iter()
+        .fold(slurm_alloc, |sum, c| sum.saturating_add(c))
+}
+
 impl NodeSnap {
     pub fn free_cpus(&self) -> i64 {
         i64::from(self.cpus_total) - i64::from(self.cpus_alloc)
@@ -223,44 +234,17 @@ pub fn choose_destination(
         if n.name == c.node {
             continue;
         }
-        if !n.agent_up {
-            reasons.push(format!("{}: agent unreachable", n.name));
-            continue;
-        }
-        if let Some(r) = n.flags.evacuate_reason() {
+        if let Some(r) = unfit(input, c, n, reserved, true) {
             reasons.push(format!("{}: {r}", n.name));
             continue;
         }
-        if !c.partition.is_empty()
-            && !n.partitions.is_empty()
-            && !n.partitions.contains(&c.partition)
-        {
-            reasons.push(format!("{}: not in partition {}", n.name, c.partition));
-            continue;
-        }
-        let (rc, rm) = reserved.get(&n.name).copied().unwrap_or((0, 0));
+        let (rc, _) = reserved.get(&n.name).copied().unwrap_or((0, 0));
         let inflight_cpus: u32 = input
             .in_flight
             .iter()
             .filter(|f| f.destination == n.name)
             .map(|f| f.cpus)
             .sum();
-        let inflight_mem: u64 = input
-            .in_flight
-            .iter()
-            .filter(|f| f.destination == n.name)
-            .map(|f| f.rss_mb)
-            .sum();
-        // A node Slurm knows nothing about (no CPU count) is judged by its agent alone.
-        if n.cpus_total > 0 && n.free_cpus() - i64::from(rc + inflight_cpus) < i64::from(c.cpus) {
-            reasons.push(format!("{}: not enough free CPUs", n.name));
-            continue;
-        }
-        if n.mem_total_mb > 0 && n.free_mem_mb() - ((rm + inflight_mem) as i64) < (c.rss_mb as i64)
-        {
-            reasons.push(format!("{}: not enough free memory", n.name));
-            continue;
-        }
         let cpus = f64::from(n.cpus_total.max(1));
         let score = (n.load + f64::from(rc + inflight_cpus)) / cpus;
         if best.is_none_or(|(s, b)| score < s || (score == s && n.name < b.name)) {
@@ -274,6 +258,66 @@ pub fn choose_destination(
             format!("no destination fits ({})", reasons.join("; "))
         }
     })
+}
+
+/// Why an operator's named destination cannot take `c` now, or `None`: the same rules as
+/// [`choose_destination`], checked before Slurm is asked for the expansion (a DRAIN/DOWN or
+/// full node would otherwise be found out only when the expansion times out, 30 s later).
+/// `job_holds_it`: the job already has the node (another of its tasks runs there), so no
+/// expansion asks Slurm for CPUs there and its fullness is not judged. Pure.
+pub fn destination_refusal(
+    input: &PlanInput,
+    c: &ContainerSnap,
+    name: &str,
+    reserved: &BTreeMap<String, (u32, u64)>,
+    job_holds_it: bool,
+) -> Option<String> {
+    let n = input.nodes.iter().find(|n| n.name == name)?;
+    unfit(input, c, n, reserved, !job_holds_it).map(|r| format!("{name} cannot take {}: {r}", c.id))
+}
+
+/// Why node `n` cannot receive `c` (its agent, Slurm's state, the partition, and with
+/// `check_room` its free CPUs and memory less what is reserved or in flight to it). Pure.
+fn unfit(
+    input: &PlanInput,
+    c: &ContainerSnap,
+    n: &NodeSnap,
+    reserved: &BTreeMap<String, (u32, u64)>,
+    check_room: bool,
+) -> Option<String> {
+    if !n.agent_up {
+        return Some("agent unreachable".into());
+    }
+    if let Some(r) = n.flags.evacuate_reason() {
+        return Some(r.into());
+    }
+    if !c.partition.is_empty() && !n.partitions.is_empty() && !n.partitions.contains(&c.partition) {
+        return Some(format!("not in partition {}", c.partition));
+    }
+    if !check_room {
+        return None;
+    }
+    let (rc, rm) = reserved.get(&n.name).copied().unwrap_or((0, 0));
+    let inflight_cpus: u32 = input
+        .in_flight
+        .iter()
+        .filter(|f| f.destination == n.name)
+        .map(|f| f.cpus)
+        .sum();
+    let inflight_mem: u64 = input
+        .in_flight
+        .iter()
+        .filter(|f| f.destination == n.name)
+        .map(|f| f.rss_mb)
+        .sum();
+    // A node Slurm knows nothing about (no CPU count) is judged by its agent alone.
+    if n.cpus_total > 0 && n.free_cpus() - i64::from(rc + inflight_cpus) < i64::from(c.cpus) {
+        return Some("not enough free CPUs".into());
+    }
+    if n.mem_total_mb > 0 && n.free_mem_mb() - ((rm + inflight_mem) as i64) < (c.rss_mb as i64) {
+        return Some("not enough free memory".into());
+    }
+    None
 }
 
 /// One implicit drain policy: evacuate every migratable container from nodes that are DRAIN,
@@ -536,6 +580,53 @@ pub(crate) mod tests {
         let e =
             choose_destination(&input, &input.containers[0], &BTreeMap::new()).expect_err("full");
         assert!(e.contains("n2: not enough free CPUs"), "{e}");
+    }
+
+    /// A named destination that is DRAIN/DOWN or full is refused with the reason; a node the job
+    /// already holds is not judged by its free CPUs (no expansion asks Slurm for them).
+    #[test]
+    fn a_named_destination_that_cannot_take_the_task_is_refused_with_why() {
+        let mut full = node("n3", "ALLOCATED", 0.0);
+        full.cpus_alloc = 4;
+        let input = PlanInput {
+            nodes: vec![
+                node("n1", "MIXED", 0.0),
+                node("n2", "IDLE+DRAIN", 0.0),
+                full,
+                node("n4", "DOWN", 0.0),
+                node("n5", "IDLE", 0.0),
+            ],
+            containers: vec![container("a", "n1")],
+            ..Default::default()
+        };
+        let c = &input.containers[0];
+        let none = BTreeMap::new();
+        let why = |n: &str, holds: bool| destination_refusal(&input, c, n, &none, holds);
+        assert_eq!(why("n2", false).as_deref(), Some("n2 cannot take a: DRAIN"));
+        assert_eq!(
+            why("n3", false).as_deref(),
+            Some("n3 cannot take a: not enough free CPUs")
+        );
+        assert_eq!(why("n3", true), None);
+        assert_eq!(why("n4", true).as_deref(), Some("n4 cannot take a: DOWN"));
+        assert_eq!(why("n5", false), None);
+        // What this request already placed on n5 counts.
+        let mut reserved = BTreeMap::new();
+        reserved.insert("n5".to_string(), (3, 0));
+        assert_eq!(
+            destination_refusal(&input, c, "n5", &reserved, false).as_deref(),
+            Some("n5 cannot take a: not enough free CPUs")
+        );
+    }
+
+    /// A node holding a moved task counts its CPUs even though Slurm's CPUAlloc does not, so a
+    /// full node is seen as full.
+    #[test]
+    fn moved_in_tasks_count_on_their_node() {
+        assert_eq!(allocated_cpus(0, [1]), 1);
+        assert_eq!(allocated_cpus(2, [1, 2]), 5);
+        assert_eq!(allocated_cpus(3, []), 3);
+        assert_eq!(allocated_cpus(u32::MAX, [1]), u32::MAX);
     }
 
     #[test]

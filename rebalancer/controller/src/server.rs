@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Caller;
 use crate::daemon::{err, Controller, Progress};
-use crate::planner::{choose_destination, PlanAction, PlannedMove};
+use crate::planner::{choose_destination, destination_refusal, PlanAction, PlannedMove};
 
 /// Control requests are small; a policy check carries a few files.
 const MAX_REQUEST: u32 = 4 * 1024 * 1024;
@@ -705,7 +705,18 @@ async fn operator_moves(
                     format!("container {} already runs on {d}", c.id),
                 ))
             }
-            Some(d) => d.clone(),
+            Some(d) => {
+                // Refused now, with the reason, rather than when the expansion times out.
+                let holds = ctl
+                    .state()
+                    .jobs
+                    .get(&c.job_id)
+                    .is_some_and(|j| j.nodes.contains(d));
+                if let Some(why) = destination_refusal(&input, c, d, &reserved, holds) {
+                    return Err(err(ErrorCode::NoRoom, why));
+                }
+                d.clone()
+            }
             None => choose_destination(&input, c, &reserved)
                 .map_err(|e| err(ErrorCode::NoRoom, format!("container {}: {e}", c.id)))?,
         };

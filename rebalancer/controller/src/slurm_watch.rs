@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rebalancer_proto::control::{DecisionRecord, MigrationEntry};
-use rebalancer_proto::{ErrorCode, ErrorReply, MigrationState};
+use rebalancer_proto::{ContainerInfo, ContainerState, ErrorCode, ErrorReply, MigrationState};
 use tracing::{error, info, warn};
 
-use crate::daemon::{err, write, Controller};
+use crate::daemon::{err, read, write, Controller};
 use crate::inflight::Expansion;
 use crate::slurm_sync::{allocation_change, SlurmNode};
 
@@ -136,6 +136,12 @@ impl Controller {
     /// Expands the job to the destination and shrinks it from the source when nothing of the
     /// job is left there.
     pub(crate) async fn sync_slurm(self: &Arc<Self>, entry: &mut MigrationEntry) {
+        self.sync_allocation(entry, false).await
+    }
+
+    /// [`Self::sync_slurm`] for a migration that just ended (`retry` false), or again later for
+    /// one whose source was kept (`retry` true: see [`Self::retry_kept_sources`]).
+    async fn sync_allocation(self: &Arc<Self>, entry: &mut MigrationEntry, retry: bool) {
         if !self.cfg.slurm.enabled || !self.cfg.slurm.sync_allocation {
             return;
         }
@@ -147,17 +153,18 @@ impl Controller {
             entry.record.destination.clone(),
             entry.record.container.clone(),
         );
-        // Count what the job still has on the source, from a fresh list.
+        // Count what the job still has on the source, from a fresh list, and what of it is on
+        // its way there: releasing the source under a move back would make slurmd there revoke
+        // the job's credentials after the restore step got its own, and the restore step's
+        // launch fails with "Job credential revoked".
+        let incoming = incoming_moves(
+            read(&self.state).in_flight.values().map(|f| &f.decision),
+            job_id,
+            &source,
+        );
         let remaining = match self.agent(&source) {
             Some(a) => match a.containers().await {
-                Ok(list) => list
-                    .iter()
-                    .filter(|c| {
-                        c.id != moved
-                            && c.task.as_ref().is_some_and(|t| t.job_id == job_id)
-                            && c.state.is_live()
-                    })
-                    .count(),
+                Ok(list) => remaining_on_source(&list, job_id, &moved, retry) + incoming,
                 Err(e) => {
                     entry.slurm_error = Some(format!("cannot list the source's containers: {e}"));
                     return;
@@ -208,7 +215,9 @@ impl Controller {
                 remaining,
                 step_elsewhere.as_deref(),
             );
-            if let Some(d) = &change.expand_to {
+            // A later look at a kept source only releases it: the job may have left the old
+            // destination since, and must not be put back there.
+            if let Some(d) = change.expand_to.as_ref().filter(|_| !retry) {
                 slurm.expand_job(job_id, d)?;
             }
             if let Some(nodes) = &change.shrink_to {
@@ -245,7 +254,7 @@ impl Controller {
                     .is_some_and(crate::slurm_sync::kept_source_may_change)
         }) {
             let before = e.slurm_kept_source.clone();
-            self.sync_slurm(&mut e).await;
+            self.sync_allocation(&mut e, true).await;
             if e.slurm_kept_source != before {
                 info!(migration = %e.record.id, source = %e.record.source, now = e.slurm_kept_source.as_deref().unwrap_or("released"), "kept source node re-examined");
                 if let Err(err) = self.journal.put_migration(&e) {
@@ -254,6 +263,30 @@ impl Controller {
             }
         }
     }
+}
+
+/// Live containers of job `job_id` in `list` (the source's containers), not counting the moved
+/// one right after its move (the source's copy of it is on its way out); at a `retry` it counts
+/// too when it runs there again (moved back). Pure.
+fn remaining_on_source(list: &[ContainerInfo], job_id: u32, moved: &str, retry: bool) -> usize {
+    list.iter()
+        .filter(|c| {
+            (c.id != moved || (retry && c.state == ContainerState::Running))
+                && c.task.as_ref().is_some_and(|t| t.job_id == job_id)
+                && c.state.is_live()
+        })
+        .count()
+}
+
+/// Migrations in flight that move a container of job `job_id` to `node`. Pure.
+fn incoming_moves<'a>(
+    in_flight: impl Iterator<Item = &'a DecisionRecord>,
+    job_id: u32,
+    node: &str,
+) -> usize {
+    in_flight
+        .filter(|d| d.destination == node && d.task.as_ref().is_some_and(|t| t.job_id == job_id))
+        .count()
 }
 
 /// Slurm's fresh node list replacing the known one; true when a node entered an evacuation
@@ -294,6 +327,81 @@ mod tests {
 
     fn known(nodes: &[SlurmNode]) -> BTreeMap<String, SlurmNode> {
         nodes.iter().map(|n| (n.name.clone(), n.clone())).collect()
+    }
+
+    fn info(id: &str, job: u32, state: ContainerState) -> ContainerInfo {
+        ContainerInfo {
+            id: id.into(),
+            task: Some(rebalancer_proto::TaskRef {
+                job_id: job,
+                step_id: 0,
+                task_id: 0,
+            }),
+            uid: 0,
+            gid: 0,
+            node: "n1".into(),
+            address: String::new(),
+            pid: None,
+            state,
+            rss_bytes: 0,
+            cpus: None,
+            class: None,
+            exit_status: None,
+            started_at: 0,
+        }
+    }
+
+    fn decision(container: &str, job: u32, source: &str, destination: &str) -> DecisionRecord {
+        DecisionRecord {
+            seq: 1,
+            at: 0,
+            policy: "operator:0".into(),
+            container: container.into(),
+            task: Some(rebalancer_proto::TaskRef {
+                job_id: job,
+                step_id: 0,
+                task_id: 0,
+            }),
+            uid: None,
+            source: source.into(),
+            destination: destination.into(),
+            mode: rebalancer_proto::MigrationMode::StopAndCopy,
+            why: String::new(),
+            outcome: rebalancer_proto::control::DecisionOutcome::Started,
+            detail: None,
+            migration: None,
+        }
+    }
+
+    /// Right after a move the source's copy of the moved container does not hold the source;
+    /// when a kept source is looked at again, the moved container running there again (moved
+    /// back) does; other jobs' and ended containers never do.
+    #[test]
+    fn a_container_moved_back_keeps_its_source_in_the_job() {
+        let list = vec![
+            info("j4.s0.t0", 4, ContainerState::Running),
+            info("j4.s0.t1", 4, ContainerState::Exited),
+            info("j5.s0.t0", 5, ContainerState::Running),
+        ];
+        assert_eq!(remaining_on_source(&list, 4, "j4.s0.t0", false), 0);
+        assert_eq!(remaining_on_source(&list, 4, "j4.s0.t0", true), 1);
+        let away = vec![info("j4.s0.t0", 4, ContainerState::MigratedAway)];
+        assert_eq!(remaining_on_source(&away, 4, "j4.s0.t0", true), 0);
+        assert_eq!(remaining_on_source(&list, 5, "j4.s0.t0", false), 1);
+    }
+
+    /// A move of the job back to the source in flight counts as the job's: releasing the source
+    /// then would revoke the restore step's credential there.
+    #[test]
+    fn a_move_back_in_flight_counts_on_its_destination() {
+        let d = [
+            decision("j4.s0.t0", 4, "n2", "n1"),
+            decision("j5.s0.t0", 5, "n2", "n1"),
+            decision("j4.s0.t1", 4, "n1", "n3"),
+        ];
+        assert_eq!(incoming_moves(d.iter(), 4, "n1"), 1);
+        assert_eq!(incoming_moves(d.iter(), 4, "n2"), 0);
+        assert_eq!(incoming_moves(d.iter(), 6, "n1"), 0);
     }
 
     #[test]

@@ -504,6 +504,24 @@ impl E2e {
         );
     }
 
+    /// Logs a measured figure, and appends it to the file named by `RBC_E2E_FIGURES` when set,
+    /// so that CI prints each release's downtimes and client gaps (cargo captures the log).
+    fn figure(&self, msg: &str) {
+        self.log(msg);
+        if let Some(path) = std::env::var_os("RBC_E2E_FIGURES") {
+            use std::io::Write;
+            let line = format!("{}: {msg}\n", self.name);
+            let res = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+            if let Err(e) = res {
+                self.log(&format!("cannot append to {}: {e}", path.to_string_lossy()));
+            }
+        }
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.work.join(name)
     }
@@ -792,7 +810,7 @@ impl E2e {
             "Slurm not synced\n{}",
             ctx()
         );
-        self.log(&format!(
+        self.figure(&format!(
             "migration {} {}: {source} -> {dest}, mode {}, downtime {} ms, {} bytes",
             s("/record/id"),
             s("/record/state"),
@@ -961,7 +979,7 @@ impl E2e {
             "the server's counter did not go on\n{}",
             ctx()
         );
-        self.log(&format!(
+        self.figure(&format!(
             "{name}: {} answers, 0 errors, 1 connection, largest gap {:.0} ms",
             after.answers(),
             after

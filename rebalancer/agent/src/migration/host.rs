@@ -222,12 +222,13 @@ pub trait Cgroups: Send + Sync {
 pub trait Steps: Send + Sync {
     type Step: Helper;
     /// Starts `argv` (the restore command for `migration`, whose entry in
-    /// `agent.restore_steps()` exists), output to `log`.
+    /// `agent.restore_steps()` exists) as `user`, output to `log`.
     fn start_step(
         &self,
         agent: &Arc<Agent>,
         migration: &str,
         argv: &[String],
+        user: &super::restore_step::StepUser,
         log: std::fs::File,
     ) -> Result<Self::Step, AgentError>;
 }
@@ -645,6 +646,7 @@ impl Steps for System {
         _agent: &Arc<Agent>,
         _migration: &str,
         argv: &[String],
+        user: &super::restore_step::StepUser,
         log: std::fs::File,
     ) -> Result<tokio::process::Child, AgentError> {
         let program = argv
@@ -654,16 +656,28 @@ impl Steps for System {
             what: "dup log".into(),
             source,
         })?;
-        tokio::process::Command::new(program)
-            .args(&argv[1..])
+        let mut cmd = tokio::process::Command::new(program);
+        // Tells the plugin in srun that the agent started this restore step (it refuses a
+        // user's own `--rebalancer-restore`); spank-plugin/src/local.rs reads it.
+        cmd.args(&argv[1..])
+            .env("SLURM_REBALANCER_AGENT_RESTORE", "1")
             .stdin(std::process::Stdio::null())
             .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|source| AgentError::Io {
-                what: format!("cannot run {program}"),
-                source,
-            })
+            .stderr(log2);
+        if user.needs_switch(nix::unistd::getuid().as_raw()) {
+            let user = user.clone();
+            // "/" because the agent's directory may be closed to the user (slurmstepd would
+            // then log a chdir error into the task's output).
+            cmd.envs(user.env.clone()).current_dir("/");
+            // SAFETY: the hook only calls StepUser::switch, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || user.switch());
+            }
+        }
+        cmd.spawn().map_err(|source| AgentError::Io {
+            what: format!("cannot run {program}"),
+            source,
+        })
     }
 }
 

@@ -534,6 +534,7 @@ impl Steps for SimHost {
         agent: &Arc<Agent>,
         migration: &str,
         _argv: &[String],
+        _user: &super::restore_step::StepUser,
         _log: std::fs::File,
     ) -> Result<SimStep, AgentError> {
         self.act("start-step")?;
