@@ -41,6 +41,8 @@ pub(super) struct Incoming<H: Host> {
     pub(super) cgroup: Option<crate::cgroup::Cgroup>,
     /// CRIU's TLS options for this migration's page transfers (empty: plain TCP).
     pub(super) tls: Vec<String>,
+    /// The job's spool directory this migration created here (spool.rs), removed on undo.
+    pub(super) spool: Option<PathBuf>,
 }
 
 impl<H: Host> Incoming<H> {
@@ -69,6 +71,9 @@ impl<H: Host> Incoming<H> {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_dir_all(&self.mig_dir);
+        if let Some(d) = self.spool.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
         agent
             .incoming()
             .remove(&(self.meta.spec.id.clone(), self.meta.address));

@@ -245,6 +245,7 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
             source_addr,
             rss_bytes,
             tls_cert,
+            spool,
         } => {
             if incoming.is_some() {
                 return Err(AgentError::BadRequest("prepare sent twice".into()));
@@ -316,6 +317,7 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
                 source: source_addr.map(|a| (source_node.to_string(), a)),
                 cgroup: None,
                 tls: Vec::new(),
+                spool: None,
             };
 
             let r = async {
@@ -326,6 +328,12 @@ async fn handle<H: Host, S: AsyncRead + Unpin>(
                     what: format!("mkdir {}", images.display()),
                     source,
                 })?;
+                // A batch task's job directory of a node-local spool: the root and the binds
+                // check below need it.
+                if let (Some(sent), Some(task)) = (&spool, &meta.spec.task) {
+                    inc.spool =
+                        super::spool::install(&agent.cfg.slurmd_spool_dir, task.job_id, sent)?;
+                }
                 container::prepare_root(&root, &meta.mounts, &meta.symlinks)?;
                 if restore_step {
                     // The source refuses these first; a peer that did not is refused here.

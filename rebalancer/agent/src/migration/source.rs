@@ -199,6 +199,7 @@ pub async fn preflight_with<H: Host>(
                         .to_string(),
                 ),
                 tls_cert: identity.as_ref().map(|i| i.cert_pem.clone()),
+                spool: super::spool::collect(&agent.cfg.slurmd_spool_dir, &meta)?,
             })
             .await?
         {
