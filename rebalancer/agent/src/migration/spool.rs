@@ -186,6 +186,24 @@ pub fn install(spool: &Path, job_id: u32, sent: &SpoolDir) -> Result<Option<Path
     }
 }
 
+/// When a task that arrived by migration ends here: removes the copy of its job directory that
+/// [`install`] made (slurmd removes only the directories it made, on the batch host). Returns
+/// the directory removed.
+pub fn remove_arrived(spool: &Path, meta: &ContainerMeta) -> Option<PathBuf> {
+    let dir = bound_job_dir(spool, meta)?;
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {
+            tracing::info!(dir = %dir.display(), container = %meta.spec.id, "job spool directory copy removed");
+            Some(dir)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), container = %meta.spec.id, error = %e, "could not remove the job spool directory copy");
+            None
+        }
+    }
+}
+
 /// An existing job directory is accepted only if it holds the same files.
 fn same_files(dir: &Path, sent: &SpoolDir) -> Result<(), AgentError> {
     for f in &sent.files {
@@ -327,6 +345,14 @@ mod tests {
                 install(&dst, 42, &other),
                 Err(AgentError::Busy(_))
             ));
+            // The task ends here: the copy goes, another job's dir stays.
+            let keep = job_dir(&dst, 41);
+            std::fs::create_dir(&keep).expect("another job's dir");
+            // (On a cluster both spools have one path; here the container binds dst's.)
+            let arrived = meta(vec![made.display().to_string()], 42);
+            assert_eq!(remove_arrived(&dst, &arrived), Some(made.clone()));
+            assert!(!made.exists() && keep.exists());
+            assert_eq!(remove_arrived(&dst, &arrived), None);
         }
     }
 
