@@ -6,7 +6,7 @@
 #
 # As root on a fresh Debian 12 machine: installs what is missing (scripts/setup.sh), builds the
 # release binaries and the SPANK plugin, brings up the 3-node test cluster (slurm-tests/cluster.sh)
-# with the plugin in plugstack.conf, starts one rebalancer-agent per node and rebalancerd with an
+# with the plugin in plugstack.conf, starts one rebalancer-agent on each node and rebalancerd (on the admin host) with an
 # automatic drain policy, runs a migratable TCP counter server as a Slurm step on node1 and a client
 # job on node3 that sends a request every 10 ms, drains node1, and shows the rebalancer moving the
 # step to node2 by itself. Everything is removed afterwards, also on Ctrl-C.
@@ -163,9 +163,9 @@ grep -o " $DEMO_DIR/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/de
 rm -rf "$DEMO_DIR"
 mkdir -p "$ADIR" "$WORK" "$DEMO_DIR/policies"
 
-step "Slurm cluster: slurmctld + slurmd node1..node3 (network namespaces 198.18.0.11-13), SPANK plugin loaded"
+step "Slurm cluster: slurmctld on the admin host (198.18.0.2), slurmd on node1..node3 (198.18.0.11-13), each host isolated like a machine, SPANK plugin loaded"
 cat >"$DEMO_DIR/plugstack.conf" <<EOF
-required $BIN/libslurm_rebalancer_spank.so socket=$ADIR/%n.sock
+required $BIN/libslurm_rebalancer_spank.so socket=$RBC_AGENT_SOCKET
 EOF
 say "plugstack.conf: $(cat "$DEMO_DIR/plugstack.conf")"
 cluster_up=1
@@ -175,7 +175,7 @@ eval "$("$CLUSTER" env --state-dir "$CDIR")"
 export SLURM_CONF
 sinfo -N -o '   %N %t %C' | sed 's/^/ /'
 
-step "rebalancer-agent on every node (in the node's network namespace)"
+step "rebalancer-agent on every node (on the node: its namespaces, /run and state directory)"
 for ((k = 0; k < 3; k++)); do
   node=${NODES[$k]}
   peers=''
@@ -185,10 +185,10 @@ for ((k = 0; k < 3; k++)); do
   cat >"$ADIR/$node.toml" <<EOF
 node = "$node"
 listen = "198.18.0.$((11 + k)):7878"
-control_socket = "$ADIR/$node.sock"
+control_socket = "$RBC_AGENT_SOCKET"
 container_subnet = "198.19.0.0/20"
-state_dir = "$ADIR/$node/state"
-run_dir = "$ADIR/$node/run"
+state_dir = "/var/lib/rebalancer"
+run_dir = "/run/rebalancer"
 migration_timeout_ms = 60000
 [auth]
 method = "munge"
@@ -198,22 +198,25 @@ $peers
 EOF
   # The agent runs the restore step with srun, which finds the cluster through SLURM_CONF.
   # setsid: a Ctrl-C on the terminal reaches this script only, which then stops everything in order.
-  setsid nsenter --net="/run/netns/$node" "$BIN/rebalancer-agent" run --config "$ADIR/$node.toml" \
+  # cluster.sh exec execs the agent: $! is its pid.
+  setsid "$CLUSTER" exec --state-dir "$CDIR" "$node" "$BIN/rebalancer-agent" run --config "$ADIR/$node.toml" \
     </dev/null >"$ADIR/$node.log" 2>&1 8>&- &
   AGENT_PID[$node]=$!
   disown
 done
 for node in "${NODES[@]}"; do
+  # The node's private /run, seen from here through its backing directory.
+  sock=$CDIR/host/$node$RBC_AGENT_SOCKET
   for ((k = 0; k < 200; k++)); do
-    [ -S "$ADIR/$node.sock" ] && break
+    [ -S "$sock" ] && break
     kill -0 "${AGENT_PID[$node]}" 2>/dev/null || fail "the agent on $node exited"
     sleep 0.1
   done
-  [ -S "$ADIR/$node.sock" ] || fail "the agent on $node has no control socket after 20 s"
+  [ -S "$sock" ] || fail "the agent on $node has no control socket after 20 s"
 done
 say "agents up: $(printf '%s ' "${NODES[@]}")(logs in $ADIR)"
 
-step "rebalancerd with an automatic drain policy"
+step "rebalancerd on the admin host with an automatic drain policy"
 cp "$ROOT/policies/drain.toml" "$DEMO_DIR/policies/drain.toml"
 sed -i 's/^action *= *"[a-z-]*"/action = "automatic"/' "$DEMO_DIR/policies/drain.toml"
 grep -q '^action = "automatic"' "$DEMO_DIR/policies/drain.toml" || fail "could not set the drain policy to automatic"
@@ -230,14 +233,15 @@ conf = "$SLURM_CONF"
 poll_interval_ms = 300
 reconcile_interval_s = 5
 [agents]
-socket_template = "$ADIR/{node}.sock"
+$(cat "$RBC_CONTROLLER_AGENTS")
 poll_interval_ms = 500
 [migration]
 timeout_s = 120
 EOF
 "$BIN/rebalancerd" --check-config --config "$DEMO_DIR/rebalancerd.toml" >/dev/null ||
   fail "rebalancerd rejects $DEMO_DIR/rebalancerd.toml"
-setsid "$BIN/rebalancerd" --config "$DEMO_DIR/rebalancerd.toml" </dev/null >/dev/null 2>"$DEMO_DIR/rebalancerd.log" 8>&- &
+setsid "$CLUSTER" exec --state-dir "$CDIR" "$RBC_ADMIN_HOST" "$BIN/rebalancerd" --config "$DEMO_DIR/rebalancerd.toml" \
+  </dev/null >/dev/null 2>"$DEMO_DIR/rebalancerd.log" 8>&- &
 CTL_PID=$!
 disown
 for ((k = 0; k < 200; k++)); do

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# A real Slurm 22.05 test cluster on this one machine: munged, MariaDB, slurmdbd and slurmctld in the
-# root network namespace, one slurmd per node in its own network namespace on the bridge rbc0.
+# A real Slurm 22.05 test cluster on this one machine, its hosts isolated like separate machines:
+# an admin host (MariaDB, slurmdbd, slurmctld) and one host per node (slurmd), each its own
+# network, mount and UTS namespace on the bridge rbc0, with its own /run, /tmp, spool and munged.
 # With --release 24.11|26.05, the same cluster from that Debian release (docs/slurm-releases.md).
 #
 #   cluster.sh up [--nodes N] [--state-dir DIR] [--plugstack FILE] [--release R]
 #   cluster.sh down [--state-dir DIR]
 #   cluster.sh status [--state-dir DIR]
 #   cluster.sh env [--state-dir DIR]        # eval "$(slurm-tests/cluster.sh env)"
+#   cluster.sh exec [--state-dir DIR] HOST CMD...   # CMD on HOST (admin, node1, ...), in $PWD
 #
 # Only one cluster can be up at a time (the bridge, the node namespaces and the ports are global);
 # /run/slurm-rbc.current names the state dir of the cluster that is up. Every daemon runs as root
 # (SlurmUser=root), which keeps a throw-away test cluster free of users, keys and permissions work.
+# The machine running cluster.sh plays the login node: it has a munged of its own and runs the
+# clients (sinfo, srun, sbatch...) with SLURM_CONF.
 # Environment: RBC_STATE_DIR (default state dir), RBC_NODES (default node count),
 # RBC_PLUGSTACK (a plugstack.conf fragment to include, same as --plugstack),
 # RBC_SLURM_RELEASE (same as --release: 24.11 or 26.05 run every daemon of that Debian release
@@ -30,6 +34,12 @@ readonly CLUSTER_NAME=rbc
 # slurmctld, slurmdbd and MariaDB listen in the root namespace: ports away from the defaults, so that
 # a private cluster elsewhere on the machine (default 6817/6819) does not collide. slurmd is per netns.
 readonly CTLD_PORT=16817 SLURMD_PORT=6818 DBD_PORT=16818 DB_PORT=16819
+# The admin host: its name (hostname, SlurmctldHost), network namespace and address.
+readonly ADMIN=admin ADMIN_NETNS=rbc-admin ADMIN_ADDR=$NET.2
+# Directories private to each host, KEY:PATH, backed by $S/host/HOST/KEY.
+readonly PRIVATE_DIRS="run:/run tmp:/tmp spool:/var/spool/slurmd state:/var/lib/rebalancer"
+# Where a node's agent listens for its SPANK plugin and (for now) the controller, on the node.
+readonly AGENT_SOCKET=/run/rebalancer/agent.sock
 readonly MAX_NODES=200
 # If the bridge vanishes under a running cluster, its traffic must not follow the default route.
 readonly FALLBACK_METRIC=4242
@@ -40,7 +50,7 @@ phase() { [ "${RBC_VERBOSE:-0}" = 1 ] && log "$(date +%T.%3N) $*"; return 0; }
 die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-2}"
 }
 
@@ -64,7 +74,8 @@ while [ $# -gt 0 ]; do
     --release) release=${2:?--release needs a release}; shift 2 ;;
     --release=*) release=${1#*=}; shift ;;
     -h|--help) usage 0 ;;
-    *) die "unknown argument '$1'" ;;
+    # exec HOST CMD...: the options end at HOST.
+    *) case $cmd in exec | _mounts) break ;; esac; die "unknown argument '$1'" ;;
   esac
 done
 [ "$(id -u)" = 0 ] || die "must run as root (network namespaces, daemons)"
@@ -80,6 +91,8 @@ fi
 case $state_dir in /*) ;; *) state_dir=$PWD/$state_dir ;; esac
 state_dir=${state_dir%/}
 [ -n "$state_dir" ] && [ "$state_dir" != / ] || die "refusing state dir '/'"
+# Namespace arguments and mount lists are split on white space.
+case $state_dir in *[[:space:]]*) die "the state dir '$state_dir' must not contain white space" ;; esac
 S=$state_dir
 [ "$release" = 22.05 ] && release=
 # Commands other than up act on the release the cluster was started with.
@@ -237,6 +250,155 @@ release_configs() {
   esac
 }
 
+# ----- hosts isolated like machines ----------------------------------------------------------------
+# The admin host and every node are each a network, mount and UTS namespace (hostname = host
+# name). The mount and UTS namespaces persist as bind mounts of their ns files, $S/ns/HOST.mnt and
+# .uts (as `ip netns` keeps network namespaces), entered with nsenter (in_host, `cluster.sh exec`).
+# Private to each host, like a machine's own disk: /run, /tmp, /var/spool/slurmd (SlurmdSpoolDir),
+# /var/lib/rebalancer (agent state), backed by $S/host/HOST/{run,tmp,spool,state}, and a munged
+# with the cluster's key (its socket, like every munge path in the configs, is the state dir's
+# munge/munge.socket: on each host a bind of that host's own /run/munge). Shared, as a cluster
+# shares them: the OS image (/usr...) and the rest of the file system, which plays the shared file
+# system of home and work directories (/home, /work, /var/tmp), and the state dir at its own path
+# (configs, logs; re-exposed when it lies under a private directory such as /tmp).
+# No node sees $S/host (a read-only tmpfs hides it). The admin host still does: the controller
+# started there reaches each agent's socket through its backing path (controller_agents_toml),
+# until controller and agents talk over TCP.
+
+host_names() { echo "$ADMIN"; node_names "$1"; }
+host_addr() { if [ "$1" = "$ADMIN" ]; then echo "$ADMIN_ADDR"; else echo "$NET.$((10 + ${1#node}))"; fi; }
+netns_of() { if [ "$1" = "$ADMIN" ]; then echo "$ADMIN_NETNS"; else echo "$1"; fi; }
+
+# Runs "$@" on host $1 (its network, mount and UTS namespaces; working directory /).
+in_host() {
+  local h=$1
+  shift
+  nsenter --net="/run/netns/$(netns_of "$h")" --mount="$S/ns/$h.mnt" --uts="$S/ns/$h.uts" -- "$@"
+}
+
+# Creates host $1's mount and UTS namespaces (the network namespace exists already).
+make_host() {
+  local h=$1 b=$S/host/$1
+  mkdir -p "$b"/{run,tmp,spool,state} "$b/run/munge"
+  chmod 1777 "$b/tmp"
+  install -m 0400 "$S/munge/munge.key" "$b/run/munge/munge.key"
+  touch "$S/ns/$h.mnt" "$S/ns/$h.uts"
+  echo "$h" >>"$S/hostlist"
+  unshare --mount="$S/ns/$h.mnt" --uts="$S/ns/$h.uts" --propagation private \
+    "$(readlink -f "$0")" _mounts --state-dir "$S" "$h" 9>&- ||
+    die "could not set up the mount namespace of $h"
+}
+
+setup_hosts() {
+  local h m
+  # Mount points in the OS image (Debian's slurmd and the agent use these paths).
+  for m in $PRIVATE_DIRS; do mkdir -p "${m#*:}"; done
+  if [ -n "$release" ]; then
+    local root
+    root=$(release_root)
+    for m in $PRIVATE_DIRS; do mkdir -p "$root${m#*:}"; done
+  fi
+  # Bind mounts of ns files need a private parent mount (see unshare(1) --mount).
+  mount --bind "$S/ns" "$S/ns"
+  mount --make-private "$S/ns"
+  for h in $(host_names "$nodes"); do make_host "$h"; done
+}
+
+# Runs inside host $1's new mount namespace (unshare; every mount private), before any daemon.
+host_mounts() {
+  local h=$1 b=$S/host/$1 m key target sub
+  hostname "$h"
+  # Copies of ns-file mounts (the other hosts', /run/netns/*) would keep those namespaces alive as
+  # long as this one.
+  awk '{for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i + 1) == "nsfs") print $5; break }}' \
+    /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  for m in $PRIVATE_DIRS; do
+    key=${m%%:*} target=${m#*:}
+    case $S in
+      "$target"/*)
+        sub=$b/$key/${S#"$target"/}
+        mkdir -p "$sub"
+        mount --bind "$S" "$sub"
+        ;;
+    esac
+    mount --rbind "$b/$key" "$target"
+  done
+  mkdir -p /run/munge /run/rebalancer
+  mount --bind /run/munge "$S/munge"
+  [ "$h" = "$ADMIN" ] || mount -t tmpfs -o ro,mode=0755,size=16k rbc-hidden "$S/host"
+  if [ -n "$release" ]; then
+    # Daemons of release R run chrooted into its root: the same private directories there.
+    local root
+    root=$(release_root)
+    for m in $PRIVATE_DIRS; do mount --rbind "${m#*:}" "$root${m#*:}"; done
+    if [ -d "$root$S/munge" ]; then
+      mount --bind /run/munge "$root$S/munge"
+      [ "$h" = "$ADMIN" ] || mount -t tmpfs -o ro,mode=0755,size=16k rbc-hidden "$root$S/host"
+    fi
+  fi
+}
+
+# Kills every process on the hosts (their mount namespaces, and the container network namespaces
+# the agents made in their private /run/netns), then removes the namespaces.
+down_hosts() {
+  local f h p ino
+  local -A host_of=()
+  for f in "$S"/ns/*.mnt; do
+    [ -e "$f" ] && mountpoint -q "$f" || continue
+    h=$(basename "$f" .mnt)
+    nsenter --mount="$f" sh -c 'for n in $(ls /run/netns 2>/dev/null); do
+      ip netns pids "$n" 2>/dev/null | xargs -r kill -9; done' 2>/dev/null
+    ino=$(stat -L -c %i "$f" 2>/dev/null) && host_of[$ino]=$h
+  done
+  if [ ${#host_of[@]} -gt 0 ]; then
+    for p in /proc/[0-9]*; do
+      ino=$(readlink "$p/ns/mnt" 2>/dev/null) || continue
+      ino=${ino#mnt:[}; ino=${ino%]}
+      [ -n "${host_of[$ino]:-}" ] && [ "${p#/proc/}" != "$$" ] && kill -9 "${p#/proc/}" 2>/dev/null
+    done
+  fi
+  for f in "$S"/ns/*.mnt "$S"/ns/*.uts; do
+    [ -e "$f" ] && mountpoint -q "$f" && umount "$f" 2>/dev/null
+  done
+  mountpoint -q "$S/ns" && umount -l "$S/ns"
+  return 0
+}
+
+# Daemons of a cluster whose state dir is gone (deleted by hand, or by a test killed hard) still
+# hold ports, namespaces or a bridge every later cluster needs (seen: an orphaned `slurmctld -i`
+# on port 16817). A Slurm, munge or MariaDB daemon is an orphan when a directory its command line
+# or SLURM_CONF names no longer exists in its own mount namespace.
+kill_orphans() {
+  local p comm d arg gone
+  for p in /proc/[0-9]*; do
+    p=${p#/proc/}
+    comm=$(cat "/proc/$p/comm" 2>/dev/null) || continue
+    case $comm in slurmctld | slurmdbd | slurmd | munged | mariadbd) ;; *) continue ;; esac
+    pid_alive "$p" || continue
+    gone=""
+    while read -r arg; do
+      arg=${arg#--*=}
+      case $arg in /*) ;; *) continue ;; esac
+      d=$(dirname "$arg")
+      [ -e "/proc/$p/root$d" ] || { gone=$d; break; }
+    done < <({ tr '\0' '\n' <"/proc/$p/cmdline"; tr '\0' '\n' <"/proc/$p/environ" | sed -n 's/^SLURM_CONF=//p'; } 2>/dev/null)
+    [ -n "$gone" ] || continue
+    log "killing orphaned $comm (pid $p): its state dir $gone is gone"
+    kill -9 "$p" 2>/dev/null
+  done
+  return 0
+}
+
+# The [agents] lines of a rebalancerd.toml on the admin host: how the controller reaches each
+# node's agent. The one place to change when it talks to agents over TCP.
+controller_agents_toml() {
+  cat <<EOT
+# How rebalancerd on the admin host reaches each node's agent (written by cluster.sh): through the
+# socket's backing path, until the controller reaches agents over TCP.
+socket_template = "$S/host/{node}$AGENT_SOCKET"
+EOT
+}
+
 # ----- down ---------------------------------------------------------------------------------------
 
 # A node namespace is ours if its eth0 holds an address of our block.
@@ -270,13 +432,20 @@ down_network() {
   n=$(recorded_nodes)
   [ "$n" -ge 3 ] 2>/dev/null || n=3
   # Namespaces named nodeK that carry our addresses, recorded or not (a crash may lose the record).
-  for ns in $( (node_names "$n"; ls /run/netns 2>/dev/null) | grep -E '^node[0-9]+$' | sort -u); do
-    if netns_is_ours "$ns" || { [ -e "/run/netns/$ns" ] && grep -qx "$ns" "$S/netns" 2>/dev/null; }; then
+  for ns in $( (node_names "$n"; echo "$ADMIN_NETNS"; ls /run/netns 2>/dev/null) | grep -E "^(node[0-9]+|$ADMIN_NETNS)\$" | sort -u); do
+    [ -e "/run/netns/$ns" ] || continue
+    # A file that is no mount any more (a crash between `ip netns add` and its bind mount, or a
+    # namespace unmounted by hand) makes the next `ip netns add` fail: nobody's, remove it.
+    if ! mountpoint -q "/run/netns/$ns"; then
+      rm -f "/run/netns/$ns"
+      continue
+    fi
+    if netns_is_ours "$ns" || grep -qx "$ns" "$S/netns" 2>/dev/null; then
       kill_netns_pids "$ns"
       ip netns delete "$ns" 2>/dev/null
     fi
   done
-  for f in /sys/class/net/rbc-node*; do
+  for f in /sys/class/net/rbc-node* /sys/class/net/rbc-admin; do
     [ -e "$f" ] && ip link delete "$(basename "$f")" 2>/dev/null
   done
   ip link delete "$BRIDGE" 2>/dev/null
@@ -301,7 +470,8 @@ do_down() {
   local f ns n k other
   # Daemons first (pid files): a moment to exit, then SIGKILL; the state goes away anyway.
   local -a pids=()
-  for f in "$S"/run/*.pid "$S"/munge/munged.pid "$S"/db/mariadbd.pid; do
+  for f in "$S"/run/*.pid "$S"/munge/munged.pid "$S"/db/mariadbd.pid \
+    "$S"/host/*/run/munge/munged.pid; do
     [ -s "$f" ] && pids+=("$(cat "$f" 2>/dev/null)")
   done
   if [ ${#pids[@]} -gt 0 ]; then
@@ -310,14 +480,21 @@ do_down() {
     for ((k = 0; k < 10; k++)); do any_alive || break; sleep 0.1; done
     kill -KILL "${pids[@]}" 2>/dev/null
   fi
+  phase down_hosts
+  down_hosts
   if other=$(other_live_cluster); then
     log "leaving the network alone: it belongs to the cluster at $other"
   else
+    phase down_network
     down_network
   fi
+  phase kill_state_dir_pids
   kill_state_dir_pids
   sleep 0.2
   kill_state_dir_pids
+  phase kill_orphans
+  kill_orphans
+  phase release_teardown
   release_teardown
   # The state dir is removed only if it looks like ours: never an arbitrary directory.
   if [ -d "$S" ]; then
@@ -338,6 +515,7 @@ daemon_states() {
   local up=0 total=0 name f node
   local -a list=("munged:$S/munge/munged.pid" "mariadbd:$S/db/mariadbd.pid"
     "slurmdbd:$S/run/slurmdbd.pid" "slurmctld:$S/run/slurmctld.pid")
+  for node in $(host_names "$(recorded_nodes)"); do list+=("munged-$node:$S/host/$node/run/munge/munged.pid"); done
   for node in $(node_names "$(recorded_nodes)"); do list+=("slurmd-$node:$S/run/slurmd-$node.pid"); done
   for entry in "${list[@]}"; do
     name=${entry%%:*}; f=${entry#*:}
@@ -375,6 +553,10 @@ do_env() {
   printf 'export RBC_STATE_DIR=%q\n' "$S"
   printf 'export RBC_NODES=%q\n' "$n"
   printf 'export RBC_NODE_NAMES=%q\n' "$(node_names "$n" | tr '\n' ' ' | sed 's/ $//')"
+  # Hosts: `cluster.sh exec HOST CMD`; a host's private /run is $RBC_STATE_DIR/host/HOST/run.
+  printf 'export RBC_ADMIN_HOST=%q\n' "$ADMIN"
+  printf 'export RBC_AGENT_SOCKET=%q\n' "$AGENT_SOCKET"
+  printf 'export RBC_CONTROLLER_AGENTS=%q\n' "$S/controller-agents.toml"
   if [ -n "$release" ]; then
     printf 'export RBC_SLURM_RELEASE=%q\n' "$release"
     printf 'export RBC_SLURM_ROOT=%q\n' "$(release_root)"
@@ -393,6 +575,14 @@ setup_network() {
   ip route add unreachable "$NET.0/24" metric "$FALLBACK_METRIC"
   ip route add unreachable "$CONTAINERS" metric "$FALLBACK_METRIC"
   sysctl -qw "net.ipv4.conf.$BRIDGE.proxy_arp=1" "net.ipv4.neigh.$BRIDGE.proxy_delay=0"
+  ip netns add "$ADMIN_NETNS"
+  echo "$ADMIN_NETNS" >>"$S/netns"
+  ip link add "rbc-$ADMIN" type veth peer name eth0 netns "$ADMIN_NETNS"
+  ip link set "rbc-$ADMIN" master "$BRIDGE" up
+  nsenter --net="/run/netns/$ADMIN_NETNS" sh -ec "
+    ip link set lo up
+    ip addr add $ADMIN_ADDR/24 dev eth0
+    ip link set eth0 up"
   for ((k = 1; k <= nodes; k++)); do
     node=node$k
     ip netns add "$node"
@@ -408,16 +598,34 @@ setup_network() {
   done
 }
 
-start_munge() {
+make_munge_key() {
   mkdir -p "$S/munge"
   chmod 0711 "$S/munge"
   head -c 1024 /dev/urandom >"$S/munge/munge.key"
   chmod 0400 "$S/munge/munge.key"
+}
+
+# One munged on the login node (this machine) and one on every host, all with the cluster's key.
+start_munge() {
+  local h
   munged --force --socket="$S/munge/munge.socket" --key-file="$S/munge/munge.key" \
     --log-file="$S/log/munged.log" --pid-file="$S/munge/munged.pid" \
     --seed-file="$S/munge/munged.seed" 9>&- ||
     { tail_log "$S/log/munged.log"; die "munged did not start"; }
   wait_for 5 test -S "$S/munge/munge.socket" || { tail_log "$S/log/munged.log"; die "munged has no socket"; }
+  for h in $(host_names "$nodes"); do
+    # On the host, $S/munge is its own /run/munge.
+    # --origin: the host's address (its name is in no resolver; munged would warn).
+    in_host "$h" munged --force --socket="$S/munge/munge.socket" --key-file="$S/munge/munge.key" \
+      --origin="$(host_addr "$h")" \
+      --log-file="$S/log/munged-$h.log" --pid-file="$S/munge/munged.pid" \
+      --seed-file="$S/munge/munged.seed" 9>&- ||
+      { tail_log "$S/log/munged-$h.log"; die "munged on $h did not start"; }
+  done
+  for h in $(host_names "$nodes"); do
+    wait_for 5 test -S "$S/host/$h/run/munge/munge.socket" ||
+      { tail_log "$S/log/munged-$h.log"; die "munged on $h has no socket"; }
+  done
 }
 
 start_mariadb() {
@@ -440,7 +648,8 @@ EOF
   mariadb-install-db --defaults-file="$S/db/my.cnf" --auth-root-authentication-method=normal \
     --skip-test-db >"$S/log/mariadb-install.log" 2>&1 ||
     { tail_log "$S/log/mariadb-install.log"; die "mariadb-install-db failed"; }
-  setsid mariadbd --defaults-file="$S/db/my.cnf" </dev/null >>"$S/log/mariadbd.log" 2>&1 9>&- &
+  # setsid -f: the daemon is not a child of a subshell of ours that would stay behind.
+  in_host "$ADMIN" setsid -f mariadbd --defaults-file="$S/db/my.cnf" </dev/null >>"$S/log/mariadbd.log" 2>&1 9>&-
   wait_for 20 mariadb --no-defaults -S "$S/db/mariadbd.sock" -uroot -e 'select 1' ||
     { tail_log "$S/log/mariadbd.log"; die "mariadbd did not start"; }
   mariadb --no-defaults -S "$S/db/mariadbd.sock" -uroot -e "
@@ -450,8 +659,7 @@ EOF
 }
 
 write_configs() {
-  local host k mem
-  host=$(hostname)
+  local k mem
   # Every node sees the whole machine; splitting the memory keeps the cluster's total honest.
   mem=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 / nodes * 9 / 10))
   : >"$S/plugstack.conf"
@@ -462,16 +670,16 @@ write_configs() {
   fi
   {
     echo "# Written by slurm-tests/cluster.sh; removed by 'cluster.sh down'."
-    # The host name must be this machine's; the address is the bridge, reachable from every node
-    # netns.
-    slurm_conf_common "$S" "$CLUSTER_NAME" "$host($NET.1)" linuxproc none
+    # slurmctld runs on the admin host (its hostname); the spool is node-local, private to each
+    # node (pid files and logs stay in the state dir, where the tests and `status` read them).
+    slurm_conf_common "$S" "$CLUSTER_NAME" "$ADMIN($ADMIN_ADDR)" linuxproc none /var/spool/slurmd
     cat <<EOF
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmctldDebug=info
 SlurmdDebug=info
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+AccountingStorageHost=$ADMIN_ADDR
 AccountingStoragePort=$DBD_PORT
 # For accounting_storage/slurmdbd this is the munge socket (AuthInfo is not used for slurmdbd).
 AccountingStoragePass=$S/munge/munge.socket
@@ -494,8 +702,8 @@ EOF
   cat >"$S/slurmdbd.conf" <<EOF
 AuthType=auth/munge
 AuthInfo=socket=$S/munge/munge.socket
-DbdHost=$host
-DbdAddr=127.0.0.1
+DbdHost=$ADMIN
+DbdAddr=$ADMIN_ADDR
 DbdPort=$DBD_PORT
 SlurmUser=root
 DebugLevel=info
@@ -509,21 +717,21 @@ StoragePass=slurm
 StorageLoc=slurm_acct_db
 EOF
   chmod 0600 "$S/slurmdbd.conf"
+  controller_agents_toml >"$S/controller-agents.toml"
 }
 
 start_slurm() {
   local node k
   export SLURM_CONF=$S/slurm.conf
-  slurmdbd 9>&- || { tail_log "$S/log/slurmdbd.log"; die "slurmdbd did not start"; }
+  in_host "$ADMIN" env SLURM_CONF="$SLURM_CONF" PATH="$PATH" slurmdbd 9>&- || { tail_log "$S/log/slurmdbd.log"; die "slurmdbd did not start"; }
   wait_for 30 sacctmgr -n list cluster ||
     { tail_log "$S/log/slurmdbd.log"; die "slurmdbd does not answer"; }
   phase slurmctld
-  slurmctld -i 9>&- || { tail_log "$S/log/slurmctld.log"; die "slurmctld did not start"; }
+  in_host "$ADMIN" env SLURM_CONF="$SLURM_CONF" PATH="$PATH" slurmctld -i 9>&- || { tail_log "$S/log/slurmctld.log"; die "slurmctld did not start"; }
   wait_for 20 scontrol ping || { tail_log "$S/log/slurmctld.log"; die "slurmctld does not answer"; }
   for ((k = 1; k <= nodes; k++)); do
     node=node$k
-    mkdir -p "$S/slurmd/$node"
-    nsenter --net="/run/netns/$node" slurmd -N "$node" -f "$S/slurm.conf" 9>&- ||
+    in_host "$node" env SLURM_CONF="$SLURM_CONF" PATH="$PATH" slurmd -N "$node" -f "$S/slurm.conf" 9>&- ||
       { tail_log "$S/log/slurmd-$node.log"; die "slurmd on $node did not start"; }
   done
   phase "wait for idle nodes"
@@ -567,7 +775,7 @@ do_up() {
   if [ -e "$S" ] && [ -n "$(ls -A "$S")" ]; then
     die "state dir $S exists and is not a cluster's: choose another --state-dir"
   fi
-  mkdir -p "$S"/{log,run,slurmctld,slurmd}
+  mkdir -p "$S"/{log,run,slurmctld,ns,host}
   touch "$S/.rbc-cluster"
   echo "$nodes" >"$S/nodes"
   echo "$S" >"$CURRENT"
@@ -584,6 +792,9 @@ do_up() {
   phase write_configs
   write_configs
   [ -z "$release" ] || release_configs
+  make_munge_key
+  phase setup_hosts
+  setup_hosts
   phase start_munge
   start_munge
   phase start_mariadb
@@ -594,6 +805,17 @@ do_up() {
   log "up at $S: $nodes nodes in $((SECONDS - t0)) s; run: eval \"\$($0 env)\""
 }
 
+# Descriptors inherited from the caller (flock(1)'s lock of a test run, a test harness's pipes)
+# would be held by every daemon started here, and by an orphaned one for ever: keep only stdio.
+# 255 is bash's own descriptor of this script.
+close_inherited_fds() {
+  local fd
+  for fd in $(ls "/proc/$$/fd"); do
+    [ "$fd" -gt 2 ] && [ "$fd" != 255 ] && eval "exec $fd>&-"
+  done
+  return 0
+}
+
 op_lock() {
   exec 9>"$OP_LOCK"
   flock -w 300 9 || die "another cluster.sh up/down holds $OP_LOCK for 300 s"
@@ -602,11 +824,23 @@ op_lock() {
 # Commands on a cluster of another release reach its clients through the wrappers.
 if [ "$cmd" != up ] && [ -n "$release" ] && [ -d "$S/bin" ]; then export PATH=$S/bin:$PATH; fi
 
+case $cmd in up | down | exec) close_inherited_fds ;; esac
 case $cmd in
   up) op_lock; do_up ;;
   down) op_lock; do_down; log "down ($S)" ;;
   status) do_status ;;
   env) do_env ;;
+  exec)
+    h=${1:-}
+    [ -n "$h" ] && [ $# -ge 2 ] || die "usage: $0 exec [--state-dir DIR] HOST CMD..."
+    shift
+    grep -qx -- "$h" "$S/hostlist" 2>/dev/null || die "no host '$h' in the cluster at $S (hosts: $(tr '\n' ' ' <"$S/hostlist" 2>/dev/null))"
+    # nsenter starts in the host's /: come back to the caller's directory when the host has it.
+    # Every step execs, so CMD keeps this script's pid (a caller can signal it).
+    exec nsenter --net="/run/netns/$(netns_of "$h")" --mount="$S/ns/$h.mnt" --uts="$S/ns/$h.uts" -- \
+      sh -c 'cd "$1" 2>/dev/null || cd /; shift; exec "$@"' rbc "$PWD" "$@"
+    ;;
+  _mounts) host_mounts "${1:?}" ;;
   -h|--help|help) usage 0 ;;
   *) die "unknown command '$cmd'" ;;
 esac

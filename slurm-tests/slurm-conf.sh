@@ -5,11 +5,14 @@
 #   DIR/munge/munge.socket, DIR/slurmctld, DIR/slurmd/<node>, DIR/run/*.pid, DIR/log/*.log,
 #   DIR/plugstack.conf.
 #
-#   slurm_conf_common DIR CLUSTER_NAME CTLD_HOST PROCTRACK TASK
+#   slurm_conf_common DIR CLUSTER_NAME CTLD_HOST PROCTRACK TASK [SPOOL PIDFILE]
 #
-# prints those lines; the caller appends its own (ports, accounting, nodes, partitions).
+# prints those lines; the caller appends its own (ports, accounting, nodes, partitions). SPOOL and
+# PIDFILE replace slurmd's DIR/slurmd/%n and DIR/run/slurmd-%n.pid: a cluster whose nodes each
+# have a private file system passes a node-local spool (cluster.sh: /var/spool/slurmd).
 slurm_conf_common() {
   local dir=$1 name=$2 host=$3 proctrack=$4 task=$5
+  local spool=${6:-$dir/slurmd/%n} pidfile=${7:-$dir/run/slurmd-%n.pid}
   cat <<EOF
 ClusterName=$name
 SlurmctldHost=$host
@@ -19,9 +22,9 @@ AuthType=auth/munge
 AuthInfo=socket=$dir/munge/munge.socket
 CredType=cred/munge
 StateSaveLocation=$dir/slurmctld
-SlurmdSpoolDir=$dir/slurmd/%n
+SlurmdSpoolDir=$spool
 SlurmctldPidFile=$dir/run/slurmctld.pid
-SlurmdPidFile=$dir/run/slurmd-%n.pid
+SlurmdPidFile=$pidfile
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd-%n.log
 PlugStackConfig=$dir/plugstack.conf

@@ -22,6 +22,21 @@ use std::time::{Duration, Instant};
 /// Machine-wide lock serialising clusters (they share the bridge, namespaces and ports).
 pub const LOCK_PATH: &str = "/run/slurm-rbc.lock";
 
+/// The cluster's admin host (slurmctld, slurmdbd, MariaDB; the rebalancer controller goes there).
+pub const ADMIN_HOST: &str = "admin";
+
+/// Where a node's agent listens for its SPANK plugin, on that node (in its private /run).
+pub const AGENT_SOCKET: &str = "/run/rebalancer/agent.sock";
+
+/// A host's private directories (its own disk, like a machine's) and the name of their backing
+/// directory under `STATE_DIR/host/HOST/`; the same list as cluster.sh's `PRIVATE_DIRS`.
+const PRIVATE_DIRS: [(&str, &str); 4] = [
+    ("/run", "run"),
+    ("/tmp", "tmp"),
+    ("/var/spool/slurmd", "spool"),
+    ("/var/lib/rebalancer", "state"),
+];
+
 /// Errors of the harness.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -236,6 +251,68 @@ impl Cluster {
     pub fn sbatch(&self, args: &[&str]) -> Result<JobId> {
         let out = self.run_ok("sbatch", [&["--parsable"], args].concat())?;
         parse_job_id("sbatch", out.trim().split(';').next().unwrap_or_default())
+    }
+
+    /// The hosts: [`ADMIN_HOST`], then node1..nodeN.
+    pub fn host_names(&self) -> Vec<String> {
+        let mut v = vec![ADMIN_HOST.to_owned()];
+        v.extend(self.node_names());
+        v
+    }
+
+    /// A command that runs PROGRAM on HOST (its network, mount and UTS namespaces, as
+    /// `cluster.sh exec` does), in directory WD there, with this cluster's `SLURM_CONF`.
+    /// nsenter execs PROGRAM, so the child's pid is PROGRAM's. Descriptors other than stdio are
+    /// closed in the child: a daemon must not hold a lock file or pipe of the test run.
+    pub fn host_command(&self, host: &str, wd: &Path, program: impl AsRef<OsStr>) -> Command {
+        use std::os::unix::process::CommandExt;
+        let netns = if host == ADMIN_HOST {
+            "rbc-admin".to_owned()
+        } else {
+            host.to_owned()
+        };
+        let ns = self.state_dir.join("ns");
+        let mut cmd = self.command("nsenter");
+        cmd.arg(format!("--net=/run/netns/{netns}"))
+            .arg(format!(
+                "--mount={}",
+                ns.join(format!("{host}.mnt")).display()
+            ))
+            .arg(format!(
+                "--uts={}",
+                ns.join(format!("{host}.uts")).display()
+            ))
+            .arg(format!("--wd={}", wd.display()))
+            .arg("--")
+            .arg(program);
+        // SAFETY: close_range(2) is async-signal-safe and touches no memory of the parent; it
+        // runs in the forked child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                // Without close_range (kernels before 5.9) the descriptors stay: not fatal.
+                let _ = libc::close_range(3, libc::c_uint::MAX, 0);
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Where the test (on the login host) finds PATH of HOST: a path in one of the host's
+    /// private directories maps to its backing directory under the state dir; any other path is
+    /// shared by every host and is itself.
+    pub fn host_path(&self, host: &str, path: &Path) -> PathBuf {
+        backing_path(&self.state_dir, host, path)
+    }
+
+    /// The `[agents]` lines that tell a controller on the admin host how to reach each node's
+    /// agent (written by cluster.sh: the one place that changes when the controller reaches
+    /// agents over TCP).
+    pub fn controller_agents_toml(&self) -> Result<String> {
+        let p = self.state_dir.join("controller-agents.toml");
+        std::fs::read_to_string(&p).map_err(|source| Error::Io {
+            what: format!("could not read {}", p.display()),
+            source,
+        })
     }
 
     /// `salloc --no-shell ARGS`; returns the job id of the granted allocation.
@@ -542,6 +619,16 @@ pub fn parse_key_values(s: &str) -> HashMap<String, String> {
     map
 }
 
+/// [`Cluster::host_path`] of the cluster in STATE_DIR.
+fn backing_path(state_dir: &Path, host: &str, path: &Path) -> PathBuf {
+    for (dir, key) in PRIVATE_DIRS {
+        if let Ok(rest) = path.strip_prefix(dir) {
+            return state_dir.join("host").join(host).join(key).join(rest);
+        }
+    }
+    path.to_owned()
+}
+
 /// An exclusive `flock` on [`LOCK_PATH`], released when the file closes.
 struct MachineLock {
     _file: File,
@@ -581,6 +668,24 @@ impl MachineLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hosts_private_paths_map_to_its_backing_dirs_and_shared_ones_to_themselves() {
+        let s = Path::new("/tmp/c");
+        let p = |h: &str, x: &str| backing_path(s, h, Path::new(x));
+        assert_eq!(
+            p("node2", AGENT_SOCKET),
+            Path::new("/tmp/c/host/node2/run/rebalancer/agent.sock")
+        );
+        assert_eq!(p("admin", "/tmp"), Path::new("/tmp/c/host/admin/tmp"));
+        assert_eq!(
+            p("node1", "/var/spool/slurmd/job00007/slurm_script"),
+            Path::new("/tmp/c/host/node1/spool/job00007/slurm_script")
+        );
+        // A prefix of a name is not the directory: /running is shared.
+        assert_eq!(p("node1", "/running/x"), Path::new("/running/x"));
+        assert_eq!(p("node1", "/var/tmp/w"), Path::new("/var/tmp/w"));
+    }
 
     #[test]
     fn key_values_of_scontrol_one_liner() {

@@ -198,6 +198,30 @@ fn batch_job_moves_and_keeps_its_exit_code() {
         "server now pid {pid} under {} (step {}) on node2",
         p.stepd, p.step
     ));
+    // The spool is node-local: node2 has the job's script only because it came with the images.
+    let job_dir = format!("/var/spool/slurmd/job{:05}", job.0);
+    let script = |node: &str| {
+        e.cluster()
+            .host_path(node, Path::new(&format!("{job_dir}/slurm_script")))
+    };
+    let (src, dst) = (
+        std::fs::read(script("node1")).expect("node1's copy of the script"),
+        std::fs::read(script("node2")).unwrap_or_else(|err| {
+            panic!(
+                "node2 has no {job_dir}/slurm_script: {err}\n{}",
+                e.context()
+            )
+        }),
+    );
+    assert_eq!(src, dst, "node2's slurm_script differs from node1's");
+    assert!(
+        !e.cluster().host_path("node3", Path::new(&job_dir)).exists(),
+        "node3 has the job's spool directory"
+    );
+    e.log(&format!(
+        "{job_dir}/slurm_script moved to node2's spool ({} bytes)",
+        dst.len()
+    ));
     e.assert_client_undisturbed("client");
 
     // The batch host cannot leave the job (docs/slurm-semantics.md): node1 stays in it, DRAINING.

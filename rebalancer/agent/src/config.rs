@@ -92,6 +92,10 @@ pub struct RawConfig {
     /// `{gid}`, `{node}` and `{migration}` are substituted.
     #[serde(default = "default_restore_command")]
     pub restore_command: Vec<String>,
+    /// slurmd's `SlurmdSpoolDir` on this node (without `%n`/`%h`: give it expanded). A batch
+    /// task's job directory there travels with its images (docs/agent.md).
+    #[serde(default = "default_spool")]
+    pub slurmd_spool_dir: PathBuf,
     #[serde(default)]
     pub metrics: RawMetrics,
     /// `IP:PORT` of the Prometheus endpoint (`GET /metrics`); absent: none. Not `[metrics]`.
@@ -250,6 +254,9 @@ fn default_subnet() -> String {
 fn default_state() -> PathBuf {
     "/var/lib/rebalancer".into()
 }
+fn default_spool() -> PathBuf {
+    "/var/spool/slurmd".into()
+}
 fn default_criu() -> PathBuf {
     "/usr/local/sbin/criu".into()
 }
@@ -383,6 +390,7 @@ pub struct AgentConfig {
     /// Deadline of an unauthenticated peer connection's hello and `authenticate`.
     pub peer_idle_timeout: std::time::Duration,
     pub restore_command: Vec<String>,
+    pub slurmd_spool_dir: PathBuf,
     pub metrics: crate::metrics::MetricsConfig,
     pub metrics_listen: Option<SocketAddr>,
     pub control: ControlConfig,
@@ -514,6 +522,15 @@ impl RawConfig {
                 "state_dir",
                 &self.state_dir,
                 "must be an absolute path",
+            ));
+        }
+        if !self.slurmd_spool_dir.is_absolute()
+            || self.slurmd_spool_dir.to_string_lossy().contains('%')
+        {
+            return Err(invalid(
+                "slurmd_spool_dir",
+                &self.slurmd_spool_dir,
+                "must be an absolute path with %n/%h expanded",
             ));
         }
         let run_dir = self
@@ -653,6 +670,7 @@ impl RawConfig {
             },
             peer_idle_timeout: std::time::Duration::from_millis(self.peer_idle_timeout_ms),
             restore_command: self.restore_command,
+            slurmd_spool_dir: self.slurmd_spool_dir,
         })
     }
 }

@@ -676,7 +676,7 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
                 &container,
                 wait_status,
             )?;
-            let (net, moved, known) = {
+            let (net, moved, known, arrived) = {
                 let mut cs = agent.containers();
                 let c = cs
                     .get_mut(&container)
@@ -694,10 +694,15 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
                 if !moved {
                     c.state = rebalancer_proto::ContainerState::Exited;
                 }
-                (net, moved, c.final_status.clone())
+                // A task that arrived here by migration may have brought its job's spool dir.
+                let arrived = (!moved && c.arrived_from.is_some()).then(|| c.meta.clone());
+                (net, moved, c.final_status.clone(), arrived)
             };
             if let Some(net) = net {
                 crate::netns::destroy(&net).await;
+            }
+            if let Some(meta) = arrived {
+                crate::migration::spool::remove_arrived(&agent.cfg.slurmd_spool_dir, &meta);
             }
             if !moved {
                 crate::migration::task_final(agent, &container, wait_status, &agent.cfg.node);

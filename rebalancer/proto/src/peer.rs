@@ -70,6 +70,33 @@ pub struct MigratingContainer {
     pub started_at: Millis,
 }
 
+/// A batch task's job directory in the source's node-local SlurmdSpoolDir (slurmd's
+/// `job%05u`, holding `slurm_script`), which the destination's spool does not have. It travels
+/// in Prepare; the destination recreates it in its own spool, with these owners and modes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolDir {
+    /// The directory's path on the source (the destination checks it names the job's).
+    pub path: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Its regular files (not sockets, not subdirectories).
+    pub files: Vec<SpoolFile>,
+}
+
+/// One regular file of a [`SpoolDir`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolFile {
+    /// A plain file name, no `/`.
+    pub name: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub data: Vec<u8>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum PeerRequest {
@@ -107,6 +134,10 @@ pub enum PeerRequest {
         /// for the source by it. Absent: the destination's own `migration_timeout_ms`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
+        /// The batch task's job directory of the source's node-local spool; absent: the task
+        /// needs none (or an older source).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spool: Option<SpoolDir>,
     },
     /// Announces the non-memory image files; their bytes follow in data frames with this
     /// request's id.

@@ -468,9 +468,9 @@ impl E2e {
         e.write(
             "plugstack.conf",
             &format!(
-                "required {} socket={}/agents/%n.sock\n",
+                "required {} socket={}\n",
                 e.bins.spank.display(),
-                e.work.display()
+                slurm_tests::AGENT_SOCKET
             ),
         );
         let cluster = Cluster::up_with(Options {
@@ -549,10 +549,12 @@ impl E2e {
         .unwrap_or_else(|err| panic!("{err}\n{}", self.context()));
     }
 
+    /// One agent per node, on the node (its namespaces, private /run and state directory), as
+    /// a site runs it; its config and log live in the shared work dir.
     fn start_agents(&mut self) {
         let nodes = self.cluster().node_names();
+        // On each node, the state dir's munge socket is that node's own munged.
         let munge = self.cluster().state_dir().join("munge/munge.socket");
-        let conf = self.cluster().slurm_conf();
         let a = self.work.join("agents");
         for (k, node) in nodes.iter().enumerate() {
             let peers: String = nodes
@@ -561,28 +563,27 @@ impl E2e {
                 .filter(|(j, _)| *j != k)
                 .map(|(j, n)| format!("{n} = \"198.18.0.{}:7878\"\n", 11 + j))
                 .collect();
-            let d = a.display();
             let cfg = a.join(format!("{node}.toml"));
             std::fs::write(
                 &cfg,
                 format!(
-                    "node = \"{node}\"\nlisten = \"198.18.0.{ip}:7878\"\ncontrol_socket = \"{d}/{node}.sock\"\n\
-                     container_subnet = \"198.19.0.0/20\"\nstate_dir = \"{d}/{node}/state\"\nrun_dir = \"{d}/{node}/run\"\n\
+                    "node = \"{node}\"\nlisten = \"198.18.0.{ip}:7878\"\ncontrol_socket = \"{sock}\"\n\
+                     container_subnet = \"198.19.0.0/20\"\nstate_dir = \"/var/lib/rebalancer\"\nrun_dir = \"/run/rebalancer\"\n\
                      migration_timeout_ms = 60000\n[auth]\nmethod = \"munge\"\nmunge_socket = \"{}\"\n[peers]\n{peers}",
                     munge.display(),
+                    sock = slurm_tests::AGENT_SOCKET,
                     ip = 11 + k
                 ),
             )
             .expect("write the agent's config");
             let log = std::fs::File::create(a.join(format!("{node}.log"))).expect("agent log");
-            // nsenter execs the agent (no --fork), so the child's pid is the agent's. The agent
-            // runs the restore step with srun, which finds the cluster through SLURM_CONF.
-            let child = Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{node}"))
-                .arg(&self.bins.agent)
+            // The agent runs the restore step with srun, which finds the cluster through
+            // SLURM_CONF (host_command sets it).
+            let child = self
+                .cluster()
+                .host_command(node, Path::new("/"), &self.bins.agent)
                 .args(["run", "--config"])
                 .arg(&cfg)
-                .env("SLURM_CONF", &conf)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("agent log"))
                 .stderr(log)
@@ -592,7 +593,9 @@ impl E2e {
         }
         for k in 0..self.agents.len() {
             let node = self.agents[k].0.clone();
-            let sock = a.join(format!("{node}.sock"));
+            let sock = self
+                .cluster()
+                .host_path(&node, Path::new(slurm_tests::AGENT_SOCKET));
             let log = a.join(format!("{node}.log"));
             let deadline = Instant::now() + Duration::from_secs(30);
             while !sock.exists() {
@@ -632,22 +635,30 @@ impl E2e {
         self.write("policies/drain.toml", &format!("{policy}\n"));
         let d = self.work.display();
         let conf = self.cluster().slurm_conf();
+        // How the controller reaches the agents is the cluster's to say (cluster.sh).
+        let agents = self
+            .cluster()
+            .controller_agents_toml()
+            .expect("the cluster's controller-agents.toml");
         self.write(
             "rebalancerd.toml",
             &format!(
                 "[controller]\nsocket = \"{d}/ctl.sock\"\njournal = \"{d}/journal.redb\"\npolicies = \"{d}/policies\"\n\
                  slurm_user = \"root\"\nevaluate_interval_s = 2\n\
                  [slurm]\nbackend = \"libslurm\"\nconf = \"{}\"\npoll_interval_ms = 300\nreconcile_interval_s = 5\n\
-                 [agents]\nsocket_template = \"{d}/agents/{{node}}.sock\"\npoll_interval_ms = 500\n\
+                 [agents]\n{agents}poll_interval_ms = 500\n\
                  [migration]\ntimeout_s = 120\n",
                 conf.display()
             ),
         );
         let log = std::fs::File::create(self.path("rebalancerd.log")).expect("controller log");
-        let child = Command::new(&self.bins.rebalancerd)
+        // On the admin host, as a site runs it; its socket (for rebalctl here) is in the shared
+        // work dir.
+        let child = self
+            .cluster()
+            .host_command(slurm_tests::ADMIN_HOST, Path::new("/"), &self.bins.rebalancerd)
             .arg("--config")
             .arg(self.path("rebalancerd.toml"))
-            .env("SLURM_CONF", &conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -1135,8 +1146,10 @@ impl E2e {
         };
         add_dir(&self.work, &["log", "out", "txt", "json"]);
         add_dir(&self.work.join("agents"), &["log"]);
-        for node in ["node1", "node2", "node3"] {
-            let images = self.work.join("agents").join(node).join("run/images");
+        let nodes = self.cluster.as_ref().map(Cluster::node_names).unwrap_or_default();
+        for node in &nodes {
+            let Some(c) = &self.cluster else { break };
+            let images = c.host_path(node, Path::new("/run/rebalancer/images"));
             if let Ok(rd) = std::fs::read_dir(&images) {
                 for e in rd.flatten() {
                     add_dir(&e.path(), &["log"]);

@@ -43,6 +43,8 @@ pub(super) struct Incoming<H: Host> {
     pub(super) tls: Vec<String>,
     /// The fencing token the source prepared with (`None`: a source of the previous release).
     pub(super) epoch: Option<u64>,
+    /// The job's spool directory this migration created here (spool.rs), removed on undo.
+    pub(super) spool: Option<PathBuf>,
 }
 
 impl<H: Host> Incoming<H> {
@@ -80,6 +82,9 @@ impl<H: Host> Incoming<H> {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_dir_all(&self.mig_dir);
+        if let Some(d) = self.spool.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
         agent
             .incoming()
             .remove(&(self.meta.spec.id.clone(), self.meta.address));

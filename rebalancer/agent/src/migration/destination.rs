@@ -189,6 +189,7 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
             tls_cert,
             epoch,
             timeout_ms: _,
+            spool,
         } => {
             if incoming.is_some() {
                 return Err(AgentError::BadRequest("prepare sent twice".into()));
@@ -261,6 +262,7 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
                 cgroup: None,
                 tls: Vec::new(),
                 epoch,
+                spool: None,
             };
 
             let r = async {
@@ -271,6 +273,12 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
                     what: format!("mkdir {}", images.display()),
                     source,
                 })?;
+                // A batch task's job directory of a node-local spool: the root and the binds
+                // check below need it.
+                if let (Some(sent), Some(task)) = (&spool, &meta.spec.task) {
+                    inc.spool =
+                        super::spool::install(&agent.cfg.slurmd_spool_dir, task.job_id, sent)?;
+                }
                 container::prepare_root(&root, &meta.mounts, &meta.symlinks)?;
                 if restore_step {
                     // The source refuses these first; a peer that did not is refused here.

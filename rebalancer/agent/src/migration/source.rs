@@ -205,6 +205,7 @@ pub async fn preflight_with<H: Host>(
                 tls_cert: identity.as_ref().map(|i| i.cert_pem.clone()),
                 epoch: Some(super::policy::epoch_of(&rec.id)),
                 timeout_ms: Some(timeout.as_millis() as u64),
+                spool: super::spool::collect(&agent.cfg.slurmd_spool_dir, &meta)?,
             })
             .await?
         {
