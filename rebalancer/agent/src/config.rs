@@ -21,11 +21,13 @@ pub enum ConfigError {
         column: usize,
         message: String,
     },
-    #[error("invalid `{field}` = {value:?}: {reason}")]
+    #[error("{}invalid `{field}` = {value:?}: {reason}", at_prefix(.at))]
     Invalid {
         field: &'static str,
         value: String,
         reason: String,
+        /// `file:line:column` of the key, once the file's text is known.
+        at: Option<(PathBuf, usize, usize)>,
     },
 }
 
@@ -405,7 +407,14 @@ fn invalid(
         field,
         value: format!("{value:?}"),
         reason: reason.into(),
+        at: None,
     }
+}
+
+fn at_prefix(at: &Option<(PathBuf, usize, usize)>) -> String {
+    at.as_ref()
+        .map(|(p, l, c)| format!("{}:{l}:{c}: ", p.display()))
+        .unwrap_or_default()
 }
 
 /// Where `field` (`key` or `table.key`) is set, as the line and column of its key.
@@ -459,17 +468,12 @@ impl AgentConfig {
                 message: e.message().to_string(),
             }
         })?;
-        raw.validate().map_err(|e| match &e {
-            ConfigError::Invalid { field, .. } => {
+        raw.validate().map_err(|mut e| {
+            if let ConfigError::Invalid { field, at, .. } = &mut e {
                 let (line, column) = key_position(text, field).unwrap_or((1, 1));
-                ConfigError::Parse {
-                    path: path.to_owned(),
-                    line,
-                    column,
-                    message: e.to_string(),
-                }
+                *at = Some((path.to_owned(), line, column));
             }
-            _ => e,
+            e
         })
     }
 }
