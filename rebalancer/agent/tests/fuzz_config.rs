@@ -37,14 +37,6 @@ fn seeds() -> Vec<String> {
     ]
 }
 
-/// "line L, column C" in toml's own message.
-fn place(msg: &str) -> Option<(usize, usize)> {
-    let rest = &msg[msg.find("line ")? + 5..];
-    let (l, rest) = rest.split_once(", column ")?;
-    let c: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    Some((l.parse().ok()?, c.parse().ok()?))
-}
-
 fn check(text: String) {
     let lines = text.lines().count() + 1;
     let syntax = toml_syntax_error(&text);
@@ -54,17 +46,22 @@ fn check(text: String) {
             let shown = e.to_string();
             assert!(!shown.trim().is_empty());
             match &e {
-                ConfigError::Parse { message, .. } => {
-                    assert!(shown.starts_with("fuzz.toml: "), "{shown}");
-                    let (l, c) = place(message)
-                        .unwrap_or_else(|| panic!("a parse error without a place: {shown}"));
+                ConfigError::Parse { line, column, .. } => {
                     assert!(
-                        (1..=lines).contains(&l) && c >= 1,
-                        "{l}:{c} outside the text: {shown}"
+                        shown.starts_with(&format!("fuzz.toml:{line}:{column}: ")),
+                        "{shown}"
+                    );
+                    assert!(
+                        (1..=lines).contains(line) && *column >= 1,
+                        "{line}:{column} outside the text: {shown}"
                     );
                 }
-                ConfigError::Invalid { field, reason, .. } => {
+                ConfigError::Invalid {
+                    field, reason, at, ..
+                } => {
                     assert!(!syntax, "a syntax error reported as a value: {shown}");
+                    let (_, l, c) = at.as_ref().expect("an invalid value has a place");
+                    assert!((1..=lines).contains(l) && *c >= 1, "{l}:{c}: {shown}");
                     assert!(shown.contains(field) && !reason.is_empty(), "{shown}");
                 }
                 ConfigError::Read { .. } => panic!("read error from text: {shown}"),
