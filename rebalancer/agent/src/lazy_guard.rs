@@ -29,14 +29,20 @@ pub fn script(listen: (Ipv4Addr, u16), peer: Ipv4Addr) -> String {
     let (ip, port) = listen;
     let t = table(port);
     // Priority -300: before conntrack and any site filter, so an established-state accept
-    // elsewhere cannot let a stranger's SYN through.
+    // elsewhere cannot let a stranger's SYN through. Connections from this node itself arrive
+    // on lo: those are judged on the way out instead, where the socket's owner is known, so
+    // that the agent (root) can still end CRIU's listener on a rollback and no local user can.
     format!(
         "add table ip {t}\n\
          flush table ip {t}\n\
          table ip {t} {{\n\
          \tchain input {{\n\
          \t\ttype filter hook input priority -300; policy accept;\n\
-         \t\tip daddr {ip} tcp dport {port} ip saddr != {peer} counter reject with tcp reset\n\
+         \t\tiifname != \"lo\" ip daddr {ip} tcp dport {port} ip saddr != {peer} counter reject with tcp reset\n\
+         \t}}\n\
+         \tchain output {{\n\
+         \t\ttype filter hook output priority -300; policy accept;\n\
+         \t\tip daddr {ip} tcp dport {port} meta skuid != 0 counter reject with tcp reset\n\
          \t}}\n\
          }}\n"
     )
@@ -181,11 +187,16 @@ mod tests {
             "{s}"
         );
         assert!(
-            s.contains("ip daddr 198.18.16.2 tcp dport 40123 ip saddr != 198.18.16.3 counter reject with tcp reset"),
+            s.contains("iifname != \"lo\" ip daddr 198.18.16.2 tcp dport 40123 ip saddr != 198.18.16.3 counter reject with tcp reset"),
             "{s}"
         );
         assert!(
             s.contains("hook input priority -300; policy accept;"),
+            "{s}"
+        );
+        // The node itself: only root (the agent ending CRIU's listener on a rollback).
+        assert!(
+            s.contains("ip daddr 198.18.16.2 tcp dport 40123 meta skuid != 0 counter reject with tcp reset"),
             "{s}"
         );
     }
