@@ -127,6 +127,14 @@ pub async fn preflight_with<H: Host>(
                 .max(1000),
         );
         let mut conn = host.connect(&agent.cfg, addr, timeout).await?;
+        // The node the destination proved with its credential, when it proved one: checked
+        // before anything else is asked of it or sent to it.
+        if let Some(proven) = conn.proven_node().filter(|n| *n != req.destination) {
+            return Err(AgentError::PermissionDenied(format!(
+                "the agent at {addr} proved it is node {proven}, not {}",
+                req.destination
+            )));
+        }
         let remote = match conn.call(&PeerRequest::Capabilities).await? {
             PeerReply::Capabilities { capabilities } => capabilities,
             other => {
@@ -135,13 +143,6 @@ pub async fn preflight_with<H: Host>(
                 )))
             }
         };
-        // The node the destination proved with its credential, when it proved one.
-        if let Some(proven) = conn.proven_node().filter(|n| *n != req.destination) {
-            return Err(AgentError::PermissionDenied(format!(
-                "the agent at {addr} proved it is node {proven}, not {}",
-                req.destination
-            )));
-        }
         if remote.node != req.destination {
             return Err(AgentError::BadRequest(format!(
                 "agent at {addr} is node {}, not {}",
