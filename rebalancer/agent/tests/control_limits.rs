@@ -117,7 +117,7 @@ fn idle_and_helloless_connections_close_but_the_waiter_keeps_its_connection() {
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
-            "python3",
+            "/usr/bin/python3",
             "-c",
             &py,
         ])
