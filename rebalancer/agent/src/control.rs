@@ -135,8 +135,9 @@ pub async fn serve(agent: Arc<Agent>, mut s: UnixStream, gate: Arc<Gate>) {
 fn ended(who: &str, r: Result<(), AgentError>) {
     match r {
         Ok(()) | Err(AgentError::Proto(ProtoError::Closed)) => {}
+        // DEBUG: a flood would otherwise write a line per connection; refusals are logged.
         Err(AgentError::Proto(e @ ProtoError::Timeout { .. })) => {
-            tracing::info!(caller = who, "control connection closed: {e}")
+            tracing::debug!(caller = who, "control connection closed: {e}")
         }
         Err(e) => tracing::debug!(caller = who, error = %e.chain(), "control connection ended"),
     }

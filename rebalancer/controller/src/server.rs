@@ -66,7 +66,8 @@ pub async fn serve(listener: UnixListener, ctl: Arc<Controller>) {
         tokio::spawn(async move {
             match connection(sock, ctl, &gate).await {
                 Ok(()) | Err(ProtoError::Closed) => {}
-                Err(e @ ProtoError::Timeout { .. }) => info!("control connection closed: {e}"),
+                // DEBUG like the rest: a flood would write a line per connection.
+                Err(e @ ProtoError::Timeout { .. }) => debug!("control connection closed: {e}"),
                 Err(e) => debug!("control connection ended: {e}"),
             }
         });
