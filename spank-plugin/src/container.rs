@@ -326,6 +326,9 @@ fn report_and_exit(
     mask: &sys::SigMask,
 ) -> ! {
     let _ = agent.set_read_timeout(None);
+    // On the connection that registered the task: the agent accepts the report from no other
+    // (rebalancer/agent/src/control_authz.rs), so nobody else can end the task's netns or
+    // forge its status.
     let sent = agent.send(&Request::TaskExited {
         container: container.clone(),
         wait_status: status,

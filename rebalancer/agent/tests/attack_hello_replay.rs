@@ -7,8 +7,9 @@
 //!    n1: refused (the credential is for another node and another connection).
 //! 2. A fake destination that answers n0's hello without a credential: the migration is refused
 //!    and the job keeps running on n0.
-//! 3. A fake destination that relays rbt8n2's genuine credential (bound to n0's nonce) while n0
-//!    meant to reach n1: refused, the job keeps running.
+//! 3. A fake destination that relays to rbt8n2 (so n0 receives n2's genuine credential, bound
+//!    to n0's nonce, and authenticates to n2 for real) while n0 meant to reach n1: refused,
+//!    the job keeps running.
 
 mod common;
 use common::*;
@@ -90,7 +91,13 @@ fn fake_destination(
                             credential: None,
                         }),
                     ),
-                    _ => return String::from_utf8_lossy(&f.payload).into_owned(),
+                    other => {
+                        return format!(
+                            "{:?} {other:?}: {}",
+                            f.header.kind,
+                            String::from_utf8_lossy(&f.payload)
+                        )
+                    }
                 }
             }
         })
@@ -98,6 +105,39 @@ fn fake_destination(
     ready_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("fake destination listening");
+    h
+}
+
+/// A fake destination on `listen` (inside `ns`) that pipes one connection to `upstream`, a
+/// real agent. Returns the bytes relayed each way (source → upstream, upstream → source).
+fn relay(ns: &str, listen: String, upstream: String) -> std::thread::JoinHandle<(u64, u64)> {
+    let ns = ns.to_string();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        in_netns(&ns, move || {
+            let l = TcpListener::bind(&listen).expect("bind relay");
+            let _ = ready_tx.send(());
+            let (src, _) = l.accept().expect("source connects");
+            let up = TcpStream::connect(&upstream).expect("connect upstream");
+            let (mut a, mut b) = (
+                src.try_clone().expect("clone"),
+                up.try_clone().expect("clone"),
+            );
+            let there = std::thread::spawn(move || {
+                let n = std::io::copy(&mut a, &mut b).unwrap_or(0);
+                let _ = b.shutdown(std::net::Shutdown::Write);
+                n
+            });
+            let (mut up_r, mut src_w) = (up, src);
+            let back = std::io::copy(&mut up_r, &mut src_w).unwrap_or(0);
+            let _ = src_w.shutdown(std::net::Shutdown::Both);
+            let _ = up_r.shutdown(std::net::Shutdown::Both);
+            (there.join().unwrap_or(0), back)
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("relay listening");
     h
 }
 
@@ -191,21 +231,23 @@ fn replayed_and_relayed_credentials_are_refused_and_the_job_stays() {
     let _ = server.join();
     still_runs_on_n0(&lab, "hr1", &probe, "the credential-less destination");
 
-    // 3. A destination that relays n2's genuine credential for n0's nonce; n0 meant n1.
+    // 3. A fake n1 that relays to n2: n0 gets n2's genuine hello and credential (bound to n0's
+    //    nonce), authenticates to n2 for real, and must still refuse: it meant n1.
     let fake = format!("{}:7980", lab.nodes[2].ip);
-    let (n0c, n2c, n2a) = (n0.clone(), n2.clone(), n[2].1.clone());
-    let server = fake_destination(&lab.nodes[2].netns, fake.clone(), move |src| {
-        let nonce = src.nonce.clone().expect("a v2 source sends a nonce");
-        let (_s, h2) = greet(&n2a, &n0c, &nonce);
-        let mut h = hello_v2(&n2c, "11111111111111111111111111111111", h2.credential);
-        h.node = Some(n2c.clone());
-        h
-    });
+    let server = relay(&lab.nodes[2].netns, fake.clone(), n[2].1.clone());
     let e = migrate_to(&lab, "hr1", &n1, &fake).expect_err("another node's credential");
-    eprintln!("destination with another node's credential: {e:?}");
+    let relayed = server.join().expect("relay");
+    eprintln!("destination relaying another node: {e:?} (relayed {relayed:?} bytes)");
     let shown = format!("{e:?}");
-    assert!(shown.contains(&n2) && shown.contains(&n1), "{shown}");
-    let _ = server.join();
+    assert!(shown.contains("PermissionDenied"), "{shown}");
+    assert!(
+        shown.contains(&format!("proved it is node {n2}, not {n1}")),
+        "{shown}"
+    );
+    assert!(
+        relayed.0 > 0 && relayed.1 > 0,
+        "nothing went through the relay"
+    );
     still_runs_on_n0(&lab, "hr1", &probe, "the relaying destination");
 
     let stats = probe.stop();
