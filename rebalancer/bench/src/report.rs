@@ -36,6 +36,10 @@ pub struct Row {
     /// Downtimes of every run of this cell when it was repeated, in run order.
     #[serde(default)]
     pub downtime_runs_ms: Vec<f64>,
+    /// Sub-phases of the downtime from the toolchain's own logs (`src:`/`dst:` agent steps,
+    /// `dump.`/`restore.` CRIU log marks in ms since that CRIU started), in order.
+    #[serde(default)]
+    pub breakdown: Vec<(String, f64)>,
 }
 
 impl Row {
@@ -53,6 +57,7 @@ impl Row {
             client_errors: Vec::new(),
             counter_ok: None,
             downtime_runs_ms: Vec::new(),
+            breakdown: Vec::new(),
         }
     }
 }
@@ -118,14 +123,20 @@ fn downtime_cell(r: &Row) -> String {
 /// Markdown table of every row.
 pub fn markdown_table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| memory | toolchain | mode | downtime ms | client gap ms | total ms | MiB between nodes | counter ok | phases (ms) | notes |\n\
-         |---|---|---|--:|--:|--:|--:|---|---|---|\n",
+        "| memory | toolchain | mode | downtime ms | client gap ms | total ms | MiB between nodes | counter ok | phases (ms) | breakdown (ms) | notes |\n\
+         |---|---|---|--:|--:|--:|--:|---|---|---|---|\n",
     );
     for r in rows {
         let phases = r
             .phases
             .iter()
             .map(|(n, v)| format!("{n} {v:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let breakdown = r
+            .breakdown
+            .iter()
+            .map(|(n, v)| format!("{n} {v:.1}"))
             .collect::<Vec<_>>()
             .join(", ");
         let mut notes = match &r.outcome {
@@ -141,7 +152,7 @@ pub fn markdown_table(rows: &[Row]) -> String {
         }
         let notes = notes.replace('|', "/").replace('\n', " ");
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             size_label(r.mib),
             r.toolchain,
             r.mode,
@@ -157,6 +168,7 @@ pub fn markdown_table(rows: &[Row]) -> String {
                 None => "–",
             },
             phases,
+            breakdown,
             notes
         ));
     }

@@ -86,15 +86,20 @@ pub(super) async fn commit_here<H: Host>(
         .restored_pid
         .ok_or_else(|| AgentError::BadRequest("commit before restore".into()))?;
     inc.committed = true;
+    let mut sub = super::timing::SubPhases::new(&inc.migration, "destination", host.now());
     // Before the tree can run: a restarted source asks whether we committed (adopt.rs).
     agent.mark_committed(&inc.migration, &inc.meta.spec.id, &inc.net.name);
+    sub.mark("mark-committed", host.now());
     // Resume first, then take the address over.
     host.signal_tree(pid, Signal::SIGCONT);
     let resumed_at = now_millis();
+    sub.mark("resume", host.now());
     if let Err(e) = host.add_route(&inc.net).await {
         tracing::error!(migration = %inc.migration, error = %e.chain(), "cannot add the container route");
     }
+    sub.mark("route", host.now());
     host.announce(&agent.cfg.uplink, inc.meta.address);
+    sub.log("commit");
     let mut meta = inc.meta.clone();
     meta.started_at = inc.meta.started_at;
     let c = Container {

@@ -15,6 +15,7 @@ use super::commit::Incoming;
 use super::host::{within, Clock, Helper, Host, System};
 use super::policy::room_check;
 use super::restore_step::{self, missing_stdio_files};
+use super::timing::{criu_log_mark_ms, criu_log_span_ms, SubPhases};
 use crate::agent::Agent;
 use crate::container;
 use crate::criu;
@@ -531,6 +532,7 @@ async fn restore<H: Host>(
     lazy_pages: Option<(Ipv4Addr, u16)>,
 ) -> Result<PeerReply, AgentError> {
     let started = host.now();
+    let mut sub = SubPhases::new(&inc.migration, "destination", started);
     if let Some(mut ps) = inc.page_server.take() {
         // The page server exits once the dump closed its connection.
         let st = within(&**host, Duration::from_secs(30), ps.wait())
@@ -552,8 +554,12 @@ async fn restore<H: Host>(
         let (src, port) = lazy_pages.ok_or_else(|| {
             AgentError::BadRequest("post-copy restore without page server".into())
         })?;
+        sub.mark("page-server-wait", host.now());
         let d = host.lazy_pages(&inc.images, (src, port), &inc.tls).await?;
         inc.lazy_daemon = Some(d);
+        sub.mark("lazy-daemon", host.now());
+    } else {
+        sub.mark("page-server-wait", host.now());
     }
     if inc.restore_step {
         let (Some(step), Some(child)) = (inc.step.take(), inc.step_child.as_mut()) else {
@@ -595,6 +601,7 @@ async fn restore<H: Host>(
         Some(cg) => cg.procs_files()?,
         None => Vec::new(),
     };
+    sub.mark("setup", host.now());
     let r = host
         .restore(
             &args,
@@ -609,11 +616,32 @@ async fn restore<H: Host>(
     drop(net);
     let pid = r?;
     inc.restored_pid = Some(pid);
+    sub.mark("criu-restore", host.now());
     let stats = host.stats(&inc.images, "stats-restore").unwrap_or_default();
+    sub.mark("stats", host.now());
+    note_criu_log(&mut sub, &inc.images);
+    sub.log("restore");
     tracing::info!(migration = %inc.migration, pid, "restored (stopped), waiting for commit");
     Ok(PeerReply::Restored {
         pid,
         restore_ms: host.now().duration_since(started).as_millis() as u64,
         pages_restored: stats.pages_restored,
     })
+}
+
+/// CRIU's own figures inside `criu-restore`, from its log: its whole run, and when the restored
+/// tree was complete (the rest is CRIU's network unlock, stats and exit).
+fn note_criu_log(sub: &mut SubPhases, images: &std::path::Path) {
+    let Ok(log) = std::fs::read_to_string(images.join("restore.log")) else {
+        return;
+    };
+    if let Some(ms) = criu_log_mark_ms(&log, "net: Unlock network") {
+        sub.note("criu-log-net-unlocked", ms);
+    }
+    if let Some(ms) = criu_log_mark_ms(&log, "Restore finished successfully") {
+        sub.note("criu-log-restored", ms);
+    }
+    if let Some(ms) = criu_log_span_ms(&log) {
+        sub.note("criu-log-total", ms);
+    }
 }

@@ -23,6 +23,7 @@ pub mod sim;
 #[cfg(test)]
 mod sim_tests;
 pub mod source;
+pub mod timing;
 
 /// Phase bookkeeping on a record.
 pub fn enter(rec: &mut MigrationRecord, phase: Phase) {

@@ -560,8 +560,10 @@ async fn attempt<H: Host>(
     }
     enter(&mut p.rec, Phase::Transfer);
     agent.publish(&p.rec);
+    let mut sub = super::timing::SubPhases::new(&p.rec.id, "source", host.now());
     let before = p.conn.bytes_sent();
     p.conn.send_images(dir).await?;
+    sub.mark("send-images", host.now());
     enter(&mut p.rec, Phase::Restore);
     agent.publish(&p.rec);
     match p
@@ -578,11 +580,16 @@ async fn attempt<H: Host>(
             )))
         }
     }
+    sub.mark("restore-call", host.now());
     enter(&mut p.rec, Phase::NetworkSwitch);
     agent.publish(&p.rec);
     // Point of no return: from here the source never resumes its copy.
     host.withdraw_route(&p.net).await;
+    sub.mark("withdraw-route", host.now());
     let r = p.conn.call(&PeerRequest::Commit).await;
+    sub.mark("commit-call", host.now());
+    note_dump_log(&mut sub, dir);
+    sub.log("switch");
     p.rec.stats.bytes_sent += p.conn.bytes_sent() - before;
     match r {
         Ok(PeerReply::Committed { .. }) => Ok(Some(host.now())),
@@ -595,5 +602,27 @@ async fn attempt<H: Host>(
             tracing::error!(migration = %p.rec.id, error = %e.chain(), "commit unanswered; source copy is not resumed");
             Ok(None)
         }
+    }
+}
+
+/// CRIU's own figures of the dump, from its log (ms since CRIU started): tree seized, network
+/// locked, dump done.
+fn note_dump_log(sub: &mut super::timing::SubPhases, dir: &std::path::Path) {
+    use super::timing::{criu_log_mark_ms, criu_log_span_ms};
+    let Ok(log) = std::fs::read_to_string(dir.join("dump.log")) else {
+        return;
+    };
+    // CRIU's start-up before this (cgroups, mounts) runs before the tree stops.
+    if let Some(ms) = criu_log_mark_ms(&log, "Seized task") {
+        sub.note("criu-dump-log-seized", ms);
+    }
+    if let Some(ms) = criu_log_mark_ms(&log, "net: Lock network") {
+        sub.note("criu-dump-log-net-locked", ms);
+    }
+    if let Some(ms) = criu_log_mark_ms(&log, "Dumping finished successfully") {
+        sub.note("criu-dump-log-done", ms);
+    }
+    if let Some(ms) = criu_log_span_ms(&log) {
+        sub.note("criu-dump-log-total", ms);
     }
 }

@@ -45,6 +45,8 @@ pub struct Migration {
     pub total_ms: f64,
     /// Freeze started → the restore command returned and the address was announced.
     pub resumed_ms: Option<f64>,
+    /// CRIU's own log marks of the dump and the restore.
+    pub breakdown: Vec<(String, f64)>,
 }
 
 /// Settings shared by every run.
@@ -71,8 +73,13 @@ struct Args {
     /// Memory sizes (RSS of the workload): e.g. 64M,256M,1G,2G.
     #[arg(long, value_delimiter = ',', default_value = "64M,256M,1G,2G")]
     sizes: Vec<String>,
-    /// Toolchains to compare.
-    #[arg(long, value_delimiter = ',', default_value = "agent,criu,runc")]
+    /// Toolchains to compare: `agent` (encrypted pages, the agent's default), `agent-plain`
+    /// (`encrypt_memory = false`), `criu` (by hand), `runc`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "agent,agent-plain,criu,runc"
+    )]
     toolchains: Vec<String>,
     /// Migration modes.
     #[arg(
@@ -233,6 +240,7 @@ fn run_cr(
         Ok(m) => {
             row.total_ms = Some(m.total_ms);
             row.phases = m.phases;
+            row.breakdown = m.breakdown;
             if let Some(r) = m.resumed_ms {
                 row.phases.push(("frozen→announced".into(), r));
             }
@@ -271,7 +279,7 @@ fn cleanup_run(ctx: &Ctx, tool: &str) {
     match tool {
         "criu" => cr::cleanup(ctx, cr::Tool::Criu),
         "runc" => cr::cleanup(ctx, cr::Tool::Runc),
-        "agent" => agent::cleanup(ctx),
+        "agent" | "agent-plain" => agent::cleanup(ctx),
         _ => {}
     }
     // The veths first: a namespace whose dying processes still hold it outlives `ip netns
@@ -322,7 +330,8 @@ fn run_cell(s: &Settings, tool: &str, mode: Mode, mib: u64, idx: usize) -> Resul
     let res = match tool {
         "criu" if mode != Mode::PreCopy => run_cr(&s.ctx, cr::Tool::Criu, mode, mib, idx, &mut row),
         "runc" if mode != Mode::PreCopy => run_cr(&s.ctx, cr::Tool::Runc, mode, mib, idx, &mut row),
-        "agent" => agent::run(&s.ctx, mode, mib, idx, &mut row),
+        "agent" => agent::run(&s.ctx, mode, mib, idx, &mut row, true),
+        "agent-plain" => agent::run(&s.ctx, mode, mib, idx, &mut row, false),
         _ => Err(SysError::Other(format!(
             "{tool} does not drive {}",
             mode.name()
@@ -445,8 +454,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     for t in &args.toolchains {
         anyhow::ensure!(
-            matches!(t.as_str(), "agent" | "criu" | "runc"),
-            "unknown toolchain `{t}`"
+            matches!(t.as_str(), "agent" | "agent-plain" | "criu" | "runc"),
+            "unknown toolchain `{t}` (agent, agent-plain, criu, runc)"
         );
     }
     let bins = std::env::current_exe()
