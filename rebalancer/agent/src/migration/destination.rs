@@ -549,6 +549,12 @@ async fn restore<H: Host>(
             });
         }
     }
+    // No restore-side network lock: nothing reaches this namespace before commit_here adds
+    // the node route, after the tree resumed (the source's copy stays behind the dump's lock).
+    // A failure only costs time: CRIU then locks and unlocks as the dump said.
+    if let Err(e) = criu::skip_restore_network_lock(&inc.images) {
+        tracing::warn!(migration = %inc.migration, error = %e.chain(), "restore keeps CRIU's network lock");
+    }
     let lazy = inc.mode == MigrationMode::PostCopy;
     if lazy {
         let (src, port) = lazy_pages.ok_or_else(|| {

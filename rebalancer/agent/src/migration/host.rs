@@ -292,12 +292,15 @@ impl<T: Criu + Net + Procs + Cgroups + Steps + Clock + Connector + 'static> Host
 #[derive(Debug, Clone)]
 pub struct System {
     criu: PathBuf,
+    /// [`criu::kdat_run_dir`]: a private /run for the destination's CRIU actions.
+    private_run: Option<PathBuf>,
 }
 
 impl System {
     pub fn new(cfg: &AgentConfig) -> System {
         System {
             criu: cfg.criu.clone(),
+            private_run: criu::kdat_run_dir(&cfg.run_dir),
         }
     }
 }
@@ -344,6 +347,7 @@ impl Criu for System {
             "dump.log",
             None,
             &[],
+            None,
         )
         .await
         .map(CriuProcess::from)
@@ -414,6 +418,7 @@ impl Criu for System {
                 "page-server.log",
                 Some(criu::READY_WITHIN),
                 &[fd],
+                None,
             )
             .await;
             // criu has its own copy of the socket now.
@@ -443,6 +448,7 @@ impl Criu for System {
             "lazy-pages.log",
             Some(criu::READY_WITHIN),
             &[],
+            self.private_run.as_deref(),
         )
         .await
         .map(CriuProcess::from)
@@ -464,6 +470,7 @@ impl Criu for System {
             cgroup_procs,
             dir,
             "restore.log",
+            self.private_run.as_deref(),
         )
         .await?;
         std::fs::read_to_string(pidfile)
@@ -683,6 +690,7 @@ mod tests {
         // No CRIU: /bin/false exits at once, which is all the source's connection needs to show.
         let sys = System {
             criu: "/bin/false".into(),
+            private_run: None,
         };
         let lo = Ipv4Addr::LOCALHOST;
         let source = std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
