@@ -161,7 +161,7 @@ fn config(ctx: &Ctx, node: crate::net::Node, peer: crate::net::Node, encrypt: bo
     )
 }
 
-fn start_agents(ctx: &Ctx, logs: &Path, encrypt: bool) -> Result<Lab> {
+fn start_agents(ctx: &Ctx, logs: &Path, encrypt: bool, baseline: bool) -> Result<Lab> {
     let d = dir(ctx);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).map_err(sys::io("create agent dir"))?;
@@ -169,10 +169,15 @@ fn start_agents(ctx: &Ctx, logs: &Path, encrypt: bool) -> Result<Lab> {
         munged_pid: Some(start_munged(ctx)?),
         _agents: Vec::new(),
     };
-    let agent = ctx
-        .agent_bin
-        .clone()
-        .ok_or_else(|| SysError::Other("no agent binary".into()))?;
+    let agent = if baseline {
+        ctx.baseline_agent.clone().ok_or_else(|| {
+            SysError::Other("the -base toolchains need --baseline-agent PATH".into())
+        })?
+    } else {
+        ctx.agent_bin
+            .clone()
+            .ok_or_else(|| SysError::Other("no agent binary".into()))?
+    };
     if !agent.exists() {
         return Err(SysError::Other(format!("{} not built", agent.display())));
     }
@@ -270,20 +275,21 @@ fn migrate(ctx: &Ctx, mode: Mode) -> Result<MigrationRecord> {
     }
 }
 
-/// One migration by the agents; `encrypt`: their `encrypt_memory` (TLS page transfer).
+/// One migration by the agents; `encrypt`: their `encrypt_memory` (TLS page transfer);
+/// `baseline`: run `--baseline-agent` instead (a before/after comparison within one run).
 pub fn run(
     ctx: &Ctx,
     mode: Mode,
     mib: u64,
     idx: usize,
     row: &mut Row,
-    encrypt: bool,
+    (encrypt, baseline): (bool, bool),
 ) -> Result<()> {
     let logs = ctx
         .log_dir
         .join(format!("{idx:02}-{}-{}-{mib}M", row.toolchain, mode.name()));
     std::fs::create_dir_all(&logs).map_err(sys::io("create log dir"))?;
-    let _lab = start_agents(ctx, &logs, encrypt)?;
+    let _lab = start_agents(ctx, &logs, encrypt, baseline)?;
     if mode == Mode::PreCopy {
         let mut c = Control::connect(&socket(ctx, SRC.name))?;
         if let Reply::Capabilities { capabilities } = c.call(&Request::Capabilities)? {
