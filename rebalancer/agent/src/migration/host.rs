@@ -470,7 +470,7 @@ impl Criu for System {
             cgroup_procs,
             dir,
             "restore.log",
-            self.private_run.as_deref(),
+            self.private_run.as_deref().filter(|_| !reaches_run(args)),
         )
         .await?;
         std::fs::read_to_string(pidfile)
@@ -597,6 +597,13 @@ impl Procs for System {
     }
 }
 
+/// Whether a restore's arguments name anything under /run (a bind source, the root), which a
+/// private /run ([`criu::with_private_run`]) would hide.
+fn reaches_run(args: &[String]) -> bool {
+    args.iter()
+        .any(|a| a.starts_with("/run") || a.contains(":/run"))
+}
+
 /// `MemAvailable` of a /proc/meminfo text, in bytes. Pure.
 pub fn mem_available(meminfo: &str) -> Option<u64> {
     meminfo
@@ -672,6 +679,19 @@ impl Connector for System {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restores_that_reach_run_keep_the_real_run() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(reaches_run(&a(&["--external", "mnt[k]:/run/munge"])));
+        assert!(reaches_run(&a(&["--root", "/run/rebalancer/c/root"])));
+        assert!(!reaches_run(&a(&[
+            "--external",
+            "mnt[k]:/usr",
+            "--root",
+            "/dev/shm/r"
+        ])));
+    }
 
     #[test]
     fn mem_available_reads_kib() {
