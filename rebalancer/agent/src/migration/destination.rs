@@ -650,4 +650,7 @@ fn note_criu_log(sub: &mut SubPhases, images: &std::path::Path) {
     if let Some(ms) = criu_log_span_ms(&log) {
         sub.note("criu-log-total", ms);
     }
+    // 1 when CRIU found its kernel-feature cache (criu::kdat_run_dir), else 0.
+    let cached = log.contains("Loaded kdat cache");
+    sub.note("criu-kdat-cached", if cached { 1.0 } else { 0.0 });
 }
