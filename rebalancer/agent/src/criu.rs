@@ -111,7 +111,9 @@ impl RestoreArgs {
             self.images_dir.display().to_string(),
             "--log-file".into(),
             "restore.log".into(),
-            "-v4".into(),
+            // Info level keeps CRIU's timestamps; debug lines (one per VMA and page run) cost
+            // restore time, and nothing reads them from a restore log.
+            "-v3".into(),
             "--root".into(),
             self.root.display().to_string(),
             "--tcp-established".into(),
@@ -293,6 +295,60 @@ pub fn pick_port(ip: Ipv4Addr) -> Result<u16, AgentError> {
         .port())
 }
 
+fn on_tmpfs(p: &Path) -> bool {
+    nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// Where CRIU can keep its kernel-feature cache when the node cannot: CRIU writes
+/// `/run/criu.kdat` only when /run is a tmpfs, and otherwise probes the kernel again at every
+/// start (about 20 ms per CRIU process on this project's VMs, whose /run is on the root disk).
+/// `None` when /run is a tmpfs (CRIU caches by itself) or `run_dir` is not on one, or lies
+/// under /run (a private /run would hide it). Otherwise `run_dir/criu-run`, created here.
+pub fn kdat_run_dir(run_dir: &Path) -> Option<PathBuf> {
+    if on_tmpfs(Path::new("/run")) || run_dir.starts_with("/run") || !on_tmpfs(run_dir) {
+        return None;
+    }
+    let dir = run_dir.join("criu-run");
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir)
+}
+
+/// Starts the command in a mount namespace of its own (a slave of the node's, so it still sees
+/// new mounts) where `dir`, a directory on a tmpfs, is bound over /run: CRIU then keeps its
+/// kernel-feature cache there between runs. Only for CRIU actions that reach nothing under
+/// /run (restore and lazy-pages take their namespace as an fd and their images elsewhere).
+/// Any failure leaves the command as it was (CRIU then probes the kernel itself).
+pub fn with_private_run(cmd: &mut tokio::process::Command, dir: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(src) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: only unshare(2) and mount(2), async-signal-safe system calls, run between fork
+    // and exec, on strings allocated before the fork; failures are ignored, never unwound.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_SLAVE,
+                    std::ptr::null(),
+                ) == 0
+            {
+                libc::mount(
+                    src.as_ptr(),
+                    c"/run".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                );
+            }
+            Ok(())
+        });
+    }
+}
+
 /// How long a page server or lazy-pages daemon may take to report readiness.
 pub const READY_WITHIN: Duration = Duration::from_secs(10);
 
@@ -305,6 +361,8 @@ pub struct SpawnOpts<'a> {
     pub keep_fds: &'a [i32],
     /// Its own process group, not killed when its handle is dropped (outlives the agent).
     pub detach: bool,
+    /// A directory bound over its /run ([`kdat_run_dir`]).
+    pub private_run: Option<&'a Path>,
 }
 
 /// Starts a criu helper that reports readiness on `--status-fd` and waits for it (at most
@@ -321,6 +379,7 @@ pub async fn spawn_ready(
         ready_within,
         keep_fds,
         detach,
+        private_run,
     } = opts;
     let (r, w): (OwnedFd, OwnedFd) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| AgentError::Io {
@@ -337,6 +396,9 @@ pub async fn spawn_ready(
         // Its own process group, and not killed with its handle: a restart of the agent (or a
         // signal to the agent's group) does not end it while it serves a running container.
         cmd.process_group(0).kill_on_drop(false);
+    }
+    if let Some(dir) = private_run {
+        with_private_run(&mut cmd, dir);
     }
     let mut child = cmd
         .current_dir(log_dir)
@@ -451,11 +513,13 @@ pub async fn run(
     log_dir: &Path,
     log_name: &str,
 ) -> Result<(), AgentError> {
-    run_in(criu, action, args, keep_fds, &[], log_dir, log_name).await
+    run_in(criu, action, args, keep_fds, &[], log_dir, log_name, None).await
 }
 
 /// Like [`run`], with criu started inside the cgroups whose `cgroup.procs` are open on
-/// `cgroup_procs` (so that everything it forks is born there).
+/// `cgroup_procs` (so that everything it forks is born there), and with `private_run` as its
+/// /run ([`kdat_run_dir`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn run_in(
     criu: &Path,
     action: &'static str,
@@ -464,8 +528,12 @@ pub async fn run_in(
     cgroup_procs: &[i32],
     log_dir: &Path,
     log_name: &str,
+    private_run: Option<&Path>,
 ) -> Result<(), AgentError> {
     let mut cmd = command(criu, args, keep_fds);
+    if let Some(dir) = private_run {
+        with_private_run(&mut cmd, dir);
+    }
     let join = cgroup_procs.to_vec();
     // SAFETY: only write(2), which is async-signal-safe, runs between fork and exec.
     unsafe {
@@ -541,6 +609,90 @@ fn fields(b: &[u8]) -> Option<Vec<Field<'_>>> {
         }
     }
     Some(out)
+}
+
+/// `InventoryEntry.network_lock_method` (field 11; CRIU's own values: 0 iptables, 1 nftables,
+/// 2 skip). A restore takes its lock method from here, not from its command line.
+const INVENTORY_LOCK_FIELD: u64 = 11;
+const NETWORK_LOCK_SKIP: u8 = 2;
+
+/// The inventory image `img` with its network lock method set to "skip", or `None` when it
+/// already says so. The restore then neither locks nor unlocks the network: each costs a
+/// libnftables run of about 20 ms on this kind of node, and the agent keeps the restored
+/// namespace unreachable by itself (no node route to it until the commit resumes the tree).
+pub fn inventory_skipping_lock(img: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    const INVENTORY_MAGIC: u32 = 0x5831_3116;
+    let word = |o: usize| {
+        img.get(o..o + 4)
+            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    if word(0) != Some(INVENTORY_MAGIC) {
+        return Err("not a CRIU inventory image (bad magic)".into());
+    }
+    let len = word(4).ok_or("inventory image ends before its length")? as usize;
+    let body = img
+        .get(8..8 + len)
+        .ok_or("inventory image shorter than its length")?;
+    let mut i = 0;
+    while i < body.len() {
+        let key = varint(body, &mut i).ok_or("bad field key in inventory")?;
+        let (field, wt) = (key >> 3, key & 7);
+        let at = i;
+        match wt {
+            0 => {
+                let v = varint(body, &mut i).ok_or("bad varint in inventory")?;
+                if field == INVENTORY_LOCK_FIELD {
+                    if v == u64::from(NETWORK_LOCK_SKIP) {
+                        return Ok(None);
+                    }
+                    // Every method value is one varint byte: patch it in place.
+                    if i - at != 1 {
+                        return Err(format!("unexpected network lock method {v} in inventory"));
+                    }
+                    let mut out = img.to_vec();
+                    out[8 + at] = NETWORK_LOCK_SKIP;
+                    return Ok(Some(out));
+                }
+            }
+            2 => {
+                let l = usize::try_from(varint(body, &mut i).ok_or("bad length in inventory")?)
+                    .map_err(|_| "inventory field too long")?;
+                i = i
+                    .checked_add(l)
+                    .filter(|e| *e <= body.len())
+                    .ok_or("inventory field past its end")?;
+            }
+            1 => i += 8,
+            5 => i += 4,
+            _ => return Err(format!("unknown wire type {wt} in inventory")),
+        }
+    }
+    // No method recorded (CRIU's default): add the field at the end of the message.
+    let mut out = Vec::with_capacity(img.len() + 2);
+    out.extend_from_slice(&img[..4]);
+    out.extend_from_slice(&((len + 2) as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    out.extend_from_slice(&[(INVENTORY_LOCK_FIELD << 3) as u8, NETWORK_LOCK_SKIP]);
+    out.extend_from_slice(&img[8 + len..]);
+    Ok(Some(out))
+}
+
+/// [`inventory_skipping_lock`] on `dir/inventory.img`, in place.
+pub fn skip_restore_network_lock(dir: &Path) -> Result<(), AgentError> {
+    let p = dir.join("inventory.img");
+    let io = |what: &str, source| AgentError::Io {
+        what: format!("{what} {}", p.display()),
+        source,
+    };
+    let img = std::fs::read(&p).map_err(|e| io("read", e))?;
+    match inventory_skipping_lock(&img) {
+        Ok(Some(out)) => std::fs::write(&p, out).map_err(|e| io("write", e)),
+        Ok(None) => Ok(()),
+        Err(message) => Err(AgentError::Criu {
+            action: "restore",
+            message: format!("{message} ({})", p.display()),
+        }),
+    }
 }
 
 /// Decodes a CRIU stats image (`stats-dump` or `stats-restore`): magic words, then one
@@ -818,6 +970,36 @@ mod tests {
         );
         assert!(a.contains("--leave-stopped"), "{a}");
         assert!(!a.contains("--manage-cgroups"), "{a}");
+    }
+
+    #[test]
+    fn inventory_lock_method_becomes_skip() {
+        // inventory.img of `criu dump --network-lock nftables` (CRIU 4.2.1), shortened: magic,
+        // length, img_version 2, ns_per_id, network_lock_method 1, a run id string.
+        let mut img = vec![0x16, 0x31, 0x31, 0x58, 9, 0, 0, 0];
+        img.extend_from_slice(&[0x08, 0x02, 0x20, 0x01, 0x58, 0x01, 0x6a, 0x01, b'x']);
+        let out = inventory_skipping_lock(&img)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        assert_eq!(out.len(), img.len());
+        assert_eq!(out[12], 0x58);
+        assert_eq!(out[8 + 5], 0x02, "method byte patched to skip");
+        assert_eq!(out[..13], img[..13]);
+        assert_eq!(out[14..], img[14..]);
+        // Already skip: nothing to write.
+        assert_eq!(inventory_skipping_lock(&out), Ok(None));
+        // No method recorded: the field is appended and the length grows.
+        let mut bare = vec![0x16, 0x31, 0x31, 0x58, 2, 0, 0, 0, 0x08, 0x02];
+        let added = inventory_skipping_lock(&bare)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        assert_eq!(added[4], 4);
+        assert_eq!(added[8..], [0x08, 0x02, 0x58, 0x02]);
+        bare[0] = 0;
+        assert!(inventory_skipping_lock(&bare).is_err());
+        assert!(inventory_skipping_lock(&img[..10]).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! (`bench-workload`), the client that measures what a peer sees (`bench-client`) and the
 //! chart generator (`bench-plot`). See `docs/benchmarks.md`.
 
+pub mod breakdown;
 pub mod report;
 pub mod svg;
 pub mod wire;

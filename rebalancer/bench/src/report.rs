@@ -36,6 +36,14 @@ pub struct Row {
     /// Downtimes of every run of this cell when it was repeated, in run order.
     #[serde(default)]
     pub downtime_runs_ms: Vec<f64>,
+    /// Sub-phases of the downtime from the toolchain's own logs (`src:`/`dst:` agent steps,
+    /// `dump.`/`restore.` CRIU log marks in ms since that CRIU started), in order.
+    #[serde(default)]
+    pub breakdown: Vec<(String, f64)>,
+    /// The node's largest MemAvailable drop during the cell, from its level at the start, MiB
+    /// (the workload started inside the cell, so it includes the RSS once or twice).
+    #[serde(default)]
+    pub mem_peak_mib: Option<f64>,
 }
 
 impl Row {
@@ -53,6 +61,8 @@ impl Row {
             client_errors: Vec::new(),
             counter_ok: None,
             downtime_runs_ms: Vec::new(),
+            breakdown: Vec::new(),
+            mem_peak_mib: None,
         }
     }
 }
@@ -85,6 +95,9 @@ pub struct RunReport {
     pub kernel: String,
     pub criu_version: String,
     pub runc_version: String,
+    /// One TCP stream source → destination node, MB/s: before and after the migrations.
+    #[serde(default)]
+    pub bandwidth_mb_s: Vec<f64>,
     pub rows: Vec<Row>,
 }
 
@@ -118,14 +131,20 @@ fn downtime_cell(r: &Row) -> String {
 /// Markdown table of every row.
 pub fn markdown_table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| memory | toolchain | mode | downtime ms | client gap ms | total ms | MiB between nodes | counter ok | phases (ms) | notes |\n\
-         |---|---|---|--:|--:|--:|--:|---|---|---|\n",
+        "| memory | toolchain | mode | downtime ms | client gap ms | total ms | MiB between nodes | mem peak MiB | counter ok | phases (ms) | breakdown (ms) | notes |\n\
+         |---|---|---|--:|--:|--:|--:|--:|---|---|---|---|\n",
     );
     for r in rows {
         let phases = r
             .phases
             .iter()
             .map(|(n, v)| format!("{n} {v:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let breakdown = r
+            .breakdown
+            .iter()
+            .map(|(n, v)| format!("{n} {v:.1}"))
             .collect::<Vec<_>>()
             .join(", ");
         let mut notes = match &r.outcome {
@@ -141,7 +160,7 @@ pub fn markdown_table(rows: &[Row]) -> String {
         }
         let notes = notes.replace('|', "/").replace('\n', " ");
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             size_label(r.mib),
             r.toolchain,
             r.mode,
@@ -151,12 +170,14 @@ pub fn markdown_table(rows: &[Row]) -> String {
             r.bytes_between_nodes
                 .map(|b| format!("{:.1}", b as f64 / 1048576.0))
                 .unwrap_or_else(|| "–".into()),
+            ms(r.mem_peak_mib),
             match r.counter_ok {
                 Some(true) => "yes",
                 Some(false) => "NO",
                 None => "–",
             },
             phases,
+            breakdown,
             notes
         ));
     }

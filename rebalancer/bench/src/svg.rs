@@ -15,6 +15,9 @@ const BOTTOM: f64 = 60.0;
 fn colour(toolchain: &str) -> &'static str {
     match toolchain {
         "agent" => "#1b9e77",
+        "agent-plain" => "#66a61e",
+        "agent-base" => "#a6761d",
+        "agent-plain-base" => "#e6ab02",
         "criu" => "#d95f02",
         "runc" => "#7570b3",
         _ => "#666666",
@@ -51,14 +54,48 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// Renders the chart; rows without a downtime are left out. `subtitle` goes under the title.
+/// What a chart plots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Downtime,
+    ClientGap,
+}
+
+impl Metric {
+    fn of(self, r: &Row) -> Option<f64> {
+        match self {
+            Metric::Downtime => r.downtime_ms,
+            Metric::ClientGap => r.client_gap_ms,
+        }
+    }
+    fn title(self) -> &'static str {
+        match self {
+            Metric::Downtime => "Downtime (freeze → running on destination) vs memory",
+            Metric::ClientGap => "Client's largest gap between two answers vs memory",
+        }
+    }
+    fn axis(self) -> &'static str {
+        match self {
+            Metric::Downtime => "downtime (ms, log scale)",
+            Metric::ClientGap => "client gap (ms, log scale)",
+        }
+    }
+}
+
+/// Renders the downtime chart; rows without a downtime are left out. `subtitle` goes under
+/// the title.
 pub fn downtime_chart(rows: &[Row], subtitle: &str) -> String {
+    chart(rows, subtitle, Metric::Downtime)
+}
+
+/// Renders a chart of `metric`; rows without it are left out.
+pub fn chart(rows: &[Row], subtitle: &str, metric: Metric) -> String {
     let mut sizes: Vec<u64> = rows.iter().map(|r| r.mib).collect();
     sizes.sort_unstable();
     sizes.dedup();
     let mut series: BTreeMap<(String, String), Vec<(u64, f64)>> = BTreeMap::new();
     for r in rows {
-        if let (Outcome::Ok, Some(d)) = (&r.outcome, r.downtime_ms) {
+        if let (Outcome::Ok, Some(d)) = (&r.outcome, metric.of(r)) {
             series
                 .entry((r.toolchain.clone(), r.mode.clone()))
                 .or_default()
@@ -94,8 +131,9 @@ pub fn downtime_chart(rows: &[Row], subtitle: &str) -> String {
     let _ = writeln!(s, "<rect width=\"{W}\" height=\"{H}\" fill=\"white\"/>");
     let _ = writeln!(
         s,
-        "<text x=\"{}\" y=\"20\" font-size=\"15\" font-weight=\"bold\">Downtime (freeze → running on destination) vs memory</text>",
-        LEFT
+        "<text x=\"{}\" y=\"20\" font-size=\"15\" font-weight=\"bold\">{}</text>",
+        LEFT,
+        metric.title()
     );
     let _ = writeln!(
         s,
@@ -136,8 +174,9 @@ pub fn downtime_chart(rows: &[Row], subtitle: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "<text transform=\"translate(18 {:.1}) rotate(-90)\" text-anchor=\"middle\">downtime (ms, log scale)</text>",
-        TOP + ph / 2.0
+        "<text transform=\"translate(18 {:.1}) rotate(-90)\" text-anchor=\"middle\">{}</text>",
+        TOP + ph / 2.0,
+        metric.axis()
     );
     for (i, ((tool, mode), pts)) in series.iter().enumerate() {
         let c = colour(tool);

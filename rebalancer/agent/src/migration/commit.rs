@@ -143,13 +143,17 @@ pub(super) async fn commit_here<H: Host>(
         None => agent.mark_committed(&inc.migration, &inc.meta.spec.id, &inc.net.name),
     }
     inc.committed = true;
+    let mut sub = super::timing::SubPhases::new(&inc.migration, "destination", host.now());
     // Resume first, then take the address over.
     host.signal_tree(pid, Signal::SIGCONT);
     let resumed_at = now_millis();
+    sub.mark("resume", host.now());
     if let Err(e) = host.add_route(&inc.net).await {
         tracing::error!(migration = %inc.migration, error = %e.chain(), "cannot add the container route");
     }
+    sub.mark("route", host.now());
     host.announce(&agent.cfg.uplink, inc.meta.address);
+    sub.log("commit");
     let mut meta = inc.meta.clone();
     meta.started_at = inc.meta.started_at;
     let c = Container {

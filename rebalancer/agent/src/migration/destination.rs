@@ -16,6 +16,7 @@ use super::commit::Incoming;
 use super::host::{within, Clock, Helper, Host, System};
 use super::policy::room_check;
 use super::restore_step::{self, missing_stdio_files};
+use super::timing::{criu_log_mark_ms, criu_log_span_ms, SubPhases};
 use crate::agent::Agent;
 use crate::container;
 use crate::criu;
@@ -462,6 +463,7 @@ async fn restore<H: Host>(
     lazy_pages: Option<(Ipv4Addr, u16)>,
 ) -> Result<PeerReply, AgentError> {
     let started = host.now();
+    let mut sub = SubPhases::new(&inc.migration, "destination", started);
     if let Some(mut ps) = inc.page_server.take() {
         // The page server exits once the dump closed its connection.
         let st = within(&**host, Duration::from_secs(30), ps.wait())
@@ -478,13 +480,23 @@ async fn restore<H: Host>(
             });
         }
     }
+    // No restore-side network lock: nothing reaches this namespace before commit_here adds
+    // the node route, after the tree resumed (the source's copy stays behind the dump's lock).
+    // A failure only costs time: CRIU then locks and unlocks as the dump said.
+    if let Err(e) = criu::skip_restore_network_lock(&inc.images) {
+        tracing::warn!(migration = %inc.migration, error = %e.chain(), "restore keeps CRIU's network lock");
+    }
     let lazy = inc.mode == MigrationMode::PostCopy;
     if lazy {
         let (src, port) = lazy_pages.ok_or_else(|| {
             AgentError::BadRequest("post-copy restore without page server".into())
         })?;
+        sub.mark("page-server-wait", host.now());
         let d = host.lazy_pages(&inc.images, (src, port), &inc.tls).await?;
         inc.lazy_daemon = Some(d);
+        sub.mark("lazy-daemon", host.now());
+    } else {
+        sub.mark("page-server-wait", host.now());
     }
     if inc.restore_step {
         let (Some(step), Some(child)) = (inc.step.take(), inc.step_child.as_mut()) else {
@@ -526,6 +538,7 @@ async fn restore<H: Host>(
         Some(cg) => cg.procs_files()?,
         None => Vec::new(),
     };
+    sub.mark("setup", host.now());
     let r = host
         .restore(
             &args,
@@ -540,7 +553,11 @@ async fn restore<H: Host>(
     drop(net);
     let pid = r?;
     inc.restored_pid = Some(pid);
+    sub.mark("criu-restore", host.now());
     let stats = host.stats(&inc.images, "stats-restore").unwrap_or_default();
+    sub.mark("stats", host.now());
+    note_criu_log(&mut sub, &inc.images);
+    sub.log("restore");
     tracing::info!(migration = %inc.migration, pid, "restored (stopped), waiting for commit");
     Ok(PeerReply::Restored {
         pid,
@@ -560,4 +577,24 @@ mod tests {
         assert_eq!(peer_wait(own, 1_000), own);
         assert_eq!(peer_wait(own, u64::MAX), MAX_PEER_WAIT);
     }
+}
+
+/// CRIU's own figures inside `criu-restore`, from its log: its whole run, and when the restored
+/// tree was complete (the rest is CRIU's network unlock, stats and exit).
+fn note_criu_log(sub: &mut SubPhases, images: &std::path::Path) {
+    let Ok(log) = std::fs::read_to_string(images.join("restore.log")) else {
+        return;
+    };
+    if let Some(ms) = criu_log_mark_ms(&log, "net: Unlock network") {
+        sub.note("criu-log-net-unlocked", ms);
+    }
+    if let Some(ms) = criu_log_mark_ms(&log, "Restore finished successfully") {
+        sub.note("criu-log-restored", ms);
+    }
+    if let Some(ms) = criu_log_span_ms(&log) {
+        sub.note("criu-log-total", ms);
+    }
+    // 1 when CRIU found its kernel-feature cache (criu::kdat_run_dir), else 0.
+    let cached = log.contains("Loaded kdat cache");
+    sub.note("criu-kdat-cached", if cached { 1.0 } else { 0.0 });
 }

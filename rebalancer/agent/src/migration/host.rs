@@ -304,12 +304,15 @@ impl<T: Criu + Net + Procs + Cgroups + Steps + Clock + Connector + 'static> Host
 #[derive(Debug, Clone)]
 pub struct System {
     criu: PathBuf,
+    /// [`criu::kdat_run_dir`]: a private /run for the destination's CRIU actions.
+    private_run: Option<PathBuf>,
 }
 
 impl System {
     pub fn new(cfg: &AgentConfig) -> System {
         System {
             criu: cfg.criu.clone(),
+            private_run: criu::kdat_run_dir(&cfg.run_dir),
         }
     }
 }
@@ -427,6 +430,7 @@ impl Criu for System {
                     ready_within: Some(criu::READY_WITHIN),
                     keep_fds: &[fd],
                     detach: false,
+                    private_run: None,
                 },
             )
             .await;
@@ -459,6 +463,7 @@ impl Criu for System {
                 ready_within: Some(criu::READY_WITHIN),
                 keep_fds: &[],
                 detach: true,
+                private_run: self.private_run.as_deref(),
             },
         )
         .await
@@ -481,6 +486,7 @@ impl Criu for System {
             cgroup_procs,
             dir,
             "restore.log",
+            self.private_run.as_deref().filter(|_| !reaches_run(args)),
         )
         .await?;
         std::fs::read_to_string(pidfile)
@@ -617,6 +623,13 @@ impl Procs for System {
     }
 }
 
+/// Whether a restore's arguments name anything under /run (a bind source, the root), which a
+/// private /run ([`criu::with_private_run`]) would hide.
+fn reaches_run(args: &[String]) -> bool {
+    args.iter()
+        .any(|a| a.starts_with("/run") || a.contains(":/run"))
+}
+
 /// `MemAvailable` of a /proc/meminfo text, in bytes. Pure.
 pub fn mem_available(meminfo: &str) -> Option<u64> {
     meminfo
@@ -707,6 +720,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn restores_that_reach_run_keep_the_real_run() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(reaches_run(&a(&["--external", "mnt[k]:/run/munge"])));
+        assert!(reaches_run(&a(&["--root", "/run/rebalancer/c/root"])));
+        assert!(!reaches_run(&a(&[
+            "--external",
+            "mnt[k]:/usr",
+            "--root",
+            "/dev/shm/r"
+        ])));
+    }
+
+    #[test]
     fn mem_available_reads_kib() {
         let m = "MemTotal:  100 kB\nMemAvailable:    2048 kB\n";
         assert_eq!(mem_available(m), Some(2 << 20));
@@ -723,6 +749,7 @@ mod tests {
         // No CRIU: /bin/false exits at once, which is all the source's connection needs to show.
         let sys = System {
             criu: "/bin/false".into(),
+            private_run: None,
         };
         let lo = Ipv4Addr::LOCALHOST;
         let source = std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));

@@ -24,6 +24,7 @@ pub mod sim;
 mod sim_tests;
 pub mod source;
 pub mod spool;
+pub mod timing;
 
 /// Phase bookkeeping on a record.
 pub fn enter(rec: &mut MigrationRecord, phase: Phase) {

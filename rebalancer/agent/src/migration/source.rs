@@ -652,8 +652,10 @@ async fn attempt<H: Host>(
     }
     enter(&mut p.rec, Phase::Transfer);
     agent.publish(&p.rec);
+    let mut sub = super::timing::SubPhases::new(&p.rec.id, "source", host.now());
     let before = p.conn.bytes_sent();
     p.conn.send_images(dir).await?;
+    sub.mark("send-images", host.now());
     enter(&mut p.rec, Phase::Restore);
     agent.publish(&p.rec);
     match p
@@ -670,6 +672,9 @@ async fn attempt<H: Host>(
             )))
         }
     }
+    sub.mark("restore-call", host.now());
+    note_dump_log(&mut sub, dir);
+    sub.log("switch");
     p.rec.stats.bytes_sent += p.conn.bytes_sent() - before;
     Ok(())
 }
@@ -851,4 +856,26 @@ async fn keep_frozen<H: Host>(
     remove_images(base);
     finish(&mut p.rec, MigrationState::Unknown, Some(why));
     agent.publish(&p.rec);
+}
+
+/// CRIU's own figures of the dump, from its log (ms since CRIU started): tree seized, network
+/// locked, dump done.
+fn note_dump_log(sub: &mut super::timing::SubPhases, dir: &std::path::Path) {
+    use super::timing::{criu_log_mark_ms, criu_log_span_ms};
+    let Ok(log) = std::fs::read_to_string(dir.join("dump.log")) else {
+        return;
+    };
+    // CRIU's start-up before this (cgroups, mounts) runs before the tree stops.
+    if let Some(ms) = criu_log_mark_ms(&log, "Seized task") {
+        sub.note("criu-dump-log-seized", ms);
+    }
+    if let Some(ms) = criu_log_mark_ms(&log, "net: Lock network") {
+        sub.note("criu-dump-log-net-locked", ms);
+    }
+    if let Some(ms) = criu_log_mark_ms(&log, "Dumping finished successfully") {
+        sub.note("criu-dump-log-done", ms);
+    }
+    if let Some(ms) = criu_log_span_ms(&log) {
+        sub.note("criu-dump-log-total", ms);
+    }
 }

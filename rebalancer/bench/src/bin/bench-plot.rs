@@ -1,9 +1,10 @@
-//! Writes `downtime-vs-memory.svg` from the JSON of a `rebalancer-bench` run.
+//! Writes `downtime-vs-memory.svg` (or, with `--client-gap`, the client's largest gap) from
+//! the JSON of a `rebalancer-bench` run.
 
 use anyhow::Context;
 use clap::Parser;
 use rebalancer_bench::report::RunReport;
-use rebalancer_bench::svg::downtime_chart;
+use rebalancer_bench::svg::{chart, Metric};
 
 #[derive(Parser, Debug)]
 #[command(about = "Downtime-vs-memory SVG chart from rebalancer-bench JSON")]
@@ -13,6 +14,9 @@ struct Args {
     /// Output SVG file.
     #[arg(long, short)]
     output: std::path::PathBuf,
+    /// Plot the client's largest gap instead of the downtime.
+    #[arg(long)]
+    client_gap: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -24,7 +28,16 @@ fn main() -> anyhow::Result<()> {
         "kernel {}, CRIU {}, runc {}; lower is better",
         run.kernel, run.criu_version, run.runc_version
     );
-    std::fs::write(&args.output, downtime_chart(&run.rows, &subtitle))
+    let metric = if args.client_gap {
+        Metric::ClientGap
+    } else {
+        Metric::Downtime
+    };
+    let subtitle = match run.bandwidth_mb_s.first() {
+        Some(bw) => format!("{subtitle}; source→destination TCP {bw:.0} MB/s"),
+        None => subtitle,
+    };
+    std::fs::write(&args.output, chart(&run.rows, &subtitle, metric))
         .with_context(|| format!("write {}", args.output.display()))?;
     Ok(())
 }

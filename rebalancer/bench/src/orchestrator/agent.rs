@@ -141,10 +141,11 @@ fn start_munged(ctx: &Ctx) -> Result<i32> {
     }
 }
 
-fn config(ctx: &Ctx, node: crate::net::Node, peer: crate::net::Node) -> String {
+fn config(ctx: &Ctx, node: crate::net::Node, peer: crate::net::Node, encrypt: bool) -> String {
     let d = dir(ctx);
     format!(
         "node = \"{n}\"\nlisten = \"{ip}:{AGENT_PORT}\"\ncontrol_socket = \"{sock}\"\n\
+         encrypt_memory = {encrypt}\n\
          container_subnet = \"{CONTAINER_NET}\"\nstate_dir = \"{d}/{n}/state\"\nrun_dir = \"{d}/{n}/run\"\n\
          migration_timeout_ms = 300000\n\
          host_dirs = [\"/usr\", \"/etc\", \"/bin\", \"/lib\", \"/lib64\", \"/sbin\", \"{bins}\"]\n\
@@ -160,7 +161,7 @@ fn config(ctx: &Ctx, node: crate::net::Node, peer: crate::net::Node) -> String {
     )
 }
 
-fn start_agents(ctx: &Ctx, logs: &Path) -> Result<Lab> {
+fn start_agents(ctx: &Ctx, logs: &Path, encrypt: bool, baseline: bool) -> Result<Lab> {
     let d = dir(ctx);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).map_err(sys::io("create agent dir"))?;
@@ -168,16 +169,22 @@ fn start_agents(ctx: &Ctx, logs: &Path) -> Result<Lab> {
         munged_pid: Some(start_munged(ctx)?),
         _agents: Vec::new(),
     };
-    let agent = ctx
-        .agent_bin
-        .clone()
-        .ok_or_else(|| SysError::Other("no agent binary".into()))?;
+    let agent = if baseline {
+        ctx.baseline_agent.clone().ok_or_else(|| {
+            SysError::Other("the -base toolchains need --baseline-agent PATH".into())
+        })?
+    } else {
+        ctx.agent_bin
+            .clone()
+            .ok_or_else(|| SysError::Other("no agent binary".into()))?
+    };
     if !agent.exists() {
         return Err(SysError::Other(format!("{} not built", agent.display())));
     }
     for (node, peer) in [(SRC, DST), (DST, SRC)] {
         let cfg = d.join(format!("{}.toml", node.name));
-        std::fs::write(&cfg, config(ctx, node, peer)).map_err(sys::io("write agent config"))?;
+        std::fs::write(&cfg, config(ctx, node, peer, encrypt))
+            .map_err(sys::io("write agent config"))?;
         let mut c = sys::in_netns(node.name, &agent.to_string_lossy());
         c.arg("run")
             .arg("--config")
@@ -268,12 +275,21 @@ fn migrate(ctx: &Ctx, mode: Mode) -> Result<MigrationRecord> {
     }
 }
 
-pub fn run(ctx: &Ctx, mode: Mode, mib: u64, idx: usize, row: &mut Row) -> Result<()> {
+/// One migration by the agents; `encrypt`: their `encrypt_memory` (TLS page transfer);
+/// `baseline`: run `--baseline-agent` instead (a before/after comparison within one run).
+pub fn run(
+    ctx: &Ctx,
+    mode: Mode,
+    mib: u64,
+    idx: usize,
+    row: &mut Row,
+    (encrypt, baseline): (bool, bool),
+) -> Result<()> {
     let logs = ctx
         .log_dir
-        .join(format!("{idx:02}-agent-{}-{mib}M", mode.name()));
+        .join(format!("{idx:02}-{}-{}-{mib}M", row.toolchain, mode.name()));
     std::fs::create_dir_all(&logs).map_err(sys::io("create log dir"))?;
-    let _lab = start_agents(ctx, &logs)?;
+    let _lab = start_agents(ctx, &logs, encrypt, baseline)?;
     if mode == Mode::PreCopy {
         let mut c = Control::connect(&socket(ctx, SRC.name))?;
         if let Reply::Capabilities { capabilities } = c.call(&Request::Capabilities)? {
@@ -310,6 +326,7 @@ pub fn run(ctx: &Ctx, mode: Mode, mib: u64, idx: usize, row: &mut Row) -> Result
             if let Some(d) = rec.stats.downtime_ms {
                 row.phases.push(("agent-downtime".into(), d as f64));
             }
+            row.breakdown = sub_phases(&logs);
             Ok(())
         }
         Ok(rec) => Err(SysError::Other(format!(
@@ -331,6 +348,17 @@ pub fn run(ctx: &Ctx, mode: Mode, mib: u64, idx: usize, row: &mut Row) -> Result
         Err(_) => {}
     }
     outcome
+}
+
+/// The agents' `sub-phases` lines: source first (its switch line also carries CRIU's dump
+/// marks), then the destination's restore and commit.
+fn sub_phases(logs: &Path) -> Vec<(String, f64)> {
+    use rebalancer_bench::breakdown::{agent_sub_phases, prefixed};
+    let read =
+        |n: &str| std::fs::read_to_string(logs.join(format!("agent-{n}.log"))).unwrap_or_default();
+    let mut out = prefixed("src", &agent_sub_phases(&read(SRC.name)));
+    out.extend(prefixed("dst", &agent_sub_phases(&read(DST.name))));
+    out
 }
 
 /// Container namespaces the agents made (`rb-<node>-<id>-<hex>`); the agents themselves die

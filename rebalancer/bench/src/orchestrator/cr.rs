@@ -322,7 +322,7 @@ fn dump_cmd(
                     "--tcp-established",
                     "--network-lock",
                     "nftables",
-                    "-v2",
+                    "-v3",
                     "-o",
                 ])
                 .arg(dirs.logs.join("dump.log"))
@@ -394,7 +394,7 @@ fn restore(ctx: &Ctx, tool: Tool, dst: &ContainerNet, dirs: &Dirs, lazy: bool) -
                     "--tcp-established",
                     "--network-lock",
                     "nftables",
-                    "-v2",
+                    "-v3",
                     "-o",
                 ])
                 .arg(dirs.logs.join("restore.log"))
@@ -474,7 +474,7 @@ pub fn migrate(
                     &port.to_string(),
                     "--status-fd",
                     "3",
-                    "-v2",
+                    "-v3",
                     "-o",
                 ])
                 .arg(dirs.logs.join("page-server.log"))
@@ -538,7 +538,7 @@ pub fn migrate(
             .arg(&dirs.dst_img)
             .arg("-W")
             .arg(work)
-            .args(["-v2", "-o"])
+            .args(["-v3", "-o"])
             .arg(dirs.logs.join("lazy-pages.log"))
             .stdin(Stdio::null())
             .stdout(Stdio::null());
@@ -575,5 +575,19 @@ pub fn migrate(
         }
         Mode::PreCopy => return Err(SysError::Other("pre-copy is not driven here".into())),
     }
+    m.breakdown = criu_marks(tool, dirs);
     Ok(m)
+}
+
+/// CRIU's own timestamps in the dump and restore logs (ms since that CRIU started).
+fn criu_marks(tool: Tool, dirs: &Dirs) -> Vec<(String, f64)> {
+    use rebalancer_bench::breakdown::{criu_dump_marks, criu_restore_marks};
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    let restore_log = match tool {
+        Tool::Criu => dirs.logs.join("restore.log"),
+        Tool::Runc => dirs.dst_work.join("restore.log"),
+    };
+    let mut out = criu_dump_marks("dump", &read(dump_log(tool, dirs)));
+    out.extend(criu_restore_marks("restore", &read(restore_log)));
+    out
 }

@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use rebalancer_bench::report::{combine, markdown_table, size_label, Outcome, Row, RunReport};
 use rebalancer_bench::wire::ClientReport;
 
-use crate::net::{ContainerNet, CLIENT, CONTAINER_IP, SRC};
+use crate::net::{ContainerNet, CLIENT, CONTAINER_IP, DST, SRC};
 use crate::sys::{Proc, SysError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,8 @@ pub struct Migration {
     pub total_ms: f64,
     /// Freeze started → the restore command returned and the address was announced.
     pub resumed_ms: Option<f64>,
+    /// CRIU's own log marks of the dump and the restore.
+    pub breakdown: Vec<(String, f64)>,
 }
 
 /// Settings shared by every run.
@@ -59,6 +61,8 @@ pub struct Ctx {
     pub disk_dir: PathBuf,
     pub dirty_percent_per_sec: f64,
     pub agent_bin: Option<PathBuf>,
+    /// `--baseline-agent`, for the `-base` toolchains.
+    pub baseline_agent: Option<PathBuf>,
     pub settle_ms: u64,
     pub after_ms: u64,
 }
@@ -71,8 +75,14 @@ struct Args {
     /// Memory sizes (RSS of the workload): e.g. 64M,256M,1G,2G.
     #[arg(long, value_delimiter = ',', default_value = "64M,256M,1G,2G")]
     sizes: Vec<String>,
-    /// Toolchains to compare.
-    #[arg(long, value_delimiter = ',', default_value = "agent,criu,runc")]
+    /// Toolchains to compare: `agent` (encrypted pages, the agent's default), `agent-plain`
+    /// (`encrypt_memory = false`), `criu` (by hand), `runc`; `agent-base` and
+    /// `agent-plain-base` run `--baseline-agent`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "agent,agent-plain,criu,runc"
+    )]
     toolchains: Vec<String>,
     /// Migration modes.
     #[arg(
@@ -98,6 +108,10 @@ struct Args {
     /// The agent binary (default: rebalancer-agent next to this binary).
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// An older agent binary for the `agent-base` and `agent-plain-base` toolchains, so that a
+    /// change is measured against its baseline in the same run.
+    #[arg(long)]
+    baseline_agent: Option<PathBuf>,
     /// Share of the workload's pages written per second, in percent.
     #[arg(long, default_value_t = 2.0)]
     dirty_percent_per_sec: f64,
@@ -127,6 +141,18 @@ enum Cmd {
         to: String,
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// (internal) bandwidth sink: read one connection, print `BYTES MICROS`.
+    Sink {
+        #[arg(long)]
+        listen: String,
+    },
+    /// (internal) bandwidth source: send MIB MiB.
+    Blast {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        mib: u64,
     },
 }
 
@@ -233,6 +259,7 @@ fn run_cr(
         Ok(m) => {
             row.total_ms = Some(m.total_ms);
             row.phases = m.phases;
+            row.breakdown = m.breakdown;
             if let Some(r) = m.resumed_ms {
                 row.phases.push(("frozen→announced".into(), r));
             }
@@ -250,6 +277,32 @@ fn run_cr(
         Err(_) => {}
     }
     outcome
+}
+
+/// One TCP stream of `mib` MiB from the source node to the destination node (the path every
+/// page takes), in MB/s.
+fn bandwidth(ctx: &Ctx, mib: u64) -> Result<f64, SysError> {
+    let me = ctx.bins.join("rebalancer-bench");
+    let addr = format!("{}:19999", DST.ip);
+    let mut cmd = sys::in_netns(DST.name, &me.to_string_lossy());
+    cmd.args(["sink", "--listen", &addr]).stdout(Stdio::piped());
+    let mut sink = Proc::spawn("bandwidth sink", &mut cmd)?;
+    let out = sink
+        .child()
+        .stdout
+        .take()
+        .ok_or_else(|| SysError::Other("sink has no stdout".into()))?;
+    let rx = sys::line_reader(out);
+    sys::recv_line(&rx, "bandwidth sink", Duration::from_secs(10))?;
+    sys::run(sys::in_netns(SRC.name, &me.to_string_lossy()).args([
+        "blast",
+        "--to",
+        &addr,
+        "--mib",
+        &mib.to_string(),
+    ]))?;
+    let line = sys::recv_line(&rx, "bandwidth sink", Duration::from_secs(60))?;
+    xfer::rate_mb_s(&line).ok_or_else(|| SysError::Other(format!("sink said `{line}`")))
 }
 
 struct Settings {
@@ -271,7 +324,7 @@ fn cleanup_run(ctx: &Ctx, tool: &str) {
     match tool {
         "criu" => cr::cleanup(ctx, cr::Tool::Criu),
         "runc" => cr::cleanup(ctx, cr::Tool::Runc),
-        "agent" => agent::cleanup(ctx),
+        t if t.starts_with("agent") => agent::cleanup(ctx),
         _ => {}
     }
     // The veths first: a namespace whose dying processes still hold it outlives `ip netns
@@ -305,6 +358,38 @@ fn memory_needed_mib(mib: u64) -> u64 {
     mib * 3 + 512
 }
 
+/// Samples MemAvailable every 5 ms while a cell runs: the node's largest drop below its
+/// level at the start (the workload, its images on tmpfs, the restored copy, CRIU's buffers;
+/// and whatever else the machine's other users allocated meanwhile).
+struct MemSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Option<u64>>,
+}
+
+impl MemSampler {
+    fn start() -> MemSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let start = mem_available_mib()?;
+            let mut low = start;
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(m) = mem_available_mib() {
+                    low = low.min(m);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Some(start.saturating_sub(low))
+        });
+        MemSampler { stop, thread }
+    }
+
+    fn stop(self) -> Option<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().ok().flatten().map(|m| m as f64)
+    }
+}
+
 /// One migration of one cell; `Err` only when interrupted.
 fn run_cell(s: &Settings, tool: &str, mode: Mode, mib: u64, idx: usize) -> Result<Row, SysError> {
     let mut row = Row::new(mib, tool, mode.name(), Outcome::Ok);
@@ -319,15 +404,20 @@ fn run_cell(s: &Settings, tool: &str, mode: Mode, mib: u64, idx: usize) -> Resul
             return Ok(row);
         }
     }
+    let sampler = MemSampler::start();
     let res = match tool {
         "criu" if mode != Mode::PreCopy => run_cr(&s.ctx, cr::Tool::Criu, mode, mib, idx, &mut row),
         "runc" if mode != Mode::PreCopy => run_cr(&s.ctx, cr::Tool::Runc, mode, mib, idx, &mut row),
-        "agent" => agent::run(&s.ctx, mode, mib, idx, &mut row),
+        "agent" => agent::run(&s.ctx, mode, mib, idx, &mut row, (true, false)),
+        "agent-plain" => agent::run(&s.ctx, mode, mib, idx, &mut row, (false, false)),
+        "agent-base" => agent::run(&s.ctx, mode, mib, idx, &mut row, (true, true)),
+        "agent-plain-base" => agent::run(&s.ctx, mode, mib, idx, &mut row, (false, true)),
         _ => Err(SysError::Other(format!(
             "{tool} does not drive {}",
             mode.name()
         ))),
     };
+    row.mem_peak_mib = sampler.stop();
     cleanup_run(&s.ctx, tool);
     match res {
         Ok(()) => {}
@@ -424,6 +514,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
             xfer::send(dir, to)?;
             return Ok(ExitCode::SUCCESS);
         }
+        Some(Cmd::Sink { listen }) => {
+            xfer::sink(listen)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Cmd::Blast { to, mib }) => {
+            xfer::blast(to, *mib)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         None => {}
     }
     // SAFETY: geteuid has no preconditions.
@@ -445,8 +543,15 @@ fn real_main() -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     for t in &args.toolchains {
         anyhow::ensure!(
-            matches!(t.as_str(), "agent" | "criu" | "runc"),
-            "unknown toolchain `{t}`"
+            matches!(
+                t.as_str(),
+                "agent" | "agent-plain" | "agent-base" | "agent-plain-base" | "criu" | "runc"
+            ),
+            "unknown toolchain `{t}` (agent, agent-plain, agent-base, agent-plain-base, criu, runc)"
+        );
+        anyhow::ensure!(
+            !t.ends_with("-base") || args.baseline_agent.is_some(),
+            "toolchain `{t}` needs --baseline-agent PATH"
         );
     }
     let bins = std::env::current_exe()
@@ -460,6 +565,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 .clone()
                 .unwrap_or_else(|| bins.join("rebalancer-agent")),
         ),
+        baseline_agent: args.baseline_agent.clone(),
         bins,
         criu: args.criu.clone(),
         workdir: args.workdir.clone(),
@@ -521,7 +627,17 @@ fn real_main() -> anyhow::Result<ExitCode> {
         repeat: args.repeat,
     };
     let started = Instant::now();
-    let res = net::setup().and_then(|_| benchmark(&settings, precopy_ok, &mut report));
+    let res = net::setup().and_then(|_| {
+        // Bandwidth in the same run as the migrations, before and after them.
+        report.bandwidth_mb_s.push(bandwidth(&settings.ctx, 1024)?);
+        eprintln!(
+            "bandwidth source → destination: {:.0} MB/s",
+            report.bandwidth_mb_s[0]
+        );
+        benchmark(&settings, precopy_ok, &mut report)?;
+        report.bandwidth_mb_s.push(bandwidth(&settings.ctx, 1024)?);
+        Ok(())
+    });
     for t in &settings.toolchains {
         cleanup_run(&settings.ctx, t);
     }

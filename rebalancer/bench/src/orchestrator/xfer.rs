@@ -98,6 +98,47 @@ pub fn receive(listen: &str, dir: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Bandwidth sink: accepts one connection, reads it to its end and prints `BYTES MICROS`
+/// (first byte to last).
+pub fn sink(listen: &str) -> anyhow::Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    let (mut s, _) = l.accept()?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    let mut first: Option<Instant> = None;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        first.get_or_insert_with(Instant::now);
+        total += n as u64;
+    }
+    let us = first.map(|f| f.elapsed().as_micros()).unwrap_or(0);
+    println!("{total} {us}");
+    Ok(())
+}
+
+/// Bandwidth source: `mib` MiB over one TCP connection to `to`.
+pub fn blast(to: &str, mib: u64) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(to).with_context(|| format!("connect {to}"))?;
+    let buf = vec![0x5au8; 1 << 20];
+    for _ in 0..mib {
+        s.write_all(&buf)?;
+    }
+    Ok(())
+}
+
+/// MB/s (10^6 bytes) from a sink's `BYTES MICROS` line.
+pub fn rate_mb_s(line: &str) -> Option<f64> {
+    let mut it = line.split_whitespace();
+    let bytes: f64 = it.next()?.parse().ok()?;
+    let us: f64 = it.next()?.parse().ok()?;
+    (us > 0.0).then(|| bytes / us)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +168,24 @@ mod tests {
         assert_eq!(std::fs::read(dst.join("sub/b.img")).expect("b"), b"bee");
         assert!(dst.join("empty.img").exists());
         let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn bandwidth_over_loopback() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port");
+        let addr = format!("127.0.0.1:{port}");
+        let a2 = addr.clone();
+        let rx = std::thread::spawn(move || sink(&a2).map_err(|e| e.to_string()));
+        let end = Instant::now() + Duration::from_secs(5);
+        while blast(&addr, 8).is_err() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        rx.join().expect("join").expect("sink");
+        assert_eq!(rate_mb_s("1000000 500000"), Some(2.0));
+        assert_eq!(rate_mb_s("1000 0"), None);
+        assert_eq!(rate_mb_s("garbage"), None);
     }
 }
