@@ -69,9 +69,11 @@ install_host_libmariadb() {
 }
 
 # The agent's default CRIU is /usr/local/sbin/criu (where scripts/setup.sh installs it); sid's
-# package puts it in /usr/sbin.
+# package puts it in /usr/sbin. The link is absolute (right inside the root), so from the host
+# it dangles: -L, not only -e, tells that it is there.
 link_criu() {
-  [ -e "$1/usr/local/sbin/criu" ] || ln -s /usr/sbin/criu "$1/usr/local/sbin/criu"
+  [ -e "$1/usr/local/sbin/criu" ] || [ -L "$1/usr/local/sbin/criu" ] ||
+    ln -s /usr/sbin/criu "$1/usr/local/sbin/criu"
 }
 
 root_of() { echo "$RELEASES_DIR/$1"; }

@@ -547,6 +547,39 @@ mod tests {
         assert!(!ghost.needs_switch(1000));
     }
 
+    /// Root's child becomes the job's user, groups included, before it execs (what the restore
+    /// step's srun runs as).
+    #[test]
+    #[ignore = "needs root: the child changes its uid, gid and groups"]
+    fn a_root_child_switches_to_the_jobs_user() {
+        use std::os::unix::process::CommandExt;
+        let user = StepUser {
+            uid: 65534,
+            gid: 65533,
+            groups: vec![65533, 65532],
+            env: vec![],
+        };
+        assert!(
+            user.needs_switch(nix::unistd::getuid().as_raw()),
+            "run as root"
+        );
+        let u = user.clone();
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "id -u; id -g; id -G"]);
+        // SAFETY: the hook only calls StepUser::switch, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || u.switch());
+        }
+        let out = cmd.output().expect("run sh");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[..2], ["65534", "65533"], "{text}");
+        let mut groups: Vec<&str> = lines[2].split_whitespace().collect();
+        groups.sort();
+        assert_eq!(groups, ["65532", "65533"], "{text}");
+    }
+
     #[test]
     fn restore_step_reopens_the_tasks_files_through_slurmstepd() {
         let dir = std::env::temp_dir().join(format!("rb-stdio-{}", std::process::id()));
