@@ -51,7 +51,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for PeerStream<S> {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             PeerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            // A peer that closes without TLS's close_notify ends the stream like a plain close:
+            // frames delimit themselves, and the decoder reports a cut inside one as truncated.
+            PeerStream::Tls(s) => match Pin::new(s.as_mut()).poll_read(cx, buf) {
+                Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    Poll::Ready(Ok(()))
+                }
+                other => other,
+            },
         }
     }
 }
@@ -277,5 +284,21 @@ mod tests {
         assert_eq!(&buf, b"hello through tls");
         let ((_, other), _) = session().await;
         assert_ne!(ce, other, "two sessions must not share an exporter");
+    }
+
+    #[tokio::test]
+    async fn a_close_without_close_notify_reads_as_the_end_of_the_stream() {
+        let ((c, _), (mut s, _)) = session().await;
+        let PeerStream::Tls(tls) = c else {
+            panic!("not in TLS")
+        };
+        // Drop the TCP side under TLS without sending close_notify.
+        let tokio_rustls::TlsStream::Client(client) = *tls else {
+            panic!("the connecting side is a client")
+        };
+        let (raw, _) = client.into_inner();
+        drop(raw);
+        let mut buf = Vec::new();
+        assert_eq!(s.read_to_end(&mut buf).await.expect("clean end"), 0);
     }
 }
