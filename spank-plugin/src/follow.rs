@@ -210,17 +210,33 @@ fn attach(job: u32, step: u32, files: &OutputFiles) -> Option<i32> {
         Some(f) => Box::new(f),
         None => Box::new(std::io::stderr()),
     };
-    let mut child = Command::new(slurm_command("sattach"))
-        .arg("-v")
+    let mut cmd = Command::new(slurm_command("sattach"));
+    cmd.arg("-v")
         .arg(format!("{job}.{step}"))
         // Its own process group: a Ctrl-C on the terminal reaches srun only, which passes it on
         // to the task (sattach would otherwise end and stop following).
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(stdout)
-        .stderr(Stdio::piped())
-        .spawn()
-        .ok()?;
+        .stderr(Stdio::piped());
+    // Out of srun's process group, sattach would outlive an srun that is killed (seen: orphans
+    // attached for good to a step of a torn-down cluster): it dies with srun instead.
+    let srun = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the closure calls only async-signal-safe functions
+    // (prctl, getppid, _exit) and touches no memory shared with other threads.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != srun {
+                // srun ended before the death signal was armed.
+                libc::_exit(0);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().ok()?;
     let mut code: Option<i32> = None;
     if let Some(err) = child.stderr.take() {
         for line in BufReader::new(err).lines().map_while(Result::ok) {
