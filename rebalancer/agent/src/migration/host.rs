@@ -150,6 +150,11 @@ pub trait Criu: Send + Sync {
     fn lazy_totals(&self, dir: &Path) -> (u64, u64);
     /// A free port on `ip` for the lazy dump (which binds it itself).
     fn pick_port(&self, ip: Ipv4Addr) -> Result<u16, AgentError>;
+    /// Waits until CRIU runs cut by a deadline have left through CRIU's own failure path
+    /// (interrupted, never SIGKILLed mid-parasite); a rollback calls it before touching the tree.
+    fn settle(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Network namespaces, routes, gratuitous ARP and CRIU's nftables lock.
@@ -292,12 +297,15 @@ impl<T: Criu + Net + Procs + Cgroups + Steps + Clock + Connector + 'static> Host
 #[derive(Debug, Clone)]
 pub struct System {
     criu: PathBuf,
+    /// Dumps cut by a deadline, still leaving through CRIU's failure path.
+    interrupted: criu::Interrupted,
 }
 
 impl System {
     pub fn new(cfg: &AgentConfig) -> System {
         System {
             criu: cfg.criu.clone(),
+            interrupted: Default::default(),
         }
     }
 }
@@ -314,19 +322,31 @@ impl Criu for System {
         tls: &[String],
     ) -> Result<(), AgentError> {
         let args = criu::pre_dump_args(pid, dir, ps, parent, tls);
-        criu::run(&self.criu, "pre-dump", &args, &[], dir, "pre-dump.log").await
+        criu::run_interruptible(
+            &self.criu,
+            "pre-dump",
+            &args,
+            dir,
+            "pre-dump.log",
+            &self.interrupted,
+        )
+        .await
     }
 
     async fn dump(&self, args: &DumpArgs) -> Result<(), AgentError> {
-        criu::run(
+        criu::run_interruptible(
             &self.criu,
             "dump",
             &args.build(),
-            &[],
             &args.images_dir,
             "dump.log",
+            &self.interrupted,
         )
         .await
+    }
+
+    async fn settle(&self) {
+        self.interrupted.settle().await
     }
 
     async fn dump_lazy(&self, args: &DumpArgs) -> Result<CriuProcess, AgentError> {
@@ -688,6 +708,7 @@ mod tests {
         // No CRIU: /bin/false exits at once, which is all the source's connection needs to show.
         let sys = System {
             criu: "/bin/false".into(),
+            interrupted: Default::default(),
         };
         let lo = Ipv4Addr::LOCALHOST;
         let source = std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
