@@ -556,6 +556,117 @@ pub async fn run_in(
     Ok(())
 }
 
+/// How long an interrupted CRIU gets to leave through its own failure path (its SIGALRM
+/// handler retries the interruption 5 times, 1 s apart) before it is SIGKILLed.
+pub const INTERRUPT_GRACE: Duration = Duration::from_secs(10);
+
+/// CRIU runs cut by a deadline that are still leaving through their own failure path; a
+/// rollback waits for them ([`Interrupted::settle`]) before it touches the tree.
+#[derive(Debug, Clone, Default)]
+pub struct Interrupted(std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>);
+
+impl Interrupted {
+    fn push(&self, h: tokio::task::JoinHandle<()>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(h);
+    }
+
+    /// Waits until every interrupted CRIU has exited (or was killed after the grace).
+    pub async fn settle(&self) {
+        loop {
+            let h = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            match h {
+                Some(h) => {
+                    let _ = h.await;
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+/// A running CRIU whose future may be dropped (a deadline): then it is not SIGKILLed, which
+/// would leave its parasite in the tree, but interrupted the way CRIU provides for: SIGALRM,
+/// which its dump installs a handler for (`alarm_handler` in `cr-dump.c`: the current syscall
+/// fails with EINTR and the dump takes its failure path, curing the tree and resuming it).
+struct Interruptible {
+    child: Option<tokio::process::Child>,
+    action: &'static str,
+    pending: Interrupted,
+}
+
+impl Drop for Interruptible {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let action = self.action;
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            let _ = child.start_kill();
+            return;
+        };
+        if let Some(pid) = child.id() {
+            tracing::warn!(action, pid, "criu cut by the migration's deadline: interrupting it with SIGALRM (its own failure path), not SIGKILL");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGALRM,
+            );
+        }
+        let h = rt.spawn(async move {
+            match tokio::time::timeout(INTERRUPT_GRACE, child.wait()).await {
+                Ok(st) => tracing::info!(action, status = ?st, "interrupted criu left through its failure path"),
+                Err(_) => {
+                    tracing::error!(action, "interrupted criu still runs after {INTERRUPT_GRACE:?}: killing it");
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+            }
+        });
+        self.pending.push(h);
+    }
+}
+
+/// Like [`run`] (no inherited descriptors), but a dropped future interrupts CRIU with SIGALRM
+/// instead of killing it; `pending` then tracks it until it exits.
+pub async fn run_interruptible(
+    criu: &Path,
+    action: &'static str,
+    args: &[String],
+    log_dir: &Path,
+    log_name: &str,
+    pending: &Interrupted,
+) -> Result<(), AgentError> {
+    let mut cmd = command(criu, args, &[]);
+    // Nobody reads them while it runs (CRIU logs to its log file).
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = cmd.spawn().map_err(|source| AgentError::Io {
+        what: format!("cannot run {}", criu.display()),
+        source,
+    })?;
+    let mut run = Interruptible {
+        child: Some(child),
+        action,
+        pending: pending.clone(),
+    };
+    let st = match run.child.as_mut() {
+        Some(c) => c.wait().await,
+        None => return Err(AgentError::Internal("criu was not started".into())),
+    };
+    // Ended by itself: nothing to interrupt.
+    run.child = None;
+    let st = st.map_err(|source| AgentError::Io {
+        what: format!("wait for criu {action}"),
+        source,
+    })?;
+    if !st.success() {
+        return Err(AgentError::Criu {
+            action,
+            message: format!("{}: {}", exit_text(&Ok(st)), log_tail(log_dir, log_name)),
+        });
+    }
+    Ok(())
+}
+
 /// Figures from CRIU's `stats-dump` / `stats-restore` images.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CriuStats {
@@ -761,6 +872,56 @@ pub fn read_stats(dir: &Path, name: &str) -> Option<CriuStats> {
 
 #[cfg(test)]
 mod tests {
+
+    /// A CRIU cut by a deadline gets SIGALRM (its own interruption), not SIGKILL, and the
+    /// rollback's settle waits until it left.
+    #[tokio::test]
+    async fn a_cut_criu_is_interrupted_with_sigalrm_and_settled() {
+        let dir = std::env::temp_dir().join(format!("rb-alrm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let mark = dir.join("got-alarm");
+        // A stand-in for criu: notes SIGALRM and leaves, as CRIU's failure path does.
+        let script = format!(
+            "trap 'echo alarm > {}; exit 3' ALRM; echo ready > {}/ready; while :; do sleep 0.05; done",
+            mark.display(),
+            dir.display()
+        );
+        let args = vec!["-c".to_string(), script];
+        let pending = super::Interrupted::default();
+        let run = super::run_interruptible(
+            std::path::Path::new("/bin/sh"),
+            "dump",
+            &args,
+            &dir,
+            "dump.log",
+            &pending,
+        );
+        let ready = dir.join("ready");
+        let cut = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    r = &mut run => return Some(r),
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {
+                        if ready.exists() {
+                            return None;
+                        }
+                    }
+                }
+            }
+        })
+        .await
+        .expect("the stand-in starts");
+        assert!(cut.is_none(), "it must still run when cut: {cut:?}");
+        tokio::time::timeout(std::time::Duration::from_secs(8), pending.settle())
+            .await
+            .expect("it leaves within the grace");
+        assert_eq!(
+            std::fs::read_to_string(&mark).unwrap_or_default().trim(),
+            "alarm"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     use super::lazy_transfer_totals;
 
     #[test]

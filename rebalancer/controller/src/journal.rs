@@ -259,7 +259,13 @@ impl Journal {
         let mut removed = 0;
         let ended: Vec<String> = {
             let mut all = self.migrations()?;
-            all.retain(|m| m.record.state.is_terminal());
+            // An unknown outcome still to resolve keeps its entry (its resolution reads it).
+            let unresolved: Vec<String> = self
+                .unresolved()?
+                .into_iter()
+                .map(|u| u.migration)
+                .collect();
+            all.retain(|m| m.record.state.is_terminal() && !unresolved.contains(&m.record.id));
             let excess = all.len().saturating_sub(keep);
             all.into_iter().take(excess).map(|m| m.record.id).collect()
         };
@@ -361,6 +367,27 @@ pub(crate) mod tests {
         let j = Journal::open(&path).expect("reopen");
         let all = j.unresolved().expect("list");
         assert_eq!(all, vec![u("m1", 10), u("m2", 20)]);
+        // Pruning spares the entry of an unresolved migration.
+        let mut e = MigrationEntry {
+            record: record("m1", MigrationState::Unknown),
+            decision: 1,
+            policy: "drain".into(),
+            uid: None,
+            slurm_synced: false,
+            slurm_error: None,
+            slurm_kept_source: None,
+        };
+        j.put_migration(&e).expect("put");
+        e.record = record("m9", MigrationState::Succeeded);
+        j.put_migration(&e).expect("put");
+        j.prune(0).expect("prune");
+        let left: Vec<String> = j
+            .migrations()
+            .expect("all")
+            .into_iter()
+            .map(|m| m.record.id)
+            .collect();
+        assert_eq!(left, ["m1"]);
         j.remove_unresolved("m1").expect("remove");
         j.remove_unresolved("absent")
             .expect("removing nothing is fine");

@@ -161,6 +161,11 @@ pub trait Criu: Send + Sync {
     ) -> impl Future<Output = Result<(), AgentError>> + Send {
         async { Ok(()) }
     }
+    /// Waits until CRIU runs cut by a deadline have left through CRIU's own failure path
+    /// (interrupted, never SIGKILLed mid-parasite); a rollback calls it before touching the tree.
+    fn settle(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Network namespaces, routes, gratuitous ARP and CRIU's nftables lock.
@@ -306,6 +311,8 @@ pub struct System {
     criu: PathBuf,
     /// [`criu::kdat_run_dir`]: a private /run for the destination's CRIU actions.
     private_run: Option<PathBuf>,
+    /// Dumps cut by a deadline, still leaving through CRIU's failure path.
+    interrupted: criu::Interrupted,
 }
 
 impl System {
@@ -313,6 +320,7 @@ impl System {
         System {
             criu: cfg.criu.clone(),
             private_run: criu::kdat_run_dir(&cfg.run_dir),
+            interrupted: Default::default(),
         }
     }
 }
@@ -329,19 +337,31 @@ impl Criu for System {
         tls: &[String],
     ) -> Result<(), AgentError> {
         let args = criu::pre_dump_args(pid, dir, ps, parent, tls);
-        criu::run(&self.criu, "pre-dump", &args, &[], dir, "pre-dump.log").await
+        criu::run_interruptible(
+            &self.criu,
+            "pre-dump",
+            &args,
+            dir,
+            "pre-dump.log",
+            &self.interrupted,
+        )
+        .await
     }
 
     async fn dump(&self, args: &DumpArgs) -> Result<(), AgentError> {
-        criu::run(
+        criu::run_interruptible(
             &self.criu,
             "dump",
             &args.build(),
-            &[],
             &args.images_dir,
             "dump.log",
+            &self.interrupted,
         )
         .await
+    }
+
+    async fn settle(&self) {
+        self.interrupted.settle().await
     }
 
     async fn dump_lazy(&self, args: &DumpArgs) -> Result<CriuProcess, AgentError> {
@@ -750,6 +770,7 @@ mod tests {
         let sys = System {
             criu: "/bin/false".into(),
             private_run: None,
+            interrupted: Default::default(),
         };
         let lo = Ipv4Addr::LOCALHOST;
         let source = std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));

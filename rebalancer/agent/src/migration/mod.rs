@@ -22,6 +22,7 @@ pub mod restore_step;
 pub mod sim;
 #[cfg(test)]
 mod sim_tests;
+pub mod simrun;
 pub mod source;
 pub mod spool;
 pub mod timing;

@@ -22,7 +22,7 @@ use rebalancer_proto::{
     MigrationStats, Phase,
 };
 
-use super::host::{within, Helper, Host, PeerLink, System};
+use super::host::{within, Criu, Helper, Host, PeerLink, System};
 use super::policy::{choose_mode, precopy_converged, PrecopyPolicy};
 use super::{commit, enter, finish};
 use crate::agent::Agent;
@@ -461,6 +461,8 @@ pub async fn run_with<H: Host>(
                     let _ = d.wait().await;
                 }
             }
+            // A dump cut by the deadline first leaves through CRIU's own failure path.
+            Criu::settle(host).await;
             if frozen_at.is_some() {
                 commit::resume_source(host, &agent, &p.rec.id, &p.rec.container, p.pid, &p.net)
                     .await;
