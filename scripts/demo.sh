@@ -439,12 +439,12 @@ sinfo -N -o '%N %T %C %E' | sed 's/^/   /'
 [ "$n1" = drained ] || fail "node1 is '$n1', not drained"
 echo
 for ((k = 0; k < 100; k++)); do
-  grep -q "moved and runs on as step" "$WORK/server.out" && break
+  grep -qE "moved( [^ ]+ -> [^ ]+)? and runs on as step" "$WORK/server.out" && break
   sleep 0.1
 done
 say "the server's srun (started on node1) now follows the task on $dst; its output:"
 sed 's/^/   | /' "$WORK/server.out"
-grep -q "moved and runs on as step" "$WORK/server.out" ||
+grep -qE "moved( [^ ]+ -> [^ ]+)? and runs on as step" "$WORK/server.out" ||
   fail "the server's srun did not follow the moved task"
 echo
 say "\$ rebalctl history"
