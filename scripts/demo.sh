@@ -25,6 +25,9 @@ LOCK_WAIT_S=${DEMO_LOCK_WAIT_S:-900}
 # Same lock as slurm-tests' Cluster guard: one Slurm test cluster per machine.
 LOCK=/run/slurm-rbc.lock
 CLUSTER="$ROOT/slurm-tests/cluster.sh"
+# Where each node's agent listens, on the node (cluster.sh env's RBC_AGENT_SOCKET; plugstack.conf
+# needs it before the cluster is up).
+AGENT_SOCKET=/run/rebalancer/agent.sock
 PORT=8000
 
 do_setup=1 do_build=1 keep=0
@@ -165,7 +168,7 @@ mkdir -p "$ADIR" "$WORK" "$DEMO_DIR/policies"
 
 step "Slurm cluster: slurmctld on the admin host (198.18.0.2), slurmd on node1..node3 (198.18.0.11-13), each host isolated like a machine, SPANK plugin loaded"
 cat >"$DEMO_DIR/plugstack.conf" <<EOF
-required $BIN/libslurm_rebalancer_spank.so socket=$RBC_AGENT_SOCKET
+required $BIN/libslurm_rebalancer_spank.so socket=$AGENT_SOCKET
 EOF
 say "plugstack.conf: $(cat "$DEMO_DIR/plugstack.conf")"
 cluster_up=1
@@ -185,7 +188,7 @@ for ((k = 0; k < 3; k++)); do
   cat >"$ADIR/$node.toml" <<EOF
 node = "$node"
 listen = "198.18.0.$((11 + k)):7878"
-control_socket = "$RBC_AGENT_SOCKET"
+control_socket = "$AGENT_SOCKET"
 container_subnet = "198.19.0.0/20"
 state_dir = "/var/lib/rebalancer"
 run_dir = "/run/rebalancer"
@@ -206,7 +209,7 @@ EOF
 done
 for node in "${NODES[@]}"; do
   # The node's private /run, seen from here through its backing directory.
-  sock=$CDIR/host/$node$RBC_AGENT_SOCKET
+  sock=$CDIR/host/$node$AGENT_SOCKET
   for ((k = 0; k < 200; k++)); do
     [ -S "$sock" ] && break
     kill -0 "${AGENT_PID[$node]}" 2>/dev/null || fail "the agent on $node exited"
@@ -436,12 +439,12 @@ sinfo -N -o '%N %T %C %E' | sed 's/^/   /'
 [ "$n1" = drained ] || fail "node1 is '$n1', not drained"
 echo
 for ((k = 0; k < 100; k++)); do
-  grep -q "moved and runs on as step" "$WORK/server.out" && break
+  grep -qE "moved( [^ ]+ -> [^ ]+)? and runs on as step" "$WORK/server.out" && break
   sleep 0.1
 done
 say "the server's srun (started on node1) now follows the task on $dst; its output:"
 sed 's/^/   | /' "$WORK/server.out"
-grep -q "moved and runs on as step" "$WORK/server.out" ||
+grep -qE "moved( [^ ]+ -> [^ ]+)? and runs on as step" "$WORK/server.out" ||
   fail "the server's srun did not follow the moved task"
 echo
 say "\$ rebalctl history"

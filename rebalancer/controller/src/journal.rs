@@ -16,6 +16,8 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// Migrations whose outcome is unknown, by migration id: the job's allocation is kept on both
 /// nodes until [`Unresolved`] is resolved (`execute.rs`).
 const UNRESOLVED: TableDefinition<&str, &[u8]> = TableDefinition::new("unresolved");
+/// Container address blocks leased to nodes (rebalancer-ipam's `BlockTable`): block → node.
+const BLOCK_LEASES: TableDefinition<u32, &str> = TableDefinition::new("block_leases");
 const DECISION_SEQ: &str = "decision_seq";
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,7 @@ impl Journal {
             store!(tx.open_table(POLICY_STATES))?;
             store!(tx.open_table(META))?;
             store!(tx.open_table(UNRESOLVED))?;
+            store!(tx.open_table(BLOCK_LEASES))?;
         }
         store!(tx.commit())?;
         Ok(Journal { db })
@@ -253,6 +256,46 @@ impl Journal {
 }
 
 impl Journal {
+    /// Records that `block` of the container pool is leased to `node` (before the node hears
+    /// of it, so that a restarted controller never leases it twice).
+    pub fn put_block_lease(&self, block: u32, node: &str) -> Result<(), JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(BLOCK_LEASES))?;
+            store!(t.insert(block, node))?;
+        }
+        store!(tx.commit())?;
+        Ok(())
+    }
+
+    /// Records that `block` went back to the pool (a reclaimed block of a node that left).
+    /// Returns whether it was leased.
+    pub fn remove_block_lease(&self, block: u32) -> Result<bool, JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        let was = {
+            let mut t = store!(tx.open_table(BLOCK_LEASES))?;
+            let old = store!(t.remove(block))?;
+            old.is_some()
+        };
+        store!(tx.commit())?;
+        Ok(was)
+    }
+
+    /// Every leased block and its node, for rebuilding the lease table at start-up
+    /// (`rebalancer_ipam::BlockTable::from_leases`).
+    pub fn block_leases(&self) -> Result<BTreeMap<u32, String>, JournalError> {
+        let tx = store!(self.db.begin_read())?;
+        let t = store!(tx.open_table(BLOCK_LEASES))?;
+        let mut out = BTreeMap::new();
+        for item in store!(t.iter())? {
+            let (k, v) = store!(item)?;
+            out.insert(k.value(), v.value().to_string());
+        }
+        Ok(out)
+    }
+}
+
+impl Journal {
     /// Keeps the newest `keep` decisions and the newest `keep` ended migrations; migrations not
     /// ended are always kept. Returns how many entries went.
     pub fn prune(&self, keep: usize) -> Result<usize, JournalError> {
@@ -392,6 +435,27 @@ pub(crate) mod tests {
         j.remove_unresolved("absent")
             .expect("removing nothing is fine");
         assert_eq!(j.unresolved().expect("list"), vec![u("m2", 20)]);
+    }
+
+    #[test]
+    fn block_leases_survive_a_reopen_and_removal_is_recorded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("j.redb");
+        {
+            let j = Journal::open(&path).expect("open");
+            assert!(j.block_leases().expect("leases").is_empty());
+            j.put_block_lease(0, "node1").expect("lease");
+            j.put_block_lease(1, "node2").expect("lease");
+            j.put_block_lease(2, "node1").expect("lease");
+            assert!(j.remove_block_lease(1).expect("remove"));
+            assert!(!j.remove_block_lease(7).expect("remove unknown"));
+        }
+        let j = Journal::open(&path).expect("reopen");
+        let leases = j.block_leases().expect("leases");
+        assert_eq!(
+            leases.into_iter().collect::<Vec<_>>(),
+            vec![(0, "node1".to_string()), (2, "node1".to_string())]
+        );
     }
 
     #[test]

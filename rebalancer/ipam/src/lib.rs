@@ -39,6 +39,13 @@ pub enum IpamError {
     OutsidePool { addr: Ipv4Addr, pool: String },
     #[error("{addr} is already in use on {node}")]
     InUse { addr: Ipv4Addr, node: String },
+    #[error("block {block} leased to {node} is not a block of {pool} (it has {blocks}); was the pool changed?")]
+    BlockOutsidePool {
+        block: BlockId,
+        node: String,
+        pool: String,
+        blocks: u32,
+    },
 }
 
 /// The container subnet and the size of its blocks.
@@ -134,6 +141,32 @@ impl BlockTable {
             pool,
             owners: BTreeMap::new(),
         }
+    }
+
+    /// The table as journaled (block → node). A block the pool does not have is refused: the
+    /// journal belongs to another pool.
+    pub fn from_leases(
+        pool: Pool,
+        leases: impl IntoIterator<Item = (BlockId, String)>,
+    ) -> Result<BlockTable, IpamError> {
+        let mut t = BlockTable::new(pool);
+        for (block, node) in leases {
+            if block >= pool.blocks() {
+                return Err(IpamError::BlockOutsidePool {
+                    block,
+                    node,
+                    pool: pool.to_string(),
+                    blocks: pool.blocks(),
+                });
+            }
+            t.owners.insert(block, node);
+        }
+        Ok(t)
+    }
+
+    /// Every lease, block → node (what the controller journals).
+    pub fn leases(&self) -> impl Iterator<Item = (BlockId, &str)> + '_ {
+        self.owners.iter().map(|(b, n)| (*b, n.as_str()))
     }
 
     pub fn owner(&self, id: BlockId) -> Option<&str> {

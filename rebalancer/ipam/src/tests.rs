@@ -283,3 +283,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_journaled_table_replays_to_the_same_leases_and_refuses_another_pool() {
+    let p = Pool::new(Ipv4Addr::new(198, 19, 0, 0), 24, 26).expect("pool");
+    let mut t = BlockTable::new(p);
+    let a = t.lease("node1").expect("lease");
+    let b = t.lease("node2").expect("lease");
+    let journaled: Vec<(BlockId, String)> = t.leases().map(|(k, n)| (k, n.to_owned())).collect();
+    let mut back = BlockTable::from_leases(p, journaled.clone()).expect("replay");
+    assert_eq!(back, t);
+    assert_eq!(
+        (back.owner(a), back.owner(b)),
+        (Some("node1"), Some("node2"))
+    );
+    // The replayed table goes on leasing where the old one would have.
+    assert_eq!(back.lease("node3"), t.lease("node3"));
+    // A /24 of /26 blocks has 4: block 4 belongs to another pool.
+    let e = BlockTable::from_leases(p, [(4, "node9".to_string())]).expect_err("outside");
+    assert!(e.to_string().contains("block 4 leased to node9"), "{e}");
+}

@@ -566,19 +566,6 @@ async fn restore<H: Host>(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_sources_limit_lengthens_the_wait_for_it_within_a_bound() {
-        let own = Duration::from_secs(60);
-        assert_eq!(peer_wait(own, 600_000), Duration::from_secs(600));
-        assert_eq!(peer_wait(own, 1_000), own);
-        assert_eq!(peer_wait(own, u64::MAX), MAX_PEER_WAIT);
-    }
-}
-
 /// CRIU's own figures inside `criu-restore`, from its log: its whole run, and when the restored
 /// tree was complete (the rest is CRIU's network unlock, stats and exit).
 fn note_criu_log(sub: &mut SubPhases, images: &std::path::Path) {
@@ -597,4 +584,17 @@ fn note_criu_log(sub: &mut SubPhases, images: &std::path::Path) {
     // 1 when CRIU found its kernel-feature cache (criu::kdat_run_dir), else 0.
     let cached = log.contains("Loaded kdat cache");
     sub.note("criu-kdat-cached", if cached { 1.0 } else { 0.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sources_limit_lengthens_the_wait_for_it_within_a_bound() {
+        let own = Duration::from_secs(60);
+        assert_eq!(peer_wait(own, 600_000), Duration::from_secs(600));
+        assert_eq!(peer_wait(own, 1_000), own);
+        assert_eq!(peer_wait(own, u64::MAX), MAX_PEER_WAIT);
+    }
 }
