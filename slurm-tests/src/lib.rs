@@ -203,6 +203,17 @@ impl Cluster {
         &self.state_dir
     }
 
+    /// A directory every host sees at the same path (inside the state dir, which cluster.sh
+    /// re-exposes on every host), for jobs' working directories and output files.
+    pub fn shared_dir(&self) -> Result<PathBuf> {
+        let d = self.state_dir.join("shared");
+        std::fs::create_dir_all(&d).map_err(|source| Error::Io {
+            what: format!("create {}", d.display()),
+            source,
+        })?;
+        Ok(d)
+    }
+
     pub fn slurm_conf(&self) -> PathBuf {
         self.state_dir.join("slurm.conf")
     }
@@ -247,9 +258,20 @@ impl Cluster {
         Ok(self.run(program, args)?.ok()?.stdout)
     }
 
-    /// `sbatch --parsable ARGS`; returns the job id.
+    /// `sbatch --parsable ARGS`; returns the job id. Without `-D`/`--chdir` in ARGS the job
+    /// runs in [`Cluster::shared_dir`]: the submitting process's directory may be private to
+    /// this machine (a checkout under /tmp), and a batch host cannot open its output there.
     pub fn sbatch(&self, args: &[&str]) -> Result<JobId> {
-        let out = self.run_ok("sbatch", [&["--parsable"], args].concat())?;
+        let has_chdir = args.iter().any(|a| {
+            *a == "-D" || a.starts_with("--chdir") || (a.starts_with("-D") && a.len() > 2)
+        });
+        let chdir = format!("--chdir={}", self.shared_dir()?.display());
+        let mut all = vec!["--parsable"];
+        if !has_chdir {
+            all.push(&chdir);
+        }
+        all.extend_from_slice(args);
+        let out = self.run_ok("sbatch", all)?;
         parse_job_id("sbatch", out.trim().split(';').next().unwrap_or_default())
     }
 
