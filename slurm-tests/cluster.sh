@@ -25,6 +25,9 @@ set -euo pipefail
 . "$(dirname "$(readlink -f "$0")")/slurm-conf.sh"
 
 readonly CURRENT=/run/slurm-rbc.current
+# The checkout this script belongs to.
+REPO_DIR=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)
+readonly REPO_DIR
 # Serialises up and down of concurrent callers (fd 9; daemons must not inherit it).
 readonly OP_LOCK=/run/slurm-rbc.op.lock
 readonly BRIDGE=rbc0
@@ -312,15 +315,22 @@ host_mounts() {
   # long as this one.
   awk '{for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i + 1) == "nsfs") print $5; break }}' \
     /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  # Shared like a cluster's file systems, at their own paths even when they lie under a private
+  # directory (a checkout or state dir under /tmp): the state dir, and the checkout with its
+  # build (the binaries and the SPANK plugin the hosts run, as a site installs them on its image).
+  local shared p
+  shared="$S $REPO_DIR ${CARGO_TARGET_DIR:-}"
   for m in $PRIVATE_DIRS; do
     key=${m%%:*} target=${m#*:}
-    case $S in
-      "$target"/*)
-        sub=$b/$key/${S#"$target"/}
-        mkdir -p "$sub"
-        mount --bind "$S" "$sub"
-        ;;
-    esac
+    for p in $shared; do
+      case $p in
+        "$target"/*)
+          sub=$b/$key/${p#"$target"/}
+          mkdir -p "$sub"
+          mount --bind "$p" "$sub"
+          ;;
+      esac
+    done
     mount --rbind "$b/$key" "$target"
   done
   mkdir -p /run/munge /run/rebalancer
