@@ -9,15 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rebalancer_proto::{
-    ContainerSpec, ContainerState, MigrateRequest, MigrationMode, MigrationRecord, MigrationState,
-    NodeCapabilities, RootfsSpec,
+    ContainerState, MigrateRequest, MigrationMode, MigrationRecord, MigrationState,
+    NodeCapabilities,
 };
 
 use super::sim::{Fault, Proc, SimHost};
 use super::source::{preflight_with, run_with};
 use crate::agent::Agent;
 use crate::config::AgentConfig;
-use crate::container::{Container, ContainerMeta};
 
 const ID: &str = "c1";
 const PID: i32 = 100;
@@ -97,54 +96,7 @@ fn pair_of(tag: &str, task: bool) -> (Node, Node) {
 /// Like [`pair_of`], with extra configuration lines for `a` and for `b`.
 fn pair_configured(tag: &str, task: bool, a_cfg: &str, b_cfg: &str) -> (Node, Node) {
     let (a, b) = (node_with("a", tag, a_cfg), node_with("b", tag, b_cfg));
-    let address = Ipv4Addr::new(198, 19, 0, 9);
-    let net = a.agent.new_net(ID, address);
-    let spec = ContainerSpec {
-        id: ID.into(),
-        task: task.then_some(rebalancer_proto::TaskRef {
-            job_id: 7,
-            step_id: 0,
-            task_id: 0,
-        }),
-        uid: 0,
-        gid: 0,
-        argv: vec!["/bin/sleep".into(), "1000".into()],
-        env: vec![],
-        cwd: "/".into(),
-        rootfs: RootfsSpec::Host,
-        binds: vec![],
-        memory_limit: None,
-        cpus: None,
-        class: None,
-        address: None,
-        stdout: None,
-        stderr: None,
-    };
-    let meta = ContainerMeta {
-        spec,
-        address,
-        mounts: vec![],
-        symlinks: vec![],
-        stdio_keys: vec![],
-        stdio_paths: vec![],
-        started_at: 0,
-    };
-    let c = Container {
-        meta,
-        net: net.clone(),
-        root: a.agent.container_dir(ID).join("root"),
-        dir: a.agent.container_dir(ID),
-        pid: PID,
-        state: ContainerState::Running,
-        exit_status: None,
-        external: task,
-        migrated_to: None,
-        arrived_from: None,
-        final_status: None,
-        cgroup: None,
-    };
-    a.agent.containers().insert(ID.into(), c);
-    a.host.add_container(PID, &net);
+    super::simrun::plant(&a.agent, &a.host, task);
     a.host.connect_to(b.agent.clone(), b.host.clone());
     (a, b)
 }

@@ -128,10 +128,11 @@ fn node(name: &str, seed: u64) -> Result<Node, String> {
     })
 }
 
-fn pair(seed: u64, task: bool) -> Result<(Node, Node), String> {
-    let (a, b) = (node("a", seed)?, node("b", seed)?);
+/// A running container `ID` (pid `PID`, address 198.19.0.9) on `agent`'s simulated node: an
+/// agent's own, or a Slurm task's (`task`). The scenario tests start from the same one.
+pub(super) fn plant(agent: &Arc<Agent>, host: &SimHost, task: bool) {
     let address = Ipv4Addr::new(198, 19, 0, 9);
-    let net = a.agent.new_net(ID, address);
+    let net = agent.new_net(ID, address);
     let spec = ContainerSpec {
         id: ID.into(),
         task: task.then_some(rebalancer_proto::TaskRef {
@@ -165,8 +166,8 @@ fn pair(seed: u64, task: bool) -> Result<(Node, Node), String> {
     let c = Container {
         meta,
         net: net.clone(),
-        root: a.agent.container_dir(ID).join("root"),
-        dir: a.agent.container_dir(ID),
+        root: agent.container_dir(ID).join("root"),
+        dir: agent.container_dir(ID),
         pid: PID,
         state: ContainerState::Running,
         exit_status: None,
@@ -176,8 +177,13 @@ fn pair(seed: u64, task: bool) -> Result<(Node, Node), String> {
         final_status: None,
         cgroup: None,
     };
-    a.agent.containers().insert(ID.into(), c);
-    a.host.add_container(PID, &net);
+    agent.containers().insert(ID.into(), c);
+    host.add_container(PID, &net);
+}
+
+fn pair(seed: u64, task: bool) -> Result<(Node, Node), String> {
+    let (a, b) = (node("a", seed)?, node("b", seed)?);
+    plant(&a.agent, &a.host, task);
     a.host.connect_to(b.agent.clone(), b.host.clone());
     Ok((a, b))
 }
