@@ -25,8 +25,9 @@ LOCK_WAIT_S=${DEMO_LOCK_WAIT_S:-900}
 # Same lock as slurm-tests' Cluster guard: one Slurm test cluster per machine.
 LOCK=/run/slurm-rbc.lock
 CLUSTER="$ROOT/slurm-tests/cluster.sh"
-# Where each node's agent listens, on the node (cluster.sh env's RBC_AGENT_SOCKET; plugstack.conf
-# needs it before the cluster is up).
+# Where each node's agent listens for the SPANK plugin, on the node (cluster.sh env's
+# RBC_AGENT_SOCKET; plugstack.conf needs it before the cluster is up). The controller reaches the
+# agents over their TCP control ports instead (cluster.sh's RBC_CONTROLLER_AGENTS).
 AGENT_SOCKET=/run/rebalancer/agent.sock
 PORT=8000
 
@@ -178,7 +179,7 @@ eval "$("$CLUSTER" env --state-dir "$CDIR")"
 export SLURM_CONF
 sinfo -N -o '   %N %t %C' | sed 's/^/ /'
 
-step "rebalancer-agent on every node (on the node: its namespaces, /run and state directory)"
+step "rebalancer-agent on every node (on the node: its namespaces, /run and state directory; TCP control port 7879 for the controller)"
 for ((k = 0; k < 3; k++)); do
   node=${NODES[$k]}
   peers=''
@@ -189,7 +190,7 @@ for ((k = 0; k < 3; k++)); do
 node = "$node"
 listen = "198.18.0.$((11 + k)):7878"
 control_socket = "$AGENT_SOCKET"
-container_subnet = "198.19.0.0/20"
+$(cat "$RBC_AGENT_IPAM")
 state_dir = "/var/lib/rebalancer"
 run_dir = "/run/rebalancer"
 migration_timeout_ms = 60000
@@ -198,6 +199,7 @@ method = "munge"
 munge_socket = "$CDIR/munge/munge.socket"
 [peers]
 $peers
+$(cat "$RBC_AGENT_CONTROL_DIR/$node.toml")
 EOF
   # The agent runs the restore step with srun, which finds the cluster through SLURM_CONF.
   # setsid: a Ctrl-C on the terminal reaches this script only, which then stops everything in order.
@@ -219,7 +221,7 @@ for node in "${NODES[@]}"; do
 done
 say "agents up: $(printf '%s ' "${NODES[@]}")(logs in $ADIR)"
 
-step "rebalancerd on the admin host with an automatic drain policy"
+step "rebalancerd on the admin host with an automatic drain policy, reaching the agents over their TCP control ports (7879, munge)"
 cp "$ROOT/policies/drain.toml" "$DEMO_DIR/policies/drain.toml"
 sed -i 's/^action *= *"[a-z-]*"/action = "automatic"/' "$DEMO_DIR/policies/drain.toml"
 grep -q '^action = "automatic"' "$DEMO_DIR/policies/drain.toml" || fail "could not set the drain policy to automatic"
@@ -240,6 +242,7 @@ $(cat "$RBC_CONTROLLER_AGENTS")
 poll_interval_ms = 500
 [migration]
 timeout_s = 120
+$(cat "$RBC_CONTROLLER_IPAM")
 EOF
 "$BIN/rebalancerd" --check-config --config "$DEMO_DIR/rebalancerd.toml" >/dev/null ||
   fail "rebalancerd rejects $DEMO_DIR/rebalancerd.toml"
@@ -253,11 +256,17 @@ for ((k = 0; k < 200; k++)); do
   sleep 0.1
 done
 rebalctl ping >/dev/null 2>&1 || fail "rebalancerd does not answer on $DEMO_DIR/ctl.sock"
+# Every agent up and holding its leased block of container addresses.
 for ((k = 0; k < 100; k++)); do
-  [ "$(rebalctl show nodes 2>/dev/null | awk 'NR > 1 && $3 == "up"' | wc -l)" = 3 ] && break
+  [ "$(rebalctl show nodes 2>/dev/null | awk 'NR > 1 && $3 == "up"' | wc -l)" = 3 ] &&
+    [ "$(rebalctl show blocks 2>/dev/null | grep -c '^Block=')" -ge 3 ] && break
   sleep 0.2
 done
 rebalctl show nodes | sed 's/^/   /'
+[ "$(rebalctl show blocks 2>/dev/null | grep -c '^Block=')" -ge 3 ] ||
+  fail "the agents did not all get a block of container addresses from rebalancerd"
+say "container address blocks leased by rebalancerd (rebalctl show blocks):"
+rebalctl show blocks | sed 's/^/   /'
 rebalctl show policies | sed 's/^/   /'
 
 # ----- 3. the workload --------------------------------------------------------------------------

@@ -14,6 +14,8 @@
 #                                                   (cargo, the checkout); e.g. build the plugin
 #                                                   against the release inside its root
 #        scripts/slurm-release.sh list              releases this script knows, with their suites
+# Exit status: 0 done, 1 error, 3 Debian's repository could not be installed from (mmdebstrap
+# failed: the network, or a suite that is not installable today, which happens in sid).
 # RELEASE is 24.11 (Debian trixie) or 26.05 (Debian sid). 22.05 is the host's own (bookworm).
 # Roots live under $SLURM_RELEASES_DIR (default /var/lib/slurm-rebalancer/releases), never in git.
 set -euo pipefail
@@ -143,7 +145,9 @@ build_root() {
     --aptopt='Acquire::Check-Valid-Until "false"' \
     --customize-hook='rm -f "$1"/etc/hostname' \
     "$suite" "$tmp" "$(mirror)" >"$RELEASES_DIR/$rel.build.log" 2>&1 \
-    || { tail -20 "$RELEASES_DIR/$rel.build.log" >&2; die "mmdebstrap failed (log: $RELEASES_DIR/$rel.build.log)"; }
+    || { tail -20 "$RELEASES_DIR/$rel.build.log" >&2
+      printf 'slurm-release: error: mmdebstrap failed (log: %s)\n' "$RELEASES_DIR/$rel.build.log" >&2
+      exit 3; }
   if [ "$rel" = 24.11 ]; then
     [ -x /usr/local/sbin/criu ] || die "/usr/local/sbin/criu missing: run scripts/setup.sh first"
     install -D -m 0755 /usr/local/sbin/criu "$tmp/usr/local/sbin/criu"

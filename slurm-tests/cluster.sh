@@ -33,6 +33,8 @@ readonly OP_LOCK=/run/slurm-rbc.op.lock
 readonly BRIDGE=rbc0
 readonly NET=198.18.0
 readonly CONTAINERS=198.19.0.0/20
+# rebalancerd leases each node's agent blocks of $CONTAINERS this long (64 addresses).
+readonly BLOCK_PREFIX=26
 readonly CLUSTER_NAME=rbc
 # slurmctld, slurmdbd and MariaDB listen in the root namespace: ports away from the defaults, so that
 # a private cluster elsewhere on the machine (default 6817/6819) does not collide. slurmd is per netns.
@@ -41,8 +43,10 @@ readonly CTLD_PORT=16817 SLURMD_PORT=6818 DBD_PORT=16818 DB_PORT=16819
 readonly ADMIN=admin ADMIN_NETNS=rbc-admin ADMIN_ADDR=$NET.2
 # Directories private to each host, KEY:PATH, backed by $S/host/HOST/KEY.
 readonly PRIVATE_DIRS="run:/run tmp:/tmp spool:/var/spool/slurmd state:/var/lib/rebalancer"
-# Where a node's agent listens for its SPANK plugin and (for now) the controller, on the node.
+# Where a node's agent listens for its SPANK plugin, on the node (local clients only).
 readonly AGENT_SOCKET=/run/rebalancer/agent.sock
+# The agents' TCP control port: the controller on the admin host reaches them there.
+readonly CONTROL_PORT=7879
 readonly MAX_NODES=200
 # If the bridge vanishes under a running cluster, its traffic must not follow the default route.
 readonly FALLBACK_METRIC=4242
@@ -264,9 +268,10 @@ release_configs() {
 # shares them: the OS image (/usr...) and the rest of the file system, which plays the shared file
 # system of home and work directories (/home, /work, /var/tmp), and the state dir at its own path
 # (configs, logs; re-exposed when it lies under a private directory such as /tmp).
-# No node sees $S/host (a read-only tmpfs hides it). The admin host still does: the controller
-# started there reaches each agent's socket through its backing path (controller_agents_toml),
-# until controller and agents talk over TCP.
+# No host sees $S/host (a read-only tmpfs hides it), the admin host included: the controller
+# started there reaches the agents over the TCP control plane (controller_agents_toml), never
+# through a socket. Every host's /etc/hosts is $S/hosts (the machine's own lines, then every host
+# of the cluster), so host names resolve on each host as on a site's nodes.
 
 host_names() { echo "$ADMIN"; node_names "$1"; }
 host_addr() { if [ "$1" = "$ADMIN" ]; then echo "$ADMIN_ADDR"; else echo "$NET.$((10 + ${1#node}))"; fi; }
@@ -287,9 +292,20 @@ make_host() {
   install -m 0400 "$S/munge/munge.key" "$b/run/munge/munge.key"
   touch "$S/ns/$h.mnt" "$S/ns/$h.uts"
   echo "$h" >>"$S/hostlist"
-  unshare --mount="$S/ns/$h.mnt" --uts="$S/ns/$h.uts" --propagation private \
-    "$(readlink -f "$0")" _mounts --state-dir "$S" "$h" 9>&- ||
-    die "could not set up the mount namespace of $h"
+  # Inside a release root, binding the new namespace's file fails now and then with EINVAL
+  # (seen 2026-12-07 on 24.11 and 26.05, first host of a run, cause not found); a second try
+  # has always worked.
+  local try
+  for try in 1 2 3; do
+    if unshare --mount="$S/ns/$h.mnt" --uts="$S/ns/$h.uts" --propagation private \
+      "$(readlink -f "$0")" _mounts --state-dir "$S" "$h" 9>&-; then
+      return 0
+    fi
+    log "setting up the mount namespace of $h failed (try $try of 3)"
+    umount "$S/ns/$h.mnt" "$S/ns/$h.uts" 2>/dev/null || true
+    sleep 1
+  done
+  die "could not set up the mount namespace of $h"
 }
 
 setup_hosts() {
@@ -335,7 +351,8 @@ host_mounts() {
   done
   mkdir -p /run/munge /run/rebalancer
   mount --bind /run/munge "$S/munge"
-  [ "$h" = "$ADMIN" ] || mount -t tmpfs -o ro,mode=0755,size=16k rbc-hidden "$S/host"
+  mount -t tmpfs -o ro,mode=0755,size=16k rbc-hidden "$S/host"
+  mount --bind "$S/hosts" /etc/hosts
   if [ -n "$release" ]; then
     # Daemons of release R run chrooted into its root: the same private directories there.
     local root
@@ -343,8 +360,9 @@ host_mounts() {
     for m in $PRIVATE_DIRS; do mount --rbind "${m#*:}" "$root${m#*:}"; done
     if [ -d "$root$S/munge" ]; then
       mount --bind /run/munge "$root$S/munge"
-      [ "$h" = "$ADMIN" ] || mount -t tmpfs -o ro,mode=0755,size=16k rbc-hidden "$root$S/host"
+      mount -t tmpfs -o ro,mode=0755,size=16k rbc-hidden "$root$S/host"
     fi
+    [ -f "$root/etc/hosts" ] && mount --bind "$S/hosts" "$root/etc/hosts"
   fi
 }
 
@@ -400,13 +418,57 @@ kill_orphans() {
 }
 
 # The [agents] lines of a rebalancerd.toml on the admin host: how the controller reaches each
-# node's agent. The one place to change when it talks to agents over TCP.
+# node's agent. Over the TCP control plane: node names resolve through the hosts' /etc/hosts,
+# and both ends prove themselves with munge credentials (the admin host's own munged).
 controller_agents_toml() {
   cat <<EOT
-# How rebalancerd on the admin host reaches each node's agent (written by cluster.sh): through the
-# socket's backing path, until the controller reaches agents over TCP.
-socket_template = "$S/host/{node}$AGENT_SOCKET"
+# How rebalancerd on the admin host reaches each node's agent (written by cluster.sh): the
+# agent's TCP control port, mutually authenticated with munge. The admin host has no path to
+# any agent socket.
+address_template = "{node}:$CONTROL_PORT"
+name = "$ADMIN"
+munge_socket = "$S/munge/munge.socket"
 EOT
+}
+
+# The container addresses of the cluster's agents (top-level keys of every agent's config): the
+# containers' subnet, from which each agent allocates addresses in the blocks rebalancerd leases
+# it, as a site runs it (no `ipam = "local"`: two nodes could pick one address).
+agent_ipam_toml() {
+  cat <<EOT
+# Container addresses (written by cluster.sh): from the blocks rebalancerd leases this node.
+container_subnet = "$CONTAINERS"
+ipam = "leased"
+EOT
+}
+
+# The controller's [ipam] section: it leases the agents /$BLOCK_PREFIX blocks of the same subnet.
+controller_ipam_toml() {
+  cat <<EOT
+# The container address blocks rebalancerd leases the agents (written by cluster.sh).
+[ipam]
+subnet = "$CONTAINERS"
+block_prefix = $BLOCK_PREFIX
+EOT
+}
+
+# The [control] section of node $1's agent config: its TCP control listener for the controller
+# (root's credentials from the admin host; rebalancerd runs as root there).
+agent_control_toml() {
+  cat <<EOT
+# The TCP control listener for rebalancerd on the admin host (written by cluster.sh).
+[control]
+listen = "$(host_addr "$1"):$CONTROL_PORT"
+controller_uids = [0]
+EOT
+}
+
+# /etc/hosts of every host: the machine's own lines, then the cluster's hosts.
+hosts_file() {
+  local h
+  grep -v -E '[[:space:]](admin|node[0-9]+)([[:space:]]|$)' /etc/hosts || true
+  echo "# The cluster's hosts (written by cluster.sh)."
+  for h in $(host_names "$nodes"); do printf '%s\t%s\n' "$(host_addr "$h")" "$h"; done
 }
 
 # ----- down ---------------------------------------------------------------------------------------
@@ -567,6 +629,11 @@ do_env() {
   printf 'export RBC_ADMIN_HOST=%q\n' "$ADMIN"
   printf 'export RBC_AGENT_SOCKET=%q\n' "$AGENT_SOCKET"
   printf 'export RBC_CONTROLLER_AGENTS=%q\n' "$S/controller-agents.toml"
+  # The controller's [ipam] section and the agents' container_subnet/ipam lines (leased blocks).
+  printf 'export RBC_CONTROLLER_IPAM=%q\n' "$S/controller-ipam.toml"
+  printf 'export RBC_AGENT_IPAM=%q\n' "$S/agent-ipam.toml"
+  # Node N's agent's [control] section: $RBC_AGENT_CONTROL_DIR/nodeN.toml.
+  printf 'export RBC_AGENT_CONTROL_DIR=%q\n' "$S/agent-control"
   if [ -n "$release" ]; then
     printf 'export RBC_SLURM_RELEASE=%q\n' "$release"
     printf 'export RBC_SLURM_ROOT=%q\n' "$(release_root)"
@@ -728,6 +795,11 @@ StorageLoc=slurm_acct_db
 EOF
   chmod 0600 "$S/slurmdbd.conf"
   controller_agents_toml >"$S/controller-agents.toml"
+  controller_ipam_toml >"$S/controller-ipam.toml"
+  agent_ipam_toml >"$S/agent-ipam.toml"
+  mkdir -p "$S/agent-control"
+  for ((k = 1; k <= nodes; k++)); do agent_control_toml "node$k" >"$S/agent-control/node$k.toml"; done
+  hosts_file >"$S/hosts"
 }
 
 start_slurm() {

@@ -125,19 +125,7 @@ impl Slurm {
         if let Some(a) = &target.account {
             d.desc.account = d.string(a, "account")?;
         }
-
-        let mut resp: *mut sys::resource_allocation_response_msg_t = std::ptr::null_mut();
-        // SAFETY: the descriptor and its strings (owned by `d`) outlive the call; `resp` is a valid
-        // out-pointer. No response port is set, so slurmctld sends nothing back later.
-        let rc = unsafe { sys::slurm_allocate_resources(&mut *d.desc, &mut resp) };
-        if rc != 0 {
-            return Err(Error::last("slurm_allocate_resources"));
-        }
-        let resp = AllocResponse(resp);
-        resp.job_id().ok_or_else(|| Error::Api {
-            call: "slurm_allocate_resources",
-            source: SlurmErrno::from_code(sys::SLURM_UNEXPECTED_MSG_ERROR as i32),
-        })
+        allocate(&mut d)
     }
 
     fn wait_running(&self, job_id: u32, helper: u32, opts: &ExpandOptions) -> Result<()> {
@@ -196,6 +184,22 @@ impl Slurm {
             }
         }
     }
+}
+
+/// Sends allocation request `d` to slurmctld and returns the new job's id.
+pub(crate) fn allocate(d: &mut JobDesc) -> Result<u32> {
+    let mut resp: *mut sys::resource_allocation_response_msg_t = std::ptr::null_mut();
+    // SAFETY: the descriptor and its strings (owned by `d`) outlive the call; `resp` is a valid
+    // out-pointer. No response port is set, so slurmctld sends nothing back later.
+    let rc = unsafe { sys::slurm_allocate_resources(&mut *d.desc, &mut resp) };
+    if rc != 0 {
+        return Err(Error::last("slurm_allocate_resources"));
+    }
+    let resp = AllocResponse(resp);
+    resp.job_id().ok_or_else(|| Error::Api {
+        call: "slurm_allocate_resources",
+        source: SlurmErrno::from_code(sys::SLURM_UNEXPECTED_MSG_ERROR as i32),
+    })
 }
 
 /// Owned `resource_allocation_response_msg_t` (may be NULL).

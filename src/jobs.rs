@@ -189,6 +189,11 @@ pub struct Job {
     pub num_cpus: u32,
     /// Job this one is an expansion of (`expand:` dependency target), or None.
     pub dependency: Option<String>,
+    /// Time limit in minutes; None when unlimited (`INFINITE`) or not set (`NO_VAL`).
+    pub time_limit_min: Option<u32>,
+    /// When the job ends at the latest (Unix seconds; the start plus the time limit while it
+    /// runs), 0 when unknown.
+    pub end_time: i64,
 }
 
 impl Job {
@@ -225,6 +230,11 @@ impl Job {
             num_nodes: rec.num_nodes,
             num_cpus: rec.num_cpus,
             dependency: s(rec.dependency),
+            time_limit_min: (rec.time_limit != sys::INFINITE && rec.time_limit != sys::NO_VAL)
+                .then_some(rec.time_limit),
+            // time_t is i64 on every target this crate builds for.
+            #[allow(clippy::useless_conversion)]
+            end_time: i64::from(rec.end_time),
         })
     }
 

@@ -7,6 +7,7 @@
 //! - updates: [`Slurm::update_node`] / [`Slurm::drain_nodes`], [`Slurm::update_job`] /
 //!   [`Slurm::shrink_job`], [`Slurm::cancel_job`];
 //! - growing a running job: [`Slurm::expand_job`];
+//! - an allocation now or not at all, with no process: [`Slurm::allocate_now`];
 //! - hostlists (no daemon needed): [`hostlist::expand`], [`hostlist::compress`].
 //!
 //! Every libslurm allocation is owned by a Rust value that frees it on drop.
@@ -16,6 +17,7 @@ mod client;
 pub mod error;
 mod expand;
 mod ffi;
+mod hold;
 pub mod hostlist;
 mod jobs;
 mod nodes;
@@ -25,6 +27,7 @@ mod update;
 pub use client::{Slurm, SlurmVersion, DEFAULT_CONF};
 pub use error::{Error, Result, SlurmErrno};
 pub use expand::{ExpandOptions, Expansion};
+pub use hold::ImmediateAllocation;
 pub use hostlist::Hostlist;
 pub use jobs::{Job, JobSnapshot, JobState, JobStateBase, Step, StepId};
 pub use nodes::{BaseState, DrainPhase, Node, NodeFlag, NodeSnapshot, NodeState};

@@ -327,10 +327,42 @@ impl Cluster {
     }
 
     /// The `[agents]` lines that tell a controller on the admin host how to reach each node's
-    /// agent (written by cluster.sh: the one place that changes when the controller reaches
-    /// agents over TCP).
+    /// agent (written by cluster.sh): the agents' TCP control ports, munge-authenticated.
     pub fn controller_agents_toml(&self) -> Result<String> {
         let p = self.state_dir.join("controller-agents.toml");
+        std::fs::read_to_string(&p).map_err(|source| Error::Io {
+            what: format!("could not read {}", p.display()),
+            source,
+        })
+    }
+
+    /// The container-address lines every agent's config starts with (written by cluster.sh):
+    /// `container_subnet` and `ipam = "leased"`, addresses from the blocks the controller leases.
+    pub fn agent_ipam_toml(&self) -> Result<String> {
+        self.state_file("agent-ipam.toml")
+    }
+
+    /// The controller's `[ipam]` section (written by cluster.sh): the subnet and block size it
+    /// leases the agents.
+    pub fn controller_ipam_toml(&self) -> Result<String> {
+        self.state_file("controller-ipam.toml")
+    }
+
+    fn state_file(&self, name: &str) -> Result<String> {
+        let p = self.state_dir.join(name);
+        std::fs::read_to_string(&p).map_err(|source| Error::Io {
+            what: format!("could not read {}", p.display()),
+            source,
+        })
+    }
+
+    /// The `[control]` section of NODE's agent config (written by cluster.sh): the TCP control
+    /// listener through which the controller on the admin host reaches that agent.
+    pub fn agent_control_toml(&self, node: &str) -> Result<String> {
+        let p = self
+            .state_dir
+            .join("agent-control")
+            .join(format!("{node}.toml"));
         std::fs::read_to_string(&p).map_err(|source| Error::Io {
             what: format!("could not read {}", p.display()),
             source,

@@ -1,11 +1,16 @@
 //! The test cluster's hosts are isolated like separate machines: each node (and the admin host)
-//! has its own hostname, /run, /tmp, spool and munged; `down` leaves nothing of them behind.
+//! has its own hostname, /run, /tmp, spool and munged; `down` leaves nothing of them behind. The
+//! controller on the admin host reaches the agents over their TCP control ports only: no agent
+//! socket is reachable there.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+// The end-to-end fixture serves several test files; this one uses part of it.
+#![allow(dead_code)]
 
-use slurm_tests::{cluster_script, run_command, Cluster, Run, ADMIN_HOST, AGENT_SOCKET};
+include!("common/e2e.rs");
+
+use std::collections::BTreeSet;
+
+use slurm_tests::{cluster_script, run_command, Run, ADMIN_HOST, AGENT_SOCKET};
 
 /// `sh -c SCRIPT` on HOST.
 fn on(c: &Cluster, host: &str, script: &str) -> Run {
@@ -195,4 +200,139 @@ fn down_kills_daemons_whose_state_dir_is_gone() {
         })
     })
     .expect("the orphaned munged is gone");
+}
+
+/// The (device, inode, path) of every Unix socket HOST's mount namespace reaches, outside the
+/// OS image (/usr), the kernel's file systems and /work (other checkouts; no agent socket lives
+/// there), plus the state dir and the test's work dir wherever they are.
+fn sockets_seen_on(c: &Cluster, host: &str, extra: &[&Path]) -> Vec<(u64, u64, String)> {
+    let roots: Vec<String> = std::iter::once("/".to_owned())
+        .chain(extra.iter().map(|p| p.display().to_string()))
+        .collect();
+    let script = format!(
+        "find {} \\( -path /proc -o -path /sys -o -path /usr -o -path /work \\) -prune \
+         -o -type s -printf '%D %i %p\\n' 2>/dev/null; true",
+        roots.join(" ")
+    );
+    on_ok(c, host, &script)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ' ');
+            let dev = f.next()?.parse().ok()?;
+            let ino = f.next()?.parse().ok()?;
+            Some((dev, ino, f.next()?.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root, network namespaces, CRIU and the Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
+fn the_controller_reaches_every_agent_over_tcp_with_no_agent_socket_in_reach() {
+    let mut e = E2e::start("tcp-control-plane");
+    let work = e.work.clone();
+    // The controller's config names no socket for any agent: its agents are TCP addresses.
+    let cfg = e.read("rebalancerd.toml");
+    assert!(
+        cfg.contains("address_template") && !cfg.contains("socket_template"),
+        "rebalancerd.toml still reaches agents through a socket:\n{cfg}"
+    );
+
+    // Each agent's control socket as the login host sees it (the hosts' backing dirs).
+    let c = e.cluster();
+    let state = c.state_dir().to_owned();
+    let mut agent_sockets: BTreeSet<(u64, u64)> = BTreeSet::new();
+    for node in c.node_names() {
+        let p = c.host_path(&node, Path::new(AGENT_SOCKET));
+        let m = std::fs::metadata(&p).unwrap_or_else(|err| panic!("{}: {err}", p.display()));
+        agent_sockets.insert((m.dev(), m.ino()));
+    }
+    // The search finds an agent's socket where one is in reach: on its own node.
+    let t = Instant::now();
+    let on_node1 = sockets_seen_on(c, "node1", &[&state, &work]);
+    let found = on_node1
+        .iter()
+        .filter(|(d, i, _)| agent_sockets.contains(&(*d, *i)))
+        .count();
+    assert_eq!(
+        found, 1,
+        "node1 should reach exactly its own agent's socket: {on_node1:?}"
+    );
+    e.log(&format!(
+        "socket search on node1: {} sockets, {found} of an agent ({:.1} s)",
+        on_node1.len(),
+        t.elapsed().as_secs_f64()
+    ));
+    // The admin host reaches none, by any path; nor the backing dirs of the hosts.
+    let on_admin = sockets_seen_on(c, ADMIN_HOST, &[&state, &work]);
+    let reached: Vec<_> = on_admin
+        .iter()
+        .filter(|(d, i, _)| agent_sockets.contains(&(*d, *i)))
+        .collect();
+    assert!(
+        reached.is_empty(),
+        "the admin host reaches agent sockets: {reached:?}"
+    );
+    e.log(&format!(
+        "socket search on the admin host: {} sockets, none of an agent",
+        on_admin.len()
+    ));
+    let backing = on(
+        c,
+        ADMIN_HOST,
+        &format!("ls -A {}", state.join("host").display()),
+    );
+    assert!(
+        backing.stdout.trim().is_empty(),
+        "the admin host sees the hosts' backing dirs: {backing:?}"
+    );
+    for node in c.node_names() {
+        let p = c.host_path(&node, Path::new(AGENT_SOCKET));
+        let r = on(c, ADMIN_HOST, &format!("test -e {}", p.display()));
+        assert!(!r.success, "the admin host reaches {}", p.display());
+    }
+
+    // And still the controller sees every node's containers: one task on each node.
+    let job = e.salloc(&["-N3", "-n3", "-w", "node[1-3]", "-J", "rb-tcp"]);
+    let mem = "8".to_owned();
+    let port = PORT.to_string();
+    let w = work.display().to_string();
+    e.spawn(
+        "server-srun",
+        "srun",
+        &[
+            &format!("--jobid={job}"),
+            "-N3",
+            "-n3",
+            "--migratable",
+            &format!("--output={w}/out-%t.txt"),
+            "/usr/bin/python3",
+            "-u",
+            "server.py",
+            &mem,
+            &port,
+        ],
+    );
+    let mut seen = BTreeSet::new();
+    for task in 0..3u64 {
+        // srun places task k on the k-th node of the allocation.
+        let node = format!("node{}", task + 1);
+        let ct = e.wait_container(job, task, &node, STARTUP);
+        seen.insert(ct["node"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(seen.len(), 3, "containers seen on {seen:?}");
+    // Every agent served the controller over TCP, authenticated as the admin host.
+    for node in e.cluster().node_names() {
+        let log =
+            std::fs::read_to_string(work.join(format!("agents/{node}.log"))).unwrap_or_default();
+        assert!(
+            log.lines().any(
+                |l| l.contains("controller authenticated on the TCP control port")
+                    && l.contains("198.18.0.2:")
+                    && l.contains("admin")
+            ),
+            "{node}'s agent never authenticated the controller from the admin host:\n{}",
+            tail(&work.join(format!("agents/{node}.log")), 20)
+        );
+    }
+    e.log("the controller lists a container on each of node1..node3, over TCP only");
 }

@@ -37,37 +37,14 @@ fn a_users_srun_step_moves_off_a_drained_node() {
 
 fn srun_step_moves_off_a_drained_node_as(name: &'static str, as_user: bool) {
     let mut e = E2e::start(name);
-    let work = e.work.display().to_string();
     if as_user {
         e.as_nobody();
     } else {
         e.log("the job runs as root");
     }
-    let job = e.salloc(&["-N1", "-n1", "-w", "node1", "-J", "rb-server"]);
-    let mem = SERVER_MIB.to_string();
-    let port = PORT.to_string();
-    e.spawn(
-        "server-srun",
-        "srun",
-        &[
-            &format!("--jobid={job}"),
-            "-w",
-            "node1",
-            "-N1",
-            "-n1",
-            "--migratable",
-            &format!("--output={work}/server.out"),
-            "/usr/bin/python3",
-            "-u",
-            "server.py",
-            &mem,
-            &port,
-        ],
-    );
-    let before = e.wait_container(job, 0, "node1", STARTUP);
+    let (job, before) = e.start_server("rb-server");
     let cid = before["id"].as_str().expect("container id").to_owned();
     let addr = before["address"].as_str().expect("address").to_owned();
-    e.wait_output("server.out", "listening", "the server to listen", STARTUP);
     let pid0 = before["pid"].as_i64().expect("pid") as i32;
     let p0 = placement(pid0, job, "node1").unwrap_or_else(|err| panic!("{err}"));
     e.log(&format!(

@@ -144,7 +144,19 @@ fn signals_reach_a_moved_task() {
         .unwrap_or_default()
         .to_owned();
     e.assert_migrated(&m, "node1", &dest);
-    e.wait_container(job, 0, &dest, SLURM);
+    let after = e.wait_container(job, 0, &dest, SLURM);
+    // The container names the restore step it runs in now, beside the step the user started.
+    assert_eq!(
+        after.pointer("/task/step_id").and_then(Value::as_u64),
+        Some(0)
+    );
+    assert!(
+        after
+            .pointer("/runs_in/step_id")
+            .and_then(Value::as_u64)
+            .is_some_and(|s| s != 0),
+        "no restore step in {after}"
+    );
     e.wait_output(
         "sig-srun.log",
         "following it",
@@ -159,6 +171,20 @@ fn signals_reach_a_moved_task() {
             "rebalancer: task 0 of step {job}.0 moved node1 -> {dest} and runs on as step"
         )),
         "no clear move line in srun's output:\n{log}"
+    );
+    // With the downtime the source measured, from the job's trail, once.
+    let line = log
+        .lines()
+        .find(|l| l.contains("rebalancer: task 0 of step"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(" (downtime ") && line.ends_with(" ms); following it"),
+        "no downtime in srun's move line: {line:?}\n{log}"
+    );
+    assert_eq!(
+        log.matches("rebalancer: task 0 of step").count(),
+        1,
+        "the move line is printed once:\n{log}"
     );
     for slurm_line in ["Force Terminated", ": Killed"] {
         assert!(

@@ -2,8 +2,8 @@
 //! slurmstepd and to the steps started inside the allocation (Slurm passes them on in the
 //! environment), so only the values are checked here, by the option callbacks.
 
-use crate::dispatch::{config_or_complain, state};
 use crate::ffi::{self, Spank};
+use crate::state::{config_or_complain, state};
 
 pub fn init_post_opt(_sp: Spank) -> libc::c_int {
     let opts = state().opts.clone();

@@ -1,38 +1,13 @@
 //! The exported SPANK callbacks: each one catches panics, then hands over to the file of the
-//! context it runs in. Plugin state lives in one process-wide [`State`] (Slurm calls a
-//! plugin from one thread at a time in every context).
+//! context it runs in. Plugin state lives in [`crate::state`].
 
 use std::ffi::{c_char, c_int, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Mutex, MutexGuard};
 
-use crate::config::{Config, ConfigError, OptId, UserOptions};
+use crate::config::{Config, OptId};
 use crate::ffi::{self, sys, Context, Spank};
+use crate::state::state;
 use crate::{allocator, local, remote};
-
-pub struct State {
-    /// `None` before `slurm_spank_init`; an error when plugstack.conf's arguments are bad.
-    pub config: Option<Result<Config, ConfigError>>,
-    pub opts: UserOptions,
-    /// srun: the job and step of a launched migratable step, for [`crate::follow`] at exit.
-    pub launched: Option<(u32, u32, crate::follow::OutputFiles)>,
-}
-
-static STATE: Mutex<State> = Mutex::new(State {
-    config: None,
-    opts: UserOptions {
-        migratable: None,
-        mode: None,
-        no_migrate: false,
-        restore: None,
-    },
-    launched: None,
-});
-
-pub fn state() -> MutexGuard<'static, State> {
-    // A panic while holding the lock leaves plain data behind; keep using it.
-    STATE.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Runs a callback body; a panic becomes an error return instead of unwinding into C.
 fn guard(name: &str, f: impl FnOnce() -> c_int) -> c_int {
@@ -158,20 +133,6 @@ fn init(sp: Spank, args: Vec<String>) -> c_int {
     };
     state().config = Some(parsed);
     rc
-}
-
-/// The validated configuration, or the message for a user who asked for migration.
-pub fn config_or_complain(what: &str) -> Option<Config> {
-    match state().config.clone() {
-        Some(Ok(c)) => Some(c),
-        Some(Err(e)) => {
-            ffi::log_error(&format!(
-                "rebalancer: {what}: the plugin is misconfigured ({e}); ask an administrator"
-            ));
-            None
-        }
-        None => None,
-    }
 }
 
 macro_rules! callback {

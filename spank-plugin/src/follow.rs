@@ -4,11 +4,12 @@
 //! (the waiter), and srun ends with `Force Terminated` while the task runs on as the *restore step*
 //! `J.K` on another node, named `rebalancer-restore:S.T` (step S, task T). At srun's exit the
 //! plugin looks for such steps and attaches to each with `sattach`, so the user's terminal gets
-//! the task's further output and srun exits with the task's real status. A task that moved again
+//! the task's further output and srun exits with the task's real status. Its one line about the
+//! move carries the downtime from the job's AdminComment trail ([`move_downtime`]). A task that moved again
 //! (from J.K to J.L) is followed along the chain. A task whose waiter stayed (no release) already
 //! gave srun its status: then the restore step has ended and nothing is followed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -141,6 +142,50 @@ fn step_node(job: u32, step: u32) -> Option<String> {
     })
 }
 
+/// The job's AdminComment in `scontrol show job J`'s multi-line form (its value may hold
+/// spaces), empty when unset. Pure.
+pub fn admin_comment(text: &str) -> String {
+    text.lines()
+        .find_map(|l| l.trim_start().strip_prefix("AdminComment="))
+        .map(|c| c.trim_end().to_string())
+        .filter(|c| c != "(null)")
+        .unwrap_or_default()
+}
+
+/// The downtime of task `task`'s move to `to`, from the rebalancer's notes in the job's
+/// AdminComment (`rebalancer: task T of step J.S moved A -> B (downtime N ms)`, written by the
+/// controller from the source agent's figure before the source leaves the job). The newest
+/// matching note wins: a task that moved twice has two. Pure.
+pub fn move_downtime(comment: &str, job: u32, task: u32, to: Option<&str>) -> Option<u64> {
+    let head = format!("rebalancer: task {task} of step {job}.");
+    comment
+        .split("; ")
+        .filter_map(|n| n.trim().strip_prefix(head.as_str()))
+        .filter_map(|rest| {
+            let (_, route) = rest.split_once(" moved ")?;
+            let (path, figure) = route.split_once(" (downtime ")?;
+            let dest = path.rsplit_once(" -> ")?.1;
+            if to.is_some_and(|t| t != dest) {
+                return None;
+            }
+            figure.strip_suffix(" ms)")?.parse().ok()
+        })
+        .last()
+}
+
+/// The job's AdminComment (`scontrol show job J`), empty when it cannot be read.
+fn job_admin_comment(job: u32) -> String {
+    let out = Command::new(slurm_command("scontrol"))
+        .args(["show", "job", &job.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => admin_comment(&String::from_utf8_lossy(&o.stdout)),
+        _ => String::new(),
+    }
+}
+
 /// Where srun sends the step's output: `srun --output=FILE` (without %-patterns) makes srun
 /// write FILE itself, from descriptors it opens before launching the step; otherwise srun's own
 /// stdout/stderr.
@@ -265,26 +310,48 @@ pub fn follow(job: u32, step: u32, files: &OutputFiles) -> Option<i32> {
     forward_signals(job, following.clone());
     let mut chain = BTreeSet::from([step]);
     let mut followed = BTreeSet::new();
-    let mut status: Option<i32> = None;
+    let mut steps_followed: Vec<RestoreStep> = Vec::new();
+    let mut codes: BTreeMap<u32, i32> = BTreeMap::new();
+    // Where each followed step ran, for the route of the next move of its task.
+    let mut nodes: BTreeMap<u32, String> = BTreeMap::new();
     loop {
         let next = next_steps(&restore_steps(job), &chain, &followed);
         if next.is_empty() {
-            return status;
+            return chain_status(&codes, &steps_followed);
         }
         following
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(next.iter().map(|s| s.step));
+        // The move's downtime, as the source agent measured it, is in the job's trail.
+        let comment = job_admin_comment(job);
         let handles: Vec<_> = next
             .iter()
             .map(|s| {
-                let route = match (crate::quiet::sources().first(), step_node(job, s.step)) {
+                let to = step_node(job, s.step);
+                // A task that moves again is restored by a new step named for the same
+                // origin: its last step's node is where it came from.
+                let from = steps_followed
+                    .iter()
+                    .filter(|p| p.origin == s.origin && p.task == s.task && p.step < s.step)
+                    .max_by_key(|p| p.step)
+                    .and_then(|p| nodes.get(&p.step))
+                    .or_else(|| nodes.get(&s.origin))
+                    .cloned()
+                    .or_else(|| crate::quiet::sources().first().cloned());
+                if let Some(t) = &to {
+                    nodes.insert(s.step, t.clone());
+                }
+                let route = match (from, &to) {
                     (Some(from), Some(to)) => format!(" {from} -> {to}"),
                     (None, Some(to)) => format!(" to {to}"),
                     _ => String::new(),
                 };
+                let downtime = move_downtime(&comment, job, s.task, to.as_deref())
+                    .map(|ms| format!(" (downtime {ms} ms)"))
+                    .unwrap_or_default();
                 crate::ffi::log_user(&format!(
-                    "rebalancer: task {} of step {job}.{} moved{route} and runs on as step {job}.{}; following it",
+                    "rebalancer: task {} of step {job}.{} moved{route} and runs on as step {job}.{}{downtime}; following it",
                     s.task, s.origin, s.step
                 ));
                 let (k, files) = (s.step, files.clone());
@@ -301,10 +368,30 @@ pub fn follow(job: u32, step: u32, files: &OutputFiles) -> Option<i32> {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&s.step);
             if let Ok(Some(c)) = code {
-                status = Some(status.map_or(c, |p| p.max(c)));
+                codes.insert(s.step, c);
             }
+            steps_followed.push(s.clone());
         }
     }
+}
+
+/// The status of a task that moved, from its restore steps' statuses: the highest of the steps
+/// whose task did not move on again. A step whose task moved once more was killed by that move;
+/// the later step (named for the same origin and task, or for this step) has the task's real
+/// end. Pure.
+pub fn chain_status(codes: &BTreeMap<u32, i32>, followed: &[RestoreStep]) -> Option<i32> {
+    let superseded = |step: u32| {
+        let me = followed.iter().find(|s| s.step == step);
+        followed.iter().any(|o| {
+            o.origin == step
+                || me.is_some_and(|m| o.origin == m.origin && o.task == m.task && o.step > m.step)
+        })
+    };
+    codes
+        .iter()
+        .filter(|(step, _)| !superseded(**step))
+        .map(|(_, c)| *c)
+        .max()
 }
 
 /// Signals srun passes on to its tasks (srun's own set, as for a step it launched).
@@ -424,6 +511,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_step_whose_task_moved_on_does_not_count() {
+        let step = |step, origin, task| RestoreStep { step, origin, task };
+        // Task 0 moved twice; step 1 was killed by the second move. The agent names both
+        // restore steps for the original step 0.
+        let twice = [step(1, 0, 0), step(2, 0, 0)];
+        let codes = BTreeMap::from([(1, 137), (2, 3)]);
+        assert_eq!(chain_status(&codes, &twice), Some(3));
+        // A chain named step by step supersedes the same way.
+        let chain = [step(1, 0, 0), step(2, 1, 0)];
+        assert_eq!(chain_status(&codes, &chain), Some(3));
+        // Two tasks of step 0 moved once each: both count.
+        let both = [step(1, 0, 0), step(2, 0, 1)];
+        let codes = BTreeMap::from([(1, 0), (2, 5)]);
+        assert_eq!(chain_status(&codes, &both), Some(5));
+        assert_eq!(chain_status(&BTreeMap::new(), &[]), None);
+    }
+
+    #[test]
     fn restore_steps_are_found_by_name() {
         let text = "12.0|python3\n12.1|rebalancer-restore:0.0\n12.3|rebalancer-restore:1.0\n\
                     12.4|rebalancer-restore:x.0\n13.2|rebalancer-restore:0.1\n12.5|other:0.0\n";
@@ -467,6 +572,35 @@ mod tests {
             .map(|s| s.step)
             .collect();
         assert_eq!(again, [6]);
+    }
+
+    #[test]
+    fn the_moves_downtime_comes_from_the_jobs_trail() {
+        let show = "JobId=4 JobName=x\n   AdminComment=site note; rebalancer: task 0 of step 4.0 \
+                    moved node1 -> node2 (downtime 185 ms); rebalancer: task 1 of step 4.0 moved \
+                    node1 -> node3 (downtime 240 ms)\n   Comment=(null)\n";
+        let c = admin_comment(show);
+        assert!(c.starts_with("site note; rebalancer: task 0"), "{c}");
+        assert_eq!(move_downtime(&c, 4, 0, Some("node2")), Some(185));
+        assert_eq!(move_downtime(&c, 4, 1, None), Some(240));
+        // Another destination, task or job: not this move.
+        assert_eq!(move_downtime(&c, 4, 0, Some("node3")), None);
+        assert_eq!(move_downtime(&c, 4, 2, None), None);
+        assert_eq!(move_downtime(&c, 5, 0, None), None);
+        // A task that moved twice: the newest note; a note without a figure gives none.
+        let twice = "rebalancer: task 0 of step 4.0 moved node1 -> node2 (downtime 185 ms); \
+                     rebalancer: task 0 of step 4.0 moved node2 -> node1 (downtime 90 ms)";
+        assert_eq!(move_downtime(twice, 4, 0, None), Some(90));
+        assert_eq!(
+            move_downtime(
+                "rebalancer: task 0 of step 4.0 moved node1 -> node2",
+                4,
+                0,
+                None
+            ),
+            None
+        );
+        assert_eq!(admin_comment("JobId=4\n   AdminComment=(null)\n"), "");
     }
 
     #[test]

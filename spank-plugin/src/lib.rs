@@ -19,6 +19,7 @@ pub mod local;
 pub mod quiet;
 pub mod remote;
 pub mod restore;
+pub mod state;
 pub mod sys;
 pub mod user_file;
 pub mod verify;

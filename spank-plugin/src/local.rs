@@ -1,8 +1,8 @@
 //! srun (local context): options were checked by their callbacks as srun parsed them; here the
 //! step as a whole is checked before it is launched.
 
-use crate::dispatch::{config_or_complain, state};
 use crate::ffi::{self, Spank};
+use crate::state::{config_or_complain, state};
 
 /// Set by the agent in the environment of the restore steps it starts.
 pub const RESTORE_BY_AGENT_ENV: &str = "SLURM_REBALANCER_AGENT_RESTORE";
@@ -121,7 +121,11 @@ pub fn user_init(sp: Spank) -> libc::c_int {
         if let (Ok(job), Ok(step)) = (sp.job_id(), sp.step_id()) {
             st.launched = Some((job, step, crate::follow::OutputFiles::default()));
             watch_output_files();
-            crate::quiet::install(job, step);
+            crate::quiet::install(job, step, |job, step| {
+                crate::follow::restore_steps(job)
+                    .iter()
+                    .any(|s| s.origin == step)
+            });
         }
         ffi::log_verbose(&format!(
             "rebalancer: tasks will run in migratable containers (class {}, mode {})",

@@ -58,8 +58,12 @@ pub fn sources() -> Vec<String> {
     SOURCES.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+/// Whether step `step` of job `job` has moved (has a restore step): asked when a kill line
+/// appears, since only then is the kill the move's.
+pub type MovedCheck = fn(job: u32, step: u32) -> bool;
+
 /// Puts srun's fd 2 behind the filter. On failure srun's stderr stays as it was.
-pub fn install(job: u32, step: u32) {
+pub fn install(job: u32, step: u32, moved: MovedCheck) {
     let mut fds = [0; 2];
     // SAFETY: fds has room for the two descriptors pipe2 returns.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -85,7 +89,7 @@ pub fn install(job: u32, step: u32) {
     let spawned = std::thread::Builder::new()
         .name("rebalancer-stderr".into())
         .spawn(move || {
-            copy(read, out, job, step);
+            copy(read, out, job, step, moved);
             drop(tx);
         });
     if spawned.is_err() {
@@ -115,7 +119,7 @@ pub fn remove() {
     let _ = f.done.recv_timeout(DRAIN_WAIT);
 }
 
-fn copy(read: OwnedFd, mut out: std::fs::File, job: u32, step: u32) {
+fn copy(read: OwnedFd, mut out: std::fs::File, job: u32, step: u32, has_moved: MovedCheck) {
     let mut moved = false;
     for line in BufReader::new(std::fs::File::from(read)).split(b'\n') {
         let Ok(mut line) = line else { return };
@@ -123,10 +127,7 @@ fn copy(read: OwnedFd, mut out: std::fs::File, job: u32, step: u32) {
         if let Some(k) = kill_line(&text, job, step) {
             // The kill is the move's if the step has a restore step (created before the
             // source is released).
-            moved = moved
-                || crate::follow::restore_steps(job)
-                    .iter()
-                    .any(|s| s.origin == step);
+            moved = moved || has_moved(job, step);
             if moved {
                 if let KillLine::TaskKilled { node } = k {
                     SOURCES.lock().unwrap_or_else(|e| e.into_inner()).push(node);

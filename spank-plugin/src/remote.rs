@@ -6,8 +6,8 @@ use rebalancer_proto::TaskRef;
 use crate::agent::Agent;
 use crate::config::Config;
 use crate::container::{self, task_name, TaskInfo};
-use crate::dispatch::{config_or_complain, state};
 use crate::ffi::{self, Spank};
+use crate::state::{config_or_complain, state};
 use crate::{chain, restore};
 
 pub fn init_post_opt(_sp: Spank) -> libc::c_int {

@@ -684,7 +684,7 @@ fn real_agent_answers_the_plugin() {
         format!(
             "node = \"{NODE}\"\nlisten = \"198.18.64.1:7878\"\ncontrol_socket = \"{sock}\"\n\
              state_dir = \"{DIR}/agent-state\"\nrun_dir = \"{DIR}/agent-run\"\n\
-             container_subnet = \"198.19.64.0/20\"\n\
+             container_subnet = \"198.19.64.0/20\"\nipam = \"local\"\n\
              uplink = \"rbsp0\"\n[auth]\nmethod = \"none\"\n"
         ),
     )

@@ -131,6 +131,7 @@ pub async fn adopt(agent: &Arc<Agent>, store: &Store) -> Summary {
     let mut sum = Summary::default();
     let (recs, bad) = store.load();
     agent.note_persisted(&recs);
+    crate::agent::ipam::load(agent, store);
     for e in bad {
         tracing::error!(error = %chain(&e), "container record not adopted");
     }
@@ -229,6 +230,8 @@ pub async fn adopt(agent: &Arc<Agent>, store: &Store) -> Summary {
         swept_netns = sum.swept_netns.len(),
         "start-up re-adoption done"
     );
+    // Adopted containers hold their addresses; those that moved away keep theirs lent.
+    crate::agent::ipam::sync(agent);
     sum
 }
 
@@ -256,6 +259,14 @@ async fn resume(rec: &ContainerRecord) -> crate::container::Container {
 async fn release(rec: &ContainerRecord, destination: &str) -> crate::container::Container {
     let mut c = rec.container(ContainerState::MigratedAway);
     crate::container::signal_tree(rec.pid, Signal::SIGKILL);
+    // Gone before its cgroups are removed (a cgroup with a dying task refuses rmdir; found by
+    // the fault matrix), bounded.
+    for _ in 0..100 {
+        if !alive_not_zombie(rec.pid) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     crate::netns::destroy(&c.net).await;
     if let Some(cg) = c.cgroup.take() {
         cg.remove().await;
@@ -422,6 +433,40 @@ fn stopped(pid: i32) -> bool {
         .is_some_and(|st| st == "T" || st == "t")
 }
 
+/// Whether `pid` exists and has not exited (a zombie holds no namespace).
+fn alive_not_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().next().map(str::to_string))
+        })
+        .is_some_and(|st| st != "Z" && st != "X")
+}
+
+/// Deletes every link of network namespace `name` but `lo` (a veth takes its node-side peer).
+async fn unlink_netns(name: &str) {
+    let out = tokio::process::Command::new("ip")
+        .args(["-n", name, "-o", "link", "show"])
+        .output()
+        .await;
+    let Ok(out) = out else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "2: eth0@if7: <...>"
+        let Some(ifname) = line.split(": ").nth(1) else {
+            continue;
+        };
+        let ifname = ifname.split('@').next().unwrap_or(ifname);
+        if ifname == "lo" {
+            continue;
+        }
+        let _ = tokio::process::Command::new("ip")
+            .args(["-n", name, "link", "del", ifname])
+            .status()
+            .await;
+    }
+}
+
 async fn sweep_netns(node: &str, owned: &BTreeSet<String>, sum: &mut Summary) {
     let present = netns_names();
     for name in unowned_netns(node, &present, owned) {
@@ -431,9 +476,21 @@ async fn sweep_netns(node: &str, owned: &BTreeSet<String>, sum: &mut Summary) {
             sum.unowned_running_netns.push(name.to_string());
             continue;
         }
-        // Uncommitted incoming restores (kept stopped until Commit) or leftovers.
+        // Uncommitted incoming restores (kept stopped until Commit) or leftovers. Their links
+        // go first: such a tree holds the client's connections (the source's copy has the same
+        // addresses and sequence numbers), and dying with a link out it would reset them.
+        if !pids.is_empty() {
+            unlink_netns(name).await;
+        }
         for p in &pids {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), Signal::SIGKILL);
+        }
+        // Gone before the namespace and the cgroups they hold are removed (bounded).
+        for _ in 0..100 {
+            if pids.iter().all(|p| !alive_not_zombie(*p)) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         // The node-side veth goes with the namespace's peer; routes on it with the link.
         let _ = tokio::process::Command::new("ip")
@@ -489,6 +546,7 @@ mod tests {
             external: false,
             arrived_from: None,
             cgroup: vec![],
+            runs_in: None,
         }
     }
 
@@ -515,6 +573,7 @@ mod tests {
             error: None,
             started_at: 1,
             ended_at: None,
+            cancelled_by: None,
         }
     }
 

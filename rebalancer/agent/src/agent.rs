@@ -1,5 +1,7 @@
 //! Shared daemon state: containers, migrations, configuration and capabilities.
 
+pub mod ipam;
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,8 @@ pub struct RestoreStep {
     pub registered: Option<tokio::sync::oneshot::Sender<i32>>,
     /// True once the images are in: the step's `prepare-restore` is answered then.
     pub ready: tokio::sync::watch::Receiver<bool>,
+    /// The step's own Slurm task, once it registered: where the container runs after the move.
+    pub task: Option<rebalancer_proto::TaskRef>,
 }
 
 pub struct Agent {
@@ -52,16 +56,37 @@ pub struct Agent {
     pub held: Mutex<BTreeMap<ContainerId, Vec<FinalStatusTx>>>,
     /// Ids and addresses held by incoming migrations until they commit or abort.
     pub incoming: Mutex<HashSet<(ContainerId, Ipv4Addr)>>,
+    /// Memory announced by incoming migrations (bytes, by migration id), held until they commit
+    /// or abort (`migration::destination::Reservation`).
+    pub reserved: Mutex<BTreeMap<MigrationId, u64>>,
     /// Every change of a migration record is published here (watchers filter by id).
     pub events: broadcast::Sender<MigrationRecord>,
     /// Where container cgroups go; `None`: no usable hierarchy (limits cannot be enforced).
     pub cgroups: Option<crate::cgroup::Hierarchy>,
     /// Prometheus metrics (served when `metrics_listen` is set).
     pub prom: crate::prom::AgentMetrics,
+    /// Migrations this node is the source of that a cancel can still reach.
+    pub cancels: Arc<crate::migration::cancel::Cancels>,
     /// Records that outlive this process (`store.rs`); unset in simulations.
     pub store: OnceLock<crate::store::Store>,
+    /// Address blocks leased by the controller and addresses lent out (`agent/ipam.rs`).
+    pub ipam: ipam::AgentIpam,
+    /// Committed post-copy arrivals and how their page supply ended, for the source's
+    /// `lazy-end` question (`migration::commit::answer_lazy_end`), by migration id.
+    pub lazy_supply: Mutex<BTreeMap<MigrationId, tokio::sync::watch::Sender<LazySupply>>>,
     /// The container records last written, to write only what changed.
     persisted: Mutex<BTreeMap<ContainerId, crate::store::ContainerRecord>>,
+}
+
+/// A committed post-copy arrival's page supply, as its source may ask about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LazySupply {
+    /// The lazy-pages daemon still runs.
+    Serving,
+    /// Every page arrived, or the container ended on its own first.
+    Complete,
+    /// The daemon ended first and the container was killed (why).
+    Lost(String),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -88,10 +113,14 @@ impl Agent {
             restore_steps: Mutex::new(BTreeMap::new()),
             held: Mutex::new(BTreeMap::new()),
             incoming: Mutex::new(HashSet::new()),
+            reserved: Mutex::new(BTreeMap::new()),
+            cancels: Default::default(),
             events,
             cgroups: crate::cgroup::detect_system(),
             prom,
             store: OnceLock::new(),
+            ipam: Default::default(),
+            lazy_supply: Mutex::new(BTreeMap::new()),
             persisted: Mutex::new(BTreeMap::new()),
         })
     }
@@ -108,8 +137,16 @@ impl Agent {
     pub fn restore_steps(&self) -> MutexGuard<'_, BTreeMap<MigrationId, RestoreStep>> {
         lock(&self.restore_steps)
     }
+    pub fn lazy_supply(
+        &self,
+    ) -> MutexGuard<'_, BTreeMap<MigrationId, tokio::sync::watch::Sender<LazySupply>>> {
+        lock(&self.lazy_supply)
+    }
     pub fn incoming(&self) -> MutexGuard<'_, HashSet<(ContainerId, Ipv4Addr)>> {
         lock(&self.incoming)
+    }
+    pub fn reserved(&self) -> MutexGuard<'_, BTreeMap<MigrationId, u64>> {
+        lock(&self.reserved)
     }
 
     pub fn publish(&self, rec: &MigrationRecord) {
@@ -141,6 +178,8 @@ impl Agent {
         let Some(store) = self.store.get() else {
             return;
         };
+        // Moved away or ended: the node's blocks learn it at the same moments.
+        ipam::sync(self);
         let now: BTreeMap<ContainerId, crate::store::ContainerRecord> = self
             .containers()
             .values()
@@ -223,6 +262,7 @@ impl Agent {
             class: c.meta.spec.class.clone(),
             exit_status: c.exit_status,
             started_at: c.meta.started_at,
+            runs_in: c.runs_in.clone(),
         }
     }
 
@@ -255,17 +295,11 @@ impl Agent {
         }) || self.incoming().iter().any(|(_, a)| *a == ip)
     }
 
-    pub fn allocate_address(&self) -> Result<Ipv4Addr, AgentError> {
-        // Addresses are cluster-wide: pick at random so that nodes rarely collide; the
-        // controller may also pass one explicitly.
-        let hosts: Vec<Ipv4Addr> = self.cfg.container_subnet.hosts().collect();
-        let start = random_u32() as usize % hosts.len().max(1);
-        (0..hosts.len())
-            .map(|i| hosts[(start + i) % hosts.len()])
-            .find(|ip| !self.address_in_use(*ip))
-            .ok_or_else(|| {
-                AgentError::NoRoom(format!("no free address in {}", self.cfg.container_subnet))
-            })
+    /// An address for a new container: from this node's leased blocks (waiting up to
+    /// [`ipam::LEASE_WAIT`] for a lease when none is free), or a random free one with
+    /// `ipam = "local"` (`agent/ipam.rs`).
+    pub async fn allocate_address(&self) -> Result<Ipv4Addr, AgentError> {
+        ipam::allocate_waiting(self, ipam::LEASE_WAIT).await
     }
 
     pub fn new_net(&self, id: &str, address: Ipv4Addr) -> ContainerNet {
@@ -371,7 +405,7 @@ impl Agent {
                 }
                 ip
             }
-            None => self.allocate_address()?,
+            None => self.allocate_address().await?,
         };
         spec.address = Some(address.to_string());
         // Reserve id + address while we build.
@@ -485,6 +519,7 @@ impl Agent {
             arrived_from: None,
             final_status: None,
             cgroup,
+            runs_in: None,
         })
     }
 

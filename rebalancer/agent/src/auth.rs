@@ -8,89 +8,21 @@
 //! connection is refused on any other connection and by any other receiver. Both directions are
 //! checked: the source knows whom it hands a job's memory to.
 //!
-//! Every `munge`/`unmunge` run is bounded in time, and at most [`MAX_CONCURRENT_CHECKS`] run at
-//! once: a flood of connections gets a clear refusal instead of a fork storm.
+//! The payloads, their checks and the bounded munge/unmunge runs (at most
+//! [`rebalancer_proto::munge::MAX_CONCURRENT`] at once, each within a time limit) are
+//! [`rebalancer_proto::auth`] and [`rebalancer_proto::munge`], shared with the TCP control port
+//! and the controller; this module gives them the peer channel's domain and the agent's errors.
 
 use std::path::Path;
-use std::process::Stdio;
-use std::sync::OnceLock;
-use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::sync::Semaphore;
+use rebalancer_proto::auth::{self as proto_auth, AuthError, Expect, PEER_DOMAIN};
+use rebalancer_proto::munge;
+use rebalancer_proto::VersionRange;
 
 use crate::config::AuthMethod;
 use crate::error::AgentError;
 
 const PAYLOAD_PREFIX: &str = "rebalancer-agent node=";
-/// Payload prefix of a bound credential (see [`Binding`]).
-const BOUND_PREFIX: &str = "rebalancer-agent/2";
-/// Longest a munge or unmunge run may take (munged answers in milliseconds).
-const MUNGE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How many munge/unmunge processes may run at once.
-pub const MAX_CONCURRENT_CHECKS: usize = 8;
-/// How long a check waits for a free slot before it is refused.
-const SLOT_WAIT: Duration = Duration::from_secs(2);
-
-fn slots() -> &'static Semaphore {
-    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
-    SLOTS.get_or_init(|| Semaphore::new(MAX_CONCURRENT_CHECKS))
-}
-
-/// Runs munge or unmunge with `input` on stdin, within a slot and [`MUNGE_TIMEOUT`].
-async fn run_munge(
-    program: &str,
-    socket: Option<&Path>,
-    args: &[String],
-    input: &[u8],
-) -> Result<std::process::Output, AgentError> {
-    let _slot = tokio::time::timeout(SLOT_WAIT, slots().acquire())
-        .await
-        .map_err(|_| {
-            AgentError::Busy(format!(
-                "{MAX_CONCURRENT_CHECKS} credential checks are already running; try again"
-            ))
-        })?
-        .map_err(|_| AgentError::Internal("credential check slots closed".into()))?;
-    let mut cmd = tokio::process::Command::new(program);
-    if let Some(s) = socket {
-        cmd.arg("--socket").arg(s);
-    }
-    let mut child = cmd
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| AgentError::Io {
-            what: format!("cannot run {program}"),
-            source,
-        })?;
-    let work = async {
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(input)
-                .await
-                .map_err(|source| AgentError::Io {
-                    what: format!("write to {program}"),
-                    source,
-                })?;
-        }
-        child
-            .wait_with_output()
-            .await
-            .map_err(|source| AgentError::Io {
-                what: format!("wait for {program}"),
-                source,
-            })
-    };
-    tokio::time::timeout(MUNGE_TIMEOUT, work)
-        .await
-        .map_err(|_| {
-            AgentError::Timeout(format!("{program} did not answer within {MUNGE_TIMEOUT:?}"))
-        })?
-}
 
 /// What a bound credential must say: who sends it, who may accept it, the receiver's nonce
 /// for this connection and, with peer protocol 3, the TLS session's exporter value
@@ -103,40 +35,70 @@ pub struct Binding {
     /// The TLS exporter of the session the credential travels in (hexadecimal); `None`
     /// outside TLS (protocol 2).
     pub session: Option<String>,
+    /// The peer protocol range this side's hello offered, stated when the receiver's nonce
+    /// states its own (downgrade protection, [`rebalancer_proto::auth`]).
+    pub offer: Option<VersionRange>,
+}
+
+/// The agent's error for a refused or failed credential (messages name nodes, as the peer
+/// channel's callers expect).
+fn agent_error(e: AuthError) -> AgentError {
+    let deny = |m: String| AgentError::PermissionDenied(m);
+    match e {
+        AuthError::BadField { what, value } => {
+            AgentError::BadRequest(format!("invalid {what} {value:?} for a credential"))
+        }
+        AuthError::Missing => deny("peer sent no munge credential".into()),
+        AuthError::TooLong { .. } => deny("munge credential too long".into()),
+        AuthError::Uid { uid, .. } => deny(format!("credential of uid {uid}, agents run as root")),
+        AuthError::Domain { .. } => {
+            deny("credential is not an agent credential of this protocol".into())
+        }
+        AuthError::Malformed(p) => deny(format!("malformed agent credential {p:?}")),
+        AuthError::OtherReceiver { to, me } => deny(format!(
+            "credential is for node {to}, this is {me} (replayed?)"
+        )),
+        AuthError::OtherConnection => {
+            deny("credential is bound to another connection (replayed?)".into())
+        }
+        AuthError::OtherSession => deny(
+            "credential is bound to another TLS session (relayed by a man in the middle?)".into(),
+        ),
+        AuthError::NoSession => {
+            deny("credential names no TLS session; protocol 3 requires it".into())
+        }
+        AuthError::UnexpectedSession => {
+            deny("credential names a TLS session; this connection has none".into())
+        }
+        AuthError::OtherSender { from, want } => {
+            deny(format!("credential is from node {from}, expected {want}"))
+        }
+        AuthError::Unreadable => deny("unreadable munge credential".into()),
+        AuthError::Invalid(m) => deny(format!("invalid munge credential: {m}")),
+        AuthError::Munge(m) => {
+            AgentError::Internal(format!("munge could not create a credential: {m}"))
+        }
+        e @ AuthError::Busy(_) => AgentError::Busy(e.to_string()),
+        e @ AuthError::Timeout { .. } => AgentError::Timeout(e.to_string()),
+        e @ AuthError::Downgrade(_) => deny(e.to_string()),
+    }
 }
 
 impl Binding {
+    fn shared(&self) -> proto_auth::Binding {
+        proto_auth::Binding {
+            domain: PEER_DOMAIN,
+            from: self.from.clone(),
+            to: self.to.clone(),
+            nonce: self.nonce.clone(),
+            session: self.session.clone(),
+            offer: self.offer,
+        }
+    }
+
     /// The credential's payload. Node names and nonces never contain spaces (checked). Pure.
     pub fn payload(&self) -> Result<String, AgentError> {
-        for (what, v) in [
-            ("node", &self.from),
-            ("node", &self.to),
-            ("nonce", &self.nonce),
-        ] {
-            if v.is_empty()
-                || v.len() > 256
-                || v.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
-                return Err(AgentError::BadRequest(format!(
-                    "invalid {what} {v:?} for a credential"
-                )));
-            }
-        }
-        if let Some(t) = &self.session {
-            if t.is_empty() || t.len() > 256 || !t.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(AgentError::BadRequest(format!(
-                    "invalid TLS session value {t:?} for a credential"
-                )));
-            }
-        }
-        let mut p = format!(
-            "{BOUND_PREFIX} from={} to={} nonce={}",
-            self.from, self.to, self.nonce
-        );
-        if let Some(t) = &self.session {
-            p.push_str(&format!(" tls={t}"));
-        }
-        Ok(p)
+        self.shared().payload().map_err(agent_error)
     }
 
     /// Checks a decoded credential's uid and payload against what this connection expects.
@@ -148,76 +110,38 @@ impl Binding {
         to: &str,
         nonce: &str,
     ) -> Result<String, AgentError> {
-        Self::check_in_session(uid, payload, from, to, nonce, None)
+        Self::check_in_session(uid, payload, (from, to, nonce), None, None)
     }
 
     /// As [`Binding::check`], inside the TLS session whose exporter is `session` (protocol 3):
-    /// the credential must name exactly that session; outside TLS it must name none.
+    /// the credential must name exactly that session; outside TLS it must name none. Agents
+    /// run as root: only root's credentials pass. `offer`: the range the sender's hello
+    /// stated as received, which a credential stating its offer must match (`None`: the
+    /// receiver is the client, whose peer states none).
     pub fn check_in_session(
         uid: u32,
         payload: &str,
-        from: Option<&str>,
-        to: &str,
-        nonce: &str,
+        (from, to, nonce): (Option<&str>, &str, &str),
         session: Option<&str>,
+        offer: Option<VersionRange>,
     ) -> Result<String, AgentError> {
-        let deny = |m: String| Err(AgentError::PermissionDenied(m));
-        if uid != 0 {
-            return deny(format!("credential of uid {uid}, agents run as root"));
+        Expect {
+            domain: PEER_DOMAIN,
+            uids: &[0],
+            from,
+            to,
+            nonce,
+            session,
+            offer,
         }
-        let mut words = payload.split(' ');
-        if words.next() != Some(BOUND_PREFIX) {
-            return deny("credential is not an agent credential of this protocol".into());
-        }
-        let (mut got_from, mut got_to, mut got_nonce, mut got_tls) = (None, None, None, None);
-        for w in words {
-            match w.split_once('=') {
-                Some(("from", v)) if got_from.is_none() => got_from = Some(v),
-                Some(("to", v)) if got_to.is_none() => got_to = Some(v),
-                Some(("nonce", v)) if got_nonce.is_none() => got_nonce = Some(v),
-                Some(("tls", v)) if got_tls.is_none() => got_tls = Some(v),
-                _ => return deny(format!("malformed agent credential {payload:?}")),
-            }
-        }
-        let (Some(f), Some(t), Some(n)) = (got_from, got_to, got_nonce) else {
-            return deny(format!("incomplete agent credential {payload:?}"));
-        };
-        if t != to {
-            return deny(format!(
-                "credential is for node {t}, this is {to} (replayed?)"
-            ));
-        }
-        if n != nonce {
-            return deny("credential is bound to another connection (replayed?)".into());
-        }
-        match (got_tls, session) {
-            (Some(got), Some(want)) if got == want => {}
-            (None, None) => {}
-            (Some(_), Some(_)) => {
-                return deny(
-                    "credential is bound to another TLS session (relayed by a man in the middle?)"
-                        .into(),
-                )
-            }
-            (None, Some(_)) => {
-                return deny("credential names no TLS session; protocol 3 requires it".into())
-            }
-            (Some(_), None) => {
-                return deny("credential names a TLS session; this connection has none".into())
-            }
-        }
-        if let Some(want) = from {
-            if f != want {
-                return deny(format!("credential is from node {f}, expected {want}"));
-            }
-        }
-        Ok(f.to_string())
+        .check(uid, payload)
+        .map_err(agent_error)
     }
 }
 
 /// A fresh nonce for one connection: 128 random bits, hexadecimal.
 pub fn nonce() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    proto_auth::nonce()
 }
 
 /// A bound credential for `binding` (`None` with `auth = "none"`).
@@ -229,24 +153,10 @@ pub async fn bound_credential(
     if method == AuthMethod::None {
         return Ok(None);
     }
-    let payload = binding.payload()?;
-    encode(socket, &[], payload.as_bytes()).await.map(Some)
-}
-
-/// Runs munge (payload from `args` or stdin) and returns the credential.
-async fn encode(
-    socket: Option<&Path>,
-    args: &[String],
-    input: &[u8],
-) -> Result<String, AgentError> {
-    let out = run_munge("munge", socket, args, input).await?;
-    if !out.status.success() {
-        return Err(AgentError::Internal(format!(
-            "munge could not create a credential: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    munge::bound_credential(socket, &binding.shared())
+        .await
+        .map(Some)
+        .map_err(agent_error)
 }
 
 /// Verifies a peer's bound credential; returns the node it proves.
@@ -261,46 +171,25 @@ pub async fn verify_bound(
     if method == AuthMethod::None {
         return Ok(None);
     }
-    verify_bound_in(method, socket, cred, (from, to, nonce), None).await
+    verify_bound_in(method, socket, cred, (from, to, nonce), None, None).await
 }
 
-/// As [`verify_bound`], inside the TLS session whose exporter is `session` (protocol 3).
+/// As [`verify_bound`], inside the TLS session whose exporter is `session` (protocol 3), and
+/// (the server) requiring a stated offer to be `offer`, the client hello's range.
 pub async fn verify_bound_in(
     method: AuthMethod,
     socket: Option<&Path>,
     cred: Option<&str>,
     (from, to, nonce): (Option<&str>, &str, &str),
     session: Option<&str>,
+    offer: Option<VersionRange>,
 ) -> Result<Option<String>, AgentError> {
     if method == AuthMethod::None {
         return Ok(None);
     }
-    let (uid, payload) = decode(socket, cred).await?;
-    Binding::check_in_session(uid, &payload, from, to, nonce, session).map(Some)
+    let (uid, payload) = munge::decode(socket, cred).await.map_err(agent_error)?;
+    Binding::check_in_session(uid, &payload, (from, to, nonce), session, offer).map(Some)
 }
-
-/// Decodes a peer's munge credential: (uid, payload), munge having checked key, TTL and replay.
-async fn decode(socket: Option<&Path>, cred: Option<&str>) -> Result<(u32, String), AgentError> {
-    let cred =
-        cred.ok_or_else(|| AgentError::PermissionDenied("peer sent no munge credential".into()))?;
-    if cred.len() > MAX_CREDENTIAL_LEN {
-        return Err(AgentError::PermissionDenied(
-            "munge credential too long".into(),
-        ));
-    }
-    let out = run_munge("unmunge", socket, &[], cred.as_bytes()).await?;
-    if !out.status.success() {
-        return Err(AgentError::PermissionDenied(format!(
-            "invalid munge credential: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    parse_unmunge(&String::from_utf8_lossy(&out.stdout))
-        .ok_or_else(|| AgentError::PermissionDenied("unreadable munge credential".into()))
-}
-
-/// Longest munge credential accepted (a payload of a few hundred bytes encodes to well under 1 KiB).
-const MAX_CREDENTIAL_LEN: usize = 4096;
 
 /// A version-1 credential naming only this node (see the module docs).
 pub async fn credential(
@@ -311,30 +200,10 @@ pub async fn credential(
     if method == AuthMethod::None {
         return Ok(None);
     }
-    let args = ["--string".to_string(), format!("{PAYLOAD_PREFIX}{node}")];
-    encode(socket, &args, b"").await.map(Some)
-}
-
-/// Parses `unmunge` output into (uid, payload).
-pub fn parse_unmunge(out: &str) -> Option<(u32, String)> {
-    let mut uid = None;
-    let mut payload = String::new();
-    let mut in_payload = false;
-    for line in out.lines() {
-        if in_payload {
-            payload.push_str(line);
-            continue;
-        }
-        if let Some(v) = line.strip_prefix("UID:") {
-            // "UID:              root (0)"
-            uid = v
-                .rsplit_once('(')
-                .and_then(|(_, n)| n.trim_end_matches(')').trim().parse().ok());
-        } else if line.is_empty() {
-            in_payload = true;
-        }
-    }
-    Some((uid?, payload.trim().to_string()))
+    munge::credential(socket, &format!("{PAYLOAD_PREFIX}{node}"))
+        .await
+        .map(Some)
+        .map_err(agent_error)
 }
 
 /// Verifies a peer's version-1 credential.
@@ -347,7 +216,12 @@ pub async fn verify(
     if method == AuthMethod::None {
         return Ok(());
     }
-    let (uid, payload) = decode(socket, cred).await?;
+    let (uid, payload) = munge::decode(socket, cred).await.map_err(agent_error)?;
+    check_v1(uid, &payload, claimed_node)
+}
+
+/// Checks a decoded version-1 credential: root's, naming the node the hello claims. Pure.
+fn check_v1(uid: u32, payload: &str, claimed_node: Option<&str>) -> Result<(), AgentError> {
     if uid != 0 {
         return Err(AgentError::PermissionDenied(format!(
             "credential of uid {uid}, agents run as root"
@@ -373,11 +247,40 @@ mod tests {
     #[test]
     fn unmunge_output_parses() {
         let out = "STATUS:          Success (0)\nENCODE_HOST:     h (127.0.0.1)\nUID:             root (0)\nGID:             root (0)\nLENGTH:          27\n\nrebalancer-agent node=n1\n";
-        assert_eq!(
-            parse_unmunge(out),
-            Some((0, "rebalancer-agent node=n1".into()))
+        let (uid, payload) = proto_auth::parse_unmunge(out).expect("parsed");
+        assert_eq!((uid, payload.as_str()), (0, "rebalancer-agent node=n1"));
+        assert_eq!(proto_auth::parse_unmunge("STATUS: Success (0)\n"), None);
+        // A version-1 payload as it decodes: root's, naming the node the hello claims.
+        assert!(check_v1(uid, &payload, Some("n1")).is_ok());
+        let e = check_v1(uid, &payload, Some("n2")).expect_err("other node");
+        assert!(
+            e.to_string().contains("for node n1, hello claims n2"),
+            "{e}"
         );
-        assert_eq!(parse_unmunge("STATUS: Success (0)\n"), None);
+        assert!(check_v1(1000, &payload, None).is_err());
+        assert!(check_v1(0, "rebalancer-agent/2 from=n1 to=n2 nonce=x", None).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_oversized_credential_is_refused_before_unmunge_runs() {
+        // The socket does not exist: reaching unmunge would fail otherwise.
+        let sock = Some(Path::new("/nonexistent/munge.sock"));
+        let munge = AuthMethod::Munge;
+        let e = verify(munge, sock, None, None).await.expect_err("missing");
+        assert!(
+            e.to_string().contains("peer sent no munge credential"),
+            "{e}"
+        );
+        let long = "M".repeat(proto_auth::MAX_CREDENTIAL_LEN + 1);
+        let e = verify_bound(munge, sock, Some(&long), None, "n2", "abc")
+            .await
+            .expect_err("too long");
+        assert!(e.to_string().contains("munge credential too long"), "{e}");
+        // With auth = "none" nothing is made or checked.
+        assert_eq!(
+            credential(AuthMethod::None, sock, "n1").await.ok(),
+            Some(None)
+        );
     }
 
     fn b(from: &str, to: &str, nonce: &str) -> Binding {
@@ -386,6 +289,7 @@ mod tests {
             to: to.into(),
             nonce: nonce.into(),
             session: None,
+            offer: None,
         }
     }
 
@@ -396,23 +300,26 @@ mod tests {
         let p = bound.payload().expect("payload");
         let this = "00ff".repeat(16);
         assert_eq!(
-            Binding::check_in_session(0, &p, Some("n1"), "n2", "abc", Some(&this)).expect("ok"),
+            Binding::check_in_session(0, &p, (Some("n1"), "n2", "abc"), Some(&this), None)
+                .expect("ok"),
             "n1"
         );
         let other = "11aa".repeat(16);
-        let e = Binding::check_in_session(0, &p, Some("n1"), "n2", "abc", Some(&other))
+        let e = Binding::check_in_session(0, &p, (Some("n1"), "n2", "abc"), Some(&other), None)
             .expect_err("other session");
         assert!(e.to_string().contains("another TLS session"), "{e}");
         // A protocol-2 credential (no session) is refused inside TLS, and the other way round.
         let plain = b("n1", "n2", "abc").payload().expect("payload");
-        let e = Binding::check_in_session(0, &plain, None, "n2", "abc", Some(&this))
+        let e = Binding::check_in_session(0, &plain, (None, "n2", "abc"), Some(&this), None)
             .expect_err("no session named");
         assert!(e.to_string().contains("names no TLS session"), "{e}");
         let e = Binding::check(0, &p, None, "n2", "abc").expect_err("session outside TLS");
         assert!(e.to_string().contains("this connection has none"), "{e}");
         // Named twice, or not hexadecimal: refused.
         let twice = format!("{p} tls={this}");
-        assert!(Binding::check_in_session(0, &twice, None, "n2", "abc", Some(&this)).is_err());
+        assert!(
+            Binding::check_in_session(0, &twice, (None, "n2", "abc"), Some(&this), None).is_err()
+        );
         bound.session = Some("not hex".into());
         assert!(bound.payload().is_err());
     }

@@ -364,18 +364,94 @@ impl Cgroup {
 /// Removes the empty cgroups a previous agent of this node left (killed before it could clean
 /// up); populated ones refuse rmdir and stay. Best effort, at start-up.
 pub fn remove_stale(h: &Hierarchy, node: &str) -> usize {
+    stale_pass(h, node).0
+}
+
+/// One pass over this node's cgroups: how many were removed, and those that refused rmdir with
+/// the pids their `cgroup.procs` lists.
+fn stale_pass(h: &Hierarchy, node: &str) -> (usize, Vec<(PathBuf, Vec<i32>)>) {
     let mut n = 0;
+    let mut left = Vec::new();
     for r in roots(h) {
         let Ok(rd) = std::fs::read_dir(r.join(PARENT).join(node)) else {
             continue;
         };
         for e in rd.flatten() {
-            if e.path().is_dir() && std::fs::remove_dir(e.path()).is_ok() {
+            let p = e.path();
+            if !p.is_dir() {
+                continue;
+            }
+            if std::fs::remove_dir(&p).is_ok() {
                 n += 1;
+            } else {
+                let procs = std::fs::read_to_string(p.join("cgroup.procs")).unwrap_or_default();
+                let pids = procs.split_whitespace().filter_map(|x| x.parse().ok());
+                left.push((p, pids.collect()));
             }
         }
     }
-    n
+    (n, left)
+}
+
+/// Whether `pid` is on its way out: gone, a zombie, inside `do_exit` (`PF_EXITING`), or with a
+/// SIGKILL pending. Such a task may still be listed in (and hold) its cgroup.
+fn dying(pid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // Fields after the command (which may hold spaces): state is the 3rd, flags the 9th.
+    let rest: Vec<&str> = stat
+        .rfind(')')
+        .map(|i| stat[i + 1..].split_whitespace().collect())
+        .unwrap_or_default();
+    let state = rest.first().copied().unwrap_or("X");
+    let flags: u64 = rest.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    if matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0 {
+        return true;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().any(|l| {
+        let (k, v) = l.split_once(':').unwrap_or(("", ""));
+        matches!(k, "SigPnd" | "ShdPnd")
+            && u64::from_str_radix(v.trim(), 16).is_ok_and(|m| m & SIGKILL_BIT != 0)
+    })
+}
+
+/// What [`sweep_stale`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StaleSweep {
+    pub removed: usize,
+    /// Cgroups given up at the deadline: no task listed, or a dying one (with the pids).
+    pub busy: Vec<(PathBuf, Vec<i32>)>,
+    /// Cgroups of live tasks (adopted containers), with the pids.
+    pub kept: Vec<(PathBuf, Vec<i32>)>,
+}
+
+/// [`remove_stale`] after the start-up sweep killed the trees no record owns: a cgroup whose
+/// tasks were killed refuses rmdir until they have left it, which a loaded machine can take
+/// seconds to do, and nothing would remove it later. Retries while some refusing cgroup holds
+/// no task or a dying one, up to `within`; cgroups of live tasks (adopted containers) are left
+/// at once. Runs before the listeners open, so it cannot remove a new container's cgroup.
+pub async fn sweep_stale(h: &Hierarchy, node: &str, within: Duration) -> StaleSweep {
+    let deadline = std::time::Instant::now() + within;
+    let mut removed = 0;
+    loop {
+        let (n, left) = stale_pass(h, node);
+        removed += n;
+        let (busy, kept): (Vec<_>, Vec<_>) = left
+            .into_iter()
+            .partition(|(_, pids)| pids.is_empty() || pids.iter().any(|p| dying(*p)));
+        if busy.is_empty() || std::time::Instant::now() >= deadline {
+            return StaleSweep {
+                removed,
+                busy,
+                kept,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn roots(h: &Hierarchy) -> Vec<PathBuf> {
@@ -574,6 +650,44 @@ mod tests {
         assert!(!node.join("gone").exists());
         assert!(node.join("busy").exists());
         assert_eq!(remove_stale(&h, "other"), 0);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[tokio::test]
+    async fn sweep_waits_for_dying_tasks_not_for_live_ones() {
+        let tmp = std::env::temp_dir().join(format!("rb-cg-sweep-{}", std::process::id()));
+        let node = tmp.join(PARENT).join("n0");
+        // An empty cgroup.procs that refuses rmdir: tasks killed but not yet gone.
+        std::fs::create_dir_all(node.join("dying")).expect("mkdir");
+        std::fs::write(node.join("dying").join("cgroup.procs"), "").expect("write");
+        std::fs::create_dir_all(node.join("live")).expect("mkdir");
+        // Listed by a live process (this test): an adopted container's cgroup.
+        let me = std::process::id() as i32;
+        std::fs::write(node.join("live").join("cgroup.procs"), format!("{me}\n")).expect("write");
+        let h = Hierarchy::V1 {
+            memory: tmp.clone(),
+            cpu: tmp.clone(),
+        };
+        let gone = node.join("dying").join("cgroup.procs");
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            std::fs::remove_file(gone).expect("rm");
+        });
+        let s = sweep_stale(&h, "n0", Duration::from_secs(10)).await;
+        t.join().expect("thread");
+        assert_eq!(s.removed, 1);
+        assert!(!node.join("dying").exists());
+        assert_eq!(s.kept, vec![(node.join("live"), vec![me])]);
+        assert!(s.busy.is_empty());
+
+        assert!(!dying(me));
+        // Tasks that never leave: given up at the deadline, reported with no pid.
+        std::fs::create_dir_all(node.join("stuck")).expect("mkdir");
+        std::fs::write(node.join("stuck").join("cgroup.procs"), "").expect("write");
+        let t0 = std::time::Instant::now();
+        let s = sweep_stale(&h, "n0", Duration::from_millis(300)).await;
+        assert!(t0.elapsed() >= Duration::from_millis(300));
+        assert_eq!(s.busy, vec![(node.join("stuck"), vec![])]);
         let _ = std::fs::remove_dir_all(&tmp);
     }
 

@@ -45,6 +45,12 @@ pub struct RawConfig {
     pub control_socket: PathBuf,
     #[serde(default = "default_subnet")]
     pub container_subnet: String,
+    /// How container addresses are picked: `leased` (default) from the address blocks the
+    /// controller leases this node (docs/deploy.md "Container addresses"); `local`: a random
+    /// free address of `container_subnet`, chosen alone, for single-agent labs only (two nodes
+    /// can pick the same one).
+    #[serde(default = "default_ipam")]
+    pub ipam: rebalancer_proto::IpamMode,
     #[serde(default = "default_state")]
     pub state_dir: PathBuf,
     /// Where per-migration image directories go; must be a tmpfs for diskless migration.
@@ -73,7 +79,12 @@ pub struct RawConfig {
     /// of a migration must agree; `false` on both saves the cipher's CPU on a trusted network.
     #[serde(default = "default_true")]
     pub encrypt_memory: bool,
-    /// Agent ↔ agent protocol versions spoken (`[1, 3]`; see docs/security.md). Raise the
+    /// Hold the container's inbound packets on the source node from the freeze until the
+    /// switch instead of letting CRIU's lock drop them (migration/hold.rs): the client's
+    /// requests wait instead of waiting for its retransmission timeout. Needs `tc` and IFB.
+    #[serde(default = "default_true")]
+    pub hold_inbound: bool,
+    /// Agent ↔ agent protocol versions spoken (`[1, 4]`; see docs/security.md). Raise the
     /// lowest to 3 once every node runs a release that speaks it: version 1 does not
     /// authenticate the destination, and 1 and 2 are not encrypted (3 is TLS).
     #[serde(default = "default_peer_protocol")]
@@ -89,6 +100,20 @@ pub struct RawConfig {
     /// deadline of its own: trickling bytes does not extend it), in milliseconds.
     #[serde(default = "default_peer_idle_timeout_ms")]
     pub peer_idle_timeout_ms: u64,
+    /// Progress heartbeats on the peer connection during long phases, in milliseconds
+    /// (`0`: none; then a stalled peer is found by the timeouts only). See
+    /// docs/fault-tolerance.md.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// Heartbeat intervals without a frame from the peer after which it counts as stalled.
+    #[serde(default = "default_heartbeat_misses")]
+    pub heartbeat_misses: u32,
+    /// **Test only** (the fault matrix): pause `test_pause_ms` after entering this migration
+    /// phase (`migration::pause`). Never set on a real node.
+    #[serde(default)]
+    pub test_pause_phase: Option<String>,
+    #[serde(default)]
+    pub test_pause_ms: u64,
     /// Command that starts the restore step of a migrated Slurm task on this node, run as the
     /// job's user (uid, gid and the user's groups); `{job}`, `{step}`, `{task}`, `{uid}`,
     /// `{gid}`, `{node}` and `{migration}` are substituted.
@@ -142,6 +167,10 @@ pub struct RawControl {
     /// Seconds a client has to send its hello, and over TCP to authenticate (default 10).
     #[serde(default)]
     pub hello_timeout_s: Option<u64>,
+    /// `[lowest, highest]` TCP control protocol versions accepted (default `[1, 2]`): 2 is
+    /// encrypted (TLS 1.3), 1 only authenticated; `[2, 2]` refuses unencrypted controllers.
+    #[serde(default)]
+    pub tcp_protocol: Option<[u16; 2]>,
 }
 
 /// Validated `[control]`.
@@ -153,6 +182,8 @@ pub struct ControlConfig {
     pub tcp: rebalancer_proto::gate::GateConfig,
     pub idle_timeout: std::time::Duration,
     pub hello_timeout: std::time::Duration,
+    /// TCP control protocol versions accepted ([`rebalancer_proto::CONTROL_TCP_VERSIONS`]).
+    pub tcp_protocol: rebalancer_proto::VersionRange,
 }
 
 impl RawControl {
@@ -193,7 +224,25 @@ impl RawControl {
                 "must name at least one uid (root: 0)",
             ));
         }
+        let known = rebalancer_proto::CONTROL_TCP_VERSIONS;
+        let tcp_protocol = match self.tcp_protocol {
+            None => known,
+            Some([lo, hi]) if lo <= hi && lo >= known.min && hi <= known.max => {
+                rebalancer_proto::VersionRange::new(lo, hi)
+            }
+            Some(v) => {
+                return Err(invalid(
+                    "control.tcp_protocol",
+                    v,
+                    format!(
+                        "must be [lowest, highest] within {}..={} (2: encrypted)",
+                        known.min, known.max
+                    ),
+                ))
+            }
+        };
         Ok(ControlConfig {
+            tcp_protocol,
             listen,
             controller_uids,
             local: GateConfig {
@@ -250,6 +299,10 @@ fn default_listen() -> String {
 fn default_control() -> PathBuf {
     "/run/rebalancer/agent.sock".into()
 }
+fn default_ipam() -> rebalancer_proto::IpamMode {
+    rebalancer_proto::IpamMode::Leased
+}
+
 fn default_subnet() -> String {
     "198.19.0.0/20".into()
 }
@@ -309,6 +362,14 @@ fn default_peer_max_per_host() -> usize {
 
 fn default_peer_idle_timeout_ms() -> u64 {
     10_000
+}
+
+fn default_heartbeat_interval_ms() -> u64 {
+    2_000
+}
+
+fn default_heartbeat_misses() -> u32 {
+    3
 }
 
 fn default_true() -> bool {
@@ -376,6 +437,7 @@ pub struct AgentConfig {
     pub advertise: Ipv4Addr,
     pub control_socket: PathBuf,
     pub container_subnet: Subnet,
+    pub ipam: rebalancer_proto::IpamMode,
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub criu: PathBuf,
@@ -387,12 +449,19 @@ pub struct AgentConfig {
     pub peers: std::collections::BTreeMap<String, SocketAddr>,
     pub migration_timeout_ms: u64,
     pub encrypt_memory: bool,
+    pub hold_inbound: bool,
     pub peer_protocol: rebalancer_proto::VersionRange,
     pub peer_limits: crate::peer::listener::Limits,
     /// Deadline of an unauthenticated peer connection's hello and `authenticate`.
     pub peer_idle_timeout: std::time::Duration,
     pub restore_command: Vec<String>,
     pub slurmd_spool_dir: PathBuf,
+    /// Peer heartbeat interval (0: off) and misses before a peer counts as stalled.
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_misses: u32,
+    /// Test-only pause point (`migration::pause`).
+    pub test_pause_phase: Option<String>,
+    pub test_pause_ms: u64,
     pub metrics: crate::metrics::MetricsConfig,
     pub metrics_listen: Option<SocketAddr>,
     pub control: ControlConfig,
@@ -613,6 +682,37 @@ impl RawConfig {
                 "must be 100..=600000 (0.1 s to 10 min)",
             ));
         }
+        if self.heartbeat_interval_ms != 0 && !(100..=60_000).contains(&self.heartbeat_interval_ms)
+        {
+            return Err(invalid(
+                "heartbeat_interval_ms",
+                self.heartbeat_interval_ms,
+                "must be 0 (off) or 100..=60000 (0.1 s to 1 min)",
+            ));
+        }
+        if !(2..=100).contains(&self.heartbeat_misses) {
+            return Err(invalid(
+                "heartbeat_misses",
+                self.heartbeat_misses,
+                "must be 2..=100",
+            ));
+        }
+        if let Some(p) = &self.test_pause_phase {
+            if !PAUSE_PHASES.contains(&p.as_str()) {
+                return Err(invalid(
+                    "test_pause_phase",
+                    p,
+                    format!("must be one of {}", PAUSE_PHASES.join(", ")),
+                ));
+            }
+        }
+        if self.test_pause_ms > 60_000 {
+            return Err(invalid(
+                "test_pause_ms",
+                self.test_pause_ms,
+                "must be at most 60000",
+            ));
+        }
         if self.migration_timeout_ms < 1000 {
             return Err(invalid(
                 "migration_timeout_ms",
@@ -653,6 +753,7 @@ impl RawConfig {
             advertise,
             control_socket: self.control_socket,
             container_subnet,
+            ipam: self.ipam,
             state_dir: self.state_dir,
             run_dir,
             criu: self.criu,
@@ -664,6 +765,7 @@ impl RawConfig {
             peers,
             migration_timeout_ms: self.migration_timeout_ms,
             encrypt_memory: self.encrypt_memory,
+            hold_inbound: self.hold_inbound,
             peer_protocol: rebalancer_proto::VersionRange::new(
                 self.peer_protocol[0],
                 self.peer_protocol[1],
@@ -675,6 +777,10 @@ impl RawConfig {
             peer_idle_timeout: std::time::Duration::from_millis(self.peer_idle_timeout_ms),
             restore_command: self.restore_command,
             slurmd_spool_dir: self.slurmd_spool_dir,
+            heartbeat_interval_ms: self.heartbeat_interval_ms,
+            heartbeat_misses: self.heartbeat_misses,
+            test_pause_phase: self.test_pause_phase,
+            test_pause_ms: self.test_pause_ms,
         })
     }
 }
@@ -699,6 +805,18 @@ impl RawMetrics {
         Ok(m)
     }
 }
+
+/// Phases the test-only pause point (`test_pause_phase`, migration/pause.rs) exists for.
+pub const PAUSE_PHASES: &[&str] = &[
+    "prepare",
+    "freeze",
+    "dump",
+    "transfer",
+    "restore",
+    "network-switch",
+    "lazy-pages",
+    "cleanup",
+];
 
 #[cfg(test)]
 mod tests {
@@ -849,6 +967,21 @@ mod tests {
         assert!(e.to_string().contains("control.max_connections"), "{e}");
         let e = parse(&format!("{base}[control]\ncontroller_uids = []\n")).expect_err("empty");
         assert!(e.to_string().contains("control.controller_uids"), "{e}");
+    }
+
+    #[test]
+    fn the_tcp_control_protocol_defaults_to_both_versions_and_can_require_encryption() {
+        let base = "node = \"n1\"\nlisten = \"198.18.16.2:1\"\n";
+        let c = parse(base).expect("defaults").control;
+        assert_eq!(c.tcp_protocol, rebalancer_proto::VersionRange::new(1, 2));
+        let c = parse(&format!("{base}[control]\ntcp_protocol = [2, 2]\n"))
+            .expect("encrypted only")
+            .control;
+        assert_eq!(c.tcp_protocol, rebalancer_proto::VersionRange::new(2, 2));
+        for bad in ["[2, 1]", "[0, 2]", "[1, 3]"] {
+            let e = parse(&format!("{base}[control]\ntcp_protocol = {bad}\n")).expect_err(bad);
+            assert!(e.to_string().contains("control.tcp_protocol"), "{bad}: {e}");
+        }
     }
 
     #[test]

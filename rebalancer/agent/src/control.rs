@@ -18,9 +18,10 @@ use rebalancer_proto::auth::{Binding, Expect, CONTROL_DOMAIN};
 use rebalancer_proto::channel::{AsyncChannel, ChannelConfig};
 use rebalancer_proto::frame::FrameKind;
 use rebalancer_proto::gate::{refuse_async, Gate, Permit};
+use rebalancer_proto::tls::{self, Side};
 use rebalancer_proto::{
     ErrorCode, ErrorReply, Event, Hello, MigrationState, NodeMetrics, ProtoError, Reply, Request,
-    Response, Role,
+    Response, Role, VersionRange, CONTROL_TCP_ENCRYPTED,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
@@ -150,7 +151,9 @@ pub async fn serve_tcp(agent: Arc<Agent>, mut s: TcpStream, peer: SocketAddr, ga
     let Some(_permit) = admit(&gate, &mut s, &key, true).await else {
         return;
     };
-    let our_nonce = rebalancer_proto::auth::nonce();
+    // It states this port's range: the controller's credential names it back (downgrade
+    // protection, `rebalancer_proto::auth`).
+    let our_nonce = rebalancer_proto::auth::ranged_nonce(agent.cfg.control.tcp_protocol);
     let mut me = Hello::new(Role::Agent, crate::SOFTWARE);
     me.node = Some(agent.cfg.node.clone());
     me.nonce = Some(our_nonce.clone());
@@ -167,10 +170,27 @@ pub async fn serve_tcp(agent: Arc<Agent>, mut s: TcpStream, peer: SocketAddr, ga
             })
         }
     };
+    let c = &agent.cfg.control;
     let r = async {
-        let mut ch = AsyncChannel::accept(s, channel_config(&agent), me, only_controller).await?;
-        let caller = authenticate_controller(&agent, &mut ch, &our_nonce, peer).await?;
-        ch.set_idle_timeout(Some(agent.cfg.control.idle_timeout));
+        let cfg = channel_config(&agent).versions(c.tcp_protocol);
+        let ch = AsyncChannel::accept(s, cfg, me, only_controller).await?;
+        let version = ch.negotiated().version;
+        // Protocol 2: the rest of the connection, `authenticate` included, inside TLS.
+        let (mut ch, session) = if version >= CONTROL_TCP_ENCRYPTED {
+            let (ch, e) = tls::upgrade(ch, Side::Server, c.hello_timeout, tls::CONTROL)
+                .await
+                .map_err(crate::peer::tls::agent_error)?;
+            (ch, Some(e))
+        } else {
+            tracing::warn!(peer = %peer, version, "TCP control protocol {version}: the connection with the controller is not encrypted (a controller of an earlier release?)");
+            (
+                tls::plain(ch).map_err(crate::peer::tls::agent_error)?,
+                None,
+            )
+        };
+        let caller =
+            authenticate_controller(&agent, &mut ch, &our_nonce, peer, session.as_deref()).await?;
+        ch.set_idle_timeout(Some(c.idle_timeout));
         serve_requests(&agent, &mut ch, &caller).await
     }
     .await;
@@ -181,19 +201,23 @@ pub async fn serve_tcp(agent: Arc<Agent>, mut s: TcpStream, peer: SocketAddr, ga
 }
 
 /// The first request over TCP must be an `authenticate` whose credential is bound to this
-/// connection's nonce and this node, from a uid in `controller_uids`; the answer carries this
-/// node's credential bound to the controller's nonce. Anything else gets an error reply.
+/// connection's nonce and this node (and with protocol 2 to this TLS session, `session`), from
+/// a uid in `controller_uids`; the answer carries this node's credential bound to the
+/// controller's nonce (and the session). Anything else gets an error reply.
 async fn authenticate_controller<S: AsyncRead + AsyncWrite + Unpin>(
     agent: &Agent,
     ch: &mut AsyncChannel<S>,
     our_nonce: &str,
     peer: SocketAddr,
+    session: Option<&str>,
 ) -> Result<Caller, AgentError> {
     let f = ch.recv_frame().await?;
     let id = f.header.id;
     let checked = match f.decode::<Request>(FrameKind::Request, "request") {
         Ok(Request::Authenticate { credential, nonce }) => {
-            check_controller(agent, credential.as_deref(), nonce, our_nonce).await
+            let offered = ch.negotiated().peer.versions();
+            let nonces = (nonce, our_nonce);
+            check_controller(agent, credential.as_deref(), nonces, session, offered).await
         }
         _ => Err(AgentError::PermissionDenied(
             "the first request on the TCP control port must be authenticate".into(),
@@ -220,7 +244,7 @@ async fn authenticate_controller<S: AsyncRead + AsyncWrite + Unpin>(
         }),
     )
     .await?;
-    tracing::info!(peer = %peer, controller = %name, uid, "controller authenticated on the TCP control port");
+    tracing::info!(peer = %peer, controller = %name, uid, version = ch.negotiated().version, encrypted = session.is_some(), "controller authenticated on the TCP control port");
     Ok(Caller {
         uid,
         pid: None,
@@ -232,11 +256,13 @@ async fn authenticate_controller<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Checks the controller's credential; returns its uid, its name and this node's answer.
+/// `offered`: the range the controller's hello stated as it arrived.
 async fn check_controller(
     agent: &Agent,
     credential: Option<&str>,
-    their_nonce: String,
-    our_nonce: &str,
+    (their_nonce, our_nonce): (String, &str),
+    session: Option<&str>,
+    offered: VersionRange,
 ) -> Result<(u32, String, String), AgentError> {
     let sock = agent.cfg.munge_socket.as_deref();
     let expect = Expect {
@@ -245,6 +271,8 @@ async fn check_controller(
         from: None,
         to: &agent.cfg.node,
         nonce: our_nonce,
+        session,
+        offer: Some(offered),
     };
     let (uid, payload) = rebalancer_proto::munge::decode(sock, credential)
         .await
@@ -255,6 +283,8 @@ async fn check_controller(
         from: agent.cfg.node.clone(),
         to: name.clone(),
         nonce: their_nonce,
+        session: session.map(str::to_string),
+        offer: None,
     };
     let ours = rebalancer_proto::munge::bound_credential(sock, &binding)
         .await
@@ -445,6 +475,40 @@ async fn handle_migrate<S: AsyncRead + AsyncWrite + Unpin>(
     send(s, FrameKind::Response, id, &resp).await
 }
 
+/// `cancel-migration`: accepted before the source's commit point (the migration then rolls
+/// back, see `migration/cancel.rs`), refused with the reason otherwise.
+fn cancel_migration(agent: &Agent, id: &str, by: &str) -> Result<Reply, AgentError> {
+    use crate::migration::cancel::CancelRefused;
+    // Who asked ends up in the record and in logs: bounded, one line.
+    let by: String = by.chars().filter(|c| !c.is_control()).take(200).collect();
+    let node = &agent.cfg.node;
+    match agent.cancels.cancel(id, &by) {
+        Ok(()) => {
+            tracing::warn!(migration = %id, by = %by, "migration cancelled; rolling back");
+            let migration = agent.migrations().get(id).cloned().ok_or_else(|| {
+                AgentError::Internal(format!("migration {id} runs without a record"))
+            })?;
+            Ok(Reply::Migration { migration })
+        }
+        Err(CancelRefused::NotRunning(_)) => match agent.migrations().get(id) {
+            Some(r) if r.state.is_terminal() => Err(AgentError::NotFound(format!(
+                "migration {id} already ended ({}) on {node}",
+                r.state
+            ))),
+            Some(r) if r.source != *node => Err(AgentError::BadRequest(format!(
+                "{node} is the destination of migration {id}; its source {} cancels it",
+                r.source
+            ))),
+            // Between the pre-flight's record and the run taking over (a moment).
+            Some(_) => Err(AgentError::Busy(format!(
+                "migration {id} is starting on {node}; cancel it again in a moment"
+            ))),
+            None => Err(AgentError::NotFound(format!("no migration {id} on {node}"))),
+        },
+        Err(e) => Err(AgentError::Busy(e.to_string())),
+    }
+}
+
 async fn metrics(agent: &Agent) -> NodeMetrics {
     let running: Vec<(String, i32)> = agent
         .containers()
@@ -572,8 +636,30 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
                 migrations: agent.migrations().values().cloned().collect(),
             })
         }
+        Request::CancelMigration { id, by } => {
+            if !caller.admin {
+                return Err(AgentError::PermissionDenied(format!(
+                    "uid {} may not cancel migrations",
+                    caller.uid
+                )));
+            }
+            cancel_migration(agent, &id, &by)
+        }
         Request::Migrate { .. } => {
             Err(AgentError::Internal("migrate is handled separately".into()))
+        }
+        Request::AddressBlocks { lease } => {
+            // The blocks decide which addresses this node hands out: only the controller
+            // (TCP control port) or an administrator on the socket may set them.
+            if !caller.admin {
+                return Err(AgentError::PermissionDenied(format!(
+                    "uid {} may not lease address blocks: only the controller, root and admin_uids may",
+                    caller.uid
+                )));
+            }
+            Ok(Reply::AddressBlocks {
+                blocks: crate::agent::ipam::lease(agent, lease)?,
+            })
         }
         Request::Authenticate { .. } => Err(AgentError::Internal(
             "authenticate is handled separately".into(),
@@ -643,7 +729,10 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
                 .restore_steps()
                 .values_mut()
                 .find(|s| s.plan.container == id)
-                .and_then(|s| s.registered.take());
+                .and_then(|s| {
+                    s.task = Some(registration.task.clone());
+                    s.registered.take()
+                });
             if let Some(tx) = tx {
                 let _ = tx.send(registration.pid);
             }

@@ -21,13 +21,18 @@ pub struct DumpArgs {
     pub ext_files: Vec<String>,
     /// Stream pages to this page server (stop-and-copy).
     pub page_server: Option<(Ipv4Addr, u16)>,
-    /// Serve pages lazily from this address (post-copy).
+    /// Serve pages lazily from this address (post-copy, CRIU listens: peer protocol < 4).
     pub lazy_serve: Option<(Ipv4Addr, u16)>,
+    /// Serve pages lazily on this connected socket (post-copy, peer protocol 4: the agents'
+    /// link, `--ps-socket`; CRIU neither binds nor accepts, and runs its TLS server on it).
+    pub lazy_socket: Option<i32>,
     pub status_fd: Option<i32>,
     /// Pre-copy: the last round's directory relative to `images_dir` (`--prev-images-dir`).
     pub prev: Option<String>,
     /// [`crate::tls::criu_options`] of an encrypted transfer (empty: plain TCP).
     pub tls: Vec<String>,
+    /// `--action-script`: the inbound hold's ([`crate::migration::hold::script`]).
+    pub action_script: Option<PathBuf>,
 }
 
 impl DumpArgs {
@@ -40,7 +45,9 @@ impl DumpArgs {
             self.images_dir.display().to_string(),
             "--log-file".into(),
             "dump.log".into(),
-            "-v4".into(),
+            // Info level: timestamps and `Pagemap generated` (pagemap_totals) are info lines;
+            // debug lines (per VMA, fd and page run) are written while the tree is frozen.
+            "-v3".into(),
             "--tcp-established".into(),
             "--network-lock".into(),
             "nftables".into(),
@@ -74,14 +81,20 @@ impl DumpArgs {
                 port.to_string(),
             ]);
         }
+        if let Some(fd) = self.lazy_socket {
+            a.extend(["--lazy-pages".into(), "--ps-socket".into(), fd.to_string()]);
+        }
         if let Some(fd) = self.status_fd {
             a.extend(["--status-fd".into(), fd.to_string()]);
         }
         if let Some(p) = &self.prev {
             a.extend(["--track-mem".into(), "--prev-images-dir".into(), p.clone()]);
         }
-        if self.page_server.is_some() || self.lazy_serve.is_some() {
+        if self.page_server.is_some() || self.lazy_serve.is_some() || self.lazy_socket.is_some() {
             a.extend(self.tls.iter().cloned());
+        }
+        if let Some(s) = &self.action_script {
+            a.extend(["--action-script".into(), s.display().to_string()]);
         }
         a
     }
@@ -166,7 +179,9 @@ pub fn page_server_args(
         images_dir.display().to_string(),
         "--log-file".into(),
         "page-server.log".into(),
-        "-v4".into(),
+        // Info level: at debug the page server logs every page run it receives, which the
+        // frozen tree waits for; errors, the only thing read from this log, are kept.
+        "-v3".into(),
         "--address".into(),
         addr.to_string(),
         "--port".into(),
@@ -254,6 +269,27 @@ pub fn lazy_pages_args(
     ];
     a.extend(tls.iter().cloned());
     a
+}
+
+/// `criu lazy-pages` fetching pages over the agents' link `socket` (plain post-copy, peer
+/// protocol 4). No TLS options: CRIU's client runs no TLS on a socket it did not connect
+/// itself (`connect_to_page_server`), so an encrypted transfer uses [`lazy_pages_args`] to the
+/// agent's relay instead (`crate::lazy_link::relay`).
+pub fn lazy_pages_on_socket_args(images_dir: &Path, status_fd: i32, socket: i32) -> Vec<String> {
+    vec![
+        "lazy-pages".into(),
+        "--images-dir".into(),
+        images_dir.display().to_string(),
+        "--log-file".into(),
+        "lazy-pages.log".into(),
+        "-v4".into(),
+        // Sets use_page_server: without it the daemon never reads the socket.
+        "--page-server".into(),
+        "--ps-socket".into(),
+        socket.to_string(),
+        "--status-fd".into(),
+        status_fd.to_string(),
+    ]
 }
 
 /// Builds a criu command whose listed descriptors survive exec (their CLOEXEC flag is cleared
@@ -957,9 +993,11 @@ mod tests {
             ext_files: vec!["file[1c:2a]".into()],
             page_server: Some((Ipv4Addr::new(198, 18, 16, 3), 2000)),
             lazy_serve: None,
+            lazy_socket: None,
             status_fd: None,
             prev: None,
             tls: vec![],
+            action_script: Some("/run/x/hold.sh".into()),
         }
         .build();
         let s = a.join(" ");
@@ -967,6 +1005,7 @@ mod tests {
             s.starts_with("dump --tree 42 --images-dir /run/x/img"),
             "{s}"
         );
+        assert!(s.contains("--action-script /run/x/hold.sh"), "{s}");
         assert!(s.contains("--external net[4026532000]:rb-net"), "{s}");
         assert!(s.contains("--external mnt[/usr]:rb-usr"), "{s}");
         assert!(s.contains("--external file[1c:2a]"), "{s}");
@@ -1032,6 +1071,29 @@ mod tests {
         .build()
         .join(" ");
         assert!(d.contains("--track-mem --prev-images-dir ../pre-1"), "{d}");
+    }
+
+    #[test]
+    fn a_linked_lazy_dump_serves_on_the_socket_and_listens_nowhere() {
+        let tls = crate::tls::criu_options(Path::new("/r/m/tls"));
+        let d = DumpArgs {
+            pid: 7,
+            lazy_socket: Some(9),
+            tls: tls.clone(),
+            ..Default::default()
+        }
+        .build();
+        let s = d.join(" ");
+        assert!(s.contains("--lazy-pages --ps-socket 9"), "{s}");
+        assert!(!s.contains("--address") && !s.contains("--port"), "{s}");
+        // CRIU's TLS server runs on a passed socket: the options stay.
+        assert!(d.windows(tls.len()).any(|w| w == tls.as_slice()), "{s}");
+        let l = lazy_pages_on_socket_args(Path::new("/r/m/img"), 5, 8).join(" ");
+        assert!(
+            l.contains("--page-server --ps-socket 8 --status-fd 5"),
+            "{l}"
+        );
+        assert!(!l.contains("--address") && !l.contains("--tls"), "{l}");
     }
 
     #[test]

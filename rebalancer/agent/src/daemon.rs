@@ -11,6 +11,13 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> AgentError {
     move |source| AgentError::Io { what, source }
 }
 
+/// How long start-up waits for the killed trees of the sweep to leave their cgroups.
+const STALE_CGROUP_WAIT: Duration = Duration::from_secs(10);
+
+/// Mount options of the images tmpfs: at most half the node's memory (what the kernel would
+/// default to, written out so that the bound is a decision, not an accident).
+pub const IMAGES_TMPFS_OPTIONS: &str = "mode=700,size=50%";
+
 /// Makes `dir` a tmpfs so that migration images never touch a disk. Returns whether it
 /// mounted one (and so unmounts it at shutdown).
 fn ensure_tmpfs(dir: &std::path::Path) -> Result<bool, AgentError> {
@@ -27,7 +34,8 @@ fn ensure_tmpfs(dir: &std::path::Path) -> Result<bool, AgentError> {
         dir,
         Some("tmpfs"),
         nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-        Some("mode=700"),
+        // Bounded: a destination refuses announced images that exceed its free space.
+        Some(IMAGES_TMPFS_OPTIONS),
     )
     .map_err(|e| AgentError::Io {
         what: format!("mount tmpfs on {}", dir.display()),
@@ -56,6 +64,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         );
     }
     crate::netns::prepare_node(&cfg.uplink, cfg.container_subnet).await?;
+    // Holds a killed agent left would keep their addresses' packets forever.
+    crate::migration::hold::sweep(&cfg.uplink).await;
     let images = cfg.run_dir.join("images");
     let mounted_images = ensure_tmpfs(&images)?;
     std::fs::create_dir_all(&cfg.state_dir)
@@ -111,7 +121,26 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let _ = agent.store.set(store.clone());
     // Before the listeners: no request may see a half-adopted node or reuse an adopted address.
     crate::adopt::adopt(&agent, &store).await;
+    if let Some(h) = &agent.cgroups {
+        // The cgroups of trees the adoption swept (an arrival cut before commit), once their
+        // killed tasks have left them.
+        let s = crate::cgroup::sweep_stale(h, &agent.cfg.node, STALE_CGROUP_WAIT).await;
+        if s.removed > 0 {
+            tracing::info!(node = %agent.cfg.node, removed = s.removed, "cgroups of swept trees removed");
+        }
+        for (dir, pids) in &s.busy {
+            tracing::warn!(node = %agent.cfg.node, cgroup = %dir.display(), pids = ?pids, "cgroup of a swept tree still busy after {} s; left behind", STALE_CGROUP_WAIT.as_secs());
+        }
+        for (dir, pids) in &s.kept {
+            tracing::debug!(node = %agent.cfg.node, cgroup = %dir.display(), pids = ?pids, "cgroup kept: it has live tasks");
+        }
+    }
     sweep_images(&images);
+    // Lazy-port guards of a killed agent: no migration of this one owns them.
+    crate::lazy_guard::sweep(std::time::Duration::from_millis(
+        agent.cfg.migration_timeout_ms.max(1000),
+    ))
+    .await;
     tracing::info!(node = %agent.cfg.node, listen = %agent.cfg.listen, control = %agent.cfg.control_socket.display(), "agent ready");
 
     let a = agent.clone();

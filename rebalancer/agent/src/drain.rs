@@ -147,6 +147,7 @@ mod tests {
             class: None,
             exit_status: None,
             started_at: 0,
+            runs_in: None,
         }
     }
 

@@ -42,6 +42,9 @@ pub enum AgentError {
     Version(String),
     #[error("peer: {0}")]
     Peer(String),
+    /// An operator cancelled the migration before its commit point (`{0}`: who).
+    #[error("cancelled by {0}")]
+    Cancelled(String),
     #[error("protocol")]
     Proto(#[from] rebalancer_proto::ProtoError),
     #[error("{0}")]
@@ -60,6 +63,7 @@ impl AgentError {
             AgentError::NoRoom(_) => ErrorCode::NoRoom,
             AgentError::Timeout(_) => ErrorCode::Timeout,
             AgentError::Version(_) => ErrorCode::Version,
+            AgentError::Cancelled(_) => ErrorCode::RolledBack,
             _ => ErrorCode::Internal,
         }
     }

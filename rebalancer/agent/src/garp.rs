@@ -78,9 +78,31 @@ pub fn announce(
     gap: std::time::Duration,
 ) -> Result<(), AgentError> {
     let mac = mac_of(ifname)?;
+    broadcast(
+        ifname,
+        ETH_P_ARP,
+        &frame(mac, ip),
+        count,
+        gap,
+        "gratuitous ARP",
+    )
+}
+
+/// Sends `count` copies of the Ethernet `frame` of EtherType `protocol` to the broadcast
+/// address out of `ifname`, `gap` apart (blocking; call off the runtime). `what` names the
+/// frame in errors. The AF_PACKET socket receives nothing (protocol 0).
+pub fn broadcast(
+    ifname: &str,
+    protocol: u16,
+    frame: &[u8],
+    count: u32,
+    gap: std::time::Duration,
+    what: &str,
+) -> Result<(), AgentError> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let cname = std::ffi::CString::new(ifname)
         .map_err(|_| AgentError::Internal("interface name has NUL".into()))?;
-    // SAFETY: cname is a valid C string.
+    // SAFETY: cname is a valid C string that outlives the call.
     let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
     if ifindex == 0 {
         return Err(AgentError::Io {
@@ -88,37 +110,30 @@ pub fn announce(
             source: std::io::Error::last_os_error(),
         });
     }
-    // SAFETY: plain socket(2) call; the result is checked and wrapped into an OwnedFd.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            i32::from(ETH_P_ARP.to_be()),
-        )
-    };
+    // SAFETY: plain socket(2); protocol 0 receives nothing. Checked and owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(AgentError::Io {
             what: "AF_PACKET socket".into(),
             source: std::io::Error::last_os_error(),
         });
     }
-    // SAFETY: fd is a fresh socket we own.
-    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let f = frame(mac, ip);
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sockaddr_ll is plain old data; zeroed is a valid value.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = ETH_P_ARP.to_be();
+    addr.sll_protocol = protocol.to_be();
     addr.sll_ifindex = ifindex as i32;
     addr.sll_halen = 6;
     addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
     for i in 0..count {
-        // SAFETY: f and addr outlive the call; lengths match the buffers.
+        // SAFETY: frame and addr outlive the call; the lengths are theirs.
         let r = unsafe {
             libc::sendto(
-                std::os::fd::AsRawFd::as_raw_fd(&owned),
-                f.as_ptr().cast(),
-                f.len(),
+                owned.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
                 0,
                 (&addr as *const libc::sockaddr_ll).cast(),
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
@@ -126,11 +141,11 @@ pub fn announce(
         };
         if r < 0 {
             return Err(AgentError::Io {
-                what: format!("send gratuitous ARP on {ifname}"),
+                what: format!("send {what} on {ifname}"),
                 source: std::io::Error::last_os_error(),
             });
         }
-        if i + 1 < count {
+        if i + 1 < count && !gap.is_zero() {
             std::thread::sleep(gap);
         }
     }

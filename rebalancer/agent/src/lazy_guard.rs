@@ -1,4 +1,6 @@
-//! Post-copy: only the destination may reach the source's lazy page server.
+//! Post-copy with a destination of peer protocol 3 or older: only the destination may reach
+//! the source's lazy page server. (From peer protocol 4 CRIU listens nowhere: the agents link
+//! the connection themselves, [`crate::lazy_link`]; this guard is for older peers only.)
 //!
 //! `criu dump --lazy-pages` listens on a port the agent picked and accepts exactly **one**
 //! connection, then closes its listener (criu/page-xfer.c `cr_page_server`, util.c
@@ -11,7 +13,8 @@
 //! So for the migration's lifetime the source installs an nftables table of its own that resets
 //! every connection to that address and port that does not come from the destination's
 //! address. It is removed once CRIU's listener has come and gone (the single accept happened),
-//! or at the migration's deadline, whichever is first.
+//! or at the migration's deadline, whichever is first. A table left by a killed agent is
+//! removed by the next agent's start ([`sweep`]).
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -109,26 +112,86 @@ pub async fn admit_only(
     nft(&script(listen, peer)).await?;
     let port = listen.1;
     tracing::info!(port, peer = %peer, "lazy page server admits only the destination");
-    tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut seen = false;
-        while tokio::time::Instant::now() < deadline {
-            let up = std::fs::read_to_string("/proc/net/tcp")
-                .map(|t| listening(&t, port))
-                .unwrap_or(false);
-            if seen && !up {
-                break;
-            }
-            seen |= up;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let t = table(port);
-        match nft(&format!("delete table ip {t}\n")).await {
-            Ok(()) => tracing::debug!(port, "lazy-port guard removed"),
-            Err(e) => tracing::warn!(port, error = %e, "could not remove the lazy-port guard"),
-        }
-    });
+    tokio::spawn(remove_when_gone(port, within, false));
     Ok(())
+}
+
+/// Ports of the guard tables in `nft list tables` output. Pure.
+pub fn guarded_ports(nft_tables: &str) -> Vec<u16> {
+    nft_tables
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table ip rebalancer_lazy_"))
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
+/// At agent start: removes every guard table whose port no longer has a listener (left by an
+/// agent killed mid-migration: no migration owns it now). A table whose port still listens
+/// guards a lazy dump that outlived its agent; it is removed once that listener is gone, as
+/// [`admit_only`] would have. Failures are logged: a stale table only resets connections to a
+/// port nothing listens on.
+pub async fn sweep(within: Duration) {
+    let out = match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new("nft")
+            .args(["list", "tables"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    {
+        Ok(Ok(o)) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(Ok(o)) => {
+            tracing::debug!(stderr = %String::from_utf8_lossy(&o.stderr).trim(), "nft list tables failed: no lazy-port guards swept");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "no nft: no lazy-port guards swept");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("nft list tables did not finish within 10 s: no lazy-port guards swept");
+            return;
+        }
+    };
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    for port in guarded_ports(&out) {
+        if listening(&tcp, port) {
+            tracing::warn!(
+                port,
+                "a lazy dump of a previous agent still listens: its guard stays until it is gone"
+            );
+            tokio::spawn(remove_when_gone(port, within, true));
+            continue;
+        }
+        remove(port).await;
+        tracing::info!(port, "stale lazy-port guard removed");
+    }
+}
+
+async fn remove(port: u16) {
+    let t = table(port);
+    match nft(&format!("delete table ip {t}\n")).await {
+        Ok(()) => tracing::debug!(port, "lazy-port guard removed"),
+        Err(e) => tracing::warn!(port, error = %e, "could not remove the lazy-port guard"),
+    }
+}
+
+/// Removes the guard of `port` once its listener, seen (or `seen` already), is gone, or after
+/// `within`.
+async fn remove_when_gone(port: u16, within: Duration, mut seen: bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        let up = std::fs::read_to_string("/proc/net/tcp")
+            .map(|t| listening(&t, port))
+            .unwrap_or(false);
+        if seen && !up {
+            break;
+        }
+        seen |= up;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    remove(port).await;
 }
 
 /// The guard as the source's migration wants it. Without the destination's address (a
@@ -199,6 +262,13 @@ mod tests {
             s.contains("ip daddr 198.18.16.2 tcp dport 40123 meta skuid != 0 counter reject with tcp reset"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn the_sweep_finds_only_guard_tables() {
+        let out = "table inet filter\ntable ip rebalancer_lazy_40123\ntable ip rebalancer_lazy_x\ntable ip6 rebalancer_lazy_9\ntable ip rebalancer_lazy_7\n";
+        assert_eq!(guarded_ports(out), vec![40123, 7]);
+        assert!(guarded_ports("").is_empty());
     }
 
     #[test]

@@ -111,6 +111,11 @@ async fn configure(net: &ContainerNet, route: bool) -> Result<(), AgentError> {
 }
 
 pub async fn add_route(net: &ContainerNet) -> Result<(), AgentError> {
+    // In-process first: this runs between the destination's resume and the client's packets.
+    match crate::rtnl::host_route(crate::rtnl::RouteOp::Replace, net.address, &net.veth) {
+        Ok(()) => return Ok(()),
+        Err(e) => tracing::debug!(error = %e.chain(), "netlink route failed; trying ip route"),
+    }
     let cidr = format!("{}/32", net.address);
     run_cmd("ip", &["route", "replace", &cidr, "dev", &net.veth]).await?;
     Ok(())
@@ -128,6 +133,13 @@ pub async fn destroy(net: &ContainerNet) {
 
 /// Removes only the node-side route so that this node stops answering ARP for the address.
 pub async fn withdraw_route(net: &ContainerNet) {
+    // In-process first: the source withdraws while the tree is frozen. No such route (already
+    // withdrawn) is as good as done, as with `ip route del`.
+    match crate::rtnl::host_route(crate::rtnl::RouteOp::Delete, net.address, &net.veth) {
+        Ok(()) => return,
+        Err(AgentError::Io { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => return,
+        Err(e) => tracing::debug!(error = %e.chain(), "netlink route failed; trying ip route"),
+    }
     let cidr = format!("{}/32", net.address);
     let _ = run_cmd("ip", &["route", "del", &cidr, "dev", &net.veth]).await;
 }

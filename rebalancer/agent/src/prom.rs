@@ -162,6 +162,7 @@ mod tests {
             error: None,
             started_at: now_millis(),
             ended_at: None,
+            cancelled_by: None,
         }
     }
 

@@ -215,7 +215,7 @@ pub async fn prepare(
         Some(a) => a
             .parse()
             .map_err(|_| AgentError::BadRequest(format!("address {a:?} is not an IPv4 address")))?,
-        None => agent.allocate_address()?,
+        None => agent.allocate_address().await?,
     };
     let net = agent.new_net(&id, address);
     let spec = task_spec(&id, &reg, &address.to_string(), &agent.cfg.host_dirs);
@@ -288,6 +288,7 @@ pub fn register(
         arrived_from: None,
         final_status: None,
         cgroup: None,
+        runs_in: None,
     })
 }
 

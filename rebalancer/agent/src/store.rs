@@ -2,7 +2,8 @@
 //! `<state_dir>/containers/`, written atomically (temporary file, fsync, rename, fsync of the
 //! directory), so that a restarted or upgraded agent re-adopts what its predecessor ran
 //! (`adopt.rs`). A record exists while its container is live on this node (Running, Migrating);
-//! it is removed once the container exited or moved away.
+//! it is removed once the container exited or moved away. `ipam.json` holds the node's address
+//! blocks and lent addresses (`agent/ipam.rs`).
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -72,6 +73,9 @@ pub struct ContainerRecord {
     /// Cgroup directories (empty: none).
     #[serde(default)]
     pub cgroup: Vec<PathBuf>,
+    /// The restore step it runs in on this node (`Container::runs_in`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs_in: Option<rebalancer_proto::TaskRef>,
 }
 
 impl ContainerRecord {
@@ -96,6 +100,7 @@ impl ContainerRecord {
             state: c.state,
             external: c.external,
             arrived_from: c.arrived_from.clone(),
+            runs_in: c.runs_in.clone(),
             cgroup: c
                 .cgroup
                 .as_ref()
@@ -125,6 +130,7 @@ impl ContainerRecord {
             cgroup: (!self.cgroup.is_empty()).then(|| crate::cgroup::Cgroup {
                 dirs: self.cgroup.clone(),
             }),
+            runs_in: self.runs_in.clone(),
         }
     }
 }
@@ -152,6 +158,8 @@ pub fn parse_start_time(stat: &str) -> Option<u64> {
 /// journal: one file per migration this node is the source of, until it ends).
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// The state directory itself (`ipam.json`).
+    root: PathBuf,
     containers: PathBuf,
     migrations: PathBuf,
     committed: PathBuf,
@@ -195,6 +203,7 @@ impl Store {
             std::fs::create_dir_all(d).map_err(io(format!("mkdir {}", d.display())))?;
         }
         Ok(Store {
+            root: state_dir.to_path_buf(),
             containers,
             migrations,
             committed,
@@ -344,6 +353,26 @@ impl Store {
 
     pub fn remove_migration(&self, id: &str) -> Result<(), StoreError> {
         remove_json(&self.migrations, id)
+    }
+
+    /// Writes the node's address blocks (`ipam.json`, see `agent/ipam.rs`), atomically.
+    pub fn put_ipam<T: Serialize>(&self, v: &T) -> Result<(), StoreError> {
+        put_json(&self.root, "ipam", v)
+    }
+
+    /// The node's address blocks as last written; `None` before the first lease.
+    pub fn load_ipam<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>, StoreError> {
+        let path = self.root.join("ipam.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Io {
+                what: format!("read {}", path.display()),
+                source: e,
+            }),
+        }
     }
 
     pub fn load_migrations(&self) -> (Vec<MigrationRecord>, Vec<StoreError>) {

@@ -1,7 +1,8 @@
-//! Upgrade under running jobs: with three containers running and one of them migrating, the
-//! agent binary is replaced and the agent restarted (SIGTERM, then the new binary). The
-//! containers keep running, their clients see no error, the cut migration rolls back (or, if
-//! Commit may have been sent, stays on exactly one node), and the new agent lists them.
+//! Upgrade under running jobs (issue #12's upgrade test): with three containers running and a
+//! fourth migrating, held in its dump by the test-only pause point, the agent binary is replaced
+//! and the agent restarted (SIGTERM, then the new binary). The containers keep running, their
+//! clients see no error, the cut migration rolls back (or, if Commit may have been sent, ends on
+//! exactly one node) and the new agent's record of it says so, and the new agent lists them.
 
 mod common;
 use common::*;
@@ -12,6 +13,9 @@ use std::time::{Duration, Instant};
 
 /// Lab block of this file (see `Lab::new`; other files use 0-6, 9, 10).
 const K: u8 = 12;
+/// How long the source's pause point holds the migration in its dump: the agent is stopped
+/// inside it.
+const UPGRADE_PAUSE_MS: u64 = 8000;
 
 fn stop_agent(lab: &mut Lab, i: usize) {
     let mut c = lab.nodes[i].agent.take().expect("agent runs");
@@ -73,14 +77,25 @@ fn list(lab: &Lab, i: usize) -> Vec<ContainerInfo> {
 #[ignore = "needs root, CRIU 4.2, nftables and network namespaces; .ci/run runs it with --include-ignored"]
 fn containers_survive_an_agent_upgrade_with_a_migration_in_flight() {
     let _ = REASON;
-    let mut lab = Lab::new(K, 2);
-    let ids = ["up1", "up2", "up3"];
-    let addrs = ["198.19.28.11", "198.19.28.12", "198.19.28.13"];
+    let mut lab = Lab::with_config(
+        K,
+        2,
+        vec![format!(
+            "test_pause_phase = \"dump\"\ntest_pause_ms = {UPGRADE_PAUSE_MS}"
+        )],
+    );
+    // up1..up3 keep running; up4 migrates while the agent is replaced.
+    let ids = ["up1", "up2", "up3", "up4"];
+    let addrs = [
+        "198.19.28.11",
+        "198.19.28.12",
+        "198.19.28.13",
+        "198.19.28.14",
+    ];
     let mut c0 = lab.client(0);
     let mut pids = Vec::new();
     for (i, (id, addr)) in ids.iter().zip(addrs).enumerate() {
-        // The migrating one is larger, so that the restart lands while it is being dumped.
-        let mem = if i == 2 { 192 } else { 0 };
+        let mem = if i == 3 { 64 } else { 0 };
         match c0.call(&Request::CreateContainer {
             spec: server_spec(id, addr, mem),
         }) {
@@ -101,10 +116,10 @@ fn containers_survive_an_agent_upgrade_with_a_migration_in_flight() {
         );
     }
 
-    // Start migrating up3 and restart the agent while the migration is under way.
+    // Start migrating up4 and restart the agent while the pause point holds it in its dump.
     let req = Request::Migrate {
         request: MigrateRequest {
-            container: "up3".into(),
+            container: "up4".into(),
             destination: lab.nodes[1].name.clone(),
             destination_addr: None,
             mode: MigrationMode::StopAndCopy,
@@ -113,7 +128,10 @@ fn containers_survive_an_agent_upgrade_with_a_migration_in_flight() {
         },
         watch: false,
     };
-    c0.call(&req).expect("migration accepted");
+    let migration = match c0.call(&req) {
+        Ok(Reply::Migration { migration }) => migration.id,
+        other => panic!("migration not accepted: {other:?}\n{}", lab.log(0)),
+    };
     let journal = lab.dir.join(&lab.nodes[0].name).join("state/migrations");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = String::new();
@@ -124,20 +142,30 @@ fn containers_survive_an_agent_upgrade_with_a_migration_in_flight() {
             .flatten()
             .filter_map(|e| std::fs::read_to_string(e.path()).ok())
             .collect();
-        if seen.contains("\"freeze\"") || seen.contains("\"dump\"") {
+        if seen.contains("\"dump\"") {
             break;
         }
         std::thread::sleep(Duration::from_millis(2));
     }
     eprintln!("journal when the agent was stopped: {seen}");
+    assert!(
+        seen.contains("\"dump\""),
+        "the migration never reached its dump: the restart would not cut it\n{}",
+        lab.log(0)
+    );
     drop(c0);
 
-    // The upgrade: a new binary in place of the old one.
+    // The upgrade: a new binary in place of the old one (and the test's pause point gone, so
+    // that the moves below are not held).
     let upgraded = lab.dir.join("rebalancer-agent-upgraded");
     std::fs::copy(env!("CARGO_BIN_EXE_rebalancer-agent"), &upgraded).expect("copy binary");
+    let t_stop = Instant::now();
     stop_agent(&mut lab, 0);
+    lab.extra_config[0].clear();
+    let cfg = lab.dir.join(format!("{}.toml", lab.nodes[0].name));
+    std::fs::write(&cfg, lab.config(0)).expect("write config");
     // While no agent runs, the containers run and answer.
-    for (p, id) in probes.iter().zip(ids).take(2) {
+    for (p, id) in probes.iter().zip(ids).take(3) {
         assert!(
             p.advance(20, Duration::from_secs(10)),
             "{id} stalled while the agent was down: {:?}",
@@ -145,11 +173,15 @@ fn containers_survive_an_agent_upgrade_with_a_migration_in_flight() {
         );
     }
     start_agent_from(&mut lab, 0, &upgraded);
+    eprintln!(
+        "agent down and up again in {} ms",
+        t_stop.elapsed().as_millis()
+    );
 
     // Every container is back in the new agent's list, with the same pid 1.
     let listed = list(&lab, 0);
     let log0 = lab.log(0);
-    for (id, pid) in ids.iter().zip(&pids).take(2) {
+    for (id, pid) in ids.iter().zip(&pids).take(3) {
         let c = listed
             .iter()
             .find(|c| c.id == *id)
@@ -159,13 +191,13 @@ fn containers_survive_an_agent_upgrade_with_a_migration_in_flight() {
     }
     // The cut migration: rolled back here, or (Commit may have been sent) kept frozen here
     // and running there; never running on both nodes.
-    let up3_here = listed.iter().find(|c| c.id == "up3").cloned();
+    let up3_here = listed.iter().find(|c| c.id == "up4").cloned();
     let there = list(&lab, 1);
     let up3_there = there
         .iter()
-        .find(|c| c.id == "up3" && c.state == ContainerState::Running)
+        .find(|c| c.id == "up4" && c.state == ContainerState::Running)
         .cloned();
-    eprintln!("up3 here: {up3_here:?}; there: {up3_there:?}");
+    eprintln!("up4 here: {up3_here:?}; there: {up3_there:?}");
     match (&up3_here, &up3_there) {
         (Some(h), None) => assert_eq!(h.state, ContainerState::Running, "{h:?}\n{log0}"),
         (Some(h), Some(_)) => assert_eq!(
@@ -174,13 +206,75 @@ fn containers_survive_an_agent_upgrade_with_a_migration_in_flight() {
             "two live copies\n{log0}\n{}",
             lab.log(1)
         ),
-        (None, _) => panic!("up3 lost from n0's list\n{log0}"),
+        (None, _) => panic!("up4 lost from n0's list\n{log0}"),
     }
-    // A new migration works with the new agent (up3 leaves only if it runs here).
-    if up3_here.as_ref().map(|c| c.state) == Some(ContainerState::Running) {
+    // The new agent's record of the cut migration ends: rolled back, or (Commit may have been
+    // sent) succeeded; never left in flight. An agent of this release may also have resolved it
+    // at its start and kept no record (NotFound): then where up4 runs (below) is the outcome.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rec = loop {
+        let r = lab.client(0).call(&Request::GetMigration {
+            id: migration.clone(),
+        });
+        match &r {
+            Ok(Reply::Migration { migration: m }) if m.state.is_terminal() => {
+                break Some(m.clone())
+            }
+            Err(e) if e.code == ErrorCode::NotFound => break None,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cut migration did not end after the restart: {r:?}\n{}",
+            lab.log(0)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    match &rec {
+        Some(rec) => {
+            eprintln!(
+                "cut migration: {} {} ms after the stop",
+                summary(rec),
+                t_stop.elapsed().as_millis()
+            );
+            assert!(
+                matches!(
+                    rec.state,
+                    MigrationState::RolledBack | MigrationState::Succeeded
+                ),
+                "the cut migration ended {:?}, not rolled back or moved: {}\n{}",
+                rec.state,
+                summary(rec),
+                lab.log(0)
+            );
+        }
+        None => eprintln!("cut migration: the new agent keeps no record of it"),
+    }
+
+    // Exactly where the record says: here after a rollback, there after a move.
+    let up3_here = list(&lab, 0).into_iter().find(|c| c.id == "up4");
+    let up3_there = list(&lab, 1)
+        .into_iter()
+        .find(|c| c.id == "up4" && c.state == ContainerState::Running);
+    let runs_here = up3_here.as_ref().map(|c| c.state) == Some(ContainerState::Running);
+    assert!(
+        runs_here != up3_there.is_some(),
+        "up4 runs on {} nodes: here {up3_here:?}, there {up3_there:?}\n{log0}",
+        usize::from(runs_here) + usize::from(up3_there.is_some())
+    );
+    if let Some(rec) = &rec {
+        assert_eq!(
+            runs_here,
+            rec.state == MigrationState::RolledBack,
+            "the record says {:?}, up4 here {up3_here:?}, there {up3_there:?}\n{log0}",
+            rec.state
+        );
+    }
+    // A new migration works with the new agent (up4 leaves only if it runs here).
+    if runs_here {
         let rec = lab
             .client(0)
-            .migrate("up3", &lab.nodes[1].name, MigrationMode::StopAndCopy)
+            .migrate("up4", &lab.nodes[1].name, MigrationMode::StopAndCopy)
             .unwrap_or_else(|e| panic!("migration after the restart: {e}\n{}", lab.log(0)));
         assert_eq!(rec.state, MigrationState::Succeeded, "{}", summary(&rec));
     }

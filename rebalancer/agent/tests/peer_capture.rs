@@ -8,10 +8,9 @@
 mod common;
 use common::*;
 use rebalancer_proto::*;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Moves the calling thread into the network namespace `/run/netns/NAME`.
@@ -39,41 +38,6 @@ while True:
     let mut spec = server_spec(id, address, 0);
     spec.argv = vec!["python3".into(), "-u".into(), "-c".into(), prog.into()];
     spec
-}
-
-/// Starts a proxy in namespace `ns` on 127.0.0.1 to `to`; returns its port and the bytes it
-/// has seen (both directions).
-fn proxy(ns: String, to: String) -> (u16, Arc<Mutex<Vec<u8>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        enter_netns(&ns);
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        tx.send(l.local_addr().expect("addr").port()).expect("port");
-        for c in l.incoming() {
-            let Ok(a) = c else { continue };
-            // Threads spawned here start in this thread's namespace.
-            let b = TcpStream::connect(&to).expect("proxy connect");
-            for (mut from, mut into) in [
-                (a.try_clone().expect("clone"), b.try_clone().expect("clone")),
-                (b, a),
-            ] {
-                let log = log.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 65536];
-                    while let Ok(n) = from.read(&mut buf) {
-                        if n == 0 || into.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        log.lock().expect("log").extend_from_slice(&buf[..n]);
-                    }
-                    let _ = into.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        }
-    });
-    (rx.recv().expect("proxy port"), seen)
 }
 
 /// Runs one migration through the proxy; returns whether the marker crossed in clear.
@@ -115,7 +79,7 @@ fn marker_in_clear(k: u8, subnet_octet: u8, peer_protocol: &str) -> bool {
     // The marker is in the container's receive queue once it was acknowledged; a moment for it.
     std::thread::sleep(Duration::from_millis(300));
     let dest = format!("{}:{}", lab.nodes[1].ip, lab.nodes[1].port);
-    let (port, seen) = proxy(lab.nodes[0].netns.clone(), dest);
+    let (port, seen) = rebalancer_testkit::recording_proxy(Some(&lab.nodes[0].netns), &dest);
     let req = Request::Migrate {
         request: MigrateRequest {
             container: "cap1".into(),

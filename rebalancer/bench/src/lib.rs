@@ -7,6 +7,7 @@
 //! chart generator (`bench-plot`). See `docs/benchmarks.md`.
 
 pub mod breakdown;
+pub mod memory;
 pub mod report;
 pub mod svg;
 pub mod wire;

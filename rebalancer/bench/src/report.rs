@@ -44,6 +44,21 @@ pub struct Row {
     /// (the workload started inside the cell, so it includes the RSS once or twice).
     #[serde(default)]
     pub mem_peak_mib: Option<f64>,
+    /// Client gaps of every run of this cell when it was repeated, in run order.
+    #[serde(default)]
+    pub client_gap_runs_ms: Vec<f64>,
+    /// TCP segments the client retransmitted during the cell (`RetransSegs` of its namespace):
+    /// 0 when nothing it sent was lost or held past its RTO.
+    #[serde(default)]
+    pub client_retrans: Option<u64>,
+    /// Peak extra memory of the migration on the source node, MiB: the largest rise, above
+    /// its level when the migration started, of the private memory of the node's processes
+    /// (agent, CRIU, runc; not the workload) plus its image and work directories (tmpfs).
+    #[serde(default)]
+    pub mem_src_extra_mib: Option<f64>,
+    /// The same on the destination node (page server or lazy-pages daemon, images, restore).
+    #[serde(default)]
+    pub mem_dst_extra_mib: Option<f64>,
 }
 
 impl Row {
@@ -63,6 +78,10 @@ impl Row {
             downtime_runs_ms: Vec::new(),
             breakdown: Vec::new(),
             mem_peak_mib: None,
+            client_gap_runs_ms: Vec::new(),
+            client_retrans: None,
+            mem_src_extra_mib: None,
+            mem_dst_extra_mib: None,
         }
     }
 }
@@ -74,6 +93,7 @@ pub fn combine(mut runs: Vec<Row>) -> Option<Row> {
         return Some(runs.swap_remove(i));
     }
     let all: Vec<f64> = runs.iter().filter_map(|r| r.downtime_ms).collect();
+    let gaps: Vec<f64> = runs.iter().filter_map(|r| r.client_gap_ms).collect();
     runs.sort_by(|a, b| {
         a.downtime_ms
             .unwrap_or(0.0)
@@ -83,6 +103,9 @@ pub fn combine(mut runs: Vec<Row>) -> Option<Row> {
     let mut row = runs.swap_remove(mid);
     if all.len() > 1 {
         row.downtime_runs_ms = all;
+    }
+    if gaps.len() > 1 {
+        row.client_gap_runs_ms = gaps;
     }
     Some(row)
 }
@@ -101,6 +124,14 @@ pub struct RunReport {
     pub rows: Vec<Row>,
 }
 
+/// `RetransSegs` of the `Tcp:` lines of a /proc/net/snmp text. Pure.
+pub fn retrans_segs(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let i = names.split_whitespace().position(|w| w == "RetransSegs")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
 /// `64 MiB`, `1 GiB`, ...
 pub fn size_label(mib: u64) -> String {
     if mib >= 1024 && mib.is_multiple_of(1024) {
@@ -115,24 +146,25 @@ fn ms(v: Option<f64>) -> String {
 }
 
 fn downtime_cell(r: &Row) -> String {
-    let min = r
-        .downtime_runs_ms
-        .iter()
-        .copied()
-        .fold(f64::INFINITY, f64::min);
-    let max = r.downtime_runs_ms.iter().copied().fold(0.0, f64::max);
-    if r.downtime_runs_ms.len() > 1 {
-        format!("{} ({min:.0}–{max:.0})", ms(r.downtime_ms))
+    range_cell(r.downtime_ms, &r.downtime_runs_ms)
+}
+
+/// `v`, with the range of `runs` when the cell was repeated.
+fn range_cell(v: Option<f64>, runs: &[f64]) -> String {
+    let min = runs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = runs.iter().copied().fold(0.0, f64::max);
+    if runs.len() > 1 {
+        format!("{} ({min:.0}–{max:.0})", ms(v))
     } else {
-        ms(r.downtime_ms)
+        ms(v)
     }
 }
 
 /// Markdown table of every row.
 pub fn markdown_table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| memory | toolchain | mode | downtime ms | client gap ms | total ms | MiB between nodes | mem peak MiB | counter ok | phases (ms) | breakdown (ms) | notes |\n\
-         |---|---|---|--:|--:|--:|--:|--:|---|---|---|---|\n",
+        "| memory | toolchain | mode | downtime ms | client gap ms | client retrans | total ms | MiB between nodes | mem peak MiB | extra MiB src / dst | counter ok | phases (ms) | breakdown (ms) | notes |\n\
+         |---|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|---|---|\n",
     );
     for r in rows {
         let phases = r
@@ -160,17 +192,22 @@ pub fn markdown_table(rows: &[Row]) -> String {
         }
         let notes = notes.replace('|', "/").replace('\n', " ");
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} |\n",
             size_label(r.mib),
             r.toolchain,
             r.mode,
             downtime_cell(r),
-            ms(r.client_gap_ms),
+            range_cell(r.client_gap_ms, &r.client_gap_runs_ms),
+            r.client_retrans
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "–".into()),
             ms(r.total_ms),
             r.bytes_between_nodes
                 .map(|b| format!("{:.1}", b as f64 / 1048576.0))
                 .unwrap_or_else(|| "–".into()),
             ms(r.mem_peak_mib),
+            ms(r.mem_src_extra_mib),
+            ms(r.mem_dst_extra_mib),
             match r.counter_ok {
                 Some(true) => "yes",
                 Some(false) => "NO",
@@ -187,6 +224,15 @@ pub fn markdown_table(rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retransmissions_are_read_from_snmp() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Tcp: RtoAlgorithm RtoMin OutSegs RetransSegs InErrs\n\
+                    Tcp: 1 200 532 7 0\nUdp: InDatagrams\nUdp: 3\n";
+        assert_eq!(retrans_segs(snmp), Some(7));
+        assert_eq!(retrans_segs("Ip: x\nIp: 1\n"), None);
+    }
 
     #[test]
     fn labels() {
@@ -230,7 +276,9 @@ mod tests {
         assert_eq!(row.downtime_ms, Some(200.0));
         assert_eq!(row.client_gap_ms, Some(3.0));
         assert_eq!(row.downtime_runs_ms, vec![300.0, 100.0, 200.0]);
-        assert!(markdown_table(&[row]).contains("| 200 (100–300) |"));
+        assert_eq!(row.client_gap_runs_ms, vec![1.0, 2.0, 3.0]);
+        let t = markdown_table(&[row]);
+        assert!(t.contains("| 200 (100–300) | 3 (1–3) |"), "{t}");
 
         let failed = Row::new(64, "criu", "stop-and-copy", Outcome::Failed("boom".into()));
         let row = combine(vec![run(1.0, 1.0), failed.clone()]);

@@ -16,6 +16,7 @@ fn colour(toolchain: &str) -> &'static str {
     match toolchain {
         "agent" => "#1b9e77",
         "agent-plain" => "#66a61e",
+        "agent-nohold" => "#e7298a",
         "agent-base" => "#a6761d",
         "agent-plain-base" => "#e6ab02",
         "criu" => "#d95f02",

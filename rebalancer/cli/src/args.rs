@@ -1,44 +1,10 @@
 //! scontrol-style `key=value` arguments.
 
-use rebalancer_proto::control::{MigrateTarget, PolicyState};
+use rebalancer_proto::control::{CancelTarget, MigrateTarget, PolicyState};
 use rebalancer_proto::MigrationMode;
 
 use crate::filter::Filter;
-
-/// Splits `key=value` words; keys are case-insensitive (`JobId=5` is `jobid=5`). Each key may
-/// appear once and must be one of `allowed` (aliases map to their first spelling).
-pub fn parse_kv(
-    words: &[String],
-    allowed: &[&[&'static str]],
-) -> Result<Vec<(&'static str, String)>, String> {
-    let mut out: Vec<(&'static str, String)> = Vec::new();
-    for w in words {
-        let (k, v) = w
-            .split_once('=')
-            .ok_or_else(|| format!("'{w}' is not KEY=VALUE"))?;
-        let key = k.to_ascii_lowercase();
-        let canon = allowed
-            .iter()
-            .find(|names| names.iter().any(|n| *n == key))
-            .map(|names| names[0])
-            .ok_or_else(|| {
-                let names: Vec<&str> = allowed.iter().map(|n| n[0]).collect();
-                format!("unknown key '{k}' (expected {})", names.join(", "))
-            })?;
-        if v.is_empty() {
-            return Err(format!("{canon}= needs a value"));
-        }
-        if out.iter().any(|(c, _)| *c == canon) {
-            return Err(format!("{canon}= given twice"));
-        }
-        out.push((canon, v.to_string()));
-    }
-    Ok(out)
-}
-
-pub fn get<'a>(kv: &'a [(&'static str, String)], key: &str) -> Option<&'a str> {
-    kv.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str())
-}
+pub use crate::kv::{get, parse_job, parse_kv};
 
 /// Arguments of `rebalctl migrate`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,13 +21,6 @@ pub const MIGRATE_KEYS: &[&[&str]] = &[
     &["node", "nodename", "destination"],
     &["mode"],
 ];
-
-pub fn parse_job(v: &str) -> Result<u32, String> {
-    v.parse::<u32>()
-        .ok()
-        .filter(|j| *j > 0)
-        .ok_or_else(|| format!("job '{v}' is not a job id"))
-}
 
 pub fn parse_migrate(words: &[String]) -> Result<MigrateArgs, String> {
     let kv = parse_kv(words, MIGRATE_KEYS)?;
@@ -96,6 +55,22 @@ pub fn parse_migrate(words: &[String]) -> Result<MigrateArgs, String> {
         node: get(&kv, "node").map(str::to_string),
         mode: get(&kv, "mode").map(str::parse).transpose()?,
     })
+}
+
+/// `cancel migration=ID | job=J`.
+pub fn parse_cancel(words: &[String]) -> Result<CancelTarget, String> {
+    let kv = parse_kv(
+        words,
+        &[&["migration", "id", "migrationid"], &["job", "jobid"]],
+    )?;
+    match (get(&kv, "migration"), get(&kv, "job")) {
+        (Some(id), None) => Ok(CancelTarget::Migration { id: id.to_string() }),
+        (None, Some(j)) => Ok(CancelTarget::Job {
+            job_id: parse_job(j)?,
+        }),
+        (None, None) => Err("name what to cancel: migration=ID or job=J".into()),
+        (Some(_), Some(_)) => Err("give only one of migration= and job=".into()),
+    }
 }
 
 pub fn parse_evacuate(words: &[String]) -> Result<(String, Option<MigrationMode>), String> {
@@ -168,6 +143,8 @@ pub fn parse_show(what: ShowWhat, words: &[String]) -> Result<(Option<String>, F
         ),
         ShowWhat::Policies => (&["name", "policy", "policyname"], &[]),
         ShowWhat::Job => (&["name", "job", "jobid"], &[]),
+        // The name is the node whose blocks are shown.
+        ShowWhat::Blocks => (&["name", "node", "nodename"], &[]),
     };
     let mut allowed: Vec<&[&'static str]> = vec![name_keys];
     allowed.extend_from_slice(keys);
@@ -195,6 +172,20 @@ pub enum ShowWhat {
     Migrations,
     Policies,
     Job,
+    Blocks,
+}
+
+/// `wait migration=ID` (or the id alone).
+pub fn parse_wait(words: &[String]) -> Result<String, String> {
+    if let [id] = words {
+        if !id.contains('=') {
+            return Ok(id.clone());
+        }
+    }
+    let kv = parse_kv(words, &[&["migration", "id", "migrationid"]])?;
+    get(&kv, "migration")
+        .map(str::to_string)
+        .ok_or_else(|| "name the migration: migration=ID".into())
 }
 
 /// `plan job=J node=NODE`, both optional.

@@ -5,7 +5,7 @@
 use rebalancer_proto::control::{ControlReply, DecisionRecord, MigrationEntry, NodeStatus};
 use rebalancer_proto::ContainerInfo;
 
-use crate::args::{get, parse_job, parse_kv};
+use crate::kv::{get, parse_job, parse_kv};
 
 /// History filters look at this many newest decisions (the controller's frame bound allows it).
 pub const HISTORY_SCAN: u32 = 10_000;
@@ -121,7 +121,8 @@ impl Filter {
         let r = &m.record;
         (self.node_is(&r.source) || self.node_is(&r.destination))
             && self.job_is(r.task.as_ref().map(|t| t.job_id))
-            && self.state_is(r.state.as_str())
+            // `state=rolled-back` takes the cancelled ones too, `state=cancelled` only them.
+            && (self.state_is(r.state.as_str()) || self.state_is(crate::render::outcome(r)))
             && self.policy_is(&m.policy)
     }
 

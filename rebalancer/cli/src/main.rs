@@ -1,8 +1,10 @@
 //! `rebalctl`: scontrol-style admin command for slurm-rebalancer. See rebalctl(1).
 
 mod args;
+mod blocks;
 mod client;
 mod filter;
+mod kv;
 mod render;
 
 /// print!/println! that ignore a closed stdout (`rebalctl ... | head` must not panic).
@@ -19,12 +21,16 @@ macro_rules! outln {
     }};
 }
 
-use std::collections::HashMap;
+// After the macros, which they use.
+mod output;
+mod watch;
+
+use output::{output, show_job, Extra};
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rebalancer_proto::control::{ControlReply, ControlRequest, PolicySource};
 use rebalancer_proto::{ErrorCode, ErrorReply, Event};
 
@@ -37,13 +43,15 @@ Exit status (scripts can rely on it; ErrorCode::exit_code in rebalancer-proto):
    2  bad request: unknown command, bad KEY=VALUE, invalid policy file
    3  not found: no such job, step, container, node, migration or policy
    4  permission denied: only root, the SlurmUser and operators may change things
-   5  busy: the container is already migrating, or no slot freed up in time
+   5  busy: the container is already migrating, no slot freed up in time, or too
+      late to cancel (the migration is committing)
    6  unreachable: rebalancerd or the agent cannot be reached
    7  unsupported: a node lacks a kernel or CRIU feature the migration needs
    8  no room: no destination has the CPUs or memory
    9  timeout
   10  rolled back: the migration failed and the container still runs on its source
   11  protocol version mismatch between rebalctl and rebalancerd
+ 130  interrupted (Ctrl-C) while following migrations, which go on
 
 See rebalctl(1) and docs/admin-cli.md.";
 
@@ -76,28 +84,49 @@ enum What {
     /// One job: its containers, its moves and the decisions about it (`show job J`, or
     /// scontrol's `show job=J`).
     Job,
+    /// The container address blocks leased to the nodes (`show blocks [node=NODE]`).
+    #[value(alias = "block")]
+    Blocks,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Show nodes, containers, migrations or policies; with NAME, one of them in detail.
+    /// Show nodes, containers, migrations, policies or address blocks; with NAME, one of them
+    /// in detail.
     ///
     /// Users other than root, the SlurmUser and operators see their own containers,
     /// migrations and decisions only.
     #[command(
-        after_help = "Examples:\n  rebalctl show nodes\n  rebalctl show node node3\n  rebalctl show nodes NodeName=node3\n  rebalctl show containers job=42\n  rebalctl show containers node=node2 state=running\n  rebalctl show migrations job=42 state=rolled-back limit=5\n  rebalctl show migrations --active\n  rebalctl show migration 3f2a9c1e --json\n  rebalctl show policies"
+        after_help = "Examples:\n  rebalctl show nodes\n  rebalctl show node node3\n  rebalctl show nodes NodeName=node3\n  rebalctl show containers job=42\n  rebalctl show containers node=node2 state=running\n  rebalctl show migrations job=42 state=rolled-back limit=5\n  rebalctl show migrations --active\n  rebalctl show migration 3f2a9c1e --json\n  rebalctl show policies\n  rebalctl show blocks node=node2"
     )]
     Show {
         what: What,
         /// Node, container id, migration id (a prefix is enough) or policy name (also as
         /// `NodeName=`, `id=`, `name=`), then filters: nodes `state=`; containers `job=`,
         /// `node=`, `state=`; migrations `job=`, `node=` (source or destination), `state=`,
-        /// `policy=`; all but policies `limit=N` (the newest N).
+        /// `policy=`; all but policies and blocks `limit=N` (the newest N); blocks: the node
+        /// (`node=`).
         #[arg(value_name = "NAME|KEY=VALUE")]
         args: Vec<String>,
         /// Migrations only: those not ended yet.
         #[arg(long)]
         active: bool,
+        /// `show migration ID --wait`: like `wait migration=ID`.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Attach to a running migration and follow it to its end.
+    ///
+    /// Shows its progress as `--wait` does (JSON lines with --json), whoever started it, and
+    /// exits with its outcome: 0 succeeded, 10 rolled back or cancelled, 1 failed or unknown.
+    /// Ctrl-C detaches and leaves the migration running (exit 130).
+    #[command(
+        after_help = "Examples:\n  rebalctl wait migration=3f2a9c1e\n  rebalctl --json wait migration=3f2a9c1e | jq -c .migration.phases[-1]?"
+    )]
+    Wait {
+        /// migration=ID (a unique prefix is enough), or the ID alone.
+        #[arg(value_name = "migration=ID", required = true)]
+        args: Vec<String>,
     },
     /// Live-migrate a job, a step or one container.
     ///
@@ -129,6 +158,21 @@ enum Cmd {
         /// Follow the migrations until they end; the exit status reflects the worst outcome.
         #[arg(long)]
         wait: bool,
+    },
+    /// Cancel running migrations: migration=ID (a unique prefix is enough) or job=J (every
+    /// running migration of the job).
+    ///
+    /// The source node rolls a migration back if it has not reached its commit point yet: the
+    /// container keeps running on the source, the destination cleans up, the job's allocation
+    /// is undone, and the record ends `cancelled` with who cancelled it. At the commit point
+    /// or after, the cancel is refused (`too late: migration M is committing`, exit 5).
+    #[command(
+        after_help = "Examples:\n  rebalctl cancel migration=3f2a9c1e\n  rebalctl cancel job=42"
+    )]
+    Cancel {
+        /// migration=ID | job=J.
+        #[arg(value_name = "KEY=VALUE", required = true)]
+        args: Vec<String>,
     },
     /// Check or reload the policy files.
     Policy {
@@ -205,6 +249,8 @@ fn bad(m: impl Into<String>) -> ErrorReply {
 enum Fail {
     Error(ErrorReply),
     Reported(ErrorCode),
+    /// Ctrl-C while following these migrations: they keep running.
+    Detached(Vec<String>),
 }
 
 impl From<ErrorReply> for Fail {
@@ -229,6 +275,22 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Fail::Reported(code)) => ExitCode::from(code.exit_code() as u8),
+        Err(Fail::Detached(ids)) => {
+            for id in &ids {
+                let id = render::short_id(id);
+                eprintln!(
+                    "rebalctl: detached; migration {id} goes on (rebalctl wait migration={id} \
+                     re-attaches, rebalctl cancel migration={id} cancels it)"
+                );
+            }
+            if ids.is_empty() {
+                eprintln!(
+                    "rebalctl: detached; the migrations go on (rebalctl show migrations --active)"
+                );
+            }
+            // 128 + SIGINT, as a shell reports an interrupted command.
+            ExitCode::from(130)
+        }
         Err(Fail::Error(e)) => {
             if json {
                 // Scripts read one JSON document on stdout whatever happens; people read stderr.
@@ -320,8 +382,53 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         let name = args::parse_show(args::ShowWhat::Job, args).map_err(bad)?.0;
         return show_job(&cli, &mut client, job_of(name.as_deref())?).await;
     }
-    let mut watch = Watch::new(wait, cli.json);
-    let reply = client.call(&req, |ev| watch.event(ev)).await;
+    let mut watch = watch::Watch::new(wait, cli.json);
+    // While following migrations, Ctrl-C detaches: they go on (the controller and the agents
+    // run them, not this connection), and the user is told how to find them again.
+    // Installed before the request goes out, so that no Ctrl-C after it is lost.
+    let mut sigint = if wait {
+        use tokio::signal::unix::{signal, SignalKind};
+        Some(signal(SignalKind::interrupt()).map_err(|e| ErrorReply {
+            code: ErrorCode::Internal,
+            message: format!("cannot catch SIGINT: {e}"),
+        })?)
+    } else {
+        None
+    };
+    let interrupted = async {
+        match sigint.as_mut() {
+            Some(s) => s.recv().await,
+            None => std::future::pending().await,
+        }
+    };
+    let ended = tokio::select! {
+        r = client.call(&req, |ev| watch.event(ev)) => Some(r),
+        _ = interrupted => None,
+    };
+    let Some(reply) = ended else {
+        watch.finish();
+        let mut ids = watch.running();
+        if let (true, ControlRequest::Watch { id }) = (ids.is_empty(), &req) {
+            ids.push(id.clone());
+        }
+        return Err(Fail::Detached(ids));
+    };
+    if let (ControlRequest::Watch { .. }, Ok(ControlReply::Migrations { migrations })) =
+        (&req, &reply)
+    {
+        if let Some(m) = migrations.first() {
+            if !cli.json {
+                watch.event(Event::MigrationProgress {
+                    migration: m.record.clone(),
+                    progress_bytes: None,
+                });
+            }
+            watch.finish();
+            if let Some(e) = outcome_error(&m.record) {
+                return Err(e.into());
+            }
+        }
+    }
     if let (false, Ok(ControlReply::Migrated { migrations, .. })) = (cli.json, &reply) {
         // The final records: the last phase event precedes the end.
         for m in migrations {
@@ -351,98 +458,30 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     output(&cli, reply, &extra)
 }
 
+/// A watched migration that did not succeed, as the error `rebalctl wait` exits with (the
+/// codes of `migrate --wait`: 10 rolled back or cancelled, 1 failed or unknown).
+fn outcome_error(r: &rebalancer_proto::MigrationRecord) -> Option<ErrorReply> {
+    use rebalancer_proto::MigrationState as S;
+    let code = match r.state {
+        S::Succeeded | S::Pending | S::Running => return None,
+        S::RolledBack => ErrorCode::RolledBack,
+        S::Failed | S::Unknown => ErrorCode::Internal,
+    };
+    Some(ErrorReply {
+        code,
+        message: format!(
+            "migration {} of {} ended {}: {}",
+            r.id,
+            r.container,
+            render::outcome(r),
+            r.error.as_deref().unwrap_or("no detail")
+        ),
+    })
+}
+
 fn job_of(name: Option<&str>) -> Result<u32, ErrorReply> {
     args::parse_job(name.ok_or_else(|| bad("name the job: show job J (or show job=J)"))?)
         .map_err(bad)
-}
-
-/// `show job J`: what the job runs where, how it moved, and what was decided about it.
-async fn show_job(cli: &Cli, client: &mut client::Client, job: u32) -> Result<(), Fail> {
-    let f = filter::Filter {
-        job: Some(job),
-        ..Default::default()
-    };
-    let containers = match client
-        .call(
-            &ControlRequest::ShowContainers {
-                id: None,
-                job_id: Some(job),
-            },
-            |_| {},
-        )
-        .await?
-    {
-        ControlReply::Containers { containers } => containers,
-        _ => vec![],
-    };
-    let migrations = match f.apply(
-        client
-            .call(
-                &ControlRequest::ShowMigrations {
-                    id: None,
-                    active: false,
-                },
-                |_| {},
-            )
-            .await?,
-    ) {
-        ControlReply::Migrations { migrations } => migrations,
-        _ => vec![],
-    };
-    let decisions = match f.apply(
-        client
-            .call(
-                &ControlRequest::History {
-                    limit: Some(filter::HISTORY_SCAN),
-                },
-                |_| {},
-            )
-            .await?,
-    ) {
-        ControlReply::History { decisions } => decisions,
-        _ => vec![],
-    };
-    if containers.is_empty() && migrations.is_empty() && decisions.is_empty() {
-        return Err(Fail::Error(ErrorReply {
-            code: ErrorCode::NotFound,
-            message: format!(
-                "job {job}: no container, migration or decision (not migratable, ended, or not yours)"
-            ),
-        }));
-    }
-    let extra = Extra {
-        migrations: migrations
-            .iter()
-            .map(|m| (m.record.id.clone(), m.record.clone()))
-            .collect(),
-    };
-    if cli.json {
-        print_json(&serde_json::json!({
-            "job_id": job,
-            "containers": containers,
-            "migrations": migrations,
-            "decisions": history_json(&decisions, &extra),
-        }))?;
-        return Ok(());
-    }
-    outln!(
-        "JobId={job} Containers={} Moves={}",
-        containers.len(),
-        migrations.len()
-    );
-    if !containers.is_empty() {
-        outln!("\nContainers:");
-        out!("{}", render::containers(&containers));
-    }
-    if !migrations.is_empty() {
-        outln!("\nMoves:");
-        out!("{}", render::migrations(&migrations));
-    }
-    if !decisions.is_empty() {
-        outln!("\nDecisions:");
-        out!("{}", render::history(&decisions, &extra.migrations));
-    }
-    Ok(())
 }
 
 /// scontrol's spelling `show job=J` as `show job J` (clap takes WHAT as one word).
@@ -479,6 +518,7 @@ impl What {
             What::Migrations => args::ShowWhat::Migrations,
             What::Policies => args::ShowWhat::Policies,
             What::Job => args::ShowWhat::Job,
+            What::Blocks => args::ShowWhat::Blocks,
         }
     }
 }
@@ -490,13 +530,6 @@ fn completion(shell: clap_complete::Shell) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// What a reply is shown with besides itself.
-#[derive(Default)]
-struct Extra {
-    /// Migration records by id, for `history`.
-    migrations: HashMap<String, rebalancer_proto::MigrationRecord>,
-}
-
 fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
     Ok(match cmd {
         Cmd::Ping => (ControlRequest::Ping, false),
@@ -505,8 +538,21 @@ fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
             let (job_id, node) = args::parse_plan(args).map_err(bad)?;
             (ControlRequest::Explain { job_id, node }, false)
         }
-        Cmd::Show { what, args, active } => {
+        Cmd::Show {
+            what,
+            args,
+            active,
+            wait,
+        } => {
             let (name, f) = args::parse_show(what.plain(), args).map_err(bad)?;
+            if *wait {
+                return match (what, name) {
+                    (What::Migrations, Some(id)) => Ok((ControlRequest::Watch { id }, true)),
+                    _ => Err(bad(
+                        "--wait goes with one migration: show migration ID --wait",
+                    )),
+                };
+            }
             (
                 match what {
                     What::Nodes => ControlRequest::ShowNodes { name },
@@ -523,6 +569,7 @@ fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
                         id: None,
                         job_id: Some(job_of(name.as_deref())?),
                     },
+                    What::Blocks => blocks::request(name),
                 },
                 false,
             )
@@ -550,6 +597,18 @@ fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
                 *wait,
             )
         }
+        Cmd::Wait { args } => (
+            ControlRequest::Watch {
+                id: args::parse_wait(args).map_err(bad)?,
+            },
+            true,
+        ),
+        Cmd::Cancel { args } => (
+            ControlRequest::Cancel {
+                target: args::parse_cancel(args).map_err(bad)?,
+            },
+            false,
+        ),
         Cmd::Policy {
             cmd: PolicyCmd::Check { path },
         } => {
@@ -581,277 +640,6 @@ fn build(cmd: &Cmd) -> Result<(ControlRequest, bool), ErrorReply> {
             (ControlRequest::History { limit }, false)
         }
     })
-}
-
-fn output(cli: &Cli, reply: ControlReply, extra: &Extra) -> Result<(), Fail> {
-    if cli.json {
-        // A policy check with errors still prints its report, then fails.
-        let failed = matches!(&reply, ControlReply::PolicyCheck { report } if !report.ok);
-        let payload = match &reply {
-            ControlReply::History { decisions } => history_json(decisions, extra),
-            _ => json_payload(&reply),
-        };
-        if matches!(
-            cli.cmd,
-            Cmd::Migrate { wait: true, .. } | Cmd::Evacuate { wait: true, .. }
-        ) {
-            // After the streamed events: one JSON document per line throughout.
-            outln!("{payload}");
-        } else {
-            print_json(&payload)?;
-        }
-        return if failed {
-            Err(Fail::Reported(ErrorCode::BadRequest))
-        } else {
-            Ok(())
-        };
-    }
-    // A named object gets the detail view; filters keep the table.
-    let single = match &cli.cmd {
-        Cmd::Show { what, args, .. } => {
-            matches!(args::parse_show(what.plain(), args), Ok((Some(_), _)))
-        }
-        _ => false,
-    };
-    match reply {
-        ControlReply::Pong { software } => outln!("{software} is up"),
-        ControlReply::Nodes { nodes } if single => nodes
-            .iter()
-            .for_each(|n| print_detail("NodeName", &n.name, n)),
-        ControlReply::Nodes { nodes } => out!("{}", render::nodes(&nodes)),
-        ControlReply::Containers { containers } if single => containers
-            .iter()
-            .for_each(|c| print_detail("Container", &c.id, c)),
-        ControlReply::Containers { containers } => out!("{}", render::containers(&containers)),
-        ControlReply::Migrations { migrations } if single => migrations
-            .iter()
-            .for_each(|m| out!("{}", render::migration_detail(m))),
-        ControlReply::Migrations { migrations } => out!("{}", render::migrations(&migrations)),
-        ControlReply::Policies { policies } if single || matches!(cli.cmd, Cmd::Update { .. }) => {
-            policies
-                .iter()
-                .for_each(|p| print_detail("PolicyName", &p.name, p))
-        }
-        ControlReply::Policies { policies } => out!("{}", render::policies(&policies)),
-        ControlReply::PolicyCheck { report } => {
-            for e in &report.errors {
-                eprintln!("{e}");
-            }
-            if !report.ok {
-                return Err(bad(format!(
-                    "policy check found {} error(s)",
-                    report.errors.len()
-                ))
-                .into());
-            }
-            if report.policies.is_empty() {
-                outln!("policies valid");
-            } else {
-                outln!("policies valid: {}", report.policies.join(", "));
-            }
-        }
-        ControlReply::Migrated {
-            decisions,
-            migrations,
-        } => {
-            if migrations.is_empty() {
-                outln!("nothing to migrate");
-            } else {
-                out!("{}", render::migrations(&migrations));
-            }
-            for d in decisions.iter().filter(|d| d.migration.is_none()) {
-                let detail = d.detail.as_deref().unwrap_or(&d.why);
-                if d.policy == "-" {
-                    // Work that cannot move (the controller's `unmovable`).
-                    outln!("stays on {}: {detail}", d.source);
-                } else {
-                    outln!("{}: {} ({detail})", d.container, d.outcome.as_str());
-                }
-            }
-        }
-        ControlReply::History { decisions } => {
-            out!("{}", render::history(&decisions, &extra.migrations))
-        }
-        ControlReply::Plan { moves } if moves.is_empty() => outln!("no moves planned"),
-        ControlReply::Plan { moves } => out!("{}", render::plan(&moves)),
-        ControlReply::Explanation { moves, unmoved } => {
-            if moves.is_empty() {
-                outln!("no moves planned");
-            } else {
-                out!("{}", render::plan(&moves));
-            }
-            if !unmoved.is_empty() {
-                outln!();
-                out!("{}", render::unmoved(&unmoved));
-            }
-        }
-        ControlReply::Done => outln!("done"),
-    }
-    Ok(())
-}
-
-/// `history --json`: the decisions, each with `result` and `result_reason` as the table shows
-/// them (a started decision takes its migration's end).
-fn history_json(
-    ds: &[rebalancer_proto::control::DecisionRecord],
-    extra: &Extra,
-) -> serde_json::Value {
-    let items = ds
-        .iter()
-        .map(|d| {
-            let m = d.migration.as_ref().and_then(|id| extra.migrations.get(id));
-            let (result, reason) = render::decision_result(d, m);
-            let mut v = serde_json::to_value(d).unwrap_or(serde_json::Value::Null);
-            if let Some(o) = v.as_object_mut() {
-                o.insert("result".into(), result.into());
-                o.insert("result_reason".into(), reason.into());
-            }
-            v
-        })
-        .collect();
-    serde_json::Value::Array(items)
-}
-
-/// The reply without its envelope: `show nodes --json` prints the list of nodes, `policy check`
-/// its report, `ping` an object; replies with several parts stay objects.
-fn json_payload(reply: &ControlReply) -> serde_json::Value {
-    let mut v = serde_json::to_value(reply).unwrap_or(serde_json::Value::Null);
-    let keep_object = matches!(reply, ControlReply::Pong { .. });
-    if let Some(m) = v.as_object_mut() {
-        m.remove("kind");
-        if m.len() == 1 && !keep_object {
-            if let Some((_, inner)) = m.iter().next() {
-                return inner.clone();
-            }
-        }
-    }
-    v
-}
-
-fn print_detail<T: serde::Serialize>(label: &str, name: &str, v: &T) {
-    outln!("{label}={name}");
-    if let Ok(j) = serde_json::to_value(v) {
-        out!("{}", render::detail(&j));
-    }
-}
-
-/// Live progress of watched migrations: one spinner per migration on a terminal, one line per
-/// phase change otherwise.
-/// Progress of watched migrations: a live line per migration on a terminal, a line per phase
-/// otherwise, or (`--json`) each event as one JSON line on stdout.
-struct Watch {
-    on: bool,
-    json: bool,
-    tty: bool,
-    mp: MultiProgress,
-    bars: HashMap<String, ProgressBar>,
-    last: HashMap<String, String>,
-    /// When each migration was first seen and its bytes then, for the rate.
-    first: HashMap<String, (std::time::Instant, u64)>,
-}
-
-impl Watch {
-    fn new(on: bool, json: bool) -> Self {
-        use std::io::IsTerminal;
-        Watch {
-            on,
-            json,
-            tty: std::io::stderr().is_terminal(),
-            mp: MultiProgress::new(),
-            bars: HashMap::new(),
-            last: HashMap::new(),
-            first: HashMap::new(),
-        }
-    }
-
-    fn event(&mut self, ev: Event) {
-        if !self.on {
-            return;
-        }
-        if self.json {
-            if let Ok(line) = serde_json::to_string(&ev) {
-                outln!("{line}");
-            }
-            return;
-        }
-        let Event::MigrationProgress {
-            migration: r,
-            progress_bytes,
-        } = ev;
-        let phase = if r.state.is_terminal() {
-            render::state_str(r.state).to_string()
-        } else {
-            r.phases
-                .last()
-                .map(|p| p.phase.to_string())
-                .unwrap_or_else(|| "pending".into())
-        };
-        let sent_bytes = progress_bytes
-            .unwrap_or(r.stats.bytes_sent)
-            .max(r.stats.bytes_sent);
-        let sent = render::bytes(sent_bytes);
-        let now = std::time::Instant::now();
-        let (t0, b0) = *self.first.entry(r.id.clone()).or_insert((now, sent_bytes));
-        let rate = rate_and_eta(
-            now.duration_since(t0),
-            sent_bytes.saturating_sub(b0),
-            r.stats.rss_bytes.saturating_sub(sent_bytes),
-        )
-        .filter(|_| !r.state.is_terminal())
-        .unwrap_or_default();
-        let mode = r.mode.unwrap_or(r.requested_mode);
-        let msg = format!(
-            "{} {} {}->{} [{mode}] {phase}, {sent} sent{rate}{}",
-            render::short_id(&r.id),
-            r.container,
-            r.source,
-            r.destination,
-            r.stats
-                .downtime_ms
-                .map(|d| format!(", downtime {d} ms"))
-                .unwrap_or_default()
-        );
-        if self.tty {
-            let bar = self.bars.entry(r.id.clone()).or_insert_with(|| {
-                let b = self.mp.add(ProgressBar::new_spinner());
-                if let Ok(s) = ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}") {
-                    b.set_style(s);
-                }
-                b.enable_steady_tick(std::time::Duration::from_millis(120));
-                b
-            });
-            bar.set_message(msg.clone());
-            if r.state.is_terminal() {
-                bar.finish_with_message(msg);
-            }
-        } else if self.last.get(&r.id) != Some(&phase) {
-            eprintln!("{msg}");
-            self.last.insert(r.id.clone(), phase);
-        }
-    }
-
-    fn finish(&mut self) {
-        for b in self.bars.values() {
-            if !b.is_finished() {
-                b.finish();
-            }
-        }
-    }
-}
-
-/// `, 120.0MiB/s, ETA 3 s` once bytes have moved for a while; the ETA when what is left is known.
-fn rate_and_eta(elapsed: std::time::Duration, moved: u64, left: u64) -> Option<String> {
-    let secs = elapsed.as_secs_f64();
-    if secs < 0.5 || moved == 0 {
-        return None;
-    }
-    let bps = moved as f64 / secs;
-    let eta = if left > 0 {
-        format!(", ETA {} s", (left as f64 / bps).ceil() as u64)
-    } else {
-        String::new()
-    };
-    Some(format!(", {}/s{eta}", render::bytes(bps as u64)))
 }
 
 #[cfg(test)]
@@ -949,34 +737,6 @@ mod tests {
         assert_eq!(scontrol_spellings(a.clone()), a);
         let cli = Cli::try_parse_from(argv("rebalctl show job")).expect("parse");
         assert_eq!(build(&cli.cmd).expect_err("no job").code.exit_code(), 2);
-    }
-
-    #[test]
-    fn progress_shows_rate_and_eta_once_bytes_move() {
-        use std::time::Duration;
-        assert_eq!(rate_and_eta(Duration::from_millis(100), 1 << 20, 0), None);
-        assert_eq!(rate_and_eta(Duration::from_secs(2), 0, 1 << 20), None);
-        assert_eq!(
-            rate_and_eta(Duration::from_secs(2), 200 << 20, 300 << 20).as_deref(),
-            Some(", 100.0MiB/s, ETA 3 s")
-        );
-        assert_eq!(
-            rate_and_eta(Duration::from_secs(1), 64 << 20, 0).as_deref(),
-            Some(", 64.0MiB/s")
-        );
-    }
-
-    #[test]
-    fn json_output_drops_the_envelope() {
-        let v = json_payload(&ControlReply::Policies { policies: vec![] });
-        assert_eq!(v, serde_json::json!([]));
-        let v = json_payload(&ControlReply::Migrated {
-            decisions: vec![],
-            migrations: vec![],
-        });
-        assert_eq!(v, serde_json::json!({"decisions": [], "migrations": []}));
-        let v = json_payload(&ControlReply::Done);
-        assert_eq!(v, serde_json::json!({}));
     }
 
     #[test]

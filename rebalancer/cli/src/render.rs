@@ -124,8 +124,13 @@ fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
 }
 
-pub fn state_str(s: MigrationState) -> &'static str {
-    s.as_str()
+/// A migration's outcome as the tables show it: its state, or `cancelled` for a rollback an
+/// operator's cancel caused (`cancelled_by`).
+pub fn outcome(r: &MigrationRecord) -> &'static str {
+    match (r.state, &r.cancelled_by) {
+        (MigrationState::RolledBack, Some(_)) => "cancelled",
+        (s, _) => s.as_str(),
+    }
 }
 
 /// `2026-11-24T20:01:02.123Z`: phases are milliseconds apart.
@@ -181,7 +186,7 @@ pub fn decision_result(d: &DecisionRecord, m: Option<&MigrationRecord>) -> (Stri
                     .unwrap_or_else(|| "starting".into()),
                 _ => migration_reason(r),
             };
-            (r.state.as_str().into(), reason)
+            (outcome(r).into(), reason)
         }
         (o, _) => (
             o.as_str().into(),
@@ -243,6 +248,18 @@ pub fn nodes(ns: &[NodeStatus]) -> String {
     )
 }
 
+/// The Slurm step a container runs in now; after a move the destination's restore step, with
+/// the step the user started: `8 (from 0)`.
+pub fn container_step(c: &ContainerInfo) -> String {
+    match (&c.task, &c.runs_in) {
+        (Some(t), Some(now)) if now.step_id != t.step_id => {
+            format!("{} (from {})", now.step_id, t.step_id)
+        }
+        (_, Some(now)) => now.step_id.to_string(),
+        (t, None) => opt(t.as_ref().map(|t| t.step_id)),
+    }
+}
+
 pub fn containers(cs: &[ContainerInfo]) -> String {
     let rows = cs
         .iter()
@@ -250,7 +267,7 @@ pub fn containers(cs: &[ContainerInfo]) -> String {
             vec![
                 c.id.clone(),
                 opt(c.task.as_ref().map(|t| t.job_id)),
-                opt(c.task.as_ref().map(|t| t.step_id)),
+                container_step(c),
                 c.uid.to_string(),
                 c.node.clone(),
                 json_str(&c.state),
@@ -287,7 +304,7 @@ pub fn migrations(ms: &[MigrationEntry]) -> String {
                 r.source.clone(),
                 r.destination.clone(),
                 r.mode.unwrap_or(r.requested_mode).to_string(),
-                state_str(r.state).into(),
+                outcome(r).into(),
                 r.phases
                     .last()
                     .map(|p| p.phase.to_string())
@@ -427,7 +444,7 @@ pub fn migration_detail(e: &MigrationEntry) -> String {
         format!("Source={}", r.source),
         format!("Destination={}", r.destination),
         format!("Mode={mode}"),
-        format!("State={}", r.state),
+        format!("State={}", outcome(r)),
     ]);
     let mut times = vec![format!("Started={}", time_ms(r.started_at))];
     times.push(format!("Ended={}", opt(r.ended_at.map(time_ms))));
@@ -462,8 +479,10 @@ pub fn migration_detail(e: &MigrationEntry) -> String {
     // Free text goes on lines of its own, one line each, so that it never breaks a block.
     for (k, v) in [
         ("ModeReason", r.mode_reason.as_deref()),
+        ("CancelledBy", r.cancelled_by.as_deref()),
         ("Error", r.error.as_deref()),
         ("SlurmError", e.slurm_error.as_deref()),
+        ("SlurmHolder", e.slurm_holder.as_deref()),
     ] {
         if let Some(v) = v {
             out.push_str(&format!("   {k}={}\n", clip(v, usize::MAX)));
@@ -624,6 +643,7 @@ mod tests {
             capabilities: None,
             containers: 3,
             in_flight: 1,
+            address_blocks: vec![],
         };
         let t = nodes(std::slice::from_ref(&n));
         let lines: Vec<&str> = t.lines().collect();
@@ -648,5 +668,62 @@ mod tests {
         };
         assert!(policies(&[p])
             .contains("drain   drain  automatic  dry-run  10        7          /etc/p.toml"));
+    }
+
+    #[test]
+    fn a_cancelled_rollback_reads_cancelled_with_who() {
+        let rec: MigrationRecord = serde_json::from_value(serde_json::json!({
+            "id": "feedface0001", "container": "j7.s0.t0", "task": null, "source": "n1",
+            "destination": "n2", "requested_mode": "stop-and-copy", "mode": "stop-and-copy",
+            "mode_reason": null, "state": "rolled-back", "phases": [], "stats": {
+                "downtime_ms": null, "frozen_ms": null, "total_ms": 40, "pages_scanned": 0,
+                "pages_written": 0, "pages_lazy": 0, "bytes_sent": 0, "rss_bytes": 0},
+            "error": "cancelled by uid 0 (root) before the commit point; the container runs on the source again",
+            "started_at": 1_795_550_462_000u64, "ended_at": 1_795_550_462_040u64,
+            "cancelled_by": "uid 0 (root)"
+        }))
+        .expect("record");
+        assert_eq!(outcome(&rec), "cancelled");
+        let e = MigrationEntry {
+            record: rec.clone(),
+            decision: 1,
+            policy: "operator:0".into(),
+            uid: Some(0),
+            slurm_synced: false,
+            slurm_error: None,
+            slurm_kept_source: None,
+            slurm_holder: None,
+        };
+        let d = migration_detail(&e);
+        assert!(d.contains("State=cancelled"), "{d}");
+        assert!(d.contains("   CancelledBy=uid 0 (root)\n"), "{d}");
+        assert!(migrations(&[e]).contains(" cancelled "));
+        // Without a cancel a rollback stays a rollback.
+        let plain = MigrationRecord {
+            cancelled_by: None,
+            ..rec
+        };
+        assert_eq!(outcome(&plain), "rolled-back");
+    }
+
+    #[test]
+    fn a_moved_container_shows_the_step_it_runs_in_now() {
+        let mut c: ContainerInfo = serde_json::from_value(serde_json::json!({
+            "id": "j4.s0.t0", "task": {"job_id": 4, "step_id": 0, "task_id": 0},
+            "uid": 0, "gid": 0, "node": "node2", "address": "198.19.0.5", "pid": 4242,
+            "state": "running", "rss_bytes": 0, "cpus": null, "class": null,
+            "exit_status": null, "started_at": 0,
+        }))
+        .expect("container");
+        assert_eq!(container_step(&c), "0");
+        c.runs_in = Some(rebalancer_proto::TaskRef {
+            job_id: 4,
+            step_id: 8,
+            task_id: 0,
+        });
+        assert_eq!(container_step(&c), "8 (from 0)");
+        let t = containers(&[c]);
+        let row = t.lines().nth(1).expect("a row");
+        assert!(row.contains(" 4    8 (from 0) "), "{t}");
     }
 }

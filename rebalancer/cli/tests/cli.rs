@@ -39,6 +39,7 @@ fn record(id: &str, state: MigrationState, phases: &[Phase]) -> MigrationRecord 
         error: None,
         started_at: 1_795_550_462_000,
         ended_at: None,
+        cancelled_by: None,
     }
 }
 
@@ -82,6 +83,7 @@ fn entry(r: MigrationRecord) -> MigrationEntry {
         slurm_synced: true,
         slurm_error: None,
         slurm_kept_source: None,
+        slurm_holder: None,
     }
 }
 
@@ -141,6 +143,7 @@ async fn conn(mut s: UnixStream, seen: Seen) {
                     capabilities: None,
                     containers: 1,
                     in_flight: 0,
+                    address_blocks: vec!["198.19.0.64/26".into()],
                 }],
             }),
             ControlRequest::Migrate {
@@ -274,6 +277,63 @@ async fn conn(mut s: UnixStream, seen: Seen) {
                     migration: Some("feedface0001".into()),
                 }],
             }),
+            ControlRequest::Watch { id: want } if want == "zz" => {
+                err(ErrorCode::NotFound, "no migration 'zz' (or not yours)")
+            }
+            ControlRequest::Watch { id: want } => {
+                let mid = format!("{want}0001");
+                for phases in [&[Phase::Prepare][..], &[Phase::Prepare, Phase::Dump][..]] {
+                    let ev = Event::MigrationProgress {
+                        migration: record(&mid, MigrationState::Running, phases),
+                        progress_bytes: None,
+                    };
+                    send(&mut s, FrameKind::Event, id, &ev).await;
+                }
+                if want.starts_with("slow") {
+                    // Runs on past the test: only Ctrl-C ends rebalctl's wait.
+                    tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+                }
+                let mut end = record(&mid, MigrationState::Succeeded, &[Phase::Cleanup]);
+                if want.starts_with("cancel") {
+                    end.state = MigrationState::RolledBack;
+                    end.cancelled_by = Some("uid 0 (root)".into());
+                    end.error = Some("cancelled by uid 0 (root) before the commit point".into());
+                }
+                ControlResponse::Ok(ControlReply::Migrations {
+                    migrations: vec![entry(end)],
+                })
+            }
+            ControlRequest::Cancel { target } => {
+                let one = |id: &str, accepted: bool| CancelOutcome {
+                    migration: id.into(),
+                    container: "j5.s0.t0".into(),
+                    source: "n1".into(),
+                    accepted,
+                    message: if accepted {
+                        "cancel accepted; n1 rolls it back".into()
+                    } else {
+                        format!("too late: migration {id} is committing")
+                    },
+                    code: (!accepted).then_some(ErrorCode::Busy),
+                };
+                match target {
+                    CancelTarget::Migration { id } if id == "zz" => {
+                        err(ErrorCode::NotFound, "no running migration 'zz'")
+                    }
+                    CancelTarget::Migration { id } if id.starts_with("late") => err(
+                        ErrorCode::Busy,
+                        "too late: migration late0001 is committing",
+                    ),
+                    CancelTarget::Migration { .. } => {
+                        ControlResponse::Ok(ControlReply::Cancelled {
+                            cancels: vec![one("feedface0001", true)],
+                        })
+                    }
+                    CancelTarget::Job { .. } => ControlResponse::Ok(ControlReply::Cancelled {
+                        cancels: vec![one("aaaa00001111", true), one("bbbb00002222", false)],
+                    }),
+                }
+            }
             _ => err(ErrorCode::Unsupported, "fake"),
         };
         send(&mut s, FrameKind::Response, id, &resp).await;
@@ -612,4 +672,147 @@ async fn a_jobs_view_and_filters() {
         "{last}"
     );
     assert!(o.stderr.is_empty(), "{}", o.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_says_what_became_of_each_migration_and_exits_as_documented() {
+    let (_dir, sock, seen) = start();
+    let o = rebalctl(&sock, &["cancel", "migration=feedface"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        o.stdout,
+        "migration feedface (j5.s0.t0 on n1): cancel accepted; n1 rolls it back\n"
+    );
+    assert_eq!(
+        seen.lock().unwrap_or_else(|p| p.into_inner()).last(),
+        Some(&ControlRequest::Cancel {
+            target: CancelTarget::Migration {
+                id: "feedface".into()
+            }
+        })
+    );
+    // scontrol spellings; too late is busy (5), not running is not found (3).
+    let o = rebalctl(&sock, &["cancel", "MigrationId=late"]).await;
+    assert_eq!(o.code, 5, "{}", o.stderr);
+    assert_eq!(
+        o.stderr,
+        "rebalctl: too late: migration late0001 is committing\n"
+    );
+    let o = rebalctl(&sock, &["cancel", "migration=zz"]).await;
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    // A job's cancel that one of its migrations refused: both listed, the refusal's status.
+    let o = rebalctl(&sock, &["cancel", "JobId=5"]).await;
+    assert_eq!(o.code, 5, "{}", o.stderr);
+    assert_eq!(o.stdout.lines().count(), 2, "{}", o.stdout);
+    assert!(
+        o.stdout.contains("bbbb0000 (j5.s0.t0 on n1): too late"),
+        "{}",
+        o.stdout
+    );
+    let o = rebalctl(&sock, &["--json", "cancel", "job=5"]).await;
+    assert_eq!(o.code, 5, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
+    assert_eq!(v[0]["accepted"], true, "{v}");
+    assert_eq!(v[1]["accepted"], false, "{v}");
+    assert_eq!(v[1]["code"], "busy", "{v}");
+    // Bad arguments never reach the controller.
+    let before = seen.lock().unwrap_or_else(|p| p.into_inner()).len();
+    for args in [
+        &["cancel", "job=5", "migration=x"][..],
+        &["cancel", "job=abc"],
+        &["cancel", "node=n1"],
+    ] {
+        let o = rebalctl(&sock, args).await;
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+    }
+    let o = rebalctl(&sock, &["cancel", "job=5", "migration=x"]).await;
+    assert!(
+        o.stderr.contains("give only one of migration= and job="),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(seen.lock().unwrap_or_else(|p| p.into_inner()).len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_follows_a_migration_and_exits_with_its_outcome() {
+    let (_dir, sock, seen) = start();
+    // Succeeded: the progress lines, the table, exit 0.
+    let o = rebalctl(&sock, &["wait", "migration=ok"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("ok0001 j7.s0.t0 n1->n2 [post-copy] dump"),
+        "{}",
+        o.stderr
+    );
+    assert!(o.stderr.contains("succeeded"), "{}", o.stderr);
+    assert!(o.stdout.starts_with("MIGRATION "), "{}", o.stdout);
+    assert_eq!(
+        seen.lock().unwrap_or_else(|p| p.into_inner()).last(),
+        Some(&ControlRequest::Watch { id: "ok".into() })
+    );
+    // Cancelled: exit 10 like any rollback, naming the outcome.
+    let o = rebalctl(&sock, &["wait", "cancel"]).await;
+    assert_eq!(o.code, 10, "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("migration cancel0001 of j7.s0.t0 ended cancelled: cancelled by uid 0"),
+        "{}",
+        o.stderr
+    );
+    // `show migration ID --wait` is the same request; JSON: one document per line.
+    let o = rebalctl(&sock, &["--json", "show", "migration", "ok", "--wait"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let lines: Vec<serde_json::Value> = o
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", o.stdout);
+    assert_eq!(lines[0]["event"], "migration-progress");
+    assert_eq!(lines[2][0]["record"]["state"], "succeeded");
+    let o = rebalctl(&sock, &["show", "migrations", "--wait"]).await;
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    let o = rebalctl(&sock, &["wait", "migration=zz"]).await;
+    assert_eq!(o.code, 3, "{}", o.stderr);
+
+    // Ctrl-C detaches: the migration is left alone and the user told how to find it again.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rebalctl"))
+        .arg("--socket")
+        .arg(&sock)
+        .args(["--json", "wait", "migration=slow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut first)
+        .await
+        .expect("a progress line");
+    assert!(first.contains("slow0001"), "{first}");
+    let pid = child.id().expect("pid").to_string();
+    let k = Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill");
+    assert!(k.success());
+    let o = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("rebalctl ends at Ctrl-C")
+        .expect("wait");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains(
+            "detached; migration slow0001 goes on (rebalctl wait migration=slow0001 re-attaches"
+        ),
+        "{stderr}"
+    );
+    // Nothing was cancelled.
+    assert!(!seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .any(|r| matches!(r, ControlRequest::Cancel { .. })));
 }

@@ -3,7 +3,11 @@
 //! bound to this connection (see [`rebalancer_proto::auth`] and PROTOCOL.md): the agent's
 //! hello carries its nonce, the controller's `authenticate` answers it with a credential from
 //! this controller's name to the node and carries the controller's nonce, and the agent's
-//! answer must be root's credential from that node bound to it.
+//! answer must be root's credential from that node bound to it. With TCP control protocol 2
+//! (the default when both ends speak it) the connection continues inside TLS 1.3 after the
+//! hellos ([`rebalancer_proto::tls`]) and both credentials also name the TLS session's
+//! exporter, so that they are valid inside that one session only; protocol 1 (an agent of an
+//! earlier release) stays in clear and is logged.
 //!
 //! Over a Unix socket, one connection per call: calls are rare (a poll every few seconds, a
 //! migration now and then) and a fresh connection never inherits a broken stream. Over TCP,
@@ -17,9 +21,11 @@ use std::time::Duration;
 
 use rebalancer_proto::auth::{AuthError, Binding, Expect, CONTROL_DOMAIN};
 use rebalancer_proto::channel::{AsyncChannel, ChannelConfig};
+use rebalancer_proto::tls::{self, MaybeTls, Side, TlsError};
 use rebalancer_proto::{
     ContainerInfo, ErrorReply, Event, Hello, MigrateRequest, MigrationRecord, NodeCapabilities,
-    NodeMetrics, ProtoError, Reply, Request, Response, Role,
+    NodeMetrics, ProtoError, Reply, Request, Response, Role, VersionRange, CONTROL_TCP_ENCRYPTED,
+    CONTROL_TCP_VERSIONS,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -60,6 +66,12 @@ pub enum AgentError {
         got: String,
         want: String,
     },
+    #[error("no encrypted channel with the agent at {addr}")]
+    Tls {
+        addr: String,
+        #[source]
+        source: TlsError,
+    },
 }
 
 impl AgentError {
@@ -67,7 +79,13 @@ impl AgentError {
     pub fn code(&self) -> rebalancer_proto::ErrorCode {
         use rebalancer_proto::ErrorCode;
         match self {
-            AgentError::Connect { .. } | AgentError::Timeout { .. } => ErrorCode::Unreachable,
+            AgentError::Connect { .. }
+            | AgentError::Timeout { .. }
+            | AgentError::Tls {
+                source: TlsError::Timeout { .. },
+                ..
+            } => ErrorCode::Unreachable,
+            AgentError::Tls { .. } => ErrorCode::Internal,
             AgentError::Proto {
                 source: ProtoError::Version { .. } | ProtoError::NoCommonVersion { .. },
                 ..
@@ -106,6 +124,8 @@ pub struct TcpIdentity {
     /// This controller's name.
     pub controller: String,
     pub munge_socket: Option<std::path::PathBuf>,
+    /// TCP control protocol versions offered (`agents.control_protocol`).
+    pub versions: VersionRange,
 }
 
 /// Kept authenticated TCP connections per agent address (see the module docs).
@@ -126,10 +146,13 @@ fn stale(e: &ProtoError) -> bool {
     )
 }
 
-/// One connection to an agent: the channel plus the address for error messages.
+/// One connection to an agent: the channel (in TLS with control protocol 2) plus the address
+/// for error messages.
 struct Conn {
-    ch: AsyncChannel<Box<dyn Stream>>,
+    ch: AsyncChannel<MaybeTls<Box<dyn Stream>>>,
     addr: String,
+    /// This connection's TLS exporter (protocol 2), which both credentials name.
+    session: Option<String>,
 }
 
 impl Conn {
@@ -171,6 +194,7 @@ impl AgentClient {
                 node: node.to_string(),
                 controller: cfg.name.clone(),
                 munge_socket: cfg.munge_socket.clone(),
+                versions: cfg.control_protocol,
             }),
         })
     }
@@ -195,18 +219,50 @@ impl AgentClient {
                 source,
             })?;
         // The handshake and every call are bounded by the client's timeout.
-        let cfg = ChannelConfig::default()
+        let mut cfg = ChannelConfig::default()
             .idle_timeout(Some(self.timeout))
             .call_timeout(Some(self.timeout));
         let mut hello = Hello::new(Role::Controller, SOFTWARE);
         let tcp = matches!(self.addr, AgentAddr::Tcp(_));
+        let offered = self
+            .identity
+            .as_ref()
+            .map_or(CONTROL_TCP_VERSIONS, |i| i.versions);
         if tcp {
             hello.node = self.identity.as_ref().map(|i| i.controller.clone());
+            cfg = cfg.versions(offered);
         }
         let ch = AsyncChannel::connect(s, cfg, hello)
             .await
             .map_err(|e| proto_err(&addr, e))?;
-        let mut c = Conn { ch, addr };
+        let version = ch.negotiated().version;
+        if tcp {
+            // Downgrade protection: a current agent's nonce states its range, which comes back
+            // to it inside our credential; the version it agreed to must be the best of both.
+            let nonce = ch.negotiated().peer.nonce.as_deref();
+            rebalancer_proto::auth::check_agreed(offered, version, nonce).map_err(|source| {
+                AgentError::Auth {
+                    addr: addr.clone(),
+                    source,
+                }
+            })?;
+        }
+        let tls_err = |source| AgentError::Tls {
+            addr: addr.clone(),
+            source,
+        };
+        let (ch, session) = if tcp && version >= CONTROL_TCP_ENCRYPTED {
+            let (ch, e) = tls::upgrade(ch, Side::Client, self.timeout, tls::CONTROL)
+                .await
+                .map_err(tls_err)?;
+            (ch, Some(e))
+        } else {
+            if tcp {
+                tracing::warn!(agent = %addr, version, "TCP control protocol {version}: the connection with the agent is not encrypted (an agent of an earlier release?)");
+            }
+            (tls::plain(ch).map_err(tls_err)?, None)
+        };
+        let mut c = Conn { ch, addr, session };
         if tcp {
             self.authenticate(&mut c).await?;
         }
@@ -239,11 +295,20 @@ impl AgentClient {
             ))
         })?;
         let sock = id.munge_socket.as_deref();
+        // The range our hello offered, for an agent whose nonce states its own (a current
+        // one: an earlier release's strict parser would refuse the field).
+        let offer = matches!(
+            rebalancer_proto::auth::nonce_range(&their_nonce),
+            Ok(Some(_))
+        )
+        .then_some(id.versions);
         let binding = Binding {
             domain: CONTROL_DOMAIN,
             from: id.controller.clone(),
             to: id.node.clone(),
             nonce: their_nonce,
+            session: c.session.clone(),
+            offer,
         };
         let ours = rebalancer_proto::munge::bound_credential(sock, &binding)
             .await
@@ -265,6 +330,8 @@ impl AgentClient {
             from: Some(&id.node),
             to: &id.controller,
             nonce: &our_nonce,
+            session: c.session.as_deref(),
+            offer: None,
         };
         rebalancer_proto::munge::verify(sock, credential.as_deref(), &expect)
             .await

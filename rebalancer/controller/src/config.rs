@@ -1,6 +1,8 @@
 //! Controller configuration: raw TOML structs (`deny_unknown_fields`), then [`RawConfig::validate`]
 //! which checks every value and reports `file:line:column` for the offending one.
 
+pub mod ipam;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -54,6 +56,8 @@ pub struct RawConfig {
     pub migration: RawMigration,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub ipam: ipam::RawIpam,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +97,11 @@ pub struct RawSlurm {
     pub reconcile_interval_s: Option<Spanned<u64>>,
     /// Expand a job to the destination and shrink it from the source after a migration.
     pub sync_allocation: Option<bool>,
+    /// After each move, hold the moved task's CPUs on its destination with an allocation of
+    /// the controller's own (Slurm does not count them after an expansion).
+    pub holder: Option<bool>,
+    /// Account of the holder allocations (default: the controller user's default account).
+    pub holder_account: Option<Spanned<String>>,
     /// `slurm.conf` to use instead of the default (sets SLURM_CONF).
     pub conf: Option<Spanned<String>>,
 }
@@ -110,6 +119,9 @@ pub struct RawAgents {
     pub munge_socket: Option<Spanned<String>>,
     /// This controller's name in its credentials to agents over TCP (default: the host name).
     pub name: Option<Spanned<String>>,
+    /// `[lowest, highest]` TCP control protocol versions offered to agents (default `[1, 2]`):
+    /// 2 is encrypted (TLS 1.3), 1 only authenticated; `[2, 2]` refuses unencrypted agents.
+    pub control_protocol: Option<Spanned<[u16; 2]>>,
     /// Per-node overrides.
     #[serde(default)]
     pub nodes: BTreeMap<String, Spanned<RawAgentAddr>>,
@@ -130,6 +142,13 @@ pub struct RawMigration {
     pub default_mode: Option<Spanned<String>>,
     pub timeout_s: Option<Spanned<u64>>,
     pub max_downtime_ms: Option<Spanned<u64>>,
+    /// **Test only** (slurm-tests/tests/controller_faults.rs): wait this long after a job was
+    /// expanded onto the destination, before the migration is sent to the source agent, so that
+    /// a test can kill the controller while an expansion is in flight.
+    pub test_pause_before_start_ms: Option<Spanned<u64>>,
+    /// **Test only**: wait this long after a successful move's allocation update, before its
+    /// holder is asked for (a test kills the controller there).
+    pub test_pause_before_holder_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -182,6 +201,8 @@ pub struct Config {
     pub agents: AgentsConfig,
     pub migration: MigrationConfig,
     pub metrics_listen: Option<SocketAddr>,
+    /// `[ipam]`: container address blocks (`config/ipam.rs`).
+    pub ipam: ipam::IpamConfig,
     /// Limits of the control socket.
     pub control: ControlLimits,
 }
@@ -200,6 +221,9 @@ pub struct SlurmConfig {
     pub poll_interval: Duration,
     pub reconcile_interval: Duration,
     pub sync_allocation: bool,
+    /// Hold moved tasks' CPUs with holder allocations (`slurm.holder`, default true).
+    pub holder: bool,
+    pub holder_account: Option<String>,
     pub conf: Option<PathBuf>,
 }
 
@@ -213,6 +237,8 @@ pub struct AgentsConfig {
     pub munge_socket: Option<PathBuf>,
     /// This controller's name in bound credentials (TCP agents).
     pub name: String,
+    /// TCP control protocol versions offered ([`rebalancer_proto::CONTROL_TCP_VERSIONS`]).
+    pub control_protocol: rebalancer_proto::VersionRange,
 }
 
 impl AgentsConfig {
@@ -237,6 +263,9 @@ pub struct MigrationConfig {
     pub default_mode: MigrationMode,
     pub timeout: Duration,
     pub max_downtime_ms: Option<u64>,
+    /// Test-only pause points (zero: none); see [`RawMigration`].
+    pub test_pause_before_start: Duration,
+    pub test_pause_before_holder: Duration,
 }
 
 pub use rebalancer_proto::position::line_col;
@@ -468,6 +497,21 @@ impl RawConfig {
                 }
             },
             sync_allocation: s.sync_allocation.unwrap_or(true),
+            holder: s.holder.unwrap_or(true),
+            holder_account: match &s.holder_account {
+                None => None,
+                Some(a) if valid_account(a.get_ref()) => Some(a.get_ref().clone()),
+                Some(a) => {
+                    return Err(cx.invalid(
+                        a.span(),
+                        "slurm.holder_account",
+                        format!(
+                            "'{}' is not a Slurm account name (letters, digits, '_', '-', '.')",
+                            a.get_ref()
+                        ),
+                    ))
+                }
+            },
             conf: match &s.conf {
                 None => None,
                 Some(_) => Some(cx.abs_path(&s.conf, "slurm.conf", "")?),
@@ -562,6 +606,27 @@ impl RawConfig {
                     v.clone()
                 }
             },
+            control_protocol: {
+                let known = rebalancer_proto::CONTROL_TCP_VERSIONS;
+                match &a.control_protocol {
+                    None => known,
+                    Some(v) => match *v.get_ref() {
+                        [lo, hi] if lo <= hi && lo >= known.min && hi <= known.max => {
+                            rebalancer_proto::VersionRange::new(lo, hi)
+                        }
+                        [lo, hi] => {
+                            return Err(cx.invalid(
+                                v.span(),
+                                "agents.control_protocol",
+                                format!(
+                                    "[{lo}, {hi}] must be [lowest, highest] within {}..={} (2: encrypted)",
+                                    known.min, known.max
+                                ),
+                            ))
+                        }
+                    },
+                }
+            },
         };
 
         let m = &self.migration;
@@ -615,6 +680,23 @@ impl RawConfig {
                 return Err(cx.invalid(v.span(), "migration.max_downtime_ms", "must be positive"))
             }
         };
+        let test_pause = |v: &Option<Spanned<u64>>, field: &'static str| match v {
+            None => Ok(Duration::ZERO),
+            Some(v) if *v.get_ref() <= 60_000 => Ok(Duration::from_millis(*v.get_ref())),
+            Some(v) => Err(cx.invalid(
+                v.span(),
+                field,
+                format!("{} is over 60000 (a test-only pause)", v.get_ref()),
+            )),
+        };
+        let test_pause_before_start = test_pause(
+            &m.test_pause_before_start_ms,
+            "migration.test_pause_before_start_ms",
+        )?;
+        let test_pause_before_holder = test_pause(
+            &m.test_pause_before_holder_ms,
+            "migration.test_pause_before_holder_ms",
+        )?;
 
         let metrics_listen = match &self.metrics.listen {
             None => None,
@@ -627,7 +709,12 @@ impl RawConfig {
             })?),
         };
 
+        let ipam = self
+            .ipam
+            .validate()
+            .map_err(|(span, key, m)| cx.invalid(span, key, m))?;
         Ok(Config {
+            ipam,
             socket,
             journal,
             journal_keep,
@@ -644,6 +731,8 @@ impl RawConfig {
                 default_mode,
                 timeout,
                 max_downtime_ms,
+                test_pause_before_start,
+                test_pause_before_holder,
             },
             metrics_listen,
             control: ControlLimits {
@@ -674,6 +763,15 @@ impl RawConfig {
 }
 
 /// The host name (a name credentials can carry), else `rebalancerd`.
+/// A name slurmdbd accepts as an account: non-empty, at most 64 characters of letters, digits,
+/// `_`, `-` and `.`. Pure.
+fn valid_account(a: &str) -> bool {
+    !a.is_empty()
+        && a.len() <= 64
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -726,6 +824,23 @@ mod tests {
         assert_eq!(
             c.agents.address_of("node1"),
             Some(AgentAddr::Unix("/run/rebalancer/agent.sock".into()))
+        );
+    }
+
+    #[test]
+    fn holders_default_on_and_their_account_is_checked() {
+        let c = parse("").expect("empty is valid");
+        assert!(c.slurm.holder);
+        assert_eq!(c.slurm.holder_account, None);
+        let c = parse("[slurm]\nholder = false\nholder_account = \"ops-1\"\n").expect("valid");
+        assert!(!c.slurm.holder);
+        assert_eq!(c.slurm.holder_account.as_deref(), Some("ops-1"));
+        let e = parse("[slurm]\nholder_account = \"ops 1\"\n")
+            .expect_err("a space is no account name")
+            .to_string();
+        assert!(
+            e.contains("slurm.holder_account") && e.contains("'ops 1'"),
+            "{e}"
         );
     }
 
@@ -846,6 +961,25 @@ listen = "127.0.0.1:9464"
         assert!(e.to_string().contains("invalid agents.name"), "{e}");
         let e = parse("[agents]\nmunge_socket = \"m.sock\"\n").expect_err("relative");
         assert!(e.to_string().contains("agents.munge_socket"), "{e}");
+    }
+
+    #[test]
+    fn the_control_protocol_defaults_to_both_versions_and_can_require_encryption() {
+        let v = rebalancer_proto::VersionRange::new;
+        assert_eq!(
+            parse("").expect("defaults").agents.control_protocol,
+            v(1, 2)
+        );
+        let c = parse("[agents]\ncontrol_protocol = [2, 2]\n").expect("encrypted only");
+        assert_eq!(c.agents.control_protocol, v(2, 2));
+        for bad in ["[2, 1]", "[0, 1]", "[1, 3]"] {
+            let e = parse(&format!("[agents]\ncontrol_protocol = {bad}\n")).expect_err(bad);
+            assert!(
+                e.to_string()
+                    .contains(":2:20: invalid agents.control_protocol"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! execution (`execute`) and recovery (`recovery`) live in their own modules; in-flight
 //! migrations are owned by [`Migrations`]. See `LIFECYCLE.md` next to this file.
 
+pub mod ipam;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -48,6 +50,8 @@ pub struct ClusterState {
     pub last_advice: HashMap<(String, String), (String, DecisionOutcome, Millis)>,
     /// Planner memory as last journaled.
     pub planner_saved: Option<String>,
+    /// Holder allocations by moved container (`holder.rs`; the journal's copy).
+    pub holders: BTreeMap<String, crate::holder::Holder>,
 }
 
 /// Agents polled at the same time.
@@ -80,6 +84,9 @@ pub struct Controller {
     pub state: RwLock<ClusterState>,
     pub metrics: Arc<Metrics>,
     pub eval: Notify,
+    /// Container address blocks leased to nodes (`daemon/ipam.rs`); `None` when the journal's leases
+    /// cannot be used (logged at start-up).
+    pub ipam: Option<ipam::Leases>,
 }
 
 pub(crate) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -124,7 +131,11 @@ impl Controller {
             planner_saved,
             ..Default::default()
         };
+        let ipam = ipam::Leases::load(cfg.ipam, &journal)
+            .inspect_err(|e| tracing::error!("address blocks not leased: {e}"))
+            .ok();
         Arc::new(Controller {
+            ipam,
             access: Access {
                 slurm_user: cfg.slurm_user,
                 operators: cfg.operators.clone(),
@@ -224,6 +235,7 @@ impl Controller {
             }
         }
         self.export_node_gauges();
+        ipam::sync(self).await;
     }
 
     fn export_node_gauges(&self) {
@@ -318,8 +330,8 @@ impl Controller {
         }
     }
 
-    /// CPUs of the live containers on `node` that a migration brought there (Slurm does not
-    /// count them there: [`crate::planner::allocated_cpus`]).
+    /// CPUs of the live containers on `node` that a migration brought there and no holder
+    /// holds (Slurm does not count them there: [`crate::planner::allocated_cpus`]).
     fn moved_in_cpus(&self, st: &ClusterState, node: &str) -> Vec<u32> {
         st.agents
             .get(node)
@@ -327,6 +339,8 @@ impl Controller {
                 a.containers
                     .iter()
                     .filter(|c| c.state.is_live() && st.in_flight.last_moved(&c.id).is_some())
+                    // A holder makes Slurm count them: its CPUAlloc is taken as it is.
+                    .filter(|c| !crate::holder::held_on(&st.holders, &c.id, node))
                     .map(|c| self.container_snap(st, c).cpus)
                     .collect()
             })
@@ -401,6 +415,11 @@ impl Controller {
                         })
                         .unwrap_or(0),
                     in_flight: st.in_flight.on_node(name),
+                    address_blocks: self
+                        .ipam
+                        .as_ref()
+                        .map(|l| l.cidrs_of(name))
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -473,7 +492,7 @@ impl Controller {
     ) -> Vec<ContainerSnap> {
         use rebalancer_proto::control::MigrateTarget as T;
         let input = self.plan_input();
-        input
+        let mut found: Vec<ContainerSnap> = input
             .containers
             .into_iter()
             .filter(|c| c.migratable || matches!(target, T::Container { .. }))
@@ -482,7 +501,14 @@ impl Controller {
                 T::Step { job_id, step_id } => c.job_id == *job_id && c.step_id == *step_id,
                 T::Container { id } => c.id == *id,
             })
-            .collect()
+            .collect();
+        // A moved container stays listed, ended, by the node it left: the running copy is the
+        // one to move (else `migrate container=X node=<where it came from>` found the old entry
+        // and answered that X already runs there).
+        if found.iter().any(|c| c.migratable) {
+            found.retain(|c| c.migratable);
+        }
+        found
     }
 
     pub fn address_of(&self, node: &str) -> Option<AgentAddr> {
@@ -524,6 +550,7 @@ pub async fn run_loops(ctl: Arc<Controller>, shutdown: Arc<Notify>) {
                 }
                 if full {
                     ctl.retry_kept_sources().await;
+                    ctl.reconcile_holders().await;
                 }
             }
         }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::agents::AgentError;
-use crate::daemon::{err, write, Controller, Progress};
+use crate::daemon::{err, read, write, Controller, Progress};
 use crate::inflight::{Outcome, Resolution};
 use crate::journal::Unresolved;
 
@@ -43,11 +43,29 @@ impl Controller {
                 this.fail_start(&mut decision, e, progress);
                 return;
             };
+            // Before anything is frozen: a move straight back to a node the job just left
+            // waits until slurmd there accepts the job's credentials again.
+            if let Some(job) = decision.task.as_ref().map(|t| t.job_id) {
+                let wait = read(&this.state).in_flight.settle_after_departure(
+                    job,
+                    &decision.destination,
+                    now_millis(),
+                );
+                if wait > 0 {
+                    info!(container = %container, job, destination = %decision.destination, wait_ms = wait, "the job left the destination a moment ago: waiting until slurmd there takes its credentials again");
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+            }
             // A Slurm task is restored by a step on the destination, which Slurm allows only
             // on a node of the job: the job must hold the destination before the migration.
             if let Err(e) = this.expand_before(&decision).await {
                 this.fail_start(&mut decision, e, progress);
                 return;
+            }
+            let pause = this.cfg.migration.test_pause_before_start;
+            if !pause.is_zero() {
+                warn!(container = %container, ms = pause.as_millis() as u64, "test pause before the migration is sent (migration.test_pause_before_start_ms is set)");
+                tokio::time::sleep(pause).await;
             }
             let req = MigrateRequest {
                 container: container.clone(),
@@ -143,6 +161,7 @@ impl Controller {
             slurm_synced: false,
             slurm_error: None,
             slurm_kept_source: None,
+            slurm_holder: None,
         };
         if let Err(e) = self.journal.put_migration(&entry) {
             error!(migration = %entry.record.id, "cannot journal a migration: {e}");
@@ -284,6 +303,13 @@ impl Controller {
         );
         self.metrics.record_migration(rec);
         let outcome = Outcome::of(rec);
+        // Whether the job was expanded onto the destination for this move (then Slurm does not
+        // count the task's CPUs there: `holder.rs`).
+        let expanded = outcome == Outcome::Succeeded
+            && write(&self.state)
+                .in_flight
+                .take_expansion(&rec.container)
+                .is_some();
         if outcome == Outcome::Succeeded {
             {
                 // Until the next poll the cached lists still show the container on its source,
@@ -298,6 +324,8 @@ impl Controller {
                 if let Some(mut c) = moved {
                     c.node = rec.destination.clone();
                     c.state = ContainerState::Running;
+                    // The source's pid means nothing there; the next poll brings the real one.
+                    c.pid = None;
                     let dest = st.agents.entry(rec.destination.clone()).or_default();
                     dest.containers.retain(|x| x.id != c.id);
                     dest.containers.push(c);
@@ -313,7 +341,7 @@ impl Controller {
                     );
                 }
             }
-            self.sync_slurm(&mut entry).await;
+            self.sync_slurm(&mut entry, expanded).await;
         } else if outcome == Outcome::RolledBack {
             self.undo_expansion(&entry.record.container).await;
         }
@@ -340,6 +368,7 @@ impl Controller {
                 destination: entry.record.destination.clone(),
                 nodes_before: x.map(|x| x.nodes_before),
                 since: now_millis(),
+                decision: decision.seq,
             };
             warn!(migration = %u.migration, container = %u.container, job = u.job_id, source = %u.source, destination = %u.destination, state = %entry.record.state, "migration outcome unknown: the job keeps both nodes until it is known where the task runs");
             if let Err(e) = self.journal.put_unresolved(&u) {
@@ -350,6 +379,11 @@ impl Controller {
         } else {
             let left = write(&self.state).in_flight.remove(&entry.record.container);
             self.metrics.in_flight.set(left as i64);
+        }
+        // The end (with its allocation update, or the unknown outcome carrying the nodes to give
+        // back) is journaled: the expansion's own record is no longer needed.
+        if let Err(e) = self.journal.remove_expansion(&entry.record.container) {
+            error!(migration = %entry.record.id, "cannot journal: {e}");
         }
         if let Some(p) = progress {
             let container = entry.record.container.clone();
@@ -368,11 +402,13 @@ impl Controller {
     /// allocation match: moved → as after a success (the source leaves the job when nothing
     /// else of it is there); stayed or gone → the expansion is undone. Frees the slot then.
     pub async fn resolve_later(self: &Arc<Self>, u: Unresolved) {
+        self.metrics.unresolved.inc();
         let mut pause = RESOLVE_FIRST_PAUSE;
         loop {
             let r = self.look(&u).await;
             if r != Resolution::Pending {
                 self.resolved(&u, r).await;
+                self.metrics.unresolved.dec();
                 return;
             }
             debug!(migration = %u.migration, container = %u.container, "outcome still unknown");
@@ -412,10 +448,13 @@ impl Controller {
         match r {
             Resolution::Moved => {
                 if let Ok(Some(mut e)) = self.journal.migration(&u.migration) {
-                    self.sync_slurm(&mut e).await;
+                    self.sync_slurm(&mut e, u.nodes_before.is_some()).await;
                     if let Err(err) = self.journal.put_migration(&e) {
                         error!(migration = %u.migration, "cannot journal: {err}");
                     }
+                } else {
+                    // Recovered from an expansion alone (`recovery.rs`): no record to sync from.
+                    warn!(migration = %u.migration, container = %u.container, job = u.job_id, source = %u.source, "the task moved, but its migration record never reached the journal: the job keeps its source node until the next move or its end");
                 }
             }
             Resolution::Stayed | Resolution::Gone => {
@@ -437,6 +476,12 @@ impl Controller {
             }
             Resolution::Pending => return,
         }
+        self.metrics.record_resolution(match r {
+            Resolution::Moved => "succeeded",
+            Resolution::Stayed => "rolled-back",
+            // The task runs nowhere: lost, as a failure after the point of no return is.
+            Resolution::Gone | Resolution::Pending => "failed",
+        });
         if let Err(e) = self.journal.remove_unresolved(&u.migration) {
             error!(migration = %u.migration, "cannot journal the resolution: {e}");
         }

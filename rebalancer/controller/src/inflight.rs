@@ -106,6 +106,8 @@ pub struct Migrations {
     pre_expanded: HashMap<String, Expansion>,
     /// By container: when its last migration succeeded.
     last_moved: HashMap<String, Millis>,
+    /// By (job, node): when the controller last took the node out of the job's allocation.
+    departures: HashMap<(u32, String), Millis>,
 }
 
 impl Migrations {
@@ -245,12 +247,61 @@ impl Migrations {
     pub fn last_moved(&self, container: &str) -> Option<Millis> {
         self.last_moved.get(container).copied()
     }
+
+    /// Job `job` left `node`'s allocation at `at` (its source was released after a move).
+    pub fn departed(&mut self, job: u32, node: &str, at: Millis) {
+        // Only recent departures matter (see `settle_after_departure`); keep the map small.
+        self.departures
+            .retain(|_, t| at.saturating_sub(*t) < 10 * DEPARTURE_SETTLE_MS);
+        self.departures.insert((job, node.to_string()), at);
+    }
+
+    /// How long a migration of job `job` to `node` must wait at `now` before the job may hold
+    /// the node again. slurmd refuses a job's credential created at or before the second in
+    /// which it recorded the job's departure ("Job credential revoked"), so a move straight
+    /// back waits until that second is safely past. Zero when the job did not leave it lately.
+    /// The recent departures, (job, node, when): journaled, so that a restarted controller
+    /// still waits before it moves a task into a node its job just left.
+    pub fn departures(&self) -> Vec<(u32, String, Millis)> {
+        self.departures
+            .iter()
+            .map(|((job, node), at)| (*job, node.clone(), *at))
+            .collect()
+    }
+
+    pub fn settle_after_departure(&self, job: u32, node: &str, now: Millis) -> Millis {
+        self.departures
+            .get(&(job, node.to_string()))
+            .map(|t| (t + DEPARTURE_SETTLE_MS).saturating_sub(now))
+            .unwrap_or(0)
+    }
 }
+
+/// How long after a job left a node its credentials there may still be refused: slurmd
+/// compares creation and revocation times in whole seconds, and the revocation is stamped when
+/// slurmctld tells slurmd, a moment after the allocation changed.
+pub const DEPARTURE_SETTLE_MS: Millis = 2_000;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rebalancer_proto::control::DecisionOutcome;
+
+    #[test]
+    fn a_move_back_waits_until_the_departure_is_past() {
+        let mut m = Migrations::default();
+        assert_eq!(m.settle_after_departure(4, "node1", 10_000), 0);
+        m.departed(4, "node1", 10_000);
+        assert_eq!(m.settle_after_departure(4, "node1", 10_500), 1_500);
+        assert_eq!(m.settle_after_departure(4, "node1", 12_000), 0);
+        // Another job, another node: no wait.
+        assert_eq!(m.settle_after_departure(5, "node1", 10_500), 0);
+        assert_eq!(m.settle_after_departure(4, "node2", 10_500), 0);
+        // Old departures are forgotten.
+        m.departed(6, "node3", 100_000);
+        assert_eq!(m.settle_after_departure(4, "node1", 100_000), 0);
+        assert!(!m.departures.contains_key(&(4, "node1".to_string())));
+    }
     use rebalancer_proto::MigrationMode;
 
     const LIMITS: Limits = Limits {

@@ -18,6 +18,16 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const UNRESOLVED: TableDefinition<&str, &[u8]> = TableDefinition::new("unresolved");
 /// Container address blocks leased to nodes (rebalancer-ipam's `BlockTable`): block → node.
 const BLOCK_LEASES: TableDefinition<u32, &str> = TableDefinition::new("block_leases");
+/// When each block of `block_leases` was leased (unix ms; `rebalctl show blocks`). A table of
+/// its own, so that journals written before it keep their leases (shown without a time).
+const BLOCK_LEASE_TIMES: TableDefinition<u32, u64> = TableDefinition::new("block_lease_times");
+/// Holder allocations (`holder.rs`), by moved container: journaled before the controller asks
+/// Slurm for one, so a restarted controller finds and reconciles them.
+const HOLDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("holders");
+/// Jobs expanded onto a migration's destination (`slurm_watch.rs`), by container: journaled
+/// before Slurm is asked, removed once the migration's end is journaled, so that a controller
+/// killed in between knows which allocation to undo or to keep (with its holder).
+const EXPANSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("expansions");
 const DECISION_SEQ: &str = "decision_seq";
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +56,21 @@ pub struct Journal {
     db: Database,
 }
 
+/// A job expanded onto a migration's destination, journaled before Slurm is asked (the
+/// expansion may or may not have happened when the controller stops).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JournaledExpansion {
+    pub container: String,
+    pub job_id: u32,
+    /// The job's nodes before the expansion: what a failed migration gives back.
+    pub nodes_before: Vec<String>,
+    pub source: String,
+    pub destination: String,
+    /// The decision the migration was started for.
+    pub decision: u64,
+    pub since: rebalancer_proto::Millis,
+}
+
 /// A migration whose outcome is unknown (Commit may have reached the destination, or the
 /// controller lost track after the point of no return): the job keeps both nodes until it is
 /// known where the task runs. Journaled, so that a restarted controller resolves it too (the
@@ -62,6 +87,9 @@ pub struct Unresolved {
     pub nodes_before: Option<Vec<String>>,
     /// When the outcome was found unknown.
     pub since: rebalancer_proto::Millis,
+    /// The decision the migration was started for (0 in records from before it was kept).
+    #[serde(default)]
+    pub decision: u64,
 }
 
 impl Journal {
@@ -80,6 +108,9 @@ impl Journal {
             store!(tx.open_table(META))?;
             store!(tx.open_table(UNRESOLVED))?;
             store!(tx.open_table(BLOCK_LEASES))?;
+            store!(tx.open_table(BLOCK_LEASE_TIMES))?;
+            store!(tx.open_table(HOLDERS))?;
+            store!(tx.open_table(EXPANSIONS))?;
         }
         store!(tx.commit())?;
         Ok(Journal { db })
@@ -171,6 +202,72 @@ impl Journal {
         Ok(())
     }
 
+    pub fn put_holder(&self, h: &crate::holder::Holder) -> Result<(), JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(HOLDERS))?;
+            let bytes = serde_json::to_vec(h).map_err(JournalError::Encode)?;
+            store!(t.insert(h.container.as_str(), bytes.as_slice()))?;
+        }
+        store!(tx.commit())?;
+        Ok(())
+    }
+
+    pub fn remove_holder(&self, container: &str) -> Result<(), JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(HOLDERS))?;
+            store!(t.remove(container))?;
+        }
+        store!(tx.commit())?;
+        Ok(())
+    }
+
+    pub fn put_expansion(&self, x: &JournaledExpansion) -> Result<(), JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(EXPANSIONS))?;
+            let bytes = serde_json::to_vec(x).map_err(JournalError::Encode)?;
+            store!(t.insert(x.container.as_str(), bytes.as_slice()))?;
+        }
+        store!(tx.commit())?;
+        Ok(())
+    }
+
+    pub fn remove_expansion(&self, container: &str) -> Result<(), JournalError> {
+        let tx = store!(self.db.begin_write())?;
+        {
+            let mut t = store!(tx.open_table(EXPANSIONS))?;
+            store!(t.remove(container))?;
+        }
+        store!(tx.commit())?;
+        Ok(())
+    }
+
+    /// Every journaled expansion whose migration's end is not journaled yet.
+    pub fn expansions(&self) -> Result<Vec<JournaledExpansion>, JournalError> {
+        let tx = store!(self.db.begin_read())?;
+        let t = store!(tx.open_table(EXPANSIONS))?;
+        let mut out = Vec::new();
+        for item in store!(t.iter())? {
+            let (k, v) = store!(item)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Every journaled holder, by container.
+    pub fn holders(&self) -> Result<Vec<crate::holder::Holder>, JournalError> {
+        let tx = store!(self.db.begin_read())?;
+        let t = store!(tx.open_table(HOLDERS))?;
+        let mut out = Vec::new();
+        for item in store!(t.iter())? {
+            let (k, v) = store!(item)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
     /// Migrations whose outcome is still unknown, oldest first.
     pub fn unresolved(&self) -> Result<Vec<Unresolved>, JournalError> {
         let tx = store!(self.db.begin_read())?;
@@ -259,10 +356,17 @@ impl Journal {
     /// Records that `block` of the container pool is leased to `node` (before the node hears
     /// of it, so that a restarted controller never leases it twice).
     pub fn put_block_lease(&self, block: u32, node: &str) -> Result<(), JournalError> {
+        self.put_block_lease_at(block, node, rebalancer_proto::now_millis())
+    }
+
+    /// [`Journal::put_block_lease`] with the lease's time (unix ms), in the same transaction.
+    pub fn put_block_lease_at(&self, block: u32, node: &str, at: u64) -> Result<(), JournalError> {
         let tx = store!(self.db.begin_write())?;
         {
             let mut t = store!(tx.open_table(BLOCK_LEASES))?;
             store!(t.insert(block, node))?;
+            let mut times = store!(tx.open_table(BLOCK_LEASE_TIMES))?;
+            store!(times.insert(block, at))?;
         }
         store!(tx.commit())?;
         Ok(())
@@ -275,6 +379,8 @@ impl Journal {
         let was = {
             let mut t = store!(tx.open_table(BLOCK_LEASES))?;
             let old = store!(t.remove(block))?;
+            let mut times = store!(tx.open_table(BLOCK_LEASE_TIMES))?;
+            store!(times.remove(block))?;
             old.is_some()
         };
         store!(tx.commit())?;
@@ -290,6 +396,19 @@ impl Journal {
         for item in store!(t.iter())? {
             let (k, v) = store!(item)?;
             out.insert(k.value(), v.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// When each leased block was leased (unix ms); blocks leased before the journal kept
+    /// times are absent.
+    pub fn block_lease_times(&self) -> Result<BTreeMap<u32, u64>, JournalError> {
+        let tx = store!(self.db.begin_read())?;
+        let t = store!(tx.open_table(BLOCK_LEASE_TIMES))?;
+        let mut out = BTreeMap::new();
+        for item in store!(t.iter())? {
+            let (k, v) = store!(item)?;
+            out.insert(k.value(), v.value());
         }
         Ok(out)
     }
@@ -368,6 +487,7 @@ pub(crate) mod tests {
             error: None,
             started_at: 10,
             ended_at: None,
+            cancelled_by: None,
         }
     }
 
@@ -390,6 +510,65 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn holders_are_kept_across_a_restart_until_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal.redb");
+        let h = |c: &str, id| crate::holder::Holder {
+            container: c.into(),
+            job_id: 4,
+            node: "node2".into(),
+            cpus: 1,
+            migration: "m1".into(),
+            holder_job: id,
+            since: 5,
+            refused: None,
+        };
+        {
+            let j = Journal::open(&path).expect("open");
+            j.put_holder(&h("j4.s0.t0", None)).expect("put intent");
+            j.put_holder(&h("j4.s0.t0", Some(9))).expect("put granted");
+            j.put_holder(&h("j4.s0.t1", Some(10))).expect("put");
+        }
+        let j = Journal::open(&path).expect("reopen");
+        assert_eq!(
+            j.holders().expect("list"),
+            vec![h("j4.s0.t0", Some(9)), h("j4.s0.t1", Some(10))]
+        );
+        j.remove_holder("j4.s0.t0").expect("remove");
+        j.remove_holder("absent").expect("removing nothing is fine");
+        assert_eq!(j.holders().expect("list"), vec![h("j4.s0.t1", Some(10))]);
+    }
+
+    #[test]
+    fn expansions_are_kept_across_a_restart_until_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal.redb");
+        let x = |c: &str, job| JournaledExpansion {
+            container: c.into(),
+            job_id: job,
+            nodes_before: vec!["node1".into()],
+            source: "node1".into(),
+            destination: "node2".into(),
+            decision: 7,
+            since: 1,
+        };
+        {
+            let j = Journal::open(&path).expect("open");
+            j.put_expansion(&x("j6.s0.t0", 6)).expect("put");
+            j.put_expansion(&x("j7.s0.t0", 7)).expect("put");
+        }
+        let j = Journal::open(&path).expect("reopen");
+        assert_eq!(
+            j.expansions().expect("list"),
+            vec![x("j6.s0.t0", 6), x("j7.s0.t0", 7)]
+        );
+        j.remove_expansion("j6.s0.t0").expect("remove");
+        j.remove_expansion("absent")
+            .expect("removing nothing is fine");
+        assert_eq!(j.expansions().expect("list"), vec![x("j7.s0.t0", 7)]);
+    }
+
+    #[test]
     fn unknown_outcomes_are_kept_across_a_restart_until_resolved() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("journal.redb");
@@ -401,6 +580,7 @@ pub(crate) mod tests {
             destination: "node2".into(),
             nodes_before: Some(vec!["node1".into()]),
             since,
+            decision: 0,
         };
         {
             let j = Journal::open(&path).expect("open");
@@ -419,6 +599,7 @@ pub(crate) mod tests {
             slurm_synced: false,
             slurm_error: None,
             slurm_kept_source: None,
+            slurm_holder: None,
         };
         j.put_migration(&e).expect("put");
         e.record = record("m9", MigrationState::Succeeded);
@@ -459,6 +640,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn lease_times_survive_a_reopen_and_go_with_their_lease() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("j.redb");
+        {
+            let j = Journal::open(&path).expect("open");
+            j.put_block_lease_at(3, "node1", 1_000).expect("lease");
+            j.put_block_lease_at(4, "node2", 2_000).expect("lease");
+            assert!(j.remove_block_lease(3).expect("remove"));
+        }
+        let j = Journal::open(&path).expect("reopen");
+        assert_eq!(
+            j.block_lease_times()
+                .expect("times")
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec![(4, 2_000)]
+        );
+    }
+
+    #[test]
     fn survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub/journal.redb");
@@ -475,6 +676,7 @@ pub(crate) mod tests {
                 slurm_synced: false,
                 slurm_error: None,
                 slurm_kept_source: None,
+                slurm_holder: None,
             })
             .expect("put");
             j.put_migration(&MigrationEntry {
@@ -485,6 +687,7 @@ pub(crate) mod tests {
                 slurm_synced: true,
                 slurm_error: None,
                 slurm_kept_source: None,
+                slurm_holder: None,
             })
             .expect("put");
             j.set_policy_state("thermal", PolicyState::DryRun)

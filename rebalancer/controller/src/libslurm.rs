@@ -4,9 +4,11 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use rebalancer_slurm::{ExpandOptions, Slurm};
+use rebalancer_slurm::{ExpandOptions, ImmediateAllocation, Slurm};
 
-use crate::slurm_sync::{NodeFlags, SlurmBackend, SlurmError, SlurmJob, SlurmNode};
+use crate::slurm_sync::{
+    holder_minutes, HoldRequest, NodeFlags, SlurmBackend, SlurmError, SlurmJob, SlurmNode,
+};
 
 pub struct LibslurmBackend {
     slurm: Slurm,
@@ -79,6 +81,7 @@ impl SlurmBackend for LibslurmBackend {
             .filter(|j| j.state.is_running())
             .map(|j| SlurmJob {
                 job_id: j.id,
+                name: j.name.unwrap_or_default(),
                 user: j.user_name.unwrap_or_default(),
                 uid: j.user_id,
                 account: j.account.unwrap_or_default(),
@@ -107,5 +110,44 @@ impl SlurmBackend for LibslurmBackend {
 
     fn record_move(&self, job_id: u32, note: &str) -> Result<(), SlurmError> {
         crate::slurm_sync::record_move_with_scontrol(self.conf.as_deref(), job_id, note)
+    }
+
+    fn hold(&self, req: &HoldRequest) -> Result<u32, SlurmError> {
+        let job = self.slurm.load_job(req.job_id).map_err(api)?;
+        if !job.state.is_running() {
+            return Err(SlurmError::Libslurm(format!(
+                "job {} is {}",
+                req.job_id, job.state
+            )));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let minutes = holder_minutes(job.time_limit_min.is_some(), job.end_time, now)
+            .map_err(|e| SlurmError::Libslurm(format!("no holder for job {}: {e}", req.job_id)))?;
+        let alloc = ImmediateAllocation {
+            name: req.name(),
+            node: req.node.clone(),
+            cpus: req.cpus,
+            mem_mb: 1,
+            partition: job.partition,
+            account: req.account.clone(),
+            time_limit_min: minutes,
+            comment: Some(req.comment()),
+        };
+        self.slurm.allocate_now(&alloc).map_err(api)
+    }
+
+    fn cancel_job(&self, job_id: u32) -> Result<(), SlurmError> {
+        match self.slurm.cancel_job(job_id) {
+            // Already gone: what a release wants.
+            Err(rebalancer_slurm::Error::JobNotFound { .. }) => Ok(()),
+            r => r.map_err(api),
+        }
+    }
+
+    fn credited_cpus(&self, job_id: u32, node: &str) -> Result<u32, SlurmError> {
+        crate::slurm_sync::credited_cpus_with_scontrol(self.conf.as_deref(), job_id, node)
     }
 }

@@ -50,6 +50,12 @@ pub struct Metrics {
     pub bytes: Counter,
     pub decisions: Family<DecisionLabels, Counter>,
     pub in_flight: Gauge,
+    /// Migrations whose outcome is not known yet (kept frozen, the job on both nodes).
+    pub unresolved: Gauge,
+    /// Holder allocations (holder.rs) held now.
+    pub holders: Gauge,
+    /// Holder allocations Slurm did not grant at once.
+    pub holders_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -91,6 +97,12 @@ impl Metrics {
             "Migrations running now",
             in_flight.clone(),
         );
+        let unresolved = Gauge::default();
+        registry.register(
+            "migrations_unresolved",
+            "Migrations whose outcome is not known yet: the job keeps both nodes until the controller learns where the task runs",
+            unresolved.clone(),
+        );
         let agent_up = Family::<NodeLabel, Gauge>::default();
         registry.register(
             "node_agent_up",
@@ -109,8 +121,22 @@ impl Metrics {
             "1 if Slurm has the node DRAIN (an evacuation is wanted), else 0",
             node_draining.clone(),
         );
+        let holders = Gauge::default();
+        registry.register(
+            "slurm_holders",
+            "Holder allocations held now: they make Slurm count the CPUs of moved tasks",
+            holders.clone(),
+        );
+        let holders_refused = Counter::default();
+        registry.register(
+            "slurm_holders_refused",
+            "Holder allocations Slurm did not grant at once (another job took the CPUs first)",
+            holders_refused.clone(),
+        );
         Metrics {
             registry,
+            holders,
+            holders_refused,
             agent_up,
             node_containers,
             node_draining,
@@ -120,6 +146,7 @@ impl Metrics {
             bytes,
             decisions,
             in_flight,
+            unresolved,
         }
     }
 
@@ -139,6 +166,16 @@ impl Metrics {
             self.downtime.observe(ms as f64 / 1000.0);
         }
         self.bytes.inc_by(rec.stats.bytes_sent);
+    }
+
+    /// The end of a migration whose outcome was unknown, counted once it is known (it was not
+    /// counted when it ended unknown).
+    pub fn record_resolution(&self, outcome: &str) {
+        self.migrations
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     pub fn record_decision(&self, policy: &str, outcome: &str) {
@@ -254,6 +291,33 @@ mod tests {
         assert!(
             missing.is_empty(),
             "not exported by rebalancerd: {missing:?}\nexported: {exported:?}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_outcome_is_counted_once_it_is_resolved() {
+        let m = Metrics::new();
+        m.record_migration(&crate::journal::tests::record(
+            "m1",
+            MigrationState::Unknown,
+        ));
+        m.unresolved.inc();
+        let text = m.render();
+        assert!(!text.contains("rebalancer_migrations_total{"), "{text}");
+        assert!(
+            text.contains("rebalancer_migrations_unresolved 1"),
+            "{text}"
+        );
+        m.record_resolution("succeeded");
+        m.unresolved.dec();
+        let text = m.render();
+        assert!(
+            text.contains("rebalancer_migrations_total{outcome=\"succeeded\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rebalancer_migrations_unresolved 0"),
+            "{text}"
         );
     }
 

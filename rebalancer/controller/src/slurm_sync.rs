@@ -48,6 +48,7 @@ pub struct SlurmNode {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SlurmJob {
     pub job_id: u32,
+    pub name: String,
     pub user: String,
     pub uid: u32,
     pub account: String,
@@ -76,6 +77,130 @@ pub trait SlurmBackend: Send + Sync + 'static {
     fn record_move(&self, _job_id: u32, _note: &str) -> Result<(), SlurmError> {
         Ok(())
     }
+    /// Allocates a holder ([`HoldRequest`]) now or not at all; returns its job id.
+    fn hold(&self, _req: &HoldRequest) -> Result<u32, SlurmError> {
+        Err(SlurmError::Disabled)
+    }
+    /// Ends a job (a holder).
+    fn cancel_job(&self, _job_id: u32) -> Result<(), SlurmError> {
+        Err(SlurmError::Disabled)
+    }
+    /// CPUs slurmctld's core bitmap gives job `job_id` on `node` (the `CPU_IDs` of
+    /// `scontrol show job -d`): what `CPUAlloc` counts for the job there.
+    fn credited_cpus(&self, _job_id: u32, _node: &str) -> Result<u32, SlurmError> {
+        Err(SlurmError::Disabled)
+    }
+}
+
+/// Job name prefix of holder allocations: `rebal-hold:<job>:<container>`.
+pub const HOLDER_PREFIX: &str = "rebal-hold:";
+
+/// A holder's job name, which an admin reads in squeue as "held for job J's task C". Pure.
+pub fn holder_name(job_id: u32, container: &str) -> String {
+    format!("{HOLDER_PREFIX}{job_id}:{container}")
+}
+
+/// The job and container of a holder's job name, None for any other name. Pure.
+pub fn parse_holder_name(name: &str) -> Option<(u32, &str)> {
+    let (job, container) = name.strip_prefix(HOLDER_PREFIX)?.split_once(':')?;
+    let job = job.parse().ok()?;
+    (!container.is_empty()).then_some((job, container))
+}
+
+/// A holder allocation: `cpus` CPUs on `node`, for the moved task `container` of running job
+/// `job_id`, in that job's partition, for at most the job's remaining time, under the
+/// controller's user and `account` (None: the user's default), with 1 MB of memory (the job's
+/// own memory on the node is already counted, per node, by the merge).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldRequest {
+    pub job_id: u32,
+    pub container: String,
+    pub node: String,
+    pub cpus: u32,
+    pub account: Option<String>,
+}
+
+impl HoldRequest {
+    pub fn name(&self) -> String {
+        holder_name(self.job_id, &self.container)
+    }
+    pub fn comment(&self) -> String {
+        format!(
+            "slurm-rebalancer: holds the CPUs of job {}'s moved task {} on {} (Slurm does not count them after a job expansion)",
+            self.job_id, self.container, self.node
+        )
+    }
+}
+
+/// Minutes of a holder's time limit for a job that ends at `end_time` (Unix seconds) with a
+/// time limit (`limited`), seen at `now`: the remaining time rounded down, so the holder never
+/// outlives the job; None for an unlimited job; Err when less than a minute is left. Pure.
+pub fn holder_minutes(limited: bool, end_time: i64, now: i64) -> Result<Option<u32>, String> {
+    if !limited {
+        return Ok(None);
+    }
+    let left = (end_time - now) / 60;
+    if left < 1 {
+        return Err(format!(
+            "the job has {}s left, less than a holder's minute",
+            (end_time - now).max(0)
+        ));
+    }
+    Ok(Some(u32::try_from(left).unwrap_or(u32::MAX)))
+}
+
+/// CPUs in a `CPU_IDs=` list such as `0-1,3`. Pure.
+fn count_cpu_ids(ids: &str) -> u32 {
+    ids.split(',')
+        .filter(|r| !r.is_empty())
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => match (a.parse::<u32>(), b.parse::<u32>()) {
+                (Ok(a), Ok(b)) if b >= a => b - a + 1,
+                _ => 0,
+            },
+            None => u32::from(r.parse::<u32>().is_ok()),
+        })
+        .sum()
+}
+
+/// The CPUs `scontrol show job -d J` lists for the job on `node` (its `Nodes=... CPU_IDs=...`
+/// lines; none when the node has no line). Pure.
+pub fn parse_credited_cpus(text: &str, node: &str) -> u32 {
+    text.lines()
+        .filter_map(|l| {
+            let f = fields(l.trim());
+            let nodes = expand_hostlist(f.get("Nodes")?);
+            nodes
+                .iter()
+                .any(|n| n == node)
+                .then(|| count_cpu_ids(f.get("CPU_IDs").copied().unwrap_or("")))
+        })
+        .sum()
+}
+
+/// Minutes of squeue's `%L` (time left: `[D-]HH:MM:SS`, `MM:SS`, `UNLIMITED`, `NOT_SET`):
+/// None when unlimited. Pure.
+pub fn parse_time_left(s: &str) -> Result<Option<u32>, String> {
+    let s = s.trim();
+    if matches!(s, "UNLIMITED" | "NOT_SET" | "INFINITE") {
+        return Ok(None);
+    }
+    let bad = || format!("cannot read squeue's time left {s:?}");
+    let (days, rest) = match s.split_once('-') {
+        Some((d, r)) => (d.parse::<u64>().map_err(|_| bad())?, r),
+        None => (0, s),
+    };
+    let parts: Vec<u64> = rest
+        .split(':')
+        .map(|p| p.parse::<u64>().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let secs = match parts.as_slice() {
+        [h, m, sec] => h * 3600 + m * 60 + sec,
+        [m, sec] => m * 60 + sec,
+        [sec] => *sec,
+        _ => return Err(bad()),
+    } + days * 86_400;
+    Ok(Some(u32::try_from(secs / 60).unwrap_or(u32::MAX)))
 }
 
 /// Longest AdminComment the rebalancer writes: slurmctld refuses longer comments (1024 bytes is
@@ -367,6 +492,7 @@ pub fn parse_jobs(text: &str) -> Vec<SlurmJob> {
                 .unwrap_or_default();
             Some(SlurmJob {
                 job_id,
+                name: f.get("JobName").copied().unwrap_or_default().to_string(),
                 user,
                 uid,
                 account: f.get("Account").copied().unwrap_or_default().to_string(),
@@ -460,6 +586,91 @@ impl SlurmBackend for ScontrolBackend {
     fn record_move(&self, job_id: u32, note: &str) -> Result<(), SlurmError> {
         record_move_with_scontrol(None, job_id, note)
     }
+
+    fn hold(&self, req: &HoldRequest) -> Result<u32, SlurmError> {
+        let job = req.job_id.to_string();
+        let Some(j) = self.job(req.job_id)? else {
+            return Err(SlurmError::Output {
+                cmd: "scontrol show job".into(),
+                detail: format!("job {job} is not running"),
+            });
+        };
+        let left = run("squeue", &["-h", "-j", &job, "-o", "%L"])?;
+        let minutes = parse_time_left(&left).map_err(|detail| SlurmError::Output {
+            cmd: "squeue".into(),
+            detail,
+        })?;
+        if minutes == Some(0) {
+            return Err(SlurmError::Output {
+                cmd: "squeue".into(),
+                detail: format!("job {job} has less than a minute left"),
+            });
+        }
+        let (cpus, name, comment) = (
+            req.cpus.to_string(),
+            format!("--job-name={}", req.name()),
+            format!("--comment={}", req.comment()),
+        );
+        let time = format!(
+            "--time={}",
+            minutes.map_or("UNLIMITED".into(), |m| m.to_string())
+        );
+        let partition = format!("--partition={}", j.partition);
+        let mut args = vec![
+            "--no-shell",
+            "--immediate=1",
+            "-N1",
+            "-n1",
+            "-c",
+            &cpus,
+            "--mem=1",
+            "-w",
+            &req.node,
+            &name,
+            &comment,
+            &time,
+        ];
+        if !j.partition.is_empty() {
+            args.push(&partition);
+        }
+        let account = req.account.as_ref().map(|a| format!("--account={a}"));
+        if let Some(a) = &account {
+            args.push(a);
+        }
+        let out = run("salloc", &args)?;
+        out.split_whitespace()
+            .skip_while(|w| *w != "allocation")
+            .nth(1)
+            .and_then(|w| w.parse::<u32>().ok())
+            .ok_or_else(|| SlurmError::Output {
+                cmd: "salloc".into(),
+                detail: format!("no job id in {out:?}"),
+            })
+    }
+
+    fn cancel_job(&self, job_id: u32) -> Result<(), SlurmError> {
+        run("scancel", &[&job_id.to_string()])?;
+        Ok(())
+    }
+
+    fn credited_cpus(&self, job_id: u32, node: &str) -> Result<u32, SlurmError> {
+        credited_cpus_with_scontrol(None, job_id, node)
+    }
+}
+
+/// [`SlurmBackend::credited_cpus`] with `scontrol show job -d` (libslurm keeps a job's core
+/// bitmap opaque); `conf` sets `SLURM_CONF` for it.
+pub fn credited_cpus_with_scontrol(
+    conf: Option<&std::path::Path>,
+    job_id: u32,
+    node: &str,
+) -> Result<u32, SlurmError> {
+    let text = run_env(
+        "scontrol",
+        &["show", "job", "-d", &job_id.to_string()],
+        conf,
+    )?;
+    Ok(parse_credited_cpus(&text, node))
 }
 
 /// [`SlurmBackend::record_move`] with `scontrol` (libslurm's job update has no AdminComment in
@@ -547,6 +758,34 @@ mod tests {
         let shown = "JobId=12 JobName=x\n   AdminComment=site note; rebalancer: a b \n   Power=\n";
         assert_eq!(parse_admin_comment(shown), "site note; rebalancer: a b");
         assert_eq!(parse_admin_comment("JobId=12\n"), "");
+    }
+
+    #[test]
+    fn holder_names_times_and_credited_cpus() {
+        let n = holder_name(4, "j4.s0.t0");
+        assert_eq!(n, "rebal-hold:4:j4.s0.t0");
+        assert_eq!(parse_holder_name(&n), Some((4, "j4.s0.t0")));
+        assert_eq!(parse_holder_name("rebal-hold:x:j4.s0.t0"), None);
+        assert_eq!(parse_holder_name("rebal-hold:4:"), None);
+        assert_eq!(parse_holder_name("server"), None);
+        // Rounded down: a holder never outlives its job.
+        assert_eq!(holder_minutes(true, 1000 + 90, 1000), Ok(Some(1)));
+        assert_eq!(holder_minutes(true, 1000 + 3600, 1000), Ok(Some(60)));
+        assert!(holder_minutes(true, 1000 + 59, 1000).is_err());
+        assert_eq!(holder_minutes(false, 0, 1000), Ok(None));
+        assert_eq!(parse_time_left("UNLIMITED"), Ok(None));
+        assert_eq!(parse_time_left("1-02:03:04"), Ok(Some(26 * 60 + 3)));
+        assert_eq!(parse_time_left("5:30"), Ok(Some(5)));
+        assert!(parse_time_left("soon").is_err());
+        // scontrol show job -d after the merge: node1 has core 0, node2 none.
+        let merged =
+            "JobId=1 JobName=x\n   NodeList=node[1-2]\n     Nodes=node1 CPU_IDs=0 Mem=0 GRES=\n";
+        assert_eq!(parse_credited_cpus(merged, "node1"), 1);
+        assert_eq!(parse_credited_cpus(merged, "node2"), 0);
+        let two =
+            "     Nodes=node[1-2] CPU_IDs=0-1 Mem=0 GRES=\n     Nodes=node3 CPU_IDs=0,3-5 Mem=0\n";
+        assert_eq!(parse_credited_cpus(two, "node2"), 2);
+        assert_eq!(parse_credited_cpus(two, "node3"), 4);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::daemon::{err, read, write, Controller};
 use crate::inflight::Expansion;
+use crate::journal::JournaledExpansion;
 use crate::slurm_sync::{allocation_change, SlurmNode};
 
 impl Controller {
@@ -67,17 +68,46 @@ impl Controller {
         let destination = decision.destination.clone();
         let slurm = self.slurm.clone();
         let dest = destination.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let Some(job) = slurm.job(job_id)? else {
-                return Ok::<_, crate::slurm_sync::SlurmError>(None);
-            };
-            if job.nodes.contains(&dest) {
-                return Ok(None);
+        let s1 = slurm.clone();
+        let job = match tokio::task::spawn_blocking(move || s1.job(job_id)).await {
+            Ok(Ok(Some(job))) if !job.nodes.contains(&dest) => job,
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => {
+                return Err(err(
+                    ErrorCode::NoRoom,
+                    format!("cannot add {destination} to job {job_id} before the migration: {e}"),
+                ))
             }
+            Err(e) => {
+                return Err(err(
+                    ErrorCode::Internal,
+                    format!("expansion task failed: {e}"),
+                ))
+            }
+        };
+        // Intent first: a controller killed after the expansion must find it to undo it.
+        let intent = JournaledExpansion {
+            container: decision.container.clone(),
+            job_id,
+            nodes_before: job.nodes.clone(),
+            source: decision.source.clone(),
+            destination: destination.clone(),
+            decision: decision.seq,
+            since: rebalancer_proto::now_millis(),
+        };
+        if let Err(e) = self.journal.put_expansion(&intent) {
+            error!(container = %intent.container, job = job_id, "cannot journal an expansion: {e}");
+        }
+        let res = tokio::task::spawn_blocking(move || {
             slurm.expand_job(job_id, &dest)?;
-            Ok(Some(job.nodes))
+            Ok::<_, crate::slurm_sync::SlurmError>(Some(job.nodes))
         })
         .await;
+        if !matches!(res, Ok(Ok(_))) {
+            if let Err(e) = self.journal.remove_expansion(&decision.container) {
+                error!(container = %decision.container, "cannot journal: {e}");
+            }
+        }
         match res {
             Ok(Ok(Some(before))) => {
                 info!(container = %decision.container, job = job_id, destination = %destination, "job expanded onto the destination before the migration");
@@ -118,6 +148,10 @@ impl Controller {
         let slurm = self.slurm.clone();
         let nodes = before.clone();
         let res = tokio::task::spawn_blocking(move || slurm.set_job_nodes(job_id, &nodes)).await;
+        // Tried once: a failure is logged, and a restart would not do better.
+        if let Err(e) = self.journal.remove_expansion(container) {
+            error!(container, "cannot journal an undone expansion: {e}");
+        }
         match res {
             Ok(Ok(())) => {
                 info!(container, job = job_id, nodes = %before.join(","), "migration failed: job's allocation restored")
@@ -134,14 +168,22 @@ impl Controller {
     }
 
     /// Expands the job to the destination and shrinks it from the source when nothing of the
-    /// job is left there.
-    pub(crate) async fn sync_slurm(self: &Arc<Self>, entry: &mut MigrationEntry) {
-        self.sync_allocation(entry, false).await
+    /// job is left there. `expanded`: the job was expanded onto the destination before the
+    /// migration; then, or when this sync expands it, a holder is asked for (`holder.rs`): the
+    /// merge does not count the task's CPUs there. A move into a node the job already held uses
+    /// the job's own allocation there.
+    pub(crate) async fn sync_slurm(self: &Arc<Self>, entry: &mut MigrationEntry, expanded: bool) {
+        self.sync_allocation(entry, false, expanded).await
     }
 
     /// [`Self::sync_slurm`] for a migration that just ended (`retry` false), or again later for
     /// one whose source was kept (`retry` true: see [`Self::retry_kept_sources`]).
-    async fn sync_allocation(self: &Arc<Self>, entry: &mut MigrationEntry, retry: bool) {
+    async fn sync_allocation(
+        self: &Arc<Self>,
+        entry: &mut MigrationEntry,
+        retry: bool,
+        expanded: bool,
+    ) {
         if !self.cfg.slurm.enabled || !self.cfg.slurm.sync_allocation {
             return;
         }
@@ -200,13 +242,21 @@ impl Controller {
                     );
                 }
             }
+            // The second value: whether the job runs (a holder makes sense), and whether this
+            // sync expanded it.
             let Some(job) = slurm.job(job_id)? else {
-                return Ok::<_, crate::slurm_sync::SlurmError>(Some(format!(
-                    "job {job_id} is not in Slurm"
-                )));
+                return Ok::<_, crate::slurm_sync::SlurmError>((
+                    Some(format!("job {job_id} is not in Slurm")),
+                    None,
+                    Vec::new(),
+                ));
             };
             if job.state != "RUNNING" {
-                return Ok(Some(format!("job {job_id} is {}", job.state)));
+                return Ok((
+                    Some(format!("job {job_id} is {}", job.state)),
+                    None,
+                    Vec::new(),
+                ));
             }
             let change = allocation_change(
                 &job,
@@ -217,20 +267,45 @@ impl Controller {
             );
             // A later look at a kept source only releases it: the job may have left the old
             // destination since, and must not be put back there.
+            let expands = change.expand_to.is_some() && !retry;
             if let Some(d) = change.expand_to.as_ref().filter(|_| !retry) {
                 slurm.expand_job(job_id, d)?;
             }
+            let mut left = Vec::new();
             if let Some(nodes) = &change.shrink_to {
                 slurm.set_job_nodes(job_id, nodes)?;
+                left = job
+                    .nodes
+                    .iter()
+                    .filter(|n| !nodes.contains(n))
+                    .cloned()
+                    .collect();
             }
-            Ok(change.keep_reason)
+            Ok((change.keep_reason, Some(expands), left))
         })
         .await;
         match res {
-            Ok(Ok(keep)) => {
+            Ok(Ok((keep, expands, left))) => {
+                let now = rebalancer_proto::now_millis();
+                for node in &left {
+                    write(&self.state).in_flight.departed(job_id, node, now);
+                }
+                if !left.is_empty() {
+                    self.journal_departures();
+                }
                 entry.slurm_synced = true;
                 entry.slurm_kept_source.clone_from(&keep);
                 info!(migration = %entry.record.id, job = job_id, kept_source = keep.as_deref().unwrap_or("no"), "Slurm allocation updated");
+                if let Some(expands) = expands.filter(|_| !retry) {
+                    if expanded || expands {
+                        let pause = self.cfg.migration.test_pause_before_holder;
+                        if !pause.is_zero() {
+                            warn!(migration = %entry.record.id, ms = pause.as_millis() as u64, "test pause before the holder (migration.test_pause_before_holder_ms is set)");
+                            tokio::time::sleep(pause).await;
+                        }
+                        self.hold_after_move(entry).await;
+                    }
+                }
             }
             Ok(Err(e)) => {
                 warn!(migration = %entry.record.id, job = job_id, "cannot update Slurm's allocation: {e}");
@@ -254,7 +329,7 @@ impl Controller {
                     .is_some_and(crate::slurm_sync::kept_source_may_change)
         }) {
             let before = e.slurm_kept_source.clone();
-            self.sync_allocation(&mut e, true).await;
+            self.sync_allocation(&mut e, true, false).await;
             if e.slurm_kept_source != before {
                 info!(migration = %e.record.id, source = %e.record.source, now = e.slurm_kept_source.as_deref().unwrap_or("released"), "kept source node re-examined");
                 if let Err(err) = self.journal.put_migration(&e) {
@@ -348,6 +423,7 @@ mod tests {
             class: None,
             exit_status: None,
             started_at: 0,
+            runs_in: None,
         }
     }
 

@@ -53,6 +53,7 @@ fn container(id: &str, node: &str, job: u32) -> ContainerInfo {
         class: None,
         exit_status: None,
         started_at: now_millis(),
+        runs_in: None,
     }
 }
 
@@ -131,6 +132,31 @@ async fn agent_conn(mut s: UnixStream, node: String, fake: Shared) {
                 }),
                 None => Response::error(ErrorCode::NotFound, format!("no migration {mid}")),
             },
+            // Like the real source: accepted before the commit point (network-switch), and
+            // the migration then ends rolled back, naming who cancelled it.
+            Request::CancelMigration { id: mid, by } => {
+                match lock(&fake).migrations.get_mut(&mid) {
+                    Some(m) if m.state.is_terminal() => {
+                        Response::error(ErrorCode::NotFound, format!("no running migration {mid}"))
+                    }
+                    Some(m) if m.phases.iter().any(|p| p.phase == Phase::NetworkSwitch) => {
+                        Response::error(
+                            ErrorCode::Busy,
+                            format!("too late: migration {mid} is committing"),
+                        )
+                    }
+                    Some(m) => {
+                        m.state = MigrationState::RolledBack;
+                        m.error = Some(format!("cancelled by {by}"));
+                        m.cancelled_by = Some(by);
+                        m.ended_at = Some(now_millis());
+                        Response::Ok(Reply::Migration {
+                            migration: m.clone(),
+                        })
+                    }
+                    None => Response::error(ErrorCode::NotFound, format!("no migration {mid}")),
+                }
+            }
             Request::Migrate { .. } if lock(&fake).refuse => {
                 Response::error(ErrorCode::Busy, "fake agent refuses the migration")
             }
@@ -214,6 +240,7 @@ fn start_migration(fake: &Shared, node: &str, req: &MigrateRequest) -> Option<St
         error: None,
         started_at: now_millis(),
         ended_at: None,
+        cancelled_by: None,
     };
     f.migrations.insert(id.clone(), rec);
     let delay = f.delay;
@@ -224,8 +251,12 @@ fn start_migration(fake: &Shared, node: &str, req: &MigrateRequest) -> Option<St
         for p in [Phase::Freeze, Phase::Dump, Phase::Transfer, Phase::Restore] {
             tokio::time::sleep(delay / 4).await;
             let mut f = lock(&fake);
-            // A test may "restart" the agent, which forgets its migrations.
-            let Some(r) = f.migrations.get_mut(&mid) else {
+            // A test may "restart" the agent, which forgets its migrations; a cancel ends one.
+            let Some(r) = f
+                .migrations
+                .get_mut(&mid)
+                .filter(|r| !r.state.is_terminal())
+            else {
                 return;
             };
             r.phases.push(PhaseRecord {
@@ -236,6 +267,9 @@ fn start_migration(fake: &Shared, node: &str, req: &MigrateRequest) -> Option<St
         }
         let mut f = lock(&fake);
         let rec = f.migrations.get(&mid).cloned().expect("rec");
+        if rec.state.is_terminal() {
+            return;
+        }
         let fail = rec.container.contains("fail");
         if !fail {
             let list = f.containers.entry(node.clone()).or_default();
@@ -827,6 +861,164 @@ async fn operator_migration_with_wait_and_recovery_after_a_crash() {
         (n.len() == 2).then_some(())
     })
     .await;
+}
+
+/// `rebalctl cancel`: the controller forwards the cancel to the source agent; accepted, the
+/// migration ends rolled back naming who cancelled; a migration past its commit point is
+/// refused as too late; an ended or unknown one is not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_the_source_agent_and_the_record_says_who() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let fake: Shared = Arc::default();
+    {
+        let mut f = lock(&fake);
+        f.delay = Duration::from_secs(8);
+        f.containers.insert(
+            "node1".into(),
+            vec![
+                container("j8.s0.t0", "node1", 8),
+                container("j9.s0.t0", "node1", 9),
+            ],
+        );
+        f.containers.insert("node2".into(), vec![]);
+    }
+    spawn_agent(dir, "node1", fake.clone());
+    spawn_agent(dir, "node2", fake.clone());
+    let _daemon = start_daemon(dir, &agents_config(dir), None);
+    let mut ctl = Ctl::connect(&dir.join("ctl.sock")).await;
+    wait_agents(&mut ctl).await;
+    let start = async |ctl: &mut Ctl, job_id| {
+        let (r, _) = ctl
+            .call(&ControlRequest::Migrate {
+                target: MigrateTarget::Job { job_id },
+                destination: Some("node2".into()),
+                mode: None,
+                watch: false,
+            })
+            .await;
+        let Ok(ControlReply::Migrated { migrations, .. }) = r else {
+            panic!("migrate: {r:?}")
+        };
+        migrations[0].record.id.clone()
+    };
+    let cancel = async |ctl: &mut Ctl, target| ctl.call(&ControlRequest::Cancel { target }).await.0;
+
+    let (r, _) = ctl
+        .call(&ControlRequest::Cancel {
+            target: control::CancelTarget::Job { job_id: 77 },
+        })
+        .await;
+    let e = r.expect_err("no migration of job 77");
+    assert_eq!(e.code, ErrorCode::NotFound);
+    assert_eq!(e.message, "job 77 has no running migration");
+
+    // Before the commit point: accepted by a prefix of the id, rolled back, who is recorded.
+    let mid = start(&mut ctl, 8).await;
+    // Another connection attaches to it (`rebalctl wait`): progress, then the final entry.
+    let mut watcher = Ctl::connect(&dir.join("ctl.sock")).await;
+    let wid = mid.clone();
+    let watched = tokio::spawn(async move {
+        watcher
+            .call(&ControlRequest::Watch {
+                id: wid[..6].to_string(),
+            })
+            .await
+    });
+    let fake2 = fake.clone();
+    let mid2 = mid.clone();
+    wait_for("the migration to reach its dump", 5, async || {
+        lock(&fake2).migrations[&mid2]
+            .phases
+            .iter()
+            .any(|p| p.phase == Phase::Freeze)
+            .then_some(())
+    })
+    .await;
+    let r = cancel(
+        &mut ctl,
+        control::CancelTarget::Migration {
+            id: mid[..8].to_string(),
+        },
+    )
+    .await;
+    let Ok(ControlReply::Cancelled { cancels }) = r else {
+        panic!("cancel: {r:?}\n{}", tail_log(dir))
+    };
+    assert_eq!(cancels.len(), 1);
+    assert!(cancels[0].accepted, "{cancels:?}");
+    assert_eq!(
+        (cancels[0].migration.as_str(), cancels[0].source.as_str()),
+        (mid.as_str(), "node1")
+    );
+    assert!(lock(&fake)
+        .requests
+        .contains(&("node1".into(), "cancel-migration".into())));
+    let entry = ctl.wait_ended(&mid, "the cancelled migration to end").await;
+    assert_eq!(entry.record.state, MigrationState::RolledBack);
+    let by = entry.record.cancelled_by.clone().unwrap_or_default();
+    assert!(
+        by.starts_with(&format!("uid {}", nix::unistd::getuid())),
+        "{by}"
+    );
+    let (r, events) = tokio::time::timeout(Duration::from_secs(10), watched)
+        .await
+        .expect("the watch ends with the migration")
+        .expect("watch task");
+    let Ok(ControlReply::Migrations { migrations }) = r else {
+        panic!("watch: {r:?}")
+    };
+    assert_eq!(migrations.len(), 1);
+    assert_eq!(migrations[0].record.id, mid);
+    assert_eq!(
+        migrations[0].record.cancelled_by.as_deref(),
+        Some(by.as_str())
+    );
+    assert!(!events.is_empty(), "no progress while attached");
+    assert!(events.iter().all(
+        |Event::MigrationProgress { migration, .. }| migration.id == mid
+            && !migration.state.is_terminal()
+    ));
+    // Attaching to an ended migration answers at once; an unknown one is not found.
+    let (r, events) = ctl.call(&ControlRequest::Watch { id: mid.clone() }).await;
+    assert!(
+        matches!(&r, Ok(ControlReply::Migrations { migrations }) if migrations[0].record.state == MigrationState::RolledBack),
+        "{r:?}"
+    );
+    assert!(events.is_empty());
+    let (r, _) = ctl.call(&ControlRequest::Watch { id: "zz".into() }).await;
+    assert_eq!(r.expect_err("unknown").code, ErrorCode::NotFound);
+    // Ended: nothing to cancel any more, and the answer says how it ended.
+    let e = cancel(
+        &mut ctl,
+        control::CancelTarget::Migration { id: mid.clone() },
+    )
+    .await
+    .expect_err("ended");
+    assert_eq!(e.code, ErrorCode::NotFound);
+    assert!(e.message.contains("it ended rolled-back"), "{}", e.message);
+
+    // At the commit point: too late, and the migration goes on.
+    let mid = start(&mut ctl, 9).await;
+    lock(&fake)
+        .migrations
+        .get_mut(&mid)
+        .expect("fake record")
+        .phases
+        .push(PhaseRecord {
+            phase: Phase::NetworkSwitch,
+            started_at: now_millis(),
+            ended_at: None,
+        });
+    let e = cancel(&mut ctl, control::CancelTarget::Job { job_id: 9 })
+        .await
+        .expect_err("too late");
+    assert_eq!(e.code, ErrorCode::Busy);
+    assert_eq!(
+        e.message,
+        format!("too late: migration {mid} is committing")
+    );
+    assert!(!lock(&fake).migrations[&mid].state.is_terminal());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

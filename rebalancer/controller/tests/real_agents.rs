@@ -1,13 +1,14 @@
-//! `rebalancerd` driving real `rebalancer-agent`s (real CRIU migrations) in network namespaces,
-//! block [rbp] of the network plan: nodes 198.18.48.0/24, containers 198.19.48.0/24. Slurm is a
-//! fake `scontrol` on PATH so that the test decides when a node drains.
+//! `rebalancerd` driving real `rebalancer-agent`s (real CRIU migrations) on nodes isolated like
+//! machines (the common `Lab`: own network, mount and UTS namespaces; the controller on the
+//! admin host reaches them over TCP with munge), block [rbp] of the network plan: nodes
+//! 198.18.48.0/24, containers 198.19.48.0/24. Slurm is a fake `scontrol` on PATH so that the
+//! test decides when a node drains.
 //!
 //! The agent binary is taken from the same target directory (`cargo test --workspace` builds
 //! it), or from `REBALANCER_AGENT_BIN`.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rebalancer_proto::control::{ControlReply, ControlRequest};
@@ -15,93 +16,15 @@ use rebalancer_proto::*;
 
 mod common;
 use common::*;
-use rebalancer_testkit::{NetLab, NetPlan, TcpProbe};
-
-const P: &str = "rbp";
-const NET: &str = "198.18.48";
-const NET_BLOCK: u8 = 48;
-const SUBNET: &str = "198.19.48.0/24";
-
-/// Two node namespaces with real agents (node names = namespace names, so that the agents'
-/// container namespaces `rb-<node>-<id>` fall under the teardown's prefix), a client namespace,
-/// a private munged (rebalancer-testkit's `NetLab`, as in the agent's tests). Torn down on drop.
-struct Lab {
-    dir: PathBuf,
-    children: Vec<Child>,
-    net: NetLab,
-}
-
-impl Lab {
-    fn stop_agents(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.children.clear();
-    }
-
-    fn up() -> Lab {
-        let dir = PathBuf::from(format!("/tmp/{P}-ctl-lab"));
-        let net = NetLab::up(NetPlan {
-            prefix: P.into(),
-            block: NET_BLOCK,
-            subnet: SUBNET.into(),
-            nodes: 2,
-            dir: dir.clone(),
-        });
-        let mut lab = Lab {
-            dir: dir.clone(),
-            children: vec![],
-            net,
-        };
-        let d = dir.display();
-        let munge = lab.net.munge_socket();
-        let munge = munge.display();
-        for i in 0..2 {
-            let o = 1 - i;
-            let cfg = dir.join(format!("node{i}.toml"));
-            std::fs::write(
-                &cfg,
-                format!(
-                    "node = \"{P}n{i}\"\nlisten = \"{NET}.{ip}:7878\"\ncontrol_socket = \"{d}/{P}n{i}.sock\"\ncontainer_subnet = \"{SUBNET}\"\n\
-                     state_dir = \"{d}/node{i}/state\"\nrun_dir = \"{d}/node{i}/run\"\nmigration_timeout_ms = 30000\n\
-                     [auth]\nmethod = \"munge\"\nmunge_socket = \"{munge}\"\n[peers]\n{P}n{o} = \"{NET}.{oip}:7878\"\n",
-                    ip = 10 + i,
-                    oip = 10 + o
-                ),
-            )
-            .expect("agent config");
-            let log = dir.join(format!("node{i}.log"));
-            lab.children
-                .push(spawn_agent(&format!("{P}n{i}"), &cfg, &log));
-        }
-        for i in 0..2 {
-            let sock = dir.join(format!("{P}n{i}.sock"));
-            wait_agent(&sock, &format!("node{i}"), || {
-                lab.log(&format!("node{i}.log"))
-            });
-        }
-        lab
-    }
-
-    fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        self.stop_agents();
-    }
-}
+use rebalancer_testkit::TcpProbe;
 
 #[test]
 #[ignore = "needs root, CRIU 4.2, munge and network namespaces; .ci/run runs it with --include-ignored"]
 fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
-    let lab = Lab::up();
+    let lab = LabPlan::new("rbp", 48).up();
     let d = lab.dir.clone();
     let created = agent_call(
-        &d.join("rbpn0.sock"),
+        &lab.sock(0),
         &Request::CreateContainer {
             spec: server("j31.s0.t0", 31, "198.19.48.31"),
         },
@@ -145,33 +68,12 @@ fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
         d.join("policies/drain.toml"),
     )
     .expect("policy");
-    let dd = d.display();
-    std::fs::write(
-        d.join("rebalancerd.toml"),
-        format!(
-            "[controller]\nsocket = \"{dd}/ctl.sock\"\njournal = \"{dd}/journal.redb\"\npolicies = \"{dd}/policies\"\n\
-             [slurm]\nbackend = \"scontrol\"\n[agents]\nsocket_template = \"{dd}/{{node}}.sock\"\npoll_interval_ms = 500\n[migration]\ntimeout_s = 60\n"
-        ),
-    )
-    .expect("config");
-    let log = std::fs::File::create(d.join("rebalancerd.log")).expect("log");
-    let _daemon = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_rebalancerd"))
-            .arg("--config")
-            .arg(d.join("rebalancerd.toml"))
-            .env(
-                "PATH",
-                format!(
-                    "{}:{}",
-                    bin.display(),
-                    std::env::var("PATH").unwrap_or_default()
-                ),
-            )
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("rebalancerd"),
-    );
+    let _daemon = lab.controller(ControllerPlan {
+        agents: "poll_interval_ms = 500",
+        rest: "[slurm]\nbackend = \"scontrol\"\n[migration]\ntimeout_s = 60\n",
+        path: Some(bin.clone()),
+        ..Default::default()
+    });
     let ctl = d.join("ctl.sock");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -252,7 +154,7 @@ fn a_drained_node_is_evacuated_with_real_migrations_and_tcp_survives() {
         probe.state().1
     );
     match agent_call(
-        &d.join("rbpn1.sock"),
+        &lab.sock(1),
         &Request::GetContainer {
             id: "j31.s0.t0".into(),
         },

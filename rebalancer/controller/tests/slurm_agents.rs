@@ -1,10 +1,10 @@
 //! The whole path but the SPANK plugin: a real Slurm 22.05 cluster (slurm-tests' `cluster.sh`,
-//! block 198.18.0.0/24, containers 198.19.0.0/20), real agents in the node namespaces, and
-//! `rebalancerd` with the libslurm backend and the shipped drain policy. A node drained with
+//! block 198.18.0.0/24, containers 198.19.0.0/20, hosts isolated like machines), real agents on
+//! the nodes, and `rebalancerd` on the admin host (libslurm backend, the shipped drain policy,
+//! the agents over TCP). A node drained with
 //! scontrol is evacuated by a real CRIU migration and the job's allocation follows the container.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rebalancer_controller::slurm_sync::expand_hostlist;
@@ -12,78 +12,15 @@ use rebalancer_proto::control::{ControlReply, ControlRequest};
 use rebalancer_proto::*;
 
 mod common;
+use common::cluster::{node_sock, shared_work_dir, start_cluster_agents, start_cluster_controller};
 use common::*;
-
-/// Kills the agents and removes what they leave behind (image tmpfs mounts, container
-/// namespaces of this test's container).
-struct Agents {
-    children: Vec<KillOnDrop>,
-    dir: PathBuf,
-    container: String,
-}
-
-impl Drop for Agents {
-    fn drop(&mut self) {
-        self.children.clear();
-        let _ = sh(&format!(
-            "for n in $(ls /run/netns | grep -F -- '-{}-'); do ip netns pids $n | xargs -r kill -9; ip netns del $n; done",
-            self.container
-        ));
-        let _ = sh(&format!(
-            "grep -o ' {}/[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
-            self.dir.display()
-        ));
-    }
-}
-
-fn start_agents(cluster: &slurm_tests::Cluster, dir: &Path, container: &str) -> Agents {
-    let mut agents = Agents {
-        children: vec![],
-        dir: dir.to_path_buf(),
-        container: container.into(),
-    };
-    let names = cluster.node_names();
-    let munge = cluster.state_dir().join("munge/munge.socket");
-    for (k, node) in names.iter().enumerate() {
-        let peers: String = names
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != k)
-            .map(|(j, n)| format!("{n} = \"198.18.0.{}:7878\"\n", 11 + j))
-            .collect();
-        let d = dir.display();
-        let cfg = dir.join(format!("{node}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "node = \"{node}\"\nlisten = \"198.18.0.{ip}:7878\"\ncontrol_socket = \"{d}/{node}.sock\"\n\
-                 container_subnet = \"198.19.0.0/20\"\nstate_dir = \"{d}/{node}/state\"\nrun_dir = \"{d}/{node}/run\"\n\
-                 migration_timeout_ms = 30000\n[auth]\nmethod = \"munge\"\nmunge_socket = \"{}\"\n[peers]\n{peers}",
-                munge.display(),
-                ip = 11 + k
-            ),
-        )
-        .expect("agent config");
-        let log = dir.join(format!("{node}.log"));
-        agents
-            .children
-            .push(KillOnDrop(spawn_agent(node, &cfg, &log)));
-    }
-    for node in &names {
-        let sock = dir.join(format!("{node}.sock"));
-        wait_agent(&sock, node, || {
-            std::fs::read_to_string(dir.join(format!("{node}.log"))).unwrap_or_default()
-        });
-    }
-    agents
-}
 
 #[test]
 #[ignore = "needs root, CRIU 4.2, a real Slurm cluster (slurm-tests/cluster.sh) and network namespaces; .ci/run runs it with --include-ignored"]
 fn slurm_drain_moves_the_container_and_the_allocation() {
     let cluster = slurm_tests::Cluster::up(3).expect("cluster up");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let dir = tmp.path();
+    let work = shared_work_dir(&cluster, "ctl-slurm-agents");
+    let dir = work.as_path();
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
 
     // A 2-node job (batch host node1) whose container runs on node2.
@@ -103,9 +40,10 @@ fn slurm_drain_moves_the_container_and_the_allocation() {
         .expect("job runs");
     let job_id = job.0;
     let cid = format!("j{job_id}.s0.t0");
-    let _agents = start_agents(&cluster, dir, &cid);
+    let mut agents = start_cluster_agents(&cluster, dir, |_| String::new());
+    agents.containers.push(cid.clone());
     let created = agent_call(
-        &dir.join("node2.sock"),
+        &node_sock(&cluster, "node2"),
         &Request::CreateContainer {
             spec: server(&cid, job_id, "198.19.0.60"),
         },
@@ -118,27 +56,13 @@ fn slurm_drain_moves_the_container_and_the_allocation() {
         dir.join("policies/drain.toml"),
     )
     .expect("policy");
-    let d = dir.display();
-    std::fs::write(
-        dir.join("rebalancerd.toml"),
-        format!(
-            "[controller]\nsocket = \"{d}/ctl.sock\"\njournal = \"{d}/journal.redb\"\npolicies = \"{d}/policies\"\n\
-             [slurm]\nbackend = \"libslurm\"\nconf = \"{}\"\n\
-             [agents]\nsocket_template = \"{d}/{{node}}.sock\"\npoll_interval_ms = 500\n[migration]\ntimeout_s = 60\n",
-            cluster.slurm_conf().display()
-        ),
-    )
-    .expect("config");
-    let log = std::fs::File::create(dir.join("rebalancerd.log")).expect("log");
-    let _daemon = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_rebalancerd"))
-            .arg("--config")
-            .arg(dir.join("rebalancerd.toml"))
-            .env("SLURM_CONF", cluster.slurm_conf())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("rebalancerd"),
+    let _daemon = start_cluster_controller(
+        &cluster,
+        dir,
+        "",
+        "",
+        "poll_interval_ms = 500",
+        "[migration]\ntimeout_s = 60",
     );
     let ctl = dir.join("ctl.sock");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -208,7 +132,7 @@ fn slurm_drain_moves_the_container_and_the_allocation() {
     assert!(!nodes.contains(&"node2".to_string()), "{nodes:?}\n{ctx}");
     assert!(nodes.contains(&dest), "{nodes:?}\n{ctx}");
     match agent_call(
-        &dir.join(format!("{dest}.sock")),
+        &node_sock(&cluster, &dest),
         &Request::GetContainer { id: cid.clone() },
     ) {
         Ok(Reply::Container { container }) => {

@@ -1,24 +1,17 @@
 //! `rebalancerd` with the libslurm backend against a real Slurm 22.05 cluster (slurm-tests'
-//! `cluster.sh`, network block 198.18.0.0/24): a DRAIN set with scontrol is seen through the
+//! `cluster.sh`, network block 198.18.0.0/24), on the cluster's admin host: a DRAIN set with scontrol is seen through the
 //! cheap "no change" poll (the delay is printed: timings on a shared machine are not asserted).
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rebalancer_proto::control::{ControlReply, ControlRequest, ControlResponse};
 use rebalancer_proto::frame::{read_frame, write_frame, Frame, FrameKind};
 use rebalancer_proto::*;
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::cluster::{shared_work_dir, start_cluster_controller};
 
 fn show_nodes(sock: &Path) -> Option<Vec<control::NodeStatus>> {
     let mut s = UnixStream::connect(sock).ok()?;
@@ -44,33 +37,10 @@ fn show_nodes(sock: &Path) -> Option<Vec<control::NodeStatus>> {
 #[ignore = "needs root and a real Slurm cluster (slurm-tests/cluster.sh); .ci/run runs it with --include-ignored"]
 fn libslurm_watch_sees_a_drain_within_a_poll_interval() {
     let cluster = slurm_tests::Cluster::up(2).expect("cluster up");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let d = tmp.path().display();
-    let cfg = tmp.path().join("rebalancerd.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[controller]\nsocket = \"{d}/ctl.sock\"\njournal = \"{d}/journal.redb\"\npolicies = \"{d}/none\"\n\
-             [slurm]\nbackend = \"libslurm\"\nconf = \"{}\"\npoll_interval_ms = 500\n\
-             [agents]\nsocket_template = \"{d}/{{node}}.sock\"\n",
-            cluster.slurm_conf().display()
-        ),
-    )
-    .expect("config");
-    let log = std::fs::File::create(tmp.path().join("rebalancerd.log")).expect("log");
-    let _daemon = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_rebalancerd"))
-            .arg("--config")
-            .arg(&cfg)
-            .env("SLURM_CONF", cluster.slurm_conf())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("rebalancerd"),
-    );
-    let sock = tmp.path().join("ctl.sock");
-    let read_log =
-        || std::fs::read_to_string(tmp.path().join("rebalancerd.log")).unwrap_or_default();
+    let work = shared_work_dir(&cluster, "ctl-slurm-cluster");
+    let _daemon = start_cluster_controller(&cluster, &work, "", "poll_interval_ms = 500", "", "");
+    let sock = work.join("ctl.sock");
+    let read_log = || std::fs::read_to_string(work.join("rebalancerd.log")).unwrap_or_default();
     let state_of = |node: &str| {
         show_nodes(&sock)
             .and_then(|ns| ns.into_iter().find(|n| n.name == node))

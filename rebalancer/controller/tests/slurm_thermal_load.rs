@@ -1,11 +1,11 @@
 //! The thermal and load policies end to end: a real Slurm 22.05 cluster (slurm-tests'
-//! `cluster.sh`, block 198.18.0.0/24, containers 198.19.0.0/20), real agents whose `[metrics]`
-//! sources are a per-node sensor file (thermal) or the CPU use of their containers (load), and
-//! `rebalancerd` with the libslurm backend and the shipped policies set to act by themselves
+//! `cluster.sh`, block 198.18.0.0/24, containers 198.19.0.0/20, hosts isolated like machines),
+//! real agents on its nodes whose `[metrics]` sources are a per-node sensor file (thermal) or
+//! the CPU use of their containers (load), and `rebalancerd` on the admin host (agents over
+//! TCP) with the libslurm backend and the shipped policies set to act by themselves
 //! (short hysteresis so each test stays quick).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rebalancer_proto::control::{
@@ -15,6 +15,9 @@ use rebalancer_proto::*;
 use slurm_tests::{Cluster, JobId};
 
 mod common;
+use common::cluster::{
+    clean_nodes, node_sock, shared_work_dir, spawn_cluster_agents, start_cluster_controller,
+};
 use common::*;
 use rebalancer_testkit::TcpProbe;
 
@@ -22,7 +25,6 @@ use rebalancer_testkit::TcpProbe;
 struct Setup {
     cluster: Cluster,
     dir: PathBuf,
-    _tmp: tempfile::TempDir,
     agents: Vec<KillOnDrop>,
     daemon: Option<KillOnDrop>,
     containers: Vec<String>,
@@ -33,15 +35,7 @@ impl Drop for Setup {
     fn drop(&mut self) {
         self.daemon = None;
         self.agents.clear();
-        for c in &self.containers {
-            let _ = sh(&format!(
-                "for n in $(ls /run/netns | grep -F -- '-{c}-'); do ip netns pids $n | xargs -r kill -9; ip netns del $n; done"
-            ));
-        }
-        let _ = sh(&format!(
-            "grep -o ' {}/[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
-            self.dir.display()
-        ));
+        clean_nodes(&self.cluster, &self.containers);
         for j in &self.jobs {
             let _ = self.cluster.run("scancel", [j.to_string()]);
         }
@@ -51,11 +45,10 @@ impl Drop for Setup {
 impl Setup {
     fn up() -> Setup {
         let cluster = Cluster::up(3).expect("cluster up");
-        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = shared_work_dir(&cluster, "ctl-thermal-load");
         Setup {
             cluster,
-            dir: tmp.path().to_path_buf(),
-            _tmp: tmp,
+            dir,
             agents: vec![],
             daemon: None,
             containers: vec![],
@@ -75,7 +68,7 @@ impl Setup {
     }
 
     fn sock(&self, node: &str) -> PathBuf {
-        self.dir.join(format!("{node}.sock"))
+        node_sock(&self.cluster, node)
     }
 
     /// A job allocation without a batch host (so the rebalancer may shrink any node off it).
@@ -93,36 +86,9 @@ impl Setup {
 
     /// Starts one agent per node; `metrics(node)` is its `[metrics]` section body.
     fn start_agents(&mut self, metrics: impl Fn(&str) -> String) {
-        let names = self.cluster.node_names();
-        let munge = self.cluster.state_dir().join("munge/munge.socket");
-        let d = self.dir.display().to_string();
-        for (k, node) in names.iter().enumerate() {
-            let peers: String = names
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != k)
-                .map(|(j, n)| format!("{n} = \"198.18.0.{}:7878\"\n", 11 + j))
-                .collect();
-            let cfg = self.dir.join(format!("{node}.toml"));
-            std::fs::write(
-                &cfg,
-                format!(
-                    "node = \"{node}\"\nlisten = \"198.18.0.{ip}:7878\"\ncontrol_socket = \"{d}/{node}.sock\"\n\
-                     container_subnet = \"198.19.0.0/20\"\nstate_dir = \"{d}/{node}/state\"\nrun_dir = \"{d}/{node}/run\"\n\
-                     migration_timeout_ms = 30000\n[auth]\nmethod = \"munge\"\nmunge_socket = \"{}\"\n[peers]\n{peers}\
-                     [metrics]\n{}\n",
-                    munge.display(),
-                    metrics(node),
-                    ip = 11 + k
-                ),
-            )
-            .expect("agent config");
-            let log = self.dir.join(format!("{node}.log"));
-            self.agents.push(KillOnDrop(spawn_agent(node, &cfg, &log)));
-        }
-        for node in &names {
-            wait_agent(&self.sock(node), node, || self.logs());
-        }
+        self.agents = spawn_cluster_agents(&self.cluster, &self.dir, |node| {
+            format!("[metrics]\n{}\n", metrics(node))
+        });
     }
 
     fn create(&mut self, node: &str, spec: ContainerSpec) {
@@ -140,28 +106,13 @@ impl Setup {
         let text = edit_policy(&shipped, edits);
         std::fs::create_dir_all(self.dir.join("policies")).expect("policies");
         std::fs::write(self.dir.join(format!("policies/{policy}.toml")), text).expect("policy");
-        let d = self.dir.display();
-        std::fs::write(
-            self.dir.join("rebalancerd.toml"),
-            format!(
-                "[controller]\nsocket = \"{d}/ctl.sock\"\njournal = \"{d}/journal.redb\"\npolicies = \"{d}/policies\"\n\
-                 evaluate_interval_s = 1\n\
-                 [slurm]\nbackend = \"libslurm\"\nconf = \"{}\"\n\
-                 [agents]\nsocket_template = \"{d}/{{node}}.sock\"\npoll_interval_ms = 500\n[migration]\ntimeout_s = 60\n",
-                self.cluster.slurm_conf().display()
-            ),
-        )
-        .expect("config");
-        let log = std::fs::File::create(self.dir.join("rebalancerd.log")).expect("log");
-        self.daemon = Some(KillOnDrop(
-            Command::new(env!("CARGO_BIN_EXE_rebalancerd"))
-                .arg("--config")
-                .arg(self.dir.join("rebalancerd.toml"))
-                .env("SLURM_CONF", self.cluster.slurm_conf())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("rebalancerd"),
+        self.daemon = Some(start_cluster_controller(
+            &self.cluster,
+            &self.dir,
+            "evaluate_interval_s = 1",
+            "",
+            "poll_interval_ms = 500",
+            "[migration]\ntimeout_s = 60",
         ));
     }
 

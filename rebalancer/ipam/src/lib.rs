@@ -113,6 +113,23 @@ impl Pool {
         (id < self.blocks()).then_some(id)
     }
 
+    /// Block `id` as `first-address/prefix`.
+    pub fn block_cidr(&self, id: BlockId) -> String {
+        let first = Ipv4Addr::from(u32::from(self.base) + id * self.block_size());
+        format!("{first}/{}", self.block)
+    }
+
+    /// Whether every address of `self` is inside `outer` (an agent checks that the controller's
+    /// pool is inside its own container subnet).
+    pub fn within(&self, outer_base: Ipv4Addr, outer_prefix: u8) -> bool {
+        let mask = if outer_prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - outer_prefix)
+        };
+        self.prefix >= outer_prefix && u32::from(self.base) & mask == u32::from(outer_base) & mask
+    }
+
     /// The addresses of block `id` that containers may have: not the pool's network address,
     /// not the pool's last address (broadcast), all others (containers are /32s on-link).
     pub fn addresses(&self, id: BlockId) -> impl Iterator<Item = Ipv4Addr> {
@@ -194,6 +211,56 @@ impl BlockTable {
         Ok(id)
     }
 
+    /// Like [`BlockTable::lease`], but never a block holding an address in `live`: a live
+    /// container (one that moved off a reclaimed block, or that a returning agent still runs)
+    /// keeps its address, so its block must not go to another node.
+    pub fn lease_clear_of(
+        &mut self,
+        node: &str,
+        live: &BTreeSet<Ipv4Addr>,
+    ) -> Result<BlockId, IpamError> {
+        let busy: BTreeSet<BlockId> = live.iter().filter_map(|a| self.pool.block_of(*a)).collect();
+        let id = (0..self.pool.blocks())
+            .find(|b| !self.owners.contains_key(b) && !busy.contains(b))
+            .ok_or_else(|| IpamError::PoolExhausted {
+                pool: self.pool.to_string(),
+                block: self.pool.block,
+            })?;
+        self.owners.insert(id, node.to_string());
+        Ok(id)
+    }
+
+    /// Records that `node` holds `block` (an agent reported a block the journal lacks, e.g.
+    /// after the journal was lost). Refused with the current owner when another node has it.
+    pub fn adopt(&mut self, block: BlockId, node: &str) -> Result<bool, String> {
+        if block >= self.pool.blocks() {
+            return Err(format!("no block {block} in {}", self.pool));
+        }
+        match self.owners.get(&block) {
+            Some(n) if n == node => Ok(false),
+            Some(n) => Err(n.clone()),
+            None => {
+                self.owners.insert(block, node.to_string());
+                Ok(true)
+            }
+        }
+    }
+
+    /// The first address of `block` and its prefix, e.g. `198.19.0.64/26`.
+    pub fn block_cidr(&self, block: BlockId) -> String {
+        self.pool.block_cidr(block)
+    }
+
+    /// Nodes holding at least one block.
+    pub fn nodes(&self) -> BTreeSet<&str> {
+        self.owners.values().map(String::as_str).collect()
+    }
+
+    /// Gives `block` back to the pool whoever holds it (a lease whose journal write failed).
+    pub fn release(&mut self, block: BlockId) -> Option<String> {
+        self.owners.remove(&block)
+    }
+
     /// A node left the cluster: its blocks return to the pool, except those with an address a
     /// live container still holds (it moved elsewhere); those stay leased to the departed node
     /// until a later call finds them empty. Returns the blocks freed.
@@ -241,6 +308,44 @@ impl NodeAddresses {
 
     pub fn blocks(&self) -> impl Iterator<Item = BlockId> + '_ {
         self.blocks.iter().copied()
+    }
+
+    /// The blocks the controller says this node holds now (it sends the whole set each time).
+    /// A block that is dropped keeps nothing here: addresses of it that containers here still
+    /// hold stay live (and the controller does not lease a block with a live address).
+    pub fn set_blocks(&mut self, blocks: impl IntoIterator<Item = BlockId>) {
+        self.blocks = blocks
+            .into_iter()
+            .filter(|b| *b < self.pool.blocks())
+            .collect();
+        let blocks = self.blocks.clone();
+        let pool = self.pool;
+        self.lent
+            .retain(|a| pool.block_of(*a).is_some_and(|b| blocks.contains(&b)));
+    }
+
+    /// Brings the live set up to date from what the node runs now (the agent's containers,
+    /// arrivals and tasks being prepared): an address of our blocks that was live and left the
+    /// set because its container moved away (`moved`) becomes lent (only on that transition: a
+    /// record of the move that outlives the release does not lend it again); an address of ours
+    /// that is live here again is ours, not lent.
+    pub fn sync(&mut self, live: BTreeSet<Ipv4Addr>, moved: &BTreeSet<Ipv4Addr>) {
+        for a in moved {
+            if self.live.contains(a) && !live.contains(a) && self.owns(*a) {
+                self.lent.insert(*a);
+            }
+        }
+        self.lent.retain(|a| !live.contains(a));
+        self.live = live;
+    }
+
+    /// Addresses of our blocks that a new container could have now.
+    pub fn free(&self) -> usize {
+        self.blocks
+            .iter()
+            .flat_map(|b| self.pool.addresses(*b))
+            .filter(|a| !self.live.contains(a) && !self.lent.contains(a))
+            .count()
     }
 
     fn owns(&self, a: Ipv4Addr) -> bool {
@@ -314,6 +419,8 @@ impl NodeAddresses {
         &self.lent
     }
 }
+
+pub mod sim;
 
 #[cfg(test)]
 mod tests;

@@ -731,6 +731,13 @@ mod nonblocking {
             }
         }
 
+        /// The next frame of any kind within `timeout` (`None`: the idle timeout), with no
+        /// error reply on a framing error: a client reading the events (heartbeats) its peer
+        /// sends between and during calls. Cancel-safe: a partial frame stays in the decoder.
+        pub async fn next_frame(&mut self, timeout: Option<Duration>) -> Result<Frame, ProtoError> {
+            self.read(deadline(timeout)).await
+        }
+
         /// Server side: the next frame within the idle timeout. A framing error gets an error
         /// response before it is returned.
         pub async fn recv_frame(&mut self) -> Result<Frame, ProtoError> {

@@ -613,6 +613,7 @@ mod async_flavour {
             error: None,
             started_at: 1,
             ended_at: None,
+            cancelled_by: None,
         }
     }
 

@@ -39,6 +39,41 @@ impl std::fmt::Display for MigrateTarget {
     }
 }
 
+/// Which running migrations `rebalctl cancel` names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "kebab-case")]
+pub enum CancelTarget {
+    /// One migration, by id or a unique prefix of it.
+    Migration { id: MigrationId },
+    /// Every running migration of the job.
+    Job { job_id: u32 },
+}
+
+impl std::fmt::Display for CancelTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CancelTarget::Migration { id } => write!(f, "migration {id}"),
+            CancelTarget::Job { job_id } => write!(f, "job {job_id}"),
+        }
+    }
+}
+
+/// What became of one migration a cancel named.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelOutcome {
+    pub migration: MigrationId,
+    pub container: ContainerId,
+    /// The source node, which rolls the migration back.
+    pub source: String,
+    /// The source accepted the cancel: it rolls back, and the record ends `rolled-back` with
+    /// `cancelled_by`. False: refused, `message` says why (`too late: ... is committing`).
+    pub accepted: bool,
+    pub message: String,
+    /// A refusal's error code (`busy` for too late, `unreachable`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<crate::ErrorCode>,
+}
+
 /// Run-time state of a policy, set with `rebalctl update policy=NAME state=...`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -144,12 +179,31 @@ pub enum ControlRequest {
     },
     /// Runs the policies on the current view without acting or advancing their memory.
     Plan,
+    /// Cancels running migrations (answered with [`ControlReply::Cancelled`]): each is
+    /// forwarded to its source agent, which rolls it back if it has not reached its commit
+    /// point. One named migration that cannot be cancelled is an error reply (`busy`: too
+    /// late; `not_found`: not running).
+    Cancel {
+        target: CancelTarget,
+    },
+    /// Attaches to a migration (id or unique prefix): [`crate::Event`] frames with this
+    /// request's id while it runs, then its final entry as [`ControlReply::Migrations`] (an
+    /// ended one at once). Detaching (closing the connection) changes nothing.
+    Watch {
+        id: MigrationId,
+    },
     /// Like [`ControlRequest::Plan`], with why each planned move is held back and why
     /// everything the policies considered and did not move stays (answered with
     /// [`ControlReply::Explanation`]). Optionally only one job's or one node's.
     Explain {
         #[serde(default)]
         job_id: Option<u32>,
+        #[serde(default)]
+        node: Option<String>,
+    },
+    /// The container address blocks the controller leased (answered with
+    /// [`ControlReply::Blocks`]), optionally only one node's.
+    ShowBlocks {
         #[serde(default)]
         node: Option<String>,
     },
@@ -164,6 +218,7 @@ impl ControlRequest {
                 | ControlRequest::Evacuate { .. }
                 | ControlRequest::PolicyReload
                 | ControlRequest::UpdatePolicy { .. }
+                | ControlRequest::Cancel { .. }
         )
     }
 
@@ -182,6 +237,9 @@ impl ControlRequest {
             ControlRequest::History { .. } => "history",
             ControlRequest::Plan => "plan",
             ControlRequest::Explain { .. } => "explain",
+            ControlRequest::Cancel { .. } => "cancel",
+            ControlRequest::Watch { .. } => "watch",
+            ControlRequest::ShowBlocks { .. } => "show-blocks",
         }
     }
 }
@@ -218,6 +276,28 @@ pub struct NodeStatus {
     pub containers: u32,
     /// Migrations in flight from or to this node.
     pub in_flight: u32,
+    /// Container address blocks leased to the node, e.g. `198.19.0.64/26` (omitted when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub address_blocks: Vec<String>,
+}
+
+/// One leased block of container addresses (`rebalctl show blocks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockStatus {
+    /// `first/prefix`, e.g. `198.19.0.64/26`.
+    pub block: String,
+    /// The node it is leased to.
+    pub node: String,
+    /// When it was leased (absent for a lease journaled before the controller kept the time).
+    #[serde(default)]
+    pub leased_at: Option<Millis>,
+    /// Addresses in the block.
+    pub addresses: u32,
+    /// Live containers, on any node, holding an address of the block (as last polled).
+    pub live: u32,
+    /// Addresses of the block lent to containers that moved to another node, as the node's
+    /// agent last reported them (the controller releases each once its container ended).
+    pub lent: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -353,6 +433,10 @@ pub struct MigrationEntry {
     /// Why the source node stayed in the job's allocation after a successful migration.
     #[serde(default)]
     pub slurm_kept_source: Option<String>,
+    /// The holder allocation that makes Slurm count the moved task's CPUs on the destination
+    /// (granted, refused, released), or None when none was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_holder: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -394,6 +478,14 @@ pub enum ControlReply {
         unmoved: Vec<Unmoved>,
     },
     Done,
+    /// Answer to [`ControlRequest::Cancel`]: one outcome per migration it named.
+    Cancelled {
+        cancels: Vec<CancelOutcome>,
+    },
+    /// Answer to [`ControlRequest::ShowBlocks`], by block.
+    Blocks {
+        blocks: Vec<BlockStatus>,
+    },
 }
 
 #[allow(clippy::large_enum_variant)]

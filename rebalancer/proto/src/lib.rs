@@ -6,7 +6,6 @@
 
 pub mod auth;
 pub mod channel;
-pub mod codec;
 pub mod control;
 pub mod error;
 pub mod estimate;
@@ -19,10 +18,14 @@ pub mod models;
 pub mod munge;
 pub mod peer;
 pub mod position;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use channel::{ChannelConfig, Negotiated};
 pub use error::{ErrorCode, ErrorReply, ProtoError, VersionRange};
 pub use estimate::DowntimeModel;
+/// The incremental frame decoder, part of the framing layer.
+pub use frame::codec;
 pub use frame::{FrameHeader, FrameKind, HEADER_LEN, MAGIC, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use messages::*;
 pub use models::*;

@@ -27,6 +27,16 @@ pub const MESSAGE_VERSION: u16 = 1;
 /// The message-set versions this build speaks; negotiation picks the highest common one.
 pub const MESSAGE_VERSIONS: VersionRange = VersionRange::new(1, MESSAGE_VERSION);
 
+/// Versions of the agent's TCP control port (controller ↔ agent), negotiated in the hellos;
+/// both carry message set 1. 1: munge credentials bound to the connection, the channel in
+/// clear. 2: after the hellos the connection continues inside TLS 1.3 ([`crate::tls`]), and
+/// both credentials also name the TLS session's exporter value. The local sockets speak
+/// [`MESSAGE_VERSIONS`].
+pub const CONTROL_TCP_VERSIONS: VersionRange = VersionRange::new(1, 2);
+
+/// The first control TCP version that is encrypted.
+pub const CONTROL_TCP_ENCRYPTED: u16 = 2;
+
 /// First frame in each direction. The server answers with its own `Hello` or an error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -228,6 +238,22 @@ pub enum Request {
         id: MigrationId,
     },
     ListMigrations,
+    /// Controller only: the address blocks leased to this node (the whole set, every time),
+    /// and the addresses of its blocks the controller frees. Answered with
+    /// [`Reply::AddressBlocks`]: what the agent holds now and whether it wants another block.
+    AddressBlocks {
+        lease: BlockLease,
+    },
+    /// Cancels a running migration this node is the source of, answered with its record as it
+    /// stands. Accepted before the commit point: the source rolls back as on any failure (the
+    /// record ends `rolled-back` with `cancelled_by`). Refused (`busy`) once the source has
+    /// reached its commit point, and (`not_found`) when no migration of that id runs here.
+    /// Administrators only.
+    CancelMigration {
+        id: MigrationId,
+        /// Who asked, as the record's `cancelled_by` will say (e.g. `uid 1000 (rebalctl)`).
+        by: String,
+    },
     /// TCP control port only, first request after the hellos: the controller proves itself
     /// with a munge credential bound to the agent's hello nonce
     /// ([`crate::auth::CONTROL_DOMAIN`], from the controller's name to the agent's node), and
@@ -275,11 +301,72 @@ pub enum Reply {
         plan: RestorePlan,
     },
     Done,
+    /// Answer to `AddressBlocks`.
+    AddressBlocks {
+        blocks: BlockState,
+    },
     /// Answer to `Authenticate`: the agent's credential, bound to the controller's nonce
     /// (from the agent's node to the controller's name).
     Authenticated {
         credential: Option<String>,
     },
+}
+
+/// The controller's lease of address blocks to one node (`address-blocks`). Blocks are indices
+/// of `block_prefix`-sized blocks of `pool`, counted from its first address (block 1 of
+/// `198.19.0.0/20` in /26 blocks is `198.19.0.64/26`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockLease {
+    /// The cluster's container subnet, e.g. `198.19.0.0/20`; must lie inside the agent's
+    /// `container_subnet`.
+    pub pool: String,
+    /// Prefix length of one block, e.g. 26.
+    pub block_prefix: u8,
+    /// Every block leased to the node, journaled by the controller before it sends them. A
+    /// block the agent held and that is missing here is no longer its own.
+    pub blocks: Vec<u32>,
+    /// Addresses of the node's blocks that a container which moved away held, and that the
+    /// controller saw end: the agent may hand them out again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released: Vec<String>,
+    /// The agent asks for another block (`want_block`) when fewer addresses are free.
+    #[serde(default)]
+    pub low_water: u32,
+}
+
+/// How an agent picks container addresses (`ipam` in its configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IpamMode {
+    /// From blocks the controller leases (the default).
+    Leased,
+    /// A random free address of the whole subnet, chosen alone (single-agent labs only).
+    Local,
+}
+
+/// An address of the node's blocks held by a container that moved to another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LentAddress {
+    pub address: String,
+    pub container: ContainerId,
+}
+
+/// An agent's addresses after an `address-blocks` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub mode: IpamMode,
+    /// The blocks the agent now allocates from (none in `local` mode).
+    pub blocks: Vec<u32>,
+    /// Addresses of those blocks a new container could have.
+    pub free: u32,
+    /// Addresses in use by containers on this node (from any block).
+    pub used: u32,
+    /// Addresses of its blocks held by containers that moved away; the controller releases
+    /// each once it saw the container end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lent: Vec<LentAddress>,
+    /// The agent asks for one more block: `free` is below the lease's `low_water`.
+    pub want_block: bool,
 }
 
 // Messages are short-lived and moved once; boxing would only add allocations.

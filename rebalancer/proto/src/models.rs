@@ -279,6 +279,11 @@ pub struct ContainerInfo {
     pub class: Option<String>,
     pub exit_status: Option<i32>,
     pub started_at: Millis,
+    /// The Slurm task the container runs in now when that is not `task`: after a move, the
+    /// destination's restore step (`task` stays the step the user started). Absent when it
+    /// never moved, and from agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs_in: Option<TaskRef>,
 }
 
 /// Phases of a migration, in order.
@@ -423,6 +428,11 @@ pub struct MigrationRecord {
     pub error: Option<String>,
     pub started_at: Millis,
     pub ended_at: Option<Millis>,
+    /// Who cancelled the migration (`rebalctl cancel`), when a cancel ended it: the state is
+    /// then `rolled-back` (the container runs on its source again). Absent otherwise, and in
+    /// records of agents that predate cancelling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_by: Option<String>,
 }
 
 /// What a node's kernel and CRIU can do, found by the agent's start-up checks.

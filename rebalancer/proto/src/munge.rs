@@ -70,7 +70,12 @@ pub async fn bound_credential(
     socket: Option<&Path>,
     binding: &Binding,
 ) -> Result<String, AuthError> {
-    let payload = binding.payload()?;
+    credential(socket, &binding.payload()?).await
+}
+
+/// A munge credential whose payload is `payload` as given (the agent's version-1 peer hello;
+/// bound credentials go through [`bound_credential`]).
+pub async fn credential(socket: Option<&Path>, payload: &str) -> Result<String, AuthError> {
     let out = run("munge", socket, payload.as_bytes()).await?;
     if !out.status.success() {
         return Err(AuthError::Munge(

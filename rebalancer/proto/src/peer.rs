@@ -23,8 +23,16 @@ use crate::models::{
 /// client's in [`PeerRequest::Authenticate`]). 3: after the hellos the connection continues
 /// inside TLS 1.3; the server's hello carries no credential, the client's `authenticate` and the
 /// server's `authenticated` each carry one that also names the TLS session's exporter value, so
-/// that it is valid inside that session only.
-pub const PEER_VERSIONS: VersionRange = VersionRange::new(1, 3);
+/// that it is valid inside that session only. 4: post-copy pages move on a connection the two
+/// agents established before the dump ([`PeerRequest::LazyLink`]); no CRIU process listens.
+pub const PEER_VERSIONS: VersionRange = VersionRange::new(1, 4);
+
+/// First peer protocol version with [`PeerRequest::LazyLink`].
+pub const LAZY_LINK_VERSION: u16 = 4;
+
+/// Length in bytes of a [`PeerRequest::LazyLink`] token (sent hex-encoded in the request, raw
+/// on the linked connection).
+pub const LAZY_TOKEN_LEN: usize = 32;
 
 /// A migration's fencing token, carried in Prepare, Commit and Outcome.
 pub type Epoch = u64;
@@ -138,6 +146,11 @@ pub enum PeerRequest {
         /// needs none (or an older source).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         spool: Option<SpoolDir>,
+        /// The source's heartbeat interval in milliseconds: the source sends [`PeerEvent`]
+        /// heartbeats while it dumps and understands the destination's. Absent: an older
+        /// source (timeouts only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat_ms: Option<u64>,
     },
     /// Announces the non-memory image files; their bytes follow in data frames with this
     /// request's id.
@@ -145,8 +158,18 @@ pub enum PeerRequest {
         files: Vec<ImageFile>,
     },
     Restore {
-        /// Post-copy: the source's lazy page server.
+        /// Post-copy before version 4: the source's lazy page server (CRIU's own listener).
+        /// Version 4: absent, the pages come over the connection of [`PeerRequest::LazyLink`].
         lazy_pages: Option<(Ipv4Addr, u16)>,
+    },
+    /// Version 4, post-copy, before the source freezes: connect to the source agent's listener
+    /// `to` and write `token` (hex of [`LAZY_TOKEN_LEN`] bytes) as the connection's first bytes.
+    /// The source agent accepts that one connection from this node's address with this token
+    /// (others are closed unread) and hands it to its `criu dump --lazy-pages`; this node's
+    /// `criu lazy-pages` gets the other end at `restore`.
+    LazyLink {
+        to: (Ipv4Addr, u16),
+        token: String,
     },
     /// Pre-copy: start a page server for round `round` (`last`: the final, frozen dump, whose
     /// images are the ones restored; its parent is round `round - 1`).
@@ -182,6 +205,14 @@ pub enum PeerRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         epoch: Option<Epoch>,
     },
+    /// Source → destination, after a committed post-copy migration's lazy dump ended: did every
+    /// page arrive? Sent on a connection of its own. The source's CRIU cannot tell: its page
+    /// server ends without an error when the destination's `criu lazy-pages` dies. A
+    /// destination whose daemon still runs waits for it (bounded), then answers `busy`; one
+    /// of an earlier release refuses the unknown op, and the source keeps its record.
+    LazyEnd {
+        migration: MigrationId,
+    },
 }
 
 impl PeerRequest {
@@ -198,6 +229,8 @@ impl PeerRequest {
             PeerRequest::TaskEnded { .. } => "task-ended",
             PeerRequest::Abort { .. } => "abort",
             PeerRequest::Outcome { .. } => "outcome",
+            PeerRequest::LazyLink { .. } => "lazy-link",
+            PeerRequest::LazyEnd { .. } => "lazy-end",
         }
     }
 }
@@ -219,6 +252,11 @@ pub enum PeerReply {
         /// The destination's certificate, sent when the source sent one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tls_cert: Option<String>,
+        /// The heartbeat interval the destination agreed to (the source's): it answers the
+        /// source's heartbeats and sends its own while it serves a long request. Absent: an
+        /// older destination, or a source that sent none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat_ms: Option<u64>,
     },
     ImagesReceived {
         bytes: u64,
@@ -236,10 +274,37 @@ pub enum PeerReply {
     },
     Aborted,
     Ack,
+    /// Answer to `lazy-link`: connected, token written.
+    LazyLinked,
     /// Answer to `outcome`: whether this node received Commit for the migration (and may run
     /// the container). An arrival still in progress is answered with a `busy` error.
     Outcome {
         committed: bool,
+    },
+    /// Answer to `lazy-end`. `lost`: the destination's page supply ended before every page
+    /// arrived, so the container there was killed (why, in a sentence); absent: every page
+    /// arrived, or the container ended on its own first.
+    LazyEnded {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lost: Option<String>,
+    },
+}
+
+/// The payload of an event frame on a peer connection: progress that proves the sender is
+/// alive while a long phase runs. Event frames need no new message: the channel already lets
+/// a server send events of the request it serves, and a receiver that cannot decode an event
+/// drops it (an older source ignores these). The source sends them with request id 0 between
+/// requests (its own dump, pre-copy round); the destination answers each with one of its own
+/// (id 0) and sends them with the request's id while it serves a long request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum PeerEvent {
+    Heartbeat {
+        /// What the sender is doing (`dump`, `pre-copy-round`, `restore`, `prepare`, `wait`).
+        phase: String,
+        /// Bytes the sender moved so far in that phase, when it knows (else 0).
+        #[serde(default)]
+        bytes: u64,
     },
 }
 
@@ -280,6 +345,13 @@ mod tests {
                 migration: "m".into(),
                 container: "c".into(),
                 epoch: Some(7),
+            },
+            PeerRequest::LazyLink {
+                to: (Ipv4Addr::new(198, 18, 0, 1), 4000),
+                token: "00".into(),
+            },
+            PeerRequest::LazyEnd {
+                migration: "m".into(),
             },
         ];
         for r in reqs {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rebalancer_proto::peer::{PeerReply, PeerRequest, PeerResponse};
+use rebalancer_proto::peer::{PeerEvent, PeerReply, PeerRequest, PeerResponse};
 use rebalancer_proto::{MountSpec, RootfsSpec};
 
 fn fixtures(dir: &str) -> Vec<(String, Vec<u8>)> {
@@ -98,6 +98,58 @@ fn every_captured_peer_message_decodes_and_re_encodes_to_the_same_bytes() {
             "round-ready"
         ]
     );
+}
+
+#[test]
+fn the_peer_protocol_4_messages_decode_and_re_encode_to_the_same_bytes() {
+    let all = fixtures("peer-v4");
+    let mut ops = Vec::new();
+    let mut kinds = Vec::new();
+    for (name, bytes) in &all {
+        if name.starts_with("request-") {
+            ops.push(round_trip::<PeerRequest>(name, bytes).op());
+        } else if name.starts_with("reply-") {
+            match round_trip::<PeerResponse>(name, bytes) {
+                PeerResponse::Ok(PeerReply::LazyLinked) => kinds.push("lazy-linked"),
+                other => panic!("{name}: not a version-4 reply: {other:?}"),
+            }
+        } else {
+            panic!("{name}: fixture names start with request- or reply-");
+        }
+    }
+    ops.sort();
+    assert_eq!(ops, ["lazy-link", "restore"]);
+    assert_eq!(kinds, ["lazy-linked"]);
+    let (_, link) = &all[1];
+    match serde_json::from_slice::<PeerRequest>(link).expect("lazy-link") {
+        PeerRequest::LazyLink { to, token } => {
+            assert_eq!(to, ("198.18.0.1".parse().expect("ip"), 40123));
+            assert_eq!(token.len(), 2 * rebalancer_proto::peer::LAZY_TOKEN_LEN);
+        }
+        other => panic!("not lazy-link: {other:?}"),
+    }
+}
+
+#[test]
+fn the_lazy_end_question_and_its_answers_decode_and_re_encode_to_the_same_bytes() {
+    let all = fixtures("peer-lazy-end");
+    let mut ops = Vec::new();
+    let mut lost = Vec::new();
+    for (name, bytes) in &all {
+        if name.starts_with("request-") {
+            ops.push(round_trip::<PeerRequest>(name, bytes).op());
+        } else if name.starts_with("reply-") {
+            match round_trip::<PeerResponse>(name, bytes) {
+                PeerResponse::Ok(PeerReply::LazyEnded { lost: l }) => lost.push(l.is_some()),
+                other => panic!("{name}: not a lazy-end answer: {other:?}"),
+            }
+        } else {
+            panic!("{name}: fixture names start with request- or reply-");
+        }
+    }
+    assert_eq!(ops, ["lazy-end"]);
+    // Sorted by name: `reply-lazy-ended-lost.json`, then `reply-lazy-ended.json`.
+    assert_eq!(lost, [true, false]);
 }
 
 #[test]
@@ -213,4 +265,56 @@ fn the_fencing_fields_decode_where_this_release_sends_them() {
             epoch: None
         }
     );
+}
+
+#[test]
+fn the_heartbeat_agreement_and_events_keep_their_shape() {
+    let all = fixtures("peer");
+    let get = |n: &str| -> Vec<u8> {
+        all.iter()
+            .find(|(name, _)| name == n)
+            .unwrap_or_else(|| panic!("fixture {n}"))
+            .1
+            .clone()
+    };
+    assert!(matches!(
+        serde_json::from_slice(&get("request-prepare-heartbeat.json")).expect("decode"),
+        PeerRequest::Prepare {
+            heartbeat_ms: Some(2000),
+            timeout_ms: Some(600_000),
+            ..
+        }
+    ));
+    assert!(matches!(
+        serde_json::from_slice(&get("reply-prepared-heartbeat.json")).expect("decode"),
+        PeerResponse::Ok(PeerReply::Prepared {
+            heartbeat_ms: Some(2000),
+            ..
+        })
+    ));
+    // A prepare of the previous release carries no heartbeat: the destination sends none.
+    assert!(matches!(
+        serde_json::from_slice(&get("request-prepare-fenced.json")).expect("decode"),
+        PeerRequest::Prepare {
+            heartbeat_ms: None,
+            ..
+        }
+    ));
+    for (name, bytes) in fixtures("peer-events") {
+        let ev = round_trip::<PeerEvent>(&name, &bytes);
+        assert_eq!(
+            ev,
+            PeerEvent::Heartbeat {
+                phase: "dump".into(),
+                bytes: 1 << 20
+            },
+            "{name}"
+        );
+        // An agent of an earlier release reads event frames as control events: it cannot, and
+        // drops them (the channel's rule), so heartbeats never disturb it.
+        assert!(
+            serde_json::from_slice::<rebalancer_proto::Event>(&bytes).is_err(),
+            "{name}"
+        );
+    }
 }

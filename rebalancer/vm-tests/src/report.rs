@@ -1,7 +1,7 @@
 //! What the guest prints on the serial console: one `@@vmtest <json>` line per event, so that
 //! kernel messages or shell noise on the same console never break the parse.
 
-use rebalancer_proto::{MigrationRecord, NodeCapabilities};
+use rebalancer_proto::{ContainerInfo, MigrationRecord, NodeCapabilities};
 use serde::{Deserialize, Serialize};
 
 pub const PREFIX: &str = "@@vmtest ";
@@ -32,6 +32,29 @@ pub enum GuestEvent {
         record: Box<MigrationRecord>,
         probe: ProbeReport,
     },
+    /// Two-guest lab: this guest's agent answers (`uptime_s`: the guest kernel's uptime then).
+    NodeUp {
+        node: String,
+        uptime_s: f64,
+        auth: String,
+    },
+    /// Two-guest lab: the counter server container started.
+    Created {
+        container: ContainerInfo,
+    },
+    /// Two-guest lab: a migration this guest's agent ran as the source (the client is on the
+    /// host, which keeps its own figures).
+    Migrated {
+        label: String,
+        record: Box<MigrationRecord>,
+    },
+    /// Two-guest lab: what this kernel runs, for the host to compare across guests.
+    NodeState {
+        node: String,
+        containers: Vec<ContainerInfo>,
+        /// Pids of `vm-guest workload` processes in this kernel.
+        workload_pids: Vec<i32>,
+    },
     Log {
         message: String,
     },
@@ -49,6 +72,16 @@ impl GuestEvent {
             serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
         )
     }
+}
+
+/// `phase=ms` for each phase of a migration, space-separated.
+pub fn phases(rec: &MigrationRecord) -> String {
+    let each: Vec<String> = rec
+        .phases
+        .iter()
+        .map(|p| format!("{}={}ms", p.phase, p.duration_ms().unwrap_or(0)))
+        .collect();
+    each.join(" ")
 }
 
 /// Extracts the events from console output; other lines are ignored.

@@ -10,313 +10,17 @@
 //! `VM_AGENT_BIN` (agent binary instead of building it), `VM_MEM_MIB` (container size, 256),
 //! `VM_DIRTY_PCT` (% of the container's pages dirtied per second, 5).
 
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rebalancer_proto::{MigrationMode, MigrationRecord, MigrationState};
-use rebalancer_vm_tests::cpio::Initramfs;
-use rebalancer_vm_tests::kmod;
+use rebalancer_vm_tests::guest::{self, Guest, ImageSpec, QemuSpec};
 use rebalancer_vm_tests::report::{self, GuestEvent};
-
-/// Loaded in this order with their dependencies: the lab's links, CRIU's nftables network
-/// lock, and the sock_diag modules CRIU dumps sockets with.
-const MODULES: &[&str] = &[
-    "veth",
-    "bridge",
-    "nf_tables",
-    "nft_ct",
-    "nf_conntrack_netlink",
-    "inet_diag",
-    "tcp_diag",
-    "udp_diag",
-    "raw_diag",
-    "unix_diag",
-    "netlink_diag",
-    "af_packet_diag",
-    "tun",
-];
 
 const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
-/// `/init`: stage 1 copies the initramfs into a tmpfs and switches to it (pivot_root, which
-/// the agent's containers and CRIU's restore use, does not work on the initramfs itself);
-/// stage 2 mounts the usual file systems, loads the modules and runs the scenario.
-const INIT: &str = r#"#!/bb/busybox sh
-B=/bb/busybox
-if [ ! -e /.stage2 ]; then
-  $B mkdir -p /proc /newroot
-  $B mount -t tmpfs -o size=1g,mode=755 tmpfs /newroot
-  for e in /*; do
-    case "$e" in /proc|/newroot) ;; *) $B cp -a "$e" /newroot/ ;; esac
-  done
-  $B mkdir -p /newroot/proc
-  $B touch /newroot/.stage2
-  exec $B switch_root /newroot /init
-fi
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/bb
-$B mount -t proc proc /proc
-$B mount -t sysfs sys /sys
-$B mount -t devtmpfs dev /dev
-$B mkdir -p /dev/pts /dev/shm /sys/fs/cgroup
-$B mount -t devpts devpts /dev/pts
-$B mount -t tmpfs tmpfs /run
-$B mount -t tmpfs tmpfs /tmp
-$B mount -t cgroup2 cgroup2 /sys/fs/cgroup
-$B --install -s /bb
-for m in /modules/*.ko; do
-  insmod "$m" || echo "@@vmtest-warn insmod $m failed"
-done
-echo 8388608 > /proc/sys/fs/pipe-max-size
-/usr/bin/ip link set lo up
-echo "@@vmtest-boot $(cut -d' ' -f1 /proc/uptime)"
-/usr/bin/vm-guest scenario /usr/local/bin/rebalancer-agent __MEM__ __DIRTY__
-echo "@@vmtest-exit $?"
-sync
-poweroff -f
-"#;
-
-fn run(cmd: &mut Command) -> String {
-    let o = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Debian 12's current 6.1 kernel package, downloaded and unpacked once into the cache.
-/// Returns (vmlinuz, lib/modules/<version>).
-fn debian_kernel(cache: &Path) -> (PathBuf, PathBuf) {
-    std::fs::create_dir_all(cache).expect("cache dir");
-    let meta = std::env::var("VM_KERNEL").unwrap_or_else(|_| "linux-image-amd64".into());
-    let deps = run(Command::new("apt-cache").args(["depends", &meta]));
-    let pkg = deps
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with("linux-image-"))
-        .unwrap_or_else(|| panic!("{meta} does not depend on a kernel image:\n{deps}"))
-        .to_string();
-    let root = cache.join(&pkg);
-    if !root.join("boot").is_dir() {
-        let has_deb = |c: &Path| {
-            std::fs::read_dir(c).ok().and_then(|rd| {
-                rd.flatten().map(|e| e.path()).find(|p| {
-                    let n = p.file_name().unwrap_or_default().to_string_lossy();
-                    n.starts_with(&format!("{pkg}_")) && n.ends_with(".deb")
-                })
-            })
-        };
-        let deb = match has_deb(cache) {
-            Some(d) => d,
-            None => {
-                run(Command::new("apt-get")
-                    .args(["download", &pkg])
-                    .current_dir(cache));
-                has_deb(cache).expect("apt-get download left no .deb")
-            }
-        };
-        let tmp = cache.join(format!("{pkg}.partial"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp));
-        std::fs::rename(&tmp, &root).expect("rename unpacked kernel");
-    }
-    let find = |dir: &Path, prefix: &str| {
-        std::fs::read_dir(dir)
-            .expect("read unpacked kernel")
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .starts_with(prefix)
-            })
-            .unwrap_or_else(|| panic!("no {prefix}* in {}", dir.display()))
-    };
-    let vmlinuz = find(&root.join("boot"), "vmlinuz-");
-    let config = std::fs::read_to_string(find(&root.join("boot"), "config-")).expect("config");
-    assert!(
-        config.lines().any(|l| l == "CONFIG_MEM_SOFT_DIRTY=y"),
-        "{pkg} lacks CONFIG_MEM_SOFT_DIRTY"
-    );
-    let moddir = find(&root.join("lib/modules"), "6.");
-    (vmlinuz, moddir)
-}
-
-/// The workspace's agent binary, built with this test's profile into this test's target dir.
-fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("VM_AGENT_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test exe");
-    // <target>/<profile>/deps/<test>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("profile dir")
-        .to_path_buf();
-    let target = profile_dir.parent().expect("target dir");
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => "dev".to_string(),
-        Some(p) => p.to_string(),
-        None => "dev".to_string(),
-    };
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    run(Command::new(cargo)
-        .args([
-            "build",
-            "-p",
-            "rebalancer-agent",
-            "--bin",
-            "rebalancer-agent",
-            "--profile",
-            &profile,
-        ])
-        .env("CARGO_TARGET_DIR", target)
-        .current_dir(ws));
-    profile_dir.join("rebalancer-agent")
-}
-
-/// Adds a stripped copy of a workspace binary (debug builds are large) and its libraries.
-fn stripped(img: &mut Initramfs, bin: &Path, dest: &str, work: &Path) {
-    let out = work.join(bin.file_name().expect("binary name"));
-    run(Command::new("strip").arg("-o").arg(&out).arg(bin));
-    img.binary(&out, dest).expect("add binary");
-}
-
-fn build_initramfs(moddir: &Path, agent: &Path, work: &Path, mem: u64, dirty: f64) -> PathBuf {
-    let mut img = Initramfs::new();
-    img.mirror_root_links(&["bin", "sbin", "lib", "lib64"])
-        .expect("root links");
-    for d in ["proc", "sys", "run", "tmp", "root", "opt", "var/tmp", "etc"] {
-        img.dir(d).expect("dir");
-    }
-    img.char_dev("dev/console", 5, 1).expect("console");
-    img.file(
-        "etc/passwd",
-        b"root:x:0:0:root:/root:/bb/sh\n".to_vec(),
-        0o644,
-    )
-    .expect("passwd");
-    img.file("etc/group", b"root:x:0:\n".to_vec(), 0o644)
-        .expect("group");
-    // /bin/sh is needed too: GNU tar runs its compressor through it.
-    img.host_file(Path::new("/bin/busybox"), "usr/bin/busybox")
-        .expect("busybox-static (Debian package busybox-static) at /bin/busybox");
-    img.symlink("usr/bin/sh", "busybox").expect("sh");
-    img.symlink("bb/busybox", "../usr/bin/busybox").expect("bb");
-    img.binary(Path::new("/usr/local/sbin/criu"), "usr/local/sbin/criu")
-        .expect("CRIU 4.2 at /usr/local/sbin/criu (scripts/setup.sh)");
-    img.binary(Path::new("/usr/bin/ip"), "usr/bin/ip")
-        .expect("ip");
-    img.binary(Path::new("/usr/sbin/nft"), "usr/sbin/nft")
-        .expect("nft");
-    // CRIU saves and restores the container's tmpfs mounts (/dev, /tmp) with GNU tar + gzip.
-    img.binary(Path::new("/usr/bin/tar"), "usr/bin/tar")
-        .expect("tar");
-    img.binary(Path::new("/usr/bin/gzip"), "usr/bin/gzip")
-        .expect("gzip");
-    stripped(&mut img, agent, "usr/local/bin/rebalancer-agent", work);
-    stripped(
-        &mut img,
-        Path::new(env!("CARGO_BIN_EXE_vm-guest")),
-        "usr/bin/vm-guest",
-        work,
-    );
-    let mods = kmod::resolve(moddir, MODULES).expect("kernel modules");
-    for (i, m) in mods.into_iter().enumerate() {
-        img.file(&format!("modules/{i:02}-{}.ko", m.name), m.data, 0o644)
-            .expect("module");
-    }
-    let init = INIT
-        .replace("__MEM__", &mem.to_string())
-        .replace("__DIRTY__", &dirty.to_string());
-    img.file("init", init.into_bytes(), 0o755).expect("init");
-    let out = work.join("initramfs.cpio");
-    std::fs::write(&out, img.to_newc()).expect("write initramfs");
-    out
-}
-
-/// Boots the VM and returns its console output; every line is echoed as it arrives.
-fn boot(vmlinuz: &Path, initrd: &Path) -> String {
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "accel=tcg",
-            "-cpu",
-            "max",
-            "-smp",
-            "2",
-            "-m",
-            "1536",
-            "-display",
-            "none",
-            "-vga",
-            "none",
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-            "-nic",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off rdinit=/init",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("qemu-system-x86_64 (Debian package qemu-system-x86)");
-    let stdout = child.stdout.take().expect("qemu stdout");
-    let started = Instant::now();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            eprintln!(
-                "vm {:>6.1}s| {}",
-                started.elapsed().as_secs_f64(),
-                line.trim_end()
-            );
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    loop {
-        if child.try_wait().ok().flatten().is_some() {
-            break;
-        }
-        if started.elapsed() > VM_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    reader.join().unwrap_or_default()
-}
-
 fn rounds_table(rec: &MigrationRecord) -> String {
-    let phases: Vec<String> = rec
-        .phases
-        .iter()
-        .map(|p| format!("{}={}ms", p.phase, p.duration_ms().unwrap_or(0)))
-        .collect();
-    let mut s = format!("phases: {}\n", phases.join(" "));
+    let mut s = format!("phases: {}\n", report::phases(rec));
     s.push_str("round | scanned | written | skipped (parent has them) | ms\n");
     for r in &rec.stats.rounds {
         s.push_str(&format!(
@@ -349,23 +53,45 @@ fn precopy_converges_and_freezes_shorter_than_stop_and_copy() {
     };
     let mem = env_num("VM_MEM_MIB", 256.0) as u64;
     let dirty = env_num("VM_DIRTY_PCT", 5.0);
-    let cache = std::env::var_os("VM_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/rebalancer-vm-tests"));
-    let (vmlinuz, moddir) = debian_kernel(&cache);
-    let agent = agent_binary();
+    let kernel = guest::debian_kernel(&guest::cache_dir()).expect("Debian kernel");
+    assert!(
+        kernel.has("CONFIG_MEM_SOFT_DIRTY"),
+        "{} lacks CONFIG_MEM_SOFT_DIRTY",
+        kernel.vmlinuz.display()
+    );
+    let agent = guest::agent_binary(&std::env::current_exe().expect("test exe")).expect("agent");
     let work = std::env::temp_dir().join(format!("rebalancer-vm-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("work dir");
-    let initrd = build_initramfs(&moddir, &agent, &work, mem, dirty);
+    let run = format!("/usr/bin/vm-guest scenario /usr/local/bin/rebalancer-agent {mem} {dirty}");
+    let initrd = guest::build_initramfs(
+        &ImageSpec {
+            kernel: &kernel,
+            agent: &agent,
+            vm_guest: Path::new(env!("CARGO_BIN_EXE_vm-guest")),
+            extra_modules: &[],
+            run: &run,
+            munge_key: None,
+        },
+        &work,
+    )
+    .expect("initramfs");
     eprintln!(
-        "kernel {}, initramfs {} MiB, prepared in {:.1}s",
-        vmlinuz.display(),
-        std::fs::metadata(&initrd)
-            .map(|m| m.len() >> 20)
-            .unwrap_or(0),
+        "{}, prepared in {:.1}s",
+        guest::image_summary(&kernel, &initrd),
         t0.elapsed().as_secs_f64()
     );
-    let console = boot(&vmlinuz, &initrd);
+    let console = Guest::spawn(QemuSpec {
+        label: "vm".into(),
+        vmlinuz: &kernel.vmlinuz,
+        initrd: &initrd,
+        mem_mib: 1536,
+        cpus: 2,
+        cmdline: String::new(),
+        tap: None,
+        netns: None,
+    })
+    .expect("start qemu")
+    .wait(VM_TIMEOUT);
     let _ = std::fs::remove_dir_all(&work);
     let events = report::parse(&console);
     eprintln!("VM finished after {:.1}s", t0.elapsed().as_secs_f64());

@@ -564,12 +564,23 @@ impl E2e {
                 .map(|(j, n)| format!("{n} = \"198.18.0.{}:7878\"\n", 11 + j))
                 .collect();
             let cfg = a.join(format!("{node}.toml"));
+            // Container addresses from the blocks the controller leases this node, as a site
+            // runs it (cluster.sh's lines).
+            let ipam = self
+                .cluster()
+                .agent_ipam_toml()
+                .expect("the cluster's container address lines for the agent");
+            // The TCP control listener for the controller on the admin host (cluster.sh's).
+            let control = self
+                .cluster()
+                .agent_control_toml(node)
+                .expect("the cluster's [control] section for the agent");
             std::fs::write(
                 &cfg,
                 format!(
                     "node = \"{node}\"\nlisten = \"198.18.0.{ip}:7878\"\ncontrol_socket = \"{sock}\"\n\
-                     container_subnet = \"198.19.0.0/20\"\nstate_dir = \"/var/lib/rebalancer\"\nrun_dir = \"/run/rebalancer\"\n\
-                     migration_timeout_ms = 60000\n[auth]\nmethod = \"munge\"\nmunge_socket = \"{}\"\n[peers]\n{peers}",
+                     {ipam}state_dir = \"/var/lib/rebalancer\"\nrun_dir = \"/run/rebalancer\"\n\
+                     migration_timeout_ms = 60000\n[auth]\nmethod = \"munge\"\nmunge_socket = \"{}\"\n[peers]\n{peers}{control}",
                     munge.display(),
                     sock = slurm_tests::AGENT_SOCKET,
                     ip = 11 + k
@@ -635,11 +646,16 @@ impl E2e {
         self.write("policies/drain.toml", &format!("{policy}\n"));
         let d = self.work.display();
         let conf = self.cluster().slurm_conf();
-        // How the controller reaches the agents is the cluster's to say (cluster.sh).
+        // How the controller reaches the agents is the cluster's to say (cluster.sh): their TCP
+        // control ports.
         let agents = self
             .cluster()
             .controller_agents_toml()
             .expect("the cluster's controller-agents.toml");
+        let ipam = self
+            .cluster()
+            .controller_ipam_toml()
+            .expect("the cluster's controller-ipam.toml");
         self.write(
             "rebalancerd.toml",
             &format!(
@@ -647,7 +663,7 @@ impl E2e {
                  slurm_user = \"root\"\nevaluate_interval_s = 2\n\
                  [slurm]\nbackend = \"libslurm\"\nconf = \"{}\"\npoll_interval_ms = 300\nreconcile_interval_s = 5\n\
                  [agents]\n{agents}poll_interval_ms = 500\n\
-                 [migration]\ntimeout_s = 120\n",
+                 [migration]\ntimeout_s = 120\n{ipam}",
                 conf.display()
             ),
         );
@@ -666,7 +682,7 @@ impl E2e {
             .expect("start rebalancerd");
         self.controller = Some(child);
         let seen =
-            slurm_tests::wait_until("rebalancerd to see the three agents up", STARTUP, || {
+            slurm_tests::wait_until("rebalancerd to see the three agents up, each with its leased address block", STARTUP, || {
                 if let Some(Ok(Some(st))) = self.controller.as_mut().map(Child::try_wait) {
                     return Ok(Poll::Pending(format!("rebalancerd exited ({st})")));
                 }
@@ -678,6 +694,9 @@ impl E2e {
                                 a.iter()
                                     .filter(|n| {
                                         n.get("agent").and_then(Value::as_str) == Some("up")
+                                            && n.get("address_blocks")
+                                                .and_then(Value::as_array)
+                                                .is_some_and(|b| !b.is_empty())
                                     })
                                     .count()
                             })
@@ -1252,3 +1271,36 @@ fn assert_whole_output(e: &E2e, name: &str, bye_answer: &str) {
     }
 }
 
+
+impl E2e {
+    /// The test server as a migratable one-task step of a new allocation NAME on node1 (its
+    /// stdout in `server.out`): returns the job and the server's container, as the controller
+    /// lists it, once the server listens.
+    fn start_server(&mut self, name: &str) -> (JobId, Value) {
+        let work = self.work.display().to_string();
+        let job = self.salloc(&["-N1", "-n1", "-w", "node1", "-J", name]);
+        let mem = SERVER_MIB.to_string();
+        let port = PORT.to_string();
+        self.spawn(
+            "server-srun",
+            "srun",
+            &[
+                &format!("--jobid={job}"),
+                "-w",
+                "node1",
+                "-N1",
+                "-n1",
+                "--migratable",
+                &format!("--output={work}/server.out"),
+                "/usr/bin/python3",
+                "-u",
+                "server.py",
+                &mem,
+                &port,
+            ],
+        );
+        let c = self.wait_container(job, 0, "node1", STARTUP);
+        self.wait_output("server.out", "listening", "the server to listen", STARTUP);
+        (job, c)
+    }
+}

@@ -385,6 +385,7 @@ fn serve(
                             class: r.class.clone(),
                             exit_status: None,
                             started_at: 0,
+                            runs_in: None,
                         },
                     }),
                 }

@@ -57,6 +57,9 @@ pub struct Container {
     /// The cgroup carrying the container's limits (agent-run containers; Slurm tasks live in
     /// Slurm's cgroups).
     pub cgroup: Option<crate::cgroup::Cgroup>,
+    /// The Slurm task the container runs in when not `meta.spec.task`: the restore step that
+    /// took it in on this node.
+    pub runs_in: Option<rebalancer_proto::TaskRef>,
 }
 
 /// Mount table and root symlinks (link path, target) of a container.

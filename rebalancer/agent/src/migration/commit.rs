@@ -11,7 +11,7 @@ use rebalancer_proto::{now_millis, ContainerState, MigrationId, MigrationMode};
 
 use super::host::{Helper, Host};
 use super::restore_step::StepLaunch;
-use crate::agent::Agent;
+use crate::agent::{Agent, LazySupply};
 use crate::container::{Container, ContainerMeta};
 use crate::error::AgentError;
 use crate::netns::ContainerNet;
@@ -30,6 +30,13 @@ pub(super) struct Incoming<H: Host> {
     pub(super) images: PathBuf,
     pub(super) page_server: Option<H::Helper>,
     pub(super) lazy_daemon: Option<H::Helper>,
+    /// Post-copy, peer protocol 4: this end of the agents' lazy-page link, until `restore`
+    /// hands it to the lazy-pages daemon (closed with the arrival otherwise).
+    pub(super) lazy_link: Option<std::os::fd::OwnedFd>,
+    /// Memory this arrival announced, held against other arrivals until it ends (released
+    /// when dropped).
+    #[allow(dead_code)]
+    pub(super) reservation: Option<super::room::Reservation>,
     pub(super) restored_pid: Option<i32>,
     pub(super) committed: bool,
     pub(super) restore_step: bool,
@@ -65,7 +72,12 @@ impl<H: Host> Incoming<H> {
             c.start_kill();
             let _ = c.wait().await;
         }
-        if let Some(pid) = self.restored_pid.take() {
+        let restored = self.restored_pid.take();
+        if let Some(pid) = restored {
+            // The network first: the restored tree holds the client's connections (same
+            // addresses and sequence numbers as the source's copy), and killing it with a
+            // link out would close them for the client (found by the fault matrix).
+            host.destroy_net(&self.net).await;
             host.kill_and_reap(pid).await;
         }
         for c in [self.page_server.take(), self.lazy_daemon.take()]
@@ -76,7 +88,9 @@ impl<H: Host> Incoming<H> {
             c.start_kill();
             let _ = c.wait().await;
         }
-        host.destroy_net(&self.net).await;
+        if restored.is_none() {
+            host.destroy_net(&self.net).await;
+        }
         if let Some(cg) = self.cgroup.take() {
             host.remove_cgroup(cg).await;
         }
@@ -156,6 +170,10 @@ pub(super) async fn commit_here<H: Host>(
     sub.log("commit");
     let mut meta = inc.meta.clone();
     meta.started_at = inc.meta.started_at;
+    let runs_in = agent
+        .restore_steps()
+        .get(&inc.migration)
+        .and_then(|s| s.task.clone());
     let c = Container {
         meta,
         net: inc.net.clone(),
@@ -173,6 +191,7 @@ pub(super) async fn commit_here<H: Host>(
         },
         final_status: None,
         cgroup: inc.cgroup.take(),
+        runs_in,
     };
     agent.containers().insert(inc.meta.spec.id.clone(), c);
     // Recorded now: a restart's sweep would take a namespace without record for an
@@ -195,9 +214,17 @@ pub(super) async fn commit_here<H: Host>(
     // The images go once the lazy daemon is done (it reads them); a daemon whose container
     // ended has nothing left to serve and is stopped; a daemon that ends in error leaves the
     // container unable to get its missing pages, so it is killed (post-copy safety).
+    if daemon.is_some() {
+        note_lazy_supply(&agent, &mig, LazySupply::Serving);
+    }
     tokio::spawn(async move {
         if let Some(d) = daemon {
-            watch_lazy_daemon(&*host, &agent, &mig, &id, pid, d, &images).await;
+            let end = watch_lazy_daemon(&*host, &agent, &mig, &id, pid, d, &images).await;
+            let supply = match end {
+                LazyEnd::Lost(why) => LazySupply::Lost(why),
+                LazyEnd::Complete | LazyEnd::ContainerEnded => LazySupply::Complete,
+            };
+            note_lazy_supply(&agent, &mig, supply);
         }
         let _ = std::fs::remove_dir_all(images);
     });
@@ -264,6 +291,117 @@ pub(super) async fn watch_lazy_daemon<H: Host>(
             }
         }
     }
+}
+
+/// At most this many page-supply ends are kept for sources that never ask (a source that
+/// died); the oldest by id go first.
+const LAZY_SUPPLY_KEPT: usize = 64;
+
+fn note_lazy_supply(agent: &Agent, migration: &str, supply: LazySupply) {
+    let mut m = agent.lazy_supply();
+    match m.get(migration) {
+        Some(tx) => {
+            tx.send_replace(supply);
+        }
+        None => {
+            m.insert(migration.to_string(), tokio::sync::watch::channel(supply).0);
+        }
+    }
+    while m.len() > LAZY_SUPPLY_KEPT {
+        let ended = m
+            .iter()
+            .find(|(_, tx)| *tx.borrow() != LazySupply::Serving)
+            .map(|(k, _)| k.clone());
+        let Some(k) = ended else { break };
+        m.remove(&k);
+    }
+}
+
+/// How long `lazy-end` waits for a daemon that still serves: the source asks once its own
+/// lazy dump ended, which the daemon's end causes, so the daemon ends within moments.
+pub const LAZY_END_WAIT: Duration = Duration::from_secs(10);
+
+/// The destination's answer to `lazy-end` (see `PeerRequest::LazyEnd`): whether the committed
+/// post-copy arrival `migration` got every page, waiting up to [`LAZY_END_WAIT`] for its
+/// daemon to end. An answered end is forgotten.
+pub(super) async fn answer_lazy_end<H: Host>(
+    host: &H,
+    agent: &Agent,
+    migration: &str,
+) -> Result<PeerReply, AgentError> {
+    let rx = agent.lazy_supply().get(migration).map(|tx| tx.subscribe());
+    let Some(mut rx) = rx else {
+        return Err(AgentError::NotFound(format!(
+            "no committed post-copy arrival {migration} on {}",
+            agent.cfg.node
+        )));
+    };
+    let ended = tokio::select! {
+        r = rx.wait_for(|s| *s != LazySupply::Serving) => r.map(|s| s.clone()).ok(),
+        () = host.sleep(LAZY_END_WAIT) => None,
+    };
+    let Some(end) = ended else {
+        return Err(AgentError::Busy(format!(
+            "the lazy-pages daemon of {migration} still serves after {} s",
+            LAZY_END_WAIT.as_secs()
+        )));
+    };
+    agent.lazy_supply().remove(migration);
+    let lost = match end {
+        LazySupply::Lost(why) => Some(why),
+        _ => None,
+    };
+    tracing::info!(migration = %migration, lost = ?lost, "lazy-end asked: answered");
+    Ok(PeerReply::LazyEnded { lost })
+}
+
+/// How long a rollback after a killed `criu dump` watches the resumed tree.
+pub const KILLED_DUMP_WATCH: Duration = Duration::from_secs(5);
+
+/// After a rollback whose `criu dump` was killed by a signal (not interrupted through CRIU's
+/// own failure path): whether the tree died, and why in a sentence; `None` when it still runs
+/// after [`KILLED_DUMP_WATCH`] or the dump ended otherwise. CRIU's parasite returns a seized
+/// task to its own code by itself once its tracer is gone (compel's parasite daemon reads EOF
+/// on its control socket and sigreturns to the saved registers), with its TCP sockets still
+/// in repair mode until this agent turns it off; a `recv` or `send` in that window fails
+/// (EPERM), which a program may not survive (docs/fault-tolerance.md). The record must then
+/// say the job was lost, never that it was rolled back.
+pub(super) async fn lost_to_a_killed_dump<H: Host>(
+    host: &H,
+    agent: &Agent,
+    e: &AgentError,
+    pid: i32,
+    container: &str,
+) -> Option<String> {
+    let AgentError::Criu { action, message } = e else {
+        return None;
+    };
+    if !action.contains("dump") || !message.starts_with("was killed by signal") {
+        return None;
+    }
+    let signal = message.split(':').next().unwrap_or(message);
+    let started = host.now();
+    while host.alive(pid) {
+        if host.now().duration_since(started) >= KILLED_DUMP_WATCH {
+            tracing::warn!(container = %container, pid, "criu {action} was killed mid-dump; the resumed tree still runs");
+            return None;
+        }
+        host.sleep(Duration::from_millis(100)).await;
+    }
+    let status = agent
+        .containers()
+        .get(container)
+        .and_then(|c| c.exit_status)
+        .map_or("it ended".to_string(), |s| {
+            format!("it ended (wait status {s})")
+        });
+    let why = format!(
+        "criu {action} {signal} while its parasite was in the container's tasks; the tasks \
+         resumed by themselves with their TCP sockets still in repair mode, and {status}: \
+         the job is lost"
+    );
+    tracing::error!(container = %container, pid, reason = %why, "job lost to a killed criu dump");
+    Some(why)
 }
 
 fn fence_refusal(e: crate::store::StoreError) -> AgentError {

@@ -13,7 +13,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::commit::Incoming;
-use super::host::{within, Clock, Helper, Host, System};
+use super::heartbeat::Heartbeat;
+use super::host::{within, Clock, Helper, Host, LazySource, System};
 use super::policy::room_check;
 use super::restore_step::{self, missing_stdio_files};
 use super::timing::{criu_log_mark_ms, criu_log_span_ms, SubPhases};
@@ -95,12 +96,30 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
     ch.set_idle_timeout(Some(timeout));
     let s = &mut ch;
 
+    // Agreed in prepare: from then on a silence of the stall limit ends the connection.
+    let mut beat: Option<Heartbeat> = None;
     loop {
-        let f = match read_timeout(&**host, s, timeout).await {
+        let wait = beat.map_or(timeout, |b| b.stall_limit().min(timeout));
+        let f = match read_timeout(&**host, s, wait).await {
             Ok(f) => f,
             Err(AgentError::Proto(rebalancer_proto::ProtoError::Closed)) => return Ok(()),
+            Err(AgentError::Timeout(_)) if let Some(b) = beat => {
+                return Err(AgentError::Timeout(format!(
+                    "the source agent stalled: nothing heard for {} ms (heartbeat every {} ms)",
+                    wait.as_millis(),
+                    b.interval.as_millis()
+                )))
+            }
             Err(e) => return Err(e),
         };
+        if f.header.kind == FrameKind::Event {
+            // A heartbeat of the source's long phase: answered at once with this side's
+            // progress (what the page server received so far). Without an agreement: dropped.
+            if beat.is_some() {
+                answer_beat(s, incoming.as_ref()).await?;
+            }
+            continue;
+        }
         let id = f.header.id;
         let req: PeerRequest = match f.decode(FrameKind::Request, "request") {
             Ok(r) => r,
@@ -119,16 +138,51 @@ async fn serve_inner<H: Host, S: AsyncRead + AsyncWrite + Unpin + Send>(
             timeout = peer_wait(timeout, *t);
             s.set_idle_timeout(Some(timeout));
         }
-        let result = handle(
-            host,
-            agent,
-            (s, id),
-            incoming,
+        let mut agreed = None;
+        if let PeerRequest::Prepare { heartbeat_ms, .. } = &req {
+            agreed = Heartbeat::agree(&agent.cfg, *heartbeat_ms);
+        }
+        let phase = req.op();
+        // Long requests send heartbeats while they run; images are read from the channel.
+        let long = matches!(
             req,
-            (&source_node, peer),
-            timeout,
-        )
-        .await;
+            PeerRequest::Prepare { .. }
+                | PeerRequest::Restore { .. }
+                | PeerRequest::PrecopyRound { .. }
+        );
+        let mut result = match agreed.or(beat).filter(|_| long) {
+            Some(hb) => {
+                let fut = handle(
+                    host,
+                    agent,
+                    (
+                        None::<&mut AsyncChannel<crate::peer::tls::PeerStream<S>>>,
+                        id,
+                    ),
+                    incoming,
+                    req,
+                    (&source_node, peer),
+                    timeout,
+                );
+                super::heartbeat::serve_beating(&**host, s, id, hb, phase, fut).await
+            }
+            None => {
+                handle(
+                    host,
+                    agent,
+                    (Some(&mut *s), id),
+                    incoming,
+                    req,
+                    (&source_node, peer),
+                    timeout,
+                )
+                .await
+            }
+        };
+        if let (Some(hb), Ok(PeerReply::Prepared { heartbeat_ms, .. })) = (agreed, &mut result) {
+            *heartbeat_ms = Some(hb.interval.as_millis() as u64);
+            beat = Some(hb);
+        }
         let done = matches!(
             result,
             Ok(PeerReply::Committed { .. }) | Ok(PeerReply::Aborted)
@@ -161,10 +215,25 @@ pub fn peer_wait(own: Duration, source_ms: u64) -> Duration {
 /// Bound of [`peer_wait`]: a source cannot make this node wait longer for it.
 pub const MAX_PEER_WAIT: Duration = Duration::from_secs(6 * 3600);
 
+/// Answers a source's heartbeat with this side's own (request id 0).
+async fn answer_beat<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut AsyncChannel<S>,
+    incoming: Option<&Incoming<H>>,
+) -> Result<(), AgentError> {
+    let ev = rebalancer_proto::peer::PeerEvent::Heartbeat {
+        phase: "wait".into(),
+        bytes: incoming.map_or(0, |i| super::heartbeat::dir_bytes(&i.images)),
+    };
+    s.send(FrameKind::Event, 0, &ev).await?;
+    Ok(())
+}
+
+/// Serves one request. `s` is the channel for requests that read from it (images); long
+/// requests run with `None` while [`super::heartbeat::serve_beating`] holds it.
 async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
     host: &Arc<H>,
     agent: &Arc<Agent>,
-    (s, id): (&mut AsyncChannel<S>, u32),
+    (s, id): (Option<&mut AsyncChannel<S>>, u32),
     incoming: &mut Option<Incoming<H>>,
     req: PeerRequest,
     (source_node, peer): (&str, Option<std::net::SocketAddr>),
@@ -191,6 +260,7 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
             epoch,
             timeout_ms: _,
             spool,
+            heartbeat_ms: _,
         } => {
             if incoming.is_some() {
                 return Err(AgentError::BadRequest("prepare sent twice".into()));
@@ -227,8 +297,20 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
                 )));
             }
             agent.validate_spec(&meta.spec)?;
+            // Memory other arrivals announced is not free for this one.
+            let (others, n_others) = {
+                let r = agent.reserved();
+                (r.values().fold(0u64, |a, b| a.saturating_add(*b)), r.len())
+            };
             if let Some(avail) = host.mem_available() {
-                room_check(mode, rss_bytes, avail, &agent.cfg.node)?;
+                room_check(mode, rss_bytes, avail.saturating_sub(others), &agent.cfg.node)
+                    .map_err(|e| match e {
+                        AgentError::NoRoom(m) if n_others > 0 => AgentError::NoRoom(format!(
+                            "{m} ({} MiB of its available memory is reserved by {n_others} other incoming migration(s))",
+                            others >> 20
+                        )),
+                        e => e,
+                    })?;
             }
             // Encrypt whenever the source asks; refuse a plain transfer if this node wants one.
             let identity =
@@ -254,6 +336,8 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
                 images: images.clone(),
                 page_server: None,
                 lazy_daemon: None,
+                lazy_link: None,
+                reservation: Some(super::room::Reservation::hold(agent, &migration, rss_bytes)),
                 restored_pid: None,
                 committed: false,
                 restore_step,
@@ -342,6 +426,8 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(PeerReply::Prepared {
                         page_server: addr,
                         tls_cert: identity.map(|i| i.cert_pem),
+                        // Set by the caller once it agreed to heartbeats.
+                        heartbeat_ms: None,
                     })
                 }
                 Err(e) => {
@@ -354,6 +440,16 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
             let inc = incoming
                 .as_mut()
                 .ok_or_else(|| AgentError::BadRequest("images before prepare".into()))?;
+            let s =
+                s.ok_or_else(|| AgentError::Internal("images served without the channel".into()))?;
+            // Refused before a byte is written when the sizes cannot fit.
+            let others = super::room::reserved_by_others(agent, &inc.migration);
+            super::room::check_announced_images(
+                &files,
+                host.space_free(&inc.images),
+                host.mem_available().map(|a| (a, others)),
+                &agent.cfg.node,
+            )?;
             // Written to the tmpfs chunk by chunk as the data frames arrive.
             let total = within(
                 &**host,
@@ -369,6 +465,12 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
                 .as_mut()
                 .ok_or_else(|| AgentError::BadRequest("restore before prepare".into()))?;
             restore(host, agent, inc, lazy_pages).await
+        }
+        PeerRequest::LazyLink { to, token } => {
+            let inc = incoming
+                .as_mut()
+                .ok_or_else(|| AgentError::BadRequest("lazy-link before prepare".into()))?;
+            lazy_link(host, inc, to, &token, from).await
         }
         PeerRequest::Commit { migration, epoch } => {
             let inc = incoming
@@ -453,7 +555,48 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
             container,
             epoch,
         } => crate::adopt::outcome(agent, &migration, &container, epoch),
+        PeerRequest::LazyEnd { migration } => {
+            super::commit::answer_lazy_end(&**host, agent, &migration).await
+        }
     }
+}
+
+/// Post-copy, peer protocol 4: opens the lazy-page link to the source agent's port `to`
+/// (only at the source agent's own address) and keeps it for `restore`.
+async fn lazy_link<H: Host>(
+    host: &Arc<H>,
+    inc: &mut Incoming<H>,
+    to: (Ipv4Addr, u16),
+    token: &str,
+    from: Option<std::net::IpAddr>,
+) -> Result<PeerReply, AgentError> {
+    if inc.mode != MigrationMode::PostCopy {
+        return Err(AgentError::BadRequest(format!(
+            "lazy-link in a {} migration",
+            inc.mode
+        )));
+    }
+    if inc.lazy_link.is_some() {
+        return Err(AgentError::BadRequest("lazy-link sent twice".into()));
+    }
+    // Never a connection to wherever a message says: only back to the source agent.
+    if let Some(f) = from.filter(|f| *f != std::net::IpAddr::V4(to.0)) {
+        return Err(AgentError::PermissionDenied(format!(
+            "lazy-link to {}:{} refused: the source agent is at {f}",
+            to.0, to.1
+        )));
+    }
+    let token = crate::lazy_link::from_hex(token)?;
+    let link = host
+        .lazy_link_connect(
+            std::net::SocketAddr::from(to),
+            token,
+            crate::lazy_link::CONNECT_WITHIN,
+        )
+        .await?;
+    tracing::info!(migration = %inc.migration, source = %format!("{}:{}", to.0, to.1), "lazy-page link open");
+    inc.lazy_link = Some(link);
+    Ok(PeerReply::LazyLinked)
 }
 
 async fn restore<H: Host>(
@@ -462,6 +605,7 @@ async fn restore<H: Host>(
     inc: &mut Incoming<H>,
     lazy_pages: Option<(Ipv4Addr, u16)>,
 ) -> Result<PeerReply, AgentError> {
+    super::pause::point(&**host, &agent.cfg, "restore").await;
     let started = host.now();
     let mut sub = SubPhases::new(&inc.migration, "destination", started);
     if let Some(mut ps) = inc.page_server.take() {
@@ -488,11 +632,18 @@ async fn restore<H: Host>(
     }
     let lazy = inc.mode == MigrationMode::PostCopy;
     if lazy {
-        let (src, port) = lazy_pages.ok_or_else(|| {
-            AgentError::BadRequest("post-copy restore without page server".into())
-        })?;
+        // Peer protocol 4: the link opened at `lazy-link`; before: CRIU's listener.
+        let src = match (inc.lazy_link.take(), lazy_pages) {
+            (Some(link), _) => LazySource::Link(link),
+            (None, Some(addr)) => LazySource::Listener(addr),
+            (None, None) => {
+                return Err(AgentError::BadRequest(
+                    "post-copy restore without a lazy-page link or page server".into(),
+                ))
+            }
+        };
         sub.mark("page-server-wait", host.now());
-        let d = host.lazy_pages(&inc.images, (src, port), &inc.tls).await?;
+        let d = host.lazy_pages(&inc.images, src, &inc.tls).await?;
         inc.lazy_daemon = Some(d);
         sub.mark("lazy-daemon", host.now());
     } else {

@@ -27,6 +27,19 @@ use crate::error::AgentError;
 use crate::netns::{self, ContainerNet};
 use crate::peer::{PeerConn, PeerReply, PeerRequest};
 
+/// Where a post-copy restore's lazy-pages daemon gets its pages.
+#[derive(Debug)]
+pub enum LazySource {
+    /// The source's CRIU listens there (peer protocol < 4).
+    Listener((Ipv4Addr, u16)),
+    /// The connection the agents linked before the dump (peer protocol 4,
+    /// [`crate::lazy_link`]).
+    Link(OwnedFd),
+}
+
+/// The source's pending accept of a lazy-page link ([`Criu::lazy_link_listen`]).
+pub type LazyAccept = tokio::task::JoinHandle<Result<OwnedFd, AgentError>>;
+
 /// A long-running helper process (a CRIU page server, lazy-pages daemon or lazy dump).
 pub trait Helper: Send + 'static {
     /// Waits until the helper exits.
@@ -49,6 +62,8 @@ impl Helper for tokio::process::Child {
 pub struct CriuProcess {
     pending: Option<tokio::task::JoinHandle<Result<tokio::process::Child, AgentError>>>,
     child: Option<tokio::process::Child>,
+    /// An encrypted lazy-pages daemon's relay over the lazy-page link, ended with the daemon.
+    relay: Option<tokio::task::AbortHandle>,
 }
 
 impl From<tokio::process::Child> for CriuProcess {
@@ -56,6 +71,7 @@ impl From<tokio::process::Child> for CriuProcess {
         CriuProcess {
             pending: None,
             child: Some(c),
+            relay: None,
         }
     }
 }
@@ -90,6 +106,10 @@ impl Helper for CriuProcess {
         }
         if let Some(c) = &mut self.child {
             let _ = c.start_kill();
+        }
+        if let Some(r) = self.relay.take() {
+            // Closes the link too, so that the source's lazy dump ends at once.
+            r.abort();
         }
     }
 }
@@ -131,9 +151,38 @@ pub trait Criu: Send + Sync {
     fn lazy_pages(
         &self,
         dir: &Path,
-        src: (Ipv4Addr, u16),
+        src: LazySource,
         tls: &[String],
     ) -> impl Future<Output = Result<Self::Helper, AgentError>> + Send;
+    /// Post-copy, peer protocol 4, source: binds the link port on `ip` (returned) and accepts
+    /// in the background the one connection from `from` that sends `token` within `within`
+    /// ([`crate::lazy_link`]).
+    fn lazy_link_listen(
+        &self,
+        ip: Ipv4Addr,
+        from: std::net::IpAddr,
+        token: crate::lazy_link::Token,
+        within: Duration,
+    ) -> Result<(u16, LazyAccept), AgentError>;
+    /// Post-copy, peer protocol 4, source: the socket CRIU's lazy dump serves on, for `link`.
+    /// Plain (`tls_dir` `None`): the link itself. Encrypted: a relay's end
+    /// ([`crate::lazy_link::source_relay`]), which ends CRIU cleanly if the destination leaves
+    /// before it spoke.
+    fn lazy_link_for_dump(
+        &self,
+        link: OwnedFd,
+        _tls_dir: Option<&Path>,
+    ) -> impl Future<Output = Result<OwnedFd, AgentError>> + Send {
+        async { Ok(link) }
+    }
+    /// Post-copy, peer protocol 4, destination: connects to the source agent's link port and
+    /// writes `token`.
+    fn lazy_link_connect(
+        &self,
+        to: SocketAddr,
+        token: crate::lazy_link::Token,
+        within: Duration,
+    ) -> impl Future<Output = Result<OwnedFd, AgentError>> + Send;
     /// `criu restore` (built `args`) inside the cgroups open on `cgroup_procs`; the restored
     /// tree stays stopped. Returns its pid 1.
     fn restore(
@@ -194,6 +243,21 @@ pub trait Net: Send + Sync {
     /// server ends normally (a failed handshake would send CRIU down its error path, which
     /// resumes the tree without releasing its network lock and TCP repair mode).
     fn poke(&self, addr: (Ipv4Addr, u16), tls: Option<&Path>) -> impl Future<Output = ()> + Send;
+    /// Prepares holding `net`'s inbound packets arriving on `uplink` from CRIU's network lock
+    /// on ([`super::hold`]); returns the action script for the dump, written into `dir`.
+    fn hold_inbound(
+        &self,
+        net: &ContainerNet,
+        uplink: &str,
+        dir: &Path,
+    ) -> impl Future<Output = Result<PathBuf, AgentError>> + Send;
+    /// Hands what the hold holds on to wherever the node routes the address now, and removes
+    /// the hold (also one that never started).
+    fn release_inbound(
+        &self,
+        net: &ContainerNet,
+        uplink: &str,
+    ) -> impl Future<Output = super::hold::Released> + Send;
 }
 
 /// The container's processes and the node's memory.
@@ -211,6 +275,8 @@ pub trait Procs: Send + Sync {
     fn alive(&self, pid: i32) -> bool;
     /// `MemAvailable` in bytes, if known.
     fn mem_available(&self) -> Option<u64>;
+    /// Bytes free for an unprivileged writer on the file system of `dir` (the image tmpfs).
+    fn space_free(&self, dir: &Path) -> Option<u64>;
 }
 
 /// Container cgroups.
@@ -233,7 +299,7 @@ pub trait Steps: Send + Sync {
         agent: &Arc<Agent>,
         migration: &str,
         argv: &[String],
-        user: &super::restore_step::StepUser,
+        user: &super::step_user::StepUser,
         log: std::fs::File,
     ) -> Result<Self::Step, AgentError>;
 }
@@ -270,6 +336,26 @@ pub trait PeerLink: Send {
     fn bytes_sent(&self) -> u64;
     /// The node the peer proved it is (peer protocol 2 with munge), if it proved one.
     fn proven_node(&self) -> Option<&str>;
+    /// Heartbeats ([`super::heartbeat`]): sends one (event frame, id 0), awaiting nothing.
+    fn beat(
+        &mut self,
+        phase: &str,
+        bytes: u64,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send;
+    /// Waits for the peer's next frame between requests (the answer to a heartbeat).
+    fn heard(&mut self) -> impl Future<Output = Result<(), AgentError>> + Send;
+    /// Sends a request whose answer [`PeerLink::next_of`] waits for, frame by frame.
+    fn send_req(
+        &mut self,
+        req: &PeerRequest,
+    ) -> impl Future<Output = Result<u32, AgentError>> + Send;
+    /// The next frame of request `id`: `None` for a heartbeat, else the reply.
+    fn next_of(
+        &mut self,
+        id: u32,
+    ) -> impl Future<Output = Result<Option<PeerReply>, AgentError>> + Send;
+    /// The agreed peer protocol version.
+    fn version(&self) -> u16;
 }
 
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> PeerLink for PeerConn<S> {
@@ -287,6 +373,31 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> PeerLink fo
     }
     fn proven_node(&self) -> Option<&str> {
         self.peer_node.as_deref()
+    }
+    fn beat(
+        &mut self,
+        phase: &str,
+        bytes: u64,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send {
+        PeerConn::beat(self, phase, bytes)
+    }
+    fn heard(&mut self) -> impl Future<Output = Result<(), AgentError>> + Send {
+        PeerConn::heard(self)
+    }
+    fn send_req(
+        &mut self,
+        req: &PeerRequest,
+    ) -> impl Future<Output = Result<u32, AgentError>> + Send {
+        PeerConn::send_req(self, req)
+    }
+    fn next_of(
+        &mut self,
+        id: u32,
+    ) -> impl Future<Output = Result<Option<PeerReply>, AgentError>> + Send {
+        PeerConn::next_of(self, id)
+    }
+    fn version(&self) -> u16 {
+        self.version
     }
 }
 
@@ -367,6 +478,7 @@ impl Criu for System {
     async fn dump_lazy(&self, args: &DumpArgs) -> Result<CriuProcess, AgentError> {
         let mut args = args.clone();
         let dir = args.images_dir.clone();
+        let keep: Vec<i32> = args.lazy_socket.into_iter().collect();
         // No readiness limit: the dump is ready once the whole tree is dumped, however large.
         criu::spawn_ready(
             &self.criu,
@@ -377,7 +489,10 @@ impl Criu for System {
             "dump",
             &dir,
             "dump.log",
-            criu::SpawnOpts::default(),
+            criu::SpawnOpts {
+                keep_fds: &keep,
+                ..Default::default()
+            },
         )
         .await
         .map(CriuProcess::from)
@@ -463,6 +578,7 @@ impl Criu for System {
             CriuProcess {
                 pending: Some(pending),
                 child: None,
+                relay: None,
             },
         ))
     }
@@ -470,24 +586,95 @@ impl Criu for System {
     async fn lazy_pages(
         &self,
         dir: &Path,
-        (src, port): (Ipv4Addr, u16),
+        src: LazySource,
         tls: &[String],
     ) -> Result<CriuProcess, AgentError> {
-        criu::spawn_ready(
+        // Either an address the daemon connects to, or the linked socket it reads itself
+        // (kept open here until the daemon has its copy).
+        let mut relay = None;
+        let (to, link): (Option<(Ipv4Addr, u16)>, Option<OwnedFd>) = match src {
+            LazySource::Listener(a) => (Some(a), None),
+            LazySource::Link(fd) if tls.is_empty() => (None, Some(fd)),
+            // CRIU's client runs TLS only on a socket it connects itself: it connects to the
+            // agent's loopback relay, which forwards the ciphertext over the link.
+            LazySource::Link(fd) => {
+                let (port, r) = crate::lazy_link::relay(fd.into(), crate::lazy_link::RELAY_WITHIN)?;
+                relay = Some(r);
+                (Some((Ipv4Addr::LOCALHOST, port)), None)
+            }
+        };
+        let keep: Vec<i32> = link.iter().map(|l| l.as_raw_fd()).collect();
+        let sock = keep.first().copied();
+        let child = criu::spawn_ready(
             &self.criu,
-            |fd| criu::lazy_pages_args(dir, src, port, fd, tls),
+            |fd| match (to, sock) {
+                (Some((ip, port)), _) => criu::lazy_pages_args(dir, ip, port, fd, tls),
+                (None, sock) => criu::lazy_pages_on_socket_args(dir, fd, sock.unwrap_or(-1)),
+            },
             "lazy-pages",
             dir,
             "lazy-pages.log",
             criu::SpawnOpts {
                 ready_within: Some(criu::READY_WITHIN),
-                keep_fds: &[],
+                keep_fds: &keep,
                 detach: true,
                 private_run: self.private_run.as_deref(),
             },
         )
-        .await
-        .map(CriuProcess::from)
+        .await;
+        match child {
+            Ok(c) => Ok(CriuProcess {
+                pending: None,
+                child: Some(c),
+                relay,
+            }),
+            Err(e) => {
+                if let Some(r) = relay {
+                    r.abort();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn lazy_link_listen(
+        &self,
+        ip: Ipv4Addr,
+        from: std::net::IpAddr,
+        token: crate::lazy_link::Token,
+        within: Duration,
+    ) -> Result<(u16, LazyAccept), AgentError> {
+        let (l, port) = crate::lazy_link::listen(ip)?;
+        let pending = tokio::spawn(async move {
+            crate::lazy_link::accept(l, from, token, within)
+                .await
+                .map(OwnedFd::from)
+        });
+        Ok((port, pending))
+    }
+
+    async fn lazy_link_connect(
+        &self,
+        to: SocketAddr,
+        token: crate::lazy_link::Token,
+        within: Duration,
+    ) -> Result<OwnedFd, AgentError> {
+        crate::lazy_link::connect(to, token, within)
+            .await
+            .map(OwnedFd::from)
+    }
+
+    async fn lazy_link_for_dump(
+        &self,
+        link: OwnedFd,
+        tls_dir: Option<&Path>,
+    ) -> Result<OwnedFd, AgentError> {
+        match tls_dir {
+            None => Ok(link),
+            Some(dir) => crate::lazy_link::source_relay(link.into(), dir.to_path_buf())
+                .await
+                .map(OwnedFd::from),
+        }
     }
 
     async fn restore(
@@ -607,6 +794,20 @@ impl Net for System {
             Err(_) => tracing::warn!("openssl did not end the lazy page server within 5 s"),
         }
     }
+    async fn hold_inbound(
+        &self,
+        net: &ContainerNet,
+        uplink: &str,
+        dir: &Path,
+    ) -> Result<PathBuf, AgentError> {
+        super::hold::prepare(&super::hold::Hold::new(uplink, net.address)?, dir).await
+    }
+    async fn release_inbound(&self, net: &ContainerNet, uplink: &str) -> super::hold::Released {
+        match super::hold::Hold::new(uplink, net.address) {
+            Ok(h) => super::hold::release(&h).await,
+            Err(_) => super::hold::Released::default(),
+        }
+    }
 }
 
 impl Procs for System {
@@ -640,6 +841,10 @@ impl Procs for System {
         std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|m| mem_available(&m))
+    }
+    fn space_free(&self, dir: &Path) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(dir).ok()?;
+        Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
     }
 }
 
@@ -679,7 +884,7 @@ impl Steps for System {
         _agent: &Arc<Agent>,
         _migration: &str,
         argv: &[String],
-        user: &super::restore_step::StepUser,
+        user: &super::step_user::StepUser,
         log: std::fs::File,
     ) -> Result<tokio::process::Child, AgentError> {
         let program = argv

@@ -1,7 +1,8 @@
 //! A migration, split by role: [`source`] (pre-flight, dump, transfer, the commit decision),
 //! [`destination`] (the peer server and its incoming transaction), [`restore_step`] (Slurm
 //! tasks restored by a step on the destination), [`commit`] (what commit and rollback do on
-//! each side) and [`policy`] (pure decisions: mode, pre-copy convergence, room). The state
+//! each side), [`policy`] (pure decisions: mode, pre-copy convergence, room), [`room`] (what
+//! arrivals reserve, announced image sizes) and [`link`] (the source's post-copy page link). The state
 //! machines reach the host only through [`host`]; [`sim`] is a simulated host for unit tests.
 //! See `LIFECYCLE.md` for the transaction rule.
 
@@ -14,17 +15,25 @@ use crate::agent::Agent;
 use crate::error::AgentError;
 use crate::peer::{PeerConn, PeerRequest};
 
+pub mod cancel;
 pub mod commit;
 pub mod destination;
+pub mod heartbeat;
+pub mod hold;
 pub mod host;
+pub mod link;
+pub mod pause;
 pub mod policy;
+pub mod resolve;
 pub mod restore_step;
+pub mod room;
 pub mod sim;
 #[cfg(test)]
 mod sim_tests;
 pub mod simrun;
 pub mod source;
 pub mod spool;
+pub mod step_user;
 pub mod timing;
 
 /// Phase bookkeeping on a record.
@@ -111,6 +120,7 @@ mod tests {
             error: None,
             started_at: now_millis(),
             ended_at: None,
+            cancelled_by: None,
         };
         enter(&mut rec, Phase::Prepare);
         enter(&mut rec, Phase::Dump);

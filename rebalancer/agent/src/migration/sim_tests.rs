@@ -13,6 +13,7 @@ use rebalancer_proto::{
     NodeCapabilities,
 };
 
+use super::host::Clock;
 use super::sim::{Fault, Proc, SimHost};
 use super::source::{preflight_with, run_with};
 use crate::agent::Agent;
@@ -20,6 +21,9 @@ use crate::config::AgentConfig;
 
 const ID: &str = "c1";
 const PID: i32 = 100;
+
+// Cancelling, and where a moved task runs: a child module sees these helpers.
+mod cancel;
 
 struct Node {
     agent: Arc<Agent>,
@@ -239,7 +243,16 @@ fn faults(mode: MigrationMode) -> Vec<(bool, Fault)> {
             v.extend([dst(Action("page-server")), src(Action("dump"))]);
         }
         MigrationMode::PostCopy => {
-            v.extend([src(Action("dump-lazy")), dst(Action("lazy-pages"))]);
+            v.extend([
+                src(Action("dump-lazy")),
+                dst(Action("lazy-pages")),
+                // Peer protocol 4's link, before anything is frozen.
+                src(Action("lazy-link")),
+                src(Action("lazy-link-accept")),
+                dst(Action("lazy-connect")),
+                src(LinkBefore("lazy-link")),
+                src(LinkAfter("lazy-link")),
+            ]);
         }
         _ => v.extend([
             src(LinkBefore("precopy-round")),
@@ -692,6 +705,16 @@ async fn a_container_whose_lazy_pages_can_no_longer_be_served_is_killed() {
         b.host.state().log.iter().any(|l| l.starts_with("SIGKILL")),
         "{log}"
     );
+    // The source's dump cannot tell; the destination's `lazy-end` answer makes the record say
+    // the job was lost.
+    assert_eq!(rec.state, MigrationState::Failed, "{log}");
+    assert!(
+        rec.error
+            .as_deref()
+            .is_some_and(|e| e.contains("post-copy failed on b") && e.contains("lazy-pages daemon")),
+        "{:?}",
+        rec.error
+    );
 }
 
 const ON: &str = "encrypt_memory = true";
@@ -773,4 +796,260 @@ async fn pre_copy_is_refused_with_encrypted_pages_before_anything_moves() {
     assert!(e.contains("pre-copy with encrypted pages"), "{e}");
     assert_rolled_back(&a, &b, "pre-copy with encryption");
     assert!(tls_use(&a).is_empty() && tls_use(&b).is_empty());
+}
+
+/// Where the source released its inbound hold, and what of it is left: (the released holds,
+/// whether each was diverting; the source's log positions of the release and of `after`).
+fn hold_end(a: &Node, what: &str, after: &str) -> (Vec<(String, bool)>, Option<usize>) {
+    let s = a.host.state();
+    let log = format!("{what}: {:?}", s.log);
+    assert!(s.held.is_empty(), "hold left prepared: {log}");
+    assert!(s.holding.is_empty(), "hold left diverting: {log}");
+    let released = s.log.iter().rposition(|l| l == "release-hold");
+    if let (Some(r), Some(x)) = (released, s.log.iter().rposition(|l| l == after)) {
+        assert!(r > x, "hold released before {after}: {log}");
+    }
+    (s.released.clone(), released)
+}
+
+/// The inbound hold (hold.rs) starts with the dump and is released exactly once on every way
+/// out: after the switch on success, after the resume and the route on a rollback (so the held
+/// packets reach a copy that runs), and also when the outcome is unknown. A hold that cannot be
+/// prepared does not stop the migration, and `hold_inbound = false` prepares none.
+#[tokio::test]
+async fn the_inbound_hold_is_released_once_on_success_and_on_every_rollback() {
+    for mode in MODES {
+        let (a, b) = pair("hold-ok");
+        let rec = migrate(&a, &b, mode).await.expect("preflight");
+        assert_eq!(
+            rec.state,
+            MigrationState::Succeeded,
+            "{mode}: {:?}",
+            rec.error
+        );
+        let (released, _) = hold_end(&a, &format!("{mode}"), "withdraw-route");
+        assert_eq!(released.len(), 1, "{mode}: {released:?}");
+        assert!(released[0].1, "{mode}: the dump never started the hold");
+
+        for (on_source, fault) in faults(mode) {
+            let (a, b) = pair("hold-fail");
+            let what = format!("{mode}, fault {fault:?} on the source: {on_source}");
+            if on_source {
+                a.host.inject(fault.clone());
+            } else {
+                b.host.inject(fault.clone());
+            }
+            let rec = migrate(&a, &b, mode).await;
+            assert_rolled_back(&a, &b, &what);
+            let (released, at) = hold_end(&a, &what, "add-route");
+            match rec {
+                // Refused in the pre-flight: no hold was ever prepared.
+                Err(_) => assert!(released.is_empty(), "{what}: {released:?}"),
+                Ok(_) => {
+                    assert!(released.len() <= 1, "{what}: {released:?}");
+                    // A rollback after the freeze resumes (unlock, route) before the release.
+                    if released.first().is_some_and(|r| r.1) {
+                        let s = a.host.state();
+                        let unlock = s.log.iter().rposition(|l| l == "unlock");
+                        assert!(
+                            unlock < at,
+                            "{what}: released before the resume: {:?}",
+                            s.log
+                        );
+                    }
+                }
+            }
+        }
+
+        let (a, b) = pair("hold-unknown");
+        a.host.inject(Fault::PartitionAfter("commit"));
+        let rec = migrate_then(&a, &b, mode, |_| {
+            if a.host.waiting_for_a_timer() {
+                a.host.advance(Duration::from_secs(1));
+            }
+        })
+        .await
+        .expect("preflight");
+        assert_eq!(
+            rec.state,
+            MigrationState::Unknown,
+            "{mode}: {:?}",
+            rec.error
+        );
+        let (released, _) = hold_end(&a, &format!("{mode} unknown"), "withdraw-route");
+        assert_eq!(released.len(), 1, "{mode} unknown: {released:?}");
+
+        let (a, b) = pair("hold-cannot");
+        a.host.inject(Fault::Action("hold"));
+        let rec = migrate(&a, &b, mode).await.expect("preflight");
+        assert_eq!(
+            rec.state,
+            MigrationState::Succeeded,
+            "{mode}: {:?}",
+            rec.error
+        );
+        let (released, at) = hold_end(&a, &format!("{mode} no hold"), "withdraw-route");
+        assert!(released.is_empty() && at.is_none(), "{mode}: {released:?}");
+
+        let (a, b) = pair_configured("hold-off", false, "hold_inbound = false", "");
+        let rec = migrate(&a, &b, mode).await.expect("preflight");
+        assert_eq!(
+            rec.state,
+            MigrationState::Succeeded,
+            "{mode}: {:?}",
+            rec.error
+        );
+        let s = a.host.state();
+        assert!(
+            !s.log
+                .iter()
+                .any(|l| l.starts_with("hold") || l == "release-hold"),
+            "{mode}: hold with hold_inbound = false: {:?}",
+            s.log
+        );
+    }
+}
+
+// Peer protocol 4's lazy link and the destination's room: in a file of their own.
+mod link_room;
+
+/// Drives a migration with a silent partition armed: both clocks move one second per step
+/// while a timer is awaited (`b_only`: only the destination's, until its side is undone).
+async fn migrate_silenced(
+    a: &Node,
+    b: &Node,
+    mode: MigrationMode,
+    b_only: bool,
+) -> (MigrationRecord, Duration) {
+    let req = MigrateRequest {
+        container: ID.into(),
+        destination: "b".into(),
+        destination_addr: Some("198.18.0.2:7878".into()),
+        mode,
+        max_downtime_ms: None,
+        timeout_ms: None,
+    };
+    let start = a.host.now();
+    let run = async {
+        let p = preflight_with(&a.host, &a.agent, &req)
+            .await
+            .expect("preflight");
+        run_with(&a.host, a.agent.clone(), p).await
+    };
+    tokio::pin!(run);
+    let rec = loop {
+        tokio::select! {
+            r = &mut run => break r,
+            _ = tokio::task::yield_now() => {
+                assert!(
+                    running(a).is_empty() || b.host.live().is_empty(),
+                    "two live copies: {:?} / {:?}",
+                    a.host.state().log,
+                    b.host.state().log
+                );
+                if a.host.waiting_for_a_timer() {
+                    let dest_done = b.agent.incoming().is_empty();
+                    b.host.advance(Duration::from_secs(1));
+                    if !b_only || dest_done {
+                        a.host.advance(Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+    };
+    let took = a.host.now().duration_since(start);
+    b.host.settle().await;
+    (rec, took)
+}
+
+fn running(n: &Node) -> Vec<i32> {
+    n.host
+        .live()
+        .into_iter()
+        .filter(|(_, p)| *p == Proc::Running)
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The figure in a stall error ("nothing heard for N ms").
+fn silence_ms(e: &str) -> Option<u64> {
+    let (_, rest) = e.split_once("nothing heard for ")?;
+    rest.split_once(" ms")?.0.parse().ok()
+}
+
+#[tokio::test]
+async fn a_silent_partition_in_each_long_phase_is_found_by_heartbeats_and_rolled_back() {
+    // Default heartbeat: every 2 s, 3 missed: the stall limit is 6 s, the deadline 60 s.
+    let (limit, interval) = (Duration::from_secs(6), Duration::from_secs(2));
+    for mode in MODES {
+        for phase in super::simrun::silent_phases(mode) {
+            let (a, b) = pair("silence");
+            a.host.inject(Fault::Silence(phase));
+            let (rec, took) = migrate_silenced(&a, &b, mode, false).await;
+            let what = format!("{mode}, silent from {phase}");
+            assert_eq!(rec.state, MigrationState::RolledBack, "{what}: {rec:?}");
+            let e = rec.error.clone().unwrap_or_default();
+            assert!(e.contains("stalled"), "{what}: found by a timeout: {e}");
+            if let Some(ms) = silence_ms(&e) {
+                assert!(
+                    Duration::from_millis(ms) <= limit + interval,
+                    "{what}: {ms} ms of silence before the stall was called"
+                );
+            }
+            // Detection, then the 3 s the abort is given: far below the 60 s deadline.
+            assert!(took < Duration::from_secs(20), "{what}: took {took:?}");
+            println!("{what}: rolled back after {took:?} of simulated time ({e})");
+            assert_rolled_back(&a, &b, &what);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_destination_finds_a_silent_source_by_its_missing_heartbeats_and_undoes_its_side() {
+    for mode in [MigrationMode::StopAndCopy, MigrationMode::PreCopy] {
+        let (a, b) = pair("silent-src");
+        let phase = if mode == MigrationMode::PreCopy {
+            "pre-dump"
+        } else {
+            "dump"
+        };
+        a.host.inject(Fault::Silence(phase));
+        // Only the destination's clock moves first: it must undo its side on its own.
+        let (rec, _) = migrate_silenced(&a, &b, mode, true).await;
+        assert_eq!(rec.state, MigrationState::RolledBack, "{mode}");
+        assert_rolled_back(&a, &b, &format!("{mode}: source silent during {phase}"));
+    }
+}
+
+#[tokio::test]
+async fn without_heartbeats_a_silent_partition_waits_for_the_deadline() {
+    // A destination of an earlier release (or heartbeats off) agrees to none: timeouts only.
+    let (a, b) = pair_configured("no-beat", false, "", "heartbeat_interval_ms = 0");
+    a.host.inject(Fault::Silence("dump"));
+    let (rec, took) = migrate_silenced(&a, &b, MigrationMode::StopAndCopy, false).await;
+    assert_eq!(rec.state, MigrationState::RolledBack);
+    assert_eq!(rec.error.as_deref(), Some("migration timed out"));
+    assert!(took >= Duration::from_secs(60), "{took:?}");
+    assert_rolled_back(&a, &b, "no heartbeats");
+}
+
+#[tokio::test]
+async fn a_pair_with_heartbeats_off_on_either_side_still_migrates_in_every_mode() {
+    for (a_cfg, b_cfg) in [
+        ("heartbeat_interval_ms = 0", ""),
+        ("", "heartbeat_interval_ms = 0"),
+    ] {
+        for mode in MODES {
+            let (a, b) = pair_configured("beat-off", false, a_cfg, b_cfg);
+            let rec = migrate(&a, &b, mode).await.expect("preflight");
+            assert_eq!(
+                rec.state,
+                MigrationState::Succeeded,
+                "{mode} ({a_cfg:?} / {b_cfg:?}): {:?}",
+                rec.error
+            );
+            assert_eq!(a.host.live(), [], "{mode}");
+            assert_eq!(b.host.live().len(), 1, "{mode}");
+        }
+    }
 }

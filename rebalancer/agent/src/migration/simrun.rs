@@ -176,6 +176,7 @@ pub(super) fn plant(agent: &Arc<Agent>, host: &SimHost, task: bool) {
         arrived_from: None,
         final_status: None,
         cgroup: None,
+        runs_in: None,
     };
     agent.containers().insert(ID.into(), c);
     host.add_container(PID, &net);
@@ -207,6 +208,15 @@ fn timed_ops(mode: MigrationMode) -> Vec<&'static str> {
     v
 }
 
+/// The long phases a silent partition ([`Fault::Silence`]) can strike: the heartbeats' cases.
+pub fn silent_phases(mode: MigrationMode) -> Vec<&'static str> {
+    match mode {
+        MigrationMode::PostCopy => vec!["dump-lazy", "images", "restore"],
+        MigrationMode::PreCopy => vec!["precopy-round", "pre-dump", "dump", "images", "restore"],
+        _ => vec!["dump", "images", "restore"],
+    }
+}
+
 /// Host actions that can fail, and on which node (`true`: the source).
 fn actions(mode: MigrationMode, task: bool) -> Vec<(bool, &'static str)> {
     let mut v = vec![(true, "net-inode"), (false, "create-net")];
@@ -232,7 +242,7 @@ fn draw_faults(rng: &mut Rng, mode: MigrationMode, task: bool) -> Vec<(bool, Fau
     let n = rng.below(4);
     let mut out = Vec::new();
     for _ in 0..n {
-        let f = match rng.below(8) {
+        let f = match rng.below(9) {
             0 | 1 => {
                 let (src, a) = rng.pick(&actions(mode, task));
                 (src, Fault::Action(a))
@@ -242,6 +252,7 @@ fn draw_faults(rng: &mut Rng, mode: MigrationMode, task: bool) -> Vec<(bool, Fau
             4 => (true, Fault::LinkStall(rng.pick(&timed_ops(mode)))),
             5 => (true, Fault::LinkLate(rng.pick(&timed_ops(mode)))),
             6 => (true, Fault::PartitionAfter(rng.pick(&ops(mode)))),
+            7 => (true, Fault::Silence(rng.pick(&silent_phases(mode)))),
             _ => {
                 let hangs: &[&'static str] = if mode == MigrationMode::PreCopy {
                     &["pre-dump", "dump"]
@@ -435,6 +446,9 @@ pub async fn run_seed(seed: u64) -> Result<SeedReport, String> {
     }
     if !b.host.state().helpers.is_empty() {
         return Err(ctx("helpers left on the destination"));
+    }
+    if !a.host.state().held.is_empty() {
+        return Err(ctx("an inbound hold left on the source"));
     }
     let images = b.agent.cfg.run_dir.join("images");
     let left: Vec<_> = std::fs::read_dir(&images)

@@ -22,8 +22,13 @@ use rebalancer_proto::{
     MigrationStats, Phase,
 };
 
+use super::heartbeat::{beating, watched_call, Heartbeat};
 use super::host::{within, Criu, Helper, Host, PeerLink, System};
 use super::policy::{choose_mode, precopy_converged, PrecopyPolicy};
+pub use super::resolve::{
+    ask_outcome, resolve_unknown, resolve_until_known, OUTCOME_ATTEMPTS, OUTCOME_CALL,
+    RESOLVE_FIRST_PAUSE, RESOLVE_MAX_PAUSE,
+};
 use super::{commit, enter, finish};
 use crate::agent::Agent;
 use crate::container::{self, ContainerMeta};
@@ -47,6 +52,8 @@ pub struct Prepared<L = PeerConn> {
     pub lazy_port: Option<u16>,
     /// Encrypted page transfer: this side's identity and the destination's certificate.
     pub tls: Option<(crate::tls::Identity, String)>,
+    /// Progress heartbeats, when the destination agreed to them ([`super::heartbeat`]).
+    pub heartbeat: Option<Heartbeat>,
 }
 
 /// Checks the request and prepares the destination. On error nothing has changed.
@@ -184,6 +191,7 @@ pub async fn preflight_with<H: Host>(
             error: None,
             started_at: now_millis(),
             ended_at: None,
+            cancelled_by: None,
         };
         enter(&mut rec, Phase::Prepare);
         let identity = if agent.cfg.encrypt_memory {
@@ -191,6 +199,9 @@ pub async fn preflight_with<H: Host>(
         } else {
             None
         };
+        super::pause::point(host, &agent.cfg, "prepare").await;
+        let own_beat = Heartbeat::from_config(&agent.cfg);
+        let heartbeat;
         let (page_server, dest_cert) = match conn
             .call(&PeerRequest::Prepare {
                 migration: rec.id.clone(),
@@ -207,13 +218,19 @@ pub async fn preflight_with<H: Host>(
                 epoch: Some(super::policy::epoch_of(&rec.id)),
                 timeout_ms: Some(timeout.as_millis() as u64),
                 spool: super::spool::collect(&agent.cfg.slurmd_spool_dir, &meta)?,
+                heartbeat_ms: own_beat.map(|h| h.interval.as_millis() as u64),
             })
             .await?
         {
             PeerReply::Prepared {
                 page_server,
                 tls_cert,
-            } => (page_server, tls_cert),
+                heartbeat_ms,
+            } => {
+                // Only an agreed heartbeat: an older destination sends none.
+                heartbeat = own_beat.filter(|_| heartbeat_ms.is_some());
+                (page_server, tls_cert)
+            }
             other => {
                 return Err(AgentError::Peer(format!(
                     "unexpected answer to prepare: {other:?}"
@@ -243,6 +260,7 @@ pub async fn preflight_with<H: Host>(
             addr,
             deadline: host.now() + timeout,
             lazy_port: None,
+            heartbeat,
         })
     }
     .await;
@@ -274,85 +292,6 @@ pub async fn run(agent: Arc<Agent>, p: Prepared) -> MigrationRecord {
     rec
 }
 
-/// Pause between two rounds of [`resolve_unknown`] in [`resolve_until_known`], doubling up to
-/// [`RESOLVE_MAX_PAUSE`].
-pub const RESOLVE_FIRST_PAUSE: Duration = Duration::from_secs(5);
-pub const RESOLVE_MAX_PAUSE: Duration = Duration::from_secs(60);
-
-/// Keeps resolving an unknown outcome until the destination answers (the agent's restart
-/// resolves it too, from the journal). Never resumes without the destination's answer.
-pub async fn resolve_until_known<H: Host>(
-    host: &H,
-    agent: &Arc<Agent>,
-    mut rec: MigrationRecord,
-    addr: SocketAddr,
-) -> MigrationRecord {
-    let mut pause = RESOLVE_FIRST_PAUSE;
-    while rec.state == MigrationState::Unknown {
-        host.sleep(pause).await;
-        rec = resolve_unknown(host, agent, rec, addr).await;
-        pause = (pause * 2).min(RESOLVE_MAX_PAUSE);
-    }
-    rec
-}
-
-/// One attempt to resolve a migration whose outcome is unknown: asks the destination (which
-/// fences it unless committed); committed: the frozen copy here is killed and the record says
-/// succeeded; not committed: the copy is resumed and the record says rolled back; no answer:
-/// nothing changes. Publishes the resolved record.
-pub async fn resolve_unknown<H: Host>(
-    host: &H,
-    agent: &Arc<Agent>,
-    mut rec: MigrationRecord,
-    addr: SocketAddr,
-) -> MigrationRecord {
-    let found = agent
-        .containers()
-        .get(&rec.container)
-        .filter(|c| c.state == ContainerState::Migrating)
-        .map(|c| (c.pid, c.net.clone(), c.meta.spec.rootfs.clone()));
-    let Some((pid, net, rootfs)) = found else {
-        tracing::warn!(migration = %rec.id, container = %rec.container, "unknown outcome: the container is no longer frozen here; nothing to resolve");
-        return rec;
-    };
-    let epoch = super::policy::epoch_of(&rec.id);
-    match ask_outcome(host, agent, addr, &rec, epoch).await {
-        Ok(true) => {
-            tracing::warn!(migration = %rec.id, container = %rec.container, "unknown outcome resolved: the destination committed; the frozen copy here is killed");
-            if let Some(c) = agent.containers().get_mut(&rec.container) {
-                c.state = ContainerState::MigratedAway;
-                c.migrated_to = Some(rec.destination.clone());
-            }
-            let host_rootfs = matches!(rootfs, rebalancer_proto::RootfsSpec::Host);
-            commit::release_source(host, agent, &rec.container, pid, &net, host_rootfs).await;
-            let why = format!(
-                "{}; resolved: {} committed",
-                rec.error.take().unwrap_or_default(),
-                rec.destination
-            );
-            finish(&mut rec, MigrationState::Succeeded, Some(why));
-            agent.publish(&rec);
-            agent.persist();
-        }
-        Ok(false) => {
-            tracing::warn!(migration = %rec.id, container = %rec.container, "unknown outcome resolved: the destination did not commit; resuming the container here");
-            commit::resume_source(host, agent, &rec.id, &rec.container, pid, &net).await;
-            let why = format!(
-                "{}; resolved: {} did not commit, the container runs here again",
-                rec.error.take().unwrap_or_default(),
-                rec.destination
-            );
-            finish(&mut rec, MigrationState::RolledBack, Some(why));
-            agent.publish(&rec);
-            agent.persist();
-        }
-        Err(e) => {
-            tracing::warn!(migration = %rec.id, container = %rec.container, error = %e.chain(), "unknown outcome still unresolved; the container stays frozen");
-        }
-    }
-    rec
-}
-
 /// [`run`] on `host`.
 pub async fn run_with<H: Host>(
     host: &H,
@@ -364,29 +303,44 @@ pub async fn run_with<H: Host>(
     let mode = p.rec.mode.unwrap_or(MigrationMode::StopAndCopy);
     let mut dump_child: Option<H::Helper> = None;
     let mut frozen_at: Option<Instant> = None;
+    // Whether an inbound hold is prepared (hold.rs); released on every way out.
+    let mut held = false;
     let left = p.deadline.saturating_duration_since(host.now());
+    // `rebalctl cancel` reaches this migration until its commit point (cancel.rs).
+    let cancel = agent.cancels.register(&p.rec.id);
     // The whole-migration deadline ends the attempt up to the restored (stopped) tree only:
-    // once Commit may have been sent, no timer decides; the destination's answer does.
-    let res = within(
-        host,
-        left,
-        attempt(
+    // once Commit may have been sent, no timer decides; the destination's answer does. A
+    // cancel ends the attempt the way the deadline does.
+    let res = tokio::select! {
+        biased;
+        by = cancel.cancelled() => Err(AgentError::Cancelled(by)),
+        r = within(
             host,
-            &agent,
-            &mut p,
-            &dir,
-            mode,
-            &mut dump_child,
-            &mut frozen_at,
-        ),
-    )
-    .await
-    .unwrap_or_else(|| Err(AgentError::Timeout("migration timed out".into())));
+            left,
+            attempt(
+                host,
+                &agent,
+                &mut p,
+                &dir,
+                mode,
+                &mut dump_child,
+                (&mut frozen_at, &mut held),
+            ),
+        ) => r.unwrap_or_else(|| Err(AgentError::Timeout("migration timed out".into()))),
+    };
+    // Kept to the end: a cancel after the commit point is refused as too late.
+    let res = res.and_then(|()| cancel.commit_point().map_err(AgentError::Cancelled));
     let res = match res {
         Ok(()) => match commit_and_resolve(host, &agent, &mut p).await {
-            CommitEnd::Committed { at, resolved } => Ok((at, resolved)),
+            CommitEnd::Committed { at, resolved } => {
+                // The destination runs and routes the address: the held packets go there.
+                release_hold(host, &agent, &p, &mut held).await;
+                Ok((at, resolved))
+            }
             CommitEnd::NotCommitted(why) => Err(AgentError::Peer(why)),
             CommitEnd::Unknown(why) => {
+                // Routed wherever the address is now (or dropped, as without a hold).
+                release_hold(host, &agent, &p, &mut held).await;
                 keep_frozen(host, &agent, &mut p, &base, mode, dump_child.take(), why).await;
                 return p.rec;
             }
@@ -408,8 +362,12 @@ pub async fn run_with<H: Host>(
             if mode == MigrationMode::PostCopy {
                 enter(&mut p.rec, Phase::LazyPages);
                 agent.publish(&p.rec);
+                super::pause::point(host, &agent.cfg, "lazy-pages").await;
                 if let Some(d) = dump_child.take() {
-                    lazy_error = finish_lazy_dump(host, &agent, &p.rec, d).await;
+                    lazy_error = super::link::finish_lazy_dump(host, &agent, &p.rec, d).await;
+                }
+                if lazy_error.is_none() {
+                    lazy_error = super::link::ask_lazy_end(host, &agent, p.addr, &p.rec).await;
                 }
                 let (pages, lazy) = host.lazy_totals(&dir);
                 p.rec.stats.pages_scanned = pages;
@@ -419,6 +377,8 @@ pub async fn run_with<H: Host>(
                 p.rec.stats.bytes_sent += p.rec.stats.pages_lazy * 4096;
             }
             enter(&mut p.rec, Phase::Cleanup);
+            agent.publish(&p.rec);
+            super::pause::point(host, &agent.cfg, "cleanup").await;
             let host_rootfs = matches!(p.meta.spec.rootfs, rebalancer_proto::RootfsSpec::Host);
             if let Some(f) = frozen_at {
                 p.rec.stats.frozen_ms = Some(host.now().duration_since(f).as_millis() as u64);
@@ -437,6 +397,7 @@ pub async fn run_with<H: Host>(
             tracing::info!(migration = %p.rec.id, container = %p.rec.container, downtime_ms = ?p.rec.stats.downtime_ms, state = ?p.rec.state, "migration finished");
         }
         Err(e) => {
+            cancel.rolling_back();
             tracing::warn!(migration = %p.rec.id, container = %p.rec.container, error = %e.chain(), "migration failed, rolling back");
             enter(&mut p.rec, Phase::Rollback);
             agent.publish(&p.rec);
@@ -471,8 +432,24 @@ pub async fn run_with<H: Host>(
             } else if let Some(c) = agent.containers().get_mut(&p.rec.container) {
                 c.state = ContainerState::Running;
             }
+            // After the resume and the route: the held packets reach the resumed tree.
+            release_hold(host, &agent, &p, &mut held).await;
             remove_images(&base);
-            finish(&mut p.rec, MigrationState::RolledBack, Some(e.chain()));
+            let lost =
+                super::commit::lost_to_a_killed_dump(host, &agent, &e, p.pid, &p.rec.container)
+                    .await;
+            if let Some(why) = lost {
+                finish(&mut p.rec, MigrationState::Failed, Some(why));
+            } else if let AgentError::Cancelled(by) = &e {
+                p.rec.cancelled_by = Some(by.clone());
+                finish(
+                    &mut p.rec,
+                    MigrationState::RolledBack,
+                    Some(super::cancel::reason(by)),
+                );
+            } else {
+                finish(&mut p.rec, MigrationState::RolledBack, Some(e.chain()));
+            }
         }
     }
     agent.publish(&p.rec);
@@ -480,6 +457,14 @@ pub async fn run_with<H: Host>(
 }
 
 /// Removes a migration's source images unless `REBALANCER_KEEP_IMAGES` is set (debugging).
+/// Releases the inbound hold, if one is prepared (hold.rs).
+async fn release_hold<H: Host>(host: &H, agent: &Agent, p: &Prepared<H::Link>, held: &mut bool) {
+    if std::mem::take(held) {
+        let r = host.release_inbound(&p.net, &agent.cfg.uplink).await;
+        tracing::info!(migration = %p.rec.id, container = %p.rec.container, held_packets = r.packets, held_bytes = r.bytes, drained = r.drained, release_ms = r.release_ms, "inbound hold released");
+    }
+}
+
 fn remove_images(dir: &std::path::Path) {
     if std::env::var_os("REBALANCER_KEEP_IMAGES").is_none() {
         let _ = std::fs::remove_dir_all(dir);
@@ -503,10 +488,13 @@ async fn precopy_rounds<H: Host>(
     let policy = PrecopyPolicy::default();
     let mut round = 0u32;
     loop {
-        let ps = match p
-            .conn
-            .call(&PeerRequest::PrecopyRound { round, last: false })
-            .await?
+        let ps = match watched_call(
+            host,
+            &mut p.conn,
+            p.heartbeat,
+            &PeerRequest::PrecopyRound { round, last: false },
+        )
+        .await?
         {
             PeerReply::RoundReady { page_server } => page_server,
             other => {
@@ -524,8 +512,14 @@ async fn precopy_rounds<H: Host>(
         })?;
         let prev = (round > 0).then(|| format!("../pre-{}", round - 1));
         let started = host.now();
-        host.pre_dump(p.pid, &rdir, ps, prev.as_deref(), tls)
-            .await?;
+        beating(
+            host,
+            &mut p.conn,
+            p.heartbeat,
+            "pre-copy-round",
+            host.pre_dump(p.pid, &rdir, ps, prev.as_deref(), tls),
+        )
+        .await?;
         let s = host.stats(&rdir, "stats-dump").unwrap_or_default();
         p.rec.stats.bytes_sent += s.pages_written * 4096;
         p.rec.stats.rounds.push(rebalancer_proto::RoundStats {
@@ -554,7 +548,7 @@ async fn attempt<H: Host>(
     dir: &std::path::Path,
     mode: MigrationMode,
     dump_child: &mut Option<H::Helper>,
-    frozen_at: &mut Option<Instant>,
+    (frozen_at, held): (&mut Option<Instant>, &mut bool),
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(dir).map_err(|source| AgentError::Io {
         what: format!("mkdir {}", dir.display()),
@@ -587,13 +581,16 @@ async fn attempt<H: Host>(
     };
     if mode == MigrationMode::PreCopy {
         let last = precopy_rounds(host, agent, p, dir, &tls).await?;
-        match p
-            .conn
-            .call(&PeerRequest::PrecopyRound {
+        match watched_call(
+            host,
+            &mut p.conn,
+            p.heartbeat,
+            &PeerRequest::PrecopyRound {
                 round: last + 1,
                 last: true,
-            })
-            .await?
+            },
+        )
+        .await?
         {
             PeerReply::RoundReady { page_server } => p.page_server = Some(page_server),
             other => {
@@ -604,27 +601,65 @@ async fn attempt<H: Host>(
         }
         args.prev = Some(format!("../pre-{last}"));
     }
+    if agent.cfg.hold_inbound {
+        // Set up before the freeze; the dump's action script starts it at CRIU's network lock.
+        let r = host.hold_inbound(&p.net, &agent.cfg.uplink, dir.parent().unwrap_or(dir));
+        args.action_script = super::hold::prepared(r.await, &p.rec);
+        *held = args.action_script.is_some();
+    }
+    // Peer protocol 4: the lazy-page link is opened while the tree still runs (not in the
+    // downtime), so that no CRIU process listens.
+    let link = if mode == MigrationMode::PostCopy
+        && p.conn.version() >= rebalancer_proto::peer::LAZY_LINK_VERSION
+    {
+        let link = super::link::open(host, agent, &mut p.conn, p.addr.ip(), &p.rec.id).await?;
+        let tls_dir = dir.parent().unwrap_or(dir).join("tls");
+        Some(
+            host.lazy_link_for_dump(link, p.tls.is_some().then_some(tls_dir.as_path()))
+                .await?,
+        )
+    } else {
+        None
+    };
     enter(&mut p.rec, Phase::Freeze);
     agent.publish(&p.rec);
+    super::pause::point(host, &agent.cfg, "freeze").await;
     *frozen_at = Some(host.now());
     let mut lazy_serve = None;
     match mode {
         MigrationMode::PostCopy => {
-            let ip = agent.cfg.advertise;
-            let port = host.pick_port(ip)?;
-            host.guard_lazy_port(
-                (ip, port),
-                crate::lazy_guard::peer_ip(&agent.cfg, &p.rec.destination),
-                Duration::from_millis(agent.cfg.migration_timeout_ms.max(1000)),
-                !args.tls.is_empty(),
-            )
-            .await?;
-            args.lazy_serve = Some((ip, port));
-            lazy_serve = Some((ip, port));
-            p.lazy_port = Some(port);
+            match &link {
+                Some(sock) => args.lazy_socket = Some(std::os::fd::AsRawFd::as_raw_fd(sock)),
+                None => {
+                    // An older destination: CRIU listens, behind the guard (lazy_guard.rs).
+                    let ip = agent.cfg.advertise;
+                    let port = host.pick_port(ip)?;
+                    host.guard_lazy_port(
+                        (ip, port),
+                        crate::lazy_guard::peer_ip(&agent.cfg, &p.rec.destination),
+                        Duration::from_millis(agent.cfg.migration_timeout_ms.max(1000)),
+                        !args.tls.is_empty(),
+                    )
+                    .await?;
+                    args.lazy_serve = Some((ip, port));
+                    lazy_serve = Some((ip, port));
+                    p.lazy_port = Some(port);
+                }
+            }
             enter(&mut p.rec, Phase::Dump);
             agent.publish(&p.rec);
-            match host.dump_lazy(&args).await {
+            super::pause::point(host, &agent.cfg, "dump").await;
+            let r = beating(
+                host,
+                &mut p.conn,
+                p.heartbeat,
+                "dump",
+                host.dump_lazy(&args),
+            )
+            .await;
+            // CRIU has its own copy of the link now.
+            drop(link);
+            match r {
                 Ok(child) => *dump_child = Some(child),
                 Err(e) => {
                     // criu exited without serving: its own failure path resumed the tree.
@@ -637,7 +672,9 @@ async fn attempt<H: Host>(
             args.page_server = p.page_server;
             enter(&mut p.rec, Phase::Dump);
             agent.publish(&p.rec);
-            if let Err(e) = host.dump(&args).await {
+            super::pause::point(host, &agent.cfg, "dump").await;
+            if let Err(e) = beating(host, &mut p.conn, p.heartbeat, "dump", host.dump(&args)).await
+            {
                 // A failed dump resumes the tree itself (CRIU's failure path).
                 *frozen_at = None;
                 return Err(e);
@@ -654,18 +691,23 @@ async fn attempt<H: Host>(
     }
     enter(&mut p.rec, Phase::Transfer);
     agent.publish(&p.rec);
+    super::pause::point(host, &agent.cfg, "transfer").await;
     let mut sub = super::timing::SubPhases::new(&p.rec.id, "source", host.now());
     let before = p.conn.bytes_sent();
-    p.conn.send_images(dir).await?;
+    send_images_bounded(host, p, dir).await?;
     sub.mark("send-images", host.now());
     enter(&mut p.rec, Phase::Restore);
     agent.publish(&p.rec);
-    match p
-        .conn
-        .call(&PeerRequest::Restore {
+    super::pause::point(host, &agent.cfg, "restore").await;
+    match watched_call(
+        host,
+        &mut p.conn,
+        p.heartbeat,
+        &PeerRequest::Restore {
             lazy_pages: lazy_serve,
-        })
-        .await?
+        },
+    )
+    .await?
     {
         PeerReply::Restored { .. } => {}
         other => {
@@ -679,6 +721,32 @@ async fn attempt<H: Host>(
     sub.log("switch");
     p.rec.stats.bytes_sent += p.conn.bytes_sent() - before;
     Ok(())
+}
+
+/// Lowest image transfer rate accepted with heartbeats on: the destination reads the images
+/// without answering heartbeats, so a transfer slower than this counts as a stalled peer.
+pub const TRANSFER_FLOOR_BYTES_PER_S: u64 = 8 << 20;
+
+/// Sends the images; with heartbeats, bounded by the stall limit plus their size at
+/// [`TRANSFER_FLOOR_BYTES_PER_S`] (a partition during the transfer is found in seconds).
+async fn send_images_bounded<H: Host>(
+    host: &H,
+    p: &mut Prepared<H::Link>,
+    dir: &std::path::Path,
+) -> Result<u64, AgentError> {
+    let Some(hb) = p.heartbeat else {
+        return p.conn.send_images(dir).await;
+    };
+    let size = super::heartbeat::dir_bytes(dir);
+    let limit = hb.stall_limit() + Duration::from_secs(size / TRANSFER_FLOOR_BYTES_PER_S);
+    within(host, limit, p.conn.send_images(dir))
+        .await
+        .unwrap_or_else(|| {
+            Err(AgentError::Timeout(format!(
+                "the destination agent stalled: {size} bytes of images not taken within {} ms",
+                limit.as_millis()
+            )))
+        })
 }
 
 /// How a sent Commit ended, as far as the source can know.
@@ -697,12 +765,6 @@ enum CommitEnd {
 
 /// Per-call limit of the Commit request; past it the source asks for the outcome.
 pub const COMMIT_CALL: Duration = Duration::from_secs(10);
-/// Per-call limit of one outcome question (connect and answer).
-pub const OUTCOME_CALL: Duration = Duration::from_secs(5);
-/// Outcome questions before the end is reported unknown, with a doubling pause in between
-/// (0.5, 1, 2, 4 s: about 23 s at most with [`OUTCOME_CALL`]).
-pub const OUTCOME_ATTEMPTS: u32 = 5;
-
 /// The point of no return: withdraws the route, sends Commit and, when its answer is lost
 /// (timeout, reset, EOF, error), asks the destination for the outcome. Never resumes anything.
 async fn commit_and_resolve<H: Host>(
@@ -713,6 +775,7 @@ async fn commit_and_resolve<H: Host>(
     enter(&mut p.rec, Phase::NetworkSwitch);
     // Journaled synchronously before Commit can be sent (a restarted agent must know).
     agent.publish(&p.rec);
+    super::pause::point(host, &agent.cfg, "network-switch").await;
     host.withdraw_route(&p.net).await;
     let epoch = super::policy::epoch_of(&p.rec.id);
     let before = p.conn.bytes_sent();
@@ -764,77 +827,6 @@ async fn commit_and_resolve<H: Host>(
     }
 }
 
-/// Asks `addr` whether it committed `rec` (fencing it if not), with [`OUTCOME_ATTEMPTS`]
-/// bounded attempts and a doubling pause on `host`'s clock. `Err`: the last failure.
-pub async fn ask_outcome<H: Host>(
-    host: &H,
-    agent: &Agent,
-    addr: SocketAddr,
-    rec: &MigrationRecord,
-    epoch: u64,
-) -> Result<bool, AgentError> {
-    let mut pause = Duration::from_millis(500);
-    let mut last = AgentError::Internal("no outcome question was asked".into());
-    for attempt in 1..=OUTCOME_ATTEMPTS {
-        let ask = async {
-            let mut link = host.connect(&agent.cfg, addr, OUTCOME_CALL).await?;
-            link.call(&PeerRequest::Outcome {
-                migration: rec.id.clone(),
-                container: rec.container.clone(),
-                epoch: Some(epoch),
-            })
-            .await
-        };
-        match within(host, OUTCOME_CALL, ask).await {
-            Some(Ok(PeerReply::Outcome { committed })) => return Ok(committed),
-            Some(Ok(other)) => {
-                last = AgentError::Peer(format!("unexpected answer to outcome: {other:?}"))
-            }
-            Some(Err(e)) => last = e,
-            None => {
-                last = AgentError::Timeout(format!(
-                    "no answer to outcome within {} s",
-                    OUTCOME_CALL.as_secs()
-                ))
-            }
-        }
-        tracing::warn!(migration = %rec.id, destination = %rec.destination, attempt, error = %last.chain(), "outcome question failed");
-        if attempt < OUTCOME_ATTEMPTS {
-            host.sleep(pause).await;
-            pause *= 2;
-        }
-    }
-    Err(last)
-}
-
-/// Waits for a post-copy lazy dump to serve its last page, bounded; the error if it failed.
-async fn finish_lazy_dump<H: Host>(
-    host: &H,
-    agent: &Agent,
-    rec: &MigrationRecord,
-    mut d: H::Helper,
-) -> Option<String> {
-    // Bounded: a stuck page transfer must not hold the source forever.
-    let limit = Duration::from_millis(agent.cfg.migration_timeout_ms)
-        + Duration::from_secs(rec.stats.rss_bytes / (16 << 20));
-    match within(host, limit, d.wait()).await {
-        Some(st) if matches!(&st, Ok(s) if s.success()) => None,
-        Some(st) => {
-            tracing::error!(migration = %rec.id, status = ?st, "lazy page server failed after resume");
-            Some(format!(
-                "lazy page server failed after resume: it {}",
-                crate::criu::exit_text(&st)
-            ))
-        }
-        None => {
-            tracing::error!(migration = %rec.id, "lazy page transfer not finished in {limit:?}; stopping it");
-            d.start_kill();
-            let _ = d.wait().await;
-            Some(format!("lazy page transfer not finished in {limit:?}"))
-        }
-    }
-}
-
 /// The outcome is unknown: the source copy stays frozen behind CRIU's lock (container state
 /// Migrating, the journal kept for a restarted agent), and the record says `unknown`. Nothing
 /// here resumes it: only the destination's answer, later (`adopt.rs`, the controller).
@@ -850,7 +842,7 @@ async fn keep_frozen<H: Host>(
     tracing::error!(migration = %p.rec.id, container = %p.rec.container, destination = %p.rec.destination, reason = %why, "migration outcome unknown: the container stays frozen here");
     if let (MigrationMode::PostCopy, Some(d)) = (mode, dump_child) {
         // The destination may run on these pages: serve them as long as it asks.
-        if let Some(e) = finish_lazy_dump(host, agent, &p.rec, d).await {
+        if let Some(e) = super::link::finish_lazy_dump(host, agent, &p.rec, d).await {
             tracing::warn!(migration = %p.rec.id, error = %e, "lazy dump of an unknown outcome ended");
         }
     }

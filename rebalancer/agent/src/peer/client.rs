@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use rebalancer_proto::channel::AsyncChannel;
-use rebalancer_proto::frame::Frame;
+use rebalancer_proto::frame::{Frame, FrameKind};
+use rebalancer_proto::peer::PeerEvent;
 use rebalancer_proto::{ChannelConfig, Hello, ProtoError, Role, HEADER_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
@@ -97,6 +98,17 @@ impl PeerConn<TcpStream> {
     }
 }
 
+/// The range this node's hello offered, stated in its credential when the destination's nonce
+/// states one (a current agent); an agent of an earlier release gets none, which its strict
+/// credential parser would refuse.
+fn stated_offer(cfg: &AgentConfig, their_nonce: &str) -> Option<rebalancer_proto::VersionRange> {
+    matches!(
+        rebalancer_proto::auth::nonce_range(their_nonce),
+        Ok(Some(_))
+    )
+    .then_some(cfg.peer_protocol)
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
     /// Sends this node's hello on an open stream and checks the answer.
     pub async fn handshake(
@@ -125,6 +137,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
             .map_err(|e| from_proto(e, "the destination agent"))?;
         let h = ch.negotiated().peer.clone();
         let version = ch.negotiated().version;
+        // Downgrade protection: a current destination's nonce states its range, which comes
+        // back to it inside our credential; the version it agreed to must be the best of both.
+        rebalancer_proto::auth::check_agreed(ours, version, h.nonce.as_deref())
+            .map_err(|e| AgentError::Version(format!("the destination agent {:?}: {e}", h.node)))?;
         note_unencrypted(version, h.node.as_deref(), "destination");
         let (ch, session) = if version >= 3 {
             let (ch, e) = upgrade(ch, |raw| super::tls::connect(raw, timeout)).await?;
@@ -188,6 +204,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
                 to: claimed,
                 nonce: their_nonce.to_string(),
                 session: None,
+                offer: stated_offer(cfg, their_nonce),
             },
         )
         .await?;
@@ -225,6 +242,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
                 to: claimed.clone(),
                 nonce: their_nonce.to_string(),
                 session: Some(session.to_string()),
+                offer: stated_offer(cfg, their_nonce),
             },
         )
         .await?;
@@ -242,6 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
             theirs.as_deref(),
             (Some(&claimed), &cfg.node, our_nonce),
             Some(session),
+            None,
         )
         .await
         .map_err(|e| AgentError::PermissionDenied(format!("the destination agent: {e}")))?;
@@ -277,6 +296,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PeerConn<S> {
         {
             PeerResponse::Ok(r) => Ok(r),
             PeerResponse::Error(e) => Err(error_from_reply(e)),
+        }
+    }
+
+    /// Sends a heartbeat event (request id 0): this side is alive and in `phase`.
+    pub async fn beat(&mut self, phase: &str, bytes: u64) -> Result<(), AgentError> {
+        let ev = PeerEvent::Heartbeat {
+            phase: phase.to_string(),
+            bytes,
+        };
+        let f = Frame::json(FrameKind::Event, 0, &ev)?;
+        let len = f.payload.len();
+        self.ch
+            .write(&f)
+            .await
+            .map_err(|e| from_proto(e, "the destination agent"))?;
+        self.bytes_sent += (HEADER_LEN + len) as u64;
+        Ok(())
+    }
+
+    /// Waits for the next frame outside a call: the destination's answer to a heartbeat.
+    pub async fn heard(&mut self) -> Result<(), AgentError> {
+        let f = self
+            .ch
+            .next_frame(Some(self.timeout))
+            .await
+            .map_err(|e| from_proto(e, "the destination agent"))?;
+        match f.header.kind {
+            FrameKind::Event => Ok(()),
+            other => Err(AgentError::Peer(format!(
+                "the destination sent a {other:?} frame between requests"
+            ))),
+        }
+    }
+
+    /// Sends a request without waiting for its reply (a watched call: [`PeerConn::next_of`]).
+    pub async fn send_req(&mut self, req: &PeerRequest) -> Result<u32, AgentError> {
+        self.send_request(req).await
+    }
+
+    /// The next frame of request `id`: `None` for an event (a heartbeat, or an answer to one
+    /// sent before the request), else its reply.
+    pub async fn next_of(&mut self, id: u32) -> Result<Option<PeerReply>, AgentError> {
+        let f = self
+            .ch
+            .next_frame(Some(self.timeout))
+            .await
+            .map_err(|e| from_proto(e, "the destination agent"))?;
+        match f.header.kind {
+            FrameKind::Event => Ok(None),
+            FrameKind::Response if f.header.id == id => {
+                match f.decode::<PeerResponse>(FrameKind::Response, "response")? {
+                    PeerResponse::Ok(r) => Ok(Some(r)),
+                    PeerResponse::Error(e) => Err(error_from_reply(e)),
+                }
+            }
+            FrameKind::Response => Err(AgentError::Proto(ProtoError::IdMismatch {
+                got: f.header.id,
+                want: id,
+            })),
+            other => Err(AgentError::Peer(format!(
+                "the destination sent a {other:?} frame instead of the answer to request {id}"
+            ))),
         }
     }
 

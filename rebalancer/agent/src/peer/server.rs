@@ -104,6 +104,9 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 credential.as_deref(),
                 (Some(&claimed), &cfg.node, &our_nonce),
                 session.as_deref(),
+                // The range the client's hello stated as it arrived; its credential states
+                // the one it sent.
+                Some(hello.versions()),
             )
             .await
         }
@@ -126,6 +129,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     to: claimed.clone(),
                     nonce: their_nonce.clone(),
                     session: Some(session.clone()),
+                    offer: None,
                 },
             )
             .await?
@@ -184,7 +188,9 @@ async fn answer_hello(
             "a hello of protocol 2 or later names its node and carries a nonce".into(),
         ));
     };
-    let our_nonce = crate::auth::nonce();
+    // It states this node's range: the client's credential names it back (downgrade
+    // protection, `rebalancer_proto::auth`).
+    let our_nonce = rebalancer_proto::auth::ranged_nonce(cfg.peer_protocol);
     me.nonce = Some(our_nonce.clone());
     if agreed >= 3 {
         return Ok((me, Some(our_nonce)));
@@ -197,6 +203,7 @@ async fn answer_hello(
             to: claimed,
             nonce: their_nonce,
             session: None,
+            offer: None,
         },
     )
     .await?;

@@ -36,6 +36,9 @@ pub struct Lab {
     pub subnet: String,
     /// Extra TOML lines per node index (before the [auth] table).
     pub extra_config: Vec<String>,
+    /// Whether agents keep migration images (`REBALANCER_KEEP_IMAGES`, for debugging); the
+    /// fault matrix turns it off to check that nothing is left.
+    pub keep_images: bool,
     /// Dropped after the agents stopped (field order does not matter: `Drop for Lab` runs first).
     pub net: NetLab,
 }
@@ -95,6 +98,7 @@ impl Lab {
             client_ns: net.client_ns.clone(),
             subnet: subnet.to_string(),
             extra_config: extra,
+            keep_images: true,
             net,
         };
         for i in 0..agents {
@@ -113,7 +117,7 @@ impl Lab {
             }
         }
         format!(
-            "node = \"{name}\"\nlisten = \"{ip}:{port}\"\ncontrol_socket = \"{sock}\"\ncontainer_subnet = \"{subnet}\"\n\
+            "node = \"{name}\"\nlisten = \"{ip}:{port}\"\ncontrol_socket = \"{sock}\"\ncontainer_subnet = \"{subnet}\"\nipam = \"local\"\n\
              state_dir = \"{d}/{name}/state\"\nrun_dir = \"{d}/{name}/run\"\nmigration_timeout_ms = 30000\n{extra}\n\
              [auth]\nmethod = \"munge\"\nmunge_socket = \"{munge}\"\n[peers]\n{peers}",
             name = n.name,
@@ -130,6 +134,7 @@ impl Lab {
     pub fn start_agent(&mut self, i: usize) {
         let cfg = self.dir.join(format!("{}.toml", self.nodes[i].name));
         std::fs::write(&cfg, self.config(i)).expect("write config");
+        let keep_images = self.keep_images;
         let n = &mut self.nodes[i];
         let _ = std::fs::remove_file(&n.socket);
         let log = std::fs::OpenOptions::new()
@@ -137,14 +142,19 @@ impl Lab {
             .append(true)
             .open(&n.log)
             .expect("log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", n.netns))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", n.netns))
             .arg(env!("CARGO_BIN_EXE_rebalancer-agent"))
             .arg("run")
             .arg("--config")
             .arg(&cfg)
-            .env("REBALANCER_LOG", "info,rebalancer_agent=debug")
-            .env("REBALANCER_KEEP_IMAGES", "1")
+            .env("REBALANCER_LOG", "info,rebalancer_agent=debug");
+        if keep_images {
+            cmd.env("REBALANCER_KEEP_IMAGES", "1");
+        } else {
+            cmd.env_remove("REBALANCER_KEEP_IMAGES");
+        }
+        let child = cmd
             // Its own process group, so that `kill_agent` takes its CRIU helpers too.
             .process_group(0)
             .stdin(Stdio::null())
@@ -207,6 +217,279 @@ impl Lab {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+/// Running (not stopped, not zombie) processes inside the network namespaces of container `id`
+/// on node `node` (`rb-<node>-<id>-*`): a live copy has at least one. A frozen copy (stopped by
+/// CRIU, or restored and not resumed yet) has none.
+pub fn live_copies(node: &str, id: &str) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let prefix = format!("rb-{node}-{id}-");
+    let inodes: Vec<u64> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter_map(|e| std::fs::metadata(e.path()).ok().map(|m| m.ino()))
+        .collect();
+    if inodes.is_empty() {
+        return 0;
+    }
+    // Containers have a pid namespace of their own; helpers the agent runs in a container's
+    // network namespace (`ip netns exec ... nft`) are in the node's and do not count.
+    let own_pid_ns = std::fs::read_link("/proc/self/ns/pid").ok();
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.parse::<i32>().is_err() {
+            continue;
+        }
+        if std::fs::read_link(format!("/proc/{name}/ns/pid")).ok() == own_pid_ns {
+            continue;
+        }
+        let Ok(link) = std::fs::read_link(format!("/proc/{name}/ns/net")) else {
+            continue;
+        };
+        // "net:[INODE]"
+        let ino = link
+            .to_string_lossy()
+            .trim_start_matches("net:[")
+            .trim_end_matches(']')
+            .parse::<u64>()
+            .unwrap_or(0);
+        if !inodes.contains(&ino) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{name}/stat")).unwrap_or_default();
+        // The state follows the command name's closing parenthesis.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?");
+        if !matches!(state, "T" | "t" | "Z" | "X" | "?") {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Fault injection and leak checks for the fault matrix (`fault_matrix.rs`).
+impl Lab {
+    /// SIGTERM, then a fresh start with the current configuration (containers keep running
+    /// and are re-adopted).
+    pub fn restart_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].agent.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.start_agent(i);
+    }
+
+    /// Whether agent `i` runs (started and not killed).
+    pub fn agent_up(&self, i: usize) -> bool {
+        self.nodes[i].agent.is_some()
+    }
+
+    /// Runs `nft -f -` with `script` in node `i`'s network namespace.
+    fn nft(&self, i: usize, script: &str) -> Result<(), String> {
+        use std::io::Write;
+        let mut c = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.nodes[i].netns))
+            .args(["nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("nft: {e}"))?;
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .map_err(|e| format!("nft stdin: {e}"))?;
+        let out = c.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Partitions nodes `a` and `b`: nftables drop rules in both node namespaces drop every
+    /// packet between their addresses (no reset, no ICMP: a silent partition). [`Lab::heal`]
+    /// removes them.
+    pub fn partition(&self, a: usize, b: usize) {
+        for (me, other) in [(a, b), (b, a)] {
+            let ip = &self.nodes[other].ip;
+            self.nft(
+                me,
+                &format!(
+                    "add table inet rbc_partition
+                     add chain inet rbc_partition in {{ type filter hook input priority -300 ; }}
+                     add chain inet rbc_partition out {{ type filter hook output priority -300 ; }}
+                     add rule inet rbc_partition in ip saddr {ip} drop
+                     add rule inet rbc_partition out ip daddr {ip} drop
+"
+                ),
+            )
+            .unwrap_or_else(|e| panic!("partition rules on node {me}: {e}"));
+        }
+    }
+
+    /// Removes every partition rule.
+    pub fn heal(&self) {
+        for i in 0..self.nodes.len() {
+            let _ = self.nft(
+                i,
+                "delete table inet rbc_partition
+",
+            );
+        }
+    }
+
+    /// Limits what node `i` sends to `mbit` Mbit/s (tc tbf on its uplink), so that a dump or a
+    /// post-copy page transfer lasts long enough to be hit; `None` removes the limit.
+    pub fn shape(&self, i: usize, mbit: Option<u32>) {
+        let ns = format!("--net=/run/netns/{}", self.nodes[i].netns);
+        let _ = Command::new("nsenter")
+            .args([ns.as_str(), "tc", "qdisc", "del", "dev", "eth0", "root"])
+            .stderr(Stdio::null())
+            .status();
+        if let Some(m) = mbit {
+            let rate = format!("{m}mbit");
+            let st = Command::new("nsenter")
+                .args([
+                    ns.as_str(),
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    "eth0",
+                    "root",
+                    "tbf",
+                    "rate",
+                    &rate,
+                    "burst",
+                    "256kb",
+                    "latency",
+                    "500ms",
+                ])
+                .status()
+                .expect("tc");
+            assert!(st.success(), "tc tbf on node {i}");
+        }
+    }
+
+    /// Pids of the `criu` processes working for node `i` (their command line names the node's
+    /// run directory) whose command line contains `action` (`dump`, `restore`, `lazy-pages`).
+    pub fn criu_pids(&self, i: usize, action: &str) -> Vec<i32> {
+        let run = format!("{}/{}/run", self.dir.display(), self.nodes[i].name);
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let is_criu = args.first().is_some_and(|a| a.ends_with("criu"));
+            if is_criu && args.iter().any(|a| a == action) && args.iter().any(|a| a.contains(&run))
+            {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Network namespaces of container `id` on node `i` (`rb-<node>-<id>-*`).
+    pub fn container_netns(&self, i: usize, id: &str) -> Vec<String> {
+        let prefix = format!("rb-{}-{id}-", self.nodes[i].name);
+        std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&prefix))
+            .collect()
+    }
+
+    /// Running processes of container `id` on node `i` ([`live_copies`]).
+    pub fn live_processes(&self, i: usize, id: &str) -> usize {
+        live_copies(&self.nodes[i].name, id)
+    }
+
+    /// What container `id` (address `addr`) still holds on node `i`, when it does not run
+    /// there: its network namespaces, a route to its address, the node's veths, nftables tables
+    /// of a migration (CRIU's lock, the lazy-port guard), its cgroups and the node's migration
+    /// images. Empty when nothing is left.
+    pub fn leftovers(&self, i: usize, id: &str, addr: &str) -> Vec<String> {
+        let mut left: Vec<String> = self
+            .container_netns(i, id)
+            .into_iter()
+            .map(|n| format!("netns {n}"))
+            .collect();
+        let ns = format!("--net=/run/netns/{}", self.nodes[i].netns);
+        let sh = |args: &[&str]| -> String {
+            Command::new("nsenter")
+                .arg(&ns)
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        for l in sh(&["ip", "route", "show", addr]).lines() {
+            left.push(format!("route {l}"));
+        }
+        for l in sh(&["ip", "-o", "link", "show"]).lines() {
+            if let Some(name) = l.split(": ").nth(1) {
+                if name.starts_with("rbv") {
+                    left.push(format!("veth {name}"));
+                }
+            }
+        }
+        for l in sh(&["nft", "list", "tables"]).lines() {
+            if l.contains("CRIU") || l.contains("rebalancer_lazy") {
+                left.push(format!("nft {l}"));
+            }
+        }
+        for h in ["memory", "cpu", "unified"] {
+            let cg = format!(
+                "/sys/fs/cgroup/{h}/slurm-rebalancer/{}/{id}",
+                self.nodes[i].name
+            );
+            if std::path::Path::new(&cg).exists() {
+                // The tasks it still holds, to tell a leak from a tree not yet gone.
+                let procs = std::fs::read_to_string(format!("{cg}/cgroup.procs"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(|p| {
+                        let st = std::fs::read_to_string(format!("/proc/{p}/stat"))
+                            .ok()
+                            .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim().to_string()))
+                            .and_then(|s| s.split_whitespace().next().map(str::to_string))
+                            .unwrap_or_else(|| "?".into());
+                        format!("{p}:{st}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",");
+                left.push(format!("cgroup {cg} [{procs}]"));
+            }
+        }
+        let images = self.dir.join(&self.nodes[i].name).join("run/images");
+        for e in std::fs::read_dir(&images).into_iter().flatten().flatten() {
+            left.push(format!("images {}", e.path().display()));
+        }
+        left
     }
 }
 

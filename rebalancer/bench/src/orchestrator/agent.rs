@@ -141,18 +141,32 @@ fn start_munged(ctx: &Ctx) -> Result<i32> {
     }
 }
 
-fn config(ctx: &Ctx, node: crate::net::Node, peer: crate::net::Node, encrypt: bool) -> String {
+/// How the agents of one toolchain run.
+#[derive(Debug, Clone, Copy)]
+pub struct Variant {
+    /// `encrypt_memory` (TLS page transfer).
+    pub encrypt: bool,
+    /// Run `--baseline-agent` instead (a before/after comparison within one run).
+    pub baseline: bool,
+    /// `hold_inbound` (the client's packets held during the freeze); written only when off,
+    /// so that a baseline agent without the key still starts.
+    pub hold: bool,
+}
+
+fn config(ctx: &Ctx, node: crate::net::Node, peer: crate::net::Node, v: Variant) -> String {
     let d = dir(ctx);
     format!(
         "node = \"{n}\"\nlisten = \"{ip}:{AGENT_PORT}\"\ncontrol_socket = \"{sock}\"\n\
-         encrypt_memory = {encrypt}\n\
-         container_subnet = \"{CONTAINER_NET}\"\nstate_dir = \"{d}/{n}/state\"\nrun_dir = \"{d}/{n}/run\"\n\
+         encrypt_memory = {encrypt}\n{hold}\
+         container_subnet = \"{CONTAINER_NET}\"\nipam = \"local\"\nstate_dir = \"{d}/{n}/state\"\nrun_dir = \"{d}/{n}/run\"\n\
          migration_timeout_ms = 300000\n\
          host_dirs = [\"/usr\", \"/etc\", \"/bin\", \"/lib\", \"/lib64\", \"/sbin\", \"{bins}\"]\n\
          [auth]\nmethod = \"munge\"\nmunge_socket = \"{d}/munge.sock\"\n\
          [peers]\n\"{p}\" = \"{pip}:{AGENT_PORT}\"\n",
         n = node.name,
         ip = node.ip,
+        encrypt = v.encrypt,
+        hold = if v.hold { "" } else { "hold_inbound = false\n" },
         sock = socket(ctx, node.name).display(),
         d = d.display(),
         bins = ctx.bins.display(),
@@ -161,7 +175,7 @@ fn config(ctx: &Ctx, node: crate::net::Node, peer: crate::net::Node, encrypt: bo
     )
 }
 
-fn start_agents(ctx: &Ctx, logs: &Path, encrypt: bool, baseline: bool) -> Result<Lab> {
+fn start_agents(ctx: &Ctx, logs: &Path, v: Variant) -> Result<Lab> {
     let d = dir(ctx);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).map_err(sys::io("create agent dir"))?;
@@ -169,7 +183,7 @@ fn start_agents(ctx: &Ctx, logs: &Path, encrypt: bool, baseline: bool) -> Result
         munged_pid: Some(start_munged(ctx)?),
         _agents: Vec::new(),
     };
-    let agent = if baseline {
+    let agent = if v.baseline {
         ctx.baseline_agent.clone().ok_or_else(|| {
             SysError::Other("the -base toolchains need --baseline-agent PATH".into())
         })?
@@ -183,8 +197,7 @@ fn start_agents(ctx: &Ctx, logs: &Path, encrypt: bool, baseline: bool) -> Result
     }
     for (node, peer) in [(SRC, DST), (DST, SRC)] {
         let cfg = d.join(format!("{}.toml", node.name));
-        std::fs::write(&cfg, config(ctx, node, peer, encrypt))
-            .map_err(sys::io("write agent config"))?;
+        std::fs::write(&cfg, config(ctx, node, peer, v)).map_err(sys::io("write agent config"))?;
         let mut c = sys::in_netns(node.name, &agent.to_string_lossy());
         c.arg("run")
             .arg("--config")
@@ -275,21 +288,13 @@ fn migrate(ctx: &Ctx, mode: Mode) -> Result<MigrationRecord> {
     }
 }
 
-/// One migration by the agents; `encrypt`: their `encrypt_memory` (TLS page transfer);
-/// `baseline`: run `--baseline-agent` instead (a before/after comparison within one run).
-pub fn run(
-    ctx: &Ctx,
-    mode: Mode,
-    mib: u64,
-    idx: usize,
-    row: &mut Row,
-    (encrypt, baseline): (bool, bool),
-) -> Result<()> {
+/// One migration by the agents of variant `v`.
+pub fn run(ctx: &Ctx, mode: Mode, mib: u64, idx: usize, row: &mut Row, v: Variant) -> Result<()> {
     let logs = ctx
         .log_dir
         .join(format!("{idx:02}-{}-{}-{mib}M", row.toolchain, mode.name()));
     std::fs::create_dir_all(&logs).map_err(sys::io("create log dir"))?;
-    let _lab = start_agents(ctx, &logs, encrypt, baseline)?;
+    let _lab = start_agents(ctx, &logs, v)?;
     if mode == Mode::PreCopy {
         let mut c = Control::connect(&socket(ctx, SRC.name))?;
         if let Reply::Capabilities { capabilities } = c.call(&Request::Capabilities)? {
@@ -312,8 +317,13 @@ pub fn run(
     let (mut client, rx) = crate::start_client(ctx, mib)?;
     sys::sleep(Duration::from_millis(ctx.settle_ms))?;
     let b0 = crate::net::node_bytes()?;
+    let mem = crate::mem::MemSampler::start([SRC, DST].map(|n| crate::mem::NodeDirs {
+        netns: n.name,
+        dirs: vec![dir(ctx).join(n.name)],
+    }));
     let t0 = Instant::now();
     let rec = migrate(ctx, mode);
+    [row.mem_src_extra_mib, row.mem_dst_extra_mib] = mem.stop();
     let total = t0.elapsed().as_secs_f64() * 1000.0;
     let outcome = match rec {
         Ok(rec) if rec.state == MigrationState::Succeeded => {

@@ -4,6 +4,7 @@
 
 mod agent;
 mod cr;
+mod mem;
 mod net;
 mod sys;
 mod xfer;
@@ -72,11 +73,13 @@ pub struct Ctx {
 struct Args {
     #[command(subcommand)]
     cmd: Option<Cmd>,
-    /// Memory sizes (RSS of the workload): e.g. 64M,256M,1G,2G.
-    #[arg(long, value_delimiter = ',', default_value = "64M,256M,1G,2G")]
+    /// Memory sizes (RSS of the workload): the five by default. A size without room
+    /// for three copies of it (`memory_needed_mib`) is skipped and says so.
+    #[arg(long, value_delimiter = ',', default_value = "64M,256M,1G,2G,4G")]
     sizes: Vec<String>,
     /// Toolchains to compare: `agent` (encrypted pages, the agent's default), `agent-plain`
-    /// (`encrypt_memory = false`), `criu` (by hand), `runc`; `agent-base` and
+    /// (`encrypt_memory = false`), `agent-nohold` (`hold_inbound = false`: CRIU's lock drops
+    /// the client's packets during the freeze), `criu` (by hand), `runc`; `agent-base` and
     /// `agent-plain-base` run `--baseline-agent`.
     #[arg(
         long,
@@ -195,6 +198,10 @@ pub fn start_client(
     ])
     .stdin(Stdio::piped())
     .stdout(Stdio::piped());
+    CLIENT_RETRANS_AT_START.store(
+        client_retrans_segs().unwrap_or(u64::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let mut p = Proc::spawn("bench-client", &mut cmd)?;
     let out = p
         .child()
@@ -226,7 +233,25 @@ pub fn stop_client(
     serde_json::from_str(&line).map_err(|e| SysError::Other(format!("client report: {e}: {line}")))
 }
 
+/// The client namespace's `RetransSegs` when its client started (`u64::MAX`: unknown).
+static CLIENT_RETRANS_AT_START: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// TCP segments retransmitted from the client's namespace so far (/proc/net/snmp there).
+fn client_retrans_segs() -> Option<u64> {
+    let out = sys::in_netns(CLIENT.name, "cat")
+        .arg("/proc/net/snmp")
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    rebalancer_bench::report::retrans_segs(&String::from_utf8_lossy(&out.stdout))
+}
+
 pub fn fill_from_client(row: &mut Row, rep: &ClientReport) {
+    let at_start = CLIENT_RETRANS_AT_START.load(std::sync::atomic::Ordering::Relaxed);
+    row.client_retrans = client_retrans_segs()
+        .filter(|_| at_start != u64::MAX)
+        .map(|n| n.saturating_sub(at_start));
     row.client_gap_ms = Some(rep.max_gap_us as f64 / 1000.0);
     row.client_errors = rep.errors.clone();
     row.downtime_ms = rep
@@ -254,7 +279,18 @@ fn run_cr(
     sys::sleep(Duration::from_millis(ctx.settle_ms))?;
     let b0 = net::node_bytes()?;
     let port = 20000 + (idx as u16 % 1000) * 4;
+    let mem = mem::MemSampler::start([
+        mem::NodeDirs {
+            netns: SRC.name,
+            dirs: vec![dirs.src_img.clone(), dirs.src_work.clone()],
+        },
+        mem::NodeDirs {
+            netns: DST.name,
+            dirs: vec![dirs.dst_img.clone(), dirs.dst_work.clone()],
+        },
+    ]);
     let res = cr::migrate(ctx, tool, mode, &w, &src, &dirs, port);
+    [row.mem_src_extra_mib, row.mem_dst_extra_mib] = mem.stop();
     let outcome = match res {
         Ok(m) => {
             row.total_ms = Some(m.total_ms);
@@ -408,10 +444,14 @@ fn run_cell(s: &Settings, tool: &str, mode: Mode, mib: u64, idx: usize) -> Resul
     let res = match tool {
         "criu" if mode != Mode::PreCopy => run_cr(&s.ctx, cr::Tool::Criu, mode, mib, idx, &mut row),
         "runc" if mode != Mode::PreCopy => run_cr(&s.ctx, cr::Tool::Runc, mode, mib, idx, &mut row),
-        "agent" => agent::run(&s.ctx, mode, mib, idx, &mut row, (true, false)),
-        "agent-plain" => agent::run(&s.ctx, mode, mib, idx, &mut row, (false, false)),
-        "agent-base" => agent::run(&s.ctx, mode, mib, idx, &mut row, (true, true)),
-        "agent-plain-base" => agent::run(&s.ctx, mode, mib, idx, &mut row, (false, true)),
+        t if t.starts_with("agent") => {
+            let v = agent::Variant {
+                encrypt: !t.contains("-plain"),
+                baseline: t.ends_with("-base"),
+                hold: t != "agent-nohold",
+            };
+            agent::run(&s.ctx, mode, mib, idx, &mut row, v)
+        }
         _ => Err(SysError::Other(format!(
             "{tool} does not drive {}",
             mode.name()
@@ -545,9 +585,15 @@ fn real_main() -> anyhow::Result<ExitCode> {
         anyhow::ensure!(
             matches!(
                 t.as_str(),
-                "agent" | "agent-plain" | "agent-base" | "agent-plain-base" | "criu" | "runc"
+                "agent"
+                    | "agent-plain"
+                    | "agent-nohold"
+                    | "agent-base"
+                    | "agent-plain-base"
+                    | "criu"
+                    | "runc"
             ),
-            "unknown toolchain `{t}` (agent, agent-plain, agent-base, agent-plain-base, criu, runc)"
+            "unknown toolchain `{t}` (agent, agent-plain, agent-nohold, agent-base, agent-plain-base, criu, runc)"
         );
         anyhow::ensure!(
             !t.ends_with("-base") || args.baseline_agent.is_some(),

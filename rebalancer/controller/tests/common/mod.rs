@@ -1,5 +1,12 @@
-//! Helpers shared by the root tests that run real agents.
+//! Helpers shared by the root tests that run real agents: their labs ([`lab`]: nodes isolated
+//! like machines; [`cluster`]: agents on slurm-tests' cluster), and calls to agents and the
+//! controller.
 #![allow(dead_code)]
+
+pub mod cluster;
+pub mod lab;
+#[allow(unused_imports)] // the Slurm labs build their agents on slurm-tests' cluster
+pub use lab::{ControllerPlan, Lab, LabPlan};
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -81,10 +88,15 @@ pub fn ctl_call(sock: &Path, req: &ControlRequest) -> Result<ControlReply, Error
 
 /// A TCP counter server (answers each line with the count so far on that connection).
 pub fn server(id: &str, job: u32, address: &str) -> ContainerSpec {
-    let prog = "import socket\nbuf = bytearray(48 << 20)\nfor i in range(0, len(buf), 4096): buf[i] = 1\n\
+    server_of(id, job, address, 48)
+}
+
+/// [`server`] holding `mib` MiB of touched memory.
+pub fn server_of(id: &str, job: u32, address: &str, mib: u32) -> ContainerSpec {
+    let prog = format!("import socket\nbuf = bytearray({mib} << 20)\nfor i in range(0, len(buf), 4096): buf[i] = 1\n\
                 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
                 s.bind(('0.0.0.0', 8000)); s.listen(4)\nwhile True:\n    c, _ = s.accept(); f = c.makefile('rb'); n = 0\n\
-                \x20   for line in f:\n        n += 1; c.sendall(b'%d\\n' % n)\n";
+                \x20   for line in f:\n        n += 1; c.sendall(b'%d\\n' % n)\n");
     ContainerSpec {
         id: id.into(),
         task: Some(TaskRef {
@@ -94,7 +106,7 @@ pub fn server(id: &str, job: u32, address: &str) -> ContainerSpec {
         }),
         uid: 0,
         gid: 0,
-        argv: vec!["python3".into(), "-u".into(), "-c".into(), prog.into()],
+        argv: vec!["python3".into(), "-u".into(), "-c".into(), prog],
         env: vec![],
         cwd: "/".into(),
         rootfs: RootfsSpec::Host,
@@ -118,6 +130,25 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Polls `f` every 100 ms until it gives a value; fails naming `what`, with `logs()`, after
+/// `limit`.
+pub fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    logs: impl Fn() -> String,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}:\n{}", logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// For a lab of its own (control_downgrade.rs): an agent in a node network namespace only.
 /// Starts `rebalancer-agent run --config CFG` inside the node network namespace NETNS, with
 /// stdout and stderr in LOG.
 pub fn spawn_agent(netns: &str, cfg: &Path, log: &Path) -> Child {

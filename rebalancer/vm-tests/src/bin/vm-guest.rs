@@ -1,8 +1,11 @@
-//! Runs inside the test VM (see `tests/precopy_vm.rs`).
+//! Runs inside the test VMs (see `tests/precopy_vm.rs` and `tests/two_guests.rs`).
 //! - `vm-guest scenario AGENT MEM_MIB DIRTY_PCT`: builds two agent nodes in network namespaces
 //!   on a bridge, starts a container that keeps dirtying its memory, migrates it with pre-copy
 //!   and back with stop-and-copy while a client sends a request every 10 ms, and prints
 //!   `@@vmtest` result lines (`rebalancer_vm_tests::report`) on stdout (the serial console).
+//! - `vm-guest node`: one node of the two-guest lab (`node.rs`, `rebalancer_vm_tests::pair`):
+//!   its identity from the kernel command line, a munged and an agent on the guest's own
+//!   network, then the commands the host types on the serial console.
 //! - `vm-guest workload MEM_MIB DIRTY_PCT`: the container: touches MEM_MIB MiB, then rewrites a
 //!   window sliding through it at DIRTY_PCT % of the pages per second, and serves a TCP counter
 //!   on port 8000 (each line answered with the number of lines seen on that connection).
@@ -12,14 +15,18 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use rebalancer_proto::frame::{read_frame, write_frame, Frame, FrameKind};
 use rebalancer_proto::*;
-use rebalancer_vm_tests::report::{GuestEvent, ProbeReport};
+use rebalancer_vm_tests::probe::Probe;
+use rebalancer_vm_tests::report::GuestEvent;
+
+// The two-guest lab's node, in a directory of its own so that cargo does not take it for a
+// binary.
+#[path = "vm-guest/node.rs"]
+mod node;
 
 // Network plan: the last agent/engine block (the VM is isolated, the block only keeps names
 // and addresses consistent with the host's tests).
@@ -54,49 +61,55 @@ fn main() -> ExitCode {
                     .map(String::as_str)
                     .unwrap_or("rebalancer-agent"),
             );
-            let r = scenario(&agent, num(3, 192.0) as u64, num(4, 5.0));
-            if let Err(e) = &r {
+            finish(scenario(&agent, num(3, 192.0) as u64, num(4, 5.0)), || {
                 for n in NODES {
-                    let log = std::fs::read_to_string(format!("{LAB}/{n}.log")).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                    for l in tail.into_iter().rev() {
-                        emit(&GuestEvent::Log {
-                            message: format!("{n}: {l}"),
-                        });
-                    }
+                    log_tail(n, Path::new(&format!("{LAB}/{n}.log")), 40);
                 }
-                criu_log_errors(Path::new(LAB));
-                emit(&GuestEvent::Done {
-                    ok: false,
-                    error: Some(format!("{e:#}")),
-                });
-                return ExitCode::from(1);
-            }
-            emit(&GuestEvent::Done {
-                ok: true,
-                error: None,
-            });
-            ExitCode::SUCCESS
+                criu_log_errors(Path::new(LAB), Path::new(LAB));
+            })
         }
+        Some("node") => node::main(),
         _ => {
             eprintln!(
-                "usage: vm-guest scenario AGENT MEM_MIB DIRTY_PCT | workload MEM_MIB DIRTY_PCT"
+                "usage: vm-guest scenario AGENT MEM_MIB DIRTY_PCT | node | workload MEM_MIB DIRTY_PCT"
             );
             ExitCode::from(2)
         }
     }
 }
 
+/// Prints the `Done` event of a run; on failure `diagnose` prints logs first.
+fn finish(r: anyhow::Result<()>, diagnose: impl FnOnce()) -> ExitCode {
+    match r {
+        Ok(()) => {
+            emit(&GuestEvent::Done {
+                ok: true,
+                error: None,
+            });
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            diagnose();
+            emit(&GuestEvent::Done {
+                ok: false,
+                error: Some(format!("{e:#}")),
+            });
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// On failure: the error lines (and what precedes them) of every CRIU log the agents kept.
-fn criu_log_errors(dir: &Path) {
+/// (`top`'s own `.log` files are the agents' logs, not CRIU's.)
+fn criu_log_errors(dir: &Path, top: &Path) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() {
-            criu_log_errors(&p);
-        } else if p.extension().is_some_and(|x| x == "log") && p.parent() != Some(Path::new(LAB)) {
+            criu_log_errors(&p, top);
+        } else if p.extension().is_some_and(|x| x == "log") && p.parent() != Some(top) {
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             // The first error with what led to it, then the later error lines alone.
@@ -112,6 +125,17 @@ fn criu_log_errors(dir: &Path) {
                 }
             }
         }
+    }
+}
+
+/// The last `n` lines of an agent's log, as `Log` events.
+fn log_tail(label: &str, path: &Path, n: usize) {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(n).collect();
+    for l in tail.into_iter().rev() {
+        emit(&GuestEvent::Log {
+            message: format!("{label}: {l}"),
+        });
     }
 }
 
@@ -227,7 +251,7 @@ fn agent_config(i: usize) -> String {
         .collect();
     format!(
         "node = \"{n}\"\nlisten = \"{ip}:7878\"\ncontrol_socket = \"{LAB}/{n}.sock\"\n\
-         container_subnet = \"{SUBNET}\"\nstate_dir = \"{LAB}/{n}/state\"\nrun_dir = \"{LAB}/{n}/run\"\n\
+         container_subnet = \"{SUBNET}\"\nipam = \"local\"\nstate_dir = \"{LAB}/{n}/state\"\nrun_dir = \"{LAB}/{n}/run\"\n\
          migration_timeout_ms = 600000\nhost_dirs = [\"/usr\", \"/etc\", \"/bin\", \"/lib\", \"/lib64\", \"/sbin\"]\n\
          encrypt_memory = false\n\
          [auth]\nmethod = \"none\"\n[peers]\n{peers}",
@@ -237,28 +261,50 @@ fn agent_config(i: usize) -> String {
 }
 
 fn start_agent(agent: &Path, i: usize) -> anyhow::Result<()> {
-    let n = NODES[i];
-    let cfg = format!("{LAB}/{n}.toml");
-    std::fs::write(&cfg, agent_config(i)).context("write agent config")?;
-    let log = std::fs::File::create(format!("{LAB}/{n}.log")).context("agent log")?;
-    let ns = std::fs::File::open(format!("/run/netns/{n}")).context("node netns")?;
+    spawn_agent(
+        agent,
+        Path::new(LAB),
+        NODES[i],
+        &agent_config(i),
+        Some(Path::new(&format!("/run/netns/{}", NODES[i]))),
+    )
+}
+
+/// Starts the agent `name` with `config` (written to `dir/NAME.toml`, log `dir/NAME.log`, its
+/// control socket must be `dir/NAME.sock`), in `netns` if given, and waits until it answers.
+fn spawn_agent(
+    agent: &Path,
+    dir: &Path,
+    name: &str,
+    config: &str,
+    netns: Option<&Path>,
+) -> anyhow::Result<()> {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, config).context("write agent config")?;
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).context("agent log")?;
     let mut cmd = Command::new(agent);
-    cmd.args(["run", "--config", &cfg])
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&cfg)
         .env("REBALANCER_LOG", "info,rebalancer_agent=debug")
         .env("NO_COLOR", "1")
         .env("REBALANCER_KEEP_IMAGES", "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("log")?)
         .stderr(log);
-    // SAFETY: setns(2) is async-signal-safe; `ns` stays open in the parent until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)
-        });
+    if let Some(path) = netns {
+        let ns = std::fs::File::open(path).context("node netns")?;
+        // SAFETY: setns(2) is async-signal-safe; `ns` stays open in the parent until spawn
+        // returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
     }
     cmd.spawn().context("start agent")?;
-    let sock = PathBuf::from(format!("{LAB}/{n}.sock"));
+    let sock = dir.join(format!("{name}.sock"));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(mut c) = Client::connect(&sock) {
@@ -267,7 +313,7 @@ fn start_agent(agent: &Path, i: usize) -> anyhow::Result<()> {
             }
         }
         if Instant::now() > deadline {
-            bail!("agent {n} did not answer within 120 s");
+            bail!("agent {name} did not answer within 120 s");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -310,119 +356,10 @@ impl Client {
     }
 }
 
-/// A client in the client namespace: one request every 10 ms on one connection, counter checked.
-struct Probe {
-    stop: Arc<AtomicBool>,
-    count: Arc<AtomicU64>,
-    report: Arc<Mutex<(ProbeReport, Instant)>>,
-}
-
-impl Probe {
-    fn start() -> Probe {
-        let stop = Arc::new(AtomicBool::new(false));
-        let count = Arc::new(AtomicU64::new(0));
-        let report = Arc::new(Mutex::new((ProbeReport::default(), Instant::now())));
-        let (st, c2, r2) = (stop.clone(), count.clone(), report.clone());
-        std::thread::spawn(move || {
-            let fail = |m: String| {
-                if let Ok(mut r) = r2.lock() {
-                    r.0.errors.push(m);
-                }
-            };
-            let ns = match std::fs::File::open(format!("/run/netns/{CLIENT_NS}")) {
-                Ok(f) => f,
-                Err(e) => return fail(format!("open client netns: {e}")),
-            };
-            if let Err(e) = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET) {
-                return fail(format!("setns: {e}"));
-            }
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let s = loop {
-                match std::net::TcpStream::connect((CONTAINER_IP, 8000)) {
-                    Ok(s) => break s,
-                    Err(e) if Instant::now() > deadline => return fail(format!("connect: {e}")),
-                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
-                }
-            };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
-            let Ok(mut w) = s.try_clone() else {
-                return fail("clone socket".into());
-            };
-            let mut r = BufReader::new(s);
-            let mut expect = 1u64;
-            while !st.load(Ordering::Relaxed) {
-                let mut line = String::new();
-                let res = w.write_all(b"x\n").and_then(|_| r.read_line(&mut line));
-                match res {
-                    Ok(0) => return fail("connection closed".into()),
-                    Err(e) => return fail(format!("i/o: {e}")),
-                    Ok(_) => {
-                        let v: u64 = line.trim().parse().unwrap_or(0);
-                        if v != expect {
-                            return fail(format!("counter {v}, expected {expect}"));
-                        }
-                        expect += 1;
-                        if let Ok(mut g) = r2.lock() {
-                            let gap = g.1.elapsed().as_millis() as u64;
-                            g.0.max_gap_ms = g.0.max_gap_ms.max(gap);
-                            g.0.requests += 1;
-                            g.1 = Instant::now();
-                        }
-                        c2.store(v, Ordering::Relaxed);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        Probe {
-            stop,
-            count,
-            report,
-        }
-    }
-
-    /// Waits for `n` more answers; false on a client error or timeout.
-    fn advance(&self, n: u64, within: Duration) -> bool {
-        let start = self.count.load(Ordering::Relaxed);
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self.count.load(Ordering::Relaxed) >= start + n {
-                return true;
-            }
-            if self
-                .report
-                .lock()
-                .map(|r| !r.0.errors.is_empty())
-                .unwrap_or(true)
-            {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
-    }
-
-    /// The report since the last call, then starts a fresh one.
-    fn take(&self) -> ProbeReport {
-        match self.report.lock() {
-            Ok(mut g) => std::mem::take(&mut g.0),
-            Err(_) => ProbeReport {
-                errors: vec!["probe lock poisoned".into()],
-                ..Default::default()
-            },
-        }
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn spec(mem_mib: u64, dirty_pct: f64) -> ContainerSpec {
+/// A host-rootfs container running `vm-guest workload MEM_MIB DIRTY_PCT` at `address`.
+fn spec(id: &str, mem_mib: u64, dirty_pct: f64, address: &str) -> ContainerSpec {
     ContainerSpec {
-        id: "mem".into(),
+        id: id.into(),
         task: None,
         uid: 0,
         gid: 0,
@@ -439,7 +376,7 @@ fn spec(mem_mib: u64, dirty_pct: f64) -> ContainerSpec {
         memory_limit: None,
         cpus: None,
         class: None,
-        address: Some(CONTAINER_IP.into()),
+        address: Some(address.into()),
         stdout: None,
         stderr: None,
     }
@@ -499,9 +436,12 @@ fn scenario(agent: &Path, mem_mib: u64, dirty_pct: f64) -> anyhow::Result<()> {
         other => bail!("unexpected answer {other:?}"),
     }
     Client::node(0)?.call(&Request::CreateContainer {
-        spec: spec(mem_mib, dirty_pct),
+        spec: spec("mem", mem_mib, dirty_pct, CONTAINER_IP),
     })?;
-    let probe = Probe::start();
+    let probe = Probe::start(
+        Some(Path::new(&format!("/run/netns/{CLIENT_NS}"))),
+        std::net::SocketAddr::new(CONTAINER_IP.parse().context("container address")?, 8000),
+    );
     if !probe.advance(20, Duration::from_secs(120)) {
         bail!("the client got no answers: {:?}", probe.take().errors);
     }

@@ -9,6 +9,8 @@
 //! ```
 //! The length is checked against the receiver's limit before any allocation.
 
+pub mod codec;
+
 use std::io::{Read, Write};
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -155,9 +157,9 @@ pub fn write_frame<W: Write>(w: &mut W, frame: &Frame) -> Result<(), ProtoError>
 }
 
 /// Blocking read; `max` bounds the payload before anything is allocated, and the payload
-/// buffer grows only as bytes arrive (see [`crate::codec::Decoder`]).
+/// buffer grows only as bytes arrive (see [`codec::Decoder`]).
 pub fn read_frame<R: Read>(r: &mut R, max: u32) -> Result<Frame, ProtoError> {
-    crate::codec::read_blocking(&mut crate::codec::Decoder::new(max), r)
+    codec::read_blocking(&mut codec::Decoder::new(max), r)
 }
 
 #[cfg(feature = "async")]
@@ -181,7 +183,7 @@ mod nonblocking {
         r: &mut R,
         max: u32,
     ) -> Result<Frame, ProtoError> {
-        crate::codec::read_async(&mut crate::codec::Decoder::new(max), r).await
+        codec::read_async(&mut codec::Decoder::new(max), r).await
     }
 }
 

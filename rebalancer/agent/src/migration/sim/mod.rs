@@ -27,6 +27,9 @@ use crate::error::AgentError;
 use crate::netns::ContainerNet;
 use crate::peer::{PeerConn, PeerReply, PeerRequest};
 
+mod link;
+pub use link::SimLink;
+
 /// A simulated process tree's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proc {
@@ -41,7 +44,8 @@ pub enum Proc {
 pub enum Fault {
     /// The host action of that name fails (`create-net`, `page-server`, `pre-dump`, `dump`,
     /// `dump-lazy`, `lazy-pages`, `restore`, `cgroup`, `net-inode`, `connect`, `start-step`,
-    /// `restore-step`; `lazy-serve`: the post-copy dump exits with an error once serving;
+    /// `restore-step`, `hold`, `lazy-link`, `lazy-connect`; `lazy-link-accept`: the source never gets
+    /// the destination's link; `lazy-serve`: the post-copy dump exits with an error once serving;
     /// `lazy-lost`: the destination's lazy-pages daemon exits with an error after commit).
     Action(&'static str),
     /// The source's peer connection breaks before it sends this request (`prepare`, `images`,
@@ -60,6 +64,12 @@ pub enum Fault {
     /// Like `LinkAfter`, and from then on this node is partitioned from its peers
     /// ([`SimHost::partition`]).
     PartitionAfter(&'static str),
+    /// A silent partition from this host action (`dump`, `pre-dump`, `dump-lazy`: it then
+    /// hangs, its pages cannot leave) or peer request (`images`, `restore`, `precopy-round`:
+    /// not delivered) on: the link stays open and delivers nothing either way, as when a
+    /// firewall drops every packet; only heartbeats and timers find it. Healed by
+    /// [`SimHost::partition`]`(false)`.
+    Silence(&'static str),
 }
 
 /// The simulated node's state, for assertions.
@@ -71,6 +81,12 @@ pub struct SimState {
     pub routes: BTreeSet<String>,
     /// Namespaces behind CRIU's nftables lock.
     pub locked: BTreeSet<String>,
+    /// Namespaces whose inbound packets a hold is prepared for ([`Net::hold_inbound`]).
+    pub held: BTreeSet<String>,
+    /// Of those, the ones a dump's action script started diverting (at its network lock).
+    pub holding: BTreeSet<String>,
+    /// Holds released, in order: (namespace, whether it was diverting).
+    pub released: Vec<(String, bool)>,
     /// Running helper processes (page servers, lazy daemons, lazy dumps), by id.
     pub helpers: BTreeSet<u32>,
     pub announced: Vec<Ipv4Addr>,
@@ -89,6 +105,8 @@ struct Inner {
     faults: Mutex<Vec<Fault>>,
     /// While set, this node reaches no peer: connects fail, a link breaks at its next call.
     partitioned: std::sync::atomic::AtomicBool,
+    /// While set, this node's links deliver nothing and stay open ([`Fault::Silence`]).
+    silent: std::sync::atomic::AtomicBool,
     start: Instant,
     /// Simulated time since `start`; moves only by [`SimHost::advance`].
     clock: tokio::sync::watch::Sender<Duration>,
@@ -96,7 +114,9 @@ struct Inner {
     peer: Mutex<Option<(Arc<Agent>, SimHost)>>,
     /// Peer connections this node serves (as a destination).
     served: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    mem_available: u64,
+    mem_available: std::sync::atomic::AtomicU64,
+    /// What `space_free` reports for the image tmpfs.
+    space_free: std::sync::atomic::AtomicU64,
     /// A restore step whose restore fails hangs instead of exiting.
     hang_steps: std::sync::atomic::AtomicBool,
 }
@@ -114,13 +134,22 @@ impl SimHost {
             }),
             faults: Mutex::new(Vec::new()),
             partitioned: std::sync::atomic::AtomicBool::new(false),
+            silent: std::sync::atomic::AtomicBool::new(false),
             start: Instant::now(),
             clock: tokio::sync::watch::channel(Duration::ZERO).0,
             peer: Mutex::new(None),
             served: Mutex::new(Vec::new()),
-            mem_available: 64 << 30,
+            mem_available: std::sync::atomic::AtomicU64::new(64 << 30),
+            space_free: std::sync::atomic::AtomicU64::new(32 << 30),
             hang_steps: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Sets what `mem_available` and `space_free` (the image tmpfs) report from now on.
+    pub fn set_room(&self, memory: u64, image_space: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0.mem_available.store(memory, Relaxed);
+        self.0.space_free.store(image_space, Relaxed);
     }
 
     pub fn state(&self) -> MutexGuard<'_, SimState> {
@@ -141,12 +170,34 @@ impl SimHost {
         self.0
             .partitioned
             .store(cut, std::sync::atomic::Ordering::SeqCst);
+        if !cut {
+            self.0
+                .silent
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Whether this node's links are silent ([`Fault::Silence`]).
+    pub fn is_silent(&self) -> bool {
+        self.0.silent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Makes the links silent if a [`Fault::Silence`] is armed for `at`; returns whether
+    /// they are silent now.
+    fn silence_at(&self, at: &'static str) -> bool {
+        if self.take_fault(|f| *f == Fault::Silence(at)) {
+            self.state().log.push(format!("{at}: link silent"));
+            self.0
+                .silent
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.is_silent()
     }
 
     /// Whether a peer call of this node waits for its timer, or the node is partitioned: a
     /// test moves the clock on only then, so that nothing else times out.
     pub fn waiting_for_a_timer(&self) -> bool {
-        self.is_partitioned() || self.state().stalled
+        self.is_partitioned() || self.is_silent() || self.state().stalled
     }
 
     fn is_partitioned(&self) -> bool {
@@ -240,6 +291,16 @@ impl SimHost {
         }
     }
 
+    /// A page-moving action under a silent partition never ends (its writes find no peer).
+    async fn silent_hang(&self, action: &'static str) {
+        if self.silence_at(action) {
+            self.state()
+                .log
+                .push(format!("{action} (hangs: link silent)"));
+            std::future::pending::<()>().await;
+        }
+    }
+
     fn helper(&self) -> SimHelper {
         let mut s = self.state();
         s.next_id += 1;
@@ -290,6 +351,7 @@ impl Criu for SimHost {
     ) -> Result<(), AgentError> {
         self.state().tls.push(("pre-dump", !tls.is_empty()));
         self.hang("pre-dump").await;
+        self.silent_hang("pre-dump").await;
         self.act("pre-dump")?;
         write_image(dir, "pagemap-1.img")
     }
@@ -298,15 +360,19 @@ impl Criu for SimHost {
         // A failed dump leaves the tree running (CRIU resumes it on its failure path).
         self.state().tls.push(("dump", !args.tls.is_empty()));
         self.hang("dump").await;
+        self.silent_hang("dump").await;
         self.act("dump")?;
         self.freeze(args.pid);
+        self.start_hold(args);
         write_image(&args.images_dir, "inventory.img")
     }
 
     async fn dump_lazy(&self, args: &DumpArgs) -> Result<SimHelper, AgentError> {
         self.state().tls.push(("dump-lazy", !args.tls.is_empty()));
+        self.silent_hang("dump-lazy").await;
         self.act("dump-lazy")?;
         self.freeze(args.pid);
+        self.start_hold(args);
         write_image(&args.images_dir, "inventory.img")?;
         let mut h = self.helper();
         if self.take_fault(|f| *f == Fault::Action("lazy-serve")) {
@@ -333,10 +399,12 @@ impl Criu for SimHost {
     async fn lazy_pages(
         &self,
         _dir: &Path,
-        _src: (Ipv4Addr, u16),
+        src: super::host::LazySource,
         tls: &[String],
     ) -> Result<SimHelper, AgentError> {
+        let linked = matches!(src, super::host::LazySource::Link(_));
         self.state().tls.push(("lazy-pages", !tls.is_empty()));
+        self.state().log.push(format!("lazy-pages linked={linked}"));
         self.act("lazy-pages")?;
         let mut h = self.helper();
         if self.take_fault(|f| *f == Fault::Action("lazy-lost")) {
@@ -384,6 +452,55 @@ impl Criu for SimHost {
         s.next_id += 1;
         Ok((20000 + s.next_id % 10000) as u16)
     }
+
+    fn lazy_link_listen(
+        &self,
+        ip: Ipv4Addr,
+        _from: std::net::IpAddr,
+        _token: crate::lazy_link::Token,
+        _within: Duration,
+    ) -> Result<(u16, super::host::LazyAccept), AgentError> {
+        self.act("lazy-link")?;
+        let port = self.pick_port(ip)?;
+        // The simulated destination's connect is not matched to this listener: the link is
+        // a socket pair, and `lazy-link-accept` fails the accept.
+        let fail = self.take_fault(|f| *f == Fault::Action("lazy-link-accept"));
+        let pending = tokio::spawn(async move {
+            if fail {
+                return Err(AgentError::Timeout(
+                    "simulated: the destination did not open the lazy-page link".into(),
+                ));
+            }
+            sim_socket()
+        });
+        Ok((port, pending))
+    }
+
+    async fn lazy_link_connect(
+        &self,
+        _to: SocketAddr,
+        _token: crate::lazy_link::Token,
+        _within: Duration,
+    ) -> Result<OwnedFd, AgentError> {
+        self.act("lazy-connect")?;
+        sim_socket()
+    }
+}
+
+/// One end of a fresh Unix socket pair: a real descriptor for the simulated link.
+fn sim_socket() -> Result<OwnedFd, AgentError> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (a, _b) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| AgentError::Io {
+        what: "socketpair".into(),
+        source: e.into(),
+    })?;
+    Ok(a)
 }
 
 impl SimHost {
@@ -395,6 +512,15 @@ impl SimHost {
         // CRIU locks the network of the container it dumped; the sim has one per node here.
         let names: Vec<String> = s.netns.iter().cloned().collect();
         s.locked.extend(names);
+    }
+
+    /// A dump with the hold's action script starts the hold at its network lock.
+    fn start_hold(&self, args: &DumpArgs) {
+        if args.action_script.is_some() {
+            let mut s = self.state();
+            let held: Vec<String> = s.held.iter().cloned().collect();
+            s.holding.extend(held);
+        }
     }
 }
 
@@ -455,6 +581,28 @@ impl Net for SimHost {
         self.state().announced.push(ip);
     }
     async fn poke(&self, _addr: (Ipv4Addr, u16), _tls: Option<&Path>) {}
+    async fn hold_inbound(
+        &self,
+        net: &ContainerNet,
+        _uplink: &str,
+        dir: &Path,
+    ) -> Result<std::path::PathBuf, AgentError> {
+        self.act("hold")?;
+        self.state().held.insert(net.name.clone());
+        Ok(dir.join("hold.sh"))
+    }
+    async fn release_inbound(&self, net: &ContainerNet, _uplink: &str) -> super::hold::Released {
+        let mut s = self.state();
+        s.log.push("release-hold".into());
+        let holding = s.holding.remove(&net.name);
+        if s.held.remove(&net.name) {
+            s.released.push((net.name.clone(), holding));
+        }
+        super::hold::Released {
+            drained: true,
+            ..Default::default()
+        }
+    }
 }
 
 impl Procs for SimHost {
@@ -493,7 +641,14 @@ impl Procs for SimHost {
             .is_some_and(|p| *p != Proc::Dead)
     }
     fn mem_available(&self) -> Option<u64> {
-        Some(self.0.mem_available)
+        Some(
+            self.0
+                .mem_available
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+    fn space_free(&self, _dir: &Path) -> Option<u64> {
+        Some(self.0.space_free.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
@@ -533,8 +688,8 @@ impl Steps for SimHost {
         &self,
         agent: &Arc<Agent>,
         migration: &str,
-        _argv: &[String],
-        _user: &super::restore_step::StepUser,
+        argv: &[String],
+        _user: &super::step_user::StepUser,
         _log: std::fs::File,
     ) -> Result<SimStep, AgentError> {
         self.act("start-step")?;
@@ -543,6 +698,16 @@ impl Steps for SimHost {
             .get(migration)
             .map(|s| s.ready.clone())
             .ok_or_else(|| AgentError::Internal("no restore step entry".into()))?;
+        // The job the step's `--jobid=` names; Slurm numbers the step after the job's steps so
+        // far (8 here).
+        let step_task = argv
+            .iter()
+            .find_map(|a| a.strip_prefix("--jobid=")?.parse().ok())
+            .map(|job_id| rebalancer_proto::TaskRef {
+                job_id,
+                step_id: 8,
+                task_id: 0,
+            });
         let (exit_tx, exited) = tokio::sync::watch::channel(false);
         let (kill, mut killed) = tokio::sync::watch::channel(false);
         let (host, agent, migration) = (self.clone(), agent.clone(), migration.to_string());
@@ -563,10 +728,10 @@ impl Steps for SimHost {
                     s.procs.insert(pid, Proc::Stopped);
                     pid
                 };
-                let tx = agent
-                    .restore_steps()
-                    .get_mut(&migration)
-                    .and_then(|s| s.registered.take());
+                let tx = agent.restore_steps().get_mut(&migration).and_then(|s| {
+                    s.task = step_task;
+                    s.registered.take()
+                });
                 if let Some(tx) = tx {
                     let _ = tx.send(pid);
                 }
@@ -588,156 +753,5 @@ impl Clock for SimHost {
         let until = *self.0.clock.borrow() + d;
         let mut rx = self.0.clock.subscribe();
         let _ = rx.wait_for(|t| *t >= until).await;
-    }
-}
-
-/// The source's end of a simulated connection; breaks where a [`Fault`] says.
-pub struct SimLink {
-    conn: Option<PeerConn<DuplexStream>>,
-    host: SimHost,
-    /// Bytes sent before the connection broke (a count never goes back).
-    sent: u64,
-    /// A request held back by [`Fault::LinkLate`], sent before the next one.
-    late: Option<PeerRequest>,
-}
-
-/// Clears [`SimState::stalled`] when the stalled call is dropped.
-struct Unstall(SimHost);
-
-impl Drop for Unstall {
-    fn drop(&mut self) {
-        self.0.state().stalled = false;
-    }
-}
-
-impl SimLink {
-    fn broken() -> AgentError {
-        AgentError::Unreachable("simulated link failure".into())
-    }
-
-    fn before(&mut self, op: &'static str) -> Result<&mut PeerConn<DuplexStream>, AgentError> {
-        if self.host.take_fault(|f| *f == Fault::LinkBefore(op)) || self.host.is_partitioned() {
-            // Hanging up: the destination sees EOF.
-            self.sent = self.bytes_sent();
-            self.conn = None;
-        }
-        self.conn.as_mut().ok_or_else(Self::broken)
-    }
-
-    async fn after<T>(
-        &mut self,
-        op: &'static str,
-        r: Result<T, AgentError>,
-    ) -> Result<T, AgentError> {
-        self.sent = self.bytes_sent();
-        if self.host.take_fault(|f| *f == Fault::LinkAfter(op)) {
-            self.conn = None;
-            return Err(Self::broken());
-        }
-        if self.host.take_fault(|f| *f == Fault::PartitionAfter(op)) {
-            self.host
-                .state()
-                .log
-                .push(format!("partitioned after {op}"));
-            self.host.partition(true);
-            self.conn = None;
-            return Err(Self::broken());
-        }
-        if self.host.take_fault(|f| *f == Fault::LinkStall(op)) {
-            self.stall(op, "answer stalled").await;
-        }
-        r
-    }
-
-    /// Waits until the caller's timer drops this call.
-    async fn stall(&mut self, op: &'static str, what: &str) {
-        {
-            let mut s = self.host.state();
-            s.log.push(format!("{op}: {what}"));
-            s.stalled = true;
-        }
-        let _unstall = Unstall(self.host.clone());
-        std::future::pending::<()>().await;
-    }
-}
-
-impl PeerLink for SimLink {
-    async fn call(&mut self, req: &PeerRequest) -> Result<PeerReply, AgentError> {
-        let op = req.op();
-        if let Some(late) = self.late.take() {
-            if let Some(c) = self.conn.as_mut() {
-                let r = c.call(&late).await;
-                self.host.state().log.push(format!(
-                    "{} delivered late: {}",
-                    late.op(),
-                    match &r {
-                        Ok(_) => "accepted".to_string(),
-                        Err(e) => format!("refused ({})", e.chain()),
-                    }
-                ));
-            }
-        }
-        if self.host.take_fault(|f| *f == Fault::LinkLate(op)) {
-            self.late = Some(req.clone());
-            self.stall(op, "held back").await;
-        }
-        let r = self.before(op)?.call(req).await;
-        self.after(op, r).await
-    }
-    async fn send_images(&mut self, dir: &Path) -> Result<u64, AgentError> {
-        let r = self.before("images")?.send_images(dir).await;
-        self.after("images", r).await
-    }
-    fn bytes_sent(&self) -> u64 {
-        self.conn.as_ref().map_or(self.sent, |c| c.bytes_sent)
-    }
-    fn proven_node(&self) -> Option<&str> {
-        self.conn.as_ref().and_then(|c| c.peer_node.as_deref())
-    }
-}
-
-impl Connector for SimHost {
-    type Link = SimLink;
-    async fn connect(
-        &self,
-        cfg: &AgentConfig,
-        _addr: SocketAddr,
-        timeout: Duration,
-    ) -> Result<SimLink, AgentError> {
-        self.act("connect").map_err(|_| {
-            AgentError::Unreachable("simulated: no route to the destination".into())
-        })?;
-        if self.is_partitioned() {
-            self.state().log.push("connect (partitioned)".into());
-            return Err(AgentError::Unreachable(
-                "simulated: partitioned from the destination".into(),
-            ));
-        }
-        let (agent, host) = self
-            .0
-            .peer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| AgentError::Unreachable("simulated: no destination".into()))?;
-        let (a, b) = tokio::io::duplex(1 << 20);
-        let served = tokio::spawn(super::destination::serve_with(
-            Arc::new(host.clone()),
-            agent,
-            b,
-            None,
-        ));
-        host.0
-            .served
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(served);
-        let conn = PeerConn::handshake(cfg, a, timeout).await?;
-        Ok(SimLink {
-            conn: Some(conn),
-            host: self.clone(),
-            sent: 0,
-            late: None,
-        })
     }
 }

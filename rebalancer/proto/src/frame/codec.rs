@@ -8,8 +8,8 @@
 
 use std::io::Read;
 
+use super::{Frame, FrameHeader, HEADER_LEN};
 use crate::error::ProtoError;
-use crate::frame::{Frame, FrameHeader, HEADER_LEN};
 
 /// Largest single read into a payload: bounds the memory a slow peer can make us commit.
 pub const DEFAULT_CHUNK: usize = 64 * 1024;
@@ -221,8 +221,8 @@ pub async fn read_async<R: tokio::io::AsyncRead + Unpin + ?Sized>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::{FrameKind, MAX_FRAME_LEN};
     use super::*;
-    use crate::frame::{FrameKind, MAX_FRAME_LEN};
     use proptest::prelude::*;
 
     fn data_frame(len: usize) -> Frame {
