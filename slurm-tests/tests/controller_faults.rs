@@ -369,13 +369,23 @@ fn the_controller_killed_in_each_phase_leaves_one_copy_and_a_true_allocation() {
     let addr = first["address"].as_str().expect("address").to_owned();
     let client_job = e.salloc(&["-N1", "-n1", "-c2", "-w", "node3", "-J", "rb-client"]);
     e.start_client(client_job, "2", "client", &addr);
+    // A resolved migration's slot is let go a moment after the allocation is given back: a move
+    // asked in between is refused as busy (exit 5), and asked again.
     let migrate = |e: &E2e, to: &str| {
-        e.rebalctl(&[
+        let args = [
             "migrate",
             &format!("container={cid}"),
             &format!("node={to}"),
-        ])
-        .unwrap_or_else(|err| panic!("{err}\n{}", e.context()));
+        ];
+        let asked = slurm_tests::wait_until("the controller to take the move", SLURM, || {
+            Ok(match e.rebalctl(&args) {
+                Err(err) if err.contains("exit status: 5") => Poll::Pending(err),
+                r => Poll::Done(r),
+            })
+        });
+        if let Err(err) = asked.map_err(|x| x.to_string()).and_then(|r| r) {
+            panic!("{err}\n{}", e.context());
+        }
     };
     let mut restarts = 0;
 
@@ -469,13 +479,23 @@ fn the_controller_killed_in_each_phase_leaves_one_copy_and_a_true_allocation() {
 }
 
 fn holder_cell(e: &mut E2e, base: &str, restarts: &mut usize, job: JobId, cid: &str) {
+    // A resolved migration's slot is let go a moment after the allocation is given back: a move
+    // asked in between is refused as busy (exit 5), and asked again.
     let migrate = |e: &E2e, to: &str| {
-        e.rebalctl(&[
+        let args = [
             "migrate",
             &format!("container={cid}"),
             &format!("node={to}"),
-        ])
-        .unwrap_or_else(|err| panic!("{err}\n{}", e.context()));
+        ];
+        let asked = slurm_tests::wait_until("the controller to take the move", SLURM, || {
+            Ok(match e.rebalctl(&args) {
+                Err(err) if err.contains("exit status: 5") => Poll::Pending(err),
+                r => Poll::Done(r),
+            })
+        });
+        if let Err(err) = asked.map_err(|x| x.to_string()).and_then(|r| r) {
+            panic!("{err}\n{}", e.context());
+        }
     };
     *restarts += 1;
     e.restart_controller(

@@ -24,6 +24,7 @@ use crate::container::{supervise_and_exit, task_name, TaskError, TaskInfo};
 use crate::ffi;
 use crate::sys;
 use crate::user_file::{self, Creds};
+use crate::verify::{ProcView, RealProc};
 
 /// The helper child's end of the stdio socketpair, used in `slurm_spank_task_init`.
 static STDIO_FD: AtomicI32 = AtomicI32::new(-1);
@@ -242,10 +243,7 @@ pub fn hand_over_stdio() {
 }
 
 fn parent_of(pid: pid_t) -> Option<pid_t> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses: fields follow the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+    RealProc.parent(pid)
 }
 
 #[cfg(test)]

@@ -27,7 +27,8 @@ pub struct RealProc;
 impl ProcView for RealProc {
     fn parent(&self, pid: i32) -> Option<i32> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let rest = &stat[stat.rfind(')')? + 1..];
+        // The command name may contain spaces and parentheses: fields follow the last ')'.
+        let rest = stat.get(stat.rfind(')')? + 1..)?;
         rest.split_whitespace().nth(1)?.parse().ok()
     }
     fn cmdline(&self, pid: i32) -> Option<String> {

@@ -26,6 +26,7 @@ use rebalancer_proto::{ContainerState, MigrationRecord, MigrationState, Phase};
 use crate::agent::Agent;
 use crate::error::AgentError;
 use crate::peer::{PeerReply, PeerRequest};
+use crate::procstat::ProcStat;
 use crate::store::{ContainerRecord, Store};
 
 /// The error and its causes on one line.
@@ -154,7 +155,7 @@ pub async fn adopt(agent: &Arc<Agent>, store: &Store) -> Summary {
     let mut owned = BTreeSet::new();
     for rec in recs {
         let id = rec.meta.spec.id.clone();
-        let verdict = judge(&rec, crate::store::pid_start_time(rec.pid), &journal);
+        let verdict = judge(&rec, crate::procstat::live_start_time(rec.pid), &journal);
         match &verdict {
             Verdict::Ended => {
                 tracing::info!(container = %id, pid = rec.pid, "container ended while the agent was away");
@@ -424,24 +425,12 @@ fn pids_in_netns(name: &str) -> Vec<i32> {
 
 /// Whether a process is stopped (`T`) or traced (`t`).
 fn stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .and_then(|i| s[i + 1..].split_whitespace().next().map(str::to_string))
-        })
-        .is_some_and(|st| st == "T" || st == "t")
+    ProcStat::of(pid).is_some_and(|s| s.stopped())
 }
 
 /// Whether `pid` exists and has not exited (a zombie holds no namespace).
 fn alive_not_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .and_then(|i| s[i + 1..].split_whitespace().next().map(str::to_string))
-        })
-        .is_some_and(|st| st != "Z" && st != "X")
+    ProcStat::of(pid).is_some_and(|s| !s.ended())
 }
 
 /// Deletes every link of network namespace `name` but `lo` (a veth takes its node-side peer).
@@ -787,7 +776,7 @@ mod tests {
             ("moving", moving.id() as i32, ContainerState::Migrating),
             ("gone", done.id() as i32, ContainerState::Running),
         ] {
-            let start = crate::store::pid_start_time(pid).unwrap_or(1);
+            let start = crate::procstat::live_start_time(pid).unwrap_or(1);
             let mut rec = record(id, state, start);
             rec.pid = pid;
             rec.netns = format!("rb-{node}-{id}-00000001");
@@ -891,7 +880,7 @@ mod tests {
             let mut rec = record(
                 id,
                 ContainerState::Migrating,
-                crate::store::pid_start_time(pid).expect("start"),
+                crate::procstat::live_start_time(pid).expect("start"),
             );
             rec.pid = pid;
             rec.netns = format!("rb-{src}-{id}-00000001");

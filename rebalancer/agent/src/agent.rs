@@ -184,7 +184,7 @@ impl Agent {
             .containers()
             .values()
             .filter_map(|c| {
-                crate::store::ContainerRecord::of(c, &crate::store::pid_start_time)
+                crate::store::ContainerRecord::of(c, &crate::procstat::live_start_time)
                     .map(|r| (c.meta.spec.id.clone(), r))
             })
             .collect();

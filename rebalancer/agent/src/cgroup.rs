@@ -361,14 +361,8 @@ impl Cgroup {
     }
 }
 
-/// Removes the empty cgroups a previous agent of this node left (killed before it could clean
-/// up); populated ones refuse rmdir and stay. Best effort, at start-up.
-pub fn remove_stale(h: &Hierarchy, node: &str) -> usize {
-    stale_pass(h, node).0
-}
-
-/// One pass over this node's cgroups: how many were removed, and those that refused rmdir with
-/// the pids their `cgroup.procs` lists.
+/// One pass over this node's cgroups: how many were removed (empty ones a previous agent left),
+/// and those that refused rmdir with the pids their `cgroup.procs` lists.
 fn stale_pass(h: &Hierarchy, node: &str) -> (usize, Vec<(PathBuf, Vec<i32>)>) {
     let mut n = 0;
     let mut left = Vec::new();
@@ -396,19 +390,8 @@ fn stale_pass(h: &Hierarchy, node: &str) -> (usize, Vec<(PathBuf, Vec<i32>)>) {
 /// Whether `pid` is on its way out: gone, a zombie, inside `do_exit` (`PF_EXITING`), or with a
 /// SIGKILL pending. Such a task may still be listed in (and hold) its cgroup.
 fn dying(pid: i32) -> bool {
-    const PF_EXITING: u64 = 0x4;
     const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return true;
-    };
-    // Fields after the command (which may hold spaces): state is the 3rd, flags the 9th.
-    let rest: Vec<&str> = stat
-        .rfind(')')
-        .map(|i| stat[i + 1..].split_whitespace().collect())
-        .unwrap_or_default();
-    let state = rest.first().copied().unwrap_or("X");
-    let flags: u64 = rest.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
-    if matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0 {
+    if crate::procstat::ProcStat::of(pid).is_none_or(|s| s.exiting()) {
         return true;
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -429,9 +412,10 @@ pub struct StaleSweep {
     pub kept: Vec<(PathBuf, Vec<i32>)>,
 }
 
-/// [`remove_stale`] after the start-up sweep killed the trees no record owns: a cgroup whose
-/// tasks were killed refuses rmdir until they have left it, which a loaded machine can take
-/// seconds to do, and nothing would remove it later. Retries while some refusing cgroup holds
+/// Removes the cgroups a previous agent of this node left (killed before it could clean up),
+/// after the start-up sweep killed the trees no record owns: a cgroup whose tasks were killed
+/// refuses rmdir until they have left it, which a loaded machine can take seconds to do, and
+/// nothing would remove it later. Retries while some refusing cgroup holds
 /// no task or a dying one, up to `within`; cgroups of live tasks (adopted containers) are left
 /// at once. Runs before the listeners open, so it cannot remove a new container's cgroup.
 pub async fn sweep_stale(h: &Hierarchy, node: &str, within: Duration) -> StaleSweep {
@@ -646,10 +630,12 @@ mod tests {
             memory: tmp.clone(),
             cpu: tmp.clone(),
         };
-        assert_eq!(remove_stale(&h, "n0"), 1);
+        let (removed, left) = stale_pass(&h, "n0");
+        assert_eq!(removed, 1);
+        assert_eq!(left, vec![(node.join("busy"), vec![42])]);
         assert!(!node.join("gone").exists());
         assert!(node.join("busy").exists());
-        assert_eq!(remove_stale(&h, "other"), 0);
+        assert_eq!(stale_pass(&h, "other").0, 0);
         let _ = std::fs::remove_dir_all(&tmp);
     }
 

@@ -52,25 +52,10 @@ pub enum Pid1 {
 /// Reads /proc for `pid`: still running, and whose child? Zombies count as ended (the waiter
 /// is about to reap, or just reaped, them).
 pub fn observe_pid1(pid: i32) -> Pid1 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Pid1::Ended;
-    };
-    parse_stat(&stat).map_or(Pid1::Ended, |(state, ppid)| {
-        if state == 'Z' || state == 'X' {
-            Pid1::Ended
-        } else {
-            Pid1::RunsUnder(ppid)
-        }
-    })
-}
-
-/// (state, ppid) of a /proc/PID/stat line; the command name may hold spaces and parentheses.
-fn parse_stat(stat: &str) -> Option<(char, i32)> {
-    let rest = stat.get(stat.rfind(')')? + 1..)?;
-    let mut f = rest.split_whitespace();
-    let state = f.next()?.chars().next()?;
-    let ppid = f.next()?.parse().ok()?;
-    Some((state, ppid))
+    match crate::procstat::ProcStat::of(pid) {
+        Some(s) if !s.ended() => Pid1::RunsUnder(s.ppid),
+        _ => Pid1::Ended,
+    }
 }
 
 /// Whether `status` is a value `waitpid` can return for a process that ended: an exit
@@ -221,10 +206,7 @@ mod tests {
     }
 
     #[test]
-    fn stat_lines_with_odd_names_parse() {
-        assert_eq!(parse_stat("42 (a) b (c) S 7 42 42 0 -1"), Some(('S', 7)));
-        assert_eq!(parse_stat("42 (x) Z 1 0"), Some(('Z', 1)));
-        assert_eq!(parse_stat("garbage"), None);
+    fn own_pid1_runs_under_its_parent() {
         assert_eq!(
             observe_pid1(std::process::id() as i32),
             Pid1::RunsUnder(std::os::unix::process::parent_id() as i32)

@@ -104,10 +104,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     };
     let agent = Agent::new(cfg, caps);
     match &agent.cgroups {
-        Some(h) => {
-            let stale = crate::cgroup::remove_stale(h, &agent.cfg.node);
-            tracing::info!(node = %agent.cfg.node, stale_removed = stale, "container cgroups: {h}");
-        }
+        // Stale cgroups are removed after the adoption (below), which may kill trees of its own.
+        Some(h) => tracing::info!(node = %agent.cfg.node, "container cgroups: {h}"),
         None => {
             tracing::warn!(node = %agent.cfg.node, "no cgroup hierarchy with memory and cpu controllers: containers with limits are refused")
         }
@@ -122,11 +120,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     // Before the listeners: no request may see a half-adopted node or reuse an adopted address.
     crate::adopt::adopt(&agent, &store).await;
     if let Some(h) = &agent.cgroups {
-        // The cgroups of trees the adoption swept (an arrival cut before commit), once their
-        // killed tasks have left them.
+        // The cgroups of containers that ended while the agent was down, and of trees the
+        // adoption swept (an arrival cut before commit) once their killed tasks have left them.
         let s = crate::cgroup::sweep_stale(h, &agent.cfg.node, STALE_CGROUP_WAIT).await;
         if s.removed > 0 {
-            tracing::info!(node = %agent.cfg.node, removed = s.removed, "cgroups of swept trees removed");
+            tracing::info!(node = %agent.cfg.node, removed = s.removed, "stale container cgroups removed");
         }
         for (dir, pids) in &s.busy {
             tracing::warn!(node = %agent.cfg.node, cgroup = %dir.display(), pids = ?pids, "cgroup of a swept tree still busy after {} s; left behind", STALE_CGROUP_WAIT.as_secs());

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod migration;
 pub mod netns;
 pub mod peer;
+pub mod procstat;
 pub mod prom;
 pub mod rtnl;
 pub mod spank;

@@ -10,6 +10,8 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::procstat::ProcStat;
+
 /// A command source gets this long before it is killed and the reading counts as missing; below
 /// the controller's default agent timeout (3 s) so a hung sensor never makes a node look gone.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -219,20 +221,6 @@ pub fn loadavg() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// utime + stime + cutime + cstime (clock ticks) of a /proc/PID/stat line. Reaped children's
-/// time moves into their parent's cutime/cstime, so a container's sum only grows.
-pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime..cstime are fields 14..17.
-    let mut sum = 0u64;
-    for i in 11..15 {
-        sum = sum.checked_add(f.get(i)?.parse::<i64>().ok()?.max(0) as u64)?;
-    }
-    Some(sum)
-}
-
 /// CPU clock ticks used by every process in the pid namespace of each container's init (a host
 /// pid), by container id, in one pass over `proc_root`. A container whose init is gone is absent.
 pub fn pidns_cpu_ticks(proc_root: &Path, inits: &[(String, i32)]) -> BTreeMap<String, u64> {
@@ -262,7 +250,8 @@ pub fn pidns_cpu_ticks(proc_root: &Path, inits: &[(String, i32)]) -> BTreeMap<St
         // A process may exit between the two reads; its time then shows in its parent.
         let t = read_capped(&proc_root.join(pid).join("stat"))
             .as_deref()
-            .and_then(stat_cpu_ticks)
+            .and_then(ProcStat::parse)
+            .map(|s| s.cpu_ticks)
             .unwrap_or(0);
         let sum: &mut u64 = totals.entry(id.to_string()).or_default();
         *sum = sum.saturating_add(t);
@@ -554,15 +543,6 @@ mod tests {
     }
 
     #[test]
-    fn stat_line_with_odd_command_name() {
-        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
-        // utime stime cutime cstime ...
-        let line = "42 (a) b (c)) R 1 42 42 0 -1 4194560 100 0 0 0 300 20 5 7 20 0 1 0 99";
-        assert_eq!(stat_cpu_ticks(line), Some(332));
-        assert_eq!(stat_cpu_ticks("42 (x) R 1"), None);
-    }
-
-    #[test]
     fn own_pid_namespace_counts_this_process() {
         let me = std::process::id() as i32;
         let start = std::time::Instant::now();
@@ -575,8 +555,7 @@ mod tests {
         );
         assert!(!all.contains_key("gone"), "{all:?}");
         let t = all["me"];
-        let own = stat_cpu_ticks(&std::fs::read_to_string("/proc/self/stat").expect("stat"))
-            .expect("own stat");
+        let own = ProcStat::of(me).expect("own stat").cpu_ticks;
         assert!(t >= own, "{t} < {own}");
     }
 

@@ -88,9 +88,7 @@ pub fn task_spec(
 }
 
 fn parent(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+    crate::procstat::ProcStat::of(pid).map(|s| s.ppid)
 }
 
 /// The `[JOB.STEP]` label slurmstepd gives itself for `t`.

@@ -135,25 +135,6 @@ impl ContainerRecord {
     }
 }
 
-/// Start time of `pid` (field 22 of `/proc/PID/stat`), `None` if it does not exist or is a
-/// zombie.
-pub fn pid_start_time(pid: i32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_time(&s)
-}
-
-/// Field 22 of a `/proc/PID/stat` line; `None` for a zombie. Pure: the command name (field 2)
-/// may contain spaces and parentheses, so fields are counted after its last ')'.
-pub fn parse_start_time(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut f = rest.split_whitespace();
-    // rest starts at field 3 (state); field 22 is the 20th from there.
-    if f.next()? == "Z" {
-        return None;
-    }
-    f.nth(18)?.parse().ok()
-}
-
 /// The record directories: `containers/` (one file per container id) and `migrations/` (the
 /// journal: one file per migration this node is the source of, until it ends).
 #[derive(Debug, Clone)]
@@ -484,17 +465,5 @@ mod tests {
         assert!(again.fence("m2", 8).expect("ask"));
         assert_eq!(again.prune_fences(), 1);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn start_time_is_field_22_even_with_odd_command_names() {
-        // Field 22 = 777; the command name holds ") (" and spaces.
-        let line = "42 (a) (b c) S 1 42 42 0 -1 4194560 10 0 0 0 1 2 0 0 20 0 1 0 777 1000 10";
-        assert_eq!(parse_start_time(line), Some(777));
-        let zombie = "42 (x) Z 1 42 42 0 -1 4194560 10 0 0 0 1 2 0 0 20 0 1 0 777 0 0";
-        assert_eq!(parse_start_time(zombie), None);
-        assert_eq!(parse_start_time("garbage"), None);
-        // Our own process is alive and has a start time.
-        assert!(pid_start_time(std::process::id() as i32).is_some());
     }
 }

@@ -120,11 +120,11 @@ impl Controller {
                     this.finish(e, decision, progress).await;
                 }
                 (Err(AgentError::Remote(e)), None) => {
-                    this.undo_expansion(&container).await;
+                    this.undo_expansion(&container, &decision.destination).await;
                     this.fail_start(&mut decision, e, progress)
                 }
                 (Err(e), None) => {
-                    this.undo_expansion(&container).await;
+                    this.undo_expansion(&container, &decision.destination).await;
                     let code = e.code();
                     this.fail_start(&mut decision, err(code, e.to_string()), progress)
                 }
@@ -343,7 +343,8 @@ impl Controller {
             }
             self.sync_slurm(&mut entry, expanded).await;
         } else if outcome == Outcome::RolledBack {
-            self.undo_expansion(&entry.record.container).await;
+            self.undo_expansion(&entry.record.container, &entry.record.destination)
+                .await;
         }
         if let Err(e) = self.journal.put_migration(&entry) {
             error!(migration = %entry.record.id, "cannot journal the end of a migration: {e}");
@@ -460,16 +461,11 @@ impl Controller {
             Resolution::Stayed | Resolution::Gone => {
                 if let (Some(job), Some(nodes)) = (u.job_id, u.nodes_before.clone()) {
                     if self.cfg.slurm.enabled && self.cfg.slurm.sync_allocation {
-                        let slurm = self.slurm.clone();
-                        let n = nodes.clone();
-                        match tokio::task::spawn_blocking(move || slurm.set_job_nodes(job, &n))
-                            .await
-                        {
-                            Ok(Ok(())) => {
+                        match self.restore_job_nodes(job, &nodes, &u.destination).await {
+                            Ok(()) => {
                                 info!(job, nodes = %nodes.join(","), "job's allocation restored after the resolution")
                             }
-                            Ok(Err(e)) => warn!(job, "cannot restore the job's allocation: {e}"),
-                            Err(e) => warn!(job, "allocation undo task failed: {e}"),
+                            Err(e) => warn!(job, "cannot restore the job's allocation: {e}"),
                         }
                     }
                 }

@@ -46,7 +46,10 @@ pub(crate) async fn operator_moves(
         if ctl.state().in_flight.contains_key(&c.id) {
             return Err(err(
                 ErrorCode::Busy,
-                format!("container {} is already migrating", c.id),
+                format!(
+                    "container {} is already migrating, or its last migration's outcome is still being resolved: ask again once it ended",
+                    c.id
+                ),
             ));
         }
         let dest = match &destination {

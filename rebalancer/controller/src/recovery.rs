@@ -414,4 +414,37 @@ mod tests {
             crate::inflight::DEPARTURE_SETTLE_MS
         );
     }
+
+    /// An allocation given back after a failed or unknown migration takes the destination from
+    /// the job: slurmd there revokes the job's credentials, so a move into it waits, even when
+    /// Slurm refused the update (it may have reached slurmd).
+    #[tokio::test]
+    async fn a_given_back_destination_holds_back_a_move_into_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctl = Controller::new(
+            crate::config::Config::from_str_at("", Path::new("/etc/rebalancerd.toml"))
+                .expect("default config"),
+            crate::journal::Journal::open(&dir.path().join("j.redb")).expect("journal"),
+            Arc::new(NoSlurm),
+            Box::new(crate::planner::BuiltinPlanner::new(None)),
+        );
+        let nodes = vec!["node1".to_string()];
+        assert!(ctl.restore_job_nodes(7, &nodes, "node2").await.is_err());
+        let now = rebalancer_proto::now_millis();
+        let wait = read(&ctl.state)
+            .in_flight
+            .settle_after_departure(7, "node2", now);
+        assert!(wait > 0, "no wait after the job left node2");
+        // Journaled like the departures of a completed move.
+        let journaled = ctl.journal.meta(DEPARTURES).expect("meta");
+        assert!(journaled.is_some_and(|t| t.contains("node2")));
+        // A node the job keeps did not leave it.
+        let _ = ctl.restore_job_nodes(7, &nodes, "node1").await;
+        assert_eq!(
+            read(&ctl.state)
+                .in_flight
+                .settle_after_departure(7, "node1", now),
+            0
+        );
+    }
 }

@@ -137,7 +137,7 @@ impl Controller {
 
     /// Gives back the destination a failed migration's job was expanded onto, so a failure
     /// leaves Slurm's allocation as it was.
-    pub(crate) async fn undo_expansion(self: &Arc<Self>, container: &str) {
+    pub(crate) async fn undo_expansion(self: &Arc<Self>, container: &str, destination: &str) {
         let Some(Expansion {
             job_id,
             nodes_before: before,
@@ -145,25 +145,48 @@ impl Controller {
         else {
             return;
         };
-        let slurm = self.slurm.clone();
-        let nodes = before.clone();
-        let res = tokio::task::spawn_blocking(move || slurm.set_job_nodes(job_id, &nodes)).await;
+        let res = self.restore_job_nodes(job_id, &before, destination).await;
         // Tried once: a failure is logged, and a restart would not do better.
         if let Err(e) = self.journal.remove_expansion(container) {
             error!(container, "cannot journal an undone expansion: {e}");
         }
         match res {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 info!(container, job = job_id, nodes = %before.join(","), "migration failed: job's allocation restored")
             }
-            Ok(Err(e)) => {
-                warn!(
-                    container,
-                    job = job_id,
-                    "cannot restore the job's allocation after a failed migration: {e}"
-                )
-            }
-            Err(e) => warn!(container, job = job_id, "allocation undo task failed: {e}"),
+            Err(e) => warn!(
+                container,
+                job = job_id,
+                "cannot restore the job's allocation after a failed migration: {e}"
+            ),
+        }
+    }
+
+    /// Sets job `job_id`'s nodes back to `nodes`, taking `dropped` from it. slurmd on `dropped`
+    /// revokes the job's credentials when it leaves, so the departure is recorded: a migration
+    /// there a moment later waits (`Migrations::settle_after_departure`) instead of failing
+    /// with "Job credential revoked".
+    pub(crate) async fn restore_job_nodes(
+        self: &Arc<Self>,
+        job_id: u32,
+        nodes: &[String],
+        dropped: &str,
+    ) -> Result<(), String> {
+        let slurm = self.slurm.clone();
+        let n = nodes.to_vec();
+        let res = tokio::task::spawn_blocking(move || slurm.set_job_nodes(job_id, &n)).await;
+        // Recorded whatever the answer: a refused update may still have reached slurmd, and a
+        // needless wait costs two seconds at most.
+        if !nodes.iter().any(|n| n == dropped) {
+            write(&self.state)
+                .in_flight
+                .departed(job_id, dropped, rebalancer_proto::now_millis());
+            self.journal_departures();
+        }
+        match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("allocation task failed: {e}")),
         }
     }
 

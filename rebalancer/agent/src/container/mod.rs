@@ -597,14 +597,7 @@ pub fn release_tcp_repair(pid: i32) -> usize {
 
 /// Whether `pid` exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            s.rfind(')')
-                .and_then(|i| s[i + 1..].split_whitespace().next())
-                != Some("Z")
-        }
-        Err(_) => false,
-    }
+    crate::procstat::ProcStat::of(pid).is_some_and(|s| !s.ended())
 }
 
 /// Resident set size of the tree in bytes.

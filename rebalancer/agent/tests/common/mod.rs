@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rebalancer_agent::procstat::ProcStat;
 use rebalancer_proto::frame::{read_frame, write_frame, Frame, FrameKind};
 use rebalancer_proto::*;
 use rebalancer_testkit::{NetLab, NetPlan};
@@ -261,13 +262,7 @@ pub fn live_copies(node: &str, id: &str) -> usize {
         if !inodes.contains(&ino) {
             continue;
         }
-        let stat = std::fs::read_to_string(format!("/proc/{name}/stat")).unwrap_or_default();
-        // The state follows the command name's closing parenthesis.
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .unwrap_or("?");
-        if !matches!(state, "T" | "t" | "Z" | "X" | "?") {
+        if ProcStat::read(Path::new("/proc"), &name).is_some_and(|s| !s.stopped() && !s.ended()) {
             n += 1;
         }
     }
@@ -473,11 +468,7 @@ impl Lab {
                     .unwrap_or_default()
                     .split_whitespace()
                     .map(|p| {
-                        let st = std::fs::read_to_string(format!("/proc/{p}/stat"))
-                            .ok()
-                            .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim().to_string()))
-                            .and_then(|s| s.split_whitespace().next().map(str::to_string))
-                            .unwrap_or_else(|| "?".into());
+                        let st = ProcStat::read(Path::new("/proc"), p).map_or('?', |s| s.state);
                         format!("{p}:{st}")
                     })
                     .collect::<Vec<_>>()
