@@ -54,7 +54,7 @@ fail() {
 
 [ "$(id -u)" = 0 ] || { echo "demo: run as root (it starts Slurm daemons, network namespaces and CRIU)" >&2; exit 1; }
 # Not under /tmp: the job's working directory lives here, and a container gets its own /tmp.
-case $DEMO_DIR in /var/tmp/?*|/run/?*) ;; *) echo "demo: DEMO_DIR must be under /var/tmp or /run (it is removed afterwards; /tmp is private in containers)" >&2; exit 2 ;; esac
+case $DEMO_DIR in /var/tmp/?*) ;; *) echo "demo: DEMO_DIR must be under /var/tmp (it is removed afterwards; every host of the test cluster sees /var/tmp, while /tmp and /run are private to each host)" >&2; exit 2 ;; esac
 
 CDIR=$DEMO_DIR/cluster   # cluster.sh state dir
 ADIR=$DEMO_DIR/agents    # agent configs, sockets, logs
@@ -70,7 +70,7 @@ show_logs() {
   [ "$locked" = 1 ] || return 0
   for f in "$ADIR"/node1.log "$ADIR"/node2.log "$DEMO_DIR"/rebalancerd.log "$WORK"/server.out \
     "$WORK"/client.out "$CDIR"/log/slurmctld.log "$CDIR"/log/slurmd-node1.log "$CDIR"/log/slurmd-node2.log \
-    "$ADIR"/node2/run/images/*/restore-step.log; do
+    "$CDIR"/host/node2"${AGENT_SOCKET%/*}"/images/*/restore-step.log; do
     [ -s "$f" ] || continue
     printf -- '----- last lines of %s -----\n' "$f" >&2
     tail -n 30 "$f" >&2
@@ -109,11 +109,8 @@ cleanup() {
   stop_pid "$SERVER_SRUN"
   stop_pid "$CTL_PID"
   for n in "${!AGENT_PID[@]}"; do stop_pid "${AGENT_PID[$n]}"; done
-  # Container namespaces the agents made (rb-<node>-...) and the agents' image tmpfs mounts.
-  for ns in $(ls /run/netns 2>/dev/null | grep -E '^rb-node[1-3]-'); do
-    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null
-    ip netns delete "$ns" 2>/dev/null
-  done
+  # The agents' image tmpfs mounts; the containers' namespaces are on the node hosts, which
+  # cluster.sh down takes apart.
   grep -o " $DEMO_DIR/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null
   if [ "$cluster_up" = 1 ] || [ -e "$CDIR/.rbc-cluster" ]; then
     "$CLUSTER" down --state-dir "$CDIR" 8>&- >/dev/null 2>&1 || say "cluster.sh down failed; run: $CLUSTER down --state-dir $CDIR"
@@ -159,10 +156,6 @@ if [ -e "$CDIR/.rbc-cluster" ]; then
   say "removing the leftovers of an earlier demo run"
   "$CLUSTER" down --state-dir "$CDIR" 8>&- >/dev/null 2>&1 || true
 fi
-for ns in $(ls /run/netns 2>/dev/null | grep -E '^rb-node[1-3]-'); do
-  ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-  ip netns delete "$ns" 2>/dev/null || true
-done
 grep -o " $DEMO_DIR/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
 rm -rf "$DEMO_DIR"
 mkdir -p "$ADIR" "$WORK" "$DEMO_DIR/policies"
