@@ -139,6 +139,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         agent.cfg.migration_timeout_ms.max(1000),
     ))
     .await;
+    // Page-server guards of a killed agent's dumps.
+    crate::ps_guard::sweep().await;
     tracing::info!(node = %agent.cfg.node, listen = %agent.cfg.listen, control = %agent.cfg.control_socket.display(), "agent ready");
 
     let a = agent.clone();

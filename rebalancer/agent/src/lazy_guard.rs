@@ -62,7 +62,8 @@ pub fn listening(proc_net_tcp: &str, port: u16) -> bool {
     })
 }
 
-async fn nft(script: &str) -> Result<(), AgentError> {
+/// Runs `nft -f -` on `script` (bounded to 10 s); the error names `what` was refused.
+pub(crate) async fn nft_script(script: &str, what: &str) -> Result<(), AgentError> {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new("nft")
         .args(["-f", "-"])
@@ -95,7 +96,7 @@ async fn nft(script: &str) -> Result<(), AgentError> {
         Ok(())
     } else {
         Err(AgentError::Internal(format!(
-            "nft refused the lazy-port guard: {}",
+            "nft refused the {what}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )))
     }
@@ -109,7 +110,7 @@ pub async fn admit_only(
     peer: Ipv4Addr,
     within: Duration,
 ) -> Result<(), AgentError> {
-    nft(&script(listen, peer)).await?;
+    nft_script(&script(listen, peer), "lazy-port guard").await?;
     let port = listen.1;
     tracing::info!(port, peer = %peer, "lazy page server admits only the destination");
     tokio::spawn(remove_when_gone(port, within, false));
@@ -131,28 +132,8 @@ pub fn guarded_ports(nft_tables: &str) -> Vec<u16> {
 /// [`admit_only`] would have. Failures are logged: a stale table only resets connections to a
 /// port nothing listens on.
 pub async fn sweep(within: Duration) {
-    let out = match tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::process::Command::new("nft")
-            .args(["list", "tables"])
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    {
-        Ok(Ok(o)) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
-        Ok(Ok(o)) => {
-            tracing::debug!(stderr = %String::from_utf8_lossy(&o.stderr).trim(), "nft list tables failed: no lazy-port guards swept");
-            return;
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "no nft: no lazy-port guards swept");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!("nft list tables did not finish within 10 s: no lazy-port guards swept");
-            return;
-        }
+    let Some(out) = list_tables("lazy-port guards").await else {
+        return;
     };
     let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     for port in guarded_ports(&out) {
@@ -169,9 +150,36 @@ pub async fn sweep(within: Duration) {
     }
 }
 
+/// `nft list tables`, or `None` (logged, naming the `guards` not swept) without nft.
+pub(crate) async fn list_tables(guards: &str) -> Option<String> {
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new("nft")
+            .args(["list", "tables"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    {
+        Ok(Ok(o)) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Ok(Ok(o)) => {
+            tracing::debug!(stderr = %String::from_utf8_lossy(&o.stderr).trim(), "nft list tables failed: no {guards} swept");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "no nft: no {guards} swept");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("nft list tables did not finish within 10 s: no {guards} swept");
+            None
+        }
+    }
+}
+
 async fn remove(port: u16) {
     let t = table(port);
-    match nft(&format!("delete table ip {t}\n")).await {
+    match nft_script(&format!("delete table ip {t}\n"), "lazy-port guard removal").await {
         Ok(()) => tracing::debug!(port, "lazy-port guard removed"),
         Err(e) => tracing::warn!(port, error = %e, "could not remove the lazy-port guard"),
     }

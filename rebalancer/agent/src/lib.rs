@@ -23,6 +23,7 @@ pub mod netns;
 pub mod peer;
 pub mod procstat;
 pub mod prom;
+pub mod ps_guard;
 pub mod rtnl;
 pub mod spank;
 pub mod store;

@@ -7,7 +7,9 @@
 //! - Post-copy: the source agent's lazy-page link port (`lazy_link.rs`): the destination agent
 //!   must connect from its address and send the link's token first; CRIU listens nowhere.
 //! - Stop-and-copy: the destination's page-server port, which the agent accepts for CRIU from
-//!   the source's address only.
+//!   the source's address only; and an unprivileged user on the source's node, who has that
+//!   address: the source's nftables guard resets it there (`ps_guard.rs`), and the page
+//!   server listens only once the guard is in place (`open-page-server`).
 //!
 //! The race is made deterministic, not left to a sleep: before the migration the test drops
 //! (nftables, in the namespace of the node whose agent or CRIU makes the real connection) the
@@ -173,14 +175,26 @@ fn attacked_move(
     watch_agent: usize,
     hold_in: usize,
 ) -> (MigrationRecord, u16, Vec<Attempt>) {
-    let agent_pid = lab.nodes[watch_agent].agent.as_ref().expect("agent").id();
-    let watch_ip: Ipv4Addr = lab.nodes[watch_agent].ip.parse().expect("node ip");
-    let before = listeners(agent_pid);
     let dest_ns = lab.nodes[1].netns.clone();
-    let mut attackers = vec![
+    let attackers = vec![
         Attacker::start(&dest_ns, "root", 4242, 0),
         Attacker::start(&dest_ns, "nobody", 65534, 65534),
     ];
+    attacked_move_by(lab, id, mode, (watch_agent, hold_in), attackers)
+}
+
+/// [`attacked_move`] with `attackers` of the caller's choice (`at`: the node whose new
+/// listener they try, the node whose root SYNs are held back).
+fn attacked_move_by(
+    lab: &Lab,
+    id: &str,
+    mode: MigrationMode,
+    (watch_agent, hold_in): (usize, usize),
+    mut attackers: Vec<Attacker>,
+) -> (MigrationRecord, u16, Vec<Attempt>) {
+    let agent_pid = lab.nodes[watch_agent].agent.as_ref().expect("agent").id();
+    let watch_ip: Ipv4Addr = lab.nodes[watch_agent].ip.parse().expect("node ip");
+    let before = listeners(agent_pid);
     let hold_ns = lab.nodes[hold_in].netns.clone();
     let watch_peer_port = lab.nodes[watch_agent].port;
     hold(&hold_ns, watch_ip, watch_peer_port);
@@ -393,6 +407,87 @@ fn run(lab: &Lab, addr: &str, encrypted: bool) {
     let _ = lab
         .client(1)
         .call(&Request::KillContainer { id: sc, signal: 9 });
+
+    // Stop-and-copy again, with an unprivileged user on the *source's* node: it has the
+    // address the destination admits, so only the source's guard (ps_guard.rs) stands in its
+    // way, and the page server does not listen before the guard is in place.
+    let sn = format!("{id}n");
+    let sn_addr = {
+        let mut o: Vec<&str> = addr.split('.').collect();
+        let last = format!("{}", o[3].parse::<u8>().expect("octet") + 2);
+        o[3] = &last;
+        o.join(".")
+    };
+    c0.call(&Request::CreateContainer {
+        spec: server_spec(&sn, &sn_addr, 32),
+    })
+    .expect("create");
+    let probe = TcpProbe::start(&lab.client_ns, &sn_addr);
+    assert!(
+        probe.advance(20, Duration::from_secs(60)),
+        "no answers\n{}",
+        lab.log(0)
+    );
+    let neighbour = vec![Attacker::start(
+        &lab.nodes[0].netns,
+        "nobody on the source",
+        65534,
+        65534,
+    )];
+    let (rec, port, got) =
+        attacked_move_by(lab, &sn, MigrationMode::StopAndCopy, (1, 0), neighbour);
+    eprintln!(
+        "encrypted={encrypted} stop-and-copy, page-server port {port}, attacker on the source: \
+         {got:?}; {}",
+        summary(&rec)
+    );
+    assert_eq!(rec.state, MigrationState::Succeeded, "{:?}", rec.error);
+    for (who, first, after, still) in &got {
+        assert!(
+            still,
+            "{who} came after the dump's connection: the test proved nothing"
+        );
+        // Reset on its own node before a byte left it.
+        assert!(
+            first == "refused" || first == "reset",
+            "{who} reached the page server: {first}"
+        );
+        assert_eq!(
+            after, "refused",
+            "{who}: the page server still listens: {after}"
+        );
+    }
+    let log0 = lab.log(0);
+    assert!(
+        !log0.contains("page server unguarded"),
+        "the source could not guard the page server:\n{log0}"
+    );
+    assert!(
+        probe.advance(20, Duration::from_secs(20)),
+        "client stalled after the guarded stop-and-copy move"
+    );
+    let stats = probe.stop();
+    assert!(stats.errors.is_empty(), "client errors: {:?}", stats.errors);
+    let _ = lab
+        .client(1)
+        .call(&Request::KillContainer { id: sn, signal: 9 });
+    // The guard went with the transfer.
+    let tables = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.nodes[0].netns,
+            "nft",
+            "list",
+            "tables",
+        ])
+        .output()
+        .expect("nft list tables");
+    let tables = String::from_utf8_lossy(&tables.stdout);
+    assert!(
+        !tables.contains("rebalancer_ps_"),
+        "page-server guard left on the source:\n{tables}"
+    );
 }
 
 #[test]

@@ -151,6 +151,12 @@ pub enum PeerRequest {
         /// source (timeouts only).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         heartbeat_ms: Option<u64>,
+        /// The source guards each page-server port of this migration on its own node and then
+        /// sends [`PeerRequest::OpenPageServer`]: the destination binds each page server's port
+        /// but does not listen before that, so that no connection can be made to it before the
+        /// guard is in place. Absent (false): an older source, page servers listen at once.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        opens_page_servers: bool,
     },
     /// Announces the non-memory image files; their bytes follow in data frames with this
     /// request's id.
@@ -170,6 +176,12 @@ pub enum PeerRequest {
     LazyLink {
         to: (Ipv4Addr, u16),
         token: String,
+    },
+    /// Between agents that agreed on `opens_page_servers` at prepare: the source has guarded
+    /// the page server on `port` (the one prepare or the last pre-copy round announced); the
+    /// destination starts listening there and answers `ack` once it does.
+    OpenPageServer {
+        port: u16,
     },
     /// Pre-copy: start a page server for round `round` (`last`: the final, frozen dump, whose
     /// images are the ones restored; its parent is round `round - 1`).
@@ -231,6 +243,7 @@ impl PeerRequest {
             PeerRequest::Outcome { .. } => "outcome",
             PeerRequest::LazyLink { .. } => "lazy-link",
             PeerRequest::LazyEnd { .. } => "lazy-end",
+            PeerRequest::OpenPageServer { .. } => "open-page-server",
         }
     }
 }
@@ -257,6 +270,11 @@ pub enum PeerReply {
         /// older destination, or a source that sent none.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         heartbeat_ms: Option<u64>,
+        /// The destination agreed to the source's `opens_page_servers`: its page servers wait
+        /// for [`PeerRequest::OpenPageServer`]. Absent (false): an older destination, they
+        /// listen at once.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        opens_page_servers: bool,
     },
     ImagesReceived {
         bytes: u64,
@@ -353,6 +371,7 @@ mod tests {
             PeerRequest::LazyEnd {
                 migration: "m".into(),
             },
+            PeerRequest::OpenPageServer { port: 4001 },
         ];
         for r in reqs {
             let v = serde_json::to_value(&r).expect("serialize");

@@ -318,3 +318,65 @@ fn the_heartbeat_agreement_and_events_keep_their_shape() {
         );
     }
 }
+
+#[test]
+fn the_page_server_opening_decodes_and_re_encodes_to_the_same_bytes() {
+    let all = fixtures("peer-open-ps");
+    let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "reply-prepared-opens.json",
+            "request-open-page-server.json",
+            "request-prepare-opens.json"
+        ]
+    );
+    assert!(matches!(
+        round_trip::<PeerResponse>(&all[0].0, &all[0].1),
+        PeerResponse::Ok(PeerReply::Prepared {
+            opens_page_servers: true,
+            heartbeat_ms: Some(2000),
+            ..
+        })
+    ));
+    assert_eq!(
+        round_trip::<PeerRequest>(&all[1].0, &all[1].1),
+        PeerRequest::OpenPageServer { port: 27100 }
+    );
+    assert!(matches!(
+        round_trip::<PeerRequest>(&all[2].0, &all[2].1),
+        PeerRequest::Prepare {
+            opens_page_servers: true,
+            ..
+        }
+    ));
+    // The previous release's prepare and prepared carry no such field: page servers listen at
+    // once, as they did.
+    for (name, bytes) in fixtures("peer") {
+        if name.starts_with("request-prepare") {
+            let r: PeerRequest = serde_json::from_slice(&bytes).expect("decode");
+            assert!(
+                matches!(
+                    r,
+                    PeerRequest::Prepare {
+                        opens_page_servers: false,
+                        ..
+                    }
+                ),
+                "{name}"
+            );
+        } else if name.starts_with("reply-prepared") {
+            let r: PeerResponse = serde_json::from_slice(&bytes).expect("decode");
+            assert!(
+                matches!(
+                    r,
+                    PeerResponse::Ok(PeerReply::Prepared {
+                        opens_page_servers: false,
+                        ..
+                    })
+                ),
+                "{name}"
+            );
+        }
+    }
+}

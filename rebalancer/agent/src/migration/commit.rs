@@ -9,13 +9,20 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use rebalancer_proto::{now_millis, ContainerState, MigrationId, MigrationMode};
 
-use super::host::{Helper, Host};
+use super::host::{within, Helper, Host, PageServerGate};
 use super::restore_step::StepLaunch;
 use crate::agent::{Agent, LazySupply};
 use crate::container::{Container, ContainerMeta};
 use crate::error::AgentError;
 use crate::netns::ContainerNet;
 use crate::peer::PeerReply;
+
+/// The sending half of a page server's gate ([`PageServerGate`]).
+pub(super) type PageServerOpener =
+    tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<Result<(), String>>>;
+
+/// How long a gated page server may take to listen once opened.
+const OPEN_WITHIN: Duration = Duration::from_secs(5);
 
 /// An incoming migration on the destination, and what to undo if it does not commit.
 pub(super) struct Incoming<H: Host> {
@@ -29,6 +36,10 @@ pub(super) struct Incoming<H: Host> {
     pub(super) mig_dir: PathBuf,
     pub(super) images: PathBuf,
     pub(super) page_server: Option<H::Helper>,
+    /// The source opens each page server itself once it guarded the port (`opens_page_servers`
+    /// at prepare): the current one's port and gate, until `open-page-server`.
+    pub(super) opens_page_servers: bool,
+    pub(super) page_server_gate: Option<(u16, PageServerOpener)>,
     pub(super) lazy_daemon: Option<H::Helper>,
     /// Post-copy, peer protocol 4: this end of the agents' lazy-page link, until `restore`
     /// hands it to the lazy-pages daemon (closed with the arrival otherwise).
@@ -55,6 +66,68 @@ pub(super) struct Incoming<H: Host> {
 }
 
 impl<H: Host> Incoming<H> {
+    /// The gate of the next page server when the source opens them itself (it replaces the
+    /// previous one's); its port is set by [`Self::gated`] once bound.
+    pub(super) fn gate(&mut self) -> Option<PageServerGate> {
+        self.page_server_gate = None;
+        if !self.opens_page_servers {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.page_server_gate = Some((0, tx));
+        Some(rx)
+    }
+
+    pub(super) fn gated(&mut self, port: u16) {
+        if let Some((p, _)) = &mut self.page_server_gate {
+            *p = port;
+        }
+    }
+
+    /// `open-page-server`: the source guarded `port`; answers once the page server listens.
+    pub(super) async fn open_page_server(
+        &mut self,
+        host: &H,
+        port: u16,
+    ) -> Result<PeerReply, AgentError> {
+        let opener = match self.page_server_gate.take() {
+            Some((p, o)) if p == port => o,
+            Some((p, o)) => {
+                self.page_server_gate = Some((p, o));
+                return Err(AgentError::BadRequest(format!(
+                    "open-page-server names port {port}; the page server waits on port {p}"
+                )));
+            }
+            None => {
+                return Err(AgentError::BadRequest(format!(
+                    "open-page-server for port {port}: no page server waits to be opened"
+                )))
+            }
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        opener.send(tx).map_err(|_| {
+            AgentError::Internal(format!(
+                "the page server on port {port} ended before it was opened"
+            ))
+        })?;
+        match within(host, OPEN_WITHIN, rx).await {
+            Some(Ok(Ok(()))) => {
+                tracing::debug!(migration = %self.migration, port, "page server opened by the source");
+                Ok(PeerReply::Ack)
+            }
+            Some(Ok(Err(e))) => Err(AgentError::Internal(format!(
+                "page server on port {port}: {e}"
+            ))),
+            Some(Err(_)) => Err(AgentError::Internal(format!(
+                "the page server on port {port} ended before it listened"
+            ))),
+            None => Err(AgentError::Timeout(format!(
+                "the page server on port {port} did not listen within {} s",
+                OPEN_WITHIN.as_secs()
+            ))),
+        }
+    }
+
     /// Kills what was restored and removes everything this migration created here.
     pub(super) async fn undo(&mut self, host: &H, agent: &Agent, why: &str) {
         tracing::warn!(migration = %self.migration, container = %self.meta.spec.id, reason = why, "incoming migration aborted");

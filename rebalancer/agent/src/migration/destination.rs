@@ -261,6 +261,7 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
             timeout_ms: _,
             spool,
             heartbeat_ms: _,
+            opens_page_servers,
         } => {
             if incoming.is_some() {
                 return Err(AgentError::BadRequest("prepare sent twice".into()));
@@ -335,6 +336,8 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
                 mig_dir: mig_dir.clone(),
                 images: images.clone(),
                 page_server: None,
+                opens_page_servers,
+                page_server_gate: None,
                 lazy_daemon: None,
                 lazy_link: None,
                 reservation: Some(super::room::Reservation::hold(agent, &migration, rss_bytes)),
@@ -398,9 +401,13 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
                 let mut page_server = None;
                 if mode == MigrationMode::StopAndCopy {
                     let ip = agent.cfg.advertise;
-                    let (addr, child) = host.page_server(&images, ip, None, &inc.tls, from).await?;
+                    let gate = inc.gate();
+                    let (addr, child) = host
+                        .page_server(&images, ip, None, &inc.tls, from, gate)
+                        .await?;
                     // In the transaction at once, so that a failure below stops it too.
                     inc.page_server = Some(child);
+                    inc.gated(addr.1);
                     page_server = Some(addr);
                 }
                 if restore_step {
@@ -428,6 +435,7 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
                         tls_cert: identity.map(|i| i.cert_pem),
                         // Set by the caller once it agreed to heartbeats.
                         heartbeat_ms: None,
+                        opens_page_servers,
                     })
                 }
                 Err(e) => {
@@ -517,11 +525,19 @@ async fn handle<H: Host, S: AsyncRead + AsyncWrite + Unpin>(
             })?;
             let prev = (round > 0).then(|| format!("../pre-{}", round - 1));
             let ip = agent.cfg.advertise;
+            let gate = inc.gate();
             let (page_server, child) = host
-                .page_server(&dir, ip, prev.as_deref(), &inc.tls, from)
+                .page_server(&dir, ip, prev.as_deref(), &inc.tls, from, gate)
                 .await?;
             inc.page_server = Some(child);
+            inc.gated(page_server.1);
             Ok(PeerReply::RoundReady { page_server })
+        }
+        PeerRequest::OpenPageServer { port } => {
+            let inc = incoming
+                .as_mut()
+                .ok_or_else(|| AgentError::BadRequest("open-page-server before prepare".into()))?;
+            inc.open_page_server(&**host, port).await
         }
         PeerRequest::TaskEnded {
             container,

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use rebalancer_proto::ContainerSpec;
+use tokio::sync::oneshot;
 
 use crate::agent::Agent;
 use crate::cgroup::Cgroup;
@@ -136,8 +137,10 @@ pub trait Criu: Send + Sync {
         &self,
         args: &DumpArgs,
     ) -> impl Future<Output = Result<Self::Helper, AgentError>> + Send;
-    /// A page server receiving into `dir`, listening on `ip` from the moment this returns;
-    /// returns its address. With `from`, connections from any other address are closed
+    /// A page server receiving into `dir` on a port of `ip` bound before this returns;
+    /// returns its address. It listens at once, or with `gate` once the gate is opened (the
+    /// sender it gets is told whether `listen` worked): until then a connection attempt is
+    /// reset by the kernel. With `from`, connections from any other address are closed
     /// unserved.
     fn page_server(
         &self,
@@ -146,6 +149,7 @@ pub trait Criu: Send + Sync {
         parent: Option<&str>,
         tls: &[String],
         from: Option<std::net::IpAddr>,
+        gate: Option<PageServerGate>,
     ) -> impl Future<Output = Result<((Ipv4Addr, u16), Self::Helper), AgentError>> + Send;
     /// The lazy-pages daemon serving a post-copy restore from `src`'s dump.
     fn lazy_pages(
@@ -210,6 +214,16 @@ pub trait Criu: Send + Sync {
     ) -> impl Future<Output = Result<(), AgentError>> + Send {
         async { Ok(()) }
     }
+    /// Lets only root's sockets on this node reach the destination's page server at `to`,
+    /// until [`Self::unguard_page_server`] or `within` (see [`crate::ps_guard`]). An error
+    /// means nothing was installed.
+    fn guard_page_server(
+        &self,
+        to: (Ipv4Addr, u16),
+        within: Duration,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send;
+    /// Removes the guard of [`Self::guard_page_server`] once the transfer to `to` is over.
+    fn unguard_page_server(&self, to: (Ipv4Addr, u16)) -> impl Future<Output = ()> + Send;
     /// Waits until CRIU runs cut by a deadline have left through CRIU's own failure path
     /// (interrupted, never SIGKILLed mid-parasite); a rollback calls it before touching the tree.
     fn settle(&self) -> impl Future<Output = ()> + Send {
@@ -412,6 +426,26 @@ pub trait Connector: Send + Sync {
     ) -> impl Future<Output = Result<Self::Link, AgentError>> + Send;
 }
 
+/// Opens a page server bound with a gate ([`Host::page_server`]): the page server sends,
+/// through the sender it receives, whether it listens.
+pub type PageServerGate = oneshot::Receiver<oneshot::Sender<Result<(), String>>>;
+
+/// One connection is served; a few more may knock (and are closed unserved).
+const PAGE_SERVER_BACKLOG: u32 = 8;
+
+fn listen(
+    socket: tokio::net::TcpSocket,
+    ip: Ipv4Addr,
+    port: u16,
+) -> Result<tokio::net::TcpListener, AgentError> {
+    socket
+        .listen(PAGE_SERVER_BACKLOG)
+        .map_err(|source| AgentError::Io {
+            what: format!("listen on {ip}:{port}"),
+            source,
+        })
+}
+
 /// Everything a migration reaches on its node.
 pub trait Host: Criu + Net + Procs + Cgroups + Steps + Clock + Connector + 'static {}
 impl<T: Criu + Net + Procs + Cgroups + Steps + Clock + Connector + 'static> Host for T {}
@@ -505,19 +539,24 @@ impl Criu for System {
         parent: Option<&str>,
         tls: &[String],
         from: Option<std::net::IpAddr>,
+        gate: Option<PageServerGate>,
     ) -> Result<((Ipv4Addr, u16), CriuProcess), AgentError> {
         let io = |what: String| move |source| AgentError::Io { what, source };
         // Bound here and kept: no window in which another process could take the port.
-        let listener = std::net::TcpListener::bind((ip, 0)).map_err(io(format!("bind {ip}:0")))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(io("set_nonblocking".into()))?;
-        let port = listener
-            .local_addr()
-            .map_err(io("local_addr".into()))?
-            .port();
-        let listener =
-            tokio::net::TcpListener::from_std(listener).map_err(io("register listener".into()))?;
+        let socket = tokio::net::TcpSocket::new_v4().map_err(io("page-server socket".into()))?;
+        socket
+            .bind((ip, 0).into())
+            .map_err(io(format!("bind {ip}:0")))?;
+        let port = socket.local_addr().map_err(io("local_addr".into()))?.port();
+        // Listening at once, or in the task below once the gate opens.
+        enum Start {
+            Now(tokio::net::TcpListener),
+            Gated(PageServerGate, tokio::net::TcpSocket),
+        }
+        let start = match gate {
+            None => Start::Now(listen(socket, ip, port)?),
+            Some(g) => Start::Gated(g, socket),
+        };
         let (criu_path, dir, parent, tls) = (
             self.criu.clone(),
             dir.to_path_buf(),
@@ -525,6 +564,19 @@ impl Criu for System {
             tls.to_vec(),
         );
         let pending = tokio::spawn(async move {
+            let listener = match start {
+                Start::Now(l) => l,
+                Start::Gated(gate, socket) => {
+                    let answer = gate.await.map_err(|_| {
+                        AgentError::Peer(format!(
+                            "page server on port {port} closed before it was opened"
+                        ))
+                    })?;
+                    let r = listen(socket, ip, port);
+                    let _ = answer.send(r.as_ref().map(|_| ()).map_err(|e| e.chain()));
+                    r?
+                }
+            };
             let stream = loop {
                 let (stream, peer) = listener
                     .accept()
@@ -726,6 +778,18 @@ impl Criu for System {
         encrypted: bool,
     ) -> Result<(), AgentError> {
         crate::lazy_guard::guard(listen, peer, within, encrypted).await
+    }
+
+    async fn guard_page_server(
+        &self,
+        to: (Ipv4Addr, u16),
+        within: Duration,
+    ) -> Result<(), AgentError> {
+        crate::ps_guard::install(to, within).await
+    }
+
+    async fn unguard_page_server(&self, to: (Ipv4Addr, u16)) {
+        crate::ps_guard::remove(to).await
     }
 }
 
@@ -980,7 +1044,7 @@ mod tests {
         let lo = Ipv4Addr::LOCALHOST;
         let source = std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
         let ((ip, port), mut helper) = sys
-            .page_server(&dir, lo, None, &[], Some(source))
+            .page_server(&dir, lo, None, &[], Some(source), None)
             .await
             .expect("page server");
         let connect_from = |from: Ipv4Addr| async move {
@@ -1009,6 +1073,70 @@ mod tests {
             r.is_err() || r.is_ok_and(|s| !s.success()),
             "/bin/false serves nothing"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A gated page server refuses every connection (the kernel resets it) until it is opened,
+    /// and listens once it is.
+    #[tokio::test]
+    async fn a_gated_page_server_listens_only_once_opened() {
+        let dir = std::env::temp_dir().join(format!("rb-ps-gated-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let sys = System {
+            criu: "/bin/false".into(),
+            private_run: None,
+            interrupted: Default::default(),
+        };
+        let lo = Ipv4Addr::LOCALHOST;
+        let (opener, gate) = oneshot::channel();
+        let ((ip, port), mut helper) = sys
+            .page_server(&dir, lo, None, &[], None, Some(gate))
+            .await
+            .expect("page server");
+        let early = tokio::net::TcpStream::connect((ip, port)).await;
+        assert_eq!(
+            early.map(|_| ()).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionRefused),
+            "a connection before the opening"
+        );
+        let (tx, rx) = oneshot::channel();
+        opener.send(tx).expect("the page server waits for its gate");
+        let listened = tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .expect("answered")
+            .expect("an answer");
+        assert_eq!(listened, Ok(()));
+        let _source = tokio::net::TcpStream::connect((ip, port))
+            .await
+            .expect("connects once opened");
+        let r = tokio::time::timeout(Duration::from_secs(10), helper.wait())
+            .await
+            .expect("the connection reaches criu");
+        assert!(r.is_err() || r.is_ok_and(|s| !s.success()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A page server whose gate is dropped (the arrival undone before the source opened it)
+    /// ends without ever listening.
+    #[tokio::test]
+    async fn a_page_server_never_opened_ends() {
+        let dir = std::env::temp_dir().join(format!("rb-ps-closed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let sys = System {
+            criu: "/bin/false".into(),
+            private_run: None,
+            interrupted: Default::default(),
+        };
+        let (opener, gate) = oneshot::channel::<oneshot::Sender<Result<(), String>>>();
+        let (_, mut helper) = sys
+            .page_server(&dir, Ipv4Addr::LOCALHOST, None, &[], None, Some(gate))
+            .await
+            .expect("page server");
+        drop(opener);
+        let r = tokio::time::timeout(Duration::from_secs(5), helper.wait())
+            .await
+            .expect("ends");
+        assert!(r.as_ref().map_or(true, |s| !s.success()), "{r:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

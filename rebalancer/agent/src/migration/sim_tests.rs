@@ -160,6 +160,7 @@ fn assert_rolled_back(a: &Node, b: &Node, what: &str) {
         assert!(s.locked.is_empty(), "network lock left: {log}");
         assert_eq!(s.routes.len(), 1, "source route: {log}");
         assert!(s.helpers.is_empty(), "helpers left on the source: {log}");
+        assert!(s.ps_guards.is_empty(), "page-server guard left: {log}");
     }
     assert_clean(b, &log);
 }
@@ -220,6 +221,58 @@ async fn every_mode_commits_and_the_container_runs_only_on_the_destination() {
     }
 }
 
+/// Before each transfer to a page server the source guards it, and only then does the
+/// destination listen; the guard goes with the transfer. With encrypted pages a guard that
+/// cannot be installed is a warning (a stranger could only make the move fail); with plain
+/// pages it refuses the move (the fault list above).
+#[tokio::test]
+async fn page_servers_listen_only_once_the_source_guarded_them() {
+    let pos = |log: &[String], what: &str| log.iter().position(|l| l == what);
+    for mode in [MigrationMode::StopAndCopy, MigrationMode::PreCopy] {
+        let (a, b) = pair("ps-guard");
+        let rec = migrate(&a, &b, mode).await.expect("preflight");
+        assert_eq!(
+            rec.state,
+            MigrationState::Succeeded,
+            "{mode}: {:?}",
+            rec.error
+        );
+        let (src, dst) = (a.host.state().log.clone(), b.host.state().log.clone());
+        let guards = src.iter().filter(|l| *l == "ps-guard").count();
+        let opened = dst.iter().filter(|l| *l == "page-server-listen").count();
+        let servers = dst.iter().filter(|l| *l == "page-server").count();
+        assert!(guards >= 1, "{mode}: {src:?}");
+        assert_eq!(
+            (guards, opened),
+            (servers, servers),
+            "{mode}: {src:?} {dst:?}"
+        );
+        assert_eq!(
+            src.iter().filter(|l| *l == "ps-unguard").count(),
+            guards,
+            "{mode}: {src:?}"
+        );
+        assert!(a.host.state().ps_guards.is_empty(), "{mode}");
+        // The stop-and-copy dump comes after its page server was guarded and opened.
+        let dump = pos(&src, "dump").expect("dumped");
+        assert!(
+            src.iter().take(dump).any(|l| l == "ps-guard"),
+            "{mode}: {src:?}"
+        );
+    }
+    let (a, b) = pair_configured("ps-guard-tls", false, ON, ON);
+    a.host.inject(Fault::Action("ps-guard"));
+    let rec = migrate(&a, &b, MigrationMode::StopAndCopy)
+        .await
+        .expect("preflight");
+    assert_eq!(rec.state, MigrationState::Succeeded, "{:?}", rec.error);
+    assert!(a
+        .host
+        .state()
+        .log
+        .contains(&"ps-guard (failed)".to_string()));
+}
+
 /// Failures before Commit, on either node, in each mode where the phase exists.
 fn faults(mode: MigrationMode) -> Vec<(bool, Fault)> {
     use Fault::*;
@@ -240,7 +293,15 @@ fn faults(mode: MigrationMode) -> Vec<(bool, Fault)> {
     ];
     match mode {
         MigrationMode::StopAndCopy => {
-            v.extend([dst(Action("page-server")), src(Action("dump"))]);
+            v.extend([
+                dst(Action("page-server")),
+                src(Action("dump")),
+                // Plain pages: no transfer to a page server another user could reach first.
+                src(Action("ps-guard")),
+                dst(Action("page-server-listen")),
+                src(LinkBefore("open-page-server")),
+                src(LinkAfter("open-page-server")),
+            ]);
         }
         MigrationMode::PostCopy => {
             v.extend([
@@ -260,6 +321,9 @@ fn faults(mode: MigrationMode) -> Vec<(bool, Fault)> {
             dst(Action("page-server")),
             src(Action("pre-dump")),
             src(Action("dump")),
+            src(Action("ps-guard")),
+            dst(Action("page-server-listen")),
+            src(LinkBefore("open-page-server")),
         ]),
     }
     v

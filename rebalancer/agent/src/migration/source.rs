@@ -54,6 +54,10 @@ pub struct Prepared<L = PeerConn> {
     pub tls: Option<(crate::tls::Identity, String)>,
     /// Progress heartbeats, when the destination agreed to them ([`super::heartbeat`]).
     pub heartbeat: Option<Heartbeat>,
+    /// The destination's page servers wait for `open-page-server` ([`open_page_server`]).
+    pub opens_page_servers: bool,
+    /// Page servers guarded on this node whose guard is still to be removed.
+    pub guarded: Vec<(std::net::Ipv4Addr, u16)>,
 }
 
 /// Checks the request and prepares the destination. On error nothing has changed.
@@ -201,7 +205,7 @@ pub async fn preflight_with<H: Host>(
         };
         super::pause::point(host, &agent.cfg, "prepare").await;
         let own_beat = Heartbeat::from_config(&agent.cfg);
-        let heartbeat;
+        let (heartbeat, opens_page_servers);
         let (page_server, dest_cert) = match conn
             .call(&PeerRequest::Prepare {
                 migration: rec.id.clone(),
@@ -219,6 +223,7 @@ pub async fn preflight_with<H: Host>(
                 timeout_ms: Some(timeout.as_millis() as u64),
                 spool: super::spool::collect(&agent.cfg.slurmd_spool_dir, &meta)?,
                 heartbeat_ms: own_beat.map(|h| h.interval.as_millis() as u64),
+                opens_page_servers: true,
             })
             .await?
         {
@@ -226,9 +231,11 @@ pub async fn preflight_with<H: Host>(
                 page_server,
                 tls_cert,
                 heartbeat_ms,
+                opens_page_servers: opens,
             } => {
                 // Only an agreed heartbeat: an older destination sends none.
                 heartbeat = own_beat.filter(|_| heartbeat_ms.is_some());
+                opens_page_servers = opens;
                 (page_server, tls_cert)
             }
             other => {
@@ -261,6 +268,8 @@ pub async fn preflight_with<H: Host>(
             deadline: host.now() + timeout,
             lazy_port: None,
             heartbeat,
+            opens_page_servers,
+            guarded: Vec::new(),
         })
     }
     .await;
@@ -407,6 +416,10 @@ pub async fn run_with<H: Host>(
                 p.conn.call(&PeerRequest::Abort { reason: e.chain() }),
             )
             .await;
+            // Cut before its transfer ended (a failure, the deadline, a cancel).
+            for ps in std::mem::take(&mut p.guarded) {
+                host.unguard_page_server(ps).await;
+            }
             if let Some(mut d) = dump_child.take() {
                 // A lazy dump still serving: nudge it out of accept() so it finishes.
                 if let Some(addr) = lazy_addr(&agent, &p) {
@@ -503,6 +516,7 @@ async fn precopy_rounds<H: Host>(
                 )))
             }
         };
+        open_page_server(host, p, ps).await?;
         enter(&mut p.rec, Phase::PrecopyRound { round });
         agent.publish(&p.rec);
         let rdir = base.join(format!("pre-{round}"));
@@ -512,14 +526,16 @@ async fn precopy_rounds<H: Host>(
         })?;
         let prev = (round > 0).then(|| format!("../pre-{}", round - 1));
         let started = host.now();
-        beating(
+        let r = beating(
             host,
             &mut p.conn,
             p.heartbeat,
             "pre-copy-round",
             host.pre_dump(p.pid, &rdir, ps, prev.as_deref(), tls),
         )
-        .await?;
+        .await;
+        unguard(host, p, ps).await;
+        r?;
         let s = host.stats(&rdir, "stats-dump").unwrap_or_default();
         p.rec.stats.bytes_sent += s.pages_written * 4096;
         p.rec.stats.rounds.push(rebalancer_proto::RoundStats {
@@ -536,6 +552,63 @@ async fn precopy_rounds<H: Host>(
             return Ok(round);
         }
         round += 1;
+    }
+}
+
+/// Before CRIU connects to the destination's page server at `ps`: only root on this node may
+/// reach it ([`crate::ps_guard`]); a destination that waits for it then starts listening.
+async fn open_page_server<H: Host>(
+    host: &H,
+    p: &mut Prepared<H::Link>,
+    ps: (std::net::Ipv4Addr, u16),
+) -> Result<(), AgentError> {
+    let left = p.deadline.saturating_duration_since(host.now());
+    match host
+        .guard_page_server(ps, left.max(Duration::from_secs(1)))
+        .await
+    {
+        Ok(()) => p.guarded.push(ps),
+        // A stranger could only make it fail.
+        Err(e) if p.tls.is_some() => {
+            tracing::warn!(migration = %p.rec.id, page_server = %format!("{}:{}", ps.0, ps.1), error = %e.chain(), "page server unguarded (pages stay encrypted)")
+        }
+        Err(e) => {
+            return Err(AgentError::Internal(format!(
+                "refusing an unencrypted transfer to a page server that any user of this node \
+                 could reach first: {}",
+                e.chain()
+            )))
+        }
+    }
+    if !p.opens_page_servers {
+        // An older destination listens already: the guard narrows the window, no more.
+        return Ok(());
+    }
+    let r = watched_call(
+        host,
+        &mut p.conn,
+        p.heartbeat,
+        &PeerRequest::OpenPageServer { port: ps.1 },
+    )
+    .await;
+    let r = match r {
+        Ok(PeerReply::Ack) => Ok(()),
+        Ok(other) => Err(AgentError::Peer(format!(
+            "unexpected answer to open-page-server: {other:?}"
+        ))),
+        Err(e) => Err(e),
+    };
+    if r.is_err() {
+        unguard(host, p, ps).await;
+    }
+    r
+}
+
+/// Removes the guard of `ps` if [`open_page_server`] installed one.
+async fn unguard<H: Host>(host: &H, p: &mut Prepared<H::Link>, ps: (std::net::Ipv4Addr, u16)) {
+    if let Some(i) = p.guarded.iter().position(|g| *g == ps) {
+        p.guarded.swap_remove(i);
+        host.unguard_page_server(ps).await;
     }
 }
 
@@ -600,6 +673,10 @@ async fn attempt<H: Host>(
             }
         }
         args.prev = Some(format!("../pre-{last}"));
+    }
+    // Before the freeze: the guard and the opening cost no downtime.
+    if let (true, Some(ps)) = (mode != MigrationMode::PostCopy, p.page_server) {
+        open_page_server(host, p, ps).await?;
     }
     if agent.cfg.hold_inbound {
         // Set up before the freeze; the dump's action script starts it at CRIU's network lock.
@@ -673,8 +750,11 @@ async fn attempt<H: Host>(
             enter(&mut p.rec, Phase::Dump);
             agent.publish(&p.rec);
             super::pause::point(host, &agent.cfg, "dump").await;
-            if let Err(e) = beating(host, &mut p.conn, p.heartbeat, "dump", host.dump(&args)).await
-            {
+            let r = beating(host, &mut p.conn, p.heartbeat, "dump", host.dump(&args)).await;
+            if let Some(ps) = p.page_server {
+                unguard(host, p, ps).await;
+            }
+            if let Err(e) = r {
                 // A failed dump resumes the tree itself (CRIU's failure path).
                 *frozen_at = None;
                 return Err(e);

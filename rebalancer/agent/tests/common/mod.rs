@@ -453,7 +453,7 @@ impl Lab {
             }
         }
         for l in sh(&["nft", "list", "tables"]).lines() {
-            if l.contains("CRIU") || l.contains("rebalancer_lazy") {
+            if l.contains("CRIU") || l.contains("rebalancer_lazy") || l.contains("rebalancer_ps_") {
                 left.push(format!("nft {l}"));
             }
         }

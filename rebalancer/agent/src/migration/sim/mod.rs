@@ -89,6 +89,8 @@ pub struct SimState {
     pub released: Vec<(String, bool)>,
     /// Running helper processes (page servers, lazy daemons, lazy dumps), by id.
     pub helpers: BTreeSet<u32>,
+    /// Page-server guards installed and not yet removed (`ps_guard`).
+    pub ps_guards: BTreeSet<(Ipv4Addr, u16)>,
     pub announced: Vec<Ipv4Addr>,
     /// Every action in order, for failure messages.
     pub log: Vec<String>,
@@ -389,11 +391,44 @@ impl Criu for SimHost {
         _parent: Option<&str>,
         tls: &[String],
         _from: Option<std::net::IpAddr>,
+        gate: Option<super::host::PageServerGate>,
     ) -> Result<((Ipv4Addr, u16), SimHelper), AgentError> {
         self.state().tls.push(("page-server", !tls.is_empty()));
         self.act("page-server")?;
         let port = self.pick_port(ip)?;
+        if let Some(gate) = gate {
+            let host = self.clone();
+            tokio::spawn(async move {
+                if let Ok(answer) = gate.await {
+                    let r = host.act("page-server-listen").map_err(|e| e.chain());
+                    let _ = answer.send(r);
+                }
+            });
+        }
         Ok(((ip, port), self.helper()))
+    }
+
+    fn guard_page_server(
+        &self,
+        to: (Ipv4Addr, u16),
+        _within: Duration,
+    ) -> impl std::future::Future<Output = Result<(), AgentError>> + Send {
+        let r = self.act("ps-guard");
+        if r.is_ok() {
+            self.state().ps_guards.insert(to);
+        }
+        async move { r }
+    }
+
+    fn unguard_page_server(
+        &self,
+        to: (Ipv4Addr, u16),
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let mut s = self.state();
+        if s.ps_guards.remove(&to) {
+            s.log.push("ps-unguard".into());
+        }
+        async {}
     }
 
     async fn lazy_pages(
