@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use rebalancer_proto::ContainerSpec;
-use tokio::sync::oneshot;
 
 use crate::agent::Agent;
 use crate::cgroup::Cgroup;
@@ -426,25 +425,7 @@ pub trait Connector: Send + Sync {
     ) -> impl Future<Output = Result<Self::Link, AgentError>> + Send;
 }
 
-/// Opens a page server bound with a gate ([`Host::page_server`]): the page server sends,
-/// through the sender it receives, whether it listens.
-pub type PageServerGate = oneshot::Receiver<oneshot::Sender<Result<(), String>>>;
-
-/// One connection is served; a few more may knock (and are closed unserved).
-const PAGE_SERVER_BACKLOG: u32 = 8;
-
-fn listen(
-    socket: tokio::net::TcpSocket,
-    ip: Ipv4Addr,
-    port: u16,
-) -> Result<tokio::net::TcpListener, AgentError> {
-    socket
-        .listen(PAGE_SERVER_BACKLOG)
-        .map_err(|source| AgentError::Io {
-            what: format!("listen on {ip}:{port}"),
-            source,
-        })
-}
+pub use super::page_server::PageServerGate;
 
 /// Everything a migration reaches on its node.
 pub trait Host: Criu + Net + Procs + Cgroups + Steps + Clock + Connector + 'static {}
@@ -541,92 +522,10 @@ impl Criu for System {
         from: Option<std::net::IpAddr>,
         gate: Option<PageServerGate>,
     ) -> Result<((Ipv4Addr, u16), CriuProcess), AgentError> {
-        let io = |what: String| move |source| AgentError::Io { what, source };
-        // Bound here and kept: no window in which another process could take the port.
-        let socket = tokio::net::TcpSocket::new_v4().map_err(io("page-server socket".into()))?;
-        socket
-            .bind((ip, 0).into())
-            .map_err(io(format!("bind {ip}:0")))?;
-        let port = socket.local_addr().map_err(io("local_addr".into()))?.port();
-        // Listening at once, or in the task below once the gate opens.
-        enum Start {
-            Now(tokio::net::TcpListener),
-            Gated(PageServerGate, tokio::net::TcpSocket),
-        }
-        let start = match gate {
-            None => Start::Now(listen(socket, ip, port)?),
-            Some(g) => Start::Gated(g, socket),
-        };
-        let (criu_path, dir, parent, tls) = (
-            self.criu.clone(),
-            dir.to_path_buf(),
-            parent.map(str::to_string),
-            tls.to_vec(),
-        );
-        let pending = tokio::spawn(async move {
-            let listener = match start {
-                Start::Now(l) => l,
-                Start::Gated(gate, socket) => {
-                    let answer = gate.await.map_err(|_| {
-                        AgentError::Peer(format!(
-                            "page server on port {port} closed before it was opened"
-                        ))
-                    })?;
-                    let r = listen(socket, ip, port);
-                    let _ = answer.send(r.as_ref().map(|_| ()).map_err(|e| e.chain()));
-                    r?
-                }
-            };
-            let stream = loop {
-                let (stream, peer) = listener
-                    .accept()
-                    .await
-                    .map_err(io(format!("accept on page-server port {port}")))?;
-                if from.is_some_and(|f| f != peer.ip()) {
-                    tracing::warn!(peer = %peer, expected = ?from, port, "page-server connection from another address refused");
-                    continue;
-                }
-                tracing::debug!(peer = %peer, port, "page-server connection accepted");
-                break stream;
-            };
-            drop(listener);
-            let stream = stream.into_std().map_err(io("page-server socket".into()))?;
-            // CRIU does blocking I/O on it.
-            stream
-                .set_nonblocking(false)
-                .map_err(io("set_blocking".into()))?;
-            let sock = OwnedFd::from(stream);
-            let fd = sock.as_raw_fd();
-            let child = criu::spawn_ready(
-                &criu_path,
-                |status| {
-                    criu::page_server_on_socket_args(
-                        &dir,
-                        ip,
-                        port,
-                        status,
-                        fd,
-                        parent.as_deref(),
-                        &tls,
-                    )
-                },
-                "page-server",
-                &dir,
-                "page-server.log",
-                criu::SpawnOpts {
-                    ready_within: Some(criu::READY_WITHIN),
-                    keep_fds: &[fd],
-                    detach: false,
-                    private_run: None,
-                },
-            )
-            .await;
-            // criu has its own copy of the socket now.
-            drop(sock);
-            child
-        });
+        let (addr, pending) =
+            super::page_server::serve(&self.criu, dir, ip, parent, tls, from, gate).await?;
         Ok((
-            (ip, port),
+            addr,
             CriuProcess {
                 pending: Some(pending),
                 child: None,
@@ -1007,6 +906,7 @@ impl Connector for System {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::oneshot;
 
     #[test]
     fn restores_that_reach_run_keep_the_real_run() {

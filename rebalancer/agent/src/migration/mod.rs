@@ -22,6 +22,8 @@ pub mod heartbeat;
 pub mod hold;
 pub mod host;
 pub mod link;
+pub mod page_server;
+pub mod page_server_open;
 pub mod pause;
 pub mod policy;
 pub mod resolve;

@@ -24,6 +24,7 @@ use rebalancer_proto::{
 
 use super::heartbeat::{beating, watched_call, Heartbeat};
 use super::host::{within, Criu, Helper, Host, PeerLink, System};
+use super::page_server_open::{self, Openings};
 use super::policy::{choose_mode, precopy_converged, PrecopyPolicy};
 pub use super::resolve::{
     ask_outcome, resolve_unknown, resolve_until_known, OUTCOME_ATTEMPTS, OUTCOME_CALL,
@@ -54,10 +55,8 @@ pub struct Prepared<L = PeerConn> {
     pub tls: Option<(crate::tls::Identity, String)>,
     /// Progress heartbeats, when the destination agreed to them ([`super::heartbeat`]).
     pub heartbeat: Option<Heartbeat>,
-    /// The destination's page servers wait for `open-page-server` ([`open_page_server`]).
-    pub opens_page_servers: bool,
-    /// Page servers guarded on this node whose guard is still to be removed.
-    pub guarded: Vec<(std::net::Ipv4Addr, u16)>,
+    /// The page servers' guards and openings ([`page_server_open`]).
+    pub openings: Openings,
 }
 
 /// Checks the request and prepares the destination. On error nothing has changed.
@@ -268,8 +267,7 @@ pub async fn preflight_with<H: Host>(
             deadline: host.now() + timeout,
             lazy_port: None,
             heartbeat,
-            opens_page_servers,
-            guarded: Vec::new(),
+            openings: Openings::new(opens_page_servers),
         })
     }
     .await;
@@ -417,9 +415,7 @@ pub async fn run_with<H: Host>(
             )
             .await;
             // Cut before its transfer ended (a failure, the deadline, a cancel).
-            for ps in std::mem::take(&mut p.guarded) {
-                host.unguard_page_server(ps).await;
-            }
+            p.openings.unguard_all(host).await;
             if let Some(mut d) = dump_child.take() {
                 // A lazy dump still serving: nudge it out of accept() so it finishes.
                 if let Some(addr) = lazy_addr(&agent, &p) {
@@ -534,7 +530,7 @@ async fn precopy_rounds<H: Host>(
             host.pre_dump(p.pid, &rdir, ps, prev.as_deref(), tls),
         )
         .await;
-        unguard(host, p, ps).await;
+        p.openings.unguard(host, ps).await;
         r?;
         let s = host.stats(&rdir, "stats-dump").unwrap_or_default();
         p.rec.stats.bytes_sent += s.pages_written * 4096;
@@ -555,61 +551,19 @@ async fn precopy_rounds<H: Host>(
     }
 }
 
-/// Before CRIU connects to the destination's page server at `ps`: only root on this node may
-/// reach it ([`crate::ps_guard`]); a destination that waits for it then starts listening.
+/// [`Openings::open`] for `ps` in `p`'s migration.
 async fn open_page_server<H: Host>(
     host: &H,
     p: &mut Prepared<H::Link>,
     ps: (std::net::Ipv4Addr, u16),
 ) -> Result<(), AgentError> {
-    let left = p.deadline.saturating_duration_since(host.now());
-    match host
-        .guard_page_server(ps, left.max(Duration::from_secs(1)))
-        .await
-    {
-        Ok(()) => p.guarded.push(ps),
-        // A stranger could only make it fail.
-        Err(e) if p.tls.is_some() => {
-            tracing::warn!(migration = %p.rec.id, page_server = %format!("{}:{}", ps.0, ps.1), error = %e.chain(), "page server unguarded (pages stay encrypted)")
-        }
-        Err(e) => {
-            return Err(AgentError::Internal(format!(
-                "refusing an unencrypted transfer to a page server that any user of this node \
-                 could reach first: {}",
-                e.chain()
-            )))
-        }
-    }
-    if !p.opens_page_servers {
-        // An older destination listens already: the guard narrows the window, no more.
-        return Ok(());
-    }
-    let r = watched_call(
-        host,
-        &mut p.conn,
-        p.heartbeat,
-        &PeerRequest::OpenPageServer { port: ps.1 },
-    )
-    .await;
-    let r = match r {
-        Ok(PeerReply::Ack) => Ok(()),
-        Ok(other) => Err(AgentError::Peer(format!(
-            "unexpected answer to open-page-server: {other:?}"
-        ))),
-        Err(e) => Err(e),
+    let m = page_server_open::Migration {
+        id: &p.rec.id,
+        deadline: p.deadline,
+        encrypted: p.tls.is_some(),
+        heartbeat: p.heartbeat,
     };
-    if r.is_err() {
-        unguard(host, p, ps).await;
-    }
-    r
-}
-
-/// Removes the guard of `ps` if [`open_page_server`] installed one.
-async fn unguard<H: Host>(host: &H, p: &mut Prepared<H::Link>, ps: (std::net::Ipv4Addr, u16)) {
-    if let Some(i) = p.guarded.iter().position(|g| *g == ps) {
-        p.guarded.swap_remove(i);
-        host.unguard_page_server(ps).await;
-    }
+    p.openings.open(host, &mut p.conn, &m, ps).await
 }
 
 /// Dump, transfer, restore: returns once the destination holds the restored, stopped tree
@@ -752,7 +706,7 @@ async fn attempt<H: Host>(
             super::pause::point(host, &agent.cfg, "dump").await;
             let r = beating(host, &mut p.conn, p.heartbeat, "dump", host.dump(&args)).await;
             if let Some(ps) = p.page_server {
-                unguard(host, p, ps).await;
+                p.openings.unguard(host, ps).await;
             }
             if let Err(e) = r {
                 // A failed dump resumes the tree itself (CRIU's failure path).
