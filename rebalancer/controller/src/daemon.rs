@@ -179,6 +179,7 @@ impl Controller {
 
     pub async fn poll_agents(self: &Arc<Self>) {
         let names = self.node_names();
+        let polled_at = now_millis();
         // Bounded fan-out: a large cluster must not open thousands of sockets at once.
         let permits = Arc::new(tokio::sync::Semaphore::new(AGENT_POLL_CONCURRENCY));
         let mut tasks = Vec::new();
@@ -211,6 +212,10 @@ impl Controller {
                 continue;
             };
             let mut st = write(&self.state);
+            // A move that ended while this poll was on its way is newer than the agent's
+            // answer: its entries (`execute.rs` moves them at the end) are kept as they are, so
+            // that the source does not show the moved container again until the next poll.
+            let moved = st.in_flight.moved_since(polled_at);
             let view = st.agents.entry(node.clone()).or_default();
             match (m, c) {
                 (Ok(m), Ok(c)) => {
@@ -219,7 +224,14 @@ impl Controller {
                     }
                     view.health = Some(Ok(()));
                     view.metrics = Some(m);
-                    if let Some(c) = c {
+                    if let Some(mut c) = c {
+                        c.retain(|x| !moved.contains(&x.id));
+                        c.extend(
+                            view.containers
+                                .iter()
+                                .filter(|x| moved.contains(&x.id))
+                                .cloned(),
+                        );
                         view.containers = c;
                     }
                     if caps.is_some() {
@@ -304,7 +316,10 @@ impl Controller {
                 agent_up,
             });
             if let Some(a) = a {
-                for c in &a.containers {
+                // A container that moved away or ended is no work of this node's: an agent
+                // keeps its record a while (to route the task's end), and a policy would call
+                // it not migratable.
+                for c in a.containers.iter().filter(|c| c.state.is_live()) {
                     containers.push(self.container_snap(&st, c));
                 }
             }
@@ -599,5 +614,68 @@ pub async fn run_loops(ctl: Arc<Controller>, shutdown: Arc<Notify>) {
         _ = prune_loop => {}
         _ = eval_loop => {}
         _ = shutdown.notified() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use rebalancer_proto::{ContainerInfo, ContainerState};
+
+    use super::*;
+
+    fn container(id: &str, state: ContainerState) -> ContainerInfo {
+        ContainerInfo {
+            id: id.into(),
+            task: None,
+            uid: 0,
+            gid: 0,
+            node: "node1".into(),
+            address: String::new(),
+            pid: Some(10),
+            state,
+            rss_bytes: 0,
+            cpus: Some(1.0),
+            class: None,
+            exit_status: None,
+            started_at: 0,
+            runs_in: None,
+        }
+    }
+
+    /// After a move the source's agent still lists the container (migrated away) for a while:
+    /// the policies see only live ones, so no "not migratable" skip follows every move.
+    #[test]
+    fn policies_see_only_the_live_containers_of_a_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = crate::config::Config::from_str_at("", Path::new("/etc/rebalancerd.toml"))
+            .expect("default config");
+        let ctl = Controller::new(
+            cfg,
+            crate::journal::Journal::open(&dir.path().join("j.redb")).expect("journal"),
+            Arc::new(crate::slurm_sync::NoSlurm),
+            Box::new(crate::planner::BuiltinPlanner::new(None)),
+        );
+        write(&ctl.state).agents.insert(
+            "node1".into(),
+            AgentView {
+                health: Some(Ok(())),
+                containers: vec![
+                    container("moved", ContainerState::MigratedAway),
+                    container("runs", ContainerState::Running),
+                    container("ended", ContainerState::Exited),
+                    container("moving", ContainerState::Migrating),
+                ],
+                ..Default::default()
+            },
+        );
+        let ids: Vec<String> = ctl
+            .plan_input()
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(ids, ["runs", "moving"]);
     }
 }
