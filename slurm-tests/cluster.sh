@@ -293,25 +293,31 @@ make_host() {
   touch "$S/ns/$h.mnt" "$S/ns/$h.uts"
   echo "$h" >>"$S/hostlist"
   # The namespaces are made by a process of their own and bound here once it is inside them.
-  # (`unshare --mount=FILE` of util-linux 2.41, the release roots', binds the file now and then
-  # before its child has unshared: the bind then names this namespace itself and fails with
-  # EINVAL, 3 tries in a row in 4 of 8 runs; measured 2026-12-08.)
-  local fifo=$S/ns/.$h.ready holder fd ok=0
-  rm -f "$fifo"
-  mkfifo "$fifo"
-  # Read-write: opening does not wait for the writer, and a holder that dies is noticed.
-  exec {fd}<>"$fifo"
-  unshare --mount --uts --propagation private -- sh -c 'echo in >"$1"; exec sleep 600' sh "$fifo" \
-    9>&- {fd}>&- &
-  holder=$!
-  if read -r -t 10 -u "$fd" _ && [ "$(readlink "/proc/$holder/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ] &&
-    mount --bind "/proc/$holder/ns/mnt" "$S/ns/$h.mnt" && mount --bind "/proc/$holder/ns/uts" "$S/ns/$h.uts"; then
-    ok=1
-  fi
-  exec {fd}>&-
-  rm -f "$fifo"
-  kill "$holder" 2>/dev/null || true
-  wait "$holder" 2>/dev/null || true
+  # Binding a mount namespace's file is refused (EINVAL, or ELOOP with the new mount API) unless
+  # the namespace is newer than the binder's by the kernel's count. Inside a release root (not
+  # the first namespace) a new one counts as older about half the time, at random, on this
+  # 2-CPU kernel (6.18; likely its per-CPU namespace ids): 21 of 40 binds failed in the 24.11
+  # root, measured 2026-12-08, and `unshare --mount=FILE` fails the same way. Each try is a new
+  # holder; 40 tries fail together about once in 10^12.
+  local fifo=$S/ns/.$h.ready holder fd try ok=0
+  for try in $(seq 1 40); do
+    rm -f "$fifo"
+    mkfifo "$fifo"
+    # Read-write: opening does not wait for the writer, and a holder that dies is noticed.
+    exec {fd}<>"$fifo"
+    unshare --mount --uts --propagation private -- sh -c 'echo in >"$1"; exec sleep 600' sh "$fifo" \
+      9>&- {fd}>&- &
+    holder=$!
+    if read -r -t 10 -u "$fd" _ && [ "$(readlink "/proc/$holder/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ] &&
+      mount --bind "/proc/$holder/ns/mnt" "$S/ns/$h.mnt" 2>/dev/null; then
+      mount --bind "/proc/$holder/ns/uts" "$S/ns/$h.uts" && ok=1
+    fi
+    exec {fd}>&-
+    rm -f "$fifo"
+    kill "$holder" 2>/dev/null || true
+    wait "$holder" 2>/dev/null || true
+    [ "$ok" = 1 ] && break
+  done
   [ "$ok" = 1 ] || die "could not set up the mount namespace of $h"
   nsenter --mount="$S/ns/$h.mnt" --uts="$S/ns/$h.uts" -- \
     "$(readlink -f "$0")" _mounts --state-dir "$S" "$h" 9>&- ||
