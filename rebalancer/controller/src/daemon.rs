@@ -211,11 +211,8 @@ impl Controller {
             let Ok((node, m, c, caps)) = t.await else {
                 continue;
             };
-            let mut st = write(&self.state);
-            // A move that ended while this poll was on its way is newer than the agent's
-            // answer: its entries (`execute.rs` moves them at the end) are kept as they are, so
-            // that the source does not show the moved container again until the next poll.
-            let moved = st.in_flight.moved_since(polled_at);
+            let mut guard = write(&self.state);
+            let st = &mut *guard;
             let view = st.agents.entry(node.clone()).or_default();
             match (m, c) {
                 (Ok(m), Ok(c)) => {
@@ -225,13 +222,14 @@ impl Controller {
                     view.health = Some(Ok(()));
                     view.metrics = Some(m);
                     if let Some(mut c) = c {
-                        c.retain(|x| !moved.contains(&x.id));
-                        c.extend(
-                            view.containers
-                                .iter()
-                                .filter(|x| moved.contains(&x.id))
-                                .cloned(),
-                        );
+                        // A move that ended while this poll was on its way is newer than the
+                        // agent's answer: its entries (`execute.rs` moves them at the end) are
+                        // kept, so that the source does not show the moved container again
+                        // until the next poll.
+                        let newer =
+                            |id: &str| st.in_flight.last_moved(id).is_some_and(|t| t >= polled_at);
+                        c.retain(|x| !newer(&x.id));
+                        c.extend(view.containers.iter().filter(|x| newer(&x.id)).cloned());
                         view.containers = c;
                     }
                     if caps.is_some() {

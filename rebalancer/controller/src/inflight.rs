@@ -248,15 +248,6 @@ impl Migrations {
         self.last_moved.get(container).copied()
     }
 
-    /// The containers whose last migration succeeded at or after `t`.
-    pub fn moved_since(&self, t: Millis) -> std::collections::BTreeSet<String> {
-        self.last_moved
-            .iter()
-            .filter(|(_, at)| **at >= t)
-            .map(|(c, _)| c.clone())
-            .collect()
-    }
-
     /// Job `job` left `node`'s allocation at `at` (its source was released after a move).
     pub fn departed(&mut self, job: u32, node: &str, at: Millis) {
         // Only recent departures matter (see `settle_after_departure`); keep the map small.
@@ -295,16 +286,6 @@ pub const DEPARTURE_SETTLE_MS: Millis = 2_000;
 mod tests {
     use super::*;
     use rebalancer_proto::control::DecisionOutcome;
-
-    #[test]
-    fn the_moves_since_a_time_are_those_that_ended_then_or_later() {
-        let mut m = Migrations::default();
-        m.succeeded("c1", 1_000);
-        m.succeeded("c2", 2_000);
-        assert_eq!(m.moved_since(1_500).into_iter().collect::<Vec<_>>(), ["c2"]);
-        assert_eq!(m.moved_since(1_000).len(), 2);
-        assert!(m.moved_since(2_001).is_empty());
-    }
 
     #[test]
     fn a_move_back_waits_until_the_departure_is_past() {

@@ -908,6 +908,19 @@ mod tests {
     use super::*;
     use tokio::sync::oneshot;
 
+    /// A node whose "CRIU" is /bin/false (it exits at once: enough to show that a page
+    /// server's connection reached it), and a scratch directory named for `tag`.
+    fn false_criu(tag: &str) -> (System, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("rb-ps-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let sys = System {
+            criu: "/bin/false".into(),
+            private_run: None,
+            interrupted: Default::default(),
+        };
+        (sys, dir)
+    }
+
     #[test]
     fn restores_that_reach_run_keep_the_real_run() {
         let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -933,14 +946,7 @@ mod tests {
     #[tokio::test]
     async fn page_servers_take_the_sources_connection_only() {
         use tokio::io::AsyncReadExt;
-        let dir = std::env::temp_dir().join(format!("rb-ps-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        // No CRIU: /bin/false exits at once, which is all the source's connection needs to show.
-        let sys = System {
-            criu: "/bin/false".into(),
-            private_run: None,
-            interrupted: Default::default(),
-        };
+        let (sys, dir) = false_criu("from");
         let lo = Ipv4Addr::LOCALHOST;
         let source = std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
         let ((ip, port), mut helper) = sys
@@ -980,13 +986,7 @@ mod tests {
     /// and listens once it is.
     #[tokio::test]
     async fn a_gated_page_server_listens_only_once_opened() {
-        let dir = std::env::temp_dir().join(format!("rb-ps-gated-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let sys = System {
-            criu: "/bin/false".into(),
-            private_run: None,
-            interrupted: Default::default(),
-        };
+        let (sys, dir) = false_criu("gated");
         let lo = Ipv4Addr::LOCALHOST;
         let (opener, gate) = oneshot::channel();
         let ((ip, port), mut helper) = sys
@@ -1020,13 +1020,7 @@ mod tests {
     /// ends without ever listening.
     #[tokio::test]
     async fn a_page_server_never_opened_ends() {
-        let dir = std::env::temp_dir().join(format!("rb-ps-closed-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let sys = System {
-            criu: "/bin/false".into(),
-            private_run: None,
-            interrupted: Default::default(),
-        };
+        let (sys, dir) = false_criu("closed");
         let (opener, gate) = oneshot::channel::<oneshot::Sender<Result<(), String>>>();
         let (_, mut helper) = sys
             .page_server(&dir, Ipv4Addr::LOCALHOST, None, &[], None, Some(gate))
