@@ -190,6 +190,10 @@ run_in_root() {
     done
     for f in /etc/hosts /etc/passwd /etc/group; do mount --bind "$f" "$root$f"; done
     dir=$(pwd)
+    # A checkout elsewhere (CI clones into any directory) is bound at its own path too.
+    if [ "$(stat -c %d:%i "$dir")" != "$(stat -c %d:%i "$root$dir" 2>/dev/null)" ]; then
+      mkdir -p "$root$dir"; mount --rbind "$dir" "$root$dir"
+    fi
     # pivot_root, not chroot: CRIU refuses to dump a task whose root differs from its mount
     # namespace'"'"'s ("mnt: The root task has another root than mntns"), and the agent'"'"'s
     # containers inherit this root. The host'"'"'s tree is detached from this namespace.
@@ -197,7 +201,7 @@ run_in_root() {
     cd "$root"
     pivot_root . .host-root
     umount -l /.host-root
-    cd "$dir" 2>/dev/null || cd /
+    cd "$dir" || { echo "slurm-release: cannot enter $dir inside the root" >&2; exit 1; }
     exec "$@"
   ' rbc "$root" "$@"
 }

@@ -156,8 +156,8 @@ wait_for() {
 # ----- another Slurm release (--release R) -------------------------------------------------------
 # Every daemon and client of release R runs chrooted into R's root (scripts/slurm-release.sh), in
 # the host's pid and network namespaces: nodes keep their netns (nsenter --net, then chroot). The
-# root sees the host's /proc, /sys, /dev, /run, /tmp, /work, /home, /root and account files at
-# the same paths, so state-dir paths, pid files and job users mean the same inside and out.
+# root sees the host's /proc, /sys, /dev, /run, /tmp, /work, /home, /root, this checkout and
+# account files at the same paths, so state-dir paths, pid files and job users mean the same inside and out.
 # $S/bin holds one wrapper per Slurm, munge and MariaDB command; PATH puts it first.
 
 readonly RELEASE_BINDS="/proc /sys /dev /run /tmp /work /home /root"
@@ -204,6 +204,14 @@ release_setup() {
     mount --make-rslave "$root$m"
     echo "$root$m" >>"$S/release-mounts"
   done
+  # A checkout elsewhere (CI clones into any directory): its binaries and scripts, same path.
+  m=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)
+  if [ "$(stat -c %d:%i "$m")" != "$(stat -c %d:%i "$root$m" 2>/dev/null)" ]; then
+    mkdir -p "$root$m"
+    mount --rbind "$m" "$root$m"
+    mount --make-rslave "$root$m"
+    echo "$root$m" >>"$S/release-mounts"
+  fi
   for m in $RELEASE_FILES; do
     [ -f "$m" ] || continue
     mountpoint -q "$root$m" && umount -l "$root$m"
