@@ -229,7 +229,7 @@ pub fn pre_dump_args(
         images_dir.display().to_string(),
         "--log-file".into(),
         "pre-dump.log".into(),
-        "-v4".into(),
+        "-v3".into(),
         "--track-mem".into(),
         "--page-server".into(),
         "--address".into(),
@@ -258,7 +258,7 @@ pub fn lazy_pages_args(
         images_dir.display().to_string(),
         "--log-file".into(),
         "lazy-pages.log".into(),
-        "-v4".into(),
+        "-v3".into(),
         "--page-server".into(),
         "--address".into(),
         src.to_string(),
@@ -282,7 +282,7 @@ pub fn lazy_pages_on_socket_args(images_dir: &Path, status_fd: i32, socket: i32)
         images_dir.display().to_string(),
         "--log-file".into(),
         "lazy-pages.log".into(),
-        "-v4".into(),
+        "-v3".into(),
         // Sets use_page_server: without it the daemon never reads the socket.
         "--page-server".into(),
         "--ps-socket".into(),
@@ -472,18 +472,26 @@ pub async fn spawn_ready(
     Ok(child)
 }
 
-/// The lazy-pages daemon's page accounting from its log (`-v4`): the sums over its processes of
-/// the pages copied through userfaultfd and of the pages there were, from its `UFFD
-/// transferred pages: (COPIED/TOTAL)` lines. Fewer copied than there were is normal when a
-/// process unmapped memory or exited first (CRIU itself does not treat it as an error), so this
+/// The lazy-pages daemon's page accounting from its log: the sums over its processes of the
+/// pages copied through userfaultfd and of the pages there were. At `-v3` (the agent's level:
+/// `-v4` writes a line per page run and fault, which slowed the daemon) CRIU logs them only for a
+/// process that got fewer than it had (`Only COPIED of TOTAL pages transferred via UFFD`); at
+/// `-v4` for every process (`UFFD transferred pages: (COPIED/TOTAL)`). Fewer copied is normal
+/// when a process unmapped memory or exited first (CRIU does not treat it as an error), so this
 /// is a figure for the log, while the daemon's exit status decides. Pure.
 pub fn lazy_transfer_totals(log: &str) -> Option<(u64, u64)> {
     let mut found = None;
     for l in log.lines() {
-        let Some(rest) = l.split("UFFD transferred pages: (").nth(1) else {
-            continue;
+        let pair = if let Some(rest) = l.split("UFFD transferred pages: (").nth(1) {
+            rest.split(')').next().and_then(|x| x.split_once('/'))
+        } else if let Some(rest) = l.split("Only ").nth(1) {
+            rest.split(" pages transferred via UFFD")
+                .next()
+                .and_then(|x| x.split_once(" of "))
+        } else {
+            None
         };
-        let Some((copied, total)) = rest.split(')').next().and_then(|x| x.split_once('/')) else {
+        let Some((copied, total)) = pair else {
             continue;
         };
         if let (Ok(c), Ok(t)) = (copied.trim().parse::<u64>(), total.trim().parse::<u64>()) {
@@ -968,6 +976,9 @@ mod tests {
         assert_eq!(lazy_transfer_totals(log), Some((120, 140)));
         assert_eq!(lazy_transfer_totals("no summary"), None);
         assert_eq!(lazy_transfer_totals("UFFD transferred pages: (x/2)"), None);
+        let v3 = "(01.2) lazy-pages: 12-5: Only 90 of 100 pages transferred via UFFD\n\
+                  (01.3) lazy-pages: Only the first line counts\n";
+        assert_eq!(lazy_transfer_totals(v3), Some((90, 100)));
     }
     use super::*;
 
