@@ -347,7 +347,7 @@ salloc_job() {  # prints the job id salloc granted
 SERVER_JOB=$(salloc_job -N1 -n1 -w node1 -J demo-server) || fail "salloc for the server failed"
 [ -n "$SERVER_JOB" ] || fail "salloc granted no job id"
 scontrol show job "$SERVER_JOB" | grep -E ' NodeList=| BatchHost=' | sed 's/^ */   /'
-say "\$ srun --jobid=$SERVER_JOB -w node1 -N1 -n1 --migratable python3 -u server.py $MEM_MB $PORT &"
+say "\$ srun --jobid=$SERVER_JOB -w node1 -N1 -n1 --migratable python3 -u server.py $MEM_MB $PORT </dev/null &"
 setsid srun --jobid="$SERVER_JOB" -w node1 -N1 -n1 --migratable python3 -u server.py "$MEM_MB" "$PORT" \
   </dev/null >"$WORK/server.out" 2>&1 8>&- &
 SERVER_SRUN=$!

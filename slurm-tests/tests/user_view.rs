@@ -7,8 +7,9 @@
 include!("common/e2e.rs");
 
 /// `srun --migratable --input=FILE%t` used to hang with no message (the task never registered
-/// with the agent); a plain `--input=FILE` started, and lost its stdin at the first move. Both
-/// are refused by srun before any task starts, with a message naming the option.
+/// with the agent); a plain `--input=FILE` started, and lost its stdin at the first move. Both,
+/// and srun's own stdin when it is a pipe, are refused by srun before any task starts, with a
+/// message naming the option; `--input=none` is accepted with the same pipe.
 #[test]
 #[ignore = "needs root, network namespaces, CRIU and the Slurm 22.05 daemons; .ci/run runs it with --include-ignored"]
 fn a_stdin_file_that_cannot_follow_is_refused_at_submission() {
@@ -56,8 +57,39 @@ fn a_stdin_file_that_cannot_follow_is_refused_at_submission() {
             "{srun}'s task ran although srun refused the step"
         );
     }
-    // The same step without the input option runs (the refusal is about stdin only).
-    e.spawn(
+    // srun's own stdin, when it can carry data, is refused the same way: a pipe here.
+    e.spawn_with_stdin(
+        "srun-piped",
+        "srun",
+        &[
+            &format!("--jobid={job}"),
+            "-w",
+            "node1",
+            "-N1",
+            "-n1",
+            "--overlap",
+            "--migratable",
+            "/bin/sh",
+            "-c",
+            &format!("cat; touch {work}/ran-piped"),
+        ],
+        Stdio::piped(),
+    );
+    let code = e.wait_srun_exit("srun-piped", SLURM);
+    let log = e.read("srun-piped.log");
+    e.log(&format!("srun-piped exited {code}: {log}"));
+    assert_ne!(code, 0, "srun with a piped stdin was accepted:\n{log}");
+    assert!(
+        log.contains("--migratable cannot forward srun's stdin (a pipe)")
+            && log.contains("--input=none"),
+        "srun-piped gave no clear reason:\n{log}"
+    );
+    assert!(
+        !e.path("ran-piped").exists(),
+        "srun-piped's task ran although srun refused the step"
+    );
+    // The same step with --input=none runs with any stdin (the refusal is about stdin only).
+    e.spawn_with_stdin(
         "srun-plain-stdin",
         "srun",
         &[
@@ -73,6 +105,7 @@ fn a_stdin_file_that_cannot_follow_is_refused_at_submission() {
             "-c",
             &format!("touch {work}/ran-none"),
         ],
+        Stdio::piped(),
     );
     let code = e.wait_srun_exit("srun-plain-stdin", SLURM);
     assert_eq!(

@@ -43,19 +43,87 @@ pub fn init_post_opt(_sp: Spank) -> libc::c_int {
     0
 }
 
-/// Logs the refusal of `--input=VALUE` if a migratable task cannot have it; true if refused.
+/// Logs the refusal of `--input=VALUE`, or of srun's own stdin, if a migratable task cannot
+/// have it; true if refused.
 fn refuse_input(input: Option<String>) -> bool {
-    let Some(input) = input.or_else(|| std::env::var("SLURM_STDINMODE").ok()) else {
-        return false;
-    };
-    let Some(why) = stdin_cannot_follow(&input) else {
+    let input = input.or_else(|| std::env::var("SLURM_STDINMODE").ok());
+    if let Some(input) = &input {
+        if let Some(why) = stdin_cannot_follow(input) {
+            ffi::log_error(&format!(
+                "rebalancer: --migratable cannot be used with --input={input}: {why}; drop \
+                 --migratable, or let the program open its input file itself"
+            ));
+            return true;
+        }
+    }
+    let Some(what) = srun_stdin_cannot_follow(input.as_deref(), SrunStdin::of_fd0()) else {
         return false;
     };
     ffi::log_error(&format!(
-        "rebalancer: --migratable cannot be used with --input={input}: {why}; drop \
-         --migratable, or let the program open its input file itself"
+        "rebalancer: --migratable cannot forward srun's stdin ({what}): a task that moves to \
+         another node would stop receiving it; use --input=none (the tasks read /dev/null), \
+         run srun with </dev/null, or drop --migratable"
     ));
     true
+}
+
+/// What srun's own standard input is: the stdin it would forward to the tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SrunStdin {
+    Closed,
+    DevNull,
+    Terminal,
+    Pipe,
+    Socket,
+    File,
+    Other,
+}
+
+impl SrunStdin {
+    fn of_fd0() -> SrunStdin {
+        use std::io::IsTerminal;
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let stdin = std::io::stdin();
+        let Ok(fd) = stdin.as_fd().try_clone_to_owned() else {
+            return SrunStdin::Closed;
+        };
+        let Ok(meta) = std::fs::File::from(fd).metadata() else {
+            return SrunStdin::Closed;
+        };
+        let t = meta.file_type();
+        if t.is_char_device() && meta.rdev() == libc::makedev(1, 3) {
+            SrunStdin::DevNull
+        } else if stdin.is_terminal() {
+            SrunStdin::Terminal
+        } else if t.is_fifo() {
+            SrunStdin::Pipe
+        } else if t.is_socket() {
+            SrunStdin::Socket
+        } else if t.is_file() {
+            SrunStdin::File
+        } else {
+            SrunStdin::Other
+        }
+    }
+}
+
+/// What srun's stdin is, in a refusal, if srun would forward it to a migratable task (mode
+/// `all`, the default, or a task number) and it can carry data: after a move the task reads
+/// the restore step's stdin (/dev/null), so what srun forwards later is lost. `/dev/null`, a
+/// closed stdin and `--input=none` lose nothing. Pure.
+pub fn srun_stdin_cannot_follow(mode: Option<&str>, stdin: SrunStdin) -> Option<&'static str> {
+    if mode == Some("none") {
+        return None;
+    }
+    match stdin {
+        SrunStdin::Closed | SrunStdin::DevNull => None,
+        SrunStdin::Terminal => Some("a terminal"),
+        SrunStdin::Pipe => Some("a pipe"),
+        SrunStdin::Socket => Some("a socket"),
+        SrunStdin::File => Some("a file"),
+        SrunStdin::Other => Some("a device"),
+    }
 }
 
 fn own_cmdline() -> Vec<String> {
@@ -217,8 +285,8 @@ pub fn input_option(options: &[String]) -> Option<String> {
 }
 
 /// Why a task with srun's `--input=VALUE` could not be migrated, or `None` if it can. `all`,
-/// `none` and a task number are srun's own stdin, which the task keeps as a pipe (lost after a
-/// move, like an interactive srun's: documented). A file name cannot follow: with a %-pattern
+/// `none` and a task number are srun's own stdin ([`srun_stdin_cannot_follow`] decides on
+/// that). A file name cannot follow: with a %-pattern
 /// slurmstepd opens one file per task outside the container (slurmstepd 22.05 then leaves the
 /// task without a waiter the agent accepts), and srun reads a plain file itself. Pure.
 pub fn stdin_cannot_follow(value: &str) -> Option<&'static str> {
@@ -289,6 +357,25 @@ mod tests {
         let args = v(&["srun", "prog", "-i", "x%t"]);
         assert_eq!(input_option(leading_options(&args)), None);
         assert!(leading_options(&v(&["srun"])).is_empty());
+    }
+
+    #[test]
+    fn srun_stdin_that_can_carry_data_is_refused_unless_the_mode_is_none() {
+        use SrunStdin::*;
+        for mode in [None, Some("all"), Some("0"), Some("")] {
+            assert_eq!(srun_stdin_cannot_follow(mode, DevNull), None, "{mode:?}");
+            assert_eq!(srun_stdin_cannot_follow(mode, Closed), None, "{mode:?}");
+            assert_eq!(srun_stdin_cannot_follow(mode, Terminal), Some("a terminal"));
+            assert_eq!(srun_stdin_cannot_follow(mode, Pipe), Some("a pipe"));
+            assert_eq!(srun_stdin_cannot_follow(mode, File), Some("a file"));
+        }
+        for kind in [Terminal, Pipe, Socket, File, Other] {
+            assert_eq!(
+                srun_stdin_cannot_follow(Some("none"), kind),
+                None,
+                "{kind:?}"
+            );
+        }
     }
 
     #[test]

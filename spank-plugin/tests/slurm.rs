@@ -127,6 +127,7 @@ fn signals_reach_the_containers_pid_1() {
     .arg(format!(
         "trap 'echo got-usr1; exit 5' USR1; touch {DIR}/sig-ready; while :; do sleep 0.1; done"
     ))
+    .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
     .spawn()
@@ -514,6 +515,7 @@ fn spawn_slurm(args: &[&str]) -> std::process::Child {
     )
     .args(["run", CLUSTER])
     .args(args)
+    .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
     .spawn()

@@ -865,6 +865,11 @@ impl E2e {
 
     /// Runs a Slurm client in the work dir with its output in LOG; killed at the end of the test.
     fn spawn(&mut self, name: &str, program: &str, args: &[&str]) {
+        self.spawn_with_stdin(name, program, args, Stdio::null());
+    }
+
+    /// [`Self::spawn`] with `stdin` as the program's stdin (a pipe stays open while it runs).
+    fn spawn_with_stdin(&mut self, name: &str, program: &str, args: &[&str], stdin: Stdio) {
         let log = self.path(&format!("{name}.log"));
         let f = std::fs::File::create(&log).expect("log file");
         let mut cmd = self.cluster().command(program);
@@ -873,7 +878,7 @@ impl E2e {
         }
         cmd.args(args)
             .current_dir(&self.work)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(f.try_clone().expect("log file"))
             .stderr(f);
         self.log(&format!("$ {program} {} &", args.join(" ")));
