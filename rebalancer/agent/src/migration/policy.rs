@@ -123,6 +123,113 @@ pub fn modes_with_encryption(modes: &[MigrationMode], encrypt: bool) -> Vec<Migr
         .collect()
 }
 
+/// The downtime model `auto` decides with: the default one until this node has measured
+/// moves, then one fitted to them ([`measured_model`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ModeModel {
+    pub model: DowntimeModel,
+    /// How many of this node's measured moves it was fitted to (0: the default model).
+    pub moves: usize,
+}
+
+impl ModeModel {
+    fn basis(&self) -> String {
+        match self.moves {
+            0 => "default model: no move from this node measured yet".into(),
+            1 => "from this node's last measured move".into(),
+            n => format!("from this node's last {n} measured moves"),
+        }
+    }
+}
+
+/// Moves [`measured_model`] looks at, newest first.
+pub const MODEL_MOVES: usize = 20;
+/// Below this resident size a stop-and-copy move measures the fixed cost, not the bandwidth.
+const MODEL_SMALL_RSS: u64 = 32 << 20;
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// A downtime model fitted to the succeeded moves from this node (the newest [`MODEL_MOVES`]):
+/// the fixed cost is the median post-copy downtime (which copies no memory while frozen), else
+/// the median stop-and-copy downtime of small containers; the bandwidth is the median of
+/// RSS / (downtime - fixed) over the larger stop-and-copy moves. What it cannot fit keeps the
+/// default. Pure.
+pub fn measured_model<'a>(
+    node: &str,
+    records: impl IntoIterator<Item = &'a rebalancer_proto::MigrationRecord>,
+) -> ModeModel {
+    let mut moves: Vec<(u64, MigrationMode, u64, u64)> = records
+        .into_iter()
+        .filter(|r| r.source == node && r.state == rebalancer_proto::MigrationState::Succeeded)
+        .filter_map(|r| {
+            Some((
+                r.started_at,
+                r.mode?,
+                r.stats.rss_bytes,
+                r.stats.downtime_ms?,
+            ))
+        })
+        .filter(|(_, m, _, _)| matches!(m, MigrationMode::StopAndCopy | MigrationMode::PostCopy))
+        .collect();
+    moves.sort_by_key(|m| std::cmp::Reverse(m.0));
+    moves.truncate(MODEL_MOVES);
+    let mut model = DowntimeModel::default();
+    let post: Vec<f64> = moves
+        .iter()
+        .filter(|m| m.1 == MigrationMode::PostCopy)
+        .map(|m| m.3 as f64)
+        .collect();
+    let small: Vec<f64> = moves
+        .iter()
+        .filter(|m| m.1 == MigrationMode::StopAndCopy && m.2 < MODEL_SMALL_RSS)
+        .map(|m| m.3 as f64)
+        .collect();
+    if let Some(f) = median(post).or_else(|| median(small)) {
+        model.fixed_ms = f.round() as u64;
+    }
+    let rates: Vec<f64> = moves
+        .iter()
+        .filter(|m| m.1 == MigrationMode::StopAndCopy && m.2 >= MODEL_SMALL_RSS)
+        .map(|m| {
+            let copy_s = (m.3.saturating_sub(model.fixed_ms)).max(10) as f64 / 1000.0;
+            (m.2 as f64 / f64::from(1 << 20)) / copy_s
+        })
+        .collect();
+    if let Some(r) = median(rates) {
+        model.bandwidth_mib_s = r;
+    }
+    ModeModel {
+        model,
+        moves: moves.len(),
+    }
+}
+
+/// The modes this node offers ([`modes_with_encryption`]), or the refusal of a pre-copy that
+/// only the encryption rules out. Pure.
+pub fn offered_modes(
+    requested: MigrationMode,
+    kernel: &[MigrationMode],
+    encrypt: bool,
+) -> Result<Vec<MigrationMode>, AgentError> {
+    let local = modes_with_encryption(kernel, encrypt);
+    // Only when the kernel could: otherwise choose_mode names what the kernel lacks.
+    if requested == MigrationMode::PreCopy
+        && kernel.contains(&MigrationMode::PreCopy)
+        && !local.contains(&MigrationMode::PreCopy)
+    {
+        return Err(AgentError::Unsupported(
+            "pre-copy with encrypted pages is not supported yet (CRIU's TLS page server \
+             fails between pre-copy rounds, docs/precopy.md); use stop-and-copy or \
+             post-copy, or encrypt_memory = false on both nodes"
+                .into(),
+        ));
+    }
+    Ok(local)
+}
+
 /// Picks the concrete mode and says why. Pure.
 pub fn choose_mode(
     requested: MigrationMode,
@@ -130,12 +237,13 @@ pub fn choose_mode(
     max_downtime_ms: Option<u64>,
     local: &[MigrationMode],
     remote: &[MigrationMode],
+    model: &ModeModel,
 ) -> Result<(MigrationMode, String), AgentError> {
     let both = |m: MigrationMode| local.contains(&m) && remote.contains(&m);
     match requested {
         MigrationMode::Auto => {
-            // The planner's default model, so `plan` and the agent agree on what a move costs.
-            let est_ms = DowntimeModel::default()
+            let est_ms = model
+                .model
                 .downtime_ms(MigrationMode::StopAndCopy, rss.div_ceil(1 << 20));
             let over_budget = max_downtime_ms.is_some_and(|b| est_ms > b);
             let large = rss >= AUTO_POSTCOPY_MIN_RSS;
@@ -167,7 +275,7 @@ pub fn choose_mode(
                         "auto: post-copy because RSS {} MiB {} and both nodes have userfaultfd{precopy_note}",
                         rss >> 20,
                         if over_budget {
-                            format!("gives an estimated stop-and-copy downtime of {est_ms} ms over the {} ms budget", max_downtime_ms.unwrap_or(0))
+                            format!("gives an estimated stop-and-copy downtime of {est_ms} ms ({}) over the {} ms budget", model.basis(), max_downtime_ms.unwrap_or(0))
                         } else {
                             format!(">= {} MiB", AUTO_POSTCOPY_MIN_RSS >> 20)
                         }
@@ -178,8 +286,9 @@ pub fn choose_mode(
                     "post-copy unavailable (userfaultfd missing on a node)".to_string()
                 } else {
                     format!(
-                        "RSS {} MiB is small: estimated downtime {est_ms} ms",
-                        rss >> 20
+                        "RSS {} MiB is small: estimated downtime {est_ms} ms ({})",
+                        rss >> 20,
+                        model.basis()
                     )
                 };
                 Ok((
@@ -215,7 +324,6 @@ pub fn choose_mode(
     }
 }
 
-/// Everything a running migration needs, produced by [`preflight`].
 #[cfg(test)]
 mod tests {
     #[test]
@@ -245,24 +353,109 @@ mod tests {
     #[test]
     fn auto_prefers_postcopy_for_large_rss() {
         let all = [StopAndCopy, PostCopy, Auto];
-        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &all).expect("ok");
+        let (m, why) =
+            choose_mode(Auto, 1 << 30, None, &all, &all, &ModeModel::default()).expect("ok");
         assert_eq!(m, PostCopy);
         assert!(why.contains("1024 MiB"), "{why}");
-        let (m, why) = choose_mode(Auto, 16 << 20, None, &all, &all).expect("ok");
+        let (m, why) =
+            choose_mode(Auto, 16 << 20, None, &all, &all, &ModeModel::default()).expect("ok");
         assert_eq!(m, StopAndCopy);
         assert!(why.contains("small"), "{why}");
         // A tight budget tips even a small container to post-copy.
-        let (m, _) = choose_mode(Auto, 128 << 20, Some(50), &all, &all).expect("ok");
+        let (m, _) =
+            choose_mode(Auto, 128 << 20, Some(50), &all, &all, &ModeModel::default()).expect("ok");
         assert_eq!(m, PostCopy);
-        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &[StopAndCopy, Auto]).expect("ok");
+        let (m, why) = choose_mode(
+            Auto,
+            1 << 30,
+            None,
+            &all,
+            &[StopAndCopy, Auto],
+            &ModeModel::default(),
+        )
+        .expect("ok");
         assert_eq!(m, StopAndCopy);
         assert!(why.contains("userfaultfd"), "{why}");
+    }
+
+    fn moved(
+        mode: MigrationMode,
+        rss_mib: u64,
+        downtime_ms: u64,
+        at: u64,
+    ) -> rebalancer_proto::MigrationRecord {
+        rebalancer_proto::MigrationRecord {
+            id: format!("m{at}"),
+            container: "c".into(),
+            task: None,
+            source: "node1".into(),
+            destination: "node2".into(),
+            requested_mode: Auto,
+            mode: Some(mode),
+            mode_reason: None,
+            state: rebalancer_proto::MigrationState::Succeeded,
+            phases: Vec::new(),
+            stats: rebalancer_proto::MigrationStats {
+                rss_bytes: rss_mib << 20,
+                downtime_ms: Some(downtime_ms),
+                ..Default::default()
+            },
+            error: None,
+            started_at: at,
+            ended_at: Some(at + 1),
+            cancelled_by: None,
+        }
+    }
+
+    #[test]
+    fn auto_estimates_from_this_nodes_measured_moves() {
+        // Post-copy gives the fixed cost (250 ms), the 68 MiB stop-and-copy moves the rate:
+        // 68 MiB in 650 - 250 ms = 170 MiB/s.
+        let mut recs = vec![
+            moved(PostCopy, 512, 240, 1),
+            moved(PostCopy, 256, 250, 2),
+            moved(PostCopy, 1024, 260, 3),
+            moved(StopAndCopy, 68, 650, 4),
+            moved(StopAndCopy, 68, 640, 5),
+            moved(StopAndCopy, 68, 660, 6),
+        ];
+        let mut failed = moved(StopAndCopy, 68, 5, 7);
+        failed.state = rebalancer_proto::MigrationState::RolledBack;
+        let mut other = moved(StopAndCopy, 68, 5, 8);
+        other.source = "node3".into();
+        recs.extend([failed, other]);
+        let m = measured_model("node1", &recs);
+        assert_eq!(m.moves, 6);
+        assert_eq!(m.model.fixed_ms, 250);
+        assert!((m.model.bandwidth_mib_s - 170.0).abs() < 1.0, "{m:?}");
+        let est = m.model.downtime_ms(StopAndCopy, 68);
+        assert!((645..=655).contains(&est), "{est}");
+        let all = [StopAndCopy, PostCopy, Auto];
+        let (mode, why) = choose_mode(Auto, 68 << 20, None, &all, &all, &m).expect("ok");
+        assert_eq!(mode, StopAndCopy);
+        assert!(
+            why.contains(&format!(
+                "estimated downtime {est} ms (from this node's last 6 measured moves)"
+            )),
+            "{why}"
+        );
+        // A budget under what this node measured tips the same container to post-copy.
+        let (mode, why) = choose_mode(Auto, 68 << 20, Some(400), &all, &all, &m).expect("ok");
+        assert_eq!(mode, PostCopy, "{why}");
+        // Only the newest moves count; nothing measured leaves the default.
+        let many: Vec<_> = (0..30)
+            .map(|k| moved(PostCopy, 64, 100 + k, 100 + k))
+            .collect();
+        assert_eq!(measured_model("node1", &many).moves, MODEL_MOVES);
+        assert_eq!(measured_model("node1", &many).model.fixed_ms, 120);
+        assert_eq!(measured_model("node9", &recs), ModeModel::default());
     }
 
     #[test]
     fn auto_estimates_downtime_as_the_planner_does() {
         let all = [StopAndCopy, PostCopy, Auto];
-        let (_, why) = choose_mode(Auto, 3 << 20, None, &all, &all).expect("ok");
+        let (_, why) =
+            choose_mode(Auto, 3 << 20, None, &all, &all, &ModeModel::default()).expect("ok");
         let planner = DowntimeModel::default().downtime_ms(StopAndCopy, 3);
         assert!(
             why.contains(&format!("estimated downtime {planner} ms")),
@@ -275,27 +468,46 @@ mod tests {
     #[test]
     fn auto_prefers_precopy_where_both_nodes_track_dirty_pages() {
         let all = [StopAndCopy, PostCopy, PreCopy, Auto];
-        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &all).expect("ok");
+        let (m, why) =
+            choose_mode(Auto, 1 << 30, None, &all, &all, &ModeModel::default()).expect("ok");
         assert_eq!(m, PreCopy, "{why}");
         // A tight budget wants the shortest freeze: post-copy.
-        let (m, _) = choose_mode(Auto, 1 << 30, Some(50), &all, &all).expect("ok");
+        let (m, _) =
+            choose_mode(Auto, 1 << 30, Some(50), &all, &all, &ModeModel::default()).expect("ok");
         assert_eq!(m, PostCopy);
         // Destination without soft-dirty: post-copy, and the reason says why not pre-copy.
         let no_sd = [StopAndCopy, PostCopy, Auto];
-        let (m, why) = choose_mode(Auto, 1 << 30, None, &all, &no_sd).expect("ok");
+        let (m, why) =
+            choose_mode(Auto, 1 << 30, None, &all, &no_sd, &ModeModel::default()).expect("ok");
         assert_eq!(m, PostCopy);
         assert!(why.contains("destination kernel lacks soft-dirty"), "{why}");
-        let (m, why) = choose_mode(Auto, 1 << 30, None, &no_sd, &no_sd).expect("ok");
+        let (m, why) =
+            choose_mode(Auto, 1 << 30, None, &no_sd, &no_sd, &ModeModel::default()).expect("ok");
         assert_eq!(m, PostCopy);
         assert!(why.contains("CONFIG_MEM_SOFT_DIRTY"), "{why}");
     }
 
     #[test]
     fn precopy_without_soft_dirty_names_the_kernel_feature() {
-        let e = choose_mode(PreCopy, 0, None, &[StopAndCopy], &[StopAndCopy, PreCopy])
-            .expect_err("unsupported");
+        let e = choose_mode(
+            PreCopy,
+            0,
+            None,
+            &[StopAndCopy],
+            &[StopAndCopy, PreCopy],
+            &ModeModel::default(),
+        )
+        .expect_err("unsupported");
         assert!(e.to_string().contains("CONFIG_MEM_SOFT_DIRTY"), "{e}");
-        let e = choose_mode(PostCopy, 0, None, &[PostCopy], &[StopAndCopy]).expect_err("remote");
+        let e = choose_mode(
+            PostCopy,
+            0,
+            None,
+            &[PostCopy],
+            &[StopAndCopy],
+            &ModeModel::default(),
+        )
+        .expect_err("remote");
         assert!(e.to_string().contains("destination"), "{e}");
     }
 

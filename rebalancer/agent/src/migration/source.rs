@@ -25,7 +25,7 @@ use rebalancer_proto::{
 use super::heartbeat::{beating, watched_call, Heartbeat};
 use super::host::{within, Criu, Helper, Host, PeerLink, System};
 use super::page_server_open::{self, Openings};
-use super::policy::{choose_mode, precopy_converged, PrecopyPolicy};
+use super::policy::{choose_mode, measured_model, precopy_converged, PrecopyPolicy};
 pub use super::resolve::{
     ask_outcome, resolve_unknown, resolve_until_known, OUTCOME_ATTEMPTS, OUTCOME_CALL,
     RESOLVE_FIRST_PAUSE, RESOLVE_MAX_PAUSE,
@@ -161,21 +161,16 @@ pub async fn preflight_with<H: Host>(
         }
         let rss = host.tree_rss(pid);
         let local =
-            super::policy::modes_with_encryption(&agent.caps.modes, agent.cfg.encrypt_memory);
-        // Only when the kernel could: otherwise choose_mode names what the kernel lacks.
-        if req.mode == MigrationMode::PreCopy
-            && agent.caps.modes.contains(&MigrationMode::PreCopy)
-            && !local.contains(&MigrationMode::PreCopy)
-        {
-            return Err(AgentError::Unsupported(
-                "pre-copy with encrypted pages is not supported yet (CRIU's TLS page server \
-                 fails between pre-copy rounds, docs/precopy.md); use stop-and-copy or \
-                 post-copy, or encrypt_memory = false on both nodes"
-                    .into(),
-            ));
-        }
-        let (mode, reason) =
-            choose_mode(req.mode, rss, req.max_downtime_ms, &local, &remote.modes)?;
+            super::policy::offered_modes(req.mode, &agent.caps.modes, agent.cfg.encrypt_memory)?;
+        let model = measured_model(&agent.cfg.node, agent.migrations().values());
+        let (mode, reason) = choose_mode(
+            req.mode,
+            rss,
+            req.max_downtime_ms,
+            &local,
+            &remote.modes,
+            &model,
+        )?;
         let mut rec = MigrationRecord {
             id: uuid::Uuid::new_v4().to_string(),
             container: id.clone(),
