@@ -66,8 +66,16 @@ pub fn detail(v: &Value) -> String {
                     flat(&format!("{prefix}[{i}]"), x, out);
                 }
             }
+            Value::Number(n) if is_time_key(prefix) && n.as_u64().is_some() => {
+                out.push((prefix.to_string(), time_ms(n.as_u64().unwrap_or_default())))
+            }
             other => out.push((prefix.to_string(), scalar(other))),
         }
+    }
+    // Times on the wire are Unix milliseconds (`at`, `started_at`, ...): shown as ISO 8601.
+    fn is_time_key(key: &str) -> bool {
+        let last = key.rsplit(['.', ']']).next().unwrap_or(key);
+        last == "at" || last.ends_with("_at")
     }
     fn scalar(v: &Value) -> String {
         match v {
@@ -656,6 +664,18 @@ mod tests {
         assert!(d.contains(" name=node1"), "{d}");
         assert!(d.contains("partitions=debug,long"), "{d}");
         assert!(d.contains("metrics=-"), "{d}");
+        let at = detail(&serde_json::json!({
+            "metrics": {"at": 1_796_612_627_831u64, "load1": 0.5},
+            "phases": [{"ended_at": 1_796_612_627_831u64}],
+            "started_at": null
+        }));
+        assert!(at.contains("metrics.at=2026-12-07T"), "{at}");
+        assert!(at.contains(".831Z"), "{at}");
+        assert!(at.contains("phases[0].ended_at=2026-12-07T"), "{at}");
+        assert!(
+            at.contains("metrics.load1=0.5") && at.contains("started_at=-"),
+            "{at}"
+        );
         let p = PolicyStatus {
             name: "drain".into(),
             kind: "drain".into(),
