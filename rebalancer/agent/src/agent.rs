@@ -128,6 +128,17 @@ impl Agent {
     pub fn containers(&self) -> MutexGuard<'_, BTreeMap<ContainerId, Container>> {
         lock(&self.containers)
     }
+    /// The `cgroup.procs` descriptors of the detached cgroups (`crate::detach`) a container
+    /// joins besides its own cgroups (`in_own`: it has some, in the hierarchies of
+    /// [`Agent::cgroups`]).
+    pub fn detached_fds(&self, in_own: bool) -> Vec<std::os::fd::RawFd> {
+        let covered = match (&self.cgroups, in_own) {
+            (Some(h), true) => crate::cgroup::roots(h),
+            _ => Vec::new(),
+        };
+        crate::detach::fds_except(&covered)
+    }
+
     pub fn migrations(&self) -> MutexGuard<'_, BTreeMap<MigrationId, MigrationRecord>> {
         lock(&self.migrations)
     }
@@ -479,8 +490,9 @@ impl Agent {
                 Some(cg) => cg.procs_files()?,
                 None => Vec::new(),
             };
+            let detached = self.detached_fds(cgroup.is_some());
             let pid = tokio::task::spawn_blocking(move || {
-                container::spawn(&init, &path, stdio.child, &procs)
+                container::spawn(&init, &path, stdio.child, &procs, &detached)
             })
             .await
             .map_err(|e| AgentError::Internal(format!("spawn task: {e}")))??;
@@ -637,6 +649,7 @@ impl Agent {
                 cg.remove().await;
             }
         }
+        crate::detach::remove_empty();
         if let Some(h) = &self.cgroups {
             crate::cgroup::remove_node_dirs(h, &self.cfg.node);
         }

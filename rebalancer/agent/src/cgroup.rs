@@ -17,6 +17,8 @@ use crate::error::AgentError;
 
 /// First path component below the hierarchy root.
 pub const PARENT: &str = "slurm-rebalancer";
+/// The node-level leaf that holds what outlives the agent outside any container (`detach.rs`).
+pub const DETACHED_LEAF: &str = "detached";
 /// CFS period used for CPU limits (the kernel's default).
 pub const CPU_PERIOD_US: u64 = 100_000;
 /// Smallest CFS quota the kernel accepts.
@@ -96,7 +98,7 @@ pub struct Setting {
 }
 
 /// Unescapes the octal escapes (`\040`) of a mountinfo path.
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -372,7 +374,7 @@ fn stale_pass(h: &Hierarchy, node: &str) -> (usize, Vec<(PathBuf, Vec<i32>)>) {
         };
         for e in rd.flatten() {
             let p = e.path();
-            if !p.is_dir() {
+            if !p.is_dir() || e.file_name() == DETACHED_LEAF {
                 continue;
             }
             if std::fs::remove_dir(&p).is_ok() {
@@ -438,7 +440,8 @@ pub async fn sweep_stale(h: &Hierarchy, node: &str, within: Duration) -> StaleSw
     }
 }
 
-fn roots(h: &Hierarchy) -> Vec<PathBuf> {
+/// The mount points a container's cgroups live under.
+pub fn roots(h: &Hierarchy) -> Vec<PathBuf> {
     match h {
         Hierarchy::V2 { root } => vec![root.clone()],
         Hierarchy::V1 { memory, cpu } if memory == cpu => vec![memory.clone()],

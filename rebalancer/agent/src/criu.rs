@@ -429,9 +429,15 @@ pub async fn spawn_ready(
         .collect();
     let mut cmd = command(criu, &args, &keep);
     if detach {
-        // Its own process group, and not killed with its handle: a restart of the agent (or a
-        // signal to the agent's group) does not end it while it serves a running container.
+        // Its own process group and the detached cgroups, and not killed with its handle: a
+        // restart of the agent (or a signal to its group or unit) does not end it while it
+        // serves a running container.
         cmd.process_group(0).kill_on_drop(false);
+        let join = crate::detach::fds_except(&[]);
+        // SAFETY: only write(2), which is async-signal-safe, runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || crate::cgroup::join_self(&join));
+        }
     }
     if let Some(dir) = private_run {
         with_private_run(&mut cmd, dir);

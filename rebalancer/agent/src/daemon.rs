@@ -103,6 +103,15 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         None => None,
     };
     let agent = Agent::new(cfg, caps);
+    match crate::detach::init(&agent.cfg.node) {
+        Ok(dirs) if dirs.is_empty() => {}
+        Ok(dirs) => {
+            tracing::info!(node = %agent.cfg.node, cgroups = ?dirs, "containers, stdio relays and lazy-pages daemons start outside the agent's own cgroups")
+        }
+        Err(e) => {
+            tracing::warn!(node = %agent.cfg.node, error = %e.chain(), "cannot leave the agent's own cgroups (all or some): a kill of its unit (systemctl kill) would reach its containers there")
+        }
+    }
     match &agent.cgroups {
         // Stale cgroups are removed after the adoption (below), which may kill trees of its own.
         Some(h) => tracing::info!(node = %agent.cfg.node, "container cgroups: {h}"),

@@ -12,6 +12,7 @@ pub mod control;
 pub mod control_authz;
 pub mod criu;
 pub mod daemon;
+pub mod detach;
 pub mod drain;
 pub mod error;
 pub mod garp;

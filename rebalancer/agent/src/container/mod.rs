@@ -350,12 +350,14 @@ fn relay(from: OwnedFd, to: &Path) -> Result<(), AgentError> {
         .stdin(std::process::Stdio::from(from))
         .stdout(std::process::Stdio::from(out))
         .stderr(std::process::Stdio::null());
-    // SAFETY: setsid is async-signal-safe. A session of its own keeps a terminal's ^C (sent to
-    // the agent's process group) away from the relay.
+    let detached = crate::detach::fds_except(&[]);
+    // SAFETY: setsid and write are async-signal-safe. A session of its own keeps a terminal's
+    // ^C (sent to the agent's process group) away from the relay; the detached cgroups keep a
+    // kill of the agent's unit away from it.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::setsid();
-            Ok(())
+            crate::cgroup::join_self(&detached)
         });
     }
     let mut child = cmd.spawn().map_err(|source| AgentError::Io {
@@ -408,14 +410,16 @@ fn dup_high(fd: &OwnedFd) -> Result<OwnedFd, AgentError> {
 }
 
 /// Starts pid 1 of a container in new pid/mount/uts/ipc namespaces joined to `netns`, inside
-/// the cgroup whose `cgroup.procs` files are open on `cgroup_procs` (joined before the init
-/// process forks pid 1, so the workload never runs outside it).
+/// the cgroup whose `cgroup.procs` files are open on `cgroup_procs`, and the agent's detached
+/// cgroups of the other hierarchies (`detached`, from `crate::detach`), joined before the init
+/// process forks pid 1, so the workload never runs outside them.
 /// Blocking (fork/exec and pipe reads): call from `spawn_blocking`. Returns pid 1's host pid.
 pub fn spawn(
     spec: &InitSpec,
     netns: &Path,
     stdio: [OwnedFd; 3],
     cgroup_procs: &[OwnedFd],
+    detached: &[RawFd],
 ) -> Result<i32, AgentError> {
     let json = serde_json::to_string(spec).map_err(|e| AgentError::Internal(e.to_string()))?;
     let net = std::fs::File::open(netns).map_err(|source| AgentError::Io {
@@ -433,7 +437,8 @@ pub fn spawn(
         go_r_hi.as_raw_fd(),
     );
     let [i, o, e] = stdio;
-    let cg_fds = crate::cgroup::raw(cgroup_procs);
+    let mut cg_fds = crate::cgroup::raw(cgroup_procs);
+    cg_fds.extend_from_slice(detached);
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.arg("__container-init")
         .arg(json)

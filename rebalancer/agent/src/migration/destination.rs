@@ -705,15 +705,11 @@ async fn restore<H: Host>(
         Some(cg) => cg.procs_files()?,
         None => Vec::new(),
     };
+    let mut join = crate::cgroup::raw(&procs);
+    join.extend(agent.detached_fds(inc.cgroup.is_some()));
     sub.mark("setup", host.now());
     let r = host
-        .restore(
-            &args,
-            &keep,
-            &crate::cgroup::raw(&procs),
-            &inc.images,
-            &pidfile,
-        )
+        .restore(&args, &keep, &join, &inc.images, &pidfile)
         .await;
     drop(procs);
     drop(stdio);

@@ -26,6 +26,8 @@ pub struct Node {
     pub socket: PathBuf,
     pub agent: Option<Child>,
     pub log: PathBuf,
+    /// A cgroup standing in for the agent's systemd unit: the agent starts inside it.
+    pub unit: Option<PathBuf>,
 }
 
 pub struct Lab {
@@ -89,6 +91,7 @@ impl Lab {
                 socket: dir.join(format!("{}.sock", n.netns)),
                 agent: None,
                 log: dir.join(format!("{}.log", n.netns)),
+                unit: None,
             })
             .collect();
         let mut lab = Lab {
@@ -154,6 +157,24 @@ impl Lab {
             cmd.env("REBALANCER_KEEP_IMAGES", "1");
         } else {
             cmd.env_remove("REBALANCER_KEEP_IMAGES");
+        }
+        if let Some(unit) = &n.unit {
+            let procs = std::fs::OpenOptions::new()
+                .write(true)
+                .open(unit.join("cgroup.procs"))
+                .expect("open the unit's cgroup.procs");
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
+            // SAFETY: only write(2), which is async-signal-safe, runs between fork and exec;
+            // `procs` outlives the spawn.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            std::mem::forget(procs);
         }
         let child = cmd
             // Its own process group, so that `kill_agent` takes its CRIU helpers too.
@@ -271,6 +292,49 @@ pub fn live_copies(node: &str, id: &str) -> usize {
 
 /// Fault injection and leak checks for the fault matrix (`fault_matrix.rs`).
 impl Lab {
+    /// SIGKILLs every process in agent `i`'s unit cgroup until it is empty, as `systemctl kill
+    /// --signal=KILL` does whatever `KillMode` says. Returns the pids killed.
+    pub fn kill_unit(&mut self, i: usize) -> Vec<i32> {
+        let unit = self.nodes[i]
+            .unit
+            .clone()
+            .expect("the agent runs in a unit cgroup");
+        let mut killed = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let procs = std::fs::read_to_string(unit.join("cgroup.procs")).unwrap_or_default();
+            let pids: Vec<i32> = procs
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            if pids.is_empty() {
+                break;
+            }
+            for p in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                if !killed.contains(&p) {
+                    killed.push(p);
+                }
+            }
+            if let Some(c) = self.nodes[i].agent.as_mut() {
+                let _ = c.try_wait();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the unit {} does not empty",
+                unit.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(mut c) = self.nodes[i].agent.take() {
+            let _ = c.wait();
+        }
+        killed
+    }
+
     /// SIGTERM, then a fresh start with the current configuration (containers keep running
     /// and are re-adopted).
     pub fn restart_agent(&mut self, i: usize) {
