@@ -326,25 +326,31 @@ fn report_and_exit(
     mask: &sys::SigMask,
 ) -> ! {
     let _ = agent.set_read_timeout(None);
-    // On the connection that registered the task: the agent accepts the report from no other
-    // (rebalancer/agent/src/control_authz.rs), so nobody else can end the task's netns or
-    // forge its status.
-    let sent = agent.send(&Request::TaskExited {
-        container: container.clone(),
-        wait_status: status,
-    });
-    let answer = match sent {
-        Err(e) => Err(e),
-        Ok(()) => loop {
-            if agent.readable(Duration::from_millis(500)) {
-                break agent.recv();
-            }
-            while let Some(sig) = sys::wait_signal(&mask.set, Duration::ZERO) {
-                if sig != libc::SIGCHLD {
-                    forward_elsewhere(&agent, container, own_step, sig);
+    // A write to the socket of an agent that died must fail, not kill the waiter.
+    // SAFETY: signal() with SIG_IGN has no preconditions; this process never execs the task.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    // On the connection that registered the task, or, when the agent restarted meanwhile
+    // (the connection is gone), on a new one from this same process: the agent accepts the
+    // report from nobody else (rebalancer/agent/src/control_authz.rs), so nobody else can end
+    // the task's netns or forge its status.
+    let deadline = std::time::Instant::now() + AGENT_RESTART_WAIT;
+    let answer = loop {
+        match report_once(&mut agent, container, status, own_step, mask) {
+            Err(e @ AgentError::Proto(_)) if std::time::Instant::now() < deadline => {
+                ffi::log_info(&format!(
+                    "rebalancer: lost the node agent while reporting the end of container \
+                     {container} ({}); reporting again once it is back",
+                    crate::chain(&e)
+                ));
+                match reconnect(&agent, deadline, container, own_step, mask) {
+                    Some(a) => agent = a,
+                    None => break Err(e),
                 }
             }
-        },
+            other => break other,
+        }
     };
     let final_status = match answer {
         Ok(Reply::TaskFinished {
@@ -377,6 +383,57 @@ fn report_and_exit(
     };
     drop(agent);
     sys::exit_like(final_status)
+}
+
+/// How long a waiter whose agent went away keeps trying to report the task's end (an agent's
+/// unit restarts it 5 s after a crash; its start-up re-adopts the task first).
+const AGENT_RESTART_WAIT: Duration = Duration::from_secs(120);
+
+/// Sends `task-exited` and waits for the answer, passing signals on meanwhile.
+fn report_once(
+    agent: &mut Agent,
+    container: &ContainerId,
+    status: c_int,
+    own_step: u32,
+    mask: &sys::SigMask,
+) -> Result<Reply, AgentError> {
+    agent.send(&Request::TaskExited {
+        container: container.clone(),
+        wait_status: status,
+    })?;
+    loop {
+        if agent.readable(Duration::from_millis(500)) {
+            return agent.recv();
+        }
+        while let Some(sig) = sys::wait_signal(&mask.set, Duration::ZERO) {
+            if sig != libc::SIGCHLD {
+                forward_elsewhere(agent, container, own_step, sig);
+            }
+        }
+    }
+}
+
+/// A new connection to the agent at `old`'s socket, tried every second until `deadline`
+/// (signals keep being passed on meanwhile).
+fn reconnect(
+    old: &Agent,
+    deadline: std::time::Instant,
+    container: &ContainerId,
+    own_step: u32,
+    mask: &sys::SigMask,
+) -> Option<Agent> {
+    while std::time::Instant::now() < deadline {
+        if let Some(sig) = sys::wait_signal(&mask.set, Duration::from_secs(1)) {
+            if sig != libc::SIGCHLD {
+                forward_elsewhere(old, container, own_step, sig);
+            }
+        }
+        if let Ok(mut a) = Agent::connect(old.path(), old.node(), Duration::from_secs(5)) {
+            let _ = a.set_read_timeout(None);
+            return Some(a);
+        }
+    }
+    None
 }
 
 /// A signal for a container that no longer runs here: Slurm delivers it to the newest restore

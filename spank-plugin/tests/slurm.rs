@@ -659,14 +659,24 @@ fn every_task_of_a_step_gets_its_own_container() {
     assert_eq!(tasks, [0, 1]);
 }
 
-/// The real `rebalancer-agent` (built by `cargo build -p rebalancer-agent`, as CI's workspace build
-/// does) in the cluster's namespace: handshake, `prepare-task` (netns, veth, address, root),
-/// `register-task` and `task-exited` with the agent's own peer checks.
-#[test]
-#[ignore = "needs root, Slurm 22.05 daemons and target/<profile>/rebalancer-agent; .ci/run runs it with --include-ignored"]
-fn real_agent_answers_the_plugin() {
-    let _l = lock();
-    setup("optional", &[]);
+/// A real agent, SIGKILLed when dropped (also when the test fails); the killed agent's image
+/// tmpfs is unmounted.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::process::Command::new("umount")
+            .args(["-l", &format!("{DIR}/agent-run/images")])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Starts the real agent (target/<profile>/rebalancer-agent) in the cluster's namespace, its
+/// log in `log`, and waits for its socket.
+fn start_real_agent(log: &str) -> std::process::Child {
     let exe = std::env::current_exe().expect("test path");
     let bin = exe
         .parent()
@@ -691,14 +701,20 @@ fn real_agent_answers_the_plugin() {
         ),
     )
     .expect("agent config");
-    let mut agent = std::process::Command::new(
+    let agent = std::process::Command::new(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/minicluster.sh"),
     )
     .args(["run", CLUSTER])
     .arg(&bin)
     .args(["run", "-c", &cfg])
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null())
+    .stdin(std::process::Stdio::null())
+    .stdout(std::fs::File::create(log).expect("agent log"))
+    .stderr(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(log)
+            .expect("agent log"),
+    )
     .spawn()
     .expect("start rebalancer-agent");
     let t0 = std::time::Instant::now();
@@ -709,6 +725,18 @@ fn real_agent_answers_the_plugin() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    agent
+}
+
+/// The real `rebalancer-agent` (built by `cargo build -p rebalancer-agent`, as CI's workspace build
+/// does) in the cluster's namespace: handshake, `prepare-task` (netns, veth, address, root),
+/// `register-task` and `task-exited` with the agent's own peer checks.
+#[test]
+#[ignore = "needs root, Slurm 22.05 daemons and target/<profile>/rebalancer-agent; .ci/run runs it with --include-ignored"]
+fn real_agent_answers_the_plugin() {
+    let _l = lock();
+    setup("optional", &[]);
+    let agent = KillOnDrop(start_real_agent(&format!("{DIR}/agent.log")));
     let out = slurm(&[
         "srun",
         "--migratable",
@@ -716,13 +744,7 @@ fn real_agent_answers_the_plugin() {
         "-c",
         "echo pid=$$ addr=$REBALANCER_ADDRESS; ip -br addr show dev eth0",
     ]);
-    let _ = agent.kill();
-    let _ = agent.wait();
-    // The killed agent leaves its image tmpfs mounted.
-    let _ = std::process::Command::new("umount")
-        .args(["-l", &format!("{DIR}/agent-run/images")])
-        .stderr(std::process::Stdio::null())
-        .status();
+    drop(agent);
     let (so, se) = text(&out);
     assert!(out.status.success(), "{so}{se}");
     assert!(so.contains("pid=1 "), "no container: {so}{se}");
@@ -741,6 +763,49 @@ fn real_agent_answers_the_plugin() {
     assert!(
         so.contains(&format!("{addr}/32")),
         "eth0 lacks {addr}: {so}"
+    );
+}
+
+/// An agent killed and started again while a migratable task runs (a crash, or an upgrade):
+/// the task keeps running, and when it ends its waiter, whose connection died with the old
+/// agent, reports to the new one from the same process. srun exits with the task's code and
+/// the new agent takes the report (it re-adopted the task and releases its namespace).
+#[test]
+#[ignore = "needs root, Slurm 22.05 daemons and target/<profile>/rebalancer-agent; .ci/run runs it with --include-ignored"]
+fn a_task_reports_its_end_to_a_restarted_agent() {
+    let _l = lock();
+    setup("optional", &[]);
+    let log = format!("{DIR}/agent-restart.log");
+    let agent = KillOnDrop(start_real_agent(&log));
+    let srun = spawn_slurm(&["srun", "--migratable", "sh", "-c", "sleep 5; exit 7"]);
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("task registered")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the task never registered:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SIGKILL: the agent writes nothing more; its container records stay.
+    drop(agent);
+    std::thread::sleep(Duration::from_millis(500));
+    let agent = KillOnDrop(start_real_agent(&log));
+    let out = srun.wait_with_output().expect("srun");
+    drop(agent);
+    let (so, se) = text(&out);
+    let agent_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(out.status.code(), Some(7), "{so}{se}\n{agent_log}");
+    assert!(
+        agent_log.contains("on a new connection (the agent restarted since)"),
+        "the new agent did not take the report:\n{agent_log}\n{se}"
+    );
+    assert!(
+        !agent_log.contains("refused a task-exited report"),
+        "{agent_log}"
     );
 }
 

@@ -536,6 +536,7 @@ mod tests {
             arrived_from: None,
             cgroup: vec![],
             runs_in: None,
+            waiter: None,
         }
     }
 

@@ -40,6 +40,8 @@ pub struct RestoreStep {
     pub ready: tokio::sync::watch::Receiver<bool>,
     /// The step's own Slurm task, once it registered: where the container runs after the move.
     pub task: Option<rebalancer_proto::TaskRef>,
+    /// The step's task process that registered the restored tree (`Container::waiter`).
+    pub waiter: Option<(i32, u64)>,
 }
 
 pub struct Agent {
@@ -532,6 +534,7 @@ impl Agent {
             final_status: None,
             cgroup,
             runs_in: None,
+            waiter: None,
         })
     }
 

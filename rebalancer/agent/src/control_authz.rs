@@ -76,7 +76,9 @@ pub fn is_end_status(status: i32) -> bool {
 /// Checks a `task-exited` report. Pure over the facts passed in (unit-tested):
 /// `caller_uid`/`caller_pid` from SO_PEERCRED, `registered` the containers this connection
 /// registered, `pid1` what the agent sees of the container's pid 1 (`None` when the container
-/// has no local pid 1 any more: it moved away).
+/// has no local pid 1 any more: it moved away), `same_waiter` whether the caller is the very
+/// process that registered the container (its recorded pid and start time): after an agent
+/// restart that process reports on a new connection.
 pub fn check_task_exited(
     caller_uid: u32,
     caller_pid: Option<i32>,
@@ -84,6 +86,7 @@ pub fn check_task_exited(
     container: &str,
     wait_status: i32,
     pid1: Option<(i32, Pid1)>,
+    same_waiter: bool,
 ) -> Result<(), AgentError> {
     if caller_uid != 0 {
         return Err(AgentError::PermissionDenied(format!(
@@ -91,11 +94,11 @@ pub fn check_task_exited(
              (only the root task process that registered {container} reports its end)"
         )));
     }
-    if !registered.contains(container) {
+    if !registered.contains(container) && !same_waiter {
         return Err(AgentError::PermissionDenied(format!(
             "task-exited for {container} refused: this connection did not register it \
-             (only the task process that registered {container} reports its end, on the same \
-             connection)"
+             (only the task process that registered {container} reports its end: on the same \
+             connection, or after an agent restart as that same process)"
         )));
     }
     if !is_end_status(wait_status) {
@@ -124,10 +127,17 @@ pub fn authorize_task_exited(
     container: &str,
     wait_status: i32,
 ) -> Result<(), AgentError> {
-    let pid1 = agent.containers().get(container).and_then(|c| {
-        (c.state != rebalancer_proto::ContainerState::MigratedAway)
-            .then(|| (c.pid, observe_pid1(c.pid)))
+    let (pid1, waiter) = agent.containers().get(container).map_or((None, None), |c| {
+        let pid1 = (c.state != rebalancer_proto::ContainerState::MigratedAway)
+            .then(|| (c.pid, observe_pid1(c.pid)));
+        (pid1, c.waiter)
     });
+    let same_waiter = match (caller_pid, waiter) {
+        (Some(p), Some((wp, start))) => {
+            p == wp && crate::procstat::live_start_time(p) == Some(start)
+        }
+        _ => false,
+    };
     let r = check_task_exited(
         caller_uid,
         caller_pid,
@@ -135,7 +145,12 @@ pub fn authorize_task_exited(
         container,
         wait_status,
         pid1,
+        same_waiter,
     );
+    if r.is_ok() && !registered.contains(container) {
+        tracing::info!(container, pid = ?caller_pid, "task-exited from the registering task process on a new connection (the agent restarted since)");
+        registered.add(container);
+    }
     if let Err(e) = &r {
         tracing::warn!(container, uid = caller_uid, pid = ?caller_pid, error = %e, "refused a task-exited report");
     }
@@ -157,20 +172,27 @@ mod tests {
     #[test]
     fn only_the_registering_connection_of_root_reports_an_end() {
         let mine = reg(&["j7.s0.t0"]);
-        assert!(check_task_exited(0, Some(50), &mine, "j7.s0.t0", 0, None).is_ok());
+        assert!(check_task_exited(0, Some(50), &mine, "j7.s0.t0", 0, None, false).is_ok());
         // The owner (or anyone) who is not root.
-        let e = check_task_exited(1000, Some(50), &mine, "j7.s0.t0", 0, None).expect_err("uid");
+        let e =
+            check_task_exited(1000, Some(50), &mine, "j7.s0.t0", 0, None, false).expect_err("uid");
         assert!(
             e.to_string().contains("uid 1000 is not the task's waiter"),
             "{e}"
         );
         assert!(matches!(e, AgentError::PermissionDenied(_)));
         // Root, but another connection (an admin tool, another task's waiter).
-        let e = check_task_exited(0, Some(50), &reg(&[]), "j7.s0.t0", 0, None).expect_err("conn");
+        let e = check_task_exited(0, Some(50), &reg(&[]), "j7.s0.t0", 0, None, false)
+            .expect_err("conn");
         assert!(e.to_string().contains("did not register it"), "{e}");
-        let e = check_task_exited(0, Some(50), &reg(&["j8.s0.t0"]), "j7.s0.t0", 0, None)
+        let e = check_task_exited(0, Some(50), &reg(&["j8.s0.t0"]), "j7.s0.t0", 0, None, false)
             .expect_err("other task");
         assert!(e.to_string().contains("j7.s0.t0"), "{e}");
+        // After an agent restart: the process that registered it, on a new connection.
+        assert!(check_task_exited(0, Some(50), &reg(&[]), "j7.s0.t0", 0, None, true).is_ok());
+        let e = check_task_exited(1000, Some(50), &reg(&[]), "j7.s0.t0", 0, None, true)
+            .expect_err("uid");
+        assert!(e.to_string().contains("uid 1000"), "{e}");
     }
 
     #[test]
@@ -183,12 +205,16 @@ mod tests {
             "j7.s0.t0",
             0,
             Some((51, Pid1::RunsUnder(50))),
+            false,
         )
         .expect_err("still runs");
         assert!(e.to_string().contains("pid 1 (51) still runs"), "{e}");
         // A reused pid under someone else, or a zombie: it ended.
         for seen in [Pid1::RunsUnder(1), Pid1::Ended] {
-            assert!(check_task_exited(0, Some(50), &mine, "j7.s0.t0", 9, Some((51, seen))).is_ok());
+            assert!(
+                check_task_exited(0, Some(50), &mine, "j7.s0.t0", 9, Some((51, seen)), false)
+                    .is_ok()
+            );
         }
     }
 
@@ -201,7 +227,8 @@ mod tests {
         for bad in [0x137f, 0xffff, (1 << 8) | 9, -1, 0x10000, 65] {
             assert!(!is_end_status(bad), "{bad:#x}");
         }
-        let e = check_task_exited(0, Some(50), &reg(&["x"]), "x", 0x137f, None).expect_err("stop");
+        let e = check_task_exited(0, Some(50), &reg(&["x"]), "x", 0x137f, None, false)
+            .expect_err("stop");
         assert!(e.to_string().contains("0x137f"), "{e}");
     }
 

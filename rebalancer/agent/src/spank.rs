@@ -287,6 +287,7 @@ pub fn register(
         final_status: None,
         cgroup: None,
         runs_in: None,
+        waiter: None,
     })
 }
 

@@ -76,6 +76,9 @@ pub struct ContainerRecord {
     /// The restore step it runs in on this node (`Container::runs_in`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runs_in: Option<rebalancer_proto::TaskRef>,
+    /// The task process that registered it (`Container::waiter`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiter: Option<(i32, u64)>,
 }
 
 impl ContainerRecord {
@@ -101,6 +104,7 @@ impl ContainerRecord {
             external: c.external,
             arrived_from: c.arrived_from.clone(),
             runs_in: c.runs_in.clone(),
+            waiter: c.waiter,
             cgroup: c
                 .cgroup
                 .as_ref()
@@ -131,6 +135,7 @@ impl ContainerRecord {
                 dirs: self.cgroup.clone(),
             }),
             runs_in: self.runs_in.clone(),
+            waiter: self.waiter,
         }
     }
 }

@@ -418,22 +418,6 @@ fn containers_survive_an_agent_crash_and_are_readopted() {
 /// Lab block of the unit-kill test.
 const K_UNIT: u8 = 15;
 
-/// The hierarchy systemd tracks units in: `name=systemd` on cgroup v1, else the unified one.
-fn unit_hierarchy() -> Option<std::path::PathBuf> {
-    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mount = |want: &dyn Fn(&str, &str) -> bool| {
-        mi.lines().find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let mut post = post.split_whitespace();
-            let (fstype, _, opts) = (post.next()?, post.next()?, post.next()?);
-            let at = pre.split_whitespace().nth(4)?;
-            want(fstype, opts).then(|| std::path::PathBuf::from(at))
-        })
-    };
-    mount(&|t, o| t == "cgroup" && o.split(',').any(|x| x == "name=systemd"))
-        .or_else(|| mount(&|t, _| t == "cgroup2"))
-}
-
 /// `systemctl kill` of the agent's unit (every process in its cgroup SIGKILLed, whatever
 /// `KillMode` says) leaves the containers and their stdio relays running: they start in the
 /// agent's detached cgroups (`detach.rs`), not in the unit's. The restarted agent re-adopts them.
@@ -443,12 +427,8 @@ fn a_kill_of_the_agents_unit_cgroup_leaves_its_containers_running() {
     let h = unit_hierarchy().expect("a name=systemd or cgroup2 hierarchy");
     let mut lab = Lab::new(K_UNIT, 1);
     let node = lab.nodes[0].name.clone();
-    let unit = h.join(format!("rbc-unit-{K_UNIT}")).join(&node);
-    let _ = std::fs::remove_dir(&unit);
-    std::fs::create_dir_all(&unit).expect("create the unit cgroup");
-    lab.kill_agent(0);
-    lab.nodes[0].unit = Some(unit.clone());
-    lab.start_agent(0);
+    lab.run_agents_in_units();
+    let unit = lab.nodes[0].unit.clone().expect("unit");
     let agent_pid = lab.nodes[0].agent.as_ref().map(|c| c.id() as i32);
     let addr = "198.19.31.21";
     let pid = match lab.client(0).call(&Request::CreateContainer {
@@ -503,8 +483,6 @@ fn a_kill_of_the_agents_unit_cgroup_leaves_its_containers_running() {
     let st = probe.stop();
     assert!(st.errors.is_empty(), "the client saw errors: {st:?}");
     drop(lab);
-    let _ = std::fs::remove_dir(&unit);
-    let _ = unit.parent().map(std::fs::remove_dir);
     // The leaf empties once the lab killed the container.
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::fs::remove_dir(&detached).is_err() && Instant::now() < deadline {

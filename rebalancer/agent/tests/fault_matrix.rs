@@ -1,10 +1,11 @@
 //! The fault matrix: real agents and CRIU in the agent test lab, one fault injected in one
 //! phase of a migration per cell (docs/fault-tolerance.md, "Fault matrix").
 //!
-//! Faults: SIGKILL of the source agent's unit or the destination agent's (the agent's process
-//! group: the agent and the CRIU processes it runs, as systemd's kill of the unit reaches them;
-//! the containers have sessions of their own, and the post-copy lazy dump and lazy-pages daemon
-//! run in process groups of their own, so they are not in it), SIGKILL of the `criu` process at
+//! Faults: SIGKILL of the source agent's unit or the destination agent's (each agent runs in a
+//! cgroup of its own in the hierarchy systemd tracks units in, and every process in it is
+//! killed, as `systemctl kill` does: the agent and the CRIU processes it runs, the source's lazy
+//! dump included; the containers, their relays and the lazy-pages daemon start in the agent's
+//! detached cgroups, `detach.rs`, so they are not in it), SIGKILL of the `criu` process at
 //! work, and a silent partition between the two nodes (nftables drop rules in both node
 //! namespaces, healed after). Phases are hit deterministically: the agent's test-only pause
 //! point (`test_pause_phase`, `migration/pause.rs`) holds the phase open while the fault lands,
@@ -380,8 +381,12 @@ fn run_cell(lab: &mut Lab, cell: &Cell, id: &str, addr: &str) -> Outcome {
     let mut fault_at = Instant::now();
     let mut fault_ms = now_millis();
     match cell.fault {
-        Fault::KillSource => lab.kill_agent(0),
-        Fault::KillDestination => lab.kill_agent(1),
+        Fault::KillSource => {
+            lab.kill_unit(0);
+        }
+        Fault::KillDestination => {
+            lab.kill_unit(1);
+        }
         Fault::KillCriu(action) => {
             let node = if action == "dump" { 0 } else { 1 };
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -739,6 +744,7 @@ fn every_fault_in_every_phase_keeps_one_copy_and_leaves_nothing() {
     let only = std::env::var("RBC_FAULT_CELL").ok();
     let mut lab = Lab::with_config(K, 2, vec![String::new(), String::new()]);
     lab.keep_images = false;
+    lab.run_agents_in_units();
     let mut rows = Vec::new();
     let mut bad = Vec::new();
     let started = Instant::now();

@@ -60,6 +60,9 @@ pub struct Container {
     /// The Slurm task the container runs in when not `meta.spec.task`: the restore step that
     /// took it in on this node.
     pub runs_in: Option<rebalancer_proto::TaskRef>,
+    /// The task process that registered it (pid, start time): after an agent restart it may
+    /// report the task's end on a new connection (`control_authz::check_task_exited`).
+    pub waiter: Option<(i32, u64)>,
 }
 
 /// Mount table and root symlinks (link path, target) of a container.

@@ -243,10 +243,10 @@ pub(super) async fn commit_here<H: Host>(
     sub.log("commit");
     let mut meta = inc.meta.clone();
     meta.started_at = inc.meta.started_at;
-    let runs_in = agent
+    let (runs_in, waiter) = agent
         .restore_steps()
         .get(&inc.migration)
-        .and_then(|s| s.task.clone());
+        .map_or((None, None), |s| (s.task.clone(), s.waiter));
     let c = Container {
         meta,
         net: inc.net.clone(),
@@ -265,6 +265,7 @@ pub(super) async fn commit_here<H: Host>(
         final_status: None,
         cgroup: inc.cgroup.take(),
         runs_in,
+        waiter,
     };
     agent.containers().insert(inc.meta.spec.id.clone(), c);
     // Recorded now: a restart's sweep would take a namespace without record for an

@@ -244,6 +244,7 @@ pub(super) fn start<H: Host>(
             registered: Some(tx),
             ready,
             task: None,
+            waiter: None,
         },
     );
     let mut links = None;

@@ -177,6 +177,7 @@ pub(super) fn plant(agent: &Arc<Agent>, host: &SimHost, task: bool) {
         final_status: None,
         cgroup: None,
         runs_in: None,
+        waiter: None,
     };
     agent.containers().insert(ID.into(), c);
     host.add_container(PID, &net);

@@ -292,6 +292,21 @@ pub fn live_copies(node: &str, id: &str) -> usize {
 
 /// Fault injection and leak checks for the fault matrix (`fault_matrix.rs`).
 impl Lab {
+    /// Restarts every agent inside a cgroup of its own in the hierarchy systemd tracks units in
+    /// (`<hierarchy>/rbc-unit-K/<node>`), as a systemd unit would run it.
+    pub fn run_agents_in_units(&mut self) {
+        let h = unit_hierarchy().expect("a name=systemd or cgroup2 hierarchy");
+        for i in 0..self.nodes.len() {
+            let unit = h
+                .join(format!("rbc-unit-{}", self.k))
+                .join(&self.nodes[i].name);
+            std::fs::create_dir_all(&unit).expect("create the unit cgroup");
+            self.kill_agent(i);
+            self.nodes[i].unit = Some(unit);
+            self.start_agent(i);
+        }
+    }
+
     /// SIGKILLs every process in agent `i`'s unit cgroup until it is empty, as `systemctl kill
     /// --signal=KILL` does whatever `KillMode` says. Returns the pids killed.
     pub fn kill_unit(&mut self, i: usize) -> Vec<i32> {
@@ -551,7 +566,29 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.stop_agents();
+        for n in &self.nodes {
+            if let Some(unit) = &n.unit {
+                let _ = std::fs::remove_dir(unit);
+                let _ = unit.parent().map(std::fs::remove_dir);
+            }
+        }
     }
+}
+
+/// The hierarchy systemd tracks units in: `name=systemd` on cgroup v1, else the unified one.
+pub fn unit_hierarchy() -> Option<PathBuf> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = |want: &dyn Fn(&str, &str) -> bool| {
+        mi.lines().find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mut post = post.split_whitespace();
+            let (fstype, _, opts) = (post.next()?, post.next()?, post.next()?);
+            let at = pre.split_whitespace().nth(4)?;
+            want(fstype, opts).then(|| PathBuf::from(at))
+        })
+    };
+    mount(&|t, o| t == "cgroup" && o.split(',').any(|x| x == "name=systemd"))
+        .or_else(|| mount(&|t, _| t == "cgroup2"))
 }
 
 /// Blocking control-socket client.

@@ -97,6 +97,7 @@ fn put_container(a: &Agent, id: &str, address: Ipv4Addr, state: ContainerState) 
         arrived_from: None,
         cgroup: vec![],
         runs_in: None,
+        waiter: None,
     };
     a.adopt_container(rec.container(state));
 }
