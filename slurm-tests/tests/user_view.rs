@@ -18,107 +18,76 @@ fn a_stdin_file_that_cannot_follow_is_refused_at_submission() {
     e.write("in-0", "line for task 0\n");
     e.write("in.txt", "line\n");
     let job = e.salloc(&["-N1", "-n1", "-w", "node1", "-J", "rb-stdin"]);
-    for (name, input) in [
-        ("pattern", format!("--input={work}/in-%t")),
-        ("short", format!("-i{work}/in-%t")),
-        ("plain", format!("--input={work}/in.txt")),
-    ] {
+    // (name, srun's input option, its stdin a pipe, what a refusal must say; None: accepted).
+    let cases = [
+        (
+            "pattern",
+            format!("--input={work}/in-%t"),
+            false,
+            Some("cannot follow a task"),
+        ),
+        (
+            "short",
+            format!("-i{work}/in-%t"),
+            false,
+            Some("cannot follow a task"),
+        ),
+        (
+            "plain",
+            format!("--input={work}/in.txt"),
+            false,
+            Some("would lose it"),
+        ),
+        // srun's own stdin, when it can carry data: a pipe here.
+        (
+            "piped",
+            String::new(),
+            true,
+            Some("cannot forward srun's stdin (a pipe)"),
+        ),
+        // The same pipe with --input=none runs (the refusal is about stdin only).
+        ("none", "--input=none".to_string(), true, None),
+    ];
+    for (name, input, piped, refusal) in cases {
         let srun = format!("srun-{name}");
         let marker = format!("ran-{name}");
-        e.spawn(
-            &srun,
-            "srun",
-            &[
-                &format!("--jobid={job}"),
-                "-w",
-                "node1",
-                "-N1",
-                "-n1",
-                // A refused step must not hold the allocation's CPU for the next one.
-                "--overlap",
-                "--migratable",
-                &input,
-                "/bin/sh",
-                "-c",
-                &format!("cat; touch {work}/{marker}"),
-            ],
-        );
+        let script = format!("cat; touch {work}/{marker}");
+        let mut args = vec![
+            format!("--jobid={job}"),
+            "-w".into(),
+            "node1".into(),
+            "-N1".into(),
+            "-n1".into(),
+            // A refused step must not hold the allocation's CPU for the next one.
+            "--overlap".into(),
+            "--migratable".into(),
+        ];
+        args.extend((!input.is_empty()).then_some(input));
+        args.extend(["/bin/sh".into(), "-c".into(), script]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let stdin = if piped { Stdio::piped() } else { Stdio::null() };
+        e.spawn_with_stdin(&srun, "srun", &args, stdin);
         let code = e.wait_srun_exit(&srun, SLURM);
         let log = e.read(&format!("{srun}.log"));
         e.log(&format!("{srun} exited {code}: {log}"));
-        assert_ne!(code, 0, "{srun} was accepted:\n{log}");
-        assert!(
-            log.contains("--migratable cannot be used with --input=")
-                && (log.contains("cannot follow a task") || log.contains("would lose it")),
-            "{srun} gave no clear reason:\n{log}"
-        );
-        assert!(
-            !e.path(&marker).exists(),
-            "{srun}'s task ran although srun refused the step"
-        );
+        match refusal {
+            Some(why) => {
+                assert_ne!(code, 0, "{srun} was accepted:\n{log}");
+                assert!(
+                    log.contains("rebalancer: --migratable cannot") && log.contains(why),
+                    "{srun} gave no clear reason:\n{log}"
+                );
+                assert!(
+                    !e.path(&marker).exists(),
+                    "{srun}'s task ran although srun refused the step"
+                );
+            }
+            None => {
+                assert_eq!(code, 0, "{srun} failed:\n{log}\n{}", e.context());
+                assert!(e.path(&marker).exists(), "{srun}'s task did not run");
+            }
+        }
     }
-    // srun's own stdin, when it can carry data, is refused the same way: a pipe here.
-    e.spawn_with_stdin(
-        "srun-piped",
-        "srun",
-        &[
-            &format!("--jobid={job}"),
-            "-w",
-            "node1",
-            "-N1",
-            "-n1",
-            "--overlap",
-            "--migratable",
-            "/bin/sh",
-            "-c",
-            &format!("cat; touch {work}/ran-piped"),
-        ],
-        Stdio::piped(),
-    );
-    let code = e.wait_srun_exit("srun-piped", SLURM);
-    let log = e.read("srun-piped.log");
-    e.log(&format!("srun-piped exited {code}: {log}"));
-    assert_ne!(code, 0, "srun with a piped stdin was accepted:\n{log}");
-    assert!(
-        log.contains("--migratable cannot forward srun's stdin (a pipe)")
-            && log.contains("--input=none"),
-        "srun-piped gave no clear reason:\n{log}"
-    );
-    assert!(
-        !e.path("ran-piped").exists(),
-        "srun-piped's task ran although srun refused the step"
-    );
-    // The same step with --input=none runs with any stdin (the refusal is about stdin only).
-    e.spawn_with_stdin(
-        "srun-plain-stdin",
-        "srun",
-        &[
-            &format!("--jobid={job}"),
-            "-w",
-            "node1",
-            "-N1",
-            "-n1",
-            "--overlap",
-            "--migratable",
-            "--input=none",
-            "/bin/sh",
-            "-c",
-            &format!("touch {work}/ran-none"),
-        ],
-        Stdio::piped(),
-    );
-    let code = e.wait_srun_exit("srun-plain-stdin", SLURM);
-    assert_eq!(
-        code,
-        0,
-        "srun --migratable --input=none failed:\n{}\n{}",
-        e.read("srun-plain-stdin.log"),
-        e.context()
-    );
-    assert!(
-        e.path("ran-none").exists(),
-        "the --input=none task did not run"
-    );
 }
 
 const SIGNALS_PY: &str = r#"# Prints "got N" for each signal it handles; exits 7 on SIGTERM.

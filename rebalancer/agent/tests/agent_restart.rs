@@ -348,32 +348,10 @@ const K_CRASH: u8 = 13;
 fn containers_survive_an_agent_crash_and_are_readopted() {
     let mut lab = Lab::new(K_CRASH, 2);
     let addr = "198.19.29.21";
-    let pid = match lab.client(0).call(&Request::CreateContainer {
-        spec: server_spec("cr1", addr, 0),
-    }) {
-        Ok(Reply::Container { container }) => container.pid,
-        other => panic!("create: {other:?}\n{}", lab.log(0)),
-    };
-    let probe = TcpProbe::start(&lab.client_ns, addr);
-    assert!(
-        probe.advance(20, Duration::from_secs(20)),
-        "no answers: {:?}",
-        probe.state()
-    );
+    let (pid, probe) = serve(&mut lab, "cr1", addr);
     // SIGKILL, agent and its process group (CRIU helpers): no chance to write anything.
     lab.kill_agent(0);
-    assert!(
-        probe.advance(20, Duration::from_secs(10)),
-        "stalled without agent: {:?}",
-        probe.state()
-    );
-    lab.start_agent(0);
-    let c = lab
-        .client(0)
-        .container("cr1")
-        .expect("listed after the crash");
-    assert_eq!(c.state, ContainerState::Running, "{c:?}");
-    assert_eq!(c.pid, pid);
+    runs_on_and_is_readopted(&mut lab, "cr1", pid, &probe, "after the crash");
     // Its address stays taken: a new container cannot have it.
     let dup = lab.client(0).call(&Request::CreateContainer {
         spec: server_spec("cr2", addr, 0),
@@ -415,6 +393,46 @@ fn containers_survive_an_agent_crash_and_are_readopted() {
     let _ = probe.stop();
 }
 
+/// A TCP server container `id` at `addr` on node 0, answering a client: its pid 1 and the probe.
+fn serve(lab: &mut Lab, id: &str, addr: &str) -> (Option<i32>, TcpProbe) {
+    let pid = match lab.client(0).call(&Request::CreateContainer {
+        spec: server_spec(id, addr, 0),
+    }) {
+        Ok(Reply::Container { container }) => container.pid,
+        other => panic!("create: {other:?}\n{}", lab.log(0)),
+    };
+    let probe = TcpProbe::start(&lab.client_ns, addr);
+    assert!(
+        probe.advance(20, Duration::from_secs(20)),
+        "no answers: {:?}",
+        probe.state()
+    );
+    (pid, probe)
+}
+
+/// With agent 0 gone: container `id` keeps answering its client, and the agent started again
+/// lists it running with the same pid 1.
+fn runs_on_and_is_readopted(
+    lab: &mut Lab,
+    id: &str,
+    pid: Option<i32>,
+    probe: &TcpProbe,
+    when: &str,
+) {
+    assert!(
+        probe.advance(20, Duration::from_secs(10)),
+        "{id} stalled {when}: {:?}",
+        probe.state()
+    );
+    lab.start_agent(0);
+    let c = lab
+        .client(0)
+        .container(id)
+        .unwrap_or_else(|e| panic!("{id} not listed {when}: {e:?}"));
+    assert_eq!(c.state, ContainerState::Running, "{c:?}");
+    assert_eq!(c.pid, pid);
+}
+
 /// Lab block of the unit-kill test.
 const K_UNIT: u8 = 15;
 
@@ -430,19 +448,8 @@ fn a_kill_of_the_agents_unit_cgroup_leaves_its_containers_running() {
     lab.run_agents_in_units();
     let unit = lab.nodes[0].unit.clone().expect("unit");
     let agent_pid = lab.nodes[0].agent.as_ref().map(|c| c.id() as i32);
-    let addr = "198.19.31.21";
-    let pid = match lab.client(0).call(&Request::CreateContainer {
-        spec: server_spec("u1", addr, 0),
-    }) {
-        Ok(Reply::Container { container }) => container.pid.expect("pid"),
-        other => panic!("create: {other:?}\n{}", lab.log(0)),
-    };
-    let probe = TcpProbe::start(&lab.client_ns, addr);
-    assert!(
-        probe.advance(20, Duration::from_secs(20)),
-        "no answers: {:?}",
-        probe.state()
-    );
+    let (pid, probe) = serve(&mut lab, "u1", "198.19.31.21");
+    let pid = pid.expect("pid");
     // Only the agent is in its unit; the container sits in the detached leaf of that hierarchy.
     let in_unit: Vec<i32> = std::fs::read_to_string(unit.join("cgroup.procs"))
         .unwrap_or_default()
@@ -468,18 +475,13 @@ fn a_kill_of_the_agents_unit_cgroup_leaves_its_containers_running() {
         !killed.contains(&pid),
         "the container was in the unit: {killed:?}"
     );
-    assert!(
-        probe.advance(20, Duration::from_secs(10)),
-        "the container stalled after the unit was killed: {:?}",
-        probe.state()
+    runs_on_and_is_readopted(
+        &mut lab,
+        "u1",
+        Some(pid),
+        &probe,
+        "after the unit was killed",
     );
-    lab.start_agent(0);
-    let c = lab
-        .client(0)
-        .container("u1")
-        .expect("listed after the kill");
-    assert_eq!(c.state, ContainerState::Running, "{c:?}");
-    assert_eq!(c.pid, Some(pid));
     let st = probe.stop();
     assert!(st.errors.is_empty(), "the client saw errors: {st:?}");
     drop(lab);
