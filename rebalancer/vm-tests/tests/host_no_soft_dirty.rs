@@ -9,7 +9,7 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use rebalancer_agent::migrate::choose_mode;
+use rebalancer_agent::migrate::{choose_mode, ModeModel};
 use rebalancer_proto::MigrationMode;
 
 #[test]
@@ -51,6 +51,7 @@ fn without_soft_dirty_precopy_is_refused_and_auto_takes_post_copy() {
         None,
         &caps.modes,
         &remote,
+        &ModeModel::default(),
     )
     .expect_err("pre-copy must be refused");
     let msg = e.to_string();
@@ -62,6 +63,7 @@ fn without_soft_dirty_precopy_is_refused_and_auto_takes_post_copy() {
         Some(100),
         &caps.modes,
         &remote,
+        &ModeModel::default(),
     )
     .expect("auto");
     eprintln!("pre-copy refused: {msg}\nauto: {mode} ({why})");
@@ -87,6 +89,7 @@ fn with_soft_dirty_precopy_is_offered_and_accepted(caps: &rebalancer_proto::Node
         None,
         &caps.modes,
         &caps.modes,
+        &ModeModel::default(),
     )
     .expect("pre-copy between two soft-dirty nodes");
     assert_eq!(mode, MigrationMode::PreCopy, "{why}");
