@@ -61,7 +61,7 @@ fn refuse_input(input: Option<String>) -> bool {
     };
     ffi::log_error(&format!(
         "rebalancer: --migratable cannot forward srun's stdin ({what}): a task that moves to \
-         another node would stop receiving it; use --input=none (the tasks read /dev/null), \
+         another node would stop receiving it; use --input=none (srun forwards nothing), \
          run srun with </dev/null, or drop --migratable"
     ));
     true
