@@ -98,7 +98,7 @@ pub struct Setting {
 }
 
 /// Unescapes the octal escapes (`\040`) of a mountinfo path.
-pub(crate) fn unescape(s: &str) -> String {
+fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -119,43 +119,68 @@ pub(crate) fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Picks the hierarchy from `/proc/self/mountinfo` text; `controllers` returns the contents of
-/// a cgroup2 mount's `cgroup.controllers`. Prefers v2 with memory and cpu. Pure.
-pub fn detect(mountinfo: &str, controllers: &dyn Fn(&Path) -> Option<String>) -> Option<Hierarchy> {
-    let mut v1_memory = None;
-    let mut v1_cpu = None;
+/// A cgroup (v1) or cgroup2 mount from `/proc/self/mountinfo`.
+pub(crate) struct CgroupMount {
+    pub mountpoint: PathBuf,
+    /// The mount's root within its hierarchy (not `/` when seen through a cgroup namespace).
+    pub root: String,
+    pub v2: bool,
+    /// Its super options: the v1 controllers and `name=...` among them.
+    pub options: Vec<String>,
+}
+
+/// The cgroup and cgroup2 mounts of `/proc/self/mountinfo` text, in order. Pure.
+pub(crate) fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
+    let mut out = Vec::new();
     for line in mountinfo.lines() {
         let Some((pre, post)) = line.split_once(" - ") else {
             continue;
         };
-        let Some(mountpoint) = pre.split_whitespace().nth(4) else {
+        let pre: Vec<&str> = pre.split_whitespace().collect();
+        let (Some(root), Some(mountpoint)) = (pre.get(3), pre.get(4)) else {
             continue;
         };
         let mut post = post.split_whitespace();
         let (Some(fstype), _, Some(opts)) = (post.next(), post.next(), post.next()) else {
             continue;
         };
-        let mountpoint = PathBuf::from(unescape(mountpoint));
-        match fstype {
-            "cgroup2" => {
-                let has = controllers(&mountpoint).is_some_and(|c| {
-                    let set: Vec<&str> = c.split_whitespace().collect();
-                    set.contains(&"memory") && set.contains(&"cpu")
-                });
-                if has {
-                    return Some(Hierarchy::V2 { root: mountpoint });
-                }
+        let v2 = match fstype {
+            "cgroup2" => true,
+            "cgroup" => false,
+            _ => continue,
+        };
+        out.push(CgroupMount {
+            mountpoint: PathBuf::from(unescape(mountpoint)),
+            root: (*root).to_string(),
+            v2,
+            options: opts.split(',').map(str::to_string).collect(),
+        });
+    }
+    out
+}
+
+/// Picks the hierarchy from `/proc/self/mountinfo` text; `controllers` returns the contents of
+/// a cgroup2 mount's `cgroup.controllers`. Prefers v2 with memory and cpu. Pure.
+pub fn detect(mountinfo: &str, controllers: &dyn Fn(&Path) -> Option<String>) -> Option<Hierarchy> {
+    let mut v1_memory = None;
+    let mut v1_cpu = None;
+    for m in cgroup_mounts(mountinfo) {
+        let has = |c: &str| m.options.iter().any(|o| o == c);
+        if m.v2 {
+            let both = controllers(&m.mountpoint).is_some_and(|c| {
+                let set: Vec<&str> = c.split_whitespace().collect();
+                set.contains(&"memory") && set.contains(&"cpu")
+            });
+            if both {
+                return Some(Hierarchy::V2 { root: m.mountpoint });
             }
-            "cgroup" => {
-                let opts: Vec<&str> = opts.split(',').collect();
-                if opts.contains(&"memory") && v1_memory.is_none() {
-                    v1_memory = Some(mountpoint.clone());
-                }
-                if opts.contains(&"cpu") && v1_cpu.is_none() {
-                    v1_cpu = Some(mountpoint);
-                }
-            }
-            _ => {}
+            continue;
+        }
+        if has("memory") && v1_memory.is_none() {
+            v1_memory = Some(m.mountpoint.clone());
+        }
+        if has("cpu") && v1_cpu.is_none() {
+            v1_cpu = Some(m.mountpoint);
         }
     }
     Some(Hierarchy::V1 {

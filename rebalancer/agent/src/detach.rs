@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use crate::cgroup::{DETACHED_LEAF as LEAF, PARENT};
+use crate::cgroup::{cgroup_mounts, DETACHED_LEAF as LEAF, PARENT};
 use crate::error::AgentError;
 
 /// One hierarchy's detached cgroup.
@@ -58,42 +58,6 @@ pub fn plan(self_cgroup: &str, mountinfo: &str, node: &str) -> Vec<Target> {
             root: m.mountpoint.clone(),
             dir: m.mountpoint.join(PARENT).join(node).join(LEAF),
             cpuset: !m.v2 && m.options.iter().any(|o| o == "cpuset"),
-        });
-    }
-    out
-}
-
-struct Mount {
-    mountpoint: PathBuf,
-    root: String,
-    v2: bool,
-    options: Vec<String>,
-}
-
-fn cgroup_mounts(mountinfo: &str) -> Vec<Mount> {
-    let mut out = Vec::new();
-    for line in mountinfo.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else {
-            continue;
-        };
-        let pre: Vec<&str> = pre.split_whitespace().collect();
-        let (Some(root), Some(mountpoint)) = (pre.get(3), pre.get(4)) else {
-            continue;
-        };
-        let mut post = post.split_whitespace();
-        let (Some(fstype), _, Some(opts)) = (post.next(), post.next(), post.next()) else {
-            continue;
-        };
-        let v2 = match fstype {
-            "cgroup2" => true,
-            "cgroup" => false,
-            _ => continue,
-        };
-        out.push(Mount {
-            mountpoint: PathBuf::from(crate::cgroup::unescape(mountpoint)),
-            root: (*root).to_string(),
-            v2,
-            options: opts.split(',').map(str::to_string).collect(),
         });
     }
     out
