@@ -616,20 +616,21 @@ pub async fn run_loops(ctl: Arc<Controller>, shutdown: Arc<Notify>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
 
     use rebalancer_proto::{ContainerInfo, ContainerState};
 
     use super::*;
 
-    fn container(id: &str, state: ContainerState) -> ContainerInfo {
+    /// A container of root on `node` as an agent lists it (also for other modules' tests).
+    pub(crate) fn container_on(node: &str, id: &str, state: ContainerState) -> ContainerInfo {
         ContainerInfo {
             id: id.into(),
             task: None,
             uid: 0,
             gid: 0,
-            node: "node1".into(),
+            node: node.into(),
             address: String::new(),
             pid: Some(10),
             state,
@@ -660,10 +661,10 @@ mod tests {
             AgentView {
                 health: Some(Ok(())),
                 containers: vec![
-                    container("moved", ContainerState::MigratedAway),
-                    container("runs", ContainerState::Running),
-                    container("ended", ContainerState::Exited),
-                    container("moving", ContainerState::Migrating),
+                    container_on("node1", "moved", ContainerState::MigratedAway),
+                    container_on("node1", "runs", ContainerState::Running),
+                    container_on("node1", "ended", ContainerState::Exited),
+                    container_on("node1", "moving", ContainerState::Migrating),
                 ],
                 ..Default::default()
             },

@@ -391,20 +391,12 @@ mod tests {
             AgentView {
                 health: Some(Ok(())),
                 containers: vec![ContainerInfo {
-                    id: "j4.s0.t0".into(),
                     task: Some(task.clone()),
-                    uid: 0,
-                    gid: 0,
-                    node: "node2".into(),
-                    address: String::new(),
-                    pid: Some(10),
-                    state: ContainerState::Running,
-                    rss_bytes: 0,
-                    cpus: Some(1.0),
-                    class: None,
-                    exit_status: None,
-                    started_at: 0,
-                    runs_in: None,
+                    ..crate::daemon::tests::container_on(
+                        "node2",
+                        "j4.s0.t0",
+                        ContainerState::Running,
+                    )
                 }],
                 ..Default::default()
             },
