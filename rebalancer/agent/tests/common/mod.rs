@@ -158,23 +158,19 @@ impl Lab {
         } else {
             cmd.env_remove("REBALANCER_KEEP_IMAGES");
         }
-        if let Some(unit) = &n.unit {
-            let procs = std::fs::OpenOptions::new()
+        // Kept open until the spawn below: the child writes "0" to it between fork and exec.
+        let unit_procs = n.unit.as_ref().map(|unit| {
+            std::fs::OpenOptions::new()
                 .write(true)
                 .open(unit.join("cgroup.procs"))
-                .expect("open the unit's cgroup.procs");
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
-            // SAFETY: only write(2), which is async-signal-safe, runs between fork and exec;
-            // `procs` outlives the spawn.
+                .expect("open the unit's cgroup.procs")
+        });
+        if let Some(procs) = &unit_procs {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(procs);
+            // SAFETY: join_self only calls write(2), which is async-signal-safe.
             unsafe {
-                cmd.pre_exec(move || {
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                cmd.pre_exec(move || rebalancer_agent::cgroup::join_self(&[fd]));
             }
-            std::mem::forget(procs);
         }
         let child = cmd
             // Its own process group, so that `kill_agent` takes its CRIU helpers too.
