@@ -405,11 +405,25 @@ fn report_once(
         if agent.readable(Duration::from_millis(500)) {
             return agent.recv();
         }
-        while let Some(sig) = sys::wait_signal(&mask.set, Duration::ZERO) {
-            if sig != libc::SIGCHLD {
-                forward_elsewhere(agent, container, own_step, sig);
-            }
+        pass_on_signals(agent, container, own_step, mask, Duration::ZERO);
+    }
+}
+
+/// Passes on the signals this task received (waiting up to `wait` for the first one) to
+/// wherever the container runs now.
+fn pass_on_signals(
+    agent: &Agent,
+    container: &ContainerId,
+    own_step: u32,
+    mask: &sys::SigMask,
+    wait: Duration,
+) {
+    let mut next = sys::wait_signal(&mask.set, wait);
+    while let Some(sig) = next {
+        if sig != libc::SIGCHLD {
+            forward_elsewhere(agent, container, own_step, sig);
         }
+        next = sys::wait_signal(&mask.set, Duration::ZERO);
     }
 }
 
@@ -423,11 +437,7 @@ fn reconnect(
     mask: &sys::SigMask,
 ) -> Option<Agent> {
     while std::time::Instant::now() < deadline {
-        if let Some(sig) = sys::wait_signal(&mask.set, Duration::from_secs(1)) {
-            if sig != libc::SIGCHLD {
-                forward_elsewhere(old, container, own_step, sig);
-            }
-        }
+        pass_on_signals(old, container, own_step, mask, Duration::from_secs(1));
         if let Ok(mut a) = Agent::connect(old.path(), old.node(), Duration::from_secs(5)) {
             let _ = a.set_read_timeout(None);
             return Some(a);
