@@ -302,12 +302,6 @@ fn auth_error(e: rebalancer_proto::auth::AuthError) -> AgentError {
     }
 }
 
-/// A registering task process as [`crate::container::Container::waiter`] records it.
-fn waiter_of(pid: Option<i32>) -> Option<(i32, u64)> {
-    let pid = pid?;
-    Some((pid, crate::procstat::live_start_time(pid)?))
-}
-
 /// Requests that name a local task process: they need the local socket's peer credentials.
 fn needs_local_peer(req: &Request) -> bool {
     matches!(
@@ -737,7 +731,7 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
                 .find(|s| s.plan.container == id)
                 .and_then(|s| {
                     s.task = Some(registration.task.clone());
-                    s.waiter = waiter_of(caller.pid);
+                    s.waiter = crate::spank::waiter_of(caller.pid);
                     s.registered.take()
                 });
             if let Some(tx) = tx {
@@ -747,8 +741,7 @@ async fn handle(agent: &Arc<Agent>, caller: &Caller, req: Request) -> Result<Rep
             Ok(Reply::Done)
         }
         Request::RegisterTask { registration } => {
-            let mut c = crate::spank::register(agent, caller.uid, caller.pid, registration)?;
-            c.waiter = waiter_of(caller.pid);
+            let c = crate::spank::register(agent, caller.uid, caller.pid, registration)?;
             let id = c.meta.spec.id.clone();
             caller.registered.add(&id);
             caller

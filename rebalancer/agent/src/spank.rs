@@ -287,8 +287,15 @@ pub fn register(
         final_status: None,
         cgroup: None,
         runs_in: None,
-        waiter: None,
+        waiter: waiter_of(peer_pid),
     })
+}
+
+/// A registering task process as [`crate::container::Container::waiter`] records it: its pid
+/// (SO_PEERCRED) and that pid's start time.
+pub fn waiter_of(pid: Option<i32>) -> Option<(i32, u64)> {
+    let pid = pid?;
+    Some((pid, crate::procstat::live_start_time(pid)?))
 }
 
 /// Releases the netns of tasks that were prepared on a connection that closed unregistered.
